@@ -1,0 +1,247 @@
+//! The `topic` exchange type, with RabbitMQ's semantics: keys are words
+//! separated by `.`; in a binding key `*` matches exactly one word and `#`
+//! matches zero or more words.
+//!
+//! Bindings live in a trie keyed by word, so routing walks the routing key's
+//! words once (branching only at `*` and `#`) instead of matching every
+//! binding. The routing key is split lazily with `split_once`: a publish
+//! allocates nothing.
+
+use std::collections::HashMap;
+
+use wasmq_sdk::{Binding, BindingId, Destinations, Error, Exchange, Message, Router};
+
+/// Topic routing over a word trie.
+#[derive(Default)]
+pub struct Topic {
+    root: Node,
+}
+
+#[derive(Default)]
+struct Node {
+    words: HashMap<Box<str>, Node>,
+    star: Option<Box<Node>>,
+    hash: Option<Box<Node>>,
+    bindings: Vec<BindingId>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.words.is_empty()
+            && self.star.is_none()
+            && self.hash.is_none()
+            && self.bindings.is_empty()
+    }
+
+    fn child_mut(&mut self, word: &str) -> &mut Node {
+        match word {
+            "*" => self.star.get_or_insert_with(Default::default),
+            "#" => self.hash.get_or_insert_with(Default::default),
+            w => self.words.entry(w.into()).or_default(),
+        }
+    }
+
+    /// Remove `id` under the path `words`; prunes nodes left empty.
+    fn remove(&mut self, mut words: std::str::Split<'_, char>, id: BindingId) {
+        match words.next() {
+            None => self.bindings.retain(|b| *b != id),
+            Some(w) => {
+                let slot: Option<&mut Node> = match w {
+                    "*" => self.star.as_deref_mut(),
+                    "#" => self.hash.as_deref_mut(),
+                    w => self.words.get_mut(w),
+                };
+                let Some(child) = slot else { return };
+                child.remove(words, id);
+                if child.is_empty() {
+                    match w {
+                        "*" => self.star = None,
+                        "#" => self.hash = None,
+                        w => {
+                            self.words.remove(w);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Match the remaining words (`None`: no words left) from this node.
+    fn walk(&self, rest: Option<&str>, out: &mut Destinations) {
+        if let Some(hash) = &self.hash {
+            // `#` swallows zero, one, ... all remaining words.
+            let mut r = rest;
+            loop {
+                hash.walk(r, out);
+                match r {
+                    None => break,
+                    Some(s) => r = next_word(s).1,
+                }
+            }
+        }
+        match rest {
+            None => {
+                for id in &self.bindings {
+                    out.push(*id);
+                }
+            }
+            Some(s) => {
+                let (word, tail) = next_word(s);
+                if let Some(child) = self.words.get(word) {
+                    child.walk(tail, out);
+                }
+                if let Some(star) = &self.star {
+                    star.walk(tail, out);
+                }
+            }
+        }
+    }
+}
+
+/// Split off the first word: `"a.b.c"` → `("a", Some("b.c"))`, `"a"` → `("a", None)`.
+#[inline]
+fn next_word(s: &str) -> (&str, Option<&str>) {
+    match s.split_once('.') {
+        Some((w, tail)) => (w, Some(tail)),
+        None => (s, None),
+    }
+}
+
+/// Words of a key; the empty key has none (as in RabbitMQ).
+fn words(key: &str) -> Option<&str> {
+    if key.is_empty() { None } else { Some(key) }
+}
+
+impl Router for Topic {
+    const DETERMINISTIC: bool = true;
+
+    fn new(_exchange: &Exchange<'_>) -> Result<Self, Error> {
+        Ok(Topic::default())
+    }
+
+    fn bind(&mut self, b: &Binding<'_>) -> Result<(), Error> {
+        let mut node = &mut self.root;
+        if !b.key.is_empty() {
+            for w in b.key.split('.') {
+                node = node.child_mut(w);
+            }
+        }
+        if !node.bindings.contains(&b.id) {
+            node.bindings.push(b.id);
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self, b: &Binding<'_>) {
+        if b.key.is_empty() {
+            self.root.bindings.retain(|id| *id != b.id);
+        } else {
+            self.root.remove(b.key.split('.'), b.id);
+        }
+    }
+
+    fn route(&mut self, m: &Message<'_>, out: &mut Destinations) {
+        self.root.walk(words(m.routing_key()), out);
+    }
+}
+
+wasmq_sdk::plugin!(router = Topic);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmq_sdk::{FieldTable, Target};
+
+    fn router(keys: &[&str]) -> Topic {
+        let args = FieldTable::new();
+        let mut r = Topic::new(&Exchange {
+            name: "t",
+            arguments: &args,
+        })
+        .unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            r.bind(&Binding {
+                id: BindingId(i as u32),
+                key,
+                target: Target::Queue("q"),
+                arguments: &args,
+            })
+            .unwrap();
+        }
+        r
+    }
+
+    fn matches(binding: &str, key: &str) -> bool {
+        let mut r = router(&[binding]);
+        let mut out = Destinations::new();
+        r.route(&Message::new(key), &mut out);
+        !out.is_empty()
+    }
+
+    #[test]
+    fn rabbitmq_topic_semantics() {
+        // (binding key, routing key, expected) — cases from RabbitMQ's suite.
+        let cases = [
+            ("a.b.c", "a.b.c", true),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.c", false),
+            ("a.#.c", "a.c", true),
+            ("a.#.c", "a.b.b.c", true),
+            ("#", "", true),
+            ("#", "a.b", true),
+            ("*", "", false),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            ("#.c", "c", true),
+            ("#.c", "a.b.c", true),
+            ("a.#", "a", true),
+            ("a.#.#", "a", true),
+            ("*.#", "", false),
+            ("#.*", "a", true),
+            ("#.*", "", false),
+            ("a.*.*", "a.b", false),
+            ("a.#.b.#", "a.x.b.y.b", true),
+            ("", "", true),
+            ("", "a", false),
+            ("a..b", "a..b", true),
+            ("a.*.b", "a..b", true),
+            ("orders.*.eu", "orders.created.eu", true),
+            ("orders.*.eu", "orders.created.us", false),
+        ];
+        for (binding, key, want) in cases {
+            assert_eq!(
+                matches(binding, key),
+                want,
+                "binding {binding:?} key {key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unbind_prunes_and_keeps_others() {
+        let args = FieldTable::new();
+        let mut r = router(&["a.#", "a.b", "#"]);
+        r.unbind(&Binding {
+            id: BindingId(0),
+            key: "a.#",
+            target: Target::Queue("q"),
+            arguments: &args,
+        });
+        let mut out = Destinations::new();
+        r.route(&Message::new("a.b"), &mut out);
+        assert_eq!(out.sorted(), vec![BindingId(1), BindingId(2)]);
+        r.unbind(&Binding {
+            id: BindingId(1),
+            key: "a.b",
+            target: Target::Queue("q"),
+            arguments: &args,
+        });
+        r.unbind(&Binding {
+            id: BindingId(2),
+            key: "#",
+            target: Target::Queue("q"),
+            arguments: &args,
+        });
+        assert!(r.root.is_empty());
+    }
+}
