@@ -1,0 +1,54 @@
+//! Builds the built-in exchange types (`plugins/`) to wasm32 from source and
+//! embeds them, so the broker starts with `direct`, `topic`, `fanout` and
+//! `headers` and no manual step.
+
+use std::path::PathBuf;
+
+use wasmq_build::{PluginCrate, build_plugins};
+
+const BUILTINS: &[PluginCrate<'static>] = &[
+    PluginCrate {
+        package: "wasmq-plugin-direct",
+        plugin: "direct",
+        dir: "plugins/direct",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-topic",
+        plugin: "topic",
+        dir: "plugins/topic",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-fanout",
+        plugin: "fanout",
+        dir: "plugins/fanout",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-headers",
+        plugin: "headers",
+        dir: "plugins/headers",
+    },
+];
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest.parent().unwrap().to_path_buf();
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("builtins");
+    let paths = build_plugins(&workspace, BUILTINS, &out);
+
+    let mut src = String::from(
+        "/// The built-in plugins: (name, wasm bytes).\npub static BUILTINS: &[(&str, &[u8])] = &[\n",
+    );
+    for (c, path) in BUILTINS.iter().zip(&paths) {
+        src.push_str(&format!(
+            "    ({:?}, include_bytes!({:?})),\n",
+            c.plugin,
+            path.display().to_string()
+        ));
+    }
+    src.push_str("];\n");
+    std::fs::write(
+        PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("builtins.rs"),
+        src,
+    )
+    .unwrap();
+}

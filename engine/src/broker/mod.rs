@@ -1,0 +1,579 @@
+//! The broker core: virtual hosts, exchanges, bindings, queues, and the
+//! publish path. No protocol here: the AMQP front end calls these methods
+//! and turns their errors into reply codes ([`BrokerError::reply_code`]).
+
+mod exchange;
+mod plugins;
+mod queue;
+mod route;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::{Mutex, RwLock};
+
+pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
+pub use queue::Queue;
+pub use route::{FaultReport, PublishOutcome};
+
+use crate::message::encode_table_body;
+use crate::plugin::{
+    FilterPlugin, PluginError, PluginHost, PluginRegistry, RouterPlugin, TransformPlugin,
+    binding_input,
+};
+
+/// Exchange argument naming a transform plugin.
+pub const ARG_TRANSFORM: &str = "x-wasmq-transform";
+/// Binding argument naming a filter plugin.
+pub const ARG_FILTER: &str = "x-wasmq-filter";
+/// Exchange argument: where unroutable messages go.
+pub const ARG_ALTERNATE_EXCHANGE: &str = "alternate-exchange";
+/// Exchange argument: where faulted or dead-lettered messages go.
+pub const ARG_DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
+
+/// Why a broker operation failed. Each variant maps to the AMQP reply code a
+/// RabbitMQ client expects.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No such exchange or queue (404).
+    #[error("NOT_FOUND - no {kind} '{name}' in vhost '{vhost}'")]
+    NotFound {
+        /// "exchange" or "queue".
+        kind: &'static str,
+        /// Virtual host.
+        vhost: String,
+        /// Name.
+        name: String,
+    },
+    /// Redeclared with other properties, bad arguments, in use, ... (406).
+    #[error("PRECONDITION_FAILED - {0}")]
+    PreconditionFailed(String),
+    /// A reserved name (403).
+    #[error("ACCESS_REFUSED - {0}")]
+    AccessRefused(String),
+    /// An exchange type no plugin provides (503, as RabbitMQ does).
+    #[error(
+        "COMMAND_INVALID - unknown exchange type '{kind}': no plugin of that name is serving (built-ins: direct, topic, fanout, headers; custom types are loaded from {plugin_dir})"
+    )]
+    UnknownExchangeType {
+        /// The type asked for.
+        kind: String,
+        /// The plugin folder, so the user knows where to put it.
+        plugin_dir: String,
+    },
+    /// A plugin refused or faulted while setting up (406).
+    #[error("PRECONDITION_FAILED - {0}")]
+    Plugin(#[from] PluginError),
+}
+
+impl BrokerError {
+    /// The AMQP 0-9-1 reply code.
+    pub fn reply_code(&self) -> u16 {
+        match self {
+            BrokerError::NotFound { .. } => 404,
+            BrokerError::PreconditionFailed(_) | BrokerError::Plugin(_) => 406,
+            BrokerError::AccessRefused(_) => 403,
+            BrokerError::UnknownExchangeType { .. } => 503,
+        }
+    }
+}
+
+/// What to declare an exchange as.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeSpec {
+    /// Name.
+    pub name: String,
+    /// Type (router plugin name).
+    pub kind: String,
+    /// Durable.
+    pub durable: bool,
+    /// Auto-delete.
+    pub auto_delete: bool,
+    /// Internal.
+    pub internal: bool,
+    /// Arguments.
+    pub arguments: FieldTable,
+}
+
+/// A virtual host: its own exchanges and queues.
+pub struct VHost {
+    /// Name.
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+}
+
+impl std::fmt::Debug for VHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VHost")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VHost {
+    /// An exchange by name (the default exchange `""` is not an object).
+    pub fn exchange(&self, name: &str) -> Result<Arc<Exchange>, BrokerError> {
+        self.exchanges
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found("exchange", name))
+    }
+
+    /// A queue by name.
+    pub fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        self.queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found("queue", name))
+    }
+
+    /// All exchanges.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    /// All queues.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    fn not_found(&self, kind: &'static str, name: &str) -> BrokerError {
+        BrokerError::NotFound {
+            kind,
+            vhost: self.name.clone(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// The broker: plugin host, plugin registry and virtual hosts.
+pub struct Broker {
+    host: Arc<PluginHost>,
+    registry: PluginRegistry,
+    plugin_dir: PathBuf,
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    /// Held for writing while a plugin version is swapped in, for reading
+    /// while an exchange or filtered binding picks its version: so nothing
+    /// declared during a swap is left on the old version.
+    swap: RwLock<()>,
+    /// Serialises swaps with each other.
+    swapping: Mutex<()>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("plugin_dir", &self.plugin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The exchanges every vhost starts with, as in RabbitMQ.
+const PREDECLARED: &[(&str, &str)] = &[
+    ("amq.direct", "direct"),
+    ("amq.fanout", "fanout"),
+    ("amq.topic", "topic"),
+    ("amq.headers", "headers"),
+    ("amq.match", "headers"),
+];
+
+fn arg_str(args: &FieldTable, key: &str) -> Result<Option<String>, BrokerError> {
+    match args.inner().get(key) {
+        None => Ok(None),
+        Some(AMQPValue::LongString(s)) => {
+            Ok(Some(String::from_utf8_lossy(s.as_bytes()).into_owned()))
+        }
+        Some(AMQPValue::ShortString(s)) => Ok(Some(s.as_str().to_owned())),
+        Some(other) => Err(BrokerError::PreconditionFailed(format!(
+            "invalid arg '{key}' for exchange: expected a string, got {other:?}"
+        ))),
+    }
+}
+
+impl Broker {
+    /// A broker with the built-in plugins loaded and the default vhost `/`.
+    /// Plugins in `plugin_dir` are loaded by [`Broker::load_plugin_dir`].
+    pub fn new(host: Arc<PluginHost>, plugin_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
+        let broker = Arc::new(Broker {
+            host,
+            registry: PluginRegistry::default(),
+            plugin_dir,
+            vhosts: RwLock::new(HashMap::new()),
+            swap: RwLock::new(()),
+            swapping: Mutex::new(()),
+        });
+        for (name, bytes) in crate::builtins::BUILTINS {
+            let v = broker
+                .host
+                .load(name, bytes, true)
+                .map_err(|e| anyhow::anyhow!("built-in plugin: {e}"))?;
+            broker.registry.serve(v);
+        }
+        broker.add_vhost("/")?;
+        Ok(broker)
+    }
+
+    /// The plugin host.
+    pub fn host(&self) -> &Arc<PluginHost> {
+        &self.host
+    }
+
+    /// The plugin registry.
+    pub fn plugins(&self) -> &PluginRegistry {
+        &self.registry
+    }
+
+    /// The plugin folder.
+    pub fn plugin_dir(&self) -> &std::path::Path {
+        &self.plugin_dir
+    }
+
+    /// Create a vhost with the predeclared exchanges (idempotent).
+    pub fn add_vhost(&self, name: &str) -> Result<Arc<VHost>, BrokerError> {
+        if let Some(v) = self.vhosts.read().get(name) {
+            return Ok(v.clone());
+        }
+        let vhost = Arc::new(VHost {
+            name: name.to_owned(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+        });
+        for (xname, kind) in PREDECLARED {
+            let spec = ExchangeSpec {
+                name: (*xname).into(),
+                kind: (*kind).into(),
+                durable: true,
+                ..Default::default()
+            };
+            let x = self.build_exchange(&spec)?;
+            vhost.exchanges.write().insert(spec.name, x);
+        }
+        self.vhosts
+            .write()
+            .entry(name.to_owned())
+            .or_insert(vhost.clone());
+        Ok(vhost)
+    }
+
+    /// A vhost by name.
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.read().get(name).cloned()
+    }
+
+    /// All vhosts.
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        self.vhosts.read().values().cloned().collect()
+    }
+
+    fn build_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
+        let _swap = self.swap.read();
+        let version =
+            self.registry
+                .get(&spec.kind)
+                .ok_or_else(|| BrokerError::UnknownExchangeType {
+                    kind: spec.kind.clone(),
+                    plugin_dir: self.plugin_dir.display().to_string(),
+                })?;
+        let encoded = encode_table_body(&spec.arguments);
+        let router = RouterPlugin::new(&self.host, &version, &spec.name, &encoded, &())?;
+        let transform_name = arg_str(&spec.arguments, ARG_TRANSFORM)?;
+        let transform = match &transform_name {
+            None => None,
+            Some(t) => {
+                let v = self.registry.get(t).ok_or_else(|| {
+                    BrokerError::PreconditionFailed(format!(
+                        "unknown transform plugin '{t}' in {ARG_TRANSFORM} (plugin folder: {})",
+                        self.plugin_dir.display()
+                    ))
+                })?;
+                Some(Arc::new(TransformPlugin::new(
+                    &self.host, &v, &spec.name, &encoded,
+                )?))
+            }
+        };
+        Ok(Arc::new(Exchange {
+            name: spec.name.clone(),
+            kind: spec.kind.clone(),
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            internal: spec.internal,
+            alternate_exchange: arg_str(&spec.arguments, ARG_ALTERNATE_EXCHANGE)?,
+            dead_letter_exchange: arg_str(&spec.arguments, ARG_DEAD_LETTER_EXCHANGE)?,
+            transform_name,
+            arguments: spec.arguments.clone(),
+            stats: ExchangeStats::default(),
+            encoded_arguments: encoded,
+            control: Mutex::new(()),
+            bindings: ArcSwap::from_pointee(BindingTable::default()),
+            router: ArcSwap::from_pointee(router),
+            memo: ArcSwap::from_pointee(Default::default()),
+            transform: ArcSwapOption::new(transform),
+        }))
+    }
+
+    /// Declare an exchange (RabbitMQ semantics: redeclaring with the same
+    /// type and flags is a no-op; different ones fail with 406; `amq.`
+    /// names are reserved). Returns the exchange.
+    pub fn declare_exchange(
+        &self,
+        vhost: &VHost,
+        spec: ExchangeSpec,
+        passive: bool,
+    ) -> Result<Arc<Exchange>, BrokerError> {
+        if spec.name.is_empty() && passive {
+            return Err(BrokerError::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        if let Ok(x) = vhost.exchange(&spec.name) {
+            if passive {
+                return Ok(x);
+            }
+            if x.kind != spec.kind
+                || x.durable != spec.durable
+                || x.auto_delete != spec.auto_delete
+                || x.internal != spec.internal
+            {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg 'type' or flags for exchange '{}' in vhost '{}': received type '{}' durable {} auto_delete {} internal {}, but current is type '{}' durable {} auto_delete {} internal {}",
+                    spec.name,
+                    vhost.name,
+                    spec.kind,
+                    spec.durable,
+                    spec.auto_delete,
+                    spec.internal,
+                    x.kind,
+                    x.durable,
+                    x.auto_delete,
+                    x.internal
+                )));
+            }
+            return Ok(x);
+        }
+        if passive {
+            return Err(vhost.not_found("exchange", &spec.name));
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(BrokerError::AccessRefused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
+        let x = self.build_exchange(&spec)?;
+        let mut map = vhost.exchanges.write();
+        Ok(map.entry(spec.name).or_insert(x).clone())
+    }
+
+    /// Delete an exchange and every binding to or from it.
+    pub fn delete_exchange(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), BrokerError> {
+        if name.starts_with("amq.") || name.is_empty() {
+            return Err(BrokerError::AccessRefused(format!(
+                "cannot delete predeclared exchange '{name}'"
+            )));
+        }
+        let x = vhost.exchange(name)?;
+        if if_unused && !x.bindings.load().is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                vhost.name
+            )));
+        }
+        vhost.exchanges.write().remove(name);
+        self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
+        Ok(())
+    }
+
+    /// Declare a queue (idempotent for the same flags).
+    pub fn declare_queue(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
+            return Err(BrokerError::AccessRefused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let mut queues = vhost.queues.write();
+        if let Some(q) = queues.get(name) {
+            if q.durable != durable {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg 'durable' for queue '{name}' in vhost '{}': received '{durable}' but current is '{}'",
+                    vhost.name, q.durable
+                )));
+            }
+            return Ok(q.clone());
+        }
+        let q = Arc::new(Queue::new(
+            name.to_owned(),
+            durable,
+            exclusive,
+            auto_delete,
+            arguments,
+        ));
+        queues.insert(name.to_owned(), q.clone());
+        Ok(q)
+    }
+
+    /// Delete a queue and its bindings; returns the messages it held.
+    pub fn delete_queue(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<usize, BrokerError> {
+        let q = vhost.queue(name)?;
+        let _ = if_unused; // consumers are tracked by the AMQP front end
+        if if_empty && !q.is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{}' not empty",
+                vhost.name
+            )));
+        }
+        vhost.queues.write().remove(name);
+        self.remove_bindings_to(vhost, &Destination::Queue(name.to_owned()));
+        Ok(q.purge())
+    }
+
+    fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
+        for x in vhost.exchanges() {
+            let ids: Vec<u32> = x
+                .bindings
+                .load()
+                .iter()
+                .filter(|b| b.destination == *destination)
+                .map(|b| b.id)
+                .collect();
+            if !ids.is_empty() {
+                self.remove_bindings(vhost, &x, &ids);
+            }
+        }
+    }
+
+    fn remove_bindings(&self, vhost: &VHost, x: &Arc<Exchange>, ids: &[u32]) {
+        let _control = x.control.lock();
+        let table = x.bindings.load_full();
+        x.bindings.store(Arc::new(table.without(ids)));
+        let router = x.router.load();
+        for id in ids {
+            if let Some(b) = table.by_id.get(id) {
+                router.unbind(b.id, &b.bind_input);
+            }
+        }
+        x.reset_memo();
+        if x.auto_delete && x.bindings.load().is_empty() {
+            vhost.exchanges.write().remove(&x.name);
+        }
+    }
+
+    /// Bind `destination` to exchange `source` with `key` and `arguments`.
+    /// Idempotent; a binding argument `x-wasmq-filter` attaches a filter.
+    pub fn bind(
+        &self,
+        vhost: &VHost,
+        source: &str,
+        destination: Destination,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), BrokerError> {
+        if source.is_empty() {
+            return Err(BrokerError::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        let x = vhost.exchange(source)?;
+        match &destination {
+            Destination::Queue(q) => drop(vhost.queue(q)?),
+            Destination::Exchange(e) => drop(vhost.exchange(e)?),
+        }
+        let _swap = self.swap.read();
+        let _control = x.control.lock();
+        let table = x.bindings.load_full();
+        if table.find(&destination, key, &arguments).is_some() {
+            return Ok(());
+        }
+        let encoded = encode_table_body(&arguments);
+        let filter_name = arg_str(&arguments, ARG_FILTER)?;
+        let filter = match &filter_name {
+            None => None,
+            Some(name) => {
+                let v = self.registry.get(name).ok_or_else(|| {
+                    BrokerError::PreconditionFailed(format!(
+                        "unknown filter plugin '{name}' in {ARG_FILTER} (plugin folder: {})",
+                        self.plugin_dir.display()
+                    ))
+                })?;
+                Some(Arc::new(FilterPlugin::new(
+                    &self.host, &v, source, key, &encoded,
+                )?))
+            }
+        };
+        let id = table.next_id;
+        let bind_input = binding_input(
+            key,
+            matches!(destination, Destination::Exchange(_)),
+            destination.name(),
+            &encoded,
+        );
+        let binding = Binding {
+            id,
+            bind_input,
+            destination,
+            key: key.to_owned(),
+            arguments,
+            encoded_arguments: encoded,
+            filter,
+            filter_name,
+        };
+        // Order matters; see the exchange module docs.
+        x.bindings.store(Arc::new(table.with(binding)));
+        let router = x.router.load();
+        let applied = {
+            let b = &x.bindings.load().by_id[&id];
+            router.bind(id, &b.bind_input)
+        };
+        if let Err(e) = applied {
+            x.bindings.store(table);
+            return Err(e.into());
+        }
+        x.reset_memo();
+        Ok(())
+    }
+
+    /// Remove a binding (a missing one is not an error, as in RabbitMQ).
+    pub fn unbind(
+        &self,
+        vhost: &VHost,
+        source: &str,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), BrokerError> {
+        let x = vhost.exchange(source)?;
+        let id = x
+            .bindings
+            .load()
+            .find(destination, key, arguments)
+            .map(|b| b.id);
+        if let Some(id) = id {
+            self.remove_bindings(vhost, &x, &[id]);
+        }
+        Ok(())
+    }
+}

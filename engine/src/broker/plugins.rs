@@ -1,0 +1,210 @@
+//! Loading plugin files and swapping new versions into running exchanges.
+//!
+//! A swap is all-or-nothing across the broker: the new version is compiled
+//! and validated first (off the publish path), then for every exchange and
+//! binding that uses the plugin a replacement is built and its bindings are
+//! replayed into it, and only if every one succeeds are they all stored.
+//! Publishers never wait: each message loads one router snapshot, so it is
+//! routed entirely by the old version or entirely by the new one. If any
+//! use refuses the new version, nothing changes and the file is rejected.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::Broker;
+use super::exchange::{Binding, BindingTable, Exchange};
+use crate::plugin::{FilterPlugin, PluginVersion, PluginWatcher, RouterPlugin, TransformPlugin};
+
+struct Prepared {
+    exchange: Arc<Exchange>,
+    router: Option<RouterPlugin>,
+    transform: Option<TransformPlugin>,
+    bindings: Option<BindingTable>,
+}
+
+impl Broker {
+    /// Load every `.wasm` in the plugin folder (at start). Files that fail
+    /// validation are logged and skipped. Returns how many were loaded.
+    pub fn load_plugin_dir(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.plugin_dir) else {
+            tracing::warn!(dir = %self.plugin_dir.display(), "plugin folder cannot be read; only built-in plugins are available");
+            return 0;
+        };
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .filter(|p| self.load_plugin_file(p).is_ok())
+            .count()
+    }
+
+    /// React to a change of `path` in the plugin folder: load it, or keep
+    /// the last good version serving if it was deleted.
+    pub fn plugin_file_changed(&self, path: &Path) {
+        if path.exists() {
+            let _ = self.load_plugin_file(path);
+            return;
+        }
+        let name = crate::plugin::plugin_name(path);
+        match self.registry.orphan(&name) {
+            Some(v) if !v.builtin => tracing::warn!(
+                plugin = %name, version = %v.short_hash(),
+                "plugin file {} was deleted; its last good version keeps serving until a new file is added",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+
+    /// Validate the plugin at `path` and swap it in. Errors are logged and
+    /// recorded in the registry (state `rejected`) and returned.
+    pub fn load_plugin_file(&self, path: &Path) -> Result<Arc<PluginVersion>, String> {
+        let name = crate::plugin::plugin_name(path);
+        match std::fs::read(path) {
+            Ok(bytes) => self.install_plugin(&name, &bytes),
+            Err(e) => {
+                let reason = format!("plugin file {} cannot be read: {e}", path.display());
+                tracing::error!(plugin = %name, "{reason}");
+                self.registry.reject(&name, reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    /// Validate `bytes` as plugin `name` and swap it in everywhere it is
+    /// used. On any failure the previous version keeps serving.
+    pub fn install_plugin(&self, name: &str, bytes: &[u8]) -> Result<Arc<PluginVersion>, String> {
+        if let Some(current) = self.registry.get(name)
+            && !current.builtin
+            && current.hash == crate::plugin::content_hash(bytes)
+        {
+            return Ok(current);
+        }
+        let started = std::time::Instant::now();
+        let result = self
+            .host
+            .load(name, bytes, false)
+            .map_err(|e| e.to_string())
+            .and_then(|v| self.swap_in(&v).map(|()| v));
+        match result {
+            Ok(v) => {
+                tracing::info!(
+                    plugin = %name, version = %v.short_hash(), roles = %v.roles, bytes = v.size,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "plugin version serving"
+                );
+                Ok(v)
+            }
+            Err(reason) => {
+                tracing::error!(plugin = %name, "plugin rejected, previous version keeps serving: {reason}");
+                self.registry.reject(name, reason.clone());
+                Err(reason)
+            }
+        }
+    }
+
+    fn swap_in(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
+        let _serial = self.swapping.lock();
+        let _swap = self.swap.write();
+        let name = version.name.as_str();
+        let mut users: Vec<(String, Arc<Exchange>)> = Vec::new();
+        for vhost in self.vhosts() {
+            for x in vhost.exchanges() {
+                let uses = x.kind == name
+                    || x.transform_name.as_deref() == Some(name)
+                    || x.bindings
+                        .load()
+                        .iter()
+                        .any(|b| b.filter_name.as_deref() == Some(name));
+                if uses {
+                    users.push((vhost.name.clone(), x));
+                }
+            }
+        }
+        users.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
+        // Hold every affected exchange's control lock from prepare to commit,
+        // so no binding change slips in between.
+        let _controls: Vec<_> = users.iter().map(|(_, x)| x.control.lock()).collect();
+        let mut prepared = Vec::with_capacity(users.len());
+        for (vhost, x) in &users {
+            let at = |e: &dyn std::fmt::Display| {
+                format!("exchange '{}' in vhost '{vhost}': {e}", x.name)
+            };
+            let table = x.bindings.load_full();
+            let router = if x.kind == name {
+                Some(
+                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
+                        .map_err(|e| at(&e))?,
+                )
+            } else {
+                None
+            };
+            let transform = if x.transform_name.as_deref() == Some(name) {
+                Some(
+                    TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
+                        .map_err(|e| at(&e))?,
+                )
+            } else {
+                None
+            };
+            let bindings = if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
+                let mut by_id = table.by_id.clone();
+                for b in by_id.values_mut() {
+                    if b.filter_name.as_deref() == Some(name) {
+                        let filter = FilterPlugin::new(
+                            &self.host,
+                            version,
+                            &x.name,
+                            &b.key,
+                            &b.encoded_arguments,
+                        )
+                        .map_err(|e| at(&e))?;
+                        *b = Arc::new(Binding {
+                            filter: Some(Arc::new(filter)),
+                            ..(**b).clone()
+                        });
+                    }
+                }
+                Some(BindingTable {
+                    by_id,
+                    next_id: table.next_id,
+                })
+            } else {
+                None
+            };
+            prepared.push(Prepared {
+                exchange: x.clone(),
+                router,
+                transform,
+                bindings,
+            });
+        }
+        for p in prepared {
+            if let Some(b) = p.bindings {
+                p.exchange.bindings.store(Arc::new(b));
+            }
+            if let Some(t) = p.transform {
+                p.exchange.transform.store(Some(Arc::new(t)));
+            }
+            if let Some(r) = p.router {
+                p.exchange.router.store(Arc::new(r));
+                p.exchange.reset_memo();
+            }
+        }
+        self.registry.serve(version.clone());
+        Ok(())
+    }
+
+    /// Watch the plugin folder and hot-swap changed files.
+    pub fn watch_plugins(self: &Arc<Self>) -> notify::Result<PluginWatcher> {
+        let broker = Arc::downgrade(self);
+        PluginWatcher::start(&self.plugin_dir, move |path| {
+            if let Some(b) = broker.upgrade() {
+                b.plugin_file_changed(path);
+            }
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! The publish path: transform → route → filter → deliver, with a defined
+//! outcome for every message whatever the plugins do.
+//!
+//! * A transform may rewrite, drop or dead-letter the message.
+//! * The router picks bindings; a binding's filter may drop it there.
+//! * Exchange-to-exchange bindings recurse (each exchange at most once per
+//!   publish, so cycles end); a queue receives a message at most once.
+//! * Unroutable at an exchange with `alternate-exchange`: routed there.
+//! * A plugin fault: the message goes to the exchange's
+//!   `x-dead-letter-exchange` with `x-wasmq-fault*` headers; without one,
+//!   the fault is reported in the outcome so the AMQP layer can nack it (in
+//!   confirm mode) or return it (mandatory). It is never dropped silently.
+
+use std::sync::Arc;
+
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use super::exchange::{Destination, Exchange};
+use super::queue::Queue;
+use super::{Broker, BrokerError, VHost};
+use crate::message::Message;
+use crate::plugin::{PluginFault, TransformDecision};
+
+/// A plugin fault the publisher must hear about (it was not dead-lettered).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultReport {
+    /// The exchange being decided for.
+    pub exchange: String,
+    /// The plugin that faulted.
+    pub plugin: String,
+    /// What happened.
+    pub fault: PluginFault,
+}
+
+impl std::fmt::Display for FaultReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "plugin '{}' of exchange '{}' {}",
+            self.plugin, self.exchange, self.fault
+        )
+    }
+}
+
+/// What happened to one published message.
+#[derive(Debug, Default)]
+pub struct PublishOutcome {
+    /// Queues it was delivered to.
+    pub delivered: usize,
+    /// Copies dead-lettered (transform decisions and faults).
+    pub dead_lettered: usize,
+    /// A transform dropped it (or dead-lettered it with nowhere to go).
+    pub dropped: bool,
+    /// Faults that were not dead-lettered: the publisher must be told.
+    pub faults: Vec<FaultReport>,
+}
+
+impl PublishOutcome {
+    /// Whether any queue got it.
+    pub fn routed(&self) -> bool {
+        self.delivered > 0
+    }
+}
+
+#[derive(Default)]
+struct Ctx {
+    deliveries: Vec<(Arc<Queue>, Arc<Message>)>,
+    visited: Vec<String>,
+    outcome: PublishOutcome,
+    ids: Vec<u32>,
+}
+
+impl Ctx {
+    fn deliver(&mut self, q: Arc<Queue>, m: &Arc<Message>) {
+        if !self.deliveries.iter().any(|(dq, _)| Arc::ptr_eq(dq, &q)) {
+            self.deliveries.push((q, m.clone()));
+        }
+    }
+}
+
+/// A copy of `m` with extra headers.
+fn with_headers(m: &Message, extra: &[(&str, String)]) -> Message {
+    let mut headers = m.properties.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(v.as_str())),
+        );
+    }
+    let props = m.properties.clone().with_headers(headers);
+    Message::new(
+        m.exchange.clone(),
+        m.routing_key.clone(),
+        props,
+        m.body.clone(),
+    )
+}
+
+impl Broker {
+    /// Publish `message` to `exchange` (`""` is the default exchange) and
+    /// deliver it to the queues it routes to.
+    pub fn publish(
+        &self,
+        vhost: &VHost,
+        exchange: &str,
+        message: Message,
+    ) -> Result<PublishOutcome, BrokerError> {
+        let message = Arc::new(message);
+        let mut ctx = Ctx::default();
+        if exchange.is_empty() {
+            // The default exchange binds every queue by name; it is not a
+            // plugin because its behaviour is fixed by the spec.
+            if let Ok(q) = vhost.queue(&message.routing_key) {
+                ctx.deliver(q, &message);
+            }
+        } else {
+            let x = vhost.exchange(exchange)?;
+            self.route_into(vhost, &x, message, &mut ctx);
+        }
+        ctx.outcome.delivered = ctx.deliveries.len();
+        for (q, m) in ctx.deliveries {
+            q.push(m);
+        }
+        Ok(ctx.outcome)
+    }
+
+    fn route_into(&self, vhost: &VHost, x: &Arc<Exchange>, message: Arc<Message>, ctx: &mut Ctx) {
+        if ctx.visited.iter().any(|v| *v == x.name) {
+            return;
+        }
+        ctx.visited.push(x.name.clone());
+        x.count(&x.stats.published);
+
+        let message = match x.transform.load_full() {
+            None => message,
+            Some(t) => match t.transform(&message) {
+                Ok(TransformDecision::Keep) => message,
+                Ok(TransformDecision::Rewrite {
+                    routing_key,
+                    properties,
+                    body,
+                }) => Arc::new(Message::new(
+                    message.exchange.clone(),
+                    routing_key.unwrap_or_else(|| message.routing_key.clone()),
+                    properties.unwrap_or_else(|| message.properties.clone()),
+                    body.unwrap_or_else(|| message.body.clone()),
+                )),
+                Ok(TransformDecision::Drop) => {
+                    x.count(&x.stats.dropped);
+                    ctx.outcome.dropped = true;
+                    return;
+                }
+                Ok(TransformDecision::DeadLetter(reason)) => {
+                    let headers = [
+                        ("x-wasmq-dead-letter-reason", reason),
+                        ("x-wasmq-dead-letter-exchange", x.name.clone()),
+                    ];
+                    if !self.dead_letter(vhost, x, &message, &headers, ctx) {
+                        tracing::warn!(exchange = %x.name, "transform dead-lettered a message but the exchange has no usable x-dead-letter-exchange; dropped");
+                        ctx.outcome.dropped = true;
+                    }
+                    return;
+                }
+                Err(fault) => {
+                    let plugin = t.version().name.clone();
+                    self.on_fault(vhost, x, &plugin, &message, fault, ctx);
+                    return;
+                }
+            },
+        };
+
+        let mut ids = std::mem::take(&mut ctx.ids);
+        ids.clear();
+        if let Err(fault) = x.route_ids(&message, &mut ids) {
+            let plugin = x.kind.clone();
+            self.on_fault(vhost, x, &plugin, &message, fault, ctx);
+            ctx.ids = ids;
+            return;
+        }
+        let table = x.bindings.load();
+        let before = ctx.deliveries.len();
+        for &id in &ids {
+            // An id missing from the table was unbound while this message was
+            // being routed (the router validated ids against next_id).
+            let Some(b) = table.by_id.get(&id) else {
+                continue;
+            };
+            if let Some(filter) = &b.filter {
+                match filter.filter(&message) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(fault) => {
+                        let plugin = filter.version().name.clone();
+                        self.on_fault(vhost, x, &plugin, &message, fault, ctx);
+                        continue;
+                    }
+                }
+            }
+            match &b.destination {
+                Destination::Queue(name) => {
+                    if let Ok(q) = vhost.queue(name) {
+                        ctx.deliver(q, &message);
+                    }
+                }
+                Destination::Exchange(name) => {
+                    if let Ok(dx) = vhost.exchange(name) {
+                        self.route_into(vhost, &dx, message.clone(), ctx);
+                    }
+                }
+            }
+        }
+        ids.clear();
+        ctx.ids = ids;
+        if ctx.deliveries.len() == before
+            && let Some(ae) = &x.alternate_exchange
+            && let Ok(ae) = vhost.exchange(ae)
+        {
+            self.route_into(vhost, &ae, message, ctx);
+        }
+        if ctx.deliveries.len() > before {
+            x.count(&x.stats.routed);
+        } else {
+            x.count(&x.stats.unroutable);
+        }
+    }
+
+    /// Route a copy of `message` with `headers` to `x`'s dead-letter
+    /// exchange. Returns whether it reached a queue.
+    fn dead_letter(
+        &self,
+        vhost: &VHost,
+        x: &Exchange,
+        message: &Message,
+        headers: &[(&str, String)],
+        ctx: &mut Ctx,
+    ) -> bool {
+        let Some(dlx) = x
+            .dead_letter_exchange
+            .as_ref()
+            .and_then(|n| vhost.exchange(n).ok())
+        else {
+            return false;
+        };
+        let before = ctx.deliveries.len();
+        self.route_into(vhost, &dlx, Arc::new(with_headers(message, headers)), ctx);
+        let reached = ctx.deliveries.len() > before;
+        if reached {
+            x.count(&x.stats.dead_lettered);
+            ctx.outcome.dead_lettered += 1;
+        }
+        reached
+    }
+
+    fn on_fault(
+        &self,
+        vhost: &VHost,
+        x: &Exchange,
+        plugin: &str,
+        message: &Message,
+        fault: PluginFault,
+        ctx: &mut Ctx,
+    ) {
+        x.count(&x.stats.faults);
+        let headers = [
+            ("x-wasmq-fault", fault.kind().to_owned()),
+            ("x-wasmq-fault-reason", fault.to_string()),
+            ("x-wasmq-fault-exchange", x.name.clone()),
+            ("x-wasmq-fault-plugin", plugin.to_owned()),
+        ];
+        if !self.dead_letter(vhost, x, message, &headers, ctx) {
+            ctx.outcome.faults.push(FaultReport {
+                exchange: x.name.clone(),
+                plugin: plugin.to_owned(),
+                fault,
+            });
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Exchange>();
+    check::<Queue>();
+    check::<FieldTable>();
+}

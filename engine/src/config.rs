@@ -1,0 +1,180 @@
+//! The broker's configuration: one TOML file, every field optional, flags
+//! override it. A bad file is refused with the line and column at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::plugin::PluginLimits;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// AMQP listen address. Loopback by default: exposing the broker is a
+    /// deliberate act.
+    pub listen: SocketAddr,
+    /// Where durable state and the plugin compile cache live.
+    pub data_dir: PathBuf,
+    /// The watched plugin folder.
+    pub plugin_dir: PathBuf,
+    /// Plugin sandbox settings.
+    pub plugins: PluginConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:5672".parse().unwrap(),
+            data_dir: PathBuf::from("./data"),
+            plugin_dir: PathBuf::from("./plugins"),
+            plugins: PluginConfig::default(),
+        }
+    }
+}
+
+/// `[plugins]`: bounds on every plugin instance and call.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Deadline of one call into a plugin, in milliseconds.
+    pub call_deadline_ms: u64,
+    /// Memory cap of one plugin instance, in MiB.
+    pub memory_limit_mib: u64,
+    /// Instances per exchange at most (built when publishers contend);
+    /// default: the number of cores, at most 8.
+    pub instances_per_exchange: Option<usize>,
+    /// Consecutive faults that open an exchange's circuit.
+    pub circuit_threshold: u32,
+    /// How long an open circuit refuses calls, in milliseconds.
+    pub circuit_cooldown_ms: u64,
+    /// Watch the plugin folder and hot-swap changed files.
+    pub watch: bool,
+    /// Cache compiled plugins under `data_dir/plugin-cache`.
+    pub compile_cache: bool,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        let d = PluginLimits::default();
+        PluginConfig {
+            call_deadline_ms: d.deadline.as_millis() as u64,
+            memory_limit_mib: (d.memory >> 20) as u64,
+            instances_per_exchange: None,
+            circuit_threshold: d.circuit_threshold,
+            circuit_cooldown_ms: d.circuit_cooldown.as_millis() as u64,
+            watch: true,
+            compile_cache: true,
+        }
+    }
+}
+
+impl PluginConfig {
+    /// The limits the plugin host enforces.
+    pub fn limits(&self) -> PluginLimits {
+        let d = PluginLimits::default();
+        PluginLimits {
+            deadline: Duration::from_millis(self.call_deadline_ms.max(1)),
+            memory: (self.memory_limit_mib.max(1) as usize) << 20,
+            instances: self.instances_per_exchange.unwrap_or(d.instances).max(1),
+            circuit_threshold: self.circuit_threshold.max(1),
+            circuit_cooldown: Duration::from_millis(self.circuit_cooldown_ms),
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a wrong key or value.
+    #[error("config file {path}, line {line}, column {column}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Read and parse a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let before = &text[..offset.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            ConfigError::Invalid {
+                path: origin.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_loopback_and_bounded() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5672");
+        assert_eq!(c.plugins.limits().memory, 16 << 20);
+        assert_eq!(c.plugins.limits().deadline, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn fields_parse() {
+        let c = Config::parse(
+            "listen = \"127.0.0.1:5999\"\nplugin_dir = \"p\"\n[plugins]\ncall_deadline_ms = 20\nmemory_limit_mib = 8\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 5999);
+        assert_eq!(c.plugin_dir, PathBuf::from("p"));
+        assert_eq!(c.plugins.limits().deadline, Duration::from_millis(20));
+        assert_eq!(c.plugins.limits().memory, 8 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = Config::parse(
+            "listen = \"127.0.0.1:1\"\n\n[plugins]\nmemory_limit = 3\n",
+            "wasmq.toml",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("wasmq.toml, line 4"), "{text}");
+        assert!(text.contains("memory_limit"), "{text}");
+        let e = Config::parse("listen = \"not an address\"\n", "w")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
+}

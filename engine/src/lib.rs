@@ -1,0 +1,43 @@
+//! # wasmq
+//!
+//! An AMQP 0-9-1 message broker whose routing, filtering and transformation
+//! decisions are made by sandboxed WebAssembly plugins. Every exchange type,
+//! the built-in `direct`, `topic`, `fanout` and `headers` included, is a Wasm
+//! module built with the guest SDK (`wasmq-sdk`), and a new version dropped
+//! into the plugin folder replaces the old one on the running broker.
+//!
+//! # Layout
+//!
+//! The modules follow a published message:
+//!
+//! * [`config`]: the TOML file and its defaults.
+//! * [`message`]: the message as the broker holds it (`Arc`-shared,
+//!   `Bytes` body, properties encoded at most once).
+//! * [`broker`]: virtual hosts, exchanges, bindings, queues, and the publish
+//!   path: an exchange's transform runs first, then its router picks
+//!   bindings, each binding's filter may drop the message, and the message is
+//!   delivered to every queue reached (exchange-to-exchange bindings recurse,
+//!   alternate exchanges catch the unroutable, plugin faults are
+//!   dead-lettered or reported). No protocol code lives here.
+//! * [`plugin`]: the plugin host, the only module that knows wasmtime:
+//!   compiling and validating plugin files, instance pools per exchange with
+//!   deadlines and memory caps, fault containment and circuit breakers, the
+//!   registry of serving versions and the folder watcher that hot-swaps them.
+//! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
+//!   build script and embedded.
+//!
+//! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
+
+pub mod broker;
+pub mod config;
+pub mod message;
+pub mod plugin;
+
+/// The built-in plugins, built from `plugins/` by `build.rs`.
+pub mod builtins {
+    include!(concat!(env!("OUT_DIR"), "/builtins.rs"));
+}
+
+pub use broker::{Broker, BrokerError, Destination, ExchangeSpec, PublishOutcome};
+pub use config::Config;
+pub use message::Message;

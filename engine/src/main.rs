@@ -1,0 +1,141 @@
+//! The `wasmq` binary: parse flags, set up logging, load the config, run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use wasmq::plugin::PluginHost;
+use wasmq::{Broker, Config};
+
+#[derive(Parser)]
+#[command(
+    name = "wasmq",
+    version,
+    about = "An AMQP 0-9-1 broker whose exchange types are Wasm plugins"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Work with plugin files.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file (every field is optional).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// AMQP listen address (overrides the file).
+    #[arg(long, env = "WASMQ_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Data folder (overrides the file).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Plugin folder (overrides the file).
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a plugin file offline and print its roles, ABI version and exports.
+    Check {
+        /// The .wasm file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => check(&file),
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(p) = &args.plugin_dir {
+        config.plugin_dir = p.clone();
+    }
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let cache = config
+            .plugins
+            .compile_cache
+            .then(|| config.data_dir.join("plugin-cache"));
+        let host = PluginHost::new(config.plugins.limits(), cache)?;
+        std::fs::create_dir_all(&config.plugin_dir)
+            .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
+        let broker = Broker::new(host, config.plugin_dir.clone())?;
+        let loaded = broker.load_plugin_dir();
+        tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
+        let _watcher = if config.plugins.watch {
+            Some(broker.watch_plugins()?)
+        } else {
+            None
+        };
+        run(broker, &config).await
+    })
+}
+
+async fn run(broker: Arc<Broker>, config: &Config) -> anyhow::Result<()> {
+    let _ = (&broker, config);
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn check(file: &std::path::Path) -> anyhow::Result<()> {
+    let host = PluginHost::new(Default::default(), None)?;
+    let v = host.load_file(file)?;
+    println!("plugin:      {}", v.name);
+    println!("file:        {} ({} bytes)", file.display(), v.size);
+    println!("sha256:      {}", v.hash);
+    println!("abi version: {}", v.abi_version);
+    println!("roles:       {}", v.roles);
+    println!("exports:     {}", v.exports.join(", "));
+    println!("result:      valid");
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The message as the broker holds it: routing key, AMQP properties, body.
+//!
+//! A published message is wrapped in an `Arc` once and shared by every queue
+//! it is routed to; the body is a `Bytes`, so fan-out never copies it.
+
+use std::sync::OnceLock;
+
+use amq_protocol::protocol::BasicProperties;
+use bytes::Bytes;
+
+/// One published message.
+#[derive(Debug)]
+pub struct Message {
+    /// The exchange it was published to (for deliveries and dead-lettering).
+    pub exchange: String,
+    /// The routing key (AMQP short string: at most 255 bytes of UTF-8).
+    pub routing_key: String,
+    /// The AMQP basic properties.
+    pub properties: BasicProperties,
+    /// The body.
+    pub body: Bytes,
+    /// The properties in AMQP wire encoding, made at most once: by the AMQP
+    /// front end when it has the raw content header, or on the first plugin
+    /// that asks for them.
+    encoded: OnceLock<Bytes>,
+}
+
+impl Message {
+    /// A message with no cached property encoding.
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        properties: BasicProperties,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        Message {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            properties,
+            body: body.into(),
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// A message whose property encoding is already known (from the wire).
+    pub fn with_encoded_properties(mut self, encoded: Bytes) -> Self {
+        self.encoded = OnceLock::from(encoded);
+        self
+    }
+
+    /// The properties in AMQP wire encoding (flags then fields).
+    pub fn encoded_properties(&self) -> &Bytes {
+        self.encoded
+            .get_or_init(|| Bytes::from(encode_properties(&self.properties)))
+    }
+
+    /// The encoded properties' length, if already encoded.
+    pub fn encoded_properties_len(&self) -> Option<usize> {
+        self.encoded.get().map(Bytes::len)
+    }
+
+    /// Whether the publisher asked for the message to be persisted.
+    pub fn is_persistent(&self) -> bool {
+        *self.properties.delivery_mode() == Some(2)
+    }
+}
+
+/// Encode AMQP basic properties (flags then fields).
+pub fn encode_properties(p: &BasicProperties) -> Vec<u8> {
+    let generator = amq_protocol::protocol::basic::gen_properties(p);
+    cookie_factory::gen_simple(generator, Vec::with_capacity(64))
+        .expect("writing properties to a Vec cannot fail")
+}
+
+/// Decode AMQP basic properties (flags then fields); `None` if malformed.
+pub fn decode_properties(bytes: &[u8]) -> Option<BasicProperties> {
+    if bytes.is_empty() {
+        return Some(BasicProperties::default());
+    }
+    match amq_protocol::protocol::basic::parse_properties(bytes) {
+        Ok((rest, p)) if rest.is_empty() => Some(p),
+        _ => None,
+    }
+}
+
+/// Encode a field table's body (without its 32-bit length prefix), the form
+/// the plugin ABI passes arguments in.
+pub fn encode_table_body(t: &amq_protocol::types::FieldTable) -> Vec<u8> {
+    let generator = amq_protocol::types::generation::gen_field_table(t);
+    let mut v =
+        cookie_factory::gen_simple(generator, Vec::new()).expect("writing to a Vec cannot fail");
+    v.drain(..4);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+
+    #[test]
+    fn properties_round_trip_through_the_plugin_encoding() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("tenant"),
+            AMQPValue::LongString("acme".into()),
+        );
+        let p = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_message_id("m1".into());
+        let bytes = encode_properties(&p);
+        assert_eq!(decode_properties(&bytes).unwrap(), p);
+        // The guest SDK reads the same bytes.
+        let guest = wasmq_sdk::Properties::decode(&bytes).unwrap();
+        assert_eq!(guest.content_type.as_deref(), Some("application/json"));
+        assert_eq!(guest.headers().get_str("tenant"), Some("acme"));
+        assert_eq!(guest.delivery_mode, Some(2));
+    }
+}

@@ -1,0 +1,444 @@
+//! The wasmtime engine and what it compiles: [`PluginHost`] owns the one
+//! `Engine`, the linker with the host imports and the epoch ticker;
+//! [`PluginVersion`] is one validated, compiled plugin file.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use wasmq_sdk::abi;
+use wasmtime::{Config, Engine, ExternType, Linker, Module};
+
+use super::instance::{CallError, HostState, Instance, define_imports};
+use super::{LoadError, PluginFault, PluginLimits};
+
+/// The epoch ticker's period: deadlines are measured in these.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Owns the wasmtime engine. One per broker; cheap to share behind an `Arc`.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: PluginLimits,
+    cache_dir: Option<PathBuf>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a plugin can be used as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Roles {
+    /// An exchange type.
+    pub router: bool,
+    /// A per-binding filter.
+    pub filter: bool,
+    /// A per-exchange transform.
+    pub transform: bool,
+    /// The router's decisions depend only on the routing key and bindings.
+    pub deterministic: bool,
+}
+
+impl Roles {
+    fn from_bits(bits: i32) -> Self {
+        Roles {
+            router: bits & abi::ROLE_ROUTER != 0,
+            filter: bits & abi::ROLE_FILTER != 0,
+            transform: bits & abi::ROLE_TRANSFORM != 0,
+            deterministic: bits & abi::FLAG_DETERMINISTIC != 0,
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.router || self.filter || self.transform
+    }
+}
+
+impl std::fmt::Display for Roles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.router {
+            parts.push(if self.deterministic {
+                "router (deterministic)"
+            } else {
+                "router"
+            });
+        }
+        if self.filter {
+            parts.push("filter");
+        }
+        if self.transform {
+            parts.push("transform");
+        }
+        if parts.is_empty() {
+            parts.push("none");
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// One validated, compiled version of a plugin. Immutable; exchanges hold it
+/// through their instances, so an old version lives until its last in-flight
+/// call returns.
+pub struct PluginVersion {
+    /// The plugin name (the file stem).
+    pub name: String,
+    /// SHA-256 of the file, hex.
+    pub hash: String,
+    /// What it can be used as.
+    pub roles: Roles,
+    /// The ABI version it speaks.
+    pub abi_version: u32,
+    /// File size in bytes.
+    pub size: usize,
+    /// When this version was loaded.
+    pub loaded_at: SystemTime,
+    /// Whether it is one of the broker's embedded built-ins.
+    pub builtin: bool,
+    /// The module's exports, for `wasmq plugin check` and the admin API.
+    pub exports: Vec<String>,
+    /// Faults across all its instances.
+    pub faults: AtomicU64,
+    module: Module,
+}
+
+impl std::fmt::Debug for PluginVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginVersion")
+            .field("name", &self.name)
+            .field("hash", &self.hash)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginVersion {
+    pub(crate) fn module(&self) -> &Module {
+        &self.module
+    }
+
+    /// The first 12 hex digits of the hash, for log lines.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+impl PluginHost {
+    /// Create the engine and start the epoch ticker. `cache_dir`, if given,
+    /// keeps compiled code keyed by content hash so restarts skip Cranelift.
+    pub fn new(limits: PluginLimits, cache_dir: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Plugins recurse little; a small stack bounds a runaway recursion
+        // quickly and keeps per-instance memory low.
+        config.max_wasm_stack(512 << 10);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
+        let mut linker = Linker::new(&engine);
+        define_imports(&mut linker).map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop_ticker.clone();
+            std::thread::Builder::new()
+                .name("wasmq-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })?;
+        }
+        Ok(Arc::new(PluginHost {
+            engine,
+            linker,
+            limits,
+            cache_dir,
+            stop_ticker,
+        }))
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<HostState> {
+        &self.linker
+    }
+
+    /// The limits every instance and call gets.
+    pub fn limits(&self) -> &PluginLimits {
+        &self.limits
+    }
+
+    /// Ticks of the epoch clock that make one call's deadline. One extra
+    /// tick because the current tick may be about to end.
+    pub(crate) fn deadline_ticks(&self) -> u64 {
+        (self.limits.deadline.as_micros() as u64).div_ceil(TICK.as_micros() as u64) + 1
+    }
+
+    /// Read, compile and validate a plugin file.
+    pub fn load_file(&self, path: &Path) -> Result<Arc<PluginVersion>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = plugin_name(path);
+        self.load(&name, &bytes, false)
+    }
+
+    /// Compile and validate a plugin. Nothing is swapped in here: the caller
+    /// decides what to do with a valid version.
+    pub fn load(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        builtin: bool,
+    ) -> Result<Arc<PluginVersion>, LoadError> {
+        let hash = content_hash(bytes);
+        let module = self.compile(name, bytes, &hash)?;
+        self.check_imports(name, &module)?;
+        let exports = module.exports().map(|e| e.name().to_owned()).collect();
+        let mut version = PluginVersion {
+            name: name.to_owned(),
+            hash,
+            roles: Roles::default(),
+            abi_version: 0,
+            size: bytes.len(),
+            loaded_at: SystemTime::now(),
+            builtin,
+            exports,
+            faults: AtomicU64::new(0),
+            module,
+        };
+        let fault = |stage, fault: PluginFault| LoadError::Fault {
+            name: name.to_owned(),
+            stage,
+            fault,
+        };
+        let export = |export: &str, reason: String| LoadError::Export {
+            name: name.to_owned(),
+            export: export.into(),
+            reason,
+        };
+
+        // A probe instance: ABI version first, so a plugin from another ABI
+        // gets the version message rather than a confusing export error.
+        let mut probe = Instance::new(self, &version).map_err(|f| match f {
+            PluginFault::Malformed(reason) => export("(required)", reason),
+            f => fault("instantiation", f),
+        })?;
+        let found = probe
+            .abi_version()
+            .map_err(|f| fault("wasmq_abi_version", f))?;
+        if found as i64 != abi::ABI_VERSION as i64 {
+            return Err(LoadError::AbiVersion {
+                name: name.into(),
+                found: found.into(),
+                expected: abi::ABI_VERSION,
+            });
+        }
+        version.abi_version = found as u32;
+        let bits = probe.roles().map_err(|f| fault("wasmq_roles", f))?;
+        version.roles = Roles::from_bits(bits);
+        if !version.roles.any() {
+            return Err(LoadError::NoRoles {
+                name: name.into(),
+                roles: bits,
+            });
+        }
+        for (role, on, exports) in [
+            (
+                abi::ROLE_ROUTER,
+                version.roles.router,
+                "wasmq_bind, wasmq_unbind and wasmq_route",
+            ),
+            (abi::ROLE_FILTER, version.roles.filter, "wasmq_filter"),
+            (
+                abi::ROLE_TRANSFORM,
+                version.roles.transform,
+                "wasmq_transform",
+            ),
+        ] {
+            if on && !probe.has_export(role) {
+                return Err(export(
+                    exports,
+                    format!("role bit {role} is declared but the export is missing"),
+                ));
+            }
+        }
+        drop(probe);
+        self.smoke_test(&version)
+            .map_err(|(stage, f)| fault(stage, f))?;
+        Ok(Arc::new(version))
+    }
+
+    /// Exercise each role once on a fresh instance with empty arguments. A
+    /// plugin may refuse empty arguments (that is its right); it may not trap,
+    /// hang, bomb memory or answer garbage.
+    fn smoke_test(&self, version: &PluginVersion) -> Result<(), (&'static str, PluginFault)> {
+        let tolerate = |r: Result<(), CallError>, stage| match r {
+            Ok(()) => Ok(true),
+            Err(CallError::Refused(_)) => Ok(false),
+            Err(CallError::Fault(f)) => Err((stage, f)),
+        };
+        let probe_msg = Arc::new(crate::message::Message::new(
+            "",
+            "wasmq.validate",
+            Default::default(),
+            &b"{}"[..],
+        ));
+        if version.roles.router {
+            let probe_binding = binding_input("wasmq.validate", false, "wasmq.validate", &[]);
+            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            let input = init_input("wasmq.validate", "", &[]);
+            if tolerate(i.init(abi::ROLE_ROUTER, &input), "router init")?
+                && tolerate(i.bind(0, &probe_binding), "router bind")?
+            {
+                let mut out = Vec::new();
+                tolerate(i.route(&probe_msg, &mut out), "route")?;
+                if let Some(bad) = out.iter().find(|id| **id != 0) {
+                    return Err((
+                        "route",
+                        PluginFault::Malformed(format!(
+                            "routed to binding {bad}, which was never bound"
+                        )),
+                    ));
+                }
+                tolerate(i.unbind(0, &probe_binding), "router unbind")?;
+            }
+        }
+        if version.roles.filter {
+            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            if tolerate(
+                i.init(abi::ROLE_FILTER, &init_input("wasmq.validate", "", &[])),
+                "filter init",
+            )? {
+                i.filter(&probe_msg).map_err(|f| ("filter", f))?;
+            }
+        }
+        if version.roles.transform {
+            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            if tolerate(
+                i.init(abi::ROLE_TRANSFORM, &init_input("wasmq.validate", "", &[])),
+                "transform init",
+            )? {
+                let r = i.transform(&probe_msg, |bytes| {
+                    super::roles::parse_decision(bytes).map(|_| ())
+                });
+                tolerate(r, "transform")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn compile(&self, name: &str, bytes: &[u8], hash: &str) -> Result<Module, LoadError> {
+        let compile_err = |e: wasmtime::Error| LoadError::Compile {
+            name: name.into(),
+            reason: format!("{e:#}"),
+        };
+        let Some(dir) = &self.cache_dir else {
+            return Module::new(&self.engine, bytes).map_err(compile_err);
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let path = dir.join(format!("{hash}-{:016x}.cwasm", h.finish()));
+        if path.exists() {
+            // SAFETY: the cache folder belongs to this broker; its files are
+            // written only below, by `Module::serialize` of this same engine
+            // configuration, under a name keyed by the source's hash.
+            match unsafe { Module::deserialize_file(&self.engine, &path) } {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring unusable compile cache entry: {e}")
+                }
+            }
+        }
+        let module = Module::new(&self.engine, bytes).map_err(compile_err)?;
+        if let Ok(code) = module.serialize() {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, code)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
+                tracing::warn!(path = %path.display(), "could not write compile cache entry");
+            }
+        }
+        Ok(module)
+    }
+
+    fn check_imports(&self, name: &str, module: &Module) -> Result<(), LoadError> {
+        for import in module.imports() {
+            let allowed = import.module() == "wasmq"
+                && matches!(import.name(), "read" | "log")
+                && matches!(import.ty(), ExternType::Func(_));
+            if !allowed {
+                return Err(LoadError::ForbiddenImport {
+                    name: name.into(),
+                    module: import.module().into(),
+                    field: import.name().into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The ABI's init input: `str` exchange name, `str` binding key, table body.
+pub(crate) fn init_input(name: &str, key: &str, args: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + name.len() + key.len() + args.len());
+    v.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    v.extend_from_slice(key.as_bytes());
+    v.extend_from_slice(args);
+    v
+}
+
+/// The ABI's binding input: `str` key, `u8` target kind (0 queue, 1
+/// exchange), `str` target name, table body.
+pub fn binding_input(key: &str, to_exchange: bool, target: &str, args: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + key.len() + target.len() + args.len());
+    v.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    v.extend_from_slice(key.as_bytes());
+    v.push(to_exchange as u8);
+    v.extend_from_slice(&(target.len() as u32).to_le_bytes());
+    v.extend_from_slice(target.as_bytes());
+    v.extend_from_slice(args);
+    v
+}
+
+/// A plugin's name is its file stem: `plugins/topic.wasm` is `topic`.
+pub fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// SHA-256 of a plugin file, hex: its identity in the registry and the
+/// compile cache.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,462 @@
+//! One live plugin instance: a wasmtime `Store` with its memory, the typed
+//! exports of the ABI, and the host functions' view of the current message.
+//!
+//! Every call sets the epoch deadline first, and every failure is classified
+//! into a [`PluginFault`] here, so callers never see a wasmtime error.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmq_sdk::abi;
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
+
+use super::PluginFault;
+use super::host::{PluginHost, PluginVersion};
+use crate::message::Message;
+
+/// Per-instance host state: what the imports see.
+pub(crate) struct HostState {
+    /// Plugin name, for log lines.
+    plugin: Arc<str>,
+    limiter: Limiter,
+    memory: Option<Memory>,
+    /// The message of the call in progress; set by the caller of a message
+    /// call and cleared after it, so `read` outside a call returns -1.
+    current: Option<Arc<Message>>,
+    log_window: (Instant, u32),
+}
+
+/// Enforces the memory cap and remembers that it did, so the fault that
+/// follows is reported as a memory fault and not a generic trap.
+struct Limiter {
+    max_memory: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.hit = true;
+            // An error traps the guest at the `memory.grow`, which gives the
+            // precise place; returning Ok(false) would let a Rust guest abort
+            // later with a less useful message.
+            return Err(wasmtime::format_err!("memory limit exceeded"));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Plugin log lines allowed per second per instance; the rest are dropped
+/// so a chatty plugin cannot flood the broker's log.
+const LOG_LINES_PER_SECOND: u32 = 100;
+
+/// Define the imports a plugin may use: `wasmq::read` and `wasmq::log`.
+pub(crate) fn define_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "wasmq",
+        "read",
+        |mut caller: Caller<'_, HostState>,
+         what: i32,
+         dst: i32,
+         offset: i32,
+         len: i32|
+         -> wasmtime::Result<i32> {
+            let state = caller.data();
+            let (Some(memory), Some(message)) = (state.memory, state.current.clone()) else {
+                return Ok(-1);
+            };
+            let src: &[u8] = match what {
+                abi::READ_PROPERTIES => message.encoded_properties(),
+                abi::READ_BODY => &message.body,
+                _ => return Ok(-1),
+            };
+            if offset < 0 || len < 0 {
+                return Ok(-1);
+            }
+            if len == 0 {
+                return Ok(src.len() as i32);
+            }
+            let offset = (offset as usize).min(src.len());
+            let n = (len as usize).min(src.len() - offset);
+            // A destination outside the guest's memory is a guest bug: trap.
+            memory
+                .write(&mut caller, dst as u32 as usize, &src[offset..offset + n])
+                .map_err(|_| {
+                    wasmtime::format_err!("wasmq::read destination outside guest memory")
+                })?;
+            Ok(n as i32)
+        },
+    )?;
+    linker.func_wrap(
+        "wasmq",
+        "log",
+        |mut caller: Caller<'_, HostState>,
+         level: i32,
+         ptr: i32,
+         len: i32|
+         -> wasmtime::Result<()> {
+            let Some(memory) = caller.data().memory else {
+                return Ok(());
+            };
+            let now = Instant::now();
+            let state = caller.data_mut();
+            if now.duration_since(state.log_window.0).as_secs() >= 1 {
+                state.log_window = (now, 0);
+            }
+            state.log_window.1 += 1;
+            if state.log_window.1 > LOG_LINES_PER_SECOND {
+                return Ok(());
+            }
+            let plugin = state.plugin.clone();
+            let data = memory.data(&caller);
+            let start = ptr as u32 as usize;
+            let bytes = data
+                .get(start..start.saturating_add(len.max(0) as usize))
+                .ok_or_else(|| wasmtime::format_err!("wasmq::log message outside guest memory"))?;
+            let text = String::from_utf8_lossy(bytes);
+            match level {
+                1 => tracing::error!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
+                2 => tracing::warn!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
+                3 => tracing::info!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
+                4 => tracing::debug!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
+                _ => tracing::trace!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// A call that did not succeed: a fault, or a refusal the plugin worded.
+#[derive(Debug)]
+pub(crate) enum CallError {
+    Fault(PluginFault),
+    Refused(String),
+}
+
+impl From<PluginFault> for CallError {
+    fn from(f: PluginFault) -> Self {
+        CallError::Fault(f)
+    }
+}
+
+impl CallError {
+    /// On the message path a refusal is a fault too: the message still needs
+    /// an outcome.
+    pub(crate) fn into_fault(self) -> PluginFault {
+        match self {
+            CallError::Fault(f) => f,
+            CallError::Refused(m) => PluginFault::Reported(m),
+        }
+    }
+}
+
+type MessageFn<R> = TypedFunc<(i32, i32, i32), R>;
+
+pub(crate) struct Instance {
+    /// Binding ids below this were replayed into the instance when it was
+    /// built (set by the router role); 0 for other roles.
+    pub(crate) bound_from: u32,
+    store: Store<HostState>,
+    memory: Memory,
+    buffer: TypedFunc<i32, i32>,
+    /// The guest input buffer: (pointer, capacity), from `wasmq_buffer`.
+    input: (u32, u32),
+    init: TypedFunc<(i32, i32), i64>,
+    bind: Option<TypedFunc<(i32, i32), i64>>,
+    unbind: Option<TypedFunc<(i32, i32), i64>>,
+    route: Option<MessageFn<i64>>,
+    filter: Option<MessageFn<i32>>,
+    transform: Option<MessageFn<i64>>,
+    abi_version: TypedFunc<(), i32>,
+    roles: TypedFunc<(), i32>,
+    deadline_ticks: u64,
+    memory_limit: usize,
+    deadline: std::time::Duration,
+}
+
+fn export_err(name: &str, e: impl std::fmt::Display) -> PluginFault {
+    PluginFault::Malformed(format!("export `{name}`: {e}"))
+}
+
+impl Instance {
+    /// Instantiate `version`. Fails on a start-function trap, a memory that
+    /// starts above the cap, or a missing or mistyped required export.
+    pub(crate) fn new(host: &PluginHost, version: &PluginVersion) -> Result<Self, PluginFault> {
+        let limits = host.limits();
+        let mut store = Store::new(
+            host.engine(),
+            HostState {
+                plugin: version.name.as_str().into(),
+                limiter: Limiter {
+                    max_memory: limits.memory,
+                    hit: false,
+                },
+                memory: None,
+                current: None,
+                log_window: (Instant::now(), 0),
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        let deadline_ticks = host.deadline_ticks();
+        store.set_epoch_deadline(deadline_ticks);
+        let instance = match host.linker().instantiate(&mut store, version.module()) {
+            Ok(i) => i,
+            Err(e) => return Err(classify(&store, e, limits.memory, limits.deadline)),
+        };
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| PluginFault::Malformed("no exported memory `memory`".into()))?;
+        store.data_mut().memory = Some(memory);
+        macro_rules! req {
+            ($name:literal) => {
+                instance
+                    .get_typed_func(&mut store, $name)
+                    .map_err(|e| export_err($name, e))?
+            };
+        }
+        macro_rules! opt {
+            ($name:literal) => {
+                match instance.get_export(&mut store, $name) {
+                    None => None,
+                    Some(_) => Some(req!($name)),
+                }
+            };
+        }
+        Ok(Instance {
+            bound_from: 0,
+            memory,
+            buffer: req!("wasmq_buffer"),
+            input: (0, 0),
+            init: req!("wasmq_init"),
+            bind: opt!("wasmq_bind"),
+            unbind: opt!("wasmq_unbind"),
+            route: opt!("wasmq_route"),
+            filter: opt!("wasmq_filter"),
+            transform: opt!("wasmq_transform"),
+            abi_version: req!("wasmq_abi_version"),
+            roles: req!("wasmq_roles"),
+            deadline_ticks,
+            memory_limit: limits.memory,
+            deadline: limits.deadline,
+            store,
+        })
+    }
+
+    fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        f: &TypedFunc<P, R>,
+        params: P,
+    ) -> Result<R, PluginFault> {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        f.call(&mut self.store, params)
+            .map_err(|e| classify(&self.store, e, self.memory_limit, self.deadline))
+    }
+
+    pub(crate) fn abi_version(&mut self) -> Result<i32, PluginFault> {
+        let f = self.abi_version.clone();
+        self.call(&f, ())
+    }
+
+    pub(crate) fn roles(&mut self) -> Result<i32, PluginFault> {
+        let f = self.roles.clone();
+        self.call(&f, ())
+    }
+
+    pub(crate) fn has_export(&self, role: i32) -> bool {
+        match role {
+            abi::ROLE_ROUTER => {
+                self.route.is_some() && self.bind.is_some() && self.unbind.is_some()
+            }
+            abi::ROLE_FILTER => self.filter.is_some(),
+            abi::ROLE_TRANSFORM => self.transform.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Copy `parts` back to back into the guest's input buffer, growing it
+    /// through `wasmq_buffer` when needed. Returns the total length.
+    fn write_input(&mut self, parts: &[&[u8]]) -> Result<i32, PluginFault> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > i32::MAX as usize {
+            return Err(PluginFault::Malformed("input too large".into()));
+        }
+        if total as u32 > self.input.1 || self.input.1 == 0 {
+            let want = total.max(256) as i32;
+            let f = self.buffer.clone();
+            let ptr = self.call(&f, want)?;
+            self.input = (ptr as u32, want as u32);
+        }
+        let start = self.input.0 as usize;
+        let data = self.memory.data_mut(&mut self.store);
+        let dst = data
+            .get_mut(start..start + total)
+            .ok_or_else(|| PluginFault::Malformed("wasmq_buffer points outside memory".into()))?;
+        let mut at = 0;
+        for p in parts {
+            dst[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(total as i32)
+    }
+
+    /// Read a packed (pointer, length) reply and hand its payload (after the
+    /// status byte) to `f`. An error status becomes `CallError::Refused`.
+    fn reply<R>(
+        &self,
+        packed: i64,
+        f: impl FnOnce(&[u8]) -> Result<R, PluginFault>,
+    ) -> Result<R, CallError> {
+        let ptr = (packed as u64 >> 32) as usize;
+        let len = (packed as u64 & 0xffff_ffff) as usize;
+        let data = self.memory.data(&self.store);
+        let bytes = data.get(ptr..ptr.saturating_add(len)).ok_or_else(|| {
+            PluginFault::Malformed(format!("reply at {ptr}+{len} is outside memory"))
+        })?;
+        match bytes.split_first() {
+            Some((&abi::STATUS_OK, rest)) => Ok(f(rest)?),
+            Some((&abi::STATUS_ERROR, msg)) => Err(CallError::Refused(
+                String::from_utf8_lossy(msg).into_owned(),
+            )),
+            Some((s, _)) => Err(PluginFault::Malformed(format!("unknown status byte {s}")).into()),
+            None => Err(PluginFault::Malformed("empty reply".into()).into()),
+        }
+    }
+
+    /// `wasmq_init(role, input)`; `input` is the ABI init encoding.
+    pub(crate) fn init(&mut self, role: i32, input: &[u8]) -> Result<(), CallError> {
+        let len = self.write_input(&[input])?;
+        let f = self.init.clone();
+        let packed = self.call(&f, (role, len))?;
+        self.reply(packed, |_| Ok(()))
+    }
+
+    /// `wasmq_bind` / `wasmq_unbind`; `input` is the ABI binding encoding
+    /// (see [`super::binding_input`]), made once per binding.
+    fn binding_call(&mut self, bind: bool, id: u32, input: &[u8]) -> Result<(), CallError> {
+        let f = if bind {
+            self.bind.clone()
+        } else {
+            self.unbind.clone()
+        };
+        let f = f.ok_or_else(|| PluginFault::Malformed("not a router".into()))?;
+        let len = self.write_input(&[input])?;
+        let packed = self.call(&f, (id as i32, len))?;
+        self.reply(packed, |_| Ok(()))
+    }
+
+    pub(crate) fn bind(&mut self, id: u32, input: &[u8]) -> Result<(), CallError> {
+        self.binding_call(true, id, input)
+    }
+
+    pub(crate) fn unbind(&mut self, id: u32, input: &[u8]) -> Result<(), CallError> {
+        self.binding_call(false, id, input)
+    }
+
+    /// Run a message call with `message` visible to `wasmq::read`.
+    fn message_call<R: wasmtime::WasmResults>(
+        &mut self,
+        f: &MessageFn<R>,
+        message: &Arc<Message>,
+    ) -> Result<R, PluginFault> {
+        let key_len = self.write_input(&[message.routing_key.as_bytes()])?;
+        let props_len = message.encoded_properties_len().map_or(-1, |n| n as i32);
+        let body_len = message.body.len() as i32;
+        self.store.data_mut().current = Some(message.clone());
+        let r = self.call(f, (key_len, props_len, body_len));
+        self.store.data_mut().current = None;
+        r
+    }
+
+    /// `wasmq_route`: appends the chosen binding ids to `out`.
+    pub(crate) fn route(
+        &mut self,
+        message: &Arc<Message>,
+        out: &mut Vec<u32>,
+    ) -> Result<(), CallError> {
+        let f = self
+            .route
+            .clone()
+            .ok_or_else(|| PluginFault::Malformed("not a router".into()))?;
+        let packed = self.message_call(&f, message)?;
+        self.reply(packed, |ids| {
+            if ids.len() % 4 != 0 {
+                return Err(PluginFault::Malformed(format!(
+                    "route reply of {} bytes is not a list of u32 ids",
+                    ids.len()
+                )));
+            }
+            out.extend(
+                ids.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+            );
+            Ok(())
+        })
+    }
+
+    /// `wasmq_filter`.
+    pub(crate) fn filter(&mut self, message: &Arc<Message>) -> Result<bool, PluginFault> {
+        let f = self
+            .filter
+            .clone()
+            .ok_or_else(|| PluginFault::Malformed("not a filter".into()))?;
+        match self.message_call(&f, message)? {
+            abi::FILTER_PASS => Ok(true),
+            abi::FILTER_DROP => Ok(false),
+            other => Err(PluginFault::Malformed(format!(
+                "filter returned {other}, expected 0 or 1"
+            ))),
+        }
+    }
+
+    /// `wasmq_transform`: returns the raw decision bytes for the caller to parse.
+    pub(crate) fn transform<R>(
+        &mut self,
+        message: &Arc<Message>,
+        parse: impl FnOnce(&[u8]) -> Result<R, PluginFault>,
+    ) -> Result<R, CallError> {
+        let f = self
+            .transform
+            .clone()
+            .ok_or_else(|| PluginFault::Malformed("not a transform".into()))?;
+        let packed = self.message_call(&f, message)?;
+        self.reply(packed, parse)
+    }
+}
+
+/// Turn a wasmtime error from a call into a fault.
+fn classify(
+    store: &Store<HostState>,
+    e: wasmtime::Error,
+    memory_limit: usize,
+    deadline: std::time::Duration,
+) -> PluginFault {
+    if store.data().limiter.hit {
+        return PluginFault::MemoryLimit(memory_limit);
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PluginFault::Deadline(deadline),
+        Some(trap) => PluginFault::Trap(trap.to_string()),
+        None => PluginFault::Trap(
+            format!("{e:#}")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,129 @@
+//! Which version of each plugin is serving, and what happened to the files
+//! that were not accepted. The broker asks it for a version by name when an
+//! exchange is declared; the hot-swap path records its results here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::RwLock;
+
+use super::host::PluginVersion;
+
+/// What state a plugin name is in.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    /// A version is serving and its file is present (or it is a built-in).
+    Serving,
+    /// The latest file was rejected; `serving` (if any) is the last good one.
+    Rejected,
+    /// The file was deleted; the last good version keeps serving.
+    Orphaned,
+}
+
+/// A snapshot of one plugin for listings (CLI, admin API).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PluginStatus {
+    /// Plugin name.
+    pub name: String,
+    /// State.
+    pub state: PluginState,
+    /// Roles of the serving version.
+    pub roles: Option<String>,
+    /// Content hash of the serving version.
+    pub hash: Option<String>,
+    /// ABI version of the serving version.
+    pub abi_version: Option<u32>,
+    /// Whether the serving version is a built-in.
+    pub builtin: bool,
+    /// When the serving version was loaded (seconds since the epoch).
+    pub loaded_at: Option<u64>,
+    /// Faults of the serving version.
+    pub faults: u64,
+    /// Why the latest file was rejected, if it was.
+    pub rejection: Option<String>,
+}
+
+#[derive(Default)]
+struct Entry {
+    serving: Option<Arc<PluginVersion>>,
+    state: Option<PluginState>,
+    rejection: Option<String>,
+}
+
+/// Plugin name → serving version and state.
+#[derive(Default)]
+pub struct PluginRegistry {
+    entries: RwLock<BTreeMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for PluginRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRegistry")
+            .field("plugins", &self.entries.read().len())
+            .finish()
+    }
+}
+
+impl PluginRegistry {
+    /// The serving version of `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<PluginVersion>> {
+        self.entries
+            .read()
+            .get(name)
+            .and_then(|e| e.serving.clone())
+    }
+
+    /// Record `version` as serving.
+    pub(crate) fn serve(&self, version: Arc<PluginVersion>) {
+        let mut entries = self.entries.write();
+        let e = entries.entry(version.name.clone()).or_default();
+        e.serving = Some(version);
+        e.state = Some(PluginState::Serving);
+        e.rejection = None;
+    }
+
+    /// Record that the latest file of `name` was rejected.
+    pub(crate) fn reject(&self, name: &str, reason: String) {
+        let mut entries = self.entries.write();
+        let e = entries.entry(name.to_owned()).or_default();
+        e.state = Some(PluginState::Rejected);
+        e.rejection = Some(reason);
+    }
+
+    /// Record that the file of `name` is gone. Returns the version that
+    /// keeps serving, if any.
+    pub(crate) fn orphan(&self, name: &str) -> Option<Arc<PluginVersion>> {
+        let mut entries = self.entries.write();
+        let e = entries.get_mut(name)?;
+        if e.serving.as_ref().is_some_and(|v| !v.builtin) {
+            e.state = Some(PluginState::Orphaned);
+        }
+        e.serving.clone()
+    }
+
+    /// All plugins, by name.
+    pub fn list(&self) -> Vec<PluginStatus> {
+        self.entries
+            .read()
+            .iter()
+            .map(|(name, e)| {
+                let v = e.serving.as_ref();
+                PluginStatus {
+                    name: name.clone(),
+                    state: e.state.clone().unwrap_or(PluginState::Rejected),
+                    roles: v.map(|v| v.roles.to_string()),
+                    hash: v.map(|v| v.hash.clone()),
+                    abi_version: v.map(|v| v.abi_version),
+                    builtin: v.is_some_and(|v| v.builtin),
+                    loaded_at: v
+                        .and_then(|v| v.loaded_at.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs()),
+                    faults: v.map_or(0, |v| v.faults.load(std::sync::atomic::Ordering::Relaxed)),
+                    rejection: e.rejection.clone(),
+                }
+            })
+            .collect()
+    }
+}

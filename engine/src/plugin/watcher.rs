@@ -1,0 +1,73 @@
+//! Watches the plugin folder and reports changed `.wasm` files, debounced.
+//!
+//! Editors and `cp` write a file in several steps, and each step is an event.
+//! The watcher waits until the folder has been quiet for [`DEBOUNCE`] and
+//! then reports each changed path once. A file caught half-written still
+//! cannot be loaded half-way: it fails validation (a truncated module does
+//! not compile), is rejected, and the next event loads the finished file.
+//! Writing to a temporary name and renaming into place avoids even that.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+/// Quiet time before a batch of changes is handled.
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// A running watcher; dropping it stops watching.
+pub struct PluginWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for PluginWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginWatcher")
+    }
+}
+
+impl PluginWatcher {
+    /// Watch `dir`; `on_change(path)` runs on the watcher's own thread for
+    /// every `.wasm` file created, changed, renamed into place or removed
+    /// (check `path.exists()`). Compiling there keeps it off the runtime.
+    pub fn start(dir: &Path, on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
+        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    if matches!(event.kind, notify::EventKind::Access(_)) {
+                        return;
+                    }
+                    for path in event.paths {
+                        if path.extension().is_some_and(|e| e == "wasm") {
+                            let _ = tx.send(path);
+                        }
+                    }
+                }
+            })?;
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        std::thread::Builder::new()
+            .name("wasmq-plugin-watch".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = BTreeSet::from([first]);
+                    loop {
+                        match rx.recv_timeout(DEBOUNCE) {
+                            Ok(p) => {
+                                batch.insert(p);
+                            }
+                            Err(mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    for path in batch {
+                        on_change(&path);
+                    }
+                }
+            })
+            .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        Ok(PluginWatcher { _watcher: watcher })
+    }
+}
