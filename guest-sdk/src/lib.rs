@@ -129,9 +129,11 @@ impl From<String> for Error {
 #[macro_export]
 macro_rules! plugin {
     ($($role:ident = $ty:ty),+ $(,)?) => {
-        const _: () = {
-            $( $crate::__wasmq_check_role!($role, $ty); )+
-        };
+        $(
+            const _: () = {
+                $crate::__wasmq_check_role!($role, $ty);
+            };
+        )+
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             #[unsafe(no_mangle)]

@@ -1,1 +1,180 @@
+//! Shared helpers for the integration tests: a real broker on a temporary
+//! plugin folder, the compiled test plugins, and message builders.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use wasmq::broker::VHost;
+use wasmq::plugin::{PluginHost, PluginLimits};
+use wasmq::{Broker, Destination, ExchangeSpec, Message};
+
+/// The folder the build script compiled the test plugins into.
+pub fn compiled_plugins() -> PathBuf {
+    PathBuf::from(env!("WASMQ_TEST_PLUGINS"))
+}
+
+/// The bytes of a compiled test plugin (`consistent-hash`, `faulty`, ...).
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    let path = compiled_plugins().join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Log to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A real broker with its own temporary plugin folder.
+pub struct TestBroker {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Its plugin folder.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// A broker with default limits.
+    pub fn new() -> Self {
+        Self::with_limits(PluginLimits::default())
+    }
+
+    /// A broker with these limits.
+    pub fn with_limits(limits: PluginLimits) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().unwrap();
+        let host = PluginHost::new(limits, None).unwrap();
+        let broker = Broker::new(host, dir.path().to_path_buf()).unwrap();
+        TestBroker { broker, dir }
+    }
+
+    /// The default vhost.
+    pub fn vhost(&self) -> Arc<VHost> {
+        self.broker.vhost("/").unwrap()
+    }
+
+    /// Install a compiled test plugin under `name` (through the same path
+    /// as a file dropped into the folder).
+    pub fn install(&self, name: &str, plugin: &str) {
+        self.broker
+            .install_plugin(name, &plugin_bytes(plugin))
+            .unwrap();
+    }
+
+    /// Declare an exchange.
+    pub fn exchange(&self, name: &str, kind: &str, args: FieldTable) {
+        let spec = ExchangeSpec {
+            name: name.into(),
+            kind: kind.into(),
+            arguments: args,
+            ..Default::default()
+        };
+        self.broker
+            .declare_exchange(&self.vhost(), spec, false)
+            .unwrap();
+    }
+
+    /// Declare a queue.
+    pub fn queue(&self, name: &str) {
+        self.broker
+            .declare_queue(
+                &self.vhost(),
+                name,
+                false,
+                false,
+                false,
+                FieldTable::default(),
+            )
+            .unwrap();
+    }
+
+    /// Bind queue `queue` to `exchange`.
+    pub fn bind(&self, exchange: &str, queue: &str, key: &str, args: FieldTable) {
+        self.broker
+            .bind(
+                &self.vhost(),
+                exchange,
+                Destination::Queue(queue.into()),
+                key,
+                args,
+            )
+            .unwrap();
+    }
+
+    /// Publish a message with `body` and `headers`.
+    pub fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        headers: FieldTable,
+    ) -> wasmq::PublishOutcome {
+        let props = BasicProperties::default().with_headers(headers);
+        self.broker
+            .publish(
+                &self.vhost(),
+                exchange,
+                Message::new(exchange, key, props, body.to_vec()),
+            )
+            .unwrap()
+    }
+
+    /// Messages waiting in `queue`.
+    pub fn depth(&self, queue: &str) -> usize {
+        self.vhost().queue(queue).unwrap().len()
+    }
+
+    /// Take every waiting message of `queue`.
+    pub fn drain(&self, queue: &str) -> Vec<Arc<Message>> {
+        let q = self.vhost().queue(queue).unwrap();
+        std::iter::from_fn(|| q.pop()).collect()
+    }
+
+    /// The plugin folder.
+    pub fn plugin_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for TestBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A field table from string pairs.
+pub fn table(pairs: &[(&str, &str)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(*v)),
+        );
+    }
+    t
+}
+
+/// A header of `m` as text.
+pub fn header(m: &Message, key: &str) -> Option<String> {
+    match m.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Poll `f` until it is true or `timeout` passes; returns whether it became true.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    f()
+}
