@@ -78,7 +78,7 @@ pub fn decode_properties(bytes: &[u8]) -> Option<BasicProperties> {
         return Some(BasicProperties::default());
     }
     match amq_protocol::protocol::basic::parse_properties(bytes) {
-        Ok((rest, p)) if rest.is_empty() => Some(p),
+        Ok(([], p)) => Some(p),
         _ => None,
     }
 }

@@ -268,6 +268,11 @@ macro_rules! __wasmq_role_exports {
     };
 }
 
+/// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,9 @@ pub trait Transform: Sized + 'static {
 }
 
 /// What a [`Transform`] decided.
+// One per message, returned by value and encoded at once: boxing the big
+// variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     /// Route the message as it is.
@@ -184,6 +187,11 @@ impl Destinations {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// Forget the chosen bindings, keeping the allocation (for reuse).
+    pub fn clear(&mut self) {
+        self.bytes.truncate(self.start);
     }
 
     /// Whether no binding was chosen.

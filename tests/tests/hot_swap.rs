@@ -32,7 +32,7 @@ fn swaps_under_continuous_publishing_lose_nothing() {
                 let v = b.vhost("/").unwrap();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let key = if n % 2 == 0 { "a" } else { "b" };
+                    let key = if n.is_multiple_of(2) { "a" } else { "b" };
                     let body = format!("{p}:{n}");
                     let out = b
                         .publish(

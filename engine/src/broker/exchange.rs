@@ -22,7 +22,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
 use crate::message::Message;
-use crate::plugin::{BindingSource, FilterPlugin, PluginFault, RouterPlugin, TransformPlugin};
+use crate::plugin::{
+    BindingSource, BindingVisitor, FilterPlugin, PluginFault, RouterPlugin, TransformPlugin,
+};
 
 /// Where a binding delivers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -206,10 +208,7 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl BindingSource for Exchange {
-    fn for_each_binding(
-        &self,
-        f: &mut dyn FnMut(u32, &[u8]) -> Result<(), PluginFault>,
-    ) -> Result<u32, PluginFault> {
+    fn for_each_binding(&self, f: &mut BindingVisitor<'_>) -> Result<u32, PluginFault> {
         let table = self.bindings.load();
         for b in table.by_id.values() {
             f(b.id, &b.bind_input)?;
@@ -223,10 +222,7 @@ impl BindingSource for Exchange {
 }
 
 impl BindingSource for BindingTable {
-    fn for_each_binding(
-        &self,
-        f: &mut dyn FnMut(u32, &[u8]) -> Result<(), PluginFault>,
-    ) -> Result<u32, PluginFault> {
+    fn for_each_binding(&self, f: &mut BindingVisitor<'_>) -> Result<u32, PluginFault> {
         for b in self.by_id.values() {
             f(b.id, &b.bind_input)?;
         }
@@ -254,12 +250,10 @@ impl Exchange {
         self.transform.load_full()
     }
 
-    /// Ask the router (or the memo) which bindings `message` goes to.
-    pub(crate) fn route_ids(
-        &self,
-        message: &Arc<Message>,
-        out: &mut Vec<u32>,
-    ) -> Result<(), PluginFault> {
+    /// Ask the router (or the memo) which bindings `message` goes to,
+    /// appending their ids to `out`. This is the routing step of the publish
+    /// path on its own (benchmarks and diagnostics use it).
+    pub fn route_ids(&self, message: &Arc<Message>, out: &mut Vec<u32>) -> Result<(), PluginFault> {
         let router = self.router.load();
         if !router.deterministic() {
             return router.route(message, self, out);

@@ -42,7 +42,9 @@ use std::time::Duration;
 
 pub use host::{PluginHost, PluginVersion, Roles, binding_input, content_hash, plugin_name};
 pub use registry::{PluginRegistry, PluginState, PluginStatus};
-pub use roles::{BindingSource, FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin};
+pub use roles::{
+    BindingSource, BindingVisitor, FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin,
+};
 pub use watcher::PluginWatcher;
 
 /// Bounds applied to every plugin instance and call.

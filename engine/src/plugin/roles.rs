@@ -16,16 +16,16 @@ use super::{PluginError, PluginFault};
 use crate::message::Message;
 use amq_protocol::protocol::BasicProperties;
 
+/// What [`BindingSource::for_each_binding`] calls per binding: (id, bind input).
+pub type BindingVisitor<'a> = dyn FnMut(u32, &[u8]) -> Result<(), PluginFault> + 'a;
+
 /// Where a router's instances get the exchange's bindings when one is
 /// (re)built: the exchange's current binding table.
 pub trait BindingSource {
     /// Call `f(id, bind input)` for every current binding and
     /// return the next id the exchange will assign (every id below it that
     /// is still bound was passed to `f`).
-    fn for_each_binding(
-        &self,
-        f: &mut dyn FnMut(u32, &[u8]) -> Result<(), PluginFault>,
-    ) -> Result<u32, PluginFault>;
+    fn for_each_binding(&self, f: &mut BindingVisitor<'_>) -> Result<u32, PluginFault>;
 
     /// The next id the exchange will assign: a router returning an id at or
     /// above it is lying.
@@ -34,10 +34,7 @@ pub trait BindingSource {
 
 /// An empty binding set (new exchanges, validation).
 impl BindingSource for () {
-    fn for_each_binding(
-        &self,
-        _f: &mut dyn FnMut(u32, &[u8]) -> Result<(), PluginFault>,
-    ) -> Result<u32, PluginFault> {
+    fn for_each_binding(&self, _f: &mut BindingVisitor<'_>) -> Result<u32, PluginFault> {
         Ok(0)
     }
 
@@ -382,6 +379,9 @@ impl FilterPlugin {
 }
 
 /// What a transform decided, checked and decoded.
+// One per message, matched at once: boxing the big variant would only add
+// an allocation on the publish path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum TransformDecision {
     /// Route unchanged.
