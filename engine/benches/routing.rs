@@ -189,7 +189,7 @@ fn broker_with_topic_exchange(
     };
     broker.declare_exchange(&vhost, spec, false).unwrap();
     broker
-        .declare_queue(&vhost, "q", false, false, false, FieldTable::default())
+        .declare_queue(&vhost, "q", false, None, false, FieldTable::default())
         .unwrap();
     for i in 0..BINDINGS {
         broker

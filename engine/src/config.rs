@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::amqp::{AmqpConfig, User};
 use crate::plugin::PluginLimits;
 
 /// The whole configuration file.
@@ -22,6 +23,33 @@ pub struct Config {
     pub plugin_dir: PathBuf,
     /// Plugin sandbox settings.
     pub plugins: PluginConfig,
+    /// AMQP protocol settings.
+    pub amqp: AmqpSection,
+    /// Users allowed to connect (default: guest/guest from loopback only).
+    pub users: Vec<User>,
+}
+
+/// `[amqp]`: protocol settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSection {
+    /// Heartbeat proposed to clients, seconds (0 disables).
+    pub heartbeat_secs: u16,
+    /// Largest frame, bytes (at least 4096).
+    pub frame_max: u32,
+    /// Channels per connection.
+    pub channel_max: u16,
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        let d = AmqpConfig::default();
+        AmqpSection {
+            heartbeat_secs: d.heartbeat,
+            frame_max: d.frame_max,
+            channel_max: d.channel_max,
+        }
+    }
 }
 
 impl Default for Config {
@@ -31,6 +59,8 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             plugin_dir: PathBuf::from("./plugins"),
             plugins: PluginConfig::default(),
+            amqp: AmqpSection::default(),
+            users: AmqpConfig::default().users,
         }
     }
 }
@@ -160,6 +190,23 @@ mod tests {
         assert_eq!(c.plugin_dir, PathBuf::from("p"));
         assert_eq!(c.plugins.limits().deadline, Duration::from_millis(20));
         assert_eq!(c.plugins.limits().memory, 8 << 20);
+    }
+
+    #[test]
+    fn users_and_amqp_settings() {
+        let c = Config::parse(
+            "[amqp]\nheartbeat_secs = 10\n[[users]]\nname = \"app\"\npassword = \"s3cret\"\nvhosts = [\"/\", \"prod\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.amqp.heartbeat_secs, 10);
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].vhosts, vec!["/".to_string(), "prod".to_string()]);
+        assert!(!c.users[0].loopback_only);
+        assert!(
+            Config::default().users[0].loopback_only,
+            "guest is loopback-only by default"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!
 //! The modules follow a published message:
 //!
+//! * [`amqp`]: the AMQP 0-9-1 front end: frames, connections, channels.
+//!   A published message enters here, a delivery leaves here.
 //! * [`config`]: the TOML file and its defaults.
 //! * [`message`]: the message as the broker holds it (`Arc`-shared,
 //!   `Bytes` body, properties encoded at most once).
@@ -23,15 +25,18 @@
 //!   compiling and validating plugin files, instance pools per exchange with
 //!   deadlines and memory caps, fault containment and circuit breakers, the
 //!   registry of serving versions and the folder watcher that hot-swaps them.
+//! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
 //!
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
+pub mod amqp;
 pub mod broker;
 pub mod config;
 pub mod message;
 pub mod plugin;
+pub mod server;
 
 /// The built-in plugins, built from `plugins/` by `build.rs`.
 pub mod builtins {

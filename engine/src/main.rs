@@ -1,12 +1,12 @@
 //! The `wasmq` binary: parse flags, set up logging, load the config, run.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use wasmq::Config;
 use wasmq::plugin::PluginHost;
-use wasmq::{Broker, Config};
+use wasmq::server::Server;
 
 #[derive(Parser)]
 #[command(
@@ -101,30 +101,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let cache = config
-            .plugins
-            .compile_cache
-            .then(|| config.data_dir.join("plugin-cache"));
-        let host = PluginHost::new(config.plugins.limits(), cache)?;
-        std::fs::create_dir_all(&config.plugin_dir)
-            .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
-        let broker = Broker::new(host, config.plugin_dir.clone())?;
-        let loaded = broker.load_plugin_dir();
-        tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
-        let _watcher = if config.plugins.watch {
-            Some(broker.watch_plugins()?)
-        } else {
-            None
-        };
-        run(broker, &config).await
+        let server = Server::start(config).await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down: closing connections");
+        server.shutdown(Duration::from_secs(10)).await;
+        tracing::info!("stopped");
+        Ok(())
     })
 }
 
-async fn run(broker: Arc<Broker>, config: &Config) -> anyhow::Result<()> {
-    let _ = (&broker, config);
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("shutting down");
-    Ok(())
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn check(file: &std::path::Path) -> anyhow::Result<()> {

@@ -86,7 +86,7 @@ impl TestBroker {
                 &self.vhost(),
                 name,
                 false,
-                false,
+                None,
                 false,
                 FieldTable::default(),
             )
@@ -132,7 +132,7 @@ impl TestBroker {
     /// Take every waiting message of `queue`.
     pub fn drain(&self, queue: &str) -> Vec<Arc<Message>> {
         let q = self.vhost().queue(queue).unwrap();
-        std::iter::from_fn(|| q.pop()).collect()
+        std::iter::from_fn(|| q.pop().map(|e| e.message)).collect()
     }
 
     /// The plugin folder.
@@ -177,4 +177,100 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(2));
     }
     f()
+}
+
+/// A real broker started like `wasmq serve`, on `127.0.0.1:0`, with its own
+/// plugin and data folders.
+pub struct TestServer {
+    /// The running server.
+    pub server: Option<wasmq::server::Server>,
+    /// Plugin folder.
+    pub plugins: tempfile::TempDir,
+    /// Data folder.
+    pub data: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Start with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Start after adjusting the config.
+    pub async fn start_with(adjust: impl FnOnce(&mut wasmq::Config)) -> Self {
+        init_logging();
+        let plugins = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let mut config = wasmq::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            plugin_dir: plugins.path().to_path_buf(),
+            data_dir: data.path().to_path_buf(),
+            ..Default::default()
+        };
+        config.plugins.compile_cache = false;
+        adjust(&mut config);
+        let server = wasmq::server::Server::start(config).await.unwrap();
+        TestServer {
+            server: Some(server),
+            plugins,
+            data,
+        }
+    }
+
+    /// The broker core.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.server.as_ref().unwrap().broker
+    }
+
+    /// The AMQP address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().unwrap().amqp_addr
+    }
+
+    /// An `amqp://` URL for guest on the default vhost.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr())
+    }
+
+    /// Connect with lapin.
+    pub async fn connect(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap()
+    }
+
+    /// Install a compiled test plugin under `name`.
+    pub fn install(&self, name: &str, plugin: &str) {
+        self.broker()
+            .install_plugin(name, &plugin_bytes(plugin))
+            .unwrap();
+    }
+
+    /// Stop it (connections get connection.close 320).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Poll `f` until it is true or `timeout` passes, without blocking the
+/// runtime (the broker under test may share it).
+pub async fn eventually_async(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f()
+}
+
+/// The AMQP reply code carried by a lapin error, if any.
+pub fn reply_code(err: &lapin::Error) -> Option<u16> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
 }

@@ -16,7 +16,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
-pub use queue::Queue;
+pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
 pub use route::{FaultReport, PublishOutcome};
 
 use crate::message::encode_table_body;
@@ -51,9 +51,12 @@ pub enum BrokerError {
     /// Redeclared with other properties, bad arguments, in use, ... (406).
     #[error("PRECONDITION_FAILED - {0}")]
     PreconditionFailed(String),
-    /// A reserved name (403).
+    /// A reserved name or a permission missing (403).
     #[error("ACCESS_REFUSED - {0}")]
     AccessRefused(String),
+    /// An exclusive queue of another connection (405).
+    #[error("RESOURCE_LOCKED - {0}")]
+    ResourceLocked(String),
     /// An exchange type no plugin provides (503, as RabbitMQ does).
     #[error(
         "COMMAND_INVALID - unknown exchange type '{kind}': no plugin of that name is serving (built-ins: direct, topic, fanout, headers; custom types are loaded from {plugin_dir})"
@@ -76,6 +79,7 @@ impl BrokerError {
             BrokerError::NotFound { .. } => 404,
             BrokerError::PreconditionFailed(_) | BrokerError::Plugin(_) => 406,
             BrokerError::AccessRefused(_) => 403,
+            BrokerError::ResourceLocked(_) => 405,
             BrokerError::UnknownExchangeType { .. } => 503,
         }
     }
@@ -394,13 +398,14 @@ impl Broker {
         Ok(())
     }
 
-    /// Declare a queue (idempotent for the same flags).
+    /// Declare a queue (idempotent for the same flags). `owner` makes it
+    /// exclusive to that connection.
     pub fn declare_queue(
         &self,
         vhost: &VHost,
         name: &str,
         durable: bool,
-        exclusive: bool,
+        owner: Option<u64>,
         auto_delete: bool,
         arguments: FieldTable,
     ) -> Result<Arc<Queue>, BrokerError> {
@@ -411,6 +416,12 @@ impl Broker {
         }
         let mut queues = vhost.queues.write();
         if let Some(q) = queues.get(name) {
+            if q.owner.is_some() && q.owner != owner {
+                return Err(BrokerError::ResourceLocked(format!(
+                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'",
+                    vhost.name
+                )));
+            }
             if q.durable != durable {
                 return Err(BrokerError::PreconditionFailed(format!(
                     "inequivalent arg 'durable' for queue '{name}' in vhost '{}': received '{durable}' but current is '{}'",
@@ -422,7 +433,7 @@ impl Broker {
         let q = Arc::new(Queue::new(
             name.to_owned(),
             durable,
-            exclusive,
+            owner,
             auto_delete,
             arguments,
         ));
@@ -430,7 +441,8 @@ impl Broker {
         Ok(q)
     }
 
-    /// Delete a queue and its bindings; returns the messages it held.
+    /// Delete a queue and its bindings; its consumers are cancelled. Returns
+    /// the messages it held.
     pub fn delete_queue(
         &self,
         vhost: &VHost,
@@ -439,7 +451,12 @@ impl Broker {
         if_empty: bool,
     ) -> Result<usize, BrokerError> {
         let q = vhost.queue(name)?;
-        let _ = if_unused; // consumers are tracked by the AMQP front end
+        if if_unused && q.consumer_count() > 0 {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{}' in use",
+                vhost.name
+            )));
+        }
         if if_empty && !q.is_empty() {
             return Err(BrokerError::PreconditionFailed(format!(
                 "queue '{name}' in vhost '{}' not empty",
@@ -448,6 +465,7 @@ impl Broker {
         }
         vhost.queues.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Queue(name.to_owned()));
+        q.cancel_consumers();
         Ok(q.purge())
     }
 

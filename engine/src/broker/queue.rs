@@ -1,16 +1,146 @@
-//! A queue: an ordered buffer of messages waiting for consumers.
+//! A queue: an ordered buffer of messages and the consumers it feeds.
 //!
-//! This is the in-memory queue the router delivers to; consumers, acks and
-//! persistence build on it.
+//! Delivery is push-based with credit, as in RabbitMQ: a message arriving at
+//! a queue goes straight to the next consumer (round-robin) that has credit,
+//! or waits in the queue. A consumer's credit is bounded twice:
+//!
+//! * **prefetch** (`basic.qos`): deliveries not yet acked, per consumer and
+//!   optionally per channel;
+//! * **window**: deliveries handed to its connection but not yet written to
+//!   the socket. Credit comes back only after the delivery is written, so a
+//!   slow client (even in no-ack mode) cannot make the broker buffer without
+//!   bound: messages stay in the queue instead.
+//!
+//! Whoever returns credit (an ack, a socket write) calls [`Queue::dispatch`]
+//! to move waiting messages on.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 
 use crate::message::Message;
+
+/// Deliveries a consumer's connection may hold unwritten.
+pub const CONSUMER_WINDOW: u32 = 256;
+
+/// A message in a queue.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before (requeued).
+    pub redelivered: bool,
+}
+
+/// A channel's shared prefetch (`basic.qos` with `global`).
+#[derive(Debug, Default)]
+pub struct ChannelCredit {
+    /// Limit, 0 for none.
+    pub limit: AtomicU32,
+    /// Unacked deliveries across the channel's consumers.
+    pub unacked: AtomicU32,
+}
+
+/// What a queue sends a consumer's connection.
+#[derive(Debug)]
+pub enum Dispatch {
+    /// Deliver `entry` to `consumer`.
+    Deliver {
+        /// From this queue.
+        queue: Arc<Queue>,
+        /// To this consumer.
+        consumer: Arc<Consumer>,
+        /// The message.
+        entry: Entry,
+    },
+    /// The queue is gone: tell the client its consumer was cancelled.
+    Cancel {
+        /// Channel.
+        channel: u16,
+        /// Consumer tag.
+        tag: String,
+    },
+}
+
+/// One consumer of a queue.
+#[derive(Debug)]
+pub struct Consumer {
+    /// Consumer tag.
+    pub tag: String,
+    /// Its channel.
+    pub channel: u16,
+    /// Its connection's id.
+    pub connection: u64,
+    /// Acks not expected.
+    pub no_ack: bool,
+    /// Whether it holds the queue exclusively.
+    pub exclusive: bool,
+    /// Per-consumer prefetch, 0 for none.
+    pub prefetch: u32,
+    /// Unacked deliveries of this consumer.
+    pub unacked: AtomicU32,
+    /// Deliveries handed to the connection but not yet written.
+    pub in_flight: AtomicU32,
+    /// The channel's shared prefetch.
+    pub channel_credit: Arc<ChannelCredit>,
+    /// Where deliveries go (the connection's task).
+    pub sink: mpsc::UnboundedSender<Dispatch>,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        if self.in_flight.load(Ordering::Relaxed) >= CONSUMER_WINDOW {
+            return false;
+        }
+        if self.no_ack {
+            return true;
+        }
+        let own = self.prefetch == 0 || self.unacked.load(Ordering::Relaxed) < self.prefetch;
+        let limit = self.channel_credit.limit.load(Ordering::Relaxed);
+        own && (limit == 0 || self.channel_credit.unacked.load(Ordering::Relaxed) < limit)
+    }
+
+    fn take_credit(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if !self.no_ack {
+            self.unacked.fetch_add(1, Ordering::Relaxed);
+            self.channel_credit.unacked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The delivery was written to the socket. Returns whether the window
+    /// had been full (the caller should then dispatch the queue).
+    pub fn written(&self) -> bool {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed) == CONSUMER_WINDOW
+    }
+
+    /// A delivery was acked, rejected or requeued.
+    pub fn settled(&self) {
+        if !self.no_ack {
+            self.unacked.fetch_sub(1, Ordering::Relaxed);
+            self.channel_credit.unacked.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    messages: VecDeque<Entry>,
+    consumers: Vec<Arc<Consumer>>,
+    next: usize,
+}
+
+/// Why a consumer could not be added.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConsumeError {
+    /// Another consumer holds the queue exclusively, or one exists and this
+    /// one asked for exclusivity.
+    Exclusive,
+}
 
 /// A queue.
 pub struct Queue {
@@ -18,25 +148,24 @@ pub struct Queue {
     pub name: String,
     /// Survives a restart.
     pub durable: bool,
-    /// Owned by one connection.
-    pub exclusive: bool,
+    /// The connection that owns it, for exclusive queues.
+    pub owner: Option<u64>,
     /// Deleted when its last consumer goes.
     pub auto_delete: bool,
     /// Declare arguments.
     pub arguments: FieldTable,
-    messages: Mutex<VecDeque<Arc<Message>>>,
-    /// Notified on every push, for consumers waiting on an empty queue.
-    pub(crate) ready: tokio::sync::Notify,
-    /// Messages ever delivered into the queue.
+    state: Mutex<State>,
+    /// Messages ever enqueued.
     pub enqueued: AtomicU64,
+    /// Messages ever delivered to consumers or `basic.get`.
+    pub delivered: AtomicU64,
 }
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
             .field("name", &self.name)
-            .field("len", &self.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -44,37 +173,129 @@ impl Queue {
     pub(crate) fn new(
         name: String,
         durable: bool,
-        exclusive: bool,
+        owner: Option<u64>,
         auto_delete: bool,
         arguments: FieldTable,
     ) -> Self {
         Queue {
             name,
             durable,
-            exclusive,
+            owner,
             auto_delete,
             arguments,
-            messages: Mutex::new(VecDeque::new()),
-            ready: tokio::sync::Notify::new(),
+            state: Mutex::new(State::default()),
             enqueued: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
         }
     }
 
-    /// Append a message.
-    pub fn push(&self, message: Arc<Message>) {
-        self.messages.lock().push_back(message);
-        self.enqueued.fetch_add(1, Ordering::Relaxed);
-        self.ready.notify_one();
+    /// Whether the queue is exclusive to a connection.
+    pub fn exclusive(&self) -> bool {
+        self.owner.is_some()
     }
 
-    /// Take the oldest message.
-    pub fn pop(&self) -> Option<Arc<Message>> {
-        self.messages.lock().pop_front()
+    /// Add a message and hand it to a consumer if one has credit.
+    pub fn push(self: &Arc<Self>, message: Arc<Message>) {
+        self.enqueued.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.state.lock();
+        st.messages.push_back(Entry {
+            message,
+            redelivered: false,
+        });
+        self.dispatch_locked(&mut st);
+    }
+
+    /// Put deliveries back at the head of the queue, in their original
+    /// order, marked redelivered.
+    pub fn requeue(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>) {
+        let mut st = self.state.lock();
+        for mut e in entries.rev() {
+            e.redelivered = true;
+            st.messages.push_front(e);
+        }
+        self.dispatch_locked(&mut st);
+    }
+
+    /// Move waiting messages to consumers with credit.
+    pub fn dispatch(self: &Arc<Self>) {
+        let mut st = self.state.lock();
+        self.dispatch_locked(&mut st);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, st: &mut State) {
+        while !st.messages.is_empty() && !st.consumers.is_empty() {
+            let n = st.consumers.len();
+            let Some(offset) = (0..n).find(|i| st.consumers[(st.next + i) % n].has_credit()) else {
+                return;
+            };
+            let at = (st.next + offset) % n;
+            st.next = (at + 1) % n;
+            let consumer = st.consumers[at].clone();
+            let entry = st.messages.pop_front().expect("checked non-empty");
+            consumer.take_credit();
+            let dispatch = Dispatch::Deliver {
+                queue: self.clone(),
+                consumer: consumer.clone(),
+                entry,
+            };
+            if let Err(mpsc::error::SendError(Dispatch::Deliver { entry, .. })) =
+                consumer.sink.send(dispatch)
+            {
+                // The connection is gone; its cleanup will remove the consumer.
+                st.messages.push_front(entry);
+                st.consumers.remove(at);
+                st.next = 0;
+            } else {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Take the oldest message (`basic.get`).
+    pub fn pop(&self) -> Option<Entry> {
+        let e = self.state.lock().messages.pop_front();
+        if e.is_some() {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// Add a consumer and start feeding it.
+    pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
+        let mut st = self.state.lock();
+        if st.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !st.consumers.is_empty())
+        {
+            return Err(ConsumeError::Exclusive);
+        }
+        st.consumers.push(consumer);
+        self.dispatch_locked(&mut st);
+        Ok(())
+    }
+
+    /// Remove a consumer; returns whether the queue now has none.
+    pub fn remove_consumer(&self, connection: u64, channel: u16, tag: &str) -> bool {
+        let mut st = self.state.lock();
+        st.consumers
+            .retain(|c| !(c.connection == connection && c.channel == channel && c.tag == tag));
+        st.next = 0;
+        st.consumers.is_empty()
+    }
+
+    /// Remove every consumer and tell their connections (queue deleted).
+    pub(crate) fn cancel_consumers(&self) {
+        let consumers = std::mem::take(&mut self.state.lock().consumers);
+        for c in consumers {
+            let _ = c.sink.send(Dispatch::Cancel {
+                channel: c.channel,
+                tag: c.tag.clone(),
+            });
+        }
     }
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
-        self.messages.lock().len()
+        self.state.lock().messages.len()
     }
 
     /// Whether no message is waiting.
@@ -82,22 +303,16 @@ impl Queue {
         self.len() == 0
     }
 
-    /// Remove every waiting message; returns how many.
-    pub fn purge(&self) -> usize {
-        let mut m = self.messages.lock();
-        let n = m.len();
-        m.clear();
-        n
+    /// Consumers attached.
+    pub fn consumer_count(&self) -> usize {
+        self.state.lock().consumers.len()
     }
 
-    /// Wait for a message, then take it.
-    pub async fn pop_wait(&self) -> Arc<Message> {
-        loop {
-            let notified = self.ready.notified();
-            if let Some(m) = self.pop() {
-                return m;
-            }
-            notified.await;
-        }
+    /// Remove every waiting message; returns how many.
+    pub fn purge(&self) -> usize {
+        let mut st = self.state.lock();
+        let n = st.messages.len();
+        st.messages.clear();
+        n
     }
 }

@@ -1,0 +1,965 @@
+//! One AMQP channel: methods against the broker, content assembly,
+//! consumers, unacked deliveries, confirms and transactions.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use amq_protocol::protocol::{
+    AMQPClass, BasicProperties, basic, channel, confirm, exchange, queue, tx,
+};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use super::frame::{Frame, encode_content, encode_method};
+use crate::broker::{
+    Broker, BrokerError, ChannelCredit, ConsumeError, Consumer, Destination, Dispatch, Entry,
+    ExchangeSpec, Queue, VHost,
+};
+use crate::message::Message;
+
+/// An error from handling a frame: closes the channel or the connection.
+#[derive(Debug)]
+pub(crate) struct AmqpError {
+    pub code: u16,
+    pub text: String,
+    pub class_id: u16,
+    pub method_id: u16,
+}
+
+impl AmqpError {
+    pub(crate) fn new(code: u16, text: impl Into<String>) -> Self {
+        AmqpError {
+            code,
+            text: text.into(),
+            class_id: 0,
+            method_id: 0,
+        }
+    }
+
+    fn on(mut self, method: &AMQPClass) -> Self {
+        self.class_id = method.get_amqp_class_id();
+        self.method_id = method.get_amqp_method_id();
+        self
+    }
+
+    /// Whether the code is a connection-level error (the spec's "hard" errors).
+    pub(crate) fn is_connection_error(&self) -> bool {
+        matches!(self.code, 320 | 402 | 501..=506 | 530 | 540 | 541)
+    }
+
+    /// Reply text, cut to the 255 bytes a short string holds.
+    pub(crate) fn reply_text(&self) -> ShortString {
+        let mut end = self.text.len().min(255);
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        ShortString::from(self.text[..end].to_owned())
+    }
+}
+
+impl From<BrokerError> for AmqpError {
+    fn from(e: BrokerError) -> Self {
+        AmqpError::new(e.reply_code(), e.to_string())
+    }
+}
+
+fn unexpected(what: &str) -> AmqpError {
+    AmqpError::new(505, format!("UNEXPECTED_FRAME - {what}"))
+}
+
+/// What a channel needs from its connection while handling a frame.
+pub(crate) struct Ctx<'a> {
+    pub broker: &'a Arc<Broker>,
+    pub vhost: &'a Arc<VHost>,
+    pub out: &'a mut Vec<u8>,
+    pub connection: u64,
+    pub dispatch: &'a mpsc::UnboundedSender<Dispatch>,
+    pub frame_max: u32,
+    /// Exclusive queues this connection declared (deleted when it closes).
+    pub exclusive_queues: &'a mut Vec<String>,
+}
+
+struct Pending {
+    publish: basic::Publish,
+    header: Option<(BasicProperties, Bytes, u64)>,
+    body: BytesMut,
+    single: Option<Bytes>,
+}
+
+struct Unacked {
+    queue: Arc<Queue>,
+    entry: Entry,
+    consumer: Option<Arc<Consumer>>,
+}
+
+struct TxPublish {
+    exchange: String,
+    mandatory: bool,
+    message: Message,
+}
+
+enum TxAck {
+    Ack(u64, bool),
+    Nack(u64, bool, bool),
+}
+
+pub(crate) struct Channel {
+    pub id: u16,
+    /// Closed by the server; waiting for close-ok, ignoring everything else.
+    pub closing: bool,
+    pending: Option<Pending>,
+    consumers: HashMap<String, (Arc<Consumer>, Arc<Queue>)>,
+    unacked: VecDeque<(u64, Unacked)>,
+    next_tag: u64,
+    prefetch: u32,
+    credit: Arc<ChannelCredit>,
+    confirm: bool,
+    publish_seq: u64,
+    tx: Option<(Vec<TxPublish>, Vec<TxAck>)>,
+    last_queue: String,
+    next_ctag: u64,
+}
+
+impl Channel {
+    pub(crate) fn new(id: u16) -> Self {
+        Channel {
+            id,
+            closing: false,
+            pending: None,
+            consumers: HashMap::new(),
+            unacked: VecDeque::new(),
+            next_tag: 0,
+            prefetch: 0,
+            credit: Arc::new(ChannelCredit::default()),
+            confirm: false,
+            publish_seq: 0,
+            tx: None,
+            last_queue: String::new(),
+            next_ctag: 0,
+        }
+    }
+
+    fn send(&self, ctx: &mut Ctx<'_>, method: AMQPClass) {
+        encode_method(ctx.out, self.id, method);
+    }
+
+    /// Handle one frame for this channel.
+    pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, frame: Frame) -> Result<(), AmqpError> {
+        match frame {
+            Frame::Method(_, method) => {
+                if self.pending.is_some() {
+                    return Err(
+                        unexpected("method frame while a message's content was expected")
+                            .on(&method),
+                    );
+                }
+                self.method(ctx, &method)
+                    .map_err(|e| if e.class_id == 0 { e.on(&method) } else { e })
+            }
+            Frame::Header {
+                class_id,
+                body_size,
+                properties,
+                raw_properties,
+                ..
+            } => {
+                let Some(p) = self.pending.as_mut().filter(|p| p.header.is_none()) else {
+                    return Err(unexpected("content header without basic.publish"));
+                };
+                if class_id != 60 {
+                    return Err(unexpected("content header for a class other than basic"));
+                }
+                p.header = Some((*properties, raw_properties, body_size));
+                if body_size == 0 {
+                    self.complete_publish(ctx)?;
+                }
+                Ok(())
+            }
+            Frame::Body(_, chunk) => {
+                let Some(p) = self.pending.as_mut().filter(|p| p.header.is_some()) else {
+                    return Err(unexpected("content body without a content header"));
+                };
+                let size = p.header.as_ref().map_or(0, |h| h.2);
+                let have = p.single.as_ref().map_or(p.body.len(), Bytes::len) as u64;
+                if have + chunk.len() as u64 > size {
+                    return Err(AmqpError::new(
+                        501,
+                        "FRAME_ERROR - content body larger than its header announced",
+                    ));
+                }
+                // One body frame (the common case) is kept as the read
+                // buffer's slice: no copy.
+                let complete = have + chunk.len() as u64 == size;
+                if have == 0 && complete {
+                    p.single = Some(chunk);
+                } else {
+                    if let Some(first) = p.single.take() {
+                        p.body.extend_from_slice(&first);
+                    }
+                    p.body.extend_from_slice(&chunk);
+                }
+                if complete {
+                    self.complete_publish(ctx)?;
+                }
+                Ok(())
+            }
+            Frame::Heartbeat(_) => Err(AmqpError::new(
+                501,
+                "FRAME_ERROR - heartbeat on a non-zero channel",
+            )),
+        }
+    }
+
+    fn complete_publish(&mut self, ctx: &mut Ctx<'_>) -> Result<(), AmqpError> {
+        let p = self.pending.take().expect("called with pending content");
+        let (properties, raw, _) = p.header.expect("header before completion");
+        let body = p.single.unwrap_or_else(|| p.body.freeze());
+        let publish = p.publish;
+        let message = Message::new(
+            publish.exchange.as_str(),
+            publish.routing_key.as_str(),
+            properties,
+            body,
+        )
+        .with_encoded_properties(raw);
+        if let Some((publishes, _)) = self.tx.as_mut() {
+            publishes.push(TxPublish {
+                exchange: publish.exchange.to_string(),
+                mandatory: publish.mandatory,
+                message,
+            });
+            return Ok(());
+        }
+        self.publish(ctx, publish.exchange.as_str(), publish.mandatory, message)
+    }
+
+    fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        exchange: &str,
+        mandatory: bool,
+        message: Message,
+    ) -> Result<(), AmqpError> {
+        let routing_key = message.routing_key.clone();
+        let publish_method = || {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: exchange.into(),
+                routing_key: routing_key.as_str().into(),
+                mandatory,
+                immediate: false,
+            }))
+        };
+        if !exchange.is_empty() {
+            let x = ctx
+                .vhost
+                .exchange(exchange)
+                .map_err(|e| AmqpError::from(e).on(&publish_method()))?;
+            if x.internal {
+                return Err(AmqpError::new(
+                    403,
+                    format!("ACCESS_REFUSED - cannot publish to internal exchange '{exchange}'"),
+                )
+                .on(&publish_method()));
+            }
+        }
+        let returned = mandatory.then(|| {
+            (
+                message.routing_key.clone(),
+                message.encoded_properties().clone(),
+                message.body.clone(),
+            )
+        });
+        let outcome = ctx
+            .broker
+            .publish(ctx.vhost, exchange, message)
+            .map_err(|e| AmqpError::from(e).on(&publish_method()))?;
+        let nothing = outcome.delivered == 0 && outcome.dead_lettered == 0 && !outcome.dropped;
+        if let Some((routing_key, props, body)) = returned
+            && nothing
+        {
+            let reply_text = match outcome.faults.first() {
+                Some(f) => format!("NO_ROUTE - {f}"),
+                None => "NO_ROUTE".to_owned(),
+            };
+            let mut text = reply_text;
+            text.truncate(255);
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: 312,
+                    reply_text: text.into(),
+                    exchange: exchange.into(),
+                    routing_key: routing_key.into(),
+                })),
+            );
+            encode_content(ctx.out, self.id, &props, &body, ctx.frame_max);
+        }
+        if self.confirm {
+            self.publish_seq += 1;
+            let tag = self.publish_seq;
+            let method = if outcome.faults.is_empty() {
+                basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: tag,
+                    multiple: false,
+                })
+            } else {
+                basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: tag,
+                    multiple: false,
+                    requeue: false,
+                })
+            };
+            self.send(ctx, AMQPClass::Basic(method));
+        }
+        Ok(())
+    }
+
+    fn queue_name(&self, name: &ShortString) -> Result<String, AmqpError> {
+        if name.as_str().is_empty() {
+            if self.last_queue.is_empty() {
+                return Err(AmqpError::new(
+                    530,
+                    "NOT_ALLOWED - no previous declaration of queue",
+                ));
+            }
+            return Ok(self.last_queue.clone());
+        }
+        Ok(name.to_string())
+    }
+
+    fn check_access(ctx: &Ctx<'_>, q: &Queue) -> Result<(), AmqpError> {
+        if let Some(owner) = q.owner
+            && owner != ctx.connection
+        {
+            return Err(AmqpError::new(
+                405,
+                format!(
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{}' in vhost '{}'",
+                    q.name, ctx.vhost.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn queue(&self, ctx: &Ctx<'_>, name: &ShortString) -> Result<Arc<Queue>, AmqpError> {
+        let name = self.queue_name(name)?;
+        let q = ctx.vhost.queue(&name)?;
+        Self::check_access(ctx, &q)?;
+        Ok(q)
+    }
+
+    fn method(&mut self, ctx: &mut Ctx<'_>, method: &AMQPClass) -> Result<(), AmqpError> {
+        use AMQPClass as C;
+        match method {
+            C::Basic(basic::AMQPMethod::Publish(p)) => {
+                self.pending = Some(Pending {
+                    publish: p.clone(),
+                    header: None,
+                    body: BytesMut::new(),
+                    single: None,
+                });
+            }
+            C::Channel(channel::AMQPMethod::Flow(f)) => {
+                self.send(
+                    ctx,
+                    C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: f.active,
+                    })),
+                );
+            }
+            C::Exchange(m) => self.exchange_method(ctx, m)?,
+            C::Queue(m) => self.queue_method(ctx, m)?,
+            C::Basic(m) => self.basic_method(ctx, m)?,
+            C::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::new(
+                        406,
+                        "PRECONDITION_FAILED - cannot switch from tx to confirm mode",
+                    ));
+                }
+                self.confirm = true;
+                if !s.nowait {
+                    self.send(
+                        ctx,
+                        C::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+            }
+            C::Tx(m) => self.tx_method(ctx, m)?,
+            other => {
+                return Err(AmqpError::new(
+                    540,
+                    format!(
+                        "NOT_IMPLEMENTED - method {}.{} is not supported on a channel",
+                        other.get_amqp_class_id(),
+                        other.get_amqp_method_id()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn exchange_method(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        m: &exchange::AMQPMethod,
+    ) -> Result<(), AmqpError> {
+        use exchange::AMQPMethod as M;
+        let reply = |this: &Self, ctx: &mut Ctx<'_>, nowait: bool, ok: M| {
+            if !nowait {
+                this.send(ctx, AMQPClass::Exchange(ok));
+            }
+        };
+        match m {
+            M::Declare(d) => {
+                let spec = ExchangeSpec {
+                    name: d.exchange.to_string(),
+                    kind: d.kind.to_string(),
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments.clone(),
+                };
+                ctx.broker.declare_exchange(ctx.vhost, spec, d.passive)?;
+                reply(self, ctx, d.nowait, M::DeclareOk(exchange::DeclareOk {}));
+            }
+            M::Delete(d) => {
+                ctx.broker
+                    .delete_exchange(ctx.vhost, d.exchange.as_str(), d.if_unused)?;
+                reply(self, ctx, d.nowait, M::DeleteOk(exchange::DeleteOk {}));
+            }
+            M::Bind(b) => {
+                let dest = Destination::Exchange(b.destination.to_string());
+                ctx.broker.bind(
+                    ctx.vhost,
+                    b.source.as_str(),
+                    dest,
+                    b.routing_key.as_str(),
+                    b.arguments.clone(),
+                )?;
+                reply(self, ctx, b.nowait, M::BindOk(exchange::BindOk {}));
+            }
+            M::Unbind(u) => {
+                let dest = Destination::Exchange(u.destination.to_string());
+                ctx.broker.unbind(
+                    ctx.vhost,
+                    u.source.as_str(),
+                    &dest,
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                )?;
+                reply(self, ctx, u.nowait, M::UnbindOk(exchange::UnbindOk {}));
+            }
+            _ => {
+                return Err(AmqpError::new(
+                    503,
+                    "COMMAND_INVALID - server-side exchange method sent by client",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, ctx: &mut Ctx<'_>, m: &queue::AMQPMethod) -> Result<(), AmqpError> {
+        use queue::AMQPMethod as M;
+        match m {
+            M::Declare(d) => {
+                let q = if d.passive {
+                    let q = ctx.vhost.queue(&self.queue_name(&d.queue)?)?;
+                    Self::check_access(ctx, &q)?;
+                    q
+                } else {
+                    let name = if d.queue.as_str().is_empty() {
+                        server_name("amq.gen")
+                    } else {
+                        d.queue.to_string()
+                    };
+                    let owner = d.exclusive.then_some(ctx.connection);
+                    let q = ctx.broker.declare_queue(
+                        ctx.vhost,
+                        &name,
+                        d.durable,
+                        owner,
+                        d.auto_delete,
+                        d.arguments.clone(),
+                    )?;
+                    if owner.is_some() && !ctx.exclusive_queues.contains(&name) {
+                        ctx.exclusive_queues.push(name);
+                    }
+                    q
+                };
+                self.last_queue = q.name.clone();
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                            queue: q.name.as_str().into(),
+                            message_count: q.len() as u32,
+                            consumer_count: q.consumer_count() as u32,
+                        })),
+                    );
+                }
+            }
+            M::Bind(b) => {
+                let q = self.queue(ctx, &b.queue)?;
+                let dest = Destination::Queue(q.name.clone());
+                ctx.broker.bind(
+                    ctx.vhost,
+                    b.exchange.as_str(),
+                    dest,
+                    b.routing_key.as_str(),
+                    b.arguments.clone(),
+                )?;
+                if !b.nowait {
+                    self.send(ctx, AMQPClass::Queue(M::BindOk(queue::BindOk {})));
+                }
+            }
+            M::Unbind(u) => {
+                let q = self.queue(ctx, &u.queue)?;
+                let dest = Destination::Queue(q.name.clone());
+                ctx.broker.unbind(
+                    ctx.vhost,
+                    u.exchange.as_str(),
+                    &dest,
+                    u.routing_key.as_str(),
+                    &u.arguments,
+                )?;
+                self.send(ctx, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
+            }
+            M::Purge(p) => {
+                let q = self.queue(ctx, &p.queue)?;
+                let n = q.purge();
+                if !p.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
+                            message_count: n as u32,
+                        })),
+                    );
+                }
+            }
+            M::Delete(d) => {
+                let q = self.queue(ctx, &d.queue)?;
+                let n = ctx
+                    .broker
+                    .delete_queue(ctx.vhost, &q.name, d.if_unused, d.if_empty)?;
+                ctx.exclusive_queues.retain(|name| *name != q.name);
+                if !d.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
+                            message_count: n as u32,
+                        })),
+                    );
+                }
+            }
+            _ => {
+                return Err(AmqpError::new(
+                    503,
+                    "COMMAND_INVALID - server-side queue method sent by client",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn basic_method(&mut self, ctx: &mut Ctx<'_>, m: &basic::AMQPMethod) -> Result<(), AmqpError> {
+        use basic::AMQPMethod as M;
+        match m {
+            M::Qos(q) => {
+                // RabbitMQ's reading: global=false limits each new consumer,
+                // global=true the channel as a whole.
+                if q.global {
+                    self.credit
+                        .limit
+                        .store(u32::from(q.prefetch_count), Ordering::Relaxed);
+                } else {
+                    self.prefetch = u32::from(q.prefetch_count);
+                }
+                self.send(ctx, AMQPClass::Basic(M::QosOk(basic::QosOk {})));
+                for (c, q) in self.consumers.values() {
+                    let _ = c;
+                    q.dispatch();
+                }
+            }
+            M::Consume(c) => {
+                let q = self.queue(ctx, &c.queue)?;
+                let tag = if c.consumer_tag.as_str().is_empty() {
+                    self.next_ctag += 1;
+                    format!("amq.ctag-{}-{}-{}", ctx.connection, self.id, self.next_ctag)
+                } else {
+                    c.consumer_tag.to_string()
+                };
+                if self.consumers.contains_key(&tag) {
+                    return Err(AmqpError::new(
+                        530,
+                        format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"),
+                    ));
+                }
+                let consumer = Arc::new(Consumer {
+                    tag: tag.clone(),
+                    channel: self.id,
+                    connection: ctx.connection,
+                    no_ack: c.no_ack,
+                    exclusive: c.exclusive,
+                    prefetch: self.prefetch,
+                    unacked: Default::default(),
+                    in_flight: Default::default(),
+                    channel_credit: self.credit.clone(),
+                    sink: ctx.dispatch.clone(),
+                });
+                // consume-ok goes out before any delivery to this consumer:
+                // it is written to the buffer before the queue can dispatch.
+                if !c.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Basic(M::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag: tag.as_str().into(),
+                        })),
+                    );
+                }
+                if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
+                    ctx.out.truncate(ctx.out.len()); // nothing to undo: the error closes the channel
+                    return Err(AmqpError::new(
+                        403,
+                        format!(
+                            "ACCESS_REFUSED - queue '{}' in vhost '{}' in exclusive use",
+                            q.name, ctx.vhost.name
+                        ),
+                    ));
+                }
+                self.consumers.insert(tag, (consumer, q));
+            }
+            M::Cancel(c) => {
+                self.cancel_consumer(ctx, c.consumer_tag.as_str());
+                if !c.nowait {
+                    self.send(
+                        ctx,
+                        AMQPClass::Basic(M::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag.clone(),
+                        })),
+                    );
+                }
+            }
+            M::Get(g) => {
+                let q = self.queue(ctx, &g.queue)?;
+                match q.pop() {
+                    None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                    Some(entry) => {
+                        self.next_tag += 1;
+                        let tag = self.next_tag;
+                        let m = &entry.message;
+                        self.send(
+                            ctx,
+                            AMQPClass::Basic(M::GetOk(basic::GetOk {
+                                delivery_tag: tag,
+                                redelivered: entry.redelivered,
+                                exchange: m.exchange.as_str().into(),
+                                routing_key: m.routing_key.as_str().into(),
+                                message_count: q.len() as u32,
+                            })),
+                        );
+                        encode_content(
+                            ctx.out,
+                            self.id,
+                            m.encoded_properties(),
+                            &m.body,
+                            ctx.frame_max,
+                        );
+                        if !g.no_ack {
+                            self.unacked.push_back((
+                                tag,
+                                Unacked {
+                                    queue: q,
+                                    entry,
+                                    consumer: None,
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+            M::Ack(a) => self.ack_or_defer(a.delivery_tag, a.multiple, None)?,
+            M::Nack(n) => self.ack_or_defer(n.delivery_tag, n.multiple, Some(n.requeue))?,
+            M::Reject(r) => self.ack_or_defer(r.delivery_tag, false, Some(r.requeue))?,
+            M::Recover(_) | M::RecoverAsync(_) => {
+                self.requeue_all();
+                if matches!(m, M::Recover(_)) {
+                    self.send(ctx, AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+                }
+            }
+            _ => {
+                return Err(AmqpError::new(
+                    503,
+                    "COMMAND_INVALID - server-side basic method sent by client",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn tx_method(&mut self, ctx: &mut Ctx<'_>, m: &tx::AMQPMethod) -> Result<(), AmqpError> {
+        use tx::AMQPMethod as M;
+        match m {
+            M::Select(_) => {
+                if self.confirm {
+                    return Err(AmqpError::new(
+                        406,
+                        "PRECONDITION_FAILED - cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.tx.get_or_insert_with(Default::default);
+                self.send(ctx, AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
+            }
+            M::Commit(_) => {
+                let Some((publishes, acks)) = self
+                    .tx
+                    .as_mut()
+                    .map(|(p, a)| (std::mem::take(p), std::mem::take(a)))
+                else {
+                    return Err(AmqpError::new(
+                        406,
+                        "PRECONDITION_FAILED - channel is not transactional",
+                    ));
+                };
+                for p in publishes {
+                    self.publish(ctx, &p.exchange, p.mandatory, p.message)?;
+                }
+                for a in acks {
+                    match a {
+                        TxAck::Ack(tag, multiple) => self.settle(tag, multiple, None)?,
+                        TxAck::Nack(tag, multiple, requeue) => {
+                            self.settle(tag, multiple, Some(requeue))?
+                        }
+                    }
+                }
+                self.send(ctx, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+            }
+            M::Rollback(_) => {
+                let Some((publishes, acks)) = self.tx.as_mut() else {
+                    return Err(AmqpError::new(
+                        406,
+                        "PRECONDITION_FAILED - channel is not transactional",
+                    ));
+                };
+                publishes.clear();
+                acks.clear();
+                self.send(ctx, AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
+            }
+            _ => {
+                return Err(AmqpError::new(
+                    503,
+                    "COMMAND_INVALID - server-side tx method sent by client",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settle now, or at commit in a transactional channel (the tag is
+    /// checked now either way).
+    fn ack_or_defer(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), AmqpError> {
+        if self.tx.is_none() {
+            return self.settle(tag, multiple, requeue);
+        }
+        self.check_tag(tag, multiple)?;
+        if let Some((_, acks)) = &mut self.tx {
+            acks.push(match requeue {
+                None => TxAck::Ack(tag, multiple),
+                Some(r) => TxAck::Nack(tag, multiple, r),
+            });
+        }
+        Ok(())
+    }
+
+    fn unknown_tag(tag: u64) -> AmqpError {
+        AmqpError::new(
+            406,
+            format!("PRECONDITION_FAILED - unknown delivery tag {tag}"),
+        )
+    }
+
+    fn check_tag(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
+        if (multiple && tag == 0) || self.unacked.binary_search_by_key(&tag, |(t, _)| *t).is_ok() {
+            return Ok(());
+        }
+        if multiple && self.unacked.front().is_some_and(|(t, _)| *t <= tag) {
+            return Ok(());
+        }
+        Err(Self::unknown_tag(tag))
+    }
+
+    /// Ack (`requeue` None) or nack/reject deliveries up to `tag`.
+    fn settle(&mut self, tag: u64, multiple: bool, requeue: Option<bool>) -> Result<(), AmqpError> {
+        let settled: Vec<Unacked> = if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            if tag != 0 && self.unacked.front().is_none_or(|(t, _)| *t > upto) {
+                return Err(Self::unknown_tag(tag));
+            }
+            let mut v = Vec::new();
+            while self.unacked.front().is_some_and(|(t, _)| *t <= upto) {
+                v.push(self.unacked.pop_front().unwrap().1);
+            }
+            v
+        } else {
+            let at = self
+                .unacked
+                .binary_search_by_key(&tag, |(t, _)| *t)
+                .map_err(|_| Self::unknown_tag(tag))?;
+            vec![self.unacked.remove(at).unwrap().1]
+        };
+        let mut touched: Vec<Arc<Queue>> = Vec::new();
+        let mut requeues: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        for u in settled {
+            if let Some(c) = &u.consumer {
+                c.settled();
+            }
+            if requeue == Some(true) {
+                match requeues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                    Some((_, v)) => v.push(u.entry),
+                    None => requeues.push((u.queue.clone(), vec![u.entry])),
+                }
+            }
+            if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
+                touched.push(u.queue);
+            }
+        }
+        for (q, entries) in requeues {
+            q.requeue(entries.into_iter());
+        }
+        for q in touched {
+            q.dispatch();
+        }
+        // Channel-wide prefetch frees credit for every consumer here.
+        if self.credit.limit.load(Ordering::Relaxed) != 0 {
+            for (_, q) in self.consumers.values() {
+                q.dispatch();
+            }
+        }
+        Ok(())
+    }
+
+    /// Requeue every unacked delivery, in order, marked redelivered.
+    fn requeue_all(&mut self) {
+        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        for (_, u) in self.unacked.drain(..) {
+            if let Some(c) = &u.consumer {
+                c.settled();
+            }
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                Some((_, v)) => v.push(u.entry),
+                None => by_queue.push((u.queue, vec![u.entry])),
+            }
+        }
+        for (q, entries) in by_queue {
+            q.requeue(entries.into_iter());
+        }
+    }
+
+    fn cancel_consumer(&mut self, ctx: &Ctx<'_>, tag: &str) {
+        if let Some((c, q)) = self.consumers.remove(tag) {
+            let now_unused = q.remove_consumer(c.connection, c.channel, &c.tag);
+            if now_unused && q.auto_delete {
+                let _ = ctx.broker.delete_queue(ctx.vhost, &q.name, false, false);
+            }
+        }
+    }
+
+    /// The queue deleted a consumer of ours: tell the client.
+    pub(crate) fn server_cancel(&mut self, ctx: &mut Ctx<'_>, tag: &str, notify: bool) {
+        if self.consumers.remove(tag).is_some() && notify {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag.into(),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+
+    /// Write a delivery from a queue. Returns false if the consumer is no
+    /// longer ours (the entry was requeued).
+    pub(crate) fn deliver(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        queue: Arc<Queue>,
+        consumer: Arc<Consumer>,
+        entry: Entry,
+    ) -> bool {
+        let ours = self
+            .consumers
+            .get(&consumer.tag)
+            .is_some_and(|(c, _)| Arc::ptr_eq(c, &consumer));
+        if !ours || self.closing {
+            consumer.settled();
+            queue.requeue(std::iter::once(entry));
+            return false;
+        }
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        let m = &entry.message;
+        self.send(
+            ctx,
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: consumer.tag.as_str().into(),
+                delivery_tag: tag,
+                redelivered: entry.redelivered,
+                exchange: m.exchange.as_str().into(),
+                routing_key: m.routing_key.as_str().into(),
+            })),
+        );
+        encode_content(
+            ctx.out,
+            self.id,
+            m.encoded_properties(),
+            &m.body,
+            ctx.frame_max,
+        );
+        if !consumer.no_ack {
+            self.unacked.push_back((
+                tag,
+                Unacked {
+                    queue,
+                    entry,
+                    consumer: Some(consumer),
+                },
+            ));
+        }
+        true
+    }
+
+    /// The channel is closing (either side) or its connection is: cancel
+    /// consumers, requeue unacked deliveries in order.
+    pub(crate) fn shutdown(&mut self, ctx: &Ctx<'_>) {
+        self.pending = None;
+        let tags: Vec<String> = self.consumers.keys().cloned().collect();
+        for tag in tags {
+            self.cancel_consumer(ctx, &tag);
+        }
+        self.requeue_all();
+    }
+}
+
+fn server_name(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        t ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        n & 0xff_ffff
+    )
+}

@@ -1,0 +1,710 @@
+//! One client connection: handshake, then the frame/delivery loop.
+//!
+//! A reader task turns socket bytes into frames (bounded queue: a slow
+//! broker slows the publisher down through TCP). The connection task owns
+//! all channel state, so it needs no locks: it handles frames, receives
+//! deliveries from queues, and writes everything in batches. After a batch
+//! is written, the consumers whose deliveries were in it get their window
+//! credit back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{AMQPClass, channel, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::AmqpConfig;
+use super::channel::{AmqpError, Channel, Ctx};
+use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
+use crate::Broker;
+use crate::broker::{Consumer, Dispatch, Queue, VHost};
+
+/// Smallest frame_max a client may ask for (spec: frame-min-size).
+const FRAME_MIN: u32 = 4096;
+/// Time a client has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes buffered before a write, at most.
+const WRITE_BATCH: usize = 256 * 1024;
+
+pub(crate) async fn run(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<AmqpConfig>,
+    shutdown: CancellationToken,
+    id: u64,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&broker, &config, peer, &mut reader, &mut writer, &mut buf),
+    )
+    .await;
+    let session = match hs {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    tracing::info!(%peer, connection = id, user = %session.user, vhost = %session.vhost.name, "connection opened");
+    let (frames_tx, frames_rx) = mpsc::channel(128);
+    let frame_max = session.frame_max;
+    let reader_task = tokio::spawn(read_frames(reader, buf, frame_max, frames_tx));
+    let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+    let mut conn = Connection {
+        id,
+        peer,
+        broker,
+        vhost: session.vhost,
+        writer,
+        out: Vec::with_capacity(64 * 1024),
+        written: Vec::new(),
+        frame_max,
+        channel_max: session.channel_max,
+        heartbeat: session.heartbeat,
+        cancel_notify: session.cancel_notify,
+        channels: HashMap::new(),
+        dispatch_tx,
+        exclusive_queues: Vec::new(),
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+    };
+    let reason = conn.run(frames_rx, dispatch_rx, shutdown).await;
+    conn.cleanup();
+    reader_task.abort();
+    tracing::info!(%peer, connection = id, "connection closed: {reason}");
+}
+
+struct Session {
+    user: String,
+    vhost: Arc<VHost>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    cancel_notify: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("client closed the connection")]
+    Closed,
+    #[error("unexpected frame during handshake")]
+    Unexpected,
+}
+
+async fn next_frame(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    frame_max: u32,
+) -> Result<Frame, HandshakeError> {
+    loop {
+        if let Some(f) = decode(buf, frame_max)? {
+            return Ok(f);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    }
+}
+
+async fn next_method(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> Result<AMQPClass, HandshakeError> {
+    loop {
+        match next_frame(reader, buf, 131_072).await? {
+            Frame::Method(0, m) => return Ok(m),
+            Frame::Heartbeat(0) => continue,
+            _ => return Err(HandshakeError::Unexpected),
+        }
+    }
+}
+
+async fn close_with(
+    writer: &mut OwnedWriteHalf,
+    code: u16,
+    text: &str,
+    class_id: u16,
+    method_id: u16,
+) {
+    let mut out = Vec::new();
+    encode_method(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: code,
+            reply_text: text.into(),
+            class_id,
+            method_id,
+        })),
+    );
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
+}
+
+fn server_properties() -> FieldTable {
+    let mut caps = FieldTable::default();
+    for cap in [
+        "publisher_confirms",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "exchange_exchange_bindings",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ] {
+        caps.insert(ShortString::from(cap), AMQPValue::Boolean(true));
+    }
+    let mut p = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    p.insert("product".into(), s("wasmq"));
+    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+    p.insert("platform".into(), s("Rust"));
+    p.insert(
+        "information".into(),
+        s("AMQP 0-9-1 broker with Wasm exchange plugins"),
+    );
+    p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    p
+}
+
+/// PLAIN: `authzid \0 user \0 password`; AMQPLAIN: a field table body.
+fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
+    match mechanism {
+        "PLAIN" => {
+            let mut parts = response.split(|b| *b == 0);
+            let _authzid = parts.next()?;
+            let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
+            let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
+            Some((user, pass))
+        }
+        "AMQPLAIN" => {
+            let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(response);
+            let (_, t) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
+            let get = |k: &str| match t.inner().get(k)? {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            };
+            Some((get("LOGIN")?, get("PASSWORD")?))
+        }
+        _ => None,
+    }
+}
+
+fn client_cancel_notify(props: &FieldTable) -> bool {
+    match props.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(caps)) => matches!(
+            caps.inner().get("consumer_cancel_notify"),
+            Some(AMQPValue::Boolean(true))
+        ),
+        _ => false,
+    }
+}
+
+async fn handshake(
+    broker: &Broker,
+    config: &AmqpConfig,
+    peer: SocketAddr,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+) -> Result<Option<Session>, HandshakeError> {
+    while buf.len() < 8 {
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    }
+    if &buf[..8] != PROTOCOL_HEADER {
+        // The spec: answer with the header we speak, then close.
+        writer.write_all(PROTOCOL_HEADER).await?;
+        let _ = writer.shutdown().await;
+        tracing::info!(%peer, "refused a client with protocol header {:?}", String::from_utf8_lossy(&buf[..8]));
+        return Ok(None);
+    }
+    let _ = buf.split_to(8);
+    let mut out = Vec::new();
+    encode_method(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: "PLAIN AMQPLAIN".into(),
+            locales: "en_US".into(),
+        })),
+    );
+    writer.write_all(&out).await?;
+
+    let AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) =
+        next_method(reader, buf).await?
+    else {
+        return Err(HandshakeError::Unexpected);
+    };
+    let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
+    let user = creds.as_ref().and_then(|(name, pass)| {
+        config
+            .users
+            .iter()
+            .find(|u| u.name == *name && u.password == *pass)
+    });
+    let Some(user) = user.filter(|u| !u.loopback_only || peer.ip().is_loopback()) else {
+        let who = creds.map(|c| c.0).unwrap_or_default();
+        tracing::warn!(%peer, user = %who, "authentication failed");
+        let text = format!(
+            "ACCESS_REFUSED - Login was refused using authentication mechanism {}",
+            start_ok.mechanism
+        );
+        close_with(writer, 403, &text, 10, 11).await;
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    encode_method(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+            channel_max: config.channel_max,
+            frame_max: config.frame_max,
+            heartbeat: config.heartbeat,
+        })),
+    );
+    writer.write_all(&out).await?;
+    let AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune)) =
+        next_method(reader, buf).await?
+    else {
+        return Err(HandshakeError::Unexpected);
+    };
+    let frame_max = if tune.frame_max == 0 {
+        config.frame_max
+    } else {
+        tune.frame_max.min(config.frame_max)
+    };
+    if frame_max < FRAME_MIN {
+        close_with(
+            writer,
+            503,
+            "COMMAND_INVALID - frame_max below 4096",
+            10,
+            31,
+        )
+        .await;
+        return Ok(None);
+    }
+    let channel_max = if tune.channel_max == 0 {
+        config.channel_max
+    } else {
+        tune.channel_max.min(config.channel_max)
+    };
+    let AMQPClass::Connection(connection::AMQPMethod::Open(open)) =
+        next_method(reader, buf).await?
+    else {
+        return Err(HandshakeError::Unexpected);
+    };
+    let vhost_name = open.virtual_host.to_string();
+    let vhost = broker
+        .vhost(&vhost_name)
+        .filter(|_| user.vhosts.contains(&vhost_name));
+    let Some(vhost) = vhost else {
+        let text = format!(
+            "NOT_ALLOWED - access to vhost '{vhost_name}' refused for user '{}'",
+            user.name
+        );
+        close_with(writer, 530, &text, 10, 40).await;
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    encode_method(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+    );
+    writer.write_all(&out).await?;
+    Ok(Some(Session {
+        user: user.name.clone(),
+        vhost,
+        frame_max,
+        channel_max,
+        heartbeat: tune.heartbeat,
+        cancel_notify: client_cancel_notify(&start_ok.client_properties),
+    }))
+}
+
+async fn read_frames(
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+    frame_max: u32,
+    tx: mpsc::Sender<Result<Frame, FrameError>>,
+) {
+    loop {
+        loop {
+            match decode(&mut buf, frame_max) {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+struct Connection {
+    id: u64,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    vhost: Arc<VHost>,
+    writer: OwnedWriteHalf,
+    out: Vec<u8>,
+    /// Consumers with deliveries in `out`: window credit returns after the write.
+    written: Vec<(Arc<Consumer>, Arc<Queue>)>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    cancel_notify: bool,
+    channels: HashMap<u16, Channel>,
+    dispatch_tx: mpsc::UnboundedSender<Dispatch>,
+    exclusive_queues: Vec<String>,
+    last_read: Instant,
+    last_write: Instant,
+}
+
+enum Step {
+    Continue,
+    Stop(String),
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        mut frames: mpsc::Receiver<Result<Frame, FrameError>>,
+        mut dispatch: mpsc::UnboundedReceiver<Dispatch>,
+        shutdown: CancellationToken,
+    ) -> String {
+        let tick = if self.heartbeat == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(u64::from(self.heartbeat) * 500)
+        };
+        let mut heartbeat = tokio::time::interval(tick);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.close(320, "CONNECTION_FORCED - broker shutdown", 0, 0);
+                    let _ = self.flush().await;
+                    self.await_close_ok(&mut frames).await;
+                    Step::Stop("broker shutdown".into())
+                }
+                f = frames.recv() => match f {
+                    None => Step::Stop("client went away".into()),
+                    Some(Ok(f)) => {
+                        self.last_read = Instant::now();
+                        self.frame(f)
+                    }
+                    Some(Err(e)) => {
+                        self.close(e.reply_code(), &e.to_string(), 0, 0);
+                        Step::Stop(e.to_string())
+                    }
+                },
+                d = dispatch.recv() => {
+                    if let Some(d) = d { self.dispatch(d); }
+                    Step::Continue
+                }
+                _ = heartbeat.tick() => self.heartbeat_tick(),
+            };
+            // Batch: take whatever else is ready before writing.
+            if matches!(step, Step::Continue) {
+                while self.out.len() < WRITE_BATCH {
+                    match dispatch.try_recv() {
+                        Ok(d) => self.dispatch(d),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if let Err(e) = self.flush().await {
+                return format!("write failed: {e}");
+            }
+            if let Step::Stop(reason) = step {
+                if !matches!(reason.as_str(), "client went away") {
+                    self.await_close_ok(&mut frames).await;
+                }
+                return reason;
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        self.writer.write_all(&self.out).await?;
+        self.out.clear();
+        self.last_write = Instant::now();
+        for (consumer, queue) in self.written.drain(..) {
+            if consumer.written() {
+                queue.dispatch();
+            }
+        }
+        Ok(())
+    }
+
+    /// After we sent connection.close: wait briefly for close-ok.
+    async fn await_close_ok(&mut self, frames: &mut mpsc::Receiver<Result<Frame, FrameError>>) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(Ok(f)) = frames.recv().await {
+                if let Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) =
+                    f
+                {
+                    return;
+                }
+            }
+        })
+        .await;
+        let _ = self.writer.shutdown().await;
+    }
+
+    fn heartbeat_tick(&mut self) -> Step {
+        if self.heartbeat == 0 {
+            return Step::Continue;
+        }
+        let hb = Duration::from_secs(u64::from(self.heartbeat));
+        if self.last_read.elapsed() > hb * 2 {
+            return Step::Stop(format!(
+                "missed heartbeats from client, timeout: {}s",
+                self.heartbeat
+            ));
+        }
+        if self.last_write.elapsed() >= hb / 2 && self.out.is_empty() {
+            encode_heartbeat(&mut self.out);
+        }
+        Step::Continue
+    }
+
+    fn close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
+        let mut text = text.to_owned();
+        text.truncate(255);
+        encode_method(
+            &mut self.out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: code,
+                reply_text: text.into(),
+                class_id,
+                method_id,
+            })),
+        );
+    }
+
+    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<u16, Channel>) {
+        (
+            Ctx {
+                broker: &self.broker,
+                vhost: &self.vhost,
+                out: &mut self.out,
+                connection: self.id,
+                dispatch: &self.dispatch_tx,
+                frame_max: self.frame_max,
+                exclusive_queues: &mut self.exclusive_queues,
+            },
+            &mut self.channels,
+        )
+    }
+
+    fn frame(&mut self, frame: Frame) -> Step {
+        let channel = match &frame {
+            Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
+            Frame::Header { channel, .. } => *channel,
+        };
+        if channel == 0 {
+            return match frame {
+                Frame::Heartbeat(_) => Step::Continue,
+                Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                    encode_method(
+                        &mut self.out,
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                            connection::CloseOk {},
+                        )),
+                    );
+                    Step::Stop(format!("client closed: {} {}", c.reply_code, c.reply_text))
+                }
+                Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                    Step::Stop("closed".into())
+                }
+                Frame::Method(_, m) => {
+                    self.close(
+                        503,
+                        "COMMAND_INVALID - unexpected method on channel 0",
+                        m.get_amqp_class_id(),
+                        m.get_amqp_method_id(),
+                    );
+                    Step::Stop("unexpected method on channel 0".into())
+                }
+                _ => {
+                    self.close(504, "CHANNEL_ERROR - content frame on channel 0", 0, 0);
+                    Step::Stop("content frame on channel 0".into())
+                }
+            };
+        }
+        if let Frame::Method(_, AMQPClass::Channel(m)) = &frame {
+            match m {
+                channel::AMQPMethod::Open(_) => {
+                    if self.channels.contains_key(&channel) {
+                        return self.connection_error(AmqpError::new(
+                            504,
+                            format!(
+                                "CHANNEL_ERROR - second 'channel.open' seen on channel {channel}"
+                            ),
+                        ));
+                    }
+                    if channel > self.channel_max {
+                        return self.connection_error(AmqpError::new(
+                            530,
+                            format!(
+                                "NOT_ALLOWED - channel {channel} above channel_max {}",
+                                self.channel_max
+                            ),
+                        ));
+                    }
+                    self.channels.insert(channel, Channel::new(channel));
+                    encode_method(
+                        &mut self.out,
+                        channel,
+                        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                    );
+                    return Step::Continue;
+                }
+                channel::AMQPMethod::Close(_) => {
+                    let (ctx, channels) = self.ctx();
+                    if let Some(mut ch) = channels.remove(&channel) {
+                        ch.shutdown(&ctx);
+                    }
+                    encode_method(
+                        &mut self.out,
+                        channel,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    return Step::Continue;
+                }
+                channel::AMQPMethod::CloseOk(_) => {
+                    if self.channels.get(&channel).is_some_and(|c| c.closing) {
+                        self.channels.remove(&channel);
+                    }
+                    return Step::Continue;
+                }
+                _ => {}
+            }
+        }
+        let peer = self.peer;
+        let (mut ctx, channels) = self.ctx();
+        let Some(ch) = channels.get_mut(&channel) else {
+            return self.connection_error(AmqpError::new(
+                504,
+                format!("CHANNEL_ERROR - expected 'channel.open' on channel {channel}"),
+            ));
+        };
+        if ch.closing {
+            return Step::Continue;
+        }
+        match ch.handle(&mut ctx, frame) {
+            Ok(()) => Step::Continue,
+            Err(e) if e.is_connection_error() => self.connection_error(e),
+            Err(e) => {
+                tracing::debug!(%peer, channel, code = e.code, "channel error: {}", e.text);
+                ch.shutdown(&ctx);
+                ch.closing = true;
+                encode_method(
+                    ctx.out,
+                    channel,
+                    AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                        reply_code: e.code,
+                        reply_text: e.reply_text(),
+                        class_id: e.class_id,
+                        method_id: e.method_id,
+                    })),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    fn connection_error(&mut self, e: AmqpError) -> Step {
+        tracing::info!(peer = %self.peer, code = e.code, "closing connection: {}", e.text);
+        self.close(e.code, &e.text, e.class_id, e.method_id);
+        Step::Stop(e.text)
+    }
+
+    fn dispatch(&mut self, d: Dispatch) {
+        let notify = self.cancel_notify;
+        let (mut ctx, channels) = self.ctx();
+        match d {
+            Dispatch::Deliver {
+                queue,
+                consumer,
+                entry,
+            } => match channels.get_mut(&consumer.channel) {
+                Some(ch) => {
+                    if ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
+                        self.written.push((consumer, queue));
+                    } else if consumer.written() {
+                        queue.dispatch();
+                    }
+                }
+                None => {
+                    consumer.settled();
+                    queue.requeue(std::iter::once(entry));
+                    consumer.written();
+                }
+            },
+            Dispatch::Cancel { channel, tag } => {
+                if let Some(ch) = channels.get_mut(&channel) {
+                    ch.server_cancel(&mut ctx, &tag, notify);
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: requeue, cancel, drop exclusive queues.
+    fn cleanup(&mut self) {
+        let (ctx, channels) = self.ctx();
+        for (_, mut ch) in channels.drain() {
+            ch.shutdown(&ctx);
+        }
+        for name in std::mem::take(&mut self.exclusive_queues) {
+            let _ = self.broker.delete_queue(&self.vhost, &name, false, false);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The AMQP 0-9-1 front end: what makes RabbitMQ clients (pika, lapin,
+//! amqplib, the Java client) work unchanged.
+//!
+//! * [`frame`]: frames to and from bytes; no sockets.
+//! * `connection`: one task per client connection: the handshake
+//!   (protocol header, start/start-ok with PLAIN or AMQPLAIN, tune, open),
+//!   then a loop that reads frames, runs channel methods against the
+//!   [`Broker`], receives deliveries from queues, and writes everything back
+//!   in batches. Heartbeats both ways; a connection error closes only this
+//!   connection, with its reply code.
+//! * `channel`: per-channel state: content assembly, consumers, unacked
+//!   deliveries, prefetch, publisher confirms, transactions. A method error
+//!   closes only the channel.
+//!
+//! The broker core knows nothing of AMQP; this module turns its errors into
+//! reply codes.
+
+mod channel;
+mod connection;
+pub mod frame;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Broker;
+
+/// A user allowed to connect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// User name.
+    pub name: String,
+    /// Password (PLAIN and AMQPLAIN send it in clear: use TLS termination
+    /// in front of the broker on untrusted networks).
+    pub password: String,
+    /// Virtual hosts the user may open (full permissions there).
+    #[serde(default = "default_vhosts")]
+    pub vhosts: Vec<String>,
+    /// Accept this user only from loopback addresses (RabbitMQ's rule for
+    /// `guest`).
+    #[serde(default)]
+    pub loopback_only: bool,
+}
+
+fn default_vhosts() -> Vec<String> {
+    vec!["/".into()]
+}
+
+/// Front-end settings.
+#[derive(Clone, Debug)]
+pub struct AmqpConfig {
+    /// Users; by default `guest`/`guest`, loopback only.
+    pub users: Vec<User>,
+    /// Heartbeat proposed to clients, seconds (0 disables).
+    pub heartbeat: u16,
+    /// Largest frame accepted and sent, bytes.
+    pub frame_max: u32,
+    /// Channels per connection.
+    pub channel_max: u16,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            users: vec![User {
+                name: "guest".into(),
+                password: "guest".into(),
+                vhosts: default_vhosts(),
+                loopback_only: true,
+            }],
+            heartbeat: 60,
+            frame_max: 131_072,
+            channel_max: 2047,
+        }
+    }
+}
+
+/// Accept AMQP connections on `listener` until `shutdown` is cancelled.
+/// Each connection task is spawned on `tracker`, so the caller can wait for
+/// them to close cleanly.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    config: Arc<AmqpConfig>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> std::io::Result<()> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let _ = stream.set_nodelay(true);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        tracker.spawn(connection::run(
+            broker.clone(),
+            stream,
+            peer,
+            config.clone(),
+            shutdown.clone(),
+            id,
+        ));
+    }
+}

@@ -1,0 +1,96 @@
+//! A running broker: plugin host, broker core, plugin folder watcher and
+//! the AMQP listener, started from a [`Config`] and stopped by signal,
+//! drain, wait. `main.rs` and the integration tests start it the same way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::amqp::{self, AmqpConfig};
+use crate::plugin::{PluginHost, PluginWatcher};
+use crate::{Broker, Config};
+
+/// A started broker.
+pub struct Server {
+    /// The broker core.
+    pub broker: Arc<Broker>,
+    /// Where the AMQP listener is bound (useful with port 0).
+    pub amqp_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    _watcher: Option<PluginWatcher>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("amqp_addr", &self.amqp_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Load plugins, start watching the plugin folder, bind the listener.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let cache = config
+            .plugins
+            .compile_cache
+            .then(|| config.data_dir.join("plugin-cache"));
+        let host = PluginHost::new(config.plugins.limits(), cache)?;
+        std::fs::create_dir_all(&config.plugin_dir)
+            .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
+        let broker = Broker::new(host, config.plugin_dir.clone())?;
+        let loaded = broker.load_plugin_dir();
+        tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
+        let watcher = if config.plugins.watch {
+            Some(broker.watch_plugins()?)
+        } else {
+            None
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding AMQP listener {}", config.listen))?;
+        let amqp_addr = listener.local_addr()?;
+        tracing::info!(%amqp_addr, "AMQP listening");
+        let amqp_config = Arc::new(AmqpConfig {
+            users: config.users.clone(),
+            heartbeat: config.amqp.heartbeat_secs,
+            frame_max: config.amqp.frame_max,
+            channel_max: config.amqp.channel_max,
+        });
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(amqp::serve(
+            broker.clone(),
+            listener,
+            amqp_config,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        Ok(Server {
+            broker,
+            amqp_addr,
+            shutdown,
+            tracker,
+            _watcher: watcher,
+        })
+    }
+
+    /// Stop accepting, close every connection (connection.close 320), and
+    /// wait for them up to `grace`.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after {grace:?}; exiting anyway");
+        }
+    }
+}

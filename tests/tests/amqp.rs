@@ -1,0 +1,656 @@
+//! The AMQP front end through a real client (lapin) over TCP: the broker is
+//! started exactly as `wasmq serve` starts it, on 127.0.0.1:0.
+
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
+use wasmq_tests::TestServer;
+
+fn args(pairs: &[(&str, &str)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(
+            ShortString::from(*k),
+            AMQPValue::LongString(LongString::from(*v)),
+        );
+    }
+    t
+}
+
+async fn declare(ch: &Channel, exchange: &str, kind: ExchangeKind, queues: &[(&str, &str)]) {
+    ch.exchange_declare(
+        exchange.into(),
+        kind,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for (q, key) in queues {
+        ch.queue_declare(
+            (*q).into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            (*q).into(),
+            exchange.into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) -> Confirmation {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+}
+
+async fn get(ch: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_routing_publish_consume_ack() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "events",
+        ExchangeKind::Topic,
+        &[("eu", "orders.*.eu"), ("all", "orders.#")],
+    )
+    .await;
+    let mut consumer = ch
+        .basic_consume(
+            "eu".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for key in ["orders.created.eu", "orders.created.us", "orders.paid.eu"] {
+        publish(&ch, "events", key, key.as_bytes()).await;
+    }
+    for want in ["orders.created.eu", "orders.paid.eu"] {
+        let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.routing_key.as_str(), want);
+        assert_eq!(d.data, want.as_bytes());
+        assert!(!d.redelivered);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let q = ch.queue_declare(
+        "all".into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    assert_eq!(q.await.unwrap().message_count(), 3);
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_and_mandatory_returns() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(&ch, "d", ExchangeKind::Direct, &[("q", "k")]).await;
+    assert_eq!(publish(&ch, "d", "k", b"x").await, Confirmation::Ack(None));
+    let c = ch
+        .basic_publish(
+            "d".into(),
+            "nowhere".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"lost",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let returned = c
+        .take_message()
+        .expect("unroutable mandatory message is returned before the ack");
+    assert_eq!(returned.reply_code, 312);
+    assert_eq!(returned.data, b"lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_faults_nack_confirms_and_return_mandatory_messages() {
+    let t = TestServer::start().await;
+    t.install("faulty", "faulty");
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(
+        &ch,
+        "bad",
+        ExchangeKind::Custom("faulty".into()),
+        &[("q", "")],
+    )
+    .await;
+    assert!(publish(&ch, "bad", "trap", b"x").await.is_nack());
+    assert!(publish(&ch, "bad", "fine", b"x").await.is_ack());
+    let c = ch
+        .basic_publish(
+            "bad".into(),
+            "trap".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(c.is_nack());
+    let returned = c.take_message().expect("returned with the fault as reason");
+    assert!(
+        returned.reply_text.as_str().contains("trapped"),
+        "{}",
+        returned.reply_text
+    );
+    // The broker, the connection and the channel are all still fine.
+    assert!(publish(&ch, "bad", "fine", b"x").await.is_ack());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_exchange_types_filters_and_transforms_over_amqp() {
+    let t = TestServer::start().await;
+    t.install("consistent-hash", "consistent-hash");
+    t.install("json-filter", "json-filter");
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "shard",
+        ExchangeKind::Custom("consistent-hash".into()),
+        &[("s1", "1"), ("s2", "1")],
+    )
+    .await;
+    for i in 0..100 {
+        publish(&ch, "shard", &format!("k{i}"), b"").await;
+    }
+    let (a, b) = (get_count(&ch, "s1").await, get_count(&ch, "s2").await);
+    assert_eq!(a + b, 100);
+    assert!(a > 20 && b > 20, "{a} {b}");
+
+    ch.exchange_declare(
+        "orders".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "eu".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let filter = args(&[
+        ("x-wasmq-filter", "json-filter"),
+        ("x-filter-field", "region"),
+        ("x-filter-equals", "eu"),
+    ]);
+    ch.queue_bind(
+        "eu".into(),
+        "orders".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        filter,
+    )
+    .await
+    .unwrap();
+    publish(&ch, "orders", "", br#"{"region":"eu"}"#).await;
+    publish(&ch, "orders", "", br#"{"region":"us"}"#).await;
+    assert_eq!(get_count(&ch, "eu").await, 1);
+}
+
+/// A method call expected to fail on its channel.
+type ChannelOp = Box<dyn Fn(Channel) -> futures_lite::future::Boxed<lapin::Result<()>>>;
+
+async fn get_count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_errors_close_only_the_channel() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ok = conn.create_channel().await.unwrap();
+    declare(&ok, "x", ExchangeKind::Direct, &[("q", "k")]).await;
+
+    let cases: Vec<(&str, ChannelOp)> = vec![
+        (
+            "404",
+            Box::new(|c: Channel| {
+                Box::pin(async move {
+                    c.exchange_declare(
+                        "missing".into(),
+                        ExchangeKind::Direct,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                })
+            }),
+        ),
+        (
+            "406",
+            Box::new(|c: Channel| {
+                Box::pin(async move {
+                    c.exchange_declare(
+                        "x".into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                })
+            }),
+        ),
+        (
+            "403",
+            Box::new(|c: Channel| {
+                Box::pin(async move {
+                    c.exchange_declare(
+                        "amq.mine".into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                })
+            }),
+        ),
+        (
+            "406 unknown tag",
+            Box::new(|c: Channel| {
+                Box::pin(async move {
+                    c.basic_ack(99, BasicAckOptions::default()).await?;
+                    c.queue_declare(
+                        "q".into(),
+                        QueueDeclareOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map(|_| ())
+                })
+            }),
+        ),
+    ];
+    for (what, op) in cases {
+        let bad = conn.create_channel().await.unwrap();
+        let err = op(bad.clone()).await.expect_err(what);
+        let code: u16 = what.split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(wasmq_tests::reply_code(&err), Some(code), "{what}: {err}");
+        assert!(!bad.status().connected(), "{what}: channel closed");
+        // The connection and the other channel carry on.
+        assert!(publish(&ok, "x", "k", b"still here").await == Confirmation::NotRequested);
+    }
+    assert_eq!(get_count(&ok, "q").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_exchange_type_closes_the_connection_with_503() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let err = ch
+        .exchange_declare(
+            "x".into(),
+            ExchangeKind::Custom("no-such-plugin".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    let text = format!("{err} {err:?}");
+    assert_eq!(wasmq_tests::reply_code(&err), Some(503), "{text}");
+    assert!(
+        text.contains(&t.plugins.path().display().to_string()),
+        "names the plugin folder: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_deliveries_return_in_order_marked_redelivered() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let setup = conn.create_channel().await.unwrap();
+    setup
+        .queue_declare(
+            "work".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..5 {
+        publish(&setup, "", "work", format!("{i}").as_bytes()).await;
+    }
+    let first = conn.create_channel().await.unwrap();
+    let mut c = first
+        .basic_consume(
+            "work".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        c.next().await.unwrap().unwrap(); // received, never acked
+    }
+    first.close(200, "bye".into()).await.unwrap();
+    let second = conn.create_channel().await.unwrap();
+    let mut c = second
+        .basic_consume(
+            "work".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let d = c.next().await.unwrap().unwrap();
+        assert_eq!(d.data, format!("{i}").as_bytes());
+        assert!(d.redelivered);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_limits_unacked_and_consumers_share_round_robin() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut a = ch
+        .basic_consume(
+            "q".into(),
+            "a".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut b = ch
+        .basic_consume(
+            "q".into(),
+            "b".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..10 {
+        publish(&ch, "", "q", format!("{i}").as_bytes()).await;
+    }
+    // Each consumer holds at most 2 unacked: 6 stay in the queue.
+    let mut held = Vec::new();
+    for c in [&mut a, &mut b] {
+        for _ in 0..2 {
+            held.push(
+                tokio::time::timeout(Duration::from_secs(5), c.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(t.broker().vhost("/").unwrap().queue("q").unwrap().len(), 6);
+    let tags: Vec<_> = held.iter().map(|d| d.data.clone()).collect();
+    assert_eq!(tags.len(), 4);
+    for d in held {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let mut rest = 0;
+    while rest < 6 {
+        tokio::select! {
+            Some(Ok(d)) = a.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
+            Some(Ok(d)) = b.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("only {rest} of the remaining 6 arrived"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_purge_delete_and_nack_requeue() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert!(get(&ch, "q").await.is_none());
+    publish(&ch, "", "q", b"one").await;
+    let m = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!m.delivery.redelivered);
+    m.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(m.delivery.redelivered);
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    assert!(get(&ch, "q").await.is_none());
+    for _ in 0..3 {
+        publish(&ch, "", "q", b"x").await;
+    }
+    assert_eq!(
+        ch.queue_purge("q".into(), QueuePurgeOptions::default())
+            .await
+            .unwrap(),
+        3
+    );
+    publish(&ch, "", "q", b"x").await;
+    assert_eq!(
+        ch.queue_delete("q".into(), QueueDeleteOptions::default())
+            .await
+            .unwrap(),
+        1
+    );
+    let err = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(err.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_commit_and_roll_back() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.tx_select().await.unwrap();
+    publish(&ch, "", "q", b"a").await;
+    ch.tx_rollback().await.unwrap();
+    assert_eq!(get_count(&ch, "q").await, 0);
+    publish(&ch, "", "q", b"b").await;
+    ch.tx_commit().await.unwrap();
+    assert_eq!(get_count(&ch, "q").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_queues_are_locked_and_deleted_with_their_connection() {
+    let t = TestServer::start().await;
+    let owner = t.connect().await;
+    let ch = owner.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let name = q.name().to_string();
+    assert!(name.starts_with("amq.gen-"), "{name}");
+    let other = t.connect().await;
+    let och = other.create_channel().await.unwrap();
+    let err = och
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(405), "{err:?}");
+    owner.close(200, "bye".into()).await.unwrap();
+    let vhost = t.broker().vhost("/").unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || vhost.queue(&name).is_err()).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_deletion_cancels_consumers() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut c = ch
+        .basic_consume(
+            "q".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let other = conn.create_channel().await.unwrap();
+    other
+        .queue_delete("q".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    // lapin ends the consumer stream when the server cancels it.
+    let end = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_closes_connections() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    t.stop().await;
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await
+    );
+}
