@@ -654,3 +654,106 @@ async fn graceful_shutdown_closes_connections() {
         wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await
     );
 }
+
+/// The full hot-swap path under load: plugin files renamed into the watched
+/// folder while a client publishes with confirms over AMQP. Every confirmed
+/// message arrives exactly once, on the right queue, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_from_the_plugin_folder_under_amqp_publishing() {
+    let t = TestServer::start().await;
+    let topic = wasmq_tests::plugin_bytes("topic");
+    let direct = wasmq_tests::plugin_bytes("direct");
+    let path = t.plugins.path().join("router.wasm");
+    let write = |bytes: &[u8]| {
+        let tmp = t.plugins.path().join("router.wasm.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write(&topic);
+    let broker = t.broker().clone();
+    let serving = |hash: String| {
+        let broker = broker.clone();
+        move || {
+            broker
+                .plugins()
+                .get("router")
+                .is_some_and(|v| v.hash == hash)
+        }
+    };
+    assert!(
+        wasmq_tests::eventually_async(
+            Duration::from_secs(10),
+            serving(wasmq::plugin::content_hash(&topic))
+        )
+        .await
+    );
+
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "x",
+        ExchangeKind::Custom("router".into()),
+        &[("a", "a"), ("b", "b")],
+    )
+    .await;
+    let publisher = {
+        let ch = conn.create_channel().await.unwrap();
+        tokio::spawn(async move {
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let mut pending = Vec::new();
+            for n in 0..3000u32 {
+                let key = if n.is_multiple_of(2) { "a" } else { "b" };
+                let c = ch
+                    .basic_publish(
+                        "x".into(),
+                        key.into(),
+                        BasicPublishOptions::default(),
+                        n.to_string().as_bytes(),
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .unwrap();
+                pending.push(c);
+                if pending.len() >= 100 {
+                    for c in pending.drain(..) {
+                        assert!(c.await.unwrap().is_ack());
+                    }
+                }
+            }
+            for c in pending {
+                assert!(c.await.unwrap().is_ack());
+            }
+        })
+    };
+    let mut swaps = 0;
+    while !publisher.is_finished() && swaps < 8 {
+        let bytes = if swaps % 2 == 0 { &direct } else { &topic };
+        write(bytes);
+        assert!(
+            wasmq_tests::eventually_async(
+                Duration::from_secs(10),
+                serving(wasmq::plugin::content_hash(bytes))
+            )
+            .await
+        );
+        swaps += 1;
+    }
+    publisher.await.unwrap();
+    assert!(swaps >= 2, "the publisher finished before {swaps} swaps");
+
+    for (q, parity) in [("a", 0u32), ("b", 1u32)] {
+        let mut expected = parity;
+        while let Some(m) = get(&ch, q).await {
+            let n: u32 = std::str::from_utf8(&m.delivery.data)
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(n, expected, "queue {q}: gap, duplicate or misroute");
+            expected += 2;
+        }
+        assert_eq!(expected, 3000 + parity, "queue {q} is missing messages");
+    }
+}

@@ -1,0 +1,271 @@
+//! Protocol edge cases driven with raw bytes over TCP: what a broken or
+//! hostile client gets (the right reply code, and the broker carries on).
+
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
+use amq_protocol::types::FieldTable;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wasmq::amqp::frame::{Frame, PROTOCOL_HEADER, decode, encode_method};
+use wasmq_tests::TestServer;
+
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(t: &TestServer) -> Raw {
+        Raw {
+            stream: TcpStream::connect(t.addr()).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send_method(&mut self, channel: u16, m: AMQPClass) {
+        let mut out = Vec::new();
+        encode_method(&mut out, channel, m);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    /// The next frame, or None when the server closed the socket.
+    async fn frame(&mut self) -> Option<Frame> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(f) = decode(&mut self.buf, 1 << 20).unwrap() {
+                    return Some(f);
+                }
+                if self.stream.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+                    return None;
+                }
+            }
+        })
+        .await
+        .expect("server answered within 10 s")
+    }
+
+    /// Read until connection.close; returns its reply code.
+    async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.frame().await {
+                Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
+                    return c.reply_code;
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without connection.close"),
+            }
+        }
+    }
+
+    /// Handshake as guest with the given heartbeat and frame_max.
+    async fn open(
+        t: &TestServer,
+        heartbeat: u16,
+        frame_max: u32,
+        password: &str,
+        vhost: &str,
+    ) -> Raw {
+        let mut r = Raw::connect(t).await;
+        r.stream.write_all(PROTOCOL_HEADER).await.unwrap();
+        let Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(start)))) =
+            r.frame().await
+        else {
+            panic!("no connection.start")
+        };
+        assert!(start.mechanisms.to_string().contains("PLAIN"));
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: FieldTable::default(),
+                mechanism: "PLAIN".into(),
+                response: format!("\0guest\0{password}").into(),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        match r.frame().await {
+            Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(_)))) => {}
+            other => {
+                r.buf.clear();
+                if let Some(Frame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+                )) = other
+                {
+                    r.buf.extend_from_slice(&c.reply_code.to_be_bytes());
+                }
+                return r;
+            }
+        }
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 16,
+                frame_max,
+                heartbeat,
+            })),
+        )
+        .await;
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: vhost.into(),
+            })),
+        )
+        .await;
+        r
+    }
+
+    async fn expect_open_ok(&mut self) {
+        match self.frame().await {
+            Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)))) => {}
+            other => panic!("expected open-ok, got {other:?}"),
+        }
+    }
+
+    async fn open_channel(&mut self, ch: u16) {
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await;
+        match self.frame().await {
+            Some(Frame::Method(c, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
+                if c == ch => {}
+            other => panic!("expected channel.open-ok, got {other:?}"),
+        }
+    }
+}
+
+/// The broker still serves a well-behaved client.
+async fn still_serving(t: &TestServer) {
+    let mut r = Raw::open(t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_header_gets_ours_and_a_close() {
+    let t = TestServer::start().await;
+    let mut r = Raw::connect(&t).await;
+    r.stream.write_all(b"AMQP\x00\x00\x08\x00").await.unwrap();
+    let mut got = [0u8; 8];
+    r.stream.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, PROTOCOL_HEADER);
+    assert_eq!(
+        r.stream.read(&mut got).await.unwrap(),
+        0,
+        "then the socket closes"
+    );
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_and_unknown_vhost_are_refused() {
+    let t = TestServer::start().await;
+    let r = Raw::open(&t, 0, 131_072, "wrong", "/").await;
+    assert_eq!(&r.buf[..], &403u16.to_be_bytes(), "403 ACCESS_REFUSED");
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "no-such-vhost").await;
+    assert_eq!(r.close_code().await, 530);
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_is_a_frame_error() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 4096, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    // Only a header announcing 1 MB: refused before the payload is read.
+    r.stream.write_all(&[3, 0, 1, 0, 0x10, 0, 0]).await.unwrap();
+    assert_eq!(r.close_code().await, 501);
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_on_an_unopened_channel_is_a_channel_error() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.send_method(
+        5,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert_eq!(r.close_code().await, 504);
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_before_header_is_an_unexpected_frame() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .await;
+    r.stream
+        .write_all(&[3, 0, 1, 0, 0, 0, 2, b'h', b'i', 0xCE])
+        .await
+        .unwrap();
+    assert_eq!(r.close_code().await, 505);
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_method_arguments_are_a_syntax_error() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    // queue.declare (50, 10) with a truncated argument list.
+    r.stream
+        .write_all(&[1, 0, 1, 0, 0, 0, 5, 0, 50, 0, 10, 0, 0xCE])
+        .await
+        .unwrap();
+    let code = r.close_code().await;
+    assert!(code == 502 || code == 501, "{code}");
+    still_serving(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_after_missed_heartbeats() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 1, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    let started = std::time::Instant::now();
+    let mut heartbeats = 0;
+    // Read (and never answer) until the server gives up on us.
+    loop {
+        match r.frame().await {
+            Some(Frame::Heartbeat(0)) => heartbeats += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert!(heartbeats >= 1, "the server sent heartbeats");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    still_serving(&t).await;
+}
