@@ -39,6 +39,10 @@ pub struct AmqpSection {
     pub frame_max: u32,
     /// Channels per connection.
     pub channel_max: u16,
+    /// Per-queue flow watermark: when a queue holds more than this many
+    /// bytes of ready messages, connections publishing into it stop being
+    /// read until it drains to half.
+    pub queue_flow_bytes: usize,
 }
 
 impl Default for AmqpSection {
@@ -48,6 +52,7 @@ impl Default for AmqpSection {
             heartbeat_secs: d.heartbeat,
             frame_max: d.frame_max,
             channel_max: d.channel_max,
+            queue_flow_bytes: crate::broker::DEFAULT_QUEUE_FLOW_BYTES,
         }
     }
 }

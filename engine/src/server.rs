@@ -45,6 +45,7 @@ impl Server {
         std::fs::create_dir_all(&config.plugin_dir)
             .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
         let broker = Broker::new(host, config.plugin_dir.clone())?;
+        broker.set_queue_flow_bytes(config.amqp.queue_flow_bytes);
         let loaded = broker.load_plugin_dir();
         tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
         let watcher = if config.plugins.watch {

@@ -118,33 +118,70 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
     };
     // Start clean. A delete of something missing closes its channel (404),
     // so each runs on a throwaway channel.
-    conn.create_channel().await?.exchange_delete(args.exchange.as_str().into(), ExchangeDeleteOptions::default()).await.ok();
+    conn.create_channel()
+        .await?
+        .exchange_delete(
+            args.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .ok();
     for q in 0..args.queues {
         let name = queue_name(q);
-        conn.create_channel().await?.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await.ok();
+        conn.create_channel()
+            .await?
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .ok();
     }
-    ch.exchange_declare(args.exchange.as_str().into(), kind, ExchangeDeclareOptions::default(), FieldTable::default()).await?;
+    ch.exchange_declare(
+        args.exchange.as_str().into(),
+        kind,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     for q in 0..args.queues {
         let name = queue_name(q);
-        let opts = QueueDeclareOptions { durable: args.persistent, ..Default::default() };
-        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await?;
+        let opts = QueueDeclareOptions {
+            durable: args.persistent,
+            ..Default::default()
+        };
+        ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
+            .await?;
         for b in 0..args.bindings_per_queue {
             let key = binding_key(&args.exchange_type, q, b);
-            ch.queue_bind(name.as_str().into(), args.exchange.as_str().into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-                .await?;
+            ch.queue_bind(
+                name.as_str().into(),
+                args.exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
     }
     conn.close(200, "setup done".into()).await?;
     Ok(())
 }
 
-async fn produce(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, stats: Arc<Stats>) -> anyhow::Result<()> {
+async fn produce(
+    id: usize,
+    args: Args,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
     let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     if args.confirm > 0 {
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
     }
-    let props = if args.persistent { BasicProperties::default().with_delivery_mode(2) } else { BasicProperties::default() };
+    let props = if args.persistent {
+        BasicProperties::default().with_delivery_mode(2)
+    } else {
+        BasicProperties::default()
+    };
     let mut body = vec![0u8; args.size.max(16)];
     let mut outstanding = VecDeque::new();
     let period = (args.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / args.rate));
@@ -172,7 +209,14 @@ async fn produce(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, s
             let props = props.clone();
             let exchange = args.exchange.as_str();
             publishes.push(async move {
-                ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), &payload, props).await
+                ch.basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    props,
+                )
+                .await
             });
         }
         for c in futures::future::join_all(publishes).await {
@@ -182,7 +226,11 @@ async fn produce(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, s
                 outstanding.push_back(c);
                 if outstanding.len() >= args.confirm {
                     let confirmation = outstanding.pop_front().unwrap().await?;
-                    let counter = if confirmation.is_ack() { &stats.confirmed } else { &stats.nacked };
+                    let counter = if confirmation.is_ack() {
+                        &stats.confirmed
+                    } else {
+                        &stats.nacked
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -190,22 +238,43 @@ async fn produce(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, s
     }
     for c in outstanding {
         let confirmation = c.await?;
-        let counter = if confirmation.is_ack() { &stats.confirmed } else { &stats.nacked };
+        let counter = if confirmation.is_ack() {
+            &stats.confirmed
+        } else {
+            &stats.nacked
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
     conn.close(200, "done".into()).await?;
     Ok(())
 }
 
-async fn consume(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, stats: Arc<Stats>) -> anyhow::Result<()> {
+async fn consume(
+    id: usize,
+    args: Args,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
     let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     if args.prefetch > 0 && !args.auto_ack {
-        ch.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+        ch.basic_qos(args.prefetch, BasicQosOptions::default())
+            .await?;
     }
     let queue = queue_name(id % args.queues);
-    let opts = BasicConsumeOptions { no_ack: args.auto_ack, ..Default::default() };
-    let mut consumer = ch.basic_consume(queue.as_str().into(), format!("perf-{id}").as_str().into(), opts, FieldTable::default()).await?;
+    let opts = BasicConsumeOptions {
+        no_ack: args.auto_ack,
+        ..Default::default()
+    };
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            format!("perf-{id}").as_str().into(),
+            opts,
+            FieldTable::default(),
+        )
+        .await?;
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut unacked = 0u64;
     loop {
@@ -223,7 +292,11 @@ async fn consume(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, s
         if !args.auto_ack {
             unacked += 1;
             if unacked >= args.multi_ack {
-                d.acker.ack(BasicAckOptions { multiple: args.multi_ack > 1 }).await?;
+                d.acker
+                    .ack(BasicAckOptions {
+                        multiple: args.multi_ack > 1,
+                    })
+                    .await?;
                 unacked = 0;
             }
         }
@@ -242,7 +315,10 @@ async fn consume(id: usize, args: Args, start: Instant, stop: Arc<AtomicBool>, s
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.queues > 0 && args.bindings_per_queue > 0, "--queues and --bindings-per-queue must be positive");
+    anyhow::ensure!(
+        args.queues > 0 && args.bindings_per_queue > 0,
+        "--queues and --bindings-per-queue must be positive"
+    );
     setup(&args).await?;
     let stats = Arc::new(Stats {
         sent: AtomicU64::new(0),
@@ -256,16 +332,33 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for id in 0..args.consumers {
-        tasks.push(tokio::spawn(consume(id, args.clone(), start, stop.clone(), stats.clone())));
+        tasks.push(tokio::spawn(consume(
+            id,
+            args.clone(),
+            start,
+            stop.clone(),
+            stats.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let producers: Vec<_> = (0..args.producers)
-        .map(|id| tokio::spawn(produce(id, args.clone(), start, stop.clone(), stats.clone())))
+        .map(|id| {
+            tokio::spawn(produce(
+                id,
+                args.clone(),
+                start,
+                stop.clone(),
+                stats.clone(),
+            ))
+        })
         .collect();
     let (mut last_sent, mut last_recv) = (0, 0);
     for second in 1..=args.duration {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (sent, recv) = (stats.sent.load(Ordering::Relaxed), stats.received.load(Ordering::Relaxed));
+        let (sent, recv) = (
+            stats.sent.load(Ordering::Relaxed),
+            stats.received.load(Ordering::Relaxed),
+        );
         let mut w = stats.window.lock().await;
         println!(
             "time {second:>3}s, sent {:>8} msg/s, received {:>8} msg/s, latency p50 {:>6} µs p99 {:>6} µs",

@@ -269,3 +269,56 @@ async fn a_silent_client_is_dropped_after_missed_heartbeats() {
     );
     still_serving(&t).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acking_an_unknown_delivery_tag_closes_only_the_channel_with_406() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.open_channel(2).await;
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 99,
+            multiple: false,
+        })),
+    )
+    .await;
+    match r.frame().await {
+        Some(Frame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 406);
+            assert!(
+                c.reply_text.as_str().contains("unknown delivery tag 99"),
+                "{}",
+                c.reply_text
+            );
+        }
+        other => panic!("expected channel.close on channel 1, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+    )
+    .await;
+    // Channel 2 on the same connection still works.
+    r.send_method(
+        2,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "still-fine".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    match r.frame().await {
+        Some(Frame::Method(2, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
+            assert_eq!(ok.queue.as_str(), "still-fine")
+        }
+        other => panic!("expected queue.declare-ok on channel 2, got {other:?}"),
+    }
+}

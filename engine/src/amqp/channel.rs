@@ -79,6 +79,9 @@ pub(crate) struct Ctx<'a> {
     pub frame_max: u32,
     /// Exclusive queues this connection declared (deleted when it closes).
     pub exclusive_queues: &'a mut Vec<String>,
+    /// Queues above their flow watermark that this connection published
+    /// into: it stops reading until they drain.
+    pub congested: &'a mut Vec<Arc<Queue>>,
 }
 
 struct Pending {
@@ -276,6 +279,11 @@ impl Channel {
             .publish(ctx.vhost, exchange, message)
             .map_err(|e| AmqpError::from(e).on(&publish_method()))?;
         let nothing = outcome.delivered == 0 && outcome.dead_lettered == 0 && !outcome.dropped;
+        for q in &outcome.congested {
+            if !ctx.congested.iter().any(|c| Arc::ptr_eq(c, q)) {
+                ctx.congested.push(q.clone());
+            }
+        }
         if let Some((routing_key, props, body)) = returned
             && nothing
         {

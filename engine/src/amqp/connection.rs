@@ -81,6 +81,7 @@ pub(crate) async fn run(
         channels: HashMap::new(),
         dispatch_tx,
         exclusive_queues: Vec::new(),
+        congested: Vec::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
@@ -396,6 +397,9 @@ struct Connection {
     channels: HashMap<u16, Channel>,
     dispatch_tx: mpsc::UnboundedSender<Dispatch>,
     exclusive_queues: Vec<String>,
+    /// Queues this connection's publishes overfilled: while any is listed,
+    /// frames from the client are not read (deliveries still go out).
+    congested: Vec<Arc<Queue>>,
     last_read: Instant,
     last_write: Instant,
 }
@@ -420,6 +424,7 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let blocked = self.congested.first().cloned();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -428,7 +433,14 @@ impl Connection {
                     self.await_close_ok(&mut frames).await;
                     Step::Stop("broker shutdown".into())
                 }
-                f = frames.recv() => match f {
+                () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
+                    self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
+                    if let Some(q) = &blocked {
+                        self.congested.retain(|c| !Arc::ptr_eq(c, q));
+                    }
+                    Step::Continue
+                }
+                f = frames.recv(), if blocked.is_none() => match f {
                     None => Step::Stop("client went away".into()),
                     Some(Ok(f)) => {
                         self.last_read = Instant::now();
@@ -501,6 +513,10 @@ impl Connection {
             return Step::Continue;
         }
         let hb = Duration::from_secs(u64::from(self.heartbeat));
+        if !self.congested.is_empty() {
+            // We are not reading: the client's heartbeats wait in the socket.
+            self.last_read = Instant::now();
+        }
         if self.last_read.elapsed() > hb * 2 {
             return Step::Stop(format!(
                 "missed heartbeats from client, timeout: {}s",
@@ -538,6 +554,7 @@ impl Connection {
                 dispatch: &self.dispatch_tx,
                 frame_max: self.frame_max,
                 exclusive_queues: &mut self.exclusive_queues,
+                congested: &mut self.congested,
             },
             &mut self.channels,
         )

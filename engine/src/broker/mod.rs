@@ -168,7 +168,13 @@ pub struct Broker {
     swap: RwLock<()>,
     /// Serialises swaps with each other.
     swapping: Mutex<()>,
+    /// Flow watermark of new queues, in bytes of ready messages.
+    queue_flow_bytes: std::sync::atomic::AtomicUsize,
 }
+
+/// Default flow watermark per queue: ready messages above this many bytes
+/// hold back the publishers feeding the queue.
+pub const DEFAULT_QUEUE_FLOW_BYTES: usize = 64 << 20;
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -211,6 +217,7 @@ impl Broker {
             vhosts: RwLock::new(HashMap::new()),
             swap: RwLock::new(()),
             swapping: Mutex::new(()),
+            queue_flow_bytes: DEFAULT_QUEUE_FLOW_BYTES.into(),
         });
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
@@ -221,6 +228,13 @@ impl Broker {
         }
         broker.add_vhost("/")?;
         Ok(broker)
+    }
+
+    /// Set the flow watermark (bytes of ready messages) of queues declared
+    /// from now on.
+    pub fn set_queue_flow_bytes(&self, bytes: usize) {
+        self.queue_flow_bytes
+            .store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The plugin host.
@@ -430,12 +444,16 @@ impl Broker {
             }
             return Ok(q.clone());
         }
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         let q = Arc::new(Queue::new(
             name.to_owned(),
             durable,
             owner,
             auto_delete,
             arguments,
+            flow,
         ));
         queues.insert(name.to_owned(), q.clone());
         Ok(q)

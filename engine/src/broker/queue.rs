@@ -13,10 +13,17 @@
 //!
 //! Whoever returns credit (an ack, a socket write) calls [`Queue::dispatch`]
 //! to move waiting messages on.
+//!
+//! The other direction is bounded too: a queue whose ready messages exceed
+//! its flow watermark (bytes) reports itself [`Queue::congested`], and the
+//! AMQP connection that published into it stops reading from its client
+//! until the queue drains below half the watermark ([`Queue::until_drained`]).
+//! That is RabbitMQ's credit flow in spirit: TCP pushes back on a publisher
+//! that outruns its consumers, instead of the broker's memory growing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
@@ -159,6 +166,18 @@ pub struct Queue {
     pub enqueued: AtomicU64,
     /// Messages ever delivered to consumers or `basic.get`.
     pub delivered: AtomicU64,
+    /// Estimated bytes of ready (not yet delivered) messages.
+    ready_bytes: AtomicUsize,
+    /// Above this many ready bytes, publishers into the queue are held back.
+    flow_high: usize,
+    /// Notified when ready bytes fall to `flow_high / 2` or below.
+    drained: tokio::sync::Notify,
+}
+
+/// What a ready message is taken to cost in memory: its body and key plus
+/// the entry, the `Arc`'d message and its properties.
+fn footprint(m: &Message) -> usize {
+    m.body.len() + m.routing_key.len() + 256
 }
 
 impl std::fmt::Debug for Queue {
@@ -176,6 +195,7 @@ impl Queue {
         owner: Option<u64>,
         auto_delete: bool,
         arguments: FieldTable,
+        flow_high: usize,
     ) -> Self {
         Queue {
             name,
@@ -186,6 +206,44 @@ impl Queue {
             state: Mutex::new(State::default()),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            ready_bytes: AtomicUsize::new(0),
+            flow_high: flow_high.max(1),
+            drained: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn hold(&self, m: &Message) {
+        self.ready_bytes.fetch_add(footprint(m), Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: usize) {
+        let before = self.ready_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let low = self.flow_high / 2;
+        if before > low && before - bytes <= low {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Whether publishers into this queue should be held back.
+    pub fn congested(&self) -> bool {
+        self.ready_bytes.load(Ordering::Relaxed) > self.flow_high
+    }
+
+    /// Estimated bytes of ready messages.
+    pub fn ready_bytes(&self) -> usize {
+        self.ready_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the queue has drained to half its flow watermark.
+    pub async fn until_drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.ready_bytes.load(Ordering::Relaxed) <= self.flow_high / 2 {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -197,6 +255,7 @@ impl Queue {
     /// Add a message and hand it to a consumer if one has credit.
     pub fn push(self: &Arc<Self>, message: Arc<Message>) {
         self.enqueued.fetch_add(1, Ordering::Relaxed);
+        self.hold(&message);
         let mut st = self.state.lock();
         st.messages.push_back(Entry {
             message,
@@ -211,6 +270,7 @@ impl Queue {
         let mut st = self.state.lock();
         for mut e in entries.rev() {
             e.redelivered = true;
+            self.hold(&e.message);
             st.messages.push_front(e);
         }
         self.dispatch_locked(&mut st);
@@ -232,6 +292,7 @@ impl Queue {
             st.next = (at + 1) % n;
             let consumer = st.consumers[at].clone();
             let entry = st.messages.pop_front().expect("checked non-empty");
+            self.release(footprint(&entry.message));
             consumer.take_credit();
             let dispatch = Dispatch::Deliver {
                 queue: self.clone(),
@@ -242,6 +303,7 @@ impl Queue {
                 consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
+                self.hold(&entry.message);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);
                 st.next = 0;
@@ -254,7 +316,8 @@ impl Queue {
     /// Take the oldest message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
         let e = self.state.lock().messages.pop_front();
-        if e.is_some() {
+        if let Some(e) = &e {
+            self.release(footprint(&e.message));
             self.delivered.fetch_add(1, Ordering::Relaxed);
         }
         e
@@ -312,7 +375,73 @@ impl Queue {
     pub fn purge(&self) -> usize {
         let mut st = self.state.lock();
         let n = st.messages.len();
+        let bytes: usize = st.messages.iter().map(|e| footprint(&e.message)).sum();
         st.messages.clear();
+        drop(st);
+        self.release(bytes);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: usize) -> Arc<Message> {
+        Arc::new(Message::new("", "q", Default::default(), vec![0u8; body]))
+    }
+
+    #[test]
+    fn ready_bytes_follow_push_pop_requeue_and_purge() {
+        let q = Arc::new(Queue::new(
+            "q".into(),
+            false,
+            None,
+            false,
+            FieldTable::default(),
+            5_000,
+        ));
+        for _ in 0..3 {
+            q.push(message(1000));
+        }
+        assert!(!q.congested());
+        q.push(message(1000));
+        assert!(q.congested(), "4 x ~1.26 KB is over 5 KB");
+        let e = q.pop().unwrap();
+        assert!(!q.congested());
+        q.requeue(std::iter::once(e));
+        assert!(q.congested());
+        assert!(q.pop().unwrap().redelivered);
+        assert_eq!(q.purge(), 3);
+        assert_eq!(q.ready_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn until_drained_waits_for_half_the_watermark() {
+        let q = Arc::new(Queue::new(
+            "q".into(),
+            false,
+            None,
+            false,
+            FieldTable::default(),
+            5_000,
+        ));
+        for _ in 0..5 {
+            q.push(message(1000));
+        }
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.until_drained().await })
+        };
+        for _ in 0..3 {
+            q.pop();
+        }
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "2 x ~1.26 KB is still above 2.5 KB");
+        q.pop();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

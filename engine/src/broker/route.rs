@@ -53,6 +53,9 @@ pub struct PublishOutcome {
     pub dropped: bool,
     /// Faults that were not dead-lettered: the publisher must be told.
     pub faults: Vec<FaultReport>,
+    /// Queues it went to that are above their flow watermark: the
+    /// publisher should be held back until they drain.
+    pub congested: Vec<Arc<Queue>>,
 }
 
 impl PublishOutcome {
@@ -120,6 +123,9 @@ impl Broker {
         ctx.outcome.delivered = ctx.deliveries.len();
         for (q, m) in ctx.deliveries {
             q.push(m);
+            if q.congested() {
+                ctx.outcome.congested.push(q);
+            }
         }
         Ok(ctx.outcome)
     }

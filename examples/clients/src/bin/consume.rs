@@ -14,7 +14,9 @@
 
 use clap::Parser;
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
@@ -48,26 +50,61 @@ async fn main() -> anyhow::Result<()> {
     ch.basic_qos(100, BasicQosOptions::default()).await?;
     let exclusive = args.queue.is_empty();
     let queue = ch
-        .queue_declare(args.queue.as_str().into(), QueueDeclareOptions { exclusive, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            args.queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await?;
     let mut binding = FieldTable::default();
     let mut put = |k: &str, v: &str| {
-        binding.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
+        binding.insert(
+            ShortString::from(k),
+            AMQPValue::LongString(LongString::from(v)),
+        );
     };
     if let Some(f) = &args.filter {
         put("x-wasmq-filter", f);
     }
     for kv in &args.filter_args {
-        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--filter-arg wants name=value, got {kv}"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--filter-arg wants name=value, got {kv}"))?;
         put(k, v);
     }
-    ch.queue_bind(queue.name().clone(), args.exchange.as_str().into(), args.key.as_str().into(), QueueBindOptions::default(), binding)
+    ch.queue_bind(
+        queue.name().clone(),
+        args.exchange.as_str().into(),
+        args.key.as_str().into(),
+        QueueBindOptions::default(),
+        binding,
+    )
+    .await?;
+    println!(
+        "consuming from {} (bound to '{}' with key '{}')",
+        queue.name(),
+        args.exchange,
+        args.key
+    );
+    let mut consumer = ch
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
-    println!("consuming from {} (bound to '{}' with key '{}')", queue.name(), args.exchange, args.key);
-    let mut consumer = ch.basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
     while let Some(delivery) = consumer.next().await {
         let d = delivery?;
-        println!("{} {}: {}", if d.redelivered { "(redelivered)" } else { "" }, d.routing_key, String::from_utf8_lossy(&d.data));
+        println!(
+            "{} {}: {}",
+            if d.redelivered { "(redelivered)" } else { "" },
+            d.routing_key,
+            String::from_utf8_lossy(&d.data)
+        );
         d.ack(BasicAckOptions::default()).await?;
     }
     Ok(())

@@ -47,8 +47,13 @@ async fn main() -> anyhow::Result<()> {
         "headers" => ExchangeKind::Headers,
         other => ExchangeKind::Custom(other.into()),
     };
-    ch.exchange_declare(args.exchange.as_str().into(), kind, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        args.exchange.as_str().into(),
+        kind,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     for key in &args.keys {
         let body = args.body.clone().unwrap_or_else(|| key.clone());
@@ -56,17 +61,26 @@ async fn main() -> anyhow::Result<()> {
             .basic_publish(
                 args.exchange.as_str().into(),
                 key.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body.as_bytes(),
                 BasicProperties::default().with_content_type("text/plain".into()),
             )
             .await?
             .await?;
         let returned = match &confirm {
-            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => format!(" (returned: {})", r.reply_text),
+            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => {
+                format!(" (returned: {})", r.reply_text)
+            }
             _ => String::new(),
         };
-        let verdict = if confirm.is_ack() { "confirmed" } else { "NACKED" };
+        let verdict = if confirm.is_ack() {
+            "confirmed"
+        } else {
+            "NACKED"
+        };
         println!("{key}: {verdict}{returned}");
     }
     conn.close(200, "done".into()).await?;
