@@ -7,7 +7,7 @@
 //! With the broker running (`./scripts/run.sh`):
 //!
 //! ```text
-//! cargo run -p wasmq-example-clients --bin consume -- --exchange events --key 'order.#'
+//! cargo run -p wasmq-example-clients --bin consume -- --exchange shard --type consistent-hash --key 1
 //! cargo run -p wasmq-example-clients --bin consume -- --exchange events --key '#' \
 //!     --filter json-filter --filter-arg x-filter-field=region --filter-arg x-filter-equals=eu
 //! ```
@@ -15,19 +15,24 @@
 use clap::Parser;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
 #[derive(Parser)]
 struct Args {
     /// Broker URL.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     uri: String,
-    /// Exchange to bind to (it must exist: run `publish` first).
+    /// Exchange to bind to (declared if missing).
     #[arg(long, default_value = "events")]
     exchange: String,
+    /// Exchange type if it has to be declared: direct, topic, fanout,
+    /// headers, or a plugin name.
+    #[arg(long = "type", default_value = "topic")]
+    kind: String,
     /// Binding key.
     #[arg(long, default_value = "#")]
     key: String,
@@ -48,6 +53,15 @@ async fn main() -> anyhow::Result<()> {
     let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(100, BasicQosOptions::default()).await?;
+    let kind = match args.kind.as_str() {
+        "direct" => ExchangeKind::Direct,
+        "topic" => ExchangeKind::Topic,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        other => ExchangeKind::Custom(other.into()),
+    };
+    ch.exchange_declare(args.exchange.as_str().into(), kind, ExchangeDeclareOptions::default(), FieldTable::default())
+        .await?;
     let exclusive = args.queue.is_empty();
     let queue = ch
         .queue_declare(
