@@ -65,6 +65,15 @@ impl From<BrokerError> for AmqpError {
     }
 }
 
+/// A method only the server sends (e.g. `queue.declare-ok`) arrived from
+/// the client.
+fn server_only(class: &str) -> AmqpError {
+    AmqpError::new(
+        503,
+        format!("COMMAND_INVALID - server-side {class} method sent by client"),
+    )
+}
+
 fn unexpected(what: &str) -> AmqpError {
     AmqpError::new(505, format!("UNEXPECTED_FRAME - {what}"))
 }
@@ -462,12 +471,7 @@ impl Channel {
                 )?;
                 reply(self, ctx, u.nowait, M::UnbindOk(exchange::UnbindOk {}));
             }
-            _ => {
-                return Err(AmqpError::new(
-                    503,
-                    "COMMAND_INVALID - server-side exchange method sent by client",
-                ));
-            }
+            _ => return Err(server_only("exchange")),
         }
         Ok(())
     }
@@ -565,12 +569,7 @@ impl Channel {
                     );
                 }
             }
-            _ => {
-                return Err(AmqpError::new(
-                    503,
-                    "COMMAND_INVALID - server-side queue method sent by client",
-                ));
-            }
+            _ => return Err(server_only("queue")),
         }
         Ok(())
     }
@@ -700,12 +699,7 @@ impl Channel {
                     self.send(ctx, AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
                 }
             }
-            _ => {
-                return Err(AmqpError::new(
-                    503,
-                    "COMMAND_INVALID - server-side basic method sent by client",
-                ));
-            }
+            _ => return Err(server_only("basic")),
         }
         Ok(())
     }
@@ -758,12 +752,7 @@ impl Channel {
                 acks.clear();
                 self.send(ctx, AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
             }
-            _ => {
-                return Err(AmqpError::new(
-                    503,
-                    "COMMAND_INVALID - server-side tx method sent by client",
-                ));
-            }
+            _ => return Err(server_only("tx")),
         }
         Ok(())
     }

@@ -15,8 +15,8 @@
 use clap::Parser;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -60,8 +60,13 @@ async fn main() -> anyhow::Result<()> {
         "headers" => ExchangeKind::Headers,
         other => ExchangeKind::Custom(other.into()),
     };
-    ch.exchange_declare(args.exchange.as_str().into(), kind, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await?;
+    ch.exchange_declare(
+        args.exchange.as_str().into(),
+        kind,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     let exclusive = args.queue.is_empty();
     let queue = ch
         .queue_declare(
