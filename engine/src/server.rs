@@ -15,6 +15,9 @@ use crate::amqp::{self, AmqpConfig};
 use crate::plugin::{PluginHost, PluginWatcher};
 use crate::{Broker, Config};
 
+/// How often queues are swept for expired messages.
+const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
+
 /// A started broker.
 pub struct Server {
     /// The broker core.
@@ -66,6 +69,19 @@ impl Server {
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        {
+            // Message TTL sweep: a queue nobody touches still expires.
+            let (broker, shutdown) = (broker.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => broker.expire_queues(),
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
         tracker.spawn(amqp::serve(
             broker.clone(),
             listener,

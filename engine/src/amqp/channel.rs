@@ -276,6 +276,11 @@ impl Channel {
                 .on(&publish_method()));
             }
         }
+        if let Err(e) = crate::broker::message_ttl(&message) {
+            return Err(
+                AmqpError::new(406, format!("PRECONDITION_FAILED - {e}")).on(&publish_method())
+            );
+        }
         let returned = mandatory.then(|| {
             (
                 message.routing_key.clone(),
@@ -316,7 +321,7 @@ impl Channel {
         if self.confirm {
             self.publish_seq += 1;
             let tag = self.publish_seq;
-            let method = if outcome.faults.is_empty() {
+            let method = if outcome.faults.is_empty() && outcome.rejected == 0 {
                 basic::AMQPMethod::Ack(basic::Ack {
                     delivery_tag: tag,
                     multiple: false,
@@ -820,7 +825,8 @@ impl Channel {
             if let Some(c) = &u.consumer {
                 c.settled();
             }
-            if requeue == Some(true) {
+            // Requeue, or (nack/reject without requeue) dead-letter.
+            if requeue.is_some() {
                 match requeues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
                     Some((_, v)) => v.push(u.entry),
                     None => requeues.push((u.queue.clone(), vec![u.entry])),
@@ -831,7 +837,11 @@ impl Channel {
             }
         }
         for (q, entries) in requeues {
-            q.requeue(entries.into_iter());
+            if requeue == Some(true) {
+                q.requeue(entries.into_iter());
+            } else {
+                q.reject(entries);
+            }
         }
         for q in touched {
             q.dispatch();

@@ -17,9 +17,10 @@ use parking_lot::{Mutex, RwLock};
 
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
+pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
 pub use route::{FaultReport, PublishOutcome};
 
-use crate::message::encode_table_body;
+use crate::message::{Message, encode_table_body};
 use crate::plugin::{
     FilterPlugin, PluginError, PluginHost, PluginRegistry, RouterPlugin, TransformPlugin,
     binding_input,
@@ -158,6 +159,8 @@ impl VHost {
 
 /// The broker: plugin host, plugin registry and virtual hosts.
 pub struct Broker {
+    /// Itself, weakly: for the dead-letter sinks of queues.
+    self_ref: std::sync::Weak<Broker>,
     host: Arc<PluginHost>,
     registry: PluginRegistry,
     plugin_dir: PathBuf,
@@ -170,6 +173,119 @@ pub struct Broker {
     swapping: Mutex<()>,
     /// Flow watermark of new queues, in bytes of ready messages.
     queue_flow_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
+/// queue's `x-dead-letter-routing-key` (or its own key), its `expiration`
+/// removed (kept as `original-expiration`), and an `x-death` entry for
+/// (queue, reason) added or counted up, newest first, plus the
+/// `x-first-death-*` headers on its first death.
+pub(crate) fn dead_lettered(queue: &Queue, m: &Message, reason: DeathReason) -> Message {
+    use amq_protocol::types::{FieldArray, LongString, ShortString};
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    let mut headers = m.properties.headers().clone().unwrap_or_default();
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = |t: &FieldTable| {
+        t.inner().get("queue") == Some(&s(&queue.name))
+            && t.inner().get("reason") == Some(&s(reason.as_str()))
+    };
+    let mut count = 1i64;
+    if let Some(at) = deaths
+        .iter()
+        .position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)))
+        && let AMQPValue::FieldTable(t) = deaths.remove(at)
+        && let Some(AMQPValue::LongLongInt(n)) = t.inner().get("count")
+    {
+        count = n + 1;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut death = FieldTable::default();
+    death.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
+    death.insert(ShortString::from("reason"), s(reason.as_str()));
+    death.insert(ShortString::from("queue"), s(&queue.name));
+    death.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+    death.insert(ShortString::from("exchange"), s(&m.exchange));
+    death.insert(
+        ShortString::from("routing-keys"),
+        AMQPValue::FieldArray(FieldArray::from(vec![s(&m.routing_key)])),
+    );
+    if let Some(exp) = m.properties.expiration() {
+        death.insert(ShortString::from("original-expiration"), s(exp.as_str()));
+    }
+    deaths.insert(0, AMQPValue::FieldTable(death));
+    headers.insert(
+        ShortString::from("x-death"),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
+    if !headers.inner().contains_key("x-first-death-reason") {
+        headers.insert(
+            ShortString::from("x-first-death-reason"),
+            s(reason.as_str()),
+        );
+        headers.insert(ShortString::from("x-first-death-queue"), s(&queue.name));
+        headers.insert(ShortString::from("x-first-death-exchange"), s(&m.exchange));
+    }
+    let mut props = m.properties.clone().with_headers(headers);
+    if props.expiration().is_some() {
+        // Rebuild without the expiration: a dead letter does not expire again.
+        let mut p = amq_protocol::protocol::BasicProperties::default();
+        if let Some(v) = props.content_type() {
+            p = p.with_content_type(v.clone());
+        }
+        if let Some(v) = props.content_encoding() {
+            p = p.with_content_encoding(v.clone());
+        }
+        if let Some(v) = props.headers() {
+            p = p.with_headers(v.clone());
+        }
+        if let Some(v) = props.delivery_mode() {
+            p = p.with_delivery_mode(*v);
+        }
+        if let Some(v) = props.priority() {
+            p = p.with_priority(*v);
+        }
+        if let Some(v) = props.correlation_id() {
+            p = p.with_correlation_id(v.clone());
+        }
+        if let Some(v) = props.reply_to() {
+            p = p.with_reply_to(v.clone());
+        }
+        if let Some(v) = props.message_id() {
+            p = p.with_message_id(v.clone());
+        }
+        if let Some(v) = props.timestamp() {
+            p = p.with_timestamp(*v);
+        }
+        if let Some(v) = props.kind() {
+            p = p.with_type(v.clone());
+        }
+        if let Some(v) = props.user_id() {
+            p = p.with_user_id(v.clone());
+        }
+        if let Some(v) = props.app_id() {
+            p = p.with_app_id(v.clone());
+        }
+        if let Some(v) = props.cluster_id() {
+            p = p.with_cluster_id(v.clone());
+        }
+        props = p;
+    }
+    let key = queue
+        .limits
+        .dead_letter_routing_key
+        .clone()
+        .unwrap_or_else(|| m.routing_key.clone());
+    let exchange = queue
+        .limits
+        .dead_letter_exchange
+        .clone()
+        .unwrap_or_default();
+    Message::new(exchange, key, props, m.body.clone())
 }
 
 /// Default flow watermark per queue: ready messages above this many bytes
@@ -210,7 +326,8 @@ impl Broker {
     /// A broker with the built-in plugins loaded and the default vhost `/`.
     /// Plugins in `plugin_dir` are loaded by [`Broker::load_plugin_dir`].
     pub fn new(host: Arc<PluginHost>, plugin_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|self_ref| Broker {
+            self_ref: self_ref.clone(),
             host,
             registry: PluginRegistry::default(),
             plugin_dir,
@@ -277,6 +394,17 @@ impl Broker {
             .entry(name.to_owned())
             .or_insert(vhost.clone());
         Ok(vhost)
+    }
+
+    /// Expire (and dead-letter) messages whose TTL passed at the head of
+    /// every queue. The server runs this periodically; queue operations
+    /// also expire their head as they go.
+    pub fn expire_queues(&self) {
+        for v in self.vhosts() {
+            for q in v.queues() {
+                q.expire();
+            }
+        }
     }
 
     /// A vhost by name.
@@ -442,21 +570,66 @@ impl Broker {
                     vhost.name, q.durable
                 )));
             }
+            if q.arguments != arguments {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg for queue '{name}' in vhost '{}': declared with other arguments than it has",
+                    vhost.name
+                )));
+            }
             return Ok(q.clone());
         }
+        let limits = QueueLimits::parse(&arguments).map_err(|e| {
+            BrokerError::PreconditionFailed(format!(
+                "{e} for queue '{name}' in vhost '{}'",
+                vhost.name
+            ))
+        })?;
         let flow = self
             .queue_flow_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        let q = Arc::new(Queue::new(
-            name.to_owned(),
+        let sink = limits
+            .dead_letter_exchange
+            .is_some()
+            .then(|| self.dead_letter_sink(&vhost.name));
+        let decl = QueueDecl {
+            name: name.to_owned(),
             durable,
             owner,
             auto_delete,
             arguments,
-            flow,
-        ));
+        };
+        let q = Arc::new(Queue::new(decl, limits, flow, sink));
         queues.insert(name.to_owned(), q.clone());
         Ok(q)
+    }
+
+    /// The sink of a queue with a dead-letter exchange: republish each dead
+    /// message there, with RabbitMQ's `x-death` bookkeeping. Holds the
+    /// broker weakly (queues live inside it).
+    fn dead_letter_sink(&self, vhost: &str) -> DeadLetterSink {
+        let broker = self.self_ref.clone();
+        let vhost = vhost.to_owned();
+        Arc::new(move |queue: &Queue, dead: Vec<(Entry, DeathReason)>| {
+            let (Some(broker), Some(dlx)) = (
+                broker.upgrade(),
+                queue.limits.dead_letter_exchange.as_deref(),
+            ) else {
+                return;
+            };
+            let Some(v) = broker.vhost(&vhost) else {
+                return;
+            };
+            for (entry, reason) in dead {
+                let message = dead_lettered(queue, &entry.message, reason);
+                match broker.publish(&v, dlx, message) {
+                    Ok(out) if out.delivered > 0 => {}
+                    Ok(_) => {
+                        tracing::debug!(queue = %queue.name, dlx, "dead letter routed nowhere; dropped")
+                    }
+                    Err(e) => tracing::warn!(queue = %queue.name, "dead-lettering failed: {e}"),
+                }
+            }
+        })
     }
 
     /// Delete a queue and its bindings; its consumers are cancelled. Returns

@@ -20,12 +20,21 @@
 //! until the queue drains below half the watermark ([`Queue::until_drained`]).
 //! That is RabbitMQ's credit flow in spirit: TCP pushes back on a publisher
 //! that outruns its consumers, instead of the broker's memory growing.
+//!
+//! Queue arguments ([`QueueLimits`]) add message TTL (`x-message-ttl` and
+//! the per-message `expiration`, enforced at the head of the queue as
+//! RabbitMQ does, plus a periodic sweep), length limits (`x-max-length`,
+//! `x-max-length-bytes` with `x-overflow`), and dead-lettering: messages
+//! that expire, overflow or are rejected without requeue are handed to the
+//! queue's [`DeadLetterSink`] *after* the queue's lock is released (the
+//! dead-letter exchange may route straight back into this queue).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -41,6 +50,142 @@ pub struct Entry {
     pub message: Arc<Message>,
     /// Whether it was delivered before (requeued).
     pub redelivered: bool,
+    /// When it expires (queue TTL or the message's `expiration`).
+    pub expires_at: Option<Instant>,
+}
+
+/// Why a message left a queue other than by delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeathReason {
+    /// Rejected or nacked with `requeue=false`.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// Pushed out by a length limit.
+    MaxLength,
+}
+
+impl DeathReason {
+    /// RabbitMQ's name for it (the `reason` in `x-death`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLength => "maxlen",
+        }
+    }
+}
+
+/// Where a queue sends messages it dead-letters. Set by the broker for
+/// queues with `x-dead-letter-exchange`; called without the queue's lock.
+pub type DeadLetterSink = Arc<dyn Fn(&Queue, Vec<(Entry, DeathReason)>) + Send + Sync>;
+
+/// What to do when a length limit is reached (`x-overflow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (dead-letter) the oldest messages to make room.
+    #[default]
+    DropHead,
+    /// Refuse the new message (a nack for confirming publishers).
+    RejectPublish,
+    /// Refuse the new message and dead-letter it.
+    RejectPublishDlx,
+}
+
+/// The queue arguments wasmq acts on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueLimits {
+    /// `x-message-ttl`.
+    pub message_ttl: Option<Duration>,
+    /// `x-dead-letter-exchange`.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-max-length`.
+    pub max_length: Option<usize>,
+    /// `x-max-length-bytes` (bodies).
+    pub max_length_bytes: Option<usize>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+}
+
+fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
+    let Some(v) = args.inner().get(key) else {
+        return Ok(None);
+    };
+    let n = match v {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        other => {
+            return Err(format!(
+                "invalid arg '{key}': expected a non-negative integer, got {other:?}"
+            ));
+        }
+    };
+    u64::try_from(n)
+        .map(Some)
+        .map_err(|_| format!("invalid arg '{key}': {n} is negative"))
+}
+
+fn str_arg(args: &FieldTable, key: &str) -> Result<Option<String>, String> {
+    match args.inner().get(key) {
+        None => Ok(None),
+        Some(AMQPValue::LongString(s)) => {
+            Ok(Some(String::from_utf8_lossy(s.as_bytes()).into_owned()))
+        }
+        Some(AMQPValue::ShortString(s)) => Ok(Some(s.to_string())),
+        Some(other) => Err(format!(
+            "invalid arg '{key}': expected a string, got {other:?}"
+        )),
+    }
+}
+
+impl QueueLimits {
+    /// Read the queue arguments; an invalid one is the declaring client's
+    /// error (406), named in the message.
+    pub fn parse(args: &FieldTable) -> Result<Self, String> {
+        let overflow = match str_arg(args, "x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(format!(
+                    "invalid arg 'x-overflow': '{other}' (expected drop-head, reject-publish or reject-publish-dlx)"
+                ));
+            }
+        };
+        let limits = QueueLimits {
+            message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
+            dead_letter_exchange: str_arg(args, "x-dead-letter-exchange")?,
+            dead_letter_routing_key: str_arg(args, "x-dead-letter-routing-key")?,
+            max_length: int_arg(args, "x-max-length")?.map(|n| n as usize),
+            max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
+            overflow,
+        };
+        if limits.dead_letter_routing_key.is_some() && limits.dead_letter_exchange.is_none() {
+            return Err(
+                "x-dead-letter-routing-key defined but x-dead-letter-exchange is not".into(),
+            );
+        }
+        Ok(limits)
+    }
+}
+
+/// A message's own TTL (`expiration`, milliseconds as text).
+pub fn message_ttl(m: &Message) -> Result<Option<Duration>, String> {
+    match m.properties.expiration() {
+        None => Ok(None),
+        Some(s) => s
+            .as_str()
+            .parse::<u64>()
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .map_err(|_| format!("invalid expiration '{}': expected milliseconds", s.as_str())),
+    }
 }
 
 /// A channel's shared prefetch (`basic.qos` with `global`).
@@ -139,6 +284,8 @@ struct State {
     messages: VecDeque<Entry>,
     consumers: Vec<Arc<Consumer>>,
     next: usize,
+    /// Body bytes of ready messages, for `x-max-length-bytes`.
+    body_bytes: usize,
 }
 
 /// Why a consumer could not be added.
@@ -161,6 +308,8 @@ pub struct Queue {
     pub auto_delete: bool,
     /// Declare arguments.
     pub arguments: FieldTable,
+    /// The arguments it acts on.
+    pub limits: QueueLimits,
     state: Mutex<State>,
     /// Messages ever enqueued.
     pub enqueued: AtomicU64,
@@ -172,6 +321,7 @@ pub struct Queue {
     flow_high: usize,
     /// Notified when ready bytes fall to `flow_high / 2` or below.
     drained: tokio::sync::Notify,
+    dead_letters: Option<DeadLetterSink>,
 }
 
 /// What a ready message is taken to cost in memory: its body and key plus
@@ -188,40 +338,78 @@ impl std::fmt::Debug for Queue {
     }
 }
 
+type Dead = Vec<(Entry, DeathReason)>;
+
+/// How a queue was declared.
+#[derive(Clone, Debug, Default)]
+pub struct QueueDecl {
+    /// Name.
+    pub name: String,
+    /// Durable.
+    pub durable: bool,
+    /// The owning connection of an exclusive queue.
+    pub owner: Option<u64>,
+    /// Auto-delete.
+    pub auto_delete: bool,
+    /// Arguments.
+    pub arguments: FieldTable,
+}
+
 impl Queue {
     pub(crate) fn new(
-        name: String,
-        durable: bool,
-        owner: Option<u64>,
-        auto_delete: bool,
-        arguments: FieldTable,
+        decl: QueueDecl,
+        limits: QueueLimits,
         flow_high: usize,
+        dead_letters: Option<DeadLetterSink>,
     ) -> Self {
         Queue {
-            name,
-            durable,
-            owner,
-            auto_delete,
-            arguments,
+            name: decl.name,
+            durable: decl.durable,
+            owner: decl.owner,
+            auto_delete: decl.auto_delete,
+            arguments: decl.arguments,
+            limits,
             state: Mutex::new(State::default()),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             ready_bytes: AtomicUsize::new(0),
             flow_high: flow_high.max(1),
             drained: tokio::sync::Notify::new(),
+            dead_letters,
         }
     }
 
-    fn hold(&self, m: &Message) {
+    fn hold(&self, st: &mut State, m: &Message) {
+        st.body_bytes += m.body.len();
         self.ready_bytes.fetch_add(footprint(m), Ordering::Relaxed);
     }
 
-    fn release(&self, bytes: usize) {
+    fn release(&self, st: &mut State, m: &Message) {
+        st.body_bytes -= m.body.len();
+        self.release_bytes(footprint(m));
+    }
+
+    fn release_bytes(&self, bytes: usize) {
         let before = self.ready_bytes.fetch_sub(bytes, Ordering::Relaxed);
         let low = self.flow_high / 2;
         if before > low && before - bytes <= low {
             self.drained.notify_waiters();
         }
+    }
+
+    /// Hand dead messages to the sink (none: they are dropped, as RabbitMQ
+    /// drops dead letters of a queue without a dead-letter exchange).
+    fn bury(&self, dead: Dead) {
+        if !dead.is_empty()
+            && let Some(sink) = &self.dead_letters
+        {
+            sink(self, dead);
+        }
+    }
+
+    /// Whether the queue is exclusive to a connection.
+    pub fn exclusive(&self) -> bool {
+        self.owner.is_some()
     }
 
     /// Whether publishers into this queue should be held back.
@@ -247,43 +435,141 @@ impl Queue {
         }
     }
 
-    /// Whether the queue is exclusive to a connection.
-    pub fn exclusive(&self) -> bool {
-        self.owner.is_some()
+    /// Move expired messages off the head (RabbitMQ expires at the head only).
+    fn expire_head(&self, st: &mut State, dead: &mut Dead) {
+        let now = Instant::now();
+        while st
+            .messages
+            .front()
+            .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
+        {
+            let e = st.messages.pop_front().expect("checked");
+            self.release(st, &e.message);
+            dead.push((e, DeathReason::Expired));
+        }
     }
 
-    /// Add a message and hand it to a consumer if one has credit.
-    pub fn push(self: &Arc<Self>, message: Arc<Message>) {
-        self.enqueued.fetch_add(1, Ordering::Relaxed);
-        self.hold(&message);
-        let mut st = self.state.lock();
-        st.messages.push_back(Entry {
+    fn over_limit(&self, st: &State, extra: usize, extra_bytes: usize) -> bool {
+        self.limits
+            .max_length
+            .is_some_and(|max| st.messages.len() + extra > max)
+            || self
+                .limits
+                .max_length_bytes
+                .is_some_and(|max| st.body_bytes + extra_bytes > max)
+    }
+
+    /// Add a message and hand it to a consumer if one has credit. Returns
+    /// false if a length limit with `reject-publish` refused it.
+    pub fn push(self: &Arc<Self>, message: Arc<Message>) -> bool {
+        let ttl = match (
+            self.limits.message_ttl,
+            message_ttl(&message).ok().flatten(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let entry = Entry {
+            expires_at: ttl.map(|t| Instant::now() + t),
             message,
             redelivered: false,
-        });
-        self.dispatch_locked(&mut st);
+        };
+        let mut dead = Vec::new();
+        let accepted = {
+            let mut st = self.state.lock();
+            self.expire_head(&mut st, &mut dead);
+            let size = entry.message.body.len();
+            let mut accepted = true;
+            if self.over_limit(&st, 1, size) {
+                match self.limits.overflow {
+                    Overflow::DropHead => {
+                        while !st.messages.is_empty() && self.over_limit(&st, 1, size) {
+                            let e = st.messages.pop_front().expect("checked");
+                            self.release(&mut st, &e.message);
+                            dead.push((e, DeathReason::MaxLength));
+                        }
+                    }
+                    Overflow::RejectPublish => accepted = false,
+                    Overflow::RejectPublishDlx => {
+                        accepted = false;
+                        dead.push((entry.clone(), DeathReason::MaxLength));
+                    }
+                }
+            }
+            // A message that alone exceeds the limit, or has a TTL of 0 with
+            // nobody to take it, goes no further.
+            let zero_ttl = ttl == Some(Duration::ZERO) && st.consumers.is_empty();
+            if accepted && (self.over_limit(&st, 1, size) || zero_ttl) {
+                let reason = if zero_ttl {
+                    DeathReason::Expired
+                } else {
+                    DeathReason::MaxLength
+                };
+                dead.push((entry, reason));
+            } else if accepted {
+                self.enqueued.fetch_add(1, Ordering::Relaxed);
+                self.hold(&mut st, &entry.message);
+                st.messages.push_back(entry);
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            accepted
+        };
+        self.bury(dead);
+        accepted
     }
 
     /// Put deliveries back at the head of the queue, in their original
     /// order, marked redelivered.
     pub fn requeue(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>) {
-        let mut st = self.state.lock();
-        for mut e in entries.rev() {
-            e.redelivered = true;
-            self.hold(&e.message);
-            st.messages.push_front(e);
+        let mut dead = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for mut e in entries.rev() {
+                e.redelivered = true;
+                self.hold(&mut st, &e.message);
+                st.messages.push_front(e);
+            }
+            self.dispatch_locked(&mut st, &mut dead);
         }
-        self.dispatch_locked(&mut st);
+        self.bury(dead);
+    }
+
+    /// Dead-letter deliveries a client rejected without requeue.
+    pub fn reject(&self, entries: Vec<Entry>) {
+        self.bury(
+            entries
+                .into_iter()
+                .map(|e| (e, DeathReason::Rejected))
+                .collect(),
+        );
     }
 
     /// Move waiting messages to consumers with credit.
     pub fn dispatch(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        self.dispatch_locked(&mut st);
+        let mut dead = Vec::new();
+        {
+            let mut st = self.state.lock();
+            self.dispatch_locked(&mut st, &mut dead);
+        }
+        self.bury(dead);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut State) {
-        while !st.messages.is_empty() && !st.consumers.is_empty() {
+    /// Expire messages at the head (the broker's periodic sweep).
+    pub fn expire(&self) {
+        if self.limits.message_ttl.is_none() && self.ready_bytes() == 0 {
+            return;
+        }
+        let mut dead = Vec::new();
+        self.expire_head(&mut self.state.lock(), &mut dead);
+        self.bury(dead);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, st: &mut State, dead: &mut Dead) {
+        loop {
+            self.expire_head(st, dead);
+            if st.messages.is_empty() || st.consumers.is_empty() {
+                return;
+            }
             let n = st.consumers.len();
             let Some(offset) = (0..n).find(|i| st.consumers[(st.next + i) % n].has_credit()) else {
                 return;
@@ -292,7 +578,7 @@ impl Queue {
             st.next = (at + 1) % n;
             let consumer = st.consumers[at].clone();
             let entry = st.messages.pop_front().expect("checked non-empty");
-            self.release(footprint(&entry.message));
+            self.release(st, &entry.message);
             consumer.take_credit();
             let dispatch = Dispatch::Deliver {
                 queue: self.clone(),
@@ -303,7 +589,7 @@ impl Queue {
                 consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
-                self.hold(&entry.message);
+                self.hold(st, &entry.message);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);
                 st.next = 0;
@@ -313,26 +599,37 @@ impl Queue {
         }
     }
 
-    /// Take the oldest message (`basic.get`).
+    /// Take the oldest live message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
-        let e = self.state.lock().messages.pop_front();
-        if let Some(e) = &e {
-            self.release(footprint(&e.message));
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-        }
+        let mut dead = Vec::new();
+        let e = {
+            let mut st = self.state.lock();
+            self.expire_head(&mut st, &mut dead);
+            let e = st.messages.pop_front();
+            if let Some(e) = &e {
+                self.release(&mut st, &e.message);
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            e
+        };
+        self.bury(dead);
         e
     }
 
     /// Add a consumer and start feeding it.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
-        let mut st = self.state.lock();
-        if st.consumers.iter().any(|c| c.exclusive)
-            || (consumer.exclusive && !st.consumers.is_empty())
+        let mut dead = Vec::new();
         {
-            return Err(ConsumeError::Exclusive);
+            let mut st = self.state.lock();
+            if st.consumers.iter().any(|c| c.exclusive)
+                || (consumer.exclusive && !st.consumers.is_empty())
+            {
+                return Err(ConsumeError::Exclusive);
+            }
+            st.consumers.push(consumer);
+            self.dispatch_locked(&mut st, &mut dead);
         }
-        st.consumers.push(consumer);
-        self.dispatch_locked(&mut st);
+        self.bury(dead);
         Ok(())
     }
 
@@ -377,8 +674,9 @@ impl Queue {
         let n = st.messages.len();
         let bytes: usize = st.messages.iter().map(|e| footprint(&e.message)).sum();
         st.messages.clear();
+        st.body_bytes = 0;
         drop(st);
-        self.release(bytes);
+        self.release_bytes(bytes);
         n
     }
 }
@@ -387,20 +685,24 @@ impl Queue {
 mod tests {
     use super::*;
 
+    fn decl() -> QueueDecl {
+        QueueDecl {
+            name: "q".into(),
+            ..Default::default()
+        }
+    }
+
+    fn queue(limits: QueueLimits, flow: usize) -> Arc<Queue> {
+        Arc::new(Queue::new(decl(), limits, flow, None))
+    }
+
     fn message(body: usize) -> Arc<Message> {
         Arc::new(Message::new("", "q", Default::default(), vec![0u8; body]))
     }
 
     #[test]
     fn ready_bytes_follow_push_pop_requeue_and_purge() {
-        let q = Arc::new(Queue::new(
-            "q".into(),
-            false,
-            None,
-            false,
-            FieldTable::default(),
-            5_000,
-        ));
+        let q = queue(QueueLimits::default(), 5_000);
         for _ in 0..3 {
             q.push(message(1000));
         }
@@ -418,14 +720,7 @@ mod tests {
 
     #[tokio::test]
     async fn until_drained_waits_for_half_the_watermark() {
-        let q = Arc::new(Queue::new(
-            "q".into(),
-            false,
-            None,
-            false,
-            FieldTable::default(),
-            5_000,
-        ));
+        let q = queue(QueueLimits::default(), 5_000);
         for _ in 0..5 {
             q.push(message(1000));
         }
@@ -443,5 +738,105 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    fn collecting(limits: QueueLimits) -> (Arc<Queue>, Arc<parking_lot::Mutex<Vec<DeathReason>>>) {
+        let dead = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink: DeadLetterSink = {
+            let dead = dead.clone();
+            Arc::new(move |_q: &Queue, d: Vec<(Entry, DeathReason)>| {
+                dead.lock().extend(d.into_iter().map(|(_, r)| r))
+            })
+        };
+        let q = Arc::new(Queue::new(decl(), limits, 1 << 30, Some(sink)));
+        (q, dead)
+    }
+
+    #[test]
+    fn max_length_drop_head_and_reject_publish() {
+        let (q, dead) = collecting(QueueLimits {
+            max_length: Some(2),
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            assert!(q.push(message(10)));
+        }
+        assert_eq!(q.len(), 2);
+        assert_eq!(*dead.lock(), vec![DeathReason::MaxLength]);
+
+        let (q, dead) = collecting(QueueLimits {
+            max_length: Some(1),
+            overflow: Overflow::RejectPublish,
+            ..Default::default()
+        });
+        assert!(q.push(message(10)));
+        assert!(!q.push(message(10)));
+        assert_eq!(q.len(), 1);
+        assert!(
+            dead.lock().is_empty(),
+            "reject-publish does not dead-letter"
+        );
+
+        let (q, dead) = collecting(QueueLimits {
+            max_length_bytes: Some(15),
+            overflow: Overflow::RejectPublishDlx,
+            ..Default::default()
+        });
+        assert!(q.push(message(10)));
+        assert!(!q.push(message(10)));
+        assert_eq!(*dead.lock(), vec![DeathReason::MaxLength]);
+    }
+
+    #[test]
+    fn ttl_expires_at_the_head() {
+        let (q, dead) = collecting(QueueLimits {
+            message_ttl: Some(Duration::from_millis(20)),
+            ..Default::default()
+        });
+        q.push(message(1));
+        q.push(message(1));
+        std::thread::sleep(Duration::from_millis(30));
+        q.expire();
+        assert_eq!(q.len(), 0);
+        assert_eq!(
+            *dead.lock(),
+            vec![DeathReason::Expired, DeathReason::Expired]
+        );
+        assert_eq!(q.ready_bytes(), 0);
+    }
+
+    #[test]
+    fn queue_arguments_are_validated() {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongString("soon".into()));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-message-ttl")
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-overflow".into(), AMQPValue::LongString("explode".into()));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-overflow")
+        );
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString("k".into()),
+        );
+        assert!(QueueLimits::parse(&args).is_err());
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(10));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("dlx".into()),
+        );
+        let l = QueueLimits::parse(&args).unwrap();
+        assert_eq!(
+            (l.max_length, l.dead_letter_exchange.as_deref()),
+            (Some(10), Some("dlx"))
+        );
     }
 }

@@ -53,6 +53,9 @@ pub struct PublishOutcome {
     pub dropped: bool,
     /// Faults that were not dead-lettered: the publisher must be told.
     pub faults: Vec<FaultReport>,
+    /// Queues that refused it (`x-overflow: reject-publish`): a nack for a
+    /// confirming publisher.
+    pub rejected: usize,
     /// Queues it went to that are above their flow watermark: the
     /// publisher should be held back until they drain.
     pub congested: Vec<Arc<Queue>>,
@@ -122,7 +125,10 @@ impl Broker {
         }
         ctx.outcome.delivered = ctx.deliveries.len();
         for (q, m) in ctx.deliveries {
-            q.push(m);
+            if !q.push(m) {
+                ctx.outcome.delivered -= 1;
+                ctx.outcome.rejected += 1;
+            }
             if q.congested() {
                 ctx.outcome.congested.push(q);
             }

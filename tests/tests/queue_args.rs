@@ -1,0 +1,337 @@
+//! Queue arguments over AMQP: TTL, dead-letter exchanges with `x-death`,
+//! and length limits, as a RabbitMQ client expects them.
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+use wasmq_tests::TestServer;
+
+fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// A fanout exchange `dlx` feeding queue `dead`.
+async fn dead_letter_target(ch: &Channel) {
+    ch.exchange_declare(
+        "dlx".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "dead".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "dead".into(),
+        "dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Wait for a message on `queue` (polling basic.get).
+async fn next(ch: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    for _ in 0..200 {
+        if let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing arrived on {queue}");
+}
+
+fn header<'a>(m: &'a lapin::message::BasicGetMessage, key: &str) -> Option<&'a AMQPValue> {
+    m.delivery.properties.headers().as_ref()?.inner().get(key)
+}
+
+fn first_death(m: &lapin::message::BasicGetMessage) -> FieldTable {
+    match header(m, "x-death") {
+        Some(AMQPValue::FieldArray(a)) => match &a.as_slice()[0] {
+            AMQPValue::FieldTable(t) => t.clone(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("no x-death: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_dead_lettered_with_x_death() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    dead_letter_target(&ch).await;
+    let args = table(&[
+        ("x-message-ttl", AMQPValue::LongInt(50)),
+        ("x-dead-letter-exchange", text("dlx")),
+    ]);
+    ch.queue_declare("work".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    publish(&ch, "work", b"late", BasicProperties::default()).await;
+    // Per-message expiration on a queue without a TTL of its own.
+    let args = table(&[("x-dead-letter-exchange", text("dlx"))]);
+    ch.queue_declare("work2".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    publish(
+        &ch,
+        "work2",
+        b"later",
+        BasicProperties::default().with_expiration("30".into()),
+    )
+    .await;
+
+    // The 30 ms message may die first: match them by body.
+    let (a, b) = (next(&ch, "dead").await, next(&ch, "dead").await);
+    let (m, later) = if a.delivery.data == b"late" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(m.delivery.data, b"late");
+    let death = first_death(&m);
+    assert_eq!(death.inner().get("reason"), Some(&text("expired")));
+    assert_eq!(death.inner().get("queue"), Some(&text("work")));
+    assert_eq!(death.inner().get("count"), Some(&AMQPValue::LongLongInt(1)));
+    assert_eq!(header(&m, "x-first-death-reason"), Some(&text("expired")));
+    let m = later;
+    assert_eq!(m.delivery.data, b"later");
+    assert!(
+        m.delivery.properties.expiration().is_none(),
+        "a dead letter does not expire again"
+    );
+    assert_eq!(
+        first_death(&m).inner().get("original-expiration"),
+        Some(&text("30"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_messages_are_dead_lettered_with_the_dead_letter_routing_key() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "dlx".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "failed".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "failed".into(),
+        "dlx".into(),
+        "failed".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let args = table(&[
+        ("x-dead-letter-exchange", text("dlx")),
+        ("x-dead-letter-routing-key", text("failed")),
+    ]);
+    ch.queue_declare("jobs".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    publish(&ch, "jobs", b"bad job", BasicProperties::default()).await;
+    let m = ch
+        .basic_get("jobs".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let dead = next(&ch, "failed").await;
+    assert_eq!(dead.delivery.data, b"bad job");
+    assert_eq!(dead.delivery.routing_key.as_str(), "failed");
+    assert_eq!(
+        first_death(&dead).inner().get("reason"),
+        Some(&text("rejected"))
+    );
+    // Requeued messages are not dead-lettered.
+    publish(&ch, "jobs", b"retry me", BasicProperties::default()).await;
+    let m = ch
+        .basic_get("jobs".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = ch
+        .basic_get("jobs".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.delivery.redelivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn length_limits_drop_the_head_or_refuse_the_publish() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    dead_letter_target(&ch).await;
+    let args = table(&[
+        ("x-max-length", AMQPValue::LongInt(2)),
+        ("x-dead-letter-exchange", text("dlx")),
+    ]);
+    ch.queue_declare("recent".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    for body in ["1", "2", "3"] {
+        publish(&ch, "recent", body.as_bytes(), BasicProperties::default()).await;
+    }
+    let dropped = next(&ch, "dead").await;
+    assert_eq!(dropped.delivery.data, b"1");
+    assert_eq!(
+        first_death(&dropped).inner().get("reason"),
+        Some(&text("maxlen"))
+    );
+    assert_eq!(next(&ch, "recent").await.delivery.data, b"2");
+
+    let confirm = conn.create_channel().await.unwrap();
+    confirm
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let args = table(&[
+        ("x-max-length", AMQPValue::LongInt(1)),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    confirm
+        .queue_declare("bounded".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let pub1 = confirm
+        .basic_publish(
+            "".into(),
+            "bounded".into(),
+            BasicPublishOptions::default(),
+            b"a",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let pub2 = confirm
+        .basic_publish(
+            "".into(),
+            "bounded".into(),
+            BasicPublishOptions::default(),
+            b"b",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(pub1.is_ack());
+    assert!(
+        pub2.is_nack(),
+        "a full reject-publish queue nacks the publish"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_queue_arguments_and_expirations_are_406() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let err = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions::default(),
+            table(&[("x-overflow", text("explode"))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(406), "{err}");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let err = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions::default(),
+            table(&[("x-max-length", AMQPValue::LongInt(1))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        wasmq_tests::reply_code(&err),
+        Some(406),
+        "redeclared with other arguments: {err}"
+    );
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default().with_expiration("soon".into()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || !ch.status().connected()).await
+    );
+}
