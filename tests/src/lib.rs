@@ -274,3 +274,22 @@ pub fn reply_code(err: &lapin::Error) -> Option<u16> {
         _ => None,
     }
 }
+
+/// Declare a plain queue over AMQP.
+pub async fn declare_queue(ch: &lapin::Channel, name: &str) {
+    ch.queue_declare(name.into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+}
+
+/// Start a manual-ack consumer over AMQP (empty tag: server-named).
+pub async fn consume(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap()
+}

@@ -81,15 +81,7 @@ async fn topic_routing_publish_consume_ack() {
         &[("eu", "orders.*.eu"), ("all", "orders.#")],
     )
     .await;
-    let mut consumer = ch
-        .basic_consume(
-            "eu".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = wasmq_tests::consume(&ch, "eu", "").await;
     for key in ["orders.created.eu", "orders.created.us", "orders.paid.eu"] {
         publish(&ch, "events", key, key.as_bytes()).await;
     }
@@ -221,13 +213,7 @@ async fn custom_exchange_types_filters_and_transforms_over_amqp() {
     )
     .await
     .unwrap();
-    ch.queue_declare(
-        "eu".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "eu").await;
     let filter = args(&[
         ("x-wasmq-filter", "json-filter"),
         ("x-filter-field", "region"),
@@ -357,41 +343,18 @@ async fn unacked_deliveries_return_in_order_marked_redelivered() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let setup = conn.create_channel().await.unwrap();
-    setup
-        .queue_declare(
-            "work".into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    wasmq_tests::declare_queue(&setup, "work").await;
     for i in 0..5 {
         publish(&setup, "", "work", format!("{i}").as_bytes()).await;
     }
     let first = conn.create_channel().await.unwrap();
-    let mut c = first
-        .basic_consume(
-            "work".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut c = wasmq_tests::consume(&first, "work", "").await;
     for _ in 0..5 {
         c.next().await.unwrap().unwrap(); // received, never acked
     }
     first.close(200, "bye".into()).await.unwrap();
     let second = conn.create_channel().await.unwrap();
-    let mut c = second
-        .basic_consume(
-            "work".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut c = wasmq_tests::consume(&second, "work", "").await;
     for i in 0..5 {
         let d = c.next().await.unwrap().unwrap();
         assert_eq!(d.data, format!("{i}").as_bytes());
@@ -406,31 +369,9 @@ async fn prefetch_limits_unacked_and_consumers_share_round_robin() {
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.basic_qos(2, BasicQosOptions::default()).await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut a = ch
-        .basic_consume(
-            "q".into(),
-            "a".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut b = ch
-        .basic_consume(
-            "q".into(),
-            "b".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
+    let mut a = wasmq_tests::consume(&ch, "q", "a").await;
+    let mut b = wasmq_tests::consume(&ch, "q", "b").await;
     for i in 0..10 {
         publish(&ch, "", "q", format!("{i}").as_bytes()).await;
     }
@@ -469,13 +410,7 @@ async fn get_purge_delete_and_nack_requeue() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
     assert!(get(&ch, "q").await.is_none());
     publish(&ch, "", "q", b"one").await;
     let m = ch
@@ -536,13 +471,7 @@ async fn transactions_commit_and_roll_back() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
     ch.tx_select().await.unwrap();
     publish(&ch, "", "q", b"a").await;
     ch.tx_rollback().await.unwrap();
@@ -594,22 +523,8 @@ async fn queue_deletion_cancels_consumers() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut c = ch
-        .basic_consume(
-            "q".into(),
-            "c".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
+    let mut c = wasmq_tests::consume(&ch, "q", "c").await;
     let other = conn.create_channel().await.unwrap();
     other
         .queue_delete("q".into(), QueueDeleteOptions::default())
@@ -627,13 +542,7 @@ async fn graceful_shutdown_closes_connections() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
     t.stop().await;
     assert!(
         wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await
@@ -759,13 +668,7 @@ async fn a_fast_publisher_is_held_back_by_a_full_queue() {
     let t = TestServer::start_with(|c| c.amqp.queue_flow_bytes = 64 * 1024).await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "slow".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "slow").await;
     let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let publisher = {
         let ch = t.connect().await.create_channel().await.unwrap();

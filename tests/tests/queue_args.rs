@@ -30,13 +30,7 @@ async fn dead_letter_target(ch: &Channel) {
     )
     .await
     .unwrap();
-    ch.queue_declare(
-        "dead".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(ch, "dead").await;
     ch.queue_bind(
         "dead".into(),
         "dlx".into(),
@@ -156,13 +150,7 @@ async fn rejected_messages_are_dead_lettered_with_the_dead_letter_routing_key() 
     )
     .await
     .unwrap();
-    ch.queue_declare(
-        "failed".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "failed").await;
     ch.queue_bind(
         "failed".into(),
         "dlx".into(),
@@ -301,13 +289,7 @@ async fn invalid_queue_arguments_and_expirations_are_406() {
         .unwrap_err();
     assert_eq!(wasmq_tests::reply_code(&err), Some(406), "{err}");
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "q".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
     let err = ch
         .queue_declare(
             "q".into(),

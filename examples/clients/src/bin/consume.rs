@@ -19,7 +19,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 
 #[derive(Parser)]
 struct Args {
@@ -53,13 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(100, BasicQosOptions::default()).await?;
-    let kind = match args.kind.as_str() {
-        "direct" => ExchangeKind::Direct,
-        "topic" => ExchangeKind::Topic,
-        "fanout" => ExchangeKind::Fanout,
-        "headers" => ExchangeKind::Headers,
-        other => ExchangeKind::Custom(other.into()),
-    };
+    let kind = wasmq_example_clients::exchange_kind(&args.kind);
     ch.exchange_declare(
         args.exchange.as_str().into(),
         kind,

@@ -14,7 +14,7 @@
 use clap::Parser;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 #[derive(Parser)]
 struct Args {
@@ -40,13 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let conn = Connection::connect(&args.uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    let kind = match args.kind.as_str() {
-        "direct" => ExchangeKind::Direct,
-        "topic" => ExchangeKind::Topic,
-        "fanout" => ExchangeKind::Fanout,
-        "headers" => ExchangeKind::Headers,
-        other => ExchangeKind::Custom(other.into()),
-    };
+    let kind = wasmq_example_clients::exchange_kind(&args.kind);
     ch.exchange_declare(
         args.exchange.as_str().into(),
         kind,
