@@ -117,7 +117,7 @@ impl From<String> for Error {
 
 /// Export a plugin: name the type that implements each role.
 ///
-/// ```ignore
+/// ```text
 /// wasmq_sdk::plugin!(router = Topic);
 /// wasmq_sdk::plugin!(filter = JsonFieldFilter);
 /// wasmq_sdk::plugin!(transform = Redact);

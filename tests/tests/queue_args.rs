@@ -317,3 +317,37 @@ async fn invalid_queue_arguments_and_expirations_are_406() {
         wasmq_tests::eventually_async(Duration::from_secs(5), || !ch.status().connected()).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_queues_expire_but_consumed_ones_stay() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let expiring = || table(&[("x-expires", AMQPValue::LongInt(100))]);
+    ch.queue_declare("temp".into(), QueueDeclareOptions::default(), expiring())
+        .await
+        .unwrap();
+    ch.queue_declare("watched".into(), QueueDeclareOptions::default(), expiring())
+        .await
+        .unwrap();
+    let _consumer = wasmq_tests::consume(&ch, "watched", "").await;
+    let vhost = t.broker().vhost("/").unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || vhost.queue("temp").is_err())
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        vhost.queue("watched").is_ok(),
+        "a queue with a consumer is in use"
+    );
+    let err = ch
+        .queue_declare(
+            "zero".into(),
+            QueueDeclareOptions::default(),
+            table(&[("x-expires", AMQPValue::LongInt(0))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(406));
+}

@@ -488,6 +488,7 @@ impl Channel {
                 let q = if d.passive {
                     let q = ctx.vhost.queue(&self.queue_name(&d.queue)?)?;
                     Self::check_access(ctx, &q)?;
+                    q.touch();
                     q
                 } else {
                     let name = if d.queue.as_str().is_empty() {

@@ -397,12 +397,19 @@ impl Broker {
     }
 
     /// Expire (and dead-letter) messages whose TTL passed at the head of
-    /// every queue. The server runs this periodically; queue operations
-    /// also expire their head as they go.
+    /// every queue, and delete queues unused past their `x-expires`. The
+    /// server runs this periodically; queue operations also expire their
+    /// head as they go.
     pub fn expire_queues(&self) {
         for v in self.vhosts() {
             for q in v.queues() {
                 q.expire();
+                if let Some(limit) = q.limits.expires
+                    && q.unused_for().is_some_and(|idle| idle >= limit)
+                    && self.delete_queue(&v, &q.name, false, false).is_ok()
+                {
+                    tracing::info!(queue = %q.name, vhost = %v.name, "queue deleted after {limit:?} unused (x-expires)");
+                }
             }
         }
     }
@@ -558,6 +565,7 @@ impl Broker {
         }
         let mut queues = vhost.queues.write();
         if let Some(q) = queues.get(name) {
+            q.touch();
             if q.owner.is_some() && q.owner != owner {
                 return Err(BrokerError::ResourceLocked(format!(
                     "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'",

@@ -107,6 +107,9 @@ pub struct QueueLimits {
     pub max_length_bytes: Option<usize>,
     /// `x-overflow`.
     pub overflow: Overflow,
+    /// `x-expires`: delete the queue after it has been unused this long (no
+    /// consumers, no `basic.get`, no redeclaration).
+    pub expires: Option<Duration>,
 }
 
 fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
@@ -166,7 +169,11 @@ impl QueueLimits {
             max_length: int_arg(args, "x-max-length")?.map(|n| n as usize),
             max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
             overflow,
+            expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
         };
+        if limits.expires == Some(Duration::ZERO) {
+            return Err("invalid arg 'x-expires': must be positive".into());
+        }
         if limits.dead_letter_routing_key.is_some() && limits.dead_letter_exchange.is_none() {
             return Err(
                 "x-dead-letter-routing-key defined but x-dead-letter-exchange is not".into(),
@@ -322,6 +329,8 @@ pub struct Queue {
     /// Notified when ready bytes fall to `flow_high / 2` or below.
     drained: tokio::sync::Notify,
     dead_letters: Option<DeadLetterSink>,
+    /// Last use, for `x-expires`.
+    used: Mutex<Instant>,
 }
 
 /// What a ready message is taken to cost in memory: its body and key plus
@@ -376,7 +385,21 @@ impl Queue {
             flow_high: flow_high.max(1),
             drained: tokio::sync::Notify::new(),
             dead_letters,
+            used: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Record a use (consume, cancel, get, redeclare) for `x-expires`.
+    pub fn touch(&self) {
+        *self.used.lock() = Instant::now();
+    }
+
+    /// How long the queue has gone unused; `None` while it has consumers.
+    pub fn unused_for(&self) -> Option<Duration> {
+        if self.consumer_count() > 0 {
+            return None;
+        }
+        Some(self.used.lock().elapsed())
     }
 
     fn hold(&self, st: &mut State, m: &Message) {
@@ -601,6 +624,7 @@ impl Queue {
 
     /// Take the oldest live message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
+        self.touch();
         let mut dead = Vec::new();
         let e = {
             let mut st = self.state.lock();
@@ -618,6 +642,7 @@ impl Queue {
 
     /// Add a consumer and start feeding it.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
+        self.touch();
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
@@ -635,6 +660,7 @@ impl Queue {
 
     /// Remove a consumer; returns whether the queue now has none.
     pub fn remove_consumer(&self, connection: u64, channel: u16, tag: &str) -> bool {
+        self.touch();
         let mut st = self.state.lock();
         st.consumers
             .retain(|c| !(c.connection == connection && c.channel == channel && c.tag == tag));
