@@ -12,6 +12,8 @@
 //! * `hot_swap/file_to_serving`: write a plugin file into the watched folder
 //!   and wait until the new version serves (watcher, debounce, compile,
 //!   validate, swap).
+//! * `publish/topic_1000`: the broker's whole publish path for one message
+//!   (no network): route through the memo, look up bindings, enqueue.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,5 +252,29 @@ fn hot_swap(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topic_1000, hot_swap);
+/// The broker's publish path without the network: transform check, route
+/// (memoized topic, 1,000 bindings), binding look-up, enqueue; the message
+/// is taken off the queue again so the queue stays short.
+fn publish(c: &mut Criterion) {
+    let (broker, vhost) = broker_with_topic_exchange(PluginLimits::default(), None);
+    let queue = vhost.queue("q").unwrap();
+    let keys = routing_keys();
+    let mut n = 0;
+    c.bench_function("publish/topic_1000", |b| {
+        b.iter(|| {
+            n = (n + 1) % keys.len();
+            let m = Message::new(
+                "bench",
+                keys[n].as_str(),
+                Default::default(),
+                &b"0123456789abcdef"[..],
+            );
+            let out = broker.publish(&vhost, "bench", m).unwrap();
+            std::hint::black_box(out.delivered);
+            while queue.pop().is_some() {}
+        })
+    });
+}
+
+criterion_group!(benches, topic_1000, hot_swap, publish);
 criterion_main!(benches);

@@ -71,7 +71,10 @@ impl PublishOutcome {
 #[derive(Default)]
 struct Ctx {
     deliveries: Vec<(Arc<Queue>, Arc<Message>)>,
-    visited: Vec<String>,
+    /// Exchanges this publish has entered (cycles end there). Held as
+    /// `Arc`s so pointer identity stays sound for the whole publish; a name
+    /// clone per exchange was an allocation on every publish.
+    visited: Vec<Arc<Exchange>>,
     outcome: PublishOutcome,
     ids: Vec<u32>,
 }
@@ -137,10 +140,10 @@ impl Broker {
     }
 
     fn route_into(&self, vhost: &VHost, x: &Arc<Exchange>, message: Arc<Message>, ctx: &mut Ctx) {
-        if ctx.visited.iter().any(|v| *v == x.name) {
+        if ctx.visited.iter().any(|v| Arc::ptr_eq(v, x)) {
             return;
         }
-        ctx.visited.push(x.name.clone());
+        ctx.visited.push(x.clone());
         x.count(&x.stats.published);
 
         let message = match x.transform.load_full() {
