@@ -25,6 +25,10 @@
 //!   compiling and validating plugin files, instance pools per exchange with
 //!   deadlines and memory caps, fault containment and circuit breakers, the
 //!   registry of serving versions and the folder watcher that hot-swaps them.
+//! * [`store`]: the message store: durable definitions, one append-only
+//!   log per durable queue, and the group commit that publisher confirms
+//!   of persistent messages wait for. Messages of a queue's backlog are
+//!   kept on disk and read back when delivered.
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
@@ -37,6 +41,7 @@ pub mod config;
 pub mod message;
 pub mod plugin;
 pub mod server;
+pub mod store;
 
 /// The built-in plugins, built from `plugins/` by `build.rs`.
 pub mod builtins {

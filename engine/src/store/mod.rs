@@ -1,0 +1,375 @@
+//! The message store: what makes durable queues and persistent messages
+//! survive a restart or a `kill -9`.
+//!
+//! * [`definitions`]: durable exchanges, queues and bindings, one JSON file
+//!   replaced atomically on every change.
+//! * [`log`]: one append-only log per durable queue (segment files of
+//!   checksummed message records, plus per-segment ack files), read back at
+//!   recovery and, for messages paged out of memory, at delivery.
+//! * [`Syncer`] (here): group commit. Writes reach the kernel as they
+//!   happen; one thread `fdatasync`s every file written since its last
+//!   round, then publishes how far the sync reached as a ticket number. A
+//!   publisher confirm for a persistent message waits for its ticket, so a
+//!   confirm means the message is on disk, and one sync covers everything
+//!   that arrived while the previous one ran: the busier the broker, the
+//!   more each sync confirms.
+//!
+//! Only persistent messages (delivery mode 2) in durable queues are
+//! written; transient ones live in memory and are lost on restart, as in
+//! RabbitMQ. The format is specified in `docs/storage.md`.
+
+pub mod definitions;
+pub mod log;
+pub mod record;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+pub use definitions::Definitions;
+pub use log::{QueueLog, RecordMeta, Recovered, StoreRef};
+
+/// Segment size: a segment is reclaimed when all of its records are acked,
+/// so smaller segments give disk space back sooner, larger ones mean fewer
+/// files. LavinMQ uses the same 8 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 8 << 20;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A record or file is not what was written.
+    #[error("{} at offset {offset}: {what}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// Another broker holds the data folder.
+    #[error("data folder {} is in use by another wasmq process", .0.display())]
+    Locked(PathBuf),
+    /// The queue's log was deleted with the queue.
+    #[error("queue deleted")]
+    Deleted,
+}
+
+/// How far the group commit has reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// Every ticket up to this one is on disk...
+    pub upto: u64,
+    /// ...except that tickets up to this one were in a round whose sync
+    /// failed: their publishers get a nack.
+    pub failed_upto: u64,
+}
+
+impl Synced {
+    /// Whether `ticket` is settled, and if so whether it is on disk.
+    pub fn outcome(&self, ticket: u64) -> Option<bool> {
+        (ticket <= self.upto).then_some(ticket > self.failed_upto)
+    }
+}
+
+/// Store counters (for metrics and benchmarks).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Group-commit rounds.
+    pub syncs: AtomicU64,
+    /// Files synced over all rounds.
+    pub files_synced: AtomicU64,
+    /// Total time spent syncing, nanoseconds.
+    pub sync_nanos: AtomicU64,
+    /// Bytes written (records and acks).
+    pub bytes_written: AtomicU64,
+}
+
+/// The group-commit thread's inbox: files written since its last round,
+/// and the ticket counter.
+#[derive(Debug)]
+pub struct Syncer {
+    dirty: Mutex<Vec<Arc<File>>>,
+    wake: Condvar,
+    issued: AtomicU64,
+    synced: watch::Sender<Synced>,
+    stop: AtomicBool,
+    /// Counters.
+    pub stats: StoreStats,
+}
+
+impl Syncer {
+    fn new() -> Self {
+        Syncer {
+            dirty: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            issued: AtomicU64::new(0),
+            synced: watch::Sender::new(Synced::default()),
+            stop: AtomicBool::new(false),
+            stats: StoreStats::default(),
+        }
+    }
+
+    /// `file` was written (`bytes` of it): sync it in the next round, and
+    /// return a ticket that a [`Synced`] at or past it covers.
+    ///
+    /// The ticket is taken under the inbox lock, and a round reads the
+    /// counter under the same lock as it takes the inbox: so the round that
+    /// takes this file covers this ticket, and no round can cover the ticket
+    /// without syncing the file.
+    pub(crate) fn wrote(&self, file: &Arc<File>, bytes: u64) -> u64 {
+        self.stats.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        let mut dirty = self.dirty.lock();
+        if !dirty.iter().any(|f| Arc::ptr_eq(f, file)) {
+            dirty.push(file.clone());
+        }
+        let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        drop(dirty);
+        self.wake.notify_one();
+        ticket
+    }
+
+    fn run(&self) {
+        loop {
+            let (target, files) = {
+                let mut dirty = self.dirty.lock();
+                while dirty.is_empty() {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    self.wake.wait(&mut dirty);
+                }
+                (
+                    self.issued.load(Ordering::SeqCst),
+                    std::mem::take(&mut *dirty),
+                )
+            };
+            let started = Instant::now();
+            let mut ok = true;
+            for f in &files {
+                if let Err(e) = f.sync_data() {
+                    tracing::error!("fdatasync failed; publishes in this round are nacked: {e}");
+                    ok = false;
+                }
+            }
+            let s = &self.stats;
+            s.syncs.fetch_add(1, Ordering::Relaxed);
+            s.files_synced
+                .fetch_add(files.len() as u64, Ordering::Relaxed);
+            s.sync_nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.synced.send_modify(|v| {
+                v.upto = v.upto.max(target);
+                if !ok {
+                    v.failed_upto = target;
+                }
+            });
+        }
+    }
+}
+
+/// Tuning of the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Segment file size.
+    pub segment_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
+/// The store of one data folder.
+pub struct Store {
+    dir: PathBuf,
+    options: StoreOptions,
+    sync: Arc<Syncer>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The definitions last written, to skip rewriting identical ones.
+    saved: Mutex<Option<Definitions>>,
+    opened: Mutex<Vec<PathBuf>>,
+    /// Held (with an exclusive `flock`) until [`Store::close`].
+    lock: Mutex<Option<File>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sync a folder, so that files created or renamed in it stay.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+impl Store {
+    /// Open the store in `dir` (created if need be) and start its
+    /// group-commit thread. Fails if another process has it open.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Arc<Store>, StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir.join("queues")).map_err(io(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path).map_err(io(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked(dir.to_owned()));
+        }
+        let sync = Arc::new(Syncer::new());
+        let thread = {
+            let sync = sync.clone();
+            std::thread::Builder::new()
+                .name("wasmq-sync".into())
+                .spawn(move || sync.run())
+                .map_err(io(dir))?
+        };
+        Ok(Arc::new(Store {
+            dir: dir.to_owned(),
+            options,
+            sync,
+            thread: Mutex::new(Some(thread)),
+            saved: Mutex::new(None),
+            opened: Mutex::new(Vec::new()),
+            lock: Mutex::new(Some(lock)),
+        }))
+    }
+
+    /// The data folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn definitions_path(&self) -> PathBuf {
+        self.dir.join("definitions.json")
+    }
+
+    /// The durable definitions on disk.
+    pub fn definitions(&self) -> Result<Definitions, StoreError> {
+        let defs = Definitions::load(&self.definitions_path())?;
+        *self.saved.lock() = Some(defs.clone());
+        Ok(defs)
+    }
+
+    /// Replace the durable definitions (a no-op if unchanged).
+    pub fn save_definitions(&self, defs: Definitions) -> Result<(), StoreError> {
+        let mut saved = self.saved.lock();
+        if saved.as_ref() == Some(&defs) {
+            return Ok(());
+        }
+        defs.save(&self.definitions_path())?;
+        *saved = Some(defs);
+        Ok(())
+    }
+
+    /// The folder of a queue's log: named by a hash, since queue names may
+    /// hold any character.
+    pub fn queue_dir(&self, vhost: &str, queue: &str) -> PathBuf {
+        let mut h = Sha256::new();
+        h.update(vhost.as_bytes());
+        h.update([0]);
+        h.update(queue.as_bytes());
+        let hex: String = h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.dir.join("queues").join(hex)
+    }
+
+    /// Open a durable queue's log and recover its unacked messages.
+    pub fn open_queue(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<(Arc<QueueLog>, Vec<Recovered>), StoreError> {
+        let dir = self.queue_dir(vhost, queue);
+        let (log, recovered) =
+            QueueLog::open(dir.clone(), self.sync.clone(), self.options.segment_bytes)?;
+        self.opened.lock().push(dir);
+        Ok((Arc::new(log), recovered))
+    }
+
+    /// Delete queue logs that no durable queue opened (left by a queue
+    /// deleted while its files could not be removed). Call after recovery.
+    pub fn remove_orphans(&self) {
+        let opened = self.opened.lock();
+        let Ok(entries) = std::fs::read_dir(self.dir.join("queues")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if !opened.contains(&p) {
+                tracing::info!(dir = %p.display(), "removing the log of a queue that no longer exists");
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+
+    /// Follow the group commit.
+    pub fn synced(&self) -> watch::Receiver<Synced> {
+        self.sync.synced.subscribe()
+    }
+
+    /// The ticket of the last write so far.
+    pub fn issued(&self) -> u64 {
+        self.sync.issued.load(Ordering::SeqCst)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.sync.stats
+    }
+
+    /// Wait until everything written so far is synced.
+    pub async fn flush(&self) {
+        let target = self.issued();
+        let mut rx = self.synced();
+        let _ = rx.wait_for(|s| s.upto >= target).await;
+    }
+
+    /// Finish the last sync round and stop the thread (also on drop).
+    pub fn close(&self) {
+        self.sync.stop.store(true, Ordering::SeqCst);
+        // Taking the inbox lock orders this with the thread's check of
+        // `stop`: it is either waiting (and woken) or yet to check.
+        drop(self.sync.dirty.lock());
+        self.sync.wake.notify_all();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+        // The folder is free for the next process (or test) from here.
+        self.lock.lock().take();
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
