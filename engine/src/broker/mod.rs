@@ -2,6 +2,7 @@
 //! publish path. No protocol here: the AMQP front end calls these methods
 //! and turns their errors into reply codes ([`BrokerError::reply_code`]).
 
+mod durable;
 mod exchange;
 mod plugins;
 mod queue;
@@ -15,7 +16,9 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
+pub use durable::Recovery;
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
+pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
 pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
 pub use route::{FaultReport, PublishOutcome};
@@ -71,6 +74,9 @@ pub enum BrokerError {
     /// A plugin refused or faulted while setting up (406).
     #[error("PRECONDITION_FAILED - {0}")]
     Plugin(#[from] PluginError),
+    /// The message store failed (541, a connection error).
+    #[error("INTERNAL_ERROR - message store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl BrokerError {
@@ -82,6 +88,7 @@ impl BrokerError {
             BrokerError::AccessRefused(_) => 403,
             BrokerError::ResourceLocked(_) => 405,
             BrokerError::UnknownExchangeType { .. } => 503,
+            BrokerError::Store(_) => 541,
         }
     }
 }
@@ -173,6 +180,12 @@ pub struct Broker {
     swapping: Mutex<()>,
     /// Flow watermark of new queues, in bytes of ready messages.
     queue_flow_bytes: std::sync::atomic::AtomicUsize,
+    /// The message store, once attached ([`Broker::recover`]).
+    store: std::sync::OnceLock<Arc<crate::store::Store>>,
+    /// Serialises writes of the durable definitions.
+    definitions: Mutex<()>,
+    /// Set while [`Broker::recover`] runs: definitions are not saved.
+    recovering: std::sync::atomic::AtomicBool,
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
@@ -335,6 +348,9 @@ impl Broker {
             swap: RwLock::new(()),
             swapping: Mutex::new(()),
             queue_flow_bytes: DEFAULT_QUEUE_FLOW_BYTES.into(),
+            store: std::sync::OnceLock::new(),
+            definitions: Mutex::new(()),
+            recovering: false.into(),
         });
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
@@ -518,9 +534,18 @@ impl Broker {
                 spec.name
             )));
         }
+        let durable = spec.durable;
         let x = self.build_exchange(&spec)?;
-        let mut map = vhost.exchanges.write();
-        Ok(map.entry(spec.name).or_insert(x).clone())
+        let x = vhost
+            .exchanges
+            .write()
+            .entry(spec.name)
+            .or_insert(x)
+            .clone();
+        if durable {
+            self.persist_definitions()?;
+        }
+        Ok(x)
     }
 
     /// Delete an exchange and every binding to or from it.
@@ -544,6 +569,9 @@ impl Broker {
         }
         vhost.exchanges.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
+        if x.durable {
+            self.persist_definitions()?;
+        }
         Ok(())
     }
 
@@ -606,8 +634,22 @@ impl Broker {
             auto_delete,
             arguments,
         };
-        let q = Arc::new(Queue::new(decl, limits, flow, sink));
+        // Exclusive queues die with their connection, so never outlive a
+        // restart: only durable shared queues get a log.
+        let (log, recovered) = match self.store.get() {
+            Some(store) if durable && owner.is_none() => {
+                let (log, recovered) = store.open_queue(&vhost.name, name)?;
+                (Some(log), recovered)
+            }
+            _ => (None, Vec::new()),
+        };
+        let q = Arc::new(Queue::new(decl, limits, flow, sink, log));
+        q.restore(recovered);
         queues.insert(name.to_owned(), q.clone());
+        drop(queues);
+        if q.log().is_some() {
+            self.persist_definitions()?;
+        }
         Ok(q)
     }
 
@@ -628,7 +670,14 @@ impl Broker {
                 return;
             };
             for (entry, reason) in dead {
-                let message = dead_lettered(queue, &entry.message, reason);
+                let original = match queue.message(&entry) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(queue = %queue.name, "reading a dead letter back failed: {e}");
+                        continue;
+                    }
+                };
+                let message = dead_lettered(queue, &original, reason);
                 match broker.publish(&v, dlx, message) {
                     Ok(out) if out.delivered > 0 => {}
                     Ok(_) => {
@@ -665,7 +714,12 @@ impl Broker {
         vhost.queues.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Queue(name.to_owned()));
         q.cancel_consumers();
-        Ok(q.purge())
+        q.destroy_log();
+        let n = q.purge();
+        if q.log().is_some() {
+            self.persist_definitions()?;
+        }
+        Ok(n)
     }
 
     fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
@@ -696,6 +750,11 @@ impl Broker {
         x.reset_memo();
         if x.auto_delete && x.bindings.load().is_empty() {
             vhost.exchanges.write().remove(&x.name);
+        }
+        if x.durable
+            && let Err(e) = self.persist_definitions()
+        {
+            tracing::error!("saving definitions after unbinding: {e}");
         }
     }
 
@@ -770,6 +829,10 @@ impl Broker {
             return Err(e.into());
         }
         x.reset_memo();
+        drop(_control);
+        if x.durable {
+            self.persist_definitions()?;
+        }
         Ok(())
     }
 

@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::message::Message;
+use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
 
 /// Deliveries a consumer's connection may hold unwritten.
 pub const CONSUMER_WINDOW: u32 = 256;
@@ -46,12 +47,61 @@ pub const CONSUMER_WINDOW: u32 = 256;
 /// A message in a queue.
 #[derive(Clone, Debug)]
 pub struct Entry {
-    /// The message.
-    pub message: Arc<Message>,
-    /// Whether it was delivered before (requeued).
+    /// The message, or `None` while it is paged out to the queue's log.
+    message: Option<Arc<Message>>,
+    /// Where it is in the queue's log, if it is persisted there.
+    pub stored: Option<StoreRef>,
+    /// Body length (known without loading a paged-out message).
+    pub body_len: u32,
+    /// Whether it was delivered before (requeued, or recovered).
     pub redelivered: bool,
     /// When it expires (queue TTL or the message's `expiration`).
     pub expires_at: Option<Instant>,
+}
+
+impl Entry {
+    /// An in-memory entry for `message`.
+    pub fn new(message: Arc<Message>) -> Self {
+        Entry {
+            body_len: message.body.len() as u32,
+            message: Some(message),
+            stored: None,
+            redelivered: false,
+            expires_at: None,
+        }
+    }
+
+    /// The message, if it is in memory (see [`Queue::message`]).
+    pub fn resident(&self) -> Option<&Arc<Message>> {
+        self.message.as_ref()
+    }
+
+    /// What the entry is taken to cost in memory: for a resident message
+    /// its body and key plus the entry, the `Arc`'d message and its
+    /// properties; for a paged-out one the entry alone.
+    fn footprint(&self) -> usize {
+        match &self.message {
+            Some(m) => m.body.len() + m.routing_key.len() + 256,
+            None => std::mem::size_of::<Entry>(),
+        }
+    }
+}
+
+/// What [`Queue::push`] did with a message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pushed {
+    /// Taken (false: refused by `x-overflow: reject-publish*`, or the
+    /// store could not write it).
+    pub accepted: bool,
+    /// The store's sync ticket covering it (0: not persisted). A publisher
+    /// confirm waits for it.
+    pub ticket: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why a message left a queue other than by delivery.
@@ -331,12 +381,12 @@ pub struct Queue {
     dead_letters: Option<DeadLetterSink>,
     /// Last use, for `x-expires`.
     used: Mutex<Instant>,
-}
-
-/// What a ready message is taken to cost in memory: its body and key plus
-/// the entry, the `Arc`'d message and its properties.
-fn footprint(m: &Message) -> usize {
-    m.body.len() + m.routing_key.len() + 256
+    /// The log persistent messages are written to (durable queues with a
+    /// store).
+    log: Option<Arc<QueueLog>>,
+    /// Above this many ready bytes, persistent messages are kept on disk
+    /// only (paged out) and read back when delivered.
+    page_over: usize,
 }
 
 impl std::fmt::Debug for Queue {
@@ -370,8 +420,11 @@ impl Queue {
         limits: QueueLimits,
         flow_high: usize,
         dead_letters: Option<DeadLetterSink>,
+        log: Option<Arc<QueueLog>>,
     ) -> Self {
         Queue {
+            log,
+            page_over: flow_high / 4,
             name: decl.name,
             durable: decl.durable,
             owner: decl.owner,
@@ -402,14 +455,77 @@ impl Queue {
         Some(self.used.lock().elapsed())
     }
 
-    fn hold(&self, st: &mut State, m: &Message) {
-        st.body_bytes += m.body.len();
-        self.ready_bytes.fetch_add(footprint(m), Ordering::Relaxed);
+    fn hold(&self, st: &mut State, e: &Entry) {
+        st.body_bytes += e.body_len as usize;
+        self.ready_bytes.fetch_add(e.footprint(), Ordering::Relaxed);
     }
 
-    fn release(&self, st: &mut State, m: &Message) {
-        st.body_bytes -= m.body.len();
-        self.release_bytes(footprint(m));
+    fn release(&self, st: &mut State, e: &Entry) {
+        st.body_bytes -= e.body_len as usize;
+        self.release_bytes(e.footprint());
+    }
+
+    /// The message of `entry`, read back from the log if it was paged out.
+    pub fn message(&self, entry: &Entry) -> Result<Arc<Message>, StoreError> {
+        if let Some(m) = &entry.message {
+            return Ok(m.clone());
+        }
+        match (&self.log, entry.stored) {
+            (Some(log), Some(r)) => log.load(r).map(Arc::new),
+            _ => Err(StoreError::Deleted),
+        }
+    }
+
+    /// The queue's log, for durable queues with a store.
+    pub fn log(&self) -> Option<&Arc<QueueLog>> {
+        self.log.as_ref()
+    }
+
+    /// These entries left the queue for good (acked, delivered without
+    /// ack, dead-lettered, expired, purged): record it in the log, so they
+    /// do not come back at recovery.
+    pub fn forget<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        if let Some(log) = &self.log {
+            log.ack(entries.into_iter().filter_map(|e| e.stored));
+        }
+    }
+
+    /// Put recovered messages in the queue (at startup, before any client
+    /// sees it), in log order, marked redelivered: they may have been
+    /// delivered before the restart.
+    pub fn restore(&self, recovered: Vec<Recovered>) {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let mut st = self.state.lock();
+        for r in recovered {
+            let ttl = match (
+                self.limits.message_ttl.map(|d| d.as_millis() as u64),
+                r.meta.ttl_ms,
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let entry = Entry {
+                message: None,
+                stored: Some(r.stored),
+                body_len: r.meta.body_len,
+                redelivered: true,
+                expires_at: ttl.map(|t| {
+                    let left = (r.meta.published_ms + t).saturating_sub(now_ms);
+                    now + Duration::from_millis(left)
+                }),
+            };
+            self.enqueued.fetch_add(1, Ordering::Relaxed);
+            self.hold(&mut st, &entry);
+            st.messages.push_back(entry);
+        }
+    }
+
+    /// The queue was deleted: remove its log.
+    pub(crate) fn destroy_log(&self) {
+        if let Some(log) = &self.log {
+            log.destroy();
+        }
     }
 
     fn release_bytes(&self, bytes: usize) {
@@ -423,10 +539,17 @@ impl Queue {
     /// Hand dead messages to the sink (none: they are dropped, as RabbitMQ
     /// drops dead letters of a queue without a dead-letter exchange).
     fn bury(&self, dead: Dead) {
-        if !dead.is_empty()
-            && let Some(sink) = &self.dead_letters
-        {
+        if dead.is_empty() {
+            return;
+        }
+        let stored: Vec<StoreRef> = dead.iter().filter_map(|(e, _)| e.stored).collect();
+        if let Some(sink) = &self.dead_letters {
             sink(self, dead);
+        }
+        // After the sink: a dead letter is in its new queue's log before it
+        // leaves this one's (at least once, never lost).
+        if let (Some(log), false) = (&self.log, stored.is_empty()) {
+            log.ack(stored);
         }
     }
 
@@ -467,7 +590,7 @@ impl Queue {
             .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
         {
             let e = st.messages.pop_front().expect("checked");
-            self.release(st, &e.message);
+            self.release(st, &e);
             dead.push((e, DeathReason::Expired));
         }
     }
@@ -482,40 +605,63 @@ impl Queue {
                 .is_some_and(|max| st.body_bytes + extra_bytes > max)
     }
 
-    /// Add a message and hand it to a consumer if one has credit. Returns
-    /// false if a length limit with `reject-publish` refused it.
-    pub fn push(self: &Arc<Self>, message: Arc<Message>) -> bool {
-        let ttl = match (
-            self.limits.message_ttl,
-            message_ttl(&message).ok().flatten(),
-        ) {
+    /// Add a message and hand it to a consumer if one has credit. A
+    /// persistent message in a queue with a log is written there first
+    /// (and kept on disk only, when the queue holds many bytes already).
+    pub fn push(self: &Arc<Self>, message: Arc<Message>) -> Pushed {
+        let own_ttl = message_ttl(&message).ok().flatten();
+        let ttl = match (self.limits.message_ttl, own_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let entry = Entry {
-            expires_at: ttl.map(|t| Instant::now() + t),
-            message,
-            redelivered: false,
-        };
+        let mut entry = Entry::new(message);
+        entry.expires_at = ttl.map(|t| Instant::now() + t);
+        let mut ticket = 0;
+        if let Some(log) = &self.log
+            && let Some(m) = entry.message.as_ref().filter(|m| m.is_persistent())
+        {
+            let meta = RecordMeta {
+                published_ms: now_ms(),
+                ttl_ms: own_ttl.map(|d| d.as_millis() as u64),
+                body_len: entry.body_len,
+            };
+            match log.append(m, meta) {
+                Ok((stored, t)) => {
+                    entry.stored = Some(stored);
+                    ticket = t;
+                    if self.ready_bytes() > self.page_over {
+                        entry.message = None;
+                    }
+                }
+                Err(StoreError::Deleted) => {}
+                Err(e) => {
+                    tracing::error!(queue = %self.name, "persisting a message failed; refused: {e}");
+                    return Pushed::default();
+                }
+            }
+        }
         let mut dead = Vec::new();
         let accepted = {
             let mut st = self.state.lock();
             self.expire_head(&mut st, &mut dead);
-            let size = entry.message.body.len();
+            let size = entry.body_len as usize;
             let mut accepted = true;
             if self.over_limit(&st, 1, size) {
                 match self.limits.overflow {
                     Overflow::DropHead => {
                         while !st.messages.is_empty() && self.over_limit(&st, 1, size) {
                             let e = st.messages.pop_front().expect("checked");
-                            self.release(&mut st, &e.message);
+                            self.release(&mut st, &e);
                             dead.push((e, DeathReason::MaxLength));
                         }
                     }
                     Overflow::RejectPublish => accepted = false,
                     Overflow::RejectPublishDlx => {
                         accepted = false;
-                        dead.push((entry.clone(), DeathReason::MaxLength));
+                        // Its log record is settled below, as refused.
+                        let mut copy = entry.clone();
+                        copy.stored = None;
+                        dead.push((copy, DeathReason::MaxLength));
                     }
                 }
             }
@@ -531,14 +677,19 @@ impl Queue {
                 dead.push((entry, reason));
             } else if accepted {
                 self.enqueued.fetch_add(1, Ordering::Relaxed);
-                self.hold(&mut st, &entry.message);
+                self.hold(&mut st, &entry);
                 st.messages.push_back(entry);
                 self.dispatch_locked(&mut st, &mut dead);
+            } else if let Some(r) = entry.stored {
+                // Refused after it was written: settle it in the log.
+                if let Some(log) = &self.log {
+                    log.ack([r]);
+                }
             }
             accepted
         };
         self.bury(dead);
-        accepted
+        Pushed { accepted, ticket }
     }
 
     /// Put deliveries back at the head of the queue, in their original
@@ -549,7 +700,7 @@ impl Queue {
             let mut st = self.state.lock();
             for mut e in entries.rev() {
                 e.redelivered = true;
-                self.hold(&mut st, &e.message);
+                self.hold(&mut st, &e);
                 st.messages.push_front(e);
             }
             self.dispatch_locked(&mut st, &mut dead);
@@ -601,7 +752,7 @@ impl Queue {
             st.next = (at + 1) % n;
             let consumer = st.consumers[at].clone();
             let entry = st.messages.pop_front().expect("checked non-empty");
-            self.release(st, &entry.message);
+            self.release(st, &entry);
             consumer.take_credit();
             let dispatch = Dispatch::Deliver {
                 queue: self.clone(),
@@ -612,7 +763,7 @@ impl Queue {
                 consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
-                self.hold(st, &entry.message);
+                self.hold(st, &entry);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);
                 st.next = 0;
@@ -631,7 +782,7 @@ impl Queue {
             self.expire_head(&mut st, &mut dead);
             let e = st.messages.pop_front();
             if let Some(e) = &e {
-                self.release(&mut st, &e.message);
+                self.release(&mut st, e);
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             }
             e
@@ -697,13 +848,13 @@ impl Queue {
     /// Remove every waiting message; returns how many.
     pub fn purge(&self) -> usize {
         let mut st = self.state.lock();
-        let n = st.messages.len();
-        let bytes: usize = st.messages.iter().map(|e| footprint(&e.message)).sum();
-        st.messages.clear();
+        let messages = std::mem::take(&mut st.messages);
         st.body_bytes = 0;
         drop(st);
+        let bytes: usize = messages.iter().map(Entry::footprint).sum();
         self.release_bytes(bytes);
-        n
+        self.forget(&messages);
+        messages.len()
     }
 }
 
@@ -719,7 +870,7 @@ mod tests {
     }
 
     fn queue(limits: QueueLimits, flow: usize) -> Arc<Queue> {
-        Arc::new(Queue::new(decl(), limits, flow, None))
+        Arc::new(Queue::new(decl(), limits, flow, None, None))
     }
 
     fn message(body: usize) -> Arc<Message> {
@@ -774,7 +925,7 @@ mod tests {
                 dead.lock().extend(d.into_iter().map(|(_, r)| r))
             })
         };
-        let q = Arc::new(Queue::new(decl(), limits, 1 << 30, Some(sink)));
+        let q = Arc::new(Queue::new(decl(), limits, 1 << 30, Some(sink), None));
         (q, dead)
     }
 
@@ -785,7 +936,7 @@ mod tests {
             ..Default::default()
         });
         for _ in 0..3 {
-            assert!(q.push(message(10)));
+            assert!(q.push(message(10)).accepted);
         }
         assert_eq!(q.len(), 2);
         assert_eq!(*dead.lock(), vec![DeathReason::MaxLength]);
@@ -795,8 +946,8 @@ mod tests {
             overflow: Overflow::RejectPublish,
             ..Default::default()
         });
-        assert!(q.push(message(10)));
-        assert!(!q.push(message(10)));
+        assert!(q.push(message(10)).accepted);
+        assert!(!q.push(message(10)).accepted);
         assert_eq!(q.len(), 1);
         assert!(
             dead.lock().is_empty(),
@@ -808,8 +959,8 @@ mod tests {
             overflow: Overflow::RejectPublishDlx,
             ..Default::default()
         });
-        assert!(q.push(message(10)));
-        assert!(!q.push(message(10)));
+        assert!(q.push(message(10)).accepted);
+        assert!(!q.push(message(10)).accepted);
         assert_eq!(*dead.lock(), vec![DeathReason::MaxLength]);
     }
 

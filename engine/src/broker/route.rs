@@ -59,6 +59,10 @@ pub struct PublishOutcome {
     /// Queues it went to that are above their flow watermark: the
     /// publisher should be held back until they drain.
     pub congested: Vec<Arc<Queue>>,
+    /// The store's sync ticket covering every copy written to a queue log
+    /// (0: none was). A publisher confirm waits until the store has synced
+    /// this far.
+    pub ticket: u64,
 }
 
 impl PublishOutcome {
@@ -128,10 +132,12 @@ impl Broker {
         }
         ctx.outcome.delivered = ctx.deliveries.len();
         for (q, m) in ctx.deliveries {
-            if !q.push(m) {
+            let pushed = q.push(m);
+            if !pushed.accepted {
                 ctx.outcome.delivered -= 1;
                 ctx.outcome.rejected += 1;
             }
+            ctx.outcome.ticket = ctx.outcome.ticket.max(pushed.ticket);
             if q.congested() {
                 ctx.outcome.congested.push(q);
             }

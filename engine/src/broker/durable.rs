@@ -1,0 +1,211 @@
+//! Durability at the broker level: which definitions are durable, writing
+//! them to the store when they change, and rebuilding the broker from the
+//! store at startup.
+//!
+//! RabbitMQ's rules: an exchange or queue is saved if declared durable
+//! (exclusive queues never are: they die with their connection), and a
+//! binding if both its ends are durable. The predeclared `amq.*` exchanges
+//! are recreated by every vhost, so only their bindings are saved.
+//!
+//! Recovery declares the exchanges first (each through its routing plugin,
+//! which must be loaded: a durable exchange whose plugin is missing stops
+//! the startup with an error naming both, rather than dropping the
+//! exchange and its bindings), then the queues (each recovering its log),
+//! then the bindings, which are replayed into the routing plugins exactly
+//! as if a client had just made them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Broker, BrokerError, Destination, ExchangeSpec};
+use crate::store::Store;
+use crate::store::definitions::{
+    BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
+    VHostDefinitions,
+};
+
+/// What recovery found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recovery {
+    /// Durable exchanges declared.
+    pub exchanges: usize,
+    /// Durable queues declared.
+    pub queues: usize,
+    /// Bindings replayed.
+    pub bindings: usize,
+    /// Messages recovered into queues.
+    pub messages: usize,
+}
+
+impl Broker {
+    /// The message store, if one is attached.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.get()
+    }
+
+    /// Attach `store` and rebuild every durable definition and message it
+    /// holds. Call once, after the plugins are loaded and before clients
+    /// connect.
+    pub fn recover(&self, store: Arc<Store>) -> anyhow::Result<Recovery> {
+        let defs = store.definitions()?;
+        // Saving stays off until everything is back: a partial snapshot
+        // must never replace the file.
+        self.recovering.store(true, Ordering::SeqCst);
+        self.store
+            .set(store.clone())
+            .map_err(|_| anyhow::anyhow!("a store is already attached"))?;
+        let result = self.recover_definitions(&defs);
+        self.recovering.store(false, Ordering::SeqCst);
+        let r = result?;
+        store.remove_orphans();
+        self.persist_definitions()?;
+        Ok(r)
+    }
+
+    fn recover_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
+        use anyhow::Context;
+        let mut r = Recovery::default();
+        for v in &defs.vhosts {
+            let vhost = self.add_vhost(&v.name)?;
+            for x in &v.exchanges {
+                let spec = ExchangeSpec {
+                    name: x.name.clone(),
+                    kind: x.kind.clone(),
+                    durable: true,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments: x.arguments.clone(),
+                };
+                let built = self.build_exchange(&spec).with_context(|| {
+                    format!(
+                        "recovering durable exchange '{}' (type '{}') in vhost '{}'",
+                        x.name, x.kind, v.name
+                    )
+                })?;
+                vhost.exchanges.write().insert(x.name.clone(), built);
+                r.exchanges += 1;
+            }
+            for q in &v.queues {
+                let queue = self
+                    .declare_queue(
+                        &vhost,
+                        &q.name,
+                        true,
+                        None,
+                        q.auto_delete,
+                        q.arguments.clone(),
+                    )
+                    .with_context(|| {
+                        format!(
+                            "recovering durable queue '{}' in vhost '{}'",
+                            q.name, v.name
+                        )
+                    })?;
+                r.messages += queue.len();
+                r.queues += 1;
+            }
+            for b in &v.bindings {
+                let destination = if b.destination_type == "exchange" {
+                    Destination::Exchange(b.destination.clone())
+                } else {
+                    Destination::Queue(b.destination.clone())
+                };
+                self.bind(
+                    &vhost,
+                    &b.source,
+                    destination,
+                    &b.routing_key,
+                    b.arguments.clone(),
+                )
+                .with_context(|| {
+                    format!(
+                        "replaying binding '{}' -> '{}' (key '{}') in vhost '{}'",
+                        b.source, b.destination, b.routing_key, v.name
+                    )
+                })?;
+                r.bindings += 1;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Write the durable definitions if a store is attached (and recovery
+    /// is over).
+    pub(crate) fn persist_definitions(&self) -> Result<(), BrokerError> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        if self.recovering.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // One snapshot and write at a time, so the last write is the
+        // latest state.
+        let _saving = self.definitions.lock();
+        store.save_definitions(self.durable_definitions())?;
+        Ok(())
+    }
+
+    /// Every durable definition, as it is now.
+    pub fn durable_definitions(&self) -> Definitions {
+        let mut vhosts: Vec<VHostDefinitions> = Vec::new();
+        let mut all = self.vhosts();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        for v in all {
+            let mut d = VHostDefinitions {
+                name: v.name.clone(),
+                ..Default::default()
+            };
+            let mut exchanges = v.exchanges();
+            exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+            let durable_queue =
+                |name: &str| v.queue(name).is_ok_and(|q| q.durable && q.owner.is_none());
+            for x in exchanges.iter().filter(|x| x.durable) {
+                if !x.name.starts_with("amq.") && !x.name.is_empty() {
+                    d.exchanges.push(ExchangeDefinition {
+                        name: x.name.clone(),
+                        kind: x.kind.clone(),
+                        auto_delete: x.auto_delete,
+                        internal: x.internal,
+                        arguments: x.arguments.clone(),
+                    });
+                }
+                let table = x.bindings.load();
+                let mut bindings: Vec<_> = table.iter().collect();
+                bindings.sort_by_key(|b| b.id);
+                for b in bindings {
+                    let (kind, durable) = match &b.destination {
+                        Destination::Queue(q) => ("queue", durable_queue(q)),
+                        Destination::Exchange(e) => {
+                            ("exchange", v.exchange(e).is_ok_and(|e| e.durable))
+                        }
+                    };
+                    if durable {
+                        d.bindings.push(BindingDefinition {
+                            source: x.name.clone(),
+                            destination: b.destination.name().to_owned(),
+                            destination_type: kind.into(),
+                            routing_key: b.key.clone(),
+                            arguments: b.arguments.clone(),
+                        });
+                    }
+                }
+            }
+            let mut queues = v.queues();
+            queues.sort_by(|a, b| a.name.cmp(&b.name));
+            for q in queues.iter().filter(|q| q.durable && q.owner.is_none()) {
+                d.queues.push(QueueDefinition {
+                    name: q.name.clone(),
+                    auto_delete: q.auto_delete,
+                    arguments: q.arguments.clone(),
+                });
+            }
+            if !(d.exchanges.is_empty() && d.queues.is_empty() && d.bindings.is_empty()) {
+                vhosts.push(d);
+            }
+        }
+        Definitions {
+            version: DEFINITIONS_VERSION,
+            vhosts,
+        }
+    }
+}
