@@ -18,6 +18,7 @@ use crate::broker::{
     ExchangeSpec, Queue, VHost,
 };
 use crate::message::Message;
+use crate::store::Synced;
 
 /// An error from handling a frame: closes the channel or the connection.
 #[derive(Debug)]
@@ -91,6 +92,8 @@ pub(crate) struct Ctx<'a> {
     /// Queues above their flow watermark that this connection published
     /// into: it stops reading until they drain.
     pub congested: &'a mut Vec<Arc<Queue>>,
+    /// Set when a channel holds confirms waiting for the store's sync.
+    pub awaiting_sync: &'a mut bool,
 }
 
 struct Pending {
@@ -105,6 +108,9 @@ struct Unacked {
     entry: Entry,
     consumer: Option<Arc<Consumer>>,
 }
+
+/// The `confirms` tag of a deferred `tx.commit-ok` (delivery tags start at 1).
+const COMMIT_OK: u64 = 0;
 
 struct TxPublish {
     exchange: String,
@@ -129,7 +135,18 @@ pub(crate) struct Channel {
     credit: Arc<ChannelCredit>,
     confirm: bool,
     publish_seq: u64,
+    /// Confirms not sent yet, in publish order: (tag, store ticket, ack).
+    /// A persistent message's confirm waits for the group commit to reach
+    /// its ticket; later confirms wait behind it, so `multiple` acks are
+    /// always truthful.
+    /// In a transactional channel, the one entry is a `tx.commit-ok`
+    /// (tag [`COMMIT_OK`]) waiting for the commit's messages to be synced.
+    confirms: VecDeque<(u64, u64, bool)>,
     tx: Option<(Vec<TxPublish>, Vec<TxAck>)>,
+    /// The highest store ticket of the transaction being committed.
+    tx_ticket: u64,
+    /// A commit whose messages failed to sync: the channel must be closed.
+    pub tx_failed: bool,
     last_queue: String,
     next_ctag: u64,
 }
@@ -147,7 +164,10 @@ impl Channel {
             credit: Arc::new(ChannelCredit::default()),
             confirm: false,
             publish_seq: 0,
+            confirms: VecDeque::new(),
             tx: None,
+            tx_ticket: 0,
+            tx_failed: false,
             last_queue: String::new(),
             next_ctag: 0,
         }
@@ -318,24 +338,77 @@ impl Channel {
             );
             encode_content(ctx.out, self.id, &props, &body, ctx.frame_max);
         }
+        self.tx_ticket = self.tx_ticket.max(outcome.ticket);
         if self.confirm {
             self.publish_seq += 1;
             let tag = self.publish_seq;
-            let method = if outcome.faults.is_empty() && outcome.rejected == 0 {
-                basic::AMQPMethod::Ack(basic::Ack {
-                    delivery_tag: tag,
-                    multiple: false,
-                })
+            let ack = outcome.faults.is_empty() && outcome.rejected == 0;
+            if outcome.ticket == 0 && self.confirms.is_empty() {
+                self.send_confirm(ctx.out, tag, false, ack);
             } else {
-                basic::AMQPMethod::Nack(basic::Nack {
-                    delivery_tag: tag,
-                    multiple: false,
-                    requeue: false,
-                })
-            };
-            self.send(ctx, AMQPClass::Basic(method));
+                self.confirms.push_back((tag, outcome.ticket, ack));
+                *ctx.awaiting_sync = true;
+            }
         }
         Ok(())
+    }
+
+    fn send_confirm(&self, out: &mut Vec<u8>, tag: u64, multiple: bool, ack: bool) {
+        let method = if ack {
+            basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple,
+            })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: tag,
+                multiple,
+                requeue: false,
+            })
+        };
+        encode_method(out, self.id, AMQPClass::Basic(method));
+    }
+
+    /// Send the confirms the store has synced far enough for: runs of acks
+    /// as one `multiple` ack, a failed sync as a nack. Returns whether
+    /// some still wait.
+    pub(crate) fn release_confirms(&mut self, out: &mut Vec<u8>, synced: Synced) -> bool {
+        let mut acks: Option<(u64, u32)> = None;
+        while let Some(&(tag, ticket, ack)) = self.confirms.front() {
+            let on_disk = if ticket == 0 {
+                true
+            } else {
+                match synced.outcome(ticket) {
+                    Some(on_disk) => on_disk,
+                    None => break,
+                }
+            };
+            self.confirms.pop_front();
+            if tag == COMMIT_OK {
+                if on_disk {
+                    encode_method(
+                        out,
+                        self.id,
+                        AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+                    );
+                } else {
+                    self.tx_failed = true;
+                }
+                continue;
+            }
+            if ack && on_disk {
+                acks = Some((tag, acks.map_or(1, |(_, n)| n + 1)));
+                continue;
+            }
+            if let Some((last, n)) = acks.take() {
+                self.send_confirm(out, last, n > 1, true);
+            }
+            self.send_confirm(out, tag, false, false);
+        }
+        if let Some((last, n)) = acks {
+            self.send_confirm(out, last, n > 1, true);
+        }
+        !self.confirms.is_empty()
     }
 
     fn queue_name(&self, name: &ShortString) -> Result<String, AmqpError> {
@@ -660,12 +733,20 @@ impl Channel {
             }
             M::Get(g) => {
                 let q = self.queue(ctx, &g.queue)?;
-                match q.pop() {
+                let popped = loop {
+                    let Some(entry) = q.pop() else { break None };
+                    match q.message(&entry) {
+                        Ok(m) => break Some((entry, m)),
+                        Err(e) => {
+                            tracing::error!(queue = %q.name, "reading a stored message failed; skipped: {e}")
+                        }
+                    }
+                };
+                match popped {
                     None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
-                    Some(entry) => {
+                    Some((entry, m)) => {
                         self.next_tag += 1;
                         let tag = self.next_tag;
-                        let m = &entry.message;
                         self.send(
                             ctx,
                             AMQPClass::Basic(M::GetOk(basic::GetOk {
@@ -683,7 +764,9 @@ impl Channel {
                             &m.body,
                             ctx.frame_max,
                         );
-                        if !g.no_ack {
+                        if g.no_ack {
+                            q.forget([&entry]);
+                        } else {
                             self.unacked.push_back((
                                 tag,
                                 Unacked {
@@ -734,6 +817,7 @@ impl Channel {
                         "PRECONDITION_FAILED - channel is not transactional",
                     ));
                 };
+                self.tx_ticket = 0;
                 for p in publishes {
                     self.publish(ctx, &p.exchange, p.mandatory, p.message)?;
                 }
@@ -745,7 +829,13 @@ impl Channel {
                         }
                     }
                 }
-                self.send(ctx, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                if self.tx_ticket == 0 {
+                    self.send(ctx, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                } else {
+                    // Committed means on disk, as a confirm does.
+                    self.confirms.push_back((COMMIT_OK, self.tx_ticket, true));
+                    *ctx.awaiting_sync = true;
+                }
             }
             M::Rollback(_) => {
                 let Some((publishes, acks)) = self.tx.as_mut() else {
@@ -826,22 +916,21 @@ impl Channel {
             if let Some(c) = &u.consumer {
                 c.settled();
             }
-            // Requeue, or (nack/reject without requeue) dead-letter.
-            if requeue.is_some() {
-                match requeues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                    Some((_, v)) => v.push(u.entry),
-                    None => requeues.push((u.queue.clone(), vec![u.entry])),
-                }
+            match requeues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                Some((_, v)) => v.push(u.entry),
+                None => requeues.push((u.queue.clone(), vec![u.entry])),
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue);
             }
         }
+        // Ack (settled in the queue's log, one write per segment), requeue,
+        // or (nack/reject without requeue) dead-letter.
         for (q, entries) in requeues {
-            if requeue == Some(true) {
-                q.requeue(entries.into_iter());
-            } else {
-                q.reject(entries);
+            match requeue {
+                None => q.forget(&entries),
+                Some(true) => q.requeue(entries.into_iter()),
+                Some(false) => q.reject(entries),
             }
         }
         for q in touched {
@@ -913,9 +1002,17 @@ impl Channel {
             queue.requeue(std::iter::once(entry));
             return false;
         }
+        let m = match queue.message(&entry) {
+            Ok(m) => m,
+            Err(e) => {
+                // Left in the log: recovery reports it with file and offset.
+                tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
+                consumer.settled();
+                return false;
+            }
+        };
         self.next_tag += 1;
         let tag = self.next_tag;
-        let m = &entry.message;
         self.send(
             ctx,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
@@ -933,7 +1030,9 @@ impl Channel {
             &m.body,
             ctx.frame_max,
         );
-        if !consumer.no_ack {
+        if consumer.no_ack {
+            queue.forget([&entry]);
+        } else {
             self.unacked.push_back((
                 tag,
                 Unacked {

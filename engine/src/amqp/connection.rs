@@ -82,6 +82,7 @@ pub(crate) async fn run(
         dispatch_tx,
         exclusive_queues: Vec::new(),
         congested: Vec::new(),
+        awaiting_sync: false,
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
@@ -400,6 +401,8 @@ struct Connection {
     /// Queues this connection's publishes overfilled: while any is listed,
     /// frames from the client are not read (deliveries still go out).
     congested: Vec<Arc<Queue>>,
+    /// Some channel holds publisher confirms waiting for the store's sync.
+    awaiting_sync: bool,
     last_read: Instant,
     last_write: Instant,
 }
@@ -423,8 +426,10 @@ impl Connection {
         };
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut synced = self.broker.store().map(|s| s.synced());
         loop {
             let blocked = self.congested.first().cloned();
+            let waiting = self.awaiting_sync && synced.is_some();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -456,7 +461,20 @@ impl Connection {
                     Step::Continue
                 }
                 _ = heartbeat.tick() => self.heartbeat_tick(),
+                r = async { synced.as_mut().expect("guarded").changed().await }, if waiting => {
+                    if r.is_err() {
+                        // The store stopped (shutdown): nothing more syncs.
+                        synced = None;
+                    }
+                    Step::Continue
+                }
             };
+            if self.awaiting_sync
+                && let Some(rx) = &mut synced
+            {
+                let now = *rx.borrow_and_update();
+                self.release_confirms(now);
+            }
             // Batch: take whatever else is ready before writing.
             if matches!(step, Step::Continue) {
                 while self.out.len() < WRITE_BATCH {
@@ -491,6 +509,27 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    fn release_confirms(&mut self, synced: crate::store::Synced) {
+        let mut waiting = false;
+        let mut failed = Vec::new();
+        for ch in self.channels.values_mut() {
+            waiting |= ch.release_confirms(&mut self.out, synced);
+            if std::mem::take(&mut ch.tx_failed) {
+                failed.push(ch.id);
+            }
+        }
+        self.awaiting_sync = waiting;
+        for id in failed {
+            self.channel_error(
+                id,
+                AmqpError::new(
+                    541,
+                    "INTERNAL_ERROR - the transaction's messages failed to sync to disk",
+                ),
+            );
+        }
     }
 
     /// After we sent connection.close: wait briefly for close-ok.
@@ -555,6 +594,7 @@ impl Connection {
                 frame_max: self.frame_max,
                 exclusive_queues: &mut self.exclusive_queues,
                 congested: &mut self.congested,
+                awaiting_sync: &mut self.awaiting_sync,
             },
             &mut self.channels,
         )
@@ -661,21 +701,31 @@ impl Connection {
             Err(e) if e.is_connection_error() => self.connection_error(e),
             Err(e) => {
                 tracing::debug!(%peer, channel, code = e.code, "channel error: {}", e.text);
-                ch.shutdown(&ctx);
-                ch.closing = true;
-                encode_method(
-                    ctx.out,
-                    channel,
-                    AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
-                        reply_code: e.code,
-                        reply_text: e.reply_text(),
-                        class_id: e.class_id,
-                        method_id: e.method_id,
-                    })),
-                );
+                self.channel_error(channel, e);
                 Step::Continue
             }
         }
+    }
+
+    /// Close one channel with `e`: requeue its deliveries, send channel.close,
+    /// and ignore its frames until close-ok.
+    fn channel_error(&mut self, channel: u16, e: AmqpError) {
+        let (ctx, channels) = self.ctx();
+        let Some(ch) = channels.get_mut(&channel) else {
+            return;
+        };
+        ch.shutdown(&ctx);
+        ch.closing = true;
+        encode_method(
+            ctx.out,
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code,
+                reply_text: e.reply_text(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
     }
 
     fn connection_error(&mut self, e: AmqpError) -> Step {
