@@ -25,6 +25,8 @@ pub struct Config {
     pub plugins: PluginConfig,
     /// AMQP protocol settings.
     pub amqp: AmqpSection,
+    /// Message store settings.
+    pub store: StoreSection,
     /// Users allowed to connect (default: guest/guest from loopback only).
     pub users: Vec<User>,
 }
@@ -65,7 +67,38 @@ impl Default for Config {
             plugin_dir: PathBuf::from("./plugins"),
             plugins: PluginConfig::default(),
             amqp: AmqpSection::default(),
+            store: StoreSection::default(),
             users: AmqpConfig::default().users,
+        }
+    }
+}
+
+/// `[store]`: the message store under `data_dir`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Persist durable definitions and persistent messages. Off, every
+    /// queue lives in memory only (and confirms do not wait for disk).
+    pub enabled: bool,
+    /// Size of a queue log's segment files, MiB. A segment is deleted once
+    /// all its messages are acked.
+    pub segment_mib: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            enabled: true,
+            segment_mib: crate::store::DEFAULT_SEGMENT_BYTES >> 20,
+        }
+    }
+}
+
+impl StoreSection {
+    /// The store's options.
+    pub fn options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            segment_bytes: self.segment_mib.max(1) << 20,
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, AmqpConfig};
 use crate::plugin::{PluginHost, PluginWatcher};
+use crate::store::Store;
 use crate::{Broker, Config};
 
 /// How often queues are swept for expired messages.
@@ -26,6 +27,7 @@ pub struct Server {
     pub amqp_addr: SocketAddr,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    store: Option<Arc<Store>>,
     _watcher: Option<PluginWatcher>,
 }
 
@@ -51,6 +53,33 @@ impl Server {
         broker.set_queue_flow_bytes(config.amqp.queue_flow_bytes);
         let loaded = broker.load_plugin_dir();
         tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
+        for user in &config.users {
+            for v in &user.vhosts {
+                broker.add_vhost(v)?;
+            }
+        }
+        // Durable state comes back after the plugins (exchanges need their
+        // routing plugins) and before the listener opens.
+        let store = if config.store.enabled {
+            let started = std::time::Instant::now();
+            let store =
+                Store::open(&config.data_dir, config.store.options()).with_context(|| {
+                    format!("opening the message store in {}", config.data_dir.display())
+                })?;
+            let r = broker.recover(store.clone())?;
+            tracing::info!(
+                dir = %config.data_dir.display(),
+                exchanges = r.exchanges,
+                queues = r.queues,
+                bindings = r.bindings,
+                messages = r.messages,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "message store recovered"
+            );
+            Some(store)
+        } else {
+            None
+        };
         let watcher = if config.plugins.watch {
             Some(broker.watch_plugins()?)
         } else {
@@ -94,6 +123,7 @@ impl Server {
             amqp_addr,
             shutdown,
             tracker,
+            store,
             _watcher: watcher,
         })
     }
@@ -108,6 +138,10 @@ impl Server {
             .is_err()
         {
             tracing::warn!("connections still open after {grace:?}; exiting anyway");
+        }
+        if let Some(store) = &self.store {
+            store.flush().await;
+            store.close();
         }
     }
 }
