@@ -132,7 +132,7 @@ impl TestBroker {
     /// Take every waiting message of `queue`.
     pub fn drain(&self, queue: &str) -> Vec<Arc<Message>> {
         let q = self.vhost().queue(queue).unwrap();
-        std::iter::from_fn(|| q.pop().map(|e| e.message)).collect()
+        std::iter::from_fn(|| q.pop().map(|e| q.message(&e).unwrap())).collect()
     }
 
     /// The plugin folder.
@@ -188,6 +188,8 @@ pub struct TestServer {
     pub plugins: tempfile::TempDir,
     /// Data folder.
     pub data: tempfile::TempDir,
+    /// The config it was started with.
+    pub config: wasmq::Config,
 }
 
 impl TestServer {
@@ -209,12 +211,26 @@ impl TestServer {
         };
         config.plugins.compile_cache = false;
         adjust(&mut config);
-        let server = wasmq::server::Server::start(config).await.unwrap();
+        let server = wasmq::server::Server::start(config.clone()).await.unwrap();
         TestServer {
             server: Some(server),
             plugins,
             data,
+            config,
         }
+    }
+
+    /// Shut down cleanly and start again on the same folders and config
+    /// (a new port).
+    pub async fn restart(mut self) -> Self {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(5)).await;
+        }
+        let server = wasmq::server::Server::start(self.config.clone())
+            .await
+            .unwrap();
+        self.server = Some(server);
+        self
     }
 
     /// The broker core.

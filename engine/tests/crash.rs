@@ -1,0 +1,312 @@
+//! Crash tests: the real `wasmq` binary as a child process, killed with
+//! SIGKILL at random moments while a publisher (confirm mode, persistent
+//! messages) and a consumer (manual acks) run against a durable queue, then
+//! restarted on the same data folder. Across every round:
+//!
+//! - every message whose confirm arrived is delivered at least once;
+//! - no message is delivered again after its ack was known to be processed
+//!   (the ack followed by a round trip on the same channel);
+//! - messages delivered with `redelivered = false` arrive in publish order.
+//!
+//! The kill point is random; the seed is printed and can be replayed with
+//! `WASMQ_CRASH_SEED`. `WASMQ_CRASH_ROUNDS` sets the number of rounds.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const QUEUE: &str = "crash";
+
+/// xorshift64*: enough randomness for kill points, and replayable.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// What the clients observed, across all rounds.
+#[derive(Default)]
+struct Observed {
+    next_seq: u64,
+    confirmed: BTreeSet<u64>,
+    /// Acks the broker is known to have processed.
+    acked: HashSet<u64>,
+    deliveries: HashMap<u64, u32>,
+    last_fresh: Option<u64>,
+    violations: Vec<String>,
+}
+
+impl Observed {
+    fn delivered(&mut self, seq: u64, redelivered: bool) {
+        if self.acked.contains(&seq) {
+            self.violations
+                .push(format!("message {seq} delivered again after its ack"));
+        }
+        if !redelivered {
+            if let Some(last) = self.last_fresh
+                && seq <= last
+            {
+                self.violations.push(format!(
+                    "message {seq} delivered (not redelivered) after {last}: order broken"
+                ));
+            }
+            self.last_fresh = Some(seq);
+        }
+        *self.deliveries.entry(seq).or_default() += 1;
+    }
+}
+
+/// The broker as a child process on a fixed data folder.
+struct Broker {
+    child: Child,
+    addr: Option<String>,
+}
+
+impl Broker {
+    fn spawn(data: &Path, plugins: &Path) -> Broker {
+        let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--plugin-dir")
+            .arg(plugins)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wasmq");
+        Broker { child, addr: None }
+    }
+
+    /// Wait for the "AMQP listening" log line and keep draining the output
+    /// afterwards so the child never blocks on a full pipe.
+    async fn ready(&mut self) -> String {
+        if let Some(a) = &self.addr {
+            return a.clone();
+        }
+        let stdout = self.child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(addr) = v["fields"]["amqp_addr"].as_str() {
+                let addr = addr.to_string();
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                self.addr = Some(addr.clone());
+                return addr;
+            }
+        }
+        panic!("wasmq exited before listening");
+    }
+
+    async fn kill(mut self) {
+        self.child.start_kill().expect("kill -9");
+        self.child.wait().await.expect("reap");
+    }
+}
+
+async fn connect(addr: &str) -> Connection {
+    Connection::connect(
+        &format!("amqp://guest:guest@{addr}/%2f"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("connect")
+}
+
+async fn declare(ch: &Channel) {
+    ch.queue_declare(
+        QUEUE.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+}
+
+/// Publish numbered persistent messages in confirm mode, up to `window`
+/// unconfirmed at a time, forever (until the broker dies).
+async fn publish(conn: &Connection, seen: &Mutex<Observed>, window: usize) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    declare(&ch).await;
+    loop {
+        let mut pending = Vec::with_capacity(window);
+        for _ in 0..window {
+            let seq = {
+                let mut s = seen.lock().unwrap();
+                s.next_seq += 1;
+                s.next_seq
+            };
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &seq.to_be_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            pending.push((seq, confirm));
+        }
+        for (seq, confirm) in pending {
+            if let Confirmation::Ack(_) = confirm.await? {
+                seen.lock().unwrap().confirmed.insert(seq);
+            }
+        }
+    }
+}
+
+/// Consume with manual acks; after every few acks, a round trip on the
+/// channel proves the broker processed them, and only then do they count.
+async fn consume(conn: &Connection, seen: &Mutex<Observed>) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    declare(&ch).await;
+    ch.basic_qos(100, BasicQosOptions::default()).await?;
+    let mut deliveries = ch
+        .basic_consume(
+            QUEUE.into(),
+            "crash-consumer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut unproven = Vec::new();
+    while let Some(d) = deliveries.next().await {
+        let d = d?;
+        let seq = u64::from_be_bytes(d.data[..8].try_into().unwrap());
+        seen.lock().unwrap().delivered(seq, d.redelivered);
+        d.acker.ack(BasicAckOptions::default()).await?;
+        unproven.push(seq);
+        if unproven.len() >= 25 {
+            ch.basic_qos(100, BasicQosOptions::default()).await?;
+            seen.lock().unwrap().acked.extend(unproven.drain(..));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9() {
+    let seed = std::env::var("WASMQ_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let rounds: u32 = std::env::var("WASMQ_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!("crash test: seed {seed}, {rounds} rounds");
+    let mut rng = Rng(seed);
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let seen = Mutex::new(Observed::default());
+    let started = Instant::now();
+
+    for round in 0..rounds {
+        if started.elapsed() > Duration::from_secs(90) {
+            eprintln!("time bound reached after {round} rounds");
+            break;
+        }
+        let mut broker = Broker::spawn(data.path(), plugins.path());
+        // Sometimes during start-up and recovery, mostly under traffic.
+        let kill_after = Duration::from_millis(if rng.below(5) == 0 {
+            rng.below(150)
+        } else {
+            200 + rng.below(1200)
+        });
+        let window = [1, 10, 100, 500][rng.below(4) as usize];
+        let traffic = async {
+            let addr = broker.ready().await;
+            let conn = connect(&addr).await;
+            let _ = tokio::join!(publish(&conn, &seen, window), consume(&conn, &seen));
+            std::future::pending::<()>().await
+        };
+        let _ = tokio::time::timeout(kill_after, traffic).await;
+        broker.kill().await;
+        let s = seen.lock().unwrap();
+        eprintln!(
+            "round {round}: killed after {kill_after:?} (window {window}); {} confirmed, {} acked so far",
+            s.confirmed.len(),
+            s.acked.len()
+        );
+    }
+
+    // A last, clean life: drain the queue and account for every message.
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await;
+    let conn = connect(&addr).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch).await;
+    while let Some(m) = ch
+        .basic_get(QUEUE.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
+        seen.lock().unwrap().delivered(seq, m.delivery.redelivered);
+        m.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    conn.close(200, "done".into()).await.unwrap();
+    broker.kill().await;
+
+    let s = seen.into_inner().unwrap();
+    let lost: Vec<u64> = s
+        .confirmed
+        .iter()
+        .copied()
+        .filter(|seq| !s.deliveries.contains_key(seq))
+        .collect();
+    eprintln!(
+        "seed {seed}: {} published, {} confirmed, {} delivered, {} redeliveries",
+        s.next_seq,
+        s.confirmed.len(),
+        s.deliveries.len(),
+        s.deliveries.values().map(|n| n - 1).sum::<u32>()
+    );
+    assert!(
+        s.confirmed.len() > 100,
+        "seed {seed}: too little traffic to prove anything ({} confirmed)",
+        s.confirmed.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "seed {seed}: {} confirmed messages lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        s.violations.is_empty(),
+        "seed {seed}: {:?}",
+        &s.violations[..s.violations.len().min(10)]
+    );
+}

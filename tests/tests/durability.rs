@@ -1,0 +1,342 @@
+//! Durability through a real client: durable definitions and persistent
+//! messages survive a restart of the server on the same data folder;
+//! transient ones do not; acked messages never come back; backlogs larger
+//! than memory's share are paged to disk and read back; drained segments
+//! are reclaimed. (Crash tests with `kill -9` are in the engine package,
+//! next to the binary they kill.)
+
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
+use wasmq_tests::TestServer;
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
+    let c = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(c, Confirmation::Ack(None), "confirm for {key}");
+}
+
+async fn channel(t: &TestServer) -> (lapin::Connection, Channel) {
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, ch)
+}
+
+async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|q| q.message_count())
+}
+
+async fn get_all(ch: &Channel, queue: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push((
+            String::from_utf8(m.delivery.data.clone()).unwrap(),
+            m.delivery.redelivered,
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_definitions_and_persistent_messages_survive_a_restart() {
+    let t = TestServer::start().await;
+    let (conn, ch) = channel(&t).await;
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(100));
+    ch.exchange_declare(
+        "events".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare("orders".into(), durable(), args.clone())
+        .await
+        .unwrap();
+    wasmq_tests::declare_queue(&ch, "scratch").await; // transient
+    for q in ["orders", "scratch"] {
+        ch.queue_bind(
+            q.into(),
+            "events".into(),
+            "orders.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // A binding from a predeclared exchange is saved too.
+    ch.queue_bind(
+        "orders".into(),
+        "amq.direct".into(),
+        "direct-key".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "events", "orders.1", b"p1", persistent()).await;
+    publish(&ch, "events", "orders.2", b"t2", BasicProperties::default()).await;
+    publish(&ch, "events", "orders.3", b"p3", persistent()).await;
+    conn.close(200, "bye".into()).await.unwrap();
+
+    let t = t.restart().await;
+    let (conn, ch) = channel(&t).await;
+    // The transient queue and the transient message are gone.
+    assert_eq!(
+        wasmq_tests::reply_code(&count(&ch, "scratch").await.unwrap_err()),
+        Some(404)
+    );
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        get_all(&ch, "orders").await,
+        vec![("p1".into(), true), ("p3".into(), true)],
+        "persistent messages come back in order, marked redelivered"
+    );
+    // Arguments came back (redeclaring with them is accepted, without 406).
+    ch.queue_declare("orders".into(), durable(), args)
+        .await
+        .unwrap();
+    // The exchange and both bindings were replayed into their plugins.
+    publish(&ch, "events", "orders.4", b"p4", persistent()).await;
+    publish(&ch, "amq.direct", "direct-key", b"p5", persistent()).await;
+    assert_eq!(
+        get_all(&ch, "orders").await,
+        vec![("p4".into(), false), ("p5".into(), false)]
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_stay_gone_and_unacked_ones_come_back() {
+    let t = TestServer::start().await;
+    let (conn, ch) = channel(&t).await;
+    ch.queue_declare("work".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    for i in 0..10 {
+        publish(&ch, "", "work", format!("m{i}").as_bytes(), persistent()).await;
+    }
+    let mut c = wasmq_tests::consume(&ch, "work", "").await;
+    for i in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, format!("m{i}").as_bytes());
+        // Ack the even ones, reject m1 without requeue, leave the rest.
+        if i % 2 == 0 {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        } else if i == 1 {
+            d.reject(BasicRejectOptions { requeue: false })
+                .await
+                .unwrap();
+        }
+    }
+    // A round trip on the same channel: the acks before it were processed.
+    count(&ch, "work").await.unwrap();
+    drop(c);
+    // A restart without closing the connection first: the unacked
+    // deliveries are requeued by the shutdown, and must be on disk anyway.
+    let t = t.restart().await;
+    drop(conn);
+    let (conn, ch) = channel(&t).await;
+    let got: Vec<String> = get_all(&ch, "work")
+        .await
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(got, vec!["m3", "m5", "m7", "m9"]);
+    conn.close(200, "bye".into()).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_paged_to_disk_and_segments_are_reclaimed() {
+    // A 64 KiB flow watermark pages persistent messages out after 16 KiB;
+    // 1 MiB segments make the 3 MiB backlog span several.
+    let t = TestServer::start_with(|c| {
+        c.amqp.queue_flow_bytes = 64 << 10;
+        c.store.segment_mib = 1;
+    })
+    .await;
+    let (conn, ch) = channel(&t).await;
+    ch.queue_declare("backlog".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let body = |i: usize| {
+        let mut b = format!("{i:08}").into_bytes();
+        b.resize(4096, b'x');
+        b
+    };
+    let n = 768;
+    for i in 0..n {
+        publish(&ch, "", "backlog", &body(i), persistent()).await;
+    }
+    let q = t.broker().vhost("/").unwrap().queue("backlog").unwrap();
+    assert_eq!(q.len(), n);
+    assert!(
+        q.ready_bytes() < 64 << 10,
+        "paged-out messages are not held in memory: {} bytes ready",
+        q.ready_bytes()
+    );
+    let log = q.log().unwrap().clone();
+    assert!(log.segment_count() >= 3, "{} segments", log.segment_count());
+    let files = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().count();
+    let dir = log.dir().to_owned();
+    assert!(files(&dir) >= 3);
+
+    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut c = wasmq_tests::consume(&ch, "backlog", "").await;
+    for i in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, body(i), "message {i} read back from disk intact");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    count(&ch, "backlog").await.unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || log.segment_count() == 1).await,
+        "drained segments are deleted, {} left",
+        log.segment_count()
+    );
+    assert!(
+        files(&dir) <= 2,
+        "only the active segment (and its acks) remain"
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_corrupt_record_names_the_file_and_offset() {
+    let t = TestServer::start_with(|c| c.store.segment_mib = 1).await;
+    let (conn, ch) = channel(&t).await;
+    ch.queue_declare("q".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    // Two segments: corruption in the first one is not a torn tail.
+    for i in 0..600 {
+        let mut body = format!("{i}").into_bytes();
+        body.resize(4096, b'.');
+        publish(&ch, "", "q", &body, persistent()).await;
+    }
+    let dir = t
+        .broker()
+        .vhost("/")
+        .unwrap()
+        .queue("q")
+        .unwrap()
+        .log()
+        .unwrap()
+        .dir()
+        .to_owned();
+    conn.close(200, "bye".into()).await.unwrap();
+    let mut t = t;
+    t.server
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(5))
+        .await;
+    let first = dir.join("0000000001.seg");
+    let mut bytes = std::fs::read(&first).unwrap();
+    let at = 16 + 8 + 100; // inside the first record's payload
+    bytes[at] ^= 0xff;
+    std::fs::write(&first, bytes).unwrap();
+    let err = wasmq::server::Server::start(t.config.clone())
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("0000000001.seg") && text.contains("offset 16") && text.contains("checksum"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_commit_returns_after_the_messages_are_synced() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("txq".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.tx_select().await.unwrap();
+    let store = t.broker().store().unwrap().clone();
+    for round in 0..5 {
+        for i in 0..20 {
+            ch.basic_publish(
+                "".into(),
+                "txq".into(),
+                BasicPublishOptions::default(),
+                format!("{round}.{i}").as_bytes(),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        }
+        ch.tx_commit().await.unwrap();
+        // Nothing else writes: commit-ok means the sync reached every write.
+        let synced = store.synced().borrow().upto;
+        assert!(
+            synced >= store.issued(),
+            "commit-ok before the sync: synced {synced}, issued {}",
+            store.issued()
+        );
+    }
+    assert_eq!(count(&ch, "txq").await.unwrap(), 100);
+    conn.close(200, "bye".into()).await.unwrap();
+    t.stop().await;
+}
