@@ -203,8 +203,10 @@ pub(crate) struct Instance {
     abi_version: TypedFunc<(), i32>,
     roles: TypedFunc<(), i32>,
     deadline_ticks: u64,
+    setup_ticks: u64,
     memory_limit: usize,
     deadline: std::time::Duration,
+    setup_deadline: std::time::Duration,
 }
 
 fn export_err(name: &str, e: impl std::fmt::Display) -> PluginFault {
@@ -231,10 +233,12 @@ impl Instance {
         );
         store.limiter(|s| &mut s.limiter);
         let deadline_ticks = host.deadline_ticks();
-        store.set_epoch_deadline(deadline_ticks);
+        let setup_ticks = host.setup_ticks();
+        let setup_deadline = limits.setup_deadline.max(limits.deadline);
+        store.set_epoch_deadline(setup_ticks);
         let instance = match host.linker().instantiate(&mut store, version.module()) {
             Ok(i) => i,
-            Err(e) => return Err(classify(&store, e, limits.memory, limits.deadline)),
+            Err(e) => return Err(classify(&store, e, limits.memory, setup_deadline)),
         };
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -269,12 +273,15 @@ impl Instance {
             abi_version: req!("wasmq_abi_version"),
             roles: req!("wasmq_roles"),
             deadline_ticks,
+            setup_ticks,
             memory_limit: limits.memory,
             deadline: limits.deadline,
+            setup_deadline,
             store,
         })
     }
 
+    /// A message call, under the message deadline.
     fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
         &mut self,
         f: &TypedFunc<P, R>,
@@ -285,14 +292,25 @@ impl Instance {
             .map_err(|e| classify(&self.store, e, self.memory_limit, self.deadline))
     }
 
+    /// A set-up call (init, bind, unbind, metadata), under the set-up deadline.
+    fn setup_call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        f: &TypedFunc<P, R>,
+        params: P,
+    ) -> Result<R, PluginFault> {
+        self.store.set_epoch_deadline(self.setup_ticks);
+        f.call(&mut self.store, params)
+            .map_err(|e| classify(&self.store, e, self.memory_limit, self.setup_deadline))
+    }
+
     pub(crate) fn abi_version(&mut self) -> Result<i32, PluginFault> {
         let f = self.abi_version.clone();
-        self.call(&f, ())
+        self.setup_call(&f, ())
     }
 
     pub(crate) fn roles(&mut self) -> Result<i32, PluginFault> {
         let f = self.roles.clone();
-        self.call(&f, ())
+        self.setup_call(&f, ())
     }
 
     pub(crate) fn has_export(&self, role: i32) -> bool {
@@ -359,7 +377,7 @@ impl Instance {
     pub(crate) fn init(&mut self, role: i32, input: &[u8]) -> Result<(), CallError> {
         let len = self.write_input(&[input])?;
         let f = self.init.clone();
-        let packed = self.call(&f, (role, len))?;
+        let packed = self.setup_call(&f, (role, len))?;
         self.reply(packed, |_| Ok(()))
     }
 
@@ -373,7 +391,7 @@ impl Instance {
         };
         let f = f.ok_or_else(|| PluginFault::Malformed("not a router".into()))?;
         let len = self.write_input(&[input])?;
-        let packed = self.call(&f, (id as i32, len))?;
+        let packed = self.setup_call(&f, (id as i32, len))?;
         self.reply(packed, |_| Ok(()))
     }
 

@@ -50,8 +50,13 @@ pub use watcher::PluginWatcher;
 /// Bounds applied to every plugin instance and call.
 #[derive(Clone, Debug)]
 pub struct PluginLimits {
-    /// Wall-clock deadline of one call into a plugin.
+    /// Wall-clock deadline of one call into a plugin for a message (route,
+    /// filter, transform).
     pub deadline: Duration,
+    /// Deadline of the calls that set an instance up (instantiation, init,
+    /// bind, unbind): off the message path, so it can be generous, and a
+    /// loaded machine must not fail a start or a swap on a 5 ms budget.
+    pub setup_deadline: Duration,
     /// Linear-memory cap of one instance, in bytes.
     pub memory: usize,
     /// Instances per exchange (or filter binding), at most; built on demand
@@ -67,6 +72,7 @@ impl Default for PluginLimits {
     fn default() -> Self {
         PluginLimits {
             deadline: Duration::from_millis(5),
+            setup_deadline: Duration::from_secs(1),
             memory: 16 << 20,
             instances: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())

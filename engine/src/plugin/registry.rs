@@ -41,12 +41,31 @@ pub struct PluginStatus {
     pub loaded_at: Option<u64>,
     /// Faults of the serving version.
     pub faults: u64,
+    /// Message calls (route, filter, transform) of the serving version.
+    pub calls: u64,
+    /// Call time percentiles of the serving version, µs (bucket upper
+    /// bounds; sampled calls).
+    pub latency_us: Option<Percentiles>,
+    /// Times a new version replaced a serving one.
+    pub swaps: u64,
     /// Why the latest file was rejected, if it was.
     pub rejection: Option<String>,
 }
 
+/// Latency percentiles, µs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: Option<u64>,
+    /// 90th.
+    pub p90: Option<u64>,
+    /// 99th.
+    pub p99: Option<u64>,
+}
+
 #[derive(Default)]
 struct Entry {
+    swaps: u64,
     serving: Option<Arc<PluginVersion>>,
     state: Option<PluginState>,
     rejection: Option<String>,
@@ -79,6 +98,9 @@ impl PluginRegistry {
     pub(crate) fn serve(&self, version: Arc<PluginVersion>) {
         let mut entries = self.entries.write();
         let e = entries.entry(version.name.clone()).or_default();
+        if e.serving.is_some() {
+            e.swaps += 1;
+        }
         e.serving = Some(version);
         e.state = Some(PluginState::Serving);
         e.rejection = None;
@@ -121,6 +143,16 @@ impl PluginRegistry {
                         .and_then(|v| v.loaded_at.duration_since(SystemTime::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs()),
                     faults: v.map_or(0, |v| v.faults.load(std::sync::atomic::Ordering::Relaxed)),
+                    calls: v.map_or(0, |v| v.calls.load(std::sync::atomic::Ordering::Relaxed)),
+                    latency_us: v
+                        .map(|v| v.latency.snapshot())
+                        .filter(|s| s.count() > 0)
+                        .map(|s| Percentiles {
+                            p50: s.quantile_us(0.5),
+                            p90: s.quantile_us(0.9),
+                            p99: s.quantile_us(0.99),
+                        }),
+                    swaps: e.swaps,
                     rejection: e.rejection.clone(),
                 }
             })

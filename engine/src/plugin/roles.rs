@@ -14,6 +14,9 @@ use super::host::{PluginHost, PluginVersion, init_input};
 use super::instance::{CallError, Instance};
 use super::{PluginError, PluginFault};
 use crate::message::Message;
+
+/// One call in this many is timed for the latency histogram.
+const LATENCY_SAMPLE: u64 = 8;
 use amq_protocol::protocol::BasicProperties;
 
 /// What [`BindingSource::for_each_binding`] calls per binding: (id, bind input).
@@ -121,6 +124,8 @@ impl Pool {
         f: impl FnOnce(&mut Instance) -> Result<R, CallError>,
     ) -> Result<R, PluginFault> {
         self.circuit.check()?;
+        let n = self.version.calls.fetch_add(1, Ordering::Relaxed);
+        let started = n.is_multiple_of(LATENCY_SAMPLE).then(std::time::Instant::now);
         let mut slot = self.acquire();
         let r = match &mut *slot {
             Some(i) => f(i),
@@ -129,6 +134,9 @@ impl Pool {
                 Err(e) => Err(e),
             },
         };
+        if let Some(t) = started {
+            self.version.latency.record(t.elapsed());
+        }
         match r {
             Ok(v) => {
                 self.circuit.success();

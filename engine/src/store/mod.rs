@@ -97,6 +97,8 @@ pub struct StoreStats {
     pub sync_nanos: AtomicU64,
     /// Bytes written (records and acks).
     pub bytes_written: AtomicU64,
+    /// Duration of each group-commit round.
+    pub sync_latency: crate::latency::Latency,
 }
 
 /// The group-commit thread's inbox: files written since its last round,
@@ -170,8 +172,10 @@ impl Syncer {
             s.syncs.fetch_add(1, Ordering::Relaxed);
             s.files_synced
                 .fetch_add(files.len() as u64, Ordering::Relaxed);
+            let took = started.elapsed();
             s.sync_nanos
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+            s.sync_latency.record(took);
             self.synced.send_modify(|v| {
                 v.upto = v.upto.max(target);
                 if !ok {
