@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use super::frame::{Frame, encode_content, encode_method};
 use crate::broker::{
-    Broker, BrokerError, ChannelCredit, ConsumeError, Consumer, Destination, Dispatch, Entry,
-    ExchangeSpec, Queue, VHost,
+    Broker, BrokerError, ChannelCredit, ChannelInfo, ConsumeError, Consumer, Destination, Dispatch,
+    Entry, ExchangeSpec, Queue, VHost,
 };
 use crate::message::Message;
 use crate::store::Synced;
@@ -133,6 +133,8 @@ pub(crate) struct Channel {
     next_tag: u64,
     prefetch: u32,
     credit: Arc<ChannelCredit>,
+    /// What the admin API shows of this channel.
+    info: Arc<ChannelInfo>,
     confirm: bool,
     publish_seq: u64,
     /// Confirms not sent yet, in publish order: (tag, store ticket, ack).
@@ -152,7 +154,7 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    pub(crate) fn new(id: u16) -> Self {
+    pub(crate) fn new(id: u16, info: Arc<ChannelInfo>) -> Self {
         Channel {
             id,
             closing: false,
@@ -161,7 +163,8 @@ impl Channel {
             unacked: VecDeque::new(),
             next_tag: 0,
             prefetch: 0,
-            credit: Arc::new(ChannelCredit::default()),
+            credit: info.credit.clone(),
+            info,
             confirm: false,
             publish_seq: 0,
             confirms: VecDeque::new(),
@@ -476,6 +479,7 @@ impl Channel {
                     ));
                 }
                 self.confirm = true;
+                self.info.confirm.store(true, Ordering::Relaxed);
                 if !s.nowait {
                     self.send(
                         ctx,
@@ -745,6 +749,9 @@ impl Channel {
                 match popped {
                     None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
                     Some((entry, m)) => {
+                        if entry.redelivered {
+                            q.redelivered.fetch_add(1, Ordering::Relaxed);
+                        }
                         self.next_tag += 1;
                         let tag = self.next_tag;
                         self.send(
@@ -804,6 +811,7 @@ impl Channel {
                     ));
                 }
                 self.tx.get_or_insert_with(Default::default);
+                self.info.transactional.store(true, Ordering::Relaxed);
                 self.send(ctx, AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
             }
             M::Commit(_) => {
@@ -928,7 +936,10 @@ impl Channel {
         // or (nack/reject without requeue) dead-letter.
         for (q, entries) in requeues {
             match requeue {
-                None => q.forget(&entries),
+                None => {
+                    q.acked.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    q.forget(&entries)
+                }
                 Some(true) => q.requeue(entries.into_iter()),
                 Some(false) => q.reject(entries),
             }
@@ -1011,6 +1022,9 @@ impl Channel {
                 return false;
             }
         };
+        if entry.redelivered {
+            queue.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
         self.next_tag += 1;
         let tag = self.next_tag;
         self.send(

@@ -25,7 +25,7 @@ use super::AmqpConfig;
 use super::channel::{AmqpError, Channel, Ctx};
 use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
 use crate::Broker;
-use crate::broker::{Consumer, Dispatch, Queue, VHost};
+use crate::broker::{ChannelCredit, ConnectionInfo, Consumer, Dispatch, Queue, Registered, VHost};
 
 /// Smallest frame_max a client may ask for (spec: frame-min-size).
 const FRAME_MIN: u32 = 4096;
@@ -66,8 +66,18 @@ pub(crate) async fn run(
     let frame_max = session.frame_max;
     let reader_task = tokio::spawn(read_frames(reader, buf, frame_max, frames_tx));
     let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+    let registered = broker.connections().register(Arc::new(ConnectionInfo::new(
+        id,
+        peer,
+        session.user.clone(),
+        session.vhost.name.clone(),
+        session.heartbeat,
+        frame_max,
+        session.client.clone(),
+    )));
     let mut conn = Connection {
         id,
+        registered,
         peer,
         broker,
         vhost: session.vhost,
@@ -99,6 +109,7 @@ struct Session {
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
+    client: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +225,18 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
         }
         _ => None,
     }
+}
+
+/// "product version" from the client properties, for the admin API.
+fn client_product(props: &FieldTable) -> String {
+    let s = |k: &str| match props.inner().get(k) {
+        Some(AMQPValue::LongString(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(v)) => v.to_string(),
+        _ => String::new(),
+    };
+    format!("{} {}", s("product"), s("version"))
+        .trim()
+        .to_owned()
 }
 
 fn client_cancel_notify(props: &FieldTable) -> bool {
@@ -351,6 +374,7 @@ async fn handshake(
         channel_max,
         heartbeat: tune.heartbeat,
         cancel_notify: client_cancel_notify(&start_ok.client_properties),
+        client: client_product(&start_ok.client_properties),
     }))
 }
 
@@ -384,6 +408,8 @@ async fn read_frames(
 
 struct Connection {
     id: u64,
+    /// Listed in the broker's connection registry while it lives.
+    registered: Registered,
     peer: SocketAddr,
     broker: Arc<Broker>,
     vhost: Arc<VHost>,
@@ -427,16 +453,30 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
+        let closed_by_operator = self.registered.info.closed().clone();
         loop {
             let blocked = self.congested.first().cloned();
             let waiting = self.awaiting_sync && synced.is_some();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
+                    // Confirms waiting for the disk go out before the close:
+                    // what was processed is synced and acknowledged.
+                    if self.awaiting_sync && let Some(store) = self.broker.store() {
+                        store.flush().await;
+                        let now = *store.synced().borrow();
+                        self.release_confirms(now);
+                    }
                     self.close(320, "CONNECTION_FORCED - broker shutdown", 0, 0);
                     let _ = self.flush().await;
                     self.await_close_ok(&mut frames).await;
                     Step::Stop("broker shutdown".into())
+                }
+                () = closed_by_operator.cancelled() => {
+                    self.close(320, "CONNECTION_FORCED - closed via the admin API", 0, 0);
+                    let _ = self.flush().await;
+                    self.await_close_ok(&mut frames).await;
+                    Step::Stop("closed via the admin API".into())
                 }
                 () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
                     self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
@@ -656,7 +696,9 @@ impl Connection {
                             ),
                         ));
                     }
-                    self.channels.insert(channel, Channel::new(channel));
+                    let credit = Arc::new(ChannelCredit::default());
+                    let info = self.registered.info.channel_opened(channel, credit);
+                    self.channels.insert(channel, Channel::new(channel, info));
                     encode_method(
                         &mut self.out,
                         channel,
@@ -669,6 +711,7 @@ impl Connection {
                     if let Some(mut ch) = channels.remove(&channel) {
                         ch.shutdown(&ctx);
                     }
+                    self.registered.info.channel_closed(channel);
                     encode_method(
                         &mut self.out,
                         channel,
@@ -679,6 +722,7 @@ impl Connection {
                 channel::AMQPMethod::CloseOk(_) => {
                     if self.channels.get(&channel).is_some_and(|c| c.closing) {
                         self.channels.remove(&channel);
+                        self.registered.info.channel_closed(channel);
                     }
                     return Step::Continue;
                 }

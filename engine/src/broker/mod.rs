@@ -2,6 +2,7 @@
 //! publish path. No protocol here: the AMQP front end calls these methods
 //! and turns their errors into reply codes ([`BrokerError::reply_code`]).
 
+mod connections;
 mod durable;
 mod exchange;
 mod plugins;
@@ -16,6 +17,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
+pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered};
 pub use durable::Recovery;
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
@@ -186,6 +188,8 @@ pub struct Broker {
     definitions: Mutex<()>,
     /// Set while [`Broker::recover`] runs: definitions are not saved.
     recovering: std::sync::atomic::AtomicBool,
+    /// Open AMQP connections.
+    connections: Arc<Connections>,
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
@@ -351,6 +355,7 @@ impl Broker {
             store: std::sync::OnceLock::new(),
             definitions: Mutex::new(()),
             recovering: false.into(),
+            connections: Arc::default(),
         });
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
@@ -361,6 +366,11 @@ impl Broker {
         }
         broker.add_vhost("/")?;
         Ok(broker)
+    }
+
+    /// Open AMQP connections.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// Set the flow watermark (bytes of ready messages) of queues declared

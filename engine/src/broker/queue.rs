@@ -372,6 +372,12 @@ pub struct Queue {
     pub enqueued: AtomicU64,
     /// Messages ever delivered to consumers or `basic.get`.
     pub delivered: AtomicU64,
+    /// Of those, deliveries marked redelivered.
+    pub redelivered: AtomicU64,
+    /// Deliveries acked by clients.
+    pub acked: AtomicU64,
+    /// Messages dead-lettered (expired, rejected, overflowed) to an exchange.
+    pub dead_lettered: AtomicU64,
     /// Estimated bytes of ready (not yet delivered) messages.
     ready_bytes: AtomicUsize,
     /// Above this many ready bytes, publishers into the queue are held back.
@@ -434,6 +440,9 @@ impl Queue {
             state: Mutex::new(State::default()),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
             ready_bytes: AtomicUsize::new(0),
             flow_high: flow_high.max(1),
             drained: tokio::sync::Notify::new(),
@@ -544,6 +553,8 @@ impl Queue {
         }
         let stored: Vec<StoreRef> = dead.iter().filter_map(|(e, _)| e.stored).collect();
         if let Some(sink) = &self.dead_letters {
+            self.dead_lettered
+                .fetch_add(dead.len() as u64, Ordering::Relaxed);
             sink(self, dead);
         }
         // After the sink: a dead letter is in its new queue's log before it
@@ -843,6 +854,21 @@ impl Queue {
     /// Consumers attached.
     pub fn consumer_count(&self) -> usize {
         self.state.lock().consumers.len()
+    }
+
+    /// The consumers attached, in round-robin order.
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.state.lock().consumers.clone()
+    }
+
+    /// Deliveries to consumers not acked yet.
+    pub fn unacked(&self) -> u64 {
+        self.state
+            .lock()
+            .consumers
+            .iter()
+            .map(|c| u64::from(c.unacked.load(Ordering::Relaxed)))
+            .sum()
     }
 
     /// Remove every waiting message; returns how many.

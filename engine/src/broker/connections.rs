@@ -1,0 +1,177 @@
+//! Who is connected: the registry the admin API lists connections and
+//! channels from, and closes connections through.
+//!
+//! A connection's task owns its state; what it shares here is only what an
+//! operator looks at (peer, user, vhost, channels and their modes), updated
+//! when it changes (open, close, confirm.select, tx.select), never per
+//! message. Counters that change per message are read from the objects
+//! that already keep them (the channel's shared prefetch credit).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::queue::ChannelCredit;
+
+/// One open AMQP connection.
+#[derive(Debug)]
+pub struct ConnectionInfo {
+    /// Connection id (also the owner id of its exclusive queues).
+    pub id: u64,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Authenticated user.
+    pub user: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// When it opened.
+    pub connected_at: SystemTime,
+    /// Negotiated heartbeat, seconds.
+    pub heartbeat: u16,
+    /// Negotiated frame_max.
+    pub frame_max: u32,
+    /// Client-reported properties worth showing (product, version).
+    pub client: String,
+    channels: Mutex<BTreeMap<u16, Arc<ChannelInfo>>>,
+    close: CancellationToken,
+}
+
+/// One open channel.
+#[derive(Debug)]
+pub struct ChannelInfo {
+    /// Channel number.
+    pub id: u16,
+    /// Its prefetch limit and unacked count, shared with its consumers.
+    pub credit: Arc<ChannelCredit>,
+    /// In confirm mode.
+    pub confirm: AtomicBool,
+    /// In tx mode.
+    pub transactional: AtomicBool,
+}
+
+impl ConnectionInfo {
+    /// A connection that just finished its handshake.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        peer: SocketAddr,
+        user: String,
+        vhost: String,
+        heartbeat: u16,
+        frame_max: u32,
+        client: String,
+    ) -> Self {
+        ConnectionInfo {
+            id,
+            peer,
+            user,
+            vhost,
+            connected_at: SystemTime::now(),
+            heartbeat,
+            frame_max,
+            client,
+            channels: Mutex::new(BTreeMap::new()),
+            close: CancellationToken::new(),
+        }
+    }
+
+    /// A channel opened.
+    pub fn channel_opened(&self, id: u16, credit: Arc<ChannelCredit>) -> Arc<ChannelInfo> {
+        let info = Arc::new(ChannelInfo {
+            id,
+            credit,
+            confirm: AtomicBool::new(false),
+            transactional: AtomicBool::new(false),
+        });
+        self.channels.lock().insert(id, info.clone());
+        info
+    }
+
+    /// A channel closed.
+    pub fn channel_closed(&self, id: u16) {
+        self.channels.lock().remove(&id);
+    }
+
+    /// Its open channels.
+    pub fn channels(&self) -> Vec<Arc<ChannelInfo>> {
+        self.channels.lock().values().cloned().collect()
+    }
+
+    /// Ask the connection to close (connection.close 320 to the client).
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Cancelled when an operator closes the connection.
+    pub fn closed(&self) -> &CancellationToken {
+        &self.close
+    }
+}
+
+impl ChannelInfo {
+    /// Whether the channel is in confirm mode.
+    pub fn is_confirm(&self) -> bool {
+        self.confirm.load(Ordering::Relaxed)
+    }
+
+    /// Whether the channel is transactional.
+    pub fn is_transactional(&self) -> bool {
+        self.transactional.load(Ordering::Relaxed)
+    }
+}
+
+/// Every open connection of the broker.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: Mutex<BTreeMap<u64, Arc<ConnectionInfo>>>,
+}
+
+impl Connections {
+    /// Register a connection; it is removed when the guard drops.
+    pub fn register(self: &Arc<Self>, info: Arc<ConnectionInfo>) -> Registered {
+        self.open.lock().insert(info.id, info.clone());
+        Registered {
+            registry: self.clone(),
+            info,
+        }
+    }
+
+    /// Open connections, oldest first.
+    pub fn list(&self) -> Vec<Arc<ConnectionInfo>> {
+        self.open.lock().values().cloned().collect()
+    }
+
+    /// One connection.
+    pub fn get(&self, id: u64) -> Option<Arc<ConnectionInfo>> {
+        self.open.lock().get(&id).cloned()
+    }
+
+    /// Number of open connections.
+    pub fn len(&self) -> usize {
+        self.open.lock().len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Keeps a connection listed while it lives.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Connections>,
+    /// The listed connection.
+    pub info: Arc<ConnectionInfo>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.open.lock().remove(&self.info.id);
+    }
+}
