@@ -27,6 +27,8 @@ pub struct Config {
     pub amqp: AmqpSection,
     /// Message store settings.
     pub store: StoreSection,
+    /// Admin HTTP API and metrics.
+    pub admin: crate::admin::AdminConfig,
     /// Users allowed to connect (default: guest/guest from loopback only).
     pub users: Vec<User>,
 }
@@ -68,6 +70,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             amqp: AmqpSection::default(),
             store: StoreSection::default(),
+            admin: crate::admin::AdminConfig::default(),
             users: AmqpConfig::default().users,
         }
     }
@@ -107,8 +110,10 @@ impl StoreSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginConfig {
-    /// Deadline of one call into a plugin, in milliseconds.
+    /// Deadline of one call into a plugin for a message, in milliseconds.
     pub call_deadline_ms: u64,
+    /// Deadline of the set-up calls (instantiate, init, bind, unbind), ms.
+    pub setup_deadline_ms: u64,
     /// Memory cap of one plugin instance, in MiB.
     pub memory_limit_mib: u64,
     /// Instances per exchange at most (built when publishers contend);
@@ -129,6 +134,7 @@ impl Default for PluginConfig {
         let d = PluginLimits::default();
         PluginConfig {
             call_deadline_ms: d.deadline.as_millis() as u64,
+            setup_deadline_ms: d.setup_deadline.as_millis() as u64,
             memory_limit_mib: (d.memory >> 20) as u64,
             instances_per_exchange: None,
             circuit_threshold: d.circuit_threshold,
@@ -145,6 +151,7 @@ impl PluginConfig {
         let d = PluginLimits::default();
         PluginLimits {
             deadline: Duration::from_millis(self.call_deadline_ms.max(1)),
+            setup_deadline: Duration::from_millis(self.setup_deadline_ms.max(1)),
             memory: (self.memory_limit_mib.max(1) as usize) << 20,
             instances: self.instances_per_exchange.unwrap_or(d.instances).max(1),
             circuit_threshold: self.circuit_threshold.max(1),

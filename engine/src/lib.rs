@@ -29,15 +29,19 @@
 //!   log per durable queue, and the group commit that publisher confirms
 //!   of persistent messages wait for. Messages of a queue's backlog are
 //!   kept on disk and read back when delivered.
+//! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
+//!   broker's own objects and counters.
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
 //!
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
+pub mod admin;
 pub mod amqp;
 pub mod broker;
 pub mod config;
+pub mod latency;
 pub mod message;
 pub mod plugin;
 pub mod server;

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use wasmq::Config;
+use wasmq::admin::client::{AdminClient, segment};
 use wasmq::plugin::PluginHost;
 use wasmq::server::Server;
 
@@ -31,6 +33,100 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// List queues of a running broker (through its admin API).
+    Queues(AdminArgs),
+    /// List exchanges of a running broker.
+    Exchanges(AdminArgs),
+    /// List plugins of a running broker: state, roles, hash, calls, faults.
+    Plugins(AdminArgs),
+    /// Publish one test message through a running broker.
+    Publish {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Exchange ("" for the default exchange).
+        #[arg(long, short, default_value = "")]
+        exchange: String,
+        /// Routing key.
+        #[arg(long, short = 'k', default_value = "")]
+        routing_key: String,
+        /// Persistent (delivery mode 2).
+        #[arg(long)]
+        persistent: bool,
+        /// Header `name=value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The body.
+        body: String,
+    },
+    /// Take messages from a queue of a running broker (or peek with --requeue).
+    Get {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Queue.
+        queue: String,
+        /// How many.
+        #[arg(long, short, default_value_t = 1)]
+        count: usize,
+        /// Put them back instead of taking them.
+        #[arg(long)]
+        requeue: bool,
+    },
+    /// Export or import definitions (exchanges, queues, bindings).
+    Definitions {
+        #[command(subcommand)]
+        command: DefinitionsCommand,
+    },
+}
+
+/// Where the admin API is and who asks.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "WASMQ_ADMIN_URL",
+        default_value = "http://127.0.0.1:15672"
+    )]
+    url: String,
+    /// User (an AMQP user of the broker).
+    #[arg(long, env = "WASMQ_USER", default_value = "guest")]
+    user: String,
+    /// Password.
+    #[arg(
+        long,
+        env = "WASMQ_PASSWORD",
+        default_value = "guest",
+        hide_env_values = true
+    )]
+    password: String,
+    /// Virtual host.
+    #[arg(long, default_value = "/")]
+    vhost: String,
+}
+
+impl AdminArgs {
+    fn client(&self) -> AdminClient {
+        AdminClient::new(&self.url, &self.user, &self.password)
+    }
+}
+
+#[derive(Subcommand)]
+enum DefinitionsCommand {
+    /// Print the durable definitions as JSON (to a file with --output).
+    Export {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Declare everything in a definitions file (RabbitMQ's format).
+    Import {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The JSON file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -47,6 +143,9 @@ struct ServeArgs {
     /// Plugin folder (overrides the file).
     #[arg(long)]
     plugin_dir: Option<PathBuf>,
+    /// Admin API listen address (overrides the file).
+    #[arg(long, env = "WASMQ_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +154,17 @@ enum PluginCommand {
     Check {
         /// The .wasm file.
         file: PathBuf,
+    },
+    /// Upload a plugin to a running broker: validated there, then written
+    /// into its plugin folder and hot-swapped in.
+    Upload {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The .wasm file.
+        file: PathBuf,
+        /// Plugin name (default: the file name without `.wasm`).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -66,6 +176,182 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => check(&file),
+        Command::Plugin {
+            command: PluginCommand::Upload { admin, file, name },
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = name.unwrap_or_else(|| wasmq::plugin::plugin_name(&file));
+            let r = admin
+                .client()
+                .put_bytes(&format!("/api/plugins/{}", segment(&name)), &bytes)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Queues(a) => {
+            let qs = a
+                .client()
+                .get(&format!("/api/queues/{}", segment(&a.vhost)))?;
+            println!(
+                "{:<40} {:>10} {:>10} {:>9} {:>7}",
+                "name", "ready", "unacked", "consumers", "durable"
+            );
+            for q in qs.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>10} {:>10} {:>9} {:>7}",
+                    q["name"].as_str().unwrap_or(""),
+                    q["messages_ready"],
+                    q["messages_unacknowledged"],
+                    q["consumers"],
+                    q["durable"]
+                );
+            }
+            Ok(())
+        }
+        Command::Exchanges(a) => {
+            let xs = a
+                .client()
+                .get(&format!("/api/exchanges/{}", segment(&a.vhost)))?;
+            println!(
+                "{:<40} {:<16} {:>7} {:>12} {:>12}",
+                "name", "type", "durable", "published", "unroutable"
+            );
+            for x in xs.as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<16} {:>7} {:>12} {:>12}",
+                    x["name"]
+                        .as_str()
+                        .map(|n| if n.is_empty() { "(default)" } else { n })
+                        .unwrap_or(""),
+                    x["type"].as_str().unwrap_or(""),
+                    x["durable"],
+                    x["message_stats"]["publish_in"],
+                    x["message_stats"]["unroutable"]
+                );
+            }
+            Ok(())
+        }
+        Command::Plugins(a) => {
+            let ps = a.client().get("/api/plugins")?;
+            println!(
+                "{:<20} {:<9} {:<28} {:<14} {:>10} {:>7} {:>8}",
+                "name", "state", "roles", "hash", "calls", "faults", "p99 µs"
+            );
+            for p in ps.as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<9} {:<28} {:<14} {:>10} {:>7} {:>8}",
+                    p["name"].as_str().unwrap_or(""),
+                    p["state"].as_str().unwrap_or(""),
+                    p["roles"].as_str().unwrap_or("-"),
+                    p["hash"].as_str().map_or("-", |h| &h[..h.len().min(12)]),
+                    p["calls"],
+                    p["faults"],
+                    p["latency_us"]["p99"]
+                        .as_u64()
+                        .map_or("-".into(), |v| v.to_string()),
+                );
+                if let Some(r) = p["rejection"].as_str() {
+                    println!("    rejected: {r}");
+                }
+            }
+            Ok(())
+        }
+        Command::Publish {
+            admin,
+            exchange,
+            routing_key,
+            persistent,
+            headers,
+            body,
+        } => {
+            let mut h = serde_json::Map::new();
+            for kv in headers {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("header '{kv}': use name=value"))?;
+                h.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+            }
+            let x = if exchange.is_empty() {
+                "amq.default"
+            } else {
+                &exchange
+            };
+            let r = admin.client().post(
+                &format!(
+                    "/api/exchanges/{}/{}/publish",
+                    segment(&admin.vhost),
+                    segment(x)
+                ),
+                &serde_json::json!({
+                    "routing_key": routing_key,
+                    "payload": body,
+                    "properties": {
+                        "delivery_mode": if persistent { 2 } else { 1 },
+                        "headers": h,
+                    },
+                }),
+            )?;
+            println!("routed to {} queue(s)", r["queues"]);
+            for f in r["faults"].as_array().into_iter().flatten() {
+                println!("plugin fault: {}", f.as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        Command::Get {
+            admin,
+            queue,
+            count,
+            requeue,
+        } => {
+            let r = admin.client().post(
+                &format!(
+                    "/api/queues/{}/{}/get",
+                    segment(&admin.vhost),
+                    segment(&queue)
+                ),
+                &serde_json::json!({
+                    "count": count,
+                    "ackmode": if requeue { "ack_requeue_true" } else { "ack_requeue_false" },
+                }),
+            )?;
+            let msgs = r.as_array().cloned().unwrap_or_default();
+            if msgs.is_empty() {
+                println!("(queue is empty)");
+            }
+            for m in msgs {
+                println!(
+                    "exchange={} routing_key={} redelivered={}\n{}",
+                    m["exchange"],
+                    m["routing_key"],
+                    m["redelivered"],
+                    m["payload"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Definitions {
+            command: DefinitionsCommand::Export { admin, output },
+        } => {
+            let defs = admin.client().get("/api/definitions")?;
+            let text = serde_json::to_string_pretty(&defs)?;
+            match output {
+                Some(path) => std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        Command::Definitions {
+            command: DefinitionsCommand::Import { admin, file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let doc: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            admin.client().post("/api/definitions", &doc)?;
+            println!("imported {}", file.display());
+            Ok(())
+        }
     }
 }
 
@@ -93,6 +379,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(p) = &args.plugin_dir {
         config.plugin_dir = p.clone();
+    }
+    if let Some(a) = args.admin_listen {
+        config.admin.listen = a;
     }
     Ok(config)
 }

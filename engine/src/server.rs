@@ -25,6 +25,8 @@ pub struct Server {
     pub broker: Arc<Broker>,
     /// Where the AMQP listener is bound (useful with port 0).
     pub amqp_addr: SocketAddr,
+    /// Where the admin API listens, if enabled.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Option<Arc<Store>>,
@@ -111,6 +113,24 @@ impl Server {
                 }
             });
         }
+        let admin_addr = if config.admin.enabled {
+            let listener = TcpListener::bind(config.admin.listen)
+                .await
+                .with_context(|| format!("binding admin listener {}", config.admin.listen))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "admin API listening");
+            tracker.spawn(crate::admin::serve(
+                broker.clone(),
+                config.users.clone(),
+                config.admin.clone(),
+                amqp_addr,
+                listener,
+                shutdown.clone(),
+            ));
+            Some(addr)
+        } else {
+            None
+        };
         tracker.spawn(amqp::serve(
             broker.clone(),
             listener,
@@ -121,6 +141,7 @@ impl Server {
         Ok(Server {
             broker,
             amqp_addr,
+            admin_addr,
             shutdown,
             tracker,
             store,

@@ -1,0 +1,774 @@
+//! The JSON endpoints. Each reads the broker's live objects; listings are
+//! sorted by vhost and name so that output is stable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::ShortString;
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::json::{json_to_table, table_to_json};
+use super::{AdminState, ApiError};
+use crate::broker::{Exchange, Queue, VHost};
+use crate::store::definitions::{
+    BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
+    VHostDefinitions,
+};
+use crate::{Destination, Message};
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/vhosts", get(vhosts))
+        .route("/api/exchanges", get(exchanges))
+        .route("/api/exchanges/{vhost}", get(exchanges_in))
+        .route("/api/exchanges/{vhost}/{name}", get(exchange))
+        .route("/api/exchanges/{vhost}/{name}/publish", post(publish))
+        .route("/api/queues", get(queues))
+        .route("/api/queues/{vhost}", get(queues_in))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue).delete(delete_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/get", post(get_messages))
+        .route("/api/bindings", get(bindings))
+        .route("/api/bindings/{vhost}", get(bindings_in))
+        .route("/api/connections", get(connections))
+        .route(
+            "/api/connections/{id}",
+            axum::routing::delete(close_connection),
+        )
+        .route("/api/channels", get(channels))
+        .route("/api/consumers", get(consumers))
+        .route("/api/definitions", get(export).post(import))
+        .route("/api/plugins", get(plugins))
+        .route(
+            "/api/plugins/{name}",
+            get(plugin)
+                .put(upload)
+                .layer(DefaultBodyLimit::max(max_upload)),
+        )
+        .route("/metrics", get(super::metrics::render))
+}
+
+fn vhost(s: &AdminState, name: &str) -> Result<Arc<VHost>, ApiError> {
+    s.broker
+        .vhost(name)
+        .ok_or_else(|| ApiError::not_found(format!("vhost '{name}'")))
+}
+
+fn sorted_vhosts(s: &AdminState) -> Vec<Arc<VHost>> {
+    let mut v = s.broker.vhosts();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+fn secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn overview(State(s): State<AdminState>) -> Json<Value> {
+    let (mut exchanges, mut queues, mut consumers) = (0, 0, 0);
+    let (mut ready, mut unacked) = (0u64, 0u64);
+    let (mut published, mut delivered, mut acked, mut redelivered) = (0u64, 0u64, 0u64, 0u64);
+    for v in s.broker.vhosts() {
+        for x in v.exchanges() {
+            exchanges += 1;
+            published += x.stats.published.load(Ordering::Relaxed);
+        }
+        for q in v.queues() {
+            queues += 1;
+            consumers += q.consumer_count();
+            ready += q.len() as u64;
+            unacked += q.unacked();
+            delivered += q.delivered.load(Ordering::Relaxed);
+            acked += q.acked.load(Ordering::Relaxed);
+            redelivered += q.redelivered.load(Ordering::Relaxed);
+        }
+    }
+    let conns = s.broker.connections().list();
+    let channels: usize = conns.iter().map(|c| c.channels().len()).sum();
+    let store = s.broker.store().map(|st| {
+        let stats = st.stats();
+        json!({
+            "syncs": stats.syncs.load(Ordering::Relaxed),
+            "bytes_written": stats.bytes_written.load(Ordering::Relaxed),
+            "sync_seconds_total": stats.sync_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        })
+    });
+    Json(json!({
+        "product_name": "wasmq",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": s.started.elapsed().as_secs(),
+        "listeners": [
+            {"protocol": "amqp", "address": s.amqp_addr.to_string()},
+        ],
+        "object_totals": {
+            "connections": conns.len(),
+            "channels": channels,
+            "exchanges": exchanges,
+            "queues": queues,
+            "consumers": consumers,
+        },
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+        "message_stats": {
+            "publish": published,
+            "deliver_get": delivered,
+            "ack": acked,
+            "redeliver": redelivered,
+        },
+        "store": store,
+    }))
+}
+
+async fn vhosts(State(s): State<AdminState>) -> Json<Value> {
+    Json(Value::Array(
+        sorted_vhosts(&s)
+            .iter()
+            .map(|v| json!({"name": v.name}))
+            .collect(),
+    ))
+}
+
+fn exchange_json(v: &VHost, x: &Exchange) -> Value {
+    let st = &x.stats;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    json!({
+        "name": x.name,
+        "vhost": v.name,
+        "type": x.kind,
+        "durable": x.durable,
+        "auto_delete": x.auto_delete,
+        "internal": x.internal,
+        "arguments": table_to_json(&x.arguments),
+        "plugin": {
+            "router": x.router().version().name,
+            "router_hash": x.router().version().hash,
+            "transform": x.transform_name,
+        },
+        "message_stats": {
+            "publish_in": n(&st.published),
+            "routed": n(&st.routed),
+            "unroutable": n(&st.unroutable),
+            "dropped": n(&st.dropped),
+            "dead_lettered": n(&st.dead_lettered),
+            "plugin_faults": n(&st.faults),
+        },
+    })
+}
+
+fn list_exchanges(vhosts: &[Arc<VHost>]) -> Json<Value> {
+    let mut out = Vec::new();
+    for v in vhosts {
+        let mut xs = v.exchanges();
+        xs.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(xs.iter().map(|x| exchange_json(v, x)));
+    }
+    Json(Value::Array(out))
+}
+
+async fn exchanges(State(s): State<AdminState>) -> Json<Value> {
+    list_exchanges(&sorted_vhosts(&s))
+}
+
+async fn exchanges_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
+    Ok(list_exchanges(&[vhost(&s, &v)?]))
+}
+
+async fn exchange(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = vhost(&s, &v)?;
+    let x = v.exchange(&name)?;
+    Ok(Json(exchange_json(&v, &x)))
+}
+
+fn queue_json(v: &VHost, q: &Queue) -> Value {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let ready = q.len() as u64;
+    let unacked = q.unacked();
+    json!({
+        "name": q.name,
+        "vhost": v.name,
+        "durable": q.durable,
+        "exclusive": q.exclusive(),
+        "auto_delete": q.auto_delete,
+        "arguments": table_to_json(&q.arguments),
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+        "message_bytes_ready": q.ready_bytes(),
+        "consumers": q.consumer_count(),
+        "segments": q.log().map(|l| l.segment_count()),
+        "message_stats": {
+            "publish": n(&q.enqueued),
+            "deliver_get": n(&q.delivered),
+            "redeliver": n(&q.redelivered),
+            "ack": n(&q.acked),
+            "dead_lettered": n(&q.dead_lettered),
+        },
+    })
+}
+
+fn list_queues(vhosts: &[Arc<VHost>]) -> Json<Value> {
+    let mut out = Vec::new();
+    for v in vhosts {
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(qs.iter().map(|q| queue_json(v, q)));
+    }
+    Json(Value::Array(out))
+}
+
+async fn queues(State(s): State<AdminState>) -> Json<Value> {
+    list_queues(&sorted_vhosts(&s))
+}
+
+async fn queues_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
+    Ok(list_queues(&[vhost(&s, &v)?]))
+}
+
+async fn queue(State(s): State<AdminState>, Path((v, name)): Path<(String, String)>) -> ApiResult {
+    let v = vhost(&s, &v)?;
+    let q = v.queue(&name)?;
+    Ok(Json(queue_json(&v, &q)))
+}
+
+async fn delete_queue(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let v = vhost(&s, &v)?;
+    s.broker.delete_queue(&v, &name, false, false)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn list_bindings(vhosts: &[Arc<VHost>]) -> Json<Value> {
+    let mut out = Vec::new();
+    for v in vhosts {
+        let mut xs = v.exchanges();
+        xs.sort_by(|a, b| a.name.cmp(&b.name));
+        for x in xs {
+            let table = x.bindings();
+            let mut bs: Vec<_> = table.iter().collect();
+            bs.sort_by_key(|b| b.id);
+            for b in bs {
+                let kind = match &b.destination {
+                    Destination::Queue(_) => "queue",
+                    Destination::Exchange(_) => "exchange",
+                };
+                out.push(json!({
+                    "vhost": v.name,
+                    "source": x.name,
+                    "destination": b.destination.name(),
+                    "destination_type": kind,
+                    "routing_key": b.key,
+                    "arguments": table_to_json(&b.arguments),
+                }));
+            }
+        }
+    }
+    Json(Value::Array(out))
+}
+
+async fn bindings(State(s): State<AdminState>) -> Json<Value> {
+    list_bindings(&sorted_vhosts(&s))
+}
+
+async fn bindings_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
+    Ok(list_bindings(&[vhost(&s, &v)?]))
+}
+
+async fn connections(State(s): State<AdminState>) -> Json<Value> {
+    Json(Value::Array(
+        s.broker
+            .connections()
+            .list()
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.id.to_string(),
+                    "id": c.id,
+                    "peer": c.peer.to_string(),
+                    "user": c.user,
+                    "vhost": c.vhost,
+                    "client": c.client,
+                    "connected_at": secs(c.connected_at),
+                    "channels": c.channels().len(),
+                    "heartbeat": c.heartbeat,
+                    "frame_max": c.frame_max,
+                })
+            })
+            .collect(),
+    ))
+}
+
+async fn close_connection(
+    State(s): State<AdminState>,
+    Path(id): Path<u64>,
+) -> Result<StatusCode, ApiError> {
+    let c = s
+        .broker
+        .connections()
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("connection {id}")))?;
+    c.close();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn channels(State(s): State<AdminState>) -> Json<Value> {
+    let mut out = Vec::new();
+    for c in s.broker.connections().list() {
+        for ch in c.channels() {
+            out.push(json!({
+                "name": format!("{} ({})", c.id, ch.id),
+                "connection": c.id,
+                "number": ch.id,
+                "user": c.user,
+                "vhost": c.vhost,
+                "confirm": ch.is_confirm(),
+                "transactional": ch.is_transactional(),
+                "prefetch_count": ch.credit.limit.load(Ordering::Relaxed),
+                "messages_unacknowledged": ch.credit.unacked.load(Ordering::Relaxed),
+            }));
+        }
+    }
+    Json(Value::Array(out))
+}
+
+async fn consumers(State(s): State<AdminState>) -> Json<Value> {
+    let mut out = Vec::new();
+    for v in sorted_vhosts(&s) {
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        for q in qs {
+            for c in q.consumers() {
+                out.push(json!({
+                    "consumer_tag": c.tag,
+                    "queue": {"name": q.name, "vhost": v.name},
+                    "connection": c.connection,
+                    "channel": c.channel,
+                    "ack_required": !c.no_ack,
+                    "exclusive": c.exclusive,
+                    "prefetch_count": c.prefetch,
+                    "messages_unacknowledged": c.unacked.load(Ordering::Relaxed),
+                }));
+            }
+        }
+    }
+    Json(Value::Array(out))
+}
+
+/// Export the durable definitions in RabbitMQ's definitions shape.
+async fn export(State(s): State<AdminState>) -> Json<Value> {
+    let defs = s.broker.durable_definitions();
+    let mut exchanges = Vec::new();
+    let mut queues = Vec::new();
+    let mut bindings = Vec::new();
+    let vhosts: Vec<Value> = sorted_vhosts(&s)
+        .iter()
+        .map(|v| json!({"name": v.name}))
+        .collect();
+    for v in &defs.vhosts {
+        for x in &v.exchanges {
+            exchanges.push(json!({
+                "name": x.name, "vhost": v.name, "type": x.kind, "durable": true,
+                "auto_delete": x.auto_delete, "internal": x.internal,
+                "arguments": table_to_json(&x.arguments),
+            }));
+        }
+        for q in &v.queues {
+            queues.push(json!({
+                "name": q.name, "vhost": v.name, "durable": true,
+                "auto_delete": q.auto_delete, "arguments": table_to_json(&q.arguments),
+            }));
+        }
+        for b in &v.bindings {
+            bindings.push(json!({
+                "source": b.source, "vhost": v.name, "destination": b.destination,
+                "destination_type": b.destination_type, "routing_key": b.routing_key,
+                "arguments": table_to_json(&b.arguments),
+            }));
+        }
+    }
+    Json(json!({
+        "product_name": "wasmq",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "vhosts": vhosts,
+        "exchanges": exchanges,
+        "queues": queues,
+        "bindings": bindings,
+    }))
+}
+
+#[derive(Deserialize)]
+struct ImportDoc {
+    #[serde(default)]
+    vhosts: Vec<ImportVHost>,
+    #[serde(default)]
+    exchanges: Vec<ImportExchange>,
+    #[serde(default)]
+    queues: Vec<ImportQueue>,
+    #[serde(default)]
+    bindings: Vec<ImportBinding>,
+}
+
+#[derive(Deserialize)]
+struct ImportVHost {
+    name: String,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+#[derive(Deserialize)]
+struct ImportExchange {
+    name: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    internal: bool,
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Deserialize)]
+struct ImportQueue {
+    name: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Deserialize)]
+struct ImportBinding {
+    source: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    destination: String,
+    destination_type: String,
+    #[serde(default)]
+    routing_key: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+/// Import definitions (RabbitMQ's shape): every item is declared durable,
+/// through the same checks as an AMQP declare; the first failure stops the
+/// import and is returned with the item it was about.
+async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCode> {
+    let doc: ImportDoc = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("definitions: {e}")))?;
+    let mut by_vhost: std::collections::BTreeMap<String, VHostDefinitions> = Default::default();
+    fn slot<'a>(
+        by_vhost: &'a mut std::collections::BTreeMap<String, VHostDefinitions>,
+        name: &str,
+    ) -> &'a mut VHostDefinitions {
+        by_vhost
+            .entry(name.to_owned())
+            .or_insert_with(|| VHostDefinitions {
+                name: name.to_owned(),
+                ..Default::default()
+            })
+    }
+    for v in &doc.vhosts {
+        slot(&mut by_vhost, &v.name);
+    }
+    let args = |what: &str, v: &Value| {
+        json_to_table(v).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    };
+    for x in doc.exchanges {
+        let arguments = args(&format!("exchange '{}'", x.name), &x.arguments)?;
+        slot(&mut by_vhost, &x.vhost)
+            .exchanges
+            .push(ExchangeDefinition {
+                name: x.name,
+                kind: x.kind,
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                arguments,
+            });
+    }
+    for q in doc.queues {
+        let arguments = args(&format!("queue '{}'", q.name), &q.arguments)?;
+        slot(&mut by_vhost, &q.vhost).queues.push(QueueDefinition {
+            name: q.name,
+            auto_delete: q.auto_delete,
+            arguments,
+        });
+    }
+    for b in doc.bindings {
+        if b.destination_type != "queue" && b.destination_type != "exchange" {
+            return Err(ApiError::bad_request(format!(
+                "binding '{}' -> '{}': destination_type must be queue or exchange",
+                b.source, b.destination
+            )));
+        }
+        let arguments = args(&format!("binding '{}'", b.source), &b.arguments)?;
+        slot(&mut by_vhost, &b.vhost)
+            .bindings
+            .push(BindingDefinition {
+                source: b.source,
+                destination: b.destination,
+                destination_type: b.destination_type,
+                routing_key: b.routing_key,
+                arguments,
+            });
+    }
+    let defs = Definitions {
+        version: DEFINITIONS_VERSION,
+        vhosts: by_vhost.into_values().collect(),
+    };
+    s.broker
+        .import_definitions(&defs)
+        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    Ok(StatusCode::CREATED)
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    #[serde(default)]
+    routing_key: String,
+    #[serde(default)]
+    payload: String,
+    #[serde(default)]
+    properties: PublishProperties,
+}
+
+#[derive(Deserialize, Default)]
+struct PublishProperties {
+    delivery_mode: Option<u8>,
+    content_type: Option<String>,
+    message_id: Option<String>,
+    #[serde(default)]
+    headers: Value,
+}
+
+/// Publish one message (for testing a route): `{"routed": bool}`.
+async fn publish(
+    State(s): State<AdminState>,
+    Path((v, exchange)): Path<(String, String)>,
+    Json(body): Json<PublishBody>,
+) -> ApiResult {
+    let v = vhost(&s, &v)?;
+    let exchange = if exchange == "amq.default" {
+        String::new()
+    } else {
+        exchange
+    };
+    let p = body.properties;
+    let mut props = BasicProperties::default();
+    if let Some(m) = p.delivery_mode {
+        props = props.with_delivery_mode(m);
+    }
+    if let Some(c) = p.content_type {
+        props = props.with_content_type(ShortString::from(c));
+    }
+    if let Some(id) = p.message_id {
+        props = props.with_message_id(ShortString::from(id));
+    }
+    let headers = json_to_table(&p.headers).map_err(ApiError::bad_request)?;
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
+    let message = Message::new(
+        &exchange,
+        &body.routing_key,
+        props,
+        bytes::Bytes::from(body.payload.into_bytes()),
+    );
+    let outcome = s.broker.publish(&v, &exchange, message)?;
+    Ok(Json(json!({
+        "routed": outcome.delivered > 0,
+        "queues": outcome.delivered,
+        "faults": outcome.faults.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct GetBody {
+    #[serde(default = "one")]
+    count: usize,
+    /// `ack_requeue_false` (take them) or `ack_requeue_true` (peek).
+    #[serde(default = "take")]
+    ackmode: String,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn take() -> String {
+    "ack_requeue_false".into()
+}
+
+/// Take (or peek at) up to `count` ready messages.
+async fn get_messages(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+    Json(body): Json<GetBody>,
+) -> ApiResult {
+    let requeue = match body.ackmode.as_str() {
+        "ack_requeue_false" => false,
+        "ack_requeue_true" => true,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "ackmode '{other}': use ack_requeue_false or ack_requeue_true"
+            )));
+        }
+    };
+    let v = vhost(&s, &v)?;
+    let q = v.queue(&name)?;
+    let mut taken = Vec::new();
+    let mut out = Vec::new();
+    while taken.len() < body.count.min(1000) {
+        let Some(entry) = q.pop() else { break };
+        let m = q.message(&entry).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading: {e}"))
+        })?;
+        let headers = m
+            .properties
+            .headers()
+            .as_ref()
+            .map_or(Value::Null, table_to_json);
+        out.push(json!({
+            "exchange": m.exchange,
+            "routing_key": m.routing_key,
+            "redelivered": entry.redelivered,
+            "payload": String::from_utf8_lossy(&m.body),
+            "payload_bytes": m.body.len(),
+            "properties": {
+                "delivery_mode": m.properties.delivery_mode(),
+                "content_type": m.properties.content_type().as_ref().map(|c| c.to_string()),
+                "message_id": m.properties.message_id().as_ref().map(|c| c.to_string()),
+                "headers": headers,
+            },
+            "message_count": q.len(),
+        }));
+        taken.push(entry);
+    }
+    if requeue {
+        q.requeue(taken.into_iter());
+    } else {
+        q.acked.fetch_add(taken.len() as u64, Ordering::Relaxed);
+        q.forget(&taken);
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+fn plugin_json(s: &AdminState, p: &crate::plugin::PluginStatus) -> Value {
+    let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+    if let (Value::Object(m), Some(version)) = (&mut v, s.broker.plugins().get(&p.name)) {
+        m.insert("exports".into(), json!(version.exports));
+        m.insert("size".into(), json!(version.size));
+    }
+    v
+}
+
+async fn plugins(State(s): State<AdminState>) -> Json<Value> {
+    Json(Value::Array(
+        s.broker
+            .plugins()
+            .list()
+            .iter()
+            .map(|p| plugin_json(&s, p))
+            .collect(),
+    ))
+}
+
+async fn plugin(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    let p = s
+        .broker
+        .plugins()
+        .list()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("plugin '{name}'")))?;
+    Ok(Json(plugin_json(&s, &p)))
+}
+
+/// Validate an uploaded plugin, then write it into the plugin folder with
+/// an atomic rename: the watcher swaps it in as it would a copied file.
+/// Validation failures are 400 with the reason; nothing is written.
+async fn upload(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::bad_request(
+            "plugin names are letters, digits, '-' and '_'",
+        ));
+    }
+    let broker = s.broker.clone();
+    let checked_name = name.clone();
+    let version = tokio::task::spawn_blocking(move || {
+        broker
+            .host()
+            .load(&checked_name, &body, false)
+            .map(|v| (v, body))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::bad_request(format!("plugin '{name}' rejected: {e}")))?;
+    let (version, body) = version;
+    let dir = s.broker.plugin_dir().to_owned();
+    let written = name.clone();
+    tokio::task::spawn_blocking(move || write_atomically(&dir, &written, &body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing the plugin file: {e}"),
+            )
+        })?;
+    tracing::info!(plugin = %name, version = %version.short_hash(), "plugin uploaded through the admin API");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": name,
+            "hash": version.hash,
+            "roles": version.roles.to_string(),
+            "abi_version": version.abi_version,
+            "exports": version.exports,
+        })),
+    ))
+}
+
+fn write_atomically(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.wasm.upload"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(format!("{name}.wasm")))
+}

@@ -1,0 +1,138 @@
+//! A small blocking client of the admin API: what the `wasmq` CLI
+//! subcommands (and the tests) use to talk to a running broker.
+
+use base64::Engine as _;
+use serde_json::Value;
+
+/// A failed admin API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker answered with an error status.
+    #[error("{status}: {reason}")]
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// The API's `reason` (or the body).
+        reason: String,
+    },
+    /// The request did not get an answer.
+    #[error("admin API unreachable: {0}")]
+    Transport(String),
+}
+
+/// The admin API of one broker.
+#[derive(Clone, Debug)]
+pub struct AdminClient {
+    base: String,
+    authorization: String,
+    agent: ureq::Agent,
+}
+
+/// Percent-encode one path segment (vhost `/` becomes `%2F`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl AdminClient {
+    /// A client of `base` (e.g. `http://127.0.0.1:15672`) as `user`.
+    pub fn new(base: &str, user: &str, password: &str) -> Self {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            authorization: format!("Basic {token}"),
+            agent,
+        }
+    }
+
+    fn finish(
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let mut r = r.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = r.status().as_u16();
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_vec()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if status >= 400 {
+            let reason = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["reason"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Status { status, reason });
+        }
+        Ok((status, body))
+    }
+
+    fn json(body: &[u8]) -> Result<Value, ClientError> {
+        if body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(body).map_err(|e| ClientError::Transport(format!("bad JSON: {e}")))
+    }
+
+    /// GET a JSON document.
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .call();
+        Self::json(&Self::finish(r)?.1)
+    }
+
+    /// GET a text document (`/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .call();
+        Ok(String::from_utf8_lossy(&Self::finish(r)?.1).into_owned())
+    }
+
+    /// POST a JSON document; the answer's JSON (or null).
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .send_json(body);
+        Self::json(&Self::finish(r)?.1)
+    }
+
+    /// PUT raw bytes (a plugin upload).
+    pub fn put_bytes(&self, path: &str, bytes: &[u8]) -> Result<Value, ClientError> {
+        let r = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .header("Content-Type", "application/wasm")
+            .send(bytes);
+        Self::json(&Self::finish(r)?.1)
+    }
+
+    /// DELETE.
+    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let r = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .call();
+        Self::finish(r).map(|_| ())
+    }
+}

@@ -1,0 +1,187 @@
+//! The admin HTTP API and Prometheus metrics: how operators see and steer
+//! a running broker without restarting it.
+//!
+//! Paths follow RabbitMQ's management API where they fit (`/api/overview`,
+//! `/api/queues/{vhost}`, `/api/definitions`, ...) so that people and
+//! scripts that know it find their way; the plugin endpoints are wasmq's
+//! own. Authentication is HTTP basic against the same `[[users]]` as AMQP
+//! (a loopback-only user is refused from elsewhere). `/metrics` is open by
+//! default, like RabbitMQ's Prometheus endpoint, because scrapers rarely
+//! carry credentials; `admin.metrics_auth` closes it.
+//!
+//! The API reads the broker's own objects and counters; it keeps no state
+//! of its own. A plugin upload is validated here and then written into the
+//! plugin folder atomically, so it takes the same hot-swap path as a file
+//! copied by hand.
+
+mod api;
+pub mod client;
+pub mod json;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Broker;
+use crate::amqp::User;
+
+/// `[admin]`: the HTTP listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin API at all.
+    pub enabled: bool,
+    /// Listen address; loopback by default (env `WASMQ_ADMIN_LISTEN`).
+    pub listen: SocketAddr,
+    /// Require basic auth for `/metrics` too.
+    pub metrics_auth: bool,
+    /// Largest plugin upload, MiB.
+    pub max_upload_mib: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:15672".parse().expect("address"),
+            metrics_auth: false,
+            max_upload_mib: 16,
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    broker: Arc<Broker>,
+    users: Arc<Vec<User>>,
+    started: Instant,
+    amqp_addr: SocketAddr,
+    metrics_auth: bool,
+}
+
+/// An error as the API returns it: a status and a JSON body
+/// `{"error": ..., "reason": ...}` (RabbitMQ's shape).
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        ApiError(status, reason.into())
+    }
+
+    pub(crate) fn not_found(what: impl std::fmt::Display) -> Self {
+        ApiError(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+
+    pub(crate) fn bad_request(reason: impl Into<String>) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, reason.into())
+    }
+}
+
+impl From<crate::BrokerError> for ApiError {
+    fn from(e: crate::BrokerError) -> Self {
+        let status = match e.reply_code() {
+            404 => StatusCode::NOT_FOUND,
+            403 => StatusCode::FORBIDDEN,
+            405 => StatusCode::LOCKED,
+            406 | 503 => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let error = self
+            .0
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase();
+        let body = serde_json::json!({ "error": error, "reason": self.1 });
+        (self.0, axum::Json(body)).into_response()
+    }
+}
+
+/// Serve the admin API on `listener` until `shutdown`.
+pub async fn serve(
+    broker: Arc<Broker>,
+    users: Vec<User>,
+    config: AdminConfig,
+    amqp_addr: SocketAddr,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let state = AdminState {
+        broker,
+        users: Arc::new(users),
+        started: Instant::now(),
+        amqp_addr,
+        metrics_auth: config.metrics_auth,
+    };
+    let app = api::routes(config.max_upload_mib << 20)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await;
+    if let Err(e) = result {
+        tracing::error!("admin API stopped: {e}");
+    }
+}
+
+/// HTTP basic auth against the AMQP users.
+async fn auth(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == "/metrics" && !state.metrics_auth {
+        return next.run(request).await;
+    }
+    let credentials = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let allowed = credentials
+        .as_deref()
+        .and_then(|c| c.split_once(':'))
+        .is_some_and(|(name, password)| {
+            state.users.iter().any(|u| {
+                u.name == name
+                    && u.password == password
+                    && (!u.loopback_only || peer.ip().is_loopback())
+            })
+        });
+    if allowed {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "login failed (HTTP basic auth with an AMQP user)",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"wasmq\""),
+    );
+    response
+}
