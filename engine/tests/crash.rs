@@ -80,6 +80,7 @@ impl Broker {
     fn spawn(data: &Path, plugins: &Path) -> Broker {
         let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
             .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data)
             .arg("--plugin-dir")
@@ -309,4 +310,60 @@ async fn confirmed_messages_survive_kill_9() {
         "seed {seed}: {:?}",
         &s.violations[..s.violations.len().min(10)]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_confirmed_publishing_exits_0_and_loses_nothing_confirmed() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let seen = Mutex::new(Observed::default());
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await;
+    let conn = connect(&addr).await;
+    let pid = broker.child.id().expect("pid").to_string();
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(ok.success());
+    };
+    // Publishing ends when the broker closes the connection (320).
+    let (published, ()) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), publish(&conn, &seen, 200)),
+        term
+    );
+    let ended = published.expect("the broker closed the connection on SIGTERM");
+    assert!(ended.is_err(), "publishing ends with the close");
+    let status = tokio::time::timeout(Duration::from_secs(15), broker.child.wait())
+        .await
+        .expect("exits within its grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await;
+    let conn = connect(&addr).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch).await;
+    while let Some(m) = ch
+        .basic_get(QUEUE.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
+        seen.lock().unwrap().delivered(seq, m.delivery.redelivered);
+    }
+    broker.kill().await;
+    let s = seen.into_inner().unwrap();
+    let lost: Vec<u64> = s
+        .confirmed
+        .iter()
+        .copied()
+        .filter(|seq| !s.deliveries.contains_key(seq))
+        .collect();
+    assert!(s.confirmed.len() > 100, "{} confirmed", s.confirmed.len());
+    assert!(lost.is_empty(), "{} confirmed messages lost", lost.len());
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
 }

@@ -210,6 +210,7 @@ impl TestServer {
             ..Default::default()
         };
         config.plugins.compile_cache = false;
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
         adjust(&mut config);
         let server = wasmq::server::Server::start(config.clone()).await.unwrap();
         TestServer {
@@ -241,6 +242,17 @@ impl TestServer {
     /// The AMQP address.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.server.as_ref().unwrap().amqp_addr
+    }
+
+    /// A client of the admin API as guest.
+    pub fn admin(&self) -> wasmq::admin::client::AdminClient {
+        let addr = self
+            .server
+            .as_ref()
+            .unwrap()
+            .admin_addr
+            .expect("admin API enabled");
+        wasmq::admin::client::AdminClient::new(&format!("http://{addr}"), "guest", "guest")
     }
 
     /// An `amqp://` URL for guest on the default vhost.

@@ -167,3 +167,42 @@ fn load_plugin_dir_at_start_skips_bad_files() {
     assert!(t.broker.plugins().get("good").is_some());
     assert!(t.broker.plugins().get("bad").is_none());
 }
+
+/// A Kubernetes ConfigMap volume, as the kubelet's atomic writer updates
+/// it: files are symlinks through `..data`, and an update swaps `..data`
+/// to a new hidden folder with one rename. No event names a `.wasm` file,
+/// yet the new version must be swapped in.
+#[test]
+fn a_configmap_style_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let t = TestBroker::new();
+    let dir = t.plugin_dir().to_path_buf();
+    let v1 = dir.join("..2026_11_25_00_00_00.1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("router.wasm"), plugin_bytes("topic")).unwrap();
+    symlink(v1.file_name().unwrap(), dir.join("..data")).unwrap();
+    symlink("..data/router.wasm", dir.join("router.wasm")).unwrap();
+    assert_eq!(t.broker.load_plugin_dir(), 1);
+    let _watcher = t.broker.watch_plugins().unwrap();
+    let first = t.broker.plugins().get("router").unwrap().hash.clone();
+
+    // The kubelet's update: new folder, new symlink, rename over ..data.
+    let v2 = dir.join("..2026_11_25_00_01_00.2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("router.wasm"), plugin_bytes("direct")).unwrap();
+    symlink(v2.file_name().unwrap(), dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(&v1).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || t
+            .broker
+            .plugins()
+            .get("router")
+            .is_some_and(|v| v.hash != first)),
+        "the new version from the swapped ConfigMap is serving"
+    );
+    assert_eq!(
+        t.broker.plugins().get("router").unwrap().hash,
+        wasmq::plugin::content_hash(&plugin_bytes("direct"))
+    );
+}

@@ -6,6 +6,12 @@
 //! cannot be loaded half-way: it fails validation (a truncated module does
 //! not compile), is rejected, and the next event loads the finished file.
 //! Writing to a temporary name and renaming into place avoids even that.
+//!
+//! A Kubernetes ConfigMap mounted as the plugin folder changes differently:
+//! its files are symlinks through `..data`, and an update writes a new
+//! hidden folder and swaps the `..data` symlink, so no event names a
+//! `.wasm` file. An event on a `..`-prefixed name therefore rescans the
+//! folder; unchanged files are skipped by content hash.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,7 @@ impl PluginWatcher {
     /// (check `path.exists()`). Compiling there keeps it off the runtime.
     pub fn start(dir: &Path, on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
         let (tx, rx) = mpsc::channel::<PathBuf>();
+        let folder = dir.to_path_buf();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event {
@@ -43,6 +50,14 @@ impl PluginWatcher {
                     for path in event.paths {
                         if path.extension().is_some_and(|e| e == "wasm") {
                             let _ = tx.send(path);
+                        } else if path
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                        {
+                            // A ConfigMap update: report every plugin file.
+                            for p in wasm_files(&folder) {
+                                let _ = tx.send(p);
+                            }
                         }
                     }
                 }
@@ -70,4 +85,16 @@ impl PluginWatcher {
             .map_err(|e| notify::Error::generic(&e.to_string()))?;
         Ok(PluginWatcher { _watcher: watcher })
     }
+}
+
+/// The `.wasm` files in `dir` (symlinks included).
+fn wasm_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

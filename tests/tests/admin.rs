@@ -1,0 +1,403 @@
+//! The admin HTTP API and `/metrics` over real HTTP, against a real broker
+//! that lapin clients are using at the same time.
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, ExchangeKind};
+use serde_json::{Value, json};
+use wasmq::admin::client::{AdminClient, ClientError};
+use wasmq_tests::TestServer;
+
+/// Run a blocking admin call off the async workers.
+async fn api<T: Send + 'static>(
+    client: AdminClient,
+    f: impl FnOnce(AdminClient) -> T + Send + 'static,
+) -> T {
+    tokio::task::spawn_blocking(move || f(client))
+        .await
+        .unwrap()
+}
+
+fn status(e: ClientError) -> u16 {
+    match e {
+        ClientError::Status { status, .. } => status,
+        other => panic!("expected an HTTP error status, got {other}"),
+    }
+}
+
+async fn declare_world(ch: &lapin::Channel) {
+    ch.exchange_declare(
+        "events".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(1000));
+    ch.queue_declare(
+        "orders".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "orders".into(),
+        "events".into(),
+        "orders.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_what_amqp_clients_do() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare_world(&ch).await;
+    for i in 0..3 {
+        ch.basic_publish(
+            "events".into(),
+            format!("orders.{i}").as_str().into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    wasmq_tests::declare_queue(&ch, "work").await;
+    let _consumer = wasmq_tests::consume(&ch, "work", "worker-1").await;
+
+    let admin = t.admin();
+    let (overview, exchange, queue, bindings, conns, channels, consumers) =
+        api(admin.clone(), |a| {
+            (
+                a.get("/api/overview").unwrap(),
+                a.get("/api/exchanges/%2F/events").unwrap(),
+                a.get("/api/queues/%2F/orders").unwrap(),
+                a.get("/api/bindings/%2F").unwrap(),
+                a.get("/api/connections").unwrap(),
+                a.get("/api/channels").unwrap(),
+                a.get("/api/consumers").unwrap(),
+            )
+        })
+        .await;
+    assert_eq!(overview["object_totals"]["connections"], 1);
+    assert_eq!(overview["object_totals"]["consumers"], 1);
+    assert_eq!(overview["queue_totals"]["messages_ready"], 3);
+    assert_eq!(exchange["type"], "topic");
+    assert_eq!(exchange["durable"], true);
+    assert_eq!(exchange["plugin"]["router"], "topic");
+    assert_eq!(exchange["message_stats"]["publish_in"], 3);
+    assert_eq!(exchange["message_stats"]["routed"], 3);
+    assert_eq!(queue["messages_ready"], 3);
+    assert_eq!(queue["arguments"]["x-max-length"], 1000);
+    assert!(
+        bindings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["source"] == "events"
+                && b["destination"] == "orders"
+                && b["routing_key"] == "orders.#"),
+        "{bindings}"
+    );
+    assert_eq!(conns[0]["user"], "guest");
+    assert_eq!(channels[0]["confirm"], true);
+    assert_eq!(consumers[0]["consumer_tag"], "worker-1");
+    assert_eq!(consumers[0]["queue"]["name"], "work");
+
+    // An operator closes the connection: the client sees 320.
+    let id = conns[0]["id"].as_u64().unwrap();
+    api(admin.clone(), move |a| {
+        a.delete(&format!("/api/connections/{id}"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await,
+        "the connection was closed"
+    );
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .connections()
+            .is_empty())
+        .await
+    );
+
+    // Unknown objects are 404 with a reason.
+    let e = api(admin, |a| a.get("/api/queues/%2F/nope").unwrap_err()).await;
+    assert_eq!(status(e), 404);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_requires_an_amqp_user() {
+    let t = TestServer::start().await;
+    let addr = t.server.as_ref().unwrap().admin_addr.unwrap();
+    let wrong = AdminClient::new(&format!("http://{addr}"), "guest", "wrong");
+    let nobody = AdminClient::new(&format!("http://{addr}"), "nobody", "guest");
+    let (a, b, metrics) = api(wrong.clone(), move |w| {
+        (
+            w.get("/api/overview").unwrap_err(),
+            nobody.get("/api/queues").unwrap_err(),
+            // /metrics is open to scrapers by default.
+            w.get_text("/metrics"),
+        )
+    })
+    .await;
+    assert_eq!(status(a), 401);
+    assert_eq!(status(b), 401);
+    assert!(metrics.unwrap().contains("wasmq_connections"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_export_from_one_broker_and_import_into_another() {
+    let a = TestServer::start().await;
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_world(&ch).await;
+    let exported = api(a.admin(), |c| c.get("/api/definitions").unwrap()).await;
+    assert_eq!(exported["exchanges"][0]["name"], "events");
+    assert_eq!(exported["queues"][0]["name"], "orders");
+    assert_eq!(exported["bindings"][0]["routing_key"], "orders.#");
+
+    let b = TestServer::start().await;
+    let doc = exported.clone();
+    api(b.admin(), move |c| {
+        c.post("/api/definitions", &doc).unwrap()
+    })
+    .await;
+    let again = api(b.admin(), |c| c.get("/api/definitions").unwrap()).await;
+    for k in ["exchanges", "queues", "bindings"] {
+        assert_eq!(again[k], exported[k], "{k} round-trip");
+    }
+    // The imported binding routes in broker B.
+    let conn_b = b.connect().await;
+    let ch_b = conn_b.create_channel().await.unwrap();
+    ch_b.basic_publish(
+        "events".into(),
+        "orders.42".into(),
+        BasicPublishOptions::default(),
+        b"routed",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let got = ch_b
+        .basic_get("orders".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(got.delivery.data, b"routed");
+
+    // A bad document is refused with a reason naming the item.
+    let bad = json!({"exchanges": [{"name": "x", "vhost": "/", "type": "no-such-plugin"}]});
+    let e = api(b.admin(), move |c| {
+        c.post("/api/definitions", &bad).unwrap_err()
+    })
+    .await;
+    match e {
+        ClientError::Status { status, reason } => {
+            assert_eq!(status, 400);
+            assert!(reason.contains("exchange 'x'"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_get_through_the_api() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_world(&ch).await;
+    let (routed, unrouted, peek, took, empty) = api(t.admin(), |a| {
+        let body = json!({"routing_key": "orders.1", "payload": "hello",
+            "properties": {"headers": {"k": "v"}, "delivery_mode": 2}});
+        let routed = a.post("/api/exchanges/%2F/events/publish", &body).unwrap();
+        let unrouted = a
+            .post(
+                "/api/exchanges/%2F/events/publish",
+                &json!({"routing_key": "other", "payload": "x"}),
+            )
+            .unwrap();
+        let peek = a
+            .post(
+                "/api/queues/%2F/orders/get",
+                &json!({"count": 5, "ackmode": "ack_requeue_true"}),
+            )
+            .unwrap();
+        let took = a
+            .post("/api/queues/%2F/orders/get", &json!({"count": 5}))
+            .unwrap();
+        let empty = a
+            .post("/api/queues/%2F/orders/get", &json!({"count": 5}))
+            .unwrap();
+        (routed, unrouted, peek, took, empty)
+    })
+    .await;
+    assert_eq!(routed["routed"], true);
+    assert_eq!(unrouted["routed"], false);
+    assert_eq!(peek[0]["payload"], "hello");
+    assert_eq!(took[0]["payload"], "hello");
+    assert_eq!(took[0]["redelivered"], true, "the peek requeued it");
+    assert_eq!(took[0]["properties"]["headers"]["k"], "v");
+    assert_eq!(empty, Value::Array(vec![]));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_plugin_is_validated_then_hot_swapped_in() {
+    let t = TestServer::start().await;
+    let admin = t.admin();
+    // Garbage is refused with the reason and nothing reaches the folder.
+    let e = api(admin.clone(), |a| {
+        a.put_bytes("/api/plugins/shard", b"not wasm at all")
+            .unwrap_err()
+    })
+    .await;
+    match e {
+        ClientError::Status { status, reason } => {
+            assert_eq!(status, 400);
+            assert!(reason.contains("rejected"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!t.plugins.path().join("shard.wasm").exists());
+
+    let bytes = wasmq_tests::plugin_bytes("consistent-hash");
+    let r = api(admin.clone(), move |a| {
+        a.put_bytes("/api/plugins/shard", &bytes).unwrap()
+    })
+    .await;
+    assert!(r["roles"].as_str().unwrap().contains("router"), "{r}");
+    assert!(t.plugins.path().join("shard.wasm").exists());
+    // The watcher loads it from the folder like a copied file.
+    let mut listed = Value::Null;
+    for _ in 0..100 {
+        listed = api(admin.clone(), |a| a.get("/api/plugins/shard"))
+            .await
+            .unwrap_or(Value::Null);
+        if listed["state"] == "serving" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed["state"], "serving", "{listed}");
+    assert_eq!(listed["hash"], r["hash"]);
+    // And AMQP clients can use it as an exchange type.
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "sharded".into(),
+        ExchangeKind::Custom("shard".into()),
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let builtins = api(admin, |a| a.get("/api/plugins").unwrap()).await;
+    let topic = builtins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "topic")
+        .unwrap();
+    assert_eq!(topic["builtin"], true);
+    assert_eq!(topic["abi_version"], 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare_world(&ch).await;
+    // Distinct keys defeat the topic router's memo, so the plugin is called.
+    for i in 0..20 {
+        ch.basic_publish(
+            "events".into(),
+            format!("orders.{i}").as_str().into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let text = api(t.admin(), |a| a.get_text("/metrics").unwrap()).await;
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("parses as Prometheus text");
+    let value = |name: &str, label: (&str, &str)| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name}{label:?} missing"))
+    };
+    assert_eq!(
+        value("wasmq_queue_messages_ready", ("queue", "orders")),
+        20.0
+    );
+    assert_eq!(
+        value("wasmq_queue_published_total", ("queue", "orders")),
+        20.0
+    );
+    assert_eq!(
+        value("wasmq_exchange_published_total", ("exchange", "events")),
+        20.0
+    );
+    assert!(value("wasmq_plugin_calls_total", ("plugin", "topic")) >= 1.0);
+    let histogram = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == name && matches!(s.value, prometheus_parse::Value::Histogram(_)))
+    };
+    assert!(histogram("wasmq_plugin_call_duration_seconds"), "{text}");
+    assert!(histogram("wasmq_store_sync_duration_seconds"), "{text}");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "wasmq_store_bytes_written_total"
+                && matches!(s.value, prometheus_parse::Value::Counter(v) if v > 0.0))
+    );
+    t.stop().await;
+}

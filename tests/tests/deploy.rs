@@ -1,0 +1,183 @@
+//! The deployment files cannot run here (no Docker daemon or cluster in
+//! CI), so these tests check what can be checked: every manifest parses,
+//! names and ports agree across files, the configuration the container and
+//! the ConfigMap carry is a valid wasmq config, and the Dockerfile uses
+//! only real instructions and files that exist.
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn docs(file: &str) -> Vec<Yaml> {
+    let path = repo().join("deploy/k8s").join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn kind<'a>(docs: &'a [Yaml], kind: &str) -> Vec<&'a Yaml> {
+    docs.iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_agree() {
+    let kustomization = docs("kustomization.yaml");
+    let files: Vec<&str> = kustomization[0]["resources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    let all: Vec<Yaml> = files.iter().flat_map(|f| docs(f)).collect();
+    for d in &all {
+        assert!(d["apiVersion"].as_str().is_some(), "apiVersion in {d:?}");
+        assert!(
+            d["metadata"]["name"].as_str().is_some(),
+            "metadata.name in {d:?}"
+        );
+    }
+
+    let sts = kind(&all, "StatefulSet");
+    assert_eq!(sts.len(), 1);
+    let sts = sts[0];
+    let pod = &sts["spec"]["template"];
+    assert_eq!(
+        sts["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"],
+        "the selector matches the pod labels"
+    );
+    // Every ConfigMap the pod mounts is defined.
+    let configmaps: Vec<&str> = kind(&all, "ConfigMap")
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    let volumes = pod["spec"]["volumes"].as_vec().unwrap();
+    for v in volumes {
+        if let Some(name) = v["configMap"]["name"].as_str() {
+            assert!(configmaps.contains(&name), "ConfigMap {name} is defined");
+        }
+    }
+    // Every mount names a volume or a claim template.
+    let container = &pod["spec"]["containers"][0];
+    let claims: Vec<&str> = sts["spec"]["volumeClaimTemplates"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    let mut mounts = std::collections::HashMap::new();
+    for m in container["volumeMounts"].as_vec().unwrap() {
+        let name = m["name"].as_str().unwrap();
+        assert!(
+            volumes.iter().any(|v| v["name"].as_str() == Some(name)) || claims.contains(&name),
+            "volume {name} exists"
+        );
+        mounts.insert(name, m["mountPath"].as_str().unwrap());
+    }
+    // The config the pod reads is valid, and its folders are the mounts.
+    let config_cm = kind(&all, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"].as_str() == Some("wasmq-config"))
+        .unwrap();
+    let text = config_cm["data"]["wasmq.toml"].as_str().unwrap();
+    let config = wasmq::Config::parse(text, "ConfigMap wasmq-config").unwrap();
+    assert_eq!(config.data_dir, Path::new(mounts["data"]));
+    assert_eq!(config.plugin_dir, Path::new(mounts["plugins"]));
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let config_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+    assert_eq!(
+        Path::new(config_path).parent().unwrap(),
+        Path::new(mounts["config"])
+    );
+    // Service ports target named container ports.
+    let port_names: Vec<&str> = container["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for svc in kind(&all, "Service") {
+        for p in svc["spec"]["ports"].as_vec().unwrap() {
+            if let Some(target) = p["targetPort"].as_str() {
+                assert!(port_names.contains(&target), "port {target}");
+            }
+        }
+        assert_eq!(svc["spec"]["selector"], pod["metadata"]["labels"]);
+    }
+    assert_eq!(
+        sts["spec"]["serviceName"].as_str(),
+        kind(&all, "Service")
+            .iter()
+            .find(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
+            .map(|s| s["metadata"]["name"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn the_container_config_is_valid_and_matches_the_configmap() {
+    let path = repo().join("deploy/wasmq.toml");
+    let file = wasmq::Config::from_file(&path).unwrap();
+    let cm = docs("configmap.yaml");
+    let text = cm[0]["data"]["wasmq.toml"].as_str().unwrap();
+    let from_cm = wasmq::Config::parse(text, "ConfigMap").unwrap();
+    assert_eq!(format!("{file:?}"), format!("{from_cm:?}"));
+}
+
+#[test]
+fn the_dockerfile_uses_real_instructions_and_files() {
+    const INSTRUCTIONS: &[&str] = &[
+        "FROM",
+        "RUN",
+        "CMD",
+        "LABEL",
+        "EXPOSE",
+        "ENV",
+        "ADD",
+        "COPY",
+        "ENTRYPOINT",
+        "VOLUME",
+        "USER",
+        "WORKDIR",
+        "ARG",
+        "ONBUILD",
+        "STOPSIGNAL",
+        "HEALTHCHECK",
+        "SHELL",
+    ];
+    let text = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let mut continued = false;
+    let mut stages = 0;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if !continued {
+            let word = trimmed.split_whitespace().next().unwrap();
+            assert!(INSTRUCTIONS.contains(&word), "unknown instruction: {line}");
+            if word == "FROM" {
+                stages += 1;
+            }
+            if word == "COPY" && !trimmed.contains("--from") {
+                let src = trimmed.split_whitespace().nth(1).unwrap();
+                assert!(repo().join(src).exists(), "COPY source {src} exists");
+            }
+        }
+        continued = trimmed.ends_with('\\');
+    }
+    assert_eq!(stages, 2, "a build stage and a runtime stage");
+    // The entrypoint's subcommand and flags exist in the binary.
+    assert!(text.contains(r#""serve", "--config""#));
+}
