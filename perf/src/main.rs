@@ -72,6 +72,13 @@ struct Args {
     /// Queues (consumers are spread over them).
     #[arg(long, default_value_t = 1)]
     queues: usize,
+    /// Keep existing queues and their messages (default: delete and
+    /// redeclare them first). With `-x 0`, drains a backlog left earlier.
+    #[arg(long)]
+    keep: bool,
+    /// Stop each producer after this many messages (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pmessages: u64,
     /// Bindings per queue (topic/direct keys `k.{queue}.{binding}`).
     #[arg(long, default_value_t = 1)]
     bindings_per_queue: usize,
@@ -118,21 +125,23 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
     };
     // Start clean. A delete of something missing closes its channel (404),
     // so each runs on a throwaway channel.
-    conn.create_channel()
-        .await?
-        .exchange_delete(
-            args.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .ok();
-    for q in 0..args.queues {
-        let name = queue_name(q);
+    if !args.keep {
         conn.create_channel()
             .await?
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .exchange_delete(
+                args.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await
             .ok();
+        for q in 0..args.queues {
+            let name = queue_name(q);
+            conn.create_channel()
+                .await?
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .ok();
+        }
     }
     ch.exchange_declare(
         args.exchange.as_str().into(),
@@ -191,7 +200,9 @@ async fn produce(
     // pipelines them; awaiting each one would measure the client's
     // round trip to its own IO thread instead of the broker.
     let batch = if period.is_some() { 1 } else { 64 };
-    while !stop.load(Ordering::Relaxed) {
+    let mut published = 0u64;
+    while !stop.load(Ordering::Relaxed) && (args.pmessages == 0 || published < args.pmessages) {
+        published += batch as u64;
         if let Some(p) = period {
             next += p;
             let now = Instant::now();

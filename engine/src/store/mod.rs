@@ -145,6 +145,11 @@ impl Syncer {
         ticket
     }
 
+    /// Bytes written that no confirm waits for (acks): counted only.
+    pub(crate) fn count(&self, bytes: u64) {
+        self.stats.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn run(&self) {
         loop {
             let (target, files) = {
