@@ -137,8 +137,12 @@ fn create_file(dir: &Path, path: &Path, magic: &[u8; 8]) -> Result<File, StoreEr
     Ok(f)
 }
 
-/// Read every ack entry of a segment's ack file. A torn last entry (a crash
-/// in mid-write) is cut off; a bad entry before the last is corruption.
+/// Read every ack entry of a segment's ack file. Ack files are not synced
+/// with the group commit (nothing waits for an ack), so after a power loss
+/// any of their unsynced tail may be missing or torn: the first bad entry
+/// ends the file, with a warning naming it; the acks after it are dropped
+/// and their messages come back, marked redelivered (at least once, never
+/// lost). A bad header is still corruption.
 fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -164,15 +168,17 @@ fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
                 acked.insert(offset);
                 at += ACK_LEN;
             }
-            None if at + ACK_LEN >= bytes.len() => {
-                // The last entry, torn by a crash mid-write: it never counted.
-                tracing::warn!(file = %path.display(), offset = at, "torn ack entry at the tail; truncated");
+            None => {
+                let dropped = (bytes.len() - at).div_ceil(ACK_LEN);
+                tracing::warn!(
+                    file = %path.display(), offset = at, dropped,
+                    "bad ack entry (torn or unsynced before a crash); the acks from here on are dropped and their messages will be redelivered"
+                );
                 let f = open_rw(path)?;
                 f.set_len(at as u64).map_err(io(path))?;
                 f.sync_data().map_err(io(path))?;
                 break;
             }
-            None => return Err(corrupt(at, "ack entry checksum mismatch")),
         }
     }
     Ok((acked, Some(at as u64)))
@@ -609,7 +615,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_ack_entry_is_dropped_and_a_bad_one_before_it_reported() {
+    fn a_bad_ack_entry_ends_the_ack_file_and_its_messages_come_back() {
         let tmp = tempfile::tempdir().unwrap();
         let (log, _) = open(tmp.path(), 1 << 20).unwrap();
         let refs: Vec<StoreRef> = (0..3)
@@ -629,10 +635,15 @@ mod tests {
 
         let mut bytes = std::fs::read(&acks).unwrap();
         bytes.extend_from_within(16..24);
-        bytes[17] ^= 0xff; // first entry corrupt, a good one after it
+        bytes[17] ^= 0xff; // first entry bad, a good one after it
         std::fs::write(&acks, bytes).unwrap();
-        let err = open(tmp.path(), 1 << 20).unwrap_err().to_string();
-        assert!(err.contains("0000000001.ack at offset 16"), "{err}");
+        let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
+        assert_eq!(
+            bodies(&log, &recovered),
+            ["message 0", "message 1", "message 2"],
+            "every ack from the bad entry on is dropped: redelivered, not lost"
+        );
+        assert_eq!(std::fs::metadata(&acks).unwrap().len(), 16);
     }
 
     #[test]
