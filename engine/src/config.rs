@@ -202,11 +202,14 @@ impl Config {
             let before = &text[..offset.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            // The line itself, so that the key at fault is in the message
+            // even when toml's message names only the expected type.
+            let source = text.lines().nth(line - 1).unwrap_or("").trim();
             ConfigError::Invalid {
                 path: origin.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message: format!("{} (`{source}`)", e.message().trim()),
             }
         })
     }
@@ -252,6 +255,15 @@ mod tests {
             Config::default().users[0].loopback_only,
             "guest is loopback-only by default"
         );
+    }
+
+    #[test]
+    fn a_type_error_shows_the_key() {
+        let e = Config::parse("[plugins]\ncall_deadline_ms = \"fast\"\n", "wasmq.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("call_deadline_ms"), "{e}");
     }
 
     #[test]

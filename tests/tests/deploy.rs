@@ -181,3 +181,30 @@ fn the_dockerfile_uses_real_instructions_and_files() {
     // The entrypoint's subcommand and flags exist in the binary.
     assert!(text.contains(r#""serve", "--config""#));
 }
+
+#[test]
+fn the_complete_file_in_the_configuration_docs_parses() {
+    let doc = std::fs::read_to_string(repo().join("docs/configuration.md")).unwrap();
+    let section = doc.split("## A complete file").nth(1).expect("section");
+    let toml = section
+        .split("```toml")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a toml block");
+    let c = wasmq::Config::parse(toml, "docs/configuration.md").unwrap();
+    let d = wasmq::Config::default();
+    // The documented values are the defaults (bar the folders and user).
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.admin.listen, d.admin.listen);
+    assert_eq!(c.amqp.heartbeat_secs, d.amqp.heartbeat_secs);
+    assert_eq!(c.amqp.frame_max, d.amqp.frame_max);
+    assert_eq!(c.amqp.channel_max, d.amqp.channel_max);
+    assert_eq!(c.amqp.queue_flow_bytes, d.amqp.queue_flow_bytes);
+    assert_eq!(c.store.segment_mib, d.store.segment_mib);
+    assert_eq!(c.plugins.limits().deadline, d.plugins.limits().deadline);
+    assert_eq!(
+        c.plugins.limits().setup_deadline,
+        d.plugins.limits().setup_deadline
+    );
+    assert_eq!(c.users[0].vhosts, ["/", "orders"]);
+}
