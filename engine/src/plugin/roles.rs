@@ -125,7 +125,9 @@ impl Pool {
     ) -> Result<R, PluginFault> {
         self.circuit.check()?;
         let n = self.version.calls.fetch_add(1, Ordering::Relaxed);
-        let started = n.is_multiple_of(LATENCY_SAMPLE).then(std::time::Instant::now);
+        let started = n
+            .is_multiple_of(LATENCY_SAMPLE)
+            .then(std::time::Instant::now);
         let mut slot = self.acquire();
         let r = match &mut *slot {
             Some(i) => f(i),
