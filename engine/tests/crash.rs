@@ -51,6 +51,15 @@ struct Observed {
 }
 
 impl Observed {
+    /// Confirmed messages never delivered.
+    fn lost(&self) -> Vec<u64> {
+        self.confirmed
+            .iter()
+            .copied()
+            .filter(|seq| !self.deliveries.contains_key(seq))
+            .collect()
+    }
+
     fn delivered(&mut self, seq: u64, redelivered: bool) {
         if self.acked.contains(&seq) {
             self.violations
@@ -206,6 +215,19 @@ async fn consume(conn: &Connection, seen: &Mutex<Observed>) -> lapin::Result<()>
     Ok(())
 }
 
+/// Take every message left in the queue (no-ack), recording each.
+async fn drain(ch: &Channel, seen: &Mutex<Observed>) {
+    declare(ch).await;
+    while let Some(m) = ch
+        .basic_get(QUEUE.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
+        seen.lock().unwrap().delivered(seq, m.delivery.redelivered);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_kill_9() {
     let seed = std::env::var("WASMQ_CRASH_SEED")
@@ -263,30 +285,12 @@ async fn confirmed_messages_survive_kill_9() {
     let addr = broker.ready().await;
     let conn = connect(&addr).await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch).await;
-    while let Some(m) = ch
-        .basic_get(QUEUE.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-    {
-        let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
-        seen.lock().unwrap().delivered(seq, m.delivery.redelivered);
-        m.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
+    drain(&ch, &seen).await;
     conn.close(200, "done".into()).await.unwrap();
     broker.kill().await;
 
     let s = seen.into_inner().unwrap();
-    let lost: Vec<u64> = s
-        .confirmed
-        .iter()
-        .copied()
-        .filter(|seq| !s.deliveries.contains_key(seq))
-        .collect();
+    let lost = s.lost();
     eprintln!(
         "seed {seed}: {} published, {} confirmed, {} delivered, {} redeliveries",
         s.next_seq,
@@ -346,23 +350,10 @@ async fn sigterm_under_confirmed_publishing_exits_0_and_loses_nothing_confirmed(
     let addr = broker.ready().await;
     let conn = connect(&addr).await;
     let ch = conn.create_channel().await.unwrap();
-    declare(&ch).await;
-    while let Some(m) = ch
-        .basic_get(QUEUE.into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        let seq = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
-        seen.lock().unwrap().delivered(seq, m.delivery.redelivered);
-    }
+    drain(&ch, &seen).await;
     broker.kill().await;
     let s = seen.into_inner().unwrap();
-    let lost: Vec<u64> = s
-        .confirmed
-        .iter()
-        .copied()
-        .filter(|seq| !s.deliveries.contains_key(seq))
-        .collect();
+    let lost = s.lost();
     assert!(s.confirmed.len() > 100, "{} confirmed", s.confirmed.len());
     assert!(lost.is_empty(), "{} confirmed messages lost", lost.len());
     assert!(s.violations.is_empty(), "{:?}", s.violations);

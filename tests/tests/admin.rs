@@ -62,28 +62,33 @@ async fn declare_world(ch: &lapin::Channel) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_shows_what_amqp_clients_do() {
-    let t = TestServer::start().await;
-    let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
+/// Publish `n` messages to `events` with keys `orders.{i}`, each confirmed.
+async fn publish_orders(ch: &lapin::Channel, n: usize, props: BasicProperties) {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    declare_world(&ch).await;
-    for i in 0..3 {
+    for i in 0..n {
         ch.basic_publish(
             "events".into(),
             format!("orders.{i}").as_str().into(),
             BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
+            b"m",
+            props.clone(),
         )
         .await
         .unwrap()
         .await
         .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_what_amqp_clients_do() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    declare_world(&ch).await;
+    publish_orders(&ch, 3, BasicProperties::default()).await;
     wasmq_tests::declare_queue(&ch, "work").await;
     let _consumer = wasmq_tests::consume(&ch, "work", "worker-1").await;
 
@@ -337,24 +342,9 @@ async fn metrics_are_valid_prometheus_text() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     declare_world(&ch).await;
     // Distinct keys defeat the topic router's memo, so the plugin is called.
-    for i in 0..20 {
-        ch.basic_publish(
-            "events".into(),
-            format!("orders.{i}").as_str().into(),
-            BasicPublishOptions::default(),
-            b"m",
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    publish_orders(&ch, 20, BasicProperties::default().with_delivery_mode(2)).await;
     let text = api(t.admin(), |a| a.get_text("/metrics").unwrap()).await;
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("parses as Prometheus text");

@@ -62,7 +62,23 @@ impl Broker {
         Ok(r)
     }
 
+    /// Declare everything in `defs`, durable, through the same checks as
+    /// AMQP declares (so an existing item with other flags is an error, and
+    /// an exchange type must name a loaded plugin). Used by the admin API's
+    /// import; the first failure stops it and names the item.
+    pub fn import_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
+        self.apply_definitions(defs, false)
+    }
+
     fn recover_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
+        self.apply_definitions(defs, true)
+    }
+
+    /// Declare exchanges, then queues, then bindings (replayed into their
+    /// plugins). At recovery, exchanges are rebuilt directly (they were
+    /// checked when first declared, and nothing is persisted meanwhile);
+    /// an import declares them like a client would.
+    fn apply_definitions(&self, defs: &Definitions, recovering: bool) -> anyhow::Result<Recovery> {
         use anyhow::Context;
         let mut r = Recovery::default();
         for v in &defs.vhosts {
@@ -76,13 +92,21 @@ impl Broker {
                     internal: x.internal,
                     arguments: x.arguments.clone(),
                 };
-                let built = self.build_exchange(&spec).with_context(|| {
+                let what = || {
                     format!(
-                        "recovering durable exchange '{}' (type '{}') in vhost '{}'",
+                        "exchange '{}' (type '{}') in vhost '{}'",
                         x.name, x.kind, v.name
                     )
-                })?;
-                vhost.exchanges.write().insert(x.name.clone(), built);
+                };
+                if recovering {
+                    let built = self
+                        .build_exchange(&spec)
+                        .with_context(|| format!("recovering durable {}", what()))?;
+                    vhost.exchanges.write().insert(x.name.clone(), built);
+                } else {
+                    self.declare_exchange(&vhost, spec, false)
+                        .with_context(what)?;
+                }
                 r.exchanges += 1;
             }
             for q in &v.queues {
@@ -95,13 +119,10 @@ impl Broker {
                         q.auto_delete,
                         q.arguments.clone(),
                     )
-                    .with_context(|| {
-                        format!(
-                            "recovering durable queue '{}' in vhost '{}'",
-                            q.name, v.name
-                        )
-                    })?;
-                r.messages += queue.len();
+                    .with_context(|| format!("queue '{}' in vhost '{}'", q.name, v.name))?;
+                if recovering {
+                    r.messages += queue.len();
+                }
                 r.queues += 1;
             }
             for b in &v.bindings {
@@ -119,67 +140,8 @@ impl Broker {
                 )
                 .with_context(|| {
                     format!(
-                        "replaying binding '{}' -> '{}' (key '{}') in vhost '{}'",
+                        "binding '{}' -> '{}' (key '{}') in vhost '{}'",
                         b.source, b.destination, b.routing_key, v.name
-                    )
-                })?;
-                r.bindings += 1;
-            }
-        }
-        Ok(r)
-    }
-
-    /// Declare everything in `defs`, durable, through the same checks as
-    /// AMQP declares (so an existing item with other flags is an error, and
-    /// an exchange type must name a loaded plugin). Used by the admin API's
-    /// import; the first failure stops it and names the item.
-    pub fn import_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
-        use anyhow::Context;
-        let mut r = Recovery::default();
-        for v in &defs.vhosts {
-            let vhost = self.add_vhost(&v.name)?;
-            for x in &v.exchanges {
-                let spec = ExchangeSpec {
-                    name: x.name.clone(),
-                    kind: x.kind.clone(),
-                    durable: true,
-                    auto_delete: x.auto_delete,
-                    internal: x.internal,
-                    arguments: x.arguments.clone(),
-                };
-                self.declare_exchange(&vhost, spec, false)
-                    .with_context(|| format!("exchange '{}' in vhost '{}'", x.name, v.name))?;
-                r.exchanges += 1;
-            }
-            for q in &v.queues {
-                self.declare_queue(
-                    &vhost,
-                    &q.name,
-                    true,
-                    None,
-                    q.auto_delete,
-                    q.arguments.clone(),
-                )
-                .with_context(|| format!("queue '{}' in vhost '{}'", q.name, v.name))?;
-                r.queues += 1;
-            }
-            for b in &v.bindings {
-                let destination = if b.destination_type == "exchange" {
-                    Destination::Exchange(b.destination.clone())
-                } else {
-                    Destination::Queue(b.destination.clone())
-                };
-                self.bind(
-                    &vhost,
-                    &b.source,
-                    destination,
-                    &b.routing_key,
-                    b.arguments.clone(),
-                )
-                .with_context(|| {
-                    format!(
-                        "binding '{}' -> '{}' in vhost '{}'",
-                        b.source, b.destination, v.name
                     )
                 })?;
                 r.bindings += 1;
