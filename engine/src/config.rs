@@ -86,6 +86,9 @@ pub struct StoreSection {
     /// Size of a queue log's segment files, MiB. A segment is deleted once
     /// all its messages are acked.
     pub segment_mib: u64,
+    /// Free space on the data folder's filesystem below which publishing
+    /// connections are blocked (connection.blocked), MiB; 0 disables.
+    pub disk_free_limit_mib: u64,
 }
 
 impl Default for StoreSection {
@@ -93,6 +96,7 @@ impl Default for StoreSection {
         StoreSection {
             enabled: true,
             segment_mib: crate::store::DEFAULT_SEGMENT_BYTES >> 20,
+            disk_free_limit_mib: 50,
         }
     }
 }

@@ -18,6 +18,14 @@ use crate::{Broker, Config};
 
 /// How often queues are swept for expired messages.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
+/// How often free disk space is checked.
+const DISK_CHECK: Duration = Duration::from_secs(1);
+
+/// Free bytes for unprivileged writers on the filesystem holding `dir`.
+fn disk_free(dir: &std::path::Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
 
 /// A started broker.
 pub struct Server {
@@ -131,6 +139,30 @@ impl Server {
         } else {
             None
         };
+        if config.store.enabled && config.store.disk_free_limit_mib > 0 {
+            // Disk alarm: below the limit, publishers are blocked before the
+            // disk fills (writes would fail and publishes be nacked).
+            let (broker, shutdown) = (broker.clone(), shutdown.clone());
+            let (dir, limit) = (
+                config.data_dir.clone(),
+                config.store.disk_free_limit_mib << 20,
+            );
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(DISK_CHECK);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => match disk_free(&dir) {
+                            Ok(free) => broker.set_alarm((free < limit).then(|| format!(
+                                "disk free {} MiB below the limit of {} MiB",
+                                free >> 20, limit >> 20
+                            ))),
+                            Err(e) => tracing::warn!(dir = %dir.display(), "checking free disk space: {e}"),
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
         tracker.spawn(amqp::serve(
             broker.clone(),
             listener,

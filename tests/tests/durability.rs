@@ -340,3 +340,100 @@ async fn tx_commit_returns_after_the_messages_are_synced() {
     conn.close(200, "bye".into()).await.unwrap();
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_disk_space_blocks_publishers_but_not_consumers() {
+    // A limit no disk meets: the monitor raises the alarm at once.
+    let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = u64::MAX >> 21).await;
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .alarm()
+            .borrow()
+            .is_some())
+        .await
+    );
+    let consumer = t.connect().await;
+    let cch = consumer.create_channel().await.unwrap();
+    cch.queue_declare("q".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let publisher = t.connect().await;
+    let pch = publisher.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    pch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        persistent(),
+    )
+    .await
+    .unwrap();
+    // Its first publish marks it a publisher: blocked, and not read.
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || publisher.status().blocked())
+            .await,
+        "the publisher got connection.blocked"
+    );
+    // A connection that only consumes is still served.
+    assert!(!consumer.status().blocked());
+    count(&cch, "q").await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through() {
+    let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare("q".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    publish(&ch, "", "q", b"before", persistent()).await;
+    t.broker().set_alarm(Some("test: disk low".into()));
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || conn.status().blocked()).await
+    );
+    // lapin holds publishes while its connection is blocked; either way
+    // nothing reaches the queue until the alarm clears.
+    let during = {
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            ch.basic_publish(
+                "".into(),
+                "q".into(),
+                BasicPublishOptions::default(),
+                b"during",
+                persistent(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!during.is_finished(), "no confirm while blocked");
+    assert_eq!(t.broker().vhost("/").unwrap().queue("q").unwrap().len(), 1);
+    t.broker().set_alarm(None);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), during)
+            .await
+            .expect("published once unblocked")
+            .unwrap(),
+        Confirmation::Ack(None)
+    );
+    assert!(!conn.status().blocked());
+    assert_eq!(
+        get_all(&ch, "q").await,
+        vec![("before".into(), false), ("during".into(), false)]
+    );
+    conn.close(200, "bye".into()).await.unwrap();
+    t.stop().await;
+}

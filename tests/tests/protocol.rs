@@ -322,3 +322,72 @@ async fn acking_an_unknown_delivery_tag_closes_only_the_channel_with_406() {
         other => panic!("expected queue.declare-ok on channel 2, got {other:?}"),
     }
 }
+
+/// lapin stops writing while it is blocked, so only a raw client shows the
+/// broker's side: a blocked publisher's frames are not read until the
+/// alarm clears, and then they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
+    let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    let declare = || {
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        }))
+    };
+    r.send_method(1, declare()).await;
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+        ))
+    ));
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .await;
+    let mut out = Vec::new();
+    wasmq::amqp::frame::encode_content(
+        &mut out,
+        1,
+        &[0, 0], // no properties (an empty flags word)
+        b"before",
+        131_072,
+    );
+    r.stream.write_all(&out).await.unwrap();
+    let q = t.broker().vhost("/").unwrap().queue("q").unwrap();
+    assert!(wasmq_tests::eventually_async(Duration::from_secs(5), || q.len() == 1).await);
+
+    t.broker().set_alarm(Some("test: disk low".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.send_method(1, declare()).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), r.frame())
+            .await
+            .is_err(),
+        "a blocked publisher is not read"
+    );
+    t.broker().set_alarm(None);
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+        ))
+    ));
+}

@@ -93,6 +93,9 @@ pub(crate) async fn run(
         exclusive_queues: Vec::new(),
         congested: Vec::new(),
         awaiting_sync: false,
+        published: false,
+        blocked_capability: session.blocked_capability,
+        blocked_sent: false,
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
@@ -110,6 +113,7 @@ struct Session {
     heartbeat: u16,
     cancel_notify: bool,
     client: String,
+    blocked_capability: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,11 +244,14 @@ fn client_product(props: &FieldTable) -> String {
 }
 
 fn client_cancel_notify(props: &FieldTable) -> bool {
+    client_capability(props, "consumer_cancel_notify")
+}
+
+fn client_capability(props: &FieldTable, name: &str) -> bool {
     match props.inner().get("capabilities") {
-        Some(AMQPValue::FieldTable(caps)) => matches!(
-            caps.inner().get("consumer_cancel_notify"),
-            Some(AMQPValue::Boolean(true))
-        ),
+        Some(AMQPValue::FieldTable(caps)) => {
+            matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)))
+        }
         _ => false,
     }
 }
@@ -375,6 +382,7 @@ async fn handshake(
         heartbeat: tune.heartbeat,
         cancel_notify: client_cancel_notify(&start_ok.client_properties),
         client: client_product(&start_ok.client_properties),
+        blocked_capability: client_capability(&start_ok.client_properties, "connection.blocked"),
     }))
 }
 
@@ -429,6 +437,12 @@ struct Connection {
     congested: Vec<Arc<Queue>>,
     /// Some channel holds publisher confirms waiting for the store's sync.
     awaiting_sync: bool,
+    /// The client has published: a resource alarm blocks it.
+    published: bool,
+    /// The client understands connection.blocked.
+    blocked_capability: bool,
+    /// We told it it is blocked.
+    blocked_sent: bool,
     last_read: Instant,
     last_write: Instant,
 }
@@ -454,7 +468,9 @@ impl Connection {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
         let closed_by_operator = self.registered.info.closed().clone();
+        let mut alarm = self.broker.alarm();
         loop {
+            let alarmed = self.published && alarm.borrow().is_some();
             let blocked = self.congested.first().cloned();
             let waiting = self.awaiting_sync && synced.is_some();
             let step = tokio::select! {
@@ -485,7 +501,14 @@ impl Connection {
                     }
                     Step::Continue
                 }
-                f = frames.recv(), if blocked.is_none() => match f {
+                r = alarm.changed() => {
+                    if r.is_err() {
+                        // The broker is going away; nothing more to watch.
+                        alarm = self.broker.alarm();
+                    }
+                    Step::Continue
+                }
+                f = frames.recv(), if blocked.is_none() && !alarmed => match f {
                     None => Step::Stop("client went away".into()),
                     Some(Ok(f)) => {
                         self.last_read = Instant::now();
@@ -509,6 +532,7 @@ impl Connection {
                     Step::Continue
                 }
             };
+            self.signal_alarm(alarm.borrow().clone());
             if self.awaiting_sync
                 && let Some(rx) = &mut synced
             {
@@ -587,12 +611,36 @@ impl Connection {
         let _ = self.writer.shutdown().await;
     }
 
+    /// Tell a publishing client it is blocked by a resource alarm, or no
+    /// longer (if it asked for these notices).
+    fn signal_alarm(&mut self, alarm: Option<String>) {
+        let blocked = self.published && alarm.is_some();
+        if blocked == self.blocked_sent {
+            return;
+        }
+        self.blocked_sent = blocked;
+        if !self.blocked_capability {
+            return;
+        }
+        let method = match alarm {
+            Some(reason) if blocked => {
+                let mut reason = reason;
+                reason.truncate(255);
+                connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: reason.into(),
+                })
+            }
+            _ => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+        };
+        encode_method(&mut self.out, 0, AMQPClass::Connection(method));
+    }
+
     fn heartbeat_tick(&mut self) -> Step {
         if self.heartbeat == 0 {
             return Step::Continue;
         }
         let hb = Duration::from_secs(u64::from(self.heartbeat));
-        if !self.congested.is_empty() {
+        if !self.congested.is_empty() || self.blocked_sent {
             // We are not reading: the client's heartbeats wait in the socket.
             self.last_read = Instant::now();
         }
@@ -641,6 +689,13 @@ impl Connection {
     }
 
     fn frame(&mut self, frame: Frame) -> Step {
+        if let Frame::Method(
+            _,
+            AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_)),
+        ) = &frame
+        {
+            self.published = true;
+        }
         let channel = match &frame {
             Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
             Frame::Header { channel, .. } => *channel,

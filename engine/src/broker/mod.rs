@@ -190,6 +190,9 @@ pub struct Broker {
     recovering: std::sync::atomic::AtomicBool,
     /// Open AMQP connections.
     connections: Arc<Connections>,
+    /// A resource alarm (disk space low): while set, connections that
+    /// publish are blocked (connection.blocked, and not read).
+    alarm: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
@@ -356,6 +359,7 @@ impl Broker {
             definitions: Mutex::new(()),
             recovering: false.into(),
             connections: Arc::default(),
+            alarm: tokio::sync::watch::Sender::new(None),
         });
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
@@ -371,6 +375,29 @@ impl Broker {
     /// Open AMQP connections.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.connections
+    }
+
+    /// The resource alarm: `Some(reason)` while publishers are blocked.
+    pub fn alarm(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.alarm.subscribe()
+    }
+
+    /// Raise (`Some`) or clear (`None`) the resource alarm; transitions are
+    /// logged.
+    pub fn set_alarm(&self, reason: Option<String>) {
+        self.alarm.send_if_modified(|current| {
+            if current.is_some() == reason.is_some() {
+                return false;
+            }
+            match &reason {
+                Some(r) => {
+                    tracing::warn!("resource alarm: {r}; publishing connections are blocked")
+                }
+                None => tracing::info!("resource alarm cleared; publishers unblocked"),
+            }
+            *current = reason;
+            true
+        });
     }
 
     /// Set the flow watermark (bytes of ready messages) of queues declared
