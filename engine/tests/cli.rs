@@ -1,40 +1,10 @@
 //! The `wasmq` CLI subcommands against a running broker (the real binary
 //! both as the server and as the client of its admin API).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const BIN: &str = env!("CARGO_BIN_EXE_wasmq");
-
-/// Start `wasmq serve` and return it with its admin URL.
-async fn serve(
-    data: &std::path::Path,
-    plugins: &std::path::Path,
-) -> (tokio::process::Child, String) {
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--plugin-dir")
-        .arg(plugins)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "admin API listening" {
-            let addr = v["fields"]["addr"].as_str().unwrap().to_owned();
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, format!("http://{addr}"));
-        }
-    }
-    panic!("wasmq exited before its admin API listened");
-}
+mod common;
+use common::{BIN, Broker};
 
 /// Run a CLI subcommand against `url`; its stdout, or a panic with stderr.
 fn cli(url: &str, args: &[&str]) -> String {
@@ -55,7 +25,8 @@ fn cli(url: &str, args: &[&str]) -> String {
 async fn cli_subcommands_drive_a_running_broker() {
     let data = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
-    let (mut child, url) = serve(data.path(), plugins.path()).await;
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let url = format!("http://{}", broker.ready().await.1);
     let work = tempfile::tempdir().unwrap();
     let defs = work.path().join("defs.json");
     std::fs::write(
@@ -148,6 +119,5 @@ async fn cli_subcommands_drive_a_running_broker() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("404"));
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    broker.kill().await;
 }

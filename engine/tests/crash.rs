@@ -12,8 +12,6 @@
 //! `WASMQ_CRASH_SEED`. `WASMQ_CRASH_ROUNDS` sets the number of rounds.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,8 +19,9 @@ use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+
+mod common;
+use common::Broker;
 
 const QUEUE: &str = "crash";
 
@@ -76,58 +75,6 @@ impl Observed {
             self.last_fresh = Some(seq);
         }
         *self.deliveries.entry(seq).or_default() += 1;
-    }
-}
-
-/// The broker as a child process on a fixed data folder.
-struct Broker {
-    child: Child,
-    addr: Option<String>,
-}
-
-impl Broker {
-    fn spawn(data: &Path, plugins: &Path) -> Broker {
-        let child = Command::new(env!("CARGO_BIN_EXE_wasmq"))
-            .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--plugin-dir")
-            .arg(plugins)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start wasmq");
-        Broker { child, addr: None }
-    }
-
-    /// Wait for the "AMQP listening" log line and keep draining the output
-    /// afterwards so the child never blocks on a full pipe.
-    async fn ready(&mut self) -> String {
-        if let Some(a) = &self.addr {
-            return a.clone();
-        }
-        let stdout = self.child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(addr) = v["fields"]["amqp_addr"].as_str() {
-                let addr = addr.to_string();
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                self.addr = Some(addr.clone());
-                return addr;
-            }
-        }
-        panic!("wasmq exited before listening");
-    }
-
-    async fn kill(mut self) {
-        self.child.start_kill().expect("kill -9");
-        self.child.wait().await.expect("reap");
     }
 }
 
@@ -265,7 +212,7 @@ async fn confirmed_messages_survive_kill_9() {
         });
         let window = [1, 10, 100, 500][rng.below(4) as usize];
         let traffic = async {
-            let addr = broker.ready().await;
+            let addr = broker.ready().await.0;
             let conn = connect(&addr).await;
             let _ = tokio::join!(publish(&conn, &seen, window), consume(&conn, &seen));
             std::future::pending::<()>().await
@@ -282,7 +229,7 @@ async fn confirmed_messages_survive_kill_9() {
 
     // A last, clean life: drain the queue and account for every message.
     let mut broker = Broker::spawn(data.path(), plugins.path());
-    let addr = broker.ready().await;
+    let addr = broker.ready().await.0;
     let conn = connect(&addr).await;
     let ch = conn.create_channel().await.unwrap();
     drain(&ch, &seen).await;
@@ -322,7 +269,7 @@ async fn sigterm_under_confirmed_publishing_exits_0_and_loses_nothing_confirmed(
     let plugins = tempfile::tempdir().unwrap();
     let seen = Mutex::new(Observed::default());
     let mut broker = Broker::spawn(data.path(), plugins.path());
-    let addr = broker.ready().await;
+    let addr = broker.ready().await.0;
     let conn = connect(&addr).await;
     let pid = broker.child.id().expect("pid").to_string();
     let term = async {
@@ -347,7 +294,7 @@ async fn sigterm_under_confirmed_publishing_exits_0_and_loses_nothing_confirmed(
     assert!(status.success(), "exit status {status}");
 
     let mut broker = Broker::spawn(data.path(), plugins.path());
-    let addr = broker.ready().await;
+    let addr = broker.ready().await.0;
     let conn = connect(&addr).await;
     let ch = conn.create_channel().await.unwrap();
     drain(&ch, &seen).await;

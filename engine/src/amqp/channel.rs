@@ -919,14 +919,20 @@ impl Channel {
             vec![self.unacked.remove(at).unwrap().1]
         };
         let mut touched: Vec<Arc<Queue>> = Vec::new();
-        let mut requeues: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
         for u in settled {
             if let Some(c) = &u.consumer {
                 c.settled();
             }
-            match requeues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                Some((_, v)) => v.push(u.entry),
-                None => requeues.push((u.queue.clone(), vec![u.entry])),
+            if requeue.is_none() {
+                u.queue.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            // An ack of a message that is in no log needs nothing more.
+            if requeue.is_some() || u.entry.stored.is_some() {
+                match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                    Some((_, v)) => v.push(u.entry),
+                    None => by_queue.push((u.queue.clone(), vec![u.entry])),
+                }
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue);
@@ -934,12 +940,9 @@ impl Channel {
         }
         // Ack (settled in the queue's log, one write per segment), requeue,
         // or (nack/reject without requeue) dead-letter.
-        for (q, entries) in requeues {
+        for (q, entries) in by_queue {
             match requeue {
-                None => {
-                    q.acked.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                    q.forget(&entries)
-                }
+                None => q.forget(&entries),
                 Some(true) => q.requeue(entries.into_iter()),
                 Some(false) => q.reject(entries),
             }

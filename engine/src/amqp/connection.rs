@@ -95,7 +95,8 @@ pub(crate) async fn run(
         awaiting_sync: false,
         published: false,
         blocked_capability: session.blocked_capability,
-        blocked_sent: false,
+        alarm_blocked: false,
+        alarm_unchecked: true,
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
@@ -441,8 +442,11 @@ struct Connection {
     published: bool,
     /// The client understands connection.blocked.
     blocked_capability: bool,
-    /// We told it it is blocked.
-    blocked_sent: bool,
+    /// A resource alarm blocks it (not read; told so if it asked).
+    alarm_blocked: bool,
+    /// The alarm changed (or it just started publishing) since it was last
+    /// looked at: checked after the step, not on every one.
+    alarm_unchecked: bool,
     last_read: Instant,
     last_write: Instant,
 }
@@ -470,29 +474,15 @@ impl Connection {
         let closed_by_operator = self.registered.info.closed().clone();
         let mut alarm = self.broker.alarm();
         loop {
-            let alarmed = self.published && alarm.borrow().is_some();
             let blocked = self.congested.first().cloned();
             let waiting = self.awaiting_sync && synced.is_some();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    // Confirms waiting for the disk go out before the close:
-                    // what was processed is synced and acknowledged.
-                    if self.awaiting_sync && let Some(store) = self.broker.store() {
-                        store.flush().await;
-                        let now = *store.synced().borrow();
-                        self.release_confirms(now);
-                    }
-                    self.close(320, "CONNECTION_FORCED - broker shutdown", 0, 0);
-                    let _ = self.flush().await;
-                    self.await_close_ok(&mut frames).await;
-                    Step::Stop("broker shutdown".into())
+                    self.forced_close(&mut frames, "broker shutdown").await
                 }
                 () = closed_by_operator.cancelled() => {
-                    self.close(320, "CONNECTION_FORCED - closed via the admin API", 0, 0);
-                    let _ = self.flush().await;
-                    self.await_close_ok(&mut frames).await;
-                    Step::Stop("closed via the admin API".into())
+                    self.forced_close(&mut frames, "closed via the admin API").await
                 }
                 () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
                     self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
@@ -501,14 +491,13 @@ impl Connection {
                     }
                     Step::Continue
                 }
-                r = alarm.changed() => {
-                    if r.is_err() {
-                        // The broker is going away; nothing more to watch.
-                        alarm = self.broker.alarm();
-                    }
+                // The sender lives in the broker this connection holds, so
+                // `changed` cannot fail.
+                _ = alarm.changed() => {
+                    self.alarm_unchecked = true;
                     Step::Continue
                 }
-                f = frames.recv(), if blocked.is_none() && !alarmed => match f {
+                f = frames.recv(), if blocked.is_none() && !self.alarm_blocked => match f {
                     None => Step::Stop("client went away".into()),
                     Some(Ok(f)) => {
                         self.last_read = Instant::now();
@@ -532,7 +521,9 @@ impl Connection {
                     Step::Continue
                 }
             };
-            self.signal_alarm(alarm.borrow().clone());
+            if self.published && std::mem::take(&mut self.alarm_unchecked) {
+                self.signal_alarm(&alarm);
+            }
             if self.awaiting_sync
                 && let Some(rx) = &mut synced
             {
@@ -596,6 +587,27 @@ impl Connection {
         }
     }
 
+    /// Close the connection on the broker's initiative (320): confirms
+    /// waiting for the disk go out first, so what was processed is synced
+    /// and acknowledged.
+    async fn forced_close(
+        &mut self,
+        frames: &mut mpsc::Receiver<Result<Frame, FrameError>>,
+        why: &str,
+    ) -> Step {
+        if self.awaiting_sync
+            && let Some(store) = self.broker.store()
+        {
+            store.flush().await;
+            let now = *store.synced().borrow();
+            self.release_confirms(now);
+        }
+        self.close(320, &format!("CONNECTION_FORCED - {why}"), 0, 0);
+        let _ = self.flush().await;
+        self.await_close_ok(frames).await;
+        Step::Stop(why.into())
+    }
+
     /// After we sent connection.close: wait briefly for close-ok.
     async fn await_close_ok(&mut self, frames: &mut mpsc::Receiver<Result<Frame, FrameError>>) {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -613,18 +625,19 @@ impl Connection {
 
     /// Tell a publishing client it is blocked by a resource alarm, or no
     /// longer (if it asked for these notices).
-    fn signal_alarm(&mut self, alarm: Option<String>) {
-        let blocked = self.published && alarm.is_some();
-        if blocked == self.blocked_sent {
+    fn signal_alarm(&mut self, alarm: &tokio::sync::watch::Receiver<Option<String>>) {
+        let alarm = alarm.borrow();
+        let blocked = alarm.is_some();
+        if blocked == self.alarm_blocked {
             return;
         }
-        self.blocked_sent = blocked;
+        self.alarm_blocked = blocked;
         if !self.blocked_capability {
             return;
         }
-        let method = match alarm {
-            Some(reason) if blocked => {
-                let mut reason = reason;
+        let method = match alarm.as_ref() {
+            Some(reason) => {
+                let mut reason = reason.clone();
                 reason.truncate(255);
                 connection::AMQPMethod::Blocked(connection::Blocked {
                     reason: reason.into(),
@@ -640,7 +653,7 @@ impl Connection {
             return Step::Continue;
         }
         let hb = Duration::from_secs(u64::from(self.heartbeat));
-        if !self.congested.is_empty() || self.blocked_sent {
+        if !self.congested.is_empty() || self.alarm_blocked {
             // We are not reading: the client's heartbeats wait in the socket.
             self.last_read = Instant::now();
         }

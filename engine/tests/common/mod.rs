@@ -1,0 +1,76 @@
+//! The built `wasmq` binary as a child process, for the tests that need a
+//! real process (kill -9, SIGTERM, the CLI).
+
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The path of the built binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_wasmq");
+
+/// `wasmq serve` on a data and a plugin folder, both listeners on port 0.
+pub struct Broker {
+    pub child: Child,
+    /// `host:port` of the AMQP and admin listeners, once [`Broker::ready`].
+    listening: Option<(String, String)>,
+}
+
+impl Broker {
+    pub fn spawn(data: &Path, plugins: &Path) -> Broker {
+        let child = Command::new(BIN)
+            .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--plugin-dir")
+            .arg(plugins)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wasmq");
+        Broker {
+            child,
+            listening: None,
+        }
+    }
+
+    /// Wait for both "listening" log lines; returns (AMQP, admin) addresses.
+    /// The output keeps being drained afterwards so the child never blocks
+    /// on a full pipe.
+    pub async fn ready(&mut self) -> (String, String) {
+        if let Some(l) = &self.listening {
+            return l.clone();
+        }
+        let stdout = self.child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut amqp, mut admin) = (None, None);
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(a) = v["fields"]["amqp_addr"].as_str() {
+                amqp = Some(a.to_owned());
+            }
+            if v["fields"]["message"] == "admin API listening" {
+                admin = v["fields"]["addr"].as_str().map(str::to_owned);
+            }
+            if let (Some(amqp), Some(admin)) = (&amqp, &admin) {
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                let l = (amqp.clone(), admin.clone());
+                self.listening = Some(l.clone());
+                return l;
+            }
+        }
+        panic!("wasmq exited before listening");
+    }
+
+    /// SIGKILL, and reap it.
+    pub async fn kill(mut self) {
+        self.child.start_kill().expect("kill -9");
+        self.child.wait().await.expect("reap");
+    }
+}
