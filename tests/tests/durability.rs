@@ -437,3 +437,37 @@ async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through()
     conn.close(200, "bye".into()).await.unwrap();
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_priority_queue_keeps_its_order_across_a_restart() {
+    let t = TestServer::start().await;
+    let (_conn, ch) = channel(&t).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-max-priority"),
+        AMQPValue::ShortShortUInt(10),
+    );
+    ch.queue_declare("prio".into(), durable(), args)
+        .await
+        .unwrap();
+    for (body, p) in [("p1", 1u8), ("p0", 0), ("p7", 7), ("p3", 3)] {
+        let props = if p == 0 {
+            persistent()
+        } else {
+            persistent().with_priority(p)
+        };
+        publish(&ch, "", "prio", body.as_bytes(), props).await;
+    }
+    drop(_conn);
+    let t = t.restart().await;
+    let (_conn, ch) = channel(&t).await;
+    let got: Vec<String> = get_all(&ch, "prio")
+        .await
+        .into_iter()
+        .map(|(b, redelivered)| {
+            assert!(redelivered, "recovered messages are marked redelivered");
+            b
+        })
+        .collect();
+    assert_eq!(got, ["p7", "p3", "p1", "p0"]);
+}

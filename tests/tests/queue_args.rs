@@ -351,3 +351,108 @@ async fn unused_queues_expire_but_consumed_ones_stay() {
         .unwrap_err();
     assert_eq!(wasmq_tests::reply_code(&err), Some(406));
 }
+
+/// Bodies of everything in `queue`, by `basic.get`, in delivery order.
+async fn drain(ch: &Channel, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priority_queue_delivers_higher_priorities_first() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "jobs".into(),
+        QueueDeclareOptions::default(),
+        table(&[("x-max-priority", AMQPValue::ShortShortUInt(5))]),
+    )
+    .await
+    .unwrap();
+    // No priority counts as 0; 9 is above the queue's maximum and counts
+    // as 5, so it stays behind the earlier priority-5 message.
+    for (body, priority) in [
+        ("none-1", None),
+        ("p2-1", Some(2)),
+        ("p5-1", Some(5)),
+        ("p9", Some(9)),
+        ("p2-2", Some(2)),
+        ("none-2", None),
+    ] {
+        let props = match priority {
+            Some(p) => BasicProperties::default().with_priority(p),
+            None => BasicProperties::default(),
+        };
+        publish(&ch, "jobs", body.as_bytes(), props).await;
+    }
+    assert_eq!(
+        drain(&ch, "jobs").await,
+        ["p5-1", "p9", "p2-1", "p2-2", "none-1", "none-2"]
+    );
+
+    // A consumer that rejects with requeue gets the same message again
+    // before lower priorities: it heads its own level.
+    for (body, p) in [("low", 1), ("high", 4)] {
+        publish(
+            &ch,
+            "jobs",
+            body.as_bytes(),
+            BasicProperties::default().with_priority(p),
+        )
+        .await;
+    }
+    let m = ch
+        .basic_get("jobs".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.delivery.data[..], b"high");
+    m.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = next(&ch, "jobs").await;
+    assert_eq!(&again.delivery.data[..], b"high");
+    assert!(again.delivery.redelivered);
+    assert_eq!(&next(&ch, "jobs").await.delivery.data[..], b"low");
+
+    // A plain queue ignores priorities.
+    wasmq_tests::declare_queue(&ch, "plain").await;
+    for (body, p) in [("a", 1), ("b", 9)] {
+        publish(
+            &ch,
+            "plain",
+            body.as_bytes(),
+            BasicProperties::default().with_priority(p),
+        )
+        .await;
+    }
+    assert_eq!(drain(&ch, "plain").await, ["a", "b"]);
+
+    // Above RabbitMQ's maximum of 255: 406.
+    let ch = conn.create_channel().await.unwrap();
+    let err = ch
+        .queue_declare(
+            "too-many".into(),
+            QueueDeclareOptions::default(),
+            table(&[("x-max-priority", AMQPValue::LongInt(256))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(406), "{err}");
+    assert!(err.to_string().contains("x-max-priority"), "{err}");
+}

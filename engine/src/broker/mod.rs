@@ -7,6 +7,7 @@ mod durable;
 mod exchange;
 mod plugins;
 mod queue;
+mod ready;
 mod route;
 
 use std::collections::HashMap;

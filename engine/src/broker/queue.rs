@@ -28,8 +28,8 @@
 //! that expire, overflow or are rejected without requeue are handed to the
 //! queue's [`DeadLetterSink`] *after* the queue's lock is released (the
 //! dead-letter exchange may route straight back into this queue).
+//! `x-max-priority` orders ready messages by priority ([`super::ready`]).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use super::ready::{MAX_PRIORITY, Ready};
 use crate::message::Message;
 use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
 
@@ -57,6 +58,9 @@ pub struct Entry {
     pub redelivered: bool,
     /// When it expires (queue TTL or the message's `expiration`).
     pub expires_at: Option<Instant>,
+    /// Its `priority` property (0 without one); orders it in a queue with
+    /// `x-max-priority`.
+    pub priority: u8,
 }
 
 impl Entry {
@@ -64,6 +68,7 @@ impl Entry {
     pub fn new(message: Arc<Message>) -> Self {
         Entry {
             body_len: message.body.len() as u32,
+            priority: message.properties.priority().unwrap_or(0),
             message: Some(message),
             stored: None,
             redelivered: false,
@@ -160,6 +165,9 @@ pub struct QueueLimits {
     /// `x-expires`: delete the queue after it has been unused this long (no
     /// consumers, no `basic.get`, no redeclaration).
     pub expires: Option<Duration>,
+    /// `x-max-priority`: the highest message priority the queue orders by
+    /// (0: a plain FIFO queue).
+    pub max_priority: u8,
 }
 
 fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
@@ -212,7 +220,7 @@ impl QueueLimits {
                 ));
             }
         };
-        let limits = QueueLimits {
+        let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
             dead_letter_exchange: str_arg(args, "x-dead-letter-exchange")?,
             dead_letter_routing_key: str_arg(args, "x-dead-letter-routing-key")?,
@@ -220,9 +228,15 @@ impl QueueLimits {
             max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
             overflow,
             expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
+            max_priority: 0,
         };
         if limits.expires == Some(Duration::ZERO) {
             return Err("invalid arg 'x-expires': must be positive".into());
+        }
+        if let Some(n) = int_arg(args, "x-max-priority")? {
+            limits.max_priority = u8::try_from(n).map_err(|_| {
+                format!("invalid arg 'x-max-priority': {n} is above the maximum of {MAX_PRIORITY}")
+            })?;
         }
         if limits.dead_letter_routing_key.is_some() && limits.dead_letter_exchange.is_none() {
             return Err(
@@ -338,7 +352,7 @@ impl Consumer {
 
 #[derive(Default)]
 struct State {
-    messages: VecDeque<Entry>,
+    messages: Ready,
     consumers: Vec<Arc<Consumer>>,
     next: usize,
     /// Body bytes of ready messages, for `x-max-length-bytes`.
@@ -436,8 +450,11 @@ impl Queue {
             owner: decl.owner,
             auto_delete: decl.auto_delete,
             arguments: decl.arguments,
+            state: Mutex::new(State {
+                messages: Ready::new(limits.max_priority),
+                ..State::default()
+            }),
             limits,
-            state: Mutex::new(State::default()),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
@@ -519,6 +536,7 @@ impl Queue {
                 stored: Some(r.stored),
                 body_len: r.meta.body_len,
                 redelivered: true,
+                priority: r.meta.priority,
                 expires_at: ttl.map(|t| {
                     let left = (r.meta.published_ms + t).saturating_sub(now_ms);
                     now + Duration::from_millis(left)
@@ -595,12 +613,7 @@ impl Queue {
     /// Move expired messages off the head (RabbitMQ expires at the head only).
     fn expire_head(&self, st: &mut State, dead: &mut Dead) {
         let now = Instant::now();
-        while st
-            .messages
-            .front()
-            .is_some_and(|e| e.expires_at.is_some_and(|t| t <= now))
-        {
-            let e = st.messages.pop_front().expect("checked");
+        while let Some(e) = st.messages.pop_expired(now) {
             self.release(st, &e);
             dead.push((e, DeathReason::Expired));
         }
@@ -635,6 +648,7 @@ impl Queue {
                 published_ms: now_ms(),
                 ttl_ms: own_ttl.map(|d| d.as_millis() as u64),
                 body_len: entry.body_len,
+                priority: entry.priority,
             };
             match log.append(m, meta) {
                 Ok((stored, t)) => {
@@ -874,7 +888,7 @@ impl Queue {
     /// Remove every waiting message; returns how many.
     pub fn purge(&self) -> usize {
         let mut st = self.state.lock();
-        let messages = std::mem::take(&mut st.messages);
+        let messages = st.messages.take();
         st.body_bytes = 0;
         drop(st);
         let bytes: usize = messages.iter().map(Entry::footprint).sum();

@@ -547,6 +547,7 @@ mod tests {
             published_ms: 1,
             ttl_ms: None,
             body_len: m.body.len() as u32,
+            priority: 0,
         }
     }
 

@@ -13,6 +13,12 @@
 //! | props_len u32 | properties (AMQP wire encoding) | body
 //! ```
 //!
+//! A message with a priority (for `x-max-priority` queues) is written as
+//! kind 2, whose fixed part has the priority byte right after the kind:
+//! `kind u8 = 2 | priority u8 | published_ms ...`. Messages without one
+//! keep the kind-1 layout, so files written before priorities existed read
+//! the same.
+//!
 //! An ack entry is `offset: u32 LE | crc: u32 LE` (the CRC of the offset's
 //! four bytes): the record at that offset of the segment is settled.
 
@@ -37,7 +43,18 @@ pub const ACK_LEN: usize = 8;
 pub const MAX_RECORD: u32 = 512 << 20;
 
 const KIND_MESSAGE: u8 = 1;
+const KIND_PRIORITY_MESSAGE: u8 = 2;
 const FIXED: usize = 1 + 8 + 8 + 4;
+
+/// Where the fixed part's fields start (after the kind, and the priority
+/// byte of kind 2), or `None` for an unknown kind.
+fn fields_at(payload: &[u8]) -> Option<usize> {
+    match payload.first() {
+        Some(&KIND_MESSAGE) => Some(1),
+        Some(&KIND_PRIORITY_MESSAGE) => Some(2),
+        _ => None,
+    }
+}
 
 /// The header of a new file of either kind.
 pub fn file_header(magic: &[u8; 8]) -> [u8; HEADER_LEN as usize] {
@@ -70,13 +87,20 @@ pub struct RecordMeta {
     pub ttl_ms: Option<u64>,
     /// Body length.
     pub body_len: u32,
+    /// The message's priority (0 when it has none).
+    pub priority: u8,
 }
 
 /// Append the record of `m` (header included) to `out`.
 pub fn encode_message(out: &mut Vec<u8>, m: &Message, meta: RecordMeta) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
-    out.push(KIND_MESSAGE);
+    if meta.priority == 0 {
+        out.push(KIND_MESSAGE);
+    } else {
+        out.push(KIND_PRIORITY_MESSAGE);
+        out.push(meta.priority);
+    }
     out.extend_from_slice(&meta.published_ms.to_le_bytes());
     out.extend_from_slice(&meta.ttl_ms.unwrap_or(u64::MAX).to_le_bytes());
     out.extend_from_slice(&meta.body_len.to_le_bytes());
@@ -114,15 +138,16 @@ pub fn crc_ok(payload: &[u8], crc: u32) -> bool {
 
 /// The fixed part of a checked payload.
 pub fn decode_meta(payload: &[u8]) -> Result<RecordMeta, String> {
-    if payload.len() < FIXED || payload[0] != KIND_MESSAGE {
+    let Some(f) = fields_at(payload).filter(|f| payload.len() >= FIXED - 1 + f) else {
         return Err("unknown record kind".into());
-    }
+    };
     let u64_at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
-    let ttl = u64_at(9);
+    let ttl = u64_at(f + 8);
     Ok(RecordMeta {
-        published_ms: u64_at(1),
+        published_ms: u64_at(f),
         ttl_ms: (ttl != u64::MAX).then_some(ttl),
-        body_len: u32::from_le_bytes(payload[17..21].try_into().expect("4 bytes")),
+        body_len: u32::from_le_bytes(payload[f + 16..f + 20].try_into().expect("4 bytes")),
+        priority: if f == 2 { payload[1] } else { 0 },
     })
 }
 
@@ -130,7 +155,7 @@ pub fn decode_meta(payload: &[u8]) -> Result<RecordMeta, String> {
 pub fn decode_message(payload: Bytes) -> Result<Message, String> {
     decode_meta(&payload)?;
     let bad = || "truncated message record".to_string();
-    let mut at = FIXED;
+    let mut at = FIXED - 1 + fields_at(&payload).expect("checked by decode_meta");
     let short = |at: &mut usize| -> Result<String, String> {
         let n = *payload.get(*at).ok_or_else(bad)? as usize;
         let s = payload.get(*at + 1..*at + 1 + n).ok_or_else(bad)?;
@@ -187,6 +212,7 @@ mod tests {
             published_ms: 42,
             ttl_ms: Some(5),
             body_len: 5,
+            priority: 0,
         };
         let mut out = Vec::new();
         encode_message(&mut out, &m, meta);
@@ -203,6 +229,36 @@ mod tests {
         assert_eq!(&back.body[..], b"hello");
         out[20] ^= 1;
         assert!(!crc_ok(&out[8..], crc));
+    }
+
+    #[test]
+    fn a_priority_survives_in_a_kind_2_record() {
+        let m = Message::new(
+            "",
+            "q",
+            BasicProperties::default().with_priority(7),
+            &b"urgent"[..],
+        );
+        let meta = RecordMeta {
+            published_ms: 9,
+            ttl_ms: None,
+            body_len: 6,
+            priority: 7,
+        };
+        let mut out = Vec::new();
+        encode_message(&mut out, &m, meta);
+        assert_eq!(out[8], KIND_PRIORITY_MESSAGE);
+        assert_eq!(decode_meta(&out[8..]).unwrap(), meta);
+        let back = decode_message(Bytes::copy_from_slice(&out[8..])).unwrap();
+        assert_eq!(
+            (back.routing_key.as_str(), &back.body[..]),
+            ("q", &b"urgent"[..])
+        );
+        assert_eq!(back.properties.priority(), &Some(7));
+        assert!(
+            decode_meta(&[3u8; 40]).is_err(),
+            "unknown kinds are refused"
+        );
     }
 
     #[test]
