@@ -27,6 +27,8 @@ pub struct Config {
     pub amqp: AmqpSection,
     /// Message store settings.
     pub store: StoreSection,
+    /// The memory alarm.
+    pub memory: MemorySection,
     /// Admin HTTP API and metrics.
     pub admin: crate::admin::AdminConfig,
     /// Users allowed to connect (default: guest/guest from loopback only).
@@ -70,6 +72,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             amqp: AmqpSection::default(),
             store: StoreSection::default(),
+            memory: MemorySection::default(),
             admin: crate::admin::AdminConfig::default(),
             users: AmqpConfig::default().users,
         }
@@ -107,6 +110,55 @@ impl StoreSection {
         crate::store::StoreOptions {
             segment_bytes: self.segment_mib.max(1) << 20,
         }
+    }
+}
+
+/// `[memory]`: the memory alarm (RabbitMQ's `vm_memory_high_watermark`).
+/// Above the watermark, publishing connections are blocked
+/// (connection.blocked) until the broker's resident memory falls below it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// The watermark as a fraction of the memory available (the cgroup's
+    /// limit in a container, else the machine's); 0 disables the alarm.
+    #[serde(deserialize_with = "fraction")]
+    pub high_watermark: f64,
+    /// The watermark in MiB; when set (non-zero) it replaces the fraction.
+    pub high_watermark_mib: u64,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        MemorySection {
+            high_watermark: 0.4,
+            high_watermark_mib: 0,
+        }
+    }
+}
+
+/// A number from 0 to 1 (the error points at the line).
+fn fraction<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let x = f64::deserialize(d)?;
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{x} is not a fraction between 0 and 1"
+        )))
+    }
+}
+
+impl MemorySection {
+    /// The watermark in bytes, `None` when the alarm is off or the
+    /// available memory cannot be read.
+    pub fn watermark_bytes(&self) -> Option<u64> {
+        if self.high_watermark_mib > 0 {
+            return Some(self.high_watermark_mib << 20);
+        }
+        if self.high_watermark <= 0.0 {
+            return None;
+        }
+        crate::alarm::memory_total().map(|total| (total as f64 * self.high_watermark) as u64)
     }
 }
 
@@ -242,6 +294,24 @@ mod tests {
         assert_eq!(c.plugin_dir, PathBuf::from("p"));
         assert_eq!(c.plugins.limits().deadline, Duration::from_millis(20));
         assert_eq!(c.plugins.limits().memory, 8 << 20);
+    }
+
+    #[test]
+    fn the_memory_watermark_is_a_fraction_or_mib() {
+        let c = Config::parse("[memory]\nhigh_watermark_mib = 512\n", "t").unwrap();
+        assert_eq!(c.memory.watermark_bytes(), Some(512 << 20));
+        let c = Config::parse("[memory]\nhigh_watermark = 0\n", "t").unwrap();
+        assert_eq!(c.memory.watermark_bytes(), None);
+        let total = crate::alarm::memory_total().unwrap();
+        let default = Config::default().memory.watermark_bytes().unwrap();
+        assert!(default < total && default > total / 3);
+        let err = Config::parse("[memory]\n\nhigh_watermark = 40\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3") && err.contains("between 0 and 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
 pub mod admin;
+pub mod alarm;
 pub mod amqp;
 pub mod broker;
 pub mod config;

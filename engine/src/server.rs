@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alarm::{self, DISK_CHECK, MEMORY_CHECK, Resource};
 use crate::amqp::{self, AmqpConfig};
 use crate::plugin::{PluginHost, PluginWatcher};
 use crate::store::Store;
@@ -18,13 +19,24 @@ use crate::{Broker, Config};
 
 /// How often queues are swept for expired messages.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
-/// How often free disk space is checked.
-const DISK_CHECK: Duration = Duration::from_secs(1);
 
-/// Free bytes for unprivileged writers on the filesystem holding `dir`.
-fn disk_free(dir: &std::path::Path) -> std::io::Result<u64> {
-    let s = rustix::fs::statvfs(dir)?;
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+/// Whether resident memory is over `watermark`, as an alarm reason. Before
+/// raising (and while raised) freed memory is handed back to the system
+/// first, so that what glibc keeps cached neither raises the alarm nor
+/// holds it after queues drain.
+fn memory_over(watermark: u64, raised: bool) -> std::io::Result<Option<String>> {
+    let mut used = alarm::memory_used()?;
+    if used > watermark || raised {
+        alarm::release_free_memory();
+        used = alarm::memory_used()?;
+    }
+    Ok((used > watermark).then(|| {
+        format!(
+            "memory use {} MiB above the watermark of {} MiB",
+            used >> 20,
+            watermark >> 20
+        )
+    }))
 }
 
 /// A started broker.
@@ -151,12 +163,33 @@ impl Server {
                 let mut tick = tokio::time::interval(DISK_CHECK);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => match disk_free(&dir) {
-                            Ok(free) => broker.set_alarm((free < limit).then(|| format!(
+                        _ = tick.tick() => match alarm::disk_free(&dir) {
+                            Ok(free) => broker.set_alarm(Resource::Disk, (free < limit).then(|| format!(
                                 "disk free {} MiB below the limit of {} MiB",
                                 free >> 20, limit >> 20
                             ))),
                             Err(e) => tracing::warn!(dir = %dir.display(), "checking free disk space: {e}"),
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
+        if let Some(watermark) = config.memory.watermark_bytes() {
+            // Memory alarm: above the watermark, publishers are blocked
+            // while consumers drain the queues.
+            tracing::info!(watermark_mib = watermark >> 20, "memory alarm armed");
+            let (broker, shutdown) = (broker.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(MEMORY_CHECK);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => match memory_over(watermark, broker.alarm_raised(Resource::Memory)) {
+                            Ok(over) => broker.set_alarm(Resource::Memory, over),
+                            Err(e) => {
+                                tracing::warn!("reading memory use: {e}; memory alarm off");
+                                return;
+                            }
                         },
                         () = shutdown.cancelled() => return,
                     }

@@ -11,6 +11,7 @@ use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
+use wasmq::alarm::Resource;
 use wasmq_tests::TestServer;
 
 fn durable() -> QueueDeclareOptions {
@@ -396,7 +397,8 @@ async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through()
         .await
         .unwrap();
     publish(&ch, "", "q", b"before", persistent()).await;
-    t.broker().set_alarm(Some("test: disk low".into()));
+    t.broker()
+        .set_alarm(Resource::Disk, Some("test: disk low".into()));
     assert!(
         wasmq_tests::eventually_async(Duration::from_secs(5), || conn.status().blocked()).await
     );
@@ -421,7 +423,7 @@ async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through()
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!during.is_finished(), "no confirm while blocked");
     assert_eq!(t.broker().vhost("/").unwrap().queue("q").unwrap().len(), 1);
-    t.broker().set_alarm(None);
+    t.broker().set_alarm(Resource::Disk, None);
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(5), during)
             .await
@@ -470,4 +472,62 @@ async fn a_durable_priority_queue_keeps_its_order_across_a_restart() {
         })
         .collect();
     assert_eq!(got, ["p7", "p3", "p1", "p0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_memory_use_blocks_publishers_and_shows_in_the_admin_api() {
+    // A watermark no broker stays under: the monitor raises the alarm.
+    let t = TestServer::start_with(|c| c.memory.high_watermark_mib = 1).await;
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .alarm_raised(Resource::Memory))
+        .await
+    );
+    let reason = t.broker().alarm().borrow().clone().unwrap();
+    assert!(reason.contains("memory use"), "{reason}");
+    let consumer = t.connect().await;
+    let cch = consumer.create_channel().await.unwrap();
+    cch.queue_declare("q".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let publisher = t.connect().await;
+    let pch = publisher.create_channel().await.unwrap();
+    pch.basic_publish(
+        "".into(),
+        "q".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        persistent(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || publisher.status().blocked())
+            .await,
+        "the publisher got connection.blocked"
+    );
+    assert!(!consumer.status().blocked());
+    assert_eq!(
+        count(&cch, "q").await.unwrap(),
+        0,
+        "the publish was not read"
+    );
+
+    let admin = t.admin();
+    let (overview, metrics) = tokio::task::spawn_blocking(move || {
+        (
+            admin.get("/api/overview").unwrap(),
+            admin.get_text("/metrics").unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(overview["alarms"]["memory"], true);
+    assert_eq!(overview["alarms"]["disk"], false);
+    assert!(
+        metrics.contains("wasmq_resource_alarm{resource=\"memory\"} 1"),
+        "{metrics}"
+    );
+    t.stop().await;
 }

@@ -8,6 +8,7 @@ use amq_protocol::types::FieldTable;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wasmq::alarm::Resource;
 use wasmq::amqp::frame::{Frame, PROTOCOL_HEADER, decode, encode_method};
 use wasmq_tests::TestServer;
 
@@ -373,7 +374,8 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
     let q = t.broker().vhost("/").unwrap().queue("q").unwrap();
     assert!(wasmq_tests::eventually_async(Duration::from_secs(5), || q.len() == 1).await);
 
-    t.broker().set_alarm(Some("test: disk low".into()));
+    t.broker()
+        .set_alarm(Resource::Disk, Some("test: disk low".into()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     r.send_method(1, declare()).await;
     assert!(
@@ -382,7 +384,7 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
             .is_err(),
         "a blocked publisher is not read"
     );
-    t.broker().set_alarm(None);
+    t.broker().set_alarm(Resource::Disk, None);
     assert!(matches!(
         r.frame().await,
         Some(Frame::Method(

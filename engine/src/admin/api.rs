@@ -1,6 +1,7 @@
 //! The JSON endpoints. Each reads the broker's live objects; listings are
 //! sorted by vhost and name so that output is stable.
 
+use crate::alarm::Resource;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
@@ -133,6 +134,11 @@ async fn overview(State(s): State<AdminState>) -> Json<Value> {
             "redeliver": redelivered,
         },
         "store": store,
+        "alarms": {
+            "disk": s.broker.alarm_raised(Resource::Disk),
+            "memory": s.broker.alarm_raised(Resource::Memory),
+        },
+        "mem_used": crate::alarm::memory_used().ok(),
     }))
 }
 

@@ -4,6 +4,7 @@
 //! kept twice. Counters end in `_total`, histograms are cumulative
 //! `_bucket{le=...}` series with `_sum` and `_count`, as Prometheus expects.
 
+use crate::alarm::Resource;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -185,6 +186,28 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
                 e.sample(name, &[("vhost", &v.name), ("queue", &q.name)], value(&q));
             }
         }
+    }
+
+    e.family(
+        "wasmq_resource_alarm",
+        "gauge",
+        "1 while the resource's alarm blocks publishers.",
+    );
+    for r in [Resource::Disk, Resource::Memory] {
+        let raised = s.broker.alarm_raised(r);
+        e.sample(
+            "wasmq_resource_alarm",
+            &[("resource", r.as_str())],
+            f64::from(u8::from(raised)),
+        );
+    }
+    if let Ok(used) = crate::alarm::memory_used() {
+        e.family(
+            "wasmq_resident_memory_bytes",
+            "gauge",
+            "The broker's resident set size.",
+        );
+        e.sample("wasmq_resident_memory_bytes", &[], used as f64);
     }
 
     let conns = s.broker.connections().list();

@@ -191,9 +191,10 @@ pub struct Broker {
     recovering: std::sync::atomic::AtomicBool,
     /// Open AMQP connections.
     connections: Arc<Connections>,
-    /// A resource alarm (disk space low): while set, connections that
-    /// publish are blocked (connection.blocked, and not read).
-    alarm: tokio::sync::watch::Sender<Option<String>>,
+    /// Resource alarms (disk space low, memory high): while one is raised,
+    /// connections that publish are blocked (connection.blocked, and not
+    /// read).
+    alarms: crate::alarm::Alarms,
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
@@ -360,7 +361,7 @@ impl Broker {
             definitions: Mutex::new(()),
             recovering: false.into(),
             connections: Arc::default(),
-            alarm: tokio::sync::watch::Sender::new(None),
+            alarms: crate::alarm::Alarms::default(),
         });
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
@@ -378,27 +379,20 @@ impl Broker {
         &self.connections
     }
 
-    /// The resource alarm: `Some(reason)` while publishers are blocked.
+    /// The resource alarms: `Some(reasons)` while publishers are blocked.
     pub fn alarm(&self) -> tokio::sync::watch::Receiver<Option<String>> {
-        self.alarm.subscribe()
+        self.alarms.subscribe()
     }
 
-    /// Raise (`Some`) or clear (`None`) the resource alarm; transitions are
-    /// logged.
-    pub fn set_alarm(&self, reason: Option<String>) {
-        self.alarm.send_if_modified(|current| {
-            if current.is_some() == reason.is_some() {
-                return false;
-            }
-            match &reason {
-                Some(r) => {
-                    tracing::warn!("resource alarm: {r}; publishing connections are blocked")
-                }
-                None => tracing::info!("resource alarm cleared; publishers unblocked"),
-            }
-            *current = reason;
-            true
-        });
+    /// Whether `resource`'s alarm is raised.
+    pub fn alarm_raised(&self, resource: crate::alarm::Resource) -> bool {
+        self.alarms.raised(resource)
+    }
+
+    /// Raise (`Some`) or clear (`None`) `resource`'s alarm; publishers are
+    /// blocked while any is raised.
+    pub fn set_alarm(&self, resource: crate::alarm::Resource, reason: Option<String>) {
+        self.alarms.set(resource, reason);
     }
 
     /// Set the flow watermark (bytes of ready messages) of queues declared
