@@ -76,7 +76,7 @@ impl Server {
         let loaded = broker.load_plugin_dir();
         tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
         for user in &config.users {
-            for v in &user.vhosts {
+            for v in user.all_vhosts() {
                 broker.add_vhost(v)?;
             }
         }

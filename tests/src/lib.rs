@@ -255,6 +255,29 @@ impl TestServer {
         wasmq::admin::client::AdminClient::new(&format!("http://{addr}"), "guest", "guest")
     }
 
+    /// A client of the admin API as `user`.
+    pub fn admin_as(&self, user: &str, password: &str) -> wasmq::admin::client::AdminClient {
+        let addr = self
+            .server
+            .as_ref()
+            .unwrap()
+            .admin_addr
+            .expect("admin API enabled");
+        wasmq::admin::client::AdminClient::new(&format!("http://{addr}"), user, password)
+    }
+
+    /// Connect with lapin as `user` to `vhost`.
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: &str,
+        vhost: &str,
+    ) -> Result<lapin::Connection, lapin::Error> {
+        let vhost = vhost.replace('%', "%25").replace('/', "%2f");
+        let url = format!("amqp://{user}:{password}@{}/{vhost}", self.addr());
+        lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
+    }
+
     /// An `amqp://` URL for guest on the default vhost.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr())

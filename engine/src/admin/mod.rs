@@ -5,7 +5,9 @@
 //! `/api/queues/{vhost}`, `/api/definitions`, ...) so that people and
 //! scripts that know it find their way; the plugin endpoints are wasmq's
 //! own. Authentication is HTTP basic against the same `[[users]]` as AMQP
-//! (a loopback-only user is refused from elsewhere). `/metrics` is open by
+//! (a loopback-only user is refused from elsewhere), with RabbitMQ's tags:
+//! `administrator` may do everything, `monitoring` or `management` may only
+//! read, and a user without a tag is AMQP-only. `/metrics` is open by
 //! default, like RabbitMQ's Prometheus endpoint, because scrapers rarely
 //! carry credentials; `admin.metrics_auth` closes it.
 //!
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -161,18 +163,35 @@ async fn auth(
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok());
-    let allowed = credentials
+    let user = credentials
         .as_deref()
         .and_then(|c| c.split_once(':'))
-        .is_some_and(|(name, password)| {
-            state.users.iter().any(|u| {
+        .and_then(|(name, password)| {
+            state.users.iter().find(|u| {
                 u.name == name
                     && u.password == password
                     && (!u.loopback_only || peer.ip().is_loopback())
             })
         });
-    if allowed {
-        return next.run(request).await;
+    if let Some(user) = user {
+        // RabbitMQ's management tags: administrators may do everything,
+        // monitoring (or management) users may look; others are AMQP-only.
+        let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+        if user.has_tag("administrator")
+            || (reads && (user.has_tag("monitoring") || user.has_tag("management")))
+        {
+            return next.run(request).await;
+        }
+        let needed = if reads {
+            "the administrator, monitoring or management tag"
+        } else {
+            "the administrator tag"
+        };
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("user '{}' lacks {needed} for this request", user.name),
+        )
+        .into_response();
     }
     let mut response = ApiError::new(
         StatusCode::UNAUTHORIZED,

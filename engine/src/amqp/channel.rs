@@ -12,6 +12,7 @@ use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use super::access::{Access, Grant};
 use super::frame::{Frame, encode_content, encode_method};
 use crate::broker::{
     Broker, BrokerError, ChannelCredit, ChannelInfo, ConsumeError, Consumer, Destination, Dispatch,
@@ -75,6 +76,16 @@ fn server_only(class: &str) -> AmqpError {
     )
 }
 
+/// A string-valued argument (an exchange name) of a declare.
+fn string_arg(args: &amq_protocol::types::FieldTable, key: &str) -> Option<String> {
+    use amq_protocol::types::AMQPValue;
+    match args.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 fn unexpected(what: &str) -> AmqpError {
     AmqpError::new(505, format!("UNEXPECTED_FRAME - {what}"))
 }
@@ -83,6 +94,8 @@ fn unexpected(what: &str) -> AmqpError {
 pub(crate) struct Ctx<'a> {
     pub broker: &'a Arc<Broker>,
     pub vhost: &'a Arc<VHost>,
+    /// The user and its permissions in the vhost.
+    pub grant: &'a Grant,
     pub out: &'a mut Vec<u8>,
     pub connection: u64,
     pub dispatch: &'a mpsc::UnboundedSender<Dispatch>,
@@ -151,6 +164,9 @@ pub(crate) struct Channel {
     pub tx_failed: bool,
     last_queue: String,
     next_ctag: u64,
+    /// The exchange the last publish was allowed to write to: publishers
+    /// mostly use one, so a restricted user's pattern is matched once.
+    writable: Option<String>,
 }
 
 impl Channel {
@@ -173,6 +189,7 @@ impl Channel {
             tx_failed: false,
             last_queue: String::new(),
             next_ctag: 0,
+            writable: None,
         }
     }
 
@@ -286,6 +303,12 @@ impl Channel {
                 immediate: false,
             }))
         };
+        if !ctx.grant.permissions.is_full() && self.writable.as_deref() != Some(exchange) {
+            ctx.grant
+                .check(Access::Write, "exchange", exchange)
+                .map_err(|e| e.on(&publish_method()))?;
+            self.writable = Some(exchange.to_owned());
+        }
         if !exchange.is_empty() {
             let x = ctx
                 .vhost
@@ -442,8 +465,17 @@ impl Channel {
         Ok(())
     }
 
-    fn queue(&self, ctx: &Ctx<'_>, name: &ShortString) -> Result<Arc<Queue>, AmqpError> {
+    /// The queue `name` (empty: the last declared), if the user has
+    /// `access` to it (checked first, as RabbitMQ does) and it is not
+    /// another connection's exclusive queue.
+    fn queue(
+        &self,
+        ctx: &Ctx<'_>,
+        name: &ShortString,
+        access: Access,
+    ) -> Result<Arc<Queue>, AmqpError> {
         let name = self.queue_name(name)?;
+        ctx.grant.check(access, "queue", &name)?;
         let q = ctx.vhost.queue(&name)?;
         Self::check_access(ctx, &q)?;
         Ok(q)
@@ -515,6 +547,13 @@ impl Channel {
         };
         match m {
             M::Declare(d) => {
+                if !d.passive {
+                    ctx.grant
+                        .check(Access::Configure, "exchange", d.exchange.as_str())?;
+                    if let Some(ae) = string_arg(&d.arguments, "alternate-exchange") {
+                        ctx.grant.check(Access::Write, "exchange", &ae)?;
+                    }
+                }
                 let spec = ExchangeSpec {
                     name: d.exchange.to_string(),
                     kind: d.kind.to_string(),
@@ -527,11 +566,17 @@ impl Channel {
                 reply(self, ctx, d.nowait, M::DeclareOk(exchange::DeclareOk {}));
             }
             M::Delete(d) => {
+                ctx.grant
+                    .check(Access::Configure, "exchange", d.exchange.as_str())?;
                 ctx.broker
                     .delete_exchange(ctx.vhost, d.exchange.as_str(), d.if_unused)?;
                 reply(self, ctx, d.nowait, M::DeleteOk(exchange::DeleteOk {}));
             }
             M::Bind(b) => {
+                ctx.grant
+                    .check(Access::Write, "exchange", b.destination.as_str())?;
+                ctx.grant
+                    .check(Access::Read, "exchange", b.source.as_str())?;
                 let dest = Destination::Exchange(b.destination.to_string());
                 ctx.broker.bind(
                     ctx.vhost,
@@ -543,6 +588,10 @@ impl Channel {
                 reply(self, ctx, b.nowait, M::BindOk(exchange::BindOk {}));
             }
             M::Unbind(u) => {
+                ctx.grant
+                    .check(Access::Write, "exchange", u.destination.as_str())?;
+                ctx.grant
+                    .check(Access::Read, "exchange", u.source.as_str())?;
                 let dest = Destination::Exchange(u.destination.to_string());
                 ctx.broker.unbind(
                     ctx.vhost,
@@ -573,6 +622,11 @@ impl Channel {
                     } else {
                         d.queue.to_string()
                     };
+                    ctx.grant.check(Access::Configure, "queue", &name)?;
+                    if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                        ctx.grant.check(Access::Read, "queue", &name)?;
+                        ctx.grant.check(Access::Write, "exchange", &dlx)?;
+                    }
                     let owner = d.exclusive.then_some(ctx.connection);
                     let q = ctx.broker.declare_queue(
                         ctx.vhost,
@@ -600,7 +654,9 @@ impl Channel {
                 }
             }
             M::Bind(b) => {
-                let q = self.queue(ctx, &b.queue)?;
+                let q = self.queue(ctx, &b.queue, Access::Write)?;
+                ctx.grant
+                    .check(Access::Read, "exchange", b.exchange.as_str())?;
                 let dest = Destination::Queue(q.name.clone());
                 ctx.broker.bind(
                     ctx.vhost,
@@ -614,7 +670,9 @@ impl Channel {
                 }
             }
             M::Unbind(u) => {
-                let q = self.queue(ctx, &u.queue)?;
+                let q = self.queue(ctx, &u.queue, Access::Write)?;
+                ctx.grant
+                    .check(Access::Read, "exchange", u.exchange.as_str())?;
                 let dest = Destination::Queue(q.name.clone());
                 ctx.broker.unbind(
                     ctx.vhost,
@@ -626,7 +684,7 @@ impl Channel {
                 self.send(ctx, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
             }
             M::Purge(p) => {
-                let q = self.queue(ctx, &p.queue)?;
+                let q = self.queue(ctx, &p.queue, Access::Read)?;
                 let n = q.purge();
                 if !p.nowait {
                     self.send(
@@ -638,7 +696,7 @@ impl Channel {
                 }
             }
             M::Delete(d) => {
-                let q = self.queue(ctx, &d.queue)?;
+                let q = self.queue(ctx, &d.queue, Access::Configure)?;
                 let n = ctx
                     .broker
                     .delete_queue(ctx.vhost, &q.name, d.if_unused, d.if_empty)?;
@@ -677,7 +735,7 @@ impl Channel {
                 }
             }
             M::Consume(c) => {
-                let q = self.queue(ctx, &c.queue)?;
+                let q = self.queue(ctx, &c.queue, Access::Read)?;
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     self.next_ctag += 1;
                     format!("amq.ctag-{}-{}-{}", ctx.connection, self.id, self.next_ctag)
@@ -736,7 +794,7 @@ impl Channel {
                 }
             }
             M::Get(g) => {
-                let q = self.queue(ctx, &g.queue)?;
+                let q = self.queue(ctx, &g.queue, Access::Read)?;
                 let popped = loop {
                     let Some(entry) = q.pop() else { break None };
                     match q.message(&entry) {

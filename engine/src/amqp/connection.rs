@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
+use super::access::Grant;
 use super::channel::{AmqpError, Channel, Ctx};
 use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
 use crate::Broker;
@@ -81,6 +82,7 @@ pub(crate) async fn run(
         peer,
         broker,
         vhost: session.vhost,
+        grant: session.grant,
         writer,
         out: Vec::with_capacity(64 * 1024),
         written: Vec::new(),
@@ -109,6 +111,7 @@ pub(crate) async fn run(
 struct Session {
     user: String,
     vhost: Arc<VHost>,
+    grant: Grant,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -357,10 +360,10 @@ async fn handshake(
         return Err(HandshakeError::Unexpected);
     };
     let vhost_name = open.virtual_host.to_string();
-    let vhost = broker
+    let access = broker
         .vhost(&vhost_name)
-        .filter(|_| user.vhosts.contains(&vhost_name));
-    let Some(vhost) = vhost else {
+        .zip(user.permissions_in(&vhost_name));
+    let Some((vhost, permissions)) = access else {
         let text = format!(
             "NOT_ALLOWED - access to vhost '{vhost_name}' refused for user '{}'",
             user.name
@@ -377,6 +380,11 @@ async fn handshake(
     writer.write_all(&out).await?;
     Ok(Some(Session {
         user: user.name.clone(),
+        grant: Grant {
+            user: user.name.clone(),
+            vhost: vhost_name,
+            permissions,
+        },
         vhost,
         frame_max,
         channel_max,
@@ -422,6 +430,8 @@ struct Connection {
     peer: SocketAddr,
     broker: Arc<Broker>,
     vhost: Arc<VHost>,
+    /// The user and its permissions in the vhost.
+    grant: Grant,
     writer: OwnedWriteHalf,
     out: Vec<u8>,
     /// Consumers with deliveries in `out`: window credit returns after the write.
@@ -689,6 +699,7 @@ impl Connection {
             Ctx {
                 broker: &self.broker,
                 vhost: &self.vhost,
+                grant: &self.grant,
                 out: &mut self.out,
                 connection: self.id,
                 dispatch: &self.dispatch_tx,

@@ -8,6 +8,8 @@
 //!   [`Broker`], receives deliveries from queues, and writes everything back
 //!   in batches. Heartbeats both ways; a connection error closes only this
 //!   connection, with its reply code.
+//! * [`access`]: users, per-vhost configure/write/read permissions, and
+//!   the 403 checks channels make.
 //! * `channel`: per-channel state: content assembly, consumers, unacked
 //!   deliveries, prefetch, publisher confirms, transactions. A method error
 //!   closes only the channel.
@@ -15,6 +17,7 @@
 //! The broker core knows nothing of AMQP; this module turns its errors into
 //! reply codes.
 
+pub mod access;
 mod channel;
 mod connection;
 pub mod frame;
@@ -23,34 +26,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use access::User;
+pub(crate) use channel::AmqpError;
+
 use crate::Broker;
-
-/// A user allowed to connect.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct User {
-    /// User name.
-    pub name: String,
-    /// Password (PLAIN and AMQPLAIN send it in clear: use TLS termination
-    /// in front of the broker on untrusted networks).
-    pub password: String,
-    /// Virtual hosts the user may open (full permissions there).
-    #[serde(default = "default_vhosts")]
-    pub vhosts: Vec<String>,
-    /// Accept this user only from loopback addresses (RabbitMQ's rule for
-    /// `guest`).
-    #[serde(default)]
-    pub loopback_only: bool,
-}
-
-fn default_vhosts() -> Vec<String> {
-    vec!["/".into()]
-}
 
 /// Front-end settings.
 #[derive(Clone, Debug)]
@@ -68,12 +51,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            users: vec![User {
-                name: "guest".into(),
-                password: "guest".into(),
-                vhosts: default_vhosts(),
-                loopback_only: true,
-            }],
+            users: vec![User::guest()],
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,

@@ -1,0 +1,307 @@
+//! Who may do what: users, their per-vhost permissions, and the checks.
+//!
+//! RabbitMQ's model, which its users already know: a user may open a vhost
+//! only if it has permissions there, and those are three regular
+//! expressions matched against resource names (exchanges and queues):
+//!
+//! * **configure**: declare and delete the resource;
+//! * **write**: publish to an exchange, bind a queue or exchange *to* it as
+//!   the destination, name it as a dead-letter or alternate exchange;
+//! * **read**: consume from or get and purge a queue, bind *from* an
+//!   exchange as the source.
+//!
+//! An empty pattern grants nothing; `.*` grants everything. The default
+//! exchange is matched by the name `amq.default`, as in RabbitMQ. A refusal
+//! is a channel error 403 ACCESS_REFUSED. Passive declares need no
+//! permission.
+//!
+//! Patterns are compiled when the config is read (a bad one names its
+//! line), and a user granted everything skips the matching: the publish
+//! path of the common `vhosts = [...]` user pays one branch.
+
+use std::sync::Arc;
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+
+use super::AmqpError;
+
+/// A user allowed to connect.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// User name.
+    pub name: String,
+    /// Password (PLAIN and AMQPLAIN send it in clear: use TLS termination
+    /// in front of the broker on untrusted networks).
+    pub password: String,
+    /// Virtual hosts the user may open with full permissions
+    /// (configure, write and read `.*`).
+    #[serde(default = "default_vhosts")]
+    pub vhosts: Vec<String>,
+    /// Finer permissions, per vhost (a vhost listed here and in `vhosts`
+    /// gets these).
+    #[serde(default)]
+    pub permissions: Vec<VHostPermissions>,
+    /// Accept this user only from loopback addresses (RabbitMQ's rule for
+    /// `guest`).
+    #[serde(default)]
+    pub loopback_only: bool,
+    /// Admin API roles: `administrator` (everything) or `monitoring` /
+    /// `management` (read-only). Without one the user is AMQP-only.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn default_vhosts() -> Vec<String> {
+    vec!["/".into()]
+}
+
+impl User {
+    /// RabbitMQ's default user: `guest`/`guest`, administrator, loopback
+    /// only.
+    pub fn guest() -> Self {
+        User {
+            name: "guest".into(),
+            password: "guest".into(),
+            vhosts: default_vhosts(),
+            permissions: Vec::new(),
+            loopback_only: true,
+            tags: vec!["administrator".into()],
+        }
+    }
+
+    /// The user's permissions in `vhost`, `None` if it may not open it.
+    pub fn permissions_in(&self, vhost: &str) -> Option<Arc<Permissions>> {
+        if let Some(p) = self.permissions.iter().find(|p| p.vhost == vhost) {
+            return Some(Arc::new(Permissions {
+                full: false,
+                configure: p.configure.clone(),
+                write: p.write.clone(),
+                read: p.read.clone(),
+            }));
+        }
+        self.vhosts
+            .iter()
+            .any(|v| v == vhost)
+            .then(|| Arc::new(Permissions::full()))
+    }
+
+    /// Every vhost the user may open.
+    pub fn all_vhosts(&self) -> impl Iterator<Item = &str> {
+        self.vhosts
+            .iter()
+            .map(String::as_str)
+            .chain(self.permissions.iter().map(|p| p.vhost.as_str()))
+    }
+
+    /// Whether the user has the tag.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// One `[[users.permissions]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VHostPermissions {
+    /// The vhost (created at start if missing).
+    pub vhost: String,
+    /// Resources the user may declare and delete.
+    pub configure: Pattern,
+    /// Resources the user may publish to or bind to.
+    pub write: Pattern,
+    /// Resources the user may consume from, get from, purge, or bind from.
+    pub read: Pattern,
+}
+
+/// A permission pattern: a regular expression, unanchored like RabbitMQ's
+/// (anchor it with `^...$`); empty grants nothing.
+#[derive(Clone, Debug)]
+pub struct Pattern(Option<Regex>);
+
+impl Pattern {
+    /// Compile `s` (empty: grants nothing).
+    pub fn new(s: &str) -> Result<Self, regex::Error> {
+        if s.is_empty() {
+            Ok(Pattern(None))
+        } else {
+            Regex::new(s).map(|r| Pattern(Some(r)))
+        }
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        self.0.as_ref().is_some_and(|r| r.is_match(name))
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Pattern::new(&s).map_err(|e| serde::de::Error::custom(format!("bad pattern '{s}': {e}")))
+    }
+}
+
+/// What is done to a resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Declare, delete.
+    Configure,
+    /// Publish to, bind to.
+    Write,
+    /// Consume, get, purge, bind from.
+    Read,
+}
+
+impl Access {
+    fn as_str(self) -> &'static str {
+        match self {
+            Access::Configure => "configure",
+            Access::Write => "write",
+            Access::Read => "read",
+        }
+    }
+}
+
+/// A user's permissions in the vhost of a connection.
+#[derive(Clone, Debug)]
+pub struct Permissions {
+    full: bool,
+    configure: Pattern,
+    write: Pattern,
+    read: Pattern,
+}
+
+impl Permissions {
+    /// Everything allowed.
+    pub fn full() -> Self {
+        let all = Pattern::new(".*").expect("valid");
+        Permissions {
+            full: true,
+            configure: all.clone(),
+            write: all.clone(),
+            read: all,
+        }
+    }
+
+    /// Whether `access` to the resource named `name` is allowed (the
+    /// default exchange is `amq.default`).
+    pub fn allows(&self, access: Access, name: &str) -> bool {
+        if self.full {
+            return true;
+        }
+        let name = if name.is_empty() { "amq.default" } else { name };
+        match access {
+            Access::Configure => self.configure.allows(name),
+            Access::Write => self.write.allows(name),
+            Access::Read => self.read.allows(name),
+        }
+    }
+
+    /// Whether every access is allowed everywhere (no check needed).
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+}
+
+/// The identity a channel checks against.
+#[derive(Clone, Debug)]
+pub(crate) struct Grant {
+    /// The user.
+    pub user: String,
+    /// The connection's vhost.
+    pub vhost: String,
+    /// The user's permissions there.
+    pub permissions: Arc<Permissions>,
+}
+
+impl Grant {
+    /// Allow `access` to the `kind` (`exchange` or `queue`) named `name`,
+    /// or refuse it with 403 in RabbitMQ's words.
+    pub(crate) fn check(&self, access: Access, kind: &str, name: &str) -> Result<(), AmqpError> {
+        if self.permissions.allows(access, name) {
+            return Ok(());
+        }
+        let name = if name.is_empty() && kind == "exchange" {
+            "amq.default"
+        } else {
+            name
+        };
+        Err(AmqpError::new(
+            403,
+            format!(
+                "ACCESS_REFUSED - {} access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+                access.as_str(),
+                self.vhost,
+                self.user
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(toml_text: &str) -> User {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn patterns_are_per_vhost_and_unanchored_like_rabbitmq() {
+        let u = user(
+            r#"
+            name = "app"
+            password = "p"
+            vhosts = ["/"]
+            [[permissions]]
+            vhost = "orders"
+            configure = "^orders\\."
+            write = "^(orders\\.|amq\\.default$)"
+            read = ""
+            "#,
+        );
+        let full = u.permissions_in("/").unwrap();
+        assert!(full.is_full() && full.allows(Access::Configure, "anything"));
+        let p = u.permissions_in("orders").unwrap();
+        assert!(p.allows(Access::Configure, "orders.eu"));
+        assert!(!p.allows(Access::Configure, "billing"));
+        assert!(
+            p.allows(Access::Write, ""),
+            "the default exchange is amq.default"
+        );
+        assert!(!p.allows(Access::Read, "orders.eu"), "empty grants nothing");
+        assert!(u.permissions_in("billing").is_none());
+        assert_eq!(u.all_vhosts().collect::<Vec<_>>(), ["/", "orders"]);
+    }
+
+    #[test]
+    fn a_refusal_names_the_access_the_resource_and_the_user() {
+        let g = Grant {
+            user: "app".into(),
+            vhost: "/".into(),
+            permissions: Arc::new(Permissions {
+                full: false,
+                configure: Pattern::new("").unwrap(),
+                write: Pattern::new("x").unwrap(),
+                read: Pattern::new("").unwrap(),
+            }),
+        };
+        assert!(g.check(Access::Write, "exchange", "box").is_ok());
+        let e = g.check(Access::Write, "exchange", "").unwrap_err();
+        assert_eq!(e.code, 403);
+        assert_eq!(
+            e.text,
+            "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'app'"
+        );
+    }
+
+    #[test]
+    fn a_bad_pattern_is_a_config_error() {
+        let e = toml::from_str::<User>(
+            "name = \"a\"\npassword = \"p\"\n[[permissions]]\nvhost = \"/\"\nconfigure = \"(\"\nwrite = \"\"\nread = \"\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("bad pattern '('"), "{e}");
+    }
+}
