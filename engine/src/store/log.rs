@@ -9,14 +9,23 @@
 //!
 //! Why this shape (LavinMQ's, for the same reasons):
 //!
-//! * **Appends only.** A publish is one `pwrite` at the end of the active
-//!   segment, an ack one 8-byte `pwrite` at the end of an ack file. Nothing
-//!   is rewritten in place, so a crash can only tear the last write of a
+//! * **Appends only.** Records are appended at the end of the active
+//!   segment, acks (8 bytes each) at the end of an ack file. Nothing is
+//!   rewritten in place, so a crash can only tear the last write of a
 //!   file, and recovery finds it by checksum.
-//! * **Written at once, synced in groups.** Writes go to the kernel as they
-//!   happen, so a killed process loses nothing it processed; the
-//!   [`Syncer`](super::Syncer) thread `fdatasync`s every file written since
-//!   its last round and only then are the publishes confirmed.
+//! * **Buffered, then written and synced in groups.** A publish encodes
+//!   its record into the log's pending buffer, in memory, and takes a sync
+//!   ticket; the [`Syncer`](super::Syncer) thread writes each dirty log's
+//!   pending records with one `pwrite` per segment, `fdatasync`s it, and
+//!   only then are the publishes confirmed. Publishing connections never
+//!   touch the file: on ext4, `fdatasync` of a growing file holds the
+//!   inode lock while it writes the inode, and an append made on a tokio
+//!   worker meanwhile stalled that worker and every connection on it for
+//!   milliseconds (the persistent p99 in `docs/performance.md`). Records
+//!   not written yet are read back from the buffer.
+//! * **Acks are written at once** (one `pwrite` per run of acks), but are
+//!   not synced with the group commit: nothing waits for them, and a lost
+//!   ack only means a redelivery.
 //! * **Reclaimed by segment.** When every record of a segment (not the
 //!   active one) is acked, the segment and its ack file are deleted; disk
 //!   use falls as a backlog drains, whatever order messages are acked in.
@@ -65,7 +74,9 @@ pub struct Recovered {
 }
 
 struct Segment {
-    file: Arc<File>,
+    /// The segment file; `None` until the sync thread creates it (after
+    /// syncing the previous segment).
+    file: Option<Arc<File>>,
     /// Records written.
     messages: u32,
     /// Records acked.
@@ -74,12 +85,40 @@ struct Segment {
     acks: Option<(Arc<File>, u64)>,
 }
 
+/// Records appended to one segment and not yet written to its file.
+struct Chunk {
+    segment: u32,
+    /// Where in the segment the first record goes.
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+impl Chunk {
+    fn holds(&self, r: StoreRef) -> bool {
+        r.segment == self.segment
+            && u64::from(r.offset) >= self.offset
+            && u64::from(r.offset) < self.offset + self.bytes.len() as u64
+    }
+
+    /// The record at `r`, header included.
+    fn record(&self, r: StoreRef) -> &[u8] {
+        let at = (u64::from(r.offset) - self.offset) as usize;
+        &self.bytes[at..at + RECORD_HEADER_LEN + r.len as usize]
+    }
+}
+
 struct Inner {
     segments: BTreeMap<u32, Segment>,
     active: u32,
+    /// Logical length of the active segment, pending records included.
     active_len: u64,
     deleted: bool,
-    scratch: Vec<u8>,
+    /// Appended records the sync thread has not taken yet, in order.
+    pending: Vec<Chunk>,
+    /// Records the sync thread is writing now (readable until written).
+    writing: Arc<Vec<Chunk>>,
+    /// An emptied buffer to reuse for the next chunk.
+    spare: Vec<u8>,
 }
 
 /// A durable queue's log.
@@ -142,27 +181,48 @@ fn create_file(dir: &Path, path: &Path, magic: &[u8; 8]) -> Result<File, StoreEr
 /// any of their unsynced tail may be missing or torn: the first bad entry
 /// ends the file, with a warning naming it; the acks after it are dropped
 /// and their messages come back, marked redelivered (at least once, never
-/// lost). A bad header is still corruption.
+/// lost). The file itself is created without a sync, so a header that
+/// never reached the disk (not our magic) drops its acks the same way; a
+/// header of another format version is an error.
 fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok((HashSet::new(), None)),
         Err(e) => return Err(io(path)(e)),
     };
-    let corrupt = |offset: usize, what: &str| StoreError::Corrupt {
-        path: path.to_owned(),
-        offset: offset as u64,
-        what: what.to_owned(),
-    };
     if bytes.len() < HEADER_LEN as usize {
         // Created but its header never reached the disk: no acks in it.
         return Ok((HashSet::new(), Some(0)));
     }
-    record::check_header(&bytes, ACK_MAGIC).map_err(|w| corrupt(0, &w))?;
+    if &bytes[..8] != ACK_MAGIC {
+        let w = "bad magic";
+        // Ack files are created and written without a sync: after a crash
+        // the header may not have reached the disk. Its acks are lost (the
+        // messages come back, marked redelivered); nothing is corrupt.
+        tracing::warn!(file = %path.display(), "ack file header unreadable ({w}); its acks are dropped and their messages will be redelivered");
+        let f = open_rw(path)?;
+        f.set_len(0).map_err(io(path))?;
+        f.write_all_at(&record::file_header(ACK_MAGIC), 0)
+            .map_err(io(path))?;
+        return Ok((HashSet::new(), Some(HEADER_LEN)));
+    }
+    record::check_header(&bytes, ACK_MAGIC).map_err(|what| StoreError::Corrupt {
+        path: path.to_owned(),
+        offset: 0,
+        what,
+    })?;
     let mut acked = HashSet::new();
     let mut at = HEADER_LEN as usize;
     while at < bytes.len() {
         let entry = bytes.get(at..at + ACK_LEN);
+        if entry.is_some_and(|e| e.iter().all(|&b| b == 0)) {
+            // A hole: runs of acks are written outside the log's lock, so
+            // a later run can reach the file before an earlier one that
+            // the process did not live to write. (No real entry is all
+            // zeros: its CRC would not match.)
+            at += ACK_LEN;
+            continue;
+        }
         match entry.and_then(record::decode_ack) {
             Some(offset) => {
                 acked.insert(offset);
@@ -234,7 +294,7 @@ impl QueueLog {
                 let id = ids.last().map_or(1, |l| l + 1);
                 let path = seg_path(&dir, id);
                 let file = create_file(&dir, &path, SEGMENT_MAGIC)?;
-                segments.insert(id, Segment::new(file));
+                segments.insert(id, Segment::new(Some(file)));
                 active_len = HEADER_LEN;
                 id
             }
@@ -248,7 +308,9 @@ impl QueueLog {
                 active,
                 active_len,
                 deleted: false,
-                scratch: Vec::new(),
+                pending: Vec::new(),
+                writing: Arc::default(),
+                spare: Vec::new(),
             }),
         };
         Ok((log, recovered))
@@ -282,7 +344,7 @@ impl QueueLog {
             file.sync_data().map_err(io(path))?;
             Ok(offset.max(HEADER_LEN))
         };
-        let mut seg = Segment::new(file.try_clone().map_err(io(path))?);
+        let mut seg = Segment::new(Some(file.try_clone().map_err(io(path))?));
         let mut reader = BufReader::with_capacity(1 << 20, &file);
         let mut header = [0u8; HEADER_LEN as usize];
         if let Err(e) = reader.read_exact(&mut header) {
@@ -337,39 +399,45 @@ impl QueueLog {
     }
 
     /// Append `m`; returns where it is and the sync ticket that covers it.
-    pub fn append(&self, m: &Message, meta: RecordMeta) -> Result<(StoreRef, u64), StoreError> {
+    /// The record is buffered here; the sync thread writes and syncs it.
+    pub fn append(
+        self: &Arc<Self>,
+        m: &Message,
+        meta: RecordMeta,
+    ) -> Result<(StoreRef, u64), StoreError> {
+        let n = record::encoded_len(m, meta) as u64;
         let mut inner = self.inner.lock();
         if inner.deleted {
             return Err(StoreError::Deleted);
         }
-        let mut buf = std::mem::take(&mut inner.scratch);
-        buf.clear();
-        record::encode_message(&mut buf, m, meta);
-        let n = buf.len() as u64;
-        if inner.active_len + n > self.segment_bytes
-            && inner.segments[&inner.active].messages > 0
-            && let Err(e) = self.roll(&mut inner)
+        if inner.active_len + n > self.segment_bytes && inner.segments[&inner.active].messages > 0
         {
-            inner.scratch = buf;
-            return Err(e);
+            self.roll(&mut inner);
         }
         let (id, at) = (inner.active, inner.active_len);
-        let file = inner.segments[&id].file.clone();
-        if let Err(e) = file.write_all_at(&buf, at) {
-            // Leave no half record behind for the next append to follow.
-            let _ = file.set_len(at);
-            inner.scratch = buf;
-            return Err(io(&seg_path(&self.dir, id))(e));
-        }
+        let inner = &mut *inner;
+        let chunk = match inner.pending.last_mut() {
+            Some(c) if c.segment == id => c,
+            _ => {
+                let bytes = std::mem::take(&mut inner.spare);
+                inner.pending.push(Chunk {
+                    segment: id,
+                    offset: at,
+                    bytes,
+                });
+                inner.pending.last_mut().expect("just pushed")
+            }
+        };
+        let before = chunk.bytes.len();
+        record::encode_message(&mut chunk.bytes, m, meta);
+        debug_assert_eq!((chunk.bytes.len() - before) as u64, n);
         inner.active_len += n;
         inner
             .segments
             .get_mut(&id)
             .expect("active segment")
             .messages += 1;
-        inner.scratch = buf;
-        drop(inner);
-        let ticket = self.sync.wrote(&file, n);
+        let ticket = self.sync.wrote(self);
         let stored = StoreRef {
             segment: id,
             offset: at as u32,
@@ -378,22 +446,150 @@ impl QueueLog {
         Ok((stored, ticket))
     }
 
-    /// Start a new active segment. The old one is synced first, so that a
+    /// Start a new active segment. Only its number is taken here: the
+    /// sync thread creates its file after syncing the old one, so that a
     /// torn write can only ever be in the last segment.
-    fn roll(&self, inner: &mut Inner) -> Result<(), StoreError> {
+    fn roll(&self, inner: &mut Inner) {
         let old = inner.active;
-        let path = seg_path(&self.dir, old);
-        inner.segments[&old].file.sync_data().map_err(io(&path))?;
         let id = old + 1;
-        let file = create_file(&self.dir, &seg_path(&self.dir, id), SEGMENT_MAGIC)?;
-        inner.segments.insert(id, Segment::new(file));
+        inner.segments.insert(id, Segment::new(None));
         inner.active = id;
         inner.active_len = HEADER_LEN;
         let s = &inner.segments[&old];
         if s.acked >= s.messages {
-            inner.segments.remove(&old);
-            remove_segment(&self.dir, old);
+            self.remove_settled(inner, old);
         }
+    }
+
+    /// Every record of segment `id` is settled: forget it and delete its
+    /// files (records of it not written yet never will be).
+    fn remove_settled(&self, inner: &mut Inner, id: u32) {
+        inner.segments.remove(&id);
+        inner.pending.retain(|c| c.segment != id);
+        self.sync
+            .discard([seg_path(&self.dir, id), ack_path(&self.dir, id)]);
+    }
+
+    /// Write the pending records to their segment files and sync them (the
+    /// sync thread's part of a group-commit round). A segment is synced
+    /// before the next one's file is created. On a failure the records not
+    /// written go back to the front of the pending buffer (tried again in a
+    /// later round) and the error fails this round's confirms.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        let writing = {
+            let mut inner = self.inner.lock();
+            if inner.deleted || inner.pending.is_empty() {
+                inner.pending.clear();
+                return Ok(());
+            }
+            let chunks = std::mem::take(&mut inner.pending);
+            inner.writing = Arc::new(chunks);
+            inner.writing.clone()
+        };
+        let mut written = 0;
+        let mut last: Option<(u32, Arc<File>)> = None;
+        let mut result = Ok(());
+        for c in writing.iter() {
+            if let Err(e) = self.write_chunk(c, &mut last) {
+                result = Err(e);
+                break;
+            }
+            written += 1;
+        }
+        if result.is_ok()
+            && let Some((id, file)) = &last
+        {
+            result = file.sync_data().map_err(io(&seg_path(&self.dir, *id)));
+        }
+        let bytes: usize = writing[..written].iter().map(|c| c.bytes.len()).sum();
+        self.sync.count(bytes as u64);
+        let mut inner = self.inner.lock();
+        let chunks = std::mem::take(&mut inner.writing);
+        drop(writing);
+        if result.is_err() && !inner.deleted {
+            // Keep what was not written, and the chunk before it (which may
+            // not be synced: writing the same bytes at the same offsets
+            // again is harmless), ahead of newer records.
+            let failed_from = written.saturating_sub(1);
+            let mut back: Vec<Chunk> = match Arc::try_unwrap(chunks) {
+                Ok(v) => v.into_iter().skip(failed_from).collect(),
+                Err(shared) => shared[failed_from..]
+                    .iter()
+                    .map(|c| Chunk {
+                        segment: c.segment,
+                        offset: c.offset,
+                        bytes: c.bytes.clone(),
+                    })
+                    .collect(),
+            };
+            back.retain(|c| inner.segments.contains_key(&c.segment));
+            back.append(&mut inner.pending);
+            inner.pending = back;
+        } else if let Ok(v) = Arc::try_unwrap(chunks)
+            && let Some(mut c) = v.into_iter().next_back()
+        {
+            c.bytes.clear();
+            inner.spare = c.bytes;
+        }
+        result
+    }
+
+    /// Write one chunk; `last` is the segment written before (synced first
+    /// if this chunk starts another).
+    fn write_chunk(&self, c: &Chunk, last: &mut Option<(u32, Arc<File>)>) -> Result<(), StoreError> {
+        if let Some((id, file)) = last.as_ref()
+            && *id != c.segment
+        {
+            file.sync_data().map_err(io(&seg_path(&self.dir, *id)))?;
+        }
+        let path = seg_path(&self.dir, c.segment);
+        let file = {
+            let mut inner = self.inner.lock();
+            if inner.deleted {
+                return Ok(());
+            }
+            let Some(seg) = inner.segments.get_mut(&c.segment) else {
+                // Settled and removed meanwhile: nothing to write.
+                return Ok(());
+            };
+            match &seg.file {
+                Some(f) => f.clone(),
+                None => {
+                    // Created under the lock, so that a segment removed
+                    // meanwhile never gets a file again; synced outside.
+                    let f = Arc::new(
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .open(&path)
+                            .map_err(io(&path))?,
+                    );
+                    seg.file = Some(f.clone());
+                    drop(inner);
+                    let header = f
+                        .write_all_at(&record::file_header(SEGMENT_MAGIC), 0)
+                        .and_then(|()| f.sync_data())
+                        .map_err(io(&path))
+                        .and_then(|()| sync_dir(&self.dir));
+                    if let Err(e) = header {
+                        // Created again, header first, by the next try.
+                        if let Some(seg) = self.inner.lock().segments.get_mut(&c.segment) {
+                            seg.file = None;
+                        }
+                        return Err(e);
+                    }
+                    f
+                }
+            }
+        };
+        if let Err(e) = file.write_all_at(&c.bytes, c.offset) {
+            // Leave no half record behind.
+            let _ = file.set_len(c.offset);
+            return Err(io(&path)(e));
+        }
+        *last = Some((c.segment, file));
         Ok(())
     }
 
@@ -401,75 +597,127 @@ impl QueueLog {
     /// purged): they will not come back at recovery. A segment whose
     /// records are all settled is deleted.
     pub fn ack(&self, refs: impl IntoIterator<Item = StoreRef>) {
-        let mut inner = self.inner.lock();
-        if inner.deleted {
-            return;
-        }
-        let mut refs = refs.into_iter().peekable();
+        // Entries and where each run of them goes are settled under the
+        // lock; the writes happen after it is released, so that a write
+        // the kernel makes wait never holds up this queue's publishers or
+        // the sync thread (measured: lock waits under persistent load).
         let mut buf = Vec::new();
-        while let Some(first) = refs.next() {
-            // One write per run of acks into the same segment.
-            buf.clear();
-            record::encode_ack(&mut buf, first.offset);
-            let mut count = 1;
-            while let Some(r) = refs.next_if(|r| r.segment == first.segment) {
-                record::encode_ack(&mut buf, r.offset);
-                count += 1;
+        let mut writes: Vec<(Arc<File>, u32, u64, std::ops::Range<usize>)> = Vec::new();
+        {
+            let mut inner = self.inner.lock();
+            if inner.deleted {
+                return;
             }
-            if let Err(e) = self.write_acks(&mut inner, first.segment, &buf, count) {
+            let mut refs = refs.into_iter().peekable();
+            while let Some(first) = refs.next() {
+                // One write per run of acks into the same segment.
+                let start = buf.len();
+                record::encode_ack(&mut buf, first.offset);
+                let mut count = 1;
+                while let Some(r) = refs.next_if(|r| r.segment == first.segment) {
+                    record::encode_ack(&mut buf, r.offset);
+                    count += 1;
+                }
+                match self.reserve_acks(&mut inner, first.segment, (buf.len() - start) as u64, count)
+                {
+                    Ok(Some((file, at))) => writes.push((file, first.segment, at, start..buf.len())),
+                    Ok(None) => buf.truncate(start),
+                    Err(e) => {
+                        buf.truncate(start);
+                        tracing::error!(
+                            "recording acks failed (the messages may be redelivered after a restart): {e}"
+                        );
+                    }
+                }
+            }
+        }
+        for (file, id, at, range) in writes {
+            if let Err(e) = file.write_all_at(&buf[range.clone()], at) {
                 tracing::error!(
+                    file = %ack_path(&self.dir, id).display(),
                     "recording acks failed (the messages may be redelivered after a restart): {e}"
                 );
             }
+            self.sync.count(range.len() as u64);
         }
     }
 
-    fn write_acks(
+    /// Count `count` acks into segment `id` and reserve `bytes` at the end
+    /// of its ack file for them: where to write, or `None` when the
+    /// segment is gone or now wholly settled (and deleted).
+    fn reserve_acks(
         &self,
         inner: &mut Inner,
         id: u32,
-        entries: &[u8],
+        bytes: u64,
         count: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(Arc<File>, u64)>, StoreError> {
         let active = inner.active;
         let Some(seg) = inner.segments.get_mut(&id) else {
-            return Ok(());
+            return Ok(None);
         };
         if seg.acked + count >= seg.messages && id != active {
             // Every record settled: the whole segment goes.
-            inner.segments.remove(&id);
-            remove_segment(&self.dir, id);
-            return Ok(());
+            self.remove_settled(inner, id);
+            return Ok(None);
         }
         let path = ack_path(&self.dir, id);
         if seg.acks.is_none() {
-            let f = create_file(&self.dir, &path, ACK_MAGIC)?;
+            // Not synced, like the acks in it: a connection's worker
+            // thread must not wait for the disk. After a crash a missing
+            // or torn ack file only means redeliveries.
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            f.write_all_at(&record::file_header(ACK_MAGIC), 0)
+                .map_err(io(&path))?;
             seg.acks = Some((Arc::new(f), HEADER_LEN));
         }
         let (file, len) = seg.acks.as_mut().expect("just opened");
-        file.write_all_at(entries, *len).map_err(io(&path))?;
-        *len += entries.len() as u64;
+        let at = *len;
+        *len += bytes;
         seg.acked += count;
-        // Acks reach the kernel now (a killed broker loses none) but are
-        // not part of the group commit: nothing waits on them, a lost ack
-        // only means a redelivery, and syncing a file while the next ack
-        // is written to the same page makes that write wait for the disk
-        // (measured: a persistent backlog drained at 7k msg/s, see
+        // Acks reach the kernel at once (a killed broker loses none) but
+        // are not part of the group commit: nothing waits on them, a lost
+        // ack only means a redelivery, and syncing a file while the next
+        // ack is written to the same page makes that write wait for the
+        // disk (measured: a persistent backlog drained at 7k msg/s, see
         // docs/performance.md).
-        self.sync.count(entries.len() as u64);
-        Ok(())
+        Ok(Some((file.clone(), at)))
     }
 
     /// Read a message back (it was paged out of memory, or recovered).
     pub fn load(&self, r: StoreRef) -> Result<Message, StoreError> {
+        let path = seg_path(&self.dir, r.segment);
         let file = {
             let inner = self.inner.lock();
-            match inner.segments.get(&r.segment) {
-                Some(s) => s.file.clone(),
+            let buffered = inner
+                .pending
+                .iter()
+                .chain(inner.writing.iter())
+                .find(|c| c.holds(r));
+            if let Some(c) = buffered {
+                // Not written yet: from memory.
+                let rec = c.record(r);
+                let (len, crc) = record::record_header(rec[..8].try_into().expect("8 bytes"));
+                debug_assert!(len == r.len && record::crc_ok(&rec[RECORD_HEADER_LEN..], crc));
+                let payload = Bytes::copy_from_slice(&rec[RECORD_HEADER_LEN..]);
+                drop(inner);
+                return record::decode_message(payload).map_err(|what| StoreError::Corrupt {
+                    path,
+                    offset: u64::from(r.offset),
+                    what,
+                });
+            }
+            match inner.segments.get(&r.segment).and_then(|s| s.file.clone()) {
+                Some(f) => f,
                 None => return Err(StoreError::Deleted),
             }
         };
-        let path = seg_path(&self.dir, r.segment);
         let corrupt = |what: &str| StoreError::Corrupt {
             path: path.clone(),
             offset: u64::from(r.offset),
@@ -508,9 +756,9 @@ impl QueueLog {
 }
 
 impl Segment {
-    fn new(file: File) -> Self {
+    fn new(file: Option<File>) -> Self {
         Segment {
-            file: Arc::new(file),
+            file: file.map(Arc::new),
             messages: 0,
             acked: 0,
             acks: None,
@@ -551,8 +799,18 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path, segment_bytes: u64) -> Result<(QueueLog, Vec<Recovered>), StoreError> {
+    /// What a group-commit round does: write and sync, delete settled
+    /// segments.
+    fn round(log: &QueueLog) {
+        log.flush().unwrap();
+        log.sync.empty_trash();
+    }
+
+    /// A log with no sync thread: tests write its records with
+    /// [`QueueLog::flush`] (as a group-commit round would).
+    fn open(dir: &Path, segment_bytes: u64) -> Result<(Arc<QueueLog>, Vec<Recovered>), StoreError> {
         QueueLog::open(dir.to_owned(), Arc::new(Syncer::new()), segment_bytes)
+            .map(|(log, r)| (Arc::new(log), r))
     }
 
     fn bodies(log: &QueueLog, recovered: &[Recovered]) -> Vec<String> {
@@ -573,6 +831,7 @@ mod tests {
             })
             .collect();
         log.ack([refs[0], refs[3]]);
+        round(&log);
         drop(log);
         let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
         assert_eq!(
@@ -590,6 +849,7 @@ mod tests {
             log.append(&m, meta(&m)).unwrap();
         }
         let r = log.append(&message(3), meta(&message(3))).unwrap().0;
+        round(&log);
         drop(log);
         let seg = seg_path(tmp.path(), 1);
         let full = std::fs::metadata(&seg).unwrap().len();
@@ -610,6 +870,7 @@ mod tests {
         // Appending goes on from there.
         let m = message(9);
         log.append(&m, meta(&m)).unwrap();
+        round(&log);
         drop(log);
         let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
         assert_eq!(bodies(&log, &recovered).last().unwrap(), "message 9");
@@ -624,6 +885,7 @@ mod tests {
             .collect();
         log.ack([refs[0]]);
         log.ack([refs[1]]);
+        round(&log);
         drop(log);
         let acks = ack_path(tmp.path(), 1);
         let len = std::fs::metadata(&acks).unwrap().len();
@@ -632,6 +894,7 @@ mod tests {
         drop(f);
         let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
         assert_eq!(bodies(&log, &recovered), ["message 1", "message 2"]);
+        round(&log);
         drop(log);
 
         let mut bytes = std::fs::read(&acks).unwrap();
@@ -653,6 +916,7 @@ mod tests {
         let (log, _) = open(tmp.path(), 1 << 20).unwrap();
         let r = log.append(&message(0), meta(&message(0))).unwrap().0;
         log.append(&message(1), meta(&message(1))).unwrap();
+        round(&log);
         drop(log);
         let seg = seg_path(tmp.path(), 1);
         let mut bytes = std::fs::read(&seg).unwrap();
@@ -683,8 +947,93 @@ mod tests {
         assert_eq!(log.segment_count(), 2, "the first (pinned) and the active");
         log.ack([refs[0]]);
         assert_eq!(log.segment_count(), 1);
+        round(&log);
         drop(log);
         let (_, recovered) = open(tmp.path(), 200).unwrap();
         assert!(recovered.is_empty());
+    }
+
+    #[test]
+    fn records_are_readable_before_the_sync_thread_writes_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Small segments, so that the buffer spans several.
+        let (log, _) = open(tmp.path(), 200).unwrap();
+        let refs: Vec<StoreRef> = (0..8)
+            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
+            .collect();
+        let segments = refs.last().unwrap().segment;
+        assert!(segments >= 3, "{segments}");
+        assert!(
+            !seg_path(tmp.path(), segments).exists(),
+            "publishing creates no file: the sync thread does"
+        );
+        let read = |log: &QueueLog| -> Vec<String> {
+            refs.iter()
+                .map(|r| String::from_utf8(log.load(*r).unwrap().body.to_vec()).unwrap())
+                .collect()
+        };
+        let expected: Vec<String> = (0..8).map(|i| format!("message {i}")).collect();
+        assert_eq!(read(&log), expected, "from the buffer");
+        round(&log);
+        assert!(seg_path(tmp.path(), segments).exists());
+        assert_eq!(read(&log), expected, "from the files");
+        drop(log);
+        let (log, recovered) = open(tmp.path(), 200).unwrap();
+        assert_eq!(bodies(&log, &recovered), expected);
+    }
+
+    #[test]
+    fn a_segment_settled_before_it_was_written_never_gets_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = open(tmp.path(), 200).unwrap();
+        let refs: Vec<StoreRef> = (0..8)
+            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
+            .collect();
+        let first_two: Vec<StoreRef> = refs.iter().filter(|r| r.segment <= 2).copied().collect();
+        log.ack(first_two.iter().copied());
+        round(&log);
+        assert!(!seg_path(tmp.path(), 2).exists());
+        assert!(seg_path(tmp.path(), refs.last().unwrap().segment).exists());
+        drop(log);
+        let (log, recovered) = open(tmp.path(), 200).unwrap();
+        assert_eq!(recovered.len(), 8 - first_two.len());
+        assert_eq!(bodies(&log, &recovered).last().unwrap(), "message 7");
+    }
+
+    #[test]
+    fn an_ack_file_whose_header_never_reached_the_disk_only_means_redelivery() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = open(tmp.path(), 1 << 20).unwrap();
+        let r = log.append(&message(0), meta(&message(0))).unwrap().0;
+        log.append(&message(1), meta(&message(1))).unwrap();
+        log.ack([r]);
+        round(&log);
+        drop(log);
+        // A crash can leave the unsynced file with its size but zeros.
+        let acks = ack_path(tmp.path(), 1);
+        let len = std::fs::metadata(&acks).unwrap().len() as usize;
+        std::fs::write(&acks, vec![0u8; len]).unwrap();
+        let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
+        assert_eq!(bodies(&log, &recovered), ["message 0", "message 1"]);
+    }
+
+    #[test]
+    fn a_hole_in_an_ack_file_is_skipped_not_the_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = open(tmp.path(), 1 << 20).unwrap();
+        let refs: Vec<StoreRef> = (0..3)
+            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
+            .collect();
+        log.ack([refs[0]]);
+        log.ack([refs[2]]);
+        round(&log);
+        drop(log);
+        // As if the first run's write never happened but the second's did.
+        let acks = ack_path(tmp.path(), 1);
+        let mut bytes = std::fs::read(&acks).unwrap();
+        bytes[16..24].fill(0);
+        std::fs::write(&acks, bytes).unwrap();
+        let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
+        assert_eq!(bodies(&log, &recovered), ["message 0", "message 1"]);
     }
 }

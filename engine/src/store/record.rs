@@ -91,6 +91,21 @@ pub struct RecordMeta {
     pub priority: u8,
 }
 
+/// The length of `m`'s record, header included ([`encode_message`] writes
+/// exactly this many bytes).
+pub fn encoded_len(m: &Message, meta: RecordMeta) -> usize {
+    RECORD_HEADER_LEN
+        + FIXED
+        + usize::from(meta.priority != 0)
+        + 1
+        + m.exchange.len().min(255)
+        + 1
+        + m.routing_key.len().min(255)
+        + 4
+        + m.encoded_properties().len()
+        + m.body.len()
+}
+
 /// Append the record of `m` (header included) to `out`.
 pub fn encode_message(out: &mut Vec<u8>, m: &Message, meta: RecordMeta) {
     let start = out.len();
