@@ -147,6 +147,10 @@ impl PluginHost {
         // quickly and keeps per-instance memory low.
         config.max_wasm_stack(512 << 10);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // The native-to-bytecode offset map is only for finer trap
+        // locations (traps still name the guest function); without it a
+        // 57 KB plugin compiles ~8% faster, which a hot swap waits for.
+        config.generate_address_map(false);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
         let mut linker = Linker::new(&engine);
         define_imports(&mut linker).map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;

@@ -2,10 +2,12 @@
 //!
 //! Editors and `cp` write a file in several steps, and each step is an event.
 //! The watcher waits until the folder has been quiet for [`DEBOUNCE`] and
-//! then reports each changed path once. A file caught half-written still
-//! cannot be loaded half-way: it fails validation (a truncated module does
-//! not compile), is rejected, and the next event loads the finished file.
-//! Writing to a temporary name and renaming into place avoids even that.
+//! then reports each changed path once. Two events say a file is complete,
+//! and are acted on at once, without the wait: a file renamed into place
+//! (the recommended way to install a plugin) and a writer closing the file
+//! it wrote. A file caught half-written still cannot be loaded half-way: it
+//! fails validation (a truncated module does not compile), is rejected, and
+//! the next event loads the finished file.
 //!
 //! A Kubernetes ConfigMap mounted as the plugin folder changes differently:
 //! its files are symlinks through `..data`, and an update writes a new
@@ -39,24 +41,31 @@ impl PluginWatcher {
     /// every `.wasm` file created, changed, renamed into place or removed
     /// (check `path.exists()`). Compiling there keeps it off the runtime.
     pub fn start(dir: &Path, on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
-        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let (tx, rx) = mpsc::channel::<(PathBuf, bool)>();
         let folder = dir.to_path_buf();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                use notify::EventKind as K;
+                use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
                 if let Ok(event) = event {
-                    if matches!(event.kind, notify::EventKind::Access(_)) {
-                        return;
-                    }
+                    // Complete files: renamed into place, or closed after
+                    // writing. Other accesses are noise.
+                    let complete = match event.kind {
+                        K::Access(AccessKind::Close(AccessMode::Write)) => true,
+                        K::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => true,
+                        K::Access(_) => return,
+                        _ => false,
+                    };
                     for path in event.paths {
                         if path.extension().is_some_and(|e| e == "wasm") {
-                            let _ = tx.send(path);
+                            let _ = tx.send((path, complete));
                         } else if path
                             .file_name()
                             .is_some_and(|n| n.to_string_lossy().starts_with(".."))
                         {
                             // A ConfigMap update: report every plugin file.
                             for p in wasm_files(&folder) {
-                                let _ = tx.send(p);
+                                let _ = tx.send((p, complete));
                             }
                         }
                     }
@@ -66,17 +75,21 @@ impl PluginWatcher {
         std::thread::Builder::new()
             .name("wasmq-plugin-watch".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                while let Ok((first, complete)) = rx.recv() {
                     let mut batch = BTreeSet::from([first]);
-                    loop {
+                    let mut complete = complete;
+                    while !complete {
                         match rx.recv_timeout(DEBOUNCE) {
-                            Ok(p) => {
+                            Ok((p, done)) => {
                                 batch.insert(p);
+                                complete = done;
                             }
                             Err(mpsc::RecvTimeoutError::Timeout) => break,
                             Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
                     }
+                    // Whatever else is already queued goes in this batch.
+                    batch.extend(rx.try_iter().map(|(p, _)| p));
                     for path in batch {
                         on_change(&path);
                     }

@@ -410,8 +410,7 @@ impl QueueLog {
         if inner.deleted {
             return Err(StoreError::Deleted);
         }
-        if inner.active_len + n > self.segment_bytes && inner.segments[&inner.active].messages > 0
-        {
+        if inner.active_len + n > self.segment_bytes && inner.segments[&inner.active].messages > 0 {
             self.roll(&mut inner);
         }
         let (id, at) = (inner.active, inner.active_len);
@@ -536,7 +535,11 @@ impl QueueLog {
 
     /// Write one chunk; `last` is the segment written before (synced first
     /// if this chunk starts another).
-    fn write_chunk(&self, c: &Chunk, last: &mut Option<(u32, Arc<File>)>) -> Result<(), StoreError> {
+    fn write_chunk(
+        &self,
+        c: &Chunk,
+        last: &mut Option<(u32, Arc<File>)>,
+    ) -> Result<(), StoreError> {
         if let Some((id, file)) = last.as_ref()
             && *id != c.segment
         {
@@ -618,9 +621,15 @@ impl QueueLog {
                     record::encode_ack(&mut buf, r.offset);
                     count += 1;
                 }
-                match self.reserve_acks(&mut inner, first.segment, (buf.len() - start) as u64, count)
-                {
-                    Ok(Some((file, at))) => writes.push((file, first.segment, at, start..buf.len())),
+                match self.reserve_acks(
+                    &mut inner,
+                    first.segment,
+                    (buf.len() - start) as u64,
+                    count,
+                ) {
+                    Ok(Some((file, at))) => {
+                        writes.push((file, first.segment, at, start..buf.len()))
+                    }
                     Ok(None) => buf.truncate(start),
                     Err(e) => {
                         buf.truncate(start);

@@ -216,7 +216,9 @@ impl Syncer {
             let mut ok = true;
             for log in &logs {
                 if let Err(e) = log.flush() {
-                    tracing::error!("writing or syncing a queue log failed; publishes in this round are nacked: {e}");
+                    tracing::error!(
+                        "writing or syncing a queue log failed; publishes in this round are nacked: {e}"
+                    );
                     ok = false;
                 }
             }
