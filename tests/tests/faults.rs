@@ -319,3 +319,37 @@ fn bad_files_are_rejected_with_a_clear_reason_and_the_old_version_serves() {
         );
     }
 }
+
+#[test]
+fn deadlines_hold_after_the_deadline_clock_has_slept() {
+    // Short set-up deadline: the clock parks ~60 ms after the last call.
+    let t = TestBroker::with_limits(PluginLimits {
+        setup_deadline: Duration::from_millis(50),
+        ..limits()
+    });
+    t.install("faulty", "faulty");
+    t.exchange("bad", "faulty", FieldTable::default());
+    t.queue("ok");
+    t.bind("bad", "ok", "", FieldTable::default());
+    assert!(
+        wasmq_tests::eventually(Duration::from_secs(5), || t
+            .broker
+            .host()
+            .deadline_clock_idle()),
+        "an unused clock goes to sleep"
+    );
+    // The first call wakes it, and a runaway plugin is still stopped.
+    let started = Instant::now();
+    assert_eq!(fault_of(&t, "loop").kind(), "deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    assert!(!t.broker.host().deadline_clock_idle());
+    assert_eq!(
+        t.publish("bad", "fine", b"", FieldTable::default())
+            .delivered,
+        1
+    );
+}

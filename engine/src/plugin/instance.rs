@@ -11,7 +11,7 @@ use wasmq_sdk::abi;
 use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
 use super::PluginFault;
-use super::host::{PluginHost, PluginVersion};
+use super::host::{EpochClock, PluginHost, PluginVersion};
 use crate::message::Message;
 
 /// Per-instance host state: what the imports see.
@@ -207,6 +207,7 @@ pub(crate) struct Instance {
     memory_limit: usize,
     deadline: std::time::Duration,
     setup_deadline: std::time::Duration,
+    clock: Arc<EpochClock>,
 }
 
 fn export_err(name: &str, e: impl std::fmt::Display) -> PluginFault {
@@ -235,6 +236,7 @@ impl Instance {
         let deadline_ticks = host.deadline_ticks();
         let setup_ticks = host.setup_ticks();
         let setup_deadline = limits.setup_deadline.max(limits.deadline);
+        host.clock().running();
         store.set_epoch_deadline(setup_ticks);
         let instance = match host.linker().instantiate(&mut store, version.module()) {
             Ok(i) => i,
@@ -277,6 +279,7 @@ impl Instance {
             memory_limit: limits.memory,
             deadline: limits.deadline,
             setup_deadline,
+            clock: host.clock().clone(),
             store,
         })
     }
@@ -287,6 +290,7 @@ impl Instance {
         f: &TypedFunc<P, R>,
         params: P,
     ) -> Result<R, PluginFault> {
+        self.clock.running();
         self.store.set_epoch_deadline(self.deadline_ticks);
         f.call(&mut self.store, params)
             .map_err(|e| classify(&self.store, e, self.memory_limit, self.deadline))
@@ -298,6 +302,7 @@ impl Instance {
         f: &TypedFunc<P, R>,
         params: P,
     ) -> Result<R, PluginFault> {
+        self.clock.running();
         self.store.set_epoch_deadline(self.setup_ticks);
         f.call(&mut self.store, params)
             .map_err(|e| classify(&self.store, e, self.memory_limit, self.setup_deadline))
