@@ -20,14 +20,25 @@ use crate::{Broker, Config};
 /// How often queues are swept for expired messages.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
 
+/// Shortest time between two `malloc_trim`s: trimming holds the
+/// allocator's locks while it walks the heap, and every other thread that
+/// allocates meanwhile waits.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
 /// Whether resident memory is over `watermark`, as an alarm reason. Before
 /// raising (and while raised) freed memory is handed back to the system
-/// first, so that what glibc keeps cached neither raises the alarm nor
-/// holds it after queues drain.
-fn memory_over(watermark: u64, raised: bool) -> std::io::Result<Option<String>> {
+/// first (at most every [`TRIM_EVERY`], off the runtime's workers), so
+/// that what glibc keeps cached neither raises the alarm nor holds it after
+/// queues drain.
+async fn memory_over(
+    watermark: u64,
+    raised: bool,
+    last_trim: &mut Option<std::time::Instant>,
+) -> std::io::Result<Option<String>> {
     let mut used = alarm::memory_used()?;
-    if used > watermark || raised {
-        alarm::release_free_memory();
+    if (used > watermark || raised) && last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+        *last_trim = Some(std::time::Instant::now());
+        let _ = tokio::task::spawn_blocking(alarm::release_free_memory).await;
         used = alarm::memory_used()?;
     }
     Ok((used > watermark).then(|| {
@@ -182,9 +193,10 @@ impl Server {
             let (broker, shutdown) = (broker.clone(), shutdown.clone());
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(MEMORY_CHECK);
+                let mut last_trim = None;
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => match memory_over(watermark, broker.alarm_raised(Resource::Memory)) {
+                        _ = tick.tick() => match memory_over(watermark, broker.alarm_raised(Resource::Memory), &mut last_trim).await {
                             Ok(over) => broker.set_alarm(Resource::Memory, over),
                             Err(e) => {
                                 tracing::warn!("reading memory use: {e}; memory alarm off");

@@ -330,8 +330,12 @@ impl Instance {
     }
 
     /// Copy `parts` back to back into the guest's input buffer, growing it
-    /// through `wasmq_buffer` when needed. Returns the total length.
-    fn write_input(&mut self, parts: &[&[u8]]) -> Result<i32, PluginFault> {
+    /// through `wasmq_buffer` when needed. Returns the total length. In a
+    /// set-up call (`setup`) growing the buffer gets the set-up deadline
+    /// too: a fresh instance's first allocation touches new memory, and on
+    /// a loaded machine it ran past the 5 ms message deadline and failed a
+    /// broker's start (seen in CI).
+    fn write_input(&mut self, parts: &[&[u8]], setup: bool) -> Result<i32, PluginFault> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total > i32::MAX as usize {
             return Err(PluginFault::Malformed("input too large".into()));
@@ -339,7 +343,11 @@ impl Instance {
         if total as u32 > self.input.1 || self.input.1 == 0 {
             let want = total.max(256) as i32;
             let f = self.buffer.clone();
-            let ptr = self.call(&f, want)?;
+            let ptr = if setup {
+                self.setup_call(&f, want)?
+            } else {
+                self.call(&f, want)?
+            };
             self.input = (ptr as u32, want as u32);
         }
         let start = self.input.0 as usize;
@@ -380,7 +388,7 @@ impl Instance {
 
     /// `wasmq_init(role, input)`; `input` is the ABI init encoding.
     pub(crate) fn init(&mut self, role: i32, input: &[u8]) -> Result<(), CallError> {
-        let len = self.write_input(&[input])?;
+        let len = self.write_input(&[input], true)?;
         let f = self.init.clone();
         let packed = self.setup_call(&f, (role, len))?;
         self.reply(packed, |_| Ok(()))
@@ -395,7 +403,7 @@ impl Instance {
             self.unbind.clone()
         };
         let f = f.ok_or_else(|| PluginFault::Malformed("not a router".into()))?;
-        let len = self.write_input(&[input])?;
+        let len = self.write_input(&[input], true)?;
         let packed = self.setup_call(&f, (id as i32, len))?;
         self.reply(packed, |_| Ok(()))
     }
@@ -414,7 +422,7 @@ impl Instance {
         f: &MessageFn<R>,
         message: &Arc<Message>,
     ) -> Result<R, PluginFault> {
-        let key_len = self.write_input(&[message.routing_key.as_bytes()])?;
+        let key_len = self.write_input(&[message.routing_key.as_bytes()], false)?;
         let props_len = message.encoded_properties_len().map_or(-1, |n| n as i32);
         let body_len = message.body.len() as i32;
         self.store.data_mut().current = CurrentMessage(Arc::as_ptr(message));
