@@ -246,13 +246,7 @@ impl TestServer {
 
     /// A client of the admin API as guest.
     pub fn admin(&self) -> wasmq::admin::client::AdminClient {
-        let addr = self
-            .server
-            .as_ref()
-            .unwrap()
-            .admin_addr
-            .expect("admin API enabled");
-        wasmq::admin::client::AdminClient::new(&format!("http://{addr}"), "guest", "guest")
+        self.admin_as("guest", "guest")
     }
 
     /// A client of the admin API as `user`.
@@ -327,6 +321,26 @@ pub fn reply_code(err: &lapin::Error) -> Option<u16> {
 }
 
 /// Declare a plain queue over AMQP.
+/// Take every message left in `queue` with `basic.get` (no-ack): bodies
+/// as text and redelivered flags, in delivery order.
+pub async fn get_all(ch: &lapin::Channel, queue: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        out.push((
+            String::from_utf8(m.delivery.data.clone()).unwrap(),
+            m.delivery.redelivered,
+        ));
+    }
+    out
+}
+
 pub async fn declare_queue(ch: &lapin::Channel, name: &str) {
     ch.queue_declare(name.into(), Default::default(), Default::default())
         .await

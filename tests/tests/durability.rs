@@ -63,21 +63,6 @@ async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
     .map(|q| q.message_count())
 }
 
-async fn get_all(ch: &Channel, queue: &str) -> Vec<(String, bool)> {
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        out.push((
-            String::from_utf8(m.delivery.data.clone()).unwrap(),
-            m.delivery.redelivered,
-        ));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_definitions_and_persistent_messages_survive_a_restart() {
     let t = TestServer::start().await;
@@ -137,7 +122,7 @@ async fn durable_definitions_and_persistent_messages_survive_a_restart() {
         .await
         .unwrap();
     assert_eq!(
-        get_all(&ch, "orders").await,
+        wasmq_tests::get_all(&ch, "orders").await,
         vec![("p1".into(), true), ("p3".into(), true)],
         "persistent messages come back in order, marked redelivered"
     );
@@ -149,7 +134,7 @@ async fn durable_definitions_and_persistent_messages_survive_a_restart() {
     publish(&ch, "events", "orders.4", b"p4", persistent()).await;
     publish(&ch, "amq.direct", "direct-key", b"p5", persistent()).await;
     assert_eq!(
-        get_all(&ch, "orders").await,
+        wasmq_tests::get_all(&ch, "orders").await,
         vec![("p4".into(), false), ("p5".into(), false)]
     );
     conn.close(200, "bye".into()).await.unwrap();
@@ -191,7 +176,7 @@ async fn acked_messages_stay_gone_and_unacked_ones_come_back() {
     let t = t.restart().await;
     drop(conn);
     let (conn, ch) = channel(&t).await;
-    let got: Vec<String> = get_all(&ch, "work")
+    let got: Vec<String> = wasmq_tests::get_all(&ch, "work")
         .await
         .into_iter()
         .map(|m| m.0)
@@ -434,7 +419,7 @@ async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through()
     );
     assert!(!conn.status().blocked());
     assert_eq!(
-        get_all(&ch, "q").await,
+        wasmq_tests::get_all(&ch, "q").await,
         vec![("before".into(), false), ("during".into(), false)]
     );
     conn.close(200, "bye".into()).await.unwrap();
@@ -464,7 +449,7 @@ async fn a_durable_priority_queue_keeps_its_order_across_a_restart() {
     drop(_conn);
     let t = t.restart().await;
     let (_conn, ch) = channel(&t).await;
-    let got: Vec<String> = get_all(&ch, "prio")
+    let got: Vec<String> = wasmq_tests::get_all(&ch, "prio")
         .await
         .into_iter()
         .map(|(b, redelivered)| {

@@ -354,15 +354,11 @@ async fn unused_queues_expire_but_consumed_ones_stay() {
 
 /// Bodies of everything in `queue`, by `basic.get`, in delivery order.
 async fn drain(ch: &Channel, queue: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+    wasmq_tests::get_all(ch, queue)
         .await
-        .unwrap()
-    {
-        out.push(String::from_utf8(m.delivery.data.clone()).unwrap());
-    }
-    out
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,8 +74,7 @@ impl User {
     /// The user's permissions in `vhost`, `None` if it may not open it.
     pub fn permissions_in(&self, vhost: &str) -> Option<Arc<Permissions>> {
         if let Some(p) = self.permissions.iter().find(|p| p.vhost == vhost) {
-            return Some(Arc::new(Permissions {
-                full: false,
+            return Some(Arc::new(Permissions::Patterns {
                 configure: p.configure.clone(),
                 write: p.write.clone(),
                 read: p.read.clone(),
@@ -84,7 +83,7 @@ impl User {
         self.vhosts
             .iter()
             .any(|v| v == vhost)
-            .then(|| Arc::new(Permissions::full()))
+            .then(|| Arc::new(Permissions::Full))
     }
 
     /// Every vhost the user may open.
@@ -163,44 +162,50 @@ impl Access {
     }
 }
 
+/// The name permissions see: the default exchange (`""`) is
+/// `amq.default`, as in RabbitMQ.
+fn resource_name(name: &str) -> &str {
+    if name.is_empty() { "amq.default" } else { name }
+}
+
 /// A user's permissions in the vhost of a connection.
 #[derive(Clone, Debug)]
-pub struct Permissions {
-    full: bool,
-    configure: Pattern,
-    write: Pattern,
-    read: Pattern,
+pub enum Permissions {
+    /// Everything allowed (a vhost listed in `vhosts`): nothing to match.
+    Full,
+    /// RabbitMQ's three patterns.
+    Patterns {
+        /// Declare, delete.
+        configure: Pattern,
+        /// Publish to, bind to.
+        write: Pattern,
+        /// Consume, get, purge, bind from.
+        read: Pattern,
+    },
 }
 
 impl Permissions {
-    /// Everything allowed.
-    pub fn full() -> Self {
-        let all = Pattern::new(".*").expect("valid");
-        Permissions {
-            full: true,
-            configure: all.clone(),
-            write: all.clone(),
-            read: all,
-        }
-    }
-
-    /// Whether `access` to the resource named `name` is allowed (the
-    /// default exchange is `amq.default`).
+    /// Whether `access` to the resource named `name` is allowed.
     pub fn allows(&self, access: Access, name: &str) -> bool {
-        if self.full {
+        let Permissions::Patterns {
+            configure,
+            write,
+            read,
+        } = self
+        else {
             return true;
-        }
-        let name = if name.is_empty() { "amq.default" } else { name };
-        match access {
-            Access::Configure => self.configure.allows(name),
-            Access::Write => self.write.allows(name),
-            Access::Read => self.read.allows(name),
-        }
+        };
+        let pattern = match access {
+            Access::Configure => configure,
+            Access::Write => write,
+            Access::Read => read,
+        };
+        pattern.allows(resource_name(name))
     }
 
     /// Whether every access is allowed everywhere (no check needed).
     pub fn is_full(&self) -> bool {
-        self.full
+        matches!(self, Permissions::Full)
     }
 }
 
@@ -222,11 +227,7 @@ impl Grant {
         if self.permissions.allows(access, name) {
             return Ok(());
         }
-        let name = if name.is_empty() && kind == "exchange" {
-            "amq.default"
-        } else {
-            name
-        };
+        let name = resource_name(name);
         Err(AmqpError::new(
             403,
             format!(
@@ -280,8 +281,7 @@ mod tests {
         let g = Grant {
             user: "app".into(),
             vhost: "/".into(),
-            permissions: Arc::new(Permissions {
-                full: false,
+            permissions: Arc::new(Permissions::Patterns {
                 configure: Pattern::new("").unwrap(),
                 write: Pattern::new("x").unwrap(),
                 read: Pattern::new("").unwrap(),

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use super::access::{Access, Grant};
 use super::frame::{Frame, encode_content, encode_method};
 use crate::broker::{
-    Broker, BrokerError, ChannelCredit, ChannelInfo, ConsumeError, Consumer, Destination, Dispatch,
-    Entry, ExchangeSpec, Queue, VHost,
+    ARG_ALTERNATE_EXCHANGE, ARG_DEAD_LETTER_EXCHANGE, Broker, BrokerError, ChannelCredit,
+    ChannelInfo, ConsumeError, Consumer, Destination, Dispatch, Entry, ExchangeSpec, Queue, VHost,
 };
 use crate::message::Message;
 use crate::store::Synced;
@@ -76,14 +76,10 @@ fn server_only(class: &str) -> AmqpError {
     )
 }
 
-/// A string-valued argument (an exchange name) of a declare.
-fn string_arg(args: &amq_protocol::types::FieldTable, key: &str) -> Option<String> {
-    use amq_protocol::types::AMQPValue;
-    match args.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
+/// An exchange named by a declare argument, for the permission check (a
+/// malformed one is refused by the declare itself).
+fn exchange_arg(args: &amq_protocol::types::FieldTable, key: &str) -> Option<String> {
+    crate::broker::string_arg(args, key).ok().flatten()
 }
 
 fn unexpected(what: &str) -> AmqpError {
@@ -550,8 +546,11 @@ impl Channel {
                 if !d.passive {
                     ctx.grant
                         .check(Access::Configure, "exchange", d.exchange.as_str())?;
-                    if let Some(ae) = string_arg(&d.arguments, "alternate-exchange") {
-                        ctx.grant.check(Access::Write, "exchange", &ae)?;
+                    // Exchanges it will send unroutable or faulted messages to.
+                    for key in [ARG_ALTERNATE_EXCHANGE, ARG_DEAD_LETTER_EXCHANGE] {
+                        if let Some(x) = exchange_arg(&d.arguments, key) {
+                            ctx.grant.check(Access::Write, "exchange", &x)?;
+                        }
                     }
                 }
                 let spec = ExchangeSpec {
@@ -623,7 +622,7 @@ impl Channel {
                         d.queue.to_string()
                     };
                     ctx.grant.check(Access::Configure, "queue", &name)?;
-                    if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                    if let Some(dlx) = exchange_arg(&d.arguments, ARG_DEAD_LETTER_EXCHANGE) {
                         ctx.grant.check(Access::Read, "queue", &name)?;
                         ctx.grant.check(Access::Write, "exchange", &dlx)?;
                     }

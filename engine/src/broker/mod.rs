@@ -331,17 +331,23 @@ const PREDECLARED: &[(&str, &str)] = &[
     ("amq.match", "headers"),
 ];
 
-fn arg_str(args: &FieldTable, key: &str) -> Result<Option<String>, BrokerError> {
+/// A string-valued declare argument (a plugin or exchange name, a
+/// routing key); another type is the client's error, named in the text.
+pub(crate) fn string_arg(args: &FieldTable, key: &str) -> Result<Option<String>, String> {
     match args.inner().get(key) {
         None => Ok(None),
         Some(AMQPValue::LongString(s)) => {
             Ok(Some(String::from_utf8_lossy(s.as_bytes()).into_owned()))
         }
         Some(AMQPValue::ShortString(s)) => Ok(Some(s.as_str().to_owned())),
-        Some(other) => Err(BrokerError::PreconditionFailed(format!(
-            "invalid arg '{key}' for exchange: expected a string, got {other:?}"
-        ))),
+        Some(other) => Err(format!(
+            "invalid arg '{key}': expected a string, got {other:?}"
+        )),
     }
+}
+
+fn arg_str(args: &FieldTable, key: &str) -> Result<Option<String>, BrokerError> {
+    string_arg(args, key).map_err(BrokerError::PreconditionFailed)
 }
 
 impl Broker {

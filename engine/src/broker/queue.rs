@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::ready::{MAX_PRIORITY, Ready};
+use super::string_arg;
 use crate::message::Message;
 use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
 
@@ -193,24 +194,11 @@ fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
         .map_err(|_| format!("invalid arg '{key}': {n} is negative"))
 }
 
-fn str_arg(args: &FieldTable, key: &str) -> Result<Option<String>, String> {
-    match args.inner().get(key) {
-        None => Ok(None),
-        Some(AMQPValue::LongString(s)) => {
-            Ok(Some(String::from_utf8_lossy(s.as_bytes()).into_owned()))
-        }
-        Some(AMQPValue::ShortString(s)) => Ok(Some(s.to_string())),
-        Some(other) => Err(format!(
-            "invalid arg '{key}': expected a string, got {other:?}"
-        )),
-    }
-}
-
 impl QueueLimits {
     /// Read the queue arguments; an invalid one is the declaring client's
     /// error (406), named in the message.
     pub fn parse(args: &FieldTable) -> Result<Self, String> {
-        let overflow = match str_arg(args, "x-overflow")?.as_deref() {
+        let overflow = match string_arg(args, "x-overflow")?.as_deref() {
             None | Some("drop-head") => Overflow::DropHead,
             Some("reject-publish") => Overflow::RejectPublish,
             Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
@@ -222,8 +210,8 @@ impl QueueLimits {
         };
         let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
-            dead_letter_exchange: str_arg(args, "x-dead-letter-exchange")?,
-            dead_letter_routing_key: str_arg(args, "x-dead-letter-routing-key")?,
+            dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
+            dead_letter_routing_key: string_arg(args, "x-dead-letter-routing-key")?,
             max_length: int_arg(args, "x-max-length")?.map(|n| n as usize),
             max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
             overflow,

@@ -86,6 +86,7 @@ struct Segment {
 }
 
 /// Records appended to one segment and not yet written to its file.
+#[derive(Clone)]
 struct Chunk {
     segment: u32,
     /// Where in the segment the first record goes.
@@ -510,17 +511,7 @@ impl QueueLog {
             // not be synced: writing the same bytes at the same offsets
             // again is harmless), ahead of newer records.
             let failed_from = written.saturating_sub(1);
-            let mut back: Vec<Chunk> = match Arc::try_unwrap(chunks) {
-                Ok(v) => v.into_iter().skip(failed_from).collect(),
-                Err(shared) => shared[failed_from..]
-                    .iter()
-                    .map(|c| Chunk {
-                        segment: c.segment,
-                        offset: c.offset,
-                        bytes: c.bytes.clone(),
-                    })
-                    .collect(),
-            };
+            let mut back = Arc::unwrap_or_clone(chunks).split_off(failed_from);
             back.retain(|c| inner.segments.contains_key(&c.segment));
             back.append(&mut inner.pending);
             inner.pending = back;
@@ -808,6 +799,13 @@ mod tests {
         }
     }
 
+    /// Append `message(i)` for each `i`; where each went.
+    fn append(log: &Arc<QueueLog>, range: std::ops::Range<u32>) -> Vec<StoreRef> {
+        range
+            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
+            .collect()
+    }
+
     /// What a group-commit round does: write and sync, delete settled
     /// segments.
     fn round(log: &QueueLog) {
@@ -833,12 +831,7 @@ mod tests {
     fn appends_and_acks_survive_reopening() {
         let tmp = tempfile::tempdir().unwrap();
         let (log, _) = open(tmp.path(), 1 << 20).unwrap();
-        let refs: Vec<StoreRef> = (0..5)
-            .map(|i| {
-                let m = message(i);
-                log.append(&m, meta(&m)).unwrap().0
-            })
-            .collect();
+        let refs = append(&log, 0..5);
         log.ack([refs[0], refs[3]]);
         round(&log);
         drop(log);
@@ -889,9 +882,7 @@ mod tests {
     fn a_bad_ack_entry_ends_the_ack_file_and_its_messages_come_back() {
         let tmp = tempfile::tempdir().unwrap();
         let (log, _) = open(tmp.path(), 1 << 20).unwrap();
-        let refs: Vec<StoreRef> = (0..3)
-            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
-            .collect();
+        let refs = append(&log, 0..3);
         log.ack([refs[0]]);
         log.ack([refs[1]]);
         round(&log);
@@ -944,9 +935,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // Small segments: a few records each.
         let (log, _) = open(tmp.path(), 200).unwrap();
-        let refs: Vec<StoreRef> = (0..12)
-            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
-            .collect();
+        let refs = append(&log, 0..12);
         let before = log.segment_count();
         assert!(before >= 3, "{before}");
         // Ack everything but the first message, newest first.
@@ -967,9 +956,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // Small segments, so that the buffer spans several.
         let (log, _) = open(tmp.path(), 200).unwrap();
-        let refs: Vec<StoreRef> = (0..8)
-            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
-            .collect();
+        let refs = append(&log, 0..8);
         let segments = refs.last().unwrap().segment;
         assert!(segments >= 3, "{segments}");
         assert!(
@@ -995,9 +982,7 @@ mod tests {
     fn a_segment_settled_before_it_was_written_never_gets_a_file() {
         let tmp = tempfile::tempdir().unwrap();
         let (log, _) = open(tmp.path(), 200).unwrap();
-        let refs: Vec<StoreRef> = (0..8)
-            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
-            .collect();
+        let refs = append(&log, 0..8);
         let first_two: Vec<StoreRef> = refs.iter().filter(|r| r.segment <= 2).copied().collect();
         log.ack(first_two.iter().copied());
         round(&log);
@@ -1030,9 +1015,7 @@ mod tests {
     fn a_hole_in_an_ack_file_is_skipped_not_the_end() {
         let tmp = tempfile::tempdir().unwrap();
         let (log, _) = open(tmp.path(), 1 << 20).unwrap();
-        let refs: Vec<StoreRef> = (0..3)
-            .map(|i| log.append(&message(i), meta(&message(i))).unwrap().0)
-            .collect();
+        let refs = append(&log, 0..3);
         log.ack([refs[0]]);
         log.ack([refs[2]]);
         round(&log);
