@@ -157,6 +157,23 @@ async fn a_restricted_user_works_inside_its_patterns_and_is_refused_outside() {
         .await
         .unwrap_err();
     refused(&err, "write access to exchange 'billing'");
+    // ...and by an exchange it declares (where its faulted messages go).
+    let ch = app.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from("billing")),
+    );
+    let err = ch
+        .exchange_declare(
+            "app.faulty".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            args,
+        )
+        .await
+        .unwrap_err();
+    refused(&err, "write access to exchange 'billing'");
     // write: publishing to an exchange outside the pattern closes the
     // channel (the error arrives asynchronously, as channel.close).
     let ch = app.create_channel().await.unwrap();
