@@ -1,11 +1,16 @@
 //! One client connection: handshake, then the frame/delivery loop.
 //!
-//! A reader task turns socket bytes into frames (bounded queue: a slow
-//! broker slows the publisher down through TCP). The connection task owns
-//! all channel state, so it needs no locks: it handles frames, receives
-//! deliveries from queues, and writes everything in batches. After a batch
-//! is written, the consumers whose deliveries were in it get their window
-//! credit back.
+//! One task per connection owns the socket and all channel state, so it
+//! needs no locks. Each wake-up handles every complete frame one read
+//! brought (a publisher's batch of messages is one read, not one task
+//! hand-off per frame), takes the deliveries queues have sent it, and
+//! writes everything in one batch. After a batch is written, the consumers
+//! whose deliveries were in it get their window credit back.
+//!
+//! Flow control is by not reading: while a queue this connection published
+//! into is over its watermark, or a resource alarm blocks publishers, the
+//! socket is left unread (TCP then slows the client) while deliveries and
+//! confirms still go out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +39,13 @@ const FRAME_MIN: u32 = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes buffered before a write, at most.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Read-buffer space made before a read when less than `READ_MIN` is left.
+/// Bodies are slices of the buffer, so a buffer lives as long as the last
+/// message read into it: kept small enough that a straggler pins little.
+const READ_SIZE: usize = 16 * 1024;
+const READ_MIN: usize = 1024;
+/// Why a connection ends when the client closed its socket.
+const CLIENT_GONE: &str = "client went away";
 
 pub(crate) async fn run(
     broker: Arc<Broker>,
@@ -63,9 +75,7 @@ pub(crate) async fn run(
         }
     };
     tracing::info!(%peer, connection = id, user = %session.user, vhost = %session.vhost.name, "connection opened");
-    let (frames_tx, frames_rx) = mpsc::channel(128);
     let frame_max = session.frame_max;
-    let reader_task = tokio::spawn(read_frames(reader, buf, frame_max, frames_tx));
     let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
     let registered = broker.connections().register(Arc::new(ConnectionInfo::new(
         id,
@@ -76,6 +86,7 @@ pub(crate) async fn run(
         frame_max,
         session.client.clone(),
     )));
+    let alarm = broker.alarm();
     let mut conn = Connection {
         id,
         registered,
@@ -83,6 +94,9 @@ pub(crate) async fn run(
         broker,
         vhost: session.vhost,
         grant: session.grant,
+        reader,
+        rbuf: buf,
+        unread: true,
         writer,
         out: Vec::with_capacity(64 * 1024),
         written: Vec::new(),
@@ -97,14 +111,14 @@ pub(crate) async fn run(
         awaiting_sync: false,
         published: false,
         blocked_capability: session.blocked_capability,
+        alarm,
         alarm_blocked: false,
         alarm_unchecked: true,
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
-    let reason = conn.run(frames_rx, dispatch_rx, shutdown).await;
+    let reason = conn.run(dispatch_rx, shutdown).await;
     conn.cleanup();
-    reader_task.abort();
     tracing::info!(%peer, connection = id, "connection closed: {reason}");
 }
 
@@ -395,34 +409,6 @@ async fn handshake(
     }))
 }
 
-async fn read_frames(
-    mut reader: OwnedReadHalf,
-    mut buf: BytesMut,
-    frame_max: u32,
-    tx: mpsc::Sender<Result<Frame, FrameError>>,
-) {
-    loop {
-        loop {
-            match decode(&mut buf, frame_max) {
-                Ok(Some(f)) => {
-                    if tx.send(Ok(f)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
 struct Connection {
     id: u64,
     /// Listed in the broker's connection registry while it lives.
@@ -432,6 +418,13 @@ struct Connection {
     vhost: Arc<VHost>,
     /// The user and its permissions in the vhost.
     grant: Grant,
+    reader: OwnedReadHalf,
+    /// Bytes read and not yet decoded. Body frames are slices of it, so a
+    /// message's body is never copied on its way in.
+    rbuf: BytesMut,
+    /// `rbuf` may hold complete frames not handled yet (reading paused, or
+    /// the handshake read ahead): handle them before reading more.
+    unread: bool,
     writer: OwnedWriteHalf,
     out: Vec<u8>,
     /// Consumers with deliveries in `out`: window credit returns after the write.
@@ -452,6 +445,8 @@ struct Connection {
     published: bool,
     /// The client understands connection.blocked.
     blocked_capability: bool,
+    /// The broker's resource alarm.
+    alarm: tokio::sync::watch::Receiver<Option<String>>,
     /// A resource alarm blocks it (not read; told so if it asked).
     alarm_blocked: bool,
     /// The alarm changed (or it just started publishing) since it was last
@@ -469,7 +464,6 @@ enum Step {
 impl Connection {
     async fn run(
         &mut self,
-        mut frames: mpsc::Receiver<Result<Frame, FrameError>>,
         mut dispatch: mpsc::UnboundedReceiver<Dispatch>,
         shutdown: CancellationToken,
     ) -> String {
@@ -482,57 +476,61 @@ impl Connection {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
         let closed_by_operator = self.registered.info.closed().clone();
-        let mut alarm = self.broker.alarm();
+        // Made once: a fresh `cancelled()` future per wake-up would join and
+        // leave the token's waiter list every time.
+        let mut shut_down = std::pin::pin!(shutdown.cancelled());
+        let mut closed = std::pin::pin!(closed_by_operator.cancelled());
         loop {
             let blocked = self.congested.first().cloned();
+            let readable = blocked.is_none() && !self.alarm_blocked;
             let waiting = self.awaiting_sync && synced.is_some();
-            let step = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    self.forced_close(&mut frames, "broker shutdown").await
-                }
-                () = closed_by_operator.cancelled() => {
-                    self.forced_close(&mut frames, "closed via the admin API").await
-                }
-                () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
-                    self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
-                    if let Some(q) = &blocked {
-                        self.congested.retain(|c| !Arc::ptr_eq(c, q));
+            let step = if readable && self.unread {
+                self.frames()
+            } else {
+                tokio::select! {
+                    biased;
+                    () = &mut shut_down => {
+                        self.forced_close("broker shutdown").await
                     }
-                    Step::Continue
-                }
-                // The sender lives in the broker this connection holds, so
-                // `changed` cannot fail.
-                _ = alarm.changed() => {
-                    self.alarm_unchecked = true;
-                    Step::Continue
-                }
-                f = frames.recv(), if blocked.is_none() && !self.alarm_blocked => match f {
-                    None => Step::Stop("client went away".into()),
-                    Some(Ok(f)) => {
-                        self.last_read = Instant::now();
-                        self.frame(f)
+                    () = &mut closed => {
+                        self.forced_close("closed via the admin API").await
                     }
-                    Some(Err(e)) => {
-                        self.close(e.reply_code(), &e.to_string(), 0, 0);
-                        Step::Stop(e.to_string())
+                    () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
+                        self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
+                        if let Some(q) = &blocked {
+                            self.congested.retain(|c| !Arc::ptr_eq(c, q));
+                        }
+                        Step::Continue
                     }
-                },
-                d = dispatch.recv() => {
-                    if let Some(d) = d { self.dispatch(d); }
-                    Step::Continue
-                }
-                _ = heartbeat.tick() => self.heartbeat_tick(),
-                r = async { synced.as_mut().expect("guarded").changed().await }, if waiting => {
-                    if r.is_err() {
-                        // The store stopped (shutdown): nothing more syncs.
-                        synced = None;
+                    // The sender lives in the broker this connection holds, so
+                    // `changed` cannot fail.
+                    _ = self.alarm.changed() => {
+                        self.alarm_unchecked = true;
+                        Step::Continue
                     }
-                    Step::Continue
+                    r = self.reader.read_buf(&mut self.rbuf), if readable => match r {
+                        Ok(0) | Err(_) => Step::Stop(CLIENT_GONE.into()),
+                        Ok(_) => {
+                            self.last_read = Instant::now();
+                            self.frames()
+                        }
+                    },
+                    d = dispatch.recv() => {
+                        if let Some(d) = d { self.dispatch(d); }
+                        Step::Continue
+                    }
+                    _ = heartbeat.tick() => self.heartbeat_tick(),
+                    r = async { synced.as_mut().expect("guarded").changed().await }, if waiting => {
+                        if r.is_err() {
+                            // The store stopped (shutdown): nothing more syncs.
+                            synced = None;
+                        }
+                        Step::Continue
+                    }
                 }
             };
-            if self.published && std::mem::take(&mut self.alarm_unchecked) {
-                self.signal_alarm(&alarm);
+            if self.published && self.alarm_unchecked {
+                self.signal_alarm();
             }
             if self.awaiting_sync
                 && let Some(rx) = &mut synced
@@ -553,10 +551,45 @@ impl Connection {
                 return format!("write failed: {e}");
             }
             if let Step::Stop(reason) = step {
-                if !matches!(reason.as_str(), "client went away") {
-                    self.await_close_ok(&mut frames).await;
+                if reason != CLIENT_GONE {
+                    self.await_close_ok().await;
                 }
                 return reason;
+            }
+        }
+    }
+
+    /// Handle the complete frames in the read buffer, until one stops the
+    /// connection, reading has to pause (flow control), or enough output
+    /// is waiting that it should be written first.
+    fn frames(&mut self) -> Step {
+        loop {
+            if self.published && self.alarm_unchecked {
+                // It just started publishing: an alarm raised earlier
+                // blocks it from here on, mid-batch.
+                self.signal_alarm();
+            }
+            if !self.congested.is_empty() || self.alarm_blocked || self.out.len() >= WRITE_BATCH {
+                self.unread = true;
+                return Step::Continue;
+            }
+            match decode(&mut self.rbuf, self.frame_max) {
+                Ok(Some(f)) => {
+                    if let Step::Stop(reason) = self.frame(f) {
+                        return Step::Stop(reason);
+                    }
+                }
+                Ok(None) => {
+                    self.unread = false;
+                    if self.rbuf.capacity() - self.rbuf.len() < READ_MIN {
+                        self.rbuf.reserve(READ_SIZE);
+                    }
+                    return Step::Continue;
+                }
+                Err(e) => {
+                    self.close(e.reply_code(), &e.to_string(), 0, 0);
+                    return Step::Stop(e.to_string());
+                }
             }
         }
     }
@@ -600,11 +633,7 @@ impl Connection {
     /// Close the connection on the broker's initiative (320): confirms
     /// waiting for the disk go out first, so what was processed is synced
     /// and acknowledged.
-    async fn forced_close(
-        &mut self,
-        frames: &mut mpsc::Receiver<Result<Frame, FrameError>>,
-        why: &str,
-    ) -> Step {
+    async fn forced_close(&mut self, why: &str) -> Step {
         if self.awaiting_sync
             && let Some(store) = self.broker.store()
         {
@@ -614,18 +643,27 @@ impl Connection {
         }
         self.close(320, &format!("CONNECTION_FORCED - {why}"), 0, 0);
         let _ = self.flush().await;
-        self.await_close_ok(frames).await;
+        self.await_close_ok().await;
         Step::Stop(why.into())
     }
 
-    /// After we sent connection.close: wait briefly for close-ok.
-    async fn await_close_ok(&mut self, frames: &mut mpsc::Receiver<Result<Frame, FrameError>>) {
+    /// After we sent connection.close: wait briefly for close-ok, dropping
+    /// whatever else the client sent meanwhile (the spec says to).
+    async fn await_close_ok(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(f)) = frames.recv().await {
-                if let Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) =
-                    f
-                {
-                    return;
+            loop {
+                match decode(&mut self.rbuf, self.frame_max) {
+                    Ok(Some(Frame::Method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)),
+                    )))
+                    | Err(_) => return,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                }
+                match self.reader.read_buf(&mut self.rbuf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
                 }
             }
         })
@@ -635,8 +673,9 @@ impl Connection {
 
     /// Tell a publishing client it is blocked by a resource alarm, or no
     /// longer (if it asked for these notices).
-    fn signal_alarm(&mut self, alarm: &tokio::sync::watch::Receiver<Option<String>>) {
-        let alarm = alarm.borrow();
+    fn signal_alarm(&mut self) {
+        self.alarm_unchecked = false;
+        let alarm = self.alarm.borrow();
         let blocked = alarm.is_some();
         if blocked == self.alarm_blocked {
             return;
