@@ -1,7 +1,7 @@
 //! One AMQP channel: methods against the broker, content assembly,
 //! consumers, unacked deliveries, confirms and transactions.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -13,10 +13,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::access::{Access, Grant};
-use super::frame::{Frame, encode_content, encode_method};
+use super::frame::{Frame, encode_confirm, encode_content, encode_deliver, encode_method};
 use crate::broker::{
     ARG_ALTERNATE_EXCHANGE, ARG_DEAD_LETTER_EXCHANGE, Broker, BrokerError, ChannelCredit,
-    ChannelInfo, ConsumeError, Consumer, Destination, Dispatch, Entry, ExchangeSpec, Queue, VHost,
+    ChannelInfo, ConsumeError, Consumer, Destination, Dispatch, Entry, ExchangeSpec, Map, Queue,
+    VHost,
 };
 use crate::message::Message;
 use crate::store::Synced;
@@ -122,7 +123,6 @@ struct Unacked {
 const COMMIT_OK: u64 = 0;
 
 struct TxPublish {
-    exchange: String,
     mandatory: bool,
     message: Message,
 }
@@ -137,7 +137,7 @@ pub(crate) struct Channel {
     /// Closed by the server; waiting for close-ok, ignoring everything else.
     pub closing: bool,
     pending: Option<Pending>,
-    consumers: HashMap<String, (Arc<Consumer>, Arc<Queue>)>,
+    consumers: Map<String, (Arc<Consumer>, Arc<Queue>)>,
     unacked: VecDeque<(u64, Unacked)>,
     next_tag: u64,
     prefetch: u32,
@@ -171,7 +171,7 @@ impl Channel {
             id,
             closing: false,
             pending: None,
-            consumers: HashMap::new(),
+            consumers: Map::default(),
             unacked: VecDeque::new(),
             next_tag: 0,
             prefetch: 0,
@@ -219,7 +219,7 @@ impl Channel {
                 if class_id != 60 {
                     return Err(unexpected("content header for a class other than basic"));
                 }
-                p.header = Some((*properties, raw_properties, body_size));
+                p.header = Some((properties, raw_properties, body_size));
                 if body_size == 0 {
                     self.complete_publish(ctx)?;
                 }
@@ -265,63 +265,65 @@ impl Channel {
         let (properties, raw, _) = p.header.expect("header before completion");
         let body = p.single.unwrap_or_else(|| p.body.freeze());
         let publish = p.publish;
+        let mandatory = publish.mandatory;
+        // The decoded strings move into the message: no copies.
         let message = Message::new(
-            publish.exchange.as_str(),
-            publish.routing_key.as_str(),
+            String::from(publish.exchange),
+            String::from(publish.routing_key),
             properties,
             body,
         )
         .with_encoded_properties(raw);
         if let Some((publishes, _)) = self.tx.as_mut() {
-            publishes.push(TxPublish {
-                exchange: publish.exchange.to_string(),
-                mandatory: publish.mandatory,
-                message,
-            });
+            publishes.push(TxPublish { mandatory, message });
             return Ok(());
         }
-        self.publish(ctx, publish.exchange.as_str(), publish.mandatory, message)
+        self.publish(ctx, mandatory, message)
     }
 
+    /// Publish `message` to the exchange it names.
     fn publish(
         &mut self,
         ctx: &mut Ctx<'_>,
-        exchange: &str,
         mandatory: bool,
         message: Message,
     ) -> Result<(), AmqpError> {
-        let routing_key = message.routing_key.clone();
-        let publish_method = || {
+        // Errors name the method as the client sent it.
+        let publish_method = |m: &Message| {
             AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: exchange.into(),
-                routing_key: routing_key.as_str().into(),
+                exchange: m.exchange.as_str().into(),
+                routing_key: m.routing_key.as_str().into(),
                 mandatory,
                 immediate: false,
             }))
         };
+        let exchange = message.exchange.as_str();
         if !ctx.grant.permissions.is_full() && self.writable.as_deref() != Some(exchange) {
             ctx.grant
                 .check(Access::Write, "exchange", exchange)
-                .map_err(|e| e.on(&publish_method()))?;
+                .map_err(|e| e.on(&publish_method(&message)))?;
             self.writable = Some(exchange.to_owned());
         }
-        if !exchange.is_empty() {
+        // Looked up once, here, and handed to the broker.
+        let x = if exchange.is_empty() {
+            None
+        } else {
             let x = ctx
                 .vhost
                 .exchange(exchange)
-                .map_err(|e| AmqpError::from(e).on(&publish_method()))?;
+                .map_err(|e| AmqpError::from(e).on(&publish_method(&message)))?;
             if x.internal {
                 return Err(AmqpError::new(
                     403,
                     format!("ACCESS_REFUSED - cannot publish to internal exchange '{exchange}'"),
                 )
-                .on(&publish_method()));
+                .on(&publish_method(&message)));
             }
-        }
+            Some(x)
+        };
         if let Err(e) = crate::broker::message_ttl(&message) {
-            return Err(
-                AmqpError::new(406, format!("PRECONDITION_FAILED - {e}")).on(&publish_method())
-            );
+            return Err(AmqpError::new(406, format!("PRECONDITION_FAILED - {e}"))
+                .on(&publish_method(&message)));
         }
         let returned = mandatory.then(|| {
             (
@@ -330,10 +332,8 @@ impl Channel {
                 message.body.clone(),
             )
         });
-        let outcome = ctx
-            .broker
-            .publish(ctx.vhost, exchange, message)
-            .map_err(|e| AmqpError::from(e).on(&publish_method()))?;
+        let outcome = ctx.broker.publish_via(ctx.vhost, x.as_ref(), message);
+        let exchange = x.as_ref().map_or("", |x| x.name.as_str());
         let nothing = outcome.delivered == 0 && outcome.dead_lettered == 0 && !outcome.dropped;
         for q in &outcome.congested {
             if !ctx.congested.iter().any(|c| Arc::ptr_eq(c, q)) {
@@ -376,19 +376,7 @@ impl Channel {
     }
 
     fn send_confirm(&self, out: &mut Vec<u8>, tag: u64, multiple: bool, ack: bool) {
-        let method = if ack {
-            basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: tag,
-                multiple,
-            })
-        } else {
-            basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: tag,
-                multiple,
-                requeue: false,
-            })
-        };
-        encode_method(out, self.id, AMQPClass::Basic(method));
+        encode_confirm(out, self.id, tag, multiple, ack);
     }
 
     /// Send the confirms the store has synced far enough for: runs of acks
@@ -884,7 +872,7 @@ impl Channel {
                 };
                 self.tx_ticket = 0;
                 for p in publishes {
-                    self.publish(ctx, &p.exchange, p.mandatory, p.message)?;
+                    self.publish(ctx, p.mandatory, p.message)?;
                 }
                 for a in acks {
                     match a {
@@ -1087,15 +1075,14 @@ impl Channel {
         }
         self.next_tag += 1;
         let tag = self.next_tag;
-        self.send(
-            ctx,
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag: consumer.tag.as_str().into(),
-                delivery_tag: tag,
-                redelivered: entry.redelivered,
-                exchange: m.exchange.as_str().into(),
-                routing_key: m.routing_key.as_str().into(),
-            })),
+        encode_deliver(
+            ctx.out,
+            self.id,
+            &consumer.tag,
+            tag,
+            entry.redelivered,
+            &m.exchange,
+            &m.routing_key,
         );
         encode_content(
             ctx.out,

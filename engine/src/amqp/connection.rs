@@ -12,7 +12,6 @@
 //! socket is left unread (TCP then slows the client) while deliveries and
 //! confirms still go out.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +30,9 @@ use super::access::Grant;
 use super::channel::{AmqpError, Channel, Ctx};
 use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
 use crate::Broker;
-use crate::broker::{ChannelCredit, ConnectionInfo, Consumer, Dispatch, Queue, Registered, VHost};
+use crate::broker::{
+    ChannelCredit, ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, VHost,
+};
 
 /// Smallest frame_max a client may ask for (spec: frame-min-size).
 const FRAME_MIN: u32 = 4096;
@@ -104,7 +105,7 @@ pub(crate) async fn run(
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
-        channels: HashMap::new(),
+        channels: Map::default(),
         dispatch_tx,
         exclusive_queues: Vec::new(),
         congested: Vec::new(),
@@ -433,7 +434,7 @@ struct Connection {
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
-    channels: HashMap<u16, Channel>,
+    channels: Map<u16, Channel>,
     dispatch_tx: mpsc::UnboundedSender<Dispatch>,
     exclusive_queues: Vec<String>,
     /// Queues this connection's publishes overfilled: while any is listed,
@@ -733,7 +734,7 @@ impl Connection {
         );
     }
 
-    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<u16, Channel>) {
+    fn ctx(&mut self) -> (Ctx<'_>, &mut Map<u16, Channel>) {
         (
             Ctx {
                 broker: &self.broker,

@@ -13,7 +13,6 @@
 //! 2. apply the binding to every live router instance;
 //! 3. replace the memo (so no decision computed before step 2 is reused).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,6 +20,7 @@ use amq_protocol::types::FieldTable;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
+use super::Map;
 use crate::message::Message;
 use crate::plugin::{
     BindingSource, BindingVisitor, FilterPlugin, PluginFault, RouterPlugin, TransformPlugin,
@@ -73,7 +73,7 @@ pub struct Binding {
 /// An immutable snapshot of an exchange's bindings.
 #[derive(Debug, Default)]
 pub struct BindingTable {
-    pub(crate) by_id: HashMap<u32, Arc<Binding>>,
+    pub(crate) by_id: Map<u32, Arc<Binding>>,
     /// The next id to assign; ids are never reused.
     pub(crate) next_id: u32,
 }
@@ -129,7 +129,7 @@ impl BindingTable {
 /// change, so a stale decision can only land in a memo nobody reads.
 #[derive(Default)]
 pub(crate) struct Memo {
-    map: RwLock<HashMap<Box<str>, Arc<[u32]>>>,
+    map: RwLock<Map<Box<str>, Arc<[u32]>>>,
 }
 
 /// Routing keys remembered per generation; past this, new keys are routed

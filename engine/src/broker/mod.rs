@@ -11,6 +11,13 @@ mod ready;
 mod route;
 
 use std::collections::HashMap;
+
+/// The hash map of the message path: exchange and queue names, consumer
+/// tags, memoized routing keys. foldhash instead of the default SipHash:
+/// these look-ups run several times per message, the keys are short, and
+/// the per-process random seed still keeps hostile names from colliding
+/// on purpose.
+pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -117,8 +124,8 @@ pub struct ExchangeSpec {
 pub struct VHost {
     /// Name.
     pub name: String,
-    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
-    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    exchanges: RwLock<Map<String, Arc<Exchange>>>,
+    queues: RwLock<Map<String, Arc<Queue>>>,
 }
 
 impl std::fmt::Debug for VHost {
@@ -174,7 +181,7 @@ pub struct Broker {
     host: Arc<PluginHost>,
     registry: PluginRegistry,
     plugin_dir: PathBuf,
-    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    vhosts: RwLock<Map<String, Arc<VHost>>>,
     /// Held for writing while a plugin version is swapped in, for reading
     /// while an exchange or filtered binding picks its version: so nothing
     /// declared during a swap is left on the old version.
@@ -359,7 +366,7 @@ impl Broker {
             host,
             registry: PluginRegistry::default(),
             plugin_dir,
-            vhosts: RwLock::new(HashMap::new()),
+            vhosts: RwLock::new(Map::default()),
             swap: RwLock::new(()),
             swapping: Mutex::new(()),
             queue_flow_bytes: DEFAULT_QUEUE_FLOW_BYTES.into(),
@@ -430,8 +437,8 @@ impl Broker {
         }
         let vhost = Arc::new(VHost {
             name: name.to_owned(),
-            exchanges: RwLock::new(HashMap::new()),
-            queues: RwLock::new(HashMap::new()),
+            exchanges: RwLock::new(Map::default()),
+            queues: RwLock::new(Map::default()),
         });
         for (xname, kind) in PREDECLARED {
             let spec = ExchangeSpec {

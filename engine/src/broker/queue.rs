@@ -600,8 +600,8 @@ impl Queue {
 
     /// Move expired messages off the head (RabbitMQ expires at the head only).
     fn expire_head(&self, st: &mut State, dead: &mut Dead) {
-        let now = Instant::now();
-        while let Some(e) = st.messages.pop_expired(now) {
+        let mut now = None;
+        while let Some(e) = st.messages.pop_expired(&mut now) {
             self.release(st, &e);
             dead.push((e, DeathReason::Expired));
         }

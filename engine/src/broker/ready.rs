@@ -37,8 +37,11 @@ impl Default for Ready {
     }
 }
 
-fn is_expired(e: &Entry, now: Instant) -> bool {
-    e.expires_at.is_some_and(|t| t <= now)
+/// Whether `e` expired; the clock is read only for an entry that can
+/// expire, and at most once per `now`.
+fn is_expired(e: &Entry, now: &mut Option<Instant>) -> bool {
+    e.expires_at
+        .is_some_and(|t| t <= *now.get_or_insert_with(Instant::now))
 }
 
 impl Ready {
@@ -95,7 +98,9 @@ impl Ready {
 
     /// Take the head of some level that expired by `now` (RabbitMQ expires
     /// messages at the head only; each priority level has its own head).
-    pub fn pop_expired(&mut self, now: Instant) -> Option<Entry> {
+    /// `now` is read from the clock on first need (most queues hold no
+    /// message that can expire, and this runs on every dispatch).
+    pub fn pop_expired(&mut self, now: &mut Option<Instant>) -> Option<Entry> {
         match self {
             Ready::Fifo(q) => {
                 if q.front().is_some_and(|e| is_expired(e, now)) {
@@ -110,7 +115,7 @@ impl Ready {
                 }
                 let level = levels
                     .iter_mut()
-                    .find(|l| l.front().is_some_and(|e| is_expired(e, now)))?;
+                    .find(|l| l.front().is_some_and(|e| is_expired(e, &mut *now)))?;
                 *len -= 1;
                 level.pop_front()
             }
@@ -212,9 +217,9 @@ mod tests {
         r.push_back(old);
         r.push_back(entry("hi", 1));
         r.push_back(entry("lo", 0));
-        let e = r.pop_expired(now).unwrap();
+        let e = r.pop_expired(&mut Some(now)).unwrap();
         assert_eq!(&e.resident().unwrap().body[..], b"old-lo");
-        assert!(r.pop_expired(now).is_none());
+        assert!(r.pop_expired(&mut Some(now)).is_none());
         let all = r.take();
         assert_eq!(all.len(), 2);
         assert_eq!(&all[0].resident().unwrap().body[..], b"hi");

@@ -118,17 +118,33 @@ impl Broker {
         exchange: &str,
         message: Message,
     ) -> Result<PublishOutcome, BrokerError> {
+        let x = if exchange.is_empty() {
+            None
+        } else {
+            Some(vhost.exchange(exchange)?)
+        };
+        Ok(self.publish_via(vhost, x.as_ref(), message))
+    }
+
+    /// [`Broker::publish`] to an exchange the caller has looked up already
+    /// (`None`: the default exchange).
+    pub fn publish_via(
+        &self,
+        vhost: &VHost,
+        exchange: Option<&Arc<Exchange>>,
+        message: Message,
+    ) -> PublishOutcome {
         let message = Arc::new(message);
         let mut ctx = Ctx::default();
-        if exchange.is_empty() {
+        match exchange {
             // The default exchange binds every queue by name; it is not a
             // plugin because its behaviour is fixed by the spec.
-            if let Ok(q) = vhost.queue(&message.routing_key) {
-                ctx.deliver(q, &message);
+            None => {
+                if let Ok(q) = vhost.queue(&message.routing_key) {
+                    ctx.deliver(q, &message);
+                }
             }
-        } else {
-            let x = vhost.exchange(exchange)?;
-            self.route_into(vhost, &x, message, &mut ctx);
+            Some(x) => self.route_into(vhost, x, message, &mut ctx),
         }
         ctx.outcome.delivered = ctx.deliveries.len();
         for (q, m) in ctx.deliveries {
@@ -142,7 +158,7 @@ impl Broker {
                 ctx.outcome.congested.push(q);
             }
         }
-        Ok(ctx.outcome)
+        ctx.outcome
     }
 
     fn route_into(&self, vhost: &VHost, x: &Arc<Exchange>, message: Arc<Message>, ctx: &mut Ctx) {
