@@ -8,10 +8,15 @@
 //!   path runs it; topic declares itself deterministic, so repeated routing
 //!   keys are answered from the per-generation memo.
 //! * `hot_swap/install_57k`: validate + compile + swap a 57 KB plugin into a
-//!   live exchange with 1,000 bindings (no compile cache).
+//!   live exchange with 1,000 bindings, every function compiled (the
+//!   function cache is cleared first).
+//! * `hot_swap/install_57k_same_code`: the same, but the new version's
+//!   code is the serving one's (only a custom section differs), so the
+//!   function cache supplies it: the floor of a swap that changed little.
 //! * `hot_swap/file_to_serving`: write a plugin file into the watched folder
 //!   and wait until the new version serves (watcher, debounce, compile,
-//!   validate, swap).
+//!   validate, swap); every function compiled.
+//! * `hot_swap/file_to_serving_same_code`: the same with the function cache.
 //! * `publish/topic_1000`: the broker's whole publish path for one message
 //!   (no network): route through the memo, look up bindings, enqueue.
 
@@ -218,37 +223,50 @@ fn hot_swap(c: &mut Criterion) {
     other.extend_from_slice(b"\0\x04\x03pad"); // a custom section: same code, new hash
     let versions = [builtin("topic").to_vec(), other];
     let mut i = 0;
-    group.bench_function("install_57k", |b| {
-        b.iter(|| {
-            i += 1;
-            broker.install_plugin("router", &versions[i % 2]).unwrap();
-        })
-    });
+    for (id, cold) in [("install_57k", true), ("install_57k_same_code", false)] {
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                i += 1;
+                if cold {
+                    broker.host().clear_function_cache();
+                }
+                broker.install_plugin("router", &versions[i % 2]).unwrap();
+            })
+        });
+    }
     drop(broker);
 
     let dir = tempfile::tempdir().unwrap();
     let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), Some(dir.path()));
     let _watcher = broker.watch_plugins().unwrap();
     let path = dir.path().join("router.wasm");
-    group.bench_function("file_to_serving", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                i += 1;
-                let bytes = &versions[i % 2];
-                let want = wasmq::plugin::content_hash(bytes);
-                let tmp = dir.path().join("router.wasm.tmp");
-                std::fs::write(&tmp, bytes).unwrap();
-                let started = Instant::now();
-                std::fs::rename(&tmp, &path).unwrap();
-                while broker.plugins().get("router").unwrap().hash != want {
-                    std::thread::sleep(Duration::from_micros(200));
+    for (id, cold) in [
+        ("file_to_serving", true),
+        ("file_to_serving_same_code", false),
+    ] {
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    i += 1;
+                    if cold {
+                        broker.host().clear_function_cache();
+                    }
+                    let bytes = &versions[i % 2];
+                    let want = wasmq::plugin::content_hash(bytes);
+                    let tmp = dir.path().join("router.wasm.tmp");
+                    std::fs::write(&tmp, bytes).unwrap();
+                    let started = Instant::now();
+                    std::fs::rename(&tmp, &path).unwrap();
+                    while broker.plugins().get("router").unwrap().hash != want {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    total += started.elapsed();
                 }
-                total += started.elapsed();
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     group.finish();
 }
 

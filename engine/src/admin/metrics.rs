@@ -286,6 +286,27 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             &v.latency.snapshot(),
         );
     }
+    let functions = s.broker.host().function_cache_stats();
+    e.family(
+        "wasmq_plugin_functions_compiled_total",
+        "counter",
+        "Functions Cranelift compiled for plugin versions.",
+    );
+    e.sample(
+        "wasmq_plugin_functions_compiled_total",
+        &[],
+        functions.misses as f64,
+    );
+    e.family(
+        "wasmq_plugin_functions_reused_total",
+        "counter",
+        "Functions of plugin versions whose machine code came from an earlier compile.",
+    );
+    e.sample(
+        "wasmq_plugin_functions_reused_total",
+        &[],
+        functions.hits as f64,
+    );
 
     if let Some(store) = s.broker.store() {
         let st = store.stats();

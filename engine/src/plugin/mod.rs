@@ -32,6 +32,7 @@
 //!   module importing anything else is refused at load.
 
 mod circuit;
+mod function_cache;
 mod host;
 mod instance;
 mod registry;
@@ -40,6 +41,7 @@ mod watcher;
 
 use std::time::Duration;
 
+pub use function_cache::FunctionCacheStats;
 pub use host::{PluginHost, PluginVersion, Roles, binding_input, content_hash, plugin_name};
 pub use registry::{PluginRegistry, PluginState, PluginStatus};
 pub use roles::{
