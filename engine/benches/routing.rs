@@ -218,7 +218,9 @@ fn hot_swap(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
     let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), None);
-    // Two different builds that both route topics, so every install compiles.
+    // Two files with the same code and different hashes, so every install
+    // goes through the compiler: from nothing when the function cache is
+    // cleared first, reusing every function it can otherwise.
     let mut other = builtin("topic").to_vec();
     other.extend_from_slice(b"\0\x04\x03pad"); // a custom section: same code, new hash
     let versions = [builtin("topic").to_vec(), other];

@@ -320,7 +320,6 @@ pub fn reply_code(err: &lapin::Error) -> Option<u16> {
     }
 }
 
-/// Declare a plain queue over AMQP.
 /// Take every message left in `queue` with `basic.get` (no-ack): bodies
 /// as text and redelivered flags, in delivery order.
 pub async fn get_all(ch: &lapin::Channel, queue: &str) -> Vec<(String, bool)> {
@@ -341,6 +340,7 @@ pub async fn get_all(ch: &lapin::Channel, queue: &str) -> Vec<(String, bool)> {
     out
 }
 
+/// Declare a plain queue over AMQP.
 pub async fn declare_queue(ch: &lapin::Channel, name: &str) {
     ch.queue_declare(name.into(), Default::default(), Default::default())
         .await

@@ -146,30 +146,29 @@ async fn a_restricted_user_works_inside_its_patterns_and_is_refused_outside() {
         .unwrap_err();
     refused(&err, "read access to exchange 'billing'");
     // write on a dead-letter exchange named by a queue it declares.
-    let ch = app.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
+    let mut dead_letter_to_billing = FieldTable::default();
+    dead_letter_to_billing.insert(
         ShortString::from("x-dead-letter-exchange"),
         AMQPValue::LongString(LongString::from("billing")),
     );
+    let ch = app.create_channel().await.unwrap();
     let err = ch
-        .queue_declare("app.dl".into(), QueueDeclareOptions::default(), args)
+        .queue_declare(
+            "app.dl".into(),
+            QueueDeclareOptions::default(),
+            dead_letter_to_billing.clone(),
+        )
         .await
         .unwrap_err();
     refused(&err, "write access to exchange 'billing'");
     // ...and by an exchange it declares (where its faulted messages go).
     let ch = app.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString(LongString::from("billing")),
-    );
     let err = ch
         .exchange_declare(
             "app.faulty".into(),
             ExchangeKind::Fanout,
             ExchangeDeclareOptions::default(),
-            args,
+            dead_letter_to_billing,
         )
         .await
         .unwrap_err();

@@ -11,13 +11,6 @@ mod ready;
 mod route;
 
 use std::collections::HashMap;
-
-/// The hash map of the message path: exchange and queue names, consumer
-/// tags, memoized routing keys. foldhash instead of the default SipHash:
-/// these look-ups run several times per message, the keys are short, and
-/// the per-process random seed still keeps hostile names from colliding
-/// on purpose.
-pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,6 +31,13 @@ use crate::plugin::{
     FilterPlugin, PluginError, PluginHost, PluginRegistry, RouterPlugin, TransformPlugin,
     binding_input,
 };
+
+/// The hash map of the message path: exchange and queue names, consumer
+/// tags, memoized routing keys. foldhash instead of the default SipHash:
+/// these look-ups run several times per message, the keys are short, and
+/// the per-process random seed still keeps hostile names from colliding
+/// on purpose.
+pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Exchange argument naming a transform plugin.
 pub const ARG_TRANSFORM: &str = "x-wasmq-transform";

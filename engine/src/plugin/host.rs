@@ -18,9 +18,9 @@ use super::{LoadError, PluginFault, PluginLimits};
 
 /// The epoch ticker's period: deadlines are measured in these.
 const TICK: Duration = Duration::from_millis(1);
-/// Bytes of compiled functions kept for reuse. The four built-ins and a
-/// 94 KB example plugin (~600 functions) take 1 MB, so this holds the code
-/// of dozens of versions.
+/// Bytes of compiled functions kept for reuse. The four built-ins and the
+/// 123 KB consistent-hash example (~600 functions together) take 1 MB, so
+/// this holds the code of dozens of versions.
 const FUNCTION_CACHE_BYTES: usize = 32 << 20;
 
 /// The clock behind call deadlines, which sleeps while no plugin runs.
