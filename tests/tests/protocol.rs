@@ -68,7 +68,22 @@ impl Raw {
         password: &str,
         vhost: &str,
     ) -> Raw {
-        let mut r = Raw::connect(t).await;
+        let stream = TcpStream::connect(t.addr()).await.unwrap();
+        Raw::open_on(stream, heartbeat, frame_max, password, vhost).await
+    }
+
+    /// [`Raw::open`] on a socket the caller set up.
+    async fn open_on(
+        stream: TcpStream,
+        heartbeat: u16,
+        frame_max: u32,
+        password: &str,
+        vhost: &str,
+    ) -> Raw {
+        let mut r = Raw {
+            stream,
+            buf: BytesMut::new(),
+        };
         r.stream.write_all(PROTOCOL_HEADER).await.unwrap();
         let Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(start)))) =
             r.frame().await
@@ -392,4 +407,97 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
             AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
         ))
     ));
+}
+
+/// A client that consumes from a queue it publishes to, and does not read
+/// while it writes (a single-threaded client blocked in its own send), is
+/// still read by the broker while the broker's deliveries wait for it:
+/// otherwise both would wait on each other once the sockets' buffers fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_without_reading_is_still_read() {
+    const MESSAGES: usize = 128;
+    const SIZE: usize = 512 * 1024;
+    let t = TestServer::start_with(|c| c.amqp.queue_flow_bytes = 1 << 30).await;
+    // Small client buffers: the kernel may not absorb what the broker does not read.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(t.addr()).await.unwrap();
+    let mut r = Raw::open_on(stream, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "loop".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+        ))
+    ));
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "loop".into(),
+            consumer_tag: "c".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+        ))
+    ));
+
+    let body = vec![7u8; SIZE];
+    let mut out = Vec::new();
+    for _ in 0..MESSAGES {
+        encode_method(
+            &mut out,
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "".into(),
+                routing_key: "loop".into(),
+                mandatory: false,
+                immediate: false,
+            })),
+        );
+        wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &body, 131_072);
+    }
+    tokio::time::timeout(Duration::from_secs(30), r.stream.write_all(&out))
+        .await
+        .expect("the broker kept reading while its deliveries waited for us")
+        .unwrap();
+
+    let (mut delivered, mut bytes) = (0, 0);
+    while delivered < MESSAGES || bytes < MESSAGES * SIZE {
+        match r.frame().await {
+            Some(Frame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(_)))) => {
+                delivered += 1
+            }
+            Some(Frame::Body(1, b)) => bytes += b.len(),
+            Some(Frame::Header { .. }) => {}
+            other => panic!("expected deliveries, got {other:?}"),
+        }
+    }
+    assert_eq!((delivered, bytes), (MESSAGES, MESSAGES * SIZE));
+    still_serving(&t).await;
 }

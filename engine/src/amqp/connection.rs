@@ -4,14 +4,23 @@
 //! needs no locks. Each wake-up handles every complete frame one read
 //! brought (a publisher's batch of messages is one read, not one task
 //! hand-off per frame), takes the deliveries queues have sent it, and
-//! writes everything in one batch. After a batch is written, the consumers
-//! whose deliveries were in it get their window credit back.
+//! writes everything in one batch. Once a delivery's bytes are on the
+//! socket, its consumer gets its window credit back.
+//!
+//! Writing never stops reading. A client that is not reading its socket
+//! (say, a single-threaded one blocked sending its own publishes) leaves
+//! output pending; the connection keeps reading and handling its frames
+//! meanwhile, or both sides could wait on each other forever. Pending output
+//! is bounded all the same: no new deliveries are taken while a batch's
+//! worth waits (they stay in their queues, which the consumer window
+//! bounds), and reading pauses while `OUT_CAP` of replies wait.
 //!
 //! Flow control is by not reading: while a queue this connection published
 //! into is over its watermark, or a resource alarm blocks publishers, the
 //! socket is left unread (TCP then slows the client) while deliveries and
 //! confirms still go out.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +47,14 @@ use crate::broker::{
 const FRAME_MIN: u32 = 4096;
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes buffered before a write, at most.
+/// Bytes buffered before a write, at most; and no deliveries are taken
+/// while this much output waits for a client that is not reading.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Output waiting for the client above which its frames are not read (their
+/// replies would grow it further).
+const OUT_CAP: usize = 4 * WRITE_BATCH;
+/// Time the last output of a closing connection has to reach its client.
+const LAST_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read-buffer space made before a read when less than `READ_MIN` is left.
 /// Bodies are slices of the buffer, so a buffer lives as long as the last
 /// message read into it: kept small enough that a straggler pins little.
@@ -100,7 +115,9 @@ pub(crate) async fn run(
         unread: true,
         writer,
         out: Vec::with_capacity(64 * 1024),
-        written: Vec::new(),
+        sent: 0,
+        out_start: 0,
+        written: VecDeque::new(),
         frame_max,
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
@@ -427,9 +444,14 @@ struct Connection {
     /// the handshake read ahead): handle them before reading more.
     unread: bool,
     writer: OwnedWriteHalf,
+    /// Output for the client; its first `sent` bytes are written already.
     out: Vec<u8>,
-    /// Consumers with deliveries in `out`: window credit returns after the write.
-    written: Vec<(Arc<Consumer>, Arc<Queue>)>,
+    sent: usize,
+    /// Position of `out[0]` in the connection's output stream.
+    out_start: u64,
+    /// Consumers with deliveries in `out`, with the stream position where
+    /// each delivery ends: window credit returns once that is written.
+    written: VecDeque<(u64, Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -483,7 +505,8 @@ impl Connection {
         let mut closed = std::pin::pin!(closed_by_operator.cancelled());
         loop {
             let blocked = self.congested.first().cloned();
-            let readable = blocked.is_none() && !self.alarm_blocked;
+            let pending = self.pending();
+            let readable = blocked.is_none() && !self.alarm_blocked && pending < OUT_CAP;
             let waiting = self.awaiting_sync && synced.is_some();
             let step = if readable && self.unread {
                 self.frames()
@@ -496,6 +519,14 @@ impl Connection {
                     () = &mut closed => {
                         self.forced_close("closed via the admin API").await
                     }
+                    r = self.writer.write(&self.out[self.sent..]), if pending > 0 => match r {
+                        Ok(0) => return "write failed: client socket closed".into(),
+                        Ok(n) => {
+                            self.wrote(n);
+                            Step::Continue
+                        }
+                        Err(e) => return format!("write failed: {e}"),
+                    },
                     () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
                         self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
                         if let Some(q) = &blocked {
@@ -516,7 +547,7 @@ impl Connection {
                             self.frames()
                         }
                     },
-                    d = dispatch.recv() => {
+                    d = dispatch.recv(), if pending < WRITE_BATCH => {
                         if let Some(d) = d { self.dispatch(d); }
                         Step::Continue
                     }
@@ -541,21 +572,22 @@ impl Connection {
             }
             // Batch: take whatever else is ready before writing.
             if matches!(step, Step::Continue) {
-                while self.out.len() < WRITE_BATCH {
+                while self.pending() < WRITE_BATCH {
                     match dispatch.try_recv() {
                         Ok(d) => self.dispatch(d),
                         Err(_) => break,
                     }
                 }
             }
-            if let Err(e) = self.flush().await {
-                return format!("write failed: {e}");
-            }
             if let Step::Stop(reason) = step {
                 if reason != CLIENT_GONE {
+                    let _ = self.flush().await;
                     self.await_close_ok().await;
                 }
                 return reason;
+            }
+            if let Err(e) = self.write_ready() {
+                return format!("write failed: {e}");
             }
         }
     }
@@ -564,13 +596,18 @@ impl Connection {
     /// connection, reading has to pause (flow control), or enough output
     /// is waiting that it should be written first.
     fn frames(&mut self) -> Step {
+        let start = self.out.len();
         loop {
             if self.published && self.alarm_unchecked {
                 // It just started publishing: an alarm raised earlier
                 // blocks it from here on, mid-batch.
                 self.signal_alarm();
             }
-            if !self.congested.is_empty() || self.alarm_blocked || self.out.len() >= WRITE_BATCH {
+            if !self.congested.is_empty()
+                || self.alarm_blocked
+                || self.out.len() - start >= WRITE_BATCH
+                || self.pending() >= OUT_CAP
+            {
                 self.unread = true;
                 return Step::Continue;
             }
@@ -595,19 +632,61 @@ impl Connection {
         }
     }
 
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
+    /// Output not written yet.
+    fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Write as much output as the socket takes now, without waiting.
+    fn write_ready(&mut self) -> std::io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.writer.try_write(&self.out[self.sent..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wrote(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
         }
-        self.writer.write_all(&self.out).await?;
-        self.out.clear();
+        Ok(())
+    }
+
+    /// `n` more bytes of output reached the socket: return the window
+    /// credit of the deliveries they completed, and drop what is written.
+    fn wrote(&mut self, n: usize) {
+        self.sent += n;
         self.last_write = Instant::now();
-        for (consumer, queue) in self.written.drain(..) {
+        let done = self.out_start + self.sent as u64;
+        while self.written.front().is_some_and(|(end, ..)| *end <= done) {
+            let (_, consumer, queue) = self.written.pop_front().expect("checked");
             if consumer.written() {
                 queue.dispatch();
             }
         }
-        Ok(())
+        if self.sent == self.out.len() {
+            self.out.clear();
+        } else if self.sent >= WRITE_BATCH {
+            // A slow reader: move the rest to the front now and then.
+            self.out.drain(..self.sent);
+        } else {
+            return;
+        }
+        self.out_start += self.sent as u64;
+        self.sent = 0;
+    }
+
+    /// Write all pending output (closing: it may wait, though not forever).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        tokio::time::timeout(LAST_WRITE_TIMEOUT, async {
+            while self.sent < self.out.len() {
+                match self.writer.write(&self.out[self.sent..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => self.wrote(n),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     }
 
     fn release_confirms(&mut self, synced: crate::store::Synced) {
@@ -703,7 +782,7 @@ impl Connection {
             return Step::Continue;
         }
         let hb = Duration::from_secs(u64::from(self.heartbeat));
-        if !self.congested.is_empty() || self.alarm_blocked {
+        if !self.congested.is_empty() || self.alarm_blocked || self.pending() >= OUT_CAP {
             // We are not reading: the client's heartbeats wait in the socket.
             self.last_read = Instant::now();
         }
@@ -713,7 +792,7 @@ impl Connection {
                 self.heartbeat
             ));
         }
-        if self.last_write.elapsed() >= hb / 2 && self.out.is_empty() {
+        if self.last_write.elapsed() >= hb / 2 && self.pending() == 0 {
             encode_heartbeat(&mut self.out);
         }
         Step::Continue
@@ -908,7 +987,8 @@ impl Connection {
             } => match channels.get_mut(&consumer.channel) {
                 Some(ch) => {
                     if ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
-                        self.written.push((consumer, queue));
+                        let end = self.out_start + self.out.len() as u64;
+                        self.written.push_back((end, consumer, queue));
                     } else if consumer.written() {
                         queue.dispatch();
                     }
