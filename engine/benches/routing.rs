@@ -17,6 +17,12 @@
 //!   and wait until the new version serves (watcher, debounce, compile,
 //!   validate, swap); every function compiled.
 //! * `hot_swap/file_to_serving_same_code`: the same with the function cache.
+//! * `hot_swap/install_57k_tiered`, `hot_swap/file_to_serving_tiered`: the
+//!   same as the first and third, on a tiered host (the default): the new
+//!   version serves on the baseline compiler's code; Cranelift's follows in
+//!   the background (waited for, untimed, between samples).
+//! * `topic_1000/wasm_baseline`: `topic_1000/wasm` on the baseline code a
+//!   version runs until its optimized code is ready.
 //! * `publish/topic_1000`: the broker's whole publish path for one message
 //!   (no network): route through the memo, look up bindings, enqueue.
 
@@ -27,7 +33,7 @@ use amq_protocol::types::FieldTable;
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasmq::broker::VHost;
 use wasmq::plugin::{
-    BindingSource, BindingVisitor, PluginFault, PluginHost, PluginLimits, RouterPlugin,
+    BindingSource, BindingVisitor, Compiler, PluginFault, PluginHost, PluginLimits, RouterPlugin,
     binding_input,
 };
 use wasmq::{Broker, Destination, ExchangeSpec, Message};
@@ -109,7 +115,7 @@ fn topic_1000(c: &mut Criterion) {
         })
     });
 
-    let host = PluginHost::new(PluginLimits::default(), None).unwrap();
+    let host = PluginHost::new(PluginLimits::default(), None, Compiler::Optimizing).unwrap();
     let version = host.load("topic", builtin("topic"), true).unwrap();
     let table = Table(
         (0..BINDINGS)
@@ -134,6 +140,24 @@ fn topic_1000(c: &mut Criterion) {
             n = (n + 1) % messages.len();
             ids.clear();
             router.route(&messages[n], &table, &mut ids).unwrap();
+            std::hint::black_box(&ids);
+        })
+    });
+
+    // The same on the baseline compiler's code, which a new version runs
+    // until Cranelift's is ready.
+    let tiered = PluginHost::new(PluginLimits::default(), None, Compiler::Tiered).unwrap();
+    let baseline = tiered.load("topic", builtin("topic"), true).unwrap();
+    assert!(
+        !baseline.optimized(),
+        "a baseline compiler on this platform"
+    );
+    let baseline = RouterPlugin::new(&tiered, &baseline, "bench", &[], &table).unwrap();
+    group.bench_function("wasm_baseline", |b| {
+        b.iter(|| {
+            n = (n + 1) % messages.len();
+            ids.clear();
+            baseline.route(&messages[n], &table, &mut ids).unwrap();
             std::hint::black_box(&ids);
         })
     });
@@ -164,7 +188,8 @@ fn topic_1000(c: &mut Criterion) {
         })
     });
 
-    let (broker, vhost) = broker_with_topic_exchange(PluginLimits::default(), None);
+    let (broker, vhost) =
+        broker_with_topic_exchange(PluginLimits::default(), None, Compiler::Optimizing);
     let x = vhost.exchange("bench").unwrap();
     group.bench_function("wasm_memoized", |b| {
         b.iter(|| {
@@ -181,8 +206,9 @@ fn topic_1000(c: &mut Criterion) {
 fn broker_with_topic_exchange(
     limits: PluginLimits,
     dir: Option<&std::path::Path>,
+    compiler: Compiler,
 ) -> (Arc<Broker>, Arc<VHost>) {
-    let host = PluginHost::new(limits, None).unwrap();
+    let host = PluginHost::new(limits, None, compiler).unwrap();
     let dir = dir
         .map(|d| d.to_path_buf())
         .unwrap_or_else(std::env::temp_dir);
@@ -217,7 +243,6 @@ fn hot_swap(c: &mut Criterion) {
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
-    let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), None);
     // Two files with the same code and different hashes, so every install
     // goes through the compiler: from nothing when the function cache is
     // cleared first, reusing every function it can otherwise.
@@ -225,49 +250,80 @@ fn hot_swap(c: &mut Criterion) {
     other.extend_from_slice(b"\0\x04\x03pad"); // a custom section: same code, new hash
     let versions = [builtin("topic").to_vec(), other];
     let mut i = 0;
-    for (id, cold) in [("install_57k", true), ("install_57k_same_code", false)] {
-        group.bench_function(id, |b| {
-            b.iter(|| {
-                i += 1;
-                if cold {
-                    broker.host().clear_function_cache();
-                }
-                broker.install_plugin("router", &versions[i % 2]).unwrap();
-            })
-        });
-    }
-    drop(broker);
+    // Until the swapped-in version runs optimized code (untimed: a tiered
+    // host compiles it in the background, which the next sample must not
+    // share the cores with).
+    let settle = |broker: &Broker| {
+        while !broker.plugins().get("router").unwrap().optimized() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
 
-    let dir = tempfile::tempdir().unwrap();
-    let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), Some(dir.path()));
-    let _watcher = broker.watch_plugins().unwrap();
-    let path = dir.path().join("router.wasm");
-    for (id, cold) in [
-        ("file_to_serving", true),
-        ("file_to_serving_same_code", false),
-    ] {
-        group.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    i += 1;
-                    if cold {
-                        broker.host().clear_function_cache();
+    for compiler in [Compiler::Optimizing, Compiler::Tiered] {
+        let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), None, compiler);
+        settle(&broker);
+        let runs: &[(&str, bool)] = match compiler {
+            Compiler::Optimizing => &[("install_57k", true), ("install_57k_same_code", false)],
+            Compiler::Tiered => &[("install_57k_tiered", true)],
+        };
+        for &(id, cold) in runs {
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        i += 1;
+                        if cold {
+                            broker.host().clear_function_cache();
+                        }
+                        let started = Instant::now();
+                        broker.install_plugin("router", &versions[i % 2]).unwrap();
+                        total += started.elapsed();
+                        settle(&broker);
                     }
-                    let bytes = &versions[i % 2];
-                    let want = wasmq::plugin::content_hash(bytes);
-                    let tmp = dir.path().join("router.wasm.tmp");
-                    std::fs::write(&tmp, bytes).unwrap();
-                    let started = Instant::now();
-                    std::fs::rename(&tmp, &path).unwrap();
-                    while broker.plugins().get("router").unwrap().hash != want {
-                        std::thread::sleep(Duration::from_micros(200));
+                    total
+                })
+            });
+        }
+        drop(broker);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _vhost) =
+            broker_with_topic_exchange(PluginLimits::default(), Some(dir.path()), compiler);
+        settle(&broker);
+        let _watcher = broker.watch_plugins().unwrap();
+        let path = dir.path().join("router.wasm");
+        let runs: &[(&str, bool)] = match compiler {
+            Compiler::Optimizing => &[
+                ("file_to_serving", true),
+                ("file_to_serving_same_code", false),
+            ],
+            Compiler::Tiered => &[("file_to_serving_tiered", true)],
+        };
+        for &(id, cold) in runs {
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        i += 1;
+                        if cold {
+                            broker.host().clear_function_cache();
+                        }
+                        let bytes = &versions[i % 2];
+                        let want = wasmq::plugin::content_hash(bytes);
+                        let tmp = dir.path().join("router.wasm.tmp");
+                        std::fs::write(&tmp, bytes).unwrap();
+                        let started = Instant::now();
+                        std::fs::rename(&tmp, &path).unwrap();
+                        while broker.plugins().get("router").unwrap().hash != want {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        total += started.elapsed();
+                        settle(&broker);
                     }
-                    total += started.elapsed();
-                }
-                total
-            })
-        });
+                    total
+                })
+            });
+        }
     }
     group.finish();
 }
@@ -276,7 +332,8 @@ fn hot_swap(c: &mut Criterion) {
 /// (memoized topic, 1,000 bindings), binding look-up, enqueue; the message
 /// is taken off the queue again so the queue stays short.
 fn publish(c: &mut Criterion) {
-    let (broker, vhost) = broker_with_topic_exchange(PluginLimits::default(), None);
+    let (broker, vhost) =
+        broker_with_topic_exchange(PluginLimits::default(), None, Compiler::Optimizing);
     let queue = vhost.queue("q").unwrap();
     let keys = routing_keys();
     let mut n = 0;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::amqp::{AmqpConfig, User};
-use crate::plugin::PluginLimits;
+use crate::plugin::{Compiler, PluginLimits};
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -189,6 +189,10 @@ pub struct PluginConfig {
     pub watch: bool,
     /// Cache compiled plugins under `data_dir/plugin-cache`.
     pub compile_cache: bool,
+    /// `"tiered"`: a new version serves on Winch's baseline code while
+    /// Cranelift optimizes it in the background; `"optimizing"`: it serves
+    /// once Cranelift is done.
+    pub compiler: Compiler,
 }
 
 impl Default for PluginConfig {
@@ -203,6 +207,7 @@ impl Default for PluginConfig {
             circuit_cooldown_ms: d.circuit_cooldown.as_millis() as u64,
             watch: true,
             compile_cache: true,
+            compiler: Compiler::default(),
         }
     }
 }

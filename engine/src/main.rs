@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use wasmq::Config;
 use wasmq::admin::client::{AdminClient, segment};
-use wasmq::plugin::PluginHost;
+use wasmq::plugin::{Compiler, PluginHost};
 use wasmq::server::Server;
 
 #[derive(Parser)]
@@ -416,7 +416,8 @@ async fn shutdown_signal() {
 }
 
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
-    let host = PluginHost::new(Default::default(), None)?;
+    // The code the plugin will run for good: Cranelift's.
+    let host = PluginHost::new(Default::default(), None, Compiler::Optimizing)?;
     let v = host.load_file(file)?;
     println!("plugin:      {}", v.name);
     println!("file:        {} ({} bytes)", file.display(), v.size);

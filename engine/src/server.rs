@@ -79,7 +79,7 @@ impl Server {
             .plugins
             .compile_cache
             .then(|| config.data_dir.join("plugin-cache"));
-        let host = PluginHost::new(config.plugins.limits(), cache)?;
+        let host = PluginHost::new(config.plugins.limits(), cache, config.plugins.compiler)?;
         std::fs::create_dir_all(&config.plugin_dir)
             .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
         let broker = Broker::new(host, config.plugin_dir.clone())?;

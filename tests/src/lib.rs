@@ -8,7 +8,7 @@ use std::time::Duration;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use wasmq::broker::VHost;
-use wasmq::plugin::{PluginHost, PluginLimits};
+use wasmq::plugin::{Compiler, PluginHost, PluginLimits};
 use wasmq::{Broker, Destination, ExchangeSpec, Message};
 
 /// The folder the build script compiled the test plugins into.
@@ -44,11 +44,16 @@ impl TestBroker {
         Self::with_limits(PluginLimits::default())
     }
 
-    /// A broker with these limits.
+    /// A broker with these limits (and the default, tiered, compiler).
     pub fn with_limits(limits: PluginLimits) -> Self {
+        Self::with(limits, Compiler::default())
+    }
+
+    /// A broker with these limits and this compiler.
+    pub fn with(limits: PluginLimits, compiler: Compiler) -> Self {
         init_logging();
         let dir = tempfile::tempdir().unwrap();
-        let host = PluginHost::new(limits, None).unwrap();
+        let host = PluginHost::new(limits, None, compiler).unwrap();
         let broker = Broker::new(host, dir.path().to_path_buf()).unwrap();
         TestBroker { broker, dir }
     }
@@ -64,6 +69,18 @@ impl TestBroker {
         self.broker
             .install_plugin(name, &plugin_bytes(plugin))
             .unwrap();
+    }
+
+    /// Wait until plugin `name`'s serving version runs optimized code.
+    pub fn wait_optimized(&self, name: &str) {
+        assert!(
+            eventually(Duration::from_secs(60), || self
+                .broker
+                .plugins()
+                .get(name)
+                .is_some_and(|v| v.optimized())),
+            "plugin {name} was not optimized within 60 s"
+        );
     }
 
     /// Declare an exchange.

@@ -314,6 +314,10 @@ async fn an_uploaded_plugin_is_validated_then_hot_swapped_in() {
     }
     assert_eq!(listed["state"], "serving", "{listed}");
     assert_eq!(listed["hash"], r["hash"]);
+    assert!(
+        listed["code"] == "baseline" || listed["code"] == "optimized",
+        "{listed}"
+    );
     // And AMQP clients can use it as an exchange type.
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();

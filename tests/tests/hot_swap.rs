@@ -220,8 +220,10 @@ fn a_new_version_reuses_the_compiled_functions_it_shares() {
     let mut v2 = v1.clone();
     v2.extend_from_slice(b"\0\x04\x03pad"); // custom section "pad": new hash, same code
     t.broker.install_plugin("ring", &v1).unwrap();
+    t.wait_optimized("ring");
     let before = t.broker.host().function_cache_stats();
     t.broker.install_plugin("ring", &v2).unwrap();
+    t.wait_optimized("ring");
     let after = t.broker.host().function_cache_stats();
     let (reused, compiled) = (after.hits - before.hits, after.misses - before.misses);
     // Some functions are compiled again every time: trampolines, and
@@ -233,6 +235,7 @@ fn a_new_version_reuses_the_compiled_functions_it_shares() {
     );
     let other = plugin_bytes("json-filter");
     t.broker.install_plugin("filter", &other).unwrap();
+    t.wait_optimized("filter");
     let third = t.broker.host().function_cache_stats();
     eprintln!("v1 {before:?}, v2 {after:?}, another plugin {third:?}");
     assert!(
@@ -245,4 +248,78 @@ fn a_new_version_reuses_the_compiled_functions_it_shares() {
     t.queue("q");
     t.bind("s", "q", "1", FieldTable::default());
     assert_eq!(t.publish("s", "k", b"", FieldTable::default()).delivered, 1);
+}
+
+/// With the tiered compiler a new version serves first on the baseline
+/// compiler's code, then its instances are rebuilt on Cranelift's. Messages
+/// published throughout are each routed once; the rebuild is not a swap.
+#[test]
+fn a_version_serves_on_baseline_code_then_on_optimized_code() {
+    let t = TestBroker::new();
+    #[cfg(target_arch = "x86_64")]
+    assert!(t.broker.host().tiered(), "Winch compiles for x86_64");
+    if !t.broker.host().tiered() {
+        return; // no baseline compiler for this platform
+    }
+    let v = t
+        .broker
+        .install_plugin("router", &plugin_bytes("topic"))
+        .unwrap();
+    assert_eq!(v.code_tier(), "baseline", "served before Cranelift is done");
+    t.exchange("x", "router", FieldTable::default());
+    t.queue("q");
+    t.bind("x", "q", "a.#", FieldTable::default());
+    let x = t.vhost().exchange("x").unwrap();
+    let baseline_router = x.router();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (b, stop) = (t.broker.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let v = b.vhost("/").unwrap();
+            let mut n = 0u64;
+            // Distinct keys: each one misses the route memo and calls the plugin.
+            while !stop.load(Ordering::Relaxed) || n < 100 {
+                let m = wasmq::Message::new("x", format!("a.{n}"), Default::default(), "");
+                let out = b.publish(&v, "x", m).unwrap();
+                assert_eq!(out.delivered, 1, "message {n}: {out:?}");
+                assert!(out.faults.is_empty());
+                n += 1;
+            }
+            n
+        })
+    };
+    t.wait_optimized("router");
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let sent = publisher.join().unwrap() as usize;
+    assert_eq!(t.drain("q").len(), sent, "every message once");
+
+    let now = x.router();
+    assert!(Arc::ptr_eq(now.version(), &v), "the same version serves");
+    assert!(
+        !Arc::ptr_eq(&now, &baseline_router),
+        "its instances were rebuilt on the optimized code"
+    );
+    let status = t.broker.plugins().list();
+    let router = status.iter().find(|s| s.name == "router").unwrap();
+    assert_eq!(router.code, Some("optimized"));
+    assert_eq!(router.swaps, 0, "optimizing a version is not a swap");
+    assert_eq!(
+        t.publish("x", "a.b", b"", FieldTable::default()).delivered,
+        1
+    );
+}
+
+/// With the optimizing compiler a version serves on Cranelift's code from
+/// the start.
+#[test]
+fn the_optimizing_compiler_serves_optimized_code_at_once() {
+    let t = TestBroker::with(Default::default(), wasmq::plugin::Compiler::Optimizing);
+    let v = t
+        .broker
+        .install_plugin("router", &plugin_bytes("topic"))
+        .unwrap();
+    assert!(v.optimized());
+    assert!(t.broker.plugins().get("topic").unwrap().optimized());
 }

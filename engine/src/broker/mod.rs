@@ -381,7 +381,8 @@ impl Broker {
                 .host
                 .load(name, bytes, true)
                 .map_err(|e| anyhow::anyhow!("built-in plugin: {e}"))?;
-            broker.registry.serve(v);
+            broker.registry.serve(v.clone());
+            broker.optimize_later(&v, bytes);
         }
         broker.add_vhost("/")?;
         Ok(broker)

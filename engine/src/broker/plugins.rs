@@ -7,6 +7,12 @@
 //! Publishers never wait: each message loads one router snapshot, so it is
 //! routed entirely by the old version or entirely by the new one. If any
 //! use refuses the new version, nothing changes and the file is rejected.
+//!
+//! With a tiered plugin host a version first serves on baseline code; once
+//! its optimized code is compiled (on a thread of its own) the same swap
+//! runs again with the same version, so every instance is rebuilt on the
+//! optimized code. That second swap changes no decision, and is skipped if
+//! another version has replaced this one meanwhile.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -93,9 +99,11 @@ impl Broker {
             Ok(v) => {
                 tracing::info!(
                     plugin = %name, version = %v.short_hash(), roles = %v.roles, bytes = v.size,
+                    code = v.code_tier(),
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "plugin version serving"
                 );
+                self.optimize_later(&v, bytes);
                 Ok(v)
             }
             Err(reason) => {
@@ -106,8 +114,58 @@ impl Broker {
         }
     }
 
+    /// If `version` runs baseline code: compile its optimized code on a
+    /// thread of its own, then rebuild its instances on it, if it still
+    /// serves.
+    pub(crate) fn optimize_later(&self, version: &Arc<PluginVersion>, bytes: &[u8]) {
+        if version.optimized() {
+            return;
+        }
+        let (broker, host) = (self.self_ref.clone(), self.host.clone());
+        let (job, bytes) = (version.clone(), bytes.to_vec());
+        let spawned = std::thread::Builder::new()
+            .name("wasmq-optimize".into())
+            .spawn(move || {
+                let version = job;
+                let started = std::time::Instant::now();
+                let compiled = host.optimize(&version, &bytes);
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                let name = &version.name;
+                let result = compiled.map_err(|e| e.to_string()).and_then(|()| {
+                    let _serial = broker.swapping.lock();
+                    match broker.registry.get(name) {
+                        Some(v) if Arc::ptr_eq(&v, &version) => broker.swap_locked(&version),
+                        _ => Ok(()), // replaced meanwhile: nothing to rebuild
+                    }
+                });
+                match result {
+                    Ok(()) => tracing::info!(
+                        plugin = %name, version = %version.short_hash(),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "plugin version optimized"
+                    ),
+                    // Not a rejection: the version keeps serving, on the
+                    // code it has.
+                    Err(e) => tracing::warn!(
+                        plugin = %name, version = %version.short_hash(),
+                        "optimizing the plugin failed; it keeps its current code: {e}"
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(plugin = %version.name, "no thread to optimize the plugin: {e}");
+        }
+    }
+
     fn swap_in(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
         let _serial = self.swapping.lock();
+        self.swap_locked(version)
+    }
+
+    /// [`Broker::swap_in`], with `swapping` held by the caller.
+    fn swap_locked(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
         let _swap = self.swap.write();
         let name = version.name.as_str();
         let mut users: Vec<(String, Arc<Exchange>)> = Vec::new();

@@ -1,6 +1,19 @@
-//! The wasmtime engine and what it compiles: [`PluginHost`] owns the one
-//! `Engine`, the linker with the host imports and the epoch ticker;
+//! The wasmtime engines and what they compile: [`PluginHost`] owns the
+//! engines, the linkers with the host imports and the epoch ticker;
 //! [`PluginVersion`] is one validated, compiled plugin file.
+//!
+//! # Two tiers of code
+//!
+//! A hot swap waits for the compiler, and Cranelift takes ~50 ms for a
+//! 57 KB plugin on two cores. With [`Compiler::Tiered`] (the default) a new
+//! version is first compiled by Winch, wasmtime's baseline compiler (~11 ms
+//! for the same file: one pass, no optimization), validated and swapped in
+//! on that code; Cranelift then compiles it in the background
+//! ([`PluginHost::optimize`]) and the broker rebuilds the version's
+//! instances on the optimized code (bindings replayed, as in any swap). It
+//! is the same module either way, so decisions do not change, only their
+//! speed. A version whose optimized code is in the on-disk cache skips the
+//! baseline tier.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -12,9 +25,11 @@ use sha2::{Digest, Sha256};
 use wasmq_sdk::abi;
 use wasmtime::{Config, Engine, ExternType, Linker, Module};
 
+use parking_lot::RwLock;
+
 use super::function_cache::{FunctionCache, FunctionCacheStats};
 use super::instance::{CallError, HostState, Instance, define_imports};
-use super::{LoadError, PluginFault, PluginLimits};
+use super::{Compiler, LoadError, PluginFault, PluginLimits};
 
 /// The epoch ticker's period: deadlines are measured in these.
 const TICK: Duration = Duration::from_millis(1);
@@ -63,13 +78,15 @@ impl EpochClock {
         }
     }
 
-    /// The ticker: advance the epoch every [`TICK`]; park after
+    /// The ticker: advance the engines' epochs every [`TICK`]; park after
     /// `idle_after` ticks without a call.
-    fn run(&self, engine: &Engine, idle_after: u64) {
+    fn run(&self, engines: &[Engine], idle_after: u64) {
         let mut quiet = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(TICK);
-            engine.increment_epoch();
+            for engine in engines {
+                engine.increment_epoch();
+            }
             if self.recent.swap(false, Ordering::SeqCst) {
                 quiet = 0;
                 continue;
@@ -95,10 +112,13 @@ impl EpochClock {
     }
 }
 
-/// Owns the wasmtime engine. One per broker; cheap to share behind an `Arc`.
+/// Owns the wasmtime engines. One per broker; cheap to share behind an `Arc`.
 pub struct PluginHost {
+    /// Cranelift: the optimized code every version ends up running.
     engine: Engine,
     linker: Linker<HostState>,
+    /// Winch, for a version's first code ([`Compiler::Tiered`]).
+    baseline: Option<(Engine, Linker<HostState>)>,
     limits: PluginLimits,
     cache_dir: Option<PathBuf>,
     clock: Arc<EpochClock>,
@@ -192,7 +212,9 @@ pub struct PluginVersion {
     /// Time of one call in eight (sampled: two clock reads cost ~10% of a
     /// small routing call).
     pub latency: crate::latency::Latency,
-    module: Module,
+    /// The compiled code: baseline first when tiered, optimized later.
+    module: RwLock<Module>,
+    optimized: AtomicBool,
 }
 
 impl std::fmt::Debug for PluginVersion {
@@ -206,8 +228,24 @@ impl std::fmt::Debug for PluginVersion {
 }
 
 impl PluginVersion {
-    pub(crate) fn module(&self) -> &Module {
-        &self.module
+    /// The code new instances get.
+    pub(crate) fn module(&self) -> Module {
+        self.module.read().clone()
+    }
+
+    /// Whether it runs Cranelift's optimized code (false while it runs the
+    /// baseline compiler's, until [`PluginHost::optimize`] is done).
+    pub fn optimized(&self) -> bool {
+        self.optimized.load(Ordering::Acquire)
+    }
+
+    /// "optimized" or "baseline", for listings and log lines.
+    pub fn code_tier(&self) -> &'static str {
+        if self.optimized() {
+            "optimized"
+        } else {
+            "baseline"
+        }
     }
 
     /// The first 12 hex digits of the hash, for log lines.
@@ -217,19 +255,16 @@ impl PluginVersion {
 }
 
 impl PluginHost {
-    /// Create the engine and start the epoch ticker. `cache_dir`, if given,
-    /// keeps compiled code keyed by content hash so restarts skip Cranelift.
-    pub fn new(limits: PluginLimits, cache_dir: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        // Plugins recurse little; a small stack bounds a runaway recursion
-        // quickly and keeps per-instance memory low.
-        config.max_wasm_stack(512 << 10);
+    /// Create the engines and start the epoch ticker. `cache_dir`, if
+    /// given, keeps optimized code keyed by content hash so restarts skip
+    /// the compilers.
+    pub fn new(
+        limits: PluginLimits,
+        cache_dir: Option<PathBuf>,
+        compiler: Compiler,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut config = base_config();
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        // The native-to-bytecode offset map is only for finer trap
-        // locations (traps still name the guest function); without it a
-        // 57 KB plugin compiles ~8% faster, which a hot swap waits for.
-        config.generate_address_map(false);
         let functions = Arc::new(FunctionCache::new(FUNCTION_CACHE_BYTES));
         config
             .enable_incremental_compilation(functions.clone())
@@ -237,24 +272,47 @@ impl PluginHost {
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
         let mut linker = Linker::new(&engine);
         define_imports(&mut linker).map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;
+        let baseline = match compiler {
+            Compiler::Optimizing => None,
+            Compiler::Tiered => {
+                let mut config = base_config();
+                config.strategy(wasmtime::Strategy::Winch);
+                match Engine::new(&config) {
+                    Ok(engine) => {
+                        let mut linker = Linker::new(&engine);
+                        define_imports(&mut linker)
+                            .map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;
+                        Some((engine, linker))
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            "no baseline compiler on this platform ({e}); plugins serve once Cranelift has compiled them"
+                        );
+                        None
+                    }
+                }
+            }
+        };
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir)?;
         }
         let clock = Arc::new(EpochClock::default());
         {
-            let engine = engine.clone();
+            let mut engines = vec![engine.clone()];
+            engines.extend(baseline.as_ref().map(|(e, _)| e.clone()));
             let clock2 = clock.clone();
             // Park only after the longest deadline has passed for every
             // call that started (plus a margin).
             let idle_after = ticks(limits.setup_deadline.max(limits.deadline)) + 10;
             let handle = std::thread::Builder::new()
                 .name("wasmq-epoch".into())
-                .spawn(move || clock2.run(&engine, idle_after))?;
+                .spawn(move || clock2.run(&engines, idle_after))?;
             let _ = clock.ticker.set(handle.thread().clone());
         }
         Ok(Arc::new(PluginHost {
             engine,
             linker,
+            baseline,
             limits,
             cache_dir,
             clock,
@@ -285,12 +343,18 @@ impl PluginHost {
         &self.clock
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.engine
+    /// The linker of the engine that compiled `module`.
+    pub(crate) fn linker_for(&self, module: &Module) -> &Linker<HostState> {
+        match &self.baseline {
+            Some((engine, linker)) if Engine::same(engine, module.engine()) => linker,
+            _ => &self.linker,
+        }
     }
 
-    pub(crate) fn linker(&self) -> &Linker<HostState> {
-        &self.linker
+    /// Whether new versions start on baseline code ([`Compiler::Tiered`]
+    /// and a baseline compiler for this platform).
+    pub fn tiered(&self) -> bool {
+        self.baseline.is_some()
     }
 
     /// The limits every instance and call gets.
@@ -328,7 +392,7 @@ impl PluginHost {
         builtin: bool,
     ) -> Result<Arc<PluginVersion>, LoadError> {
         let hash = content_hash(bytes);
-        let module = self.compile(name, bytes, &hash)?;
+        let (module, optimized) = self.compile(name, bytes, &hash)?;
         self.check_imports(name, &module)?;
         let exports = module.exports().map(|e| e.name().to_owned()).collect();
         let mut version = PluginVersion {
@@ -343,7 +407,8 @@ impl PluginHost {
             faults: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             latency: Default::default(),
-            module,
+            module: RwLock::new(module),
+            optimized: AtomicBool::new(optimized),
         };
         let fault = |stage, fault: PluginFault| LoadError::Fault {
             name: name.to_owned(),
@@ -473,29 +538,66 @@ impl PluginHost {
         Ok(())
     }
 
-    fn compile(&self, name: &str, bytes: &[u8], hash: &str) -> Result<Module, LoadError> {
-        let compile_err = |e: wasmtime::Error| LoadError::Compile {
-            name: name.into(),
-            reason: format!("{e:#}"),
-        };
-        let Some(dir) = &self.cache_dir else {
-            return Module::new(&self.engine, bytes).map_err(compile_err);
-        };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
-        let path = dir.join(format!("{hash}-{:016x}.cwasm", h.finish()));
-        if path.exists() {
+    /// A version's first code, and whether it is the optimized one: from
+    /// the disk cache if it is there, else the baseline compiler's (when
+    /// tiered), else Cranelift's.
+    fn compile(&self, name: &str, bytes: &[u8], hash: &str) -> Result<(Module, bool), LoadError> {
+        if let Some(path) = self.cache_path(hash)
+            && path.exists()
+        {
             // SAFETY: the cache folder belongs to this broker; its files are
-            // written only below, by `Module::serialize` of this same engine
-            // configuration, under a name keyed by the source's hash.
+            // written only by `compile_optimized`, by `Module::serialize` of
+            // this same engine configuration, under a name keyed by the
+            // source's hash.
             match unsafe { Module::deserialize_file(&self.engine, &path) } {
-                Ok(m) => return Ok(m),
+                Ok(m) => return Ok((m, true)),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), "ignoring unusable compile cache entry: {e}")
                 }
             }
         }
-        let module = Module::new(&self.engine, bytes).map_err(compile_err)?;
+        if let Some((engine, _)) = &self.baseline {
+            match Module::new(engine, bytes) {
+                Ok(m) => return Ok((m, false)),
+                // Something Winch does not support: Cranelift may. If the
+                // file is bad, Cranelift's error says so just as well.
+                Err(e) => tracing::debug!(plugin = %name, "baseline compile failed: {e:#}"),
+            }
+        }
+        Ok((self.compile_optimized(name, bytes, hash)?, true))
+    }
+
+    /// Give `version` (compiled from `bytes`) its optimized code, if it
+    /// runs baseline code. Instances made from now on get the optimized
+    /// code; the ones that exist keep theirs until they are rebuilt (the
+    /// broker rebuilds them as in a swap). Runs the whole compile: call it
+    /// off the message path.
+    pub fn optimize(&self, version: &PluginVersion, bytes: &[u8]) -> Result<(), LoadError> {
+        if version.optimized() {
+            return Ok(());
+        }
+        let module = self.compile_optimized(&version.name, bytes, &version.hash)?;
+        *version.module.write() = module;
+        version.optimized.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn cache_path(&self, hash: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        Some(dir.join(format!("{hash}-{:016x}.cwasm", h.finish())))
+    }
+
+    /// Cranelift's code for `bytes`, written to the disk cache.
+    fn compile_optimized(&self, name: &str, bytes: &[u8], hash: &str) -> Result<Module, LoadError> {
+        let module = Module::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
+            name: name.into(),
+            reason: format!("{e:#}"),
+        })?;
+        let Some(path) = self.cache_path(hash) else {
+            return Ok(module);
+        };
         if let Ok(code) = module.serialize() {
             let tmp = path.with_extension("tmp");
             if std::fs::write(&tmp, code)
@@ -576,4 +678,18 @@ fn hex(bytes: &[u8]) -> String {
 /// be about to end.
 fn ticks(d: std::time::Duration) -> u64 {
     (d.as_micros() as u64).div_ceil(TICK.as_micros() as u64) + 1
+}
+
+/// What both engines share: epoch deadlines, the stack bound, no address map.
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    // Plugins recurse little; a small stack bounds a runaway recursion
+    // quickly and keeps per-instance memory low.
+    config.max_wasm_stack(512 << 10);
+    // The native-to-bytecode offset map is only for finer trap locations
+    // (traps still name the guest function); without it a 57 KB plugin
+    // compiles ~8% faster, which a hot swap waits for.
+    config.generate_address_map(false);
+    config
 }

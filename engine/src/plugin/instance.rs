@@ -219,8 +219,9 @@ impl Instance {
     /// starts above the cap, or a missing or mistyped required export.
     pub(crate) fn new(host: &PluginHost, version: &PluginVersion) -> Result<Self, PluginFault> {
         let limits = host.limits();
+        let module = version.module();
         let mut store = Store::new(
-            host.engine(),
+            module.engine(),
             HostState {
                 plugin: version.name.as_str().into(),
                 limiter: Limiter {
@@ -238,7 +239,7 @@ impl Instance {
         let setup_deadline = limits.setup_deadline.max(limits.deadline);
         host.clock().running();
         store.set_epoch_deadline(setup_ticks);
-        let instance = match host.linker().instantiate(&mut store, version.module()) {
+        let instance = match host.linker_for(&module).instantiate(&mut store, &module) {
             Ok(i) => i,
             Err(e) => return Err(classify(&store, e, limits.memory, setup_deadline)),
         };

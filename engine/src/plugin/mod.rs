@@ -85,6 +85,19 @@ impl Default for PluginLimits {
     }
 }
 
+/// How plugin code is compiled (`[plugins] compiler` in the config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compiler {
+    /// Winch's baseline code first, so a new version serves sooner (~5×
+    /// faster to compile); Cranelift's optimized code replaces it in the
+    /// background. See `host.rs`.
+    #[default]
+    Tiered,
+    /// Cranelift only: a new version serves once its optimized code is ready.
+    Optimizing,
+}
+
 /// Why a call into a plugin did not produce a decision. The broker turns it
 /// into an outcome for the message (dead-letter, nack or return).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

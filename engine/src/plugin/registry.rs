@@ -37,6 +37,9 @@ pub struct PluginStatus {
     pub abi_version: Option<u32>,
     /// Whether the serving version is a built-in.
     pub builtin: bool,
+    /// `"baseline"` while the serving version runs the baseline compiler's
+    /// code, `"optimized"` once it runs Cranelift's.
+    pub code: Option<&'static str>,
     /// When the serving version was loaded (seconds since the epoch).
     pub loaded_at: Option<u64>,
     /// Faults of the serving version.
@@ -94,11 +97,15 @@ impl PluginRegistry {
             .and_then(|e| e.serving.clone())
     }
 
-    /// Record `version` as serving.
+    /// Record `version` as serving (again, after it was optimized: not a
+    /// new swap).
     pub(crate) fn serve(&self, version: Arc<PluginVersion>) {
         let mut entries = self.entries.write();
         let e = entries.entry(version.name.clone()).or_default();
-        if e.serving.is_some() {
+        if e.serving
+            .as_ref()
+            .is_some_and(|v| !Arc::ptr_eq(v, &version))
+        {
             e.swaps += 1;
         }
         e.serving = Some(version);
@@ -139,6 +146,7 @@ impl PluginRegistry {
                     hash: v.map(|v| v.hash.clone()),
                     abi_version: v.map(|v| v.abi_version),
                     builtin: v.is_some_and(|v| v.builtin),
+                    code: v.map(|v| v.code_tier()),
                     loaded_at: v
                         .and_then(|v| v.loaded_at.duration_since(SystemTime::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs()),
