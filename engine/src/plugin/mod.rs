@@ -11,10 +11,13 @@
 //!   integer and pointer/length calls, ~10 ns each, instead of the component
 //!   model's ~300 ns for a string in and a list out. Routing happens on every
 //!   message, so the ABI is chosen for speed.
-//! * **One `Engine`, compile once, a `Store` per instance.** A version is
-//!   compiled (or loaded from the on-disk cache, keyed by content hash) once;
-//!   each exchange gets its own instances, so a plugin's state (its binding
+//! * **Compile once, a `Store` per instance.** A version is compiled (or
+//!   loaded from the on-disk cache, keyed by content hash) once; each
+//!   exchange gets its own instances, so a plugin's state (its binding
 //!   index) belongs to one exchange and a fault fails only that exchange.
+//! * **Two tiers of code.** A hot swap waits for the compiler, so a new
+//!   version first runs Winch's baseline code (~5× faster to compile) and
+//!   then Cranelift's, compiled in the background ([`Compiler`], `host.rs`).
 //! * **A few instances per exchange, not one behind a lock.** Publishers on
 //!   different cores take different instances (`try_lock` in order), so
 //!   routing scales with cores without a global lock. Bindings are applied

@@ -15,7 +15,7 @@
 //!   file, and recovery finds it by checksum.
 //! * **Buffered, then written and synced in groups.** A publish encodes
 //!   its record into the log's pending buffer, in memory, and takes a sync
-//!   ticket; the [`Syncer`](super::Syncer) thread writes each dirty log's
+//!   ticket; the [`Syncer`] thread writes each dirty log's
 //!   pending records with one `pwrite` per segment, `fdatasync`s it, and
 //!   only then are the publishes confirmed. Publishing connections never
 //!   touch the file: on ext4, `fdatasync` of a growing file holds the
