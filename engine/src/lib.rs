@@ -42,6 +42,7 @@ pub mod alarm;
 pub mod amqp;
 pub mod broker;
 pub mod config;
+pub mod json;
 pub mod latency;
 pub mod message;
 pub mod plugin;

@@ -425,6 +425,11 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     println!("abi version: {}", v.abi_version);
     println!("roles:       {}", v.roles);
     println!("exports:     {}", v.exports.join(", "));
+    if v.self_tests > 0 {
+        println!("self-test:   {} messages, all as expected", v.self_tests);
+    } else {
+        println!("self-test:   none shipped (wasmq_sdk::self_test!)");
+    }
     println!("result:      valid");
     Ok(())
 }

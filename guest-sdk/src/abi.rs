@@ -105,3 +105,9 @@ unsafe extern "C" {
     #[link_name = "log"]
     pub(crate) fn host_log(level: i32, ptr: *const u8, len: i32);
 }
+
+/// Name of the custom section holding a plugin's self-test vectors (JSON,
+/// see [`self_test!`](crate::self_test)). The host runs them through the
+/// compiled plugin when it loads a version; a version that fails one is
+/// rejected.
+pub const SELF_TEST_SECTION: &str = "wasmq-self-test";

@@ -162,6 +162,70 @@ macro_rules! plugin {
     };
 }
 
+/// Ship self-test vectors with the plugin: a JSON document, stored in the
+/// module's [`wasmq-self-test`](abi::SELF_TEST_SECTION) custom section,
+/// that the broker runs through the compiled plugin (the real ABI, the
+/// real compiler) before a version may serve. A version that fails a vector
+/// is rejected and the previous one keeps serving; `wasmq plugin check`
+/// runs them offline. Use it once per plugin.
+///
+/// Each role has a list of cases. A case sets an instance up (exchange
+/// arguments; for a router its bindings, numbered from 0 in order; for a
+/// filter its binding's key and arguments) and lists messages with what
+/// must happen to them. Message fields: `routing_key`, `headers` (an
+/// object), `content_type`, `body` (a string); all optional.
+///
+/// ```
+/// wasmq_sdk::self_test!(r#"{
+///   "router": [{
+///     "bindings": [{"key": "orders"}, {"key": "audit", "arguments": {"x-all": true}}],
+///     "messages": [
+///       {"routing_key": "orders", "expect": [0]},
+///       {"routing_key": "other", "expect": []}
+///     ]
+///   }],
+///   "filter": [{
+///     "arguments": {"field": "kind", "equals": "order"},
+///     "messages": [{"body": "{"kind": "order"}", "expect": "pass"}]
+///   }],
+///   "transform": [{
+///     "messages": [
+///       {"routing_key": "a", "expect": {"outcome": "route", "routing_key": "a", "headers": {"seen": true}}},
+///       {"body": "spam", "expect": {"outcome": "drop"}},
+///       {"body": "bad", "expect": {"outcome": "dead_letter", "reason": "bad body"}}
+///     ]
+///   }]
+/// }"#);
+/// ```
+///
+/// A router's `expect` is the set of binding numbers the message goes to; a
+/// filter's is `"pass"` or `"drop"`; a transform's `outcome` is `route`
+/// (with the fields given compared to the message as rewritten), `drop` or
+/// `dead_letter` (with an optional `reason`). The host checks the JSON when
+/// it loads the plugin, not the Rust compiler: a malformed document rejects
+/// the version with the parser's error.
+#[macro_export]
+macro_rules! self_test {
+    ($json:expr) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            const JSON: &str = $json;
+            #[unsafe(link_section = "wasmq-self-test")]
+            #[used]
+            static SELF_TEST: [u8; JSON.len()] = {
+                let bytes = JSON.as_bytes();
+                let mut out = [0u8; JSON.len()];
+                let mut i = 0;
+                while i < bytes.len() {
+                    out[i] = bytes[i];
+                    i += 1;
+                }
+                out
+            };
+        };
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __wasmq_check_role {

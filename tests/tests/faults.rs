@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::types::FieldTable;
 use wasmq::plugin::{PluginFault, PluginLimits};
-use wasmq_tests::{TestBroker, header, plugin_bytes, table};
+use wasmq_tests::{TestBroker, header, plugin_bytes, table, with_self_test};
 
 fn limits() -> PluginLimits {
     PluginLimits {
@@ -295,6 +295,29 @@ fn bad_files_are_rejected_with_a_clear_reason_and_the_old_version_serves() {
             plugin_bytes("json-filter"),
             "is not a router",
         ),
+        (
+            "a self-test vector it fails",
+            with_self_test(
+                &plugin_bytes("direct"),
+                r#"{"router": [{"bindings": [{"key": "a"}, {"key": "b"}],
+                    "messages": [{"routing_key": "b", "expect": [1]},
+                                 {"routing_key": "a", "expect": [1]}]}]}"#,
+            ),
+            "failed its self-test: router case 0, message 1 (routing key 'a'): expected bindings [1], the plugin chose [0]",
+        ),
+        (
+            "malformed self-test vectors",
+            with_self_test(&plugin_bytes("direct"), "{not json"),
+            "the self-test section is not valid: key must be a string",
+        ),
+        (
+            "self-test vectors for a role it lacks",
+            with_self_test(
+                &plugin_bytes("direct"),
+                r#"{"filter": [{"messages": [{"expect": "pass"}]}]}"#,
+            ),
+            "it has filter vectors but no filter role",
+        ),
     ];
     for (what, bytes, expect) in cases {
         let err = t.broker.install_plugin("mine", &bytes).unwrap_err();
@@ -352,4 +375,27 @@ fn deadlines_hold_after_the_deadline_clock_has_slept() {
             .delivered,
         1
     );
+}
+
+/// Self-test vectors a plugin ships run when each version loads: the
+/// built-ins' and the examples' pass, and vectors appended to a plugin
+/// that ships none are run too.
+#[test]
+fn shipped_self_test_vectors_run_at_load() {
+    let t = TestBroker::new();
+    let checked = |name: &str| t.broker.plugins().get(name).unwrap().self_tests;
+    assert_eq!(checked("topic"), 7, "RabbitMQ's topic cases");
+    assert_eq!(checked("headers"), 5);
+    assert_eq!(checked("direct"), 0, "ships none");
+    t.install("json-filter", "json-filter");
+    assert_eq!(checked("json-filter"), 6);
+    t.install("redact", "redact");
+    assert_eq!(checked("redact"), 3);
+    let passing = with_self_test(
+        &plugin_bytes("direct"),
+        r#"{"router": [{"bindings": [{"key": "a"}, {"key": "a"}, {"key": "b"}],
+            "messages": [{"routing_key": "a", "expect": [1, 0]}, {"routing_key": "c", "expect": []}]}]}"#,
+    );
+    let v = t.broker.install_plugin("mine", &passing).unwrap();
+    assert_eq!(v.self_tests, 2);
 }

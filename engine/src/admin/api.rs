@@ -17,9 +17,9 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::json::{json_to_table, table_to_json};
 use super::{AdminState, ApiError};
 use crate::broker::{Exchange, Queue, VHost};
+use crate::json::{json_to_table, table_to_json};
 use crate::store::definitions::{
     BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
     VHostDefinitions,
@@ -691,6 +691,7 @@ fn plugin_json(s: &AdminState, p: &crate::plugin::PluginStatus) -> Value {
     if let (Value::Object(m), Some(version)) = (&mut v, s.broker.plugins().get(&p.name)) {
         m.insert("exports".into(), json!(version.exports));
         m.insert("size".into(), json!(version.size));
+        m.insert("self_tests".into(), json!(version.self_tests));
     }
     v
 }

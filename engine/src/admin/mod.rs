@@ -18,7 +18,6 @@
 
 mod api;
 pub mod client;
-pub mod json;
 mod metrics;
 
 use std::net::SocketAddr;

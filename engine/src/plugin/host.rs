@@ -205,6 +205,9 @@ pub struct PluginVersion {
     pub builtin: bool,
     /// The module's exports, for `wasmq plugin check` and the admin API.
     pub exports: Vec<String>,
+    /// Messages its self-test vectors checked when it was loaded (0: it
+    /// ships none).
+    pub self_tests: usize,
     /// Faults across all its instances.
     pub faults: AtomicU64,
     /// Calls for messages (route, filter, transform) across all instances.
@@ -404,6 +407,7 @@ impl PluginHost {
             loaded_at: SystemTime::now(),
             builtin,
             exports,
+            self_tests: 0,
             faults: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             latency: Default::default(),
@@ -476,6 +480,20 @@ impl PluginHost {
             r => r,
         }
         .map_err(|(stage, f)| fault(stage, f))?;
+        for section in super::self_test::sections(bytes) {
+            // A deadline fault gets one more try, as in the smoke test.
+            let checked = match super::self_test::run(self, &version, section) {
+                Err(super::self_test::Failure::Fault(_, PluginFault::Deadline(_))) => {
+                    super::self_test::run(self, &version, section)
+                }
+                r => r,
+            }
+            .map_err(|f| LoadError::SelfTest {
+                name: name.to_owned(),
+                reason: f.to_string(),
+            })?;
+            version.self_tests += checked;
+        }
         Ok(Arc::new(version))
     }
 

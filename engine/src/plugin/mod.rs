@@ -40,6 +40,7 @@ mod host;
 mod instance;
 mod registry;
 mod roles;
+mod self_test;
 mod watcher;
 
 use std::time::Duration;
@@ -202,6 +203,14 @@ pub enum LoadError {
         stage: &'static str,
         /// The fault.
         fault: PluginFault,
+    },
+    /// It decided differently from the self-test vectors it ships.
+    #[error("plugin '{name}' failed its self-test: {reason}")]
+    SelfTest {
+        /// Plugin name.
+        name: String,
+        /// The case, the message and what went wrong.
+        reason: String,
     },
     /// The file could not be read.
     #[error("plugin file {path} cannot be read: {source}")]

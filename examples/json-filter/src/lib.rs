@@ -115,6 +115,28 @@ impl Filter for JsonFilter {
 
 wasmq_sdk::plugin!(filter = JsonFilter);
 
+// Checked by the broker on the compiled plugin when it loads it.
+wasmq_sdk::self_test!(
+    r#"{"filter": [
+  {
+    "arguments": {"x-filter-field": "order.region", "x-filter-equals": "eu"},
+    "messages": [
+      {"body": "{\"order\": {\"region\": \"eu\"}}", "expect": "pass"},
+      {"body": "{\"order\": {\"region\": \"us\"}}", "expect": "drop"},
+      {"body": "{\"order\": {}}", "expect": "drop"},
+      {"body": "not json", "expect": "drop"}
+    ]
+  },
+  {
+    "arguments": {"x-filter-field": "total", "x-filter-min": 100},
+    "messages": [
+      {"body": "{\"total\": 250}", "expect": "pass"},
+      {"body": "{\"total\": 99.5}", "expect": "drop"}
+    ]
+  }
+]}"#
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,27 @@ impl Transform for Redact {
 
 wasmq_sdk::plugin!(transform = Redact);
 
+// Checked by the broker on the compiled plugin when it loads it.
+wasmq_sdk::self_test!(
+    r#"{"transform": [{
+  "exchange_arguments": {"x-redact-fields": "password,card.number"},
+  "messages": [
+    {
+      "routing_key": "signup",
+      "body": "{\"user\": \"ann\", \"password\": \"hunter2\", \"card\": {\"number\": \"4111\"}}",
+      "expect": {
+        "outcome": "route",
+        "routing_key": "signup",
+        "content_type": "application/json",
+        "body": "{\"_meta\":{\"exchange\":\"wasmq.self-test\",\"routing_key\":\"signup\"},\"card\":{\"number\":\"[redacted]\"},\"password\":\"[redacted]\",\"user\":\"ann\"}"
+      }
+    },
+    {"body": "not json", "expect": {"outcome": "dead_letter"}},
+    {"body": "[1, 2]", "expect": {"outcome": "dead_letter", "reason": "body is JSON but not an object"}}
+  ]
+}]}"#
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,6 +101,26 @@ impl Router for Headers {
 
 wasmq_sdk::plugin!(router = Headers);
 
+// RabbitMQ's headers semantics, checked by the broker on the compiled
+// plugin each time it loads this version.
+wasmq_sdk::self_test!(
+    r#"{"router": [{
+  "bindings": [
+    {"arguments": {"x-match": "all", "kind": "order", "region": "eu"}},
+    {"arguments": {"x-match": "any", "kind": "order", "urgent": true}},
+    {"arguments": {"kind": "refund"}},
+    {"arguments": {"x-match": "any"}}
+  ],
+  "messages": [
+    {"headers": {"kind": "order", "region": "eu"}, "expect": [0, 1]},
+    {"headers": {"kind": "order", "region": "us"}, "expect": [1]},
+    {"headers": {"urgent": true}, "expect": [1]},
+    {"headers": {"kind": "refund", "region": "eu"}, "expect": [2]},
+    {"expect": []}
+  ]
+}]}"#
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,6 +192,26 @@ impl Router for Topic {
 
 wasmq_sdk::plugin!(router = Topic);
 
+// RabbitMQ's topic semantics, checked by the broker on the compiled plugin
+// each time it loads this version.
+wasmq_sdk::self_test!(
+    r##"{"router": [{
+  "bindings": [
+    {"key": "a.b.c"}, {"key": "a.*.c"}, {"key": "a.#.c"}, {"key": "#"},
+    {"key": "*"}, {"key": "#.c"}, {"key": "a.#"}, {"key": ""}
+  ],
+  "messages": [
+    {"routing_key": "a.b.c", "expect": [0, 1, 2, 3, 5, 6]},
+    {"routing_key": "a.c", "expect": [2, 3, 5, 6]},
+    {"routing_key": "a.b.b.c", "expect": [2, 3, 5, 6]},
+    {"routing_key": "", "expect": [3, 7]},
+    {"routing_key": "a", "expect": [3, 4, 6]},
+    {"routing_key": "c", "expect": [3, 4, 5]},
+    {"routing_key": "b.c", "expect": [3, 5]}
+  ]
+}]}"##
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
