@@ -709,5 +709,8 @@ fn base_config() -> Config {
     // (traps still name the guest function); without it a 57 KB plugin
     // compiles ~8% faster, which a hot swap waits for.
     config.generate_address_map(false);
+    if std::env::var_os("WASMQ_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
