@@ -580,8 +580,10 @@ impl Connection {
                 }
             }
             if let Step::Stop(reason) = step {
+                // A client that only shut down its sending side still gets
+                // what was processed (a gone one fails the write at once).
+                let _ = self.flush().await;
                 if reason != CLIENT_GONE {
-                    let _ = self.flush().await;
                     self.await_close_ok().await;
                 }
                 return reason;
