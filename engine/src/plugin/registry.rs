@@ -97,15 +97,16 @@ impl PluginRegistry {
             .and_then(|e| e.serving.clone())
     }
 
-    /// Record `version` as serving (again, after it was optimized: not a
-    /// new swap).
+    /// Record `version` as serving. The version already serving, again
+    /// (its instances rebuilt on optimized code), changes nothing: not a
+    /// swap, and a rejection or deletion recorded since stays recorded.
     pub(crate) fn serve(&self, version: Arc<PluginVersion>) {
         let mut entries = self.entries.write();
         let e = entries.entry(version.name.clone()).or_default();
-        if e.serving
-            .as_ref()
-            .is_some_and(|v| !Arc::ptr_eq(v, &version))
-        {
+        if let Some(serving) = &e.serving {
+            if Arc::ptr_eq(serving, &version) {
+                return;
+            }
             e.swaps += 1;
         }
         e.serving = Some(version);
@@ -165,5 +166,33 @@ impl PluginRegistry {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{Compiler, PluginHost};
+
+    #[test]
+    fn serving_the_same_version_again_keeps_its_state() {
+        let host = PluginHost::new(Default::default(), None, Compiler::Optimizing).unwrap();
+        let (_, bytes) = crate::builtins::BUILTINS[0];
+        let v1 = host.load("p", bytes, false).unwrap();
+        let v2 = host.load("p", bytes, false).unwrap();
+        let r = PluginRegistry::default();
+        let state = |r: &PluginRegistry| {
+            let s = r.list().into_iter().next().unwrap();
+            (s.state, s.swaps, s.rejection)
+        };
+        r.serve(v1.clone());
+        r.reject("p", "bad file".into());
+        r.serve(v1.clone()); // v1 again, optimized: not a swap, still rejected
+        assert_eq!(
+            state(&r),
+            (PluginState::Rejected, 0, Some("bad file".into()))
+        );
+        r.serve(v2); // a new version
+        assert_eq!(state(&r), (PluginState::Serving, 1, None));
     }
 }
