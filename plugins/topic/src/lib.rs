@@ -28,22 +28,30 @@ struct WordHasher(u64);
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
 impl Hasher for WordHasher {
+    /// Whole loads only, as wyhash and foldhash do: 8-byte words, the last
+    /// one overlapping; under 8 bytes two overlapping 4-byte halves, or the
+    /// first, middle and last byte. The length is mixed in, so keys that
+    /// read alike but differ in length hash apart. (Copying the tail into a
+    /// buffer instead is a `memory.copy` in Wasm, a call into the host.)
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.add(u64::from_le_bytes(c.try_into().unwrap()));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            // Byte by byte: a copy of a variable length is a `memory.copy`
-            // in Wasm, which wasmtime runs as a call into the host (it was
-            // one per word hashed).
-            let mut tail = 0u64;
-            for (i, b) in rest.iter().enumerate() {
-                tail |= u64::from(*b) << (8 * i);
+        let n = bytes.len();
+        self.0 ^= n as u64;
+        if n >= 8 {
+            let mut chunks = bytes.chunks_exact(8);
+            for c in &mut chunks {
+                self.add(u64::from_le_bytes(c.try_into().unwrap()));
             }
-            self.add(tail);
+            if !chunks.remainder().is_empty() {
+                self.add(u64::from_le_bytes(bytes[n - 8..].try_into().unwrap()));
+            }
+        } else if n >= 4 {
+            let lo = u32::from_le_bytes(bytes[..4].try_into().unwrap());
+            let hi = u32::from_le_bytes(bytes[n - 4..].try_into().unwrap());
+            self.add(u64::from(lo) | u64::from(hi) << 32);
+        } else if n > 0 {
+            let (a, b, c) = (bytes[0], bytes[n / 2], bytes[n - 1]);
+            self.add(u64::from(a) | u64::from(b) << 8 | u64::from(c) << 16);
         }
     }
 
