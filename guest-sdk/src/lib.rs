@@ -170,9 +170,10 @@ macro_rules! plugin {
 /// runs them offline. Use it once per plugin.
 ///
 /// Each role has a list of cases. A case sets an instance up (exchange
-/// arguments; for a router its bindings, numbered from 0 in order; for a
-/// filter its binding's key and arguments) and lists messages with what
-/// must happen to them. Message fields: `routing_key`, `headers` (an
+/// arguments; for a router its bindings, numbered from 0 in order, each
+/// with a `key`, `arguments` and the `queue` it binds; for a filter its
+/// binding's key and arguments) and lists messages with what must happen
+/// to them. Message fields: `routing_key`, `headers` (an
 /// object), `content_type`, `body` (a string); all optional.
 ///
 /// ```

@@ -391,6 +391,8 @@ fn shipped_self_test_vectors_run_at_load() {
     assert_eq!(checked("json-filter"), 6);
     t.install("redact", "redact");
     assert_eq!(checked("redact"), 3);
+    t.install("ring", "consistent-hash");
+    assert_eq!(checked("ring"), 6, "the pinned key-to-shard mapping");
     let passing = with_self_test(
         &plugin_bytes("direct"),
         r#"{"router": [{"bindings": [{"key": "a"}, {"key": "a"}, {"key": "b"}],

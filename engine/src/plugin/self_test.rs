@@ -57,6 +57,9 @@ struct BindingSpec {
     key: String,
     #[serde(default)]
     arguments: Value,
+    /// The bound queue's name (routers like a hash ring use it); default
+    /// `queue0`, `queue1`, ... by position.
+    queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,7 +247,8 @@ fn router_case(
     let mut i = instance(host, version, abi::ROLE_ROUTER, "", &args, at)?;
     for (id, b) in case.bindings.iter().enumerate() {
         let at = format!("{at}, binding {id} ('{}')", b.key);
-        let input = binding_input(&b.key, false, EXCHANGE, &table(&b.arguments, &at)?);
+        let queue = b.queue.clone().unwrap_or_else(|| format!("queue{id}"));
+        let input = binding_input(&b.key, false, &queue, &table(&b.arguments, &at)?);
         call(i.bind(id as u32, &input), &at)?;
     }
     for (n, m) in case.messages.iter().enumerate() {

@@ -128,6 +128,35 @@ impl Router for ConsistentHash {
 
 wasmq_sdk::plugin!(router = ConsistentHash);
 
+// The mapping this example promises to keep across restarts and hot swaps,
+// pinned: the broker rejects a build that would move these keys. Checked on
+// the compiled plugin each time it loads.
+wasmq_sdk::self_test!(
+    r#"{"router": [
+  {
+    "bindings": [
+      {"key": "1", "queue": "shard-a"}, {"key": "1", "queue": "shard-b"}, {"key": "2", "queue": "shard-c"}
+    ],
+    "messages": [
+      {"routing_key": "order-1", "expect": [1]},
+      {"routing_key": "order-3", "expect": [2]},
+      {"routing_key": "order-5", "expect": [0]},
+      {"routing_key": "user-7", "expect": [2]}
+    ]
+  },
+  {
+    "exchange_arguments": {"hash-header": "user"},
+    "bindings": [
+      {"key": "1", "queue": "shard-a"}, {"key": "1", "queue": "shard-b"}, {"key": "2", "queue": "shard-c"}
+    ],
+    "messages": [
+      {"routing_key": "any", "headers": {"user": "order-5"}, "expect": [0]},
+      {"routing_key": "any", "headers": {"user": "order-1"}, "expect": [1]}
+    ]
+  }
+]}"#
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
