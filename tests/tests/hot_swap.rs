@@ -219,6 +219,11 @@ fn a_new_version_reuses_the_compiled_functions_it_shares() {
     let v1 = plugin_bytes("consistent-hash");
     let mut v2 = v1.clone();
     v2.extend_from_slice(b"\0\x04\x03pad"); // custom section "pad": new hash, same code
+    // The built-ins are optimized in the background too: let that finish
+    // so only these installs move the counters.
+    for builtin in ["direct", "topic", "fanout", "headers"] {
+        t.wait_optimized(builtin);
+    }
     t.broker.install_plugin("ring", &v1).unwrap();
     t.wait_optimized("ring");
     let before = t.broker.host().function_cache_stats();
@@ -271,6 +276,9 @@ fn a_version_serves_on_baseline_code_then_on_optimized_code() {
     t.bind("x", "q", "a.#", FieldTable::default());
     let x = t.vhost().exchange("x").unwrap();
     let baseline_router = x.router();
+    // The flag is set before the instances are rebuilt: if it is still
+    // clear now, the router just taken runs baseline code.
+    let taken_before_optimizing = !v.optimized();
 
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
@@ -297,10 +305,12 @@ fn a_version_serves_on_baseline_code_then_on_optimized_code() {
 
     let now = x.router();
     assert!(Arc::ptr_eq(now.version(), &v), "the same version serves");
-    assert!(
-        !Arc::ptr_eq(&now, &baseline_router),
-        "its instances were rebuilt on the optimized code"
-    );
+    if taken_before_optimizing {
+        assert!(
+            !Arc::ptr_eq(&now, &baseline_router),
+            "its instances were rebuilt on the optimized code"
+        );
+    }
     let status = t.broker.plugins().list();
     let router = status.iter().find(|s| s.name == "router").unwrap();
     assert_eq!(router.code, Some("optimized"));
