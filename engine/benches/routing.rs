@@ -238,6 +238,37 @@ fn broker_with_topic_exchange(
     (broker, vhost)
 }
 
+/// `iters` swaps of plugin `router`, alternating between `versions` (`i`
+/// counts across calls), each timed by `swap`; after each, untimed, wait
+/// until the new version runs optimized code: a tiered host compiles it in
+/// the background, which the next sample must not share the cores with.
+fn timed_swaps(
+    broker: &Broker,
+    versions: &[Vec<u8>; 2],
+    i: &mut usize,
+    iters: u64,
+    cold: bool,
+    mut swap: impl FnMut(&[u8]) -> Duration,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        *i += 1;
+        if cold {
+            broker.host().clear_function_cache();
+        }
+        total += swap(&versions[*i % 2]);
+        settle(broker);
+    }
+    total
+}
+
+/// Wait until plugin `router` runs optimized code.
+fn settle(broker: &Broker) {
+    while !broker.plugins().get("router").unwrap().optimized() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 fn hot_swap(c: &mut Criterion) {
     let mut group = c.benchmark_group("hot_swap");
     group
@@ -250,14 +281,6 @@ fn hot_swap(c: &mut Criterion) {
     other.extend_from_slice(b"\0\x04\x03pad"); // a custom section: same code, new hash
     let versions = [builtin("topic").to_vec(), other];
     let mut i = 0;
-    // Until the swapped-in version runs optimized code (untimed: a tiered
-    // host compiles it in the background, which the next sample must not
-    // share the cores with).
-    let settle = |broker: &Broker| {
-        while !broker.plugins().get("router").unwrap().optimized() {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    };
 
     for compiler in [Compiler::Optimizing, Compiler::Tiered] {
         let (broker, _vhost) = broker_with_topic_exchange(PluginLimits::default(), None, compiler);
@@ -269,18 +292,11 @@ fn hot_swap(c: &mut Criterion) {
         for &(id, cold) in runs {
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        i += 1;
-                        if cold {
-                            broker.host().clear_function_cache();
-                        }
+                    timed_swaps(&broker, &versions, &mut i, iters, cold, |bytes| {
                         let started = Instant::now();
-                        broker.install_plugin("router", &versions[i % 2]).unwrap();
-                        total += started.elapsed();
-                        settle(&broker);
-                    }
-                    total
+                        broker.install_plugin("router", bytes).unwrap();
+                        started.elapsed()
+                    })
                 })
             });
         }
@@ -302,13 +318,7 @@ fn hot_swap(c: &mut Criterion) {
         for &(id, cold) in runs {
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        i += 1;
-                        if cold {
-                            broker.host().clear_function_cache();
-                        }
-                        let bytes = &versions[i % 2];
+                    timed_swaps(&broker, &versions, &mut i, iters, cold, |bytes| {
                         let want = wasmq::plugin::content_hash(bytes);
                         let tmp = dir.path().join("router.wasm.tmp");
                         std::fs::write(&tmp, bytes).unwrap();
@@ -317,10 +327,8 @@ fn hot_swap(c: &mut Criterion) {
                         while broker.plugins().get("router").unwrap().hash != want {
                             std::thread::sleep(Duration::from_micros(200));
                         }
-                        total += started.elapsed();
-                        settle(&broker);
-                    }
-                    total
+                        started.elapsed()
+                    })
                 })
             });
         }

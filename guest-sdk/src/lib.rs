@@ -187,7 +187,7 @@ macro_rules! plugin {
 ///   }],
 ///   "filter": [{
 ///     "arguments": {"field": "kind", "equals": "order"},
-///     "messages": [{"body": "{"kind": "order"}", "expect": "pass"}]
+///     "messages": [{"body": "{\"kind\": \"order\"}", "expect": "pass"}]
 ///   }],
 ///   "transform": [{
 ///     "messages": [

@@ -25,26 +25,13 @@ pub fn plugin_bytes(name: &str) -> Vec<u8> {
 /// `module` with a `wasmq-self-test` custom section holding `json`
 /// appended: what `wasmq_sdk::self_test!` puts in a plugin.
 pub fn with_self_test(module: &[u8], json: &str) -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"wasmq-self-test";
-    let mut payload = Vec::new();
-    leb128(name.len(), &mut payload);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(json.as_bytes());
+    use wasm_encoder::Section;
     let mut out = module.to_vec();
-    out.push(0); // custom section
-    leb128(payload.len(), &mut out);
-    out.extend_from_slice(&payload);
+    wasm_encoder::CustomSection {
+        name: "wasmq-self-test".into(),
+        data: json.as_bytes().into(),
+    }
+    .append_to(&mut out);
     out
 }
 

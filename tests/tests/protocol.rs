@@ -141,6 +141,14 @@ impl Raw {
         }
     }
 
+    async fn expect_declare_ok(&mut self, ch: u16) {
+        match self.frame().await {
+            Some(Frame::Method(c, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))))
+                if c == ch => {}
+            other => panic!("expected queue.declare-ok on channel {ch}, got {other:?}"),
+        }
+    }
+
     async fn open_channel(&mut self, ch: u16) {
         self.send_method(
             ch,
@@ -153,6 +161,29 @@ impl Raw {
             other => panic!("expected channel.open-ok, got {other:?}"),
         }
     }
+}
+
+/// `queue.declare` of a plain queue.
+fn declare(name: &str) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+        queue: name.into(),
+        passive: false,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
+/// `basic.publish` to the default exchange (content frames follow).
+fn publish(routing_key: &str) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+        exchange: "".into(),
+        routing_key: routing_key.into(),
+        mandatory: false,
+        immediate: false,
+    }))
 }
 
 /// The broker still serves a well-behaved client.
@@ -205,19 +236,7 @@ async fn frame_on_an_unopened_channel_is_a_channel_error() {
     let t = TestServer::start().await;
     let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
     r.expect_open_ok().await;
-    r.send_method(
-        5,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "q".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
+    r.send_method(5, declare("q")).await;
     assert_eq!(r.close_code().await, 504);
     still_serving(&t).await;
 }
@@ -228,16 +247,7 @@ async fn body_before_header_is_an_unexpected_frame() {
     let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
     r.expect_open_ok().await;
     r.open_channel(1).await;
-    r.send_method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: "q".into(),
-            mandatory: false,
-            immediate: false,
-        })),
-    )
-    .await;
+    r.send_method(1, publish("q")).await;
     r.stream
         .write_all(&[3, 0, 1, 0, 0, 0, 2, b'h', b'i', 0xCE])
         .await
@@ -318,19 +328,7 @@ async fn acking_an_unknown_delivery_tag_closes_only_the_channel_with_406() {
     )
     .await;
     // Channel 2 on the same connection still works.
-    r.send_method(
-        2,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "still-fine".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
+    r.send_method(2, declare("still-fine")).await;
     match r.frame().await {
         Some(Frame::Method(2, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
             assert_eq!(ok.queue.as_str(), "still-fine")
@@ -348,35 +346,9 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
     let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
     r.expect_open_ok().await;
     r.open_channel(1).await;
-    let declare = || {
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "q".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        }))
-    };
-    r.send_method(1, declare()).await;
-    assert!(matches!(
-        r.frame().await,
-        Some(Frame::Method(
-            1,
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
-        ))
-    ));
-    r.send_method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: "q".into(),
-            mandatory: false,
-            immediate: false,
-        })),
-    )
-    .await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    r.send_method(1, publish("q")).await;
     let mut out = Vec::new();
     wasmq::amqp::frame::encode_content(
         &mut out,
@@ -392,7 +364,7 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
     t.broker()
         .set_alarm(Resource::Disk, Some("test: disk low".into()));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    r.send_method(1, declare()).await;
+    r.send_method(1, declare("q")).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(300), r.frame())
             .await
@@ -400,13 +372,7 @@ async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
         "a blocked publisher is not read"
     );
     t.broker().set_alarm(Resource::Disk, None);
-    assert!(matches!(
-        r.frame().await,
-        Some(Frame::Method(
-            1,
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
-        ))
-    ));
+    r.expect_declare_ok(1).await;
 }
 
 /// A client that consumes from a queue it publishes to, and does not read
@@ -426,26 +392,8 @@ async fn a_client_that_writes_without_reading_is_still_read() {
     let mut r = Raw::open_on(stream, 0, 131_072, "guest", "/").await;
     r.expect_open_ok().await;
     r.open_channel(1).await;
-    r.send_method(
-        1,
-        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: "loop".into(),
-            passive: false,
-            durable: false,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
-    assert!(matches!(
-        r.frame().await,
-        Some(Frame::Method(
-            1,
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
-        ))
-    ));
+    r.send_method(1, declare("loop")).await;
+    r.expect_declare_ok(1).await;
     r.send_method(
         1,
         AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
@@ -470,16 +418,7 @@ async fn a_client_that_writes_without_reading_is_still_read() {
     let body = vec![7u8; SIZE];
     let mut out = Vec::new();
     for _ in 0..MESSAGES {
-        encode_method(
-            &mut out,
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: "".into(),
-                routing_key: "loop".into(),
-                mandatory: false,
-                immediate: false,
-            })),
-        );
+        encode_method(&mut out, 1, publish("loop"));
         wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &body, 131_072);
     }
     tokio::time::timeout(Duration::from_secs(30), r.stream.write_all(&out))

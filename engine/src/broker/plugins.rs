@@ -122,11 +122,11 @@ impl Broker {
             return;
         }
         let (broker, host) = (self.self_ref.clone(), self.host.clone());
-        let (job, bytes) = (version.clone(), bytes.to_vec());
+        let (version, bytes) = (version.clone(), bytes.to_vec());
+        let name = version.name.clone();
         let spawned = std::thread::Builder::new()
             .name("wasmq-optimize".into())
             .spawn(move || {
-                let version = job;
                 let started = std::time::Instant::now();
                 let compiled = host.optimize(&version, &bytes);
                 let Some(broker) = broker.upgrade() else {
@@ -155,7 +155,7 @@ impl Broker {
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(plugin = %version.name, "no thread to optimize the plugin: {e}");
+            tracing::warn!(plugin = %name, "no thread to optimize the plugin: {e}");
         }
     }
 

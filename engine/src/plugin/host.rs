@@ -471,23 +471,16 @@ impl PluginHost {
             }
         }
         drop(probe);
-        // A deadline fault is tried once more on fresh instances: on a
-        // loaded machine a thread preempted for longer than the 5 ms message
-        // deadline fails a healthy plugin (seen in CI), while a plugin that
-        // really hangs fails both times, for the price of one more deadline.
-        match self.smoke_test(&version) {
-            Err((_, PluginFault::Deadline(_))) => self.smoke_test(&version),
-            r => r,
-        }
-        .map_err(|(stage, f)| fault(stage, f))?;
+        again_after_deadline(|| self.smoke_test(&version), |(_, f)| Some(f))
+            .map_err(|(stage, f)| fault(stage, f))?;
         for section in super::self_test::sections(bytes) {
-            // A deadline fault gets one more try, as in the smoke test.
-            let checked = match super::self_test::run(self, &version, section) {
-                Err(super::self_test::Failure::Fault(_, PluginFault::Deadline(_))) => {
-                    super::self_test::run(self, &version, section)
-                }
-                r => r,
-            }
+            let checked = again_after_deadline(
+                || super::self_test::run(self, &version, section),
+                |e| match e {
+                    super::self_test::Failure::Fault(_, f) => Some(f),
+                    super::self_test::Failure::Wrong(_) => None,
+                },
+            )
             .map_err(|f| LoadError::SelfTest {
                 name: name.to_owned(),
                 reason: f.to_string(),
@@ -696,6 +689,21 @@ fn hex(bytes: &[u8]) -> String {
 /// be about to end.
 fn ticks(d: std::time::Duration) -> u64 {
     (d.as_micros() as u64).div_ceil(TICK.as_micros() as u64) + 1
+}
+
+/// Run a validation step, and once more on fresh instances if it failed
+/// with a deadline fault: on a loaded machine a thread preempted for longer
+/// than the 5 ms message deadline fails a healthy plugin (seen in CI),
+/// while a plugin that really hangs fails both times, for the price of one
+/// more deadline.
+fn again_after_deadline<T, E>(
+    step: impl Fn() -> Result<T, E>,
+    fault: impl Fn(&E) -> Option<&PluginFault>,
+) -> Result<T, E> {
+    match step() {
+        Err(e) if matches!(fault(&e), Some(PluginFault::Deadline(_))) => step(),
+        r => r,
+    }
 }
 
 /// What both engines share: epoch deadlines, the stack bound, no address map.

@@ -120,24 +120,26 @@ struct MessageSpec<E> {
 }
 
 impl<E> MessageSpec<E> {
-    fn message(&self) -> Result<Arc<Message>, String> {
+    /// Message `index` of the case at `at`: where it is, for errors, and
+    /// the message itself.
+    fn message(&self, at: &str, index: usize) -> Result<(String, Arc<Message>), Failure> {
+        let at = format!("{at}, message {index} (routing key '{}')", self.routing_key);
         let mut props = BasicProperties::default();
         if !self.headers.is_null() {
-            props = props.with_headers(json_to_table(&self.headers)?);
+            let headers =
+                json_to_table(&self.headers).map_err(|e| Failure::Wrong(format!("{at}: {e}")))?;
+            props = props.with_headers(headers);
         }
         if let Some(ct) = &self.content_type {
             props = props.with_content_type(ShortString::from(ct.as_str()));
         }
-        Ok(Arc::new(Message::new(
+        let message = Message::new(
             EXCHANGE,
             self.routing_key.as_str(),
             props,
             self.body.clone().into_bytes(),
-        )))
-    }
-
-    fn describe(&self, index: usize) -> String {
-        format!("message {index} (routing key '{}')", self.routing_key)
+        );
+        Ok((at, Arc::new(message)))
     }
 }
 
@@ -252,10 +254,7 @@ fn router_case(
         call(i.bind(id as u32, &input), &at)?;
     }
     for (n, m) in case.messages.iter().enumerate() {
-        let at = format!("{at}, {}", m.describe(n));
-        let message = m
-            .message()
-            .map_err(|e| Failure::Wrong(format!("{at}: {e}")))?;
+        let (at, message) = m.message(at, n)?;
         let mut got = Vec::new();
         call(i.route(&message, &mut got), &at)?;
         got.sort_unstable();
@@ -281,10 +280,7 @@ fn filter_case(
     let args = table(&case.arguments, at)?;
     let mut i = instance(host, version, abi::ROLE_FILTER, &case.key, &args, at)?;
     for (n, m) in case.messages.iter().enumerate() {
-        let at = format!("{at}, {}", m.describe(n));
-        let message = m
-            .message()
-            .map_err(|e| Failure::Wrong(format!("{at}: {e}")))?;
+        let (at, message) = m.message(at, n)?;
         let got = match i.filter(&message) {
             Ok(true) => FilterExpect::Pass,
             Ok(false) => FilterExpect::Drop,
@@ -309,10 +305,7 @@ fn transform_case(
     let args = table(&case.exchange_arguments, at)?;
     let mut i = instance(host, version, abi::ROLE_TRANSFORM, "", &args, at)?;
     for (n, m) in case.messages.iter().enumerate() {
-        let at = format!("{at}, {}", m.describe(n));
-        let message = m
-            .message()
-            .map_err(|e| Failure::Wrong(format!("{at}: {e}")))?;
+        let (at, message) = m.message(at, n)?;
         let decision = call(i.transform(&message, parse_decision), &at)?;
         check_transform(&message, decision, &m.expect)
             .map_err(|why| Failure::Wrong(format!("{at}: {why}")))?;
@@ -325,11 +318,6 @@ fn check_transform(
     decision: TransformDecision,
     expect: &TransformExpect,
 ) -> Result<(), String> {
-    let outcome = match &decision {
-        TransformDecision::Keep | TransformDecision::Rewrite { .. } => "route",
-        TransformDecision::Drop => "drop",
-        TransformDecision::DeadLetter(_) => "dead_letter",
-    };
     match (expect, decision) {
         (
             TransformExpect::Route {
@@ -338,8 +326,8 @@ fn check_transform(
                 content_type,
                 body,
             },
-            decision,
-        ) if outcome == "route" => {
+            decision @ (TransformDecision::Keep | TransformDecision::Rewrite { .. }),
+        ) => {
             let (key, props, new_body) = match decision {
                 TransformDecision::Rewrite {
                     routing_key,
@@ -392,14 +380,19 @@ fn check_transform(
                 _ => Ok(()),
             }
         }
-        (expect, _) => {
+        (expect, decision) => {
             let want = match expect {
                 TransformExpect::Route { .. } => "route",
                 TransformExpect::Drop => "drop",
                 TransformExpect::DeadLetter { .. } => "dead_letter",
             };
+            let chose = match decision {
+                TransformDecision::Keep | TransformDecision::Rewrite { .. } => "route",
+                TransformDecision::Drop => "drop",
+                TransformDecision::DeadLetter(_) => "dead_letter",
+            };
             Err(format!(
-                "expected outcome '{want}', the plugin chose '{outcome}'"
+                "expected outcome '{want}', the plugin chose '{chose}'"
             ))
         }
     }
@@ -434,6 +427,25 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Vectors>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The examples of the format in the ABI doc and on the SDK macro parse.
+    #[test]
+    fn the_documented_examples_parse() {
+        let abi_doc = include_str!("../../../docs/plugin-abi.md");
+        let (_, rest) = abi_doc.split_once("```json\n").unwrap();
+        let (json, _) = rest.split_once("```").unwrap();
+        serde_json::from_str::<Vectors>(json).unwrap();
+
+        let sdk = include_str!("../../../guest-sdk/src/lib.rs");
+        let (_, rest) = sdk.split_once("/// wasmq_sdk::self_test!(r#\"").unwrap();
+        let (doc, _) = rest.split_once("\"#);").unwrap();
+        let json: String = doc.lines().map(|l| l.trim_start_matches("///")).collect();
+        let v = serde_json::from_str::<Vectors>(&json).unwrap();
+        assert_eq!(
+            (v.router.len(), v.filter.len(), v.transform.len()),
+            (1, 1, 1)
+        );
     }
 
     #[test]
