@@ -166,10 +166,42 @@ fn with_message<R>(
     f: impl FnOnce(&Message<'_>) -> R,
 ) -> Result<R, Error> {
     with_input(key_len, |bytes| {
-        let key = std::str::from_utf8(bytes).map_err(|_| Error::new("routing key is not UTF-8"))?;
+        let key = utf8(bytes).ok_or_else(|| Error::new("routing key is not UTF-8"))?;
         let message = Message::from_host(key, props_len, body_len);
         Ok(f(&message))
     })
+}
+
+/// `bytes` as text. Routing keys are nearly always ASCII, which is checked
+/// eight bytes at a time; only other keys go through `from_utf8`, whose
+/// byte loop costs more than the rest of a small route on Wasm (every loop
+/// iteration also checks the call's deadline).
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let n = bytes.len();
+    let mut any = 0u64;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        any |= u64::from_le_bytes(c.try_into().unwrap());
+    }
+    // The tail in overlapping whole loads too.
+    if !chunks.remainder().is_empty() {
+        if n >= 8 {
+            any |= u64::from_le_bytes(bytes[n - 8..].try_into().unwrap());
+        } else if n >= 4 {
+            any |= u64::from(u32::from_le_bytes(bytes[..4].try_into().unwrap()));
+            any |= u64::from(u32::from_le_bytes(bytes[n - 4..].try_into().unwrap()));
+        } else {
+            any |= u64::from(bytes[0]) | u64::from(bytes[n / 2]) | u64::from(bytes[n - 1]);
+        }
+    }
+    if any & HIGH == 0 {
+        // Every byte is ASCII, hence UTF-8; say so without a second pass.
+        // SAFETY: ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
 }
 
 /// `wasmq_route`: the decision is written straight into the reply buffer.
@@ -282,6 +314,30 @@ pub fn encode_outcome(outcome: &Outcome, o: &mut Vec<u8>) {
             }
             if let Some(b) = &rw.body {
                 w.abi_bytes(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utf8;
+
+    #[test]
+    fn utf8_agrees_with_from_utf8_at_every_length_and_position() {
+        for len in 0..40 {
+            let ascii: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            assert_eq!(utf8(&ascii), std::str::from_utf8(&ascii).ok());
+            for at in 0..len {
+                // A stray continuation byte (invalid), then a whole 'é'
+                // (valid), at each position: the ASCII check must not
+                // miss either.
+                let mut bad = ascii.clone();
+                bad[at] = 0xa9;
+                assert_eq!(utf8(&bad), None, "{bad:?}");
+                let mut good = ascii.clone();
+                good.splice(at..at + 1, "é".bytes());
+                assert_eq!(utf8(&good), Some(std::str::from_utf8(&good).unwrap()));
             }
         }
     }
