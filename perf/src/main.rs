@@ -26,6 +26,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
+use wasmq_perf::Pacer;
 
 #[derive(Parser, Clone)]
 #[command(about = "AMQP load generator (PerfTest-like)")]
@@ -193,22 +194,22 @@ async fn produce(
     };
     let mut body = vec![0u8; args.size.max(16)];
     let mut outstanding = VecDeque::new();
-    let period = (args.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / args.rate));
-    let mut next = Instant::now();
+    let pacer = (args.rate > 0).then(|| {
+        Pacer::start(
+            Duration::from_nanos(1_000_000_000 / args.rate),
+            stop.clone(),
+        )
+    });
     let mut n = id as u64;
     // Unpaced, publishes go out in batches polled together, as PerfTest
     // pipelines them; awaiting each one would measure the client's
     // round trip to its own IO thread instead of the broker.
-    let batch = if period.is_some() { 1 } else { 64 };
+    let batch = if pacer.is_some() { 1 } else { 64 };
     let mut published = 0u64;
     while !stop.load(Ordering::Relaxed) && (args.pmessages == 0 || published < args.pmessages) {
         published += batch as u64;
-        if let Some(p) = period {
-            next += p;
-            let now = Instant::now();
-            if next > now {
-                tokio::time::sleep(next - now).await;
-            }
+        if let Some(p) = &pacer {
+            p.tick().await;
         }
         let mut publishes = Vec::with_capacity(batch);
         for _ in 0..batch {

@@ -1,0 +1,53 @@
+//! What the load generator (`wasmq-perf`) and the latency probe
+//! (`wasmq-ping`) share.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Evenly spaced publishing at a fixed rate. Tokio's timer counts in whole
+/// milliseconds, so pacing 10k msg/s with `tokio::time::sleep` sent bursts
+/// of ten every millisecond, and each message's latency then included
+/// waiting behind its burst. A thread with a fine timer slack hands out one
+/// permit per period instead; a publisher that falls behind catches up
+/// (permits accumulate), as PerfTest's rate limiter does.
+pub struct Pacer {
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Pacer {
+    /// Start handing out one send time per `period` until `stop`.
+    pub fn start(period: Duration, stop: Arc<AtomicBool>) -> Pacer {
+        let permits = Arc::new(tokio::sync::Semaphore::new(0));
+        let p = permits.clone();
+        std::thread::spawn(move || {
+            // Linux lets a sleep overshoot by the thread's timer slack
+            // (50 µs by default), half a period at 10k msg/s; ask for 1 µs.
+            #[cfg(target_os = "linux")]
+            // SAFETY: PR_SET_TIMERSLACK takes an integer and touches only
+            // this thread's scheduling attributes.
+            unsafe {
+                libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
+            }
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                next += period;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+                p.add_permits(1);
+            }
+            // Release a publisher waiting for its next permit.
+            p.close();
+        });
+        Pacer { permits }
+    }
+
+    /// Wait for the next send time (at once once stopped).
+    pub async fn tick(&self) {
+        if let Ok(permit) = self.permits.acquire().await {
+            permit.forget();
+        }
+    }
+}
