@@ -51,3 +51,25 @@ impl Pacer {
         }
     }
 }
+
+/// The binding key of binding `b` of queue `q`: topic and direct keys
+/// `k.{q}.{b}` (topic binds `k.{q}.{b}.*`), fanout none.
+pub fn binding_key(kind: &str, q: usize, b: usize) -> String {
+    match kind {
+        "topic" => format!("k.{q}.{b}.*"),
+        "fanout" => String::new(),
+        _ => format!("k.{q}.{b}"),
+    }
+}
+
+/// The routing key of the `n`th message: round-robin over the queues, then
+/// over each queue's bindings, so every message matches exactly one binding
+/// (fanout: every queue).
+pub fn routing_key(kind: &str, n: u64, queues: usize, bindings_per_queue: usize) -> String {
+    let q = (n as usize) % queues;
+    let b = (n as usize / queues) % bindings_per_queue;
+    match kind {
+        "topic" => format!("k.{q}.{b}.x"),
+        _ => format!("k.{q}.{b}"),
+    }
+}

@@ -26,7 +26,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
-use wasmq_perf::Pacer;
+use wasmq_perf::{Pacer, binding_key};
 
 #[derive(Parser, Clone)]
 #[command(about = "AMQP load generator (PerfTest-like)")]
@@ -98,21 +98,8 @@ fn queue_name(i: usize) -> String {
     format!("perf-q{i}")
 }
 
-fn binding_key(kind: &str, q: usize, b: usize) -> String {
-    match kind {
-        "topic" => format!("k.{q}.{b}.*"),
-        "fanout" => String::new(),
-        _ => format!("k.{q}.{b}"),
-    }
-}
-
 fn routing_key(kind: &str, n: u64, args: &Args) -> String {
-    let q = (n as usize) % args.queues;
-    let b = (n as usize / args.queues) % args.bindings_per_queue;
-    match kind {
-        "topic" => format!("k.{q}.{b}.x"),
-        _ => format!("k.{q}.{b}"),
-    }
+    wasmq_perf::routing_key(kind, n, args.queues, args.bindings_per_queue)
 }
 
 async fn setup(args: &Args) -> anyhow::Result<()> {

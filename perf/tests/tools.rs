@@ -66,3 +66,54 @@ async fn perf_paced_run_receives_what_it_sends() {
     assert!(field("received") > 500.0, "{out}");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_unpaced_reports_a_delivered_rate() {
+    let t = TestServer::start().await;
+    let addr = t.addr().to_string();
+    let bin = env!("CARGO_BIN_EXE_wasmq-ping");
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            bin,
+            &["--addr", &addr, "--rate", "0", "-s", "1024", "-z", "1"],
+        )
+    })
+    .await
+    .unwrap();
+    let summary = out.lines().last().unwrap();
+    let received: f64 = summary.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!(received > 1000.0, "{out}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_through_fanout_and_topic_exchanges_delivers_every_copy() {
+    let t = TestServer::start().await;
+    for extra in [
+        &["--exchange-type", "fanout", "--queues", "3"][..],
+        &[
+            "--exchange-type",
+            "topic",
+            "--queues",
+            "3",
+            "--bindings-per-queue",
+            "4",
+        ],
+    ] {
+        let addr = t.addr().to_string();
+        let bin = env!("CARGO_BIN_EXE_wasmq-ping");
+        let mut args = vec!["--addr", &addr, "--rate", "1000", "-z", "1"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        // The probe exits non-zero unless every delivery (three per message
+        // through the fanout, one through the topic exchange) arrives.
+        let out = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(bin, &args)
+        })
+        .await
+        .unwrap();
+        assert!(out.lines().last().unwrap().starts_with("summary"), "{out}");
+    }
+    t.stop().await;
+}
