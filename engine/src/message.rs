@@ -74,7 +74,9 @@ pub fn encode_properties(p: &BasicProperties) -> Vec<u8> {
 
 /// Decode AMQP basic properties (flags then fields); `None` if malformed.
 pub fn decode_properties(bytes: &[u8]) -> Option<BasicProperties> {
-    if bytes.is_empty() {
+    // No properties at all (flags 0, as most benchmark and many real
+    // publishers send): nothing to parse.
+    if bytes.is_empty() || bytes == [0, 0] {
         return Some(BasicProperties::default());
     }
     match amq_protocol::protocol::basic::parse_properties(bytes) {
