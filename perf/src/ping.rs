@@ -68,6 +68,10 @@ struct Args {
     /// Bindings per queue (keys as `wasmq-perf` makes them).
     #[arg(long, default_value_t = 1)]
     bindings_per_queue: usize,
+    /// Seconds to wait after the run for deliveries still on their way (a
+    /// paced run ends as soon as all are in).
+    #[arg(long, default_value_t = 0.5)]
+    drain: f64,
 }
 
 impl Args {
@@ -349,29 +353,50 @@ async fn consumer(args: &Args, q: usize) -> anyhow::Result<Conn> {
 }
 
 /// Read deliveries until the run's end plus a drain time.
+/// Whether the run's deliveries are all in: the publisher has stopped and
+/// the consumers together have every copy of what it sent.
+struct AllIn {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    /// Deliveries per message (the queues, through a fanout).
+    copies: u64,
+}
+
+impl AllIn {
+    fn check(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            && self.received.load(Ordering::Relaxed)
+                >= self.sent.load(Ordering::Relaxed) * self.copies
+    }
+}
+
 async fn consume(
     mut c: Conn,
     start: Instant,
     duration: Duration,
-    received: Arc<AtomicU64>,
+    deadline: tokio::time::Instant,
+    all_in: Arc<AllIn>,
 ) -> anyhow::Result<Seen> {
     let mut seen = Seen {
         latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         received: 0,
         in_run: 0,
     };
-    let deadline = tokio::time::Instant::from_std(start) + duration + Duration::from_millis(500);
     // The delivery being read: body bytes still expected, and its first
     // bytes (the timestamp).
     let mut pending: Option<(u64, Vec<u8>)> = None;
     loop {
-        let (kind, payload) =
-            match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()), c.raw_frame())
-                .await
-            {
-                Ok(f) => f?,
-                Err(_) => return Ok(seen),
-            };
+        // Wake now and then to see whether the run is over.
+        let now = tokio::time::Instant::now();
+        let wake = deadline.min(now + Duration::from_millis(50)).max(now);
+        let (kind, payload) = match tokio::time::timeout_at(wake, c.raw_frame()).await {
+            Ok(f) => f?,
+            Err(_) if all_in.check() || tokio::time::Instant::now() >= deadline => {
+                return Ok(seen);
+            }
+            Err(_) => continue,
+        };
         let u16_at = |i: usize| {
             payload
                 .get(i..i + 2)
@@ -409,7 +434,7 @@ async fn consume(
                     if start.elapsed() < duration {
                         seen.in_run += 1;
                     }
-                    received.fetch_add(1, Ordering::Relaxed);
+                    all_in.received.fetch_add(1, Ordering::Relaxed);
                     pending = None;
                 }
             }
@@ -480,9 +505,18 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
+    let all_in = Arc::new(AllIn {
+        stop: stop.clone(),
+        sent: sent.clone(),
+        received: received.clone(),
+        copies,
+    });
+    let deadline = tokio::time::Instant::from_std(start)
+        + duration
+        + Duration::from_secs_f64(args.drain.max(0.0));
     let tasks: Vec<_> = consumers
         .into_iter()
-        .map(|c| tokio::spawn(consume(c, start, duration, received.clone())))
+        .map(|c| tokio::spawn(consume(c, start, duration, deadline, all_in.clone())))
         .collect();
     let producer = tokio::spawn(publish(
         publisher,

@@ -22,7 +22,14 @@ async fn ping_delivers_every_message_and_reports_percentiles() {
     let addr = t.addr().to_string();
     let bin = env!("CARGO_BIN_EXE_wasmq-ping");
     let out = tokio::task::spawn_blocking(move || {
-        run(bin, &["--addr", &addr, "--rate", "2000", "-z", "1"])
+        // A loaded test machine may be slow to deliver; the probe stops as
+        // soon as everything is in.
+        run(
+            bin,
+            &[
+                "--addr", &addr, "--rate", "2000", "-z", "1", "--drain", "30",
+            ],
+        )
     })
     .await
     .unwrap();
@@ -102,7 +109,9 @@ async fn ping_through_fanout_and_topic_exchanges_delivers_every_copy() {
     ] {
         let addr = t.addr().to_string();
         let bin = env!("CARGO_BIN_EXE_wasmq-ping");
-        let mut args = vec!["--addr", &addr, "--rate", "1000", "-z", "1"];
+        let mut args = vec![
+            "--addr", &addr, "--rate", "1000", "-z", "1", "--drain", "30",
+        ];
         args.extend_from_slice(extra);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         // The probe exits non-zero unless every delivery (three per message
