@@ -25,6 +25,10 @@
 //!   version runs until its optimized code is ready.
 //! * `publish/topic_1000`: the broker's whole publish path for one message
 //!   (no network): route through the memo, look up bindings, enqueue.
+//! * `headers_100/native`, `headers_100/wasm`: the `headers` exchange type
+//!   with 100 bindings (half `x-match: all` on two headers, half `any`),
+//!   messages carrying four headers. Headers routing reads the message's
+//!   properties, so it is never memoized: every message takes this path.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,5 +365,143 @@ fn publish(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, topic_1000, hot_swap, publish);
+/// Binding `i` of the headers bench: its arguments as (name, value) pairs.
+fn header_spec(i: usize) -> Vec<(&'static str, String)> {
+    if i % 2 == 0 {
+        vec![
+            ("x-match", "all".into()),
+            ("kind", format!("order{}", i % 10)),
+            ("region", if i % 4 == 0 { "eu" } else { "us" }.into()),
+        ]
+    } else {
+        vec![
+            ("x-match", "any".into()),
+            ("kind", format!("refund{}", i % 10)),
+            ("priority", format!("p{}", i % 3)),
+        ]
+    }
+}
+
+fn header_messages() -> Vec<Vec<(&'static str, String)>> {
+    (0..16)
+        .map(|i| {
+            vec![
+                (
+                    "kind",
+                    format!("{}{}", if i % 2 == 0 { "order" } else { "refund" }, i % 10),
+                ),
+                ("region", if i % 3 == 0 { "eu" } else { "us" }.into()),
+                ("priority", format!("p{}", i % 5)),
+                ("trace-id", format!("4bf92f3577b34da6a3ce929d0e0e{i:04}")),
+            ]
+        })
+        .collect()
+}
+
+fn headers_100(c: &mut Criterion) {
+    use amq_protocol::protocol::BasicProperties;
+    use amq_protocol::types::{AMQPValue, LongString};
+
+    let mut group = c.benchmark_group("headers_100");
+    let sdk_table = |pairs: &[(&str, String)]| {
+        let mut t = wasmq_sdk::FieldTable::new();
+        for (k, v) in pairs {
+            t.insert(*k, v.as_str());
+        }
+        t
+    };
+    let amqp_table = |pairs: &[(&str, String)]| {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(
+                (*k).into(),
+                AMQPValue::LongString(LongString::from(v.as_bytes())),
+            );
+        }
+        t
+    };
+
+    let empty = wasmq_sdk::FieldTable::new();
+    let mut native = <wasmq_plugin_headers::Headers as Router>::new(&wasmq_sdk::Exchange {
+        name: "h",
+        arguments: &empty,
+    })
+    .unwrap();
+    for i in 0..100 {
+        native
+            .bind(&Binding {
+                id: BindingId(i as u32),
+                key: "",
+                target: Target::Queue("q"),
+                arguments: &sdk_table(&header_spec(i)),
+            })
+            .unwrap();
+    }
+    let sdk_headers: Vec<wasmq_sdk::FieldTable> =
+        header_messages().iter().map(|h| sdk_table(h)).collect();
+    let mut out = Destinations::new();
+    let mut n = 0;
+    group.bench_function("native", |b| {
+        b.iter(|| {
+            n = (n + 1) % sdk_headers.len();
+            out.clear();
+            // The SDK's message owns its headers table: build it per call,
+            // as the guest decodes one per call.
+            let m = wasmq_sdk::Message::new("").with_headers(sdk_headers[n].clone());
+            native.route(&m, &mut out);
+            std::hint::black_box(&out);
+        })
+    });
+
+    let host = PluginHost::new(PluginLimits::default(), None, Compiler::Optimizing).unwrap();
+    let version = host.load("headers", builtin("headers"), true).unwrap();
+    let table = Table(
+        (0..100)
+            .map(|i| {
+                let args = wasmq::message::encode_table_body(&amqp_table(&header_spec(i)));
+                (i as u32, binding_input("", false, "q", &args))
+            })
+            .collect(),
+    );
+    let router = RouterPlugin::new(&host, &version, "bench", &[], &table).unwrap();
+    let messages: Vec<Arc<Message>> = header_messages()
+        .iter()
+        .map(|h| {
+            Arc::new(Message::new(
+                "bench",
+                "",
+                BasicProperties::default().with_headers(amqp_table(h)),
+                &b"{}"[..],
+            ))
+        })
+        .collect();
+    let mut ids = Vec::new();
+    group.bench_function("wasm", |b| {
+        b.iter(|| {
+            n = (n + 1) % messages.len();
+            ids.clear();
+            router.route(&messages[n], &table, &mut ids).unwrap();
+            std::hint::black_box(&ids);
+        })
+    });
+    group.finish();
+
+    // Both agree on every message.
+    for (h, m) in sdk_headers.iter().zip(&messages) {
+        out.clear();
+        native.route(
+            &wasmq_sdk::Message::new("").with_headers(h.clone()),
+            &mut out,
+        );
+        let mut want: Vec<u32> = out.ids().into_iter().map(|b| b.0).collect();
+        ids.clear();
+        router.route(m, &table, &mut ids).unwrap();
+        want.sort();
+        ids.sort();
+        assert!(!want.is_empty(), "every message matches some binding");
+        assert_eq!(want, ids, "native and wasm disagree on {h:?}");
+    }
+}
+
+criterion_group!(benches, topic_1000, hot_swap, publish, headers_100);
 criterion_main!(benches);

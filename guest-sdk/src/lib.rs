@@ -76,7 +76,7 @@ pub use roles::{
     Binding, BindingId, Destinations, Exchange, Filter, Outcome, Rewrite, Router, Subscription,
     Target, Transform,
 };
-pub use table::{FieldTable, FieldValue};
+pub use table::{FieldTable, FieldValue, bytes_eq};
 
 /// An error a plugin reports to the broker; its message reaches the user
 /// (for example as the reply text of a refused exchange declaration).

@@ -48,10 +48,14 @@ fn parse(args: &FieldTable) -> Result<(Mode, bool), Error> {
 }
 
 fn same(spec: &FieldValue, header: &FieldValue) -> bool {
-    match (spec.as_i64(), header.as_i64()) {
-        // RabbitMQ compares numbers by value, whatever their wire width.
-        (Some(a), Some(b)) => a == b,
-        _ => spec == header,
+    match (spec, header) {
+        // Strings, the usual header values, compared in whole loads.
+        (FieldValue::String(a), FieldValue::String(b)) => wasmq_sdk::bytes_eq(a, b),
+        _ => match (spec.as_i64(), header.as_i64()) {
+            // RabbitMQ compares numbers by value, whatever their wire width.
+            (Some(a), Some(b)) => a == b,
+            _ => spec == header,
+        },
     }
 }
 
