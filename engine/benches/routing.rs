@@ -367,11 +367,14 @@ fn publish(c: &mut Criterion) {
 
 /// Binding `i` of the headers bench: its arguments as (name, value) pairs.
 fn header_spec(i: usize) -> Vec<(&'static str, String)> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         vec![
             ("x-match", "all".into()),
             ("kind", format!("order{}", i % 10)),
-            ("region", if i % 4 == 0 { "eu" } else { "us" }.into()),
+            (
+                "region",
+                if i.is_multiple_of(4) { "eu" } else { "us" }.into(),
+            ),
         ]
     } else {
         vec![
@@ -383,14 +386,25 @@ fn header_spec(i: usize) -> Vec<(&'static str, String)> {
 }
 
 fn header_messages() -> Vec<Vec<(&'static str, String)>> {
-    (0..16)
+    (0..16usize)
         .map(|i| {
             vec![
                 (
                     "kind",
-                    format!("{}{}", if i % 2 == 0 { "order" } else { "refund" }, i % 10),
+                    format!(
+                        "{}{}",
+                        if i.is_multiple_of(2) {
+                            "order"
+                        } else {
+                            "refund"
+                        },
+                        i % 10
+                    ),
                 ),
-                ("region", if i % 3 == 0 { "eu" } else { "us" }.into()),
+                (
+                    "region",
+                    if i.is_multiple_of(3) { "eu" } else { "us" }.into(),
+                ),
                 ("priority", format!("p{}", i % 5)),
                 ("trace-id", format!("4bf92f3577b34da6a3ce929d0e0e{i:04}")),
             ]
