@@ -34,7 +34,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amq_protocol::types::FieldTable;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use wasmq::broker::VHost;
 use wasmq::plugin::{
     BindingSource, BindingVisitor, Compiler, PluginFault, PluginHost, PluginLimits, RouterPlugin,
@@ -139,14 +140,7 @@ fn topic_1000(c: &mut Criterion) {
         })
         .collect();
     let mut ids = Vec::new();
-    group.bench_function("wasm", |b| {
-        b.iter(|| {
-            n = (n + 1) % messages.len();
-            ids.clear();
-            router.route(&messages[n], &table, &mut ids).unwrap();
-            std::hint::black_box(&ids);
-        })
-    });
+    bench_route(&mut group, "wasm", &router, &table, &messages);
 
     // The same on the baseline compiler's code, which a new version runs
     // until Cranelift's is ready.
@@ -157,14 +151,7 @@ fn topic_1000(c: &mut Criterion) {
         "a baseline compiler on this platform"
     );
     let baseline = RouterPlugin::new(&tiered, &baseline, "bench", &[], &table).unwrap();
-    group.bench_function("wasm_baseline", |b| {
-        b.iter(|| {
-            n = (n + 1) % messages.len();
-            ids.clear();
-            baseline.route(&messages[n], &table, &mut ids).unwrap();
-            std::hint::black_box(&ids);
-        })
-    });
+    bench_route(&mut group, "wasm_baseline", &baseline, &table, &messages);
 
     // Same check the report makes: both routers agree on every key.
     for (k, m) in keys.iter().zip(&messages) {
@@ -183,14 +170,7 @@ fn topic_1000(c: &mut Criterion) {
     let direct = host.load("direct", builtin("direct"), true).unwrap();
     let empty = Table(Vec::new());
     let direct = RouterPlugin::new(&host, &direct, "bench", &[], &empty).unwrap();
-    group.bench_function("call_overhead", |b| {
-        b.iter(|| {
-            n = (n + 1) % messages.len();
-            ids.clear();
-            direct.route(&messages[n], &empty, &mut ids).unwrap();
-            std::hint::black_box(&ids);
-        })
-    });
+    bench_route(&mut group, "call_overhead", &direct, &empty, &messages);
 
     let (broker, vhost) =
         broker_with_topic_exchange(PluginLimits::default(), None, Compiler::Optimizing);
@@ -365,6 +345,26 @@ fn publish(c: &mut Criterion) {
     });
 }
 
+/// Bench `router` on `messages` in rotation, through the plugin host (no memo).
+fn bench_route(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    router: &RouterPlugin,
+    bindings: &dyn BindingSource,
+    messages: &[Arc<Message>],
+) {
+    let mut ids = Vec::new();
+    let mut n = 0;
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            n = (n + 1) % messages.len();
+            ids.clear();
+            router.route(&messages[n], bindings, &mut ids).unwrap();
+            std::hint::black_box(&ids);
+        })
+    });
+}
+
 /// Binding `i` of the headers bench: its arguments as (name, value) pairs.
 fn header_spec(i: usize) -> Vec<(&'static str, String)> {
     if i.is_multiple_of(2) {
@@ -490,14 +490,7 @@ fn headers_100(c: &mut Criterion) {
         })
         .collect();
     let mut ids = Vec::new();
-    group.bench_function("wasm", |b| {
-        b.iter(|| {
-            n = (n + 1) % messages.len();
-            ids.clear();
-            router.route(&messages[n], &table, &mut ids).unwrap();
-            std::hint::black_box(&ids);
-        })
-    });
+    bench_route(&mut group, "wasm", &router, &table, &messages);
     group.finish();
 
     // Both agree on every message.

@@ -14,6 +14,10 @@
 //! consumer within the run: a throughput figure with a client that needs
 //! at most one core.
 //!
+//! `--exchange-type`, `--queues` and `--bindings-per-queue` publish through
+//! an exchange instead, to that many server-named queues, each consumed on
+//! its own connection, with `wasmq-perf`'s binding and routing keys.
+//!
 //! ```text
 //! cargo run --release -p wasmq-perf --bin wasmq-ping -- --addr 127.0.0.1:5672 --rate 10000
 //! cargo run --release -p wasmq-perf --bin wasmq-ping -- --addr 127.0.0.1:5672 --rate 0

@@ -107,17 +107,17 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     frame.advance(HEADER_LEN);
     let payload = frame.slice(..size);
     Ok(Some(match kind {
-        1 => match decode_publish(&payload).map_or_else(
-            || amq_protocol::protocol::parse_class(&payload[..]),
-            |p| Ok((&[][..], p)),
-        ) {
-            Ok(([], class)) => Frame::Method(channel, class),
-            Ok(_) => {
-                return Err(FrameError::Syntax(
-                    "trailing bytes after method arguments".into(),
-                ));
-            }
-            Err(e) => return Err(FrameError::Syntax(format!("cannot decode method: {e}"))),
+        1 => match decode_publish(&payload) {
+            Some(publish) => Frame::Method(channel, publish),
+            None => match amq_protocol::protocol::parse_class(&payload[..]) {
+                Ok(([], class)) => Frame::Method(channel, class),
+                Ok(_) => {
+                    return Err(FrameError::Syntax(
+                        "trailing bytes after method arguments".into(),
+                    ));
+                }
+                Err(e) => return Err(FrameError::Syntax(format!("cannot decode method: {e}"))),
+            },
         },
         2 => {
             if payload.len() < 14 {
