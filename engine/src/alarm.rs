@@ -138,9 +138,17 @@ pub fn memory_total() -> Option<u64> {
 }
 
 /// Give memory freed by the allocator back to the system, so the resident
-/// set reflects what is in use (glibc keeps freed small blocks otherwise,
-/// and an alarm would never clear after a backlog drains).
+/// set reflects what is in use (an alarm would otherwise be slow to clear
+/// after a backlog drains). mimalloc ([`crate::Allocator`]) returns free
+/// pages by itself after a second; this does it now. glibc's malloc, which
+/// a program linking this library without installing the allocator uses,
+/// keeps freed small blocks until trimmed.
 pub fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers; it frees what mimalloc's own
+    // heaps no longer use, and is a cheap no-op where mimalloc holds nothing.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

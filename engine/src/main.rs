@@ -10,6 +10,9 @@ use wasmq::admin::client::{AdminClient, segment};
 use wasmq::plugin::{Compiler, PluginHost};
 use wasmq::server::Server;
 
+#[global_allocator]
+static ALLOCATOR: wasmq::Allocator = wasmq::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "wasmq",

@@ -20,7 +20,7 @@ use crate::{Broker, Config};
 /// How often queues are swept for expired messages.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
 
-/// Shortest time between two `malloc_trim`s: trimming holds the
+/// Shortest time between two releases of free memory: glibc's trim holds the
 /// allocator's locks while it walks the heap, and every other thread that
 /// allocates meanwhile waits.
 const TRIM_EVERY: Duration = Duration::from_secs(5);

@@ -11,6 +11,11 @@ use wasmq::broker::VHost;
 use wasmq::plugin::{Compiler, PluginHost, PluginLimits};
 use wasmq::{Broker, Destination, ExchangeSpec, Message};
 
+// The broker's own allocator, so the tests run what the binary runs (the
+// memory alarm's readings depend on it).
+#[global_allocator]
+static ALLOCATOR: wasmq::Allocator = wasmq::Allocator;
+
 /// The folder the build script compiled the test plugins into.
 pub fn compiled_plugins() -> PathBuf {
     PathBuf::from(env!("WASMQ_TEST_PLUGINS"))
