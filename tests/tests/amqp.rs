@@ -711,3 +711,227 @@ async fn a_fast_publisher_is_held_back_by_a_full_queue() {
         .unwrap()
         .unwrap();
 }
+
+/// The next delivery, or `None` if nothing comes within `wait`.
+async fn next_within(c: &mut lapin::Consumer, wait: Duration) -> Option<lapin::message::Delivery> {
+    tokio::time::timeout(wait, c.next())
+        .await
+        .ok()
+        .map(|d| d.unwrap().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_flow_pauses_and_resumes_deliveries() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
+    let mut c = wasmq_tests::consume(&ch, "q", "c").await;
+    publish(&ch, "", "q", b"before").await;
+    let d = next_within(&mut c, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(d.data, b"before");
+
+    assert!(
+        !ch.channel_flow(ChannelFlowOptions { active: false })
+            .await
+            .unwrap()
+    );
+    let publisher = conn.create_channel().await.unwrap();
+    for body in ["1", "2", "3"] {
+        publish(&publisher, "", "q", body.as_bytes()).await;
+    }
+    assert!(
+        next_within(&mut c, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing is delivered on a paused channel"
+    );
+    // Acks still work while paused.
+    d.ack(BasicAckOptions::default()).await.unwrap();
+
+    assert!(
+        ch.channel_flow(ChannelFlowOptions { active: true })
+            .await
+            .unwrap()
+    );
+    for body in ["1", "2", "3"] {
+        let d = next_within(&mut c, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.data, body.as_bytes());
+        assert!(!d.redelivered, "held back is not redelivered");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_redelivers_unacked_messages() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
+    let mut c = wasmq_tests::consume(&ch, "q", "c").await;
+    for body in ["a", "b"] {
+        publish(&ch, "", "q", body.as_bytes()).await;
+    }
+    for body in ["a", "b"] {
+        let d = next_within(&mut c, Duration::from_secs(5)).await.unwrap();
+        assert_eq!((d.data.as_slice(), d.redelivered), (body.as_bytes(), false));
+    }
+    ch.basic_recover(BasicRecoverOptions { requeue: true })
+        .await
+        .unwrap();
+    for body in ["a", "b"] {
+        let d = next_within(&mut c, Duration::from_secs(5)).await.unwrap();
+        assert_eq!((d.data.as_slice(), d.redelivered), (body.as_bytes(), true));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert!(
+        next_within(&mut c, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_prefetch_limits_the_channel_across_its_consumers() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(3, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    for q in ["q1", "q2"] {
+        wasmq_tests::declare_queue(&ch, q).await;
+        for i in 0..3 {
+            publish(&ch, "", q, format!("{q}-{i}").as_bytes()).await;
+        }
+    }
+    let mut a = wasmq_tests::consume(&ch, "q1", "a").await;
+    let mut b = wasmq_tests::consume(&ch, "q2", "b").await;
+    // Three unacked across both consumers, then nothing.
+    let mut held = Vec::new();
+    loop {
+        tokio::select! {
+            Some(Ok(d)) = a.next() => held.push(d),
+            Some(Ok(d)) = b.next() => held.push(d),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => break,
+        }
+    }
+    assert_eq!(held.len(), 3, "the channel's limit holds across consumers");
+    // Each ack lets one more through.
+    held.pop()
+        .unwrap()
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    let mut more = 0;
+    loop {
+        tokio::select! {
+            Some(Ok(d)) = a.next() => { more += 1; held.push(d); }
+            Some(Ok(d)) = b.next() => { more += 1; held.push(d); }
+            _ = tokio::time::sleep(Duration::from_millis(300)) => break,
+        }
+    }
+    assert_eq!(more, 1);
+    for d in held {
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let mut rest = 0;
+    while rest < 2 {
+        tokio::select! {
+            Some(Ok(d)) = a.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
+            Some(Ok(d)) = b.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("only {rest} of the last 2 arrived"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_get_server_tags_exclusivity_and_cancel() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "q").await;
+    let consumer_count = |ch: Channel| async move {
+        ch.queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .consumer_count()
+    };
+
+    // An empty tag gets a server-generated one; no-ack deliveries need no ack.
+    let mut c = ch
+        .basic_consume(
+            "q".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert!(c.tag().as_str().starts_with("amq.ctag-"), "{}", c.tag());
+    assert_eq!(consumer_count(ch.clone()).await, 1);
+    publish(&ch, "", "q", b"no ack needed").await;
+    let d = next_within(&mut c, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(d.data, b"no ack needed");
+    assert_eq!(get_count(&ch, "q").await, 0);
+
+    // An exclusive consumer is refused while another consumes (403, and
+    // only that channel closes).
+    let other = conn.create_channel().await.unwrap();
+    let err = other
+        .basic_consume(
+            "q".into(),
+            "x".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
+    assert_eq!(consumer_count(ch.clone()).await, 1);
+
+    // Cancelled, the queue is free for an exclusive consumer, which then
+    // keeps others out.
+    ch.basic_cancel(c.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(consumer_count(ch.clone()).await, 0);
+    let excl = conn.create_channel().await.unwrap();
+    let _x = excl
+        .basic_consume(
+            "q".into(),
+            "x".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let late = conn.create_channel().await.unwrap();
+    let err = late
+        .basic_consume(
+            "q".into(),
+            "y".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
+    assert!(ch.status().connected() && excl.status().connected());
+}

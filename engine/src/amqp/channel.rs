@@ -163,6 +163,20 @@ pub(crate) struct Channel {
     /// The exchange the last publish was allowed to write to: publishers
     /// mostly use one, so a restricted user's pattern is matched once.
     writable: Option<String>,
+    /// Deliveries that reached the connection after the client paused the
+    /// channel (`channel.flow`): sent, in order, when it resumes.
+    held: VecDeque<(Arc<Queue>, Arc<Consumer>, Entry)>,
+}
+
+/// What became of a delivery handed to [`Channel::deliver`].
+pub(crate) enum Delivery {
+    /// Written to the output buffer.
+    Written,
+    /// Not sent: given back to its queue (the consumer is gone, or the
+    /// channel is closing), or left in the store (it could not be read).
+    Returned,
+    /// Kept until the client resumes the paused channel.
+    Held,
 }
 
 impl Channel {
@@ -186,6 +200,7 @@ impl Channel {
             last_queue: String::new(),
             next_ctag: 0,
             writable: None,
+            held: VecDeque::new(),
         }
     }
 
@@ -477,12 +492,20 @@ impl Channel {
                 });
             }
             C::Channel(channel::AMQPMethod::Flow(f)) => {
+                // Paused, the channel's consumers have no credit, so queues
+                // stop dispatching to them; deliveries already on their way
+                // are held here. flow-ok follows once nothing more will be
+                // sent, as the spec asks.
+                self.credit.paused.store(!f.active, Ordering::Relaxed);
                 self.send(
                     ctx,
                     C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
                         active: f.active,
                     })),
                 );
+                if f.active {
+                    self.resume(ctx);
+                }
             }
             C::Exchange(m) => self.exchange_method(ctx, m)?,
             C::Queue(m) => self.queue_method(ctx, m)?,
@@ -749,6 +772,7 @@ impl Channel {
                 });
                 // consume-ok goes out before any delivery to this consumer:
                 // it is written to the buffer before the queue can dispatch.
+                let before = ctx.out.len();
                 if !c.nowait {
                     self.send(
                         ctx,
@@ -758,7 +782,8 @@ impl Channel {
                     );
                 }
                 if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
-                    ctx.out.truncate(ctx.out.len()); // nothing to undo: the error closes the channel
+                    // Refused: take the consume-ok back (channel.close follows).
+                    ctx.out.truncate(before);
                     return Err(AmqpError::new(
                         403,
                         format!(
@@ -1043,23 +1068,41 @@ impl Channel {
         }
     }
 
-    /// Write a delivery from a queue. Returns false if the consumer is no
-    /// longer ours (the entry was requeued).
+    /// The client resumed the channel: send what was held, in order, then
+    /// let the queues dispatch again.
+    fn resume(&mut self, ctx: &mut Ctx<'_>) {
+        for (queue, consumer, entry) in std::mem::take(&mut self.held) {
+            // Their window credit comes back now rather than when written:
+            // at most one window per consumer, once.
+            let _ = self.deliver(ctx, queue, consumer.clone(), entry);
+            consumer.written();
+        }
+        for (_, q) in self.consumers.values() {
+            q.dispatch();
+        }
+    }
+
+    /// Write a delivery from a queue (or hold it while the channel is
+    /// paused).
     pub(crate) fn deliver(
         &mut self,
         ctx: &mut Ctx<'_>,
         queue: Arc<Queue>,
         consumer: Arc<Consumer>,
         entry: Entry,
-    ) -> bool {
+    ) -> Delivery {
         let ours = self
             .consumers
             .get(&consumer.tag)
             .is_some_and(|(c, _)| Arc::ptr_eq(c, &consumer));
         if !ours || self.closing {
             consumer.settled();
-            queue.requeue(std::iter::once(entry));
-            return false;
+            queue.put_back(std::iter::once(entry));
+            return Delivery::Returned;
+        }
+        if self.credit.paused.load(Ordering::Relaxed) {
+            self.held.push_back((queue, consumer, entry));
+            return Delivery::Held;
         }
         let m = match queue.message(&entry) {
             Ok(m) => m,
@@ -1067,7 +1110,7 @@ impl Channel {
                 // Left in the log: recovery reports it with file and offset.
                 tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
                 consumer.settled();
-                return false;
+                return Delivery::Returned;
             }
         };
         if entry.redelivered {
@@ -1103,7 +1146,7 @@ impl Channel {
                 },
             ));
         }
-        true
+        Delivery::Written
     }
 
     /// The channel is closing (either side) or its connection is: cancel
@@ -1113,6 +1156,20 @@ impl Channel {
         let tags: Vec<String> = self.consumers.keys().cloned().collect();
         for tag in tags {
             self.cancel_consumer(ctx, &tag);
+        }
+        // Held deliveries were dispatched after the unacked ones: they go
+        // back first, so the unacked end up in front of them.
+        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        for (queue, consumer, entry) in self.held.drain(..) {
+            consumer.settled();
+            consumer.written();
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
+                Some((_, entries)) => entries.push(entry),
+                None => by_queue.push((queue, vec![entry])),
+            }
+        }
+        for (queue, entries) in by_queue {
+            queue.put_back(entries.into_iter());
         }
         self.requeue_all();
     }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
 use super::access::Grant;
-use super::channel::{AmqpError, Channel, Ctx};
+use super::channel::{AmqpError, Channel, Ctx, Delivery};
 use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
 use crate::Broker;
 use crate::broker::{
@@ -987,17 +987,21 @@ impl Connection {
                 consumer,
                 entry,
             } => match channels.get_mut(&consumer.channel) {
-                Some(ch) => {
-                    if ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
+                Some(ch) => match ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
+                    Delivery::Written => {
                         let end = self.out_start + self.out.len() as u64;
                         self.written.push_back((end, consumer, queue));
-                    } else if consumer.written() {
-                        queue.dispatch();
                     }
-                }
+                    Delivery::Returned => {
+                        if consumer.written() {
+                            queue.dispatch();
+                        }
+                    }
+                    Delivery::Held => {}
+                },
                 None => {
                     consumer.settled();
-                    queue.requeue(std::iter::once(entry));
+                    queue.put_back(std::iter::once(entry));
                     consumer.written();
                 }
             },

@@ -31,7 +31,7 @@
 //! `x-max-priority` orders ready messages by priority ([`super::ready`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -254,6 +254,9 @@ pub struct ChannelCredit {
     pub limit: AtomicU32,
     /// Unacked deliveries across the channel's consumers.
     pub unacked: AtomicU32,
+    /// The client asked the channel to stop sending content
+    /// (`channel.flow` with `active = false`): its consumers get nothing.
+    pub paused: AtomicBool,
 }
 
 /// What a queue sends a consumer's connection.
@@ -304,7 +307,9 @@ pub struct Consumer {
 
 impl Consumer {
     fn has_credit(&self) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) >= CONSUMER_WINDOW {
+        if self.in_flight.load(Ordering::Relaxed) >= CONSUMER_WINDOW
+            || self.channel_credit.paused.load(Ordering::Relaxed)
+        {
             return false;
         }
         if self.no_ack {
@@ -708,11 +713,22 @@ impl Queue {
     /// Put deliveries back at the head of the queue, in their original
     /// order, marked redelivered.
     pub fn requeue(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>) {
+        self.return_front(entries, true);
+    }
+
+    /// Put back, at the head and in order, entries that were dispatched but
+    /// never reached the client: unlike [`Queue::requeue`] they are not
+    /// marked redelivered.
+    pub fn put_back(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>) {
+        self.return_front(entries, false);
+    }
+
+    fn return_front(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>, mark: bool) {
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
             for mut e in entries.rev() {
-                e.redelivered = true;
+                e.redelivered |= mark;
                 self.hold(&mut st, &e);
                 st.messages.push_front(e);
             }
