@@ -223,6 +223,31 @@ async fn a_vhost_without_permissions_is_refused_at_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqplain_logs_in_like_plain() {
+    let t = server().await;
+    let url = |user: &str, password: &str| {
+        format!(
+            "amqp://{user}:{password}@{}/%2f?auth_mechanism=amqplain",
+            t.addr()
+        )
+    };
+    let conn = Connection::connect(&url("app", "app-pw"), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "app.amqplain").await;
+    // The user's permissions apply as with PLAIN.
+    refused(
+        &declare_exchange(&ch, "billing.x").await.unwrap_err(),
+        "configure access to exchange 'billing.x' in vhost '/' refused for user 'app'",
+    );
+    let err = Connection::connect(&url("app", "wrong"), Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_access_follows_the_users_tags() {
     let t = server().await;
     let status = |r: Result<serde_json::Value, ClientError>| match r {

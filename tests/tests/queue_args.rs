@@ -275,6 +275,78 @@ async fn length_limits_drop_the_head_or_refuse_the_publish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_limits_and_reject_publish_dlx() {
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    dead_letter_target(&ch).await;
+    let confirmed = |body: &'static str, queue: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        }
+    };
+
+    // Ten body bytes at most: the third 4-byte message drops the first.
+    let args = table(&[
+        ("x-max-length-bytes", AMQPValue::LongInt(10)),
+        ("x-dead-letter-exchange", text("dlx")),
+    ]);
+    ch.queue_declare("sized".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    for body in ["aaaa", "bbbb", "cccc"] {
+        assert!(confirmed(body, "sized").await.is_ack());
+    }
+    let dropped = next(&ch, "dead").await;
+    assert_eq!(dropped.delivery.data, b"aaaa");
+    assert_eq!(
+        first_death(&dropped).inner().get("reason"),
+        Some(&text("maxlen"))
+    );
+    assert_eq!(
+        wasmq_tests::get_all(&ch, "sized").await,
+        [("bbbb".to_string(), false), ("cccc".to_string(), false)]
+    );
+
+    // reject-publish-dlx: the publish is refused (nack) and the refused
+    // message is dead-lettered; the queue keeps what it had.
+    let args = table(&[
+        ("x-max-length", AMQPValue::LongInt(1)),
+        ("x-overflow", text("reject-publish-dlx")),
+        ("x-dead-letter-exchange", text("dlx")),
+    ]);
+    ch.queue_declare("full".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    assert!(confirmed("kept", "full").await.is_ack());
+    assert!(confirmed("refused", "full").await.is_nack());
+    let refused = next(&ch, "dead").await;
+    assert_eq!(refused.delivery.data, b"refused");
+    assert_eq!(
+        first_death(&refused).inner().get("reason"),
+        Some(&text("maxlen"))
+    );
+    assert_eq!(
+        wasmq_tests::get_all(&ch, "full").await,
+        [("kept".to_string(), false)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_queue_arguments_and_expirations_are_406() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
