@@ -347,6 +347,78 @@ async fn byte_limits_and_reject_publish_dlx() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_tables_of_every_type_survive_delivery_and_dead_lettering() {
+    use lapin::types::{ByteArray, DecimalValue, FieldArray};
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    dead_letter_target(&ch).await;
+    let args = table(&[("x-dead-letter-exchange", text("dlx"))]);
+    ch.queue_declare("q".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let nested = table(&[
+        ("inner", text("value")),
+        (
+            "list",
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(1), text("two")])),
+        ),
+    ]);
+    let headers = table(&[
+        ("bool", AMQPValue::Boolean(true)),
+        ("i8", AMQPValue::ShortShortInt(-8)),
+        ("u8", AMQPValue::ShortShortUInt(8)),
+        ("i16", AMQPValue::ShortInt(-16)),
+        ("u16", AMQPValue::ShortUInt(16)),
+        ("i32", AMQPValue::LongInt(-32)),
+        ("u32", AMQPValue::LongUInt(32)),
+        ("i64", AMQPValue::LongLongInt(-64)),
+        ("f32", AMQPValue::Float(1.5)),
+        ("f64", AMQPValue::Double(-2.25)),
+        (
+            "decimal",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 12345,
+            }),
+        ),
+        ("text", text("ünïcode ✓")),
+        ("timestamp", AMQPValue::Timestamp(1_700_000_000)),
+        ("table", AMQPValue::FieldTable(nested)),
+        (
+            "bytes",
+            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])),
+        ),
+        ("void", AMQPValue::Void),
+    ]);
+    let props = BasicProperties::default().with_headers(headers.clone());
+    publish(&ch, "q", b"typed", props.clone()).await;
+    publish(&ch, "q", b"typed, rejected", props).await;
+
+    // Delivered: the headers as sent.
+    let m = next(&ch, "q").await;
+    assert_eq!(m.delivery.properties.headers().as_ref(), Some(&headers));
+    // Dead-lettered (the broker re-encodes the table to add x-death): every
+    // header as sent, beside x-death.
+    let m = ch
+        .basic_get("q".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let dead = next(&ch, "dead").await;
+    assert_eq!(dead.delivery.data, b"typed, rejected");
+    let got = dead.delivery.properties.headers().clone().unwrap();
+    for (k, v) in headers.inner() {
+        assert_eq!(got.inner().get(k), Some(v), "{k}");
+    }
+    assert!(got.inner().contains_key("x-death"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_queue_arguments_and_expirations_are_406() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
