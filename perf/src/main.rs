@@ -25,6 +25,11 @@ use hdrhistogram::Histogram;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+
+// The broker's allocator: lapin allocates a message on its reader thread
+// and the consumer frees it on another, as the broker does.
+#[global_allocator]
+static ALLOCATOR: wasmq::Allocator = wasmq::Allocator;
 use tokio::sync::Mutex;
 use wasmq_perf::{Pacer, binding_key};
 
