@@ -5,6 +5,60 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The probe's pacing: a `timerfd` armed with the period and read through
+/// the runtime's own epoll, so the one thread that sends and receives also
+/// keeps time. A [`Pacer`] costs a thread and a cross-thread wake-up per
+/// message, and on two shared cores that extra thread competes with the
+/// broker and the probe for a core. Timer slack does not apply to timerfd.
+/// Periods missed while the publisher was busy are owed and paid at once.
+#[cfg(target_os = "linux")]
+pub struct Ticker {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    owed: u64,
+}
+
+#[cfg(target_os = "linux")]
+impl Ticker {
+    /// A ticker that fires every `period`, the first time one period from
+    /// now. Needs a Tokio runtime with IO enabled.
+    pub fn start(period: Duration) -> std::io::Result<Ticker> {
+        use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
+        let fd = rustix::time::timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        let every = Timespec::try_from(period).map_err(std::io::Error::other)?;
+        rustix::time::timerfd_settime(
+            &fd,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: every,
+                it_value: every,
+            },
+        )?;
+        // SAFETY: the `OwnedFd` owns the timerfd, and the ticker neither
+        // replaces nor closes it while registered.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd)? };
+        Ok(Ticker { fd, owed: 0 })
+    }
+
+    /// Wait for the next period (at once if one is owed).
+    pub async fn tick(&mut self) -> std::io::Result<()> {
+        while self.owed == 0 {
+            let mut ready = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            match ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expirations)?)) {
+                Ok(Ok(8)) => self.owed = u64::from_ne_bytes(expirations),
+                Ok(Ok(n)) => return Err(std::io::Error::other(format!("timerfd read {n} bytes"))),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        self.owed -= 1;
+        Ok(())
+    }
+}
+
 /// Evenly spaced publishing at a fixed rate. Tokio's timer counts in whole
 /// milliseconds, so pacing 10k msg/s with `tokio::time::sleep` sent bursts
 /// of ten every millisecond, and each message's latency then included

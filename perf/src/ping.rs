@@ -36,7 +36,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wasmq::amqp::frame::{Frame, PROTOCOL_HEADER, decode, encode_content, encode_method};
-use wasmq_perf::{Pacer, binding_key, routing_key};
+use wasmq_perf::{Ticker, binding_key, routing_key};
 
 #[derive(Parser, Clone)]
 #[command(about = "AMQP publish-to-delivery latency probe (one client thread, raw AMQP)")]
@@ -236,12 +236,10 @@ async fn publish(
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let pacer = (args.rate > 0).then(|| {
-        Pacer::start(
-            Duration::from_nanos(1_000_000_000 / args.rate),
-            stop.clone(),
-        )
-    });
+    let mut pacer = match args.rate {
+        0 => None,
+        rate => Some(Ticker::start(Duration::from_nanos(1_000_000_000 / rate))?),
+    };
     // Unpaced, publishes go out 64 to a write.
     let batch = if pacer.is_some() { 1 } else { 64 };
     // Each routing key's message frames, encoded once; each send copies
@@ -273,8 +271,8 @@ async fn publish(
     let end = Duration::from_secs(args.duration);
     let mut n = 0;
     while start.elapsed() < end {
-        if let Some(p) = &pacer {
-            p.tick().await;
+        if let Some(p) = &mut pacer {
+            p.tick().await?;
         }
         c.out.clear();
         for _ in 0..batch {
