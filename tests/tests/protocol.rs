@@ -440,3 +440,109 @@ async fn a_client_that_writes_without_reading_is_still_read() {
     assert_eq!((delivered, bytes), (MESSAGES, MESSAGES * SIZE));
     still_serving(&t).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_flow_holds_deliveries_already_on_their_way() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    // 20 MB in all: more than the sockets buffer, so the broker is still
+    // sending when the client pauses it.
+    const N: usize = 5000;
+    let body = |i: usize| format!("{i:08}{}", "x".repeat(4088));
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    // A backlog first, so deliveries stream as fast as the broker sends.
+    let conn = t.connect().await;
+    let publisher = conn.create_channel().await.unwrap();
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..N {
+        publisher
+            .basic_publish(
+                "".into(),
+                "q".into(),
+                BasicPublishOptions::default(),
+                body(i).as_bytes(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+    publisher.wait_for_confirms().await.unwrap();
+
+    let flow = |active| AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active }));
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    // Pause once deliveries are streaming: the connection then holds
+    // dispatched deliveries it has not written yet.
+    let mut bodies = Vec::new();
+    let mut paused = false;
+    let mut flow_ok = None;
+    while flow_ok.is_none() {
+        match r.frame().await.expect("socket open") {
+            Frame::Body(1, b) => {
+                bodies.push(b);
+                if !paused {
+                    r.send_method(1, flow(false)).await;
+                    paused = true;
+                }
+            }
+            Frame::Method(1, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok))) => {
+                flow_ok = Some(ok.active)
+            }
+            Frame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) => {
+                assert!(!d.redelivered)
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(flow_ok, Some(false));
+    let before = bodies.len();
+    assert!(before < N, "paused before the backlog was all sent");
+    // Nothing follows flow-ok while paused.
+    match tokio::time::timeout(Duration::from_millis(300), r.frame()).await {
+        Err(_) => {}
+        Ok(f) => panic!("a frame after flow-ok(active=false): {f:?}"),
+    }
+    r.send_method(1, flow(true)).await;
+    let mut resumed = false;
+    while bodies.len() < N {
+        match r.frame().await.expect("socket open") {
+            Frame::Body(1, b) => {
+                assert!(resumed, "a delivery came before flow-ok(active=true)");
+                bodies.push(b);
+            }
+            Frame::Method(1, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok))) => {
+                assert!(ok.active);
+                resumed = true;
+            }
+            Frame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) => {
+                assert!(!d.redelivered, "held back is not redelivered")
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        bodies
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b == body(i).as_bytes()),
+        "every message once, in order"
+    );
+}
