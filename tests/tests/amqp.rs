@@ -746,6 +746,17 @@ async fn channel_flow_pauses_and_resumes_deliveries() {
             .is_none(),
         "nothing is delivered on a paused channel"
     );
+    let paused = |admin: wasmq::admin::client::AdminClient| async move {
+        tokio::task::spawn_blocking(move || admin.get("/api/channels").unwrap())
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["flow_paused"] == true)
+            .count()
+    };
+    assert_eq!(paused(t.admin()).await, 1, "the admin API shows it");
     // Acks still work while paused.
     d.ack(BasicAckOptions::default()).await.unwrap();
 
@@ -760,6 +771,7 @@ async fn channel_flow_pauses_and_resumes_deliveries() {
         assert!(!d.redelivered, "held back is not redelivered");
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
+    assert_eq!(paused(t.admin()).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,6 +352,8 @@ async fn channels(State(s): State<AdminState>) -> Json<Value> {
                 "transactional": ch.is_transactional(),
                 "prefetch_count": ch.credit.limit.load(Ordering::Relaxed),
                 "messages_unacknowledged": ch.credit.unacked.load(Ordering::Relaxed),
+                // The client paused its deliveries (channel.flow).
+                "flow_paused": ch.credit.paused.load(Ordering::Relaxed),
             }));
         }
     }
