@@ -166,11 +166,7 @@ async fn auth(
         .as_deref()
         .and_then(|c| c.split_once(':'))
         .and_then(|(name, password)| {
-            state.users.iter().find(|u| {
-                u.name == name
-                    && u.password == password
-                    && (!u.loopback_only || peer.ip().is_loopback())
-            })
+            crate::amqp::access::authenticate(&state.users, name, password, peer.ip())
         });
     if let Some(user) = user {
         // RabbitMQ's management tags: administrators may do everything,

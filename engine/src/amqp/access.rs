@@ -19,6 +19,7 @@
 //! line), and a user granted everything skips the matching: the publish
 //! path of the common `vhosts = [...]` user pays one branch.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use regex::Regex;
@@ -53,6 +54,20 @@ pub struct User {
     pub tags: Vec<String>,
 }
 
+/// The user `name` if `password` is its password and it may connect from
+/// `peer` (AMQP logins and the admin API's basic auth alike).
+pub fn authenticate<'a>(
+    users: &'a [User],
+    name: &str,
+    password: &str,
+    peer: IpAddr,
+) -> Option<&'a User> {
+    users
+        .iter()
+        .find(|u| u.name == name && u.password == password)
+        .filter(|u| u.may_connect_from(peer))
+}
+
 fn default_vhosts() -> Vec<String> {
     vec!["/".into()]
 }
@@ -69,6 +84,13 @@ impl User {
             loopback_only: true,
             tags: vec!["administrator".into()],
         }
+    }
+
+    /// Whether it may log in from `peer`: anywhere, or only from a loopback
+    /// address (an IPv4 client of a dual-stack listener shows as
+    /// `::ffff:127.0.0.1`, which is loopback too).
+    pub fn may_connect_from(&self, peer: IpAddr) -> bool {
+        !self.loopback_only || peer.to_canonical().is_loopback()
     }
 
     /// The user's permissions in `vhost`, `None` if it may not open it.
@@ -246,6 +268,25 @@ mod tests {
 
     fn user(toml_text: &str) -> User {
         toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn guest_logs_in_from_loopback_only_and_passwords_must_match() {
+        let users = [User::guest(), user("name = \"app\"\npassword = \"pw\"")];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let who = |name, password, peer| {
+            authenticate(&users, name, password, ip(peer)).map(|u| u.name.as_str())
+        };
+        for local in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(who("guest", "guest", local), Some("guest"), "{local}");
+        }
+        for remote in ["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7"] {
+            assert_eq!(who("guest", "guest", remote), None, "{remote}");
+            assert_eq!(who("app", "pw", remote), Some("app"), "{remote}");
+        }
+        assert_eq!(who("guest", "wrong", "127.0.0.1"), None);
+        assert_eq!(who("app", "guest", "127.0.0.1"), None);
+        assert_eq!(who("nobody", "guest", "127.0.0.1"), None);
     }
 
     #[test]

@@ -333,13 +333,10 @@ async fn handshake(
         return Err(HandshakeError::Unexpected);
     };
     let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
-    let user = creds.as_ref().and_then(|(name, pass)| {
-        config
-            .users
-            .iter()
-            .find(|u| u.name == *name && u.password == *pass)
-    });
-    let Some(user) = user.filter(|u| !u.loopback_only || peer.ip().is_loopback()) else {
+    let user = creds
+        .as_ref()
+        .and_then(|(name, pass)| super::access::authenticate(&config.users, name, pass, peer.ip()));
+    let Some(user) = user else {
         let who = creds.map(|c| c.0).unwrap_or_default();
         tracing::warn!(%peer, user = %who, "authentication failed");
         let text = format!(
