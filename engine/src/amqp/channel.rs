@@ -999,10 +999,7 @@ impl Channel {
             }
             // An ack of a message that is in no log needs nothing more.
             if requeue.is_some() || u.entry.stored.is_some() {
-                match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                    Some((_, v)) => v.push(u.entry),
-                    None => by_queue.push((u.queue.clone(), vec![u.entry])),
-                }
+                group_by_queue(&mut by_queue, &u.queue, u.entry);
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue);
@@ -1036,10 +1033,7 @@ impl Channel {
             if let Some(c) = &u.consumer {
                 c.settled();
             }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                Some((_, v)) => v.push(u.entry),
-                None => by_queue.push((u.queue, vec![u.entry])),
-            }
+            group_by_queue(&mut by_queue, &u.queue, u.entry);
         }
         for (q, entries) in by_queue {
             q.requeue(entries.into_iter());
@@ -1163,15 +1157,21 @@ impl Channel {
         for (queue, consumer, entry) in self.held.drain(..) {
             consumer.settled();
             consumer.written();
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
-                Some((_, entries)) => entries.push(entry),
-                None => by_queue.push((queue, vec![entry])),
-            }
+            group_by_queue(&mut by_queue, &queue, entry);
         }
         for (queue, entries) in by_queue {
             queue.put_back(entries.into_iter());
         }
         self.requeue_all();
+    }
+}
+
+/// Add `entry` to `queue`'s group, keeping the order entries came in, so
+/// each queue is then called once for all of its entries.
+fn group_by_queue(groups: &mut Vec<(Arc<Queue>, Vec<Entry>)>, queue: &Arc<Queue>, entry: Entry) {
+    match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, queue)) {
+        Some((_, entries)) => entries.push(entry),
+        None => groups.push((queue.clone(), vec![entry])),
     }
 }
 
