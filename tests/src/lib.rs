@@ -375,6 +375,30 @@ pub async fn get_all(ch: &lapin::Channel, queue: &str) -> Vec<(String, bool)> {
     out
 }
 
+/// A new channel of `conn` in confirm mode.
+pub async fn confirm_channel(conn: &lapin::Connection) -> lapin::Channel {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch
+}
+
+/// `queue.declare` with `passive`: the queue's message and consumer
+/// counts, or the broker's refusal (404 when there is no such queue).
+pub async fn declare_passive(
+    ch: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::Queue, lapin::Error> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+}
+
 /// Declare a plain queue over AMQP.
 pub async fn declare_queue(ch: &lapin::Channel, name: &str) {
     ch.queue_declare(name.into(), Default::default(), Default::default())

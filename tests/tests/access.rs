@@ -199,16 +199,9 @@ async fn a_restricted_user_works_inside_its_patterns_and_is_refused_outside() {
     let q = t.broker().vhost("/").unwrap().queue("billing.q").unwrap();
     assert_eq!(q.len(), 0);
     // Passive declares need no permission.
-    ch.queue_declare(
-        "billing.q".into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wasmq_tests::declare_passive(&ch, "billing.q")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,15 +96,13 @@ async fn topic_routing_publish_consume_ack() {
         assert!(!d.redelivered);
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let q = ch.queue_declare(
-        "all".into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
+    assert_eq!(
+        wasmq_tests::declare_passive(&ch, "all")
+            .await
+            .unwrap()
+            .message_count(),
+        3
     );
-    assert_eq!(q.await.unwrap().message_count(), 3);
     conn.close(200, "bye".into()).await.unwrap();
 }
 
@@ -112,10 +110,7 @@ async fn topic_routing_publish_consume_ack() {
 async fn confirms_and_mandatory_returns() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     declare(&ch, "d", ExchangeKind::Direct, &[("q", "k")]).await;
     assert_eq!(publish(&ch, "d", "k", b"x").await, Confirmation::Ack(None));
     let c = ch
@@ -145,10 +140,7 @@ async fn plugin_faults_nack_confirms_and_return_mandatory_messages() {
     let t = TestServer::start().await;
     t.install("faulty", "faulty");
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     declare(
         &ch,
         "bad",
@@ -237,17 +229,10 @@ async fn custom_exchange_types_filters_and_transforms_over_amqp() {
 type ChannelOp = Box<dyn Fn(Channel) -> futures_lite::future::Boxed<lapin::Result<()>>>;
 
 async fn get_count(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
+    wasmq_tests::declare_passive(ch, queue)
+        .await
+        .unwrap()
+        .message_count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,13 +364,7 @@ async fn prefetch_limits_unacked_and_consumers_share_round_robin() {
     let mut held = Vec::new();
     for c in [&mut a, &mut b] {
         for _ in 0..2 {
-            held.push(
-                tokio::time::timeout(Duration::from_secs(5), c.next())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .unwrap(),
-            );
+            held.push(next_within(c, Duration::from_secs(5)).await.unwrap());
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -395,14 +374,7 @@ async fn prefetch_limits_unacked_and_consumers_share_round_robin() {
     for d in held {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let mut rest = 0;
-    while rest < 6 {
-        tokio::select! {
-            Some(Ok(d)) = a.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
-            Some(Ok(d)) = b.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("only {rest} of the remaining 6 arrived"),
-        }
-    }
+    ack_next(&mut a, &mut b, 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,17 +425,7 @@ async fn get_purge_delete_and_nack_requeue() {
             .unwrap(),
         1
     );
-    let err = ch
-        .queue_declare(
-            "q".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    assert!(err.is_err());
+    assert!(wasmq_tests::declare_passive(&ch, "q").await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,6 +682,34 @@ async fn next_within(c: &mut lapin::Consumer, wait: Duration) -> Option<lapin::m
         .map(|d| d.unwrap().unwrap())
 }
 
+/// Deliveries from either consumer, until neither gets one for 300 ms.
+async fn until_quiet(
+    a: &mut lapin::Consumer,
+    b: &mut lapin::Consumer,
+) -> Vec<lapin::message::Delivery> {
+    let mut got = Vec::new();
+    loop {
+        tokio::select! {
+            Some(Ok(d)) = a.next() => got.push(d),
+            Some(Ok(d)) = b.next() => got.push(d),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => return got,
+        }
+    }
+}
+
+/// Take and ack `n` more deliveries from either consumer; fails if 5 s
+/// pass without one.
+async fn ack_next(a: &mut lapin::Consumer, b: &mut lapin::Consumer, n: usize) {
+    for got in 0..n {
+        let d = tokio::select! {
+            Some(Ok(d)) = a.next() => d,
+            Some(Ok(d)) = b.next() => d,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("only {got} of the remaining {n} arrived"),
+        };
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_flow_pauses_and_resumes_deliveries() {
     let t = TestServer::start().await;
@@ -820,14 +810,7 @@ async fn global_prefetch_limits_the_channel_across_its_consumers() {
     let mut a = wasmq_tests::consume(&ch, "q1", "a").await;
     let mut b = wasmq_tests::consume(&ch, "q2", "b").await;
     // Three unacked across both consumers, then nothing.
-    let mut held = Vec::new();
-    loop {
-        tokio::select! {
-            Some(Ok(d)) = a.next() => held.push(d),
-            Some(Ok(d)) = b.next() => held.push(d),
-            _ = tokio::time::sleep(Duration::from_millis(300)) => break,
-        }
-    }
+    let mut held = until_quiet(&mut a, &mut b).await;
     assert_eq!(held.len(), 3, "the channel's limit holds across consumers");
     // Each ack lets one more through.
     held.pop()
@@ -835,26 +818,12 @@ async fn global_prefetch_limits_the_channel_across_its_consumers() {
         .ack(BasicAckOptions::default())
         .await
         .unwrap();
-    let mut more = 0;
-    loop {
-        tokio::select! {
-            Some(Ok(d)) = a.next() => { more += 1; held.push(d); }
-            Some(Ok(d)) = b.next() => { more += 1; held.push(d); }
-            _ = tokio::time::sleep(Duration::from_millis(300)) => break,
-        }
-    }
-    assert_eq!(more, 1);
-    for d in held {
+    let more = until_quiet(&mut a, &mut b).await;
+    assert_eq!(more.len(), 1);
+    for d in held.into_iter().chain(more) {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let mut rest = 0;
-    while rest < 2 {
-        tokio::select! {
-            Some(Ok(d)) = a.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
-            Some(Ok(d)) = b.next() => { d.ack(BasicAckOptions::default()).await.unwrap(); rest += 1; }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("only {rest} of the last 2 arrived"),
-        }
-    }
+    ack_next(&mut a, &mut b, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -864,17 +833,10 @@ async fn consumers_get_server_tags_exclusivity_and_cancel() {
     let ch = conn.create_channel().await.unwrap();
     wasmq_tests::declare_queue(&ch, "q").await;
     let consumer_count = |ch: Channel| async move {
-        ch.queue_declare(
-            "q".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .consumer_count()
+        wasmq_tests::declare_passive(&ch, "q")
+            .await
+            .unwrap()
+            .consumer_count()
     };
 
     // An empty tag gets a server-generated one; no-ack deliveries need no ack.
@@ -897,21 +859,24 @@ async fn consumers_get_server_tags_exclusivity_and_cancel() {
     assert_eq!(d.data, b"no ack needed");
     assert_eq!(get_count(&ch, "q").await, 0);
 
+    // Consume from "q" on a new channel of `conn`.
+    let consume_on_new = |tag: &'static str, exclusive: bool| {
+        let conn = &conn;
+        async move {
+            let ch = conn.create_channel().await.unwrap();
+            let options = BasicConsumeOptions {
+                exclusive,
+                ..Default::default()
+            };
+            let consumer = ch
+                .basic_consume("q".into(), tag.into(), options, FieldTable::default())
+                .await;
+            (ch, consumer)
+        }
+    };
     // An exclusive consumer is refused while another consumes (403, and
     // only that channel closes).
-    let other = conn.create_channel().await.unwrap();
-    let err = other
-        .basic_consume(
-            "q".into(),
-            "x".into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_err();
+    let err = consume_on_new("x", true).await.1.unwrap_err();
     assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
     assert_eq!(consumer_count(ch.clone()).await, 1);
 
@@ -921,29 +886,9 @@ async fn consumers_get_server_tags_exclusivity_and_cancel() {
         .await
         .unwrap();
     assert_eq!(consumer_count(ch.clone()).await, 0);
-    let excl = conn.create_channel().await.unwrap();
-    let _x = excl
-        .basic_consume(
-            "q".into(),
-            "x".into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let late = conn.create_channel().await.unwrap();
-    let err = late
-        .basic_consume(
-            "q".into(),
-            "y".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_err();
+    let (excl, x) = consume_on_new("x", true).await;
+    let _x = x.unwrap();
+    let err = consume_on_new("y", false).await.1.unwrap_err();
     assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
     assert!(ch.status().connected() && excl.status().connected());
 }

@@ -43,24 +43,14 @@ async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: Ba
 
 async fn channel(t: &TestServer) -> (lapin::Connection, Channel) {
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     (conn, ch)
 }
 
 async fn count(ch: &Channel, queue: &str) -> Result<u32, lapin::Error> {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map(|q| q.message_count())
+    wasmq_tests::declare_passive(ch, queue)
+        .await
+        .map(|q| q.message_count())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,10 +107,7 @@ async fn durable_definitions_and_persistent_messages_survive_a_restart() {
         wasmq_tests::reply_code(&count(&ch, "scratch").await.unwrap_err()),
         Some(404)
     );
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     assert_eq!(
         wasmq_tests::get_all(&ch, "orders").await,
         vec![("p1".into(), true), ("p3".into(), true)],
@@ -346,10 +333,7 @@ async fn low_disk_space_blocks_publishers_but_not_consumers() {
         .await
         .unwrap();
     let publisher = t.connect().await;
-    let pch = publisher.create_channel().await.unwrap();
-    pch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let pch = wasmq_tests::confirm_channel(&publisher).await;
     pch.basic_publish(
         "".into(),
         "q".into(),
@@ -375,10 +359,7 @@ async fn low_disk_space_blocks_publishers_but_not_consumers() {
 async fn clearing_the_alarm_unblocks_publishers_and_their_publishes_go_through() {
     let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     ch.queue_declare("q".into(), durable(), FieldTable::default())
         .await
         .unwrap();

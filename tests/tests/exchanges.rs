@@ -59,10 +59,7 @@ fn bodies(got: Vec<(String, bool)>) -> Vec<String> {
 async fn exchange_to_exchange_bindings_route_through_internal_exchanges() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     exchange(
         &ch,
         "events",
@@ -122,15 +119,7 @@ async fn exchange_to_exchange_bindings_route_through_internal_exchanges() {
     )
     .await
     .unwrap();
-    let err = bad
-        .queue_declare(
-            "billing".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let err = wasmq_tests::declare_passive(&bad, "billing")
         .await
         .unwrap_err();
     assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
@@ -142,10 +131,7 @@ async fn exchange_to_exchange_bindings_route_through_internal_exchanges() {
 async fn unroutable_messages_go_to_the_alternate_exchange() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     exchange(
         &ch,
         "unrouted",

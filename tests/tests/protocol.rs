@@ -186,6 +186,19 @@ fn publish(routing_key: &str) -> AMQPClass {
     }))
 }
 
+/// `basic.consume` of `queue` with no-ack, consumer tag `c`.
+fn consume_no_ack(queue: &str) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: queue.into(),
+        consumer_tag: "c".into(),
+        no_local: false,
+        no_ack: true,
+        exclusive: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }))
+}
+
 /// The broker still serves a well-behaved client.
 async fn still_serving(t: &TestServer) {
     let mut r = Raw::open(t, 0, 131_072, "guest", "/").await;
@@ -394,19 +407,7 @@ async fn a_client_that_writes_without_reading_is_still_read() {
     r.open_channel(1).await;
     r.send_method(1, declare("loop")).await;
     r.expect_declare_ok(1).await;
-    r.send_method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: "loop".into(),
-            consumer_tag: "c".into(),
-            no_local: false,
-            no_ack: true,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
+    r.send_method(1, consume_no_ack("loop")).await;
     assert!(matches!(
         r.frame().await,
         Some(Frame::Method(
@@ -443,7 +444,7 @@ async fn a_client_that_writes_without_reading_is_still_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_flow_holds_deliveries_already_on_their_way() {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::options::BasicPublishOptions;
     // 20 MB in all: more than the sockets buffer, so the broker is still
     // sending when the client pauses it.
     const N: usize = 5000;
@@ -456,11 +457,7 @@ async fn channel_flow_holds_deliveries_already_on_their_way() {
     r.expect_declare_ok(1).await;
     // A backlog first, so deliveries stream as fast as the broker sends.
     let conn = t.connect().await;
-    let publisher = conn.create_channel().await.unwrap();
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let publisher = wasmq_tests::confirm_channel(&conn).await;
     for i in 0..N {
         publisher
             .basic_publish(
@@ -476,19 +473,7 @@ async fn channel_flow_holds_deliveries_already_on_their_way() {
     publisher.wait_for_confirms().await.unwrap();
 
     let flow = |active| AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active }));
-    r.send_method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: "q".into(),
-            consumer_tag: "c".into(),
-            no_local: false,
-            no_ack: true,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    )
-    .await;
+    r.send_method(1, consume_no_ack("q")).await;
     // Pause once deliveries are streaming: the connection then holds
     // dispatched deliveries it has not written yet.
     let mut bodies = Vec::new();

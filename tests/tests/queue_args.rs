@@ -42,7 +42,14 @@ async fn dead_letter_target(ch: &Channel) {
     .unwrap();
 }
 
-async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+/// Publish to `queue` through the default exchange; on a confirm channel,
+/// the broker's ack or nack.
+async fn publish(
+    ch: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> lapin::Confirmation {
     ch.basic_publish(
         "".into(),
         queue.into(),
@@ -53,7 +60,21 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties)
     .await
     .unwrap()
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Take the next message of `queue` and reject it without requeue (so it
+/// is dead-lettered).
+async fn get_and_reject(ch: &Channel, queue: &str) {
+    let m = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a message to reject");
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
 }
 
 /// Wait for a message on `queue` (polling basic.get).
@@ -168,15 +189,7 @@ async fn rejected_messages_are_dead_lettered_with_the_dead_letter_routing_key() 
         .await
         .unwrap();
     publish(&ch, "jobs", b"bad job", BasicProperties::default()).await;
-    let m = ch
-        .basic_get("jobs".into(), BasicGetOptions { no_ack: false })
-        .await
-        .unwrap()
-        .unwrap();
-    m.delivery
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .unwrap();
+    get_and_reject(&ch, "jobs").await;
     let dead = next(&ch, "failed").await;
     assert_eq!(dead.delivery.data, b"bad job");
     assert_eq!(dead.delivery.routing_key.as_str(), "failed");
@@ -230,11 +243,7 @@ async fn length_limits_drop_the_head_or_refuse_the_publish() {
     );
     assert_eq!(next(&ch, "recent").await.delivery.data, b"2");
 
-    let confirm = conn.create_channel().await.unwrap();
-    confirm
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let confirm = wasmq_tests::confirm_channel(&conn).await;
     let args = table(&[
         ("x-max-length", AMQPValue::LongInt(1)),
         ("x-overflow", text("reject-publish")),
@@ -243,30 +252,8 @@ async fn length_limits_drop_the_head_or_refuse_the_publish() {
         .queue_declare("bounded".into(), QueueDeclareOptions::default(), args)
         .await
         .unwrap();
-    let pub1 = confirm
-        .basic_publish(
-            "".into(),
-            "bounded".into(),
-            BasicPublishOptions::default(),
-            b"a",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let pub2 = confirm
-        .basic_publish(
-            "".into(),
-            "bounded".into(),
-            BasicPublishOptions::default(),
-            b"b",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let pub1 = publish(&confirm, "bounded", b"a", BasicProperties::default()).await;
+    let pub2 = publish(&confirm, "bounded", b"b", BasicProperties::default()).await;
     assert!(pub1.is_ack());
     assert!(
         pub2.is_nack(),
@@ -278,26 +265,10 @@ async fn length_limits_drop_the_head_or_refuse_the_publish() {
 async fn byte_limits_and_reject_publish_dlx() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     dead_letter_target(&ch).await;
-    let confirmed = |body: &'static str, queue: &'static str| {
-        let ch = ch.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-        }
+    let confirmed = |body: &'static str, queue| {
+        publish(&ch, queue, body.as_bytes(), BasicProperties::default())
     };
 
     // Ten body bytes at most: the third 4-byte message drops the first.
@@ -400,15 +371,7 @@ async fn header_tables_of_every_type_survive_delivery_and_dead_lettering() {
     assert_eq!(m.delivery.properties.headers().as_ref(), Some(&headers));
     // Dead-lettered (the broker re-encodes the table to add x-death): every
     // header as sent, beside x-death.
-    let m = ch
-        .basic_get("q".into(), BasicGetOptions { no_ack: false })
-        .await
-        .unwrap()
-        .unwrap();
-    m.delivery
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .unwrap();
+    get_and_reject(&ch, "q").await;
     let dead = next(&ch, "dead").await;
     assert_eq!(dead.delivery.data, b"typed, rejected");
     let got = dead.delivery.properties.headers().clone().unwrap();
@@ -509,10 +472,7 @@ async fn drain(ch: &Channel, queue: &str) -> Vec<String> {
 async fn a_priority_queue_delivers_higher_priorities_first() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let ch = wasmq_tests::confirm_channel(&conn).await;
     ch.queue_declare(
         "jobs".into(),
         QueueDeclareOptions::default(),
