@@ -45,6 +45,11 @@ pub struct AmqpSection {
     pub frame_max: u32,
     /// Channels per connection.
     pub channel_max: u16,
+    /// Largest message body accepted, bytes (RabbitMQ's `max_message_size`;
+    /// at most 512 MiB, as there). A content header announcing more closes
+    /// its channel with 406 before any of the body is buffered.
+    #[serde(deserialize_with = "max_message_size")]
+    pub max_message_size: u64,
     /// Per-queue flow watermark: when a queue holds more than this many
     /// bytes of ready messages, connections publishing into it stop being
     /// read until it drains to half.
@@ -58,6 +63,7 @@ impl Default for AmqpSection {
             heartbeat_secs: d.heartbeat,
             frame_max: d.frame_max,
             channel_max: d.channel_max,
+            max_message_size: d.max_message_size,
             queue_flow_bytes: crate::broker::DEFAULT_QUEUE_FLOW_BYTES,
         }
     }
@@ -86,8 +92,11 @@ pub struct StoreSection {
     /// Persist durable definitions and persistent messages. Off, every
     /// queue lives in memory only (and confirms do not wait for disk).
     pub enabled: bool,
-    /// Size of a queue log's segment files, MiB. A segment is deleted once
-    /// all its messages are acked.
+    /// Size of a queue log's segment files, MiB (1 to 1024). A segment is
+    /// deleted once all its messages are acked. The log addresses a record
+    /// by a 32-bit offset in its segment: a segment of at most 1 GiB plus
+    /// a last message of at most 512 MiB stays within it.
+    #[serde(deserialize_with = "segment_mib")]
     pub segment_mib: u64,
     /// Free space on the data folder's filesystem below which publishing
     /// connections are blocked (connection.blocked), MiB; 0 disables.
@@ -113,7 +122,7 @@ impl StoreSection {
     /// The store's options.
     pub fn options(&self) -> crate::store::StoreOptions {
         crate::store::StoreOptions {
-            segment_bytes: self.segment_mib.max(1) << 20,
+            segment_bytes: self.segment_mib.clamp(1, 1024) << 20,
             commit_interval: Duration::from_micros(self.group_commit_interval_us),
         }
     }
@@ -140,6 +149,34 @@ impl Default for MemorySection {
             high_watermark_mib: 0,
         }
     }
+}
+
+/// Largest `amqp.max_message_size`, RabbitMQ's ceiling too.
+pub const MAX_MESSAGE_SIZE_CEILING: u64 = 512 << 20;
+
+/// A number in `range` (the error points at the line).
+fn bounded<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, D::Error> {
+    let x = u64::deserialize(d)?;
+    if range.contains(&x) {
+        Ok(x)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{x} is out of range: {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+fn max_message_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    bounded(d, 1..=MAX_MESSAGE_SIZE_CEILING)
+}
+
+fn segment_mib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    bounded(d, 1..=1024)
 }
 
 /// A number from 0 to 1 (the error points at the line).
@@ -223,6 +260,7 @@ impl PluginConfig {
             instances: self.instances_per_exchange.unwrap_or(d.instances).max(1),
             circuit_threshold: self.circuit_threshold.max(1),
             circuit_cooldown: Duration::from_millis(self.circuit_cooldown_ms),
+            module: d.module,
         }
     }
 }
@@ -292,6 +330,27 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:5672");
         assert_eq!(c.plugins.limits().memory, 16 << 20);
         assert_eq!(c.plugins.limits().deadline, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn sizes_out_of_range_name_their_line() {
+        for (text, line) in [
+            ("[store]\nsegment_mib = 4096\n", 2),
+            ("[store]\nsegment_mib = 0\n", 2),
+            ("\n[amqp]\nmax_message_size = 1073741824\n", 3),
+        ] {
+            let e = Config::parse(text, "t").unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("line {line}")) && e.contains("out of range"),
+                "{e}"
+            );
+        }
+        let c = Config::parse("[amqp]\nmax_message_size = 1024\n", "t").unwrap();
+        assert_eq!(c.amqp.max_message_size, 1024);
+        assert_eq!(
+            Config::parse("", "t").unwrap().amqp.max_message_size,
+            128 << 20
+        );
     }
 
     #[test]

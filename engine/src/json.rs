@@ -3,6 +3,7 @@
 //! objects. JSON cannot say which integer width a client used, so imported
 //! integers become 64-bit (`l`), as RabbitMQ's import does.
 
+use crate::amqp::field_table::MAX_DEPTH;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Number, Value};
 
@@ -43,13 +44,46 @@ fn value_to_json(v: &AMQPValue) -> Value {
     }
 }
 
-/// A JSON object as a field table; anything else is an error.
+/// A JSON object as a field table; anything else is an error, and so is
+/// what AMQP could not carry: a key over 255 bytes (a short string), or
+/// nesting deeper than [`MAX_DEPTH`] (the bound every table that arrives
+/// over AMQP meets, so a table from the admin API can be stored, read back
+/// and delivered like one that came from a client).
 pub fn json_to_table(v: &Value) -> Result<FieldTable, String> {
     match v {
         Value::Null => Ok(FieldTable::default()),
-        Value::Object(m) => Ok(object_to_table(m)),
+        Value::Object(m) => {
+            check_json(v, 0)?;
+            Ok(object_to_table(m))
+        }
         other => Err(format!("arguments must be an object, not {other}")),
     }
+}
+
+/// Key lengths and nesting, checked before anything is converted. serde_json
+/// already refuses documents nested over 128 levels, so this recursion is
+/// bounded by its input.
+fn check_json(v: &Value, depth: usize) -> Result<(), String> {
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| k.len() > 255) {
+                return Err(format!(
+                    "field name of {} bytes (at most 255): {}...",
+                    k.len(),
+                    crate::amqp::frame::short_text(k, 32)
+                ));
+            }
+            Box::new(m.values())
+        }
+        Value::Array(a) => Box::new(a.iter()),
+        _ => return Ok(()),
+    };
+    if depth + 1 > MAX_DEPTH {
+        return Err(format!("field table nested deeper than {MAX_DEPTH} levels"));
+    }
+    children
+        .into_iter()
+        .try_for_each(|c| check_json(c, depth + 1))
 }
 
 fn object_to_table(m: &Map<String, Value>) -> FieldTable {
@@ -101,5 +135,18 @@ mod tests {
         );
         assert_eq!(table_to_json(&t), v);
         assert!(json_to_table(&serde_json::json!([1])).is_err());
+        let long_key = serde_json::json!({ "k".repeat(256): 1 });
+        assert!(json_to_table(&long_key).is_err());
+        let mut deep = serde_json::json!("leaf");
+        for _ in 0..MAX_DEPTH {
+            deep = serde_json::json!([deep]);
+        }
+        // The outer object is one level, so this is one too many.
+        assert!(json_to_table(&serde_json::json!({ "d": deep.clone() })).is_err());
+        let ok = json_to_table(&serde_json::json!({ "d": deep[0].clone() })).unwrap();
+        assert_eq!(
+            crate::amqp::field_table::value_depth(&AMQPValue::FieldTable(ok)),
+            MAX_DEPTH
+        );
     }
 }

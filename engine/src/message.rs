@@ -72,16 +72,31 @@ pub fn encode_properties(p: &BasicProperties) -> Vec<u8> {
         .expect("writing properties to a Vec cannot fail")
 }
 
-/// Decode AMQP basic properties (flags then fields); `None` if malformed.
-pub fn decode_properties(bytes: &[u8]) -> Option<BasicProperties> {
+/// Encoded basic properties that cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PropertiesError {
+    /// Their headers nest deeper than the broker decodes.
+    #[error("{0}")]
+    TooDeep(#[from] crate::amqp::field_table::TooDeep),
+    /// Truncated, trailing bytes, or a field that does not decode.
+    #[error("SYNTAX_ERROR - content header properties do not decode")]
+    Malformed,
+}
+
+/// Decode AMQP basic properties (flags then fields). Every caller goes
+/// through here: the content header of a publish, a stored message read
+/// back at recovery, a transform plugin's output; so all of them get the
+/// nesting bound of [`crate::amqp::field_table`].
+pub fn decode_properties(bytes: &[u8]) -> Result<BasicProperties, PropertiesError> {
     // No properties at all (flags 0, as most benchmark and many real
     // publishers send): nothing to parse.
     if bytes.is_empty() || bytes == [0, 0] {
-        return Some(BasicProperties::default());
+        return Ok(BasicProperties::default());
     }
+    crate::amqp::field_table::check_properties(bytes)?;
     match amq_protocol::protocol::basic::parse_properties(bytes) {
-        Ok(([], p)) => Some(p),
-        _ => None,
+        Ok(([], p)) => Ok(p),
+        _ => Err(PropertiesError::Malformed),
     }
 }
 

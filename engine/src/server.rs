@@ -128,6 +128,7 @@ impl Server {
             heartbeat: config.amqp.heartbeat_secs,
             frame_max: config.amqp.frame_max,
             channel_max: config.amqp.channel_max,
+            max_message_size: config.amqp.max_message_size,
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();

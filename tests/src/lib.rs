@@ -417,3 +417,23 @@ pub async fn consume(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Cons
     .await
     .unwrap()
 }
+
+/// The reply code of the `connection.close` the broker sends `conn`, once
+/// it has (read it after the connection is closed; 0 for an error that
+/// carries no reply code).
+pub fn close_code(conn: &lapin::Connection) -> Arc<std::sync::Mutex<Option<u16>>> {
+    use futures_lite::StreamExt;
+    let code = Arc::new(std::sync::Mutex::new(None));
+    let seen = code.clone();
+    let mut events = Box::pin(conn.events_listener());
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event {
+                seen.lock()
+                    .unwrap()
+                    .get_or_insert(reply_code(&e).unwrap_or(0));
+            }
+        }
+    });
+    code
+}

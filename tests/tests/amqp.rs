@@ -892,3 +892,56 @@ async fn consumers_get_server_tags_exclusivity_and_cancel() {
     assert_eq!(wasmq_tests::reply_code(&err), Some(403), "{err}");
     assert!(ch.status().connected() && excl.status().connected());
 }
+
+/// A panic in a connection's handler is a bug, but one connection's: the
+/// client gets 541, and the connection is cleaned up as on any close (its
+/// unacked delivery goes back to its queue, marked redelivered), while the
+/// broker and other connections carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_still_requeues_its_connections_deliveries() {
+    const TRIGGER: &str = "wasmq.test.panic";
+    wasmq::amqp::PANIC_ON_DECLARE.get_or_init(|| TRIGGER.into());
+    let t = TestServer::start().await;
+    let conn = t.connect().await;
+    let code = wasmq_tests::close_code(&conn);
+    let ch = conn.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "work").await;
+    ch.basic_publish(
+        "".into(),
+        "work".into(),
+        BasicPublishOptions::default(),
+        b"job",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = wasmq_tests::consume(&ch, "work", "c").await;
+    let delivery = consumer.next().await.unwrap().unwrap();
+    assert!(!delivery.redelivered);
+    let q = t.broker().vhost("/").unwrap().queue("work").unwrap();
+    assert_eq!(q.len(), 0, "out for delivery, unacked");
+
+    let other = conn.create_channel().await.unwrap();
+    let _ = other
+        .queue_declare(TRIGGER.into(), Default::default(), Default::default())
+        .await;
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
+            .await
+    );
+    assert_eq!(*code.lock().unwrap(), Some(541));
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .connections()
+            .is_empty())
+        .await
+    );
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(
+        wasmq_tests::get_all(&ch, "work").await,
+        [("job".to_string(), true)],
+        "requeued by the cleanup, marked redelivered"
+    );
+}

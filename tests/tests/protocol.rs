@@ -531,3 +531,246 @@ async fn channel_flow_holds_deliveries_already_on_their_way() {
         "every message once, in order"
     );
 }
+
+/// A field table (its length first) holding one entry whose value is an
+/// array nested `levels` deep, built by hand: an encoder that recursed
+/// would overflow the test's own stack first.
+fn deep_table(levels: usize) -> Vec<u8> {
+    let mut v = b"A\0\0\0\0".to_vec();
+    for _ in 1..levels {
+        let mut outer = b"A".to_vec();
+        outer.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        outer.extend_from_slice(&v);
+        v = outer;
+    }
+    let mut entries = vec![1, b'x'];
+    entries.extend_from_slice(&v);
+    let mut t = (entries.len() as u32).to_be_bytes().to_vec();
+    t.extend_from_slice(&entries);
+    t
+}
+
+/// A frame of `kind` on `channel` around `payload`.
+fn raw_frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f.push(0xCE);
+    f
+}
+
+/// One 8 KB `connection.start-ok` nested 1,600 deep, sent before logging
+/// in, overflowed a worker's stack and aborted the process. Now it is a
+/// syntax error (502) for that connection alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_field_table_before_login_is_a_syntax_error() {
+    let t = TestServer::start().await;
+    for levels in [1_600, 20_000] {
+        let mut r = Raw::connect(&t).await;
+        r.stream.write_all(PROTOCOL_HEADER).await.unwrap();
+        assert!(matches!(
+            r.frame().await,
+            Some(Frame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Start(_))
+            ))
+        ));
+        let mut payload = vec![0, 10, 0, 11];
+        payload.extend_from_slice(&deep_table(levels));
+        payload.extend_from_slice(b"\x05PLAIN\0\0\0\x0c\0guest\0wrong\x05en_US");
+        r.stream
+            .write_all(&raw_frame(1, 0, &payload))
+            .await
+            .unwrap();
+        assert_eq!(r.close_code().await, 502, "{levels} levels");
+    }
+    still_serving(&t).await;
+}
+
+/// The same bound where tables come after login: declare arguments and a
+/// content header's `headers`. Tables within the bound still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_arguments_and_headers_are_syntax_errors() {
+    let t = TestServer::start().await;
+    let declare_with = |table: &[u8]| {
+        let mut p = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+        p.extend_from_slice(table);
+        raw_frame(1, 1, &p)
+    };
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.stream
+        .write_all(&declare_with(&deep_table(
+            wasmq::amqp::field_table::MAX_DEPTH - 1,
+        )))
+        .await
+        .unwrap();
+    r.expect_declare_ok(1).await;
+    r.stream
+        .write_all(&declare_with(&deep_table(5_000)))
+        .await
+        .unwrap();
+    assert_eq!(r.close_code().await, 502);
+
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, publish("q")).await;
+    // Content header: class 60, weight 0, body size 0, flags with
+    // `headers` (bit 13), then the table.
+    let mut header = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0];
+    header.extend_from_slice(&deep_table(5_000));
+    r.stream.write_all(&raw_frame(2, 1, &header)).await.unwrap();
+    assert_eq!(r.close_code().await, 502);
+    still_serving(&t).await;
+}
+
+/// Texts the broker cuts to a short string's 255 bytes are cut on a
+/// character boundary: a consumer tag of 'a' and 127 'é' made a 530 whose
+/// text was cut inside a character, which panicked the connection's task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_texts_are_cut_on_character_boundaries() {
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    let tag = format!("a{}", "é".repeat(127));
+    let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: "q".into(),
+        consumer_tag: tag.as_str().into(),
+        no_local: false,
+        no_ack: false,
+        exclusive: false,
+        nowait: false,
+        arguments: FieldTable::default(),
+    }));
+    r.send_method(1, consume.clone()).await;
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+        ))
+    ));
+    r.send_method(1, consume).await;
+    let close = loop {
+        match r.frame().await {
+            Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
+                break c;
+            }
+            Some(_) => continue,
+            None => panic!("socket closed without connection.close"),
+        }
+    };
+    assert_eq!(close.reply_code, 530);
+    assert!(
+        close.reply_text.as_str().contains("aé"),
+        "{}",
+        close.reply_text
+    );
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .connections()
+            .is_empty())
+        .await,
+        "the connection was cleaned up"
+    );
+    still_serving(&t).await;
+}
+
+/// The handshake's own refusals quote the client's input, which can be
+/// 255 bytes on its own: their text is cut too, so the frame decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_refusals_fit_a_short_string() {
+    let t = TestServer::start().await;
+    let vhost = "v".repeat(255);
+    let mut r = Raw::open(&t, 0, 131_072, "guest", &vhost).await;
+    assert_eq!(r.close_code().await, 530);
+    still_serving(&t).await;
+}
+
+/// `amqp.max_message_size`: a content header announcing more is refused
+/// with 406 on its channel before any body is buffered; the connection and
+/// its other channels carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_size_is_refused_before_its_body() {
+    let t = TestServer::start_with(|c| c.amqp.max_message_size = 1000).await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    let mut out = Vec::new();
+    wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &[7u8; 1000], 131_072);
+    r.send_method(1, publish("q")).await;
+    r.stream.write_all(&out).await.unwrap();
+    // One byte over: refused at the header.
+    out.clear();
+    wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &[7u8; 1001], 131_072);
+    r.send_method(1, publish("q")).await;
+    r.stream.write_all(&out).await.unwrap();
+    match r.frame().await {
+        Some(Frame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 406);
+            assert!(
+                c.reply_text
+                    .as_str()
+                    .contains("larger than configured max size 1000"),
+                "{}",
+                c.reply_text
+            );
+            assert_eq!((c.class_id, c.method_id), (60, 40));
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+    )
+    .await;
+    r.open_channel(2).await;
+    let q = t.broker().vhost("/").unwrap().queue("q").unwrap();
+    assert_eq!(q.len(), 1, "the message within the bound was queued");
+}
+
+/// With publishers blocked by an alarm, a connection is not read; it must
+/// still notice its client leave, or what it holds (half a message, its
+/// place in the registry) stays until restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_connection_notices_its_client_leave() {
+    let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    t.broker()
+        .set_alarm(Resource::Disk, Some("test: disk low".into()));
+    // Half a large message: the header announces 1 MB, 60 KB follow.
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    r.send_method(1, publish("q")).await;
+    r.stream.write_all(&raw_frame(2, 1, &header)).await.unwrap();
+    r.stream
+        .write_all(&raw_frame(3, 1, &[1u8; 60_000]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.broker().connections().len(), 1);
+    drop(r);
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(5), || t
+            .broker()
+            .connections()
+            .is_empty())
+        .await,
+        "the blocked connection saw its client go"
+    );
+    t.broker().set_alarm(Resource::Disk, None);
+}

@@ -13,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::access::{Access, Grant};
-use super::frame::{Frame, encode_confirm, encode_content, encode_deliver, encode_method};
+use super::frame::{
+    Frame, encode_confirm, encode_content, encode_deliver, encode_method, short_string,
+};
 use crate::broker::{
     ARG_ALTERNATE_EXCHANGE, ARG_DEAD_LETTER_EXCHANGE, Broker, BrokerError, ChannelCredit,
     ChannelInfo, ConsumeError, Consumer, Destination, Dispatch, Entry, ExchangeSpec, Map, Queue,
@@ -54,11 +56,7 @@ impl AmqpError {
 
     /// Reply text, cut to the 255 bytes a short string holds.
     pub(crate) fn reply_text(&self) -> ShortString {
-        let mut end = self.text.len().min(255);
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        ShortString::from(self.text[..end].to_owned())
+        short_string(&self.text)
     }
 }
 
@@ -97,6 +95,8 @@ pub(crate) struct Ctx<'a> {
     pub connection: u64,
     pub dispatch: &'a mpsc::UnboundedSender<Dispatch>,
     pub frame_max: u32,
+    /// Largest message body accepted (`amqp.max_message_size`).
+    pub max_message_size: u64,
     /// Exclusive queues this connection declared (deleted when it closes).
     pub exclusive_queues: &'a mut Vec<String>,
     /// Queues above their flow watermark that this connection published
@@ -234,6 +234,21 @@ impl Channel {
                 if class_id != 60 {
                     return Err(unexpected("content header for a class other than basic"));
                 }
+                if body_size > ctx.max_message_size {
+                    // Refused on the header's word, before a byte of the
+                    // body is buffered; the body frames that follow reach
+                    // a closing channel and are dropped as they arrive.
+                    self.pending = None;
+                    let mut e = AmqpError::new(
+                        406,
+                        format!(
+                            "PRECONDITION_FAILED - message size {body_size} is larger than configured max size {}",
+                            ctx.max_message_size
+                        ),
+                    );
+                    (e.class_id, e.method_id) = (60, 40);
+                    return Err(e);
+                }
                 p.header = Some((properties, raw_properties, body_size));
                 if body_size == 0 {
                     self.complete_publish(ctx)?;
@@ -362,13 +377,11 @@ impl Channel {
                 Some(f) => format!("NO_ROUTE - {f}"),
                 None => "NO_ROUTE".to_owned(),
             };
-            let mut text = reply_text;
-            text.truncate(255);
             self.send(
                 ctx,
                 AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: 312,
-                    reply_text: text.into(),
+                    reply_text: short_string(&reply_text),
                     exchange: exchange.into(),
                     routing_key: routing_key.into(),
                 })),
@@ -621,6 +634,12 @@ impl Channel {
         use queue::AMQPMethod as M;
         match m {
             M::Declare(d) => {
+                if super::PANIC_ON_DECLARE
+                    .get()
+                    .is_some_and(|n| n == d.queue.as_str())
+                {
+                    panic!("queue.declare of the panic trigger '{}'", d.queue);
+                }
                 let q = if d.passive {
                     let q = ctx.vhost.queue(&self.queue_name(&d.queue)?)?;
                     Self::check_access(ctx, &q)?;

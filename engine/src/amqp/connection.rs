@@ -37,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 use super::AmqpConfig;
 use super::access::Grant;
 use super::channel::{AmqpError, Channel, Ctx, Delivery};
-use super::frame::{Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method};
+use super::frame::{
+    Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method, short_string,
+};
 use crate::Broker;
 use crate::broker::{
     ChannelCredit, ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, VHost,
@@ -60,6 +62,9 @@ const LAST_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// message read into it: kept small enough that a straggler pins little.
 const READ_SIZE: usize = 16 * 1024;
 const READ_MIN: usize = 1024;
+/// How often a connection that is not reading its socket checks whether
+/// the client has gone.
+const PEER_CHECK: Duration = Duration::from_secs(1);
 /// Why a connection ends when the client closed its socket.
 const CLIENT_GONE: &str = "client went away";
 
@@ -81,6 +86,12 @@ pub(crate) async fn run(
     let session = match hs {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => return,
+        Ok(Err(HandshakeError::Frame(e))) => {
+            // A malformed frame before login still gets its reply code.
+            tracing::info!(%peer, "handshake failed: {e}");
+            close_with(&mut writer, e.reply_code(), &e.to_string(), 0, 0).await;
+            return;
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, "handshake failed: {e}");
             return;
@@ -119,6 +130,7 @@ pub(crate) async fn run(
         out_start: 0,
         written: VecDeque::new(),
         frame_max,
+        max_message_size: config.max_message_size,
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
@@ -135,9 +147,64 @@ pub(crate) async fn run(
         last_read: Instant::now(),
         last_write: Instant::now(),
     };
-    let reason = conn.run(dispatch_rx, shutdown).await;
+    let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
+        Ok(reason) => reason,
+        Err(why) => {
+            // A handler panicked: a bug, but one connection's. Tell the
+            // client (its state may be half-changed, so say no more), then
+            // clean up as for any close, so its unacknowledged deliveries
+            // are requeued and its exclusive queues go.
+            tracing::error!(%peer, connection = id, "connection handler panicked: {why}");
+            conn.close(
+                541,
+                "INTERNAL_ERROR - the broker failed handling this connection",
+                0,
+                0,
+            );
+            let _ = conn.flush().await;
+            let _ = conn.writer.shutdown().await;
+            format!("internal error: {why}")
+        }
+    };
     conn.cleanup();
     tracing::info!(%peer, connection = id, "connection closed: {reason}");
+}
+
+/// Whether the client closed its side or reset the connection, asked of the
+/// socket without reading it (the unread bytes stay where they are, so TCP
+/// still holds back a client that is merely blocked).
+fn peer_closed(socket: &TcpStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let flags = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
+    let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().intersects(flags)
+}
+
+/// Run `fut`, turning a panic in any of its polls into `Err` with the
+/// panic's message, so that the caller's cleanup still runs. (A panic in a
+/// spawned task would end the task with the connection's state unreleased.)
+async fn contain_panic<F: std::future::Future>(fut: F) -> Result<F::Output, String> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::task::Poll;
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(
+        |cx| match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)")
+                .to_owned())),
+        },
+    )
+    .await
 }
 
 struct Session {
@@ -200,18 +267,24 @@ async fn close_with(
     method_id: u16,
 ) {
     let mut out = Vec::new();
+    encode_close(&mut out, code, text, class_id, method_id);
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
+}
+
+/// Append connection.close; its text cut to a short string's 255 bytes (it
+/// often quotes client input: a vhost, a mechanism, a consumer tag).
+fn encode_close(out: &mut Vec<u8>, code: u16, text: &str, class_id: u16, method_id: u16) {
     encode_method(
-        &mut out,
+        out,
         0,
         AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
             reply_code: code,
-            reply_text: text.into(),
+            reply_text: short_string(text),
             class_id,
             method_id,
         })),
     );
-    let _ = writer.write_all(&out).await;
-    let _ = writer.shutdown().await;
 }
 
 fn server_properties() -> FieldTable {
@@ -251,6 +324,7 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
             Some((user, pass))
         }
         "AMQPLAIN" => {
+            super::field_table::check_table_body(response).ok()?;
             let mut framed = (response.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(response);
             let (_, t) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
@@ -450,6 +524,7 @@ struct Connection {
     /// each delivery ends: window credit returns once that is written.
     written: VecDeque<(u64, Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
+    max_message_size: u64,
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
@@ -494,6 +569,8 @@ impl Connection {
         };
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(PEER_CHECK);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
         let closed_by_operator = self.registered.info.closed().clone();
         // Made once: a fresh `cancelled()` future per wake-up would join and
@@ -549,6 +626,17 @@ impl Connection {
                         Step::Continue
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
+                    // Not reading (flow control, an alarm, output backed
+                    // up), the connection would never see its client's
+                    // EOF or reset, and would hold what it took from it
+                    // (half a message, a queue's congestion) forever.
+                    _ = liveness.tick(), if !readable => {
+                        if peer_closed(self.reader.as_ref()) {
+                            Step::Stop(CLIENT_GONE.into())
+                        } else {
+                            Step::Continue
+                        }
+                    }
                     r = async { synced.as_mut().expect("guarded").changed().await }, if waiting => {
                         if r.is_err() {
                             // The store stopped (shutdown): nothing more syncs.
@@ -764,13 +852,9 @@ impl Connection {
             return;
         }
         let method = match alarm.as_ref() {
-            Some(reason) => {
-                let mut reason = reason.clone();
-                reason.truncate(255);
-                connection::AMQPMethod::Blocked(connection::Blocked {
-                    reason: reason.into(),
-                })
-            }
+            Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: short_string(reason),
+            }),
             _ => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
         };
         encode_method(&mut self.out, 0, AMQPClass::Connection(method));
@@ -798,18 +882,7 @@ impl Connection {
     }
 
     fn close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
-        let mut text = text.to_owned();
-        text.truncate(255);
-        encode_method(
-            &mut self.out,
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
-                reply_code: code,
-                reply_text: text.into(),
-                class_id,
-                method_id,
-            })),
-        );
+        encode_close(&mut self.out, code, text, class_id, method_id);
     }
 
     fn ctx(&mut self) -> (Ctx<'_>, &mut Map<u16, Channel>) {
@@ -822,6 +895,7 @@ impl Connection {
                 connection: self.id,
                 dispatch: &self.dispatch_tx,
                 frame_max: self.frame_max,
+                max_message_size: self.max_message_size,
                 exclusive_queues: &mut self.exclusive_queues,
                 congested: &mut self.congested,
                 awaiting_sync: &mut self.awaiting_sync,

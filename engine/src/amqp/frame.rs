@@ -109,7 +109,10 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     Ok(Some(match kind {
         1 => match decode_publish(&payload) {
             Some(publish) => Frame::Method(channel, publish),
-            None => match amq_protocol::protocol::parse_class(&payload[..]) {
+            None => match super::field_table::check_method(&payload)
+                .map_err(|e| FrameError::Syntax(e.to_string()))
+                .map(|()| amq_protocol::protocol::parse_class(&payload[..]))?
+            {
                 Ok(([], class)) => Frame::Method(channel, class),
                 Ok(_) => {
                     return Err(FrameError::Syntax(
@@ -126,10 +129,8 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
             let class_id = u16::from_be_bytes([payload[0], payload[1]]);
             let body_size = u64::from_be_bytes(payload[4..12].try_into().unwrap());
             let raw_properties = payload.slice(12..);
-            let properties =
-                crate::message::decode_properties(&raw_properties).ok_or_else(|| {
-                    FrameError::Syntax("content header properties do not decode".into())
-                })?;
+            let properties = crate::message::decode_properties(&raw_properties)
+                .map_err(|e| FrameError::Syntax(e.to_string()))?;
             Frame::Header {
                 channel,
                 class_id,
@@ -184,12 +185,36 @@ fn short_str(p: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(s).ok()?, rest))
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary. Every text the broker cuts to fit goes through here:
+/// `String::truncate` at a byte count panics inside a multi-byte character,
+/// and a reply text is often built from client input (a consumer tag, a
+/// vhost name) or a plugin's fault message.
+pub fn short_text(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `s` as an AMQP short string, cut to its 255 bytes on a character
+/// boundary. amq-protocol's encoder panics on a longer one, so every short
+/// string the broker builds from text of its own (reply texts, reasons) is
+/// made here.
+pub fn short_string(s: &str) -> amq_protocol::types::ShortString {
+    short_text(s, 255).into()
+}
+
 /// Append a short string (length octet, then bytes). Every caller passes a
 /// string that came in as one (≤ 255 bytes); a longer one is cut rather
 /// than let it corrupt the frame.
 fn put_short(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(255)];
-    debug_assert_eq!(b.len(), s.len(), "short string over 255 bytes");
+    debug_assert!(s.len() <= 255, "short string over 255 bytes");
+    let b = short_text(s, 255).as_bytes();
     out.put_u8(b.len() as u8);
     out.extend_from_slice(b);
 }
@@ -334,7 +359,7 @@ mod tests {
         let parsed = amq_protocol::protocol::basic::parse_properties(&[0u8, 0][..])
             .unwrap()
             .1;
-        assert_eq!(crate::message::decode_properties(&[0, 0]), Some(parsed));
+        assert_eq!(crate::message::decode_properties(&[0, 0]), Ok(parsed));
     }
 
     /// amq-protocol's decoding of what the hand-written encoders wrote.
@@ -477,6 +502,24 @@ mod tests {
         ];
         for m in methods {
             round_trip(m);
+        }
+    }
+
+    #[test]
+    fn short_texts_are_cut_on_character_boundaries() {
+        let tag = format!("a{}", "é".repeat(127));
+        assert_eq!(tag.len(), 255);
+        let text = format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'");
+        let cut = short_string(&text);
+        assert!(cut.as_str().len() <= 255 && text.starts_with(cut.as_str()));
+        assert_eq!(short_text("héllo", 2), "h");
+        assert_eq!(short_text("héllo", 3), "hé");
+        assert_eq!(short_text("abc", 255), "abc");
+        // Every cut of a multi-byte text is a prefix on a boundary.
+        let s = "ключ€𝄞".repeat(40);
+        for max in 0..s.len() {
+            let t = short_text(&s, max);
+            assert!(t.len() <= max && s.starts_with(t) && t.len() + 4 > max);
         }
     }
 

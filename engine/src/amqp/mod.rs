@@ -8,6 +8,8 @@
 //!   [`Broker`], receives deliveries from queues, and writes everything back
 //!   in batches. Heartbeats both ways; a connection error closes only this
 //!   connection, with its reply code.
+//! * [`field_table`]: the nesting bound every field table is checked
+//!   against before it is decoded (a deep one would overflow the stack).
 //! * [`access`]: users, per-vhost configure/write/read permissions, and
 //!   the 403 checks channels make.
 //! * `channel`: per-channel state: content assembly, consumers, unacked
@@ -20,6 +22,7 @@
 pub mod access;
 mod channel;
 mod connection;
+pub mod field_table;
 pub mod frame;
 
 use std::net::SocketAddr;
@@ -35,6 +38,14 @@ pub(crate) use channel::AmqpError;
 
 use crate::Broker;
 
+/// A queue name whose `queue.declare` panics the connection's handler.
+/// Only tests set it: a panic in a handler is a bug, so nothing else
+/// reaches the code that contains one (the connection still requeues its
+/// deliveries and drops its exclusive queues, and the rest of the broker
+/// runs on), and that code needs a test all the same.
+#[doc(hidden)]
+pub static PANIC_ON_DECLARE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Front-end settings.
 #[derive(Clone, Debug)]
 pub struct AmqpConfig {
@@ -46,6 +57,8 @@ pub struct AmqpConfig {
     pub frame_max: u32,
     /// Channels per connection.
     pub channel_max: u16,
+    /// Largest message body accepted, bytes.
+    pub max_message_size: u64,
 }
 
 impl Default for AmqpConfig {
@@ -55,6 +68,8 @@ impl Default for AmqpConfig {
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,
+            // RabbitMQ 3.x's default.
+            max_message_size: 128 << 20,
         }
     }
 }

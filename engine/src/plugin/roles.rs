@@ -456,7 +456,7 @@ pub(crate) fn parse_decision(bytes: &[u8]) -> Result<TransformDecision, PluginFa
                 let p = c.bytes("properties")?;
                 Some(
                     crate::message::decode_properties(p)
-                        .ok_or_else(|| bad("properties do not decode"))?,
+                        .map_err(|e| bad(&format!("properties do not decode: {e}")))?,
                 )
             } else {
                 None

@@ -188,7 +188,7 @@ pub fn decode_message(payload: Bytes) -> Result<Message, String> {
     ) as usize;
     at += 4;
     let raw = payload.get(at..at + n).ok_or_else(bad)?;
-    let properties = decode_properties(raw).ok_or("malformed properties")?;
+    let properties = decode_properties(raw).map_err(|e| format!("stored properties: {e}"))?;
     let raw = payload.slice(at..at + n);
     let body = payload.slice(at + n..);
     Ok(Message::new(exchange, key, properties, body).with_encoded_properties(raw))
