@@ -291,6 +291,21 @@ fn bad_files_are_rejected_with_a_clear_reason_and_the_old_version_serves() {
             "memory limit",
         ),
         (
+            "forty memories (the cap is per memory)",
+            wat::parse_str(format!("(module {})", "(memory 1) ".repeat(40))).unwrap(),
+            "has 40 memories, more than the 1 a plugin may have",
+        ),
+        (
+            "tables past the element cap",
+            wat::parse_str("(module (table 60000 funcref) (table 60000 funcref))").unwrap(),
+            "has 120000 table elements",
+        ),
+        (
+            "a function bomb, refused before compiling",
+            wat::parse_str(format!("(module {})", "(func) ".repeat(60_000))).unwrap(),
+            "has 60000 functions, more than the 50000",
+        ),
+        (
             "filter as exchange type",
             plugin_bytes("json-filter"),
             "is not a router",

@@ -286,6 +286,18 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             &v.latency.snapshot(),
         );
     }
+    e.family(
+        "wasmq_plugin_log_lines_dropped_total",
+        "counter",
+        "Log lines a plugin wrote past its budget (lines and bytes per second), dropped.",
+    );
+    for (plugin, dropped) in s.broker.host().log_lines_dropped() {
+        e.sample(
+            "wasmq_plugin_log_lines_dropped_total",
+            &[("plugin", &plugin)],
+            dropped as f64,
+        );
+    }
     let functions = s.broker.host().function_cache_stats();
     e.family(
         "wasmq_plugin_functions_compiled_total",

@@ -124,6 +124,8 @@ pub struct PluginHost {
     clock: Arc<EpochClock>,
     /// Compiled functions, reused by later compiles.
     functions: Arc<FunctionCache>,
+    /// Each plugin's log budget, across its instances and versions.
+    logs: super::log::LogBudgets,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -320,6 +322,7 @@ impl PluginHost {
             cache_dir,
             clock,
             functions,
+            logs: Default::default(),
         }))
     }
 
@@ -342,6 +345,16 @@ impl PluginHost {
     }
 
     /// The deadline clock; a call must tell it it runs.
+    /// Plugin `name`'s log budget.
+    pub(crate) fn log_budget(&self, name: &str) -> Arc<super::log::LogBudget> {
+        self.logs.of(name)
+    }
+
+    /// Log lines dropped per plugin for being over its budget.
+    pub fn log_lines_dropped(&self) -> Vec<(String, u64)> {
+        self.logs.dropped()
+    }
+
     pub(crate) fn clock(&self) -> &Arc<EpochClock> {
         &self.clock
     }
@@ -394,6 +407,10 @@ impl PluginHost {
         bytes: &[u8],
         builtin: bool,
     ) -> Result<Arc<PluginVersion>, LoadError> {
+        super::shape::check(bytes, &self.limits.module).map_err(|reason| LoadError::TooBig {
+            name: name.to_owned(),
+            reason,
+        })?;
         let hash = content_hash(bytes);
         let (module, optimized) = self.compile(name, bytes, &hash)?;
         self.check_imports(name, &module)?;
@@ -717,6 +734,10 @@ fn base_config() -> Config {
     // (traps still name the guest function); without it a 57 KB plugin
     // compiles ~8% faster, which a hot swap waits for.
     config.generate_address_map(false);
+    // The memory cap applies per linear memory: a module of several would
+    // multiply it. `shape::check` refuses such modules with a clearer
+    // message; this keeps the compiler from accepting them regardless.
+    config.wasm_multi_memory(false);
     if std::env::var_os("WASMQ_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }

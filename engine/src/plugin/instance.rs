@@ -5,8 +5,8 @@
 //! into a [`PluginFault`] here, so callers never see a wasmtime error.
 
 use std::sync::Arc;
-use std::time::Instant;
 
+use super::shape::ModuleLimits;
 use wasmq_sdk::abi;
 use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
@@ -23,7 +23,8 @@ pub(crate) struct HostState {
     /// The message of the call in progress; set by the caller of a message
     /// call and cleared after it, so `read` outside a call returns -1.
     current: CurrentMessage,
-    log_window: (Instant, u32),
+    /// The plugin's log budget, shared with its other instances.
+    log: Arc<super::log::LogBudget>,
 }
 
 /// A borrowed pointer to the message of the call in progress. Not an
@@ -45,41 +46,59 @@ impl CurrentMessage {
 
 /// Enforces the memory cap and remembers that it did, so the fault that
 /// follows is reported as a memory fault and not a generic trap.
+/// Memories and tables are counted together, so that however many a
+/// module has, the instance as a whole stays within the caps.
 struct Limiter {
     max_memory: usize,
     hit: bool,
+    /// Bytes of linear memory the instance has, all memories together.
+    memory: usize,
+    /// Elements of all its tables together.
+    table_elements: usize,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
+        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
+        if total > self.max_memory {
             self.hit = true;
             // An error traps the guest at the `memory.grow`, which gives the
             // precise place; returning Ok(false) would let a Rust guest abort
             // later with a less useful message.
             return Err(wasmtime::format_err!("memory limit exceeded"));
         }
+        self.memory = total;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        let total =
+            (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
+        if total as u64 > super::shape::TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = total;
+        Ok(true)
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        ModuleLimits::default().tables as usize
     }
 }
-
-/// Plugin log lines allowed per second per instance; the rest are dropped
-/// so a chatty plugin cannot flood the broker's log.
-const LOG_LINES_PER_SECOND: u32 = 100;
 
 /// Define the imports a plugin may use: `wasmq::read` and `wasmq::log`.
 pub(crate) fn define_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -122,30 +141,24 @@ pub(crate) fn define_imports(linker: &mut Linker<HostState>) -> wasmtime::Result
     linker.func_wrap(
         "wasmq",
         "log",
-        |mut caller: Caller<'_, HostState>,
-         level: i32,
-         ptr: i32,
-         len: i32|
-         -> wasmtime::Result<()> {
+        |caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<()> {
             let Some(memory) = caller.data().memory else {
                 return Ok(());
             };
-            let now = Instant::now();
-            let state = caller.data_mut();
-            if now.duration_since(state.log_window.0).as_secs() >= 1 {
-                state.log_window = (now, 0);
-            }
-            state.log_window.1 += 1;
-            if state.log_window.1 > LOG_LINES_PER_SECOND {
+            let state = caller.data();
+            let len = len.max(0) as usize;
+            // Counted before the guest's memory is read: a refused line
+            // costs nothing but the count.
+            if !state.log.admit(len.min(super::log::LINE_BYTES)) {
                 return Ok(());
             }
             let plugin = state.plugin.clone();
             let data = memory.data(&caller);
             let start = ptr as u32 as usize;
             let bytes = data
-                .get(start..start.saturating_add(len.max(0) as usize))
+                .get(start..start.saturating_add(len))
                 .ok_or_else(|| wasmtime::format_err!("wasmq::log message outside guest memory"))?;
-            let text = String::from_utf8_lossy(bytes);
+            let text = super::log::line(bytes);
             match level {
                 1 => tracing::error!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
                 2 => tracing::warn!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
@@ -227,10 +240,12 @@ impl Instance {
                 limiter: Limiter {
                     max_memory: limits.memory,
                     hit: false,
+                    memory: 0,
+                    table_elements: 0,
                 },
                 memory: None,
                 current: CurrentMessage(std::ptr::null()),
-                log_window: (Instant::now(), 0),
+                log: host.log_budget(&version.name),
             },
         );
         store.limiter(|s| &mut s.limiter);

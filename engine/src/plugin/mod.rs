@@ -38,9 +38,11 @@ mod circuit;
 mod function_cache;
 mod host;
 mod instance;
+pub mod log;
 mod registry;
 mod roles;
 mod self_test;
+pub mod shape;
 mod watcher;
 
 use std::time::Duration;
@@ -72,6 +74,8 @@ pub struct PluginLimits {
     pub circuit_threshold: u32,
     /// How long an open circuit refuses calls before trying again.
     pub circuit_cooldown: Duration,
+    /// What a module may contain, checked before it is compiled.
+    pub module: shape::ModuleLimits,
 }
 
 impl Default for PluginLimits {
@@ -85,6 +89,7 @@ impl Default for PluginLimits {
                 .min(8),
             circuit_threshold: 5,
             circuit_cooldown: Duration::from_secs(1),
+            module: shape::ModuleLimits::default(),
         }
     }
 }
@@ -185,6 +190,15 @@ pub enum LoadError {
         export: String,
         /// What is wrong.
         reason: String,
+    },
+    /// Holds more than a plugin may (functions, code, memories, ...);
+    /// refused before it is compiled.
+    #[error("plugin '{name}' is refused before compiling: {reason}")]
+    TooBig {
+        /// Plugin name.
+        name: String,
+        /// Which bound, and by how much.
+        reason: shape::TooBig,
     },
     /// The module declares no role.
     #[error("plugin '{name}' declares no role (wasmq_roles returned {roles:#x})")]
