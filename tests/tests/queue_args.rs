@@ -556,3 +556,40 @@ async fn a_priority_queue_delivers_higher_priorities_first() {
     assert_eq!(wasmq_tests::reply_code(&err), Some(406), "{err}");
     assert!(err.to_string().contains("x-max-priority"), "{err}");
 }
+
+/// `reject-publish-dlx` on a queue whose backlog is paged out to disk: the
+/// refused message was paged out before its fate was decided, and its
+/// dead letter went out without a body. It keeps its body now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_publish_dlx_dead_letters_the_whole_message_of_a_paged_queue() {
+    // A 2 KiB paging threshold (a quarter of the flow watermark).
+    let t = TestServer::start_with(|c| c.amqp.queue_flow_bytes = 8 << 10).await;
+    let conn = t.connect().await;
+    let ch = wasmq_tests::confirm_channel(&conn).await;
+    dead_letter_target(&ch).await;
+    let args = table(&[
+        ("x-max-length", AMQPValue::LongInt(3)),
+        ("x-overflow", text("reject-publish-dlx")),
+        ("x-dead-letter-exchange", text("dlx")),
+    ]);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("paged".into(), durable, args)
+        .await
+        .unwrap();
+    let persistent = || BasicProperties::default().with_delivery_mode(2);
+    for i in 0..3u8 {
+        let body = vec![b'a' + i; 1024];
+        assert!(publish(&ch, "paged", &body, persistent()).await.is_ack());
+    }
+    let refused = vec![b'z'; 1024];
+    assert!(
+        publish(&ch, "paged", &refused, persistent())
+            .await
+            .is_nack()
+    );
+    let dead = next(&ch, "dead").await;
+    assert_eq!(dead.delivery.data, refused, "the dead letter has its body");
+}

@@ -589,6 +589,15 @@ async fn publish(
         exchange
     };
     let p = body.properties;
+    crate::broker::check_short("routing key", &body.routing_key)?;
+    for (what, v) in [
+        ("content_type", &p.content_type),
+        ("message_id", &p.message_id),
+    ] {
+        if let Some(v) = v {
+            crate::broker::check_short(what, v)?;
+        }
+    }
     let mut props = BasicProperties::default();
     if let Some(m) = p.delivery_mode {
         props = props.with_delivery_mode(m);
@@ -655,9 +664,19 @@ async fn get_messages(
     let mut out = Vec::new();
     while taken.len() < body.count.min(1000) {
         let Some(entry) = q.pop() else { break };
-        let m = q.message(&entry).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading: {e}"))
-        })?;
+        let m = match q.message(&entry) {
+            Ok(m) => m,
+            Err(e) => {
+                // Nothing reaches the caller: what was taken goes back
+                // where it was, not marked redelivered.
+                taken.push(entry);
+                q.put_back(taken.into_iter());
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading: {e}"),
+                ));
+            }
+        };
         let headers = m
             .properties
             .headers()

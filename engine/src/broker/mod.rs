@@ -84,6 +84,16 @@ pub enum BrokerError {
     /// A plugin refused or faulted while setting up (406).
     #[error("PRECONDITION_FAILED - {0}")]
     Plugin(#[from] PluginError),
+    /// A name or key longer than the AMQP short string (255 bytes) that
+    /// carries it to clients (406; the admin API answers 400). Only the
+    /// admin API and definitions files can send one: AMQP's decoder cannot.
+    #[error("PRECONDITION_FAILED - {what} of {len} bytes: AMQP allows at most 255")]
+    TooLong {
+        /// What it names: "exchange name", "routing key", ...
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// The message store failed (541, a connection error).
     #[error("INTERNAL_ERROR - message store: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -94,12 +104,23 @@ impl BrokerError {
     pub fn reply_code(&self) -> u16 {
         match self {
             BrokerError::NotFound { .. } => 404,
-            BrokerError::PreconditionFailed(_) | BrokerError::Plugin(_) => 406,
+            BrokerError::PreconditionFailed(_)
+            | BrokerError::Plugin(_)
+            | BrokerError::TooLong { .. } => 406,
             BrokerError::AccessRefused(_) => 403,
             BrokerError::ResourceLocked(_) => 405,
             BrokerError::UnknownExchangeType { .. } => 503,
             BrokerError::Store(_) => 541,
         }
+    }
+}
+
+/// Refuse `s` if an AMQP short string cannot carry it: every name a client
+/// is sent (in a delivery, a return, a declare-ok) must fit one.
+pub fn check_short(what: &'static str, s: &str) -> Result<(), BrokerError> {
+    match s.len() {
+        0..=255 => Ok(()),
+        len => Err(BrokerError::TooLong { what, len }),
     }
 }
 
@@ -433,6 +454,7 @@ impl Broker {
 
     /// Create a vhost with the predeclared exchanges (idempotent).
     pub fn add_vhost(&self, name: &str) -> Result<Arc<VHost>, BrokerError> {
+        check_short("vhost name", name)?;
         if let Some(v) = self.vhosts.read().get(name) {
             return Ok(v.clone());
         }
@@ -541,6 +563,8 @@ impl Broker {
         spec: ExchangeSpec,
         passive: bool,
     ) -> Result<Arc<Exchange>, BrokerError> {
+        check_short("exchange name", &spec.name)?;
+        check_short("exchange type", &spec.kind)?;
         if spec.name.is_empty() && passive {
             return Err(BrokerError::AccessRefused(
                 "operation not permitted on the default exchange".into(),
@@ -632,6 +656,7 @@ impl Broker {
         auto_delete: bool,
         arguments: FieldTable,
     ) -> Result<Arc<Queue>, BrokerError> {
+        check_short("queue name", name)?;
         if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
             return Err(BrokerError::AccessRefused(format!(
                 "queue name '{name}' contains reserved prefix 'amq.*'"
@@ -814,6 +839,7 @@ impl Broker {
         key: &str,
         arguments: FieldTable,
     ) -> Result<(), BrokerError> {
+        check_short("routing key", key)?;
         if source.is_empty() {
             return Err(BrokerError::AccessRefused(
                 "operation not permitted on the default exchange".into(),

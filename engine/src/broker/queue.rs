@@ -634,6 +634,9 @@ impl Queue {
         let mut entry = Entry::new(message);
         entry.expires_at = ttl.map(|t| Instant::now() + t);
         let mut ticket = 0;
+        // Paged out only once it is accepted: a message refused or
+        // dead-lettered on its way in must still have its body.
+        let mut page_out = false;
         if let Some(log) = &self.log
             && let Some(m) = entry.message.as_ref().filter(|m| m.is_persistent())
         {
@@ -647,9 +650,7 @@ impl Queue {
                 Ok((stored, t)) => {
                     entry.stored = Some(stored);
                     ticket = t;
-                    if self.ready_bytes() > self.page_over {
-                        entry.message = None;
-                    }
+                    page_out = self.ready_bytes() > self.page_over;
                 }
                 Err(StoreError::Deleted) => {}
                 Err(e) => {
@@ -695,6 +696,9 @@ impl Queue {
                 dead.push((entry, reason));
             } else if accepted {
                 self.enqueued.fetch_add(1, Ordering::Relaxed);
+                if page_out {
+                    entry.message = None;
+                }
                 self.hold(&mut st, &entry);
                 st.messages.push_back(entry);
                 self.dispatch_locked(&mut st, &mut dead);
