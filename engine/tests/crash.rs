@@ -286,7 +286,11 @@ async fn sigterm_under_confirmed_publishing_exits_0_and_loses_nothing_confirmed(
         term
     );
     let ended = published.expect("the broker closed the connection on SIGTERM");
-    assert!(ended.is_err(), "publishing ends with the close");
+    let err = ended.expect_err("publishing ends with the close");
+    assert!(
+        matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 320),
+        "the client is told CONNECTION_FORCED (320), not just disconnected: {err}"
+    );
     let status = tokio::time::timeout(Duration::from_secs(15), broker.child.wait())
         .await
         .expect("exits within its grace period")

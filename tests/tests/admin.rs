@@ -132,6 +132,7 @@ async fn the_api_shows_what_amqp_clients_do() {
     assert_eq!(consumers[0]["queue"]["name"], "work");
 
     // An operator closes the connection: the client sees 320.
+    let code = wasmq_tests::close_code(&conn);
     let id = conns[0]["id"].as_u64().unwrap();
     api(admin.clone(), move |a| {
         a.delete(&format!("/api/connections/{id}"))
@@ -139,9 +140,12 @@ async fn the_api_shows_what_amqp_clients_do() {
     .await
     .unwrap();
     assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await,
+        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
+            .await,
         "the connection was closed"
     );
+    assert_eq!(*code.lock().unwrap(), Some(320), "CONNECTION_FORCED");
+    assert!(!conn.status().connected());
     assert!(
         wasmq_tests::eventually_async(Duration::from_secs(5), || t
             .broker()

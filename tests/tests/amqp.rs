@@ -503,12 +503,20 @@ async fn queue_deletion_cancels_consumers() {
 async fn graceful_shutdown_closes_connections() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
+    let code = wasmq_tests::close_code(&conn);
     let ch = conn.create_channel().await.unwrap();
     wasmq_tests::declare_queue(&ch, "q").await;
     t.stop().await;
     assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || !conn.status().connected()).await
+        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
+            .await
     );
+    assert_eq!(
+        *code.lock().unwrap(),
+        Some(320),
+        "connection.close CONNECTION_FORCED, not a dropped socket"
+    );
+    assert!(!conn.status().connected());
 }
 
 /// The full hot-swap path under load: plugin files renamed into the watched
