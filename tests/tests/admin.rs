@@ -461,3 +461,74 @@ async fn names_and_fields_over_255_bytes_are_refused_with_400() {
     }
     t.stop().await;
 }
+
+/// A `management` user sees only the vhosts it has permissions in, and
+/// only its own connections (RabbitMQ's rule); `monitoring` sees all; only
+/// those who see all may export the definitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_management_user_sees_only_its_own_vhosts_and_connections() {
+    let user = |name: &str, vhosts: &[&str], tag: &str| wasmq::amqp::User {
+        name: name.into(),
+        password: "pw".into(),
+        vhosts: vhosts.iter().map(|v| v.to_string()).collect(),
+        permissions: Vec::new(),
+        loopback_only: false,
+        tags: vec![tag.into()],
+    };
+    let t = TestServer::start_with(|c| {
+        c.users.push(user("team", &["team"], "management"));
+        c.users.push(user("watcher", &[], "monitoring"));
+    })
+    .await;
+    t.broker().add_vhost("team").unwrap();
+    let guest = t.connect().await;
+    let ch = guest.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&ch, "secret").await;
+    let team = t.connect_as("team", "pw", "team").await.unwrap();
+    let tch = team.create_channel().await.unwrap();
+    wasmq_tests::declare_queue(&tch, "mine").await;
+
+    let names = |v: &Value, key: &str| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i[key].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let seen = api(t.admin_as("team", "pw"), |a| {
+        (
+            a.get("/api/vhosts").unwrap(),
+            a.get("/api/queues").unwrap(),
+            a.get("/api/exchanges").unwrap(),
+            a.get("/api/connections").unwrap(),
+            a.get("/api/queues/%2F").unwrap_err(),
+            a.get("/api/queues/%2F/secret").unwrap_err(),
+            a.get("/api/definitions").unwrap_err(),
+            a.get("/api/queues/team/mine").unwrap(),
+        )
+    })
+    .await;
+    assert_eq!(names(&seen.0, "name"), ["team"]);
+    assert_eq!(names(&seen.1, "name"), ["mine"]);
+    assert!(
+        names(&seen.2, "vhost").iter().all(|v| v == "team"),
+        "{}",
+        seen.2
+    );
+    assert_eq!(names(&seen.3, "user"), ["team"], "only its own connection");
+    assert_eq!(status(seen.4), 403);
+    assert_eq!(status(seen.5), 403);
+    assert_eq!(status(seen.6), 403);
+    assert_eq!(seen.7["name"], "mine");
+
+    let all = api(t.admin_as("watcher", "pw"), |a| {
+        (
+            a.get("/api/queues").unwrap(),
+            a.get("/api/connections").unwrap(),
+        )
+    })
+    .await;
+    assert_eq!(names(&all.0, "name"), ["secret", "mine"]);
+    assert_eq!(all.1.as_array().unwrap().len(), 2);
+    t.stop().await;
+}

@@ -11,13 +11,13 @@ use amq_protocol::types::ShortString;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AdminState, ApiError};
+use super::{AdminState, ApiError, Viewer};
 use crate::broker::{Exchange, Queue, VHost};
 use crate::json::{json_to_table, table_to_json};
 use crate::store::definitions::{
@@ -75,15 +75,37 @@ fn sorted_vhosts(s: &AdminState) -> Vec<Arc<VHost>> {
     v
 }
 
+/// The vhosts `viewer` may see, sorted.
+fn visible_vhosts(s: &AdminState, viewer: &Viewer) -> Vec<Arc<VHost>> {
+    let mut v = sorted_vhosts(s);
+    v.retain(|v| viewer.sees(&v.name));
+    v
+}
+
+/// Vhost `name`, if `viewer` may see it (403 if it exists but may not).
+fn visible_vhost(s: &AdminState, viewer: &Viewer, name: &str) -> Result<Arc<VHost>, ApiError> {
+    let v = vhost(s, name)?;
+    if !viewer.sees(name) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("user '{}' has no access to vhost '{name}'", viewer.user),
+        ));
+    }
+    Ok(v)
+}
+
 fn secs(t: std::time::SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-async fn overview(State(s): State<AdminState>) -> Json<Value> {
+async fn overview(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
     let (mut exchanges, mut queues, mut consumers) = (0, 0, 0);
     let (mut ready, mut unacked) = (0u64, 0u64);
     let (mut published, mut delivered, mut acked, mut redelivered) = (0u64, 0u64, 0u64, 0u64);
-    for v in s.broker.vhosts() {
+    for v in visible_vhosts(&s, &viewer) {
         for x in v.exchanges() {
             exchanges += 1;
             published += x.stats.published.load(Ordering::Relaxed);
@@ -98,7 +120,8 @@ async fn overview(State(s): State<AdminState>) -> Json<Value> {
             redelivered += q.redelivered.load(Ordering::Relaxed);
         }
     }
-    let conns = s.broker.connections().list();
+    let mut conns = s.broker.connections().list();
+    conns.retain(|c| viewer.sees_connection(&c.user));
     let channels: usize = conns.iter().map(|c| c.channels().len()).sum();
     let store = s.broker.store().map(|st| {
         let stats = st.stats();
@@ -142,9 +165,9 @@ async fn overview(State(s): State<AdminState>) -> Json<Value> {
     }))
 }
 
-async fn vhosts(State(s): State<AdminState>) -> Json<Value> {
+async fn vhosts(State(s): State<AdminState>, Extension(viewer): Extension<Viewer>) -> Json<Value> {
     Json(Value::Array(
-        sorted_vhosts(&s)
+        visible_vhosts(&s, &viewer)
             .iter()
             .map(|v| json!({"name": v.name}))
             .collect(),
@@ -188,19 +211,27 @@ fn list_exchanges(vhosts: &[Arc<VHost>]) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-async fn exchanges(State(s): State<AdminState>) -> Json<Value> {
-    list_exchanges(&sorted_vhosts(&s))
+async fn exchanges(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
+    list_exchanges(&visible_vhosts(&s, &viewer))
 }
 
-async fn exchanges_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
-    Ok(list_exchanges(&[vhost(&s, &v)?]))
+async fn exchanges_in(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(v): Path<String>,
+) -> ApiResult {
+    Ok(list_exchanges(&[visible_vhost(&s, &viewer, &v)?]))
 }
 
 async fn exchange(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult {
-    let v = vhost(&s, &v)?;
+    let v = visible_vhost(&s, &viewer, &v)?;
     let x = v.exchange(&name)?;
     Ok(Json(exchange_json(&v, &x)))
 }
@@ -242,16 +273,24 @@ fn list_queues(vhosts: &[Arc<VHost>]) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-async fn queues(State(s): State<AdminState>) -> Json<Value> {
-    list_queues(&sorted_vhosts(&s))
+async fn queues(State(s): State<AdminState>, Extension(viewer): Extension<Viewer>) -> Json<Value> {
+    list_queues(&visible_vhosts(&s, &viewer))
 }
 
-async fn queues_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
-    Ok(list_queues(&[vhost(&s, &v)?]))
+async fn queues_in(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(v): Path<String>,
+) -> ApiResult {
+    Ok(list_queues(&[visible_vhost(&s, &viewer, &v)?]))
 }
 
-async fn queue(State(s): State<AdminState>, Path((v, name)): Path<(String, String)>) -> ApiResult {
-    let v = vhost(&s, &v)?;
+async fn queue(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = visible_vhost(&s, &viewer, &v)?;
     let q = v.queue(&name)?;
     Ok(Json(queue_json(&v, &q)))
 }
@@ -293,20 +332,31 @@ fn list_bindings(vhosts: &[Arc<VHost>]) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-async fn bindings(State(s): State<AdminState>) -> Json<Value> {
-    list_bindings(&sorted_vhosts(&s))
+async fn bindings(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
+    list_bindings(&visible_vhosts(&s, &viewer))
 }
 
-async fn bindings_in(State(s): State<AdminState>, Path(v): Path<String>) -> ApiResult {
-    Ok(list_bindings(&[vhost(&s, &v)?]))
+async fn bindings_in(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(v): Path<String>,
+) -> ApiResult {
+    Ok(list_bindings(&[visible_vhost(&s, &viewer, &v)?]))
 }
 
-async fn connections(State(s): State<AdminState>) -> Json<Value> {
+async fn connections(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
     Json(Value::Array(
         s.broker
             .connections()
             .list()
             .iter()
+            .filter(|c| viewer.sees_connection(&c.user))
             .map(|c| {
                 json!({
                     "name": c.id.to_string(),
@@ -338,9 +388,15 @@ async fn close_connection(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn channels(State(s): State<AdminState>) -> Json<Value> {
+async fn channels(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
     let mut out = Vec::new();
     for c in s.broker.connections().list() {
+        if !viewer.sees_connection(&c.user) {
+            continue;
+        }
         for ch in c.channels() {
             out.push(json!({
                 "name": format!("{} ({})", c.id, ch.id),
@@ -360,9 +416,12 @@ async fn channels(State(s): State<AdminState>) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-async fn consumers(State(s): State<AdminState>) -> Json<Value> {
+async fn consumers(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Value> {
     let mut out = Vec::new();
-    for v in sorted_vhosts(&s) {
+    for v in visible_vhosts(&s, &viewer) {
         let mut qs = v.queues();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         for q in qs {
@@ -383,8 +442,18 @@ async fn consumers(State(s): State<AdminState>) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-/// Export the durable definitions in RabbitMQ's definitions shape.
-async fn export(State(s): State<AdminState>) -> Json<Value> {
+/// Export the durable definitions in RabbitMQ's definitions shape. Only
+/// for those who see every vhost (RabbitMQ: administrators).
+async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer>) -> ApiResult {
+    if !viewer.all {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user '{}' may not export definitions (the administrator or monitoring tag)",
+                viewer.user
+            ),
+        ));
+    }
     let defs = s.broker.durable_definitions();
     let mut exchanges = Vec::new();
     let mut queues = Vec::new();
@@ -415,14 +484,14 @@ async fn export(State(s): State<AdminState>) -> Json<Value> {
             }));
         }
     }
-    Json(json!({
+    Ok(Json(json!({
         "product_name": "wasmq",
         "product_version": env!("CARGO_PKG_VERSION"),
         "vhosts": vhosts,
         "exchanges": exchanges,
         "queues": queues,
         "bindings": bindings,
-    }))
+    })))
 }
 
 #[derive(Deserialize)]

@@ -145,6 +145,39 @@ pub async fn serve(
     }
 }
 
+/// Who is asking, as the read endpoints need it. RabbitMQ's tags:
+/// `administrator` and `monitoring` see every vhost and connection;
+/// `management` sees only the vhosts it has permissions in, and only its
+/// own connections.
+#[derive(Clone, Debug)]
+pub(crate) struct Viewer {
+    pub user: String,
+    /// Sees everything.
+    pub all: bool,
+    /// The vhosts it may see, when not all.
+    vhosts: Vec<String>,
+}
+
+impl Viewer {
+    fn of(user: &User) -> Self {
+        Viewer {
+            user: user.name.clone(),
+            all: user.has_tag("administrator") || user.has_tag("monitoring"),
+            vhosts: user.vhost_names(),
+        }
+    }
+
+    /// Whether it may see vhost `name` and what is in it.
+    pub fn sees(&self, name: &str) -> bool {
+        self.all || self.vhosts.iter().any(|v| v == name)
+    }
+
+    /// Whether it may see a connection of `user`.
+    pub fn sees_connection(&self, user: &str) -> bool {
+        self.all || self.user == user
+    }
+}
+
 /// HTTP basic auth against the AMQP users.
 async fn auth(
     State(state): State<AdminState>,
@@ -175,6 +208,9 @@ async fn auth(
         if user.has_tag("administrator")
             || (reads && (user.has_tag("monitoring") || user.has_tag("management")))
         {
+            let viewer = Viewer::of(user);
+            let mut request = request;
+            request.extensions_mut().insert(viewer);
             return next.run(request).await;
         }
         let needed = if reads {

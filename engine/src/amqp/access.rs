@@ -93,6 +93,15 @@ impl User {
         !self.loopback_only || peer.to_canonical().is_loopback()
     }
 
+    /// The vhosts it has any permission in.
+    pub fn vhost_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.vhosts.clone();
+        v.extend(self.permissions.iter().map(|p| p.vhost.clone()));
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// The user's permissions in `vhost`, `None` if it may not open it.
     pub fn permissions_in(&self, vhost: &str) -> Option<Arc<Permissions>> {
         if let Some(p) = self.permissions.iter().find(|p| p.vhost == vhost) {
