@@ -226,6 +226,12 @@ pub struct PluginConfig {
     pub watch: bool,
     /// Cache compiled plugins under `data_dir/plugin-cache`.
     pub compile_cache: bool,
+    /// Let a plugin file named like a built-in (`direct`, `topic`,
+    /// `fanout`, `headers`) replace that exchange type for user-declared
+    /// exchanges. Off, such a file is rejected; an admin upload can still
+    /// ask for one replacement with `?override_builtin=true`. The
+    /// predeclared `amq.*` exchanges keep the built-in either way.
+    pub override_builtins: bool,
     /// `"tiered"`: a new version serves on Winch's baseline code while
     /// Cranelift optimizes it in the background; `"optimizing"`: it serves
     /// once Cranelift is done.
@@ -244,6 +250,7 @@ impl Default for PluginConfig {
             circuit_cooldown_ms: d.circuit_cooldown.as_millis() as u64,
             watch: true,
             compile_cache: true,
+            override_builtins: false,
             compiler: Compiler::default(),
         }
     }

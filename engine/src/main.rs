@@ -168,6 +168,11 @@ enum PluginCommand {
         /// Plugin name (default: the file name without `.wasm`).
         #[arg(long)]
         name: Option<String>,
+        /// Replace a built-in exchange type (`direct`, `topic`, `fanout`,
+        /// `headers`) with this file; the predeclared amq.* exchanges keep
+        /// the built-in.
+        #[arg(long)]
+        override_builtin: bool,
     },
 }
 
@@ -180,14 +185,25 @@ fn main() -> anyhow::Result<()> {
             command: PluginCommand::Check { file },
         } => check(&file),
         Command::Plugin {
-            command: PluginCommand::Upload { admin, file, name },
+            command:
+                PluginCommand::Upload {
+                    admin,
+                    file,
+                    name,
+                    override_builtin,
+                },
         } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let name = name.unwrap_or_else(|| wasmq::plugin::plugin_name(&file));
+            let query = if override_builtin {
+                "?override_builtin=true"
+            } else {
+                ""
+            };
             let r = admin
                 .client()
-                .put_bytes(&format!("/api/plugins/{}", segment(&name)), &bytes)?;
+                .put_bytes(&format!("/api/plugins/{}{query}", segment(&name)), &bytes)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }

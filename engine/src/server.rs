@@ -84,6 +84,7 @@ impl Server {
             .with_context(|| format!("creating plugin folder {}", config.plugin_dir.display()))?;
         let broker = Broker::new(host, config.plugin_dir.clone())?;
         broker.set_queue_flow_bytes(config.amqp.queue_flow_bytes);
+        broker.set_override_builtins(config.plugins.override_builtins);
         let loaded = broker.load_plugin_dir();
         tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
         for user in &config.users {

@@ -532,3 +532,45 @@ async fn a_management_user_sees_only_its_own_vhosts_and_connections() {
     assert_eq!(all.1.as_array().unwrap().len(), 2);
     t.stop().await;
 }
+
+/// Uploading a file under a built-in's name replaces that type only when
+/// asked for (`?override_builtin=true`); amq.direct keeps the built-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_built_in_type_through_the_api_is_deliberate() {
+    let t = TestServer::start().await;
+    let topic = wasmq_tests::plugin_bytes("topic");
+    let bytes = topic.clone();
+    let e = api(t.admin(), move |a| {
+        a.put_bytes("/api/plugins/direct", &bytes).unwrap_err()
+    })
+    .await;
+    match e {
+        ClientError::Status { status, reason } => {
+            assert_eq!(status, 400);
+            assert!(reason.contains("built-in exchange type"), "{reason}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!t.plugins.path().join("direct.wasm").exists());
+    api(t.admin(), move |a| {
+        a.put_bytes("/api/plugins/direct?override_builtin=true", &topic)
+            .unwrap()
+    })
+    .await;
+    let broker = t.broker().clone();
+    assert!(
+        wasmq_tests::eventually_async(Duration::from_secs(10), || {
+            !broker.plugins().get("direct").unwrap().builtin
+        })
+        .await,
+        "the override serves"
+    );
+    let amq_direct = t
+        .broker()
+        .vhost("/")
+        .unwrap()
+        .exchange("amq.direct")
+        .unwrap();
+    assert!(amq_direct.router().version().builtin);
+    t.stop().await;
+}

@@ -135,21 +135,43 @@ fn the_watcher_swaps_in_files_rejects_bad_ones_and_survives_deletion() {
     }));
     assert_eq!(t.publish("s", "k", b"", FieldTable::default()).delivered, 1);
 
-    // A file of a built-in's name overrides it, predeclared exchanges included.
+    // A file of a built-in's name is refused unless overrides are on: a
+    // stray `fanout.wasm` must not change every fanout exchange.
+    t.exchange("mine", "fanout", FieldTable::default());
     std::fs::write(t.plugin_dir().join("fanout.wasm"), plugin_bytes("direct")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        t.broker.plugins().list().iter().any(|p| {
+            p.name == "fanout"
+                && p.rejection
+                    .as_deref()
+                    .is_some_and(|r| r.contains("built-in"))
+        })
+    }));
+    assert!(t.broker.plugins().get("fanout").unwrap().builtin);
+
+    // With overrides on, it replaces the type for user-declared exchanges;
+    // the predeclared amq.fanout keeps the shipped built-in.
+    t.broker.set_override_builtins(true);
+    std::fs::write(t.plugin_dir().join("fanout.wasm"), plugin_bytes("topic")).unwrap();
     assert!(eventually(Duration::from_secs(5), || !t
         .broker
         .plugins()
         .get("fanout")
         .unwrap()
         .builtin));
+    let router = |x: &str| t.vhost().exchange(x).unwrap().router().version().builtin;
     assert!(
-        !t.vhost()
-            .exchange("amq.fanout")
-            .unwrap()
-            .router()
-            .version()
-            .builtin
+        !router("mine"),
+        "a user-declared fanout exchange runs the override"
+    );
+    assert!(router("amq.fanout"), "amq.fanout keeps the built-in");
+    t.queue("everyone");
+    t.bind("amq.fanout", "everyone", "", FieldTable::default());
+    assert_eq!(
+        t.publish("amq.fanout", "any.key", b"", FieldTable::default())
+            .delivered,
+        1,
+        "amq.fanout still fans out"
     );
 }
 

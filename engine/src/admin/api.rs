@@ -811,9 +811,17 @@ async fn plugin(State(s): State<AdminState>, Path(name): Path<String>) -> ApiRes
 /// Validate an uploaded plugin, then write it into the plugin folder with
 /// an atomic rename: the watcher swaps it in as it would a copied file.
 /// Validation failures are 400 with the reason; nothing is written.
+#[derive(Deserialize, Default)]
+struct UploadQuery {
+    /// Replace a built-in exchange type with this file (deliberately).
+    #[serde(default)]
+    override_builtin: bool,
+}
+
 async fn upload(
     State(s): State<AdminState>,
     Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<UploadQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     if name.is_empty()
@@ -837,6 +845,13 @@ async fn upload(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| ApiError::bad_request(format!("plugin '{name}' rejected: {e}")))?;
     let (version, body) = version;
+    if query.override_builtin {
+        s.broker.allow_override(&name, &version.hash);
+    } else if let Some(reason) = s.broker.builtin_override_refused(&name, &version.hash) {
+        return Err(ApiError::bad_request(format!(
+            "plugin '{name}' rejected: {reason}"
+        )));
+    }
     let dir = s.broker.plugin_dir().to_owned();
     let written = name.clone();
     tokio::task::spawn_blocking(move || write_atomically(&dir, &written, &body))

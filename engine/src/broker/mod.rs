@@ -28,8 +28,8 @@ pub use route::{FaultReport, PublishOutcome};
 
 use crate::message::{Message, encode_table_body};
 use crate::plugin::{
-    FilterPlugin, PluginError, PluginHost, PluginRegistry, RouterPlugin, TransformPlugin,
-    binding_input,
+    FilterPlugin, PluginError, PluginHost, PluginRegistry, PluginVersion, RouterPlugin,
+    TransformPlugin, binding_input,
 };
 
 /// The hash map of the message path: exchange and queue names, consumer
@@ -223,6 +223,15 @@ pub struct Broker {
     /// connections that publish are blocked (connection.blocked, and not
     /// read).
     alarms: crate::alarm::Alarms,
+    /// The built-in plugins as shipped. The predeclared `amq.*` exchanges
+    /// always route with these, whatever replaces a built-in type.
+    /// Set once in [`Broker::new`].
+    builtins: std::sync::OnceLock<Map<String, Arc<PluginVersion>>>,
+    /// A plugin file may replace a built-in type (`plugins.override_builtins`).
+    override_builtins: std::sync::atomic::AtomicBool,
+    /// (name, content hash) of built-in overrides an operator asked for
+    /// one by one (an admin upload with `override_builtin=true`).
+    overrides_allowed: Mutex<Vec<(String, String)>>,
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the
@@ -396,7 +405,11 @@ impl Broker {
             recovering: false.into(),
             connections: Arc::default(),
             alarms: crate::alarm::Alarms::default(),
+            builtins: std::sync::OnceLock::new(),
+            override_builtins: false.into(),
+            overrides_allowed: Mutex::new(Vec::new()),
         });
+        let mut builtins = Map::default();
         for (name, bytes) in crate::builtins::BUILTINS {
             let v = broker
                 .host
@@ -404,9 +417,57 @@ impl Broker {
                 .map_err(|e| anyhow::anyhow!("built-in plugin: {e}"))?;
             broker.registry.serve(v.clone());
             broker.optimize_later(&v, bytes);
+            builtins.insert((*name).to_owned(), v);
         }
+        let _ = broker.builtins.set(builtins);
         broker.add_vhost("/")?;
         Ok(broker)
+    }
+
+    fn builtins(&self) -> &Map<String, Arc<PluginVersion>> {
+        self.builtins.get().expect("set in Broker::new")
+    }
+
+    /// Let plugin files replace built-in exchange types (off by default:
+    /// a file that happens to be called `direct.wasm` must not change what
+    /// every direct exchange does).
+    pub fn set_override_builtins(&self, allowed: bool) {
+        self.override_builtins
+            .store(allowed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Let the version of built-in `name` with content hash `hash` replace
+    /// it, once, even with overrides off: an operator asked for it by name.
+    pub fn allow_override(&self, name: &str, hash: &str) {
+        self.overrides_allowed
+            .lock()
+            .push((name.to_owned(), hash.to_owned()));
+    }
+
+    /// Why plugin `name` (content hash `hash`) may not be installed, if it
+    /// would replace a built-in type without the operator saying so.
+    pub(crate) fn builtin_override_refused(&self, name: &str, hash: &str) -> Option<String> {
+        if !self.builtins().contains_key(name)
+            || self
+                .override_builtins
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let mut allowed = self.overrides_allowed.lock();
+        if let Some(at) = allowed.iter().position(|(n, h)| n == name && h == hash) {
+            allowed.remove(at);
+            return None;
+        }
+        Some(format!(
+            "'{name}' is a built-in exchange type; replacing it must be deliberate: set plugins.override_builtins = true, or upload with ?override_builtin=true (the predeclared amq.* exchanges keep the built-in either way)"
+        ))
+    }
+
+    /// Whether `name` is a predeclared exchange (`amq.direct`, ...): these
+    /// route with the shipped built-ins, never with an override.
+    pub(crate) fn is_predeclared(name: &str) -> bool {
+        PREDECLARED.iter().any(|(x, _)| *x == name)
     }
 
     /// Open AMQP connections.
@@ -510,13 +571,15 @@ impl Broker {
 
     fn build_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
         let _swap = self.swap.read();
-        let version =
-            self.registry
-                .get(&spec.kind)
-                .ok_or_else(|| BrokerError::UnknownExchangeType {
-                    kind: spec.kind.clone(),
-                    plugin_dir: self.plugin_dir.display().to_string(),
-                })?;
+        let version = if Self::is_predeclared(&spec.name) {
+            self.builtins().get(&spec.kind).cloned()
+        } else {
+            self.registry.get(&spec.kind)
+        };
+        let version = version.ok_or_else(|| BrokerError::UnknownExchangeType {
+            kind: spec.kind.clone(),
+            plugin_dir: self.plugin_dir.display().to_string(),
+        })?;
         let encoded = encode_table_body(&spec.arguments);
         let router = RouterPlugin::new(&self.host, &version, &spec.name, &encoded, &())?;
         let transform_name = arg_str(&spec.arguments, ARG_TRANSFORM)?;

@@ -90,6 +90,13 @@ impl Broker {
             return Ok(current);
         }
         let started = std::time::Instant::now();
+        if let Some(reason) =
+            self.builtin_override_refused(name, &crate::plugin::content_hash(bytes))
+        {
+            tracing::error!(plugin = %name, "plugin refused, the built-in keeps serving: {reason}");
+            self.registry.reject(name, reason.clone());
+            return Err(reason);
+        }
         let result = self
             .host
             .load(name, bytes, false)
@@ -168,10 +175,13 @@ impl Broker {
     fn swap_locked(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
         let _swap = self.swap.write();
         let name = version.name.as_str();
+        // The predeclared exchanges keep the shipped built-in as their
+        // router; a filter or transform on them is swapped like any other.
+        let router_of = |x: &Exchange| x.kind == name && !Self::is_predeclared(&x.name);
         let mut users: Vec<(String, Arc<Exchange>)> = Vec::new();
         for vhost in self.vhosts() {
             for x in vhost.exchanges() {
-                let uses = x.kind == name
+                let uses = router_of(&x)
                     || x.transform_name.as_deref() == Some(name)
                     || x.bindings
                         .load()
@@ -192,7 +202,7 @@ impl Broker {
                 format!("exchange '{}' in vhost '{vhost}': {e}", x.name)
             };
             let table = x.bindings.load_full();
-            let router = if x.kind == name {
+            let router = if router_of(x) {
                 Some(
                     RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
                         .map_err(|e| at(&e))?,
