@@ -54,6 +54,25 @@ impl Broker {
         self.store
             .set(store.clone())
             .map_err(|_| anyhow::anyhow!("a store is already attached"))?;
+        let needed: Vec<String> = defs
+            .vhosts
+            .iter()
+            .flat_map(|v| {
+                let kinds = v.exchanges.iter().flat_map(|x| {
+                    let transform = super::string_arg(&x.arguments, super::ARG_TRANSFORM)
+                        .ok()
+                        .flatten();
+                    std::iter::once(x.kind.clone()).chain(transform)
+                });
+                let filters = v.bindings.iter().filter_map(|b| {
+                    super::string_arg(&b.arguments, super::ARG_FILTER)
+                        .ok()
+                        .flatten()
+                });
+                kinds.chain(filters).collect::<Vec<_>>()
+            })
+            .collect();
+        self.recover_plugins(&needed);
         let result = self.recover_definitions(&defs);
         self.recovering.store(false, Ordering::SeqCst);
         let r = result?;

@@ -104,6 +104,7 @@ impl Broker {
             .and_then(|v| self.swap_in(&v).map(|()| v));
         match result {
             Ok(v) => {
+                self.keep_plugin(&v, bytes);
                 tracing::info!(
                     plugin = %name, version = %v.short_hash(), roles = %v.roles, bytes = v.size,
                     code = v.code_tier(),
@@ -117,6 +118,59 @@ impl Broker {
                 tracing::error!(plugin = %name, "plugin rejected, previous version keeps serving: {reason}");
                 self.registry.reject(name, reason.clone());
                 Err(reason)
+            }
+        }
+    }
+
+    /// Keep `version`'s bytes in the store as its plugin's last good
+    /// version (without a store, nothing outlives the process anyway).
+    fn keep_plugin(&self, version: &PluginVersion, bytes: &[u8]) {
+        if let Some(store) = self.store()
+            && let Err(e) = store.keep_plugin(&version.name, &version.hash, bytes)
+        {
+            tracing::warn!(plugin = %version.name, "keeping the plugin's last good version failed: {e}");
+        }
+    }
+
+    /// Keep the plugins loaded before the store was attached (the plugin
+    /// folder is read first, since recovery needs the exchange types), and
+    /// bring back, from what was kept, the last good version of every
+    /// plugin in `needed` whose file is gone.
+    pub(crate) fn recover_plugins(&self, needed: &[String]) {
+        let Some(store) = self.store() else { return };
+        for status in self.registry.list() {
+            let Some(v) = self.registry.get(&status.name).filter(|v| !v.builtin) else {
+                continue;
+            };
+            let path = self.plugin_dir.join(format!("{}.wasm", v.name));
+            match std::fs::read(&path) {
+                Ok(bytes) if crate::plugin::content_hash(&bytes) == v.hash => {
+                    self.keep_plugin(&v, &bytes)
+                }
+                _ => {}
+            }
+        }
+        for name in needed {
+            if self.registry.get(name).is_some() {
+                continue;
+            }
+            let Some((hash, bytes)) = store.kept_plugin(name) else {
+                continue;
+            };
+            match self.host.load(name, &bytes, false) {
+                Ok(v) => {
+                    tracing::warn!(
+                        plugin = %name, version = %v.short_hash(),
+                        "plugin file {}.wasm is gone from {}; a durable exchange uses it, so its last good version (kept in the data folder) serves until a new file is added",
+                        name, self.plugin_dir.display()
+                    );
+                    self.registry.serve(v.clone());
+                    self.registry.orphan(name);
+                    self.optimize_later(&v, &bytes);
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, kept = %hash, "the kept version of the plugin no longer loads: {e}")
+                }
             }
         }
     }

@@ -363,6 +363,56 @@ impl Store {
         Ok(())
     }
 
+    /// Keep `bytes`, the serving version `hash` of plugin `name`, as that
+    /// plugin's last good version (replacing the one kept before). A
+    /// durable exchange must come back after a restart even if its plugin
+    /// file was deleted meanwhile (a deleted file keeps serving its last
+    /// version while the broker runs, so it must after a restart too).
+    pub fn keep_plugin(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let dir = self.dir.join("plugins");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        let path = dir.join(format!("{name}.{hash}.wasm"));
+        if path.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let tmp = dir.join(format!("{name}.{hash}.tmp"));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&dir)?;
+        for (other, _) in self.kept_versions(name) {
+            if other != hash {
+                let _ = std::fs::remove_file(dir.join(format!("{name}.{other}.wasm")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The last good version kept of plugin `name`: its hash and bytes.
+    pub fn kept_plugin(&self, name: &str) -> Option<(String, Vec<u8>)> {
+        let (hash, path) = self.kept_versions(name).into_iter().next()?;
+        Some((hash, std::fs::read(path).ok()?))
+    }
+
+    fn kept_versions(&self, name: &str) -> Vec<(String, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("plugins")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let file = path.file_name()?.to_str()?.to_owned();
+                let (n, hash) = file.strip_suffix(".wasm")?.rsplit_once('.')?;
+                (n == name).then(|| (hash.to_owned(), path))
+            })
+            .collect()
+    }
+
     /// The folder of a queue's log: named by a hash, since queue names may
     /// hold any character.
     pub fn queue_dir(&self, vhost: &str, queue: &str) -> PathBuf {
