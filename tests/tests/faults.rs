@@ -416,3 +416,43 @@ fn shipped_self_test_vectors_run_at_load() {
     let v = t.broker.install_plugin("mine", &passing).unwrap();
     assert_eq!(v.self_tests, 2);
 }
+
+/// Each exchange has its own circuit, but many exchanges of one faulting
+/// plugin would each spend their threshold of faults per cooldown: faults
+/// in a row across all uses of a version open the plugin's own circuit,
+/// and then every exchange of that plugin refuses calls, including ones
+/// that never faulted themselves. Other plugins are not affected.
+#[test]
+fn faults_in_a_row_across_a_plugins_exchanges_open_its_own_circuit() {
+    let t = TestBroker::with_limits(limits());
+    t.install("faulty", "faulty");
+    // limits(): an exchange's circuit opens after 3 faults; the plugin's
+    // after 4 times that, 12.
+    for i in 0..12 {
+        let x = format!("bad{i}");
+        t.exchange(&x, "faulty", FieldTable::default());
+        let out = t.publish(&x, "trap", b"", FieldTable::default());
+        assert!(matches!(out.faults[0].fault, PluginFault::Trap(_)), "{i}");
+    }
+    t.exchange("fresh", "faulty", FieldTable::default());
+    t.queue("q");
+    t.bind("fresh", "q", "", FieldTable::default());
+    let out = t.publish("fresh", "fine", b"", FieldTable::default());
+    assert!(
+        matches!(out.faults[0].fault, PluginFault::CircuitOpen(_)),
+        "{out:?}"
+    );
+    t.exchange("good", "topic", FieldTable::default());
+    t.bind("good", "q", "#", FieldTable::default());
+    assert_eq!(
+        t.publish("good", "k", b"", FieldTable::default()).delivered,
+        1
+    );
+    // After the cooldown, one success closes it again.
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(
+        t.publish("fresh", "fine", b"", FieldTable::default())
+            .delivered,
+        1
+    );
+}

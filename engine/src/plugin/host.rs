@@ -126,6 +126,42 @@ pub struct PluginHost {
     functions: Arc<FunctionCache>,
     /// Each plugin's log budget, across its instances and versions.
     logs: super::log::LogBudgets,
+    /// Bounds how many set-up calls run at once (see [`PluginHost::setup`]).
+    setup_slots: Slots,
+}
+
+/// A counting semaphore for threads (set-up calls block their thread).
+struct Slots {
+    free: parking_lot::Mutex<usize>,
+    freed: parking_lot::Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots {
+            free: parking_lot::Mutex::new(n.max(1)),
+            freed: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        {
+            let mut free = self.free.lock();
+            while *free == 0 {
+                self.freed.wait(&mut free);
+            }
+            *free -= 1;
+        }
+        struct Release<'a>(&'a Slots);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                *self.0.free.lock() += 1;
+                self.0.freed.notify_one();
+            }
+        }
+        let _release = Release(self);
+        f()
+    }
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -220,6 +256,11 @@ pub struct PluginVersion {
     /// The compiled code: baseline first when tiered, optimized later.
     module: RwLock<Module>,
     optimized: AtomicBool,
+    /// A circuit over every use of this version together. Each exchange
+    /// has its own circuit, but 50 exchanges whose routes loop each spend
+    /// their threshold of deadlines per cooldown: faults in a row across
+    /// all uses open this one, and every use refuses calls for a cooldown.
+    pub(crate) circuit: super::circuit::Circuit,
 }
 
 impl std::fmt::Debug for PluginVersion {
@@ -323,6 +364,7 @@ impl PluginHost {
             clock,
             functions,
             logs: Default::default(),
+            setup_slots: Slots::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         }))
     }
 
@@ -345,6 +387,23 @@ impl PluginHost {
     }
 
     /// The deadline clock; a call must tell it it runs.
+    /// Run `f`, a call that sets a plugin up (instantiate, init, bind,
+    /// unbind: up to the set-up deadline, a second by default), without
+    /// stalling the async runtime: on a runtime worker the worker is handed
+    /// over to the runtime's other tasks for the duration
+    /// (`block_in_place`), so other connections keep their latency while
+    /// a plugin loops in `init`. At most as many set-up calls as there are
+    /// cores run at once; the rest wait their turn (off the runtime too).
+    pub(crate) fn setup<R>(&self, f: impl FnOnce() -> R) -> R {
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| self.setup_slots.run(f))
+        } else {
+            self.setup_slots.run(f)
+        }
+    }
+
     /// Plugin `name`'s log budget.
     pub(crate) fn log_budget(&self, name: &str) -> Arc<super::log::LogBudget> {
         self.logs.of(name)
@@ -430,6 +489,12 @@ impl PluginHost {
             latency: Default::default(),
             module: RwLock::new(module),
             optimized: AtomicBool::new(optimized),
+            circuit: super::circuit::Circuit::new(
+                self.limits
+                    .circuit_threshold
+                    .saturating_mul(PLUGIN_CIRCUIT_FACTOR),
+                self.limits.circuit_cooldown,
+            ),
         };
         let fault = |stage, fault: PluginFault| LoadError::Fault {
             name: name.to_owned(),
@@ -722,6 +787,10 @@ fn again_after_deadline<T, E>(
         r => r,
     }
 }
+
+/// A plugin version's own circuit opens after this many times an
+/// exchange's threshold of faults in a row, across all its uses.
+const PLUGIN_CIRCUIT_FACTOR: u32 = 4;
 
 /// What both engines share: epoch deadlines, the stack bound, no address map.
 fn base_config() -> Config {

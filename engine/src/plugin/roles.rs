@@ -98,10 +98,12 @@ impl Pool {
         &self,
         prepare: &dyn Fn(&mut Instance) -> Result<(), CallError>,
     ) -> Result<Instance, CallError> {
-        let mut i = Instance::new(&self.host, &self.version)?;
-        i.init(self.role, &self.init)?;
-        prepare(&mut i)?;
-        Ok(i)
+        self.host.setup(|| {
+            let mut i = Instance::new(&self.host, &self.version)?;
+            i.init(self.role, &self.init)?;
+            prepare(&mut i)?;
+            Ok(i)
+        })
     }
 
     /// A free instance slot: the first one not in use, so an uncontended
@@ -124,6 +126,7 @@ impl Pool {
         f: impl FnOnce(&mut Instance) -> Result<R, CallError>,
     ) -> Result<R, PluginFault> {
         self.circuit.check()?;
+        self.version.circuit.check()?;
         let n = self.version.calls.fetch_add(1, Ordering::Relaxed);
         let started = n
             .is_multiple_of(LATENCY_SAMPLE)
@@ -142,6 +145,7 @@ impl Pool {
         match r {
             Ok(v) => {
                 self.circuit.success();
+                self.version.circuit.success();
                 Ok(v)
             }
             Err(e) => {
@@ -157,6 +161,12 @@ impl Pool {
                 if opened {
                     tracing::error!(plugin = %self.version.name, "circuit opened for {} after repeated faults", self.place);
                 }
+                if self.version.circuit.fault() {
+                    tracing::error!(
+                        plugin = %self.version.name, version = %self.version.short_hash(),
+                        "circuit opened for every use of the plugin: faults in a row across its exchanges and bindings"
+                    );
+                }
                 Err(fault)
             }
         }
@@ -167,6 +177,13 @@ impl Pool {
     /// returned. An instance that faults is discarded (it will be rebuilt from
     /// the binding table, which the caller has already updated).
     fn for_each_live(
+        &self,
+        f: &dyn Fn(&mut Instance) -> Result<(), CallError>,
+    ) -> Result<(), PluginError> {
+        self.host.setup(|| self.for_each_live_here(f))
+    }
+
+    fn for_each_live_here(
         &self,
         f: &dyn Fn(&mut Instance) -> Result<(), CallError>,
     ) -> Result<(), PluginError> {
