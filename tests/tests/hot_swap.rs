@@ -355,3 +355,37 @@ fn the_optimizing_compiler_serves_optimized_code_at_once() {
     assert!(v.optimized());
     assert!(t.broker.plugins().get("topic").unwrap().optimized());
 }
+
+/// Each file in the plugin folder loads on its own thread: a small plugin
+/// dropped right after a large module does not wait for the large one to
+/// compile (with one loader, it waited behind every file before it).
+#[test]
+fn a_large_module_compiling_does_not_hold_up_another_file() {
+    let t = TestBroker::new();
+    let _watcher = t.broker.watch_plugins().unwrap();
+    // Within the module bounds, and slow to compile: many functions with
+    // bodies. It is no plugin, so it is rejected once compiled.
+    let body = "(local.get 0) (i32.const 7) (i32.mul) (i32.const 3) (i32.add) ".repeat(40);
+    let funcs = format!("(func (param i32) (result i32) {body}) ").repeat(20_000);
+    let large = wat::parse_str(format!("(module {funcs})")).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let tmp = t.plugin_dir().join(format!("{name}.wasm.tmp"));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, t.plugin_dir().join(format!("{name}.wasm"))).unwrap();
+    };
+    let state = |name: &str| {
+        t.broker
+            .plugins()
+            .list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state)
+    };
+    write("large", &large);
+    write("small", &plugin_bytes("direct"));
+    assert!(eventually(Duration::from_secs(30), || state("small")
+        == Some(PluginState::Serving)));
+    assert_eq!(state("large"), None, "the large module is still compiling");
+    assert!(eventually(Duration::from_secs(120), || state("large")
+        == Some(PluginState::Rejected)));
+}

@@ -14,10 +14,14 @@
 //! hidden folder and swaps the `..data` symlink, so no event names a
 //! `.wasm` file. An event on a `..`-prefixed name therefore rescans the
 //! folder; unchanged files are skipped by content hash.
+//!
+//! Each file is loaded on a thread of its own, so a large module being
+//! compiled does not hold up a small fix to another plugin dropped after
+//! it. Changes to one file are loaded one after another, the latest last.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -40,7 +44,14 @@ impl PluginWatcher {
     /// Watch `dir`; `on_change(path)` runs on the watcher's own thread for
     /// every `.wasm` file created, changed, renamed into place or removed
     /// (check `path.exists()`). Compiling there keeps it off the runtime.
-    pub fn start(dir: &Path, on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
+    pub fn start(
+        dir: &Path,
+        on_change: impl Fn(&Path) + Send + Sync + 'static,
+    ) -> notify::Result<Self> {
+        let loader = Loader {
+            on_change: Arc::new(on_change),
+            running: Arc::default(),
+        };
         let (tx, rx) = mpsc::channel::<(PathBuf, bool)>();
         let folder = dir.to_path_buf();
         let mut watcher =
@@ -91,12 +102,56 @@ impl PluginWatcher {
                     // Whatever else is already queued goes in this batch.
                     batch.extend(rx.try_iter().map(|(p, _)| p));
                     for path in batch {
-                        on_change(&path);
+                        loader.load(path);
                     }
                 }
             })
             .map_err(|e| notify::Error::generic(&e.to_string()))?;
         Ok(PluginWatcher { _watcher: watcher })
+    }
+}
+
+/// Runs `on_change` for each path on a thread of its own; a path changed
+/// again while it loads is loaded once more when that load ends.
+struct Loader {
+    on_change: Arc<dyn Fn(&Path) + Send + Sync>,
+    /// Paths being loaded, and whether they changed again meanwhile.
+    running: Arc<Mutex<HashMap<PathBuf, bool>>>,
+}
+
+impl Loader {
+    fn load(&self, path: PathBuf) {
+        {
+            let mut running = self.running.lock().expect("not poisoned");
+            if let Some(again) = running.get_mut(&path) {
+                *again = true;
+                return;
+            }
+            running.insert(path.clone(), false);
+        }
+        let (on_change, running) = (self.on_change.clone(), self.running.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wasmq-plugin-load".into())
+            .spawn({
+                let path = path.clone();
+                move || {
+                    loop {
+                        on_change(&path);
+                        let mut r = running.lock().expect("not poisoned");
+                        if r.get(&path) == Some(&true) {
+                            r.insert(path.clone(), false);
+                        } else {
+                            r.remove(&path);
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(file = %path.display(), "no thread to load the plugin file on; loading it here: {e}");
+            self.running.lock().expect("not poisoned").remove(&path);
+            (self.on_change)(&path);
+        }
     }
 }
 
