@@ -419,8 +419,8 @@ pub async fn consume(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Cons
 }
 
 /// The reply code of the `connection.close` the broker sends `conn`, once
-/// it has (read it after the connection is closed; 0 for an error that
-/// carries no reply code).
+/// it has (0 while only an error without a reply code was seen; wait with
+/// [`until_close_code`]).
 pub fn close_code(conn: &lapin::Connection) -> Arc<std::sync::Mutex<Option<u16>>> {
     use futures_lite::StreamExt;
     let code = Arc::new(std::sync::Mutex::new(None));
@@ -429,11 +429,28 @@ pub fn close_code(conn: &lapin::Connection) -> Arc<std::sync::Mutex<Option<u16>>
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
             if let lapin::Event::Error(e) = event {
-                seen.lock()
-                    .unwrap()
-                    .get_or_insert(reply_code(&e).unwrap_or(0));
+                // The close's reply code wins over a socket error that
+                // lapin may report first (the broker shuts the socket
+                // right after its connection.close).
+                let mut seen = seen.lock().unwrap();
+                match reply_code(&e) {
+                    Some(code) if seen.is_none_or(|c| c == 0) => *seen = Some(code),
+                    _ => {
+                        seen.get_or_insert(0);
+                    }
+                }
             }
         }
     });
     code
+}
+
+/// Wait (up to 5 s) until `code`, from [`close_code`], holds a reply code.
+pub async fn until_close_code(code: &std::sync::Mutex<Option<u16>>) -> Option<u16> {
+    eventually_async(
+        Duration::from_secs(5),
+        || matches!(*code.lock().unwrap(), Some(c) if c != 0),
+    )
+    .await;
+    *code.lock().unwrap()
 }

@@ -139,12 +139,11 @@ async fn the_api_shows_what_amqp_clients_do() {
     })
     .await
     .unwrap();
-    assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
-            .await,
-        "the connection was closed"
+    assert_eq!(
+        wasmq_tests::until_close_code(&code).await,
+        Some(320),
+        "CONNECTION_FORCED"
     );
-    assert_eq!(*code.lock().unwrap(), Some(320), "CONNECTION_FORCED");
     assert!(!conn.status().connected());
     assert!(
         wasmq_tests::eventually_async(Duration::from_secs(5), || t

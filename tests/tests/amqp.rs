@@ -507,12 +507,8 @@ async fn graceful_shutdown_closes_connections() {
     let ch = conn.create_channel().await.unwrap();
     wasmq_tests::declare_queue(&ch, "q").await;
     t.stop().await;
-    assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
-            .await
-    );
     assert_eq!(
-        *code.lock().unwrap(),
+        wasmq_tests::until_close_code(&code).await,
         Some(320),
         "connection.close CONNECTION_FORCED, not a dropped socket"
     );
@@ -933,11 +929,7 @@ async fn a_panicking_handler_still_requeues_its_connections_deliveries() {
     let _ = other
         .queue_declare(TRIGGER.into(), Default::default(), Default::default())
         .await;
-    assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || code.lock().unwrap().is_some())
-            .await
-    );
-    assert_eq!(*code.lock().unwrap(), Some(541));
+    assert_eq!(wasmq_tests::until_close_code(&code).await, Some(541));
     assert!(
         wasmq_tests::eventually_async(Duration::from_secs(5), || t
             .broker()

@@ -774,3 +774,52 @@ async fn a_blocked_connection_notices_its_client_leave() {
     );
     t.broker().set_alarm(Resource::Disk, None);
 }
+
+/// Confirms of publishes handled in one batch go out as one `basic.ack`
+/// with `multiple` (transient messages too): RabbitMQ's clients' tests wait
+/// for such an ack, and it saves frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_ready_together_are_one_multiple_ack() {
+    use amq_protocol::protocol::confirm;
+    let t = TestServer::start().await;
+    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
+    r.expect_open_ok().await;
+    r.open_channel(1).await;
+    r.send_method(1, declare("q")).await;
+    r.expect_declare_ok(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        })),
+    )
+    .await;
+    assert!(matches!(
+        r.frame().await,
+        Some(Frame::Method(
+            1,
+            AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))
+        ))
+    ));
+    // Ten publishes in one write.
+    let mut out = Vec::new();
+    for i in 0..10u8 {
+        encode_method(&mut out, 1, publish("q"));
+        wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &[i], 131_072);
+    }
+    r.stream.write_all(&out).await.unwrap();
+    let (mut frames, mut highest) = (0, 0);
+    while highest < 10 {
+        match r.frame().await {
+            Some(Frame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Ack(a)))) => {
+                assert!(a.delivery_tag > highest, "in order");
+                assert!(a.multiple || a.delivery_tag == highest + 1, "{a:?}");
+                highest = a.delivery_tag;
+                frames += 1;
+            }
+            other => panic!("expected basic.ack, got {other:?}"),
+        }
+    }
+    assert!(frames < 10, "{frames} acks for 10 publishes in one write");
+    assert_eq!(highest, 10);
+}

@@ -104,6 +104,8 @@ pub(crate) struct Ctx<'a> {
     pub congested: &'a mut Vec<Arc<Queue>>,
     /// Set when a channel holds confirms waiting for the store's sync.
     pub awaiting_sync: &'a mut bool,
+    /// Set when a channel gathered acks to send at the end of the batch.
+    pub acks_ready: &'a mut bool,
 }
 
 struct Pending {
@@ -153,6 +155,11 @@ pub(crate) struct Channel {
     /// In a transactional channel, the one entry is a `tx.commit-ok`
     /// (tag [`COMMIT_OK`]) waiting for the commit's messages to be synced.
     confirms: VecDeque<(u64, u64, bool)>,
+    /// Acks for publishes confirmed as they were handled (nothing to wait
+    /// for on disk) and not sent yet: the last tag and how many. They go out
+    /// as one `multiple` ack at the end of the connection's batch of frames,
+    /// or before anything else this channel sends.
+    acks_ready: Option<(u64, u32)>,
     tx: Option<(Vec<TxPublish>, Vec<TxAck>)>,
     /// The highest store ticket of the transaction being committed.
     tx_ticket: u64,
@@ -194,6 +201,7 @@ impl Channel {
             confirm: false,
             publish_seq: 0,
             confirms: VecDeque::new(),
+            acks_ready: None,
             tx: None,
             tx_ticket: 0,
             tx_failed: false,
@@ -204,8 +212,17 @@ impl Channel {
         }
     }
 
-    fn send(&self, ctx: &mut Ctx<'_>, method: AMQPClass) {
+    fn send(&mut self, ctx: &mut Ctx<'_>, method: AMQPClass) {
+        self.flush_acks(ctx.out);
         encode_method(ctx.out, self.id, method);
+    }
+
+    /// Send the acks gathered in `acks_ready`, as one `multiple` ack when
+    /// there are several (clients wait for those, and it saves frames).
+    pub(crate) fn flush_acks(&mut self, out: &mut Vec<u8>) {
+        if let Some((last, n)) = self.acks_ready.take() {
+            self.send_confirm(out, last, n > 1, true);
+        }
     }
 
     /// Handle one frame for this channel.
@@ -393,11 +410,18 @@ impl Channel {
             self.publish_seq += 1;
             let tag = self.publish_seq;
             let ack = outcome.faults.is_empty() && outcome.rejected == 0;
-            if outcome.ticket == 0 && self.confirms.is_empty() {
-                self.send_confirm(ctx.out, tag, false, ack);
+            if outcome.ticket == 0 && self.confirms.is_empty() && ack {
+                self.acks_ready = Some((tag, self.acks_ready.map_or(1, |(_, n)| n + 1)));
+                *ctx.acks_ready = true;
             } else {
-                self.confirms.push_back((tag, outcome.ticket, ack));
-                *ctx.awaiting_sync = true;
+                // Tags go out in order: the gathered acks first.
+                self.flush_acks(ctx.out);
+                if outcome.ticket == 0 && self.confirms.is_empty() {
+                    self.send_confirm(ctx.out, tag, false, ack);
+                } else {
+                    self.confirms.push_back((tag, outcome.ticket, ack));
+                    *ctx.awaiting_sync = true;
+                }
             }
         }
         Ok(())
@@ -560,7 +584,7 @@ impl Channel {
         m: &exchange::AMQPMethod,
     ) -> Result<(), AmqpError> {
         use exchange::AMQPMethod as M;
-        let reply = |this: &Self, ctx: &mut Ctx<'_>, nowait: bool, ok: M| {
+        let reply = |this: &mut Self, ctx: &mut Ctx<'_>, nowait: bool, ok: M| {
             if !nowait {
                 this.send(ctx, AMQPClass::Exchange(ok));
             }
@@ -930,6 +954,7 @@ impl Channel {
                     self.send(ctx, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
                 } else {
                     // Committed means on disk, as a confirm does.
+                    self.flush_acks(ctx.out);
                     self.confirms.push_back((COMMIT_OK, self.tx_ticket, true));
                     *ctx.awaiting_sync = true;
                 }

@@ -139,6 +139,7 @@ pub(crate) async fn run(
         exclusive_queues: Vec::new(),
         congested: Vec::new(),
         awaiting_sync: false,
+        acks_ready: false,
         published: false,
         blocked_capability: session.blocked_capability,
         alarm,
@@ -162,7 +163,10 @@ pub(crate) async fn run(
                 0,
             );
             let _ = conn.flush().await;
-            let _ = conn.writer.shutdown().await;
+            // As on any close: wait briefly for close-ok, reading what the
+            // client still sends, so the socket is not reset under the
+            // close frame.
+            conn.await_close_ok().await;
             format!("internal error: {why}")
         }
     };
@@ -536,6 +540,9 @@ struct Connection {
     congested: Vec<Arc<Queue>>,
     /// Some channel holds publisher confirms waiting for the store's sync.
     awaiting_sync: bool,
+    /// Some channel gathered acks to send once this batch of frames is
+    /// handled.
+    acks_ready: bool,
     /// The client has published: a resource alarm blocks it.
     published: bool,
     /// The client understands connection.blocked.
@@ -681,8 +688,19 @@ impl Connection {
 
     /// Handle the complete frames in the read buffer, until one stops the
     /// connection, reading has to pause (flow control), or enough output
-    /// is waiting that it should be written first.
+    /// is waiting that it should be written first; then send the acks the
+    /// batch gathered.
     fn frames(&mut self) -> Step {
+        let step = self.handle_frames();
+        if std::mem::take(&mut self.acks_ready) {
+            for ch in self.channels.values_mut() {
+                ch.flush_acks(&mut self.out);
+            }
+        }
+        step
+    }
+
+    fn handle_frames(&mut self) -> Step {
         let start = self.out.len();
         loop {
             if self.published && self.alarm_unchecked {
@@ -899,6 +917,7 @@ impl Connection {
                 exclusive_queues: &mut self.exclusive_queues,
                 congested: &mut self.congested,
                 awaiting_sync: &mut self.awaiting_sync,
+                acks_ready: &mut self.acks_ready,
             },
             &mut self.channels,
         )
@@ -1029,6 +1048,8 @@ impl Connection {
         let Some(ch) = channels.get_mut(&channel) else {
             return;
         };
+        // What was confirmed before the error is acknowledged before it.
+        ch.flush_acks(ctx.out);
         ch.shutdown(&ctx);
         ch.closing = true;
         encode_method(
