@@ -20,16 +20,17 @@ use crate::{Broker, Config};
 /// How often queues are swept for expired messages.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(100);
 
-/// Shortest time between two releases of free memory: glibc's trim holds the
-/// allocator's locks while it walks the heap, and every other thread that
-/// allocates meanwhile waits.
+/// Shortest time between two releases of free memory: a release
+/// (`mi_collect`, and `malloc_trim` for what still comes from glibc) walks
+/// the allocator's free lists, and threads that allocate meanwhile can
+/// wait on it.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Whether resident memory is over `watermark`, as an alarm reason. Before
 /// raising (and while raised) freed memory is handed back to the system
 /// first (at most every [`TRIM_EVERY`], off the runtime's workers), so
-/// that what glibc keeps cached neither raises the alarm nor holds it after
-/// queues drain.
+/// that what the allocator keeps cached neither raises the alarm nor holds
+/// it after queues drain.
 async fn memory_over(
     watermark: u64,
     raised: bool,

@@ -249,6 +249,9 @@ pub(crate) struct Grant {
     pub vhost: String,
     /// The user's permissions there.
     pub permissions: Arc<Permissions>,
+    /// Tagged `impersonator` (RabbitMQ's tag): may publish with any
+    /// `user-id` property.
+    pub impersonator: bool,
 }
 
 impl Grant {
@@ -336,6 +339,7 @@ mod tests {
                 write: Pattern::new("x").unwrap(),
                 read: Pattern::new("").unwrap(),
             }),
+            impersonator: false,
         };
         assert!(g.check(Access::Write, "exchange", "box").is_ok());
         let e = g.check(Access::Write, "exchange", "").unwrap_err();

@@ -310,6 +310,22 @@ impl Channel {
     fn complete_publish(&mut self, ctx: &mut Ctx<'_>) -> Result<(), AmqpError> {
         let p = self.pending.take().expect("called with pending content");
         let (properties, raw, _) = p.header.expect("header before completion");
+        // A consumer may trust `user-id`: RabbitMQ refuses one that is not
+        // the publisher's own (unless it is tagged `impersonator`).
+        if let Some(uid) = properties.user_id()
+            && uid.as_str() != ctx.grant.user
+            && !ctx.grant.impersonator
+        {
+            let mut e = AmqpError::new(
+                406,
+                format!(
+                    "PRECONDITION_FAILED - user_id property set to '{uid}' but authenticated user was '{}'",
+                    ctx.grant.user
+                ),
+            );
+            (e.class_id, e.method_id) = (60, 40);
+            return Err(e);
+        }
         let body = p.single.unwrap_or_else(|| p.body.freeze());
         let publish = p.publish;
         let mandatory = publish.mandatory;
@@ -476,9 +492,11 @@ impl Channel {
     fn queue_name(&self, name: &ShortString) -> Result<String, AmqpError> {
         if name.as_str().is_empty() {
             if self.last_queue.is_empty() {
+                // A channel error, as RabbitMQ makes it: the connection's
+                // other channels are not at fault.
                 return Err(AmqpError::new(
-                    530,
-                    "NOT_ALLOWED - no previous declaration of queue",
+                    404,
+                    "NOT_FOUND - no previous declaration of queue",
                 ));
             }
             return Ok(self.last_queue.clone());
@@ -615,8 +633,14 @@ impl Channel {
             M::Delete(d) => {
                 ctx.grant
                     .check(Access::Configure, "exchange", d.exchange.as_str())?;
-                ctx.broker
-                    .delete_exchange(ctx.vhost, d.exchange.as_str(), d.if_unused)?;
+                match ctx
+                    .broker
+                    .delete_exchange(ctx.vhost, d.exchange.as_str(), d.if_unused)
+                {
+                    // Deletes are idempotent, as in RabbitMQ.
+                    Ok(()) | Err(BrokerError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 reply(self, ctx, d.nowait, M::DeleteOk(exchange::DeleteOk {}));
             }
             M::Bind(b) => {
@@ -749,11 +773,19 @@ impl Channel {
                 }
             }
             M::Delete(d) => {
-                let q = self.queue(ctx, &d.queue, Access::Configure)?;
-                let n = ctx
-                    .broker
-                    .delete_queue(ctx.vhost, &q.name, d.if_unused, d.if_empty)?;
-                ctx.exclusive_queues.retain(|name| *name != q.name);
+                let n = match self.queue(ctx, &d.queue, Access::Configure) {
+                    Ok(q) => {
+                        let n =
+                            ctx.broker
+                                .delete_queue(ctx.vhost, &q.name, d.if_unused, d.if_empty)?;
+                        ctx.exclusive_queues.retain(|name| *name != q.name);
+                        n
+                    }
+                    // Deleting a queue that is not there: delete-ok with no
+                    // messages, as in RabbitMQ.
+                    Err(e) if e.code == 404 && !d.queue.as_str().is_empty() => 0,
+                    Err(e) => return Err(e),
+                };
                 if !d.nowait {
                     self.send(
                         ctx,

@@ -131,6 +131,7 @@ pub(crate) async fn run(
         written: VecDeque::new(),
         frame_max,
         max_message_size: config.max_message_size,
+        users: config.clone(),
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
@@ -488,6 +489,7 @@ async fn handshake(
     Ok(Some(Session {
         user: user.name.clone(),
         grant: Grant {
+            impersonator: user.has_tag("impersonator"),
             user: user.name.clone(),
             vhost: vhost_name,
             permissions,
@@ -529,6 +531,8 @@ struct Connection {
     written: VecDeque<(u64, Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
     max_message_size: u64,
+    /// The users, for `connection.update-secret`.
+    users: Arc<AmqpConfig>,
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
@@ -878,6 +882,32 @@ impl Connection {
         encode_method(&mut self.out, 0, AMQPClass::Connection(method));
     }
 
+    /// RabbitMQ's `connection.update-secret`: a client refreshes the
+    /// secret it logged in with (an expiring token) on a live connection.
+    /// The same user must authenticate with the new secret; if it does not,
+    /// the connection is closed (530), as RabbitMQ does.
+    fn update_secret(&mut self, u: &connection::UpdateSecret) -> Step {
+        let secret = String::from_utf8_lossy(u.new_secret.as_bytes());
+        let user = &self.grant.user;
+        if super::access::authenticate(&self.users.users, user, &secret, self.peer.ip()).is_some() {
+            tracing::info!(peer = %self.peer, user = %user, reason = %u.reason, "secret updated");
+            encode_method(
+                &mut self.out,
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                    connection::UpdateSecretOk {},
+                )),
+            );
+            return Step::Continue;
+        }
+        let mut e = AmqpError::new(
+            530,
+            format!("NOT_ALLOWED - secret update was refused for user '{user}'"),
+        );
+        (e.class_id, e.method_id) = (10, 70);
+        self.connection_error(e)
+    }
+
     fn heartbeat_tick(&mut self) -> Step {
         if self.heartbeat == 0 {
             return Step::Continue;
@@ -951,6 +981,10 @@ impl Connection {
                 Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
                     Step::Stop("closed".into())
                 }
+                Frame::Method(
+                    _,
+                    AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(u)),
+                ) => self.update_secret(&u),
                 Frame::Method(_, m) => {
                     self.close(
                         503,

@@ -734,11 +734,20 @@ impl Broker {
                     vhost.name
                 )));
             }
-            if q.durable != durable {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "inequivalent arg 'durable' for queue '{name}' in vhost '{}': received '{durable}' but current is '{}'",
-                    vhost.name, q.durable
-                )));
+            // RabbitMQ's equivalence: the flags a queue was declared with
+            // are part of what it is.
+            let exclusive = owner.is_some();
+            for (arg, received, current) in [
+                ("durable", durable, q.durable),
+                ("auto_delete", auto_delete, q.auto_delete),
+                ("exclusive", exclusive, q.owner.is_some()),
+            ] {
+                if received != current {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                        vhost.name
+                    )));
+                }
             }
             if q.arguments != arguments {
                 return Err(BrokerError::PreconditionFailed(format!(

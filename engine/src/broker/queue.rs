@@ -208,6 +208,22 @@ impl QueueLimits {
                 ));
             }
         };
+        // RabbitMQ's queue types. Only classic queues exist here until
+        // quorum queues are built on the cluster: a queue the user believes
+        // replicated must not quietly be a classic one.
+        match string_arg(args, "x-queue-type")?.as_deref() {
+            None | Some("classic") => {}
+            Some(t @ ("quorum" | "stream")) => {
+                return Err(format!(
+                    "invalid arg 'x-queue-type': '{t}' queues are not supported by this broker (classic queues only; quorum queues need a cluster)"
+                ));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "invalid arg 'x-queue-type': '{other}' (expected classic)"
+                ));
+            }
+        }
         let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
             dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,

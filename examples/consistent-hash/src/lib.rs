@@ -13,8 +13,9 @@
 //! Build and load (the README's run command does this for you):
 //!
 //! ```text
-//! cargo build --release --target wasm32-unknown-unknown -p wasmq-example-consistent-hash
-//! cp target/wasm32-unknown-unknown/release/wasmq_example_consistent_hash.wasm plugins/consistent-hash.wasm
+//! cargo build --profile plugin --target wasm32-unknown-unknown -p wasmq-example-consistent-hash
+//! cp target/wasm32-unknown-unknown/plugin/wasmq_example_consistent_hash.wasm examples/plugins/consistent-hash.wasm.tmp
+//! mv examples/plugins/consistent-hash.wasm.tmp examples/plugins/consistent-hash.wasm
 //! ```
 //!
 //! then declare an exchange of type `consistent-hash`.

@@ -14,8 +14,9 @@
 //! Build and load (the README's run command does this for you):
 //!
 //! ```text
-//! cargo build --release --target wasm32-unknown-unknown -p wasmq-example-json-filter
-//! cp target/wasm32-unknown-unknown/release/wasmq_example_json_filter.wasm plugins/json-filter.wasm
+//! cargo build --profile plugin --target wasm32-unknown-unknown -p wasmq-example-json-filter
+//! cp target/wasm32-unknown-unknown/plugin/wasmq_example_json_filter.wasm examples/plugins/json-filter.wasm.tmp
+//! mv examples/plugins/json-filter.wasm.tmp examples/plugins/json-filter.wasm
 //! ```
 
 use serde_json::Value;

@@ -12,8 +12,9 @@
 //! Build and load (the README's run command does this for you):
 //!
 //! ```text
-//! cargo build --release --target wasm32-unknown-unknown -p wasmq-example-redact
-//! cp target/wasm32-unknown-unknown/release/wasmq_example_redact.wasm plugins/redact.wasm
+//! cargo build --profile plugin --target wasm32-unknown-unknown -p wasmq-example-redact
+//! cp target/wasm32-unknown-unknown/plugin/wasmq_example_redact.wasm examples/plugins/redact.wasm.tmp
+//! mv examples/plugins/redact.wasm.tmp examples/plugins/redact.wasm
 //! ```
 
 use serde_json::Value;
