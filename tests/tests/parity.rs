@@ -5,7 +5,7 @@
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::BasicProperties;
 use wasmq_tests::{TestServer, reply_code};
 
 fn args(pairs: &[(&str, &str)]) -> FieldTable {
