@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test
-# (unit, doc, plugin, example and integration tests, and a Python pika
-# client; the build scripts compile the Wasm plugins the tests load).
+# (unit, doc, plugin, example and integration tests, a bounded fuzzing pass,
+# RabbitMQ's Python client pika and amqplib's own test suites; the build
+# scripts compile the Wasm plugins the tests load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-unknown-unknown
@@ -9,6 +10,16 @@ rustup target add wasm32-unknown-unknown
 python3 -m venv target/pika-venv
 target/pika-venv/bin/pip install --quiet --disable-pip-version-check pika==1.4.4
 export WASMQ_PYTHON="$PWD/target/pika-venv/bin/python"
+# amqplib's own live-broker test suites, for tests/tests/clients.rs: Node
+# from Debian's packages, the suites (pinned in tests/node/package.json)
+# from the npm registry.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+fi
+mkdir -p target/amqplib
+cp tests/node/package.json target/amqplib/package.json
+(cd target/amqplib && npm install --silent --no-audit --no-fund --no-package-lock)
+export WASMQ_AMQPLIB="$PWD/target/amqplib"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

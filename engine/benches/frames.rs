@@ -5,6 +5,9 @@
 //!   connection does after a socket read.
 //! * `frames/decode_publish_props/16`: the same with two properties set
 //!   (content-type, delivery-mode), which are parsed.
+//! * `frames/decode_publish_headers/16`: the same with a `headers` table
+//!   (six entries, one an `x-death`-shaped array of tables), which is
+//!   walked for its nesting and then parsed.
 //! * `frames/encode_deliver/{16,1024}`: write 64 deliveries (method,
 //!   content header, body) into the output buffer.
 //!
@@ -83,6 +86,41 @@ fn frames(c: &mut Criterion) {
     assert_eq!(decode_all(&bytes), 3 * BATCH);
     group.bench_with_input(
         BenchmarkId::new("decode_publish_props", 16),
+        &bytes,
+        |b, bytes| b.iter(|| decode_all(bytes)),
+    );
+    let headers = {
+        use amq_protocol::types::{AMQPValue, FieldArray, FieldTable};
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        let mut death = FieldTable::default();
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert("reason".into(), s("expired"));
+        death.insert("queue".into(), s("orders"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![s("orders.created.eu")])),
+        );
+        let mut h = FieldTable::default();
+        h.insert("tenant".into(), s("acme"));
+        h.insert("region".into(), s("eu"));
+        h.insert("attempt".into(), AMQPValue::LongInt(3));
+        h.insert("trace".into(), s("4bf92f3577b34da6a3ce929d0e0e4736"));
+        h.insert("urgent".into(), AMQPValue::Boolean(true));
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        raw_properties(
+            &BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(h)
+                .with_delivery_mode(2),
+        )
+    };
+    let bytes = published(16, &headers);
+    assert_eq!(decode_all(&bytes), 3 * BATCH);
+    group.bench_with_input(
+        BenchmarkId::new("decode_publish_headers", 16),
         &bytes,
         |b, bytes| b.iter(|| decode_all(bytes)),
     );

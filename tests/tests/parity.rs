@@ -3,9 +3,9 @@
 //! secret, idempotent deletes, the empty queue name, queue equivalence,
 //! and queue types.
 
+use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::BasicProperties;
 use wasmq_tests::{TestServer, reply_code};
 
 fn args(pairs: &[(&str, &str)]) -> FieldTable {
@@ -58,22 +58,19 @@ async fn a_foreign_user_id_is_refused_and_ones_own_passes() {
     assert_eq!(wasmq_tests::get_all(&ch, "q").await.len(), 1);
 }
 
-/// `connection.update-secret`: the same user, authenticated again with
-/// the new secret, keeps its connection; a wrong secret closes it (530).
+/// `connection.update-secret`, as RabbitMQ answers it for a password user
+/// (whose login cannot expire): update-secret-ok, and the connection goes
+/// on. amqplib's own suite sends an arbitrary secret and expects this.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn update_secret_reauthenticates_the_user() {
+async fn update_secret_keeps_a_password_users_connection() {
     let t = TestServer::start().await;
     let conn = t.connect().await;
-    conn.update_secret("guest".into(), "token refresh".into())
+    conn.update_secret("a refreshed token".into(), "token refresh".into())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     wasmq_tests::declare_queue(&ch, "still-works").await;
-    let code = wasmq_tests::close_code(&conn);
-    let _ = conn
-        .update_secret("not-the-password".into(), "bad refresh".into())
-        .await;
-    assert_eq!(wasmq_tests::until_close_code(&code).await, Some(530));
+    assert!(conn.status().connected());
 }
 
 /// Deleting an exchange or a queue that does not exist succeeds, as in
