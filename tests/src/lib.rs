@@ -326,6 +326,13 @@ impl TestServer {
             .unwrap();
     }
 
+    /// Wait (up to 5 s) until no AMQP connection is registered: every
+    /// client's connection was closed and cleaned up.
+    pub async fn until_no_connections(&self) -> bool {
+        let broker = self.broker().clone();
+        eventually_async(Duration::from_secs(5), || broker.connections().is_empty()).await
+    }
+
     /// Stop it (connections get connection.close 320).
     pub async fn stop(mut self) {
         if let Some(s) = self.server.take() {

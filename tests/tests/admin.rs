@@ -145,13 +145,7 @@ async fn the_api_shows_what_amqp_clients_do() {
         "CONNECTION_FORCED"
     );
     assert!(!conn.status().connected());
-    assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || t
-            .broker()
-            .connections()
-            .is_empty())
-        .await
-    );
+    assert!(t.until_no_connections().await);
 
     // Unknown objects are 404 with a reason.
     let e = api(admin, |a| a.get("/api/queues/%2F/nope").unwrap_err()).await;

@@ -930,13 +930,7 @@ async fn a_panicking_handler_still_requeues_its_connections_deliveries() {
         .queue_declare(TRIGGER.into(), Default::default(), Default::default())
         .await;
     assert_eq!(wasmq_tests::until_close_code(&code).await, Some(541));
-    assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || t
-            .broker()
-            .connections()
-            .is_empty())
-        .await
-    );
+    assert!(t.until_no_connections().await);
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
     assert_eq!(

@@ -134,6 +134,16 @@ impl Raw {
         r
     }
 
+    /// Logged in as guest, channel 1 open, queue `queue` declared on it.
+    async fn with_queue(t: &TestServer, queue: &str) -> Raw {
+        let mut r = Raw::open(t, 0, 131_072, "guest", "/").await;
+        r.expect_open_ok().await;
+        r.open_channel(1).await;
+        r.send_method(1, declare(queue)).await;
+        r.expect_declare_ok(1).await;
+        r
+    }
+
     async fn expect_open_ok(&mut self) {
         match self.frame().await {
             Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)))) => {}
@@ -356,11 +366,7 @@ async fn acking_an_unknown_delivery_tag_closes_only_the_channel_with_406() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_alarm_stops_reading_a_publisher_until_it_clears() {
     let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     r.send_method(1, publish("q")).await;
     let mut out = Vec::new();
     wasmq::amqp::frame::encode_content(
@@ -450,11 +456,7 @@ async fn channel_flow_holds_deliveries_already_on_their_way() {
     const N: usize = 5000;
     let body = |i: usize| format!("{i:08}{}", "x".repeat(4088));
     let t = TestServer::start().await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     // A backlog first, so deliveries stream as fast as the broker sends.
     let conn = t.connect().await;
     let publisher = wasmq_tests::confirm_channel(&conn).await;
@@ -633,11 +635,7 @@ async fn deeply_nested_arguments_and_headers_are_syntax_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_texts_are_cut_on_character_boundaries() {
     let t = TestServer::start().await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     let tag = format!("a{}", "é".repeat(127));
     let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
         queue: "q".into(),
@@ -673,11 +671,7 @@ async fn reply_texts_are_cut_on_character_boundaries() {
         close.reply_text
     );
     assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || t
-            .broker()
-            .connections()
-            .is_empty())
-        .await,
+        t.until_no_connections().await,
         "the connection was cleaned up"
     );
     still_serving(&t).await;
@@ -700,11 +694,7 @@ async fn handshake_refusals_fit_a_short_string() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_max_message_size_is_refused_before_its_body() {
     let t = TestServer::start_with(|c| c.amqp.max_message_size = 1000).await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     let mut out = Vec::new();
     wasmq::amqp::frame::encode_content(&mut out, 1, &[0, 0], &[7u8; 1000], 131_072);
     r.send_method(1, publish("q")).await;
@@ -744,11 +734,7 @@ async fn a_message_over_max_message_size_is_refused_before_its_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_connection_notices_its_client_leave() {
     let t = TestServer::start_with(|c| c.store.disk_free_limit_mib = 0).await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     t.broker()
         .set_alarm(Resource::Disk, Some("test: disk low".into()));
     // Half a large message: the header announces 1 MB, 60 KB follow.
@@ -765,11 +751,7 @@ async fn a_blocked_connection_notices_its_client_leave() {
     assert_eq!(t.broker().connections().len(), 1);
     drop(r);
     assert!(
-        wasmq_tests::eventually_async(Duration::from_secs(5), || t
-            .broker()
-            .connections()
-            .is_empty())
-        .await,
+        t.until_no_connections().await,
         "the blocked connection saw its client go"
     );
     t.broker().set_alarm(Resource::Disk, None);
@@ -782,11 +764,7 @@ async fn a_blocked_connection_notices_its_client_leave() {
 async fn confirms_ready_together_are_one_multiple_ack() {
     use amq_protocol::protocol::confirm;
     let t = TestServer::start().await;
-    let mut r = Raw::open(&t, 0, 131_072, "guest", "/").await;
-    r.expect_open_ok().await;
-    r.open_channel(1).await;
-    r.send_method(1, declare("q")).await;
-    r.expect_declare_ok(1).await;
+    let mut r = Raw::with_queue(&t, "q").await;
     r.send_method(
         1,
         AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
