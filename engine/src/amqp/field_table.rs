@@ -43,12 +43,17 @@ pub fn check_table(b: &[u8]) -> Result<Option<usize>, TooDeep> {
     let Some(end) = 4usize.checked_add(len).filter(|e| *e <= b.len()) else {
         return Ok(None);
     };
-    // (end of the container, whether it is a table: entries have keys)
-    let mut open: Vec<(usize, bool)> = vec![(end, true)];
+    // The containers open, innermost last: (where it ends, whether it is
+    // a table, whose entries have keys). On the stack: this runs for every
+    // published message that carries headers.
+    let mut open = [(0usize, false); MAX_DEPTH];
+    open[0] = (end, true);
+    let mut depth = 1;
     let mut p = 4;
-    while let Some(&(end, table)) = open.last() {
+    while depth > 0 {
+        let (end, table) = open[depth - 1];
         if p == end {
-            open.pop();
+            depth -= 1;
             continue;
         }
         if table {
@@ -79,10 +84,11 @@ pub fn check_table(b: &[u8]) -> Result<Option<usize>, TooDeep> {
                     return Ok(None);
                 }
                 // The new container is one deeper than those open.
-                if open.len() + 1 > MAX_DEPTH {
+                if depth == MAX_DEPTH {
                     return Err(TooDeep);
                 }
-                open.push((inner_end, kind == b'F'));
+                open[depth] = (inner_end, kind == b'F');
+                depth += 1;
                 p += 4;
                 continue;
             }
