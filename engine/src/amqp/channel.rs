@@ -43,6 +43,13 @@ impl AmqpError {
         }
     }
 
+    /// Raised by `basic.publish` (class 60, method 40): for errors found
+    /// in a publish's content, after the method itself was handled.
+    fn on_publish(mut self) -> Self {
+        (self.class_id, self.method_id) = (60, 40);
+        self
+    }
+
     fn on(mut self, method: &AMQPClass) -> Self {
         self.class_id = method.get_amqp_class_id();
         self.method_id = method.get_amqp_method_id();
@@ -256,15 +263,14 @@ impl Channel {
                     // body is buffered; the body frames that follow reach
                     // a closing channel and are dropped as they arrive.
                     self.pending = None;
-                    let mut e = AmqpError::new(
+                    return Err(AmqpError::new(
                         406,
                         format!(
                             "PRECONDITION_FAILED - message size {body_size} is larger than configured max size {}",
                             ctx.max_message_size
                         ),
-                    );
-                    (e.class_id, e.method_id) = (60, 40);
-                    return Err(e);
+                    )
+                    .on_publish());
                 }
                 p.header = Some((properties, raw_properties, body_size));
                 if body_size == 0 {
@@ -316,15 +322,14 @@ impl Channel {
             && uid.as_str() != ctx.grant.user
             && !ctx.grant.impersonator
         {
-            let mut e = AmqpError::new(
+            return Err(AmqpError::new(
                 406,
                 format!(
                     "PRECONDITION_FAILED - user_id property set to '{uid}' but authenticated user was '{}'",
                     ctx.grant.user
                 ),
-            );
-            (e.class_id, e.method_id) = (60, 40);
-            return Err(e);
+            )
+            .on_publish());
         }
         let body = p.single.unwrap_or_else(|| p.body.freeze());
         let publish = p.publish;

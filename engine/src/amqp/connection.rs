@@ -131,7 +131,7 @@ pub(crate) async fn run(
         written: VecDeque::new(),
         frame_max,
         max_message_size: config.max_message_size,
-        users: config.clone(),
+        config: config.clone(),
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
@@ -531,8 +531,8 @@ struct Connection {
     written: VecDeque<(u64, Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
     max_message_size: u64,
-    /// The users, for `connection.update-secret`.
-    users: Arc<AmqpConfig>,
+    /// The front end's settings (its users, for `connection.update-secret`).
+    config: Arc<AmqpConfig>,
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
@@ -892,7 +892,7 @@ impl Connection {
     /// (530).
     fn update_secret(&mut self, u: &connection::UpdateSecret) -> Step {
         let user = &self.grant.user;
-        if self.users.users.iter().any(|known| known.name == *user) {
+        if self.config.users.iter().any(|known| known.name == *user) {
             tracing::info!(peer = %self.peer, user = %user, reason = %u.reason, "secret updated (password users do not expire)");
             encode_method(
                 &mut self.out,
