@@ -425,8 +425,9 @@ pub async fn consume(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Cons
     .unwrap()
 }
 
-/// The reply code of the `connection.close` the broker sends `conn`, once
-/// it has (0 while only an error without a reply code was seen; wait with
+/// The reply code of the first close the broker sends `conn` or one of its
+/// channels (lapin reports both as error events), once it has (0 while
+/// only an error without a reply code was seen; wait with
 /// [`until_close_code`]).
 pub fn close_code(conn: &lapin::Connection) -> Arc<std::sync::Mutex<Option<u16>>> {
     use futures_lite::StreamExt;
