@@ -567,3 +567,35 @@ async fn replacing_a_built_in_type_through_the_api_is_deliberate() {
     assert!(amq_direct.router().version().builtin);
     t.stop().await;
 }
+
+/// A definitions import that fails because the store cannot write is the
+/// broker's fault: 500, not the 400 of a bad document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_the_store_cannot_save_is_a_500() {
+    let t = TestServer::start().await;
+    // The store writes definitions.json.tmp, then renames it: a folder in
+    // its place makes every save fail.
+    std::fs::create_dir(t.data.path().join("definitions.json.tmp")).unwrap();
+    let doc = json!({"exchanges": [{"name": "x", "vhost": "/", "type": "topic"}]});
+    let e = api(t.admin(), move |c| {
+        c.post("/api/definitions", &doc).unwrap_err()
+    })
+    .await;
+    match e {
+        ClientError::Status { status, reason } => {
+            assert_eq!(status, 500, "{reason}");
+            assert!(
+                reason.contains("exchange 'x'") && reason.contains("message store"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    // A bad document is still the client's fault.
+    let bad = json!({"exchanges": [{"name": "y", "vhost": "/", "type": "no-such-plugin"}]});
+    let e = api(t.admin(), move |c| {
+        c.post("/api/definitions", &bad).unwrap_err()
+    })
+    .await;
+    assert_eq!(status(e), 400);
+}

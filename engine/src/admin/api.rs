@@ -620,9 +620,16 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
         version: DEFINITIONS_VERSION,
         vhosts: by_vhost.into_values().collect(),
     };
-    s.broker
-        .import_definitions(&defs)
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    s.broker.import_definitions(&defs).map_err(|e| {
+        // A store that fails is the broker's fault (500); anything else the
+        // document's (400).
+        let status = if e.is_internal() {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, e.to_string())
+    })?;
     Ok(StatusCode::CREATED)
 }
 

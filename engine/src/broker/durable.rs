@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::{Broker, BrokerError, Destination, ExchangeSpec};
-use crate::store::Store;
 use crate::store::definitions::{
     BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
     VHostDefinitions,
 };
+use crate::store::{Store, StoreError};
 
 /// What recovery found.
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,6 +37,38 @@ pub struct Recovery {
     pub messages: usize,
 }
 
+/// Why durable definitions could not be recovered or imported.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionsError {
+    /// Reading or writing the message store failed: the broker's fault,
+    /// not the definitions'.
+    #[error("message store: {0}")]
+    Store(#[from] StoreError),
+    /// [`Broker::recover`] was called with a store already attached.
+    #[error("a message store is already attached")]
+    AlreadyAttached,
+    /// One item was refused; the first refusal stops the whole run and
+    /// names the item.
+    #[error("{item}: {error}")]
+    Item {
+        /// The item, as a user would name it ("queue 'q' in vhost '/'").
+        item: String,
+        /// Why the broker refused it.
+        error: BrokerError,
+    },
+}
+
+impl DefinitionsError {
+    /// Whether the broker, not the definitions, is at fault (the store
+    /// failed): the admin API answers 500 for these, 400 for the rest.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            DefinitionsError::Store(_) | DefinitionsError::AlreadyAttached => true,
+            DefinitionsError::Item { error, .. } => matches!(error, BrokerError::Store(_)),
+        }
+    }
+}
+
 impl Broker {
     /// The message store, if one is attached.
     pub fn store(&self) -> Option<&Arc<Store>> {
@@ -46,14 +78,14 @@ impl Broker {
     /// Attach `store` and rebuild every durable definition and message it
     /// holds. Call once, after the plugins are loaded and before clients
     /// connect.
-    pub fn recover(&self, store: Arc<Store>) -> anyhow::Result<Recovery> {
+    pub fn recover(&self, store: Arc<Store>) -> Result<Recovery, DefinitionsError> {
         let defs = store.definitions()?;
         // Saving stays off until everything is back: a partial snapshot
         // must never replace the file.
         self.recovering.store(true, Ordering::SeqCst);
         self.store
             .set(store.clone())
-            .map_err(|_| anyhow::anyhow!("a store is already attached"))?;
+            .map_err(|_| DefinitionsError::AlreadyAttached)?;
         let needed: Vec<String> = defs
             .vhosts
             .iter()
@@ -77,7 +109,11 @@ impl Broker {
         self.recovering.store(false, Ordering::SeqCst);
         let r = result?;
         store.remove_orphans();
-        self.persist_definitions()?;
+        self.persist_definitions()
+            .map_err(|error| DefinitionsError::Item {
+                item: "saving the recovered definitions".into(),
+                error,
+            })?;
         Ok(r)
     }
 
@@ -85,11 +121,11 @@ impl Broker {
     /// AMQP declares (so an existing item with other flags is an error, and
     /// an exchange type must name a loaded plugin). Used by the admin API's
     /// import; the first failure stops it and names the item.
-    pub fn import_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
+    pub fn import_definitions(&self, defs: &Definitions) -> Result<Recovery, DefinitionsError> {
         self.apply_definitions(defs, false)
     }
 
-    fn recover_definitions(&self, defs: &Definitions) -> anyhow::Result<Recovery> {
+    fn recover_definitions(&self, defs: &Definitions) -> Result<Recovery, DefinitionsError> {
         self.apply_definitions(defs, true)
     }
 
@@ -97,11 +133,17 @@ impl Broker {
     /// plugins). At recovery, exchanges are rebuilt directly (they were
     /// checked when first declared, and nothing is persisted meanwhile);
     /// an import declares them like a client would.
-    fn apply_definitions(&self, defs: &Definitions, recovering: bool) -> anyhow::Result<Recovery> {
-        use anyhow::Context;
+    fn apply_definitions(
+        &self,
+        defs: &Definitions,
+        recovering: bool,
+    ) -> Result<Recovery, DefinitionsError> {
+        let at = |item: String| move |error| DefinitionsError::Item { item, error };
         let mut r = Recovery::default();
         for v in &defs.vhosts {
-            let vhost = self.add_vhost(&v.name)?;
+            let vhost = self
+                .add_vhost(&v.name)
+                .map_err(at(format!("vhost '{}'", v.name)))?;
             for x in &v.exchanges {
                 let spec = ExchangeSpec {
                     name: x.name.clone(),
@@ -120,11 +162,11 @@ impl Broker {
                 if recovering {
                     let built = self
                         .build_exchange(&spec)
-                        .with_context(|| format!("recovering durable {}", what()))?;
+                        .map_err(at(format!("recovering durable {}", what())))?;
                     vhost.exchanges.write().insert(x.name.clone(), built);
                 } else {
                     self.declare_exchange(&vhost, spec, false)
-                        .with_context(what)?;
+                        .map_err(at(what()))?;
                 }
                 r.exchanges += 1;
             }
@@ -138,7 +180,7 @@ impl Broker {
                         q.auto_delete,
                         q.arguments.clone(),
                     )
-                    .with_context(|| format!("queue '{}' in vhost '{}'", q.name, v.name))?;
+                    .map_err(at(format!("queue '{}' in vhost '{}'", q.name, v.name)))?;
                 if recovering {
                     r.messages += queue.len();
                 }
@@ -157,12 +199,10 @@ impl Broker {
                     &b.routing_key,
                     b.arguments.clone(),
                 )
-                .with_context(|| {
-                    format!(
-                        "binding '{}' -> '{}' (key '{}') in vhost '{}'",
-                        b.source, b.destination, b.routing_key, v.name
-                    )
-                })?;
+                .map_err(at(format!(
+                    "binding '{}' -> '{}' (key '{}') in vhost '{}'",
+                    b.source, b.destination, b.routing_key, v.name
+                )))?;
                 r.bindings += 1;
             }
         }

@@ -19,7 +19,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
 pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered};
-pub use durable::Recovery;
+pub use durable::{DefinitionsError, Recovery};
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
