@@ -94,6 +94,9 @@ pub enum BrokerError {
         /// Its length in bytes.
         len: usize,
     },
+    /// A built-in plugin did not load (only when the broker starts).
+    #[error("INTERNAL_ERROR - built-in plugin: {0}")]
+    BuiltinPlugin(#[from] crate::plugin::LoadError),
     /// The message store failed (541, a connection error).
     #[error("INTERNAL_ERROR - message store: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -110,7 +113,7 @@ impl BrokerError {
             BrokerError::AccessRefused(_) => 403,
             BrokerError::ResourceLocked(_) => 405,
             BrokerError::UnknownExchangeType { .. } => 503,
-            BrokerError::Store(_) => 541,
+            BrokerError::Store(_) | BrokerError::BuiltinPlugin(_) => 541,
         }
     }
 }
@@ -390,7 +393,7 @@ fn arg_str(args: &FieldTable, key: &str) -> Result<Option<String>, BrokerError> 
 impl Broker {
     /// A broker with the built-in plugins loaded and the default vhost `/`.
     /// Plugins in `plugin_dir` are loaded by [`Broker::load_plugin_dir`].
-    pub fn new(host: Arc<PluginHost>, plugin_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
+    pub fn new(host: Arc<PluginHost>, plugin_dir: PathBuf) -> Result<Arc<Self>, BrokerError> {
         let broker = Arc::new_cyclic(|self_ref| Broker {
             self_ref: self_ref.clone(),
             host,
@@ -411,10 +414,7 @@ impl Broker {
         });
         let mut builtins = Map::default();
         for (name, bytes) in crate::builtins::BUILTINS {
-            let v = broker
-                .host
-                .load(name, bytes, true)
-                .map_err(|e| anyhow::anyhow!("built-in plugin: {e}"))?;
+            let v = broker.host.load(name, bytes, true)?;
             broker.registry.serve(v.clone());
             broker.optimize_later(&v, bytes);
             builtins.insert((*name).to_owned(), v);

@@ -300,6 +300,27 @@ impl PluginVersion {
     }
 }
 
+/// Why the plugin host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// wasmtime refused the engine configuration or the host's imports.
+    #[error("wasmtime {what}: {reason}")]
+    Engine {
+        /// What was being set up.
+        what: &'static str,
+        /// wasmtime's words.
+        reason: String,
+    },
+    /// The compile cache folder or the epoch thread could not be made.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being made.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
 impl PluginHost {
     /// Create the engines and start the epoch ticker. `cache_dir`, if
     /// given, keeps optimized code keyed by content hash so restarts skip
@@ -308,16 +329,22 @@ impl PluginHost {
         limits: PluginLimits,
         cache_dir: Option<PathBuf>,
         compiler: Compiler,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, HostError> {
+        let engine_err = |what| {
+            move |e: wasmtime::Error| HostError::Engine {
+                what,
+                reason: format!("{e:#}"),
+            }
+        };
         let mut config = base_config();
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let functions = Arc::new(FunctionCache::new(FUNCTION_CACHE_BYTES));
         config
             .enable_incremental_compilation(functions.clone())
-            .map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime engine: {e}"))?;
+            .map_err(engine_err("engine"))?;
+        let engine = Engine::new(&config).map_err(engine_err("engine"))?;
         let mut linker = Linker::new(&engine);
-        define_imports(&mut linker).map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;
+        define_imports(&mut linker).map_err(engine_err("plugin imports"))?;
         let baseline = match compiler {
             Compiler::Optimizing => None,
             Compiler::Tiered => {
@@ -326,8 +353,7 @@ impl PluginHost {
                 match Engine::new(&config) {
                     Ok(engine) => {
                         let mut linker = Linker::new(&engine);
-                        define_imports(&mut linker)
-                            .map_err(|e| anyhow::anyhow!("plugin imports: {e}"))?;
+                        define_imports(&mut linker).map_err(engine_err("plugin imports"))?;
                         Some((engine, linker))
                     }
                     Err(e) => {
@@ -340,7 +366,10 @@ impl PluginHost {
             }
         };
         if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
+                what: format!("creating the compile cache {}", dir.display()),
+                source,
+            })?;
         }
         let clock = Arc::new(EpochClock::default());
         {
@@ -352,7 +381,11 @@ impl PluginHost {
             let idle_after = ticks(limits.setup_deadline.max(limits.deadline)) + 10;
             let handle = std::thread::Builder::new()
                 .name("wasmq-epoch".into())
-                .spawn(move || clock2.run(&engines, idle_after))?;
+                .spawn(move || clock2.run(&engines, idle_after))
+                .map_err(|source| HostError::Io {
+                    what: "starting the epoch thread".into(),
+                    source,
+                })?;
             let _ = clock.ticker.set(handle.thread().clone());
         }
         Ok(Arc::new(PluginHost {

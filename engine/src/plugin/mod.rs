@@ -48,7 +48,9 @@ mod watcher;
 use std::time::Duration;
 
 pub use function_cache::FunctionCacheStats;
-pub use host::{PluginHost, PluginVersion, Roles, binding_input, content_hash, plugin_name};
+pub use host::{
+    HostError, PluginHost, PluginVersion, Roles, binding_input, content_hash, plugin_name,
+};
 pub use registry::{PluginRegistry, PluginState, PluginStatus};
 pub use roles::{
     BindingSource, BindingVisitor, FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin,
