@@ -17,6 +17,9 @@ pub struct Config {
     /// AMQP listen address. Loopback by default: exposing the broker is a
     /// deliberate act.
     pub listen: SocketAddr,
+    /// AMQPS (AMQP over TLS) listen address; needs `[tls]`. With `[tls]`
+    /// and no address here, 127.0.0.1:5671.
+    pub listen_tls: Option<SocketAddr>,
     /// Where durable state and the plugin compile cache live.
     pub data_dir: PathBuf,
     /// The watched plugin folder.
@@ -33,6 +36,8 @@ pub struct Config {
     pub admin: crate::admin::AdminConfig,
     /// Users allowed to connect (default: guest/guest from loopback only).
     pub users: Vec<User>,
+    /// Certificates for AMQPS and the admin API's HTTPS.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// `[amqp]`: protocol settings.
@@ -81,6 +86,8 @@ impl Default for Config {
             memory: MemorySection::default(),
             admin: crate::admin::AdminConfig::default(),
             users: AmqpConfig::default().users,
+            listen_tls: None,
+            tls: None,
         }
     }
 }
@@ -295,6 +302,14 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// Settings that are valid one by one but not together.
+    #[error("config file {path}: {message}")]
+    Conflict {
+        /// The file.
+        path: String,
+        /// What does not fit.
+        message: String,
+    },
 }
 
 impl Config {
@@ -309,6 +324,45 @@ impl Config {
 
     /// Parse config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = Self::parse_toml(text, origin)?;
+        config.check_in(origin)?;
+        Ok(config)
+    }
+
+    /// Where AMQPS listens, if it does.
+    pub fn amqps_listen(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|_| {
+            self.listen_tls
+                .unwrap_or_else(|| "127.0.0.1:5671".parse().expect("address"))
+        })
+    }
+
+    /// Check settings that need one another (after flags changed some).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_in("(with command-line flags)")
+    }
+
+    fn check_in(&self, origin: &str) -> Result<(), ConfigError> {
+        self.dependencies()
+            .map_err(|message| ConfigError::Conflict {
+                path: origin.to_owned(),
+                message,
+            })
+    }
+
+    fn dependencies(&self) -> Result<(), String> {
+        if self.tls.is_none() {
+            if self.listen_tls.is_some() {
+                return Err("`listen_tls` needs a [tls] section (cert_file, key_file)".into());
+            }
+            if self.admin.tls {
+                return Err("`admin.tls` needs a [tls] section (cert_file, key_file)".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
             let before = &text[..offset.min(text.len())];
@@ -406,6 +460,28 @@ mod tests {
             Config::default().users[0].loopback_only,
             "guest is loopback-only by default"
         );
+    }
+
+    #[test]
+    fn tls_settings_and_their_dependencies() {
+        let c = Config::parse(
+            "[tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\nca_file = \"ca.pem\"\nfail_if_no_peer_cert = true\n",
+            "t",
+        )
+        .unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("s.pem"));
+        assert!(tls.fail_if_no_peer_cert && tls.watch);
+        assert_eq!(c.amqps_listen().unwrap().to_string(), "127.0.0.1:5671");
+        assert_eq!(Config::parse("", "t").unwrap().amqps_listen(), None);
+        for text in ["listen_tls = \"127.0.0.1:5671\"\n", "[admin]\ntls = true\n"] {
+            let e = Config::parse(text, "t").unwrap_err().to_string();
+            assert!(e.contains("needs a [tls] section"), "{e}");
+        }
+        let e = Config::parse("[tls]\ncert_file = \"s.pem\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_file") && e.contains("line 1"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,9 @@
 //!   kept on disk and read back when delivered.
 //! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
 //!   broker's own objects and counters.
+//! * [`tls`]: certificates for AMQPS and the admin API's HTTPS, reloaded
+//!   when they change on disk, and the client-certificate (`EXTERNAL`)
+//!   login.
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
@@ -48,6 +51,7 @@ pub mod message;
 pub mod plugin;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 /// The built-in plugins, built from `plugins/` by `build.rs`.
 pub mod builtins {

@@ -105,11 +105,22 @@ struct AdminArgs {
     /// Virtual host.
     #[arg(long, default_value = "/")]
     vhost: String,
+    /// CA certificate (PEM) to verify an `https://` admin API against,
+    /// instead of the public web roots.
+    #[arg(long, env = "WASMQ_ADMIN_CACERT")]
+    cacert: Option<PathBuf>,
 }
 
 impl AdminArgs {
-    fn client(&self) -> AdminClient {
-        AdminClient::new(&self.url, &self.user, &self.password)
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        Ok(match &self.cacert {
+            None => AdminClient::new(&self.url, &self.user, &self.password),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading CA file {}", path.display()))?;
+                AdminClient::with_ca(&self.url, &self.user, &self.password, &pem)?
+            }
+        })
     }
 }
 
@@ -140,6 +151,9 @@ struct ServeArgs {
     /// AMQP listen address (overrides the file).
     #[arg(long, env = "WASMQ_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// AMQPS listen address (overrides the file; needs its [tls] section).
+    #[arg(long, env = "WASMQ_LISTEN_TLS")]
+    listen_tls: Option<std::net::SocketAddr>,
     /// Data folder (overrides the file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -202,14 +216,14 @@ fn main() -> anyhow::Result<()> {
                 ""
             };
             let r = admin
-                .client()
+                .client()?
                 .put_bytes(&format!("/api/plugins/{}{query}", segment(&name)), &bytes)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
         Command::Queues(a) => {
             let qs = a
-                .client()
+                .client()?
                 .get(&format!("/api/queues/{}", segment(&a.vhost)))?;
             println!(
                 "{:<40} {:>10} {:>10} {:>9} {:>7}",
@@ -229,7 +243,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Exchanges(a) => {
             let xs = a
-                .client()
+                .client()?
                 .get(&format!("/api/exchanges/{}", segment(&a.vhost)))?;
             println!(
                 "{:<40} {:<16} {:>7} {:>12} {:>12}",
@@ -251,7 +265,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plugins(a) => {
-            let ps = a.client().get("/api/plugins")?;
+            let ps = a.client()?.get("/api/plugins")?;
             println!(
                 "{:<20} {:<9} {:<28} {:<14} {:>10} {:>7} {:>8}",
                 "name", "state", "roles", "hash", "calls", "faults", "p99 µs"
@@ -295,7 +309,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 &exchange
             };
-            let r = admin.client().post(
+            let r = admin.client()?.post(
                 &format!(
                     "/api/exchanges/{}/{}/publish",
                     segment(&admin.vhost),
@@ -322,7 +336,7 @@ fn main() -> anyhow::Result<()> {
             count,
             requeue,
         } => {
-            let r = admin.client().post(
+            let r = admin.client()?.post(
                 &format!(
                     "/api/queues/{}/{}/get",
                     segment(&admin.vhost),
@@ -351,7 +365,7 @@ fn main() -> anyhow::Result<()> {
         Command::Definitions {
             command: DefinitionsCommand::Export { admin, output },
         } => {
-            let defs = admin.client().get("/api/definitions")?;
+            let defs = admin.client()?.get("/api/definitions")?;
             let text = serde_json::to_string_pretty(&defs)?;
             match output {
                 Some(path) => std::fs::write(&path, text + "\n")
@@ -367,7 +381,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", file.display()))?;
             let doc: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", file.display()))?;
-            admin.client().post("/api/definitions", &doc)?;
+            admin.client()?.post("/api/definitions", &doc)?;
             println!("imported {}", file.display());
             Ok(())
         }
@@ -402,6 +416,10 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(a) = args.admin_listen {
         config.admin.listen = a;
     }
+    if let Some(l) = args.listen_tls {
+        config.listen_tls = Some(l);
+    }
+    config.check()?;
     Ok(config)
 }
 

@@ -1,5 +1,5 @@
-//! A running broker: plugin host, broker core, plugin folder watcher and
-//! the AMQP listener, started from a [`Config`] and stopped by signal,
+//! A running broker: plugin host, broker core, plugin folder watcher, the
+//! AMQP listener and (with `[tls]`) the AMQPS one, started from a [`Config`] and stopped by signal,
 //! drain, wait. `main.rs` and the integration tests start it the same way.
 
 use std::net::SocketAddr;
@@ -15,6 +15,7 @@ use crate::alarm::{self, DISK_CHECK, MEMORY_CHECK, Resource};
 use crate::amqp::{self, AmqpConfig};
 use crate::plugin::{PluginHost, PluginWatcher};
 use crate::store::Store;
+use crate::tls::{Tls, TlsWatcher};
 use crate::{Broker, Config};
 
 /// How often queues are swept for expired messages.
@@ -57,12 +58,15 @@ pub struct Server {
     pub broker: Arc<Broker>,
     /// Where the AMQP listener is bound (useful with port 0).
     pub amqp_addr: SocketAddr,
+    /// Where the AMQPS listener is bound, if TLS is configured.
+    pub amqps_addr: Option<SocketAddr>,
     /// Where the admin API listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Option<Arc<Store>>,
     _watcher: Option<PluginWatcher>,
+    _tls_watcher: Option<TlsWatcher>,
 }
 
 impl std::fmt::Debug for Server {
@@ -125,6 +129,25 @@ impl Server {
             .with_context(|| format!("binding AMQP listener {}", config.listen))?;
         let amqp_addr = listener.local_addr()?;
         tracing::info!(%amqp_addr, "AMQP listening");
+        let tls = match &config.tls {
+            Some(settings) => Some(Tls::load(settings.clone()).context("loading the [tls] files")?),
+            None => None,
+        };
+        let tls_watcher = match &tls {
+            Some(tls) if tls.settings().watch => Some(tls.watch()?),
+            _ => None,
+        };
+        let amqps = match config.amqps_listen() {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding AMQPS listener {addr}"))?;
+                tracing::info!(addr = %listener.local_addr()?, client_certificates = tls.as_ref().is_some_and(|t| t.verifies_clients()), "AMQPS listening");
+                Some(listener)
+            }
+            None => None,
+        };
+        let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let amqp_config = Arc::new(AmqpConfig {
             users: config.users.clone(),
             heartbeat: config.amqp.heartbeat_secs,
@@ -152,13 +175,14 @@ impl Server {
                 .await
                 .with_context(|| format!("binding admin listener {}", config.admin.listen))?;
             let addr = listener.local_addr()?;
-            tracing::info!(%addr, "admin API listening");
+            tracing::info!(%addr, https = config.admin.tls, "admin API listening");
             tracker.spawn(crate::admin::serve(
                 broker.clone(),
                 config.users.clone(),
                 config.admin.clone(),
                 amqp_addr,
                 listener,
+                tls.clone().filter(|_| config.admin.tls),
                 shutdown.clone(),
             ));
             Some(addr)
@@ -211,9 +235,20 @@ impl Server {
                 }
             });
         }
+        if let Some(listener) = amqps {
+            tracker.spawn(amqp::serve(
+                broker.clone(),
+                listener,
+                tls.clone(),
+                amqp_config.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
         tracker.spawn(amqp::serve(
             broker.clone(),
             listener,
+            None,
             amqp_config,
             shutdown.clone(),
             tracker.clone(),
@@ -221,11 +256,13 @@ impl Server {
         Ok(Server {
             broker,
             amqp_addr,
+            amqps_addr,
             admin_addr,
             shutdown,
             tracker,
             store,
             _watcher: watcher,
+            _tls_watcher: tls_watcher,
         })
     }
 

@@ -11,6 +11,8 @@ use wasmq::broker::VHost;
 use wasmq::plugin::{Compiler, PluginHost, PluginLimits};
 use wasmq::{Broker, Destination, ExchangeSpec, Message};
 
+pub mod pki;
+
 // The broker's own allocator, so the tests run what the binary runs (the
 // memory alarm's readings depend on it).
 #[global_allocator]
@@ -277,6 +279,15 @@ impl TestServer {
     /// The AMQP address.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.server.as_ref().unwrap().amqp_addr
+    }
+
+    /// The AMQPS address (a `[tls]` section was configured).
+    pub fn amqps_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .unwrap()
+            .amqps_addr
+            .expect("AMQPS configured")
     }
 
     /// A client of the admin API as guest.

@@ -369,6 +369,10 @@ async fn connections(
                     "channels": c.channels().len(),
                     "heartbeat": c.heartbeat,
                     "frame_max": c.frame_max,
+                    // RabbitMQ's names.
+                    "ssl": c.tls.is_some(),
+                    "ssl_protocol": c.tls.as_ref().map(|t| t.protocol),
+                    "peer_cert_subject": c.tls.as_ref().and_then(|t| t.peer_cert_cn.as_ref()).map(|cn| format!("CN={cn}")),
                 })
             })
             .collect(),

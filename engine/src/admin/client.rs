@@ -43,13 +43,47 @@ pub fn segment(s: &str) -> String {
 
 impl AdminClient {
     /// A client of `base` (e.g. `http://127.0.0.1:15672`) as `user`.
+    /// An `https://` base is verified against the public web roots.
     pub fn new(base: &str, user: &str, password: &str) -> Self {
+        Self::build(base, user, password, None)
+    }
+
+    /// A client of an `https://` `base` whose certificate is verified
+    /// against the CA certificates in `ca_pem` only (a private CA).
+    pub fn with_ca(
+        base: &str,
+        user: &str,
+        password: &str,
+        ca_pem: &[u8],
+    ) -> Result<Self, ClientError> {
+        let certs = ureq::tls::parse_pem(ca_pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Transport(format!("CA file: {e}")))?;
+        if certs.is_empty() {
+            return Err(ClientError::Transport(
+                "CA file: no PEM certificate in it".into(),
+            ));
+        }
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+            .build();
+        Ok(Self::build(base, user, password, Some(tls)))
+    }
+
+    fn build(base: &str, user: &str, password: &str, tls: Option<ureq::tls::TlsConfig>) -> Self {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(30)))
-            .build()
-            .into();
+            .timeout_global(Some(std::time::Duration::from_secs(30)));
+        if let Some(tls) = tls {
+            config = config.tls_config(tls);
+        }
+        let agent: ureq::Agent = config.build().into();
         AdminClient {
             base: base.trim_end_matches('/').to_owned(),
             authorization: format!("Basic {token}"),

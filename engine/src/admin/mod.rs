@@ -15,6 +15,10 @@
 //! of its own. A plugin upload is validated here and then written into the
 //! plugin folder atomically, so it takes the same hot-swap path as a file
 //! copied by hand.
+//!
+//! With `admin.tls` the API is served over HTTPS only, with the `[tls]`
+//! certificate (reloaded like the AMQPS listener's). Each TLS handshake
+//! runs in a task of its own, so one slow client holds up no other.
 
 mod api;
 pub mod client;
@@ -28,13 +32,16 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt as _;
 use base64::Engine as _;
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
 use crate::amqp::User;
+use crate::tls::Tls;
 
 /// `[admin]`: the HTTP listener.
 #[derive(Clone, Debug, Deserialize)]
@@ -48,6 +55,8 @@ pub struct AdminConfig {
     pub metrics_auth: bool,
     /// Largest plugin upload, MiB.
     pub max_upload_mib: usize,
+    /// Serve HTTPS (with the `[tls]` certificate) instead of HTTP.
+    pub tls: bool,
 }
 
 impl Default for AdminConfig {
@@ -57,6 +66,7 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:15672".parse().expect("address"),
             metrics_auth: false,
             max_upload_mib: 16,
+            tls: false,
         }
     }
 }
@@ -115,13 +125,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serve the admin API on `listener` until `shutdown`.
+/// Serve the admin API on `listener` until `shutdown`; over HTTPS when
+/// `tls` is given.
 pub async fn serve(
     broker: Arc<Broker>,
     users: Vec<User>,
     config: AdminConfig,
     amqp_addr: SocketAddr,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
     let state = AdminState {
@@ -133,15 +145,86 @@ pub async fn serve(
     };
     let app = api::routes(config.max_upload_mib << 20)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state);
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await;
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let stop = shutdown.clone();
+    let result = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+        Some(tls) => {
+            // `tap_io` only to get axum's ConnectInfo<SocketAddr> for a
+            // listener of our own.
+            let listener = TlsListener::start(listener, tls, shutdown).tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!("admin API stopped: {e}");
+    }
+}
+
+/// Time an HTTPS client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepted HTTPS connections, handshaken off the accept loop.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(listener: TcpListener, tls: Arc<Tls>, shutdown: CancellationToken) -> Self {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!("admin accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = shutdown.cancelled() => return,
+                };
+                let (acceptor, tx) = (tls.admin_acceptor(), tx.clone());
+                tokio::spawn(async move {
+                    match crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(s) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Err(e) => tracing::info!(%peer, "admin TLS handshake failed: {e}"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, addr }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(x) => x,
+            // Shut down: the server stops through its graceful shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }
 

@@ -68,6 +68,16 @@ pub fn authenticate<'a>(
         .filter(|u| u.may_connect_from(peer))
 }
 
+/// The user `name` (a client certificate's CN, already verified against
+/// the configured CA) if it may connect from `peer`. Its password is not
+/// asked: the certificate is the credential.
+pub fn certificate_user<'a>(users: &'a [User], name: &str, peer: IpAddr) -> Option<&'a User> {
+    users
+        .iter()
+        .find(|u| u.name == name)
+        .filter(|u| u.may_connect_from(peer))
+}
+
 fn default_vhosts() -> Vec<String> {
     vec!["/".into()]
 }

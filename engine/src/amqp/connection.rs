@@ -29,8 +29,6 @@ use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -40,9 +38,10 @@ use super::channel::{AmqpError, Channel, Ctx, Delivery};
 use super::frame::{
     Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method, short_string,
 };
+use super::socket::{Io, Socket};
 use crate::Broker;
 use crate::broker::{
-    ChannelCredit, ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, VHost,
+    ChannelCredit, ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, TlsInfo, VHost,
 };
 
 /// Smallest frame_max a client may ask for (spec: frame-min-size).
@@ -70,17 +69,16 @@ const CLIENT_GONE: &str = "client went away";
 
 pub(crate) async fn run(
     broker: Arc<Broker>,
-    stream: TcpStream,
+    mut socket: Socket,
     peer: SocketAddr,
     config: Arc<AmqpConfig>,
     shutdown: CancellationToken,
     id: u64,
 ) {
-    let (mut reader, mut writer) = stream.into_split();
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let hs = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        handshake(&broker, &config, peer, &mut reader, &mut writer, &mut buf),
+        handshake(&broker, &config, peer, &mut socket, &mut buf),
     )
     .await;
     let session = match hs {
@@ -89,7 +87,7 @@ pub(crate) async fn run(
         Ok(Err(HandshakeError::Frame(e))) => {
             // A malformed frame before login still gets its reply code.
             tracing::info!(%peer, "handshake failed: {e}");
-            close_with(&mut writer, e.reply_code(), &e.to_string(), 0, 0).await;
+            close_with(&mut socket, e.reply_code(), &e.to_string(), 0, 0).await;
             return;
         }
         Ok(Err(e)) => {
@@ -104,15 +102,18 @@ pub(crate) async fn run(
     tracing::info!(%peer, connection = id, user = %session.user, vhost = %session.vhost.name, "connection opened");
     let frame_max = session.frame_max;
     let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
-    let registered = broker.connections().register(Arc::new(ConnectionInfo::new(
-        id,
-        peer,
-        session.user.clone(),
-        session.vhost.name.clone(),
-        session.heartbeat,
-        frame_max,
-        session.client.clone(),
-    )));
+    let registered = broker.connections().register(Arc::new(
+        ConnectionInfo::new(
+            id,
+            peer,
+            session.user.clone(),
+            session.vhost.name.clone(),
+            session.heartbeat,
+            frame_max,
+            session.client.clone(),
+        )
+        .with_tls(socket_tls(&socket)),
+    ));
     let alarm = broker.alarm();
     let mut conn = Connection {
         id,
@@ -121,10 +122,9 @@ pub(crate) async fn run(
         broker,
         vhost: session.vhost,
         grant: session.grant,
-        reader,
+        socket,
         rbuf: buf,
         unread: true,
-        writer,
         out: Vec::with_capacity(64 * 1024),
         sent: 0,
         out_start: 0,
@@ -175,10 +175,18 @@ pub(crate) async fn run(
     tracing::info!(%peer, connection = id, "connection closed: {reason}");
 }
 
+/// What the admin API shows of a connection's TLS.
+fn socket_tls(socket: &Socket) -> Option<TlsInfo> {
+    socket.tls().map(|t| TlsInfo {
+        protocol: crate::tls::protocol_name(t),
+        peer_cert_cn: crate::tls::peer_common_name(t),
+    })
+}
+
 /// Whether the client closed its side or reset the connection, asked of the
 /// socket without reading it (the unread bytes stay where they are, so TCP
 /// still holds back a client that is merely blocked).
-fn peer_closed(socket: &TcpStream) -> bool {
+fn peer_closed(socket: &tokio::net::TcpStream) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec};
     let flags = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR;
     let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
@@ -237,7 +245,7 @@ enum HandshakeError {
 }
 
 async fn next_frame(
-    reader: &mut OwnedReadHalf,
+    reader: &mut Socket,
     buf: &mut BytesMut,
     frame_max: u32,
 ) -> Result<Frame, HandshakeError> {
@@ -251,10 +259,7 @@ async fn next_frame(
     }
 }
 
-async fn next_method(
-    reader: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> Result<AMQPClass, HandshakeError> {
+async fn next_method(reader: &mut Socket, buf: &mut BytesMut) -> Result<AMQPClass, HandshakeError> {
     loop {
         match next_frame(reader, buf, 131_072).await? {
             Frame::Method(0, m) => return Ok(m),
@@ -264,16 +269,17 @@ async fn next_method(
     }
 }
 
-async fn close_with(
-    writer: &mut OwnedWriteHalf,
-    code: u16,
-    text: &str,
-    class_id: u16,
-    method_id: u16,
-) {
+/// Write `bytes` and push them out (TLS may hold them otherwise).
+async fn send(socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
+    socket.write_all(bytes).await?;
+    socket.flush().await
+}
+
+async fn close_with(writer: &mut Socket, code: u16, text: &str, class_id: u16, method_id: u16) {
     let mut out = Vec::new();
     encode_close(&mut out, code, text, class_id, method_id);
     let _ = writer.write_all(&out).await;
+    // Shutting down pushes out what TLS holds, then its close_notify.
     let _ = writer.shutdown().await;
 }
 
@@ -375,23 +381,30 @@ async fn handshake(
     broker: &Broker,
     config: &AmqpConfig,
     peer: SocketAddr,
-    reader: &mut OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+    socket: &mut Socket,
     buf: &mut BytesMut,
 ) -> Result<Option<Session>, HandshakeError> {
     while buf.len() < 8 {
-        if reader.read_buf(buf).await? == 0 {
+        if socket.read_buf(buf).await? == 0 {
             return Err(HandshakeError::Closed);
         }
     }
     if &buf[..8] != PROTOCOL_HEADER {
         // The spec: answer with the header we speak, then close.
-        writer.write_all(PROTOCOL_HEADER).await?;
-        let _ = writer.shutdown().await;
+        send(socket, PROTOCOL_HEADER).await?;
+        let _ = socket.shutdown().await;
         tracing::info!(%peer, "refused a client with protocol header {:?}", String::from_utf8_lossy(&buf[..8]));
         return Ok(None);
     }
     let _ = buf.split_to(8);
+    // A client that presented a verified certificate may log in as the
+    // user its CN names (EXTERNAL), as with RabbitMQ's SSL auth mechanism.
+    let cert_user = socket.tls().and_then(crate::tls::peer_common_name);
+    let mechanisms = if cert_user.is_some() {
+        "PLAIN AMQPLAIN EXTERNAL"
+    } else {
+        "PLAIN AMQPLAIN"
+    };
     let mut out = Vec::new();
     encode_method(
         &mut out,
@@ -400,29 +413,36 @@ async fn handshake(
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: "PLAIN AMQPLAIN".into(),
+            mechanisms: mechanisms.into(),
             locales: "en_US".into(),
         })),
     );
-    writer.write_all(&out).await?;
+    send(socket, &out).await?;
 
     let AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) =
-        next_method(reader, buf).await?
+        next_method(socket, buf).await?
     else {
         return Err(HandshakeError::Unexpected);
     };
-    let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
-    let user = creds
-        .as_ref()
-        .and_then(|(name, pass)| super::access::authenticate(&config.users, name, pass, peer.ip()));
+    let (who, user) = if start_ok.mechanism.as_str() == "EXTERNAL" {
+        let user = cert_user
+            .as_deref()
+            .and_then(|name| super::access::certificate_user(&config.users, name, peer.ip()));
+        (cert_user.unwrap_or_default(), user)
+    } else {
+        let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
+        let user = creds.as_ref().and_then(|(name, pass)| {
+            super::access::authenticate(&config.users, name, pass, peer.ip())
+        });
+        (creds.map(|c| c.0).unwrap_or_default(), user)
+    };
     let Some(user) = user else {
-        let who = creds.map(|c| c.0).unwrap_or_default();
         tracing::warn!(%peer, user = %who, "authentication failed");
         let text = format!(
             "ACCESS_REFUSED - Login was refused using authentication mechanism {}",
             start_ok.mechanism
         );
-        close_with(writer, 403, &text, 10, 11).await;
+        close_with(socket, 403, &text, 10, 11).await;
         return Ok(None);
     };
     let mut out = Vec::new();
@@ -435,9 +455,9 @@ async fn handshake(
             heartbeat: config.heartbeat,
         })),
     );
-    writer.write_all(&out).await?;
+    send(socket, &out).await?;
     let AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune)) =
-        next_method(reader, buf).await?
+        next_method(socket, buf).await?
     else {
         return Err(HandshakeError::Unexpected);
     };
@@ -448,7 +468,7 @@ async fn handshake(
     };
     if frame_max < FRAME_MIN {
         close_with(
-            writer,
+            socket,
             503,
             "COMMAND_INVALID - frame_max below 4096",
             10,
@@ -463,7 +483,7 @@ async fn handshake(
         tune.channel_max.min(config.channel_max)
     };
     let AMQPClass::Connection(connection::AMQPMethod::Open(open)) =
-        next_method(reader, buf).await?
+        next_method(socket, buf).await?
     else {
         return Err(HandshakeError::Unexpected);
     };
@@ -476,7 +496,7 @@ async fn handshake(
             "NOT_ALLOWED - access to vhost '{vhost_name}' refused for user '{}'",
             user.name
         );
-        close_with(writer, 530, &text, 10, 40).await;
+        close_with(socket, 530, &text, 10, 40).await;
         return Ok(None);
     };
     let mut out = Vec::new();
@@ -485,7 +505,7 @@ async fn handshake(
         0,
         AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
     );
-    writer.write_all(&out).await?;
+    send(socket, &out).await?;
     Ok(Some(Session {
         user: user.name.clone(),
         grant: Grant {
@@ -513,14 +533,14 @@ struct Connection {
     vhost: Arc<VHost>,
     /// The user and its permissions in the vhost.
     grant: Grant,
-    reader: OwnedReadHalf,
+    /// The client's stream, plain or TLS.
+    socket: Socket,
     /// Bytes read and not yet decoded. Body frames are slices of it, so a
     /// message's body is never copied on its way in.
     rbuf: BytesMut,
     /// `rbuf` may hold complete frames not handled yet (reading paused, or
     /// the handshake read ahead): handle them before reading more.
     unread: bool,
-    writer: OwnedWriteHalf,
     /// Output for the client; its first `sent` bytes are written already.
     out: Vec<u8>,
     sent: usize,
@@ -604,13 +624,26 @@ impl Connection {
                     () = &mut closed => {
                         self.forced_close("closed via the admin API").await
                     }
-                    r = self.writer.write(&self.out[self.sent..]), if pending > 0 => match r {
-                        Ok(0) => return "write failed: client socket closed".into(),
-                        Ok(n) => {
+                    // The sender lives in the broker this connection holds, so
+                    // `changed` cannot fail.
+                    _ = self.alarm.changed() => {
+                        self.alarm_unchecked = true;
+                        Step::Continue
+                    }
+                    // Writing and reading share one branch: a TLS stream is
+                    // one object, not two halves.
+                    io = self.socket.io(&mut self.rbuf, &self.out[self.sent..], readable), if pending > 0 || readable || self.socket.tls_pending() => match io {
+                        Io::Wrote(Ok(0)) => return "write failed: client socket closed".into(),
+                        Io::Wrote(Ok(n)) => {
                             self.wrote(n);
                             Step::Continue
                         }
-                        Err(e) => return format!("write failed: {e}"),
+                        Io::Wrote(Err(e)) => return format!("write failed: {e}"),
+                        Io::Read(Ok(0) | Err(_)) => Step::Stop(CLIENT_GONE.into()),
+                        Io::Read(Ok(_)) => {
+                            self.last_read = Instant::now();
+                            self.frames()
+                        }
                     },
                     () = async { blocked.as_ref().expect("guarded").until_drained().await }, if blocked.is_some() => {
                         self.congested.retain(|q| q.ready_bytes() > 0 && q.congested());
@@ -619,19 +652,6 @@ impl Connection {
                         }
                         Step::Continue
                     }
-                    // The sender lives in the broker this connection holds, so
-                    // `changed` cannot fail.
-                    _ = self.alarm.changed() => {
-                        self.alarm_unchecked = true;
-                        Step::Continue
-                    }
-                    r = self.reader.read_buf(&mut self.rbuf), if readable => match r {
-                        Ok(0) | Err(_) => Step::Stop(CLIENT_GONE.into()),
-                        Ok(_) => {
-                            self.last_read = Instant::now();
-                            self.frames()
-                        }
-                    },
                     d = dispatch.recv(), if pending < WRITE_BATCH => {
                         if let Some(d) = d { self.dispatch(d); }
                         Step::Continue
@@ -642,7 +662,7 @@ impl Connection {
                     // EOF or reset, and would hold what it took from it
                     // (half a message, a queue's congestion) forever.
                     _ = liveness.tick(), if !readable => {
-                        if peer_closed(self.reader.as_ref()) {
+                        if peer_closed(self.socket.tcp()) {
                             Step::Stop(CLIENT_GONE.into())
                         } else {
                             Step::Continue
@@ -749,7 +769,7 @@ impl Connection {
     /// Write as much output as the socket takes now, without waiting.
     fn write_ready(&mut self) -> std::io::Result<()> {
         while self.sent < self.out.len() {
-            match self.writer.try_write(&self.out[self.sent..]) {
+            match self.socket.try_write(&self.out[self.sent..]) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wrote(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -787,12 +807,13 @@ impl Connection {
     async fn flush(&mut self) -> std::io::Result<()> {
         tokio::time::timeout(LAST_WRITE_TIMEOUT, async {
             while self.sent < self.out.len() {
-                match self.writer.write(&self.out[self.sent..]).await? {
+                match self.socket.write(&self.out[self.sent..]).await? {
                     0 => return Err(std::io::ErrorKind::WriteZero.into()),
                     n => self.wrote(n),
                 }
             }
-            Ok(())
+            // TLS may still hold the last records.
+            self.socket.flush().await
         })
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -850,14 +871,14 @@ impl Connection {
                     Ok(Some(_)) => continue,
                     Ok(None) => {}
                 }
-                match self.reader.read_buf(&mut self.rbuf).await {
+                match self.socket.read_buf(&mut self.rbuf).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
             }
         })
         .await;
-        let _ = self.writer.shutdown().await;
+        let _ = self.socket.shutdown().await;
     }
 
     /// Tell a publishing client it is blocked by a resource alarm, or no

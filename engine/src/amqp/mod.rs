@@ -8,6 +8,8 @@
 //!   [`Broker`], receives deliveries from queues, and writes everything back
 //!   in batches. Heartbeats both ways; a connection error closes only this
 //!   connection, with its reply code.
+//! * `socket`: the client's byte stream, plain TCP or TLS (AMQPS), behind
+//!   one read-and-write call the connection loop waits on.
 //! * [`field_table`]: the nesting bound every field table is checked
 //!   against before it is decoded (a deep one would overflow the stack).
 //! * [`access`]: users, per-vhost configure/write/read permissions, and
@@ -24,6 +26,7 @@ mod channel;
 mod connection;
 pub mod field_table;
 pub mod frame;
+mod socket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,8 +38,14 @@ use tokio_util::task::TaskTracker;
 
 pub use access::User;
 pub(crate) use channel::AmqpError;
+use socket::Socket;
 
 use crate::Broker;
+use crate::tls::Tls;
+
+/// Time a client has to finish the TLS handshake (the AMQP handshake then
+/// has its own).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A queue name whose `queue.declare` panics the connection's handler.
 /// Only tests set it: a panic in a handler is a bug, so nothing else
@@ -74,12 +83,15 @@ impl Default for AmqpConfig {
     }
 }
 
-/// Accept AMQP connections on `listener` until `shutdown` is cancelled.
-/// Each connection task is spawned on `tracker`, so the caller can wait for
-/// them to close cleanly.
+/// Accept AMQP connections on `listener` until `shutdown` is cancelled;
+/// with `tls`, each is an AMQPS connection whose TLS handshake runs in its
+/// own task (a slow or silent client holds up no one). Each connection
+/// task is spawned on `tracker`, so the caller can wait for them to close
+/// cleanly.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     config: Arc<AmqpConfig>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -100,13 +112,43 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        tracker.spawn(connection::run(
-            broker.clone(),
-            stream,
-            peer,
-            config.clone(),
-            shutdown.clone(),
-            id,
-        ));
+        let (broker, config, shutdown) = (broker.clone(), config.clone(), shutdown.clone());
+        match &tls {
+            None => {
+                tracker.spawn(connection::run(
+                    broker,
+                    Socket::Tcp(stream),
+                    peer,
+                    config,
+                    shutdown,
+                    id,
+                ));
+            }
+            Some(tls) => {
+                let acceptor = tls.amqp_acceptor();
+                tracker.spawn(async move {
+                    let accepted = tokio::select! {
+                        r = crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(s) => {
+                            connection::run(
+                                broker,
+                                Socket::Tls(Box::new(s)),
+                                peer,
+                                config,
+                                shutdown,
+                                id,
+                            )
+                            .await
+                        }
+                        Err(e) => {
+                            tracing::info!(%peer, "TLS handshake failed: {e}");
+                        }
+                    }
+                });
+            }
+        }
     }
 }

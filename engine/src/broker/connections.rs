@@ -37,8 +37,19 @@ pub struct ConnectionInfo {
     pub frame_max: u32,
     /// Client-reported properties worth showing (product, version).
     pub client: String,
+    /// Over TLS: the protocol and the client certificate's CN.
+    pub tls: Option<TlsInfo>,
     channels: Mutex<BTreeMap<u16, Arc<ChannelInfo>>>,
     close: CancellationToken,
+}
+
+/// The TLS side of a connection, as the admin API shows it.
+#[derive(Clone, Debug)]
+pub struct TlsInfo {
+    /// "TLSv1.3" or "TLSv1.2".
+    pub protocol: &'static str,
+    /// The verified client certificate's subject CN, if one was presented.
+    pub peer_cert_cn: Option<String>,
 }
 
 /// One open channel.
@@ -75,9 +86,16 @@ impl ConnectionInfo {
             heartbeat,
             frame_max,
             client,
+            tls: None,
             channels: Mutex::new(BTreeMap::new()),
             close: CancellationToken::new(),
         }
+    }
+
+    /// The same, over TLS.
+    pub fn with_tls(mut self, tls: Option<TlsInfo>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// A channel opened.

@@ -18,7 +18,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
-pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered};
+pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsInfo};
 pub use durable::{DefinitionsError, Recovery};
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;

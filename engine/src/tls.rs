@@ -1,0 +1,348 @@
+//! TLS for the AMQPS listener and the admin API's HTTPS, through rustls.
+//!
+//! One [`Tls`] holds the server's certificate, key and (optionally) the CA
+//! that client certificates are verified against, as read from the files
+//! the `[tls]` section names. Each new connection takes the configuration
+//! current when it arrives, so a certificate rotated on disk is served to
+//! the next connection while the open ones keep theirs: [`Tls::watch`]
+//! reloads the files when they change. A set of files that does not load
+//! (a key that does not match its certificate, a half-written PEM) is
+//! refused with a warning and the previous certificate keeps serving; the
+//! next change tries again.
+//!
+//! rustls speaks TLS 1.2 and 1.3 only, so nothing older is ever offered.
+//!
+//! Client certificates are asked for only when a CA file is set, and then
+//! only by the AMQP listener: the admin API authenticates with HTTP basic
+//! auth. A verified certificate's subject CN is what the `EXTERNAL`
+//! mechanism logs in as (RabbitMQ's `rabbitmq_auth_mechanism_ssl` with
+//! `ssl_cert_login_from = common_name`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tokio_rustls::TlsAcceptor;
+
+/// Quiet time after a change in a watched folder before the files are read:
+/// a certificate and its key are written one after the other.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The `[tls]` section of the configuration file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert_file: PathBuf,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified
+    /// against. When set, AMQPS clients are asked for a certificate and a
+    /// verified one allows the `EXTERNAL` login.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// With `ca_file`: refuse clients that present no certificate
+    /// (RabbitMQ's `fail_if_no_peer_cert`). A certificate that is
+    /// presented and does not verify is always refused.
+    #[serde(default)]
+    pub fail_if_no_peer_cert: bool,
+    /// Reload the files when they change on disk.
+    #[serde(default = "yes")]
+    pub watch: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why the TLS files could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("{}: {what}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// rustls refused the combination (e.g. a key that is not the
+    /// certificate's).
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client CA could not make a verifier.
+    #[error("client CA {}: {what}", path.display())]
+    ClientCa {
+        /// The CA file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The folders could not be watched.
+    #[error("watching the certificate files: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+/// The rustls configurations currently served.
+struct Configs {
+    amqp: Arc<ServerConfig>,
+    admin: Arc<ServerConfig>,
+    /// The files' contents they were made from, to tell a real change.
+    source: Vec<u8>,
+}
+
+/// The server side of TLS: what new AMQPS and HTTPS connections are
+/// accepted with.
+pub struct Tls {
+    settings: TlsSettings,
+    current: ArcSwap<Configs>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::File {
+        path: path.to_owned(),
+        what: e.to_string(),
+    })
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::File {
+            path: path.to_owned(),
+            what: "no PEM certificate in it".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl Tls {
+    /// Read the files `settings` names.
+    pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
+        let configs = build(&settings)?;
+        Ok(Arc::new(Tls {
+            settings,
+            current: ArcSwap::from_pointee(configs),
+        }))
+    }
+
+    /// The settings it was loaded with.
+    pub fn settings(&self) -> &TlsSettings {
+        &self.settings
+    }
+
+    /// Whether AMQPS clients are asked for a certificate.
+    pub fn verifies_clients(&self) -> bool {
+        self.settings.ca_file.is_some()
+    }
+
+    /// What a new AMQPS connection is accepted with.
+    pub fn amqp_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load().amqp.clone())
+    }
+
+    /// What a new HTTPS connection to the admin API is accepted with.
+    pub fn admin_acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load().admin.clone())
+    }
+
+    /// Read the files again; serve them from the next connection on if they
+    /// load. Returns whether anything changed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let source = sources(&self.settings)?;
+        if source == self.current.load().source {
+            return Ok(false);
+        }
+        let configs = build(&self.settings)?;
+        self.current.store(Arc::new(configs));
+        Ok(true)
+    }
+
+    /// Reload whenever a file in the folders of the configured files
+    /// changes. The folders are watched rather than the files: rotation
+    /// often renames a new file over the old one, and a Kubernetes Secret
+    /// volume swaps a `..data` symlink without touching the files' names.
+    pub fn watch(self: &Arc<Self>) -> Result<TlsWatcher, TlsError> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(e) = event
+                    && !matches!(e.kind, notify::EventKind::Access(_))
+                {
+                    let _ = tx.send(());
+                }
+            })?;
+        let mut folders: Vec<PathBuf> = [
+            Some(&self.settings.cert_file),
+            Some(&self.settings.key_file),
+            self.settings.ca_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|f| match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+        folders.sort();
+        folders.dedup();
+        for folder in &folders {
+            watcher.watch(folder, RecursiveMode::NonRecursive)?;
+        }
+        let tls = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("wasmq-tls-watch".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Wait for the writes to settle.
+                    loop {
+                        match rx.recv_timeout(DEBOUNCE) {
+                            Ok(()) => continue,
+                            Err(mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    let Some(tls) = tls.upgrade() else { return };
+                    match tls.reload() {
+                        Ok(true) => tracing::info!(
+                            cert = %tls.settings.cert_file.display(),
+                            "TLS certificate reloaded; new connections get it"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(
+                            "TLS files changed but do not load ({e}); the previous certificate keeps serving"
+                        ),
+                    }
+                }
+            })
+            .map_err(|e| notify::Error::generic(&e.to_string()))?;
+        Ok(TlsWatcher { _watcher: watcher })
+    }
+}
+
+/// A running certificate watcher; dropping it stops watching.
+pub struct TlsWatcher {
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl std::fmt::Debug for TlsWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsWatcher")
+    }
+}
+
+/// The configured files' bytes, concatenated (to tell whether they changed).
+fn sources(settings: &TlsSettings) -> Result<Vec<u8>, TlsError> {
+    let mut all = read(&settings.cert_file)?;
+    all.extend(read(&settings.key_file)?);
+    if let Some(ca) = &settings.ca_file {
+        all.extend(read(ca)?);
+    }
+    Ok(all)
+}
+
+fn build(settings: &TlsSettings) -> Result<Configs, TlsError> {
+    let source = sources(settings)?;
+    let cert_pem = read(&settings.cert_file)?;
+    let certs = certificates(&settings.cert_file, &cert_pem)?;
+    let key_pem = read(&settings.key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
+        path: settings.key_file.clone(),
+        what: e.to_string(),
+    })?;
+    let versions = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let amqp = match &settings.ca_file {
+        Some(ca) => {
+            let pem = read(ca)?;
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(ca, &pem)? {
+                roots.add(cert).map_err(|e| TlsError::ClientCa {
+                    path: ca.clone(),
+                    what: e.to_string(),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider());
+            let verifier = if settings.fail_if_no_peer_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier.build().map_err(|e| TlsError::ClientCa {
+                path: ca.clone(),
+                what: e.to_string(),
+            })?;
+            builder
+                .clone()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs.clone(), key.clone_key())?
+        }
+        None => builder
+            .clone()
+            .with_no_client_auth()
+            .with_single_cert(certs.clone(), key.clone_key())?,
+    };
+    let mut admin = builder.with_no_client_auth().with_single_cert(certs, key)?;
+    admin.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Configs {
+        amqp: Arc::new(amqp),
+        admin: Arc::new(admin),
+        source,
+    })
+}
+
+/// The subject CN of the client's verified certificate, if it sent one.
+/// rustls keeps a client's certificates only once they verified.
+pub fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// A short name of the negotiated protocol ("TLSv1.3"), for the admin API.
+pub fn protocol_name(conn: &rustls::ServerConnection) -> &'static str {
+    match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    }
+}
+
+/// Wait up to `limit` for `fut`, as an `io::Result` (a TLS handshake that
+/// never finishes is a timeout error like any other).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    fut: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
