@@ -18,6 +18,9 @@
 //! an exchange instead, to that many server-named queues, each consumed on
 //! its own connection, with `wasmq-perf`'s binding and routing keys.
 //!
+//! `--tls-ca CA.pem` speaks AMQPS instead (point `--addr` at the TLS
+//! port), to measure what TLS costs.
+//!
 //! ```text
 //! cargo run --release -p wasmq-perf --bin wasmq-ping -- --addr 127.0.0.1:5672 --rate 10000
 //! cargo run --release -p wasmq-perf --bin wasmq-ping -- --addr 127.0.0.1:5672 --rate 0
@@ -72,6 +75,10 @@ struct Args {
     /// Bindings per queue (keys as `wasmq-perf` makes them).
     #[arg(long, default_value_t = 1)]
     bindings_per_queue: usize,
+    /// Connect over TLS (AMQPS), verifying the broker against the CA
+    /// certificates in this PEM file; `--addr` names the AMQPS port.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Seconds to wait after the run for deliveries still on their way (a
     /// paced run ends as soon as all are in).
     #[arg(long, default_value_t = 0.5)]
@@ -88,9 +95,30 @@ impl Args {
 
 const FRAME_MAX: u32 = 131_072;
 
+/// Plain TCP, or TLS over it (`--tls-ca`).
+type Stream = tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A TLS client trusting the CA certificates in `ca_file` only.
+fn tls_connector(ca_file: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("reading {}", ca_file.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// One AMQP connection with channel 1 open.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     out: Vec<u8>,
     /// The queue it consumes from, if any.
@@ -103,6 +131,14 @@ impl Conn {
             .await
             .with_context(|| format!("connecting to {}", args.addr))?;
         stream.set_nodelay(true)?;
+        let stream = match &args.tls_ca {
+            None => Stream::Left(stream),
+            Some(ca) => {
+                let host = args.addr.rsplit_once(':').map_or(&*args.addr, |(h, _)| h);
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
+                Stream::Right(tls_connector(ca)?.connect(name, stream).await?)
+            }
+        };
         let mut c = Conn {
             stream,
             buf: BytesMut::with_capacity(64 << 10),
@@ -162,6 +198,8 @@ impl Conn {
         self.out.clear();
         encode_method(&mut self.out, ch, m);
         self.stream.write_all(&self.out).await?;
+        // TLS may hold the last record until flushed (a no-op on TCP).
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -283,6 +321,7 @@ async fn publish(
             c.out[at..at + 8].copy_from_slice(&now_nanos(start).to_le_bytes());
         }
         c.stream.write_all(&c.out).await?;
+        c.stream.flush().await?;
         sent.fetch_add(batch as u64, Ordering::Relaxed);
     }
     stop.store(true, Ordering::Relaxed);
