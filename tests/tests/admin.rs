@@ -573,9 +573,12 @@ async fn replacing_a_built_in_type_through_the_api_is_deliberate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_the_store_cannot_save_is_a_500() {
     let t = TestServer::start().await;
-    // The store writes definitions.json.tmp, then renames it: a folder in
-    // its place makes every save fail.
-    std::fs::create_dir(t.data.path().join("definitions.json.tmp")).unwrap();
+    // As on a full disk: every definitions change fails to save.
+    t.broker()
+        .store()
+        .unwrap()
+        .fail_definition_writes()
+        .unwrap();
     let doc = json!({"exchanges": [{"name": "x", "vhost": "/", "type": "topic"}]});
     let e = api(t.admin(), move |c| {
         c.post("/api/definitions", &doc).unwrap_err()

@@ -22,7 +22,7 @@ use crate::store::definitions::{
     BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
     VHostDefinitions,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
 
 /// What recovery found.
 #[derive(Clone, Copy, Debug, Default)]
@@ -209,8 +209,21 @@ impl Broker {
         Ok(r)
     }
 
-    /// Write the durable definitions if a store is attached (and recovery
-    /// is over).
+    /// Record `changes` to the durable definitions if a store is attached
+    /// and recovery is over; returns once they are on disk.
+    pub(crate) fn persist(&self, changes: Vec<Change>) -> Result<(), BrokerError> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        if self.recovering.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        store.append_definitions(&changes)?;
+        Ok(())
+    }
+
+    /// Write all durable definitions as the store's snapshot (after
+    /// recovery: the change log starts over), if a store is attached.
     pub(crate) fn persist_definitions(&self) -> Result<(), BrokerError> {
         let Some(store) = self.store.get() else {
             return Ok(());
@@ -287,5 +300,57 @@ impl Broker {
             version: DEFINITIONS_VERSION,
             vhosts,
         }
+    }
+}
+
+/// The change that records exchange `x` as it is (the predeclared ones
+/// are recreated by every vhost, so a change about them is harmless and
+/// ignored at recovery).
+pub(crate) fn exchange_change(vhost: &str, x: &super::Exchange) -> Change {
+    Change::PutExchange {
+        vhost: vhost.to_owned(),
+        exchange: ExchangeDefinition {
+            name: x.name.clone(),
+            kind: x.kind.clone(),
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: x.arguments.clone(),
+        },
+    }
+}
+
+/// Queue `q`'s definition.
+pub(crate) fn queue_definition(q: &super::Queue) -> QueueDefinition {
+    QueueDefinition {
+        name: q.name.clone(),
+        auto_delete: q.auto_delete,
+        arguments: q.arguments.clone(),
+    }
+}
+
+/// The change that records binding `b` of exchange `source` as present
+/// (`put`) or gone.
+pub(crate) fn binding_change(
+    vhost: &str,
+    source: &str,
+    b: &super::exchange::Binding,
+    put: bool,
+) -> Change {
+    let binding = BindingDefinition {
+        source: source.to_owned(),
+        destination: b.destination.name().to_owned(),
+        destination_type: match b.destination {
+            Destination::Queue(_) => "queue",
+            Destination::Exchange(_) => "exchange",
+        }
+        .into(),
+        routing_key: b.key.clone(),
+        arguments: b.arguments.clone(),
+    };
+    let vhost = vhost.to_owned();
+    if put {
+        Change::PutBinding { vhost, binding }
+    } else {
+        Change::DeleteBinding { vhost, binding }
     }
 }

@@ -20,6 +20,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsInfo};
 pub use durable::{DefinitionsError, Recovery};
+use durable::{binding_change, exchange_change, queue_definition};
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
@@ -31,6 +32,7 @@ use crate::plugin::{
     FilterPlugin, PluginError, PluginHost, PluginRegistry, PluginVersion, RouterPlugin,
     TransformPlugin, binding_input,
 };
+use crate::store::Change;
 
 /// The hash map of the message path: exchange and queue names, consumer
 /// tags, memoized routing keys. foldhash instead of the default SipHash:
@@ -676,7 +678,7 @@ impl Broker {
             .or_insert(x)
             .clone();
         if durable {
-            self.persist_definitions()?;
+            self.persist(vec![exchange_change(&vhost.name, &x)])?;
         }
         Ok(x)
     }
@@ -703,7 +705,18 @@ impl Broker {
         vhost.exchanges.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
         if x.durable {
-            self.persist_definitions()?;
+            // Its own bindings go with it.
+            let mut changes: Vec<Change> = x
+                .bindings
+                .load()
+                .iter()
+                .map(|b| binding_change(&vhost.name, &x.name, b, false))
+                .collect();
+            changes.push(Change::DeleteExchange {
+                vhost: vhost.name.clone(),
+                name: name.to_owned(),
+            });
+            self.persist(changes)?;
         }
         Ok(())
     }
@@ -791,7 +804,10 @@ impl Broker {
         queues.insert(name.to_owned(), q.clone());
         drop(queues);
         if q.log().is_some() {
-            self.persist_definitions()?;
+            self.persist(vec![Change::PutQueue {
+                vhost: vhost.name.clone(),
+                queue: queue_definition(&q),
+            }])?;
         }
         Ok(q)
     }
@@ -860,20 +876,17 @@ impl Broker {
         q.destroy_log();
         let n = q.purge();
         if q.log().is_some() {
-            self.persist_definitions()?;
+            self.persist(vec![Change::DeleteQueue {
+                vhost: vhost.name.clone(),
+                name: name.to_owned(),
+            }])?;
         }
         Ok(n)
     }
 
     fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
         for x in vhost.exchanges() {
-            let ids: Vec<u32> = x
-                .bindings
-                .load()
-                .iter()
-                .filter(|b| b.destination == *destination)
-                .map(|b| b.id)
-                .collect();
+            let ids = x.bindings.load().ids_to(destination);
             if !ids.is_empty() {
                 self.remove_bindings(vhost, &x, &ids);
             }
@@ -886,18 +899,30 @@ impl Broker {
         x.bindings.store(Arc::new(table.without(ids)));
         let router = x.router.load();
         for id in ids {
-            if let Some(b) = table.by_id.get(id) {
+            if let Some(b) = table.get(*id) {
                 router.unbind(b.id, &b.bind_input);
             }
         }
         x.reset_memo();
-        if x.auto_delete && x.bindings.load().is_empty() {
+        let gone = x.auto_delete && x.bindings.load().is_empty();
+        if gone {
             vhost.exchanges.write().remove(&x.name);
         }
-        if x.durable
-            && let Err(e) = self.persist_definitions()
-        {
-            tracing::error!("saving definitions after unbinding: {e}");
+        if x.durable {
+            let mut changes: Vec<Change> = ids
+                .iter()
+                .filter_map(|id| table.get(*id))
+                .map(|b| binding_change(&vhost.name, &x.name, b, false))
+                .collect();
+            if gone {
+                changes.push(Change::DeleteExchange {
+                    vhost: vhost.name.clone(),
+                    name: x.name.clone(),
+                });
+            }
+            if let Err(e) = self.persist(changes) {
+                tracing::error!("saving definitions after unbinding: {e}");
+            }
         }
     }
 
@@ -925,10 +950,10 @@ impl Broker {
         let _swap = self.swap.read();
         let _control = x.control.lock();
         let table = x.bindings.load_full();
-        if table.find(&destination, key, &arguments).is_some() {
+        let encoded = encode_table_body(&arguments);
+        if table.find(&destination, key, &encoded).is_some() {
             return Ok(());
         }
-        let encoded = encode_table_body(&arguments);
         let filter_name = arg_str(&arguments, ARG_FILTER)?;
         let filter = match &filter_name {
             None => None,
@@ -965,7 +990,8 @@ impl Broker {
         x.bindings.store(Arc::new(table.with(binding)));
         let router = x.router.load();
         let applied = {
-            let b = &x.bindings.load().by_id[&id];
+            let table = x.bindings.load();
+            let b = table.get(id).expect("just added");
             router.bind(id, &b.bind_input)
         };
         if let Err(e) = applied {
@@ -974,8 +1000,16 @@ impl Broker {
         }
         x.reset_memo();
         drop(_control);
+        // RabbitMQ's rule: a binding is durable if both its ends are.
+        let durable_destination = |b: &Binding| match &b.destination {
+            Destination::Queue(q) => vhost.queue(q).is_ok_and(|q| q.durable && q.owner.is_none()),
+            Destination::Exchange(e) => vhost.exchange(e).is_ok_and(|e| e.durable),
+        };
         if x.durable {
-            self.persist_definitions()?;
+            let table = x.bindings.load();
+            if let Some(b) = table.get(id).filter(|b| durable_destination(b)) {
+                self.persist(vec![binding_change(&vhost.name, &x.name, b, true)])?;
+            }
         }
         Ok(())
     }
@@ -990,10 +1024,11 @@ impl Broker {
         arguments: &FieldTable,
     ) -> Result<(), BrokerError> {
         let x = vhost.exchange(source)?;
+        let encoded = encode_table_body(arguments);
         let id = x
             .bindings
             .load()
-            .find(destination, key, arguments)
+            .find(destination, key, &encoded)
             .map(|b| b.id);
         if let Some(id) = id {
             self.remove_bindings(vhost, &x, &[id]);

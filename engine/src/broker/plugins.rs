@@ -273,8 +273,8 @@ impl Broker {
                 None
             };
             let bindings = if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
-                let mut by_id = table.by_id.clone();
-                for b in by_id.values_mut() {
+                let mut next = (*table).clone();
+                for b in table.iter() {
                     if b.filter_name.as_deref() == Some(name) {
                         let filter = FilterPlugin::new(
                             &self.host,
@@ -284,16 +284,13 @@ impl Broker {
                             &b.encoded_arguments,
                         )
                         .map_err(|e| at(&e))?;
-                        *b = Arc::new(Binding {
+                        next = next.replaced(Binding {
                             filter: Some(Arc::new(filter)),
                             ..(**b).clone()
                         });
                     }
                 }
-                Some(BindingTable {
-                    by_id,
-                    next_id: table.next_id,
-                })
+                Some(next)
             } else {
                 None
             };

@@ -219,7 +219,7 @@ impl Broker {
         for &id in &ids {
             // An id missing from the table was unbound while this message was
             // being routed (the router validated ids against next_id).
-            let Some(b) = table.by_id.get(&id) else {
+            let Some(b) = table.get(id) else {
                 continue;
             };
             if let Some(filter) = &b.filter {

@@ -1,10 +1,10 @@
 //! Durable definitions: exchanges, queues and bindings that survive a
 //! restart, with their arguments and the plugin each exchange runs.
 //!
-//! They change rarely and are small, so they live in one JSON file that is
-//! replaced atomically (write a temporary file, sync it, rename it over the
-//! old one, sync the folder): a crash leaves the old file or the new one,
-//! never a mix. Arguments are kept in AMQP's own table encoding (hex), so
+//! This is the snapshot: one JSON file replaced atomically (write a
+//! temporary file, sync it, rename it over the old one, sync the folder): a
+//! crash leaves the old file or the new one, never a mix. Changes between
+//! snapshots are appended to the definitions log (`changes`). Arguments are kept in AMQP's own table encoding (hex), so
 //! every field type round-trips exactly as the client sent it.
 
 use std::path::Path;

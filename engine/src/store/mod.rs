@@ -1,8 +1,11 @@
 //! The message store: what makes durable queues and persistent messages
 //! survive a restart or a `kill -9`.
 //!
-//! * [`definitions`]: durable exchanges, queues and bindings, one JSON file
-//!   replaced atomically on every change.
+//! * [`definitions`]: durable exchanges, queues and bindings: a JSON
+//!   snapshot, replaced atomically.
+//! * [`changes`]: the definitions log: each durable change is one appended,
+//!   checksummed line (group-committed), replayed over the snapshot at
+//!   start and compacted into it once it outgrows it.
 //! * [`log`]: one append-only log per durable queue (segment files of
 //!   checksummed message records, plus per-segment ack files), read back at
 //!   recovery and, for messages paged out of memory, at delivery.
@@ -19,6 +22,7 @@
 //! written; transient ones live in memory and are lost on restart, as in
 //! RabbitMQ. The format is specified in `docs/storage.md`.
 
+pub mod changes;
 pub mod definitions;
 pub mod log;
 pub mod record;
@@ -33,6 +37,7 @@ use parking_lot::{Condvar, Mutex};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+pub use changes::{Change, DefinitionsLog};
 pub use definitions::Definitions;
 pub use log::{QueueLog, RecordMeta, Recovered, StoreRef};
 
@@ -277,8 +282,8 @@ pub struct Store {
     options: StoreOptions,
     sync: Arc<Syncer>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The definitions last written, to skip rewriting identical ones.
-    saved: Mutex<Option<Definitions>>,
+    /// The definitions' snapshot and change log, once read.
+    definitions: std::sync::OnceLock<DefinitionsLog>,
     opened: Mutex<Vec<PathBuf>>,
     /// Held (with an exclusive `flock`) until [`Store::close`].
     lock: Mutex<Option<File>>,
@@ -330,7 +335,7 @@ impl Store {
             options,
             sync,
             thread: Mutex::new(Some(thread)),
-            saved: Mutex::new(None),
+            definitions: std::sync::OnceLock::new(),
             opened: Mutex::new(Vec::new()),
             lock: Mutex::new(Some(lock)),
         }))
@@ -341,26 +346,42 @@ impl Store {
         &self.dir
     }
 
-    fn definitions_path(&self) -> PathBuf {
-        self.dir.join("definitions.json")
-    }
-
-    /// The durable definitions on disk.
+    /// The durable definitions on disk: the snapshot with the changes
+    /// logged since replayed over it. Opens the log for appending.
     pub fn definitions(&self) -> Result<Definitions, StoreError> {
-        let defs = Definitions::load(&self.definitions_path())?;
-        *self.saved.lock() = Some(defs.clone());
+        if let Some(log) = self.definitions.get() {
+            return Ok(log.definitions());
+        }
+        let (log, defs) = DefinitionsLog::open(&self.dir)?;
+        let _ = self.definitions.set(log);
         Ok(defs)
     }
 
-    /// Replace the durable definitions (a no-op if unchanged).
-    pub fn save_definitions(&self, defs: Definitions) -> Result<(), StoreError> {
-        let mut saved = self.saved.lock();
-        if saved.as_ref() == Some(&defs) {
-            return Ok(());
+    fn definitions_log(&self) -> Result<&DefinitionsLog, StoreError> {
+        if self.definitions.get().is_none() {
+            self.definitions()?;
         }
-        defs.save(&self.definitions_path())?;
-        *saved = Some(defs);
+        Ok(self.definitions.get().expect("opened"))
+    }
+
+    /// Record `changes` to the durable definitions; returns once they are
+    /// on disk (group commit with concurrent callers).
+    pub fn append_definitions(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.definitions_log()?.append(changes)
+    }
+
+    /// Make every later definitions change fail to save, as on a full disk
+    /// (for tests).
+    #[doc(hidden)]
+    pub fn fail_definition_writes(&self) -> Result<(), StoreError> {
+        self.definitions_log()?.fail_appends();
         Ok(())
+    }
+
+    /// Replace the durable definitions with `defs` (a new snapshot, an
+    /// empty change log).
+    pub fn save_definitions(&self, defs: Definitions) -> Result<(), StoreError> {
+        self.definitions_log()?.reset(&defs)
     }
 
     /// Keep `bytes`, the serving version `hash` of plugin `name`, as that
