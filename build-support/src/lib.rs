@@ -7,6 +7,8 @@
 //! never waits on the outer build's lock, and drops the outer build's flags
 //! (`RUSTFLAGS` for the host, the jobserver) that mean nothing for wasm32.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -25,8 +25,8 @@
 //!   compiling and validating plugin files, instance pools per exchange with
 //!   deadlines and memory caps, fault containment and circuit breakers, the
 //!   registry of serving versions and the folder watcher that hot-swaps them.
-//! * [`store`]: the message store: durable definitions, one append-only
-//!   log per durable queue, and the group commit that publisher confirms
+//! * [`store`]: the message store: durable definitions (a snapshot and a
+//!   log of changes), one append-only log per durable queue, and the group commit that publisher confirms
 //!   of persistent messages wait for. Messages of a queue's backlog are
 //!   kept on disk and read back when delivered.
 //! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
@@ -34,6 +34,12 @@
 //! * [`tls`]: certificates for AMQPS and the admin API's HTTPS, reloaded
 //!   when they change on disk, and the client-certificate (`EXTERNAL`)
 //!   login.
+//! * [`alarm`]: the disk and memory alarms that block publishers while a
+//!   resource runs low.
+//! * [`json`]: AMQP field tables as JSON, as the admin API and definitions
+//!   files show and take them.
+//! * [`latency`]: the lock-free latency histogram of plugin calls and store
+//!   syncs, read by the admin API and `/metrics`.
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.

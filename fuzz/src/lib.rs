@@ -15,6 +15,8 @@
 //! cargo run --release -p wasmq-fuzz -- run --target all --seconds 3600
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod input;
 pub mod targets;
 

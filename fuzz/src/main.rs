@@ -11,6 +11,8 @@
 //! bisected in new children until the one case is found. Failing inputs
 //! are saved under `target/fuzz-failures/`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -96,10 +96,10 @@ impl<'a> Message<'a> {
             return Vec::new();
         };
         let hint = if which == 0 { sizes.0 } else { sizes.1 };
-        // SAFETY: a zero-length read copies nothing and returns the size.
         let len = if hint >= 0 {
             hint
         } else {
+            // SAFETY: a zero-length read copies nothing and returns the size.
             unsafe { crate::abi::host_read(what, std::ptr::null_mut(), 0, 0) }
         }
         .max(0) as usize;

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: a real broker on a temporary
 //! plugin folder, the compiled test plugins, and message builders.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1174,3 +1174,52 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amqplain(pairs: &[(&str, AMQPValue)]) -> Vec<u8> {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(ShortString::from(*k), v.clone());
+        }
+        crate::message::encode_table_body(&t)
+    }
+
+    #[test]
+    fn plain_credentials_are_authzid_user_password() {
+        assert_eq!(
+            credentials("PLAIN", b"\0guest\0secret"),
+            Some(("guest".into(), "secret".into()))
+        );
+        // An authorization identity is allowed and ignored.
+        assert_eq!(
+            credentials("PLAIN", b"admin\0app\0pw"),
+            Some(("app".into(), "pw".into()))
+        );
+        assert_eq!(credentials("PLAIN", b"\0guest"), None);
+        assert_eq!(credentials("PLAIN", b"\0\xff\xfe\0pw"), None, "not UTF-8");
+        assert_eq!(credentials("CRAM-MD5", b"\0guest\0guest"), None);
+    }
+
+    #[test]
+    fn amqplain_credentials_are_a_table_body() {
+        let body = amqplain(&[
+            ("LOGIN", AMQPValue::LongString("app".into())),
+            ("PASSWORD", AMQPValue::LongString("pw".into())),
+        ]);
+        assert_eq!(
+            credentials("AMQPLAIN", &body),
+            Some(("app".into(), "pw".into()))
+        );
+        let no_password = amqplain(&[("LOGIN", AMQPValue::LongString("app".into()))]);
+        assert_eq!(credentials("AMQPLAIN", &no_password), None);
+        let wrong_type = amqplain(&[
+            ("LOGIN", AMQPValue::LongInt(7)),
+            ("PASSWORD", AMQPValue::LongString("pw".into())),
+        ]);
+        assert_eq!(credentials("AMQPLAIN", &wrong_type), None);
+        assert_eq!(credentials("AMQPLAIN", b"\x05LOGIN"), None, "truncated");
+    }
+}

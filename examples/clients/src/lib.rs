@@ -1,5 +1,7 @@
 //! Shared bits of the example client programs (`publish`, `consume`).
 
+#![forbid(unsafe_code)]
+
 use lapin::ExchangeKind;
 
 /// An exchange type by name: the four built-ins, or a plugin's name.

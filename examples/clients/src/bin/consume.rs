@@ -12,6 +12,8 @@
 //!     --filter json-filter --filter-arg x-filter-field=region --filter-arg x-filter-equals=eu
 //! ```
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use futures_lite::StreamExt;
 use lapin::options::{

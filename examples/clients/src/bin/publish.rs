@@ -11,6 +11,8 @@
 //! cargo run -p wasmq-example-clients --bin publish -- --exchange shard --type consistent-hash order.1 order.2
 //! ```
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
