@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::amqp::{AmqpConfig, User};
+use crate::access::User;
+use crate::amqp::AmqpConfig;
 use crate::plugin::{Compiler, PluginLimits};
 
 /// The whole configuration file.

@@ -34,6 +34,8 @@
 //! * [`tls`]: certificates for AMQPS and the admin API's HTTPS, reloaded
 //!   when they change on disk, and the client-certificate (`EXTERNAL`)
 //!   login.
+//! * [`access`]: users, their per-vhost configure/write/read permissions
+//!   and the login rules, shared by AMQP, the admin API and the config.
 //! * [`alarm`]: the disk and memory alarms that block publishers while a
 //!   resource runs low.
 //! * [`json`]: AMQP field tables as JSON, as the admin API and definitions
@@ -46,6 +48,7 @@
 //!
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
+pub mod access;
 pub mod admin;
 pub mod alarm;
 pub mod amqp;

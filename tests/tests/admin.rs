@@ -460,7 +460,7 @@ async fn names_and_fields_over_255_bytes_are_refused_with_400() {
 /// those who see all may export the definitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_management_user_sees_only_its_own_vhosts_and_connections() {
-    let user = |name: &str, vhosts: &[&str], tag: &str| wasmq::amqp::User {
+    let user = |name: &str, vhosts: &[&str], tag: &str| wasmq::access::User {
         name: name.into(),
         password: "pw".into(),
         vhosts: vhosts.iter().map(|v| v.to_string()).collect(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties, DefaultConnectionBuilder};
-use wasmq::amqp::User;
+use wasmq::access::User;
 use wasmq::tls::TlsSettings;
 use wasmq_tests::pki::{self, Ca, Identity};
 use wasmq_tests::{TestServer, declare_queue, eventually_async, reply_code};

@@ -40,7 +40,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
-use crate::amqp::User;
+use crate::access::User;
 use crate::tls::Tls;
 
 /// `[admin]`: the HTTP listener.
@@ -282,7 +282,7 @@ async fn auth(
         .as_deref()
         .and_then(|c| c.split_once(':'))
         .and_then(|(name, password)| {
-            crate::amqp::access::authenticate(&state.users, name, password, peer.ip())
+            crate::access::authenticate(&state.users, name, password, peer.ip())
         });
     if let Some(user) = user {
         // RabbitMQ's management tags: administrators may do everything,

@@ -12,10 +12,11 @@ use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use super::access::{Access, Grant};
 use super::frame::{
     Frame, encode_confirm, encode_content, encode_deliver, encode_method, short_string,
 };
+use super::grant::Grant;
+use crate::access::Access;
 use crate::broker::{
     ARG_ALTERNATE_EXCHANGE, ARG_DEAD_LETTER_EXCHANGE, Broker, BrokerError, ChannelCredit,
     ChannelInfo, ConsumeError, Consumer, Destination, Dispatch, Entry, ExchangeSpec, Map, Queue,

@@ -33,11 +33,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
-use super::access::Grant;
 use super::channel::{AmqpError, Channel, Ctx, Delivery};
 use super::frame::{
     Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method, short_string,
 };
+use super::grant::Grant;
 use super::socket::{Io, Socket};
 use crate::Broker;
 use crate::broker::{
@@ -427,12 +427,12 @@ async fn handshake(
     let (who, user) = if start_ok.mechanism.as_str() == "EXTERNAL" {
         let user = cert_user
             .as_deref()
-            .and_then(|name| super::access::certificate_user(&config.users, name, peer.ip()));
+            .and_then(|name| crate::access::certificate_user(&config.users, name, peer.ip()));
         (cert_user.unwrap_or_default(), user)
     } else {
         let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
         let user = creds.as_ref().and_then(|(name, pass)| {
-            super::access::authenticate(&config.users, name, pass, peer.ip())
+            crate::access::authenticate(&config.users, name, pass, peer.ip())
         });
         (creds.map(|c| c.0).unwrap_or_default(), user)
     };

@@ -12,8 +12,9 @@
 //!   one read-and-write call the connection loop waits on.
 //! * [`field_table`]: the nesting bound every field table is checked
 //!   against before it is decoded (a deep one would overflow the stack).
-//! * [`access`]: users, per-vhost configure/write/read permissions, and
-//!   the 403 checks channels make.
+//! * `grant`: the user and permissions a connection logged in with, and
+//!   the 403 a channel answers a refused method with (who may do what is
+//!   [`crate::access`], shared with the config and the admin API).
 //! * `channel`: per-channel state: content assembly, consumers, unacked
 //!   deliveries, prefetch, publisher confirms, transactions. A method error
 //!   closes only the channel.
@@ -21,11 +22,11 @@
 //! The broker core knows nothing of AMQP; this module turns its errors into
 //! reply codes.
 
-pub mod access;
 mod channel;
 mod connection;
 pub mod field_table;
 pub mod frame;
+mod grant;
 mod socket;
 
 use std::net::SocketAddr;
@@ -36,11 +37,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use access::User;
 pub(crate) use channel::AmqpError;
 use socket::Socket;
 
 use crate::Broker;
+use crate::access::User;
 use crate::tls::Tls;
 
 /// Time a client has to finish the TLS handshake (the AMQP handshake then

@@ -25,8 +25,6 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 
-use super::AmqpError;
-
 /// A user allowed to connect.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,7 +192,7 @@ pub enum Access {
 }
 
 impl Access {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Access::Configure => "configure",
             Access::Write => "write",
@@ -205,7 +203,7 @@ impl Access {
 
 /// The name permissions see: the default exchange (`""`) is
 /// `amq.default`, as in RabbitMQ.
-fn resource_name(name: &str) -> &str {
+pub(crate) fn resource_name(name: &str) -> &str {
     if name.is_empty() { "amq.default" } else { name }
 }
 
@@ -247,40 +245,6 @@ impl Permissions {
     /// Whether every access is allowed everywhere (no check needed).
     pub fn is_full(&self) -> bool {
         matches!(self, Permissions::Full)
-    }
-}
-
-/// The identity a channel checks against.
-#[derive(Clone, Debug)]
-pub(crate) struct Grant {
-    /// The user.
-    pub user: String,
-    /// The connection's vhost.
-    pub vhost: String,
-    /// The user's permissions there.
-    pub permissions: Arc<Permissions>,
-    /// Tagged `impersonator` (RabbitMQ's tag): may publish with any
-    /// `user-id` property.
-    pub impersonator: bool,
-}
-
-impl Grant {
-    /// Allow `access` to the `kind` (`exchange` or `queue`) named `name`,
-    /// or refuse it with 403 in RabbitMQ's words.
-    pub(crate) fn check(&self, access: Access, kind: &str, name: &str) -> Result<(), AmqpError> {
-        if self.permissions.allows(access, name) {
-            return Ok(());
-        }
-        let name = resource_name(name);
-        Err(AmqpError::new(
-            403,
-            format!(
-                "ACCESS_REFUSED - {} access to {kind} '{name}' in vhost '{}' refused for user '{}'",
-                access.as_str(),
-                self.vhost,
-                self.user
-            ),
-        ))
     }
 }
 
@@ -337,27 +301,6 @@ mod tests {
         assert!(!p.allows(Access::Read, "orders.eu"), "empty grants nothing");
         assert!(u.permissions_in("billing").is_none());
         assert_eq!(u.all_vhosts().collect::<Vec<_>>(), ["/", "orders"]);
-    }
-
-    #[test]
-    fn a_refusal_names_the_access_the_resource_and_the_user() {
-        let g = Grant {
-            user: "app".into(),
-            vhost: "/".into(),
-            permissions: Arc::new(Permissions::Patterns {
-                configure: Pattern::new("").unwrap(),
-                write: Pattern::new("x").unwrap(),
-                read: Pattern::new("").unwrap(),
-            }),
-            impersonator: false,
-        };
-        assert!(g.check(Access::Write, "exchange", "box").is_ok());
-        let e = g.check(Access::Write, "exchange", "").unwrap_err();
-        assert_eq!(e.code, 403);
-        assert_eq!(
-            e.text,
-            "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'app'"
-        );
     }
 
     #[test]
