@@ -20,13 +20,11 @@
 //! socket is left unread (TCP then slows the client) while deliveries and
 //! confirms still go out.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{AMQPClass, channel, connection};
-use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -34,18 +32,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
 use super::channel::{AmqpError, Channel, Ctx, Delivery};
-use super::frame::{
-    Frame, FrameError, PROTOCOL_HEADER, decode, encode_heartbeat, encode_method, short_string,
-};
+use super::frame::{Frame, decode, encode_heartbeat, encode_method, short_string};
 use super::grant::Grant;
+use super::handshake::{HandshakeError, close_with, encode_close, handshake};
+use super::outbox::Outbox;
 use super::socket::{Io, Socket};
 use crate::Broker;
 use crate::broker::{
     ChannelCredit, ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, TlsInfo, VHost,
 };
 
-/// Smallest frame_max a client may ask for (spec: frame-min-size).
-const FRAME_MIN: u32 = 4096;
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes buffered before a write, at most; and no deliveries are taken
@@ -125,10 +121,7 @@ pub(crate) async fn run(
         socket,
         rbuf: buf,
         unread: true,
-        out: Vec::with_capacity(64 * 1024),
-        sent: 0,
-        out_start: 0,
-        written: VecDeque::new(),
+        out: Outbox::new(64 * 1024, WRITE_BATCH),
         frame_max,
         max_message_size: config.max_message_size,
         config: config.clone(),
@@ -220,310 +213,6 @@ async fn contain_panic<F: std::future::Future>(fut: F) -> Result<F::Output, Stri
     .await
 }
 
-struct Session {
-    user: String,
-    vhost: Arc<VHost>,
-    grant: Grant,
-    frame_max: u32,
-    channel_max: u16,
-    heartbeat: u16,
-    cancel_notify: bool,
-    client: String,
-    blocked_capability: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum HandshakeError {
-    #[error("socket: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Frame(#[from] FrameError),
-    #[error("client closed the connection")]
-    Closed,
-    #[error("unexpected frame during handshake")]
-    Unexpected,
-}
-
-async fn next_frame(
-    reader: &mut Socket,
-    buf: &mut BytesMut,
-    frame_max: u32,
-) -> Result<Frame, HandshakeError> {
-    loop {
-        if let Some(f) = decode(buf, frame_max)? {
-            return Ok(f);
-        }
-        if reader.read_buf(buf).await? == 0 {
-            return Err(HandshakeError::Closed);
-        }
-    }
-}
-
-async fn next_method(reader: &mut Socket, buf: &mut BytesMut) -> Result<AMQPClass, HandshakeError> {
-    loop {
-        match next_frame(reader, buf, 131_072).await? {
-            Frame::Method(0, m) => return Ok(m),
-            Frame::Heartbeat(0) => continue,
-            _ => return Err(HandshakeError::Unexpected),
-        }
-    }
-}
-
-/// Write `bytes` and push them out (TLS may hold them otherwise).
-async fn send(socket: &mut Socket, bytes: &[u8]) -> std::io::Result<()> {
-    socket.write_all(bytes).await?;
-    socket.flush().await
-}
-
-async fn close_with(writer: &mut Socket, code: u16, text: &str, class_id: u16, method_id: u16) {
-    let mut out = Vec::new();
-    encode_close(&mut out, code, text, class_id, method_id);
-    let _ = writer.write_all(&out).await;
-    // Shutting down pushes out what TLS holds, then its close_notify.
-    let _ = writer.shutdown().await;
-}
-
-/// Append connection.close; its text cut to a short string's 255 bytes (it
-/// often quotes client input: a vhost, a mechanism, a consumer tag).
-fn encode_close(out: &mut Vec<u8>, code: u16, text: &str, class_id: u16, method_id: u16) {
-    encode_method(
-        out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
-            reply_code: code,
-            reply_text: short_string(text),
-            class_id,
-            method_id,
-        })),
-    );
-}
-
-fn server_properties() -> FieldTable {
-    let mut caps = FieldTable::default();
-    for cap in [
-        "publisher_confirms",
-        "basic.nack",
-        "consumer_cancel_notify",
-        "exchange_exchange_bindings",
-        "connection.blocked",
-        "authentication_failure_close",
-        "per_consumer_qos",
-    ] {
-        caps.insert(ShortString::from(cap), AMQPValue::Boolean(true));
-    }
-    let mut p = FieldTable::default();
-    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
-    p.insert("product".into(), s("wasmq"));
-    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
-    p.insert("platform".into(), s("Rust"));
-    p.insert(
-        "information".into(),
-        s("AMQP 0-9-1 broker with Wasm exchange plugins"),
-    );
-    p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-    p
-}
-
-/// PLAIN: `authzid \0 user \0 password`; AMQPLAIN: a field table body.
-fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
-    match mechanism {
-        "PLAIN" => {
-            let mut parts = response.split(|b| *b == 0);
-            let _authzid = parts.next()?;
-            let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
-            let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
-            Some((user, pass))
-        }
-        "AMQPLAIN" => {
-            super::field_table::check_table_body(response).ok()?;
-            let mut framed = (response.len() as u32).to_be_bytes().to_vec();
-            framed.extend_from_slice(response);
-            let (_, t) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
-            let get = |k: &str| match t.inner().get(k)? {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                AMQPValue::ShortString(s) => Some(s.to_string()),
-                _ => None,
-            };
-            Some((get("LOGIN")?, get("PASSWORD")?))
-        }
-        _ => None,
-    }
-}
-
-/// "product version" from the client properties, for the admin API.
-fn client_product(props: &FieldTable) -> String {
-    let s = |k: &str| match props.inner().get(k) {
-        Some(AMQPValue::LongString(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-        Some(AMQPValue::ShortString(v)) => v.to_string(),
-        _ => String::new(),
-    };
-    format!("{} {}", s("product"), s("version"))
-        .trim()
-        .to_owned()
-}
-
-fn client_cancel_notify(props: &FieldTable) -> bool {
-    client_capability(props, "consumer_cancel_notify")
-}
-
-fn client_capability(props: &FieldTable, name: &str) -> bool {
-    match props.inner().get("capabilities") {
-        Some(AMQPValue::FieldTable(caps)) => {
-            matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)))
-        }
-        _ => false,
-    }
-}
-
-async fn handshake(
-    broker: &Broker,
-    config: &AmqpConfig,
-    peer: SocketAddr,
-    socket: &mut Socket,
-    buf: &mut BytesMut,
-) -> Result<Option<Session>, HandshakeError> {
-    while buf.len() < 8 {
-        if socket.read_buf(buf).await? == 0 {
-            return Err(HandshakeError::Closed);
-        }
-    }
-    if &buf[..8] != PROTOCOL_HEADER {
-        // The spec: answer with the header we speak, then close.
-        send(socket, PROTOCOL_HEADER).await?;
-        let _ = socket.shutdown().await;
-        tracing::info!(%peer, "refused a client with protocol header {:?}", String::from_utf8_lossy(&buf[..8]));
-        return Ok(None);
-    }
-    let _ = buf.split_to(8);
-    // A client that presented a verified certificate may log in as the
-    // user its CN names (EXTERNAL), as with RabbitMQ's SSL auth mechanism.
-    let cert_user = socket.tls().and_then(crate::tls::peer_common_name);
-    let mechanisms = if cert_user.is_some() {
-        "PLAIN AMQPLAIN EXTERNAL"
-    } else {
-        "PLAIN AMQPLAIN"
-    };
-    let mut out = Vec::new();
-    encode_method(
-        &mut out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
-            version_major: 0,
-            version_minor: 9,
-            server_properties: server_properties(),
-            mechanisms: mechanisms.into(),
-            locales: "en_US".into(),
-        })),
-    );
-    send(socket, &out).await?;
-
-    let AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)) =
-        next_method(socket, buf).await?
-    else {
-        return Err(HandshakeError::Unexpected);
-    };
-    let (who, user) = if start_ok.mechanism.as_str() == "EXTERNAL" {
-        let user = cert_user
-            .as_deref()
-            .and_then(|name| crate::access::certificate_user(&config.users, name, peer.ip()));
-        (cert_user.unwrap_or_default(), user)
-    } else {
-        let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
-        let user = creds.as_ref().and_then(|(name, pass)| {
-            crate::access::authenticate(&config.users, name, pass, peer.ip())
-        });
-        (creds.map(|c| c.0).unwrap_or_default(), user)
-    };
-    let Some(user) = user else {
-        tracing::warn!(%peer, user = %who, "authentication failed");
-        let text = format!(
-            "ACCESS_REFUSED - Login was refused using authentication mechanism {}",
-            start_ok.mechanism
-        );
-        close_with(socket, 403, &text, 10, 11).await;
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    encode_method(
-        &mut out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
-            channel_max: config.channel_max,
-            frame_max: config.frame_max,
-            heartbeat: config.heartbeat,
-        })),
-    );
-    send(socket, &out).await?;
-    let AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune)) =
-        next_method(socket, buf).await?
-    else {
-        return Err(HandshakeError::Unexpected);
-    };
-    let frame_max = if tune.frame_max == 0 {
-        config.frame_max
-    } else {
-        tune.frame_max.min(config.frame_max)
-    };
-    if frame_max < FRAME_MIN {
-        close_with(
-            socket,
-            503,
-            "COMMAND_INVALID - frame_max below 4096",
-            10,
-            31,
-        )
-        .await;
-        return Ok(None);
-    }
-    let channel_max = if tune.channel_max == 0 {
-        config.channel_max
-    } else {
-        tune.channel_max.min(config.channel_max)
-    };
-    let AMQPClass::Connection(connection::AMQPMethod::Open(open)) =
-        next_method(socket, buf).await?
-    else {
-        return Err(HandshakeError::Unexpected);
-    };
-    let vhost_name = open.virtual_host.to_string();
-    let access = broker
-        .vhost(&vhost_name)
-        .zip(user.permissions_in(&vhost_name));
-    let Some((vhost, permissions)) = access else {
-        let text = format!(
-            "NOT_ALLOWED - access to vhost '{vhost_name}' refused for user '{}'",
-            user.name
-        );
-        close_with(socket, 530, &text, 10, 40).await;
-        return Ok(None);
-    };
-    let mut out = Vec::new();
-    encode_method(
-        &mut out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
-    );
-    send(socket, &out).await?;
-    Ok(Some(Session {
-        user: user.name.clone(),
-        grant: Grant {
-            impersonator: user.has_tag("impersonator"),
-            user: user.name.clone(),
-            vhost: vhost_name,
-            permissions,
-        },
-        vhost,
-        frame_max,
-        channel_max,
-        heartbeat: tune.heartbeat,
-        cancel_notify: client_cancel_notify(&start_ok.client_properties),
-        client: client_product(&start_ok.client_properties),
-        blocked_capability: client_capability(&start_ok.client_properties, "connection.blocked"),
-    }))
-}
-
 struct Connection {
     id: u64,
     /// Listed in the broker's connection registry while it lives.
@@ -541,14 +230,9 @@ struct Connection {
     /// `rbuf` may hold complete frames not handled yet (reading paused, or
     /// the handshake read ahead): handle them before reading more.
     unread: bool,
-    /// Output for the client; its first `sent` bytes are written already.
-    out: Vec<u8>,
-    sent: usize,
-    /// Position of `out[0]` in the connection's output stream.
-    out_start: u64,
-    /// Consumers with deliveries in `out`, with the stream position where
-    /// each delivery ends: window credit returns once that is written.
-    written: VecDeque<(u64, Arc<Consumer>, Arc<Queue>)>,
+    /// Output for the client, and the deliveries in it: a consumer's
+    /// window credit returns once its delivery is written.
+    out: Outbox<(Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
     max_message_size: u64,
     /// The front end's settings (its users, for `connection.update-secret`).
@@ -632,7 +316,7 @@ impl Connection {
                     }
                     // Writing and reading share one branch: a TLS stream is
                     // one object, not two halves.
-                    io = self.socket.io(&mut self.rbuf, &self.out[self.sent..], readable), if pending > 0 || readable || self.socket.tls_pending() => match io {
+                    io = self.socket.io(&mut self.rbuf, self.out.unsent(), readable), if pending > 0 || readable || self.socket.tls_pending() => match io {
                         Io::Wrote(Ok(0)) => return "write failed: client socket closed".into(),
                         Io::Wrote(Ok(n)) => {
                             self.wrote(n);
@@ -718,14 +402,14 @@ impl Connection {
         let step = self.handle_frames();
         if std::mem::take(&mut self.acks_ready) {
             for ch in self.channels.values_mut() {
-                ch.flush_acks(&mut self.out);
+                ch.flush_acks(&mut self.out.buf);
             }
         }
         step
     }
 
     fn handle_frames(&mut self) -> Step {
-        let start = self.out.len();
+        let start = self.out.buf.len();
         loop {
             if self.published && self.alarm_unchecked {
                 // It just started publishing: an alarm raised earlier
@@ -734,7 +418,7 @@ impl Connection {
             }
             if !self.congested.is_empty()
                 || self.alarm_blocked
-                || self.out.len() - start >= WRITE_BATCH
+                || self.out.buf.len() - start >= WRITE_BATCH
                 || self.pending() >= OUT_CAP
             {
                 self.unread = true;
@@ -763,13 +447,13 @@ impl Connection {
 
     /// Output not written yet.
     fn pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.pending()
     }
 
     /// Write as much output as the socket takes now, without waiting.
     fn write_ready(&mut self) -> std::io::Result<()> {
-        while self.sent < self.out.len() {
-            match self.socket.try_write(&self.out[self.sent..]) {
+        while self.out.pending() > 0 {
+            match self.socket.try_write(self.out.unsent()) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wrote(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -782,32 +466,19 @@ impl Connection {
     /// `n` more bytes of output reached the socket: return the window
     /// credit of the deliveries they completed, and drop what is written.
     fn wrote(&mut self, n: usize) {
-        self.sent += n;
         self.last_write = Instant::now();
-        let done = self.out_start + self.sent as u64;
-        while self.written.front().is_some_and(|(end, ..)| *end <= done) {
-            let (_, consumer, queue) = self.written.pop_front().expect("checked");
+        self.out.wrote(n, |(consumer, queue)| {
             if consumer.written() {
                 queue.dispatch();
             }
-        }
-        if self.sent == self.out.len() {
-            self.out.clear();
-        } else if self.sent >= WRITE_BATCH {
-            // A slow reader: move the rest to the front now and then.
-            self.out.drain(..self.sent);
-        } else {
-            return;
-        }
-        self.out_start += self.sent as u64;
-        self.sent = 0;
+        });
     }
 
     /// Write all pending output (closing: it may wait, though not forever).
     async fn flush(&mut self) -> std::io::Result<()> {
         tokio::time::timeout(LAST_WRITE_TIMEOUT, async {
-            while self.sent < self.out.len() {
-                match self.socket.write(&self.out[self.sent..]).await? {
+            while self.out.pending() > 0 {
+                match self.socket.write(self.out.unsent()).await? {
                     0 => return Err(std::io::ErrorKind::WriteZero.into()),
                     n => self.wrote(n),
                 }
@@ -823,7 +494,7 @@ impl Connection {
         let mut waiting = false;
         let mut failed = Vec::new();
         for ch in self.channels.values_mut() {
-            waiting |= ch.release_confirms(&mut self.out, synced);
+            waiting |= ch.release_confirms(&mut self.out.buf, synced);
             if std::mem::take(&mut ch.tx_failed) {
                 failed.push(ch.id);
             }
@@ -900,7 +571,7 @@ impl Connection {
             }),
             _ => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
         };
-        encode_method(&mut self.out, 0, AMQPClass::Connection(method));
+        encode_method(&mut self.out.buf, 0, AMQPClass::Connection(method));
     }
 
     /// RabbitMQ's `connection.update-secret`: a client refreshes the
@@ -916,7 +587,7 @@ impl Connection {
         if self.config.users.iter().any(|known| known.name == *user) {
             tracing::info!(peer = %self.peer, user = %user, reason = %u.reason, "secret updated (password users do not expire)");
             encode_method(
-                &mut self.out,
+                &mut self.out.buf,
                 0,
                 AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
                     connection::UpdateSecretOk {},
@@ -948,13 +619,13 @@ impl Connection {
             ));
         }
         if self.last_write.elapsed() >= hb / 2 && self.pending() == 0 {
-            encode_heartbeat(&mut self.out);
+            encode_heartbeat(&mut self.out.buf);
         }
         Step::Continue
     }
 
     fn close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
-        encode_close(&mut self.out, code, text, class_id, method_id);
+        encode_close(&mut self.out.buf, code, text, class_id, method_id);
     }
 
     fn ctx(&mut self) -> (Ctx<'_>, &mut Map<u16, Channel>) {
@@ -963,7 +634,7 @@ impl Connection {
                 broker: &self.broker,
                 vhost: &self.vhost,
                 grant: &self.grant,
-                out: &mut self.out,
+                out: &mut self.out.buf,
                 connection: self.id,
                 dispatch: &self.dispatch_tx,
                 frame_max: self.frame_max,
@@ -994,7 +665,7 @@ impl Connection {
                 Frame::Heartbeat(_) => Step::Continue,
                 Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
                     encode_method(
-                        &mut self.out,
+                        &mut self.out.buf,
                         0,
                         AMQPClass::Connection(connection::AMQPMethod::CloseOk(
                             connection::CloseOk {},
@@ -1048,7 +719,7 @@ impl Connection {
                     let info = self.registered.info.channel_opened(channel, credit);
                     self.channels.insert(channel, Channel::new(channel, info));
                     encode_method(
-                        &mut self.out,
+                        &mut self.out.buf,
                         channel,
                         AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
                     );
@@ -1061,7 +732,7 @@ impl Connection {
                     }
                     self.registered.info.channel_closed(channel);
                     encode_method(
-                        &mut self.out,
+                        &mut self.out.buf,
                         channel,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
@@ -1139,8 +810,7 @@ impl Connection {
             } => match channels.get_mut(&consumer.channel) {
                 Some(ch) => match ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
                     Delivery::Written => {
-                        let end = self.out_start + self.out.len() as u64;
-                        self.written.push_back((end, consumer, queue));
+                        self.out.delivery_ends((consumer, queue));
                     }
                     Delivery::Returned => {
                         if consumer.written() {
@@ -1172,54 +842,5 @@ impl Connection {
         for name in std::mem::take(&mut self.exclusive_queues) {
             let _ = self.broker.delete_queue(&self.vhost, &name, false, false);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn amqplain(pairs: &[(&str, AMQPValue)]) -> Vec<u8> {
-        let mut t = FieldTable::default();
-        for (k, v) in pairs {
-            t.insert(ShortString::from(*k), v.clone());
-        }
-        crate::message::encode_table_body(&t)
-    }
-
-    #[test]
-    fn plain_credentials_are_authzid_user_password() {
-        assert_eq!(
-            credentials("PLAIN", b"\0guest\0secret"),
-            Some(("guest".into(), "secret".into()))
-        );
-        // An authorization identity is allowed and ignored.
-        assert_eq!(
-            credentials("PLAIN", b"admin\0app\0pw"),
-            Some(("app".into(), "pw".into()))
-        );
-        assert_eq!(credentials("PLAIN", b"\0guest"), None);
-        assert_eq!(credentials("PLAIN", b"\0\xff\xfe\0pw"), None, "not UTF-8");
-        assert_eq!(credentials("CRAM-MD5", b"\0guest\0guest"), None);
-    }
-
-    #[test]
-    fn amqplain_credentials_are_a_table_body() {
-        let body = amqplain(&[
-            ("LOGIN", AMQPValue::LongString("app".into())),
-            ("PASSWORD", AMQPValue::LongString("pw".into())),
-        ]);
-        assert_eq!(
-            credentials("AMQPLAIN", &body),
-            Some(("app".into(), "pw".into()))
-        );
-        let no_password = amqplain(&[("LOGIN", AMQPValue::LongString("app".into()))]);
-        assert_eq!(credentials("AMQPLAIN", &no_password), None);
-        let wrong_type = amqplain(&[
-            ("LOGIN", AMQPValue::LongInt(7)),
-            ("PASSWORD", AMQPValue::LongString("pw".into())),
-        ]);
-        assert_eq!(credentials("AMQPLAIN", &wrong_type), None);
-        assert_eq!(credentials("AMQPLAIN", b"\x05LOGIN"), None, "truncated");
     }
 }

@@ -2,12 +2,15 @@
 //! amqplib, the Java client) work unchanged.
 //!
 //! * [`frame`]: frames to and from bytes; no sockets.
-//! * `connection`: one task per client connection: the handshake
-//!   (protocol header, start/start-ok with PLAIN or AMQPLAIN, tune, open),
-//!   then a loop that reads frames, runs channel methods against the
+//! * `handshake`: protocol header, start/start-ok with PLAIN, AMQPLAIN or
+//!   EXTERNAL, tune, open: what a connection starts with.
+//! * `connection`: one task per client connection: the handshake, then a
+//!   loop that reads frames, runs channel methods against the
 //!   [`Broker`], receives deliveries from queues, and writes everything back
 //!   in batches. Heartbeats both ways; a connection error closes only this
 //!   connection, with its reply code.
+//! * `outbox`: a connection's output buffer, and which deliveries its
+//!   written bytes complete (a consumer's credit returns then).
 //! * `socket`: the client's byte stream, plain TCP or TLS (AMQPS), behind
 //!   one read-and-write call the connection loop waits on.
 //! * [`field_table`]: the nesting bound every field table is checked
@@ -27,6 +30,8 @@ mod connection;
 pub mod field_table;
 pub mod frame;
 mod grant;
+mod handshake;
+mod outbox;
 mod socket;
 
 use std::net::SocketAddr;
