@@ -1,0 +1,436 @@
+//! Declaring and deleting exchanges and queues, binding and unbinding:
+//! the definition changes, each checked as RabbitMQ checks it and, when
+//! durable, recorded in the store's definitions log before it is answered.
+
+use super::*;
+
+impl Broker {
+    pub(super) fn build_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
+        let _swap = self.swap.read();
+        let version = if Self::is_predeclared(&spec.name) {
+            self.builtins().get(&spec.kind).cloned()
+        } else {
+            self.registry.get(&spec.kind)
+        };
+        let version = version.ok_or_else(|| BrokerError::UnknownExchangeType {
+            kind: spec.kind.clone(),
+            plugin_dir: self.plugin_dir.display().to_string(),
+        })?;
+        let encoded = encode_table_body(&spec.arguments);
+        let router = RouterPlugin::new(&self.host, &version, &spec.name, &encoded, &())?;
+        let transform_name = arg_str(&spec.arguments, ARG_TRANSFORM)?;
+        let transform = match &transform_name {
+            None => None,
+            Some(t) => {
+                let v = self.registry.get(t).ok_or_else(|| {
+                    BrokerError::PreconditionFailed(format!(
+                        "unknown transform plugin '{t}' in {ARG_TRANSFORM} (plugin folder: {})",
+                        self.plugin_dir.display()
+                    ))
+                })?;
+                Some(Arc::new(TransformPlugin::new(
+                    &self.host, &v, &spec.name, &encoded,
+                )?))
+            }
+        };
+        Ok(Arc::new(Exchange {
+            name: spec.name.clone(),
+            kind: spec.kind.clone(),
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            internal: spec.internal,
+            alternate_exchange: arg_str(&spec.arguments, ARG_ALTERNATE_EXCHANGE)?,
+            dead_letter_exchange: arg_str(&spec.arguments, ARG_DEAD_LETTER_EXCHANGE)?,
+            transform_name,
+            arguments: spec.arguments.clone(),
+            stats: ExchangeStats::default(),
+            encoded_arguments: encoded,
+            control: Mutex::new(()),
+            bindings: ArcSwap::from_pointee(BindingTable::default()),
+            router: ArcSwap::from_pointee(router),
+            memo: ArcSwap::from_pointee(Default::default()),
+            transform: ArcSwapOption::new(transform),
+        }))
+    }
+
+    /// Declare an exchange (RabbitMQ semantics: redeclaring with the same
+    /// type and flags is a no-op; different ones fail with 406; `amq.`
+    /// names are reserved). Returns the exchange.
+    pub fn declare_exchange(
+        &self,
+        vhost: &VHost,
+        spec: ExchangeSpec,
+        passive: bool,
+    ) -> Result<Arc<Exchange>, BrokerError> {
+        check_short("exchange name", &spec.name)?;
+        check_short("exchange type", &spec.kind)?;
+        if spec.name.is_empty() && passive {
+            return Err(BrokerError::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        if let Ok(x) = vhost.exchange(&spec.name) {
+            if passive {
+                return Ok(x);
+            }
+            if x.kind != spec.kind
+                || x.durable != spec.durable
+                || x.auto_delete != spec.auto_delete
+                || x.internal != spec.internal
+            {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg 'type' or flags for exchange '{}' in vhost '{}': received type '{}' durable {} auto_delete {} internal {}, but current is type '{}' durable {} auto_delete {} internal {}",
+                    spec.name,
+                    vhost.name,
+                    spec.kind,
+                    spec.durable,
+                    spec.auto_delete,
+                    spec.internal,
+                    x.kind,
+                    x.durable,
+                    x.auto_delete,
+                    x.internal
+                )));
+            }
+            return Ok(x);
+        }
+        if passive {
+            return Err(vhost.not_found("exchange", &spec.name));
+        }
+        if spec.name.starts_with("amq.") {
+            return Err(BrokerError::AccessRefused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                spec.name
+            )));
+        }
+        let durable = spec.durable;
+        let x = self.build_exchange(&spec)?;
+        let x = vhost
+            .exchanges
+            .write()
+            .entry(spec.name)
+            .or_insert(x)
+            .clone();
+        if durable {
+            self.persist(vec![exchange_change(&vhost.name, &x)])?;
+        }
+        Ok(x)
+    }
+
+    /// Delete an exchange and every binding to or from it.
+    pub fn delete_exchange(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), BrokerError> {
+        if name.starts_with("amq.") || name.is_empty() {
+            return Err(BrokerError::AccessRefused(format!(
+                "cannot delete predeclared exchange '{name}'"
+            )));
+        }
+        let x = vhost.exchange(name)?;
+        if if_unused && !x.bindings.load().is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                vhost.name
+            )));
+        }
+        vhost.exchanges.write().remove(name);
+        self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
+        if x.durable {
+            // Its own bindings go with it.
+            let mut changes: Vec<Change> = x
+                .bindings
+                .load()
+                .iter()
+                .map(|b| binding_change(&vhost.name, &x.name, b, false))
+                .collect();
+            changes.push(Change::DeleteExchange {
+                vhost: vhost.name.clone(),
+                name: name.to_owned(),
+            });
+            self.persist(changes)?;
+        }
+        Ok(())
+    }
+
+    /// Declare a queue (idempotent for the same flags). `owner` makes it
+    /// exclusive to that connection.
+    pub fn declare_queue(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        durable: bool,
+        owner: Option<u64>,
+        auto_delete: bool,
+        arguments: FieldTable,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        check_short("queue name", name)?;
+        if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
+            return Err(BrokerError::AccessRefused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let mut queues = vhost.queues.write();
+        if let Some(q) = queues.get(name) {
+            q.touch();
+            if q.owner.is_some() && q.owner != owner {
+                return Err(BrokerError::ResourceLocked(format!(
+                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'",
+                    vhost.name
+                )));
+            }
+            // RabbitMQ's equivalence: the flags a queue was declared with
+            // are part of what it is.
+            let exclusive = owner.is_some();
+            for (arg, received, current) in [
+                ("durable", durable, q.durable),
+                ("auto_delete", auto_delete, q.auto_delete),
+                ("exclusive", exclusive, q.owner.is_some()),
+            ] {
+                if received != current {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                        vhost.name
+                    )));
+                }
+            }
+            if q.arguments != arguments {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg for queue '{name}' in vhost '{}': declared with other arguments than it has",
+                    vhost.name
+                )));
+            }
+            return Ok(q.clone());
+        }
+        let limits = QueueLimits::parse(&arguments).map_err(|e| {
+            BrokerError::PreconditionFailed(format!(
+                "{e} for queue '{name}' in vhost '{}'",
+                vhost.name
+            ))
+        })?;
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let sink = limits
+            .dead_letter_exchange
+            .is_some()
+            .then(|| self.dead_letter_sink(&vhost.name));
+        let decl = QueueDecl {
+            name: name.to_owned(),
+            durable,
+            owner,
+            auto_delete,
+            arguments,
+        };
+        // Exclusive queues die with their connection, so never outlive a
+        // restart: only durable shared queues get a log.
+        let (log, recovered) = match self.store.get() {
+            Some(store) if durable && owner.is_none() => {
+                let (log, recovered) = store.open_queue(&vhost.name, name)?;
+                (Some(log), recovered)
+            }
+            _ => (None, Vec::new()),
+        };
+        let q = Arc::new(Queue::new(decl, limits, flow, sink, log));
+        q.restore(recovered);
+        queues.insert(name.to_owned(), q.clone());
+        drop(queues);
+        if q.log().is_some() {
+            self.persist(vec![Change::PutQueue {
+                vhost: vhost.name.clone(),
+                queue: queue_definition(&q),
+            }])?;
+        }
+        Ok(q)
+    }
+
+    /// Delete a queue and its bindings; its consumers are cancelled. Returns
+    /// the messages it held.
+    pub fn delete_queue(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<usize, BrokerError> {
+        let q = vhost.queue(name)?;
+        if if_unused && q.consumer_count() > 0 {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{}' in use",
+                vhost.name
+            )));
+        }
+        if if_empty && !q.is_empty() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{}' not empty",
+                vhost.name
+            )));
+        }
+        vhost.queues.write().remove(name);
+        self.remove_bindings_to(vhost, &Destination::Queue(name.to_owned()));
+        q.cancel_consumers();
+        q.destroy_log();
+        let n = q.purge();
+        if q.log().is_some() {
+            self.persist(vec![Change::DeleteQueue {
+                vhost: vhost.name.clone(),
+                name: name.to_owned(),
+            }])?;
+        }
+        Ok(n)
+    }
+
+    pub(super) fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
+        for x in vhost.exchanges() {
+            let ids = x.bindings.load().ids_to(destination);
+            if !ids.is_empty() {
+                self.remove_bindings(vhost, &x, &ids);
+            }
+        }
+    }
+
+    pub(super) fn remove_bindings(&self, vhost: &VHost, x: &Arc<Exchange>, ids: &[u32]) {
+        let _control = x.control.lock();
+        let table = x.bindings.load_full();
+        x.bindings.store(Arc::new(table.without(ids)));
+        let router = x.router.load();
+        for id in ids {
+            if let Some(b) = table.get(*id) {
+                router.unbind(b.id, &b.bind_input);
+            }
+        }
+        x.reset_memo();
+        let gone = x.auto_delete && x.bindings.load().is_empty();
+        if gone {
+            vhost.exchanges.write().remove(&x.name);
+        }
+        if x.durable {
+            let mut changes: Vec<Change> = ids
+                .iter()
+                .filter_map(|id| table.get(*id))
+                .map(|b| binding_change(&vhost.name, &x.name, b, false))
+                .collect();
+            if gone {
+                changes.push(Change::DeleteExchange {
+                    vhost: vhost.name.clone(),
+                    name: x.name.clone(),
+                });
+            }
+            if let Err(e) = self.persist(changes) {
+                tracing::error!("saving definitions after unbinding: {e}");
+            }
+        }
+    }
+
+    /// Bind `destination` to exchange `source` with `key` and `arguments`.
+    /// Idempotent; a binding argument `x-wasmq-filter` attaches a filter.
+    pub fn bind(
+        &self,
+        vhost: &VHost,
+        source: &str,
+        destination: Destination,
+        key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), BrokerError> {
+        check_short("routing key", key)?;
+        if source.is_empty() {
+            return Err(BrokerError::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        let x = vhost.exchange(source)?;
+        match &destination {
+            Destination::Queue(q) => drop(vhost.queue(q)?),
+            Destination::Exchange(e) => drop(vhost.exchange(e)?),
+        }
+        let _swap = self.swap.read();
+        let _control = x.control.lock();
+        let table = x.bindings.load_full();
+        let encoded = encode_table_body(&arguments);
+        if table.find(&destination, key, &encoded).is_some() {
+            return Ok(());
+        }
+        let filter_name = arg_str(&arguments, ARG_FILTER)?;
+        let filter = match &filter_name {
+            None => None,
+            Some(name) => {
+                let v = self.registry.get(name).ok_or_else(|| {
+                    BrokerError::PreconditionFailed(format!(
+                        "unknown filter plugin '{name}' in {ARG_FILTER} (plugin folder: {})",
+                        self.plugin_dir.display()
+                    ))
+                })?;
+                Some(Arc::new(FilterPlugin::new(
+                    &self.host, &v, source, key, &encoded,
+                )?))
+            }
+        };
+        let id = table.next_id;
+        let bind_input = binding_input(
+            key,
+            matches!(destination, Destination::Exchange(_)),
+            destination.name(),
+            &encoded,
+        );
+        let binding = Binding {
+            id,
+            bind_input,
+            destination,
+            key: key.to_owned(),
+            arguments,
+            encoded_arguments: encoded,
+            filter,
+            filter_name,
+        };
+        // Order matters; see the exchange module docs.
+        x.bindings.store(Arc::new(table.with(binding)));
+        let router = x.router.load();
+        let applied = {
+            let table = x.bindings.load();
+            let b = table.get(id).expect("just added");
+            router.bind(id, &b.bind_input)
+        };
+        if let Err(e) = applied {
+            x.bindings.store(table);
+            return Err(e.into());
+        }
+        x.reset_memo();
+        drop(_control);
+        // RabbitMQ's rule: a binding is durable if both its ends are.
+        let durable_destination = |b: &Binding| match &b.destination {
+            Destination::Queue(q) => vhost.queue(q).is_ok_and(|q| q.durable && q.owner.is_none()),
+            Destination::Exchange(e) => vhost.exchange(e).is_ok_and(|e| e.durable),
+        };
+        if x.durable {
+            let table = x.bindings.load();
+            if let Some(b) = table.get(id).filter(|b| durable_destination(b)) {
+                self.persist(vec![binding_change(&vhost.name, &x.name, b, true)])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove a binding (a missing one is not an error, as in RabbitMQ).
+    pub fn unbind(
+        &self,
+        vhost: &VHost,
+        source: &str,
+        destination: &Destination,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), BrokerError> {
+        let x = vhost.exchange(source)?;
+        let encoded = encode_table_body(arguments);
+        let id = x
+            .bindings
+            .load()
+            .find(destination, key, &encoded)
+            .map(|b| b.id);
+        if let Some(id) = id {
+            self.remove_bindings(vhost, &x, &[id]);
+        }
+        Ok(())
+    }
+}
