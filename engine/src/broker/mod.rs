@@ -5,16 +5,17 @@
 //! This file holds the [`Broker`] and its [`VHost`]s; the rest has a file
 //! each: `error` (what fails and its reply code), `declare` (definition
 //! changes: declare, delete, bind, unbind), `route` (the publish path),
-//! `exchange` (bindings and the plugins deciding for an exchange), `queue`
-//! and `ready` (a queue and its ready messages), `dead_letter` (RabbitMQ's
-//! dead-lettering), `durable` (what is saved and recovered), `plugins`
-//! (loading and swapping plugin versions), `connections` (the registry the
-//! admin API reads).
+//! `exchange` (bindings and the plugins deciding for an exchange), `queue`,
+//! `ready` and `entry` (a queue, its ready messages, and a message in it),
+//! `dead_letter` (RabbitMQ's dead-lettering), `durable` (what is saved and
+//! recovered), `plugins` (loading and swapping plugin versions),
+//! `connections` (the registry the admin API reads).
 
 mod connections;
 mod dead_letter;
 mod declare;
 mod durable;
+mod entry;
 mod error;
 mod exchange;
 mod plugins;

@@ -38,6 +38,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+pub use super::entry::Entry;
 use super::ready::{MAX_PRIORITY, Ready};
 use super::string_arg;
 use crate::message::Message;
@@ -45,53 +46,6 @@ use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
 
 /// Deliveries a consumer's connection may hold unwritten.
 pub const CONSUMER_WINDOW: u32 = 256;
-
-/// A message in a queue.
-#[derive(Clone, Debug)]
-pub struct Entry {
-    /// The message, or `None` while it is paged out to the queue's log.
-    message: Option<Arc<Message>>,
-    /// Where it is in the queue's log, if it is persisted there.
-    pub stored: Option<StoreRef>,
-    /// Body length (known without loading a paged-out message).
-    pub body_len: u32,
-    /// Whether it was delivered before (requeued, or recovered).
-    pub redelivered: bool,
-    /// When it expires (queue TTL or the message's `expiration`).
-    pub expires_at: Option<Instant>,
-    /// Its `priority` property (0 without one); orders it in a queue with
-    /// `x-max-priority`.
-    pub priority: u8,
-}
-
-impl Entry {
-    /// An in-memory entry for `message`.
-    pub fn new(message: Arc<Message>) -> Self {
-        Entry {
-            body_len: message.body.len() as u32,
-            priority: message.properties.priority().unwrap_or(0),
-            message: Some(message),
-            stored: None,
-            redelivered: false,
-            expires_at: None,
-        }
-    }
-
-    /// The message, if it is in memory (see [`Queue::message`]).
-    pub fn resident(&self) -> Option<&Arc<Message>> {
-        self.message.as_ref()
-    }
-
-    /// What the entry is taken to cost in memory: for a resident message
-    /// its body and key plus the entry, the `Arc`'d message and its
-    /// properties; for a paged-out one the entry alone.
-    fn footprint(&self) -> usize {
-        match &self.message {
-            Some(m) => m.body.len() + m.routing_key.len() + 256,
-            None => std::mem::size_of::<Entry>(),
-        }
-    }
-}
 
 /// What [`Queue::push`] did with a message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

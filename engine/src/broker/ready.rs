@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::queue::Entry;
+use super::entry::Entry;
 
 /// RabbitMQ's upper bound for `x-max-priority`.
 pub const MAX_PRIORITY: u8 = 255;
