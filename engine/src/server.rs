@@ -52,6 +52,73 @@ async fn memory_over(
     }))
 }
 
+/// Expire messages on a timer: a queue nobody touches still expires.
+fn spawn_expiry_sweep(tracker: &TaskTracker, broker: Arc<Broker>, shutdown: CancellationToken) {
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => broker.expire_queues(),
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// The disk alarm: below `limit` free bytes in `dir`, publishers are
+/// blocked before the disk fills (writes would fail and publishes be
+/// nacked).
+fn spawn_disk_alarm(
+    tracker: &TaskTracker,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    dir: std::path::PathBuf,
+    limit: u64,
+) {
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(DISK_CHECK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match alarm::disk_free(&dir) {
+                    Ok(free) => broker.set_alarm(Resource::Disk, (free < limit).then(|| format!(
+                        "disk free {} MiB below the limit of {} MiB",
+                        free >> 20, limit >> 20
+                    ))),
+                    Err(e) => tracing::warn!(dir = %dir.display(), "checking free disk space: {e}"),
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// The memory alarm: above `watermark` resident bytes, publishers are
+/// blocked while consumers drain the queues.
+fn spawn_memory_alarm(
+    tracker: &TaskTracker,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    watermark: u64,
+) {
+    tracing::info!(watermark_mib = watermark >> 20, "memory alarm armed");
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(MEMORY_CHECK);
+        let mut last_trim = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match memory_over(watermark, broker.alarm_raised(Resource::Memory), &mut last_trim).await {
+                    Ok(over) => broker.set_alarm(Resource::Memory, over),
+                    Err(e) => {
+                        tracing::warn!("reading memory use: {e}; memory alarm off");
+                        return;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
 /// A started broker.
 pub struct Server {
     /// The broker core.
@@ -157,19 +224,7 @@ impl Server {
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        {
-            // Message TTL sweep: a queue nobody touches still expires.
-            let (broker, shutdown) = (broker.clone(), shutdown.clone());
-            tracker.spawn(async move {
-                let mut tick = tokio::time::interval(EXPIRY_SWEEP);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => broker.expire_queues(),
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            });
-        }
+        spawn_expiry_sweep(&tracker, broker.clone(), shutdown.clone());
         let admin_addr = if config.admin.enabled {
             let listener = TcpListener::bind(config.admin.listen)
                 .await
@@ -190,50 +245,17 @@ impl Server {
             None
         };
         if config.store.enabled && config.store.disk_free_limit_mib > 0 {
-            // Disk alarm: below the limit, publishers are blocked before the
-            // disk fills (writes would fail and publishes be nacked).
-            let (broker, shutdown) = (broker.clone(), shutdown.clone());
-            let (dir, limit) = (
+            let limit = config.store.disk_free_limit_mib << 20;
+            spawn_disk_alarm(
+                &tracker,
+                broker.clone(),
+                shutdown.clone(),
                 config.data_dir.clone(),
-                config.store.disk_free_limit_mib << 20,
+                limit,
             );
-            tracker.spawn(async move {
-                let mut tick = tokio::time::interval(DISK_CHECK);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => match alarm::disk_free(&dir) {
-                            Ok(free) => broker.set_alarm(Resource::Disk, (free < limit).then(|| format!(
-                                "disk free {} MiB below the limit of {} MiB",
-                                free >> 20, limit >> 20
-                            ))),
-                            Err(e) => tracing::warn!(dir = %dir.display(), "checking free disk space: {e}"),
-                        },
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            });
         }
         if let Some(watermark) = config.memory.watermark_bytes() {
-            // Memory alarm: above the watermark, publishers are blocked
-            // while consumers drain the queues.
-            tracing::info!(watermark_mib = watermark >> 20, "memory alarm armed");
-            let (broker, shutdown) = (broker.clone(), shutdown.clone());
-            tracker.spawn(async move {
-                let mut tick = tokio::time::interval(MEMORY_CHECK);
-                let mut last_trim = None;
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => match memory_over(watermark, broker.alarm_raised(Resource::Memory), &mut last_trim).await {
-                            Ok(over) => broker.set_alarm(Resource::Memory, over),
-                            Err(e) => {
-                                tracing::warn!("reading memory use: {e}; memory alarm off");
-                                return;
-                            }
-                        },
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            });
+            spawn_memory_alarm(&tracker, broker.clone(), shutdown.clone(), watermark);
         }
         if let Some(listener) = amqps {
             tracker.spawn(amqp::serve(

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
-use super::channel::{AmqpError, Channel, Ctx, Delivery};
+use super::channel::{AmqpError, Channel, Ctx, Delivered};
 use super::frame::{Frame, decode, encode_heartbeat, encode_method, short_string};
 use super::grant::Grant;
 use super::handshake::{HandshakeError, close_with, encode_close, handshake};
@@ -809,15 +809,15 @@ impl Connection {
                 entry,
             } => match channels.get_mut(&consumer.channel) {
                 Some(ch) => match ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
-                    Delivery::Written => {
+                    Delivered::Written => {
                         self.out.delivery_ends((consumer, queue));
                     }
-                    Delivery::Returned => {
+                    Delivered::Returned => {
                         if consumer.written() {
                             queue.dispatch();
                         }
                     }
-                    Delivery::Held => {}
+                    Delivered::Held => {}
                 },
                 None => {
                     consumer.settled();

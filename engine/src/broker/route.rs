@@ -72,8 +72,10 @@ impl PublishOutcome {
     }
 }
 
+/// What one publish gathers on its way through the exchanges: the queues
+/// it reaches, the exchanges it has entered, and its outcome.
 #[derive(Default)]
-struct Ctx {
+struct Routing {
     deliveries: Vec<(Arc<Queue>, Arc<Message>)>,
     /// Exchanges this publish has entered (cycles end there). Held as
     /// `Arc`s so pointer identity stays sound for the whole publish; a name
@@ -83,7 +85,7 @@ struct Ctx {
     ids: Vec<u32>,
 }
 
-impl Ctx {
+impl Routing {
     fn deliver(&mut self, q: Arc<Queue>, m: &Arc<Message>) {
         if !self.deliveries.iter().any(|(dq, _)| Arc::ptr_eq(dq, &q)) {
             self.deliveries.push((q, m.clone()));
@@ -135,7 +137,7 @@ impl Broker {
         message: Message,
     ) -> PublishOutcome {
         let message = Arc::new(message);
-        let mut ctx = Ctx::default();
+        let mut ctx = Routing::default();
         match exchange {
             // The default exchange binds every queue by name; it is not a
             // plugin because its behaviour is fixed by the spec.
@@ -161,7 +163,13 @@ impl Broker {
         ctx.outcome
     }
 
-    fn route_into(&self, vhost: &VHost, x: &Arc<Exchange>, message: Arc<Message>, ctx: &mut Ctx) {
+    fn route_into(
+        &self,
+        vhost: &VHost,
+        x: &Arc<Exchange>,
+        message: Arc<Message>,
+        ctx: &mut Routing,
+    ) {
         if ctx.visited.iter().any(|v| Arc::ptr_eq(v, x)) {
             return;
         }
@@ -269,7 +277,7 @@ impl Broker {
         x: &Exchange,
         message: &Message,
         headers: &[(&str, String)],
-        ctx: &mut Ctx,
+        ctx: &mut Routing,
     ) -> bool {
         let Some(dlx) = x
             .dead_letter_exchange
@@ -295,7 +303,7 @@ impl Broker {
         plugin: &str,
         message: &Message,
         fault: PluginFault,
-        ctx: &mut Ctx,
+        ctx: &mut Routing,
     ) {
         x.count(&x.stats.faults);
         let headers = [

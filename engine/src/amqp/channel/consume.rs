@@ -311,7 +311,7 @@ impl Channel {
         queue: Arc<Queue>,
         consumer: Arc<Consumer>,
         entry: Entry,
-    ) -> Delivery {
+    ) -> Delivered {
         let ours = self
             .consumers
             .get(&consumer.tag)
@@ -319,11 +319,11 @@ impl Channel {
         if !ours || self.closing {
             consumer.settled();
             queue.put_back(std::iter::once(entry));
-            return Delivery::Returned;
+            return Delivered::Returned;
         }
         if self.credit.paused.load(Ordering::Relaxed) {
             self.held.push_back((queue, consumer, entry));
-            return Delivery::Held;
+            return Delivered::Held;
         }
         let m = match queue.message(&entry) {
             Ok(m) => m,
@@ -331,7 +331,7 @@ impl Channel {
                 // Left in the log: recovery reports it with file and offset.
                 tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
                 consumer.settled();
-                return Delivery::Returned;
+                return Delivered::Returned;
             }
         };
         if entry.redelivered {
@@ -367,7 +367,7 @@ impl Channel {
                 },
             ));
         }
-        Delivery::Written
+        Delivered::Written
     }
 
     /// The channel is closing (either side) or its connection is: cancel

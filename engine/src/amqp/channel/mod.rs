@@ -135,7 +135,7 @@ pub(crate) struct Channel {
 }
 
 /// What became of a delivery handed to [`Channel::deliver`].
-pub(crate) enum Delivery {
+pub(crate) enum Delivered {
     /// Written to the output buffer.
     Written,
     /// Not sent: given back to its queue (the consumer is gone, or the
