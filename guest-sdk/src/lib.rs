@@ -69,6 +69,7 @@ mod message;
 mod properties;
 mod roles;
 mod table;
+pub mod testing;
 
 pub use message::Message;
 pub use properties::Properties;

@@ -233,6 +233,7 @@ wasmq_sdk::self_test!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmq_sdk::testing::TestRouter;
     use wasmq_sdk::{FieldTable, Target};
 
     fn router(keys: &[&str]) -> Topic {
@@ -255,10 +256,21 @@ mod tests {
     }
 
     fn matches(binding: &str, key: &str) -> bool {
-        let mut r = router(&[binding]);
-        let mut out = Destinations::new();
-        r.route(&Message::new(key), &mut out);
-        !out.is_empty()
+        let mut t = TestRouter::<Topic>::new();
+        t.bind("q", binding);
+        t.route_key(key) == ["q"]
+    }
+
+    #[test]
+    fn a_queue_gets_one_copy_however_many_of_its_bindings_match() {
+        let mut t = TestRouter::<Topic>::new();
+        t.bind("audit", "#")
+            .bind("audit", "orders.*")
+            .bind("eu", "*.eu.#");
+        assert_eq!(t.route_key("orders.eu.created"), ["audit", "eu"]);
+        assert_eq!(t.route_key("orders.created"), ["audit"]);
+        t.unbind("audit", "#");
+        assert_eq!(t.route_key("users.eu"), ["eu"]);
     }
 
     #[test]
