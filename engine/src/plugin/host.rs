@@ -19,7 +19,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 use wasmq_sdk::abi;
@@ -27,90 +27,16 @@ use wasmtime::{Config, Engine, ExternType, Linker, Module};
 
 use parking_lot::RwLock;
 
+use super::clock::{EpochClock, TICK};
 use super::function_cache::{FunctionCache, FunctionCacheStats};
-use super::instance::{CallError, HostState, Instance, define_imports};
+use super::instance::{CallError, HostState, Instance, InstanceEnv, define_imports};
+pub use super::version::{PluginVersion, Roles};
 use super::{Compiler, LoadError, PluginFault, PluginLimits};
 
-/// The epoch ticker's period: deadlines are measured in these.
-const TICK: Duration = Duration::from_millis(1);
 /// Bytes of compiled functions kept for reuse. The four built-ins and the
 /// 123 KB consistent-hash example (~600 functions together) take 1 MB, so
 /// this holds the code of dozens of versions.
 const FUNCTION_CACHE_BYTES: usize = 32 << 20;
-
-/// The clock behind call deadlines, which sleeps while no plugin runs.
-///
-/// Deadlines are wasmtime epochs, advanced by a ticker thread every
-/// [`TICK`]. Ticking at 1 kHz forever cost an idle broker 1.5% of a core
-/// and a thousand wake-ups a second (measured), and most messages never
-/// call a plugin (memoized routes). So the ticker parks once no call has
-/// started for longer than the longest deadline (every call that started
-/// before has met its deadline by then, or been interrupted), and the next
-/// call wakes it.
-///
-/// The hot path pays one relaxed load when a call already started since
-/// the last tick, and at most one store per tick otherwise. The store of
-/// `recent` and the ticker's store of `idle` are each followed by a load
-/// of the other flag (both `SeqCst`), so either the ticker sees the call
-/// and stays awake, or the call sees the ticker asleep and unparks it.
-#[derive(Debug, Default)]
-pub(crate) struct EpochClock {
-    /// A call started since the ticker last looked.
-    recent: AtomicBool,
-    /// The ticker is parked (or about to be).
-    idle: AtomicBool,
-    stop: AtomicBool,
-    ticker: std::sync::OnceLock<std::thread::Thread>,
-}
-
-impl EpochClock {
-    /// A call is about to run under an epoch deadline: make sure the clock
-    /// ticks.
-    #[inline]
-    pub(crate) fn running(&self) {
-        if !self.recent.load(Ordering::Relaxed) {
-            self.recent.store(true, Ordering::SeqCst);
-            if self.idle.load(Ordering::SeqCst)
-                && let Some(t) = self.ticker.get()
-            {
-                t.unpark();
-            }
-        }
-    }
-
-    /// The ticker: advance the engines' epochs every [`TICK`]; park after
-    /// `idle_after` ticks without a call.
-    fn run(&self, engines: &[Engine], idle_after: u64) {
-        let mut quiet = 0u64;
-        while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(TICK);
-            for engine in engines {
-                engine.increment_epoch();
-            }
-            if self.recent.swap(false, Ordering::SeqCst) {
-                quiet = 0;
-                continue;
-            }
-            quiet += 1;
-            if quiet < idle_after {
-                continue;
-            }
-            self.idle.store(true, Ordering::SeqCst);
-            while !self.recent.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
-                std::thread::park();
-            }
-            self.idle.store(false, Ordering::SeqCst);
-            quiet = 0;
-        }
-    }
-
-    fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.ticker.get() {
-            t.unpark();
-        }
-    }
-}
 
 /// Owns the wasmtime engines. One per broker; cheap to share behind an `Arc`.
 pub struct PluginHost {
@@ -169,134 +95,6 @@ impl std::fmt::Debug for PluginHost {
         f.debug_struct("PluginHost")
             .field("limits", &self.limits)
             .finish_non_exhaustive()
-    }
-}
-
-/// What a plugin can be used as.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Roles {
-    /// An exchange type.
-    pub router: bool,
-    /// A per-binding filter.
-    pub filter: bool,
-    /// A per-exchange transform.
-    pub transform: bool,
-    /// The router's decisions depend only on the routing key and bindings.
-    pub deterministic: bool,
-}
-
-impl Roles {
-    fn from_bits(bits: i32) -> Self {
-        Roles {
-            router: bits & abi::ROLE_ROUTER != 0,
-            filter: bits & abi::ROLE_FILTER != 0,
-            transform: bits & abi::ROLE_TRANSFORM != 0,
-            deterministic: bits & abi::FLAG_DETERMINISTIC != 0,
-        }
-    }
-
-    fn any(&self) -> bool {
-        self.router || self.filter || self.transform
-    }
-}
-
-impl std::fmt::Display for Roles {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut parts = Vec::new();
-        if self.router {
-            parts.push(if self.deterministic {
-                "router (deterministic)"
-            } else {
-                "router"
-            });
-        }
-        if self.filter {
-            parts.push("filter");
-        }
-        if self.transform {
-            parts.push("transform");
-        }
-        if parts.is_empty() {
-            parts.push("none");
-        }
-        f.write_str(&parts.join(", "))
-    }
-}
-
-/// One validated, compiled version of a plugin. Immutable; exchanges hold it
-/// through their instances, so an old version lives until its last in-flight
-/// call returns.
-pub struct PluginVersion {
-    /// The plugin name (the file stem).
-    pub name: String,
-    /// SHA-256 of the file, hex.
-    pub hash: String,
-    /// What it can be used as.
-    pub roles: Roles,
-    /// The ABI version it speaks.
-    pub abi_version: u32,
-    /// File size in bytes.
-    pub size: usize,
-    /// When this version was loaded.
-    pub loaded_at: SystemTime,
-    /// Whether it is one of the broker's embedded built-ins.
-    pub builtin: bool,
-    /// The module's exports, for `wasmq plugin check` and the admin API.
-    pub exports: Vec<String>,
-    /// Messages its self-test vectors checked when it was loaded (0: it
-    /// ships none).
-    pub self_tests: usize,
-    /// Faults across all its instances.
-    pub faults: AtomicU64,
-    /// Calls for messages (route, filter, transform) across all instances.
-    pub calls: AtomicU64,
-    /// Time of one call in eight (sampled: two clock reads cost ~10% of a
-    /// small routing call).
-    pub latency: crate::latency::Latency,
-    /// The compiled code: baseline first when tiered, optimized later.
-    module: RwLock<Module>,
-    optimized: AtomicBool,
-    /// A circuit over every use of this version together. Each exchange
-    /// has its own circuit, but 50 exchanges whose routes loop each spend
-    /// their threshold of deadlines per cooldown: faults in a row across
-    /// all uses open this one, and every use refuses calls for a cooldown.
-    pub(crate) circuit: super::circuit::Circuit,
-}
-
-impl std::fmt::Debug for PluginVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginVersion")
-            .field("name", &self.name)
-            .field("hash", &self.hash)
-            .field("roles", &self.roles)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PluginVersion {
-    /// The code new instances get.
-    pub(crate) fn module(&self) -> Module {
-        self.module.read().clone()
-    }
-
-    /// Whether it runs Cranelift's optimized code (false while it runs the
-    /// baseline compiler's, until [`PluginHost::optimize`] is done).
-    pub fn optimized(&self) -> bool {
-        self.optimized.load(Ordering::Acquire)
-    }
-
-    /// "optimized" or "baseline", for listings and log lines.
-    pub fn code_tier(&self) -> &'static str {
-        if self.optimized() {
-            "optimized"
-        } else {
-            "baseline"
-        }
-    }
-
-    /// The first 12 hex digits of the hash, for log lines.
-    pub fn short_hash(&self) -> &str {
-        &self.hash[..12]
     }
 }
 
@@ -438,6 +236,22 @@ impl PluginHost {
     }
 
     /// Plugin `name`'s log budget.
+    /// A new instance of `version`, with this host's limits and clock.
+    pub(crate) fn instantiate(&self, version: &PluginVersion) -> Result<Instance, PluginFault> {
+        let module = version.module();
+        Instance::new(
+            InstanceEnv {
+                limits: &self.limits,
+                clock: &self.clock,
+                linker: self.linker_for(&module),
+                log: self.log_budget(&version.name),
+                deadline_ticks: self.deadline_ticks(),
+                setup_ticks: self.setup_ticks(),
+            },
+            version,
+        )
+    }
+
     pub(crate) fn log_budget(&self, name: &str) -> Arc<super::log::LogBudget> {
         self.logs.of(name)
     }
@@ -445,10 +259,6 @@ impl PluginHost {
     /// Log lines dropped per plugin for being over its budget.
     pub fn log_lines_dropped(&self) -> Vec<(String, u64)> {
         self.logs.dropped()
-    }
-
-    pub(crate) fn clock(&self) -> &Arc<EpochClock> {
-        &self.clock
     }
 
     /// The linker of the engine that compiled `module`.
@@ -542,7 +352,7 @@ impl PluginHost {
 
         // A probe instance: ABI version first, so a plugin from another ABI
         // gets the version message rather than a confusing export error.
-        let mut probe = Instance::new(self, &version).map_err(|f| match f {
+        let mut probe = self.instantiate(&version).map_err(|f| match f {
             PluginFault::Malformed(reason) => export("(required)", reason),
             f => fault("instantiation", f),
         })?;
@@ -622,7 +432,9 @@ impl PluginHost {
         ));
         if version.roles.router {
             let probe_binding = binding_input("wasmq.validate", false, "wasmq.validate", &[]);
-            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            let mut i = self
+                .instantiate(version)
+                .map_err(|f| ("instantiation", f))?;
             let input = init_input("wasmq.validate", "", &[]);
             if tolerate(i.init(abi::ROLE_ROUTER, &input), "router init")?
                 && tolerate(i.bind(0, &probe_binding), "router bind")?
@@ -641,7 +453,9 @@ impl PluginHost {
             }
         }
         if version.roles.filter {
-            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            let mut i = self
+                .instantiate(version)
+                .map_err(|f| ("instantiation", f))?;
             if tolerate(
                 i.init(abi::ROLE_FILTER, &init_input("wasmq.validate", "", &[])),
                 "filter init",
@@ -650,7 +464,9 @@ impl PluginHost {
             }
         }
         if version.roles.transform {
-            let mut i = Instance::new(self, version).map_err(|f| ("instantiation", f))?;
+            let mut i = self
+                .instantiate(version)
+                .map_err(|f| ("instantiation", f))?;
             if tolerate(
                 i.init(abi::ROLE_TRANSFORM, &init_input("wasmq.validate", "", &[])),
                 "transform init",

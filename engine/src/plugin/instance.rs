@@ -11,7 +11,10 @@ use wasmq_sdk::abi;
 use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
 use super::PluginFault;
-use super::host::{EpochClock, PluginHost, PluginVersion};
+use super::PluginLimits;
+use super::clock::EpochClock;
+use super::log::LogBudget;
+use super::version::PluginVersion;
 use crate::message::Message;
 
 /// Per-instance host state: what the imports see.
@@ -227,11 +230,24 @@ fn export_err(name: &str, e: impl std::fmt::Display) -> PluginFault {
     PluginFault::Malformed(format!("export `{name}`: {e}"))
 }
 
+/// What an instance needs from the host that makes it: the limits, the
+/// deadline clock, the linker with the host imports, and its plugin's log
+/// budget. Passed in, so instances need not know the host.
+pub(crate) struct InstanceEnv<'a> {
+    pub limits: &'a PluginLimits,
+    pub clock: &'a Arc<EpochClock>,
+    pub linker: &'a Linker<HostState>,
+    pub log: Arc<LogBudget>,
+    /// A message call's deadline, and a set-up call's, in clock ticks.
+    pub deadline_ticks: u64,
+    pub setup_ticks: u64,
+}
+
 impl Instance {
     /// Instantiate `version`. Fails on a start-function trap, a memory that
     /// starts above the cap, or a missing or mistyped required export.
-    pub(crate) fn new(host: &PluginHost, version: &PluginVersion) -> Result<Self, PluginFault> {
-        let limits = host.limits();
+    pub(crate) fn new(env: InstanceEnv<'_>, version: &PluginVersion) -> Result<Self, PluginFault> {
+        let limits = env.limits;
         let module = version.module();
         let mut store = Store::new(
             module.engine(),
@@ -245,16 +261,15 @@ impl Instance {
                 },
                 memory: None,
                 current: CurrentMessage(std::ptr::null()),
-                log: host.log_budget(&version.name),
+                log: env.log,
             },
         );
         store.limiter(|s| &mut s.limiter);
-        let deadline_ticks = host.deadline_ticks();
-        let setup_ticks = host.setup_ticks();
+        let (deadline_ticks, setup_ticks) = (env.deadline_ticks, env.setup_ticks);
         let setup_deadline = limits.setup_deadline.max(limits.deadline);
-        host.clock().running();
+        env.clock.running();
         store.set_epoch_deadline(setup_ticks);
-        let instance = match host.linker_for(&module).instantiate(&mut store, &module) {
+        let instance = match env.linker.instantiate(&mut store, &module) {
             Ok(i) => i,
             Err(e) => return Err(classify(&store, e, limits.memory, setup_deadline)),
         };
@@ -295,7 +310,7 @@ impl Instance {
             memory_limit: limits.memory,
             deadline: limits.deadline,
             setup_deadline,
-            clock: host.clock().clone(),
+            clock: env.clock.clone(),
             store,
         })
     }

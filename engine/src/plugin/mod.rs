@@ -5,6 +5,13 @@
 //! each a small pool of instances of one [`PluginVersion`], and the
 //! [`PluginRegistry`] that knows which version of each plugin is serving.
 //!
+//! Files, in dependency order: `version` (a compiled plugin file and its
+//! roles), `clock` (the epoch clock deadlines run on), `instance` (one
+//! sandboxed instance: store, limiter, calls; it is handed what it needs,
+//! and does not know the host), `host` (the engines, compiling, validating,
+//! the compile cache), `roles` (the role handles and their instance pools),
+//! `registry`, `watcher`, `self_test`, `shape`, `circuit`, `log`.
+//!
 //! # Why it is built this way
 //!
 //! * **Core-module ABI** (see `wasmq_sdk::abi` and `docs/plugin-abi.md`):
@@ -35,6 +42,7 @@
 //!   module importing anything else is refused at load.
 
 mod circuit;
+mod clock;
 mod function_cache;
 mod host;
 mod instance;
@@ -43,6 +51,7 @@ mod registry;
 mod roles;
 mod self_test;
 pub mod shape;
+mod version;
 mod watcher;
 
 use std::time::Duration;

@@ -99,7 +99,7 @@ impl Pool {
         prepare: &dyn Fn(&mut Instance) -> Result<(), CallError>,
     ) -> Result<Instance, CallError> {
         self.host.setup(|| {
-            let mut i = Instance::new(&self.host, &self.version)?;
+            let mut i = self.host.instantiate(&self.version)?;
             i.init(self.role, &self.init)?;
             prepare(&mut i)?;
             Ok(i)

@@ -223,8 +223,9 @@ fn instance(
     args: &[u8],
     at: &str,
 ) -> Result<Instance, Failure> {
-    let mut i =
-        Instance::new(host, version).map_err(|f| Failure::Fault(format!("{at}: setup"), f))?;
+    let mut i = host
+        .instantiate(version)
+        .map_err(|f| Failure::Fault(format!("{at}: setup"), f))?;
     call(
         i.init(role, &init_input(EXCHANGE, key, args)),
         &format!("{at}: init"),
