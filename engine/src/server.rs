@@ -147,6 +147,11 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Load plugins, start watching the plugin folder, bind the listener.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        // Certificates first: a bad file stops the start before recovery.
+        let tls = match &config.tls {
+            Some(settings) => Some(Tls::load(settings.clone()).context("loading the [tls] files")?),
+            None => None,
+        };
         let cache = config
             .plugins
             .compile_cache
@@ -196,10 +201,6 @@ impl Server {
             .with_context(|| format!("binding AMQP listener {}", config.listen))?;
         let amqp_addr = listener.local_addr()?;
         tracing::info!(%amqp_addr, "AMQP listening");
-        let tls = match &config.tls {
-            Some(settings) => Some(Tls::load(settings.clone()).context("loading the [tls] files")?),
-            None => None,
-        };
         let tls_watcher = match &tls {
             Some(tls) if tls.settings().watch => Some(tls.watch()?),
             _ => None,

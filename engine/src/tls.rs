@@ -97,7 +97,7 @@ struct Configs {
     amqp: Arc<ServerConfig>,
     admin: Arc<ServerConfig>,
     /// The files' contents they were made from, to tell a real change.
-    source: Vec<u8>,
+    source: Sources,
 }
 
 /// The server side of TLS: what new AMQPS and HTTPS connections are
@@ -145,7 +145,7 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
 impl Tls {
     /// Read the files `settings` names.
     pub fn load(settings: TlsSettings) -> Result<Arc<Tls>, TlsError> {
-        let configs = build(&settings)?;
+        let configs = build(&settings, Sources::read(&settings)?)?;
         Ok(Arc::new(Tls {
             settings,
             current: ArcSwap::from_pointee(configs),
@@ -175,11 +175,11 @@ impl Tls {
     /// Read the files again; serve them from the next connection on if they
     /// load. Returns whether anything changed.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let source = sources(&self.settings)?;
+        let source = Sources::read(&self.settings)?;
         if source == self.current.load().source {
             return Ok(false);
         }
-        let configs = build(&self.settings)?;
+        let configs = build(&self.settings, source)?;
         self.current.store(Arc::new(configs));
         Ok(true)
     }
@@ -257,33 +257,37 @@ impl std::fmt::Debug for TlsWatcher {
     }
 }
 
-/// The configured files' bytes, concatenated (to tell whether they changed).
-fn sources(settings: &TlsSettings) -> Result<Vec<u8>, TlsError> {
-    let mut all = read(&settings.cert_file)?;
-    all.extend(read(&settings.key_file)?);
-    if let Some(ca) = &settings.ca_file {
-        all.extend(read(ca)?);
-    }
-    Ok(all)
+/// The configured files' contents, read once per load.
+#[derive(PartialEq, Eq)]
+struct Sources {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
 }
 
-fn build(settings: &TlsSettings) -> Result<Configs, TlsError> {
-    let source = sources(settings)?;
-    let cert_pem = read(&settings.cert_file)?;
-    let certs = certificates(&settings.cert_file, &cert_pem)?;
-    let key_pem = read(&settings.key_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
+impl Sources {
+    fn read(settings: &TlsSettings) -> Result<Sources, TlsError> {
+        Ok(Sources {
+            cert: read(&settings.cert_file)?,
+            key: read(&settings.key_file)?,
+            ca: settings.ca_file.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
+fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
+    let certs = certificates(&settings.cert_file, &source.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&source.key).map_err(|e| TlsError::File {
         path: settings.key_file.clone(),
         what: e.to_string(),
     })?;
     let versions = &[&rustls::version::TLS13, &rustls::version::TLS12];
     let builder =
         ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
-    let amqp = match &settings.ca_file {
-        Some(ca) => {
-            let pem = read(ca)?;
+    let amqp = match (&settings.ca_file, &source.ca) {
+        (Some(ca), Some(pem)) => {
             let mut roots = RootCertStore::empty();
-            for cert in certificates(ca, &pem)? {
+            for cert in certificates(ca, pem)? {
                 roots.add(cert).map_err(|e| TlsError::ClientCa {
                     path: ca.clone(),
                     what: e.to_string(),
@@ -304,7 +308,7 @@ fn build(settings: &TlsSettings) -> Result<Configs, TlsError> {
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs.clone(), key.clone_key())?
         }
-        None => builder
+        _ => builder
             .clone()
             .with_no_client_auth()
             .with_single_cert(certs.clone(), key.clone_key())?,

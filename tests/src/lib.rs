@@ -475,3 +475,39 @@ pub async fn until_close_code(code: &std::sync::Mutex<Option<u16>>) -> Option<u1
     .await;
     *code.lock().unwrap()
 }
+
+/// Run the pika script `tests/python/NAME` with `args` (under
+/// `WASMQ_PYTHON`, which `scripts/test.sh` points at a virtualenv with pika,
+/// or `python3`) and assert that it ends printing "ok" within 60 s.
+pub async fn run_pika_script<I, A>(name: &str, args: I)
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    let python = std::env::var("WASMQ_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name);
+    let run = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the pika client finishes within 60 s")
+        .unwrap_or_else(|e| panic!("running {python}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !stderr.contains("No module named 'pika'"),
+        "pika is not installed for {python}: run ./scripts/test.sh, or pip install pika"
+    );
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("ok"),
+        "{name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}

@@ -5,7 +5,7 @@
 //! the admin API, and pika (RabbitMQ's Python client) over TLS with both
 //! PLAIN and EXTERNAL.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -347,33 +347,18 @@ async fn pika_over_tls_with_plain_and_external_logins() {
     let client = files.ca.client("app");
     let cert = pki::write(files.dir.path(), "client.pem", &client.cert);
     let key = pki::write(files.dir.path(), "client.key", &client.key);
-    let python = std::env::var("WASMQ_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pika_tls.py");
-    let run = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(t.amqps_addr().port().to_string())
-        .arg(files.path("ca.pem"))
-        .arg(&cert)
-        .arg(&key)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the pika client finishes within 60 s")
-        .unwrap_or_else(|e| panic!("running {python}: {e}"));
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        !stderr.contains("No module named 'pika'"),
-        "pika is not installed for {python}: run ./scripts/test.sh, or pip install pika"
-    );
-    assert!(
-        out.status.success() && stdout.trim_end().ends_with("ok"),
-        "pika over TLS failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let port = t.amqps_addr().port().to_string();
+    let ca = files.path("ca.pem");
+    wasmq_tests::run_pika_script(
+        "pika_tls.py",
+        [
+            port.as_ref(),
+            ca.as_os_str(),
+            cert.as_os_str(),
+            key.as_os_str(),
+        ],
+    )
+    .await;
     assert!(
         eventually_async(Duration::from_secs(5), || t
             .broker()

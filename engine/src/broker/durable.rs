@@ -303,9 +303,8 @@ impl Broker {
     }
 }
 
-/// The change that records exchange `x` as it is (the predeclared ones
-/// are recreated by every vhost, so a change about them is harmless and
-/// ignored at recovery).
+/// The change that records exchange `x` as it is (only client-declared
+/// exchanges: the predeclared `amq.*` ones are recreated by every vhost).
 pub(crate) fn exchange_change(vhost: &str, x: &super::Exchange) -> Change {
     Change::PutExchange {
         vhost: vhost.to_owned(),
