@@ -5,8 +5,8 @@
 //! This file holds the [`Broker`] and its [`VHost`]s; the rest has a file
 //! each: `error` (what fails and its reply code), `declare` (definition
 //! changes: declare, delete, bind, unbind), `route` (the publish path),
-//! `exchange` (bindings and the plugins deciding for an exchange), `queue`,
-//! `ready` and `entry` (a queue, its ready messages, and a message in it),
+//! `exchange` (bindings and the plugins deciding for an exchange), `queue`
+//! (a queue, its arguments, consumers and ready messages),
 //! `dead_letter` (RabbitMQ's dead-lettering), `durable` (what is saved and
 //! recovered), `plugins` (loading and swapping plugin versions),
 //! `connections` (the registry the admin API reads).
@@ -15,12 +15,10 @@ mod connections;
 mod dead_letter;
 mod declare;
 mod durable;
-mod entry;
 mod error;
 mod exchange;
 mod plugins;
 mod queue;
-mod ready;
 mod route;
 
 use std::collections::HashMap;

@@ -28,24 +28,32 @@
 //! that expire, overflow or are rejected without requeue are handed to the
 //! queue's [`DeadLetterSink`] *after* the queue's lock is released (the
 //! dead-letter exchange may route straight back into this queue).
-//! `x-max-priority` orders ready messages by priority ([`super::ready`]).
+//! `x-max-priority` orders ready messages by priority ([`ready`]).
+//!
+//! The files beside this one: `arguments` (the `x-` arguments read at
+//! declare time), `consumer` (a consumer and its credit), `ready` (the
+//! ready messages, FIFO or by priority) and `entry` (one message in a
+//! queue, in memory or paged out).
+
+mod arguments;
+mod consumer;
+mod entry;
+mod ready;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use amq_protocol::types::{AMQPValue, FieldTable};
+use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
-pub use super::entry::Entry;
-use super::ready::{MAX_PRIORITY, Ready};
-use super::string_arg;
+pub use arguments::{Overflow, QueueLimits, message_ttl};
+pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
+pub use entry::Entry;
+use ready::Ready;
+
 use crate::message::Message;
 use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
-
-/// Deliveries a consumer's connection may hold unwritten.
-pub const CONSUMER_WINDOW: u32 = 256;
 
 /// What [`Queue::push`] did with a message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,229 +97,6 @@ impl DeathReason {
 /// Where a queue sends messages it dead-letters. Set by the broker for
 /// queues with `x-dead-letter-exchange`; called without the queue's lock.
 pub type DeadLetterSink = Arc<dyn Fn(&Queue, Vec<(Entry, DeathReason)>) + Send + Sync>;
-
-/// What to do when a length limit is reached (`x-overflow`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Overflow {
-    /// Drop (dead-letter) the oldest messages to make room.
-    #[default]
-    DropHead,
-    /// Refuse the new message (a nack for confirming publishers).
-    RejectPublish,
-    /// Refuse the new message and dead-letter it.
-    RejectPublishDlx,
-}
-
-/// The queue arguments wasmq acts on.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct QueueLimits {
-    /// `x-message-ttl`.
-    pub message_ttl: Option<Duration>,
-    /// `x-dead-letter-exchange`.
-    pub dead_letter_exchange: Option<String>,
-    /// `x-dead-letter-routing-key`.
-    pub dead_letter_routing_key: Option<String>,
-    /// `x-max-length`.
-    pub max_length: Option<usize>,
-    /// `x-max-length-bytes` (bodies).
-    pub max_length_bytes: Option<usize>,
-    /// `x-overflow`.
-    pub overflow: Overflow,
-    /// `x-expires`: delete the queue after it has been unused this long (no
-    /// consumers, no `basic.get`, no redeclaration).
-    pub expires: Option<Duration>,
-    /// `x-max-priority`: the highest message priority the queue orders by
-    /// (0: a plain FIFO queue).
-    pub max_priority: u8,
-}
-
-fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
-    let Some(v) = args.inner().get(key) else {
-        return Ok(None);
-    };
-    let n = match v {
-        AMQPValue::ShortShortInt(n) => i64::from(*n),
-        AMQPValue::ShortShortUInt(n) => i64::from(*n),
-        AMQPValue::ShortInt(n) => i64::from(*n),
-        AMQPValue::ShortUInt(n) => i64::from(*n),
-        AMQPValue::LongInt(n) => i64::from(*n),
-        AMQPValue::LongUInt(n) => i64::from(*n),
-        AMQPValue::LongLongInt(n) => *n,
-        other => {
-            return Err(format!(
-                "invalid arg '{key}': expected a non-negative integer, got {other:?}"
-            ));
-        }
-    };
-    u64::try_from(n)
-        .map(Some)
-        .map_err(|_| format!("invalid arg '{key}': {n} is negative"))
-}
-
-impl QueueLimits {
-    /// Read the queue arguments; an invalid one is the declaring client's
-    /// error (406), named in the message.
-    pub fn parse(args: &FieldTable) -> Result<Self, String> {
-        let overflow = match string_arg(args, "x-overflow")?.as_deref() {
-            None | Some("drop-head") => Overflow::DropHead,
-            Some("reject-publish") => Overflow::RejectPublish,
-            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-            Some(other) => {
-                return Err(format!(
-                    "invalid arg 'x-overflow': '{other}' (expected drop-head, reject-publish or reject-publish-dlx)"
-                ));
-            }
-        };
-        // RabbitMQ's queue types. Only classic queues exist here until
-        // quorum queues are built on the cluster: a queue the user believes
-        // replicated must not quietly be a classic one.
-        match string_arg(args, "x-queue-type")?.as_deref() {
-            None | Some("classic") => {}
-            Some(t @ ("quorum" | "stream")) => {
-                return Err(format!(
-                    "invalid arg 'x-queue-type': '{t}' queues are not supported by this broker (classic queues only; quorum queues need a cluster)"
-                ));
-            }
-            Some(other) => {
-                return Err(format!(
-                    "invalid arg 'x-queue-type': '{other}' (expected classic)"
-                ));
-            }
-        }
-        let mut limits = QueueLimits {
-            message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
-            dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
-            dead_letter_routing_key: string_arg(args, "x-dead-letter-routing-key")?,
-            max_length: int_arg(args, "x-max-length")?.map(|n| n as usize),
-            max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
-            overflow,
-            expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
-            max_priority: 0,
-        };
-        if limits.expires == Some(Duration::ZERO) {
-            return Err("invalid arg 'x-expires': must be positive".into());
-        }
-        if let Some(n) = int_arg(args, "x-max-priority")? {
-            limits.max_priority = u8::try_from(n).map_err(|_| {
-                format!("invalid arg 'x-max-priority': {n} is above the maximum of {MAX_PRIORITY}")
-            })?;
-        }
-        if limits.dead_letter_routing_key.is_some() && limits.dead_letter_exchange.is_none() {
-            return Err(
-                "x-dead-letter-routing-key defined but x-dead-letter-exchange is not".into(),
-            );
-        }
-        Ok(limits)
-    }
-}
-
-/// A message's own TTL (`expiration`, milliseconds as text).
-pub fn message_ttl(m: &Message) -> Result<Option<Duration>, String> {
-    match m.properties.expiration() {
-        None => Ok(None),
-        Some(s) => s
-            .as_str()
-            .parse::<u64>()
-            .map(|ms| Some(Duration::from_millis(ms)))
-            .map_err(|_| format!("invalid expiration '{}': expected milliseconds", s.as_str())),
-    }
-}
-
-/// A channel's shared prefetch (`basic.qos` with `global`).
-#[derive(Debug, Default)]
-pub struct ChannelCredit {
-    /// Limit, 0 for none.
-    pub limit: AtomicU32,
-    /// Unacked deliveries across the channel's consumers.
-    pub unacked: AtomicU32,
-    /// The client asked the channel to stop sending content
-    /// (`channel.flow` with `active = false`): its consumers get nothing.
-    pub paused: AtomicBool,
-}
-
-/// What a queue sends a consumer's connection.
-#[derive(Debug)]
-pub enum Dispatch {
-    /// Deliver `entry` to `consumer`.
-    Deliver {
-        /// From this queue.
-        queue: Arc<Queue>,
-        /// To this consumer.
-        consumer: Arc<Consumer>,
-        /// The message.
-        entry: Entry,
-    },
-    /// The queue is gone: tell the client its consumer was cancelled.
-    Cancel {
-        /// Channel.
-        channel: u16,
-        /// Consumer tag.
-        tag: String,
-    },
-}
-
-/// One consumer of a queue.
-#[derive(Debug)]
-pub struct Consumer {
-    /// Consumer tag.
-    pub tag: String,
-    /// Its channel.
-    pub channel: u16,
-    /// Its connection's id.
-    pub connection: u64,
-    /// Acks not expected.
-    pub no_ack: bool,
-    /// Whether it holds the queue exclusively.
-    pub exclusive: bool,
-    /// Per-consumer prefetch, 0 for none.
-    pub prefetch: u32,
-    /// Unacked deliveries of this consumer.
-    pub unacked: AtomicU32,
-    /// Deliveries handed to the connection but not yet written.
-    pub in_flight: AtomicU32,
-    /// The channel's shared prefetch.
-    pub channel_credit: Arc<ChannelCredit>,
-    /// Where deliveries go (the connection's task).
-    pub sink: mpsc::UnboundedSender<Dispatch>,
-}
-
-impl Consumer {
-    fn has_credit(&self) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) >= CONSUMER_WINDOW
-            || self.channel_credit.paused.load(Ordering::Relaxed)
-        {
-            return false;
-        }
-        if self.no_ack {
-            return true;
-        }
-        let own = self.prefetch == 0 || self.unacked.load(Ordering::Relaxed) < self.prefetch;
-        let limit = self.channel_credit.limit.load(Ordering::Relaxed);
-        own && (limit == 0 || self.channel_credit.unacked.load(Ordering::Relaxed) < limit)
-    }
-
-    fn take_credit(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if !self.no_ack {
-            self.unacked.fetch_add(1, Ordering::Relaxed);
-            self.channel_credit.unacked.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The delivery was written to the socket. Returns whether the window
-    /// had been full (the caller should then dispatch the queue).
-    pub fn written(&self) -> bool {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed) == CONSUMER_WINDOW
-    }
-
-    /// A delivery was acked, rejected or requeued.
-    pub fn settled(&self) {
-        if !self.no_ack {
-            self.unacked.fetch_sub(1, Ordering::Relaxed);
-            self.channel_credit.unacked.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
 
 #[derive(Default)]
 struct State {
@@ -762,7 +547,7 @@ impl Queue {
                 consumer: consumer.clone(),
                 entry,
             };
-            if let Err(mpsc::error::SendError(Dispatch::Deliver { entry, .. })) =
+            if let Err(tokio::sync::mpsc::error::SendError(Dispatch::Deliver { entry, .. })) =
                 consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
@@ -998,40 +783,5 @@ mod tests {
             vec![DeathReason::Expired, DeathReason::Expired]
         );
         assert_eq!(q.ready_bytes(), 0);
-    }
-
-    #[test]
-    fn queue_arguments_are_validated() {
-        let mut args = FieldTable::default();
-        args.insert("x-message-ttl".into(), AMQPValue::LongString("soon".into()));
-        assert!(
-            QueueLimits::parse(&args)
-                .unwrap_err()
-                .contains("x-message-ttl")
-        );
-        let mut args = FieldTable::default();
-        args.insert("x-overflow".into(), AMQPValue::LongString("explode".into()));
-        assert!(
-            QueueLimits::parse(&args)
-                .unwrap_err()
-                .contains("x-overflow")
-        );
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString("k".into()),
-        );
-        assert!(QueueLimits::parse(&args).is_err());
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongInt(10));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("dlx".into()),
-        );
-        let l = QueueLimits::parse(&args).unwrap();
-        assert_eq!(
-            (l.max_length, l.dead_letter_exchange.as_deref()),
-            (Some(10), Some("dlx"))
-        );
     }
 }

@@ -1,0 +1,215 @@
+//! Queue arguments: what a client's `x-` arguments on `queue.declare` ask
+//! of a queue, read once at declare time into [`QueueLimits`] so the
+//! message path never looks at a field table. An invalid argument is the
+//! declaring client's error (406), and the message names the argument, as
+//! RabbitMQ's does.
+
+use std::time::Duration;
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+use super::ready::MAX_PRIORITY;
+use crate::broker::string_arg;
+use crate::message::Message;
+
+/// What to do when a length limit is reached (`x-overflow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (dead-letter) the oldest messages to make room.
+    #[default]
+    DropHead,
+    /// Refuse the new message (a nack for confirming publishers).
+    RejectPublish,
+    /// Refuse the new message and dead-letter it.
+    RejectPublishDlx,
+}
+
+/// The queue arguments wasmq acts on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueLimits {
+    /// `x-message-ttl`.
+    pub message_ttl: Option<Duration>,
+    /// `x-dead-letter-exchange`.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-max-length`.
+    pub max_length: Option<usize>,
+    /// `x-max-length-bytes` (bodies).
+    pub max_length_bytes: Option<usize>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+    /// `x-expires`: delete the queue after it has been unused this long (no
+    /// consumers, no `basic.get`, no redeclaration).
+    pub expires: Option<Duration>,
+    /// `x-max-priority`: the highest message priority the queue orders by
+    /// (0: a plain FIFO queue).
+    pub max_priority: u8,
+}
+
+fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
+    let Some(v) = args.inner().get(key) else {
+        return Ok(None);
+    };
+    let n = match v {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        other => {
+            return Err(format!(
+                "invalid arg '{key}': expected a non-negative integer, got {other:?}"
+            ));
+        }
+    };
+    u64::try_from(n)
+        .map(Some)
+        .map_err(|_| format!("invalid arg '{key}': {n} is negative"))
+}
+
+impl QueueLimits {
+    /// Read the queue arguments; an invalid one is the declaring client's
+    /// error (406), named in the message.
+    pub fn parse(args: &FieldTable) -> Result<Self, String> {
+        let overflow = match string_arg(args, "x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(format!(
+                    "invalid arg 'x-overflow': '{other}' (expected drop-head, reject-publish or reject-publish-dlx)"
+                ));
+            }
+        };
+        // RabbitMQ's queue types. Only classic queues exist here until
+        // quorum queues are built on the cluster: a queue the user believes
+        // replicated must not quietly be a classic one.
+        match string_arg(args, "x-queue-type")?.as_deref() {
+            None | Some("classic") => {}
+            Some(t @ ("quorum" | "stream")) => {
+                return Err(format!(
+                    "invalid arg 'x-queue-type': '{t}' queues are not supported by this broker (classic queues only; quorum queues need a cluster)"
+                ));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "invalid arg 'x-queue-type': '{other}' (expected classic)"
+                ));
+            }
+        }
+        let mut limits = QueueLimits {
+            message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
+            dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
+            dead_letter_routing_key: string_arg(args, "x-dead-letter-routing-key")?,
+            max_length: int_arg(args, "x-max-length")?.map(|n| n as usize),
+            max_length_bytes: int_arg(args, "x-max-length-bytes")?.map(|n| n as usize),
+            overflow,
+            expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
+            max_priority: 0,
+        };
+        if limits.expires == Some(Duration::ZERO) {
+            return Err("invalid arg 'x-expires': must be positive".into());
+        }
+        if let Some(n) = int_arg(args, "x-max-priority")? {
+            limits.max_priority = u8::try_from(n).map_err(|_| {
+                format!("invalid arg 'x-max-priority': {n} is above the maximum of {MAX_PRIORITY}")
+            })?;
+        }
+        if limits.dead_letter_routing_key.is_some() && limits.dead_letter_exchange.is_none() {
+            return Err(
+                "x-dead-letter-routing-key defined but x-dead-letter-exchange is not".into(),
+            );
+        }
+        Ok(limits)
+    }
+}
+
+/// A message's own TTL (`expiration`, milliseconds as text).
+pub fn message_ttl(m: &Message) -> Result<Option<Duration>, String> {
+    match m.properties.expiration() {
+        None => Ok(None),
+        Some(s) => s
+            .as_str()
+            .parse::<u64>()
+            .map(|ms| Some(Duration::from_millis(ms)))
+            .map_err(|_| format!("invalid expiration '{}': expected milliseconds", s.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_arguments_are_validated() {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongString("soon".into()));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-message-ttl")
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-overflow".into(), AMQPValue::LongString("explode".into()));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-overflow")
+        );
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString("k".into()),
+        );
+        assert!(QueueLimits::parse(&args).is_err());
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(10));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("dlx".into()),
+        );
+        let l = QueueLimits::parse(&args).unwrap();
+        assert_eq!(
+            (l.max_length, l.dead_letter_exchange.as_deref()),
+            (Some(10), Some("dlx"))
+        );
+    }
+
+    #[test]
+    fn integers_of_any_width_are_read_and_negatives_refused() {
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::ShortShortUInt(7));
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1500));
+        args.insert("x-max-priority".into(), AMQPValue::ShortInt(9));
+        let l = QueueLimits::parse(&args).unwrap();
+        assert_eq!(l.max_length, Some(7));
+        assert_eq!(l.message_ttl, Some(Duration::from_millis(1500)));
+        assert_eq!(l.max_priority, 9);
+
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(-1));
+        assert!(QueueLimits::parse(&args).unwrap_err().contains("negative"));
+        let mut args = FieldTable::default();
+        args.insert("x-max-priority".into(), AMQPValue::LongInt(256));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-max-priority")
+        );
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongInt(0));
+        assert!(QueueLimits::parse(&args).unwrap_err().contains("x-expires"));
+    }
+
+    #[test]
+    fn quorum_and_stream_queues_are_refused_by_name() {
+        for kind in ["quorum", "stream", "lazy"] {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+            assert!(QueueLimits::parse(&args).unwrap_err().contains(kind));
+        }
+    }
+}
