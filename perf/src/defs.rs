@@ -35,9 +35,7 @@ struct Args {
     /// Numbers of bindings (durable definitions) to time at.
     #[arg(long, value_delimiter = ',', default_value = "100,10000,100000")]
     steps: Vec<usize>,
-    /// Bindings per durable queue. Each durable queue holds an open file,
-    /// so 100,000 queues need that many file descriptors; with 10 per
-    /// queue, 100,000 definitions need 10,000.
+    /// Bindings per durable queue (1: as many durable queues as bindings).
     #[arg(long, default_value_t = 1)]
     bindings_per_queue: usize,
     /// Operations timed of each kind at each step.

@@ -42,6 +42,7 @@ use std::io::{BufReader, ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -125,6 +126,12 @@ struct Inner {
 /// A durable queue's log.
 pub struct QueueLog {
     dir: PathBuf,
+    /// Whether `dir` exists. A queue's folder and first segment are made by
+    /// its first persistent message, not by its declaration: a durable
+    /// queue that only ever carries transient messages (or none yet) costs
+    /// no directory, no file and no open descriptor, so a broker can hold
+    /// 100k of them under an ordinary descriptor limit.
+    dir_made: AtomicBool,
     sync: Arc<Syncer>,
     segment_bytes: u64,
     inner: Mutex<Inner>,
@@ -159,22 +166,6 @@ fn open_rw(path: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(path)
         .map_err(io(path))
-}
-
-/// Create a file holding just its header, synced, with its directory entry.
-fn create_file(dir: &Path, path: &Path, magic: &[u8; 8]) -> Result<File, StoreError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all_at(&record::file_header(magic), 0)
-        .map_err(io(path))?;
-    f.sync_data().map_err(io(path))?;
-    sync_dir(dir)?;
-    Ok(f)
 }
 
 /// Read every ack entry of a segment's ack file. Ack files are not synced
@@ -253,9 +244,15 @@ impl QueueLog {
         sync: Arc<Syncer>,
         segment_bytes: u64,
     ) -> Result<(QueueLog, Vec<Recovered>), StoreError> {
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mut ids: Vec<u32> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => Some(entries),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&dir)(e)),
+        };
+        let dir_made = entries.is_some();
+        let mut ids: Vec<u32> = entries
+            .into_iter()
+            .flatten()
             .filter_map(|e| {
                 let name = e.ok()?.file_name();
                 name.to_str()?.strip_suffix(".seg")?.parse().ok()
@@ -292,16 +289,16 @@ impl QueueLog {
         let active = match ids.last() {
             Some(&id) if segments.contains_key(&id) => id,
             _ => {
+                // Its file is made by the sync thread with the first write.
                 let id = ids.last().map_or(1, |l| l + 1);
-                let path = seg_path(&dir, id);
-                let file = create_file(&dir, &path, SEGMENT_MAGIC)?;
-                segments.insert(id, Segment::new(Some(file)));
+                segments.insert(id, Segment::new(None));
                 active_len = HEADER_LEN;
                 id
             }
         };
         let log = QueueLog {
             dir,
+            dir_made: AtomicBool::new(dir_made),
             sync,
             segment_bytes,
             inner: Mutex::new(Inner {
@@ -551,6 +548,7 @@ impl QueueLog {
                 None => {
                     // Created under the lock, so that a segment removed
                     // meanwhile never gets a file again; synced outside.
+                    self.make_dir()?;
                     let f = Arc::new(
                         OpenOptions::new()
                             .read(true)
@@ -663,6 +661,8 @@ impl QueueLog {
         }
         let path = ack_path(&self.dir, id);
         if seg.acks.is_none() {
+            // An ack may come before the sync thread wrote the segment.
+            self.make_dir()?;
             // Not synced, like the acks in it: a connection's worker
             // thread must not wait for the disk. After a crash a missing
             // or torn ack file only means redeliveries.
@@ -688,6 +688,21 @@ impl QueueLog {
         // disk (measured: a persistent backlog drained at 7k msg/s, see
         // docs/performance.md).
         Ok(Some((file.clone(), at)))
+    }
+
+    /// Create the log's folder if this is its first file. The folder's own
+    /// entry is synced (with its parent), so a segment synced inside it
+    /// cannot vanish with the folder after a crash.
+    fn make_dir(&self) -> Result<(), StoreError> {
+        if self.dir_made.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            sync_dir(parent)?;
+        }
+        self.dir_made.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Read a message back (it was paged out of memory, or recovered).
@@ -739,7 +754,9 @@ impl QueueLog {
         let mut inner = self.inner.lock();
         inner.deleted = true;
         inner.segments.clear();
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != ErrorKind::NotFound
+        {
             tracing::warn!(dir = %self.dir.display(), "removing a deleted queue's log: {e}");
         }
     }
@@ -840,6 +857,29 @@ mod tests {
             bodies(&log, &recovered),
             ["message 1", "message 2", "message 4"]
         );
+    }
+
+    #[test]
+    fn the_folder_and_first_segment_wait_for_the_first_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("q");
+        let (log, recovered) = open(&dir, 1 << 20).unwrap();
+        assert!(recovered.is_empty());
+        assert!(!dir.exists(), "declaring a durable queue writes nothing");
+        let refs = append(&log, 0..2);
+        // Acked before the sync thread wrote the segment: the ack file
+        // needs the folder too.
+        log.ack([refs[0]]);
+        round(&log);
+        assert!(seg_path(&dir, 1).exists());
+        drop(log);
+        let (log, recovered) = open(&dir, 1 << 20).unwrap();
+        assert_eq!(bodies(&log, &recovered), ["message 1"]);
+        log.destroy();
+        assert!(!dir.exists());
+
+        let (log, _) = open(&tmp.path().join("never-written"), 1 << 20).unwrap();
+        log.destroy();
     }
 
     #[test]
