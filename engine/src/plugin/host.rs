@@ -241,9 +241,10 @@ impl PluginHost {
         let module = version.module();
         Instance::new(
             InstanceEnv {
+                linker: self.linker_for(&module),
+                module,
                 limits: &self.limits,
                 clock: &self.clock,
-                linker: self.linker_for(&module),
                 log: self.log_budget(&version.name),
                 deadline_ticks: self.deadline_ticks(),
                 setup_ticks: self.setup_ticks(),
@@ -660,4 +661,48 @@ fn base_config() -> Config {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version's module is replaced when its optimized code is ready,
+    /// while connections instantiate it. Each instance must get the linker
+    /// of the engine that compiled the module it is made from; reading the
+    /// module twice once gave a baseline linker to Cranelift's module
+    /// ("cross-`Engine` instantiation is not currently supported"). That
+    /// window is a few instructions wide, so this run finds it only on a
+    /// loaded machine; it checks that instantiation and tier-up can run
+    /// side by side at all.
+    #[test]
+    fn instances_made_while_the_code_tiers_up_use_their_modules_engine() {
+        let host = PluginHost::new(Default::default(), None, Compiler::Tiered).unwrap();
+        if !host.tiered() {
+            return; // no baseline compiler on this platform: nothing tiers up
+        }
+        let (_, bytes) = crate::builtins::BUILTINS[0];
+        for round in 0..8 {
+            // A distinct hash each round, so that each compiles afresh.
+            let mut bytes = bytes.to_vec();
+            bytes.extend_from_slice(&[0, 3, 1, b'x', round]);
+            let version = host.load("p", &bytes, false).unwrap();
+            assert!(!version.optimized());
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let instantiating = s.spawn(|| {
+                    let mut made = 0;
+                    while !stop.load(Ordering::Relaxed) || made == 0 {
+                        host.instantiate(&version).unwrap();
+                        made += 1;
+                    }
+                });
+                host.optimize(&version, &bytes).unwrap();
+                stop.store(true, Ordering::Relaxed);
+                instantiating.join().unwrap();
+            });
+            assert!(version.optimized());
+            host.instantiate(&version).unwrap();
+        }
+    }
 }

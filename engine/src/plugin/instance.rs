@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::shape::ModuleLimits;
 use wasmq_sdk::abi;
-use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime::{Caller, Linker, Memory, Module, ResourceLimiter, Store, Trap, TypedFunc};
 
 use super::PluginFault;
 use super::PluginLimits;
@@ -230,10 +230,15 @@ fn export_err(name: &str, e: impl std::fmt::Display) -> PluginFault {
     PluginFault::Malformed(format!("export `{name}`: {e}"))
 }
 
-/// What an instance needs from the host that makes it: the limits, the
-/// deadline clock, the linker with the host imports, and its plugin's log
-/// budget. Passed in, so instances need not know the host.
+/// What an instance needs from the host that makes it: the code, the
+/// limits, the deadline clock, the linker with the host imports, and its
+/// plugin's log budget. Passed in, so instances need not know the host.
 pub(crate) struct InstanceEnv<'a> {
+    /// The version's code, read once: a version's module is replaced when
+    /// its optimized code is ready, and the linker must be the one of the
+    /// engine that compiled this very module (a module of one engine
+    /// cannot be instantiated with another's linker).
+    pub module: Module,
     pub limits: &'a PluginLimits,
     pub clock: &'a Arc<EpochClock>,
     pub linker: &'a Linker<HostState>,
@@ -248,7 +253,7 @@ impl Instance {
     /// starts above the cap, or a missing or mistyped required export.
     pub(crate) fn new(env: InstanceEnv<'_>, version: &PluginVersion) -> Result<Self, PluginFault> {
         let limits = env.limits;
-        let module = version.module();
+        let module = env.module;
         let mut store = Store::new(
             module.engine(),
             HostState {
