@@ -7,8 +7,10 @@
 //! * `connection`: one task per client connection: the handshake, then a
 //!   loop that reads frames, runs channel methods against the
 //!   [`Broker`], receives deliveries from queues, and writes everything back
-//!   in batches. Heartbeats both ways; a connection error closes only this
-//!   connection, with its reply code.
+//!   in batches (`connection/mod.rs`); what the connection answers itself,
+//!   channel 0, channel open/close and errors (`connection/control.rs`).
+//!   Heartbeats both ways; a connection error closes only this connection,
+//!   with its reply code.
 //! * `outbox`: a connection's output buffer, and which deliveries its
 //!   written bytes complete (a consumer's credit returns then).
 //! * `socket`: the client's byte stream, plain TCP or TLS (AMQPS), behind

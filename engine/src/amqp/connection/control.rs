@@ -1,0 +1,292 @@
+//! What a connection answers itself rather than handing to a channel:
+//! channel 0 (`connection.close`, `update-secret`, heartbeats, resource
+//! alarms as `connection.blocked`), opening and closing channels, the
+//! errors that close one channel or the whole connection, and the
+//! deliveries queues send, each to its channel. The event loop in the
+//! parent module calls these; they only encode replies into the output
+//! buffer, never touch the socket.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{AMQPClass, channel, connection};
+
+use super::{Connection, OUT_CAP, Step};
+use crate::amqp::channel::{AmqpError, Channel, Delivered};
+use crate::amqp::frame::{Frame, encode_heartbeat, encode_method, short_string};
+use crate::amqp::handshake::encode_close;
+use crate::broker::{ChannelCredit, Dispatch};
+
+impl Connection {
+    /// Tell a publishing client it is blocked by a resource alarm, or no
+    /// longer (if it asked for these notices).
+    pub(super) fn signal_alarm(&mut self) {
+        self.alarm_unchecked = false;
+        let alarm = self.alarm.borrow();
+        let blocked = alarm.is_some();
+        if blocked == self.alarm_blocked {
+            return;
+        }
+        self.alarm_blocked = blocked;
+        if !self.blocked_capability {
+            return;
+        }
+        let method = match alarm.as_ref() {
+            Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: short_string(reason),
+            }),
+            _ => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+        };
+        encode_method(&mut self.out.buf, 0, AMQPClass::Connection(method));
+    }
+
+    /// RabbitMQ's `connection.update-secret`: a client refreshes the
+    /// secret it logged in with (an expiring token) on a live connection.
+    /// RabbitMQ re-validates only with backends whose credentials expire
+    /// (OAuth tokens); a password user's login cannot expire, so its update
+    /// is acknowledged without checking the secret, and clients' own tests
+    /// (amqplib's) rely on exactly that. wasmq's users are password users.
+    /// Should the user have been removed meanwhile, the connection closes
+    /// (530).
+    pub(super) fn update_secret(&mut self, u: &connection::UpdateSecret) -> Step {
+        let user = &self.grant.user;
+        if self.config.users.iter().any(|known| known.name == *user) {
+            tracing::info!(peer = %self.peer, user = %user, reason = %u.reason, "secret updated (password users do not expire)");
+            encode_method(
+                &mut self.out.buf,
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                    connection::UpdateSecretOk {},
+                )),
+            );
+            return Step::Continue;
+        }
+        let mut e = AmqpError::new(
+            530,
+            format!("NOT_ALLOWED - secret update was refused for user '{user}'"),
+        );
+        (e.class_id, e.method_id) = (10, 70);
+        self.connection_error(e)
+    }
+
+    pub(super) fn heartbeat_tick(&mut self) -> Step {
+        if self.heartbeat == 0 {
+            return Step::Continue;
+        }
+        let hb = Duration::from_secs(u64::from(self.heartbeat));
+        if !self.congested.is_empty() || self.alarm_blocked || self.pending() >= OUT_CAP {
+            // We are not reading: the client's heartbeats wait in the socket.
+            self.last_read = Instant::now();
+        }
+        if self.last_read.elapsed() > hb * 2 {
+            return Step::Stop(format!(
+                "missed heartbeats from client, timeout: {}s",
+                self.heartbeat
+            ));
+        }
+        if self.last_write.elapsed() >= hb / 2 && self.pending() == 0 {
+            encode_heartbeat(&mut self.out.buf);
+        }
+        Step::Continue
+    }
+
+    pub(super) fn close(&mut self, code: u16, text: &str, class_id: u16, method_id: u16) {
+        encode_close(&mut self.out.buf, code, text, class_id, method_id);
+    }
+
+    pub(super) fn frame(&mut self, frame: Frame) -> Step {
+        if let Frame::Method(
+            _,
+            AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_)),
+        ) = &frame
+        {
+            self.published = true;
+        }
+        let channel = match &frame {
+            Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
+            Frame::Header { channel, .. } => *channel,
+        };
+        if channel == 0 {
+            return match frame {
+                Frame::Heartbeat(_) => Step::Continue,
+                Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                    encode_method(
+                        &mut self.out.buf,
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                            connection::CloseOk {},
+                        )),
+                    );
+                    Step::Stop(format!("client closed: {} {}", c.reply_code, c.reply_text))
+                }
+                Frame::Method(_, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                    Step::Stop("closed".into())
+                }
+                Frame::Method(
+                    _,
+                    AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(u)),
+                ) => self.update_secret(&u),
+                Frame::Method(_, m) => {
+                    self.close(
+                        503,
+                        "COMMAND_INVALID - unexpected method on channel 0",
+                        m.get_amqp_class_id(),
+                        m.get_amqp_method_id(),
+                    );
+                    Step::Stop("unexpected method on channel 0".into())
+                }
+                _ => {
+                    self.close(504, "CHANNEL_ERROR - content frame on channel 0", 0, 0);
+                    Step::Stop("content frame on channel 0".into())
+                }
+            };
+        }
+        if let Frame::Method(_, AMQPClass::Channel(m)) = &frame {
+            match m {
+                channel::AMQPMethod::Open(_) => {
+                    if self.channels.contains_key(&channel) {
+                        return self.connection_error(AmqpError::new(
+                            504,
+                            format!(
+                                "CHANNEL_ERROR - second 'channel.open' seen on channel {channel}"
+                            ),
+                        ));
+                    }
+                    if channel > self.channel_max {
+                        return self.connection_error(AmqpError::new(
+                            530,
+                            format!(
+                                "NOT_ALLOWED - channel {channel} above channel_max {}",
+                                self.channel_max
+                            ),
+                        ));
+                    }
+                    let credit = Arc::new(ChannelCredit::default());
+                    let info = self.registered.info.channel_opened(channel, credit);
+                    self.channels.insert(channel, Channel::new(channel, info));
+                    encode_method(
+                        &mut self.out.buf,
+                        channel,
+                        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                    );
+                    return Step::Continue;
+                }
+                channel::AMQPMethod::Close(_) => {
+                    let (ctx, channels) = self.ctx();
+                    if let Some(mut ch) = channels.remove(&channel) {
+                        ch.shutdown(&ctx);
+                    }
+                    self.registered.info.channel_closed(channel);
+                    encode_method(
+                        &mut self.out.buf,
+                        channel,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    return Step::Continue;
+                }
+                channel::AMQPMethod::CloseOk(_) => {
+                    if self.channels.get(&channel).is_some_and(|c| c.closing) {
+                        self.channels.remove(&channel);
+                        self.registered.info.channel_closed(channel);
+                    }
+                    return Step::Continue;
+                }
+                _ => {}
+            }
+        }
+        let peer = self.peer;
+        let (mut ctx, channels) = self.ctx();
+        let Some(ch) = channels.get_mut(&channel) else {
+            return self.connection_error(AmqpError::new(
+                504,
+                format!("CHANNEL_ERROR - expected 'channel.open' on channel {channel}"),
+            ));
+        };
+        if ch.closing {
+            return Step::Continue;
+        }
+        match ch.handle(&mut ctx, frame) {
+            Ok(()) => Step::Continue,
+            Err(e) if e.is_connection_error() => self.connection_error(e),
+            Err(e) => {
+                tracing::debug!(%peer, channel, code = e.code, "channel error: {}", e.text);
+                self.channel_error(channel, e);
+                Step::Continue
+            }
+        }
+    }
+
+    /// Close one channel with `e`: requeue its deliveries, send channel.close,
+    /// and ignore its frames until close-ok.
+    pub(super) fn channel_error(&mut self, channel: u16, e: AmqpError) {
+        let (ctx, channels) = self.ctx();
+        let Some(ch) = channels.get_mut(&channel) else {
+            return;
+        };
+        // What was confirmed before the error is acknowledged before it.
+        ch.flush_acks(ctx.out);
+        ch.shutdown(&ctx);
+        ch.closing = true;
+        encode_method(
+            ctx.out,
+            channel,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code,
+                reply_text: e.reply_text(),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+    }
+
+    pub(super) fn connection_error(&mut self, e: AmqpError) -> Step {
+        tracing::info!(peer = %self.peer, code = e.code, "closing connection: {}", e.text);
+        self.close(e.code, &e.text, e.class_id, e.method_id);
+        Step::Stop(e.text)
+    }
+
+    pub(super) fn dispatch(&mut self, d: Dispatch) {
+        let notify = self.cancel_notify;
+        let (mut ctx, channels) = self.ctx();
+        match d {
+            Dispatch::Deliver {
+                queue,
+                consumer,
+                entry,
+            } => match channels.get_mut(&consumer.channel) {
+                Some(ch) => match ch.deliver(&mut ctx, queue.clone(), consumer.clone(), entry) {
+                    Delivered::Written => {
+                        self.out.delivery_ends((consumer, queue));
+                    }
+                    Delivered::Returned => {
+                        if consumer.written() {
+                            queue.dispatch();
+                        }
+                    }
+                    Delivered::Held => {}
+                },
+                None => {
+                    consumer.settled();
+                    queue.put_back(std::iter::once(entry));
+                    consumer.written();
+                }
+            },
+            Dispatch::Cancel { channel, tag } => {
+                if let Some(ch) = channels.get_mut(&channel) {
+                    ch.server_cancel(&mut ctx, &tag, notify);
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: requeue, cancel, drop exclusive queues.
+    pub(super) fn cleanup(&mut self) {
+        let (ctx, channels) = self.ctx();
+        for (_, mut ch) in channels.drain() {
+            ch.shutdown(&ctx);
+        }
+        for name in std::mem::take(&mut self.exclusive_queues) {
+            let _ = self.broker.delete_queue(&self.vhost, &name, false, false);
+        }
+    }
+}
