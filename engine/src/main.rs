@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use wasmq::Config;
 use wasmq::admin::client::{AdminClient, segment};
+use wasmq::admin::model::{ExchangeView, GotMessage, PluginView, PublishResult, QueueView};
 use wasmq::plugin::{Compiler, PluginHost};
 use wasmq::server::Server;
 
@@ -222,68 +223,65 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Queues(a) => {
-            let qs = a
+            let qs: Vec<QueueView> = a
                 .client()?
-                .get(&format!("/api/queues/{}", segment(&a.vhost)))?;
+                .get_as(&format!("/api/queues/{}", segment(&a.vhost)))?;
             println!(
                 "{:<40} {:>10} {:>10} {:>9} {:>7}",
                 "name", "ready", "unacked", "consumers", "durable"
             );
-            for q in qs.as_array().into_iter().flatten() {
+            for q in qs {
                 println!(
                     "{:<40} {:>10} {:>10} {:>9} {:>7}",
-                    q["name"].as_str().unwrap_or(""),
-                    q["messages_ready"],
-                    q["messages_unacknowledged"],
-                    q["consumers"],
-                    q["durable"]
+                    q.name, q.messages_ready, q.messages_unacknowledged, q.consumers, q.durable
                 );
             }
             Ok(())
         }
         Command::Exchanges(a) => {
-            let xs = a
+            let xs: Vec<ExchangeView> = a
                 .client()?
-                .get(&format!("/api/exchanges/{}", segment(&a.vhost)))?;
+                .get_as(&format!("/api/exchanges/{}", segment(&a.vhost)))?;
             println!(
                 "{:<40} {:<16} {:>7} {:>12} {:>12}",
                 "name", "type", "durable", "published", "unroutable"
             );
-            for x in xs.as_array().into_iter().flatten() {
+            for x in xs {
                 println!(
                     "{:<40} {:<16} {:>7} {:>12} {:>12}",
-                    x["name"]
-                        .as_str()
-                        .map(|n| if n.is_empty() { "(default)" } else { n })
-                        .unwrap_or(""),
-                    x["type"].as_str().unwrap_or(""),
-                    x["durable"],
-                    x["message_stats"]["publish_in"],
-                    x["message_stats"]["unroutable"]
+                    if x.name.is_empty() {
+                        "(default)"
+                    } else {
+                        &x.name
+                    },
+                    x.kind,
+                    x.durable,
+                    x.message_stats.publish_in,
+                    x.message_stats.unroutable
                 );
             }
             Ok(())
         }
         Command::Plugins(a) => {
-            let ps = a.client()?.get("/api/plugins")?;
+            let ps: Vec<PluginView> = a.client()?.get_as("/api/plugins")?;
             println!(
                 "{:<20} {:<9} {:<28} {:<14} {:>10} {:>7} {:>8}",
                 "name", "state", "roles", "hash", "calls", "faults", "p99 µs"
             );
-            for p in ps.as_array().into_iter().flatten() {
+            for p in ps {
                 println!(
                     "{:<20} {:<9} {:<28} {:<14} {:>10} {:>7} {:>8}",
-                    p["name"].as_str().unwrap_or(""),
-                    p["state"].as_str().unwrap_or(""),
-                    p["roles"].as_str().unwrap_or("-"),
-                    p["hash"].as_str().map_or("-", |h| &h[..h.len().min(12)]),
-                    p["calls"],
-                    p["faults"],
-                    p["latency_us"]["p99"]
-                        .as_u64()
+                    p.name,
+                    p.state,
+                    p.roles.as_deref().unwrap_or("-"),
+                    p.hash.as_deref().map_or("-", |h| &h[..h.len().min(12)]),
+                    p.calls,
+                    p.faults,
+                    p.latency_us
+                        .and_then(|l| l.p99)
                         .map_or("-".into(), |v| v.to_string()),
                 );
-                if let Some(r) = p["rejection"].as_str() {
+                if let Some(r) = p.rejection {
                     println!("    rejected: {r}");
                 }
             }
@@ -309,7 +307,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 &exchange
             };
-            let r = admin.client()?.post(
+            let r: PublishResult = admin.client()?.post_as(
                 &format!(
                     "/api/exchanges/{}/{}/publish",
                     segment(&admin.vhost),
@@ -324,9 +322,9 @@ fn main() -> anyhow::Result<()> {
                     },
                 }),
             )?;
-            println!("routed to {} queue(s)", r["queues"]);
-            for f in r["faults"].as_array().into_iter().flatten() {
-                println!("plugin fault: {}", f.as_str().unwrap_or(""));
+            println!("routed to {} queue(s)", r.queues);
+            for f in r.faults {
+                println!("plugin fault: {f}");
             }
             Ok(())
         }
@@ -336,7 +334,7 @@ fn main() -> anyhow::Result<()> {
             count,
             requeue,
         } => {
-            let r = admin.client()?.post(
+            let msgs: Vec<GotMessage> = admin.client()?.post_as(
                 &format!(
                     "/api/queues/{}/{}/get",
                     segment(&admin.vhost),
@@ -347,17 +345,13 @@ fn main() -> anyhow::Result<()> {
                     "ackmode": if requeue { "ack_requeue_true" } else { "ack_requeue_false" },
                 }),
             )?;
-            let msgs = r.as_array().cloned().unwrap_or_default();
             if msgs.is_empty() {
                 println!("(queue is empty)");
             }
             for m in msgs {
                 println!(
-                    "exchange={} routing_key={} redelivered={}\n{}",
-                    m["exchange"],
-                    m["routing_key"],
-                    m["redelivered"],
-                    m["payload"].as_str().unwrap_or("")
+                    "exchange={:?} routing_key={:?} redelivered={}\n{}",
+                    m.exchange, m.routing_key, m.redelivered, m.payload
                 );
             }
             Ok(())

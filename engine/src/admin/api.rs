@@ -17,6 +17,10 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::model::{
+    ExchangeMessageStats, ExchangePlugins, ExchangeView, GotMessage, GotProperties, LatencyView,
+    PluginView, PublishResult, QueueMessageStats, QueueView,
+};
 use super::{AdminState, ApiError, Viewer};
 use crate::broker::{Exchange, Queue, VHost};
 use crate::json::{json_to_table, table_to_json};
@@ -174,47 +178,49 @@ async fn vhosts(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
     ))
 }
 
-fn exchange_json(v: &VHost, x: &Exchange) -> Value {
+fn exchange_view(v: &VHost, x: &Exchange) -> ExchangeView {
     let st = &x.stats;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    json!({
-        "name": x.name,
-        "vhost": v.name,
-        "type": x.kind,
-        "durable": x.durable,
-        "auto_delete": x.auto_delete,
-        "internal": x.internal,
-        "arguments": table_to_json(&x.arguments),
-        "plugin": {
-            "router": x.router().version().name,
-            "router_hash": x.router().version().hash,
-            "transform": x.transform_name,
+    let router = x.router();
+    let router = router.version();
+    ExchangeView {
+        name: x.name.clone(),
+        vhost: v.name.clone(),
+        kind: x.kind.clone(),
+        durable: x.durable,
+        auto_delete: x.auto_delete,
+        internal: x.internal,
+        arguments: table_to_json(&x.arguments),
+        plugin: ExchangePlugins {
+            router: router.name.clone(),
+            router_hash: router.hash.clone(),
+            transform: x.transform_name.clone(),
         },
-        "message_stats": {
-            "publish_in": n(&st.published),
-            "routed": n(&st.routed),
-            "unroutable": n(&st.unroutable),
-            "dropped": n(&st.dropped),
-            "dead_lettered": n(&st.dead_lettered),
-            "plugin_faults": n(&st.faults),
+        message_stats: ExchangeMessageStats {
+            publish_in: n(&st.published),
+            routed: n(&st.routed),
+            unroutable: n(&st.unroutable),
+            dropped: n(&st.dropped),
+            dead_lettered: n(&st.dead_lettered),
+            plugin_faults: n(&st.faults),
         },
-    })
+    }
 }
 
-fn list_exchanges(vhosts: &[Arc<VHost>]) -> Json<Value> {
+fn list_exchanges(vhosts: &[Arc<VHost>]) -> Json<Vec<ExchangeView>> {
     let mut out = Vec::new();
     for v in vhosts {
         let mut xs = v.exchanges();
         xs.sort_by(|a, b| a.name.cmp(&b.name));
-        out.extend(xs.iter().map(|x| exchange_json(v, x)));
+        out.extend(xs.iter().map(|x| exchange_view(v, x)));
     }
-    Json(Value::Array(out))
+    Json(out)
 }
 
 async fn exchanges(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
-) -> Json<Value> {
+) -> Json<Vec<ExchangeView>> {
     list_exchanges(&visible_vhosts(&s, &viewer))
 }
 
@@ -222,7 +228,7 @@ async fn exchanges_in(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
     Path(v): Path<String>,
-) -> ApiResult {
+) -> ApiResult<Json<Vec<ExchangeView>>> {
     Ok(list_exchanges(&[visible_vhost(&s, &viewer, &v)?]))
 }
 
@@ -230,50 +236,53 @@ async fn exchange(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
     Path((v, name)): Path<(String, String)>,
-) -> ApiResult {
+) -> ApiResult<Json<ExchangeView>> {
     let v = visible_vhost(&s, &viewer, &v)?;
     let x = v.exchange(&name)?;
-    Ok(Json(exchange_json(&v, &x)))
+    Ok(Json(exchange_view(&v, &x)))
 }
 
-fn queue_json(v: &VHost, q: &Queue) -> Value {
+fn queue_view(v: &VHost, q: &Queue) -> QueueView {
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let ready = q.len() as u64;
     let unacked = q.unacked();
-    json!({
-        "name": q.name,
-        "vhost": v.name,
-        "durable": q.durable,
-        "exclusive": q.exclusive(),
-        "auto_delete": q.auto_delete,
-        "arguments": table_to_json(&q.arguments),
-        "messages": ready + unacked,
-        "messages_ready": ready,
-        "messages_unacknowledged": unacked,
-        "message_bytes_ready": q.ready_bytes(),
-        "consumers": q.consumer_count(),
-        "segments": q.log().map(|l| l.segment_count()),
-        "message_stats": {
-            "publish": n(&q.enqueued),
-            "deliver_get": n(&q.delivered),
-            "redeliver": n(&q.redelivered),
-            "ack": n(&q.acked),
-            "dead_lettered": n(&q.dead_lettered),
+    QueueView {
+        name: q.name.clone(),
+        vhost: v.name.clone(),
+        durable: q.durable,
+        exclusive: q.exclusive(),
+        auto_delete: q.auto_delete,
+        arguments: table_to_json(&q.arguments),
+        messages: ready + unacked,
+        messages_ready: ready,
+        messages_unacknowledged: unacked,
+        message_bytes_ready: q.ready_bytes(),
+        consumers: q.consumer_count(),
+        segments: q.log().map(|l| l.segment_count()),
+        message_stats: QueueMessageStats {
+            publish: n(&q.enqueued),
+            deliver_get: n(&q.delivered),
+            redeliver: n(&q.redelivered),
+            ack: n(&q.acked),
+            dead_lettered: n(&q.dead_lettered),
         },
-    })
+    }
 }
 
-fn list_queues(vhosts: &[Arc<VHost>]) -> Json<Value> {
+fn list_queues(vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
     let mut out = Vec::new();
     for v in vhosts {
         let mut qs = v.queues();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
-        out.extend(qs.iter().map(|q| queue_json(v, q)));
+        out.extend(qs.iter().map(|q| queue_view(v, q)));
     }
-    Json(Value::Array(out))
+    Json(out)
 }
 
-async fn queues(State(s): State<AdminState>, Extension(viewer): Extension<Viewer>) -> Json<Value> {
+async fn queues(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Vec<QueueView>> {
     list_queues(&visible_vhosts(&s, &viewer))
 }
 
@@ -281,7 +290,7 @@ async fn queues_in(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
     Path(v): Path<String>,
-) -> ApiResult {
+) -> ApiResult<Json<Vec<QueueView>>> {
     Ok(list_queues(&[visible_vhost(&s, &viewer, &v)?]))
 }
 
@@ -289,10 +298,10 @@ async fn queue(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
     Path((v, name)): Path<(String, String)>,
-) -> ApiResult {
+) -> ApiResult<Json<QueueView>> {
     let v = visible_vhost(&s, &viewer, &v)?;
     let q = v.queue(&name)?;
-    Ok(Json(queue_json(&v, &q)))
+    Ok(Json(queue_view(&v, &q)))
 }
 
 async fn delete_queue(
@@ -661,7 +670,7 @@ async fn publish(
     State(s): State<AdminState>,
     Path((v, exchange)): Path<(String, String)>,
     Json(body): Json<PublishBody>,
-) -> ApiResult {
+) -> ApiResult<Json<PublishResult>> {
     let v = vhost(&s, &v)?;
     let exchange = if exchange == "amq.default" {
         String::new()
@@ -699,11 +708,11 @@ async fn publish(
         bytes::Bytes::from(body.payload.into_bytes()),
     );
     let outcome = s.broker.publish(&v, &exchange, message)?;
-    Ok(Json(json!({
-        "routed": outcome.delivered > 0,
-        "queues": outcome.delivered,
-        "faults": outcome.faults.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
-    })))
+    Ok(Json(PublishResult {
+        routed: outcome.delivered > 0,
+        queues: outcome.delivered,
+        faults: outcome.faults.iter().map(|f| f.to_string()).collect(),
+    }))
 }
 
 #[derive(Deserialize)]
@@ -728,7 +737,7 @@ async fn get_messages(
     State(s): State<AdminState>,
     Path((v, name)): Path<(String, String)>,
     Json(body): Json<GetBody>,
-) -> ApiResult {
+) -> ApiResult<Json<Vec<GotMessage>>> {
     let requeue = match body.ackmode.as_str() {
         "ack_requeue_false" => false,
         "ack_requeue_true" => true,
@@ -762,20 +771,20 @@ async fn get_messages(
             .headers()
             .as_ref()
             .map_or(Value::Null, table_to_json);
-        out.push(json!({
-            "exchange": m.exchange,
-            "routing_key": m.routing_key,
-            "redelivered": entry.redelivered,
-            "payload": String::from_utf8_lossy(&m.body),
-            "payload_bytes": m.body.len(),
-            "properties": {
-                "delivery_mode": m.properties.delivery_mode(),
-                "content_type": m.properties.content_type().as_ref().map(|c| c.to_string()),
-                "message_id": m.properties.message_id().as_ref().map(|c| c.to_string()),
-                "headers": headers,
+        out.push(GotMessage {
+            exchange: m.exchange.to_string(),
+            routing_key: m.routing_key.to_string(),
+            redelivered: entry.redelivered,
+            payload: String::from_utf8_lossy(&m.body).into_owned(),
+            payload_bytes: m.body.len(),
+            properties: GotProperties {
+                delivery_mode: *m.properties.delivery_mode(),
+                content_type: m.properties.content_type().as_ref().map(|c| c.to_string()),
+                message_id: m.properties.message_id().as_ref().map(|c| c.to_string()),
+                headers,
             },
-            "message_count": q.len(),
-        }));
+            message_count: q.len(),
+        });
         taken.push(entry);
     }
     if requeue {
@@ -784,31 +793,57 @@ async fn get_messages(
         q.acked.fetch_add(taken.len() as u64, Ordering::Relaxed);
         q.forget(&taken);
     }
-    Ok(Json(Value::Array(out)))
+    Ok(Json(out))
 }
 
-fn plugin_json(s: &AdminState, p: &crate::plugin::PluginStatus) -> Value {
-    let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-    if let (Value::Object(m), Some(version)) = (&mut v, s.broker.plugins().get(&p.name)) {
-        m.insert("exports".into(), json!(version.exports));
-        m.insert("size".into(), json!(version.size));
-        m.insert("self_tests".into(), json!(version.self_tests));
+fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
+    let version = s.broker.plugins().get(&p.name);
+    let state = serde_json::to_value(&p.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    PluginView {
+        name: p.name,
+        state,
+        roles: p.roles,
+        hash: p.hash,
+        abi_version: p.abi_version,
+        builtin: p.builtin,
+        code: p.code.map(str::to_owned),
+        loaded_at: p.loaded_at,
+        faults: p.faults,
+        calls: p.calls,
+        latency_us: p.latency_us.map(|l| LatencyView {
+            p50: l.p50,
+            p90: l.p90,
+            p99: l.p99,
+        }),
+        swaps: p.swaps,
+        rejection: p.rejection,
+        exports: version
+            .as_ref()
+            .map(|v| v.exports.clone())
+            .unwrap_or_default(),
+        size: version.as_ref().map_or(0, |v| v.size),
+        self_tests: version.as_ref().map_or(0, |v| v.self_tests),
     }
-    v
 }
 
-async fn plugins(State(s): State<AdminState>) -> Json<Value> {
-    Json(Value::Array(
+async fn plugins(State(s): State<AdminState>) -> Json<Vec<PluginView>> {
+    Json(
         s.broker
             .plugins()
             .list()
-            .iter()
-            .map(|p| plugin_json(&s, p))
+            .into_iter()
+            .map(|p| plugin_view(&s, p))
             .collect(),
-    ))
+    )
 }
 
-async fn plugin(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+async fn plugin(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<PluginView>> {
     let p = s
         .broker
         .plugins()
@@ -816,7 +851,7 @@ async fn plugin(State(s): State<AdminState>, Path(name): Path<String>) -> ApiRes
         .into_iter()
         .find(|p| p.name == name)
         .ok_or_else(|| ApiError::not_found(format!("plugin '{name}'")))?;
-    Ok(Json(plugin_json(&s, &p)))
+    Ok(Json(plugin_view(&s, p)))
 }
 
 /// Validate an uploaded plugin, then write it into the plugin folder with

@@ -129,6 +129,29 @@ impl AdminClient {
         Self::json(&Self::finish(r)?.1)
     }
 
+    /// GET a document as one of the API's response types
+    /// ([`super::model`]).
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::typed(self.get(path)?)
+    }
+
+    /// POST a JSON document; the answer as one of the API's response types.
+    pub fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<T, ClientError> {
+        Self::typed(self.post(path, body)?)
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ClientError> {
+        serde_json::from_value(v).map_err(|e| {
+            ClientError::Transport(format!(
+                "unexpected answer (a broker of another version?): {e}"
+            ))
+        })
+    }
+
     /// GET a text document (`/metrics`).
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let r = self

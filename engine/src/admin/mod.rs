@@ -23,6 +23,7 @@
 mod api;
 pub mod client;
 mod metrics;
+pub mod model;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

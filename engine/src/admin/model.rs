@@ -1,0 +1,201 @@
+//! The admin API's response bodies, as types both sides share: the API
+//! serializes them and the CLI (through [`super::client::AdminClient`])
+//! reads them back, so a renamed field is a compile error instead of a
+//! column of `null`s. Field names follow RabbitMQ's management API where
+//! it has the same thing (`messages_ready`, `message_stats.publish_in`),
+//! so its dashboards and scripts read these too.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One exchange (`GET /api/exchanges/...`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExchangeView {
+    /// Name (empty: the default exchange).
+    pub name: String,
+    /// Its vhost.
+    pub vhost: String,
+    /// Exchange type: the router plugin's name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Deleted with its last binding.
+    pub auto_delete: bool,
+    /// Not published to by clients.
+    pub internal: bool,
+    /// Declare arguments, as JSON.
+    pub arguments: Value,
+    /// The plugins deciding for it.
+    pub plugin: ExchangePlugins,
+    /// Counters since it was declared.
+    pub message_stats: ExchangeMessageStats,
+}
+
+/// The plugins of an exchange.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExchangePlugins {
+    /// Router plugin name.
+    pub router: String,
+    /// Content hash of the serving router version.
+    pub router_hash: String,
+    /// Transform plugin name, if any.
+    pub transform: Option<String>,
+}
+
+/// An exchange's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExchangeMessageStats {
+    /// Messages published to it.
+    pub publish_in: u64,
+    /// Of those, routed to at least one queue.
+    pub routed: u64,
+    /// Routed nowhere.
+    pub unroutable: u64,
+    /// Dropped by a filter or transform.
+    pub dropped: u64,
+    /// Sent to its dead-letter exchange after a plugin fault.
+    pub dead_lettered: u64,
+    /// Plugin faults while deciding for it.
+    pub plugin_faults: u64,
+}
+
+/// One queue (`GET /api/queues/...`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueView {
+    /// Name.
+    pub name: String,
+    /// Its vhost.
+    pub vhost: String,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Owned by one connection.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Declare arguments, as JSON.
+    pub arguments: Value,
+    /// Ready plus unacknowledged.
+    pub messages: u64,
+    /// Waiting for a consumer.
+    pub messages_ready: u64,
+    /// Delivered, not yet acknowledged.
+    pub messages_unacknowledged: u64,
+    /// Estimated bytes of ready messages.
+    pub message_bytes_ready: usize,
+    /// Consumers.
+    pub consumers: usize,
+    /// Segment files of its log (durable queues with a store).
+    pub segments: Option<usize>,
+    /// Counters since it was declared.
+    pub message_stats: QueueMessageStats,
+}
+
+/// A queue's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct QueueMessageStats {
+    /// Messages enqueued.
+    pub publish: u64,
+    /// Deliveries to consumers and `basic.get`.
+    pub deliver_get: u64,
+    /// Of those, marked redelivered.
+    pub redeliver: u64,
+    /// Acknowledged.
+    pub ack: u64,
+    /// Dead-lettered (expired, rejected, overflowed).
+    pub dead_lettered: u64,
+}
+
+/// One plugin (`GET /api/plugins`): its state and serving version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PluginView {
+    /// Plugin name.
+    pub name: String,
+    /// `serving`, `rejected` or `orphaned`.
+    pub state: String,
+    /// Roles of the serving version.
+    pub roles: Option<String>,
+    /// Content hash of the serving version.
+    pub hash: Option<String>,
+    /// ABI version of the serving version.
+    pub abi_version: Option<u32>,
+    /// A built-in exchange type.
+    pub builtin: bool,
+    /// `baseline` or `optimized` code.
+    pub code: Option<String>,
+    /// When the serving version was loaded (seconds since the epoch).
+    pub loaded_at: Option<u64>,
+    /// Faults of the serving version.
+    pub faults: u64,
+    /// Message calls of the serving version.
+    pub calls: u64,
+    /// Call time percentiles, µs.
+    pub latency_us: Option<LatencyView>,
+    /// Times a new version replaced a serving one.
+    pub swaps: u64,
+    /// Why the latest file was rejected.
+    pub rejection: Option<String>,
+    /// The serving version's exports.
+    #[serde(default)]
+    pub exports: Vec<String>,
+    /// The serving version's size in bytes.
+    #[serde(default)]
+    pub size: usize,
+    /// Self-test vectors the serving version passed at load.
+    #[serde(default)]
+    pub self_tests: usize,
+}
+
+/// Call time percentiles, µs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LatencyView {
+    /// Median.
+    pub p50: Option<u64>,
+    /// 90th.
+    pub p90: Option<u64>,
+    /// 99th.
+    pub p99: Option<u64>,
+}
+
+/// What `POST /api/exchanges/{vhost}/{name}/publish` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishResult {
+    /// Reached at least one queue.
+    pub routed: bool,
+    /// Queues reached.
+    pub queues: usize,
+    /// Plugin faults met on the way, as text.
+    pub faults: Vec<String>,
+}
+
+/// One message taken by `POST /api/queues/{vhost}/{name}/get`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GotMessage {
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// The body as text (invalid UTF-8 replaced).
+    pub payload: String,
+    /// Body length in bytes.
+    pub payload_bytes: usize,
+    /// Some of its properties.
+    pub properties: GotProperties,
+    /// Ready messages left in the queue after it.
+    pub message_count: usize,
+}
+
+/// The properties shown with a message taken by the API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GotProperties {
+    /// 2: persistent.
+    pub delivery_mode: Option<u8>,
+    /// Content type.
+    pub content_type: Option<String>,
+    /// Message id.
+    pub message_id: Option<String>,
+    /// Headers, as JSON (null: none).
+    pub headers: Value,
+}
