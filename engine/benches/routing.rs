@@ -206,7 +206,13 @@ fn broker_with_topic_exchange(
     };
     broker.declare_exchange(&vhost, spec, false).unwrap();
     broker
-        .declare_queue(&vhost, "q", false, None, false, FieldTable::default())
+        .declare_queue(
+            &vhost,
+            wasmq::broker::QueueDecl {
+                name: "q".into(),
+                ..Default::default()
+            },
+        )
         .unwrap();
     for i in 0..BINDINGS {
         broker

@@ -123,11 +123,10 @@ impl TestBroker {
         self.broker
             .declare_queue(
                 &self.vhost(),
-                name,
-                false,
-                None,
-                false,
-                FieldTable::default(),
+                wasmq::broker::QueueDecl {
+                    name: name.to_string(),
+                    ..Default::default()
+                },
             )
             .unwrap();
     }

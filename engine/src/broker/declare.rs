@@ -155,17 +155,12 @@ impl Broker {
         Ok(())
     }
 
-    /// Declare a queue (idempotent for the same flags). `owner` makes it
-    /// exclusive to that connection.
-    pub fn declare_queue(
-        &self,
-        vhost: &VHost,
-        name: &str,
-        durable: bool,
-        owner: Option<u64>,
-        auto_delete: bool,
-        arguments: FieldTable,
-    ) -> Result<Arc<Queue>, BrokerError> {
+    /// Declare a queue (idempotent for the same flags). `decl.owner` makes
+    /// it exclusive to that connection.
+    pub fn declare_queue(&self, vhost: &VHost, decl: QueueDecl) -> Result<Arc<Queue>, BrokerError> {
+        let name = decl.name.clone();
+        let name = name.as_str();
+        let (durable, owner, auto_delete) = (decl.durable, decl.owner, decl.auto_delete);
         check_short("queue name", name)?;
         if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
             return Err(BrokerError::AccessRefused(format!(
@@ -196,7 +191,7 @@ impl Broker {
                     )));
                 }
             }
-            if q.arguments != arguments {
+            if q.arguments != decl.arguments {
                 return Err(BrokerError::PreconditionFailed(format!(
                     "inequivalent arg for queue '{name}' in vhost '{}': declared with other arguments than it has",
                     vhost.name
@@ -204,7 +199,7 @@ impl Broker {
             }
             return Ok(q.clone());
         }
-        let limits = QueueLimits::parse(&arguments).map_err(|e| {
+        let limits = QueueLimits::parse(&decl.arguments).map_err(|e| {
             BrokerError::PreconditionFailed(format!(
                 "{e} for queue '{name}' in vhost '{}'",
                 vhost.name
@@ -217,13 +212,6 @@ impl Broker {
             .dead_letter_exchange
             .is_some()
             .then(|| self.dead_letter_sink(&vhost.name));
-        let decl = QueueDecl {
-            name: name.to_owned(),
-            durable,
-            owner,
-            auto_delete,
-            arguments,
-        };
         // Exclusive queues die with their connection, so never outlive a
         // restart: only durable shared queues get a log.
         let (log, recovered) = match self.store.get() {

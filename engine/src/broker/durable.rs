@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Broker, BrokerError, Destination, ExchangeSpec};
+use super::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl};
 use crate::store::definitions::{
     BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
     VHostDefinitions,
@@ -174,11 +174,13 @@ impl Broker {
                 let queue = self
                     .declare_queue(
                         &vhost,
-                        &q.name,
-                        true,
-                        None,
-                        q.auto_delete,
-                        q.arguments.clone(),
+                        QueueDecl {
+                            name: q.name.to_string(),
+                            durable: true,
+                            auto_delete: q.auto_delete,
+                            arguments: q.arguments.clone(),
+                            ..Default::default()
+                        },
                     )
                     .map_err(at(format!("queue '{}' in vhost '{}'", q.name, v.name)))?;
                 if recovering {

@@ -625,7 +625,7 @@ fn ticks(d: std::time::Duration) -> u64 {
 
 /// Run a validation step, and once more on fresh instances if it failed
 /// with a deadline fault: on a loaded machine a thread preempted for longer
-/// than the 5 ms message deadline fails a healthy plugin (seen in CI),
+/// than the 5 ms message deadline fails a healthy plugin,
 /// while a plugin that really hangs fails both times, for the price of one
 /// more deadline.
 fn again_after_deadline<T, E>(

@@ -370,7 +370,7 @@ impl Instance {
     /// set-up call (`setup`) growing the buffer gets the set-up deadline
     /// too: a fresh instance's first allocation touches new memory, and on
     /// a loaded machine it ran past the 5 ms message deadline and failed a
-    /// broker's start (seen in CI).
+    /// broker's start.
     fn write_input(&mut self, parts: &[&[u8]], setup: bool) -> Result<i32, PluginFault> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total > i32::MAX as usize {
@@ -475,7 +475,7 @@ impl Instance {
     ) -> Result<(), CallError> {
         // Taken out and put back rather than cloned: a `TypedFunc` clone
         // is an atomic increment and decrement of its type's registration,
-        // 4% of an unmemoized topic route (perf, session 6).
+        // 4% of an unmemoized topic route under perf.
         let f = self
             .route
             .take()

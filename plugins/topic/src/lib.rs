@@ -161,7 +161,7 @@ impl Node {
 /// A plain byte loop rather than `split_once('.')`: words are a few bytes,
 /// and core's searcher (a call into `memchr`, which then sets up a
 /// word-at-a-time scan) cost more than the scan itself. In the Wasm build it
-/// was 14% of an unmemoized route (perf, session 6).
+/// was 14% of an unmemoized route under perf.
 #[inline]
 fn next_word(s: &str) -> (&str, Option<&str>) {
     match s.bytes().position(|b| b == b'.') {

@@ -4,6 +4,7 @@
 
 use super::consume::server_name;
 use super::*;
+use crate::broker::QueueDecl;
 
 impl Channel {
     pub(super) fn queue_name(&self, name: &ShortString) -> Result<String, AmqpError> {
@@ -167,11 +168,13 @@ impl Channel {
                     let owner = d.exclusive.then_some(ctx.connection);
                     let q = ctx.broker.declare_queue(
                         ctx.vhost,
-                        &name,
-                        d.durable,
-                        owner,
-                        d.auto_delete,
-                        d.arguments.clone(),
+                        QueueDecl {
+                            name: name.to_string(),
+                            durable: d.durable,
+                            owner,
+                            auto_delete: d.auto_delete,
+                            arguments: d.arguments.clone(),
+                        },
                     )?;
                     if owner.is_some() && !ctx.exclusive_queues.contains(&name) {
                         ctx.exclusive_queues.push(name);

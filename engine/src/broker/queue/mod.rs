@@ -229,12 +229,14 @@ impl Queue {
         Some(self.used.lock().elapsed())
     }
 
-    fn hold(&self, st: &mut State, e: &Entry) {
+    /// Count `e` into the ready totals (it joined the ready messages).
+    fn count_ready(&self, st: &mut State, e: &Entry) {
         st.body_bytes += e.body_len as usize;
         self.ready_bytes.fetch_add(e.footprint(), Ordering::Relaxed);
     }
 
-    fn release(&self, st: &mut State, e: &Entry) {
+    /// Take `e` out of the ready totals (it left the ready messages).
+    fn uncount_ready(&self, st: &mut State, e: &Entry) {
         st.body_bytes -= e.body_len as usize;
         self.release_bytes(e.footprint());
     }
@@ -291,7 +293,7 @@ impl Queue {
                 }),
             };
             self.enqueued.fetch_add(1, Ordering::Relaxed);
-            self.hold(&mut st, &entry);
+            self.count_ready(&mut st, &entry);
             st.messages.push_back(entry);
         }
     }
@@ -362,7 +364,7 @@ impl Queue {
     fn expire_head(&self, st: &mut State, dead: &mut Dead) {
         let mut now = None;
         while let Some(e) = st.messages.pop_expired(&mut now) {
-            self.release(st, &e);
+            self.uncount_ready(st, &e);
             dead.push((e, DeathReason::Expired));
         }
     }
@@ -425,7 +427,7 @@ impl Queue {
                     Overflow::DropHead => {
                         while !st.messages.is_empty() && self.over_limit(&st, 1, size) {
                             let e = st.messages.pop_front().expect("checked");
-                            self.release(&mut st, &e);
+                            self.uncount_ready(&mut st, &e);
                             dead.push((e, DeathReason::MaxLength));
                         }
                     }
@@ -454,7 +456,7 @@ impl Queue {
                 if page_out {
                     entry.message = None;
                 }
-                self.hold(&mut st, &entry);
+                self.count_ready(&mut st, &entry);
                 st.messages.push_back(entry);
                 self.dispatch_locked(&mut st, &mut dead);
             } else if let Some(r) = entry.stored {
@@ -488,7 +490,7 @@ impl Queue {
             let mut st = self.state.lock();
             for mut e in entries.rev() {
                 e.redelivered |= mark;
-                self.hold(&mut st, &e);
+                self.count_ready(&mut st, &e);
                 st.messages.push_front(e);
             }
             self.dispatch_locked(&mut st, &mut dead);
@@ -540,7 +542,7 @@ impl Queue {
             st.next = (at + 1) % n;
             let consumer = st.consumers[at].clone();
             let entry = st.messages.pop_front().expect("checked non-empty");
-            self.release(st, &entry);
+            self.uncount_ready(st, &entry);
             consumer.take_credit();
             let dispatch = Dispatch::Deliver {
                 queue: self.clone(),
@@ -551,7 +553,7 @@ impl Queue {
                 consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
-                self.hold(st, &entry);
+                self.count_ready(st, &entry);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);
                 st.next = 0;
@@ -570,7 +572,7 @@ impl Queue {
             self.expire_head(&mut st, &mut dead);
             let e = st.messages.pop_front();
             if let Some(e) = &e {
-                self.release(&mut st, e);
+                self.uncount_ready(&mut st, e);
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             }
             e
