@@ -53,6 +53,7 @@ pub mod admin;
 pub mod alarm;
 pub mod amqp;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod json;
 pub mod latency;

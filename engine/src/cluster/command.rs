@@ -1,0 +1,104 @@
+//! What the cluster's replicated log carries: definition changes as the
+//! client asked for them, and what applying one did.
+//!
+//! An entry is the *request* (declare this queue with these arguments),
+//! not its result: every node applies it to the same definitions in the
+//! same order, so every node reaches the same verdict (a 406 for an
+//! inequivalent redeclaration is a 406 everywhere) without a second round.
+//! Applying must therefore depend on nothing but the definitions and the
+//! entry: no clocks, no node-local state.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::definitions::{BindingDefinition, ExchangeDefinition, QueueDefinition};
+
+/// One replicated definition change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// `exchange.declare`.
+    DeclareExchange {
+        /// Its vhost.
+        vhost: String,
+        /// The exchange.
+        exchange: ExchangeDefinition,
+        /// Survives a restart of the whole cluster.
+        durable: bool,
+    },
+    /// `exchange.delete`.
+    DeleteExchange {
+        /// Its vhost.
+        vhost: String,
+        /// Its name.
+        name: String,
+        /// Only if it has no bindings.
+        if_unused: bool,
+    },
+    /// `queue.declare` of a shared (not exclusive) queue.
+    DeclareQueue {
+        /// Its vhost.
+        vhost: String,
+        /// The queue.
+        queue: QueueDefinition,
+        /// Survives a restart.
+        durable: bool,
+        /// The node it lives on (where its messages are kept).
+        node: String,
+    },
+    /// `queue.delete`.
+    DeleteQueue {
+        /// Its vhost.
+        vhost: String,
+        /// Its name.
+        name: String,
+        /// Only without consumers (checked on its node).
+        if_unused: bool,
+        /// Only when empty (checked on its node).
+        if_empty: bool,
+    },
+    /// `queue.bind` / `exchange.bind`.
+    Bind {
+        /// Its vhost.
+        vhost: String,
+        /// The binding.
+        binding: BindingDefinition,
+    },
+    /// `queue.unbind` / `exchange.unbind`.
+    Unbind {
+        /// Its vhost.
+        vhost: String,
+        /// The binding.
+        binding: BindingDefinition,
+    },
+}
+
+impl Command {
+    /// The vhost it changes.
+    pub fn vhost(&self) -> &str {
+        match self {
+            Command::DeclareExchange { vhost, .. }
+            | Command::DeleteExchange { vhost, .. }
+            | Command::DeclareQueue { vhost, .. }
+            | Command::DeleteQueue { vhost, .. }
+            | Command::Bind { vhost, .. }
+            | Command::Unbind { vhost, .. } => vhost,
+        }
+    }
+}
+
+/// What applying a [`Command`] did, the same on every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// Done (also: nothing to do, as for a redeclaration).
+    #[default]
+    Done,
+    /// Done; the number of messages it removed (`queue.delete-ok`).
+    Removed(u32),
+    /// Refused, with the AMQP reply code and text the client gets.
+    Refused {
+        /// AMQP reply code (404, 406, 403, ...).
+        code: u16,
+        /// Reply text.
+        text: String,
+    },
+}

@@ -1,0 +1,525 @@
+//! The connection between two nodes: authenticated, framed, and carrying
+//! requests both ways.
+//!
+//! **Authentication.** Every node holds the cluster's secret (RabbitMQ's
+//! Erlang cookie), and proves it without sending it: the dialer sends a
+//! random nonce, the listener answers with its own nonce and an HMAC-SHA256
+//! of both under the secret, and the dialer answers with an HMAC of both in
+//! the other order. A node that cannot prove it is refused before it can
+//! send a single request, and the refusal is logged on both sides.
+//!
+//! **Frames.** `len u32 LE | JSON`, at most [`MAX_FRAME`] bytes. A frame is
+//! a request (`id`, call) or the response to one; either side may send
+//! requests, so one connection serves a pair of nodes both ways.
+//!
+//! **Backpressure.** Frames to send wait in a bounded queue
+//! ([`SEND_QUEUE`]): a node that sends faster than its peer reads waits
+//! for room instead of buffering without bound.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::command::{Applied, Command};
+use super::{Member, NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+/// The largest frame (a snapshot chunk, a batch of entries).
+pub const MAX_FRAME: usize = 64 << 20;
+/// Frames waiting to be written on one link.
+pub const SEND_QUEUE: usize = 256;
+/// Time a peer has to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const PROTOCOL: &str = "wasmq-cluster/1";
+
+/// A call one node makes of another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Call {
+    /// Raft: replicate entries (also the leader's heartbeat).
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft: a candidate asks for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// Raft: a chunk of a snapshot.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A follower hands the leader a definition change to commit.
+    Propose(Command),
+    /// A node with no cluster state asks to become a member.
+    Join(Member),
+    /// A member asks to be removed (`wasmq cluster leave`).
+    Leave(String),
+}
+
+/// The answer to a [`Call`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Answer {
+    /// To `AppendEntries`.
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To `InstallSnapshot`.
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// To `Propose`: the outcome and the index it was committed at.
+    Proposed(Result<(Applied, u64), String>),
+    /// To `Join` and `Leave`.
+    Membership(Result<(), String>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Frame {
+    Request {
+        id: u64,
+        call: Call,
+    },
+    Response {
+        id: u64,
+        answer: Result<Answer, String>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    protocol: String,
+    node: String,
+    nonce: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize)]
+struct Challenge {
+    protocol: String,
+    node: String,
+    nonce: [u8; 32],
+    proof: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Proof {
+    proof: Vec<u8>,
+}
+
+/// Why a link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The peer could not be reached or the connection broke.
+    #[error("node {peer} unreachable: {reason}")]
+    Unreachable {
+        /// The peer's address or name.
+        peer: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The peer does not hold the cluster secret, or speaks another
+    /// protocol.
+    #[error("node {peer} refused: {reason}")]
+    Refused {
+        /// The peer's address or name.
+        peer: String,
+        /// What happened.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("node {peer} did not answer in {after:?}")]
+    Timeout {
+        /// The peer.
+        peer: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// The peer answered with an error.
+    #[error("node {peer}: {reason}")]
+    Remote {
+        /// The peer.
+        peer: String,
+        /// Its error.
+        reason: String,
+    },
+}
+
+/// What handles the calls a peer makes of this node.
+pub type Handler =
+    Arc<dyn Fn(Call) -> Pin<Box<dyn Future<Output = Result<Answer, String>> + Send>> + Send + Sync>;
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Answer, String>>>>;
+
+/// An open, authenticated connection to one peer.
+pub struct Link {
+    /// The peer's node name.
+    pub peer: String,
+    tx: mpsc::Sender<Frame>,
+    pending: Arc<Pending>,
+    next: AtomicU64,
+    closed: Arc<AtomicBool>,
+}
+
+fn hmac(secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().to_vec()
+}
+
+fn verify(secret: &[u8], parts: &[&[u8]], proof: &[u8]) -> bool {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(p);
+    }
+    // Constant time: the comparison leaks nothing of the expected value.
+    m.verify_slice(proof).is_ok()
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).expect("the OS has randomness");
+    n
+}
+
+async fn write_json<T: Serialize>(w: &mut OwnedWriteHalf, v: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    w.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+async fn read_json<T: for<'a> Deserialize<'a>>(r: &mut OwnedReadHalf) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    serde_json::from_slice(&buf).map_err(std::io::Error::other)
+}
+
+impl Link {
+    /// Dial `addr` as node `me` and authenticate.
+    pub async fn dial(
+        addr: &str,
+        me: &str,
+        secret: &[u8],
+        handler: Handler,
+    ) -> Result<Arc<Link>, LinkError> {
+        let unreachable = |reason: String| LinkError::Unreachable {
+            peer: addr.to_owned(),
+            reason,
+        };
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        stream.set_nodelay(true).ok();
+        let (mut r, mut w) = stream.into_split();
+        let mine = nonce();
+        let handshake = async {
+            write_json(
+                &mut w,
+                &Hello {
+                    protocol: PROTOCOL.into(),
+                    node: me.into(),
+                    nonce: mine,
+                },
+            )
+            .await?;
+            let c: Challenge = read_json(&mut r).await?;
+            Ok::<_, std::io::Error>(c)
+        };
+        let c = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        if c.protocol != PROTOCOL {
+            return Err(LinkError::Refused {
+                peer: addr.to_owned(),
+                reason: format!("speaks {}, not {PROTOCOL}", c.protocol),
+            });
+        }
+        if !verify(secret, &[b"listener", &mine, &c.nonce], &c.proof) {
+            return Err(LinkError::Refused {
+                peer: addr.to_owned(),
+                reason: "it does not hold this cluster's secret".into(),
+            });
+        }
+        write_json(
+            &mut w,
+            &Proof {
+                proof: hmac(secret, &[b"dialer", &c.nonce, &mine]),
+            },
+        )
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Link::start(c.node, r, w, handler))
+    }
+
+    /// Authenticate a connection a peer opened to this node's listener.
+    /// Returns the link, named after the peer.
+    pub async fn accept(
+        stream: TcpStream,
+        me: &str,
+        secret: &[u8],
+        handler: Handler,
+    ) -> Result<Arc<Link>, LinkError> {
+        let peer_addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        stream.set_nodelay(true).ok();
+        let (mut r, mut w) = stream.into_split();
+        let refused = |reason: String| LinkError::Refused {
+            peer: peer_addr.clone(),
+            reason,
+        };
+        let mine = nonce();
+        let handshake = async {
+            let h: Hello = read_json(&mut r).await?;
+            if h.protocol != PROTOCOL {
+                return Ok(Err(format!("speaks {}, not {PROTOCOL}", h.protocol)));
+            }
+            write_json(
+                &mut w,
+                &Challenge {
+                    protocol: PROTOCOL.into(),
+                    node: me.into(),
+                    nonce: mine,
+                    proof: hmac(secret, &[b"listener", &h.nonce, &mine]),
+                },
+            )
+            .await?;
+            let p: Proof = read_json(&mut r).await?;
+            if !verify(secret, &[b"dialer", &mine, &h.nonce], &p.proof) {
+                return Ok(Err(format!(
+                    "node '{}' does not hold this cluster's secret",
+                    h.node
+                )));
+            }
+            Ok::<_, std::io::Error>(Ok(h.node))
+        };
+        let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| refused("handshake timed out".into()))?
+            .map_err(|e| refused(e.to_string()))?
+            .map_err(refused)?;
+        Ok(Link::start(peer, r, w, handler))
+    }
+
+    fn start(peer: String, r: OwnedReadHalf, w: OwnedWriteHalf, handler: Handler) -> Arc<Link> {
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let pending: Arc<Pending> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(Link {
+            peer: peer.clone(),
+            tx: tx.clone(),
+            pending: pending.clone(),
+            next: AtomicU64::new(1),
+            closed: closed.clone(),
+        });
+        tokio::spawn(write_loop(w, rx, closed.clone()));
+        tokio::spawn(read_loop(peer, r, tx, pending, handler, closed));
+        link
+    }
+
+    /// Whether the connection is gone (a new one must be dialed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Make a call and wait up to `timeout` for its answer.
+    pub async fn call(&self, call: Call, timeout: Duration) -> Result<Answer, LinkError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        let gone = |reason: &str| LinkError::Unreachable {
+            peer: self.peer.clone(),
+            reason: reason.to_owned(),
+        };
+        let sent = tokio::time::timeout(timeout, self.tx.send(Frame::Request { id, call })).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                self.pending.lock().remove(&id);
+                return Err(gone("connection closed"));
+            }
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                return Err(LinkError::Timeout {
+                    peer: self.peer.clone(),
+                    after: timeout,
+                });
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(answer))) => Ok(answer),
+            Ok(Ok(Err(reason))) => Err(LinkError::Remote {
+                peer: self.peer.clone(),
+                reason,
+            }),
+            Ok(Err(_)) => Err(gone("connection closed before the answer")),
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                Err(LinkError::Timeout {
+                    peer: self.peer.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// Close the connection.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.pending.lock().clear();
+    }
+}
+
+async fn write_loop(w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, closed: Arc<AtomicBool>) {
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    while let Some(frame) = rx.recv().await {
+        if closed.load(Ordering::Acquire) {
+            break;
+        }
+        let mut frames = vec![frame];
+        // Whatever else is queued goes in the same write.
+        while let Ok(f) = rx.try_recv() {
+            frames.push(f);
+        }
+        let mut failed = false;
+        for f in frames {
+            let bytes = match serde_json::to_vec(&f) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cluster frame not serializable: {e}");
+                    continue;
+                }
+            };
+            if w.write_all(&(bytes.len() as u32).to_le_bytes())
+                .await
+                .is_err()
+                || w.write_all(&bytes).await.is_err()
+            {
+                failed = true;
+                break;
+            }
+        }
+        if failed || w.flush().await.is_err() {
+            break;
+        }
+    }
+    closed.store(true, Ordering::Release);
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(
+    peer: String,
+    mut r: OwnedReadHalf,
+    tx: mpsc::Sender<Frame>,
+    pending: Arc<Pending>,
+    handler: Handler,
+    closed: Arc<AtomicBool>,
+) {
+    loop {
+        let frame: Frame = match read_json(&mut r).await {
+            Ok(f) => f,
+            Err(e) => {
+                if !closed.load(Ordering::Acquire) {
+                    tracing::debug!(%peer, "cluster link closed: {e}");
+                }
+                break;
+            }
+        };
+        match frame {
+            Frame::Request { id, call } => {
+                let (handler, tx) = (handler.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = handler(call).await;
+                    let _ = tx.send(Frame::Response { id, answer }).await;
+                });
+            }
+            Frame::Response { id, answer } => {
+                if let Some(waiter) = pending.lock().remove(&id) {
+                    let _ = waiter.send(answer);
+                }
+            }
+        }
+        if closed.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    closed.store(true, Ordering::Release);
+    // Callers waiting on this link learn it is gone now, not at their
+    // timeout.
+    pending.lock().clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo() -> Handler {
+        Arc::new(|call| {
+            Box::pin(async move {
+                match call {
+                    Call::Leave(name) => Ok(Answer::Membership(Err(format!("echo {name}")))),
+                    _ => Err("unexpected".into()),
+                }
+            })
+        })
+    }
+
+    async fn pair(
+        dialer_secret: &'static [u8],
+    ) -> (Result<Arc<Link>, LinkError>, Result<Arc<Link>, LinkError>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepting = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            Link::accept(s, "b", b"the cluster secret, shared", echo()).await
+        });
+        let dialed = Link::dial(&addr, "a", dialer_secret, echo()).await;
+        (dialed, accepting.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn nodes_with_the_secret_call_each_other_both_ways() {
+        let (a, b) = pair(b"the cluster secret, shared").await;
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!((a.peer.as_str(), b.peer.as_str()), ("b", "a"));
+        let t = Duration::from_secs(5);
+        for (link, name) in [(&a, "x"), (&b, "y")] {
+            match link.call(Call::Leave(name.into()), t).await.unwrap() {
+                Answer::Membership(Err(s)) => assert_eq!(s, format!("echo {name}")),
+                other => panic!("{other:?}"),
+            }
+        }
+        match a.call(Call::Join(Member::default()), t).await {
+            Err(LinkError::Remote { reason, .. }) => assert_eq!(reason, "unexpected"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_without_the_secret_is_refused_on_both_sides() {
+        let (a, b) = pair(b"another secret entirely!").await;
+        assert!(matches!(a, Err(LinkError::Refused { .. })), "{:?}", a.err());
+        assert!(b.is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! Raft's RPCs over the links between nodes, and the registry of those
+//! links.
+//!
+//! openraft asks for a client per target node ([`RaftNetworkFactory`]);
+//! each client here is a name and an address, and every call goes through
+//! [`Peers`], which keeps one dialed [`Link`] per address and dials again
+//! when it broke. Dials to different nodes never wait for each other: a
+//! paused node's handshake timeout must not hold up the votes of the
+//! others.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+
+use super::link::{Answer, Call, Handler, Link, LinkError};
+use super::{Member, NodeId, TypeConfig};
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
+
+/// This node's dialed links, one per peer address.
+pub struct Peers {
+    me: String,
+    secret: Vec<u8>,
+    handler: OnceLock<Handler>,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl Peers {
+    /// The registry of node `me`, proving `secret`.
+    pub fn new(me: String, secret: Vec<u8>) -> Arc<Peers> {
+        Arc::new(Peers {
+            me,
+            secret,
+            handler: OnceLock::new(),
+            slots: Mutex::default(),
+        })
+    }
+
+    /// Set what answers the calls peers make over links this node dialed.
+    pub fn set_handler(&self, handler: Handler) {
+        let _ = self.handler.set(handler);
+    }
+
+    /// The cluster secret.
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// An open link to `addr`, dialing if there is none.
+    pub async fn link(&self, addr: &str) -> Result<Arc<Link>, LinkError> {
+        let slot = self
+            .slots
+            .lock()
+            .entry(addr.to_owned())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(link) = slot.as_ref()
+            && !link.is_closed()
+        {
+            return Ok(link.clone());
+        }
+        let handler = self
+            .handler
+            .get()
+            .cloned()
+            .expect("the handler is set before any call");
+        let link = Link::dial(addr, &self.me, &self.secret, handler).await?;
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Make `call` of the node at `addr`.
+    pub async fn call(
+        &self,
+        addr: &str,
+        call: Call,
+        timeout: Duration,
+    ) -> Result<Answer, LinkError> {
+        let link = tokio::time::timeout(timeout, self.link(addr))
+            .await
+            .map_err(|_| LinkError::Timeout {
+                peer: addr.to_owned(),
+                after: timeout,
+            })??;
+        let r = link.call(call, timeout).await;
+        if matches!(r, Err(LinkError::Unreachable { .. })) {
+            link.close();
+        }
+        r
+    }
+}
+
+/// openraft's view of the network.
+pub struct Network {
+    /// The links.
+    pub peers: Arc<Peers>,
+}
+
+/// A client of one target node.
+pub struct Conn {
+    peers: Arc<Peers>,
+    target: NodeId,
+    member: Member,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Conn {
+        Conn {
+            peers: self.peers.clone(),
+            target,
+            member: node.clone(),
+        }
+    }
+}
+
+impl Conn {
+    async fn call<E: std::error::Error>(
+        &self,
+        call: Call,
+        option: &RPCOption,
+    ) -> Result<Answer, RPCError<NodeId, Member, E>> {
+        self.peers
+            .call(&self.member.addr, call, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                LinkError::Remote { .. } => RPCError::Network(NetworkError::new(&e)),
+                _ => RPCError::Unreachable(Unreachable::new(&e)),
+            })
+    }
+
+    fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Member, E> {
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.member.clone(),
+            e,
+        ))
+    }
+}
+
+fn unexpected<E: std::error::Error>(a: &Answer) -> RPCError<NodeId, Member, E> {
+    let e = std::io::Error::other(format!("unexpected answer {a:?}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        match self.call(Call::AppendEntries(rpc), &option).await? {
+            Answer::AppendEntries(r) => r.map_err(|e| self.remote(e)),
+            a => Err(unexpected(&a)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.call(Call::InstallSnapshot(rpc), &option).await? {
+            Answer::InstallSnapshot(r) => r.map_err(|e| self.remote(e)),
+            a => Err(unexpected(&a)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        match self.call(Call::Vote(rpc), &option).await? {
+            Answer::Vote(r) => r.map_err(|e| self.remote(e)),
+            a => Err(unexpected(&a)),
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! This node's part in the cluster: its Raft instance, the listener the
+//! other nodes connect to, joining, and proposing definition changes.
+//!
+//! **Joining.** A node with no cluster state dials its peers (the
+//! configured addresses, or what `peer_dns` resolves to) and asks to join.
+//! The leader adds it as a learner, waits until it has caught up (by
+//! entries or a snapshot), and then makes it a voter, both through
+//! openraft's membership changes. A node that is not the leader passes the
+//! request on to the one it knows. A node restarted with its data skips
+//! this: it is a member already, and Raft brings it up to date.
+//!
+//! **Proposing.** A change made on any node goes to the leader, which
+//! commits it; the proposing node then waits until its own state machine
+//! has applied that index before it answers its client. So a client that
+//! got `declare-ok` finds the definition on the node it is connected to,
+//! and every other node has it or will, in the same order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::command::{Applied, Command};
+use super::link::{Answer, Call, Handler, Link, LinkError};
+use super::log::RaftLog;
+use super::machine::{Applier, Catalog, StateMachine};
+use super::network::{Network, Peers};
+use super::settings::ClusterSettings;
+use super::{Member, NodeId, TypeConfig, node_id};
+
+/// What can go wrong in the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings are not usable.
+    #[error("{0}")]
+    Settings(String),
+    /// The node-to-node listener did not start.
+    #[error("cluster listener on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The Raft log or snapshot could not be opened.
+    #[error("cluster state in {dir}: {reason}")]
+    Storage {
+        /// Folder.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// A change was not committed in time: this node cannot reach a
+    /// majority (a minority partition, or too many nodes down).
+    #[error("no quorum: the change was not committed within {after:?} ({reason})")]
+    NoQuorum {
+        /// How long it waited.
+        after: Duration,
+        /// What it saw.
+        reason: String,
+    },
+    /// Raft stopped on this node.
+    #[error("cluster: {0}")]
+    Raft(String),
+}
+
+/// One member's line in a status report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node name.
+    pub name: String,
+    /// Its node-to-node address.
+    pub addr: String,
+    /// Raft id.
+    pub id: NodeId,
+    /// A voter (else a learner still catching up).
+    pub voter: bool,
+    /// The leader.
+    pub leader: bool,
+    /// The index the leader knows it holds (known on the leader only).
+    pub matched_index: Option<u64>,
+}
+
+/// What `wasmq cluster status` and `/api/cluster` show.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's name.
+    pub node: String,
+    /// This node's Raft state: leader, follower, candidate or learner.
+    pub state: String,
+    /// Whether it is a member of an initialized cluster.
+    pub joined: bool,
+    /// The leader's name, if known.
+    pub leader: Option<String>,
+    /// Raft term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log_index: Option<u64>,
+    /// Last applied index.
+    pub last_applied: Option<u64>,
+    /// Index the last snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// The members.
+    pub members: Vec<MemberStatus>,
+}
+
+/// This node in the cluster.
+pub struct ClusterNode {
+    settings: ClusterSettings,
+    me: Member,
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    machine: StateMachine,
+    peers: Arc<Peers>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("name", &self.me.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn raft_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Raft(e.to_string())
+}
+
+impl ClusterNode {
+    /// Open this node's cluster state in `dir`, start Raft and the
+    /// node-to-node listener, and (in the background) join or start the
+    /// cluster. Definitions are applied to `applier`.
+    pub async fn start(
+        settings: ClusterSettings,
+        dir: &Path,
+        applier: Arc<dyn Applier>,
+    ) -> Result<Arc<ClusterNode>, ClusterError> {
+        settings.check().map_err(ClusterError::Settings)?;
+        let secret = settings.load_secret().map_err(ClusterError::Settings)?;
+        let storage = |reason: String| ClusterError::Storage {
+            dir: dir.display().to_string(),
+            reason,
+        };
+        let log = RaftLog::open(&dir.join("raft.log")).map_err(|e| storage(e.to_string()))?;
+        let machine = StateMachine::open(&dir.join("machine"), Some(applier))
+            .map_err(|e| storage(e.to_string()))?;
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|source| ClusterError::Listen {
+                addr: settings.listen.clone(),
+                source,
+            })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ClusterError::Listen {
+                addr: settings.listen.clone(),
+                source,
+            })?;
+        // With port 0 (tests), the port the OS chose is the one to advertise.
+        let addr = match &settings.advertise {
+            Some(a) => a.clone(),
+            None if settings.listen.ends_with(":0") => bound.to_string(),
+            None => settings.listen.clone(),
+        };
+        let me = Member {
+            name: settings.name.clone(),
+            addr,
+        };
+        let id = node_id(&me.name);
+        let election = settings.election_timeout_ms;
+        let config = Config {
+            cluster_name: "wasmq".into(),
+            heartbeat_interval: settings.heartbeat_ms,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            // A snapshot every 10k changes keeps the log (and a new
+            // node's catch-up) bounded.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Settings(e.to_string()))?;
+        let peers = Peers::new(me.name.clone(), secret);
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network {
+                peers: peers.clone(),
+            },
+            log,
+            machine.clone(),
+        )
+        .await
+        .map_err(raft_err)?;
+        let node = Arc::new(ClusterNode {
+            settings,
+            me,
+            id,
+            raft,
+            machine,
+            peers: peers.clone(),
+            stop: CancellationToken::new(),
+        });
+        peers.set_handler(node.handler());
+        tokio::spawn(node.clone().accept_loop(listener));
+        tokio::spawn(node.clone().join_loop());
+        tracing::info!(node = %node.me.name, id, addr = %node.me.addr, "cluster node started");
+        Ok(node)
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.me.name
+    }
+
+    /// The address other nodes reach this one at.
+    pub fn addr(&self) -> &str {
+        &self.me.addr
+    }
+
+    /// The definitions as this node has applied them.
+    pub fn catalog(&self) -> Catalog {
+        self.machine.catalog()
+    }
+
+    /// Stop Raft and the listener.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let _ = self.raft.shutdown().await;
+    }
+
+    fn handler(self: &Arc<Self>) -> Handler {
+        let weak = Arc::downgrade(self);
+        Arc::new(move |call| {
+            let node = weak.upgrade();
+            Box::pin(async move {
+                match node {
+                    Some(node) => node.handle(call).await,
+                    None => Err("node shutting down".into()),
+                }
+            })
+        })
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let stream = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("cluster listener: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match Link::accept(stream, &node.me.name, node.peers.secret(), node.handler()).await
+                {
+                    Ok(link) => tracing::debug!(peer = %link.peer, "cluster link accepted"),
+                    Err(e) => tracing::warn!(?peer, "cluster connection refused: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Answer a peer's call.
+    async fn handle(self: Arc<Self>, call: Call) -> Result<Answer, String> {
+        Ok(match call {
+            Call::AppendEntries(rpc) => Answer::AppendEntries(self.raft.append_entries(rpc).await),
+            Call::Vote(rpc) => Answer::Vote(self.raft.vote(rpc).await),
+            Call::InstallSnapshot(rpc) => {
+                Answer::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+            }
+            Call::Propose(command) => {
+                Answer::Proposed(self.propose_here(command).await.map_err(|e| e.to_string()))
+            }
+            Call::Join(member) => Answer::Membership(self.admit(member).await),
+            Call::Leave(name) => Answer::Membership(self.remove(&name).await),
+        })
+    }
+
+    /// The leader's member record, if this node knows who leads.
+    fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, member))
+    }
+
+    /// Commit `command` on this node (it must lead): the outcome and its
+    /// log index.
+    async fn propose_here(&self, command: Command) -> Result<(Applied, u64), ClusterError> {
+        let timeout = self.settings.commit_timeout();
+        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
+            Ok(Ok(r)) => Ok((r.data, r.log_id.index)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ClusterError::NoQuorum {
+                    after: timeout,
+                    reason: format!(
+                        "this node no longer leads (leader: {:?})",
+                        f.leader_node.map(|n| n.name)
+                    ),
+                })
+            }
+            Ok(Err(e)) => Err(raft_err(e)),
+            Err(_) => Err(self.no_quorum(timeout)),
+        }
+    }
+
+    fn no_quorum(&self, after: Duration) -> ClusterError {
+        let m = self.raft.metrics().borrow().clone();
+        let voters = m.membership_config.membership().voter_ids().count();
+        ClusterError::NoQuorum {
+            after,
+            reason: match m.current_leader {
+                Some(l) if l == self.id => format!(
+                    "this node leads but a majority of the {voters} voters has not acknowledged"
+                ),
+                Some(_) => "the leader did not commit it".into(),
+                None => format!("no leader is elected among the {voters} voters"),
+            },
+        }
+    }
+
+    /// Commit a definition change and wait until this node has applied it.
+    /// Returns what applying it did (the same on every node).
+    pub async fn propose(&self, command: Command) -> Result<Applied, ClusterError> {
+        let timeout = self.settings.commit_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (applied, index) = loop {
+            let attempt = match self.leader() {
+                Some((leader, _)) if leader == self.id => self.propose_here(command.clone()).await,
+                Some((_, member)) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self
+                        .peers
+                        .call(&member.addr, Call::Propose(command.clone()), left)
+                        .await
+                    {
+                        Ok(Answer::Proposed(Ok(r))) => Ok(r),
+                        Ok(Answer::Proposed(Err(e))) => Err(ClusterError::NoQuorum {
+                            after: timeout,
+                            reason: format!("leader {}: {e}", member.name),
+                        }),
+                        Ok(a) => Err(raft_err(format!("unexpected answer {a:?}"))),
+                        Err(e) => Err(ClusterError::NoQuorum {
+                            after: timeout,
+                            reason: e.to_string(),
+                        }),
+                    }
+                }
+                None => Err(self.no_quorum(timeout)),
+            };
+            match attempt {
+                Ok(r) => break r,
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::debug!("proposal not committed yet, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.raft
+            .wait(Some(left.max(Duration::from_millis(100))))
+            .applied_index_at_least(Some(index), "proposal applied here")
+            .await
+            .map_err(|_| self.no_quorum(timeout))?;
+        Ok(applied)
+    }
+
+    /// As the leader (or on its behalf), add `member`: a learner first,
+    /// then a voter once it has caught up.
+    async fn admit(&self, member: Member) -> Result<(), String> {
+        let id = node_id(&member.name);
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => {}
+            Some((_, l)) => {
+                return match self
+                    .peers
+                    .call(&l.addr, Call::Join(member), Duration::from_secs(60))
+                    .await
+                {
+                    Ok(Answer::Membership(r)) => r,
+                    Ok(a) => Err(format!("unexpected answer {a:?}")),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+            None => return Err("no leader yet".into()),
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        if membership.voter_ids().any(|v| v == id) {
+            if membership.get_node(&id) == Some(&member) {
+                return Ok(());
+            }
+            return Err(format!(
+                "a member named '{}' exists with another address",
+                member.name
+            ));
+        }
+        tracing::info!(node = %member.name, addr = %member.addr, "admitting a node: learner first");
+        self.raft
+            .add_learner(id, member.clone(), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(node = %member.name, "node joined as a voter");
+        Ok(())
+    }
+
+    /// As the leader (or on its behalf), remove the member named `name`.
+    async fn remove(&self, name: &str) -> Result<(), String> {
+        let id = node_id(name);
+        match self.leader() {
+            Some((leader, _)) if leader == self.id => {}
+            Some((_, l)) => {
+                return match self
+                    .peers
+                    .call(&l.addr, Call::Leave(name.into()), Duration::from_secs(30))
+                    .await
+                {
+                    Ok(Answer::Membership(r)) => r,
+                    Ok(a) => Err(format!("unexpected answer {a:?}")),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+            None => return Err("no leader yet".into()),
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != id)
+            .collect();
+        if voters.is_empty() {
+            return Err("the last member cannot leave".into());
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(node = %name, "node removed from the cluster");
+        Ok(())
+    }
+
+    /// Ask the cluster to remove `name` (this node or another).
+    pub async fn leave(&self, name: &str) -> Result<(), ClusterError> {
+        self.remove(name).await.map_err(raft_err)
+    }
+
+    /// The peers to try: the configured addresses, then what `peer_dns`
+    /// resolves to, without this node.
+    async fn seeds(&self) -> Vec<String> {
+        let mut seeds: Vec<String> = self.settings.peers.clone();
+        if let Some(dns) = &self.settings.peer_dns {
+            match tokio::net::lookup_host((dns.as_str(), self.settings.peer_port)).await {
+                Ok(addrs) => seeds.extend(addrs.map(|a| a.to_string())),
+                Err(e) => tracing::debug!(%dns, "peer DNS lookup: {e}"),
+            }
+        }
+        seeds.retain(|s| *s != self.me.addr && *s != self.settings.listen);
+        seeds.sort();
+        seeds.dedup();
+        seeds
+    }
+
+    /// Join through a peer, or start a cluster, unless this node is a
+    /// member already.
+    async fn join_loop(self: Arc<Self>) {
+        let mut tries = 0u32;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            match self.raft.is_initialized().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            for seed in self.seeds().await {
+                match self
+                    .peers
+                    .call(&seed, Call::Join(self.me.clone()), Duration::from_secs(60))
+                    .await
+                {
+                    Ok(Answer::Membership(Ok(()))) => {
+                        tracing::info!(via = %seed, "joined the cluster");
+                        return;
+                    }
+                    Ok(Answer::Membership(Err(e))) => {
+                        tracing::info!(via = %seed, "join not accepted yet: {e}")
+                    }
+                    Ok(a) => tracing::warn!(via = %seed, "unexpected answer to a join: {a:?}"),
+                    Err(e @ LinkError::Refused { .. }) => {
+                        tracing::error!("cannot join through {seed}: {e}")
+                    }
+                    Err(e) => tracing::debug!("cannot join through {seed} yet: {e}"),
+                }
+            }
+            // Only a node allowed to bootstrap starts a cluster of its own,
+            // and only after its peers had a chance to answer.
+            if self.settings.may_bootstrap() && (tries >= 3 || self.seeds().await.is_empty()) {
+                let members = BTreeMap::from([(self.id, self.me.clone())]);
+                match self.raft.initialize(members).await {
+                    Ok(()) => tracing::info!(node = %self.me.name, "started a new cluster"),
+                    Err(e) => tracing::debug!("initialize: {e}"),
+                }
+                return;
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Wait until this node is a voting member with a known leader.
+    pub async fn until_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.raft.metrics();
+        let id = self.id;
+        tokio::time::timeout(
+            timeout,
+            rx.wait_for(|m| {
+                m.current_leader.is_some()
+                    && m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|v| v == id)
+            }),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether this node is a voter and a leader is known.
+    pub fn ready(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some()
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.id)
+    }
+
+    /// What this node sees of the cluster.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let name_of = |id: NodeId| membership.get_node(&id).map(|n| n.name.clone());
+        let members = membership
+            .nodes()
+            .map(|(id, n)| MemberStatus {
+                name: n.name.clone(),
+                addr: n.addr.clone(),
+                id: *id,
+                voter: voters.contains(id),
+                leader: m.current_leader == Some(*id),
+                matched_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+                    .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
+            })
+            .collect();
+        NodeStatus {
+            node: self.me.name.clone(),
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+            joined: !voters.is_empty(),
+            leader: m.current_leader.and_then(name_of),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            members,
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The `[cluster]` section of the config file.
+//!
+//! ```toml
+//! [cluster]
+//! name = "rabbit-1"                  # unique, stable: the node's identity
+//! listen = "127.0.0.1:25672"         # where the other nodes connect
+//! advertise = "10.0.0.5:25672"       # how they reach it, if not `listen`
+//! peers = ["127.0.0.1:25673"]        # nodes to join through
+//! peer_dns = "wasmq-headless.ns.svc" # or: a DNS name whose records are the peers
+//! secret_file = "/etc/wasmq/cookie"  # or `secret`: every node presents it
+//! ```
+//!
+//! A node whose data folder holds no cluster state asks its peers to let
+//! it join. If none answers and it has no peers (or its name is the first
+//! of the `bootstrap` list), it starts a cluster of its own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default port of the node-to-node listener (RabbitMQ's distribution
+/// port).
+pub const DEFAULT_CLUSTER_PORT: u16 = 25672;
+
+/// The `[cluster]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's name: unique in the cluster and stable across restarts
+    /// (its Raft id is derived from it).
+    pub name: String,
+    /// Where the node-to-node listener binds.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The address other nodes dial (default: `listen`). Needed when
+    /// `listen` is a wildcard.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Addresses of nodes to join through.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A DNS name whose A/AAAA records are the peers (a Kubernetes
+    /// headless Service), each at `peer_port`.
+    #[serde(default)]
+    pub peer_dns: Option<String>,
+    /// Port of the peers found through `peer_dns`.
+    #[serde(default = "default_port")]
+    pub peer_port: u16,
+    /// The shared secret every node must prove it holds.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Or: a file holding it (a Kubernetes Secret mounted as a file).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// With no cluster state, start a new cluster when no peer answers.
+    /// Default: only a node with no peers configured does; a node with
+    /// peers waits for one of them (so a restarted or slow node never
+    /// splits off a cluster of its own).
+    #[serde(default)]
+    pub bootstrap: Option<bool>,
+    /// Raft heartbeat interval, ms.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Raft election timeout, ms (a leader that is gone this long is
+    /// replaced). Randomized between this and twice this.
+    #[serde(default = "default_election")]
+    pub election_timeout_ms: u64,
+    /// How long a definition change waits to be committed before the
+    /// client gets an error.
+    #[serde(default = "default_commit_timeout")]
+    pub commit_timeout_ms: u64,
+}
+
+fn default_listen() -> String {
+    format!("127.0.0.1:{DEFAULT_CLUSTER_PORT}")
+}
+fn default_port() -> u16 {
+    DEFAULT_CLUSTER_PORT
+}
+fn default_heartbeat() -> u64 {
+    250
+}
+fn default_election() -> u64 {
+    1500
+}
+fn default_commit_timeout() -> u64 {
+    5000
+}
+
+impl ClusterSettings {
+    /// The address other nodes dial.
+    pub fn advertised(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// The shared secret, read from `secret_file` if given.
+    pub fn load_secret(&self) -> Result<Vec<u8>, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => Err("[cluster]: give `secret` or `secret_file`, not both".into()),
+            (Some(s), None) => Ok(s.trim().as_bytes().to_vec()),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.trim().as_bytes().to_vec())
+                .map_err(|e| format!("[cluster] secret_file {}: {e}", f.display())),
+            (None, None) => Err(
+                "[cluster] needs `secret` or `secret_file`: nodes prove they belong with it".into(),
+            ),
+        }
+    }
+
+    /// Check what can be checked without the network.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 255 {
+            return Err("[cluster] name: 1 to 255 characters".into());
+        }
+        let secret = self.load_secret()?;
+        if secret.len() < 16 {
+            return Err("[cluster] secret: at least 16 characters".into());
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(
+                "[cluster] election_timeout_ms must be at least three heartbeats (heartbeat_ms)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether to start a new cluster when no peer answers.
+    pub fn may_bootstrap(&self) -> bool {
+        self.bootstrap
+            .unwrap_or(self.peers.is_empty() && self.peer_dns.is_none())
+    }
+
+    /// Raft's timing.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// How long a change may wait to commit.
+    pub fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.commit_timeout_ms)
+    }
+}
