@@ -39,6 +39,8 @@ pub struct Config {
     pub users: Vec<User>,
     /// Certificates for AMQPS and the admin API's HTTPS.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Membership of a cluster (absent: this node runs alone).
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// `[amqp]`: protocol settings.
@@ -89,6 +91,7 @@ impl Default for Config {
             users: AmqpConfig::default().users,
             listen_tls: None,
             tls: None,
+            cluster: None,
         }
     }
 }
@@ -352,6 +355,9 @@ impl Config {
     }
 
     fn dependencies(&self) -> Result<(), String> {
+        if let Some(c) = &self.cluster {
+            c.check()?;
+        }
         if self.tls.is_none() {
             if self.listen_tls.is_some() {
                 return Err("`listen_tls` needs a [tls] section (cert_file, key_file)".into());

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use wasmq::Config;
 use wasmq::admin::client::{AdminClient, segment};
 use wasmq::admin::model::{ExchangeView, GotMessage, PluginView, PublishResult, QueueView};
+use wasmq::cluster::NodeStatus;
 use wasmq::plugin::{Compiler, PluginHost};
 use wasmq::server::Server;
 
@@ -79,6 +80,31 @@ enum Command {
     Definitions {
         #[command(subcommand)]
         command: DefinitionsCommand,
+    },
+    /// See and change a running node's cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, leader, each member's log position, as this node sees them.
+    Status(AdminArgs),
+    /// Make this node (not yet a member) join the cluster of the node at PEER.
+    Join {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The node-to-node address (`[cluster] listen`) of a member.
+        peer: String,
+    },
+    /// Remove the member NODE from the cluster.
+    Leave {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Node name.
+        node: String,
     },
 }
 
@@ -356,6 +382,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cluster { command } => cluster(command),
         Command::Definitions {
             command: DefinitionsCommand::Export { admin, output },
         } => {
@@ -380,6 +407,56 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status(a) => {
+            let st: NodeStatus = a.client()?.get_as("/api/cluster")?;
+            println!(
+                "node {} ({}), leader {}, term {}, log {} applied {} snapshot {}",
+                st.node,
+                st.state,
+                st.leader.as_deref().unwrap_or("(none)"),
+                st.term,
+                opt(st.last_log_index),
+                opt(st.last_applied),
+                opt(st.snapshot_index),
+            );
+            println!(
+                "{:<24} {:<24} {:<8} {:<7} {:>10}",
+                "member", "address", "role", "leader", "log index"
+            );
+            for m in st.members {
+                println!(
+                    "{:<24} {:<24} {:<8} {:<7} {:>10}",
+                    m.name,
+                    m.addr,
+                    if m.voter { "voter" } else { "learner" },
+                    if m.leader { "yes" } else { "" },
+                    opt(m.matched_index)
+                );
+            }
+        }
+        ClusterCommand::Join { admin, peer } => {
+            admin
+                .client()?
+                .post("/api/cluster/join", &serde_json::json!({ "peer": peer }))?;
+            println!("joined through {peer}");
+        }
+        ClusterCommand::Leave { admin, node } => {
+            admin.client()?.post(
+                &format!("/api/cluster/leave/{}", segment(&node)),
+                &serde_json::json!({}),
+            )?;
+            println!("{node} removed from the cluster");
+        }
+    }
+    Ok(())
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
 }
 
 fn init_logging(json: bool) {

@@ -171,26 +171,22 @@ impl Server {
         }
         // Durable state comes back after the plugins (exchanges need their
         // routing plugins) and before the listener opens.
-        let store = if config.store.enabled {
-            let started = std::time::Instant::now();
-            let store =
-                Store::open(&config.data_dir, config.store.options()).with_context(|| {
-                    format!("opening the message store in {}", config.data_dir.display())
-                })?;
-            let r = broker.recover(store.clone())?;
-            tracing::info!(
-                dir = %config.data_dir.display(),
-                exchanges = r.exchanges,
-                queues = r.queues,
-                bindings = r.bindings,
-                messages = r.messages,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "message store recovered"
-            );
-            Some(store)
-        } else {
-            None
+        let store = match &config.cluster {
+            Some(_) => Self::open_store_for_cluster(&config, &broker)?,
+            None if config.store.enabled => Some(Self::recover(&config, &broker)?),
+            None => None,
         };
+        if let Some(settings) = &config.cluster {
+            let applier = Arc::new(crate::broker::BrokerApplier::new(&broker, &settings.name));
+            let node = crate::cluster::ClusterNode::start(
+                settings.clone(),
+                &config.data_dir.join("cluster"),
+                applier,
+            )
+            .await
+            .context("starting the cluster node")?;
+            broker.set_cluster(node);
+        }
         let watcher = if config.plugins.watch {
             Some(broker.watch_plugins()?)
         } else {
@@ -289,6 +285,43 @@ impl Server {
         })
     }
 
+    /// Open the message store and recover its definitions and messages.
+    fn recover(config: &Config, broker: &Arc<Broker>) -> anyhow::Result<Arc<Store>> {
+        let started = std::time::Instant::now();
+        let store = Store::open(&config.data_dir, config.store.options()).with_context(|| {
+            format!("opening the message store in {}", config.data_dir.display())
+        })?;
+        let r = broker.recover(store.clone())?;
+        tracing::info!(
+            dir = %config.data_dir.display(),
+            exchanges = r.exchanges,
+            queues = r.queues,
+            bindings = r.bindings,
+            messages = r.messages,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "message store recovered"
+        );
+        Ok(store)
+    }
+
+    /// In a cluster the definitions come from the Raft log: the store is
+    /// attached without recovering them, and each durable queue recovers
+    /// its messages when the cluster declares it again.
+    fn open_store_for_cluster(
+        config: &Config,
+        broker: &Arc<Broker>,
+    ) -> anyhow::Result<Option<Arc<Store>>> {
+        if !config.store.enabled {
+            broker.replicate_definitions();
+            return Ok(None);
+        }
+        let store = Store::open(&config.data_dir, config.store.options()).with_context(|| {
+            format!("opening the message store in {}", config.data_dir.display())
+        })?;
+        broker.attach_store(store.clone())?;
+        Ok(Some(store))
+    }
+
     /// Stop accepting, close every connection (connection.close 320), and
     /// wait for them up to `grace`.
     pub async fn shutdown(self, grace: Duration) {
@@ -299,6 +332,9 @@ impl Server {
             .is_err()
         {
             tracing::warn!("connections still open after {grace:?}; exiting anyway");
+        }
+        if let Some(node) = self.broker.cluster() {
+            node.shutdown().await;
         }
         if let Some(store) = &self.store {
             store.flush().await;

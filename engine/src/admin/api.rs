@@ -65,6 +65,7 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
                 .layer(DefaultBodyLimit::max(max_upload)),
         )
         .route("/metrics", get(super::metrics::render))
+        .merge(super::cluster::routes())
 }
 
 fn vhost(s: &AdminState, name: &str) -> Result<Arc<VHost>, ApiError> {
@@ -242,7 +243,7 @@ async fn exchange(
     Ok(Json(exchange_view(&v, &x)))
 }
 
-fn queue_view(v: &VHost, q: &Queue) -> QueueView {
+fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let ready = q.len() as u64;
     let unacked = q.unacked();
@@ -259,6 +260,7 @@ fn queue_view(v: &VHost, q: &Queue) -> QueueView {
         message_bytes_ready: q.ready_bytes(),
         consumers: q.consumer_count(),
         segments: q.log().map(|l| l.segment_count()),
+        node: node.map(str::to_owned),
         message_stats: QueueMessageStats {
             publish: n(&q.enqueued),
             deliver_get: n(&q.delivered),
@@ -269,12 +271,29 @@ fn queue_view(v: &VHost, q: &Queue) -> QueueView {
     }
 }
 
-fn list_queues(vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
+fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
+    let me = s.broker.cluster().map(|c| c.name());
     let mut out = Vec::new();
     for v in vhosts {
-        let mut qs = v.queues();
+        let mut qs: Vec<QueueView> = v.queues().iter().map(|q| queue_view(v, q, me)).collect();
+        qs.extend(v.remote_queues().into_iter().map(|(name, r)| QueueView {
+            name,
+            vhost: v.name.clone(),
+            durable: r.durable,
+            exclusive: false,
+            auto_delete: r.definition.auto_delete,
+            arguments: table_to_json(&r.definition.arguments),
+            messages: 0,
+            messages_ready: 0,
+            messages_unacknowledged: 0,
+            message_bytes_ready: 0,
+            consumers: 0,
+            segments: None,
+            node: Some(r.node),
+            message_stats: QueueMessageStats::default(),
+        }));
         qs.sort_by(|a, b| a.name.cmp(&b.name));
-        out.extend(qs.iter().map(|q| queue_view(v, q)));
+        out.extend(qs);
     }
     Json(out)
 }
@@ -283,7 +302,7 @@ async fn queues(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
 ) -> Json<Vec<QueueView>> {
-    list_queues(&visible_vhosts(&s, &viewer))
+    list_queues(&s, &visible_vhosts(&s, &viewer))
 }
 
 async fn queues_in(
@@ -291,7 +310,7 @@ async fn queues_in(
     Extension(viewer): Extension<Viewer>,
     Path(v): Path<String>,
 ) -> ApiResult<Json<Vec<QueueView>>> {
-    Ok(list_queues(&[visible_vhost(&s, &viewer, &v)?]))
+    Ok(list_queues(&s, &[visible_vhost(&s, &viewer, &v)?]))
 }
 
 async fn queue(
@@ -301,7 +320,11 @@ async fn queue(
 ) -> ApiResult<Json<QueueView>> {
     let v = visible_vhost(&s, &viewer, &v)?;
     let q = v.queue(&name)?;
-    Ok(Json(queue_view(&v, &q)))
+    Ok(Json(queue_view(
+        &v,
+        &q,
+        s.broker.cluster().map(|c| c.name()),
+    )))
 }
 
 async fn delete_queue(

@@ -22,6 +22,7 @@
 
 mod api;
 pub mod client;
+pub mod cluster;
 mod metrics;
 pub mod model;
 

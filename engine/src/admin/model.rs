@@ -87,6 +87,10 @@ pub struct QueueView {
     pub consumers: usize,
     /// Segment files of its log (durable queues with a store).
     pub segments: Option<usize>,
+    /// In a cluster: the node it lives on (its counts are that node's;
+    /// a queue of another node is listed with zeros).
+    #[serde(default)]
+    pub node: Option<String>,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
 }

@@ -330,6 +330,8 @@ impl Broker {
         }
         let x = vhost.exchange(source)?;
         match &destination {
+            // A queue on another node is bound to by name like any other.
+            Destination::Queue(q) if vhost.queue_exists(q) => {}
             Destination::Queue(q) => drop(vhost.queue(q)?),
             Destination::Exchange(e) => drop(vhost.exchange(e)?),
         }

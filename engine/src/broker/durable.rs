@@ -117,6 +117,16 @@ impl Broker {
         Ok(r)
     }
 
+    /// Attach the message store without recovering definitions from it: in
+    /// a cluster the definitions come back from the Raft log, and each
+    /// durable queue recovers its messages when it is declared again.
+    pub fn attach_store(&self, store: Arc<Store>) -> Result<(), DefinitionsError> {
+        self.replicate_definitions();
+        self.store
+            .set(store)
+            .map_err(|_| DefinitionsError::AlreadyAttached)
+    }
+
     /// Declare everything in `defs`, durable, through the same checks as
     /// AMQP declares (so an existing item with other flags is an error, and
     /// an exchange type must name a loaded plugin). Used by the admin API's
@@ -217,7 +227,7 @@ impl Broker {
         let Some(store) = self.store.get() else {
             return Ok(());
         };
-        if self.recovering.load(Ordering::SeqCst) {
+        if self.recovering.load(Ordering::SeqCst) || self.replicated.load(Ordering::SeqCst) {
             return Ok(());
         }
         store.append_definitions(&changes)?;
@@ -230,7 +240,7 @@ impl Broker {
         let Some(store) = self.store.get() else {
             return Ok(());
         };
-        if self.recovering.load(Ordering::SeqCst) {
+        if self.recovering.load(Ordering::SeqCst) || self.replicated.load(Ordering::SeqCst) {
             return Ok(());
         }
         // One snapshot and write at a time, so the last write is the

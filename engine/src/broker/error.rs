@@ -52,6 +52,23 @@ pub enum BrokerError {
     /// A built-in plugin did not load (only when the broker starts).
     #[error("INTERNAL_ERROR - built-in plugin: {0}")]
     BuiltinPlugin(#[from] crate::plugin::LoadError),
+    /// A queue that lives on another node of the cluster, for an operation
+    /// that must run where the queue is (405).
+    #[error(
+        "RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' lives on node '{node}': consume, get and purge there (messages do not cross nodes yet)"
+    )]
+    OnOtherNode {
+        /// Virtual host.
+        vhost: String,
+        /// Queue name.
+        name: String,
+        /// The node it lives on.
+        node: String,
+    },
+    /// The cluster could not commit a definition change (541, a connection
+    /// error: the client reconnects, perhaps to a node of the majority).
+    #[error("INTERNAL_ERROR - {0}")]
+    Cluster(String),
     /// The message store failed (541, a connection error).
     #[error("INTERNAL_ERROR - message store: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -66,9 +83,9 @@ impl BrokerError {
             | BrokerError::Plugin(_)
             | BrokerError::TooLong { .. } => 406,
             BrokerError::AccessRefused(_) => 403,
-            BrokerError::ResourceLocked(_) => 405,
+            BrokerError::ResourceLocked(_) | BrokerError::OnOtherNode { .. } => 405,
             BrokerError::UnknownExchangeType { .. } => 503,
-            BrokerError::Store(_) | BrokerError::BuiltinPlugin(_) => 541,
+            BrokerError::Store(_) | BrokerError::BuiltinPlugin(_) | BrokerError::Cluster(_) => 541,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! (a queue, its arguments, consumers and ready messages),
 //! `dead_letter` (RabbitMQ's dead-lettering), `durable` (what is saved and
 //! recovered), `plugins` (loading and swapping plugin versions),
-//! `connections` (the registry the admin API reads).
+//! `connections` (the registry the admin API reads), `replicated` (the
+//! broker as the cluster's state machine).
 
 mod connections;
 mod dead_letter;
@@ -19,6 +20,7 @@ mod error;
 mod exchange;
 mod plugins;
 mod queue;
+mod replicated;
 mod route;
 
 use std::collections::HashMap;
@@ -37,6 +39,7 @@ pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
 pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
+pub use replicated::BrokerApplier;
 pub use route::{FaultReport, PublishOutcome};
 
 use crate::message::{Message, encode_table_body};
@@ -85,6 +88,24 @@ pub struct VHost {
     pub name: String,
     exchanges: RwLock<Map<String, Arc<Exchange>>>,
     queues: RwLock<Map<String, Arc<Queue>>>,
+    /// In a cluster: the queues that live on other nodes. Known here so
+    /// that bindings to them are the same on every node and a client is
+    /// told where a queue is.
+    remote: RwLock<Map<String, RemoteQueue>>,
+    /// Copies of messages routed to a queue on another node (not carried
+    /// across nodes yet).
+    pub routed_elsewhere: std::sync::atomic::AtomicU64,
+}
+
+/// A queue that lives on another node of the cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteQueue {
+    /// The node it lives on.
+    pub node: String,
+    /// Durable.
+    pub durable: bool,
+    /// How it was declared.
+    pub definition: crate::store::definitions::QueueDefinition,
 }
 
 impl std::fmt::Debug for VHost {
@@ -105,13 +126,46 @@ impl VHost {
             .ok_or_else(|| self.not_found("exchange", name))
     }
 
-    /// A queue by name.
+    /// A queue of this node by name. A queue that lives on another node
+    /// is an error that says which.
     pub fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        self.queues
+        if let Some(q) = self.queues.read().get(name) {
+            return Ok(q.clone());
+        }
+        Err(match self.remote.read().get(name) {
+            Some(r) => BrokerError::OnOtherNode {
+                vhost: self.name.clone(),
+                name: name.to_owned(),
+                node: r.node.clone(),
+            },
+            None => self.not_found("queue", name),
+        })
+    }
+
+    /// Whether a queue of that name exists here or on another node.
+    pub fn queue_exists(&self, name: &str) -> bool {
+        self.queues.read().contains_key(name) || self.remote.read().contains_key(name)
+    }
+
+    /// The queue of that name on another node, if it is one.
+    pub fn remote_queue(&self, name: &str) -> Option<RemoteQueue> {
+        self.remote.read().get(name).cloned()
+    }
+
+    /// The queues on other nodes, by name.
+    pub fn remote_queues(&self) -> Vec<(String, RemoteQueue)> {
+        self.remote
             .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| self.not_found("queue", name))
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
+    pub(crate) fn set_remote(&self, name: &str, queue: Option<RemoteQueue>) {
+        match queue {
+            Some(q) => self.remote.write().insert(name.to_owned(), q),
+            None => self.remote.write().remove(name),
+        };
     }
 
     /// All exchanges.
@@ -170,6 +224,10 @@ pub struct Broker {
     /// (name, content hash) of built-in overrides an operator asked for
     /// one by one (an admin upload with `override_builtin=true`).
     overrides_allowed: Mutex<Vec<(String, String)>>,
+    /// The cluster this node belongs to (`[cluster]`).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterNode>>,
+    /// Definitions are replicated by the cluster, not saved locally.
+    replicated: std::sync::atomic::AtomicBool,
 }
 
 /// Default flow watermark per queue: ready messages above this many bytes
@@ -233,6 +291,8 @@ impl Broker {
             builtins: std::sync::OnceLock::new(),
             override_builtins: false.into(),
             overrides_allowed: Mutex::new(Vec::new()),
+            cluster: std::sync::OnceLock::new(),
+            replicated: false.into(),
         });
         let mut builtins = Map::default();
         for (name, bytes) in crate::builtins::BUILTINS {
@@ -345,6 +405,8 @@ impl Broker {
             name: name.to_owned(),
             exchanges: RwLock::new(Map::default()),
             queues: RwLock::new(Map::default()),
+            remote: RwLock::new(Map::default()),
+            routed_elsewhere: Default::default(),
         });
         for (xname, kind) in PREDECLARED {
             let spec = ExchangeSpec {

@@ -242,11 +242,15 @@ impl Broker {
                 }
             }
             match &b.destination {
-                Destination::Queue(name) => {
-                    if let Ok(q) = vhost.queue(name) {
-                        ctx.deliver(q, &message);
+                Destination::Queue(name) => match vhost.queue(name) {
+                    Ok(q) => ctx.deliver(q, &message),
+                    Err(BrokerError::OnOtherNode { .. }) => {
+                        vhost
+                            .routed_elsewhere
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                }
+                    Err(_) => {}
+                },
                 Destination::Exchange(name) => {
                     if let Ok(dx) = vhost.exchange(name) {
                         self.route_into(vhost, &dx, message.clone(), ctx);

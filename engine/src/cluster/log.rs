@@ -20,7 +20,6 @@
 //! inline on Raft's storage task; a sync here costs a change, never a
 //! message.
 
-
 // openraft's storage traits return its (large) `StorageError` by value;
 // the helpers here return the same so that `?` carries it unchanged.
 #![allow(clippy::result_large_err)]

@@ -14,7 +14,6 @@
 //! builds or installs one; after a restart the machine starts from it and
 //! Raft applies the committed entries after it again.
 
-
 // openraft's storage traits return its (large) `StorageError` by value;
 // the helpers here return the same so that `?` carries it unchanged.
 #![allow(clippy::result_large_err)]

@@ -75,11 +75,16 @@ impl Peers {
         {
             return Ok(link.clone());
         }
+        // Raft may call out before the node that answers calls exists
+        // (it starts with the Raft instance): it retries later.
         let handler = self
             .handler
             .get()
             .cloned()
-            .expect("the handler is set before any call");
+            .ok_or_else(|| LinkError::Unreachable {
+                peer: addr.to_owned(),
+                reason: "this node is still starting".into(),
+            })?;
         let link = Link::dial(addr, &self.me, &self.secret, handler).await?;
         *slot = Some(link.clone());
         Ok(link)

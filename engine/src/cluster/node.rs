@@ -299,10 +299,25 @@ impl ClusterNode {
         Some((leader, member))
     }
 
+    /// Whether this node, leading, has heard from a majority lately. Raft
+    /// lets a leader cut off from the majority go on appending entries it
+    /// cannot commit, and such an entry may still be committed after the
+    /// partition heals, long after its client was told it failed. Refusing
+    /// up front keeps that error definite.
+    fn leads_a_majority(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let recent = 2 * self.settings.heartbeat_ms.max(1) + self.settings.election_timeout_ms / 2;
+        m.current_leader == Some(self.id)
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms <= recent)
+    }
+
     /// Commit `command` on this node (it must lead): the outcome and its
     /// log index.
     async fn propose_here(&self, command: Command) -> Result<(Applied, u64), ClusterError> {
         let timeout = self.settings.commit_timeout();
+        if !self.leads_a_majority() {
+            return Err(self.no_quorum(timeout));
+        }
         match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
             Ok(Ok(r)) => Ok((r.data, r.log_id.index)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -315,7 +330,10 @@ impl ClusterNode {
                 })
             }
             Ok(Err(e)) => Err(raft_err(e)),
-            Err(_) => Err(self.no_quorum(timeout)),
+            Err(_) => Err(ClusterError::NoQuorum {
+                after: timeout,
+                reason: "appended but not acknowledged by a majority in time; it takes effect only if the cluster commits it later".into(),
+            }),
         }
     }
 
@@ -326,7 +344,7 @@ impl ClusterNode {
             after,
             reason: match m.current_leader {
                 Some(l) if l == self.id => format!(
-                    "this node leads but a majority of the {voters} voters has not acknowledged"
+                    "this node leads but has not heard from a majority of the {voters} voters lately"
                 ),
                 Some(_) => "the leader did not commit it".into(),
                 None => format!("no leader is elected among the {voters} voters"),
@@ -460,6 +478,27 @@ impl ClusterNode {
             .map_err(|e| e.to_string())?;
         tracing::info!(node = %name, "node removed from the cluster");
         Ok(())
+    }
+
+    /// Join the cluster of the node at `peer` (`wasmq cluster join`): only
+    /// a node that is not a member of a cluster yet may.
+    pub async fn join_via(&self, peer: &str) -> Result<(), ClusterError> {
+        if self.raft.is_initialized().await.map_err(raft_err)? {
+            return Err(ClusterError::Settings(format!(
+                "node '{}' is a member of a cluster already; `leave` it first",
+                self.me.name
+            )));
+        }
+        match self
+            .peers
+            .call(peer, Call::Join(self.me.clone()), Duration::from_secs(60))
+            .await
+        {
+            Ok(Answer::Membership(Ok(()))) => Ok(()),
+            Ok(Answer::Membership(Err(e))) => Err(raft_err(e)),
+            Ok(a) => Err(raft_err(format!("unexpected answer {a:?}"))),
+            Err(e) => Err(raft_err(e)),
+        }
     }
 
     /// Ask the cluster to remove `name` (this node or another).

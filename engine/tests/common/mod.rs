@@ -15,9 +15,12 @@ pub struct Broker {
     pub child: Child,
     /// `host:port` of the AMQP and admin listeners, once [`Broker::ready`].
     listening: Option<(String, String)>,
+    /// `host:port` of the node-to-node listener, for a cluster node.
+    pub cluster_addr: Option<String>,
 }
 
 impl Broker {
+    #[allow(dead_code)]
     pub fn spawn(data: &Path, plugins: &Path) -> Broker {
         let child = Command::new(BIN)
             .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
@@ -35,6 +38,28 @@ impl Broker {
         Broker {
             child,
             listening: None,
+            cluster_addr: None,
+        }
+    }
+
+    /// `wasmq serve --config FILE`, both listeners on port 0.
+    #[allow(dead_code)]
+    pub fn spawn_config(config: &Path) -> Broker {
+        let child = Command::new(BIN)
+            .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wasmq");
+        Broker {
+            child,
+            listening: None,
+            cluster_addr: None,
         }
     }
 
@@ -57,6 +82,9 @@ impl Broker {
             }
             if v["fields"]["message"] == "admin API listening" {
                 admin = v["fields"]["addr"].as_str().map(str::to_owned);
+            }
+            if v["fields"]["message"] == "cluster node started" {
+                self.cluster_addr = v["fields"]["addr"].as_str().map(str::to_owned);
             }
             if let (Some(amqp), Some(admin)) = (&amqp, &admin) {
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

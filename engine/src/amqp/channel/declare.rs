@@ -3,8 +3,10 @@
 //! user's permissions.
 
 use super::consume::server_name;
+use super::replicated::{Reply, binding};
 use super::*;
 use crate::broker::QueueDecl;
+use crate::cluster::Command;
 
 impl Channel {
     pub(super) fn queue_name(&self, name: &ShortString) -> Result<String, AmqpError> {
@@ -76,6 +78,11 @@ impl Channel {
                         }
                     }
                 }
+                if !d.passive && Self::replicated(ctx) {
+                    let command = Self::exchange_command(ctx, d);
+                    self.propose(ctx, command, Reply::ExchangeDeclare, d.nowait, (40, 10));
+                    return Ok(());
+                }
                 let spec = ExchangeSpec {
                     name: d.exchange.to_string(),
                     kind: d.kind.to_string(),
@@ -90,6 +97,22 @@ impl Channel {
             M::Delete(d) => {
                 ctx.grant
                     .check(Access::Configure, "exchange", d.exchange.as_str())?;
+                if Self::replicated(ctx) {
+                    if d.exchange.as_str().is_empty() || d.exchange.as_str().starts_with("amq.") {
+                        return Err(BrokerError::AccessRefused(format!(
+                            "cannot delete predeclared exchange '{}'",
+                            d.exchange
+                        ))
+                        .into());
+                    }
+                    let command = Command::DeleteExchange {
+                        vhost: ctx.vhost.name.clone(),
+                        name: d.exchange.to_string(),
+                        if_unused: d.if_unused,
+                    };
+                    self.propose(ctx, command, Reply::ExchangeDelete, d.nowait, (40, 20));
+                    return Ok(());
+                }
                 match ctx
                     .broker
                     .delete_exchange(ctx.vhost, d.exchange.as_str(), d.if_unused)
@@ -105,6 +128,20 @@ impl Channel {
                     .check(Access::Write, "exchange", b.destination.as_str())?;
                 ctx.grant
                     .check(Access::Read, "exchange", b.source.as_str())?;
+                if Self::replicated(ctx) {
+                    let command = Command::Bind {
+                        vhost: ctx.vhost.name.clone(),
+                        binding: binding(
+                            b.source.as_str(),
+                            b.destination.as_str(),
+                            true,
+                            b.routing_key.as_str(),
+                            &b.arguments,
+                        ),
+                    };
+                    self.propose(ctx, command, Reply::ExchangeBind, b.nowait, (40, 30));
+                    return Ok(());
+                }
                 let dest = Destination::Exchange(b.destination.to_string());
                 ctx.broker.bind(
                     ctx.vhost,
@@ -120,6 +157,20 @@ impl Channel {
                     .check(Access::Write, "exchange", u.destination.as_str())?;
                 ctx.grant
                     .check(Access::Read, "exchange", u.source.as_str())?;
+                if Self::replicated(ctx) {
+                    let command = Command::Unbind {
+                        vhost: ctx.vhost.name.clone(),
+                        binding: binding(
+                            u.source.as_str(),
+                            u.destination.as_str(),
+                            true,
+                            u.routing_key.as_str(),
+                            &u.arguments,
+                        ),
+                    };
+                    self.propose(ctx, command, Reply::ExchangeUnbind, u.nowait, (40, 40));
+                    return Ok(());
+                }
                 let dest = Destination::Exchange(u.destination.to_string());
                 ctx.broker.unbind(
                     ctx.vhost,
@@ -166,6 +217,19 @@ impl Channel {
                         ctx.grant.check(Access::Write, "exchange", &dlx)?;
                     }
                     let owner = d.exclusive.then_some(ctx.connection);
+                    if owner.is_none() && Self::replicated(ctx) {
+                        crate::broker::check_short("queue name", &name)?;
+                        if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
+                            return Err(BrokerError::AccessRefused(format!(
+                                "queue name '{name}' contains reserved prefix 'amq.*'"
+                            ))
+                            .into());
+                        }
+                        self.last_queue = name.clone();
+                        let command = Self::queue_command(ctx, &name, d);
+                        self.propose(ctx, command, Reply::QueueDeclare(name), d.nowait, (50, 10));
+                        return Ok(());
+                    }
                     let q = ctx.broker.declare_queue(
                         ctx.vhost,
                         QueueDecl {
@@ -194,6 +258,24 @@ impl Channel {
                 }
             }
             M::Bind(b) => {
+                let name = self.queue_name(&b.queue)?;
+                if Self::replicated_queue(ctx, &name) {
+                    ctx.grant.check(Access::Write, "queue", &name)?;
+                    ctx.grant
+                        .check(Access::Read, "exchange", b.exchange.as_str())?;
+                    let command = Command::Bind {
+                        vhost: ctx.vhost.name.clone(),
+                        binding: binding(
+                            b.exchange.as_str(),
+                            &name,
+                            false,
+                            b.routing_key.as_str(),
+                            &b.arguments,
+                        ),
+                    };
+                    self.propose(ctx, command, Reply::QueueBind, b.nowait, (50, 20));
+                    return Ok(());
+                }
                 let q = self.queue(ctx, &b.queue, Access::Write)?;
                 ctx.grant
                     .check(Access::Read, "exchange", b.exchange.as_str())?;
@@ -210,6 +292,24 @@ impl Channel {
                 }
             }
             M::Unbind(u) => {
+                let name = self.queue_name(&u.queue)?;
+                if Self::replicated_queue(ctx, &name) {
+                    ctx.grant.check(Access::Write, "queue", &name)?;
+                    ctx.grant
+                        .check(Access::Read, "exchange", u.exchange.as_str())?;
+                    let command = Command::Unbind {
+                        vhost: ctx.vhost.name.clone(),
+                        binding: binding(
+                            u.exchange.as_str(),
+                            &name,
+                            false,
+                            u.routing_key.as_str(),
+                            &u.arguments,
+                        ),
+                    };
+                    self.propose(ctx, command, Reply::QueueUnbind, false, (50, 50));
+                    return Ok(());
+                }
                 let q = self.queue(ctx, &u.queue, Access::Write)?;
                 ctx.grant
                     .check(Access::Read, "exchange", u.exchange.as_str())?;
@@ -236,6 +336,40 @@ impl Channel {
                 }
             }
             M::Delete(d) => {
+                let name = self.queue_name(&d.queue)?;
+                if Self::replicated_queue(ctx, &name) && ctx.vhost.queue_exists(&name) {
+                    ctx.grant.check(Access::Configure, "queue", &name)?;
+                    match ctx.vhost.queue(&name) {
+                        // Its node checks the conditions; applying does not
+                        // (it must not depend on one node's consumers).
+                        Ok(q) => {
+                            if d.if_unused && q.consumer_count() > 0 {
+                                return Err(BrokerError::PreconditionFailed(format!(
+                                    "queue '{name}' in vhost '{}' in use",
+                                    ctx.vhost.name
+                                ))
+                                .into());
+                            }
+                            if d.if_empty && !q.is_empty() {
+                                return Err(BrokerError::PreconditionFailed(format!(
+                                    "queue '{name}' in vhost '{}' not empty",
+                                    ctx.vhost.name
+                                ))
+                                .into());
+                            }
+                        }
+                        Err(e) if d.if_unused || d.if_empty => return Err(e.into()),
+                        Err(_) => {}
+                    }
+                    let command = Command::DeleteQueue {
+                        vhost: ctx.vhost.name.clone(),
+                        name,
+                        if_unused: d.if_unused,
+                        if_empty: d.if_empty,
+                    };
+                    self.propose(ctx, command, Reply::QueueDelete, d.nowait, (50, 40));
+                    return Ok(());
+                }
                 let n = match self.queue(ctx, &d.queue, Access::Configure) {
                     Ok(q) => {
                         let n =

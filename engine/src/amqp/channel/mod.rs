@@ -11,14 +11,18 @@
 //! * `declare`: exchange and queue declare, bind, unbind, purge, delete.
 //! * `consume`: consume, get, deliver, ack/nack/reject (and their tag
 //!   checks), recover, cancel, and channel.flow.
+//! * `replicated`: in a cluster, definition methods become proposals the
+//!   connection commits before it answers.
 
 mod consume;
 mod declare;
 mod error;
 mod publish;
+mod replicated;
 
 pub(crate) use error::AmqpError;
 use error::{exchange_arg, server_only, unexpected};
+pub(crate) use replicated::Proposal;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -65,6 +69,9 @@ pub(crate) struct Ctx<'a> {
     pub awaiting_sync: &'a mut bool,
     /// Set when a channel gathered acks to send at the end of the batch.
     pub acks_ready: &'a mut bool,
+    /// Set when a method became a definition change for the cluster to
+    /// commit (the connection holds the channel until it is applied).
+    pub proposal: &'a mut Option<Proposal>,
 }
 
 struct Pending {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 
 use super::{Connection, OUT_CAP, Step};
-use crate::amqp::channel::{AmqpError, Channel, Delivered};
+use crate::amqp::channel::{AmqpError, Channel, Delivered, Proposal};
 use crate::amqp::frame::{Frame, encode_heartbeat, encode_method, short_string};
 use crate::amqp::handshake::encode_close;
 use crate::broker::{ChannelCredit, Dispatch};
@@ -141,6 +141,12 @@ impl Connection {
                 }
             };
         }
+        if let Some(held) = self.held_frames.get_mut(&channel) {
+            // A definition change of this channel is being committed: its
+            // later frames wait, so that replies keep their order.
+            held.push_back(frame);
+            return Step::Continue;
+        }
         if let Frame::Method(_, AMQPClass::Channel(m)) = &frame {
             match m {
                 channel::AMQPMethod::Open(_) => {
@@ -206,7 +212,12 @@ impl Connection {
             return Step::Continue;
         }
         match ch.handle(&mut ctx, frame) {
-            Ok(()) => Step::Continue,
+            Ok(()) => {
+                if let Some(p) = self.proposal.take() {
+                    self.start_proposal(p);
+                }
+                Step::Continue
+            }
             Err(e) if e.is_connection_error() => self.connection_error(e),
             Err(e) => {
                 tracing::debug!(%peer, channel, code = e.code, "channel error: {}", e.text);
@@ -214,6 +225,59 @@ impl Connection {
                 Step::Continue
             }
         }
+    }
+
+    /// Commit a channel's definition change; hold the channel meanwhile.
+    fn start_proposal(&mut self, p: Proposal) {
+        let Some(node) = self.broker.cluster().cloned() else {
+            return;
+        };
+        self.held_frames.insert(p.channel, Default::default());
+        self.proposals.spawn(async move {
+            let r = node.propose(p.command.clone()).await;
+            (p, r)
+        });
+    }
+
+    /// A channel's change was committed and applied here (or not): answer
+    /// it, then handle the frames it held meanwhile.
+    pub(super) fn committed(&mut self, done: super::Committed) -> Step {
+        let (p, result) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                return self.connection_error(AmqpError::new(
+                    541,
+                    format!("INTERNAL_ERROR - committing a definition change: {e}"),
+                ));
+            }
+        };
+        let channel = p.channel;
+        let held = self.held_frames.remove(&channel).unwrap_or_default();
+        let cluster_failed = result.is_err();
+        let (ctx, channels) = self.ctx();
+        let outcome = p.outcome(&ctx, result);
+        match outcome {
+            Ok(Some(method)) => {
+                if let Some(ch) = channels.get_mut(&channel) {
+                    ch.flush_acks(ctx.out);
+                }
+                encode_method(ctx.out, channel, method);
+            }
+            Ok(None) => {}
+            Err(e) if cluster_failed => return self.connection_error(e),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, channel, code = e.code, "channel error: {}", e.text);
+                self.channel_error(channel, e);
+            }
+        }
+        for frame in held {
+            // `frame` holds a frame back again while another change of
+            // this channel is being committed.
+            if let Step::Stop(why) = self.frame(frame) {
+                return Step::Stop(why);
+            }
+        }
+        Step::Continue
     }
 
     /// Close one channel with `e`: requeue its deliveries, send channel.close,

@@ -34,10 +34,11 @@ use amq_protocol::protocol::{AMQPClass, connection};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
-use super::channel::{AmqpError, Channel, Ctx};
+use super::channel::{AmqpError, Channel, Ctx, Proposal};
 use super::frame::{Frame, decode};
 use super::grant::Grant;
 use super::handshake::{HandshakeError, close_with, handshake};
@@ -45,6 +46,7 @@ use super::outbox::Outbox;
 use super::socket::{Io, Socket};
 use crate::Broker;
 use crate::broker::{ConnectionInfo, Consumer, Dispatch, Map, Queue, Registered, TlsInfo, VHost};
+use crate::cluster::{Applied, ClusterError};
 
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,6 +147,9 @@ pub(crate) async fn run(
         alarm_unchecked: true,
         last_read: Instant::now(),
         last_write: Instant::now(),
+        proposal: None,
+        proposals: JoinSet::new(),
+        held_frames: Map::default(),
     };
     let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
         Ok(reason) => reason,
@@ -268,7 +273,16 @@ struct Connection {
     alarm_unchecked: bool,
     last_read: Instant,
     last_write: Instant,
+    /// A channel's method just became a definition change to commit.
+    proposal: Option<Proposal>,
+    /// Definition changes being committed by the cluster.
+    proposals: JoinSet<(Proposal, Result<Applied, ClusterError>)>,
+    /// Channels waiting for their change to be applied, and the frames
+    /// they received meanwhile (handled, in order, once it is).
+    held_frames: Map<u16, std::collections::VecDeque<Frame>>,
 }
+
+type Committed = Result<(Proposal, Result<Applied, ClusterError>), tokio::task::JoinError>;
 
 enum Step {
     Continue,
@@ -343,6 +357,9 @@ impl Connection {
                     d = dispatch.recv(), if pending < WRITE_BATCH => {
                         if let Some(d) = d { self.dispatch(d); }
                         Step::Continue
+                    }
+                    Some(done) = self.proposals.join_next(), if !self.proposals.is_empty() => {
+                        self.committed(done)
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
                     // Not reading (flow control, an alarm, output backed
@@ -571,6 +588,7 @@ impl Connection {
                 congested: &mut self.congested,
                 awaiting_sync: &mut self.awaiting_sync,
                 acks_ready: &mut self.acks_ready,
+                proposal: &mut self.proposal,
             },
             &mut self.channels,
         )

@@ -1,0 +1,113 @@
+//! The cluster's endpoints: `/api/cluster` (this node's view: members,
+//! leader, log positions), RabbitMQ's `/api/nodes`, and membership
+//! changes. A node without a `[cluster]` section answers as a cluster of
+//! one for `/api/nodes` and 404 for the rest.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{AdminState, ApiError};
+use crate::cluster::{ClusterNode, NodeStatus};
+
+/// One node in `/api/nodes` (RabbitMQ's field names where they apply).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Reachable as far as this node knows (itself; on the leader, every
+    /// member whose log position it has).
+    pub running: bool,
+    /// RabbitMQ's node type; every wasmq node keeps its state on disk.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Leads the cluster's definitions log.
+    pub is_leader: bool,
+    /// A voting member (else a learner catching up).
+    pub voter: bool,
+    /// The node-to-node address.
+    pub cluster_addr: Option<String>,
+    /// Last log index the leader knows this member holds.
+    pub log_index: Option<u64>,
+}
+
+pub(super) fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/api/cluster", get(status))
+        .route("/api/nodes", get(nodes))
+        .route("/api/cluster/join", post(join))
+        .route("/api/cluster/leave/{name}", post(leave))
+}
+
+fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiError> {
+    s.broker.cluster().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this node runs alone (no [cluster] section)".to_owned(),
+        )
+    })
+}
+
+async fn status(State(s): State<AdminState>) -> Result<Json<NodeStatus>, ApiError> {
+    Ok(Json(node(&s)?.status()))
+}
+
+async fn nodes(State(s): State<AdminState>) -> Json<Vec<NodeView>> {
+    let Some(node) = s.broker.cluster() else {
+        return Json(vec![NodeView {
+            name: "wasmq@localhost".into(),
+            running: true,
+            kind: "disc".into(),
+            is_leader: true,
+            voter: true,
+            cluster_addr: None,
+            log_index: None,
+        }]);
+    };
+    let st = node.status();
+    let me_leads = st.leader.as_deref() == Some(st.node.as_str());
+    Json(
+        st.members
+            .into_iter()
+            .map(|m| NodeView {
+                running: m.name == st.node || (me_leads && m.matched_index.is_some()),
+                name: m.name,
+                kind: "disc".into(),
+                is_leader: m.leader,
+                voter: m.voter,
+                cluster_addr: Some(m.addr),
+                log_index: m.matched_index,
+            })
+            .collect(),
+    )
+}
+
+#[derive(Deserialize)]
+struct JoinBody {
+    /// The node-to-node address of a member to join through.
+    peer: String,
+}
+
+async fn join(
+    State(s): State<AdminState>,
+    Json(body): Json<JoinBody>,
+) -> Result<StatusCode, ApiError> {
+    node(&s)?
+        .join_via(&body.peer)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn leave(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node(&s)?
+        .leave(&name)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}

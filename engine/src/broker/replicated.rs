@@ -1,0 +1,331 @@
+//! The broker as the cluster's state machine: committed definition changes
+//! applied to this node's vhosts.
+//!
+//! Every node applies every committed [`Command`] through the same broker
+//! methods a single node uses for AMQP declares, so the checks (reserved
+//! names, equivalence, unknown exchange types) are the same and give the
+//! same verdict everywhere. A queue is created only on the node it lives
+//! on; the others record it as a [`RemoteQueue`], which is enough to bind
+//! to it and to tell a client where it is. Definitions are not written to
+//! the local definitions log in a cluster: the Raft log and its snapshots
+//! are their durable record, and a restarted node gets them back from it.
+
+use std::sync::Weak;
+
+use super::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
+use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command};
+use crate::store::definitions::{BindingDefinition, QueueDefinition};
+
+/// Applies committed commands to a broker (held weakly: the broker owns
+/// the cluster node, which owns this).
+pub struct BrokerApplier {
+    broker: Weak<Broker>,
+    node: String,
+}
+
+impl BrokerApplier {
+    /// The applier of `broker`, on the node named `node`.
+    pub fn new(broker: &std::sync::Arc<Broker>, node: &str) -> BrokerApplier {
+        BrokerApplier {
+            broker: std::sync::Arc::downgrade(broker),
+            node: node.to_owned(),
+        }
+    }
+}
+
+fn refused(e: BrokerError) -> Applied {
+    Applied::Refused {
+        code: e.reply_code(),
+        text: e.to_string(),
+    }
+}
+
+fn destination(b: &BindingDefinition) -> Destination {
+    if b.destination_type == "exchange" {
+        Destination::Exchange(b.destination.clone())
+    } else {
+        Destination::Queue(b.destination.clone())
+    }
+}
+
+impl Applier for BrokerApplier {
+    fn apply(&self, command: &Command) -> Applied {
+        let Some(broker) = self.broker.upgrade() else {
+            return Applied::Done;
+        };
+        broker.apply_command(command, &self.node)
+    }
+
+    fn reset(&self, catalog: &Catalog) {
+        if let Some(broker) = self.broker.upgrade() {
+            broker.reset_to(catalog, &self.node);
+        }
+    }
+}
+
+impl Broker {
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&std::sync::Arc<ClusterNode>> {
+        self.cluster.get()
+    }
+
+    /// Join `node`'s cluster: definitions change only through it from now
+    /// on.
+    pub fn set_cluster(&self, node: std::sync::Arc<ClusterNode>) {
+        let _ = self.cluster.set(node);
+    }
+
+    /// Definitions are replicated (set before the cluster starts, so that
+    /// what it replays is not written to the local definitions log).
+    pub fn replicate_definitions(&self) {
+        self.replicated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Apply one committed command on node `me`.
+    pub(crate) fn apply_command(&self, command: &Command, me: &str) -> Applied {
+        let Ok(vhost) = self.add_vhost(command.vhost()) else {
+            return Applied::Refused {
+                code: 402,
+                text: format!("INVALID_PATH - vhost '{}'", command.vhost()),
+            };
+        };
+        let result = match command {
+            Command::DeclareExchange {
+                exchange, durable, ..
+            } => self
+                .declare_exchange(
+                    &vhost,
+                    ExchangeSpec {
+                        name: exchange.name.clone(),
+                        kind: exchange.kind.clone(),
+                        durable: *durable,
+                        auto_delete: exchange.auto_delete,
+                        internal: exchange.internal,
+                        arguments: exchange.arguments.clone(),
+                    },
+                    false,
+                )
+                .map(|_| Applied::Done),
+            Command::DeleteExchange {
+                name, if_unused, ..
+            } => match self.delete_exchange(&vhost, name, *if_unused) {
+                Ok(()) | Err(BrokerError::NotFound { .. }) => Ok(Applied::Done),
+                Err(e) => Err(e),
+            },
+            Command::DeclareQueue {
+                queue,
+                durable,
+                node,
+                ..
+            } => self.apply_declare_queue(&vhost, queue, *durable, node, me),
+            Command::DeleteQueue { name, .. } => {
+                if vhost.remote_queue(name).is_some() {
+                    vhost.set_remote(name, None);
+                    self.remove_bindings_to(&vhost, &Destination::Queue(name.clone()));
+                    Ok(Applied::Done)
+                } else {
+                    // if-unused and if-empty were checked where the client
+                    // asked, before proposing: applying must not depend on
+                    // one node's consumers.
+                    match self.delete_queue(&vhost, name, false, false) {
+                        Ok(n) => Ok(Applied::Removed(n as u32)),
+                        Err(BrokerError::NotFound { .. }) => Ok(Applied::Removed(0)),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            Command::Bind { binding, .. } => self
+                .bind(
+                    &vhost,
+                    &binding.source,
+                    destination(binding),
+                    &binding.routing_key,
+                    binding.arguments.clone(),
+                )
+                .map(|()| Applied::Done),
+            Command::Unbind { binding, .. } => self
+                .unbind(
+                    &vhost,
+                    &binding.source,
+                    &destination(binding),
+                    &binding.routing_key,
+                    &binding.arguments,
+                )
+                .map(|()| Applied::Done),
+        };
+        result.unwrap_or_else(refused)
+    }
+
+    fn apply_declare_queue(
+        &self,
+        vhost: &super::VHost,
+        queue: &QueueDefinition,
+        durable: bool,
+        node: &str,
+        me: &str,
+    ) -> Result<Applied, BrokerError> {
+        let existing = vhost.remote_queue(&queue.name);
+        let home = existing.as_ref().map_or(node, |r| r.node.as_str());
+        if home == me && existing.is_none() {
+            self.declare_queue(
+                vhost,
+                QueueDecl {
+                    name: queue.name.clone(),
+                    durable,
+                    owner: None,
+                    auto_delete: queue.auto_delete,
+                    arguments: queue.arguments.clone(),
+                },
+            )?;
+            return Ok(Applied::Done);
+        }
+        match existing {
+            // RabbitMQ's equivalence, judged on the replicated definition
+            // (the same on every node).
+            Some(r) => {
+                for (arg, received, current) in [
+                    ("durable", durable, r.durable),
+                    ("auto_delete", queue.auto_delete, r.definition.auto_delete),
+                ] {
+                    if received != current {
+                        return Err(BrokerError::PreconditionFailed(format!(
+                            "inequivalent arg '{arg}' for queue '{}' in vhost '{}': received '{received}' but current is '{current}'",
+                            queue.name, vhost.name
+                        )));
+                    }
+                }
+                if r.definition.arguments != queue.arguments {
+                    return Err(BrokerError::PreconditionFailed(format!(
+                        "inequivalent arg for queue '{}' in vhost '{}': declared with other arguments than it has",
+                        queue.name, vhost.name
+                    )));
+                }
+                Ok(Applied::Done)
+            }
+            None => {
+                // Its arguments are checked here too, so that a declare
+                // the home node refuses is refused everywhere.
+                if let Ok(local) = vhost.queue(&queue.name) {
+                    // Declared here before the node lived elsewhere: the
+                    // home node's rule (equivalence) applies.
+                    let decl = QueueDecl {
+                        name: local.name.clone(),
+                        durable,
+                        owner: None,
+                        auto_delete: queue.auto_delete,
+                        arguments: queue.arguments.clone(),
+                    };
+                    self.declare_queue(vhost, decl)?;
+                    return Ok(Applied::Done);
+                }
+                super::QueueLimits::parse(&queue.arguments).map_err(|e| {
+                    BrokerError::PreconditionFailed(format!(
+                        "{e} for queue '{}' in vhost '{}'",
+                        queue.name, vhost.name
+                    ))
+                })?;
+                vhost.set_remote(
+                    &queue.name,
+                    Some(RemoteQueue {
+                        node: node.to_owned(),
+                        durable,
+                        definition: queue.clone(),
+                    }),
+                );
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    /// Make this node's replicated definitions exactly `catalog` (a
+    /// snapshot was installed or loaded): what it lacks is deleted, what
+    /// it has is declared.
+    pub(crate) fn reset_to(&self, catalog: &Catalog, me: &str) {
+        let wanted_queue = |v: &str, n: &str| {
+            catalog
+                .queues
+                .values()
+                .any(|q| q.vhost == v && q.queue.name == n)
+        };
+        let wanted_exchange = |v: &str, n: &str| {
+            catalog
+                .exchanges
+                .values()
+                .any(|x| x.vhost == v && x.exchange.name == n)
+        };
+        for vhost in self.vhosts() {
+            for (name, _) in vhost.remote_queues() {
+                if !wanted_queue(&vhost.name, &name) {
+                    vhost.set_remote(&name, None);
+                    self.remove_bindings_to(&vhost, &Destination::Queue(name));
+                }
+            }
+            for q in vhost.queues() {
+                if q.owner.is_none() && !wanted_queue(&vhost.name, &q.name) {
+                    let _ = self.delete_queue(&vhost, &q.name, false, false);
+                }
+            }
+            for x in vhost.exchanges() {
+                if !x.name.is_empty()
+                    && !x.name.starts_with("amq.")
+                    && !wanted_exchange(&vhost.name, &x.name)
+                {
+                    let _ = self.delete_exchange(&vhost, &x.name, false);
+                }
+            }
+            // Bindings not in the catalog go; the ones in it are declared
+            // again below (binding twice is a no-op).
+            for x in vhost.exchanges() {
+                let table = x.bindings.load_full();
+                for b in table.iter() {
+                    let def = BindingDefinition {
+                        source: x.name.clone(),
+                        destination: b.destination.name().to_owned(),
+                        destination_type: match b.destination {
+                            Destination::Queue(_) => "queue".into(),
+                            Destination::Exchange(_) => "exchange".into(),
+                        },
+                        routing_key: b.key.clone(),
+                        arguments: b.arguments.clone(),
+                    };
+                    let kept = catalog
+                        .bindings
+                        .values()
+                        .any(|r| r.vhost == vhost.name && r.binding == def);
+                    let exclusive = matches!(&b.destination, Destination::Queue(q)
+                        if vhost.queue(q).is_ok_and(|q| q.owner.is_some()));
+                    if !kept && !exclusive {
+                        let _ = self.unbind(&vhost, &x.name, &b.destination, &b.key, &b.arguments);
+                    }
+                }
+            }
+        }
+        let mut commands: Vec<Command> = Vec::new();
+        commands.extend(
+            catalog
+                .exchanges
+                .values()
+                .map(|x| Command::DeclareExchange {
+                    vhost: x.vhost.clone(),
+                    exchange: x.exchange.clone(),
+                    durable: x.durable,
+                }),
+        );
+        commands.extend(catalog.queues.values().map(|q| Command::DeclareQueue {
+            vhost: q.vhost.clone(),
+            queue: q.queue.clone(),
+            durable: q.durable,
+            node: q.node.clone(),
+        }));
+        commands.extend(catalog.bindings.values().map(|b| Command::Bind {
+            vhost: b.vhost.clone(),
+            binding: b.binding.clone(),
+        }));
+        for c in commands {
+            if let Applied::Refused { text, .. } = self.apply_command(&c, me) {
+                tracing::error!("restoring the cluster's definitions: {text}");
+            }
+        }
+    }
+}

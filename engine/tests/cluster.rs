@@ -1,0 +1,389 @@
+//! A three-node cluster of real `wasmq` processes on loopback: nodes join
+//! through the first, definitions made on any node reach every node, a
+//! refusal is the same everywhere, a node killed with SIGKILL catches up
+//! when it comes back, the leader's death elects another, and a node left
+//! alone (no majority) refuses changes instead of half-making them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use wasmq::admin::client::AdminClient;
+use wasmq::cluster::NodeStatus;
+
+mod common;
+use common::Broker;
+
+const SECRET: &str = "a shared secret for the cluster tests";
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    config: PathBuf,
+    broker: Option<Broker>,
+    amqp: String,
+    admin: String,
+    cluster: String,
+}
+
+fn write_config(dir: &Path, name: &str, listen: &str, peers: &[String]) -> PathBuf {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    let text = format!(
+        r#"data_dir = "{data}"
+plugin_dir = "{plugins}"
+
+[cluster]
+name = "{name}"
+listen = "{listen}"
+peers = [{peers}]
+secret = "{SECRET}"
+heartbeat_ms = 100
+election_timeout_ms = 600
+commit_timeout_ms = 3000
+"#,
+        data = dir.join("data").display(),
+        plugins = dir.join("plugins").display(),
+        peers = peers.join(", "),
+    );
+    let path = dir.join("wasmq.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Node {
+    async fn start(root: &Path, name: &str, peers: &[String]) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(dir.join("plugins")).unwrap();
+        let config = write_config(&dir, name, "127.0.0.1:0", peers);
+        let mut broker = Broker::spawn_config(&config);
+        let (amqp, admin) = broker.ready().await;
+        let cluster = broker.cluster_addr.clone().expect("cluster address logged");
+        // A restart keeps the node-to-node address the others know.
+        write_config(&dir, name, &cluster, peers);
+        Node {
+            name: name.to_owned(),
+            dir,
+            config,
+            broker: Some(broker),
+            amqp,
+            admin,
+            cluster,
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.kill().await;
+        }
+    }
+
+    async fn restart(&mut self) {
+        assert!(self.broker.is_none());
+        let _ = &self.dir;
+        let mut broker = Broker::spawn_config(&self.config);
+        let (amqp, admin) = broker.ready().await;
+        self.amqp = amqp;
+        self.admin = admin;
+        self.broker = Some(broker);
+    }
+
+    fn api(&self) -> AdminClient {
+        AdminClient::new(&format!("http://{}", self.admin), "guest", "guest")
+    }
+
+    fn status(&self) -> Option<NodeStatus> {
+        self.api().get_as("/api/cluster").ok()
+    }
+
+    fn queue_node(&self, queue: &str) -> Option<String> {
+        let qs = self.api().get("/api/queues/%2F").ok()?;
+        qs.as_array()?
+            .iter()
+            .find(|q| q["name"] == queue)
+            .and_then(|q| q["node"].as_str().map(str::to_owned))
+    }
+
+    async fn connect(&self) -> Connection {
+        Connection::connect(
+            &format!("amqp://guest:guest@{}/%2f", self.amqp),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("connect")
+    }
+}
+
+async fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?}: {what}");
+}
+
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
+}
+
+async fn formed(nodes: &[&Node]) {
+    eventually(
+        "three voters and one leader seen by every node",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                n.status().is_some_and(|s| {
+                    s.leader.is_some()
+                        && s.members.iter().filter(|m| m.voter).count() == nodes.len()
+                })
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_agrees_on_definitions_through_failures() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[]).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start(root.path(), "b", &seeds).await;
+    let mut c = Node::start(root.path(), "c", &seeds).await;
+    formed(&[&a, &b, &c]).await;
+    let t = Duration::from_secs(15);
+
+    // Declared on b: it lives on b and every node knows it.
+    let conn_b = b.connect().await;
+    let ch = conn_b.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "events".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1000));
+    ch.queue_declare(
+        "orders".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args.clone(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "orders".into(),
+        "events".into(),
+        "orders.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // The node that answered declare-ok has applied it; the others apply
+    // it as they learn it is committed (within a heartbeat or two).
+    assert_eq!(b.queue_node("orders").as_deref(), Some("b"));
+    for n in [&a, &c] {
+        eventually(&format!("queue and binding known on {}", n.name), t, || {
+            n.queue_node("orders").as_deref() == Some("b")
+                && n.api().get("/api/bindings/%2F").is_ok_and(|bindings| {
+                    bindings
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x["source"] == "events" && x["destination"] == "orders")
+                })
+        })
+        .await;
+    }
+
+    // Routed and consumed where the queue lives.
+    let body = b"first order".to_vec();
+    ch.basic_publish(
+        "events".into(),
+        "orders.new".into(),
+        BasicPublishOptions::default(),
+        &body,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "orders".into(),
+            "c1".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(t, consumer.next())
+        .await
+        .expect("delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, body);
+
+    // Elsewhere the client is told where the queue lives.
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    let err = ch_a
+        .basic_consume(
+            "orders".into(),
+            "c2".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(405), "{err}");
+    assert!(err.to_string().contains("node 'b'"), "{err}");
+
+    // A refusal is reached by every node: an inequivalent redeclaration on c.
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let mut other = FieldTable::default();
+    other.insert("x-max-length".into(), AMQPValue::LongInt(5));
+    let err = ch_c
+        .queue_declare(
+            "orders".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            other,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(406), "{err}");
+    drop((conn_a, conn_c));
+
+    // c is killed; a and b are a majority and go on; c catches up.
+    c.kill().await;
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    ch_a.queue_declare(
+        "while-c-was-down".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    c.restart().await;
+    eventually("c catches up after kill -9", t, || {
+        c.queue_node("while-c-was-down").as_deref() == Some("a")
+            && c.queue_node("orders").as_deref() == Some("b")
+    })
+    .await;
+    drop(conn_a);
+
+    // The leader is killed: another is elected and changes go on.
+    let leader = a.status().and_then(|s| s.leader).expect("a leader");
+    let mut nodes = vec![a, b, c];
+    let at = nodes.iter().position(|n| n.name == leader).unwrap();
+    nodes[at].kill().await;
+    let survivor = nodes.iter().find(|n| n.broker.is_some()).unwrap();
+    eventually("a new leader", t, || {
+        survivor
+            .status()
+            .and_then(|s| s.leader)
+            .is_some_and(|l| l != leader)
+    })
+    .await;
+    let conn = survivor.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "after-the-leader-died".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+
+    // One node alone has no majority: its change is refused, not half made.
+    let others: Vec<usize> = (0..3)
+        .filter(|i| *i != at && nodes[*i].broker.is_some())
+        .collect();
+    let (alone, killed) = (others[0], others[1]);
+    nodes[killed].kill().await;
+    // Long enough for the node left alone to notice it lost the majority.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn = nodes[alone].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let started = Instant::now();
+    let err = ch
+        .queue_declare(
+            "in-a-minority".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(541), "{err}");
+    assert!(err.to_string().contains("no quorum"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(nodes[alone].queue_node("in-a-minority"), None);
+
+    // Everyone back: one history, and the refused change is nowhere.
+    nodes[at].restart().await;
+    nodes[killed].restart().await;
+    eventually("all three agree again", Duration::from_secs(30), || {
+        nodes.iter().all(|n| {
+            n.queue_node("after-the-leader-died").is_some()
+                && n.queue_node("while-c-was-down").is_some()
+        })
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(n.queue_node("in-a-minority"), None, "on {}", n.name);
+    }
+    for n in &mut nodes {
+        n.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_secret_cannot_join() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Node::start(root.path(), "a", &[]).await;
+    formed(&[&a]).await;
+    let dir = root.path().join("intruder");
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let config = write_config(&dir, "intruder", "127.0.0.1:0", &[a.cluster.clone()]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(SECRET, "not the secret, but long enough");
+    std::fs::write(&config, text).unwrap();
+    let mut intruder = Broker::spawn_config(&config);
+    intruder.ready().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = a.status().unwrap();
+    assert_eq!(st.members.len(), 1, "{st:?}");
+    intruder.kill().await;
+    a.kill().await;
+}
