@@ -17,9 +17,10 @@ use crate::cluster::{ClusterNode, NodeStatus};
 pub struct NodeView {
     /// Node name.
     pub name: String,
-    /// Reachable as far as this node knows (itself; on the leader, every
-    /// member whose log position it has).
-    pub running: bool,
+    /// Reachable: known for itself, for the leader it hears from, and (on
+    /// the leader) for every member that acknowledged entries; `null`
+    /// where this node cannot tell (ask the leader's admin API).
+    pub running: Option<bool>,
     /// RabbitMQ's node type; every wasmq node keeps its state on disk.
     #[serde(rename = "type")]
     pub kind: String,
@@ -58,7 +59,7 @@ async fn nodes(State(s): State<AdminState>) -> Json<Vec<NodeView>> {
     let Some(node) = s.broker.cluster() else {
         return Json(vec![NodeView {
             name: "wasmq@localhost".into(),
-            running: true,
+            running: Some(true),
             kind: "disc".into(),
             is_leader: true,
             voter: true,
@@ -72,7 +73,13 @@ async fn nodes(State(s): State<AdminState>) -> Json<Vec<NodeView>> {
         st.members
             .into_iter()
             .map(|m| NodeView {
-                running: m.name == st.node || (me_leads && m.matched_index.is_some()),
+                running: if m.name == st.node || m.leader {
+                    Some(true)
+                } else if me_leads {
+                    Some(m.matched_index.is_some())
+                } else {
+                    None
+                },
                 name: m.name,
                 kind: "disc".into(),
                 is_leader: m.leader,

@@ -604,7 +604,7 @@ impl ClusterNode {
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let name_of = |id: NodeId| membership.get_node(&id).map(|n| n.name.clone());
-        let members = membership
+        let mut members: Vec<MemberStatus> = membership
             .nodes()
             .map(|(id, n)| MemberStatus {
                 name: n.name.clone(),
@@ -620,6 +620,7 @@ impl ClusterNode {
                     .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
             })
             .collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
         NodeStatus {
             node: self.me.name.clone(),
             state: match m.state {

@@ -148,8 +148,7 @@ pub(crate) async fn run(
         last_read: Instant::now(),
         last_write: Instant::now(),
         proposal: None,
-        proposals: JoinSet::new(),
-        held_frames: Map::default(),
+        committing: None,
     };
     let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
         Ok(reason) => reason,
@@ -275,11 +274,19 @@ struct Connection {
     last_write: Instant,
     /// A channel's method just became a definition change to commit.
     proposal: Option<Proposal>,
-    /// Definition changes being committed by the cluster.
-    proposals: JoinSet<(Proposal, Result<Applied, ClusterError>)>,
+    /// Definition changes being committed by the cluster (made on the
+    /// first one, so a broker alone never carries it).
+    committing: Option<Box<Committing>>,
+}
+
+/// A connection's definition changes in flight through the cluster.
+#[derive(Default)]
+pub(super) struct Committing {
+    /// The changes being committed.
+    pub proposals: JoinSet<(Proposal, Result<Applied, ClusterError>)>,
     /// Channels waiting for their change to be applied, and the frames
     /// they received meanwhile (handled, in order, once it is).
-    held_frames: Map<u16, std::collections::VecDeque<Frame>>,
+    pub held: Map<u16, std::collections::VecDeque<Frame>>,
 }
 
 type Committed = Result<(Proposal, Result<Applied, ClusterError>), tokio::task::JoinError>;
@@ -358,7 +365,7 @@ impl Connection {
                         if let Some(d) = d { self.dispatch(d); }
                         Step::Continue
                     }
-                    Some(done) = self.proposals.join_next(), if !self.proposals.is_empty() => {
+                    Some(done) = async { self.committing.as_mut().expect("guarded").proposals.join_next().await }, if self.committing.as_ref().is_some_and(|c| !c.proposals.is_empty()) => {
                         self.committed(done)
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
