@@ -29,6 +29,8 @@
 //!   log of changes), one append-only log per durable queue, and the group commit that publisher confirms
 //!   of persistent messages wait for. Messages of a queue's backlog are
 //!   kept on disk and read back when delivered.
+//! * [`cluster`]: several nodes as one broker: the definitions replicated
+//!   through Raft (openraft), the log on disk, authenticated node links.
 //! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
 //!   broker's own objects and counters.
 //! * [`tls`]: certificates for AMQPS and the admin API's HTTPS, reloaded
