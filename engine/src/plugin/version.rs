@@ -65,7 +65,7 @@ impl PluginVersion {
     }
 
     /// Whether it runs Cranelift's optimized code (false while it runs the
-    /// baseline compiler's, until [`PluginHost::optimize`] is done).
+    /// baseline compiler's, until [`super::PluginHost::optimize`] is done).
     pub fn optimized(&self) -> bool {
         self.optimized.load(Ordering::Acquire)
     }

@@ -40,7 +40,7 @@ impl Entry {
         }
     }
 
-    /// The message, if it is in memory (see [`Queue::message`]).
+    /// The message, if it is in memory (see [`super::Queue::message`]).
     pub fn resident(&self) -> Option<&Arc<Message>> {
         self.message.as_ref()
     }
