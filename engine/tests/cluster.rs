@@ -1,11 +1,18 @@
 //! A three-node cluster of real `wasmq` processes on loopback: nodes join
 //! through the first, definitions made on any node reach every node, a
 //! refusal is the same everywhere, a node killed with SIGKILL catches up
-//! when it comes back, the leader's death elects another, and a node left
-//! alone (no majority) refuses changes instead of half-making them.
+//! when it comes back, the leader's death elects another, a node left
+//! alone (no majority) refuses changes instead of half-making them, and a
+//! node cut off by a TCP proxy in front of every node's link does too,
+//! and agrees with the others again once the link heals.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use futures_lite::StreamExt;
 use lapin::options::*;
@@ -29,8 +36,115 @@ struct Node {
     cluster: String,
 }
 
-fn write_config(dir: &Path, name: &str, listen: &str, peers: &[String]) -> PathBuf {
+/// A TCP proxy in front of one node's node-to-node listener. It reads the
+/// dialer's name from the link's first frame (its hello) and drops the
+/// connections of the pairs that are cut, existing ones included: the
+/// harness's way to partition nodes without touching them.
+struct Proxy {
+    addr: String,
+    node: String,
+    target: Mutex<Option<String>>,
+    cuts: Arc<Mutex<HashSet<(String, String)>>>,
+    cut_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(node: &str, cuts: Arc<Mutex<HashSet<(String, String)>>>) -> Arc<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Arc::new(Proxy {
+            addr: listener.local_addr().unwrap().to_string(),
+            node: node.to_owned(),
+            target: Mutex::new(None),
+            cuts,
+            cut_changed: tokio::sync::watch::channel(0).0,
+        });
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(p.clone().relay(client));
+            }
+        });
+        proxy
+    }
+
+    fn is_cut(&self, from: &str) -> bool {
+        let cuts = self.cuts.lock().unwrap();
+        cuts.contains(&(from.to_owned(), self.node.clone()))
+            || cuts.contains(&(self.node.clone(), from.to_owned()))
+    }
+
+    /// Something was cut or healed: every relay checks its pair again.
+    fn changed(&self) {
+        self.cut_changed.send_modify(|n| *n += 1);
+    }
+
+    async fn relay(self: Arc<Self>, mut client: TcpStream) {
+        let Some(target) = self.target.lock().unwrap().clone() else {
+            return;
+        };
+        // The hello: a 4-byte length and JSON naming the dialer.
+        let mut len = [0u8; 4];
+        if client.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let mut hello = vec![0u8; u32::from_le_bytes(len) as usize];
+        if client.read_exact(&mut hello).await.is_err() {
+            return;
+        }
+        let from = serde_json::from_slice::<serde_json::Value>(&hello).unwrap_or_default()["node"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if self.is_cut(&from) {
+            return;
+        }
+        let Ok(mut server) = TcpStream::connect(&target).await else {
+            return;
+        };
+        if server.write_all(&len).await.is_err() || server.write_all(&hello).await.is_err() {
+            return;
+        }
+        let mut changed = self.cut_changed.subscribe();
+        let cut = async {
+            loop {
+                if changed.changed().await.is_err() || self.is_cut(&from) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            () = cut => {}
+        }
+    }
+}
+
+fn cut(proxies: &[&Arc<Proxy>], pairs: &[(&str, &str)], on: bool) {
+    {
+        let mut cuts = proxies[0].cuts.lock().unwrap();
+        for (a, b) in pairs {
+            let pair = ((*a).to_owned(), (*b).to_owned());
+            if on {
+                cuts.insert(pair);
+            } else {
+                cuts.remove(&pair);
+            }
+        }
+    }
+    for p in proxies {
+        p.changed();
+    }
+}
+
+fn write_config(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    advertise: Option<&str>,
+    peers: &[String],
+) -> PathBuf {
     let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    let advertise = advertise.map_or(String::new(), |a| format!("advertise = \"{a}\"\n"));
     let text = format!(
         r#"data_dir = "{data}"
 plugin_dir = "{plugins}"
@@ -38,7 +152,7 @@ plugin_dir = "{plugins}"
 [cluster]
 name = "{name}"
 listen = "{listen}"
-peers = [{peers}]
+{advertise}peers = [{peers}]
 secret = "{SECRET}"
 heartbeat_ms = 100
 election_timeout_ms = 600
@@ -55,14 +169,29 @@ commit_timeout_ms = 3000
 
 impl Node {
     async fn start(root: &Path, name: &str, peers: &[String]) -> Node {
+        Self::start_behind(root, name, peers, None).await
+    }
+
+    /// Start a node; with a proxy, the others reach it through the proxy.
+    async fn start_behind(
+        root: &Path,
+        name: &str,
+        peers: &[String],
+        proxy: Option<&Arc<Proxy>>,
+    ) -> Node {
         let dir = root.join(name);
         std::fs::create_dir_all(dir.join("plugins")).unwrap();
-        let config = write_config(&dir, name, "127.0.0.1:0", peers);
+        let advertise = proxy.map(|p| p.addr.as_str());
+        let config = write_config(&dir, name, "127.0.0.1:0", advertise, peers);
         let mut broker = Broker::spawn_config(&config);
         let (amqp, admin) = broker.ready().await;
-        let cluster = broker.cluster_addr.clone().expect("cluster address logged");
+        let bound = broker.cluster_addr.clone().expect("cluster address logged");
+        if let Some(p) = proxy {
+            *p.target.lock().unwrap() = Some(bound.clone());
+        }
         // A restart keeps the node-to-node address the others know.
-        write_config(&dir, name, &cluster, peers);
+        write_config(&dir, name, &bound, advertise, peers);
+        let cluster = advertise.map_or(bound, str::to_owned);
         Node {
             name: name.to_owned(),
             dir,
@@ -374,7 +503,7 @@ async fn a_node_without_the_secret_cannot_join() {
     formed(&[&a]).await;
     let dir = root.path().join("intruder");
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
-    let config = write_config(&dir, "intruder", "127.0.0.1:0", &[a.cluster.clone()]);
+    let config = write_config(&dir, "intruder", "127.0.0.1:0", None, &[a.cluster.clone()]);
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(SECRET, "not the secret, but long enough");
@@ -386,4 +515,91 @@ async fn a_node_without_the_secret_cannot_join() {
     assert_eq!(st.members.len(), 1, "{st:?}");
     intruder.kill().await;
     a.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
+    let root = tempfile::tempdir().unwrap();
+    let cuts = Arc::new(Mutex::new(HashSet::new()));
+    let (pa, pb, pc) = (
+        Proxy::start("a", cuts.clone()).await,
+        Proxy::start("b", cuts.clone()).await,
+        Proxy::start("c", cuts.clone()).await,
+    );
+    let a = Node::start_behind(root.path(), "a", &[], Some(&pa)).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start_behind(root.path(), "b", &seeds, Some(&pb)).await;
+    let c = Node::start_behind(root.path(), "c", &seeds, Some(&pc)).await;
+    formed(&[&a, &b, &c]).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+
+    // Cut c off from a and b, both ways.
+    let proxies = [&pa, &pb, &pc];
+    cut(&proxies, &[("a", "c"), ("b", "c")], true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The majority goes on (electing a new leader first if c led).
+    let majority = &a;
+    let conn = majority.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "made-by-the-majority".into(),
+        durable,
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // The minority refuses, and nothing of its attempt survives.
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let err = ch_c
+        .queue_declare(
+            "made-in-the-minority".into(),
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(541), "{err}");
+    assert_eq!(c.queue_node("made-by-the-majority"), None, "c is cut off");
+
+    // Healed: one history everywhere.
+    cut(&proxies, &[("a", "c"), ("b", "c")], false);
+    eventually(
+        "c catches up after the partition heals",
+        Duration::from_secs(30),
+        || c.queue_node("made-by-the-majority").as_deref() == Some(majority.name.as_str()),
+    )
+    .await;
+    let listing = |n: &Node| -> Vec<String> {
+        let qs = n.api().get("/api/queues/%2F").unwrap();
+        let mut names: Vec<String> = qs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| format!("{}@{}", q["name"], q["node"]))
+            .collect();
+        names.sort();
+        names
+    };
+    eventually(
+        "every node lists the same queues",
+        Duration::from_secs(15),
+        || {
+            let l = listing(&a);
+            l == listing(&b) && l == listing(&c)
+        },
+    )
+    .await;
+    for n in [&a, &b, &c] {
+        assert_eq!(n.queue_node("made-in-the-minority"), None, "on {}", n.name);
+    }
+    drop((conn, conn_c));
+    for mut n in [a, b, c] {
+        n.kill().await;
+    }
 }

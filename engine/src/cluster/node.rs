@@ -212,7 +212,7 @@ impl ClusterNode {
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
         tokio::spawn(node.clone().join_loop());
-        tracing::info!(node = %node.me.name, id, addr = %node.me.addr, "cluster node started");
+        tracing::info!(node = %node.me.name, id, addr = %node.me.addr, listen = %bound, "cluster node started");
         Ok(node)
     }
 

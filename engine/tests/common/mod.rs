@@ -15,7 +15,8 @@ pub struct Broker {
     pub child: Child,
     /// `host:port` of the AMQP and admin listeners, once [`Broker::ready`].
     listening: Option<(String, String)>,
-    /// `host:port` of the node-to-node listener, for a cluster node.
+    /// `host:port` the node-to-node listener is bound to, for a cluster
+    /// node (others dial its advertised address, which may be a proxy).
     pub cluster_addr: Option<String>,
 }
 
@@ -84,7 +85,7 @@ impl Broker {
                 admin = v["fields"]["addr"].as_str().map(str::to_owned);
             }
             if v["fields"]["message"] == "cluster node started" {
-                self.cluster_addr = v["fields"]["addr"].as_str().map(str::to_owned);
+                self.cluster_addr = v["fields"]["listen"].as_str().map(str::to_owned);
             }
             if let (Some(amqp), Some(admin)) = (&amqp, &admin) {
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
