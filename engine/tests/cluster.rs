@@ -386,6 +386,40 @@ async fn a_three_node_cluster_agrees_on_definitions_through_failures() {
     assert_eq!(reply_code(&err), Some(405), "{err}");
     assert!(err.to_string().contains("node 'b'"), "{err}");
 
+    // A queue that deletes itself on its node (auto-delete after its last
+    // consumer) is forgotten by every node.
+    ch.queue_declare(
+        "temporary".into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    eventually("a knows the auto-delete queue", t, || {
+        a.queue_node("temporary").as_deref() == Some("b")
+    })
+    .await;
+    ch.basic_consume(
+        "temporary".into(),
+        "t1".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_cancel("t1".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    eventually("every node forgets the auto-deleted queue", t, || {
+        [&a, &b, &c]
+            .iter()
+            .all(|n| n.queue_node("temporary").is_none())
+    })
+    .await;
+
     // A refusal is reached by every node: an inequivalent redeclaration on c.
     let conn_c = c.connect().await;
     let ch_c = conn_c.create_channel().await.unwrap();

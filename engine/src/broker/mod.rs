@@ -435,7 +435,7 @@ impl Broker {
                 q.expire();
                 if let Some(limit) = q.limits.expires
                     && q.unused_for().is_some_and(|idle| idle >= limit)
-                    && self.delete_queue(&v, &q.name, false, false).is_ok()
+                    && self.delete_unused_queue(&v, &q.name)
                 {
                     tracing::info!(queue = %q.name, vhost = %v.name, "queue deleted after {limit:?} unused (x-expires)");
                 }

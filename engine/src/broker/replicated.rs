@@ -82,6 +82,38 @@ impl Broker {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Delete a queue of this node that went away by itself (`auto_delete`
+    /// after its last consumer, `x-expires`). Alone, at once; in a
+    /// cluster a shared queue is deleted through the log like any other
+    /// delete, so that every node forgets it in the same order as the
+    /// other changes (deleting it here first would let a redeclaration
+    /// committed meanwhile be deleted by the late proposal).
+    pub(crate) fn delete_unused_queue(&self, vhost: &super::VHost, name: &str) -> bool {
+        let shared = vhost.queue(name).is_ok_and(|q| q.owner.is_none());
+        match self.cluster() {
+            Some(node) if shared => {
+                let (node, command) = (
+                    node.clone(),
+                    Command::DeleteQueue {
+                        vhost: vhost.name.clone(),
+                        name: name.to_owned(),
+                        if_unused: false,
+                        if_empty: false,
+                    },
+                );
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Err(e) = node.propose(command).await {
+                            tracing::warn!("deleting an unused queue through the cluster: {e}");
+                        }
+                    });
+                }
+                true
+            }
+            _ => self.delete_queue(vhost, name, false, false).is_ok(),
+        }
+    }
+
     /// Apply one committed command on node `me`.
     pub(crate) fn apply_command(&self, command: &Command, me: &str) -> Applied {
         let Ok(vhost) = self.add_vhost(command.vhost()) else {

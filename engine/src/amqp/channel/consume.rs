@@ -271,7 +271,7 @@ impl Channel {
         if let Some((c, q)) = self.consumers.remove(tag) {
             let now_unused = q.remove_consumer(c.connection, c.channel, &c.tag);
             if now_unused && q.auto_delete {
-                let _ = ctx.broker.delete_queue(ctx.vhost, &q.name, false, false);
+                ctx.broker.delete_unused_queue(ctx.vhost, &q.name);
             }
         }
     }
