@@ -492,6 +492,16 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(l) = args.listen_tls {
         config.listen_tls = Some(l);
     }
+    if let Some(cluster) = &mut config.cluster {
+        // One ConfigMap for every pod of a StatefulSet: each pod's name and
+        // address come from its environment.
+        if let Ok(name) = std::env::var("WASMQ_CLUSTER_NAME") {
+            cluster.name = name;
+        }
+        if let Ok(addr) = std::env::var("WASMQ_CLUSTER_ADVERTISE") {
+            cluster.advertise = Some(addr);
+        }
+    }
     config.check()?;
     Ok(config)
 }

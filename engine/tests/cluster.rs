@@ -543,10 +543,23 @@ async fn a_node_without_the_secret_cannot_join() {
         .replace(SECRET, "not the secret, but long enough");
     std::fs::write(&config, text).unwrap();
     let mut intruder = Broker::spawn_config(&config);
-    intruder.ready().await;
+    let (_, intruder_admin) = intruder.ready().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let st = a.status().unwrap();
     assert_eq!(st.members.len(), 1, "{st:?}");
+    // Readiness (open, for Kubernetes): a member with a leader is ready,
+    // a node that could not join is not.
+    let ready = |admin: &str| {
+        ureq::get(&format!("http://{admin}/ready"))
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::StatusCode(code) => code,
+                other => panic!("{other}"),
+            })
+    };
+    assert_eq!(ready(&a.admin), 200);
+    assert_eq!(ready(&intruder_admin), 503);
     intruder.kill().await;
     a.kill().await;
 }

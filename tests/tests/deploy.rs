@@ -123,6 +123,103 @@ fn kubernetes_manifests_parse_and_agree() {
             .find(|s| s["spec"]["clusterIP"].as_str() == Some("None"))
             .map(|s| s["metadata"]["name"].as_str().unwrap())
     );
+
+    // The cluster: three pods that find each other through the headless
+    // Service (ready or not), each named and addressed by the pod, with
+    // the secret mounted where the config reads it.
+    let headless = sts["spec"]["serviceName"].as_str().unwrap();
+    assert_eq!(sts["spec"]["replicas"].as_i64(), Some(3));
+    let cluster = config.cluster.as_ref().expect("[cluster] in the ConfigMap");
+    assert_eq!(cluster.peer_dns.as_deref(), Some(headless));
+    let sts_name = sts["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        cluster.bootstrap_node.as_deref(),
+        Some(&*format!("{sts_name}-0"))
+    );
+    let headless_svc = kind(&all, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"].as_str() == Some(headless))
+        .unwrap();
+    assert_eq!(
+        headless_svc["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true)
+    );
+    let cluster_port = cluster
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<i64>()
+        .unwrap();
+    assert_eq!(cluster.peer_port as i64, cluster_port);
+    assert!(
+        headless_svc["spec"]["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"].as_i64() == Some(cluster_port)),
+        "the headless Service carries the cluster port"
+    );
+    assert!(
+        container["ports"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"].as_i64() == Some(cluster_port))
+    );
+    let env: std::collections::HashMap<&str, &Yaml> = container["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e))
+        .collect();
+    assert_eq!(
+        env["WASMQ_CLUSTER_NAME"]["value"].as_str(),
+        Some("$(POD_NAME)")
+    );
+    let advertise = env["WASMQ_CLUSTER_ADVERTISE"]["value"].as_str().unwrap();
+    assert!(
+        advertise.starts_with(&format!("$(POD_NAME).{headless}."))
+            && advertise.ends_with(&format!(":{cluster_port}")),
+        "{advertise}"
+    );
+    let secret_dir = cluster.secret_file.as_ref().unwrap().parent().unwrap();
+    assert_eq!(Path::new(mounts["secret"]), secret_dir);
+    let secret_volume = volumes
+        .iter()
+        .find(|v| v["name"].as_str() == Some("secret"))
+        .unwrap();
+    let secret_name = secret_volume["secret"]["secretName"].as_str().unwrap();
+    let secret = kind(&all, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"].as_str() == Some(secret_name))
+        .expect("the Secret is defined");
+    let file = cluster
+        .secret_file
+        .as_ref()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        secret["stringData"][file]
+            .as_str()
+            .is_some_and(|c| c.len() >= 16)
+    );
+    // Ready once joined; at most one pod down by choice, so two of three
+    // keep the majority.
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/ready")
+    );
+    let pdb = kind(&all, "PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1);
+    assert_eq!(pdb[0]["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert_eq!(
+        pdb[0]["spec"]["selector"]["matchLabels"],
+        pod["metadata"]["labels"]
+    );
 }
 
 #[test]
@@ -131,7 +228,10 @@ fn the_container_config_is_valid_and_matches_the_configmap() {
     let file = wasmq::Config::from_file(&path).unwrap();
     let cm = docs("configmap.yaml");
     let text = cm[0]["data"]["wasmq.toml"].as_str().unwrap();
-    let from_cm = wasmq::Config::parse(text, "ConfigMap").unwrap();
+    let mut from_cm = wasmq::Config::parse(text, "ConfigMap").unwrap();
+    // The ConfigMap adds the [cluster] section; a single container runs
+    // alone.
+    assert!(file.cluster.is_none() && from_cm.cluster.take().is_some());
     assert_eq!(format!("{file:?}"), format!("{from_cm:?}"));
 }
 

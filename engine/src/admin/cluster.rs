@@ -36,6 +36,7 @@ pub struct NodeView {
 
 pub(super) fn routes() -> Router<AdminState> {
     Router::new()
+        .route("/ready", get(ready))
         .route("/api/cluster", get(status))
         .route("/api/nodes", get(nodes))
         .route("/api/cluster/join", post(join))
@@ -49,6 +50,16 @@ fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiError> {
             "this node runs alone (no [cluster] section)".to_owned(),
         )
     })
+}
+
+/// Readiness for a load balancer or Kubernetes: a node alone is ready
+/// once it serves; a cluster node once it is a voting member with a
+/// leader. Open like `/metrics` (it tells nothing but that).
+async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    match s.broker.cluster() {
+        Some(node) if !node.ready() => (StatusCode::SERVICE_UNAVAILABLE, "not joined\n"),
+        _ => (StatusCode::OK, "ready\n"),
+    }
 }
 
 async fn status(State(s): State<AdminState>) -> Result<Json<NodeStatus>, ApiError> {

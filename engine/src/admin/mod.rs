@@ -270,7 +270,9 @@ async fn auth(
     request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == "/metrics" && !state.metrics_auth {
+    if (request.uri().path() == "/metrics" && !state.metrics_auth)
+        || request.uri().path() == "/ready"
+    {
         return next.run(request).await;
     }
     let credentials = request

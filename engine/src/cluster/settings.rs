@@ -23,6 +23,9 @@ use serde::Deserialize;
 /// port).
 pub const DEFAULT_CLUSTER_PORT: u16 = 25672;
 
+/// The shortest shared secret accepted.
+const MIN_SECRET: usize = 16;
+
 /// The `[cluster]` section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +62,10 @@ pub struct ClusterSettings {
     /// splits off a cluster of its own).
     #[serde(default)]
     pub bootstrap: Option<bool>,
+    /// Or: the name of the one node that starts the cluster when no peer
+    /// answers (`wasmq-0` of a StatefulSet, which Kubernetes starts first).
+    #[serde(default)]
+    pub bootstrap_node: Option<String>,
     /// Raft heartbeat interval, ms.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
@@ -96,26 +103,51 @@ impl ClusterSettings {
 
     /// The shared secret, read from `secret_file` if given.
     pub fn load_secret(&self) -> Result<Vec<u8>, String> {
-        match (&self.secret, &self.secret_file) {
-            (Some(_), Some(_)) => Err("[cluster]: give `secret` or `secret_file`, not both".into()),
-            (Some(s), None) => Ok(s.trim().as_bytes().to_vec()),
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("[cluster]: give `secret` or `secret_file`, not both".into());
+            }
+            (Some(s), None) => s.trim().as_bytes().to_vec(),
             (None, Some(f)) => std::fs::read_to_string(f)
                 .map(|s| s.trim().as_bytes().to_vec())
-                .map_err(|e| format!("[cluster] secret_file {}: {e}", f.display())),
-            (None, None) => Err(
-                "[cluster] needs `secret` or `secret_file`: nodes prove they belong with it".into(),
-            ),
+                .map_err(|e| format!("[cluster] secret_file {}: {e}", f.display()))?,
+            (None, None) => {
+                return Err(
+                    "[cluster] needs `secret` or `secret_file`: nodes prove they belong with it"
+                        .into(),
+                );
+            }
+        };
+        if secret.len() < MIN_SECRET {
+            return Err(format!(
+                "[cluster] secret: at least {MIN_SECRET} characters"
+            ));
         }
+        Ok(secret)
     }
 
-    /// Check what can be checked without the network.
+    /// Check what can be checked without the network or the secret file
+    /// (which may exist only where the node runs).
     pub fn check(&self) -> Result<(), String> {
         if self.name.is_empty() || self.name.len() > 255 {
             return Err("[cluster] name: 1 to 255 characters".into());
         }
-        let secret = self.load_secret()?;
-        if secret.len() < 16 {
-            return Err("[cluster] secret: at least 16 characters".into());
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("[cluster]: give `secret` or `secret_file`, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "[cluster] needs `secret` or `secret_file`: nodes prove they belong with it"
+                        .into(),
+                );
+            }
+            (Some(s), None) if s.trim().len() < MIN_SECRET => {
+                return Err(format!(
+                    "[cluster] secret: at least {MIN_SECRET} characters"
+                ));
+            }
+            _ => {}
         }
         if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
             return Err(
@@ -128,8 +160,10 @@ impl ClusterSettings {
 
     /// Whether to start a new cluster when no peer answers.
     pub fn may_bootstrap(&self) -> bool {
-        self.bootstrap
-            .unwrap_or(self.peers.is_empty() && self.peer_dns.is_none())
+        self.bootstrap.unwrap_or(match &self.bootstrap_node {
+            Some(node) => *node == self.name,
+            None => self.peers.is_empty() && self.peer_dns.is_none(),
+        })
     }
 
     /// Raft's timing.
@@ -140,5 +174,58 @@ impl ClusterSettings {
     /// How long a change may wait to commit.
     pub fn commit_timeout(&self) -> Duration {
         Duration::from_millis(self.commit_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> ClusterSettings {
+        toml::from_str(&format!("name = 'wasmq-1'\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn the_secret_is_required_long_and_read_only_at_start() {
+        assert!(parse("").check().unwrap_err().contains("secret"));
+        assert!(
+            parse("secret = 'short'")
+                .check()
+                .unwrap_err()
+                .contains("16")
+        );
+        // A secret file is checked where the node runs, not where the
+        // config is parsed (a Kubernetes manifest's test, say).
+        let s = parse("secret_file = '/nonexistent/cookie'");
+        assert!(s.check().is_ok());
+        assert!(s.load_secret().unwrap_err().contains("/nonexistent/cookie"));
+        assert!(
+            parse("secret = 'long enough secret!'\nsecret_file = 'x'")
+                .check()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn only_the_named_or_peerless_node_bootstraps() {
+        let secret = "secret = 'long enough secret!'\n";
+        assert!(
+            parse(secret).may_bootstrap(),
+            "no peers: a cluster of its own"
+        );
+        assert!(!parse(&format!("{secret}peers = ['10.0.0.1:25672']")).may_bootstrap());
+        assert!(
+            !parse(&format!(
+                "{secret}peer_dns = 'svc'\nbootstrap_node = 'wasmq-0'"
+            ))
+            .may_bootstrap()
+        );
+        assert!(
+            parse(&format!(
+                "{secret}peer_dns = 'svc'\nbootstrap_node = 'wasmq-1'"
+            ))
+            .may_bootstrap()
+        );
+        assert!(parse(&format!("{secret}peers = ['x:1']\nbootstrap = true")).may_bootstrap());
     }
 }
