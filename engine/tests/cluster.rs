@@ -583,6 +583,35 @@ async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
         ..Default::default()
     };
 
+    // Definitions imported through one node's admin API go through the
+    // log like AMQP declares; so does a delete through another's.
+    c.api()
+        .post(
+            "/api/definitions",
+            &serde_json::json!({
+                "exchanges": [{"name": "imported-x", "vhost": "/", "type": "fanout", "durable": true}],
+                "queues": [{"name": "imported", "vhost": "/", "durable": true}],
+                "bindings": [{"source": "imported-x", "vhost": "/", "destination": "imported",
+                              "destination_type": "queue", "routing_key": ""}],
+            }),
+        )
+        .unwrap();
+    eventually("the import reaches a", Duration::from_secs(15), || {
+        a.queue_node("imported").as_deref() == Some("c")
+    })
+    .await;
+    a.api().delete("/api/queues/%2F/imported").unwrap();
+    eventually(
+        "the delete reaches every node",
+        Duration::from_secs(15),
+        || {
+            [&a, &b, &c]
+                .iter()
+                .all(|n| n.queue_node("imported").is_none())
+        },
+    )
+    .await;
+
     // Cut c off from a and b, both ways.
     let proxies = [&pa, &pb, &pc];
     cut(&proxies, &[("a", "c"), ("b", "c")], true);

@@ -332,8 +332,47 @@ async fn delete_queue(
     Path((v, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let v = vhost(&s, &v)?;
+    if let Some(node) = s.broker.cluster()
+        && v.queue_exists(&name)
+        && v.queue(&name).map_or(true, |q| q.owner.is_none())
+    {
+        // A shared queue in a cluster is deleted through the log, so that
+        // every node forgets it.
+        let command = crate::cluster::Command::DeleteQueue {
+            vhost: v.name.clone(),
+            name,
+            if_unused: false,
+            if_empty: false,
+        };
+        applied(node.propose(command).await)?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
     s.broker.delete_queue(&v, &name, false, false)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A committed change's outcome as the API's answer: a refusal with its
+/// AMQP code's HTTP kin, no quorum as 503.
+fn applied(
+    r: Result<crate::cluster::Applied, crate::cluster::ClusterError>,
+) -> Result<(), ApiError> {
+    match r {
+        Ok(crate::cluster::Applied::Refused { code, text }) => Err(ApiError::new(
+            match code {
+                404 => StatusCode::NOT_FOUND,
+                403 => StatusCode::FORBIDDEN,
+                405 => StatusCode::CONFLICT,
+                541 => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            },
+            text,
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+    }
 }
 
 fn list_bindings(vhosts: &[Arc<VHost>]) -> Json<Value> {
@@ -656,6 +695,17 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
         version: DEFINITIONS_VERSION,
         vhosts: by_vhost.into_values().collect(),
     };
+    if let Some(node) = s.broker.cluster() {
+        // Through the log, one change at a time, in the order a single
+        // node imports them; the first refusal stops it and names it.
+        for command in crate::broker::definition_commands(&defs, node.name()) {
+            let what = format!("{command:?}");
+            applied(node.propose(command).await).map_err(|ApiError(status, reason)| {
+                ApiError::new(status, format!("{reason} (importing {what})"))
+            })?;
+        }
+        return Ok(StatusCode::CREATED);
+    }
     s.broker.import_definitions(&defs).map_err(|e| {
         // A store that fails is the broker's fault (500); anything else the
         // document's (400).

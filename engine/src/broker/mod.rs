@@ -39,7 +39,7 @@ pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
 pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
-pub use replicated::BrokerApplier;
+pub use replicated::{BrokerApplier, definition_commands};
 pub use route::{FaultReport, PublishOutcome};
 
 use crate::message::{Message, encode_table_body};

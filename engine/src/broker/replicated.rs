@@ -14,7 +14,36 @@ use std::sync::Weak;
 
 use super::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
 use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command};
-use crate::store::definitions::{BindingDefinition, QueueDefinition};
+use crate::store::definitions::{BindingDefinition, Definitions, QueueDefinition};
+
+/// The commands that declare `defs` on a clustered node (`node`, where its
+/// queues will live): exchanges, then queues, then bindings, as an import
+/// on a single node declares them.
+pub fn definition_commands(defs: &Definitions, node: &str) -> Vec<Command> {
+    let mut out = Vec::new();
+    for v in &defs.vhosts {
+        out.extend(v.exchanges.iter().map(|x| Command::DeclareExchange {
+            vhost: v.name.clone(),
+            exchange: x.clone(),
+            durable: true,
+        }));
+    }
+    for v in &defs.vhosts {
+        out.extend(v.queues.iter().map(|q| Command::DeclareQueue {
+            vhost: v.name.clone(),
+            queue: q.clone(),
+            durable: true,
+            node: node.to_owned(),
+        }));
+    }
+    for v in &defs.vhosts {
+        out.extend(v.bindings.iter().map(|b| Command::Bind {
+            vhost: v.name.clone(),
+            binding: b.clone(),
+        }));
+    }
+    out
+}
 
 /// Applies committed commands to a broker (held weakly: the broker owns
 /// the cluster node, which owns this).
