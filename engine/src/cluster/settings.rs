@@ -89,7 +89,7 @@ fn default_heartbeat() -> u64 {
     250
 }
 fn default_election() -> u64 {
-    1500
+    1000
 }
 fn default_commit_timeout() -> u64 {
     5000
