@@ -252,14 +252,26 @@ fn main() -> anyhow::Result<()> {
             let qs: Vec<QueueView> = a
                 .client()?
                 .get_as(&format!("/api/queues/{}", segment(&a.vhost)))?;
+            // In a cluster, the node each queue lives on.
+            let clustered = qs.iter().any(|q| q.node.is_some());
             println!(
-                "{:<40} {:>10} {:>10} {:>9} {:>7}",
-                "name", "ready", "unacked", "consumers", "durable"
+                "{:<40} {:>10} {:>10} {:>9} {:>7}{}",
+                "name",
+                "ready",
+                "unacked",
+                "consumers",
+                "durable",
+                if clustered { "  node" } else { "" }
             );
             for q in qs {
                 println!(
-                    "{:<40} {:>10} {:>10} {:>9} {:>7}",
-                    q.name, q.messages_ready, q.messages_unacknowledged, q.consumers, q.durable
+                    "{:<40} {:>10} {:>10} {:>9} {:>7}{}",
+                    q.name,
+                    q.messages_ready,
+                    q.messages_unacknowledged,
+                    q.consumers,
+                    q.durable,
+                    q.node.map(|n| format!("  {n}")).unwrap_or_default()
                 );
             }
             Ok(())
