@@ -3,10 +3,12 @@
 //!
 //! openraft asks for a client per target node ([`RaftNetworkFactory`]);
 //! each client here is a name and an address, and every call goes through
-//! [`Peers`], which keeps one dialed [`Link`] per address and dials again
-//! when it broke. Dials to different nodes never wait for each other: a
-//! paused node's handshake timeout must not hold up the votes of the
-//! others.
+//! [`Peers`], which keeps one [`Link`] per peer and dials again when it
+//! broke. A link carries calls both ways, so a link a peer dialed to this
+//! node serves this node's calls to it as well: a pair of nodes shares one
+//! connection (two only for a moment, when both dial at once). Dials to
+//! different nodes never wait for each other: a paused node's handshake
+//! timeout must not hold up the votes of the others.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -27,12 +29,14 @@ use super::{Member, NodeId, TypeConfig};
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 
-/// This node's dialed links, one per peer address.
+/// This node's links: by peer name (dialed or accepted), and the dial
+/// slots by address.
 pub struct Peers {
     me: String,
     secret: Vec<u8>,
     handler: OnceLock<Handler>,
     slots: Mutex<HashMap<String, Slot>>,
+    by_name: Mutex<HashMap<String, Arc<Link>>>,
 }
 
 impl Peers {
@@ -43,6 +47,7 @@ impl Peers {
             secret,
             handler: OnceLock::new(),
             slots: Mutex::default(),
+            by_name: Mutex::default(),
         })
     }
 
@@ -59,6 +64,29 @@ impl Peers {
     /// This node's name.
     pub fn me(&self) -> &str {
         &self.me
+    }
+
+    /// Use a link `link.peer` dialed to this node for calls to it too,
+    /// unless an open one to it exists.
+    pub fn adopt(&self, link: &Arc<Link>) {
+        let mut by_name = self.by_name.lock();
+        if by_name.get(&link.peer).is_none_or(|l| l.is_closed()) {
+            by_name.insert(link.peer.clone(), link.clone());
+        }
+    }
+
+    /// An open link to the node named `name` (if known) at `addr`,
+    /// dialing if there is none.
+    pub async fn link_to(&self, name: Option<&str>, addr: &str) -> Result<Arc<Link>, LinkError> {
+        if let Some(name) = name
+            && let Some(link) = self.by_name.lock().get(name)
+            && !link.is_closed()
+        {
+            return Ok(link.clone());
+        }
+        let link = self.link(addr).await?;
+        self.adopt(&link);
+        Ok(link)
     }
 
     /// An open link to `addr`, dialing if there is none.
@@ -97,7 +125,18 @@ impl Peers {
         call: Call,
         timeout: Duration,
     ) -> Result<Answer, LinkError> {
-        let link = tokio::time::timeout(timeout, self.link(addr))
+        self.call_node(None, addr, call, timeout).await
+    }
+
+    /// Make `call` of the node named `name` (if known) at `addr`.
+    pub async fn call_node(
+        &self,
+        name: Option<&str>,
+        addr: &str,
+        call: Call,
+        timeout: Duration,
+    ) -> Result<Answer, LinkError> {
+        let link = tokio::time::timeout(timeout, self.link_to(name, addr))
             .await
             .map_err(|_| LinkError::Timeout {
                 peer: addr.to_owned(),
@@ -143,7 +182,12 @@ impl Conn {
         option: &RPCOption,
     ) -> Result<Answer, RPCError<NodeId, Member, E>> {
         self.peers
-            .call(&self.member.addr, call, option.hard_ttl())
+            .call_node(
+                Some(&self.member.name),
+                &self.member.addr,
+                call,
+                option.hard_ttl(),
+            )
             .await
             .map_err(|e| match e {
                 LinkError::Remote { .. } => RPCError::Network(NetworkError::new(&e)),

@@ -268,7 +268,10 @@ impl ClusterNode {
                 let peer = stream.peer_addr().ok();
                 match Link::accept(stream, &node.me.name, node.peers.secret(), node.handler()).await
                 {
-                    Ok(link) => tracing::debug!(peer = %link.peer, "cluster link accepted"),
+                    Ok(link) => {
+                        tracing::debug!(peer = %link.peer, "cluster link accepted");
+                        node.peers.adopt(&link);
+                    }
                     Err(e) => tracing::warn!(?peer, "cluster connection refused: {e}"),
                 }
             });
@@ -364,7 +367,12 @@ impl ClusterNode {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match self
                         .peers
-                        .call(&member.addr, Call::Propose(command.clone()), left)
+                        .call_node(
+                            Some(&member.name),
+                            &member.addr,
+                            Call::Propose(command.clone()),
+                            left,
+                        )
                         .await
                     {
                         Ok(Answer::Proposed(Ok(r))) => Ok(r),
@@ -408,7 +416,12 @@ impl ClusterNode {
             Some((_, l)) => {
                 return match self
                     .peers
-                    .call(&l.addr, Call::Join(member), Duration::from_secs(60))
+                    .call_node(
+                        Some(&l.name),
+                        &l.addr,
+                        Call::Join(member),
+                        Duration::from_secs(60),
+                    )
                     .await
                 {
                     Ok(Answer::Membership(r)) => r,
@@ -452,7 +465,12 @@ impl ClusterNode {
             Some((_, l)) => {
                 return match self
                     .peers
-                    .call(&l.addr, Call::Leave(name.into()), Duration::from_secs(30))
+                    .call_node(
+                        Some(&l.name),
+                        &l.addr,
+                        Call::Leave(name.into()),
+                        Duration::from_secs(30),
+                    )
                     .await
                 {
                     Ok(Answer::Membership(r)) => r,
