@@ -9,12 +9,24 @@ use amq_protocol::types::FieldTable;
 use wasmq::plugin::PluginState;
 use wasmq_tests::{TestBroker, eventually, plugin_bytes};
 
+/// A broker whose plugin calls get a generous deadline. The tests that
+/// publish from threads throughout a swap account for every message; the
+/// 5 ms call deadline is wall-clock, and a publishing thread preempted on
+/// a loaded two-core machine can fault a healthy call.
+/// Deadlines have tests of their own (`faults.rs`).
+fn unhurried() -> TestBroker {
+    TestBroker::with_limits(wasmq::plugin::PluginLimits {
+        deadline: Duration::from_millis(500),
+        ..Default::default()
+    })
+}
+
 /// Publish continuously from two threads while the exchange's plugin is
 /// swapped back and forth between two different builds (topic and direct
 /// agree on these keys), then account for every message.
 #[test]
 fn swaps_under_continuous_publishing_lose_nothing() {
-    let t = TestBroker::new();
+    let t = unhurried();
     let topic = plugin_bytes("topic");
     let direct = plugin_bytes("direct");
     t.broker.install_plugin("router", &topic).unwrap();
@@ -282,7 +294,7 @@ fn a_new_version_reuses_the_compiled_functions_it_shares() {
 /// published throughout are each routed once; the rebuild is not a swap.
 #[test]
 fn a_version_serves_on_baseline_code_then_on_optimized_code() {
-    let t = TestBroker::new();
+    let t = unhurried();
     #[cfg(target_arch = "x86_64")]
     assert!(t.broker.host().tiered(), "Winch compiles for x86_64");
     if !t.broker.host().tiered() {
