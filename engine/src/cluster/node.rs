@@ -407,28 +407,31 @@ impl ClusterNode {
         Ok(applied)
     }
 
+    /// Hand a membership change to the leader `leader`.
+    async fn membership_on(&self, leader: &Member, call: Call, secs: u64) -> Result<(), String> {
+        match self
+            .peers
+            .call_node(
+                Some(&leader.name),
+                &leader.addr,
+                call,
+                Duration::from_secs(secs),
+            )
+            .await
+        {
+            Ok(Answer::Membership(r)) => r,
+            Ok(a) => Err(format!("unexpected answer {a:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// As the leader (or on its behalf), add `member`: a learner first,
     /// then a voter once it has caught up.
     async fn admit(&self, member: Member) -> Result<(), String> {
         let id = node_id(&member.name);
         match self.leader() {
             Some((leader, _)) if leader == self.id => {}
-            Some((_, l)) => {
-                return match self
-                    .peers
-                    .call_node(
-                        Some(&l.name),
-                        &l.addr,
-                        Call::Join(member),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                {
-                    Ok(Answer::Membership(r)) => r,
-                    Ok(a) => Err(format!("unexpected answer {a:?}")),
-                    Err(e) => Err(e.to_string()),
-                };
-            }
+            Some((_, l)) => return self.membership_on(&l, Call::Join(member), 60).await,
             None => return Err("no leader yet".into()),
         }
         let m = self.raft.metrics().borrow().clone();
@@ -462,22 +465,7 @@ impl ClusterNode {
         let id = node_id(name);
         match self.leader() {
             Some((leader, _)) if leader == self.id => {}
-            Some((_, l)) => {
-                return match self
-                    .peers
-                    .call_node(
-                        Some(&l.name),
-                        &l.addr,
-                        Call::Leave(name.into()),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                {
-                    Ok(Answer::Membership(r)) => r,
-                    Ok(a) => Err(format!("unexpected answer {a:?}")),
-                    Err(e) => Err(e.to_string()),
-                };
-            }
+            Some((_, l)) => return self.membership_on(&l, Call::Leave(name.into()), 30).await,
             None => return Err("no leader yet".into()),
         }
         let m = self.raft.metrics().borrow().clone();

@@ -21,36 +21,32 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// `wasmq serve` on a data and a plugin folder, both listeners on port 0.
     #[allow(dead_code)]
     pub fn spawn(data: &Path, plugins: &Path) -> Broker {
-        let child = Command::new(BIN)
-            .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--plugin-dir")
-            .arg(plugins)
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start wasmq");
-        Broker {
-            child,
-            listening: None,
-            cluster_addr: None,
-        }
+        Self::serve(|c| {
+            c.arg("--data-dir")
+                .arg(data)
+                .arg("--plugin-dir")
+                .arg(plugins);
+        })
     }
 
     /// `wasmq serve --config FILE`, both listeners on port 0.
     #[allow(dead_code)]
     pub fn spawn_config(config: &Path) -> Broker {
-        let child = Command::new(BIN)
+        Self::serve(|c| {
+            c.arg("--config").arg(config);
+        })
+    }
+
+    fn serve(args: impl FnOnce(&mut Command)) -> Broker {
+        let mut command = Command::new(BIN);
+        command
             .args(["--log-json", "serve", "--listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(config)
+            .args(["--admin-listen", "127.0.0.1:0"]);
+        args(&mut command);
+        let child = command
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
