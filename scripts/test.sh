@@ -5,12 +5,15 @@
 # scripts compile the Wasm plugins the tests load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-off build gains nothing from incremental state, which would double
+# the disk the build takes (CI machines may have little).
+export CARGO_INCREMENTAL=0
 rustup target add wasm32-unknown-unknown
-# RabbitMQ's Python client, for tests/tests/clients.rs.
+# RabbitMQ's Python client, for tests/tests/integration/clients.rs.
 python3 -m venv target/pika-venv
 target/pika-venv/bin/pip install --quiet --disable-pip-version-check pika==1.4.4
 export WASMQ_PYTHON="$PWD/target/pika-venv/bin/python"
-# amqplib's own live-broker test suites, for tests/tests/clients.rs: Node
+# amqplib's own live-broker test suites, for tests/tests/integration/clients.rs: Node
 # from Debian's packages, the suites (pinned in tests/node/package.json)
 # from the npm registry.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then

@@ -1,6 +1,6 @@
 """pika, RabbitMQ's Python client, against a running wasmq broker.
 
-Run by tests/tests/clients.rs as `python pika_client.py PORT`. Exits 0 and
+Run by tests/tests/integration/clients.rs as `python pika_client.py PORT`. Exits 0 and
 prints "ok" when every step behaved as it does against RabbitMQ; any
 surprise raises and exits non-zero with the traceback.
 """

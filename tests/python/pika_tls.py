@@ -1,6 +1,6 @@
 """pika over TLS against a running wasmq broker.
 
-Run by tests/tests/tls.rs as
+Run by tests/tests/integration/tls.rs as
 `python pika_tls.py PORT CA_FILE CLIENT_CERT CLIENT_KEY`. The broker's
 certificate is verified against CA_FILE (for 127.0.0.1). It logs in once
 with a password (PLAIN, as user `app`) and once with the client
