@@ -185,6 +185,11 @@ impl Server {
             )
             .await
             .context("starting the cluster node")?;
+            // Messages for queues on other nodes, and consumers here of
+            // them, travel over the same links as the cluster's calls.
+            let remote = crate::broker::remote::Remote::new(&broker, node.clone());
+            node.set_traffic(remote.clone());
+            broker.set_remote(remote);
             broker.set_cluster(node);
         }
         let watcher = if config.plugins.watch {

@@ -4,7 +4,10 @@
 //! when it comes back, the leader's death elects another, a node left
 //! alone (no majority) refuses changes instead of half-making them, and a
 //! node cut off by a TCP proxy in front of every node's link does too,
-//! and agrees with the others again once the link heals.
+//! and agrees with the others again once the link heals. Messages cross
+//! nodes: published on one, queued on a second, consumed on a third, every
+//! one exactly once, and what was out for delivery through a node that dies
+//! is delivered again, marked redelivered.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -371,16 +374,41 @@ async fn a_three_node_cluster_agrees_on_definitions_through_failures() {
         .unwrap();
     assert_eq!(d.data, body);
 
-    // Elsewhere the client is told where the queue lives.
+    ch.basic_cancel("c1".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+
+    // Elsewhere a consumer of it gets its deliveries through its own node.
     let conn_a = a.connect().await;
     let ch_a = conn_a.create_channel().await.unwrap();
-    let err = ch_a
+    let mut remote = ch_a
         .basic_consume(
             "orders".into(),
             "c2".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "events".into(),
+        "orders.second".into(),
+        BasicPublishOptions::default(),
+        b"second order",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(t, remote.next())
+        .await
+        .expect("delivery on a from b's queue")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"second order");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    // basic.get runs where the queue is.
+    let err = ch_a
+        .basic_get("orders".into(), BasicGetOptions::default())
         .await
         .unwrap_err();
     assert_eq!(reply_code(&err), Some(405), "{err}");
@@ -678,4 +706,145 @@ async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
     for mut n in [a, b, c] {
         n.kill().await;
     }
+}
+
+/// Publish with confirms on a, to a queue on b, consumed on c with manual
+/// acks: every message arrives once, in order. Then c's consumer dies with
+/// deliveries unacked (its node killed): b requeues them and a consumer on
+/// a gets them, marked redelivered; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[]).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start(root.path(), "b", &seeds).await;
+    let mut c = Node::start(root.path(), "c", &seeds).await;
+    formed(&[&a, &b, &c]).await;
+    let t = Duration::from_secs(20);
+
+    let conn_b = b.connect().await;
+    let ch_b = conn_b.create_channel().await.unwrap();
+    ch_b.queue_declare(
+        "work".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for n in [&a, &c] {
+        eventually("the queue is known everywhere", t, || {
+            n.queue_node("work").as_deref() == Some("b")
+        })
+        .await;
+    }
+
+    // The consumer on c, before anything is published.
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    ch_c.basic_qos(50, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut on_c = ch_c
+        .basic_consume(
+            "work".into(),
+            "on-c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // Published on a through the default exchange, persistent, confirmed.
+    const N: u32 = 2000;
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    ch_a.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..N {
+        confirms.push(
+            ch_a.basic_publish(
+                "".into(),
+                "work".into(),
+                BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for (i, c) in confirms.into_iter().enumerate() {
+        let c = tokio::time::timeout(t, c)
+            .await
+            .unwrap_or_else(|_| panic!("confirm {i} in time"))
+            .unwrap();
+        assert!(c.is_ack(), "message {i} confirmed");
+    }
+
+    // Every message once, in order, acked from c; the last few are left
+    // unacked when c dies.
+    const LEFT: u32 = 20;
+    let mut seen = Vec::new();
+    while seen.len() < N as usize {
+        let d = tokio::time::timeout(t, on_c.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {} on c", seen.len()))
+            .unwrap()
+            .unwrap();
+        let n: u32 = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
+        assert!(!d.redelivered, "message {n}");
+        seen.push(n);
+        if n < N - LEFT {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..N).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+
+    // c dies with LEFT deliveries unacked: b requeues them, and a consumer
+    // on a gets each again, marked redelivered.
+    c.kill().await;
+    let ch_a2 = conn_a.create_channel().await.unwrap();
+    let mut on_a = ch_a2
+        .basic_consume(
+            "work".into(),
+            "on-a".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    while again.len() < LEFT as usize {
+        let d = tokio::time::timeout(t, on_a.next())
+            .await
+            .expect("the unacked deliveries again, on a")
+            .unwrap()
+            .unwrap();
+        assert!(d.redelivered);
+        again.push(
+            std::str::from_utf8(&d.data)
+                .unwrap()
+                .parse::<u32>()
+                .unwrap(),
+        );
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(again, (N - LEFT..N).collect::<Vec<_>>());
+    // Nothing else is left in the queue.
+    eventually("the queue on b is empty and settled", t, || {
+        b.api().get("/api/queues/%2F/work").is_ok_and(|q| {
+            q["messages"].as_u64() == Some(0) && q["messages_unacknowledged"].as_u64() == Some(0)
+        })
+    })
+    .await;
+    drop((conn_a, conn_b));
 }

@@ -144,7 +144,7 @@ impl Broker {
                 };
                 let message = dead_lettered(queue, &original, reason);
                 match broker.publish(&v, dlx, message) {
-                    Ok(out) if out.delivered > 0 => {}
+                    Ok(out) if out.delivered > 0 => broker.forward_unconfirmed(&v, out.forwards),
                     Ok(_) => {
                         tracing::debug!(queue = %queue.name, dlx, "dead letter routed nowhere; dropped")
                     }

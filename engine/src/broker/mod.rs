@@ -20,6 +20,7 @@ mod error;
 mod exchange;
 mod plugins;
 mod queue;
+pub mod remote;
 mod replicated;
 mod route;
 
@@ -40,7 +41,7 @@ pub use queue::Pushed;
 pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
 pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
 pub use replicated::{BrokerApplier, definition_commands};
-pub use route::{FaultReport, PublishOutcome};
+pub use route::{FaultReport, Forward, PublishOutcome};
 
 use crate::message::{Message, encode_table_body};
 use crate::plugin::{
@@ -92,9 +93,6 @@ pub struct VHost {
     /// that bindings to them are the same on every node and a client is
     /// told where a queue is.
     remote: RwLock<Map<String, RemoteQueue>>,
-    /// Copies of messages routed to a queue on another node (not carried
-    /// across nodes yet).
-    pub routed_elsewhere: std::sync::atomic::AtomicU64,
 }
 
 /// A queue that lives on another node of the cluster.
@@ -211,6 +209,8 @@ pub struct Broker {
     recovering: std::sync::atomic::AtomicBool,
     /// Open AMQP connections.
     connections: Arc<Connections>,
+    /// In a cluster: message traffic to and from other nodes.
+    remote: std::sync::OnceLock<Arc<remote::Remote>>,
     /// Resource alarms (disk space low, memory high): while one is raised,
     /// connections that publish are blocked (connection.blocked, and not
     /// read).
@@ -287,6 +287,7 @@ impl Broker {
             definitions: Mutex::new(()),
             recovering: false.into(),
             connections: Arc::default(),
+            remote: std::sync::OnceLock::new(),
             alarms: crate::alarm::Alarms::default(),
             builtins: std::sync::OnceLock::new(),
             override_builtins: false.into(),
@@ -406,7 +407,6 @@ impl Broker {
             exchanges: RwLock::new(Map::default()),
             queues: RwLock::new(Map::default()),
             remote: RwLock::new(Map::default()),
-            routed_elsewhere: Default::default(),
         });
         for (xname, kind) in PREDECLARED {
             let spec = ExchangeSpec {

@@ -63,6 +63,20 @@ pub struct PublishOutcome {
     /// (0: none was). A publisher confirm waits until the store has synced
     /// this far.
     pub ticket: u64,
+    /// Copies for queues on other nodes, to be sent there (counted in
+    /// `delivered`). Empty unless clustered.
+    pub forwards: Vec<Forward>,
+}
+
+/// A message routed to queues that live on another node.
+#[derive(Debug)]
+pub struct Forward {
+    /// The node.
+    pub node: String,
+    /// Its queues the message goes to.
+    pub queues: Vec<String>,
+    /// The message (each copy of one publish shares it).
+    pub message: Arc<Message>,
 }
 
 impl PublishOutcome {
@@ -90,6 +104,50 @@ impl Routing {
         if !self.deliveries.iter().any(|(dq, _)| Arc::ptr_eq(dq, &q)) {
             self.deliveries.push((q, m.clone()));
         }
+    }
+
+    /// Deliver to `vhost`'s queue `name`, here or on its node.
+    fn deliver_to(&mut self, vhost: &VHost, name: &str, m: &Arc<Message>) {
+        match vhost.queue(name) {
+            Ok(q) => self.deliver(q, m),
+            Err(BrokerError::OnOtherNode { node, name, .. }) => self.forward(node, name, m),
+            Err(_) => {}
+        }
+    }
+
+    #[cold]
+    fn forward(&mut self, node: String, queue: String, m: &Arc<Message>) {
+        let forwards = &mut self.outcome.forwards;
+        if forwards
+            .iter()
+            .any(|f| f.node == node && f.queues.contains(&queue))
+        {
+            return;
+        }
+        // One frame per node for all the queues there that get the same
+        // copy (a transform or dead-lettering makes another message).
+        match forwards
+            .iter_mut()
+            .find(|f| f.node == node && Arc::ptr_eq(&f.message, m))
+        {
+            Some(f) => f.queues.push(queue),
+            None => forwards.push(Forward {
+                node,
+                queues: vec![queue],
+                message: m.clone(),
+            }),
+        }
+    }
+
+    /// Copies routed so far, here and to other nodes.
+    fn reached(&self) -> usize {
+        self.deliveries.len()
+            + self
+                .outcome
+                .forwards
+                .iter()
+                .map(|f| f.queues.len())
+                .sum::<usize>()
     }
 }
 
@@ -141,14 +199,10 @@ impl Broker {
         match exchange {
             // The default exchange binds every queue by name; it is not a
             // plugin because its behaviour is fixed by the spec.
-            None => {
-                if let Ok(q) = vhost.queue(&message.routing_key) {
-                    ctx.deliver(q, &message);
-                }
-            }
+            None => ctx.deliver_to(vhost, &message.routing_key, &message),
             Some(x) => self.route_into(vhost, x, message, &mut ctx),
         }
-        ctx.outcome.delivered = ctx.deliveries.len();
+        ctx.outcome.delivered = ctx.reached();
         for (q, m) in ctx.deliveries {
             let pushed = q.push(m);
             if !pushed.accepted {
@@ -223,7 +277,7 @@ impl Broker {
             return;
         }
         let table = x.bindings.load();
-        let before = ctx.deliveries.len();
+        let before = ctx.reached();
         for &id in &ids {
             // An id missing from the table was unbound while this message was
             // being routed (the router validated ids against next_id).
@@ -242,15 +296,7 @@ impl Broker {
                 }
             }
             match &b.destination {
-                Destination::Queue(name) => match vhost.queue(name) {
-                    Ok(q) => ctx.deliver(q, &message),
-                    Err(BrokerError::OnOtherNode { .. }) => {
-                        vhost
-                            .routed_elsewhere
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(_) => {}
-                },
+                Destination::Queue(name) => ctx.deliver_to(vhost, name, &message),
                 Destination::Exchange(name) => {
                     if let Ok(dx) = vhost.exchange(name) {
                         self.route_into(vhost, &dx, message.clone(), ctx);
@@ -260,13 +306,13 @@ impl Broker {
         }
         ids.clear();
         ctx.ids = ids;
-        if ctx.deliveries.len() == before
+        if ctx.reached() == before
             && let Some(ae) = &x.alternate_exchange
             && let Ok(ae) = vhost.exchange(ae)
         {
             self.route_into(vhost, &ae, message, ctx);
         }
-        if ctx.deliveries.len() > before {
+        if ctx.reached() > before {
             x.count(&x.stats.routed);
         } else {
             x.count(&x.stats.unroutable);
@@ -290,9 +336,9 @@ impl Broker {
         else {
             return false;
         };
-        let before = ctx.deliveries.len();
+        let before = ctx.reached();
         self.route_into(vhost, &dlx, Arc::new(with_headers(message, headers)), ctx);
-        let reached = ctx.deliveries.len() > before;
+        let reached = ctx.reached() > before;
         if reached {
             x.count(&x.stats.dead_lettered);
             ctx.outcome.dead_lettered += 1;

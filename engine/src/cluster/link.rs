@@ -8,21 +8,31 @@
 //! the other order. A node that cannot prove it is refused before it can
 //! send a single request, and the refusal is logged on both sides.
 //!
-//! **Frames.** `len u32 LE | JSON`, at most [`MAX_FRAME`] bytes. A frame is
-//! a request (`id`, call) or the response to one; either side may send
-//! requests, so one connection serves a pair of nodes both ways.
+//! **Frames.** `len u32 LE | kind u8 | payload`, at most [`MAX_FRAME`]
+//! bytes. Kind 0 is JSON: a request (`id`, call) or the response to one;
+//! either side may send requests, so one connection serves a pair of nodes
+//! both ways. Kind 1 is message traffic (published messages, deliveries,
+//! acks), in a binary encoding the link does not read: it hands each such
+//! frame, in order, to the node's [`TrafficSink`]. JSON would spend more
+//! time on a message body than the rest of the hop together.
 //!
-//! **Backpressure.** Frames to send wait in a bounded queue
-//! ([`SEND_QUEUE`]): a node that sends faster than its peer reads waits
-//! for room instead of buffering without bound.
+//! **Backpressure.** Calls wait in a bounded queue ([`SEND_QUEUE`]): a node
+//! that calls faster than its peer reads waits for room. Traffic is queued
+//! without waiting (its senders are connection tasks that cannot block),
+//! but the link counts its unwritten bytes: above [`TRAFFIC_HIGH`] it is
+//! [congested](Link::congested), and senders stop taking new work (a
+//! publisher's connection stops reading, a consumer stops being
+//! dispatched to) until [it drains](Link::drained).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -30,7 +40,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::command::{Applied, Command};
 use super::{Member, NodeId, TypeConfig};
@@ -44,9 +54,34 @@ use openraft::raft::{
 pub const MAX_FRAME: usize = 64 << 20;
 /// Frames waiting to be written on one link.
 pub const SEND_QUEUE: usize = 256;
+/// Unwritten traffic bytes above which a link is congested.
+pub const TRAFFIC_HIGH: usize = 8 << 20;
 /// Time a peer has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const PROTOCOL: &str = "wasmq-cluster/1";
+const PROTOCOL: &str = "wasmq-cluster/2";
+const KIND_JSON: u8 = 0;
+const KIND_TRAFFIC: u8 = 1;
+
+/// What receives the message traffic of every link, in the order each
+/// link carried it.
+pub trait TrafficSink: Send + Sync {
+    /// A traffic frame arrived on `link`.
+    fn received(&self, link: &Arc<Link>, frame: Bytes);
+    /// `link` closed: whatever was in flight on it is lost.
+    fn closed(&self, link: &Arc<Link>);
+}
+
+/// Where a node's links deliver traffic, set once the broker is wired up
+/// (frames that arrive before are dropped: no traffic is sent before the
+/// node has joined).
+pub type TrafficSlot = Arc<OnceLock<Arc<dyn TrafficSink>>>;
+
+enum Out {
+    Frame(Box<Frame>),
+    Traffic(Bytes),
+}
+
+static LINK_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// A call one node makes of another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -162,10 +197,28 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Answer, String>>>>;
 pub struct Link {
     /// The peer's node name.
     pub peer: String,
-    tx: mpsc::Sender<Frame>,
+    /// Unique to this connection (a new connection to the same peer gets
+    /// another): state that lives and dies with a connection is keyed by it.
+    pub id: u64,
+    tx: mpsc::Sender<Out>,
+    traffic: mpsc::UnboundedSender<Out>,
+    queued: AtomicUsize,
+    drained: Notify,
     pending: Arc<Pending>,
     next: AtomicU64,
     closed: Arc<AtomicBool>,
+    /// Wakes the writer when the link closes (it holds the link, so its
+    /// queues never end by themselves).
+    shut: tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 fn hmac(secret: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -191,14 +244,15 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-async fn write_json<T: Serialize>(w: &mut OwnedWriteHalf, v: &T) -> std::io::Result<()> {
+async fn write_hello<T: Serialize>(w: &mut OwnedWriteHalf, v: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     w.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
     w.write_all(&bytes).await?;
     w.flush().await
 }
 
-async fn read_json<T: for<'a> Deserialize<'a>>(r: &mut OwnedReadHalf) -> std::io::Result<T> {
+/// One length-prefixed frame (the handshake's are JSON without a kind).
+async fn read_frame(r: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -209,7 +263,11 @@ async fn read_json<T: for<'a> Deserialize<'a>>(r: &mut OwnedReadHalf) -> std::io
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
-    serde_json::from_slice(&buf).map_err(std::io::Error::other)
+    Ok(buf)
+}
+
+async fn read_hello<T: for<'a> Deserialize<'a>>(r: &mut OwnedReadHalf) -> std::io::Result<T> {
+    serde_json::from_slice(&read_frame(r).await?).map_err(std::io::Error::other)
 }
 
 impl Link {
@@ -219,6 +277,7 @@ impl Link {
         me: &str,
         secret: &[u8],
         handler: Handler,
+        traffic: TrafficSlot,
     ) -> Result<Arc<Link>, LinkError> {
         let unreachable = |reason: String| LinkError::Unreachable {
             peer: addr.to_owned(),
@@ -232,7 +291,7 @@ impl Link {
         let (mut r, mut w) = stream.into_split();
         let mine = nonce();
         let handshake = async {
-            write_json(
+            write_hello(
                 &mut w,
                 &Hello {
                     protocol: PROTOCOL.into(),
@@ -241,7 +300,7 @@ impl Link {
                 },
             )
             .await?;
-            let c: Challenge = read_json(&mut r).await?;
+            let c: Challenge = read_hello(&mut r).await?;
             Ok::<_, std::io::Error>(c)
         };
         let c = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
@@ -260,7 +319,7 @@ impl Link {
                 reason: "it does not hold this cluster's secret".into(),
             });
         }
-        write_json(
+        write_hello(
             &mut w,
             &Proof {
                 proof: hmac(secret, &[b"dialer", &c.nonce, &mine]),
@@ -268,7 +327,7 @@ impl Link {
         )
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-        Ok(Link::start(c.node, r, w, handler))
+        Ok(Link::start(c.node, r, w, handler, traffic))
     }
 
     /// Authenticate a connection a peer opened to this node's listener.
@@ -278,6 +337,7 @@ impl Link {
         me: &str,
         secret: &[u8],
         handler: Handler,
+        traffic: TrafficSlot,
     ) -> Result<Arc<Link>, LinkError> {
         let peer_addr = stream
             .peer_addr()
@@ -291,11 +351,11 @@ impl Link {
         };
         let mine = nonce();
         let handshake = async {
-            let h: Hello = read_json(&mut r).await?;
+            let h: Hello = read_hello(&mut r).await?;
             if h.protocol != PROTOCOL {
                 return Ok(Err(format!("speaks {}, not {PROTOCOL}", h.protocol)));
             }
-            write_json(
+            write_hello(
                 &mut w,
                 &Challenge {
                     protocol: PROTOCOL.into(),
@@ -305,7 +365,7 @@ impl Link {
                 },
             )
             .await?;
-            let p: Proof = read_json(&mut r).await?;
+            let p: Proof = read_hello(&mut r).await?;
             if !verify(secret, &[b"dialer", &mine, &h.nonce], &p.proof) {
                 return Ok(Err(format!(
                     "node '{}' does not hold this cluster's secret",
@@ -319,23 +379,60 @@ impl Link {
             .map_err(|_| refused("handshake timed out".into()))?
             .map_err(|e| refused(e.to_string()))?
             .map_err(refused)?;
-        Ok(Link::start(peer, r, w, handler))
+        Ok(Link::start(peer, r, w, handler, traffic))
     }
 
-    fn start(peer: String, r: OwnedReadHalf, w: OwnedWriteHalf, handler: Handler) -> Arc<Link> {
+    fn start(
+        peer: String,
+        r: OwnedReadHalf,
+        w: OwnedWriteHalf,
+        handler: Handler,
+        traffic: TrafficSlot,
+    ) -> Arc<Link> {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        let pending: Arc<Pending> = Arc::default();
-        let closed = Arc::new(AtomicBool::new(false));
+        let (traffic_tx, traffic_rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
-            peer: peer.clone(),
-            tx: tx.clone(),
-            pending: pending.clone(),
+            peer,
+            id: LINK_IDS.fetch_add(1, Ordering::Relaxed),
+            tx,
+            traffic: traffic_tx,
+            queued: AtomicUsize::new(0),
+            drained: Notify::new(),
+            pending: Arc::default(),
             next: AtomicU64::new(1),
-            closed: closed.clone(),
+            closed: Arc::new(AtomicBool::new(false)),
+            shut: Default::default(),
         });
-        tokio::spawn(write_loop(w, rx, closed.clone()));
-        tokio::spawn(read_loop(peer, r, tx, pending, handler, closed));
+        tokio::spawn(write_loop(w, rx, traffic_rx, link.clone()));
+        tokio::spawn(read_loop(r, handler, traffic, link.clone()));
         link
+    }
+
+    /// Queue a traffic frame (it is never refused while the link is open;
+    /// senders look at [`Link::congested`] before taking more work).
+    /// Returns false if the link is closed.
+    pub fn send_traffic(&self, frame: Bytes) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        self.queued.fetch_add(frame.len(), Ordering::Relaxed);
+        self.traffic.send(Out::Traffic(frame)).is_ok()
+    }
+
+    /// More traffic waits to be written than [`TRAFFIC_HIGH`].
+    pub fn congested(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > TRAFFIC_HIGH
+    }
+
+    /// Wait until the link is no longer congested (or has closed).
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if !self.congested() || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether the connection is gone (a new one must be dialed).
@@ -352,7 +449,12 @@ impl Link {
             peer: self.peer.clone(),
             reason: reason.to_owned(),
         };
-        let sent = tokio::time::timeout(timeout, self.tx.send(Frame::Request { id, call })).await;
+        let sent = tokio::time::timeout(
+            timeout,
+            self.tx
+                .send(Out::Frame(Box::new(Frame::Request { id, call }))),
+        )
+        .await;
         match sent {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
@@ -388,32 +490,57 @@ impl Link {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.pending.lock().clear();
+        self.drained.notify_waiters();
+        self.shut.cancel();
     }
 }
 
-async fn write_loop(w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, closed: Arc<AtomicBool>) {
+async fn write_loop(
+    w: OwnedWriteHalf,
+    mut calls: mpsc::Receiver<Out>,
+    mut traffic: mpsc::UnboundedReceiver<Out>,
+    link: Arc<Link>,
+) {
     let mut w = BufWriter::with_capacity(64 * 1024, w);
-    while let Some(frame) = rx.recv().await {
-        if closed.load(Ordering::Acquire) {
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = link.shut.cancelled() => None,
+            f = calls.recv() => f,
+            f = traffic.recv() => f,
+        };
+        let Some(first) = first else { break };
+        if link.is_closed() {
             break;
         }
-        let mut frames = vec![frame];
+        batch.push(first);
         // Whatever else is queued goes in the same write.
-        while let Ok(f) = rx.try_recv() {
-            frames.push(f);
+        while batch.len() < 1024 {
+            match calls.try_recv().or_else(|_| traffic.try_recv()) {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
         }
         let mut failed = false;
-        for f in frames {
-            let bytes = match serde_json::to_vec(&f) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("cluster frame not serializable: {e}");
-                    continue;
+        let mut written = 0;
+        for out in batch.drain(..) {
+            let (kind, bytes) = match out {
+                Out::Frame(f) => match serde_json::to_vec(&f) {
+                    Ok(b) => (KIND_JSON, Bytes::from(b)),
+                    Err(e) => {
+                        tracing::error!("cluster frame not serializable: {e}");
+                        continue;
+                    }
+                },
+                Out::Traffic(b) => {
+                    written += b.len();
+                    (KIND_TRAFFIC, b)
                 }
             };
-            if w.write_all(&(bytes.len() as u32).to_le_bytes())
-                .await
-                .is_err()
+            let len = (bytes.len() + 1) as u32;
+            if w.write_all(&len.to_le_bytes()).await.is_err()
+                || w.write_u8(kind).await.is_err()
                 || w.write_all(&bytes).await.is_err()
             {
                 failed = true;
@@ -423,51 +550,77 @@ async fn write_loop(w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, closed: Ar
         if failed || w.flush().await.is_err() {
             break;
         }
+        if written > 0 {
+            let before = link.queued.fetch_sub(written, Ordering::Relaxed);
+            if before > TRAFFIC_HIGH && before - written <= TRAFFIC_HIGH {
+                link.drained.notify_waiters();
+            }
+        }
     }
-    closed.store(true, Ordering::Release);
+    link.close();
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(
-    peer: String,
-    mut r: OwnedReadHalf,
-    tx: mpsc::Sender<Frame>,
-    pending: Arc<Pending>,
-    handler: Handler,
-    closed: Arc<AtomicBool>,
-) {
+async fn read_loop(mut r: OwnedReadHalf, handler: Handler, traffic: TrafficSlot, link: Arc<Link>) {
     loop {
-        let frame: Frame = match read_json(&mut r).await {
+        let buf = match read_frame(&mut r).await {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => {
+                tracing::warn!(peer = %link.peer, "empty cluster frame; closing the link");
+                break;
+            }
+            Err(e) => {
+                if !link.is_closed() {
+                    tracing::debug!(peer = %link.peer, "cluster link closed: {e}");
+                }
+                break;
+            }
+        };
+        if buf[0] == KIND_TRAFFIC {
+            let mut frame = Bytes::from(buf);
+            let _ = bytes::Buf::get_u8(&mut frame);
+            match traffic.get() {
+                Some(sink) => sink.received(&link, frame),
+                None => {
+                    tracing::debug!(peer = %link.peer, "traffic before the broker is ready; dropped")
+                }
+            }
+            continue;
+        }
+        let frame: Frame = match serde_json::from_slice(&buf[1..]) {
             Ok(f) => f,
             Err(e) => {
-                if !closed.load(Ordering::Acquire) {
-                    tracing::debug!(%peer, "cluster link closed: {e}");
-                }
+                tracing::warn!(peer = %link.peer, "unreadable cluster frame, closing the link: {e}");
                 break;
             }
         };
         match frame {
             Frame::Request { id, call } => {
-                let (handler, tx) = (handler.clone(), tx.clone());
+                let (handler, link) = (handler.clone(), link.clone());
                 tokio::spawn(async move {
                     let answer = handler(call).await;
-                    let _ = tx.send(Frame::Response { id, answer }).await;
+                    let _ = link
+                        .tx
+                        .send(Out::Frame(Box::new(Frame::Response { id, answer })))
+                        .await;
                 });
             }
             Frame::Response { id, answer } => {
-                if let Some(waiter) = pending.lock().remove(&id) {
+                if let Some(waiter) = link.pending.lock().remove(&id) {
                     let _ = waiter.send(answer);
                 }
             }
         }
-        if closed.load(Ordering::Acquire) {
+        if link.is_closed() {
             break;
         }
     }
-    closed.store(true, Ordering::Release);
     // Callers waiting on this link learn it is gone now, not at their
     // timeout.
-    pending.lock().clear();
+    link.close();
+    if let Some(sink) = traffic.get() {
+        sink.closed(&link);
+    }
 }
 
 #[cfg(test)]
@@ -492,9 +645,16 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let accepting = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
-            Link::accept(s, "b", b"the cluster secret, shared", echo()).await
+            Link::accept(
+                s,
+                "b",
+                b"the cluster secret, shared",
+                echo(),
+                Arc::default(),
+            )
+            .await
         });
-        let dialed = Link::dial(&addr, "a", dialer_secret, echo()).await;
+        let dialed = Link::dial(&addr, "a", dialer_secret, echo(), Arc::default()).await;
         (dialed, accepting.await.unwrap())
     }
 

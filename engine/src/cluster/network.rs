@@ -24,7 +24,7 @@ use openraft::raft::{
 };
 use parking_lot::Mutex;
 
-use super::link::{Answer, Call, Handler, Link, LinkError};
+use super::link::{Answer, Call, Handler, Link, LinkError, TrafficSlot};
 use super::{Member, NodeId, TypeConfig};
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
@@ -35,6 +35,7 @@ pub struct Peers {
     me: String,
     secret: Vec<u8>,
     handler: OnceLock<Handler>,
+    traffic: TrafficSlot,
     slots: Mutex<HashMap<String, Slot>>,
     by_name: Mutex<HashMap<String, Arc<Link>>>,
 }
@@ -46,6 +47,7 @@ impl Peers {
             me,
             secret,
             handler: OnceLock::new(),
+            traffic: TrafficSlot::default(),
             slots: Mutex::default(),
             by_name: Mutex::default(),
         })
@@ -54,6 +56,20 @@ impl Peers {
     /// Set what answers the calls peers make over links this node dialed.
     pub fn set_handler(&self, handler: Handler) {
         let _ = self.handler.set(handler);
+    }
+
+    /// Where every link (dialed or accepted) hands its message traffic.
+    pub fn traffic(&self) -> &TrafficSlot {
+        &self.traffic
+    }
+
+    /// An open link to the node named `name`, if there is one now.
+    pub fn open_link(&self, name: &str) -> Option<Arc<Link>> {
+        self.by_name
+            .lock()
+            .get(name)
+            .filter(|l| !l.is_closed())
+            .cloned()
     }
 
     /// The cluster secret.
@@ -113,7 +129,7 @@ impl Peers {
                 peer: addr.to_owned(),
                 reason: "this node is still starting".into(),
             })?;
-        let link = Link::dial(addr, &self.me, &self.secret, handler).await?;
+        let link = Link::dial(addr, &self.me, &self.secret, handler, self.traffic.clone()).await?;
         *slot = Some(link.clone());
         Ok(link)
     }

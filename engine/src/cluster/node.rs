@@ -226,6 +226,37 @@ impl ClusterNode {
         &self.me.addr
     }
 
+    /// Hand the message traffic of every link to `sink`.
+    pub fn set_traffic(&self, sink: Arc<dyn super::link::TrafficSink>) {
+        let _ = self.peers.traffic().set(sink);
+    }
+
+    /// An open link to the member named `name`, if there is one now
+    /// (without waiting: for senders that cannot).
+    pub fn open_link(&self, name: &str) -> Option<Arc<Link>> {
+        self.peers.open_link(name)
+    }
+
+    /// A link to the member named `name`, dialed if there is none.
+    pub async fn link_to(&self, name: &str) -> Result<Arc<Link>, ClusterError> {
+        if let Some(link) = self.peers.open_link(name) {
+            return Ok(link);
+        }
+        let addr = {
+            let m = self.raft.metrics().borrow().clone();
+            m.membership_config
+                .membership()
+                .nodes()
+                .find(|(_, member)| member.name == name)
+                .map(|(_, member)| member.addr.clone())
+        };
+        let addr = addr.ok_or_else(|| ClusterError::Raft(format!("no member named '{name}'")))?;
+        self.peers
+            .link_to(Some(name), &addr)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))
+    }
+
     /// The definitions as this node has applied them.
     pub fn catalog(&self) -> Catalog {
         self.machine.catalog()
@@ -266,7 +297,14 @@ impl ClusterNode {
             let node = self.clone();
             tokio::spawn(async move {
                 let peer = stream.peer_addr().ok();
-                match Link::accept(stream, &node.me.name, node.peers.secret(), node.handler()).await
+                match Link::accept(
+                    stream,
+                    &node.me.name,
+                    node.peers.secret(),
+                    node.handler(),
+                    node.peers.traffic().clone(),
+                )
+                .await
                 {
                     Ok(link) => {
                         tracing::debug!(peer = %link.peer, "cluster link accepted");

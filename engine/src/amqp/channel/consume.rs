@@ -28,19 +28,11 @@ impl Channel {
                 }
             }
             M::Consume(c) => {
-                let q = self.queue(ctx, &c.queue, Access::Read)?;
-                let tag = if c.consumer_tag.as_str().is_empty() {
-                    self.next_ctag += 1;
-                    format!("amq.ctag-{}-{}-{}", ctx.connection, self.id, self.next_ctag)
-                } else {
-                    c.consumer_tag.to_string()
-                };
-                if self.consumers.contains_key(&tag) {
-                    return Err(AmqpError::new(
-                        530,
-                        format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"),
-                    ));
+                if let Some(node) = self.remote_home(ctx, &c.queue, Access::Read)? {
+                    return self.consume_remote(ctx, c, node);
                 }
+                let q = self.queue(ctx, &c.queue, Access::Read)?;
+                let tag = self.consumer_tag(ctx, c)?;
                 let consumer = Arc::new(Consumer {
                     tag: tag.clone(),
                     channel: self.id,
@@ -129,7 +121,7 @@ impl Channel {
                         } else {
                             self.unacked.push_back((
                                 tag,
-                                Unacked {
+                                Unacked::Local {
                                     queue: q,
                                     entry,
                                     consumer: None,
@@ -151,6 +143,27 @@ impl Channel {
             _ => return Err(server_only("basic")),
         }
         Ok(())
+    }
+
+    /// The tag of a new consumer: the client's, or one made up.
+    pub(super) fn consumer_tag(
+        &mut self,
+        ctx: &Ctx<'_>,
+        c: &basic::Consume,
+    ) -> Result<String, AmqpError> {
+        let tag = if c.consumer_tag.as_str().is_empty() {
+            self.next_ctag += 1;
+            format!("amq.ctag-{}-{}-{}", ctx.connection, self.id, self.next_ctag)
+        } else {
+            c.consumer_tag.to_string()
+        };
+        if self.consumers.contains_key(&tag) || self.remote_consumers.contains_key(&tag) {
+            return Err(AmqpError::new(
+                530,
+                format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        Ok(tag)
     }
 
     /// Settle now, or at commit in a transactional channel (the tag is
@@ -217,21 +230,34 @@ impl Channel {
         };
         let mut touched: Vec<Arc<Queue>> = Vec::new();
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        let mut remote = Vec::new();
         for u in settled {
-            if let Some(c) = &u.consumer {
+            let (queue, entry, consumer) = match u {
+                Unacked::Local {
+                    queue,
+                    entry,
+                    consumer,
+                } => (queue, entry, consumer),
+                Unacked::Remote { link, id } => {
+                    remote.push((link, id));
+                    continue;
+                }
+            };
+            if let Some(c) = &consumer {
                 c.settled();
             }
             if requeue.is_none() {
-                u.queue.acked.fetch_add(1, Ordering::Relaxed);
+                queue.acked.fetch_add(1, Ordering::Relaxed);
             }
             // An ack of a message that is in no log needs nothing more.
-            if requeue.is_some() || u.entry.stored.is_some() {
-                group_by_queue(&mut by_queue, &u.queue, u.entry);
+            if requeue.is_some() || entry.stored.is_some() {
+                group_by_queue(&mut by_queue, &queue, entry);
             }
-            if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
-                touched.push(u.queue);
+            if !touched.iter().any(|q| Arc::ptr_eq(q, &queue)) {
+                touched.push(queue);
             }
         }
+        super::remote::settle_remote(remote, requeue);
         // Ack (settled in the queue's log, one write per segment), requeue,
         // or (nack/reject without requeue) dead-letter.
         for (q, entries) in by_queue {
@@ -256,18 +282,32 @@ impl Channel {
     /// Requeue every unacked delivery, in order, marked redelivered.
     pub(super) fn requeue_all(&mut self) {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        let mut remote = Vec::new();
         for (_, u) in self.unacked.drain(..) {
-            if let Some(c) = &u.consumer {
-                c.settled();
+            match u {
+                Unacked::Local {
+                    queue,
+                    entry,
+                    consumer,
+                } => {
+                    if let Some(c) = &consumer {
+                        c.settled();
+                    }
+                    group_by_queue(&mut by_queue, &queue, entry);
+                }
+                Unacked::Remote { link, id } => remote.push((link, id)),
             }
-            group_by_queue(&mut by_queue, &u.queue, u.entry);
         }
         for (q, entries) in by_queue {
             q.requeue(entries.into_iter());
         }
+        super::remote::settle_remote(remote, Some(true));
     }
 
-    pub(super) fn cancel_consumer(&mut self, ctx: &Ctx<'_>, tag: &str) {
+    pub(super) fn cancel_consumer(&mut self, ctx: &mut Ctx<'_>, tag: &str) {
+        if self.cancel_remote(ctx, tag) {
+            return;
+        }
         if let Some((c, q)) = self.consumers.remove(tag) {
             let now_unused = q.remove_consumer(c.connection, c.channel, &c.tag);
             if now_unused && q.auto_delete {
@@ -360,7 +400,7 @@ impl Channel {
         } else {
             self.unacked.push_back((
                 tag,
-                Unacked {
+                Unacked::Local {
                     queue,
                     entry,
                     consumer: Some(consumer),
@@ -372,9 +412,14 @@ impl Channel {
 
     /// The channel is closing (either side) or its connection is: cancel
     /// consumers, requeue unacked deliveries in order.
-    pub(crate) fn shutdown(&mut self, ctx: &Ctx<'_>) {
+    pub(crate) fn shutdown(&mut self, ctx: &mut Ctx<'_>) {
         self.pending = None;
-        let tags: Vec<String> = self.consumers.keys().cloned().collect();
+        let tags: Vec<String> = self
+            .consumers
+            .keys()
+            .chain(self.remote_consumers.keys())
+            .cloned()
+            .collect();
         for tag in tags {
             self.cancel_consumer(ctx, &tag);
         }

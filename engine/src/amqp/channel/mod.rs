@@ -18,6 +18,7 @@ mod consume;
 mod declare;
 mod error;
 mod publish;
+mod remote;
 mod replicated;
 
 pub(crate) use error::AmqpError;
@@ -72,6 +73,8 @@ pub(crate) struct Ctx<'a> {
     /// Set when a method became a definition change for the cluster to
     /// commit (the connection holds the channel until it is applied).
     pub proposal: &'a mut Option<Proposal>,
+    /// Frames for other nodes (cluster traffic).
+    pub to_nodes: &'a mut Vec<ToNode>,
 }
 
 struct Pending {
@@ -81,10 +84,57 @@ struct Pending {
     single: Option<Bytes>,
 }
 
-struct Unacked {
-    queue: Arc<Queue>,
-    entry: Entry,
-    consumer: Option<Arc<Consumer>>,
+enum Unacked {
+    /// From a queue of this node.
+    Local {
+        queue: Arc<Queue>,
+        entry: Entry,
+        consumer: Option<Arc<Consumer>>,
+    },
+    /// From a queue on another node: settled there, by its id.
+    Remote {
+        link: Arc<crate::cluster::link::Link>,
+        id: u64,
+    },
+}
+
+/// A consumer of a queue on another node.
+pub(crate) struct RemoteConsumer {
+    /// The queue's node.
+    pub node: String,
+    /// Acks not expected.
+    pub no_ack: bool,
+}
+
+/// A publish whose confirm waits for other nodes to take their copies.
+pub(crate) struct Forwarded {
+    /// Nodes yet to answer.
+    pub outstanding: u32,
+    /// Every answer so far was yes.
+    pub ok: bool,
+    /// The nodes asked.
+    pub nodes: Vec<String>,
+}
+
+/// A frame for another node, sent by the connection once the frames in
+/// hand are handled (it may have to dial the node first).
+pub(crate) struct ToNode {
+    /// The node.
+    pub node: String,
+    /// The traffic frame.
+    pub frame: Bytes,
+    /// What to undo if the node cannot be reached.
+    pub undo: Undo,
+}
+
+/// What a frame that never reached its node leaves to undo.
+pub(crate) enum Undo {
+    /// Nothing (a cancel, a dead letter).
+    Nothing,
+    /// Nack this channel's publish with this confirm tag.
+    Confirm(u16, u64),
+    /// Cancel this channel's consumer.
+    Consumer(u16, String),
 }
 
 /// The `confirms` tag of a deferred `tx.commit-ok` (delivery tags start at 1).
@@ -106,6 +156,7 @@ pub(crate) struct Channel {
     pub closing: bool,
     pending: Option<Pending>,
     consumers: Map<String, (Arc<Consumer>, Arc<Queue>)>,
+    remote_consumers: Map<String, RemoteConsumer>,
     unacked: VecDeque<(u64, Unacked)>,
     next_tag: u64,
     prefetch: u32,
@@ -121,6 +172,8 @@ pub(crate) struct Channel {
     /// In a transactional channel, the one entry is a `tx.commit-ok`
     /// (tag [`COMMIT_OK`]) waiting for the commit's messages to be synced.
     confirms: VecDeque<(u64, u64, bool)>,
+    /// Confirms that also wait for other nodes, by tag.
+    forwarded: Map<u64, Forwarded>,
     /// Acks for publishes confirmed as they were handled (nothing to wait
     /// for on disk) and not sent yet: the last tag and how many. They go out
     /// as one `multiple` ack at the end of the connection's batch of frames,
@@ -159,6 +212,7 @@ impl Channel {
             closing: false,
             pending: None,
             consumers: Map::default(),
+            remote_consumers: Map::default(),
             unacked: VecDeque::new(),
             next_tag: 0,
             prefetch: 0,
@@ -167,6 +221,7 @@ impl Channel {
             confirm: false,
             publish_seq: 0,
             confirms: VecDeque::new(),
+            forwarded: Map::default(),
             acks_ready: None,
             tx: None,
             tx_ticket: 0,

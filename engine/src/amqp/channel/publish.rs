@@ -92,7 +92,16 @@ impl Channel {
                 message.body.clone(),
             )
         });
-        let outcome = ctx.broker.publish_via(ctx.vhost, x.as_ref(), message);
+        let mut outcome = ctx.broker.publish_via(ctx.vhost, x.as_ref(), message);
+        let forwarded = !outcome.forwards.is_empty();
+        if forwarded {
+            let seq = if self.confirm {
+                self.publish_seq + 1
+            } else {
+                0
+            };
+            self.forward(ctx, std::mem::take(&mut outcome.forwards), seq);
+        }
         let exchange = x.as_ref().map_or("", |x| x.name.as_str());
         let nothing = outcome.delivered == 0 && outcome.dead_lettered == 0 && !outcome.dropped;
         for q in &outcome.congested {
@@ -123,13 +132,13 @@ impl Channel {
             self.publish_seq += 1;
             let tag = self.publish_seq;
             let ack = outcome.faults.is_empty() && outcome.rejected == 0;
-            if outcome.ticket == 0 && self.confirms.is_empty() && ack {
+            if outcome.ticket == 0 && self.confirms.is_empty() && ack && !forwarded {
                 self.acks_ready = Some((tag, self.acks_ready.map_or(1, |(_, n)| n + 1)));
                 *ctx.acks_ready = true;
             } else {
                 // Tags go out in order: the gathered acks first.
                 self.flush_acks(ctx.out);
-                if outcome.ticket == 0 && self.confirms.is_empty() {
+                if outcome.ticket == 0 && self.confirms.is_empty() && !forwarded {
                     self.send_confirm(ctx.out, tag, false, ack);
                 } else {
                     self.confirms.push_back((tag, outcome.ticket, ack));
@@ -149,7 +158,13 @@ impl Channel {
     /// some still wait.
     pub(crate) fn release_confirms(&mut self, out: &mut Vec<u8>, synced: Synced) -> bool {
         let mut acks: Option<(u64, u32)> = None;
-        while let Some(&(tag, ticket, ack)) = self.confirms.front() {
+        while let Some(&(tag, ticket, mut ack)) = self.confirms.front() {
+            if !self.forwarded.is_empty() {
+                match self.forwarded_outcome(tag) {
+                    Some(ok) => ack &= ok,
+                    None => break,
+                }
+            }
             let on_disk = if ticket == 0 {
                 true
             } else {

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, channel, connection};
 
 use super::{Connection, OUT_CAP, Step};
-use crate::amqp::channel::{AmqpError, Channel, Delivered};
+use crate::amqp::channel::{AmqpError, Channel, Delivered, Undo};
 use crate::amqp::frame::{Frame, encode_heartbeat, encode_method, short_string};
 use crate::amqp::handshake::encode_close;
+use crate::broker::remote::{Settlement, Traffic};
 use crate::broker::{ChannelCredit, Dispatch};
 
 impl Connection {
@@ -185,9 +186,9 @@ impl Connection {
                     return Step::Continue;
                 }
                 channel::AMQPMethod::Close(_) => {
-                    let (ctx, channels) = self.ctx();
+                    let (mut ctx, channels) = self.ctx();
                     if let Some(mut ch) = channels.remove(&channel) {
-                        ch.shutdown(&ctx);
+                        ch.shutdown(&mut ctx);
                     }
                     self.registered.info.channel_closed(channel);
                     encode_method(
@@ -317,13 +318,13 @@ impl Connection {
     /// Close one channel with `e`: requeue its deliveries, send channel.close,
     /// and ignore its frames until close-ok.
     pub(super) fn channel_error(&mut self, channel: u16, e: AmqpError) {
-        let (ctx, channels) = self.ctx();
+        let (mut ctx, channels) = self.ctx();
         let Some(ch) = channels.get_mut(&channel) else {
             return;
         };
         // What was confirmed before the error is acknowledged before it.
         ch.flush_acks(ctx.out);
-        ch.shutdown(&ctx);
+        ch.shutdown(&mut ctx);
         ch.closing = true;
         encode_method(
             ctx.out,
@@ -369,19 +370,138 @@ impl Connection {
                     consumer.written();
                 }
             },
-            Dispatch::Cancel { channel, tag } => {
+            Dispatch::Cancel { channel, tag, .. } => {
                 if let Some(ch) = channels.get_mut(&channel) {
                     ch.server_cancel(&mut ctx, &tag, notify);
                 }
             }
+            Dispatch::Remote { link, traffic } => self.remote(link, traffic),
+            Dispatch::LinkLost { node } => {
+                for ch in channels.values_mut() {
+                    ch.node_lost(&mut ctx, &node, notify);
+                }
+                let synced = self.last_synced;
+                self.release_confirms(synced);
+            }
+        }
+    }
+
+    /// Traffic from another node for one of this connection's channels.
+    #[cold]
+    fn remote(&mut self, link: Arc<crate::cluster::link::Link>, traffic: Traffic) {
+        let notify = self.cancel_notify;
+        let (mut ctx, channels) = self.ctx();
+        match traffic {
+            Traffic::Forwarded { origin, seq, ok } => {
+                if let Some(ch) = channels.get_mut(&origin.channel) {
+                    ch.remote_confirmed(seq, ok);
+                }
+                let synced = self.last_synced;
+                self.release_confirms(synced);
+            }
+            Traffic::Deliver {
+                origin,
+                tag,
+                id,
+                redelivered,
+                exchange,
+                routing_key,
+                properties,
+                body,
+            } => {
+                let taken = channels.get_mut(&origin.channel).is_some_and(|ch| {
+                    ch.deliver_remote(
+                        &mut ctx,
+                        &link,
+                        &tag,
+                        id,
+                        redelivered,
+                        &exchange,
+                        &routing_key,
+                        &properties,
+                        &body,
+                    )
+                });
+                if !taken {
+                    link.send_traffic(
+                        Traffic::Settle {
+                            how: Settlement::Requeue,
+                            ids: vec![id],
+                        }
+                        .encode(),
+                    );
+                }
+            }
+            Traffic::Refused {
+                origin,
+                tag,
+                code,
+                text,
+            } => {
+                let refused = channels
+                    .get_mut(&origin.channel)
+                    .map(|ch| ch.remote_refused(&mut ctx, &tag, code, text, notify));
+                if let Some(Err(e)) = refused {
+                    self.channel_error(origin.channel, e);
+                }
+            }
+            Traffic::Forward { .. }
+            | Traffic::Consume { .. }
+            | Traffic::Cancel { .. }
+            | Traffic::Settle { .. } => {}
+        }
+    }
+
+    /// Send the frames this connection's channels have for other nodes,
+    /// dialing a node if need be, and wait while a link is congested (the
+    /// client is not read meanwhile: backpressure reaches the publisher).
+    pub(super) async fn send_to_nodes(&mut self) {
+        let Some(remote) = self.broker.remote().cloned() else {
+            self.to_nodes.clear();
+            return;
+        };
+        let notify = self.cancel_notify;
+        let mut unreached = false;
+        for t in std::mem::take(&mut self.to_nodes) {
+            let link = match remote.node().open_link(&t.node) {
+                Some(l) => Some(l),
+                None => match remote.node().link_to(&t.node).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(node = %t.node, "cannot reach the node of a queue: {e}");
+                        None
+                    }
+                },
+            };
+            let sent = link.as_ref().is_some_and(|l| l.send_traffic(t.frame));
+            if !sent {
+                unreached = true;
+                let channel = match &t.undo {
+                    Undo::Nothing => None,
+                    Undo::Confirm(c, _) | Undo::Consumer(c, _) => Some(*c),
+                };
+                let (mut ctx, channels) = self.ctx();
+                if let Some(ch) = channel.and_then(|c| channels.get_mut(&c)) {
+                    ch.unreached(&mut ctx, &t.undo, notify);
+                }
+            }
+            if let Some(l) = link
+                && l.congested()
+            {
+                l.drained().await;
+            }
+        }
+        if unreached {
+            let synced = self.last_synced;
+            self.release_confirms(synced);
         }
     }
 
     /// The connection is gone: requeue, cancel, drop exclusive queues.
     pub(super) fn cleanup(&mut self) {
-        let (ctx, channels) = self.ctx();
+        let (mut ctx, channels) = self.ctx();
         for (_, mut ch) in channels.drain() {
-            ch.shutdown(&ctx);
+            ch.shutdown(&mut ctx);
         }
         for name in std::mem::take(&mut self.exclusive_queues) {
             let _ = self.broker.delete_queue(&self.vhost, &name, false, false);

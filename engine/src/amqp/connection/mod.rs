@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::AmqpConfig;
-use super::channel::{AmqpError, Channel, Ctx, Proposal};
+use super::channel::{AmqpError, Channel, Ctx, Proposal, ToNode};
 use super::frame::{Frame, decode};
 use super::grant::Grant;
 use super::handshake::{HandshakeError, close_with, handshake};
@@ -117,6 +117,9 @@ pub(crate) async fn run(
         .with_tls(socket_tls(&socket)),
     ));
     let alarm = broker.alarm();
+    if let Some(remote) = broker.remote() {
+        remote.register(id, dispatch_tx.clone());
+    }
     let mut conn = Connection {
         id,
         registered,
@@ -149,6 +152,8 @@ pub(crate) async fn run(
         last_write: Instant::now(),
         proposal: None,
         committing: None,
+        to_nodes: Vec::new(),
+        last_synced: Default::default(),
     };
     let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
         Ok(reason) => reason,
@@ -277,6 +282,11 @@ struct Connection {
     /// Definition changes being committed by the cluster (made on the
     /// first one, so a broker alone never carries it).
     committing: Option<Box<Committing>>,
+    /// Frames for other nodes (a cluster's message traffic), sent after
+    /// the frames in hand are handled.
+    to_nodes: Vec<ToNode>,
+    /// How far the store had synced when last looked at.
+    last_synced: crate::store::Synced,
 }
 
 /// A connection's definition changes in flight through the cluster.
@@ -416,6 +426,9 @@ impl Connection {
                 }
                 return reason;
             }
+            if !self.to_nodes.is_empty() {
+                self.send_to_nodes().await;
+            }
             if let Err(e) = self.write_ready() {
                 return format!("write failed: {e}");
             }
@@ -519,6 +532,7 @@ impl Connection {
     }
 
     fn release_confirms(&mut self, synced: crate::store::Synced) {
+        self.last_synced = synced;
         let mut waiting = false;
         let mut failed = Vec::new();
         for ch in self.channels.values_mut() {
@@ -596,6 +610,7 @@ impl Connection {
                 awaiting_sync: &mut self.awaiting_sync,
                 acks_ready: &mut self.acks_ready,
                 proposal: &mut self.proposal,
+                to_nodes: &mut self.to_nodes,
             },
             &mut self.channels,
         )

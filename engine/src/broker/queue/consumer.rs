@@ -43,10 +43,25 @@ pub enum Dispatch {
     },
     /// The queue is gone: tell the client its consumer was cancelled.
     Cancel {
+        /// The consumer's connection.
+        connection: u64,
         /// Channel.
         channel: u16,
         /// Consumer tag.
         tag: String,
+    },
+    /// Message traffic from another node for this connection: a forwarded
+    /// publish's outcome, a delivery, a consumer refused or cancelled.
+    Remote {
+        /// The link it came on (settles go back on it).
+        link: Arc<crate::cluster::link::Link>,
+        /// What it says.
+        traffic: crate::broker::remote::Traffic,
+    },
+    /// The link to this node closed: what went through it is lost.
+    LinkLost {
+        /// The node.
+        node: String,
     },
 }
 

@@ -614,6 +614,7 @@ impl Queue {
         let consumers = std::mem::take(&mut self.state.lock().consumers);
         for c in consumers {
             let _ = c.sink.send(Dispatch::Cancel {
+                connection: c.connection,
                 channel: c.channel,
                 tag: c.tag.clone(),
             });

@@ -1,0 +1,279 @@
+//! A channel's side of queues on other nodes: publishes forwarded there
+//! (their confirms wait for the node's answer), consumers of those queues
+//! (deliveries come in with the node's ids and get this channel's tags),
+//! and what a lost link to a node means for both.
+
+use super::*;
+use crate::broker::Forward;
+use crate::broker::remote::{Origin, Settlement, Traffic, forward_frame};
+use crate::cluster::link::Link;
+
+impl Channel {
+    /// The node a queue the client names lives on, if it is another one
+    /// (and the user may `access` it).
+    pub(super) fn remote_home(
+        &self,
+        ctx: &Ctx<'_>,
+        name: &ShortString,
+        access: Access,
+    ) -> Result<Option<String>, AmqpError> {
+        if ctx.broker.remote().is_none() {
+            return Ok(None);
+        }
+        let name = self.queue_name(name)?;
+        match ctx.vhost.remote_queue(&name) {
+            Some(r) => {
+                ctx.grant.check(access, "queue", &name)?;
+                Ok(Some(r.node))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// `basic.consume` of a queue on `node`: the consumer is made there.
+    /// consume-ok goes out now; if the node refuses (an exclusive
+    /// consumer holds the queue), the channel is closed with its reason
+    /// when the answer comes.
+    pub(super) fn consume_remote(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        c: &basic::Consume,
+        node: String,
+    ) -> Result<(), AmqpError> {
+        let tag = self.consumer_tag(ctx, c)?;
+        if !c.nowait {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.as_str().into(),
+                })),
+            );
+        }
+        let queue = self.queue_name(&c.queue)?;
+        ctx.to_nodes.push(ToNode {
+            node: node.clone(),
+            frame: Traffic::Consume {
+                origin: self.origin(ctx),
+                tag: tag.clone(),
+                vhost: ctx.vhost.name.clone(),
+                queue,
+                prefetch: self.prefetch,
+                no_ack: c.no_ack,
+                exclusive: c.exclusive,
+            }
+            .encode(),
+            undo: Undo::Consumer(self.id, tag.clone()),
+        });
+        self.remote_consumers.insert(
+            tag,
+            RemoteConsumer {
+                node,
+                no_ack: c.no_ack,
+            },
+        );
+        Ok(())
+    }
+
+    fn origin(&self, ctx: &Ctx<'_>) -> Origin {
+        Origin {
+            conn: ctx.connection,
+            channel: self.id,
+        }
+    }
+
+    /// Cancel a consumer of a queue on another node (the client asked, or
+    /// the channel is closing). Its unacked deliveries stay settleable.
+    pub(super) fn cancel_remote(&mut self, ctx: &mut Ctx<'_>, tag: &str) -> bool {
+        let Some(rc) = self.remote_consumers.remove(tag) else {
+            return false;
+        };
+        ctx.to_nodes.push(ToNode {
+            node: rc.node,
+            frame: Traffic::Cancel {
+                origin: self.origin(ctx),
+                tag: tag.to_owned(),
+            }
+            .encode(),
+            undo: Undo::Nothing,
+        });
+        true
+    }
+
+    /// Send the copies a publish routed to other nodes; with `seq` (a
+    /// confirm tag) its confirm waits for every node's answer.
+    pub(super) fn forward(&mut self, ctx: &mut Ctx<'_>, forwards: Vec<Forward>, seq: u64) {
+        let origin = self.origin(ctx);
+        let mut nodes = Vec::new();
+        for f in &forwards {
+            ctx.to_nodes.push(ToNode {
+                node: f.node.clone(),
+                frame: forward_frame(ctx.vhost, origin, seq, f),
+                undo: if seq == 0 {
+                    Undo::Nothing
+                } else {
+                    Undo::Confirm(self.id, seq)
+                },
+            });
+            nodes.push(f.node.clone());
+        }
+        if seq != 0 {
+            self.forwarded.insert(
+                seq,
+                Forwarded {
+                    outstanding: nodes.len() as u32,
+                    ok: true,
+                    nodes,
+                },
+            );
+        }
+    }
+
+    /// A node answered for a forwarded publish.
+    pub(crate) fn remote_confirmed(&mut self, seq: u64, ok: bool) {
+        if let Some(w) = self.forwarded.get_mut(&seq) {
+            w.outstanding = w.outstanding.saturating_sub(1);
+            w.ok &= ok;
+        }
+    }
+
+    /// Whether a confirm tag still waits for another node, and if not,
+    /// whether every node took its copy.
+    pub(super) fn forwarded_outcome(&mut self, tag: u64) -> Option<bool> {
+        match self.forwarded.get(&tag) {
+            None => Some(true),
+            Some(w) if w.outstanding > 0 => None,
+            Some(w) => {
+                let ok = w.ok;
+                self.forwarded.remove(&tag);
+                Some(ok)
+            }
+        }
+    }
+
+    /// A delivery from a queue on another node. Returns false if no
+    /// consumer of this channel takes it (it goes back to its queue).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn deliver_remote(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        link: &Arc<Link>,
+        tag: &str,
+        id: u64,
+        redelivered: bool,
+        exchange: &str,
+        routing_key: &str,
+        properties: &Bytes,
+        body: &Bytes,
+    ) -> bool {
+        let Some(no_ack) = self.remote_consumers.get(tag).map(|c| c.no_ack) else {
+            return false;
+        };
+        if self.closing {
+            return false;
+        }
+        self.next_tag += 1;
+        let delivery_tag = self.next_tag;
+        encode_deliver(
+            ctx.out,
+            self.id,
+            tag,
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+        );
+        encode_content(ctx.out, self.id, properties, body, ctx.frame_max);
+        if !no_ack {
+            self.unacked.push_back((
+                delivery_tag,
+                Unacked::Remote {
+                    link: link.clone(),
+                    id,
+                },
+            ));
+        }
+        true
+    }
+
+    /// The node cancelled a consumer (its queue was deleted), or refused
+    /// it (`code` is then the reason).
+    pub(crate) fn remote_refused(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        tag: &str,
+        code: u16,
+        text: String,
+        notify: bool,
+    ) -> Result<(), AmqpError> {
+        if self.remote_consumers.remove(tag).is_none() {
+            return Ok(());
+        }
+        if code != 0 {
+            return Err(AmqpError::new(code, text));
+        }
+        if notify {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag.into(),
+                    nowait: true,
+                })),
+            );
+        }
+        Ok(())
+    }
+
+    /// The link to `node` closed: its queues requeued what this channel
+    /// had unacked from them and dropped its consumers there; confirms
+    /// waiting for it are nacks.
+    pub(crate) fn node_lost(&mut self, ctx: &mut Ctx<'_>, node: &str, notify: bool) {
+        for w in self.forwarded.values_mut() {
+            if w.outstanding > 0 && w.nodes.iter().any(|n| n == node) {
+                w.outstanding = 0;
+                w.ok = false;
+            }
+        }
+        let lost: Vec<String> = self
+            .remote_consumers
+            .iter()
+            .filter(|(_, c)| c.node == node)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for tag in lost {
+            let _ = self.remote_refused(ctx, &tag, 0, String::new(), notify);
+        }
+    }
+
+    /// The frame that never reached its node: undo what it promised.
+    pub(crate) fn unreached(&mut self, ctx: &mut Ctx<'_>, undo: &Undo, notify: bool) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Confirm(_, seq) => self.remote_confirmed(*seq, false),
+            Undo::Consumer(_, tag) => {
+                let _ = self.remote_refused(ctx, tag, 0, String::new(), notify);
+            }
+        }
+    }
+}
+
+/// Settle deliveries from other nodes: one frame per link.
+pub(super) fn settle_remote(remote: Vec<(Arc<Link>, u64)>, requeue: Option<bool>) {
+    if remote.is_empty() {
+        return;
+    }
+    let how = match requeue {
+        None => Settlement::Ack,
+        Some(true) => Settlement::Requeue,
+        Some(false) => Settlement::Reject,
+    };
+    let mut by_link: Vec<(Arc<Link>, Vec<u64>)> = Vec::new();
+    for (link, id) in remote {
+        match by_link.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &link)) {
+            Some((_, ids)) => ids.push(id),
+            None => by_link.push((link, vec![id])),
+        }
+    }
+    for (link, ids) in by_link {
+        link.send_traffic(Traffic::Settle { how, ids }.encode());
+    }
+}

@@ -1,0 +1,428 @@
+//! The queue's node: one session per link, serving the peer's forwarded
+//! publishes and its clients' consumers of queues that live here.
+//!
+//! The session is a task, so a link's frames are handled in the order
+//! they came, and its state (consumers, what is out for delivery, confirms
+//! waiting for the disk) needs no lock. It ends when the link closes: its
+//! consumers are removed and what they had not settled goes back to its
+//! queues, in order, marked redelivered, exactly as when a local client's
+//! connection drops.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{mpsc, watch};
+
+use super::wire::{Origin, Settlement, Traffic};
+use crate::broker::queue::ConsumeError;
+use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue};
+use crate::cluster::link::Link;
+use crate::message::{Message, decode_properties};
+use crate::store::Synced;
+
+/// Consumers made for other nodes get connection ids from the top of the
+/// range, which local connections never reach.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 62);
+
+struct RemoteConsumer {
+    origin: Origin,
+    vhost: String,
+    queue: Arc<Queue>,
+    consumer: Arc<Consumer>,
+}
+
+pub(super) struct Session {
+    broker: Weak<Broker>,
+    link: Arc<Link>,
+    /// By the connection id each was given here.
+    consumers: HashMap<u64, RemoteConsumer>,
+    by_origin: HashMap<(Origin, String), u64>,
+    dispatch_tx: mpsc::UnboundedSender<Dispatch>,
+    /// Out for delivery, by the id the peer settles with.
+    unacked: BTreeMap<u64, (Arc<Queue>, Arc<Consumer>, Entry)>,
+    next_id: u64,
+    /// Forwarded publishes waiting for the store's sync: (origin, confirm
+    /// tag, store ticket, every queue took it).
+    confirms: VecDeque<(Origin, u64, u64, bool)>,
+    synced: Option<watch::Receiver<Synced>>,
+}
+
+impl Session {
+    /// Start the session for `link`; its frames go to the returned sender.
+    pub(super) fn spawn(broker: Weak<Broker>, link: Arc<Link>) -> mpsc::UnboundedSender<Traffic> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let synced = broker.upgrade().and_then(|b| b.store().map(|s| s.synced()));
+        let session = Session {
+            broker,
+            link,
+            consumers: HashMap::new(),
+            by_origin: HashMap::new(),
+            dispatch_tx,
+            unacked: BTreeMap::new(),
+            next_id: 1,
+            confirms: VecDeque::new(),
+            synced,
+        };
+        tokio::spawn(session.run(rx, dispatch_rx));
+        tx
+    }
+
+    async fn run(
+        mut self,
+        mut frames: mpsc::UnboundedReceiver<Traffic>,
+        mut dispatch: mpsc::UnboundedReceiver<Dispatch>,
+    ) {
+        loop {
+            let waiting = !self.confirms.is_empty() && self.synced.is_some();
+            tokio::select! {
+                f = frames.recv() => match f {
+                    Some(t) => self.frame(t),
+                    None => break,
+                },
+                Some(d) = dispatch.recv() => {
+                    if self.link.congested() {
+                        self.link.drained().await;
+                    }
+                    self.dispatch(d);
+                }
+                r = async { self.synced.as_mut().expect("guarded").changed().await }, if waiting => {
+                    if r.is_err() {
+                        self.synced = None;
+                    }
+                }
+            }
+            self.release_confirms();
+        }
+        self.end();
+    }
+
+    fn frame(&mut self, t: Traffic) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        match t {
+            Traffic::Forward {
+                origin,
+                seq,
+                vhost,
+                queues,
+                exchange,
+                routing_key,
+                properties,
+                body,
+            } => {
+                let (ok, ticket) = forward(
+                    &broker,
+                    &vhost,
+                    &queues,
+                    exchange,
+                    routing_key,
+                    properties,
+                    body,
+                );
+                if seq != 0 {
+                    self.confirms.push_back((origin, seq, ticket, ok));
+                }
+            }
+            Traffic::Consume {
+                origin,
+                tag,
+                vhost,
+                queue,
+                prefetch,
+                no_ack,
+                exclusive,
+            } => {
+                if let Err((code, text)) = self.consume(
+                    &broker, origin, &tag, &vhost, &queue, prefetch, no_ack, exclusive,
+                ) {
+                    self.link.send_traffic(
+                        Traffic::Refused {
+                            origin,
+                            tag,
+                            code,
+                            text,
+                        }
+                        .encode(),
+                    );
+                }
+            }
+            Traffic::Cancel { origin, tag } => {
+                if let Some(id) = self.by_origin.remove(&(origin, tag))
+                    && let Some(c) = self.consumers.remove(&id)
+                {
+                    self.remove(&broker, c);
+                }
+            }
+            Traffic::Settle { how, ids } => self.settle(how, &ids),
+            // Answers go to connections, never to a session.
+            Traffic::Forwarded { .. } | Traffic::Refused { .. } | Traffic::Deliver { .. } => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn consume(
+        &mut self,
+        broker: &Broker,
+        origin: Origin,
+        tag: &str,
+        vhost: &str,
+        queue: &str,
+        prefetch: u32,
+        no_ack: bool,
+        exclusive: bool,
+    ) -> Result<(), (u16, String)> {
+        let v = broker
+            .vhost(vhost)
+            .ok_or_else(|| (404, format!("NOT_FOUND - no vhost '{vhost}'")))?;
+        let q = v
+            .queue(queue)
+            .map_err(|e| (e.reply_code(), e.to_string()))?;
+        if q.owner.is_some() {
+            return Err((
+                405,
+                format!(
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
+                ),
+            ));
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let consumer = Arc::new(Consumer {
+            tag: tag.to_owned(),
+            channel: origin.channel,
+            connection: id,
+            no_ack,
+            exclusive,
+            prefetch,
+            unacked: Default::default(),
+            in_flight: Default::default(),
+            channel_credit: Arc::new(ChannelCredit::default()),
+            sink: self.dispatch_tx.clone(),
+        });
+        if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
+            return Err((
+                403,
+                format!("ACCESS_REFUSED - queue '{queue}' in vhost '{vhost}' in exclusive use"),
+            ));
+        }
+        self.by_origin.insert((origin, tag.to_owned()), id);
+        self.consumers.insert(
+            id,
+            RemoteConsumer {
+                origin,
+                vhost: vhost.to_owned(),
+                queue: q,
+                consumer,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&self, broker: &Broker, c: RemoteConsumer) {
+        let now_unused =
+            c.queue
+                .remove_consumer(c.consumer.connection, c.consumer.channel, &c.consumer.tag);
+        if now_unused
+            && c.queue.auto_delete
+            && let Some(v) = broker.vhost(&c.vhost)
+        {
+            broker.delete_unused_queue(&v, &c.queue.name);
+        }
+    }
+
+    fn dispatch(&mut self, d: Dispatch) {
+        match d {
+            Dispatch::Deliver {
+                queue,
+                consumer,
+                entry,
+            } => {
+                let ours = self
+                    .consumers
+                    .get(&consumer.connection)
+                    .filter(|c| Arc::ptr_eq(&c.consumer, &consumer));
+                let message = ours.and_then(|_| match queue.message(&entry) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
+                        None
+                    }
+                });
+                let (Some(c), Some(m)) = (ours, message) else {
+                    consumer.settled();
+                    queue.put_back(std::iter::once(entry));
+                    if consumer.written() {
+                        queue.dispatch();
+                    }
+                    return;
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                let sent = self.link.send_traffic(
+                    Traffic::Deliver {
+                        origin: c.origin,
+                        tag: consumer.tag.clone(),
+                        id,
+                        redelivered: entry.redelivered,
+                        exchange: m.exchange.clone(),
+                        routing_key: m.routing_key.clone(),
+                        properties: m.encoded_properties().clone(),
+                        body: m.body.clone(),
+                    }
+                    .encode(),
+                );
+                if !sent {
+                    consumer.settled();
+                    queue.put_back(std::iter::once(entry));
+                } else {
+                    if entry.redelivered {
+                        queue.redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if consumer.no_ack {
+                        queue.forget([&entry]);
+                    } else {
+                        self.unacked
+                            .insert(id, (queue.clone(), consumer.clone(), entry));
+                    }
+                }
+                if consumer.written() {
+                    queue.dispatch();
+                }
+            }
+            Dispatch::Cancel { connection, .. } => {
+                if let Some(c) = self.consumers.remove(&connection) {
+                    self.by_origin.remove(&(c.origin, c.consumer.tag.clone()));
+                    self.link.send_traffic(
+                        Traffic::Refused {
+                            origin: c.origin,
+                            tag: c.consumer.tag.clone(),
+                            code: 0,
+                            text: String::new(),
+                        }
+                        .encode(),
+                    );
+                }
+            }
+            Dispatch::Remote { .. } | Dispatch::LinkLost { .. } => {}
+        }
+    }
+
+    fn settle(&mut self, how: Settlement, ids: &[u64]) {
+        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        for id in ids {
+            let Some((queue, consumer, entry)) = self.unacked.remove(id) else {
+                continue;
+            };
+            consumer.settled();
+            if how == Settlement::Ack {
+                queue.acked.fetch_add(1, Ordering::Relaxed);
+                if entry.stored.is_none() {
+                    if !by_queue.iter().any(|(q, _)| Arc::ptr_eq(q, &queue)) {
+                        by_queue.push((queue, Vec::new()));
+                    }
+                    continue;
+                }
+            }
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
+                Some((_, entries)) => entries.push(entry),
+                None => by_queue.push((queue, vec![entry])),
+            }
+        }
+        for (q, entries) in by_queue {
+            match how {
+                Settlement::Ack => q.forget(&entries),
+                Settlement::Requeue => q.requeue(entries.into_iter()),
+                Settlement::Reject => q.reject(entries),
+            }
+            q.dispatch();
+        }
+    }
+
+    fn release_confirms(&mut self) {
+        let synced = self.synced.as_mut().map(|s| *s.borrow_and_update());
+        while let Some(&(origin, seq, ticket, ok)) = self.confirms.front() {
+            let on_disk = match (ticket, synced) {
+                (0, _) => true,
+                (_, Some(s)) => match s.outcome(ticket) {
+                    Some(on_disk) => on_disk,
+                    None => break,
+                },
+                // The store stopped: it will not sync.
+                (_, None) => false,
+            };
+            self.confirms.pop_front();
+            self.link.send_traffic(
+                Traffic::Forwarded {
+                    origin,
+                    seq,
+                    ok: ok && on_disk,
+                }
+                .encode(),
+            );
+        }
+    }
+
+    /// The link closed: remove its consumers and requeue what they had out.
+    fn end(mut self) {
+        if let Some(broker) = self.broker.upgrade() {
+            for (_, c) in std::mem::take(&mut self.consumers) {
+                self.remove(&broker, c);
+            }
+        }
+        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        for (_, (queue, consumer, entry)) in std::mem::take(&mut self.unacked) {
+            consumer.settled();
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
+                Some((_, entries)) => entries.push(entry),
+                None => by_queue.push((queue, vec![entry])),
+            }
+        }
+        for (q, entries) in by_queue {
+            q.requeue(entries.into_iter());
+            q.dispatch();
+        }
+    }
+}
+
+/// Enqueue a forwarded message. Returns whether every queue took it, and
+/// the store ticket its confirm waits for.
+fn forward(
+    broker: &Broker,
+    vhost: &str,
+    queues: &[String],
+    exchange: String,
+    routing_key: String,
+    properties: bytes::Bytes,
+    body: bytes::Bytes,
+) -> (bool, u64) {
+    let Some(v) = broker.vhost(vhost) else {
+        return (false, 0);
+    };
+    let props = match decode_properties(&properties) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("a forwarded message's properties do not decode; refused: {e}");
+            return (false, 0);
+        }
+    };
+    let message = Arc::new(
+        Message::new(exchange, routing_key, props, body).with_encoded_properties(properties),
+    );
+    let (mut ok, mut ticket) = (true, 0);
+    for name in queues {
+        match v.queue(name) {
+            Ok(q) => {
+                let pushed = q.push(message.clone());
+                ok &= pushed.accepted;
+                ticket = ticket.max(pushed.ticket);
+            }
+            Err(e) => {
+                tracing::debug!("forwarded message for queue '{name}' not taken: {e}");
+                ok = false;
+            }
+        }
+    }
+    (ok, ticket)
+}
