@@ -282,14 +282,20 @@ async fn formed(nodes: &[&Node]) {
     .await;
 }
 
+/// a, then b and c joining through it, formed.
+async fn three_nodes(root: &Path) -> (Node, Node, Node) {
+    let a = Node::start(root, "a", &[]).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start(root, "b", &seeds).await;
+    let c = Node::start(root, "c", &seeds).await;
+    formed(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_agrees_on_definitions_through_failures() {
     let root = tempfile::tempdir().unwrap();
-    let a = Node::start(root.path(), "a", &[]).await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start(root.path(), "b", &seeds).await;
-    let mut c = Node::start(root.path(), "c", &seeds).await;
-    formed(&[&a, &b, &c]).await;
+    let (a, b, mut c) = three_nodes(root.path()).await;
     let t = Duration::from_secs(15);
 
     // Declared on b: it lives on b and every node knows it.
@@ -715,11 +721,7 @@ async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
     let root = tempfile::tempdir().unwrap();
-    let a = Node::start(root.path(), "a", &[]).await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start(root.path(), "b", &seeds).await;
-    let mut c = Node::start(root.path(), "c", &seeds).await;
-    formed(&[&a, &b, &c]).await;
+    let (a, b, mut c) = three_nodes(root.path()).await;
     let t = Duration::from_secs(20);
 
     let conn_b = b.connect().await;
@@ -809,6 +811,14 @@ async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
         "every message once, in order"
     );
 
+    // The acks reached b: only the LEFT deliveries are out.
+    eventually("b has the acks from c", t, || {
+        b.api().get("/api/queues/%2F/work").is_ok_and(|q| {
+            q["messages"].as_u64() == Some(u64::from(LEFT))
+                && q["messages_unacknowledged"].as_u64() == Some(u64::from(LEFT))
+        })
+    })
+    .await;
     // c dies with LEFT deliveries unacked: b requeues them, and a consumer
     // on a gets each again, marked redelivered.
     c.kill().await;
