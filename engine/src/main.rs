@@ -106,6 +106,16 @@ enum ClusterCommand {
         /// Node name.
         node: String,
     },
+    /// Serve a version of a plugin the cluster keeps on every node
+    /// (rollback); `wasmq plugins` lists the kept versions.
+    ActivatePlugin {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Plugin name.
+        name: String,
+        /// The version's content hash.
+        hash: String,
+    },
 }
 
 /// Where the admin API is and who asks.
@@ -322,6 +332,23 @@ fn main() -> anyhow::Result<()> {
                 if let Some(r) = p.rejection {
                     println!("    rejected: {r}");
                 }
+                for v in &p.cluster {
+                    let mut line = format!(
+                        "    cluster version {} from {}{}: ready on {}",
+                        &v.hash[..v.hash.len().min(12)],
+                        v.from,
+                        if v.active { " (active)" } else { "" },
+                        if v.ready.is_empty() {
+                            "none yet".to_owned()
+                        } else {
+                            v.ready.join(", ")
+                        }
+                    );
+                    for (node, why) in &v.refused {
+                        line.push_str(&format!("; refused by {node}: {why}"));
+                    }
+                    println!("{line}");
+                }
             }
             Ok(())
         }
@@ -462,6 +489,17 @@ fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 &serde_json::json!({}),
             )?;
             println!("{node} removed from the cluster");
+        }
+        ClusterCommand::ActivatePlugin { admin, name, hash } => {
+            admin.client()?.post(
+                &format!(
+                    "/api/cluster/plugins/{}/activate/{}",
+                    segment(&name),
+                    segment(&hash)
+                ),
+                &serde_json::json!({}),
+            )?;
+            println!("plugin {name} version {hash} activated on every node");
         }
     }
     Ok(())

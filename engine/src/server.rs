@@ -162,8 +162,14 @@ impl Server {
         let broker = Broker::new(host, config.plugin_dir.clone())?;
         broker.set_queue_flow_bytes(config.amqp.queue_flow_bytes);
         broker.set_override_builtins(config.plugins.override_builtins);
-        let loaded = broker.load_plugin_dir();
-        tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
+        if config.cluster.is_none() {
+            let loaded = broker.load_plugin_dir();
+            tracing::info!(dir = %config.plugin_dir.display(), loaded, "plugin folder loaded");
+        } else {
+            // In a cluster the versions that serve are the cluster's: the
+            // folder's files are offered to it once this node has joined.
+            tracing::info!(dir = %config.plugin_dir.display(), "plugin folder will be offered to the cluster");
+        }
         for user in &config.users {
             for v in user.all_vhosts() {
                 broker.add_vhost(v)?;
@@ -191,6 +197,7 @@ impl Server {
             node.set_traffic(remote.clone());
             broker.set_remote(remote);
             broker.set_cluster(node);
+            tokio::spawn(broker.clone().offer_plugin_dir());
         }
         let watcher = if config.plugins.watch {
             Some(broker.watch_plugins()?)

@@ -145,12 +145,14 @@ fn write_config(
     listen: &str,
     advertise: Option<&str>,
     peers: &[String],
+    extra: &str,
 ) -> PathBuf {
     let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
     let advertise = advertise.map_or(String::new(), |a| format!("advertise = \"{a}\"\n"));
     let text = format!(
         r#"data_dir = "{data}"
 plugin_dir = "{plugins}"
+{extra}
 
 [cluster]
 name = "{name}"
@@ -172,20 +174,22 @@ commit_timeout_ms = 3000
 
 impl Node {
     async fn start(root: &Path, name: &str, peers: &[String]) -> Node {
-        Self::start_behind(root, name, peers, None).await
+        Self::start_behind(root, name, peers, None, "").await
     }
 
     /// Start a node; with a proxy, the others reach it through the proxy.
+    /// `extra` is TOML for the top of its configuration.
     async fn start_behind(
         root: &Path,
         name: &str,
         peers: &[String],
         proxy: Option<&Arc<Proxy>>,
+        extra: &str,
     ) -> Node {
         let dir = root.join(name);
         std::fs::create_dir_all(dir.join("plugins")).unwrap();
         let advertise = proxy.map(|p| p.addr.as_str());
-        let config = write_config(&dir, name, "127.0.0.1:0", advertise, peers);
+        let config = write_config(&dir, name, "127.0.0.1:0", advertise, peers, extra);
         let mut broker = Broker::spawn_config(&config);
         let (amqp, admin) = broker.ready().await;
         let bound = broker.cluster_addr.clone().expect("cluster address logged");
@@ -193,7 +197,7 @@ impl Node {
             *p.target.lock().unwrap() = Some(bound.clone());
         }
         // A restart keeps the node-to-node address the others know.
-        write_config(&dir, name, &bound, advertise, peers);
+        write_config(&dir, name, &bound, advertise, peers, extra);
         let cluster = advertise.map_or(bound, str::to_owned);
         Node {
             name: name.to_owned(),
@@ -571,7 +575,14 @@ async fn a_node_without_the_secret_cannot_join() {
     formed(&[&a]).await;
     let dir = root.path().join("intruder");
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
-    let config = write_config(&dir, "intruder", "127.0.0.1:0", None, &[a.cluster.clone()]);
+    let config = write_config(
+        &dir,
+        "intruder",
+        "127.0.0.1:0",
+        None,
+        &[a.cluster.clone()],
+        "",
+    );
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(SECRET, "not the secret, but long enough");
@@ -607,10 +618,10 @@ async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
         Proxy::start("b", cuts.clone()).await,
         Proxy::start("c", cuts.clone()).await,
     );
-    let a = Node::start_behind(root.path(), "a", &[], Some(&pa)).await;
+    let a = Node::start_behind(root.path(), "a", &[], Some(&pa), "").await;
     let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root.path(), "b", &seeds, Some(&pb)).await;
-    let c = Node::start_behind(root.path(), "c", &seeds, Some(&pc)).await;
+    let b = Node::start_behind(root.path(), "b", &seeds, Some(&pb), "").await;
+    let c = Node::start_behind(root.path(), "c", &seeds, Some(&pc), "").await;
     formed(&[&a, &b, &c]).await;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -857,4 +868,151 @@ async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
     })
     .await;
     drop((conn_a, conn_b));
+}
+
+/// A plugin file dropped into one node's folder serves on all three; one
+/// that a node refuses (c does not allow replacing a built-in, a and b
+/// do) activates nowhere, and every node says who refused it and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_roll_out_to_every_node_or_to_none() {
+    let root = tempfile::tempdir().unwrap();
+    let allow = "[plugins]\noverride_builtins = true\n";
+    let a = Node::start_behind(root.path(), "a", &[], None, allow).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start_behind(root.path(), "b", &seeds, None, allow).await;
+    let c = Node::start_behind(root.path(), "c", &seeds, None, "").await;
+    formed(&[&a, &b, &c]).await;
+    let t = Duration::from_secs(30);
+    let direct = wasmq::builtins::BUILTINS
+        .iter()
+        .find(|(n, _)| *n == "direct")
+        .unwrap()
+        .1;
+    let plugin = |n: &Node, name: &str| -> Option<serde_json::Value> {
+        n.api().get(&format!("/api/plugins/{name}")).ok()
+    };
+
+    // The direct router's module as a new exchange type, dropped into a's
+    // folder only.
+    std::fs::write(a.dir.join("plugins").join("routed.wasm"), direct).unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("'routed' serves on {}", n.name), t, || {
+            plugin(n, "routed").is_some_and(|p| {
+                p["state"] == "serving"
+                    && p["cluster"][0]["active"] == true
+                    && p["cluster"][0]["ready"].as_array().map(Vec::len) == Some(3)
+            })
+        })
+        .await;
+    }
+    // Declared through b, consumed on c, published on a: it routes by key.
+    let conn_b = b.connect().await;
+    let ch_b = conn_b.create_channel().await.unwrap();
+    ch_b.exchange_declare(
+        "by-key".into(),
+        ExchangeKind::Custom("routed".into()),
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch_b.queue_declare(
+        "keyed".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch_b.queue_bind(
+        "keyed".into(),
+        "by-key".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    eventually("c knows the queue", t, || {
+        c.queue_node("keyed").as_deref() == Some("b")
+    })
+    .await;
+    let mut on_c = ch_c
+        .basic_consume(
+            "keyed".into(),
+            "k".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    eventually("a knows the binding", t, || a.queue_node("keyed").is_some()).await;
+    for key in ["other", "k"] {
+        ch_a.basic_publish(
+            "by-key".into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            key.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let d = tokio::time::timeout(t, on_c.next())
+        .await
+        .expect("a delivery routed by the plugin")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"k", "only the bound key is routed");
+
+    // A replacement of the built-in `topic` that c refuses.
+    let topic_before: Vec<_> = [&a, &b, &c]
+        .iter()
+        .map(|n| plugin(n, "topic").unwrap()["hash"].clone())
+        .collect();
+    std::fs::write(a.dir.join("plugins").join("topic.wasm"), direct).unwrap();
+    for n in [&a, &b, &c] {
+        eventually(
+            &format!("{} knows c refused the new topic", n.name),
+            t,
+            || {
+                plugin(n, "topic").is_some_and(|p| {
+                    p["cluster"]
+                        .as_array()
+                        .is_some_and(|vs| vs.iter().any(|v| v["refused"]["c"].is_string()))
+                })
+            },
+        )
+        .await;
+    }
+    // Give a straggling activation every chance, then: served nowhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (n, before) in [&a, &b, &c].iter().zip(&topic_before) {
+        let p = plugin(n, "topic").unwrap();
+        assert_eq!(&p["hash"], before, "topic unchanged on {}", n.name);
+        assert_eq!(p["cluster"][0]["active"], false, "{p}");
+    }
+    // An operator cannot activate the refused version either.
+    let refused = plugin(&a, "topic").unwrap()["cluster"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let err = a
+        .api()
+        .post(
+            &format!("/api/cluster/plugins/topic/activate/{refused}"),
+            &serde_json::json!({}),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("refused"), "{err}");
+    drop((conn_a, conn_b, conn_c));
+    for mut n in [a, b, c] {
+        n.kill().await;
+    }
 }

@@ -18,6 +18,11 @@
 //! an exchange instead, to that many server-named queues, each consumed on
 //! its own connection, with `wasmq-perf`'s binding and routing keys.
 //!
+//! `--publish-addr` publishes through another node of a cluster than the
+//! one consumed from: the queues are then shared (not exclusive) and live
+//! on the consumer's node, so every message crosses from one node to the
+//! other, which is what a cluster adds to a message's path.
+//!
 //! `--tls-ca CA.pem` speaks AMQPS instead (point `--addr` at the TLS
 //! port), to measure what TLS costs.
 //!
@@ -79,6 +84,10 @@ struct Args {
     /// certificates in this PEM file; `--addr` names the AMQPS port.
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
+    /// Publish through this address (another node of a cluster) instead
+    /// of `--addr`, where the queues are declared and consumed.
+    #[arg(long)]
+    publish_addr: Option<String>,
     /// Seconds to wait after the run for deliveries still on their way (a
     /// paced run ends as soon as all are in).
     #[arg(long, default_value_t = 0.5)]
@@ -127,14 +136,18 @@ struct Conn {
 
 impl Conn {
     async fn open(args: &Args) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(&args.addr)
+        Self::open_at(args, &args.addr).await
+    }
+
+    async fn open_at(args: &Args, addr: &str) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
             .await
-            .with_context(|| format!("connecting to {}", args.addr))?;
+            .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         let stream = match &args.tls_ca {
             None => Stream::Left(stream),
             Some(ca) => {
-                let host = args.addr.rsplit_once(':').map_or(&*args.addr, |(h, _)| h);
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
                 let name = rustls_pki_types::ServerName::try_from(host.to_owned())?;
                 Stream::Right(tls_connector(ca)?.connect(name, stream).await?)
             }
@@ -346,7 +359,9 @@ async fn consumer(args: &Args, q: usize) -> anyhow::Result<Conn> {
             queue: "".into(),
             passive: false,
             durable: false,
-            exclusive: true,
+            // Shared when published to from another node: exclusive
+            // queues stay on their connection's node.
+            exclusive: args.publish_addr.is_none(),
             auto_delete: true,
             nowait: false,
             arguments: FieldTable::default(),
@@ -540,7 +555,15 @@ async fn main() -> anyhow::Result<()> {
         1
     };
 
-    let publisher = Conn::open(&args).await?;
+    let publisher = match &args.publish_addr {
+        Some(addr) => {
+            // The queues' declarations reach the other node within a
+            // heartbeat or two of their declare-ok.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Conn::open_at(&args, addr).await?
+        }
+        None => Conn::open(&args).await?,
+    };
     let start = Instant::now();
     let duration = Duration::from_secs(args.duration);
     let stop = Arc::new(AtomicBool::new(false));

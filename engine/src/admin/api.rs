@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::model::{
-    ExchangeMessageStats, ExchangePlugins, ExchangeView, GotMessage, GotProperties, LatencyView,
-    PluginView, PublishResult, QueueMessageStats, QueueView,
+    ClusterPluginVersion, ExchangeMessageStats, ExchangePlugins, ExchangeView, GotMessage,
+    GotProperties, LatencyView, PluginView, PublishResult, QueueMessageStats, QueueView,
 };
 use super::{AdminState, ApiError, Viewer};
 use crate::broker::{Exchange, Queue, VHost};
@@ -899,32 +899,76 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
             .unwrap_or_default(),
         size: version.as_ref().map_or(0, |v| v.size),
         self_tests: version.as_ref().map_or(0, |v| v.self_tests),
+        cluster: Vec::new(),
     }
 }
 
+/// The cluster's versions of each plugin, by name (empty alone).
+fn cluster_plugins(
+    s: &AdminState,
+) -> std::collections::BTreeMap<String, Vec<ClusterPluginVersion>> {
+    let Some(node) = s.broker.cluster() else {
+        return Default::default();
+    };
+    node.catalog()
+        .plugins
+        .into_iter()
+        .map(|(name, r)| {
+            let versions = r
+                .versions
+                .into_iter()
+                .map(|v| ClusterPluginVersion {
+                    active: r.active.as_deref() == Some(v.hash.as_str()),
+                    hash: v.hash,
+                    from: v.from,
+                    ready: v.ready.into_iter().collect(),
+                    refused: v.refused,
+                })
+                .collect();
+            (name, versions)
+        })
+        .collect()
+}
+
+fn plugin_views(s: &AdminState) -> Vec<PluginView> {
+    let mut cluster = cluster_plugins(s);
+    let mut views: Vec<PluginView> = s
+        .broker
+        .plugins()
+        .list()
+        .into_iter()
+        .map(|p| {
+            let mut v = plugin_view(s, p);
+            v.cluster = cluster.remove(&v.name).unwrap_or_default();
+            v
+        })
+        .collect();
+    // Versions the cluster has staged (or refused) that serve nowhere yet.
+    for (name, versions) in cluster {
+        views.push(PluginView {
+            name,
+            state: "staged".into(),
+            cluster: versions,
+            ..Default::default()
+        });
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    views
+}
+
 async fn plugins(State(s): State<AdminState>) -> Json<Vec<PluginView>> {
-    Json(
-        s.broker
-            .plugins()
-            .list()
-            .into_iter()
-            .map(|p| plugin_view(&s, p))
-            .collect(),
-    )
+    Json(plugin_views(&s))
 }
 
 async fn plugin(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<PluginView>> {
-    let p = s
-        .broker
-        .plugins()
-        .list()
+    let p = plugin_views(&s)
         .into_iter()
         .find(|p| p.name == name)
         .ok_or_else(|| ApiError::not_found(format!("plugin '{name}'")))?;
-    Ok(Json(plugin_view(&s, p)))
+    Ok(Json(p))
 }
 
 /// Validate an uploaded plugin, then write it into the plugin folder with

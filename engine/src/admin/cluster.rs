@@ -41,6 +41,10 @@ pub(super) fn routes() -> Router<AdminState> {
         .route("/api/nodes", get(nodes))
         .route("/api/cluster/join", post(join))
         .route("/api/cluster/leave/{name}", post(leave))
+        .route(
+            "/api/cluster/plugins/{name}/activate/{hash}",
+            post(activate_plugin),
+        )
 }
 
 fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiError> {
@@ -117,6 +121,29 @@ async fn join(
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Serve a kept version of a plugin on every node (rollback): committed
+/// like any change; refused if a node refused that version.
+async fn activate_plugin(
+    State(s): State<AdminState>,
+    Path((name, hash)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let applied = node(&s)?
+        .propose(crate::cluster::Command::ActivatePlugin { name, hash })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    match applied {
+        crate::cluster::Applied::Refused { code, text } => Err(ApiError::new(
+            if code == 404 {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::CONFLICT
+            },
+            text,
+        )),
+        _ => Ok(StatusCode::NO_CONTENT),
+    }
 }
 
 async fn leave(

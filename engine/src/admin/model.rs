@@ -111,7 +111,7 @@ pub struct QueueMessageStats {
 }
 
 /// One plugin (`GET /api/plugins`): its state and serving version.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PluginView {
     /// Plugin name.
     pub name: String,
@@ -148,6 +148,25 @@ pub struct PluginView {
     /// Self-test vectors the serving version passed at load.
     #[serde(default)]
     pub self_tests: usize,
+    /// In a cluster: the versions the cluster keeps, and each node's
+    /// verdict on them.
+    #[serde(default)]
+    pub cluster: Vec<ClusterPluginVersion>,
+}
+
+/// One version of a plugin as the cluster keeps it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterPluginVersion {
+    /// Content hash.
+    pub hash: String,
+    /// Every node serves it.
+    pub active: bool,
+    /// The node whose folder it came from.
+    pub from: String,
+    /// Nodes that compiled and validated it.
+    pub ready: Vec<String>,
+    /// Nodes that refused it, and why.
+    pub refused: std::collections::BTreeMap<String, String>,
 }
 
 /// Call time percentiles, µs.

@@ -22,6 +22,7 @@ mod plugins;
 mod queue;
 pub mod remote;
 mod replicated;
+mod rollout;
 mod route;
 
 use std::collections::HashMap;

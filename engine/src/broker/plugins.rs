@@ -50,6 +50,14 @@ impl Broker {
     /// React to a change of `path` in the plugin folder: load it, or keep
     /// the last good version serving if it was deleted.
     pub fn plugin_file_changed(&self, path: &Path) {
+        if path.exists() && self.cluster().is_some() {
+            // In a cluster a version serves only once every node took it.
+            match std::fs::read(path) {
+                Ok(bytes) => self.offer_plugin(&crate::plugin::plugin_name(path), bytes),
+                Err(e) => tracing::error!("plugin file {} cannot be read: {e}", path.display()),
+            }
+            return;
+        }
         if path.exists() {
             let _ = self.load_plugin_file(path);
             return;

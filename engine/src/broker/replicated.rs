@@ -13,7 +13,7 @@
 use std::sync::Weak;
 
 use super::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
-use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command};
+use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command, PluginEvent};
 use crate::store::definitions::{BindingDefinition, Definitions, QueueDefinition};
 
 /// The commands that declare `defs` on a clustered node (`node`, where its
@@ -87,7 +87,24 @@ impl Applier for BrokerApplier {
 
     fn reset(&self, catalog: &Catalog) {
         if let Some(broker) = self.broker.upgrade() {
+            // Plugins first: the exchanges need their types.
+            broker.serve_cluster_plugins(catalog);
             broker.reset_to(catalog, &self.node);
+        }
+    }
+
+    fn plugin(&self, event: &PluginEvent) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        match event {
+            PluginEvent::Nothing => {}
+            PluginEvent::Validate { name, hash, bytes } => {
+                broker.validate_staged(name, hash, bytes, &self.node)
+            }
+            PluginEvent::Activate { name, hash, bytes } => {
+                broker.activate_plugin(name, hash, bytes)
+            }
         }
     }
 }
@@ -145,6 +162,10 @@ impl Broker {
 
     /// Apply one committed command on node `me`.
     pub(crate) fn apply_command(&self, command: &Command, me: &str) -> Applied {
+        if command.is_plugin() {
+            // Plugin entries reach the broker as `PluginEvent`s.
+            return Applied::Done;
+        }
         let Ok(vhost) = self.add_vhost(command.vhost()) else {
             return Applied::Refused {
                 code: 402,
@@ -214,6 +235,9 @@ impl Broker {
                     &binding.arguments,
                 )
                 .map(|()| Applied::Done),
+            Command::StagePlugin { .. }
+            | Command::PluginVerdict { .. }
+            | Command::ActivatePlugin { .. } => Ok(Applied::Done),
         };
         result.unwrap_or_else(refused)
     }

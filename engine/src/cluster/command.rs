@@ -70,10 +70,58 @@ pub enum Command {
         /// The binding.
         binding: BindingDefinition,
     },
+    /// A plugin file appeared on a node: every node compiles and validates
+    /// this version and reports its verdict.
+    StagePlugin {
+        /// Plugin name (the exchange type, transform or filter name).
+        name: String,
+        /// Content hash of the bytes.
+        hash: String,
+        /// The module.
+        #[serde(with = "base64_bytes")]
+        bytes: Vec<u8>,
+        /// The node whose folder it appeared in.
+        from: String,
+    },
+    /// One node's verdict on a staged version.
+    PluginVerdict {
+        /// Plugin name.
+        name: String,
+        /// Version.
+        hash: String,
+        /// The node.
+        node: String,
+        /// Why it refused the version (none: ready).
+        refused: Option<String>,
+    },
+    /// Serve a kept version on every node (an operator's rollback).
+    ActivatePlugin {
+        /// Plugin name.
+        name: String,
+        /// Version.
+        hash: String,
+    },
+}
+
+/// Plugin bytes as base64 in the log's JSON.
+pub(crate) mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Command {
-    /// The vhost it changes.
+    /// The vhost it changes (plugins belong to no vhost: "").
     pub fn vhost(&self) -> &str {
         match self {
             Command::DeclareExchange { vhost, .. }
@@ -82,7 +130,20 @@ impl Command {
             | Command::DeleteQueue { vhost, .. }
             | Command::Bind { vhost, .. }
             | Command::Unbind { vhost, .. } => vhost,
+            Command::StagePlugin { .. }
+            | Command::PluginVerdict { .. }
+            | Command::ActivatePlugin { .. } => "",
         }
+    }
+
+    /// Whether it is about plugin versions rather than definitions.
+    pub fn is_plugin(&self) -> bool {
+        matches!(
+            self,
+            Command::StagePlugin { .. }
+                | Command::PluginVerdict { .. }
+                | Command::ActivatePlugin { .. }
+        )
     }
 }
 

@@ -41,6 +41,61 @@ pub trait Applier: Send + Sync + 'static {
     fn apply(&self, command: &Command) -> Applied;
     /// Make the definitions exactly `catalog` (a snapshot was installed).
     fn reset(&self, catalog: &Catalog);
+    /// A plugin version to validate (and report on) or to serve.
+    fn plugin(&self, _event: &PluginEvent) {}
+}
+
+/// What a plugin entry asks of this node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PluginEvent {
+    /// Nothing (a verdict recorded, a version seen before).
+    Nothing,
+    /// Compile and validate this new version, and report the verdict.
+    Validate {
+        /// Plugin name.
+        name: String,
+        /// Version.
+        hash: String,
+        /// The module.
+        bytes: Vec<u8>,
+    },
+    /// Serve this version now (every node does, at this log index).
+    Activate {
+        /// Plugin name.
+        name: String,
+        /// Version.
+        hash: String,
+        /// The module.
+        bytes: Vec<u8>,
+    },
+}
+
+/// Versions kept per plugin (the active one is never dropped).
+pub const KEPT_VERSIONS: usize = 5;
+
+/// One version of a plugin, as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginVersionRecord {
+    /// Content hash.
+    pub hash: String,
+    /// The module.
+    #[serde(with = "super::command::base64_bytes")]
+    pub bytes: Vec<u8>,
+    /// The node whose folder it came from.
+    pub from: String,
+    /// Nodes that compiled and validated it.
+    pub ready: std::collections::BTreeSet<String>,
+    /// Nodes that refused it, and why.
+    pub refused: BTreeMap<String, String>,
+}
+
+/// A plugin's versions in the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// The version every node serves.
+    pub active: Option<String>,
+    /// Kept versions, oldest first.
+    pub versions: Vec<PluginVersionRecord>,
 }
 
 /// A replicated exchange.
@@ -85,6 +140,9 @@ pub struct Catalog {
     pub queues: BTreeMap<String, QueueRecord>,
     /// By vhost, source, destination, key and arguments.
     pub bindings: BTreeMap<String, BindingRecord>,
+    /// By plugin name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginRecord>,
 }
 
 fn key(vhost: &str, name: &str) -> String {
@@ -162,6 +220,136 @@ impl Catalog {
             Command::Unbind { vhost, binding } => {
                 self.bindings.remove(&binding_key(vhost, binding));
             }
+            // Recorded by `apply_plugin`.
+            Command::StagePlugin { .. }
+            | Command::PluginVerdict { .. }
+            | Command::ActivatePlugin { .. } => {}
+        }
+    }
+
+    /// Record a plugin entry, and say what it asks of every node. `voters`
+    /// are the voting members' names at this log index: a new version is
+    /// activated when all of them are ready, and never once one refused.
+    pub fn apply_plugin(&mut self, command: &Command, voters: &[String]) -> (Applied, PluginEvent) {
+        let activate = |name: &str, v: &PluginVersionRecord| PluginEvent::Activate {
+            name: name.to_owned(),
+            hash: v.hash.clone(),
+            bytes: v.bytes.clone(),
+        };
+        let everyone_ready = |v: &PluginVersionRecord| voters.iter().all(|n| v.ready.contains(n));
+        match command {
+            Command::StagePlugin {
+                name,
+                hash,
+                bytes,
+                from,
+            } => {
+                let record = self.plugins.entry(name.clone()).or_default();
+                if let Some(v) = record.versions.iter().find(|v| v.hash == *hash) {
+                    // A kept version dropped in again: serve it again if
+                    // every node took it before.
+                    let again = record.active.as_deref() != Some(hash.as_str())
+                        && v.refused.is_empty()
+                        && everyone_ready(v);
+                    if again {
+                        let event = activate(name, v);
+                        record.active = Some(hash.clone());
+                        return (Applied::Done, event);
+                    }
+                    return (Applied::Done, PluginEvent::Nothing);
+                }
+                record.versions.push(PluginVersionRecord {
+                    hash: hash.clone(),
+                    bytes: bytes.clone(),
+                    from: from.clone(),
+                    ready: Default::default(),
+                    refused: Default::default(),
+                });
+                while record.versions.len() > KEPT_VERSIONS {
+                    let Some(at) = record
+                        .versions
+                        .iter()
+                        .position(|v| record.active.as_deref() != Some(v.hash.as_str()))
+                    else {
+                        break;
+                    };
+                    record.versions.remove(at);
+                }
+                (
+                    Applied::Done,
+                    PluginEvent::Validate {
+                        name: name.clone(),
+                        hash: hash.clone(),
+                        bytes: bytes.clone(),
+                    },
+                )
+            }
+            Command::PluginVerdict {
+                name,
+                hash,
+                node,
+                refused,
+            } => {
+                let Some(record) = self.plugins.get_mut(name) else {
+                    return (Applied::Done, PluginEvent::Nothing);
+                };
+                let newest = record.versions.last().map(|v| v.hash.clone());
+                let active = record.active.clone();
+                let Some(v) = record.versions.iter_mut().find(|v| v.hash == *hash) else {
+                    return (Applied::Done, PluginEvent::Nothing);
+                };
+                match refused {
+                    Some(reason) => {
+                        v.refused.insert(node.clone(), reason.clone());
+                    }
+                    None => {
+                        v.ready.insert(node.clone());
+                    }
+                }
+                // Only the newest version activates by itself: a late
+                // verdict on an older one must not undo a newer rollout.
+                let go = v.refused.is_empty()
+                    && everyone_ready(v)
+                    && newest.as_deref() == Some(hash.as_str())
+                    && active.as_deref() != Some(hash.as_str());
+                if go {
+                    let event = activate(name, v);
+                    record.active = Some(hash.clone());
+                    return (Applied::Done, event);
+                }
+                (Applied::Done, PluginEvent::Nothing)
+            }
+            Command::ActivatePlugin { name, hash } => {
+                let found = self.plugins.get_mut(name).and_then(|r| {
+                    let at = r.versions.iter().position(|v| v.hash == *hash)?;
+                    Some((r, at))
+                });
+                let Some((record, at)) = found else {
+                    return (
+                        Applied::Refused {
+                            code: 404,
+                            text: format!("NOT_FOUND - no kept version {hash} of plugin '{name}'"),
+                        },
+                        PluginEvent::Nothing,
+                    );
+                };
+                let v = &record.versions[at];
+                if let Some((node, why)) = v.refused.iter().next() {
+                    return (
+                        Applied::Refused {
+                            code: 406,
+                            text: format!(
+                                "PRECONDITION_FAILED - node '{node}' refused version {hash} of plugin '{name}': {why}"
+                            ),
+                        },
+                        PluginEvent::Nothing,
+                    );
+                }
+                let event = activate(name, v);
+                record.active = Some(hash.clone());
+                (Applied::Done, event)
+            }
+            _ => (Applied::Done, PluginEvent::Nothing),
         }
     }
 
@@ -313,6 +501,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.last_applied = Some(entry.log_id);
             let applied = match entry.payload {
                 EntryPayload::Blank => Applied::Done,
+                EntryPayload::Normal(command) if command.is_plugin() => {
+                    let voters: Vec<String> = {
+                        let m = inner.membership.membership();
+                        let ids: Vec<NodeId> = m.voter_ids().collect();
+                        m.nodes()
+                            .filter(|(id, _)| ids.contains(id))
+                            .map(|(_, member)| member.name.clone())
+                            .collect()
+                    };
+                    let (applied, event) = inner.catalog.apply_plugin(&command, &voters);
+                    if let Some(a) = &self.applier
+                        && event != PluginEvent::Nothing
+                    {
+                        a.plugin(&event);
+                    }
+                    applied
+                }
                 EntryPayload::Normal(command) => {
                     let applied = match &self.applier {
                         Some(a) => a.apply(&command),
@@ -379,5 +584,125 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(hash: &str, from: &str) -> Command {
+        Command::StagePlugin {
+            name: "p".into(),
+            hash: hash.into(),
+            bytes: hash.as_bytes().to_vec(),
+            from: from.into(),
+        }
+    }
+
+    fn verdict(hash: &str, node: &str, refused: Option<&str>) -> Command {
+        Command::PluginVerdict {
+            name: "p".into(),
+            hash: hash.into(),
+            node: node.into(),
+            refused: refused.map(str::to_owned),
+        }
+    }
+
+    fn activated(event: &PluginEvent) -> Option<&str> {
+        match event {
+            PluginEvent::Activate { hash, .. } => Some(hash),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_version_activates_when_the_last_voter_is_ready_and_never_after_a_refusal() {
+        let voters: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut c = Catalog::default();
+        // Staged once, whoever proposes it again (every pod of a
+        // StatefulSet mounts the same file).
+        assert!(matches!(
+            c.apply_plugin(&stage("v1", "a"), &voters).1,
+            PluginEvent::Validate { .. }
+        ));
+        assert_eq!(
+            c.apply_plugin(&stage("v1", "b"), &voters).1,
+            PluginEvent::Nothing
+        );
+        assert_eq!(
+            activated(&c.apply_plugin(&verdict("v1", "a", None), &voters).1),
+            None
+        );
+        assert_eq!(
+            activated(&c.apply_plugin(&verdict("v1", "b", None), &voters).1),
+            None
+        );
+        assert_eq!(
+            activated(&c.apply_plugin(&verdict("v1", "c", None), &voters).1),
+            Some("v1")
+        );
+        assert_eq!(c.plugins["p"].active.as_deref(), Some("v1"));
+
+        // v2 is refused by b: it never activates, even once all others are
+        // ready, and an operator cannot activate it either.
+        c.apply_plugin(&stage("v2", "c"), &voters);
+        c.apply_plugin(&verdict("v2", "b", Some("no")), &voters);
+        c.apply_plugin(&verdict("v2", "a", None), &voters);
+        assert_eq!(
+            activated(&c.apply_plugin(&verdict("v2", "c", None), &voters).1),
+            None
+        );
+        let (applied, _) = c.apply_plugin(
+            &Command::ActivatePlugin {
+                name: "p".into(),
+                hash: "v2".into(),
+            },
+            &voters,
+        );
+        assert!(
+            matches!(applied, Applied::Refused { code: 406, .. }),
+            "{applied:?}"
+        );
+        assert_eq!(c.plugins["p"].active.as_deref(), Some("v1"));
+
+        // v3 rolls out; a late verdict on v1 does not bring it back, but
+        // an operator can (rollback).
+        c.apply_plugin(&stage("v3", "a"), &voters);
+        for n in ["a", "b", "c"] {
+            c.apply_plugin(&verdict("v3", n, None), &voters);
+        }
+        assert_eq!(c.plugins["p"].active.as_deref(), Some("v3"));
+        assert_eq!(
+            activated(&c.apply_plugin(&verdict("v1", "a", None), &voters).1),
+            None
+        );
+        let (_, event) = c.apply_plugin(
+            &Command::ActivatePlugin {
+                name: "p".into(),
+                hash: "v1".into(),
+            },
+            &voters,
+        );
+        assert_eq!(activated(&event), Some("v1"));
+    }
+
+    #[test]
+    fn old_versions_are_dropped_but_never_the_active_one() {
+        let voters = vec!["a".to_owned()];
+        let mut c = Catalog::default();
+        c.apply_plugin(&stage("v0", "a"), &voters);
+        c.apply_plugin(&verdict("v0", "a", None), &voters);
+        for i in 1..=KEPT_VERSIONS + 2 {
+            c.apply_plugin(&stage(&format!("v{i}"), "a"), &voters);
+        }
+        let kept: Vec<&str> = c.plugins["p"]
+            .versions
+            .iter()
+            .map(|v| v.hash.as_str())
+            .collect();
+        assert_eq!(kept.len(), KEPT_VERSIONS);
+        assert_eq!(kept[0], "v0", "the active version stays");
+        assert_eq!(kept.last(), Some(&"v7"));
     }
 }

@@ -32,7 +32,7 @@ pub mod settings;
 use serde::{Deserialize, Serialize};
 
 pub use command::{Applied, Command};
-pub use machine::{Applier, Catalog};
+pub use machine::{Applier, Catalog, PluginEvent, PluginRecord, PluginVersionRecord};
 pub use node::{ClusterError, ClusterNode, NodeStatus};
 pub use settings::ClusterSettings;
 

@@ -119,6 +119,9 @@ pub struct ClusterNode {
     machine: StateMachine,
     peers: Arc<Peers>,
     stop: CancellationToken,
+    /// The runtime the node runs on, for work started from other threads
+    /// (the plugin folder's watcher).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -208,12 +211,21 @@ impl ClusterNode {
             machine,
             peers: peers.clone(),
             stop: CancellationToken::new(),
+            runtime: tokio::runtime::Handle::current(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
         tokio::spawn(node.clone().join_loop());
         tracing::info!(node = %node.me.name, id, addr = %node.me.addr, listen = %bound, "cluster node started");
         Ok(node)
+    }
+
+    /// Run `task` on the node's runtime (from any thread).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.runtime.spawn(task);
     }
 
     /// This node's name.
