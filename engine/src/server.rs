@@ -188,6 +188,7 @@ impl Server {
                 settings.clone(),
                 &config.data_dir.join("cluster"),
                 applier,
+                tls.clone(),
             )
             .await
             .context("starting the cluster node")?;

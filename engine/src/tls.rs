@@ -1,4 +1,5 @@
-//! TLS for the AMQPS listener and the admin API's HTTPS, through rustls.
+//! TLS for the AMQPS listener, the admin API's HTTPS and (with
+//! `[cluster] tls`) the links between cluster nodes, through rustls.
 //!
 //! One [`Tls`] holds the server's certificate, key and (optionally) the CA
 //! that client certificates are verified against, as read from the files
@@ -13,8 +14,10 @@
 //! rustls speaks TLS 1.2 and 1.3 only, so nothing older is ever offered.
 //!
 //! Client certificates are asked for only when a CA file is set, and then
-//! only by the AMQP listener: the admin API authenticates with HTTP basic
-//! auth. A verified certificate's subject CN is what the `EXTERNAL`
+//! only by the AMQP listener and by cluster nodes (which require one: a
+//! node proves it belongs with a certificate the CA signed, and checks
+//! the peer it dials the same way): the admin API authenticates with HTTP
+//! basic auth. A verified certificate's subject CN is what the `EXTERNAL`
 //! mechanism logs in as (RabbitMQ's `rabbitmq_auth_mechanism_ssl` with
 //! `ssl_cert_login_from = common_name`).
 
@@ -96,6 +99,9 @@ pub enum TlsError {
 struct Configs {
     amqp: Arc<ServerConfig>,
     admin: Arc<ServerConfig>,
+    /// Between cluster nodes (with a CA only): both sides present the
+    /// certificate and verify the other's against the CA.
+    cluster: Option<(Arc<ServerConfig>, Arc<rustls::ClientConfig>)>,
     /// The files' contents they were made from, to tell a real change.
     source: Sources,
 }
@@ -170,6 +176,17 @@ impl Tls {
     /// What a new HTTPS connection to the admin API is accepted with.
     pub fn admin_acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load().admin.clone())
+    }
+
+    /// What a cluster node accepts a peer's link with, and dials one with
+    /// (mutual TLS against the CA); none without a CA file.
+    pub fn cluster(&self) -> Option<(TlsAcceptor, tokio_rustls::TlsConnector)> {
+        let c = self.current.load();
+        let (server, client) = c.cluster.as_ref()?;
+        Some((
+            TlsAcceptor::from(server.clone()),
+            tokio_rustls::TlsConnector::from(client.clone()),
+        ))
     }
 
     /// Read the files again; serve them from the next connection on if they
@@ -284,6 +301,7 @@ fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
     let versions = &[&rustls::version::TLS13, &rustls::version::TLS12];
     let builder =
         ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let mut cluster = None;
     let amqp = match (&settings.ca_file, &source.ca) {
         (Some(ca), Some(pem)) => {
             let mut roots = RootCertStore::empty();
@@ -293,7 +311,25 @@ fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
                     what: e.to_string(),
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider());
+            let roots = Arc::new(roots);
+            let ca_error = |e: &dyn std::fmt::Display| TlsError::ClientCa {
+                path: ca.clone(),
+                what: e.to_string(),
+            };
+            // Nodes: a peer must present a certificate the CA signed.
+            let peers = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| ca_error(&e))?;
+            let server = builder
+                .clone()
+                .with_client_cert_verifier(peers)
+                .with_single_cert(certs.clone(), key.clone_key())?;
+            let client = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions)?
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(certs.clone(), key.clone_key())?;
+            cluster = Some((Arc::new(server), Arc::new(client)));
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
             let verifier = if settings.fail_if_no_peer_cert {
                 verifier
             } else {
@@ -318,6 +354,7 @@ fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
     Ok(Configs {
         amqp: Arc::new(amqp),
         admin: Arc::new(admin),
+        cluster,
         source,
     })
 }

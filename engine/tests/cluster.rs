@@ -149,10 +149,15 @@ fn write_config(
 ) -> PathBuf {
     let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
     let advertise = advertise.map_or(String::new(), |a| format!("advertise = \"{a}\"\n"));
+    // With TLS files, the AMQPS listener too gets a port of its own.
+    let top = if extra.contains("[tls]") {
+        "listen_tls = \"127.0.0.1:0\"\n"
+    } else {
+        ""
+    };
     let text = format!(
-        r#"data_dir = "{data}"
+        r#"{top}data_dir = "{data}"
 plugin_dir = "{plugins}"
-{extra}
 
 [cluster]
 name = "{name}"
@@ -162,6 +167,7 @@ secret = "{SECRET}"
 heartbeat_ms = 100
 election_timeout_ms = 600
 commit_timeout_ms = 3000
+{extra}
 "#,
         data = dir.join("data").display(),
         plugins = dir.join("plugins").display(),
@@ -178,7 +184,8 @@ impl Node {
     }
 
     /// Start a node; with a proxy, the others reach it through the proxy.
-    /// `extra` is TOML for the top of its configuration.
+    /// `extra` is TOML appended to its configuration (inside `[cluster]`
+    /// until it opens another table).
     async fn start_behind(
         root: &Path,
         name: &str,
@@ -1011,6 +1018,145 @@ async fn plugins_roll_out_to_every_node_or_to_none() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("refused"), "{err}");
+    drop((conn_a, conn_b, conn_c));
+    for mut n in [a, b, c] {
+        n.kill().await;
+    }
+}
+
+/// A CA for the node-to-node TLS test, and node certificates it signs
+/// (for 127.0.0.1, good for serving and for presenting as a client).
+struct TestCa(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        TestCa(rcgen::CertifiedIssuer::self_signed(params, key).unwrap())
+    }
+
+    /// `[tls]` files for a node in `dir`, and the TOML that names them.
+    fn node_files(&self, dir: &Path, node: &str) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.0).unwrap();
+        std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), self.0.pem()).unwrap();
+        format!(
+            "tls = true\n\n[tls]\ncert_file = \"{0}/node.pem\"\nkey_file = \"{0}/node.key\"\nca_file = \"{0}/ca.pem\"\n",
+            dir.display()
+        )
+    }
+}
+
+/// With `[cluster] tls = true` the links are TLS with the `[tls]`
+/// certificates, verified both ways against the CA: the cluster forms and
+/// carries messages, and a node holding the secret but a certificate from
+/// another CA cannot join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_over_tls_carry_the_cluster_and_keep_out_other_cas() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("cluster CA");
+    let tls = |n: &str| ca.node_files(&root.path().join("certs").join(n), n);
+    let a = Node::start_behind(root.path(), "a", &[], None, &tls("a")).await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start_behind(root.path(), "b", &seeds, None, &tls("b")).await;
+    let c = Node::start_behind(root.path(), "c", &seeds, None, &tls("c")).await;
+    formed(&[&a, &b, &c]).await;
+    let t = Duration::from_secs(20);
+
+    let conn_b = b.connect().await;
+    let ch_b = conn_b.create_channel().await.unwrap();
+    ch_b.queue_declare(
+        "over-tls".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for n in [&a, &c] {
+        eventually("the queue is known everywhere", t, || {
+            n.queue_node("over-tls").as_deref() == Some("b")
+        })
+        .await;
+    }
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let mut on_c = ch_c
+        .basic_consume(
+            "over-tls".into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    ch_a.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch_a
+        .basic_publish(
+            "".into(),
+            "over-tls".into(),
+            BasicPublishOptions::default(),
+            b"sealed",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(t, confirm)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ack()
+    );
+    let d = tokio::time::timeout(t, on_c.next())
+        .await
+        .expect("delivery over TLS links")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"sealed");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+
+    // The secret, but a certificate from another CA: refused.
+    let other = TestCa::new("another CA");
+    let dir = root.path().join("intruder");
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    let files = other.node_files(&dir.join("certs"), "intruder");
+    let config = write_config(
+        &dir,
+        "intruder",
+        "127.0.0.1:0",
+        None,
+        std::slice::from_ref(&a.cluster),
+        &files,
+    );
+    let mut intruder = Broker::spawn_config(&config);
+    intruder.ready().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st = a.status().unwrap();
+    assert_eq!(st.members.len(), 3, "{st:?}");
+    intruder.kill().await;
     drop((conn_a, conn_b, conn_c));
     for mut n in [a, b, c] {
         n.kill().await;

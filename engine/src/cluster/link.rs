@@ -37,9 +37,8 @@ use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::command::{Applied, Command};
@@ -82,6 +81,21 @@ enum Out {
 }
 
 static LINK_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A link's reading side: a TCP stream's, or a TLS session's.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// A link's writing side.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn plain(stream: TcpStream) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+fn halves<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
 
 /// A call one node makes of another.
 #[derive(Debug, Serialize, Deserialize)]
@@ -244,7 +258,7 @@ fn nonce() -> [u8; 32] {
     n
 }
 
-async fn write_hello<T: Serialize>(w: &mut OwnedWriteHalf, v: &T) -> std::io::Result<()> {
+async fn write_hello<T: Serialize>(w: &mut Writer, v: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     w.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
     w.write_all(&bytes).await?;
@@ -252,7 +266,7 @@ async fn write_hello<T: Serialize>(w: &mut OwnedWriteHalf, v: &T) -> std::io::Re
 }
 
 /// One length-prefixed frame (the handshake's are JSON without a kind).
-async fn read_frame(r: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
+async fn read_frame(r: &mut Reader) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -266,18 +280,20 @@ async fn read_frame(r: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn read_hello<T: for<'a> Deserialize<'a>>(r: &mut OwnedReadHalf) -> std::io::Result<T> {
+async fn read_hello<T: for<'a> Deserialize<'a>>(r: &mut Reader) -> std::io::Result<T> {
     serde_json::from_slice(&read_frame(r).await?).map_err(std::io::Error::other)
 }
 
 impl Link {
-    /// Dial `addr` as node `me` and authenticate.
+    /// Dial `addr` as node `me` and authenticate (over TLS with `tls`:
+    /// the peer's certificate verified against the CA, ours presented).
     pub async fn dial(
         addr: &str,
         me: &str,
         secret: &[u8],
         handler: Handler,
         traffic: TrafficSlot,
+        tls: Option<&crate::tls::Tls>,
     ) -> Result<Arc<Link>, LinkError> {
         let unreachable = |reason: String| LinkError::Unreachable {
             peer: addr.to_owned(),
@@ -288,7 +304,27 @@ impl Link {
             .map_err(|_| unreachable("connect timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         stream.set_nodelay(true).ok();
-        let (mut r, mut w) = stream.into_split();
+        let (mut r, mut w) = match tls.and_then(|t| t.cluster()) {
+            None => plain(stream),
+            Some((_, connector)) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| unreachable(format!("'{host}' is not a TLS server name: {e}")))?;
+                let session =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                        .await
+                        .map_err(|_| unreachable("TLS handshake timed out".into()))?
+                        .map_err(|e| LinkError::Refused {
+                            peer: addr.to_owned(),
+                            reason: format!("TLS: {e}"),
+                        })?;
+                halves(session)
+            }
+        };
         let mine = nonce();
         let handshake = async {
             write_hello(
@@ -330,24 +366,35 @@ impl Link {
         Ok(Link::start(c.node, r, w, handler, traffic))
     }
 
-    /// Authenticate a connection a peer opened to this node's listener.
-    /// Returns the link, named after the peer.
+    /// Authenticate a connection a peer opened to this node's listener
+    /// (over TLS with `tls`: the peer must present a certificate the CA
+    /// signed). Returns the link, named after the peer.
     pub async fn accept(
         stream: TcpStream,
         me: &str,
         secret: &[u8],
         handler: Handler,
         traffic: TrafficSlot,
+        tls: Option<&crate::tls::Tls>,
     ) -> Result<Arc<Link>, LinkError> {
         let peer_addr = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
         stream.set_nodelay(true).ok();
-        let (mut r, mut w) = stream.into_split();
         let refused = |reason: String| LinkError::Refused {
             peer: peer_addr.clone(),
             reason,
+        };
+        let (mut r, mut w) = match tls.and_then(|t| t.cluster()) {
+            None => plain(stream),
+            Some((acceptor, _)) => {
+                let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                    .await
+                    .map_err(|_| refused("TLS handshake timed out".into()))?
+                    .map_err(|e| refused(format!("TLS: {e}")))?;
+                halves(session)
+            }
         };
         let mine = nonce();
         let handshake = async {
@@ -384,8 +431,8 @@ impl Link {
 
     fn start(
         peer: String,
-        r: OwnedReadHalf,
-        w: OwnedWriteHalf,
+        r: Reader,
+        w: Writer,
         handler: Handler,
         traffic: TrafficSlot,
     ) -> Arc<Link> {
@@ -496,7 +543,7 @@ impl Link {
 }
 
 async fn write_loop(
-    w: OwnedWriteHalf,
+    w: Writer,
     mut calls: mpsc::Receiver<Out>,
     mut traffic: mpsc::UnboundedReceiver<Out>,
     link: Arc<Link>,
@@ -561,7 +608,7 @@ async fn write_loop(
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(mut r: OwnedReadHalf, handler: Handler, traffic: TrafficSlot, link: Arc<Link>) {
+async fn read_loop(mut r: Reader, handler: Handler, traffic: TrafficSlot, link: Arc<Link>) {
     loop {
         let buf = match read_frame(&mut r).await {
             Ok(b) if !b.is_empty() => b,
@@ -651,10 +698,11 @@ mod tests {
                 b"the cluster secret, shared",
                 echo(),
                 Arc::default(),
+                None,
             )
             .await
         });
-        let dialed = Link::dial(&addr, "a", dialer_secret, echo(), Arc::default()).await;
+        let dialed = Link::dial(&addr, "a", dialer_secret, echo(), Arc::default(), None).await;
         (dialed, accepting.await.unwrap())
     }
 

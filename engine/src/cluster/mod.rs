@@ -148,9 +148,14 @@ mod tests {
         let recorders: Vec<_> = (0..3)
             .map(|_| Arc::new(Recorder(Default::default())))
             .collect();
-        let a = ClusterNode::start(settings("a", vec![]), dirs[0].path(), recorders[0].clone())
-            .await
-            .unwrap();
+        let a = ClusterNode::start(
+            settings("a", vec![]),
+            dirs[0].path(),
+            recorders[0].clone(),
+            None,
+        )
+        .await
+        .unwrap();
         let t = std::time::Duration::from_secs(20);
         assert!(a.until_ready(t).await, "a bootstraps");
         let mut nodes = vec![a.clone()];
@@ -159,6 +164,7 @@ mod tests {
                 settings(name, vec![a.addr().to_owned()]),
                 dirs[i + 1].path(),
                 recorders[i + 1].clone(),
+                None,
             )
             .await
             .unwrap();

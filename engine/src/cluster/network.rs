@@ -34,6 +34,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 pub struct Peers {
     me: String,
     secret: Vec<u8>,
+    tls: Option<Arc<crate::tls::Tls>>,
     handler: OnceLock<Handler>,
     traffic: TrafficSlot,
     slots: Mutex<HashMap<String, Slot>>,
@@ -41,11 +42,12 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// The registry of node `me`, proving `secret`.
-    pub fn new(me: String, secret: Vec<u8>) -> Arc<Peers> {
+    /// The registry of node `me`, proving `secret` (over TLS with `tls`).
+    pub fn new(me: String, secret: Vec<u8>, tls: Option<Arc<crate::tls::Tls>>) -> Arc<Peers> {
         Arc::new(Peers {
             me,
             secret,
+            tls,
             handler: OnceLock::new(),
             traffic: TrafficSlot::default(),
             slots: Mutex::default(),
@@ -70,6 +72,11 @@ impl Peers {
             .get(name)
             .filter(|l| !l.is_closed())
             .cloned()
+    }
+
+    /// TLS for links, if configured.
+    pub fn tls(&self) -> Option<&crate::tls::Tls> {
+        self.tls.as_deref()
     }
 
     /// The cluster secret.
@@ -129,7 +136,15 @@ impl Peers {
                 peer: addr.to_owned(),
                 reason: "this node is still starting".into(),
             })?;
-        let link = Link::dial(addr, &self.me, &self.secret, handler, self.traffic.clone()).await?;
+        let link = Link::dial(
+            addr,
+            &self.me,
+            &self.secret,
+            handler,
+            self.traffic.clone(),
+            self.tls(),
+        )
+        .await?;
         *slot = Some(link.clone());
         Ok(link)
     }

@@ -144,8 +144,18 @@ impl ClusterNode {
         settings: ClusterSettings,
         dir: &Path,
         applier: Arc<dyn Applier>,
+        tls: Option<Arc<crate::tls::Tls>>,
     ) -> Result<Arc<ClusterNode>, ClusterError> {
         settings.check().map_err(ClusterError::Settings)?;
+        let tls = match (settings.tls, tls) {
+            (false, _) => None,
+            (true, Some(t)) if t.cluster().is_some() => Some(t),
+            (true, _) => {
+                return Err(ClusterError::Settings(
+                    "[cluster] tls = true needs a [tls] section with ca_file: nodes verify each other's certificates against it".into(),
+                ));
+            }
+        };
         let secret = settings.load_secret().map_err(ClusterError::Settings)?;
         let storage = |reason: String| ClusterError::Storage {
             dir: dir.display().to_string(),
@@ -191,7 +201,7 @@ impl ClusterNode {
         }
         .validate()
         .map_err(|e| ClusterError::Settings(e.to_string()))?;
-        let peers = Peers::new(me.name.clone(), secret);
+        let peers = Peers::new(me.name.clone(), secret, tls);
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -315,6 +325,7 @@ impl ClusterNode {
                     node.peers.secret(),
                     node.handler(),
                     node.peers.traffic().clone(),
+                    node.peers.tls(),
                 )
                 .await
                 {

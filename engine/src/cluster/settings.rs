@@ -77,6 +77,11 @@ pub struct ClusterSettings {
     /// client gets an error.
     #[serde(default = "default_commit_timeout")]
     pub commit_timeout_ms: u64,
+    /// Links between nodes over TLS with the `[tls]` certificate: each node
+    /// presents it and verifies its peer's against `[tls] ca_file` (which
+    /// is then required), on top of the secret's proof.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 fn default_listen() -> String {
