@@ -29,11 +29,13 @@
 //!   log of changes), one append-only log per durable queue, and the group commit that publisher confirms
 //!   of persistent messages wait for. Messages of a queue's backlog are
 //!   kept on disk and read back when delivered.
-//! * [`cluster`]: several nodes as one broker: the definitions replicated
-//!   through Raft (openraft), the log on disk, authenticated node links.
+//! * [`cluster`]: several nodes as one broker: the definitions and plugin
+//!   versions replicated through Raft (openraft), the log on disk,
+//!   authenticated (optionally TLS) node links that also carry messages
+//!   to and from queues on other nodes (`broker::remote`).
 //! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
 //!   broker's own objects and counters.
-//! * [`tls`]: certificates for AMQPS and the admin API's HTTPS, reloaded
+//! * [`tls`]: certificates for AMQPS, the admin API's HTTPS and node links, reloaded
 //!   when they change on disk, and the client-certificate (`EXTERNAL`)
 //!   login.
 //! * [`access`]: users, their per-vhost configure/write/read permissions

@@ -10,7 +10,9 @@
 //! `dead_letter` (RabbitMQ's dead-lettering), `durable` (what is saved and
 //! recovered), `plugins` (loading and swapping plugin versions),
 //! `connections` (the registry the admin API reads), `replicated` (the
-//! broker as the cluster's state machine).
+//! broker as the cluster's state machine), `remote` (messages to and from
+//! queues on other nodes), `rollout` (plugin versions agreed by the
+//! cluster).
 
 mod connections;
 mod dead_letter;

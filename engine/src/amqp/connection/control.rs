@@ -375,7 +375,7 @@ impl Connection {
                     ch.server_cancel(&mut ctx, &tag, notify);
                 }
             }
-            Dispatch::Remote { link, traffic } => self.remote(link, traffic),
+            Dispatch::Remote { link, traffic } => self.remote(link, *traffic),
             Dispatch::LinkLost { node } => {
                 for ch in channels.values_mut() {
                     ch.node_lost(&mut ctx, &node, notify);

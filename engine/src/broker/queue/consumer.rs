@@ -55,8 +55,9 @@ pub enum Dispatch {
     Remote {
         /// The link it came on (settles go back on it).
         link: Arc<crate::cluster::link::Link>,
-        /// What it says.
-        traffic: crate::broker::remote::Traffic,
+        /// What it says (boxed: a queue's deliveries share this enum,
+        /// and should not be copied at this variant's size).
+        traffic: Box<crate::broker::remote::Traffic>,
     },
     /// The link to this node closed: what went through it is lost.
     LinkLost {

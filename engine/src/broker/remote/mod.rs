@@ -85,21 +85,17 @@ impl Remote {
     }
 
     fn to_connection(&self, link: &Arc<Link>, conn: u64, traffic: Traffic) {
+        let event = Dispatch::Remote {
+            link: link.clone(),
+            traffic: Box::new(traffic),
+        };
         let sent = match self.inboxes.read().get(&conn) {
-            Some(inbox) => inbox.send(Dispatch::Remote {
-                link: link.clone(),
-                traffic,
-            }),
-            None => Err(mpsc::error::SendError(Dispatch::Remote {
-                link: link.clone(),
-                traffic,
-            })),
+            Some(inbox) => inbox.send(event),
+            None => Err(mpsc::error::SendError(event)),
         };
         // The connection is gone: a delivery to it goes back to its queue.
-        if let Err(mpsc::error::SendError(Dispatch::Remote {
-            traffic: Traffic::Deliver { id, .. },
-            ..
-        })) = sent
+        if let Err(mpsc::error::SendError(Dispatch::Remote { traffic, .. })) = sent
+            && let Traffic::Deliver { id, .. } = *traffic
         {
             link.send_traffic(
                 Traffic::Settle {
