@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 cargo build --release -p wasmq-perf --bin wasmq-ping
+mkdir -p target/cluster
 ./scripts/cluster.sh > target/cluster/bench.log 2>&1 &
 cluster=$!
 trap 'kill $cluster 2>/dev/null; wait $cluster 2>/dev/null' EXIT

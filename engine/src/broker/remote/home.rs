@@ -32,6 +32,24 @@ struct RemoteConsumer {
     consumer: Arc<Consumer>,
 }
 
+/// What a session is handed, in the order its link carried it.
+pub(super) enum Event {
+    /// A frame for the session to handle.
+    Frame(Traffic),
+    /// A forwarded message the link's reader enqueued itself (one task hop
+    /// less on the message's way): its confirm waits for the store here.
+    Enqueued {
+        /// The publishing channel.
+        origin: Origin,
+        /// Its confirm tag.
+        seq: u64,
+        /// The store ticket to wait for.
+        ticket: u64,
+        /// Every queue took it.
+        ok: bool,
+    },
+}
+
 pub(super) struct Session {
     broker: Weak<Broker>,
     link: Arc<Link>,
@@ -50,7 +68,7 @@ pub(super) struct Session {
 
 impl Session {
     /// Start the session for `link`; its frames go to the returned sender.
-    pub(super) fn spawn(broker: Weak<Broker>, link: Arc<Link>) -> mpsc::UnboundedSender<Traffic> {
+    pub(super) fn spawn(broker: Weak<Broker>, link: Arc<Link>) -> mpsc::UnboundedSender<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let synced = broker.upgrade().and_then(|b| b.store().map(|s| s.synced()));
@@ -71,14 +89,17 @@ impl Session {
 
     async fn run(
         mut self,
-        mut frames: mpsc::UnboundedReceiver<Traffic>,
+        mut frames: mpsc::UnboundedReceiver<Event>,
         mut dispatch: mpsc::UnboundedReceiver<Dispatch>,
     ) {
         loop {
             let waiting = !self.confirms.is_empty() && self.synced.is_some();
             tokio::select! {
                 f = frames.recv() => match f {
-                    Some(t) => self.frame(t),
+                    Some(Event::Frame(t)) => self.frame(t),
+                    Some(Event::Enqueued { origin, seq, ticket, ok }) => {
+                        self.confirms.push_back((origin, seq, ticket, ok));
+                    }
                     None => break,
                 },
                 Some(d) = dispatch.recv() => {
@@ -103,29 +124,6 @@ impl Session {
             return;
         };
         match t {
-            Traffic::Forward {
-                origin,
-                seq,
-                vhost,
-                queues,
-                exchange,
-                routing_key,
-                properties,
-                body,
-            } => {
-                let (ok, ticket) = forward(
-                    &broker,
-                    &vhost,
-                    &queues,
-                    exchange,
-                    routing_key,
-                    properties,
-                    body,
-                );
-                if seq != 0 {
-                    self.confirms.push_back((origin, seq, ticket, ok));
-                }
-            }
             Traffic::Consume {
                 origin,
                 tag,
@@ -157,8 +155,12 @@ impl Session {
                 }
             }
             Traffic::Settle { how, ids } => self.settle(how, &ids),
-            // Answers go to connections, never to a session.
-            Traffic::Forwarded { .. } | Traffic::Refused { .. } | Traffic::Deliver { .. } => {}
+            // Forwards are enqueued by the link's reader; answers go to
+            // connections.
+            Traffic::Forward { .. }
+            | Traffic::Forwarded { .. }
+            | Traffic::Refused { .. }
+            | Traffic::Deliver { .. } => {}
         }
     }
 
@@ -388,7 +390,7 @@ impl Session {
 
 /// Enqueue a forwarded message. Returns whether every queue took it, and
 /// the store ticket its confirm waits for.
-fn forward(
+pub(super) fn forward(
     broker: &Broker,
     vhost: &str,
     queues: &[String],

@@ -49,7 +49,7 @@ pub struct Remote {
     inboxes: RwLock<HashMap<u64, mpsc::UnboundedSender<Dispatch>>>,
     /// Per link: the session serving, on this node, its peer's forwards and
     /// consumers.
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Traffic>>>,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<home::Event>>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -82,6 +82,14 @@ impl Remote {
     /// A client connection closed.
     pub fn unregister(&self, conn: u64) {
         self.inboxes.write().remove(&conn);
+    }
+
+    fn to_session(&self, link: &Arc<Link>, event: home::Event) {
+        let mut sessions = self.sessions.lock();
+        let session = sessions
+            .entry(link.id)
+            .or_insert_with(|| home::Session::spawn(self.broker.clone(), link.clone()));
+        let _ = session.send(event);
     }
 
     fn to_connection(&self, link: &Arc<Link>, conn: u64, traffic: Traffic) {
@@ -186,15 +194,44 @@ impl TrafficSink for Remote {
             Traffic::Forwarded { origin, .. }
             | Traffic::Refused { origin, .. }
             | Traffic::Deliver { origin, .. } => self.to_connection(link, origin.conn, traffic),
-            Traffic::Forward { .. }
-            | Traffic::Consume { .. }
-            | Traffic::Cancel { .. }
-            | Traffic::Settle { .. } => {
-                let mut sessions = self.sessions.lock();
-                let session = sessions
-                    .entry(link.id)
-                    .or_insert_with(|| home::Session::spawn(self.broker.clone(), link.clone()));
-                let _ = session.send(traffic);
+            // Enqueued here, by the link's reader: the message reaches its
+            // queue (and a waiting consumer) without another task's turn.
+            Traffic::Forward {
+                origin,
+                seq,
+                vhost,
+                queues,
+                exchange,
+                routing_key,
+                properties,
+                body,
+            } => {
+                let Some(broker) = self.broker.upgrade() else {
+                    return;
+                };
+                let (ok, ticket) = home::forward(
+                    &broker,
+                    &vhost,
+                    &queues,
+                    exchange,
+                    routing_key,
+                    properties,
+                    body,
+                );
+                if seq != 0 {
+                    self.to_session(
+                        link,
+                        home::Event::Enqueued {
+                            origin,
+                            seq,
+                            ticket,
+                            ok,
+                        },
+                    );
+                }
+            }
+            Traffic::Consume { .. } | Traffic::Cancel { .. } | Traffic::Settle { .. } => {
+                self.to_session(link, home::Event::Frame(traffic));
             }
         }
     }
