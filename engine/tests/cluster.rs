@@ -423,13 +423,46 @@ async fn a_three_node_cluster_agrees_on_definitions_through_failures() {
         .unwrap();
     assert_eq!(d.data, b"second order");
     d.ack(BasicAckOptions::default()).await.unwrap();
-    // basic.get runs where the queue is.
-    let err = ch_a
-        .basic_get("orders".into(), BasicGetOptions::default())
+    // basic.get through a too: a message, then nothing. (The consumer c2
+    // is cancelled first so that the queue keeps the message.)
+    ch_a.basic_cancel("c2".into(), BasicCancelOptions::default())
         .await
-        .unwrap_err();
-    assert_eq!(reply_code(&err), Some(405), "{err}");
-    assert!(err.to_string().contains("node 'b'"), "{err}");
+        .unwrap();
+    ch.basic_publish(
+        "events".into(),
+        "orders.third".into(),
+        BasicPublishOptions::default(),
+        b"third order",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut got = None;
+    for _ in 0..50 {
+        got = ch_a
+            .basic_get("orders".into(), BasicGetOptions::default())
+            .await
+            .unwrap();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = got.expect("basic.get on a of b's queue");
+    assert_eq!(got.delivery.data, b"third order");
+    got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    assert!(
+        ch_a.basic_get("orders".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    eventually("the get's ack reached b", t, || {
+        b.api()
+            .get("/api/queues/%2F/orders")
+            .is_ok_and(|q| q["messages"].as_u64() == Some(0))
+    })
+    .await;
 
     // A queue that deletes itself on its node (auto-delete after its last
     // consumer) is forgotten by every node.
@@ -874,7 +907,19 @@ async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
         })
     })
     .await;
-    drop((conn_a, conn_b));
+
+    // The queue's node dies: a basic.get of it elsewhere is told so.
+    drop(conn_b);
+    let mut b = b;
+    b.kill().await;
+    let ch_a3 = conn_a.create_channel().await.unwrap();
+    let err = ch_a3
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&err), Some(404), "{err}");
+    assert!(err.to_string().contains("down or inaccessible"), "{err}");
+    drop(conn_a);
 }
 
 /// A plugin file dropped into one node's folder serves on all three; one

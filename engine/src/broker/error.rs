@@ -55,7 +55,7 @@ pub enum BrokerError {
     /// A queue that lives on another node of the cluster, for an operation
     /// that must run where the queue is (405).
     #[error(
-        "RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' lives on node '{node}': basic.get and purge run there"
+        "RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' lives on node '{node}': purge it there"
     )]
     OnOtherNode {
         /// Virtual host.

@@ -81,6 +81,9 @@ impl Channel {
                 }
             }
             M::Get(g) => {
+                if let Some(node) = self.remote_home(ctx, &g.queue, Access::Read)? {
+                    return self.get_remote(ctx, g, node);
+                }
                 let q = self.queue(ctx, &g.queue, Access::Read)?;
                 let popped = loop {
                     let Some(entry) = q.pop() else { break None };

@@ -75,6 +75,9 @@ pub(crate) struct Ctx<'a> {
     pub proposal: &'a mut Option<Proposal>,
     /// Frames for other nodes (cluster traffic).
     pub to_nodes: &'a mut Vec<ToNode>,
+    /// The channel waits for another node's answer (a remote
+    /// `basic.get`): its later frames are held until it comes.
+    pub hold: &'a mut bool,
 }
 
 struct Pending {
@@ -135,6 +138,8 @@ pub(crate) enum Undo {
     Confirm(u16, u64),
     /// Cancel this channel's consumer.
     Consumer(u16, String),
+    /// Answer this channel's `basic.get` with an error.
+    Get(u16),
 }
 
 /// The `confirms` tag of a deferred `tx.commit-ok` (delivery tags start at 1).
@@ -174,6 +179,8 @@ pub(crate) struct Channel {
     confirms: VecDeque<(u64, u64, bool)>,
     /// Confirms that also wait for other nodes, by tag.
     forwarded: Map<u64, Forwarded>,
+    /// A `basic.get` sent to another node: (the node, no_ack).
+    pub(crate) pending_get: Option<(String, bool)>,
     /// Acks for publishes confirmed as they were handled (nothing to wait
     /// for on disk) and not sent yet: the last tag and how many. They go out
     /// as one `multiple` ack at the end of the connection's batch of frames,
@@ -222,6 +229,7 @@ impl Channel {
             publish_seq: 0,
             confirms: VecDeque::new(),
             forwarded: Map::default(),
+            pending_get: None,
             acks_ready: None,
             tx: None,
             tx_ticket: 0,

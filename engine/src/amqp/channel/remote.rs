@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::broker::Forward;
-use crate::broker::remote::{Origin, Settlement, Traffic, forward_frame};
+use crate::broker::remote::{GetOutcome, Origin, Settlement, Traffic, forward_frame};
 use crate::cluster::link::Link;
 
 impl Channel {
@@ -72,6 +72,98 @@ impl Channel {
             },
         );
         Ok(())
+    }
+
+    /// `basic.get` of a queue on `node`: asked there; the channel's later
+    /// frames wait for the answer (AMQP answers a channel's methods in
+    /// order).
+    pub(super) fn get_remote(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        g: &basic::Get,
+        node: String,
+    ) -> Result<(), AmqpError> {
+        let queue = self.queue_name(&g.queue)?;
+        ctx.to_nodes.push(ToNode {
+            node: node.clone(),
+            frame: Traffic::Get {
+                origin: self.origin(ctx),
+                vhost: ctx.vhost.name.clone(),
+                queue,
+                no_ack: g.no_ack,
+            }
+            .encode(),
+            undo: Undo::Get(self.id),
+        });
+        self.pending_get = Some((node, g.no_ack));
+        *ctx.hold = true;
+        Ok(())
+    }
+
+    /// The answer to this channel's remote `basic.get`.
+    pub(crate) fn got_remote(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        link: Option<&Arc<Link>>,
+        outcome: GetOutcome,
+    ) -> Result<(), AmqpError> {
+        let Some((_, no_ack)) = self.pending_get.take() else {
+            return Ok(());
+        };
+        match outcome {
+            GetOutcome::Empty => {
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                );
+            }
+            GetOutcome::Error { code, text } => {
+                let mut e = AmqpError::new(code, text);
+                (e.class_id, e.method_id) = (60, 70);
+                return Err(e);
+            }
+            GetOutcome::Message {
+                id,
+                redelivered,
+                exchange,
+                routing_key,
+                message_count,
+                properties,
+                body,
+            } => {
+                self.next_tag += 1;
+                let tag = self.next_tag;
+                self.send(
+                    ctx,
+                    AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                        delivery_tag: tag,
+                        redelivered,
+                        exchange: exchange.as_str().into(),
+                        routing_key: routing_key.as_str().into(),
+                        message_count,
+                    })),
+                );
+                encode_content(ctx.out, self.id, &properties, &body, ctx.frame_max);
+                if !no_ack && let Some(link) = link {
+                    self.unacked.push_back((
+                        tag,
+                        Unacked::Remote {
+                            link: link.clone(),
+                            id,
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The error a `basic.get` gets when its queue's node cannot answer.
+    pub(crate) fn node_down(node: &str) -> GetOutcome {
+        GetOutcome::Error {
+            code: 404,
+            text: format!("NOT_FOUND - home node '{node}' of the queue is down or inaccessible"),
+        }
     }
 
     fn origin(&self, ctx: &Ctx<'_>) -> Origin {
@@ -252,6 +344,8 @@ impl Channel {
             Undo::Consumer(_, tag) => {
                 let _ = self.remote_refused(ctx, tag, 0, String::new(), notify);
             }
+            // Answered by the connection, which also releases the channel.
+            Undo::Get(_) => {}
         }
     }
 }

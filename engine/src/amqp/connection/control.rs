@@ -224,6 +224,9 @@ impl Connection {
                 if self.proposal.is_some() {
                     self.start_proposal();
                 }
+                if self.hold {
+                    self.hold_channel(channel);
+                }
                 Step::Continue
             }
             Err(e) if e.is_connection_error() => self.connection_error(e),
@@ -248,6 +251,56 @@ impl Connection {
         {
             held.push_back(frame);
         }
+    }
+
+    /// The channel waits for another node's answer: hold its frames.
+    #[cold]
+    #[inline(never)]
+    fn hold_channel(&mut self, channel: u16) {
+        self.hold = false;
+        self.committing
+            .get_or_insert_with(Default::default)
+            .held
+            .insert(channel, Default::default());
+    }
+
+    /// Handle the frames a channel held while it waited, in order.
+    #[cold]
+    #[inline(never)]
+    fn release_held(&mut self, channel: u16) -> Step {
+        let held = self
+            .committing
+            .as_mut()
+            .and_then(|c| c.held.remove(&channel))
+            .unwrap_or_default();
+        for frame in held {
+            // `frame` holds a frame back again if the channel waits again.
+            if let Step::Stop(why) = self.frame(frame) {
+                return Step::Stop(why);
+            }
+        }
+        Step::Continue
+    }
+
+    /// The answer to a channel's remote `basic.get` (or its failure):
+    /// answer the client, then let the channel's held frames through.
+    #[cold]
+    #[inline(never)]
+    fn got(
+        &mut self,
+        channel: u16,
+        link: Option<&Arc<crate::cluster::link::Link>>,
+        outcome: crate::broker::remote::GetOutcome,
+    ) -> Step {
+        let (mut ctx, channels) = self.ctx();
+        let result = match channels.get_mut(&channel) {
+            Some(ch) => ch.got_remote(&mut ctx, link, outcome),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            self.channel_error(channel, e);
+        }
+        self.release_held(channel)
     }
 
     /// Commit the channel's definition change; hold the channel meanwhile.
@@ -283,11 +336,6 @@ impl Connection {
             }
         };
         let channel = p.channel;
-        let held = self
-            .committing
-            .as_mut()
-            .and_then(|c| c.held.remove(&channel))
-            .unwrap_or_default();
         let cluster_failed = result.is_err();
         let (ctx, channels) = self.ctx();
         let outcome = p.outcome(&ctx, result);
@@ -305,14 +353,7 @@ impl Connection {
                 self.channel_error(channel, e);
             }
         }
-        for frame in held {
-            // `frame` holds a frame back again while another change of
-            // this channel is being committed.
-            if let Step::Stop(why) = self.frame(frame) {
-                return Step::Stop(why);
-            }
-        }
-        Step::Continue
+        self.release_held(channel)
     }
 
     /// Close one channel with `e`: requeue its deliveries, send channel.close,
@@ -344,7 +385,7 @@ impl Connection {
         Step::Stop(e.text)
     }
 
-    pub(super) fn dispatch(&mut self, d: Dispatch) {
+    pub(super) fn dispatch(&mut self, d: Dispatch) -> Step {
         let notify = self.cancel_notify;
         let (mut ctx, channels) = self.ctx();
         match d {
@@ -375,20 +416,30 @@ impl Connection {
                     ch.server_cancel(&mut ctx, &tag, notify);
                 }
             }
-            Dispatch::Remote { link, traffic } => self.remote(link, *traffic),
+            Dispatch::Remote { link, traffic } => return self.remote(link, *traffic),
             Dispatch::LinkLost { node } => {
+                let mut waiting = Vec::new();
                 for ch in channels.values_mut() {
                     ch.node_lost(&mut ctx, &node, notify);
+                    if ch.pending_get.as_ref().is_some_and(|(n, _)| *n == node) {
+                        waiting.push(ch.id);
+                    }
                 }
                 let synced = self.last_synced;
                 self.release_confirms(synced);
+                for channel in waiting {
+                    if let Step::Stop(why) = self.got(channel, None, Channel::node_down(&node)) {
+                        return Step::Stop(why);
+                    }
+                }
             }
         }
+        Step::Continue
     }
 
     /// Traffic from another node for one of this connection's channels.
     #[cold]
-    fn remote(&mut self, link: Arc<crate::cluster::link::Link>, traffic: Traffic) {
+    fn remote(&mut self, link: Arc<crate::cluster::link::Link>, traffic: Traffic) -> Step {
         let notify = self.cancel_notify;
         let (mut ctx, channels) = self.ctx();
         match traffic {
@@ -445,21 +496,27 @@ impl Connection {
                     self.channel_error(origin.channel, e);
                 }
             }
+            Traffic::Got { origin, outcome } => {
+                return self.got(origin.channel, Some(&link), outcome);
+            }
             Traffic::Forward { .. }
             | Traffic::Consume { .. }
             | Traffic::Cancel { .. }
-            | Traffic::Settle { .. } => {}
+            | Traffic::Settle { .. }
+            | Traffic::Get { .. } => {}
         }
+        Step::Continue
     }
 
     /// Send the frames this connection's channels have for other nodes,
     /// dialing a node if need be, and wait while a link is congested (the
     /// client is not read meanwhile: backpressure reaches the publisher).
-    pub(super) async fn send_to_nodes(&mut self) {
+    pub(super) async fn send_to_nodes(&mut self) -> Step {
         let Some(remote) = self.broker.remote().cloned() else {
             self.to_nodes.clear();
-            return;
+            return Step::Continue;
         };
+        let mut unanswered = Vec::new();
         let notify = self.cancel_notify;
         let mut unreached = false;
         for t in std::mem::take(&mut self.to_nodes) {
@@ -478,6 +535,10 @@ impl Connection {
                 unreached = true;
                 let channel = match &t.undo {
                     Undo::Nothing => None,
+                    Undo::Get(c) => {
+                        unanswered.push((*c, t.node.clone()));
+                        None
+                    }
                     Undo::Confirm(c, _) | Undo::Consumer(c, _) => Some(*c),
                 };
                 let (mut ctx, channels) = self.ctx();
@@ -495,6 +556,12 @@ impl Connection {
             let synced = self.last_synced;
             self.release_confirms(synced);
         }
+        for (channel, node) in unanswered {
+            if let Step::Stop(why) = self.got(channel, None, Channel::node_down(&node)) {
+                return Step::Stop(why);
+            }
+        }
+        Step::Continue
     }
 
     /// The connection is gone: requeue, cancel, drop exclusive queues.

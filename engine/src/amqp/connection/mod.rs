@@ -154,6 +154,7 @@ pub(crate) async fn run(
         committing: None,
         to_nodes: Vec::new(),
         last_synced: Default::default(),
+        hold: false,
     };
     let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
         Ok(reason) => reason,
@@ -287,6 +288,8 @@ struct Connection {
     to_nodes: Vec<ToNode>,
     /// How far the store had synced when last looked at.
     last_synced: crate::store::Synced,
+    /// A channel just asked another node and waits for its answer.
+    hold: bool,
 }
 
 /// A connection's definition changes in flight through the cluster.
@@ -332,7 +335,7 @@ impl Connection {
             let pending = self.pending();
             let readable = blocked.is_none() && !self.alarm_blocked && pending < OUT_CAP;
             let waiting = self.awaiting_sync && synced.is_some();
-            let step = if readable && self.unread {
+            let mut step = if readable && self.unread {
                 self.frames()
             } else {
                 tokio::select! {
@@ -372,8 +375,10 @@ impl Connection {
                         Step::Continue
                     }
                     d = dispatch.recv(), if pending < WRITE_BATCH => {
-                        if let Some(d) = d { self.dispatch(d); }
-                        Step::Continue
+                        match d {
+                            Some(d) => self.dispatch(d),
+                            None => Step::Continue,
+                        }
                     }
                     Some(done) = async { self.committing.as_mut().expect("guarded").proposals.join_next().await }, if self.committing.as_ref().is_some_and(|c| !c.proposals.is_empty()) => {
                         self.committed(done)
@@ -412,10 +417,18 @@ impl Connection {
             if matches!(step, Step::Continue) {
                 while self.pending() < WRITE_BATCH {
                     match dispatch.try_recv() {
-                        Ok(d) => self.dispatch(d),
+                        Ok(d) => {
+                            step = self.dispatch(d);
+                            if matches!(step, Step::Stop(_)) {
+                                break;
+                            }
+                        }
                         Err(_) => break,
                     }
                 }
+            }
+            if matches!(step, Step::Continue) && !self.to_nodes.is_empty() {
+                step = self.send_to_nodes().await;
             }
             if let Step::Stop(reason) = step {
                 // A client that only shut down its sending side still gets
@@ -425,9 +438,6 @@ impl Connection {
                     self.await_close_ok().await;
                 }
                 return reason;
-            }
-            if !self.to_nodes.is_empty() {
-                self.send_to_nodes().await;
             }
             if let Err(e) = self.write_ready() {
                 return format!("write failed: {e}");
@@ -611,6 +621,7 @@ impl Connection {
                 acks_ready: &mut self.acks_ready,
                 proposal: &mut self.proposal,
                 to_nodes: &mut self.to_nodes,
+                hold: &mut self.hold,
             },
             &mut self.channels,
         )

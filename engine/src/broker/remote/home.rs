@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, watch};
 
-use super::wire::{Origin, Settlement, Traffic};
+use super::wire::{GetOutcome, Origin, Settlement, Traffic};
 use crate::broker::queue::ConsumeError;
 use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue};
 use crate::cluster::link::Link;
@@ -50,6 +50,10 @@ pub(super) enum Event {
     },
 }
 
+/// A message out for delivery: its queue, the consumer it went to (none
+/// for `basic.get`), and its entry.
+type OutForDelivery = (Arc<Queue>, Option<Arc<Consumer>>, Entry);
+
 pub(super) struct Session {
     broker: Weak<Broker>,
     link: Arc<Link>,
@@ -57,8 +61,9 @@ pub(super) struct Session {
     consumers: HashMap<u64, RemoteConsumer>,
     by_origin: HashMap<(Origin, String), u64>,
     dispatch_tx: mpsc::UnboundedSender<Dispatch>,
-    /// Out for delivery, by the id the peer settles with.
-    unacked: BTreeMap<u64, (Arc<Queue>, Arc<Consumer>, Entry)>,
+    /// Out for delivery (to a consumer, or by `basic.get`), by the id the
+    /// peer settles with.
+    unacked: BTreeMap<u64, OutForDelivery>,
     next_id: u64,
     /// Forwarded publishes waiting for the store's sync: (origin, confirm
     /// tag, store ticket, every queue took it).
@@ -155,12 +160,23 @@ impl Session {
                 }
             }
             Traffic::Settle { how, ids } => self.settle(how, &ids),
+            Traffic::Get {
+                origin,
+                vhost,
+                queue,
+                no_ack,
+            } => {
+                let outcome = self.get(&broker, &vhost, &queue, no_ack);
+                self.link
+                    .send_traffic(Traffic::Got { origin, outcome }.encode());
+            }
             // Forwards are enqueued by the link's reader; answers go to
             // connections.
             Traffic::Forward { .. }
             | Traffic::Forwarded { .. }
             | Traffic::Refused { .. }
-            | Traffic::Deliver { .. } => {}
+            | Traffic::Deliver { .. }
+            | Traffic::Got { .. } => {}
         }
     }
 
@@ -220,6 +236,57 @@ impl Session {
             },
         );
         Ok(())
+    }
+
+    /// `basic.get` for a client of another node.
+    fn get(&mut self, broker: &Broker, vhost: &str, queue: &str, no_ack: bool) -> GetOutcome {
+        let q = match broker.vhost(vhost).map(|v| v.queue(queue)) {
+            None => {
+                return GetOutcome::Error {
+                    code: 404,
+                    text: format!("NOT_FOUND - no vhost '{vhost}'"),
+                };
+            }
+            Some(Err(e)) => {
+                return GetOutcome::Error {
+                    code: e.reply_code(),
+                    text: e.to_string(),
+                };
+            }
+            Some(Ok(q)) => q,
+        };
+        let popped = loop {
+            let Some(entry) = q.pop() else { break None };
+            match q.message(&entry) {
+                Ok(m) => break Some((entry, m)),
+                Err(e) => {
+                    tracing::error!(queue = %q.name, "reading a stored message failed; skipped: {e}")
+                }
+            }
+        };
+        let Some((entry, m)) = popped else {
+            return GetOutcome::Empty;
+        };
+        if entry.redelivered {
+            q.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let outcome = GetOutcome::Message {
+            id,
+            redelivered: entry.redelivered,
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+            message_count: q.len() as u32,
+            properties: m.encoded_properties().clone(),
+            body: m.body.clone(),
+        };
+        if no_ack {
+            q.forget([&entry]);
+        } else {
+            self.unacked.insert(id, (q, None, entry));
+        }
+        outcome
     }
 
     fn remove(&self, broker: &Broker, c: RemoteConsumer) {
@@ -286,7 +353,7 @@ impl Session {
                         queue.forget([&entry]);
                     } else {
                         self.unacked
-                            .insert(id, (queue.clone(), consumer.clone(), entry));
+                            .insert(id, (queue.clone(), Some(consumer.clone()), entry));
                     }
                 }
                 if consumer.written() {
@@ -317,7 +384,9 @@ impl Session {
             let Some((queue, consumer, entry)) = self.unacked.remove(id) else {
                 continue;
             };
-            consumer.settled();
+            if let Some(c) = consumer {
+                c.settled();
+            }
             if how == Settlement::Ack {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
                 if entry.stored.is_none() {
@@ -375,7 +444,9 @@ impl Session {
         }
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
         for (_, (queue, consumer, entry)) in std::mem::take(&mut self.unacked) {
-            consumer.settled();
+            if let Some(c) = consumer {
+                c.settled();
+            }
             match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
                 Some((_, entries)) => entries.push(entry),
                 None => by_queue.push((queue, vec![entry])),

@@ -27,7 +27,7 @@
 mod home;
 mod wire;
 
-pub use wire::{Malformed, Origin, Settlement, Traffic};
+pub use wire::{GetOutcome, Malformed, Origin, Settlement, Traffic};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -193,7 +193,8 @@ impl TrafficSink for Remote {
         match traffic {
             Traffic::Forwarded { origin, .. }
             | Traffic::Refused { origin, .. }
-            | Traffic::Deliver { origin, .. } => self.to_connection(link, origin.conn, traffic),
+            | Traffic::Deliver { origin, .. }
+            | Traffic::Got { origin, .. } => self.to_connection(link, origin.conn, traffic),
             // Enqueued here, by the link's reader: the message reaches its
             // queue (and a waiting consumer) without another task's turn.
             Traffic::Forward {
@@ -230,7 +231,10 @@ impl TrafficSink for Remote {
                     );
                 }
             }
-            Traffic::Consume { .. } | Traffic::Cancel { .. } | Traffic::Settle { .. } => {
+            Traffic::Consume { .. }
+            | Traffic::Cancel { .. }
+            | Traffic::Settle { .. }
+            | Traffic::Get { .. } => {
                 self.to_session(link, home::Event::Frame(traffic));
             }
         }

@@ -124,6 +124,55 @@ pub enum Traffic {
         /// The queue node's ids.
         ids: Vec<u64>,
     },
+    /// `basic.get` of a queue on the receiving node.
+    Get {
+        /// The asking channel.
+        origin: Origin,
+        /// Virtual host.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// Acks not expected.
+        no_ack: bool,
+    },
+    /// The answer to a `Get`.
+    Got {
+        /// The asking channel.
+        origin: Origin,
+        /// What the queue gave.
+        outcome: GetOutcome,
+    },
+}
+
+/// What a remote `basic.get` found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GetOutcome {
+    /// The queue was empty.
+    Empty,
+    /// It could not be read (AMQP reply code and text).
+    Error {
+        /// Reply code.
+        code: u16,
+        /// Reply text.
+        text: String,
+    },
+    /// A message.
+    Message {
+        /// The queue node's id for it (what a settle names).
+        id: u64,
+        /// Delivered before.
+        redelivered: bool,
+        /// The exchange it was published to.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// Messages left in the queue.
+        message_count: u32,
+        /// Properties in AMQP encoding.
+        properties: Bytes,
+        /// Body.
+        body: Bytes,
+    },
 }
 
 const FORWARD: u8 = 1;
@@ -133,6 +182,8 @@ const REFUSED: u8 = 4;
 const CANCEL: u8 = 5;
 const DELIVER: u8 = 6;
 const SETTLE: u8 = 7;
+const GET: u8 = 8;
+const GOT: u8 = 9;
 
 /// A frame that does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +214,13 @@ impl Traffic {
             }
             | Traffic::Deliver {
                 properties, body, ..
+            } => 128 + properties.len() + body.len(),
+            Traffic::Got {
+                outcome:
+                    GetOutcome::Message {
+                        properties, body, ..
+                    },
+                ..
             } => 128 + properties.len() + body.len(),
             _ => 64,
         };
@@ -264,6 +322,48 @@ impl Traffic {
                     b.put_u64_le(*id);
                 }
             }
+            Traffic::Get {
+                origin,
+                vhost,
+                queue,
+                no_ack,
+            } => {
+                b.put_u8(GET);
+                put_origin(&mut b, *origin);
+                put_str(&mut b, vhost);
+                put_str(&mut b, queue);
+                b.put_u8(u8::from(*no_ack));
+            }
+            Traffic::Got { origin, outcome } => {
+                b.put_u8(GOT);
+                put_origin(&mut b, *origin);
+                match outcome {
+                    GetOutcome::Empty => b.put_u8(0),
+                    GetOutcome::Error { code, text } => {
+                        b.put_u8(1);
+                        b.put_u16_le(*code);
+                        put_str(&mut b, text);
+                    }
+                    GetOutcome::Message {
+                        id,
+                        redelivered,
+                        exchange,
+                        routing_key,
+                        message_count,
+                        properties,
+                        body,
+                    } => {
+                        b.put_u8(2);
+                        b.put_u64_le(*id);
+                        b.put_u8(u8::from(*redelivered));
+                        put_str(&mut b, exchange);
+                        put_str(&mut b, routing_key);
+                        b.put_u32_le(*message_count);
+                        put_bytes(&mut b, properties);
+                        put_bytes(&mut b, body);
+                    }
+                }
+            }
         }
         b.freeze()
     }
@@ -335,6 +435,32 @@ impl Traffic {
                         return Err(Malformed("id count"));
                     }
                     (0..n).map(|_| f.get_u64_le()).collect()
+                },
+            },
+            GET => Traffic::Get {
+                origin: origin(f)?,
+                vhost: string(f)?,
+                queue: string(f)?,
+                no_ack: u8_(f)? != 0,
+            },
+            GOT => Traffic::Got {
+                origin: origin(f)?,
+                outcome: match u8_(f)? {
+                    0 => GetOutcome::Empty,
+                    1 => GetOutcome::Error {
+                        code: u16_(f)?,
+                        text: string(f)?,
+                    },
+                    2 => GetOutcome::Message {
+                        id: u64_(f)?,
+                        redelivered: u8_(f)? != 0,
+                        exchange: string(f)?,
+                        routing_key: string(f)?,
+                        message_count: u32_(f)?,
+                        properties: bytes(f)?,
+                        body: bytes(f)?,
+                    },
+                    _ => return Err(Malformed("get outcome")),
                 },
             },
             _ => return Err(Malformed("kind")),
@@ -450,6 +576,35 @@ mod tests {
             Traffic::Settle {
                 how: Settlement::Requeue,
                 ids: vec![1, 2, 40],
+            },
+            Traffic::Get {
+                origin,
+                vhost: "/".into(),
+                queue: "q".into(),
+                no_ack: true,
+            },
+            Traffic::Got {
+                origin,
+                outcome: GetOutcome::Empty,
+            },
+            Traffic::Got {
+                origin,
+                outcome: GetOutcome::Error {
+                    code: 404,
+                    text: "NOT_FOUND".into(),
+                },
+            },
+            Traffic::Got {
+                origin,
+                outcome: GetOutcome::Message {
+                    id: 3,
+                    redelivered: false,
+                    exchange: "x".into(),
+                    routing_key: "k".into(),
+                    message_count: 7,
+                    properties: Bytes::from_static(&[0, 0]),
+                    body: Bytes::from_static(b"got"),
+                },
             },
         ];
         for t in frames {
