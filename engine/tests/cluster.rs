@@ -1207,3 +1207,132 @@ async fn links_over_tls_carry_the_cluster_and_keep_out_other_cas() {
         n.kill().await;
     }
 }
+
+/// The rest of what a client of a queue on another node meets: a nack
+/// with requeue comes back redelivered, an exclusive consumer there keeps
+/// others out (403), a publish the queue refuses (`reject-publish`) is
+/// nacked, and a queue deleted on its node cancels its consumers elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_queues_nack_refuse_and_cancel_as_local_ones_do() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    let conn_b = b.connect().await;
+    let ch_b = conn_b.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch_b.queue_declare("bounded".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    for n in [&a, &c] {
+        eventually("the queue is known everywhere", t, || {
+            n.queue_node("bounded").as_deref() == Some("b")
+        })
+        .await;
+    }
+
+    // Confirms from a: the first fits, the second is refused by b.
+    let conn_a = a.connect().await;
+    let ch_a = conn_a.create_channel().await.unwrap();
+    ch_a.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for body in [&b"fits"[..], b"refused"] {
+        let c = ch_a
+            .basic_publish(
+                "".into(),
+                "bounded".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        acks.push(tokio::time::timeout(t, c).await.unwrap().unwrap().is_ack());
+    }
+    assert_eq!(acks, [true, false], "the refused copy is a nack");
+    // A passive declare on another node finds it.
+    ch_a.queue_declare(
+        "bounded".into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // An exclusive consumer on c holds the queue: a's consumer is refused.
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let mut on_c = ch_c
+        .basic_consume(
+            "bounded".into(),
+            "only".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(t, on_c.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"fits");
+    assert!(!d.redelivered);
+    // A nack with requeue: back in the queue, delivered again, redelivered.
+    d.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(t, on_c.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"fits");
+    assert!(d.redelivered, "a requeued message is marked redelivered");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let ch_a2 = conn_a.create_channel().await.unwrap();
+    // consume-ok comes at once; b's refusal closes the channel when it
+    // comes, and the consumer's stream ends with it.
+    let mut second = ch_a2
+        .basic_consume(
+            "bounded".into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let err = match tokio::time::timeout(t, second.next()).await.unwrap() {
+        Some(Err(e)) => e,
+        other => panic!("expected the channel's error, got {other:?}"),
+    };
+    assert_eq!(reply_code(&err), Some(403), "{err}");
+
+    // Deleted on its node: the consumer on c is cancelled.
+    ch_b.queue_delete("bounded".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(t, on_c.next())
+        .await
+        .expect("cancelled");
+    assert!(end.is_none(), "the consumer stream ends: {end:?}");
+    drop((conn_a, conn_b, conn_c));
+    for mut n in [a, b, c] {
+        n.kill().await;
+    }
+}

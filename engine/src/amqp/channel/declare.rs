@@ -201,7 +201,24 @@ impl Channel {
                     panic!("queue.declare of the panic trigger '{}'", d.queue);
                 }
                 let q = if d.passive {
-                    let q = ctx.vhost.queue(&self.queue_name(&d.queue)?)?;
+                    let name = self.queue_name(&d.queue)?;
+                    if ctx.vhost.remote_queue(&name).is_some() {
+                        // It exists, on another node, which keeps its
+                        // counts: the answer says it exists.
+                        self.last_queue = name.clone();
+                        if !d.nowait {
+                            self.send(
+                                ctx,
+                                AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                                    queue: name.as_str().into(),
+                                    message_count: 0,
+                                    consumer_count: 0,
+                                })),
+                            );
+                        }
+                        return Ok(());
+                    }
+                    let q = ctx.vhost.queue(&name)?;
                     Self::check_access(ctx, &q)?;
                     q.touch();
                     q
