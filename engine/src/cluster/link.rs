@@ -266,7 +266,7 @@ async fn write_hello<T: Serialize>(w: &mut Writer, v: &T) -> std::io::Result<()>
 }
 
 /// One length-prefixed frame (the handshake's are JSON without a kind).
-async fn read_frame(r: &mut Reader) -> std::io::Result<Vec<u8>> {
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -608,7 +608,10 @@ async fn write_loop(
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(mut r: Reader, handler: Handler, traffic: TrafficSlot, link: Arc<Link>) {
+async fn read_loop(r: Reader, handler: Handler, traffic: TrafficSlot, link: Arc<Link>) {
+    // Frames are small and many under message traffic: read them from a
+    // buffer, not with two reads of the socket each.
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     loop {
         let buf = match read_frame(&mut r).await {
             Ok(b) if !b.is_empty() => b,
