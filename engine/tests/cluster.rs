@@ -1208,8 +1208,9 @@ async fn links_over_tls_carry_the_cluster_and_keep_out_other_cas() {
     }
 }
 
-/// The rest of what a client of a queue on another node meets: a nack
-/// with requeue comes back redelivered, an exclusive consumer there keeps
+/// The rest of what a client of a queue on another node meets: a passive
+/// declare and a purge work there, a nack with requeue comes back
+/// redelivered, an exclusive consumer there keeps
 /// others out (403), a publish the queue refuses (`reject-publish`) is
 /// nacked, and a queue deleted on its node cancels its consumers elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,6 +1268,29 @@ async fn remote_queues_nack_refuse_and_cancel_as_local_ones_do() {
     )
     .await
     .unwrap();
+    // A purge from another node runs on the queue's: its count comes back.
+    let purged = ch_a
+        .queue_purge("bounded".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    let again = ch_a
+        .basic_publish(
+            "".into(),
+            "bounded".into(),
+            BasicPublishOptions::default(),
+            b"fits",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(t, again)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ack()
+    );
 
     // An exclusive consumer on c holds the queue: a's consumer is refused.
     let conn_c = c.connect().await;

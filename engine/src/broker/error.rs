@@ -54,9 +54,7 @@ pub enum BrokerError {
     BuiltinPlugin(#[from] crate::plugin::LoadError),
     /// A queue that lives on another node of the cluster, for an operation
     /// that must run where the queue is (405).
-    #[error(
-        "RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' lives on node '{node}': purge it there"
-    )]
+    #[error("RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' lives on node '{node}'")]
     OnOtherNode {
         /// Virtual host.
         vhost: String,

@@ -341,6 +341,9 @@ impl Channel {
                 self.send(ctx, AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
             }
             M::Purge(p) => {
+                if let Some(node) = self.remote_home(ctx, &p.queue, Access::Read)? {
+                    return self.purge_remote(ctx, p, node);
+                }
                 let q = self.queue(ctx, &p.queue, Access::Read)?;
                 let n = q.purge();
                 if !p.nowait {

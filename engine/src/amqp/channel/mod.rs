@@ -109,6 +109,20 @@ pub(crate) struct RemoteConsumer {
     pub no_ack: bool,
 }
 
+/// What a channel asked another node, waiting for the answer.
+pub(crate) enum Asked {
+    /// `basic.get`.
+    Get {
+        /// Acks not expected.
+        no_ack: bool,
+    },
+    /// `queue.purge`.
+    Purge {
+        /// No `purge-ok` wanted.
+        nowait: bool,
+    },
+}
+
 /// A publish whose confirm waits for other nodes to take their copies.
 pub(crate) struct Forwarded {
     /// Nodes yet to answer.
@@ -138,7 +152,7 @@ pub(crate) enum Undo {
     Confirm(u16, u64),
     /// Cancel this channel's consumer.
     Consumer(u16, String),
-    /// Answer this channel's `basic.get` with an error.
+    /// Answer this channel's `basic.get` or `queue.purge` with an error.
     Get(u16),
 }
 
@@ -179,8 +193,9 @@ pub(crate) struct Channel {
     confirms: VecDeque<(u64, u64, bool)>,
     /// Confirms that also wait for other nodes, by tag.
     forwarded: Map<u64, Forwarded>,
-    /// A `basic.get` sent to another node: (the node, no_ack).
-    pub(crate) pending_get: Option<(String, bool)>,
+    /// A `basic.get` or `queue.purge` sent to another node, waiting for
+    /// its answer: the node, and what was asked.
+    pub(crate) asked: Option<(String, Asked)>,
     /// Acks for publishes confirmed as they were handled (nothing to wait
     /// for on disk) and not sent yet: the last tag and how many. They go out
     /// as one `multiple` ack at the end of the connection's batch of frames,
@@ -229,7 +244,7 @@ impl Channel {
             publish_seq: 0,
             confirms: VecDeque::new(),
             forwarded: Map::default(),
-            pending_get: None,
+            asked: None,
             acks_ready: None,
             tx: None,
             tx_ticket: 0,

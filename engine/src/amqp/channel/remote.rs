@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::broker::Forward;
-use crate::broker::remote::{GetOutcome, Origin, Settlement, Traffic, forward_frame};
+use crate::broker::remote::{Origin, QueueAnswer, Settlement, Traffic, forward_frame};
 use crate::cluster::link::Link;
 
 impl Channel {
@@ -95,34 +95,84 @@ impl Channel {
             .encode(),
             undo: Undo::Get(self.id),
         });
-        self.pending_get = Some((node, g.no_ack));
+        self.asked = Some((node, Asked::Get { no_ack: g.no_ack }));
         *ctx.hold = true;
         Ok(())
     }
 
-    /// The answer to this channel's remote `basic.get`.
+    /// `queue.purge` of a queue on `node`: run there, the channel waiting
+    /// for the count.
+    pub(super) fn purge_remote(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        p: &queue::Purge,
+        node: String,
+    ) -> Result<(), AmqpError> {
+        let queue = self.queue_name(&p.queue)?;
+        ctx.to_nodes.push(ToNode {
+            node: node.clone(),
+            frame: Traffic::Purge {
+                origin: self.origin(ctx),
+                vhost: ctx.vhost.name.clone(),
+                queue,
+            }
+            .encode(),
+            undo: Undo::Get(self.id),
+        });
+        self.asked = Some((node, Asked::Purge { nowait: p.nowait }));
+        *ctx.hold = true;
+        Ok(())
+    }
+
+    /// The answer to this channel's remote `basic.get` or `queue.purge`.
     pub(crate) fn got_remote(
         &mut self,
         ctx: &mut Ctx<'_>,
         link: Option<&Arc<Link>>,
-        outcome: GetOutcome,
+        outcome: QueueAnswer,
     ) -> Result<(), AmqpError> {
-        let Some((_, no_ack)) = self.pending_get.take() else {
+        let Some((_, asked)) = self.asked.take() else {
             return Ok(());
         };
+        let no_ack = match asked {
+            Asked::Get { no_ack } => no_ack,
+            Asked::Purge { nowait } => {
+                return match outcome {
+                    QueueAnswer::Purged { message_count } => {
+                        if !nowait {
+                            self.send(
+                                ctx,
+                                AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                                    message_count,
+                                })),
+                            );
+                        }
+                        Ok(())
+                    }
+                    QueueAnswer::Error { code, text } => {
+                        let mut e = AmqpError::new(code, text);
+                        (e.class_id, e.method_id) = (50, 30);
+                        Err(e)
+                    }
+                    _ => Ok(()),
+                };
+            }
+        };
         match outcome {
-            GetOutcome::Empty => {
+            // Only a purge's answer.
+            QueueAnswer::Purged { .. } => {}
+            QueueAnswer::Empty => {
                 self.send(
                     ctx,
                     AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
                 );
             }
-            GetOutcome::Error { code, text } => {
+            QueueAnswer::Error { code, text } => {
                 let mut e = AmqpError::new(code, text);
                 (e.class_id, e.method_id) = (60, 70);
                 return Err(e);
             }
-            GetOutcome::Message {
+            QueueAnswer::Message {
                 id,
                 redelivered,
                 exchange,
@@ -159,8 +209,8 @@ impl Channel {
     }
 
     /// The error a `basic.get` gets when its queue's node cannot answer.
-    pub(crate) fn node_down(node: &str) -> GetOutcome {
-        GetOutcome::Error {
+    pub(crate) fn node_down(node: &str) -> QueueAnswer {
+        QueueAnswer::Error {
             code: 404,
             text: format!("NOT_FOUND - home node '{node}' of the queue is down or inaccessible"),
         }

@@ -290,7 +290,7 @@ impl Connection {
         &mut self,
         channel: u16,
         link: Option<&Arc<crate::cluster::link::Link>>,
-        outcome: crate::broker::remote::GetOutcome,
+        outcome: crate::broker::remote::QueueAnswer,
     ) -> Step {
         let (mut ctx, channels) = self.ctx();
         let result = match channels.get_mut(&channel) {
@@ -421,7 +421,7 @@ impl Connection {
                 let mut waiting = Vec::new();
                 for ch in channels.values_mut() {
                     ch.node_lost(&mut ctx, &node, notify);
-                    if ch.pending_get.as_ref().is_some_and(|(n, _)| *n == node) {
+                    if ch.asked.as_ref().is_some_and(|(n, _)| *n == node) {
                         waiting.push(ch.id);
                     }
                 }
@@ -496,14 +496,15 @@ impl Connection {
                     self.channel_error(origin.channel, e);
                 }
             }
-            Traffic::Got { origin, outcome } => {
+            Traffic::Answer { origin, outcome } => {
                 return self.got(origin.channel, Some(&link), outcome);
             }
             Traffic::Forward { .. }
             | Traffic::Consume { .. }
             | Traffic::Cancel { .. }
             | Traffic::Settle { .. }
-            | Traffic::Get { .. } => {}
+            | Traffic::Get { .. }
+            | Traffic::Purge { .. } => {}
         }
         Step::Continue
     }

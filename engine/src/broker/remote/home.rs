@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, watch};
 
-use super::wire::{GetOutcome, Origin, Settlement, Traffic};
+use super::wire::{Origin, QueueAnswer, Settlement, Traffic};
 use crate::broker::queue::ConsumeError;
 use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue};
 use crate::cluster::link::Link;
@@ -168,7 +168,28 @@ impl Session {
             } => {
                 let outcome = self.get(&broker, &vhost, &queue, no_ack);
                 self.link
-                    .send_traffic(Traffic::Got { origin, outcome }.encode());
+                    .send_traffic(Traffic::Answer { origin, outcome }.encode());
+            }
+            Traffic::Purge {
+                origin,
+                vhost,
+                queue,
+            } => {
+                let outcome = match broker.vhost(&vhost).map(|v| v.queue(&queue)) {
+                    Some(Ok(q)) => QueueAnswer::Purged {
+                        message_count: q.purge() as u32,
+                    },
+                    Some(Err(e)) => QueueAnswer::Error {
+                        code: e.reply_code(),
+                        text: e.to_string(),
+                    },
+                    None => QueueAnswer::Error {
+                        code: 404,
+                        text: format!("NOT_FOUND - no vhost '{vhost}'"),
+                    },
+                };
+                self.link
+                    .send_traffic(Traffic::Answer { origin, outcome }.encode());
             }
             // Forwards are enqueued by the link's reader; answers go to
             // connections.
@@ -176,7 +197,7 @@ impl Session {
             | Traffic::Forwarded { .. }
             | Traffic::Refused { .. }
             | Traffic::Deliver { .. }
-            | Traffic::Got { .. } => {}
+            | Traffic::Answer { .. } => {}
         }
     }
 
@@ -239,16 +260,16 @@ impl Session {
     }
 
     /// `basic.get` for a client of another node.
-    fn get(&mut self, broker: &Broker, vhost: &str, queue: &str, no_ack: bool) -> GetOutcome {
+    fn get(&mut self, broker: &Broker, vhost: &str, queue: &str, no_ack: bool) -> QueueAnswer {
         let q = match broker.vhost(vhost).map(|v| v.queue(queue)) {
             None => {
-                return GetOutcome::Error {
+                return QueueAnswer::Error {
                     code: 404,
                     text: format!("NOT_FOUND - no vhost '{vhost}'"),
                 };
             }
             Some(Err(e)) => {
-                return GetOutcome::Error {
+                return QueueAnswer::Error {
                     code: e.reply_code(),
                     text: e.to_string(),
                 };
@@ -265,14 +286,14 @@ impl Session {
             }
         };
         let Some((entry, m)) = popped else {
-            return GetOutcome::Empty;
+            return QueueAnswer::Empty;
         };
         if entry.redelivered {
             q.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         let id = self.next_id;
         self.next_id += 1;
-        let outcome = GetOutcome::Message {
+        let outcome = QueueAnswer::Message {
             id,
             redelivered: entry.redelivered,
             exchange: m.exchange.clone(),

@@ -27,7 +27,7 @@
 mod home;
 mod wire;
 
-pub use wire::{GetOutcome, Malformed, Origin, Settlement, Traffic};
+pub use wire::{Malformed, Origin, QueueAnswer, Settlement, Traffic};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -194,7 +194,7 @@ impl TrafficSink for Remote {
             Traffic::Forwarded { origin, .. }
             | Traffic::Refused { origin, .. }
             | Traffic::Deliver { origin, .. }
-            | Traffic::Got { origin, .. } => self.to_connection(link, origin.conn, traffic),
+            | Traffic::Answer { origin, .. } => self.to_connection(link, origin.conn, traffic),
             // Enqueued here, by the link's reader: the message reaches its
             // queue (and a waiting consumer) without another task's turn.
             Traffic::Forward {
@@ -234,7 +234,8 @@ impl TrafficSink for Remote {
             Traffic::Consume { .. }
             | Traffic::Cancel { .. }
             | Traffic::Settle { .. }
-            | Traffic::Get { .. } => {
+            | Traffic::Get { .. }
+            | Traffic::Purge { .. } => {
                 self.to_session(link, home::Event::Frame(traffic));
             }
         }

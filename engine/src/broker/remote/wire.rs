@@ -135,18 +135,32 @@ pub enum Traffic {
         /// Acks not expected.
         no_ack: bool,
     },
-    /// The answer to a `Get`.
-    Got {
+    /// `queue.purge` of a queue on the receiving node.
+    Purge {
         /// The asking channel.
         origin: Origin,
-        /// What the queue gave.
-        outcome: GetOutcome,
+        /// Virtual host.
+        vhost: String,
+        /// Queue.
+        queue: String,
+    },
+    /// The answer to a `Get` or a `Purge`.
+    Answer {
+        /// The asking channel.
+        origin: Origin,
+        /// What the queue's node answered.
+        outcome: QueueAnswer,
     },
 }
 
-/// What a remote `basic.get` found.
+/// What the queue's node answered to a `Get` or a `Purge`.
 #[derive(Clone, Debug, PartialEq)]
-pub enum GetOutcome {
+pub enum QueueAnswer {
+    /// Purged: this many messages were removed.
+    Purged {
+        /// Messages removed.
+        message_count: u32,
+    },
     /// The queue was empty.
     Empty,
     /// It could not be read (AMQP reply code and text).
@@ -183,7 +197,8 @@ const CANCEL: u8 = 5;
 const DELIVER: u8 = 6;
 const SETTLE: u8 = 7;
 const GET: u8 = 8;
-const GOT: u8 = 9;
+const ANSWER: u8 = 9;
+const PURGE: u8 = 10;
 
 /// A frame that does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -215,9 +230,9 @@ impl Traffic {
             | Traffic::Deliver {
                 properties, body, ..
             } => 128 + properties.len() + body.len(),
-            Traffic::Got {
+            Traffic::Answer {
                 outcome:
-                    GetOutcome::Message {
+                    QueueAnswer::Message {
                         properties, body, ..
                     },
                 ..
@@ -334,17 +349,31 @@ impl Traffic {
                 put_str(&mut b, queue);
                 b.put_u8(u8::from(*no_ack));
             }
-            Traffic::Got { origin, outcome } => {
-                b.put_u8(GOT);
+            Traffic::Purge {
+                origin,
+                vhost,
+                queue,
+            } => {
+                b.put_u8(PURGE);
+                put_origin(&mut b, *origin);
+                put_str(&mut b, vhost);
+                put_str(&mut b, queue);
+            }
+            Traffic::Answer { origin, outcome } => {
+                b.put_u8(ANSWER);
                 put_origin(&mut b, *origin);
                 match outcome {
-                    GetOutcome::Empty => b.put_u8(0),
-                    GetOutcome::Error { code, text } => {
+                    QueueAnswer::Purged { message_count } => {
+                        b.put_u8(3);
+                        b.put_u32_le(*message_count);
+                    }
+                    QueueAnswer::Empty => b.put_u8(0),
+                    QueueAnswer::Error { code, text } => {
                         b.put_u8(1);
                         b.put_u16_le(*code);
                         put_str(&mut b, text);
                     }
-                    GetOutcome::Message {
+                    QueueAnswer::Message {
                         id,
                         redelivered,
                         exchange,
@@ -443,15 +472,15 @@ impl Traffic {
                 queue: string(f)?,
                 no_ack: u8_(f)? != 0,
             },
-            GOT => Traffic::Got {
+            ANSWER => Traffic::Answer {
                 origin: origin(f)?,
                 outcome: match u8_(f)? {
-                    0 => GetOutcome::Empty,
-                    1 => GetOutcome::Error {
+                    0 => QueueAnswer::Empty,
+                    1 => QueueAnswer::Error {
                         code: u16_(f)?,
                         text: string(f)?,
                     },
-                    2 => GetOutcome::Message {
+                    2 => QueueAnswer::Message {
                         id: u64_(f)?,
                         redelivered: u8_(f)? != 0,
                         exchange: string(f)?,
@@ -460,8 +489,16 @@ impl Traffic {
                         properties: bytes(f)?,
                         body: bytes(f)?,
                     },
-                    _ => return Err(Malformed("get outcome")),
+                    3 => QueueAnswer::Purged {
+                        message_count: u32_(f)?,
+                    },
+                    _ => return Err(Malformed("queue answer")),
                 },
+            },
+            PURGE => Traffic::Purge {
+                origin: origin(f)?,
+                vhost: string(f)?,
+                queue: string(f)?,
             },
             _ => return Err(Malformed("kind")),
         };
@@ -583,20 +620,29 @@ mod tests {
                 queue: "q".into(),
                 no_ack: true,
             },
-            Traffic::Got {
+            Traffic::Answer {
                 origin,
-                outcome: GetOutcome::Empty,
+                outcome: QueueAnswer::Empty,
             },
-            Traffic::Got {
+            Traffic::Purge {
                 origin,
-                outcome: GetOutcome::Error {
+                vhost: "/".into(),
+                queue: "q".into(),
+            },
+            Traffic::Answer {
+                origin,
+                outcome: QueueAnswer::Purged { message_count: 12 },
+            },
+            Traffic::Answer {
+                origin,
+                outcome: QueueAnswer::Error {
                     code: 404,
                     text: "NOT_FOUND".into(),
                 },
             },
-            Traffic::Got {
+            Traffic::Answer {
                 origin,
-                outcome: GetOutcome::Message {
+                outcome: QueueAnswer::Message {
                     id: 3,
                     redelivered: false,
                     exchange: "x".into(),
