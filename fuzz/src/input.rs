@@ -216,6 +216,115 @@ impl Gen {
         out.extend_from_slice(&s);
     }
 
+    /// A text of a few bytes, sometimes not UTF-8.
+    fn text(&mut self) -> String {
+        let s = self.rng.pick(&self.strings).clone();
+        String::from_utf8_lossy(&s).into_owned()
+    }
+
+    /// A frame of the message traffic between cluster nodes, well formed
+    /// (the caller mutates half of them).
+    pub fn traffic(&mut self) -> Vec<u8> {
+        use wasmq::broker::remote::{Origin, QueueAnswer, Settlement, Traffic};
+        let origin = Origin {
+            conn: self.rng.next_u64(),
+            channel: self.rng.next_u64() as u16,
+        };
+        let body: bytes::Bytes = (0..self.rng.below(64))
+            .map(|_| self.rng.next_u64() as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let properties = bytes::Bytes::from(self.properties());
+        let t = match self.rng.below(10) {
+            0 => Traffic::Forward {
+                origin,
+                seq: self.rng.next_u64(),
+                vhost: self.text(),
+                queues: (0..self.rng.below(4)).map(|_| self.text()).collect(),
+                exchange: self.text(),
+                routing_key: self.text(),
+                properties,
+                body,
+            },
+            1 => Traffic::Forwarded {
+                origin,
+                seq: self.rng.next_u64(),
+                ok: self.rng.one_in(2),
+            },
+            2 => Traffic::Consume {
+                origin,
+                tag: self.text(),
+                vhost: self.text(),
+                queue: self.text(),
+                prefetch: self.rng.next_u64() as u32,
+                no_ack: self.rng.one_in(2),
+                exclusive: self.rng.one_in(2),
+            },
+            3 => Traffic::Refused {
+                origin,
+                tag: self.text(),
+                code: self.rng.next_u64() as u16,
+                text: self.text(),
+            },
+            4 => Traffic::Cancel {
+                origin,
+                tag: self.text(),
+            },
+            5 => Traffic::Deliver {
+                origin,
+                tag: self.text(),
+                id: self.rng.next_u64(),
+                redelivered: self.rng.one_in(2),
+                exchange: self.text(),
+                routing_key: self.text(),
+                properties,
+                body,
+            },
+            6 => Traffic::Settle {
+                how: *self
+                    .rng
+                    .pick(&[Settlement::Ack, Settlement::Requeue, Settlement::Reject]),
+                ids: (0..self.rng.below(8))
+                    .map(|_| self.rng.next_u64())
+                    .collect(),
+            },
+            7 => Traffic::Get {
+                origin,
+                vhost: self.text(),
+                queue: self.text(),
+                no_ack: self.rng.one_in(2),
+            },
+            8 => Traffic::Purge {
+                origin,
+                vhost: self.text(),
+                queue: self.text(),
+            },
+            _ => Traffic::Answer {
+                origin,
+                outcome: match self.rng.below(4) {
+                    0 => QueueAnswer::Empty,
+                    1 => QueueAnswer::Purged {
+                        message_count: self.rng.next_u64() as u32,
+                    },
+                    2 => QueueAnswer::Error {
+                        code: self.rng.next_u64() as u16,
+                        text: self.text(),
+                    },
+                    _ => QueueAnswer::Message {
+                        id: self.rng.next_u64(),
+                        redelivered: self.rng.one_in(2),
+                        exchange: self.text(),
+                        routing_key: self.text(),
+                        message_count: self.rng.next_u64() as u32,
+                        properties,
+                        body,
+                    },
+                },
+            },
+        };
+        t.encode().to_vec()
+    }
+
     /// A field table (length first); `depth` bounds ordinary nesting, and
     /// now and then one entry is an array nested thousands deep.
     pub fn table(&mut self, depth: usize) -> Vec<u8> {

@@ -29,6 +29,9 @@ pub enum Target {
     Frames,
     /// Field tables, properties and method payloads.
     Codecs,
+    /// The message traffic between cluster nodes (forwarded publishes,
+    /// deliveries, acks), as a node's link hands its frames over.
+    Traffic,
     /// A connection to the real broker, before login.
     Handshake,
     /// A connection to the real broker, after a valid login.
@@ -37,9 +40,10 @@ pub enum Target {
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::Frames,
         Target::Codecs,
+        Target::Traffic,
         Target::Handshake,
         Target::Connection,
     ];
@@ -54,6 +58,7 @@ impl Target {
         match self {
             Target::Frames => "frames",
             Target::Codecs => "codecs",
+            Target::Traffic => "traffic",
             Target::Handshake => "handshake",
             Target::Connection => "connection",
         }
@@ -70,6 +75,7 @@ impl Target {
         let mut input = match self {
             Target::Frames | Target::Connection => g.frames(),
             Target::Handshake => g.handshake(),
+            Target::Traffic => g.traffic(),
             Target::Codecs => match g.rng().below(3) {
                 0 => g.table(4),
                 1 => g.properties(),
@@ -160,6 +166,7 @@ impl Runner {
         let outcome = match (self.target, &self.broker) {
             (Target::Frames, _) => caught(|| targets::frames(&input)),
             (Target::Codecs, _) => caught(|| targets::codecs(&input)),
+            (Target::Traffic, _) => caught(|| targets::traffic(&input)),
             (Target::Handshake | Target::Connection, Some(b)) => b
                 .connection(&input, self.target == Target::Connection)
                 .map(|code| {

@@ -5,6 +5,8 @@
 //! * [`frames`]: the frame decoder over a byte stream.
 //! * [`codecs`]: the field-table nesting walk, amq-protocol's table,
 //!   method and properties parsers behind it, and their round trips.
+//! * [`traffic`]: the decoder of the message traffic between cluster
+//!   nodes, and its round trip.
 //! * [`Broker::connection`]: a whole connection to the real broker over
 //!   TCP, fed the input before or after a valid login. What the input may
 //!   get: the right close code or a closed socket; never a panic in the
@@ -28,6 +30,17 @@ pub fn frames(data: &[u8]) {
     for frame_max in [4096, 131_072, u32::MAX] {
         let mut buf = BytesMut::from(data);
         while let Ok(Some(_)) = decode(&mut buf, frame_max) {}
+    }
+}
+
+/// `data` as a frame of cluster message traffic: refused or read, never a
+/// panic; what reads must encode back to the same bytes.
+pub fn traffic(data: &[u8]) {
+    use wasmq::broker::remote::Traffic;
+    if let Ok(t) = Traffic::decode(bytes::Bytes::copy_from_slice(data)) {
+        let again = t.encode();
+        assert_eq!(&again[..], data, "traffic frame round trip");
+        assert_eq!(Traffic::decode(again).ok(), Some(t));
     }
 }
 

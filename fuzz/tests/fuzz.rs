@@ -37,6 +37,11 @@ fn field_tables_properties_and_methods() {
 }
 
 #[test]
+fn cluster_traffic() {
+    assert!(pass(Target::Traffic, 5, 20_000, Duration::from_secs(60)) >= 1_000);
+}
+
+#[test]
 fn connections_before_login() {
     assert!(pass(Target::Handshake, 3, 3_000, Duration::from_secs(90)) >= 300);
 }

@@ -420,7 +420,7 @@ impl Traffic {
             FORWARDED => Traffic::Forwarded {
                 origin: origin(f)?,
                 seq: u64_(f)?,
-                ok: u8_(f)? != 0,
+                ok: bool_(f)?,
             },
             CONSUME => Traffic::Consume {
                 origin: origin(f)?,
@@ -428,8 +428,8 @@ impl Traffic {
                 vhost: string(f)?,
                 queue: string(f)?,
                 prefetch: u32_(f)?,
-                no_ack: u8_(f)? != 0,
-                exclusive: u8_(f)? != 0,
+                no_ack: bool_(f)?,
+                exclusive: bool_(f)?,
             },
             REFUSED => Traffic::Refused {
                 origin: origin(f)?,
@@ -445,7 +445,7 @@ impl Traffic {
                 origin: origin(f)?,
                 tag: string(f)?,
                 id: u64_(f)?,
-                redelivered: u8_(f)? != 0,
+                redelivered: bool_(f)?,
                 exchange: string(f)?,
                 routing_key: string(f)?,
                 properties: bytes(f)?,
@@ -470,7 +470,7 @@ impl Traffic {
                 origin: origin(f)?,
                 vhost: string(f)?,
                 queue: string(f)?,
-                no_ack: u8_(f)? != 0,
+                no_ack: bool_(f)?,
             },
             ANSWER => Traffic::Answer {
                 origin: origin(f)?,
@@ -482,7 +482,7 @@ impl Traffic {
                     },
                     2 => QueueAnswer::Message {
                         id: u64_(f)?,
-                        redelivered: u8_(f)? != 0,
+                        redelivered: bool_(f)?,
                         exchange: string(f)?,
                         routing_key: string(f)?,
                         message_count: u32_(f)?,
@@ -520,6 +520,14 @@ fn need(f: &Bytes, n: usize) -> Result<(), Malformed> {
 fn u8_(f: &mut Bytes) -> Result<u8, Malformed> {
     need(f, 1)?;
     Ok(f.get_u8())
+}
+
+fn bool_(f: &mut Bytes) -> Result<bool, Malformed> {
+    match u8_(f)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Malformed("boolean")),
+    }
 }
 
 fn u16_(f: &mut Bytes) -> Result<u16, Malformed> {
