@@ -295,12 +295,29 @@ async fn formed(nodes: &[&Node]) {
 
 /// a, then b and c joining through it, formed.
 async fn three_nodes(root: &Path) -> (Node, Node, Node) {
-    let a = Node::start(root, "a", &[]).await;
+    three_nodes_with(root, |_| String::new()).await
+}
+
+/// [`three_nodes`], each node's configuration extended with `extra(name)`.
+async fn three_nodes_with(root: &Path, extra: impl Fn(&str) -> String) -> (Node, Node, Node) {
+    let a = Node::start_behind(root, "a", &[], None, &extra("a")).await;
     let seeds = vec![a.cluster.clone()];
-    let b = Node::start(root, "b", &seeds).await;
-    let c = Node::start(root, "c", &seeds).await;
+    let b = Node::start_behind(root, "b", &seeds, None, &extra("b")).await;
+    let c = Node::start_behind(root, "c", &seeds, None, &extra("c")).await;
     formed(&[&a, &b, &c]).await;
     (a, b, c)
+}
+
+/// Wait until each of `nodes` knows the queue `name` lives on `home`.
+async fn known_on(nodes: &[&Node], name: &str, home: &str) {
+    for n in nodes {
+        eventually(
+            &format!("{} knows queue '{name}' lives on {home}", n.name),
+            Duration::from_secs(20),
+            || n.queue_node(name).as_deref() == Some(home),
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,12 +804,7 @@ async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
     )
     .await
     .unwrap();
-    for n in [&a, &c] {
-        eventually("the queue is known everywhere", t, || {
-            n.queue_node("work").as_deref() == Some("b")
-        })
-        .await;
-    }
+    known_on(&[&a, &c], "work", "b").await;
 
     // The consumer on c, before anything is published.
     let conn_c = c.connect().await;
@@ -928,12 +940,11 @@ async fn messages_cross_nodes_once_each_and_survive_a_consumer_node_dying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_roll_out_to_every_node_or_to_none() {
     let root = tempfile::tempdir().unwrap();
-    let allow = "[plugins]\noverride_builtins = true\n";
-    let a = Node::start_behind(root.path(), "a", &[], None, allow).await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root.path(), "b", &seeds, None, allow).await;
-    let c = Node::start_behind(root.path(), "c", &seeds, None, "").await;
-    formed(&[&a, &b, &c]).await;
+    let (a, b, c) = three_nodes_with(root.path(), |name| match name {
+        "c" => String::new(),
+        _ => "[plugins]\noverride_builtins = true\n".into(),
+    })
+    .await;
     let t = Duration::from_secs(30);
     let direct = wasmq::builtins::BUILTINS
         .iter()
@@ -986,10 +997,7 @@ async fn plugins_roll_out_to_every_node_or_to_none() {
     .unwrap();
     let conn_c = c.connect().await;
     let ch_c = conn_c.create_channel().await.unwrap();
-    eventually("c knows the queue", t, || {
-        c.queue_node("keyed").as_deref() == Some("b")
-    })
-    .await;
+    known_on(&[&c], "keyed", "b").await;
     let mut on_c = ch_c
         .basic_consume(
             "keyed".into(),
@@ -1119,12 +1127,10 @@ impl TestCa {
 async fn links_over_tls_carry_the_cluster_and_keep_out_other_cas() {
     let root = tempfile::tempdir().unwrap();
     let ca = TestCa::new("cluster CA");
-    let tls = |n: &str| ca.node_files(&root.path().join("certs").join(n), n);
-    let a = Node::start_behind(root.path(), "a", &[], None, &tls("a")).await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root.path(), "b", &seeds, None, &tls("b")).await;
-    let c = Node::start_behind(root.path(), "c", &seeds, None, &tls("c")).await;
-    formed(&[&a, &b, &c]).await;
+    let (a, b, c) = three_nodes_with(root.path(), |n| {
+        ca.node_files(&root.path().join("certs").join(n), n)
+    })
+    .await;
     let t = Duration::from_secs(20);
 
     let conn_b = b.connect().await;
@@ -1136,12 +1142,7 @@ async fn links_over_tls_carry_the_cluster_and_keep_out_other_cas() {
     )
     .await
     .unwrap();
-    for n in [&a, &c] {
-        eventually("the queue is known everywhere", t, || {
-            n.queue_node("over-tls").as_deref() == Some("b")
-        })
-        .await;
-    }
+    known_on(&[&a, &c], "over-tls", "b").await;
     let conn_c = c.connect().await;
     let ch_c = conn_c.create_channel().await.unwrap();
     let mut on_c = ch_c
@@ -1229,12 +1230,7 @@ async fn remote_queues_nack_refuse_and_cancel_as_local_ones_do() {
     ch_b.queue_declare("bounded".into(), QueueDeclareOptions::default(), args)
         .await
         .unwrap();
-    for n in [&a, &c] {
-        eventually("the queue is known everywhere", t, || {
-            n.queue_node("bounded").as_deref() == Some("b")
-        })
-        .await;
-    }
+    known_on(&[&a, &c], "bounded", "b").await;
 
     // Confirms from a: the first fits, the second is refused by b.
     let conn_a = a.connect().await;

@@ -41,7 +41,9 @@ use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
-pub use queue::{CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue};
+pub use queue::{
+    CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue, group_by_queue,
+};
 pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
 pub use replicated::{BrokerApplier, definition_commands};
 pub use route::{FaultReport, Forward, PublishOutcome};
@@ -151,6 +153,12 @@ impl VHost {
     /// The queue of that name on another node, if it is one.
     pub fn remote_queue(&self, name: &str) -> Option<RemoteQueue> {
         self.remote.read().get(name).cloned()
+    }
+
+    /// The node a queue on another node lives on (none: it is here, or
+    /// nowhere).
+    pub fn remote_node(&self, name: &str) -> Option<String> {
+        self.remote.read().get(name).map(|r| r.node.clone())
     }
 
     /// The queues on other nodes, by name.

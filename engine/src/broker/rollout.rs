@@ -23,6 +23,11 @@ use std::sync::Arc;
 use super::Broker;
 use crate::cluster::{Catalog, Command};
 
+/// A content hash as logs show it (as `PluginVersion::short_hash` does).
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
 impl Broker {
     /// A plugin file appeared or changed in this node's folder: propose it
     /// to the cluster (unless the cluster serves exactly it already).
@@ -40,7 +45,7 @@ impl Broker {
             return;
         }
         let (name, me) = (name.to_owned(), node.name().to_owned());
-        tracing::info!(plugin = %name, version = %&hash[..12.min(hash.len())], "plugin version proposed to the cluster");
+        tracing::info!(plugin = %name, version = %short(&hash), "plugin version proposed to the cluster");
         let runner = node.clone();
         runner.spawn(async move {
             let command = Command::StagePlugin {
@@ -124,10 +129,10 @@ impl Broker {
             .unwrap_or_else(|e| Some(format!("validation panicked: {e}")));
             match &refused {
                 None => {
-                    tracing::info!(plugin = %name, version = %&hash[..12.min(hash.len())], "plugin version validated; ready")
+                    tracing::info!(plugin = %name, version = %short(&hash), "plugin version validated; ready")
                 }
                 Some(why) => {
-                    tracing::error!(plugin = %name, version = %&hash[..12.min(hash.len())], "plugin version refused on this node: {why}")
+                    tracing::error!(plugin = %name, version = %short(&hash), "plugin version refused on this node: {why}")
                 }
             }
             let verdict = Command::PluginVerdict {
@@ -153,10 +158,10 @@ impl Broker {
         }
         match self.install_plugin(name, bytes) {
             Ok(_) => {
-                tracing::info!(plugin = %name, version = %&hash[..12.min(hash.len())], "plugin version activated by the cluster")
+                tracing::info!(plugin = %name, version = %short(hash), "plugin version activated by the cluster")
             }
             Err(e) => tracing::error!(
-                plugin = %name, version = %&hash[..12.min(hash.len())],
+                plugin = %name, version = %short(hash),
                 "the cluster activated a plugin version this node cannot serve; the previous version keeps serving here: {e}"
             ),
         }

@@ -2,6 +2,7 @@
 //! ack/nack/reject with their tag checks, recover, cancel and channel.flow.
 
 use super::*;
+use crate::broker::group_by_queue;
 
 impl Channel {
     pub(super) fn basic_method(
@@ -85,16 +86,7 @@ impl Channel {
                     return self.get_remote(ctx, g, node);
                 }
                 let q = self.queue(ctx, &g.queue, Access::Read)?;
-                let popped = loop {
-                    let Some(entry) = q.pop() else { break None };
-                    match q.message(&entry) {
-                        Ok(m) => break Some((entry, m)),
-                        Err(e) => {
-                            tracing::error!(queue = %q.name, "reading a stored message failed; skipped: {e}")
-                        }
-                    }
-                };
-                match popped {
+                match q.pop_readable() {
                     None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
                     Some((entry, m)) => {
                         if entry.redelivered {
@@ -438,19 +430,6 @@ impl Channel {
             queue.put_back(entries.into_iter());
         }
         self.requeue_all();
-    }
-}
-
-/// Add `entry` to `queue`'s group, keeping the order entries came in, so
-/// each queue is then called once for all of its entries.
-pub(super) fn group_by_queue(
-    groups: &mut Vec<(Arc<Queue>, Vec<Entry>)>,
-    queue: &Arc<Queue>,
-    entry: Entry,
-) {
-    match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, queue)) {
-        Some((_, entries)) => entries.push(entry),
-        None => groups.push((queue.clone(), vec![entry])),
     }
 }
 

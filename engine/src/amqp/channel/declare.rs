@@ -202,7 +202,7 @@ impl Channel {
                 }
                 let q = if d.passive {
                     let name = self.queue_name(&d.queue)?;
-                    if ctx.vhost.remote_queue(&name).is_some() {
+                    if ctx.vhost.remote_node(&name).is_some() {
                         // It exists, on another node, which keeps its
                         // counts: the answer says it exists.
                         self.last_queue = name.clone();

@@ -153,7 +153,7 @@ pub(crate) enum Undo {
     /// Cancel this channel's consumer.
     Consumer(u16, String),
     /// Answer this channel's `basic.get` or `queue.purge` with an error.
-    Get(u16),
+    Answer(u16),
 }
 
 /// The `confirms` tag of a deferred `tx.commit-ok` (delivery tags start at 1).

@@ -21,13 +21,11 @@ impl Channel {
             return Ok(None);
         }
         let name = self.queue_name(name)?;
-        match ctx.vhost.remote_queue(&name) {
-            Some(r) => {
-                ctx.grant.check(access, "queue", &name)?;
-                Ok(Some(r.node))
-            }
-            None => Ok(None),
+        let node = ctx.vhost.remote_node(&name);
+        if node.is_some() {
+            ctx.grant.check(access, "queue", &name)?;
         }
+        Ok(node)
     }
 
     /// `basic.consume` of a queue on `node`: the consumer is made there.
@@ -93,7 +91,7 @@ impl Channel {
                 no_ack: g.no_ack,
             }
             .encode(),
-            undo: Undo::Get(self.id),
+            undo: Undo::Answer(self.id),
         });
         self.asked = Some((node, Asked::Get { no_ack: g.no_ack }));
         *ctx.hold = true;
@@ -117,7 +115,7 @@ impl Channel {
                 queue,
             }
             .encode(),
-            undo: Undo::Get(self.id),
+            undo: Undo::Answer(self.id),
         });
         self.asked = Some((node, Asked::Purge { nowait: p.nowait }));
         *ctx.hold = true;
@@ -125,7 +123,7 @@ impl Channel {
     }
 
     /// The answer to this channel's remote `basic.get` or `queue.purge`.
-    pub(crate) fn got_remote(
+    pub(crate) fn answered(
         &mut self,
         ctx: &mut Ctx<'_>,
         link: Option<&Arc<Link>>,
@@ -395,7 +393,7 @@ impl Channel {
                 let _ = self.remote_refused(ctx, tag, 0, String::new(), notify);
             }
             // Answered by the connection, which also releases the channel.
-            Undo::Get(_) => {}
+            Undo::Answer(_) => {}
         }
     }
 }

@@ -286,7 +286,7 @@ impl Connection {
     /// answer the client, then let the channel's held frames through.
     #[cold]
     #[inline(never)]
-    fn got(
+    fn answered(
         &mut self,
         channel: u16,
         link: Option<&Arc<crate::cluster::link::Link>>,
@@ -294,7 +294,7 @@ impl Connection {
     ) -> Step {
         let (mut ctx, channels) = self.ctx();
         let result = match channels.get_mut(&channel) {
-            Some(ch) => ch.got_remote(&mut ctx, link, outcome),
+            Some(ch) => ch.answered(&mut ctx, link, outcome),
             None => Ok(()),
         };
         if let Err(e) = result {
@@ -428,7 +428,8 @@ impl Connection {
                 let synced = self.last_synced;
                 self.release_confirms(synced);
                 for channel in waiting {
-                    if let Step::Stop(why) = self.got(channel, None, Channel::node_down(&node)) {
+                    if let Step::Stop(why) = self.answered(channel, None, Channel::node_down(&node))
+                    {
                         return Step::Stop(why);
                     }
                 }
@@ -497,7 +498,7 @@ impl Connection {
                 }
             }
             Traffic::Answer { origin, outcome } => {
-                return self.got(origin.channel, Some(&link), outcome);
+                return self.answered(origin.channel, Some(&link), outcome);
             }
             Traffic::Forward { .. }
             | Traffic::Consume { .. }
@@ -521,22 +522,20 @@ impl Connection {
         let notify = self.cancel_notify;
         let mut unreached = false;
         for t in std::mem::take(&mut self.to_nodes) {
-            let link = match remote.node().open_link(&t.node) {
-                Some(l) => Some(l),
-                None => match remote.node().link_to(&t.node).await {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        tracing::warn!(node = %t.node, "cannot reach the node of a queue: {e}");
-                        None
-                    }
-                },
+            // An open link answers at once; a missing one is dialed.
+            let link = match remote.node().link_to(&t.node).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(node = %t.node, "cannot reach the node of a queue: {e}");
+                    None
+                }
             };
             let sent = link.as_ref().is_some_and(|l| l.send_traffic(t.frame));
             if !sent {
                 unreached = true;
                 let channel = match &t.undo {
                     Undo::Nothing => None,
-                    Undo::Get(c) => {
+                    Undo::Answer(c) => {
                         unanswered.push((*c, t.node.clone()));
                         None
                     }
@@ -558,7 +557,7 @@ impl Connection {
             self.release_confirms(synced);
         }
         for (channel, node) in unanswered {
-            if let Step::Stop(why) = self.got(channel, None, Channel::node_down(&node)) {
+            if let Step::Stop(why) = self.answered(channel, None, Channel::node_down(&node)) {
                 return Step::Stop(why);
             }
         }

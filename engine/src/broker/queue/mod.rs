@@ -72,6 +72,19 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Add `entry` to `queue`'s group, keeping the order entries came in, so
+/// each queue is then called once for all of its entries.
+pub fn group_by_queue(
+    groups: &mut Vec<(Arc<Queue>, Vec<Entry>)>,
+    queue: &Arc<Queue>,
+    entry: Entry,
+) {
+    match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, queue)) {
+        Some((_, entries)) => entries.push(entry),
+        None => groups.push((queue.clone(), vec![entry])),
+    }
+}
+
 /// Why a message left a queue other than by delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeathReason {
@@ -255,6 +268,20 @@ impl Queue {
     /// The queue's log, for durable queues with a store.
     pub fn log(&self) -> Option<&Arc<QueueLog>> {
         self.log.as_ref()
+    }
+
+    /// Take the next message for `basic.get`, skipping (and logging) any
+    /// whose stored copy cannot be read back.
+    pub fn pop_readable(&self) -> Option<(Entry, Arc<Message>)> {
+        loop {
+            let entry = self.pop()?;
+            match self.message(&entry) {
+                Ok(m) => return Some((entry, m)),
+                Err(e) => {
+                    tracing::error!(queue = %self.name, "reading a stored message failed; skipped: {e}")
+                }
+            }
+        }
     }
 
     /// These entries left the queue for good (acked, delivered without

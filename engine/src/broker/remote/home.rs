@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::wire::{Origin, QueueAnswer, Settlement, Traffic};
 use crate::broker::queue::ConsumeError;
-use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue};
+use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue, group_by_queue};
 use crate::cluster::link::Link;
 use crate::message::{Message, decode_properties};
 use crate::store::Synced;
@@ -276,16 +276,7 @@ impl Session {
             }
             Some(Ok(q)) => q,
         };
-        let popped = loop {
-            let Some(entry) = q.pop() else { break None };
-            match q.message(&entry) {
-                Ok(m) => break Some((entry, m)),
-                Err(e) => {
-                    tracing::error!(queue = %q.name, "reading a stored message failed; skipped: {e}")
-                }
-            }
-        };
-        let Some((entry, m)) = popped else {
+        let Some((entry, m)) = q.pop_readable() else {
             return QueueAnswer::Empty;
         };
         if entry.redelivered {
@@ -410,17 +401,8 @@ impl Session {
             }
             if how == Settlement::Ack {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
-                if entry.stored.is_none() {
-                    if !by_queue.iter().any(|(q, _)| Arc::ptr_eq(q, &queue)) {
-                        by_queue.push((queue, Vec::new()));
-                    }
-                    continue;
-                }
             }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
-                Some((_, entries)) => entries.push(entry),
-                None => by_queue.push((queue, vec![entry])),
-            }
+            group_by_queue(&mut by_queue, &queue, entry);
         }
         for (q, entries) in by_queue {
             match how {
@@ -463,20 +445,8 @@ impl Session {
                 self.remove(&broker, c);
             }
         }
-        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
-        for (_, (queue, consumer, entry)) in std::mem::take(&mut self.unacked) {
-            if let Some(c) = consumer {
-                c.settled();
-            }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &queue)) {
-                Some((_, entries)) => entries.push(entry),
-                None => by_queue.push((queue, vec![entry])),
-            }
-        }
-        for (q, entries) in by_queue {
-            q.requeue(entries.into_iter());
-            q.dispatch();
-        }
+        let out: Vec<u64> = self.unacked.keys().copied().collect();
+        self.settle(Settlement::Requeue, &out);
     }
 }
 
