@@ -1,6 +1,8 @@
 //! The built `wasmq` binary as a child process, for the tests that need a
 //! real process (kill -9, SIGTERM, the CLI).
 
+pub mod cluster;
+
 use std::path::Path;
 use std::process::Stdio;
 
@@ -70,7 +72,12 @@ impl Broker {
         let stdout = self.child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let (mut amqp, mut admin) = (None, None);
+        // WASMQ_TEST_LOG=1 echoes the broker's log, to debug a test.
+        let echo = std::env::var_os("WASMQ_TEST_LOG").is_some();
         while let Some(line) = lines.next_line().await.expect("read log") {
+            if echo {
+                eprintln!("{line}");
+            }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
@@ -84,7 +91,13 @@ impl Broker {
                 self.cluster_addr = v["fields"]["listen"].as_str().map(str::to_owned);
             }
             if let (Some(amqp), Some(admin)) = (&amqp, &admin) {
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                tokio::spawn(async move {
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if echo {
+                            eprintln!("{line}");
+                        }
+                    }
+                });
                 let l = (amqp.clone(), admin.clone());
                 self.listening = Some(l.clone());
                 return l;
