@@ -261,6 +261,7 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
         consumers: q.consumer_count(),
         segments: q.log().map(|l| l.segment_count()),
         node: node.map(str::to_owned),
+        quorum: None,
         message_stats: QueueMessageStats {
             publish: n(&q.enqueued),
             deliver_get: n(&q.delivered),
@@ -276,7 +277,12 @@ fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
     let mut out = Vec::new();
     for v in vhosts {
         let mut qs: Vec<QueueView> = v.queues().iter().map(|q| queue_view(v, q, me)).collect();
-        qs.extend(v.remote_queues().into_iter().map(|(name, r)| QueueView {
+        let local: std::collections::HashSet<String> = qs.iter().map(|q| q.name.clone()).collect();
+        let remote = v
+            .remote_queues()
+            .into_iter()
+            .filter(|(name, _)| !local.contains(name));
+        qs.extend(remote.map(|(name, r)| QueueView {
             name,
             vhost: v.name.clone(),
             durable: r.durable,
@@ -290,8 +296,12 @@ fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
             consumers: 0,
             segments: None,
             node: Some(r.node),
+            quorum: None,
             message_stats: QueueMessageStats::default(),
         }));
+        for q in &mut qs {
+            q.quorum = s.broker.quorum_status(&v.name, &q.name);
+        }
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         out.extend(qs);
     }
@@ -320,11 +330,9 @@ async fn queue(
 ) -> ApiResult<Json<QueueView>> {
     let v = visible_vhost(&s, &viewer, &v)?;
     let q = v.queue(&name)?;
-    Ok(Json(queue_view(
-        &v,
-        &q,
-        s.broker.cluster().map(|c| c.name()),
-    )))
+    let mut view = queue_view(&v, &q, s.broker.cluster().map(|c| c.name()));
+    view.quorum = s.broker.quorum_status(&v.name, &name);
+    Ok(Json(view))
 }
 
 async fn delete_queue(

@@ -91,6 +91,11 @@ pub struct QueueView {
     /// a queue of another node is listed with zeros).
     #[serde(default)]
     pub node: Option<String>,
+    /// A quorum queue's replication, as this node's replica sees it: the
+    /// leader, the members and their log positions (none: a classic
+    /// queue, or no replica on this node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<crate::cluster::quorum::ReplicaStatus>,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
 }

@@ -205,6 +205,21 @@ impl Broker {
                 vhost.name
             ))
         })?;
+        if limits.quorum {
+            // Quorum queues are made through the cluster's log
+            // (`broker/quorum.rs`); one that reaches here cannot be one.
+            return Err(BrokerError::PreconditionFailed(if owner.is_some() {
+                format!(
+                    "invalid property 'exclusive' for queue '{name}' in vhost '{}': quorum queues cannot be exclusive",
+                    vhost.name
+                )
+            } else {
+                format!(
+                    "invalid arg 'x-queue-type': quorum queues need a cluster (a [cluster] section) for queue '{name}' in vhost '{}'",
+                    vhost.name
+                )
+            }));
+        }
         let flow = self
             .queue_flow_bytes
             .load(std::sync::atomic::Ordering::Relaxed);

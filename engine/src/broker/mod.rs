@@ -22,6 +22,7 @@ mod error;
 mod exchange;
 mod plugins;
 mod queue;
+mod quorum;
 pub mod remote;
 mod replicated;
 mod rollout;
@@ -44,7 +45,10 @@ pub use queue::Pushed;
 pub use queue::{
     CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue, group_by_queue,
 };
-pub use queue::{DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, message_ttl};
+pub use queue::{
+    DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, Replicated, Reply, message_ttl,
+};
+pub use quorum::DEFAULT_GROUP_SIZE;
 pub use replicated::{BrokerApplier, definition_commands};
 pub use route::{FaultReport, Forward, PublishOutcome};
 
@@ -158,6 +162,11 @@ impl VHost {
     /// The node a queue on another node lives on (none: it is here, or
     /// nowhere).
     pub fn remote_node(&self, name: &str) -> Option<String> {
+        // A quorum queue's leader serves it here while it is also known
+        // as living elsewhere until every node has heard.
+        if self.queues.read().contains_key(name) {
+            return None;
+        }
         self.remote.read().get(name).map(|r| r.node.clone())
     }
 
@@ -239,6 +248,8 @@ pub struct Broker {
     cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterNode>>,
     /// Definitions are replicated by the cluster, not saved locally.
     replicated: std::sync::atomic::AtomicBool,
+    /// The quorum queues this node holds a replica of, by group.
+    quorum: Mutex<std::collections::HashMap<String, quorum::QuorumEntry>>,
 }
 
 /// Default flow watermark per queue: ready messages above this many bytes
@@ -305,6 +316,7 @@ impl Broker {
             overrides_allowed: Mutex::new(Vec::new()),
             cluster: std::sync::OnceLock::new(),
             replicated: false.into(),
+            quorum: Mutex::default(),
         });
         let mut builtins = Map::default();
         for (name, bytes) in crate::builtins::BUILTINS {

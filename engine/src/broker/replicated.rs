@@ -34,6 +34,7 @@ pub fn definition_commands(defs: &Definitions, node: &str) -> Vec<Command> {
             queue: q.clone(),
             durable: true,
             node: node.to_owned(),
+            members: Vec::new(),
         }));
     }
     for v in &defs.vhosts {
@@ -119,6 +120,8 @@ impl Broker {
     /// on.
     pub fn set_cluster(&self, node: std::sync::Arc<ClusterNode>) {
         let _ = self.cluster.set(node);
+        // Quorum queues applied while the node started get their replicas.
+        self.open_replicas();
     }
 
     /// Definitions are replicated (set before the cluster starts, so that
@@ -199,8 +202,24 @@ impl Broker {
                 queue,
                 durable,
                 node,
+                members,
+                ..
+            } if !members.is_empty() => {
+                self.apply_declare_quorum(&vhost, queue, *durable, node, members, me)
+            }
+            Command::DeclareQueue {
+                queue,
+                durable,
+                node,
                 ..
             } => self.apply_declare_queue(&vhost, queue, *durable, node, me),
+            Command::QueueLeader { name, node, .. } => {
+                self.apply_queue_leader(&vhost, name, node, me);
+                Ok(Applied::Done)
+            }
+            Command::DeleteQueue { name, .. } if self.is_quorum(&vhost, name) => Ok(
+                Applied::Removed(self.apply_delete_quorum(&vhost, name) as u32),
+            ),
             Command::DeleteQueue { name, .. } => {
                 if vhost.remote_queue(name).is_some() {
                     vhost.set_remote(name, None);
@@ -402,6 +421,7 @@ impl Broker {
             queue: q.queue.clone(),
             durable: q.durable,
             node: q.node.clone(),
+            members: q.members.clone(),
         }));
         commands.extend(catalog.bindings.values().map(|b| Command::Bind {
             vhost: b.vhost.clone(),

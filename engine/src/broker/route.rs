@@ -16,7 +16,7 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use super::exchange::{Destination, Exchange};
-use super::queue::Queue;
+use super::queue::{Queue, Reply};
 use super::{Broker, BrokerError, VHost};
 use crate::message::Message;
 use crate::plugin::{PluginFault, TransformDecision};
@@ -66,6 +66,10 @@ pub struct PublishOutcome {
     /// Copies for queues on other nodes, to be sent there (counted in
     /// `delivered`). Empty unless clustered.
     pub forwards: Vec<Forward>,
+    /// Copies proposed to quorum queues led here whose commit will be
+    /// answered through the replies the caller handed out: a publisher
+    /// confirm waits for that many answers.
+    pub replicating: u32,
 }
 
 /// A message routed to queues that live on another node.
@@ -194,6 +198,18 @@ impl Broker {
         exchange: Option<&Arc<Exchange>>,
         message: Message,
     ) -> PublishOutcome {
+        self.publish_replying(vhost, exchange, message, &mut || None)
+    }
+
+    /// [`Broker::publish_via`], with `reply` making the answer each quorum
+    /// queue's commit is to be told to (a publisher confirm waits for it).
+    pub fn publish_replying(
+        &self,
+        vhost: &VHost,
+        exchange: Option<&Arc<Exchange>>,
+        message: Message,
+        reply: &mut dyn FnMut() -> Option<Reply>,
+    ) -> PublishOutcome {
         let message = Arc::new(message);
         let mut ctx = Routing::default();
         match exchange {
@@ -204,6 +220,14 @@ impl Broker {
         }
         ctx.outcome.delivered = ctx.reached();
         for (q, m) in ctx.deliveries {
+            if let Some(r) = q.replica() {
+                // A quorum queue: the copy is proposed to its log, and
+                // joins the queue when committed.
+                let answer = reply();
+                ctx.outcome.replicating += u32::from(answer.is_some());
+                r.enqueue(m, answer);
+                continue;
+            }
             let pushed = q.push(m);
             if !pushed.accepted {
                 ctx.outcome.delivered -= 1;

@@ -42,7 +42,21 @@ pub enum Command {
         queue: QueueDefinition,
         /// Survives a restart.
         durable: bool,
-        /// The node it lives on (where its messages are kept).
+        /// The node it lives on (where its messages are kept); for a
+        /// quorum queue, the member that leads it first.
+        node: String,
+        /// A quorum queue's members: the nodes that hold a replica.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<String>,
+    },
+    /// A quorum queue's group elected a new leader, which serves the queue
+    /// from now on: every node sends its publishes and consumers there.
+    QueueLeader {
+        /// Its vhost.
+        vhost: String,
+        /// The queue.
+        name: String,
+        /// The leader's node.
         node: String,
     },
     /// `queue.delete`.
@@ -127,6 +141,7 @@ impl Command {
             Command::DeclareExchange { vhost, .. }
             | Command::DeleteExchange { vhost, .. }
             | Command::DeclareQueue { vhost, .. }
+            | Command::QueueLeader { vhost, .. }
             | Command::DeleteQueue { vhost, .. }
             | Command::Bind { vhost, .. }
             | Command::Unbind { vhost, .. } => vhost,

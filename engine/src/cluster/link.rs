@@ -112,6 +112,27 @@ pub enum Call {
     Join(Member),
     /// A member asks to be removed (`wasmq cluster leave`).
     Leave(String),
+    /// A quorum queue's Raft group: replicate entries.
+    QuorumAppend {
+        /// The group (the queue).
+        group: String,
+        /// The request.
+        rpc: AppendEntriesRequest<super::quorum::QuorumConfig>,
+    },
+    /// A quorum queue's Raft group: a candidate asks for a vote.
+    QuorumVote {
+        /// The group.
+        group: String,
+        /// The request.
+        rpc: VoteRequest<NodeId>,
+    },
+    /// A quorum queue's Raft group: a chunk of a snapshot.
+    QuorumSnapshot {
+        /// The group.
+        group: String,
+        /// The request.
+        rpc: InstallSnapshotRequest<super::quorum::QuorumConfig>,
+    },
 }
 
 /// The answer to a [`Call`].

@@ -32,19 +32,37 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{AnyError, Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
+use openraft::{
+    AnyError, Entry, LogId, OptionalSend, RaftTypeConfig, StorageError, StorageIOError, Vote,
+};
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{NodeId, TypeConfig};
+
+/// The Raft type configurations a [`RaftLog`] can hold: the cluster's
+/// definitions log and each quorum queue's log share the file format.
+pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: Clone> {}
+
+impl<C> LogConfig for C
+where
+    C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>, D: Clone>,
+    Entry<C>: Serialize + DeserializeOwned,
+{
+}
 
 /// Rewrite the file when it is above this size and several times what is
 /// live.
 const COMPACT_OVER: u64 = 1 << 20;
 
 #[derive(Serialize, Deserialize)]
-enum Record {
-    Entry(Entry<TypeConfig>),
+#[serde(bound(
+    serialize = "Entry<C>: Serialize",
+    deserialize = "Entry<C>: DeserializeOwned"
+))]
+enum Record<C: LogConfig> {
+    Entry(Entry<C>),
     Vote(Vote<NodeId>),
     Committed(Option<LogId<NodeId>>),
     /// Entries at this index and after are gone.
@@ -53,13 +71,13 @@ enum Record {
     Purge(LogId<NodeId>),
 }
 
-struct Inner {
+struct Inner<C: LogConfig> {
     path: PathBuf,
     file: File,
     len: u64,
     /// Bytes of the entry records that are live, for compaction.
     live: u64,
-    entries: BTreeMap<u64, (Entry<TypeConfig>, u64)>,
+    entries: BTreeMap<u64, (Entry<C>, u64)>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     purged: Option<LogId<NodeId>>,
@@ -67,12 +85,19 @@ struct Inner {
 
 /// The Raft log of this node. Clones share it (one is the log reader
 /// Raft's replication tasks read through).
-#[derive(Clone)]
-pub struct RaftLog {
-    inner: Arc<Mutex<Inner>>,
+pub struct RaftLog<C: LogConfig = TypeConfig> {
+    inner: Arc<Mutex<Inner<C>>>,
 }
 
-fn encode(record: &Record, out: &mut Vec<u8>) -> u64 {
+impl<C: LogConfig> Clone for RaftLog<C> {
+    fn clone(&self) -> Self {
+        RaftLog {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn encode<C: LogConfig>(record: &Record<C>, out: &mut Vec<u8>) -> u64 {
     let payload = serde_json::to_vec(record).expect("log records serialize");
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -92,9 +117,12 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-impl RaftLog {
+impl<C: LogConfig> RaftLog<C>
+where
+    Entry<C>: Serialize + DeserializeOwned,
+{
     /// Open (creating if need be) the log at `path` and replay it.
-    pub fn open(path: &Path) -> std::io::Result<RaftLog> {
+    pub fn open(path: &Path) -> std::io::Result<RaftLog<C>> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -151,7 +179,7 @@ impl RaftLog {
         self.inner.lock().len
     }
 
-    fn append_records(&self, records: Vec<Record>) -> Result<(), StorageError<NodeId>> {
+    fn append_records(&self, records: Vec<Record<C>>) -> Result<(), StorageError<NodeId>> {
         let mut inner = self.inner.lock();
         let mut buf = Vec::new();
         let mut sizes = Vec::with_capacity(records.len());
@@ -172,7 +200,10 @@ impl RaftLog {
     }
 }
 
-fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
+fn decode<C: LogConfig>(bytes: &[u8]) -> Option<(Record<C>, usize)>
+where
+    Entry<C>: DeserializeOwned,
+{
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
     let payload = bytes.get(8..8 + len)?;
@@ -183,8 +214,11 @@ fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
     Some((record, 8 + len))
 }
 
-impl Inner {
-    fn replay(&mut self, record: Record, size: u64) {
+impl<C: LogConfig> Inner<C>
+where
+    Entry<C>: Serialize + DeserializeOwned,
+{
+    fn replay(&mut self, record: Record<C>, size: u64) {
         match record {
             Record::Entry(e) => {
                 let index = e.log_id.index;
@@ -215,11 +249,11 @@ impl Inner {
         let tmp = self.path.with_extension("compact");
         let mut buf = Vec::new();
         if let Some(v) = &self.vote {
-            encode(&Record::Vote(*v), &mut buf);
+            encode::<C>(&Record::Vote(*v), &mut buf);
         }
-        encode(&Record::Committed(self.committed), &mut buf);
+        encode::<C>(&Record::Committed(self.committed), &mut buf);
         if let Some(p) = self.purged {
-            encode(&Record::Purge(p), &mut buf);
+            encode::<C>(&Record::Purge(p), &mut buf);
         }
         for (e, _) in self.entries.values() {
             encode(&Record::Entry(e.clone()), &mut buf);
@@ -239,11 +273,14 @@ impl Inner {
     }
 }
 
-impl RaftLogReader<TypeConfig> for RaftLog {
+impl<C: LogConfig> RaftLogReader<C> for RaftLog<C>
+where
+    Entry<C>: Serialize + DeserializeOwned,
+{
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+    ) -> Result<Vec<Entry<C>>, StorageError<NodeId>> {
         let inner = self.inner.lock();
         Ok(inner
             .entries
@@ -253,10 +290,13 @@ impl RaftLogReader<TypeConfig> for RaftLog {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for RaftLog {
-    type LogReader = RaftLog;
+impl<C: LogConfig> RaftLogStorage<C> for RaftLog<C>
+where
+    Entry<C>: Serialize + DeserializeOwned,
+{
+    type LogReader = RaftLog<C>;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<NodeId>> {
         let inner = self.inner.lock();
         let last = inner
             .entries
@@ -293,7 +333,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
         // entries are applied again from the snapshot after a restart.
         let mut inner = self.inner.lock();
         let mut buf = Vec::new();
-        let n = encode(&Record::Committed(committed), &mut buf);
+        let n = encode::<C>(&Record::Committed(committed), &mut buf);
         inner.file.write_all(&buf).map_err(write_err)?;
         inner.len += n;
         inner.committed = committed;
@@ -307,13 +347,13 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
+        callback: LogFlushed<C>,
     ) -> Result<(), StorageError<NodeId>>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry<C>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let records: Vec<Record> = entries.into_iter().map(Record::Entry).collect();
+        let records: Vec<Record<C>> = entries.into_iter().map(Record::Entry).collect();
         match self.append_records(records) {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -336,7 +376,7 @@ impl RaftLogStorage<TypeConfig> for RaftLog {
 }
 
 /// Read one file whole, for the snapshot store; a missing file is `None`.
-pub(super) fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StorageError<NodeId>> {
+pub(crate) fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StorageError<NodeId>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -361,7 +401,7 @@ mod tests {
     fn entries_vote_truncate_and_purge_survive_reopening_and_a_torn_tail_is_cut() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("raft.log");
-        let log = RaftLog::open(&path).unwrap();
+        let log: RaftLog = RaftLog::open(&path).unwrap();
         log.append_records((1..=5).map(|i| Record::Entry(entry(1, i))).collect())
             .unwrap();
         log.append_records(vec![Record::Vote(Vote::new(2, 7))])
@@ -374,7 +414,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
-        let log = RaftLog::open(&path).unwrap();
+        let log: RaftLog = RaftLog::open(&path).unwrap();
         let inner = log.inner.lock();
         assert_eq!(inner.entries.keys().copied().collect::<Vec<_>>(), [2, 3]);
         assert_eq!(inner.vote, Some(Vote::new(2, 7)));
@@ -385,7 +425,7 @@ mod tests {
     fn compaction_keeps_what_is_live() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("raft.log");
-        let log = RaftLog::open(&path).unwrap();
+        let log: RaftLog = RaftLog::open(&path).unwrap();
         for i in 1..=20_000u64 {
             log.append_records(vec![Record::Entry(entry(1, i))])
                 .unwrap();
@@ -397,7 +437,7 @@ mod tests {
         let bytes = log.file_bytes();
         assert!(bytes < COMPACT_OVER * 2, "compacted: {bytes}");
         drop(log);
-        let log = RaftLog::open(&path).unwrap();
+        let log: RaftLog = RaftLog::open(&path).unwrap();
         let inner = log.inner.lock();
         assert_eq!(inner.entries.len(), 10);
         assert_eq!(inner.entries.keys().next(), Some(&19_991));

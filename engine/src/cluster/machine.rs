@@ -118,8 +118,11 @@ pub struct QueueRecord {
     pub queue: QueueDefinition,
     /// Durable.
     pub durable: bool,
-    /// The node it lives on.
+    /// The node it lives on (a quorum queue's: its leader).
     pub node: String,
+    /// A quorum queue's members.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
 }
 
 /// A replicated binding.
@@ -191,6 +194,7 @@ impl Catalog {
                 queue,
                 durable,
                 node,
+                members,
             } => {
                 self.queues
                     .entry(key(vhost, &queue.name))
@@ -199,7 +203,15 @@ impl Catalog {
                         queue: queue.clone(),
                         durable: *durable,
                         node: node.clone(),
+                        members: members.clone(),
                     });
+            }
+            Command::QueueLeader { vhost, name, node } => {
+                if let Some(q) = self.queues.get_mut(&key(vhost, name))
+                    && !q.members.is_empty()
+                {
+                    q.node = node.clone();
+                }
             }
             Command::DeleteQueue { vhost, name, .. } => {
                 self.queues.remove(&key(vhost, name));

@@ -27,6 +27,7 @@ pub mod log;
 pub mod machine;
 pub mod network;
 pub mod node;
+pub mod quorum;
 pub mod settings;
 
 use serde::{Deserialize, Serialize};
@@ -135,6 +136,7 @@ mod tests {
             },
             durable: true,
             node: "a".into(),
+            members: Vec::new(),
         }
     }
 

@@ -189,9 +189,9 @@ pub struct Network {
 
 /// A client of one target node.
 pub struct Conn {
-    peers: Arc<Peers>,
-    target: NodeId,
-    member: Member,
+    pub(crate) peers: Arc<Peers>,
+    pub(crate) target: NodeId,
+    pub(crate) member: Member,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -207,7 +207,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 impl Conn {
-    async fn call<E: std::error::Error>(
+    pub(crate) async fn call<E: std::error::Error>(
         &self,
         call: Call,
         option: &RPCOption,
@@ -226,7 +226,7 @@ impl Conn {
             })
     }
 
-    fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Member, E> {
+    pub(crate) fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Member, E> {
         RPCError::RemoteError(RemoteError::new_with_node(
             self.target,
             self.member.clone(),
@@ -235,7 +235,7 @@ impl Conn {
     }
 }
 
-fn unexpected<E: std::error::Error>(a: &Answer) -> RPCError<NodeId, Member, E> {
+pub(crate) fn unexpected<E: std::error::Error>(a: &Answer) -> RPCError<NodeId, Member, E> {
     let e = std::io::Error::other(format!("unexpected answer {a:?}"));
     RPCError::Network(NetworkError::new(&e))
 }

@@ -15,7 +15,7 @@
 //! got `declare-ok` finds the definition on the node it is connected to,
 //! and every other node has it or will, in the same order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,7 @@ use super::link::{Answer, Call, Handler, Link, LinkError};
 use super::log::RaftLog;
 use super::machine::{Applier, Catalog, StateMachine};
 use super::network::{Network, Peers};
+use super::quorum::QuorumConfig;
 use super::settings::ClusterSettings;
 use super::{Member, NodeId, TypeConfig, node_id};
 
@@ -113,6 +114,7 @@ pub struct NodeStatus {
 /// This node in the cluster.
 pub struct ClusterNode {
     settings: ClusterSettings,
+    dir: std::path::PathBuf,
     me: Member,
     id: NodeId,
     raft: Raft<TypeConfig>,
@@ -122,6 +124,8 @@ pub struct ClusterNode {
     /// The runtime the node runs on, for work started from other threads
     /// (the plugin folder's watcher).
     runtime: tokio::runtime::Handle,
+    /// The quorum queue groups this node holds a replica of, by group.
+    groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -215,6 +219,7 @@ impl ClusterNode {
         .map_err(raft_err)?;
         let node = Arc::new(ClusterNode {
             settings,
+            dir: dir.to_owned(),
             me,
             id,
             raft,
@@ -222,6 +227,7 @@ impl ClusterNode {
             peers: peers.clone(),
             stop: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
+            groups: Default::default(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
@@ -246,6 +252,51 @@ impl ClusterNode {
     /// The address other nodes reach this one at.
     pub fn addr(&self) -> &str {
         &self.me.addr
+    }
+
+    /// The folder of this node's cluster state.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The `[cluster]` settings.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// The node's links.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Serve the calls of quorum queue group `group` with `raft`.
+    pub fn add_group(&self, group: String, raft: Raft<QuorumConfig>) {
+        self.groups.write().insert(group, raft);
+    }
+
+    /// Stop serving group `group`.
+    pub fn remove_group(&self, group: &str) {
+        self.groups.write().remove(group);
+    }
+
+    fn group(&self, group: &str) -> Result<Raft<QuorumConfig>, String> {
+        self.groups
+            .read()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| format!("no replica of quorum queue group {group:?} on this node"))
+    }
+
+    /// The members of the cluster (voters), by name.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .filter(|(id, _)| voters.contains(id))
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
     /// Hand the message traffic of every link to `sink`.
@@ -287,6 +338,10 @@ impl ClusterNode {
     /// Stop Raft and the listener.
     pub async fn shutdown(&self) {
         self.stop.cancel();
+        let groups: Vec<Raft<QuorumConfig>> = self.groups.write().drain().map(|(_, r)| r).collect();
+        for g in groups {
+            let _ = g.shutdown().await;
+        }
         let _ = self.raft.shutdown().await;
     }
 
@@ -352,6 +407,13 @@ impl ClusterNode {
             }
             Call::Join(member) => Answer::Membership(self.admit(member).await),
             Call::Leave(name) => Answer::Membership(self.remove(&name).await),
+            Call::QuorumAppend { group, rpc } => {
+                Answer::AppendEntries(self.group(&group)?.append_entries(rpc).await)
+            }
+            Call::QuorumVote { group, rpc } => Answer::Vote(self.group(&group)?.vote(rpc).await),
+            Call::QuorumSnapshot { group, rpc } => {
+                Answer::InstallSnapshot(self.group(&group)?.install_snapshot(rpc).await)
+            }
         })
     }
 

@@ -34,18 +34,7 @@ impl Channel {
                 }
                 let q = self.queue(ctx, &c.queue, Access::Read)?;
                 let tag = self.consumer_tag(ctx, c)?;
-                let consumer = Arc::new(Consumer {
-                    tag: tag.clone(),
-                    channel: self.id,
-                    connection: ctx.connection,
-                    no_ack: c.no_ack,
-                    exclusive: c.exclusive,
-                    prefetch: self.prefetch,
-                    unacked: Default::default(),
-                    in_flight: Default::default(),
-                    channel_credit: self.credit.clone(),
-                    sink: ctx.dispatch.clone(),
-                });
+                let consumer = self.new_consumer(ctx, &tag, c.no_ack, c.exclusive, self.prefetch);
                 // consume-ok goes out before any delivery to this consumer:
                 // it is written to the buffer before the queue can dispatch.
                 let before = ctx.out.len();
@@ -67,6 +56,9 @@ impl Channel {
                             q.name, ctx.vhost.name
                         ),
                     ));
+                }
+                if q.limits.quorum {
+                    self.follow(&tag, &q.name, c);
                 }
                 self.consumers.insert(tag, (consumer, q));
             }
@@ -152,7 +144,10 @@ impl Channel {
         } else {
             c.consumer_tag.to_string()
         };
-        if self.consumers.contains_key(&tag) || self.remote_consumers.contains_key(&tag) {
+        if self.consumers.contains_key(&tag)
+            || self.remote_consumers.contains_key(&tag)
+            || self.quorum_subs.contains_key(&tag)
+        {
             return Err(AmqpError::new(
                 530,
                 format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"),
@@ -300,6 +295,7 @@ impl Channel {
     }
 
     pub(super) fn cancel_consumer(&mut self, ctx: &mut Ctx<'_>, tag: &str) {
+        self.quorum_subs.remove(tag);
         if self.cancel_remote(ctx, tag) {
             return;
         }
@@ -313,6 +309,12 @@ impl Channel {
 
     /// The queue deleted a consumer of ours: tell the client.
     pub(crate) fn server_cancel(&mut self, ctx: &mut Ctx<'_>, tag: &str, notify: bool) {
+        if self.keeps_following(ctx, tag) {
+            // Its quorum queue's leader moved: it re-subscribes there.
+            self.consumers.remove(tag);
+            return;
+        }
+        self.quorum_subs.remove(tag);
         if self.consumers.remove(tag).is_some() && notify {
             self.send(
                 ctx,

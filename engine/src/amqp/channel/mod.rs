@@ -18,6 +18,7 @@ mod consume;
 mod declare;
 mod error;
 mod publish;
+mod quorum;
 mod remote;
 mod replicated;
 
@@ -176,6 +177,8 @@ pub(crate) struct Channel {
     pending: Option<Pending>,
     consumers: Map<String, (Arc<Consumer>, Arc<Queue>)>,
     remote_consumers: Map<String, RemoteConsumer>,
+    /// Consumers of quorum queues, attached or waiting for the leader.
+    quorum_subs: Map<String, quorum::QuorumSub>,
     unacked: VecDeque<(u64, Unacked)>,
     next_tag: u64,
     prefetch: u32,
@@ -235,6 +238,7 @@ impl Channel {
             pending: None,
             consumers: Map::default(),
             remote_consumers: Map::default(),
+            quorum_subs: Map::default(),
             unacked: VecDeque::new(),
             next_tag: 0,
             prefetch: 0,

@@ -92,15 +92,31 @@ impl Channel {
                 message.body.clone(),
             )
         });
-        let mut outcome = ctx.broker.publish_via(ctx.vhost, x.as_ref(), message);
-        let forwarded = !outcome.forwards.is_empty();
+        let seq = if self.confirm {
+            self.publish_seq + 1
+        } else {
+            0
+        };
+        let mut outcome = if seq == 0 {
+            ctx.broker.publish_via(ctx.vhost, x.as_ref(), message)
+        } else {
+            let (sink, channel) = (ctx.dispatch.clone(), self.id);
+            ctx.broker
+                .publish_replying(ctx.vhost, x.as_ref(), message, &mut || {
+                    let sink = sink.clone();
+                    Some(Box::new(move |ok| {
+                        let _ = sink.send(Dispatch::Replicated { channel, seq, ok });
+                    }))
+                })
+        };
+        let forwarded = !outcome.forwards.is_empty() || outcome.replicating > 0;
         if forwarded {
-            let seq = if self.confirm {
-                self.publish_seq + 1
-            } else {
-                0
-            };
-            self.forward(ctx, std::mem::take(&mut outcome.forwards), seq);
+            self.forward(
+                ctx,
+                std::mem::take(&mut outcome.forwards),
+                seq,
+                outcome.replicating,
+            );
         }
         let exchange = x.as_ref().map_or("", |x| x.name.as_str());
         let nothing = outcome.delivered == 0 && outcome.dead_lettered == 0 && !outcome.dropped;

@@ -48,6 +48,9 @@ impl Channel {
             );
         }
         let queue = self.queue_name(&c.queue)?;
+        if ctx.broker.is_quorum(ctx.vhost, &queue) {
+            self.follow(&tag, &queue, c);
+        }
         ctx.to_nodes.push(ToNode {
             node: node.clone(),
             frame: Traffic::Consume {
@@ -240,8 +243,15 @@ impl Channel {
     }
 
     /// Send the copies a publish routed to other nodes; with `seq` (a
-    /// confirm tag) its confirm waits for every node's answer.
-    pub(super) fn forward(&mut self, ctx: &mut Ctx<'_>, forwards: Vec<Forward>, seq: u64) {
+    /// confirm tag) its confirm waits for every node's answer, and for
+    /// `replicating` commits of quorum queues led here.
+    pub(super) fn forward(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        forwards: Vec<Forward>,
+        seq: u64,
+        replicating: u32,
+    ) {
         let origin = self.origin(ctx);
         let mut nodes = Vec::new();
         for f in &forwards {
@@ -260,7 +270,7 @@ impl Channel {
             self.forwarded.insert(
                 seq,
                 Forwarded {
-                    outstanding: nodes.len() as u32,
+                    outstanding: nodes.len() as u32 + replicating,
                     ok: true,
                     nodes,
                 },
@@ -305,7 +315,14 @@ impl Channel {
         properties: &Bytes,
         body: &Bytes,
     ) -> bool {
-        let Some(no_ack) = self.remote_consumers.get(tag).map(|c| c.no_ack) else {
+        // A consumer that moved (its quorum queue's leader changed) takes
+        // nothing more from the node it left.
+        let Some(no_ack) = self
+            .remote_consumers
+            .get(tag)
+            .filter(|c| c.node == link.peer)
+            .map(|c| c.no_ack)
+        else {
             return false;
         };
         if self.closing {
@@ -348,6 +365,12 @@ impl Channel {
         if self.remote_consumers.remove(tag).is_none() {
             return Ok(());
         }
+        if code != 403 && self.keeps_following(ctx, tag) {
+            // Its quorum queue's leader moved or its node is lost: it
+            // re-subscribes when the new leader is known.
+            return Ok(());
+        }
+        self.quorum_subs.remove(tag);
         if code != 0 {
             return Err(AmqpError::new(code, text));
         }

@@ -173,8 +173,18 @@ impl Channel {
         }
     }
 
-    /// A `queue.declare` of a shared queue, living on this node.
+    /// A `queue.declare` of a shared queue, living on this node (a quorum
+    /// queue: on the members the broker places it on).
     pub(super) fn queue_command(ctx: &Ctx<'_>, name: &str, d: &queue::Declare) -> Command {
+        let me = ctx
+            .broker
+            .cluster()
+            .map(|c| c.name().to_owned())
+            .unwrap_or_default();
+        let (node, members) = match ctx.broker.place_quorum(&d.arguments) {
+            Some((leader, members)) => (leader, members),
+            None => (me, Vec::new()),
+        };
         Command::DeclareQueue {
             vhost: ctx.vhost.name.clone(),
             queue: QueueDefinition {
@@ -183,11 +193,8 @@ impl Channel {
                 arguments: d.arguments.clone(),
             },
             durable: d.durable,
-            node: ctx
-                .broker
-                .cluster()
-                .map(|c| c.name().to_owned())
-                .unwrap_or_default(),
+            node,
+            members,
         }
     }
 }

@@ -387,6 +387,13 @@ impl Connection {
 
     pub(super) fn dispatch(&mut self, d: Dispatch) -> Step {
         let notify = self.cancel_notify;
+        let mut detached = false;
+        let step = self.dispatch_one(d, notify, &mut detached);
+        self.rehoming |= detached;
+        step
+    }
+
+    fn dispatch_one(&mut self, d: Dispatch, notify: bool, detached: &mut bool) -> Step {
         let (mut ctx, channels) = self.ctx();
         match d {
             Dispatch::Deliver {
@@ -414,13 +421,30 @@ impl Connection {
             Dispatch::Cancel { channel, tag, .. } => {
                 if let Some(ch) = channels.get_mut(&channel) {
                     ch.server_cancel(&mut ctx, &tag, notify);
+                    *detached |= ch.detached();
                 }
             }
             Dispatch::Remote { link, traffic } => return self.remote(link, *traffic),
+            Dispatch::Replicated { channel, seq, ok } => {
+                if let Some(ch) = channels.get_mut(&channel) {
+                    ch.remote_confirmed(seq, ok);
+                }
+                let synced = self.last_synced;
+                self.release_confirms(synced);
+            }
+            Dispatch::Moved { vhost, queue } => {
+                if ctx.vhost.name == vhost {
+                    for ch in channels.values_mut() {
+                        ch.rehome(&mut ctx, &queue, notify);
+                        *detached |= ch.detached();
+                    }
+                }
+            }
             Dispatch::LinkLost { node } => {
                 let mut waiting = Vec::new();
                 for ch in channels.values_mut() {
                     ch.node_lost(&mut ctx, &node, notify);
+                    *detached |= ch.detached();
                     if ch.asked.as_ref().is_some_and(|(n, _)| *n == node) {
                         waiting.push(ch.id);
                     }
@@ -435,6 +459,20 @@ impl Connection {
                 }
             }
         }
+        Step::Continue
+    }
+
+    /// Try again to subscribe the consumers of quorum queues that wait for
+    /// their leader.
+    pub(super) fn rehome(&mut self) -> Step {
+        let notify = self.cancel_notify;
+        let (mut ctx, channels) = self.ctx();
+        let mut still = false;
+        for ch in channels.values_mut() {
+            ch.rehome_detached(&mut ctx, notify);
+            still |= ch.detached();
+        }
+        self.rehoming = still;
         Step::Continue
     }
 
@@ -490,9 +528,13 @@ impl Connection {
                 code,
                 text,
             } => {
-                let refused = channels
-                    .get_mut(&origin.channel)
-                    .map(|ch| ch.remote_refused(&mut ctx, &tag, code, text, notify));
+                let mut detached = false;
+                let refused = channels.get_mut(&origin.channel).map(|ch| {
+                    let r = ch.remote_refused(&mut ctx, &tag, code, text, notify);
+                    detached = ch.detached();
+                    r
+                });
+                self.rehoming |= detached;
                 if let Some(Err(e)) = refused {
                     self.channel_error(origin.channel, e);
                 }
@@ -555,6 +597,9 @@ impl Connection {
         if unreached {
             let synced = self.last_synced;
             self.release_confirms(synced);
+            // A quorum queue's consumer that did not reach the leader's
+            // node tries again.
+            self.rehoming |= self.channels.values().any(Channel::detached);
         }
         for (channel, node) in unanswered {
             if let Step::Stop(why) = self.answered(channel, None, Channel::node_down(&node)) {

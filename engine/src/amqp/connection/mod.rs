@@ -66,6 +66,9 @@ const READ_MIN: usize = 1024;
 /// How often a connection that is not reading its socket checks whether
 /// the client has gone.
 const PEER_CHECK: Duration = Duration::from_secs(1);
+/// How often consumers of quorum queues that lost their leader's node try
+/// to subscribe again.
+const REHOME_EVERY: Duration = Duration::from_millis(500);
 /// Why a connection ends when the client closed its socket.
 const CLIENT_GONE: &str = "client went away";
 
@@ -137,6 +140,7 @@ pub(crate) async fn run(
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
+        rehoming: false,
         channels: Map::default(),
         dispatch_tx,
         exclusive_queues: Vec::new(),
@@ -254,6 +258,10 @@ struct Connection {
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
+    /// Some channel has a consumer of a quorum queue waiting to
+    /// re-subscribe (its leader's node was lost, or it moved): tried again
+    /// every [`REHOME_EVERY`].
+    rehoming: bool,
     channels: Map<u16, Channel>,
     dispatch_tx: mpsc::UnboundedSender<Dispatch>,
     exclusive_queues: Vec<String>,
@@ -322,6 +330,8 @@ impl Connection {
         };
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rehome = tokio::time::interval(REHOME_EVERY);
+        rehome.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut liveness = tokio::time::interval(PEER_CHECK);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
@@ -384,6 +394,7 @@ impl Connection {
                         self.committed(done)
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
+                    _ = rehome.tick(), if self.rehoming => self.rehome(),
                     // Not reading (flow control, an alarm, output backed
                     // up), the connection would never see its client's
                     // EOF or reset, and would hold what it took from it

@@ -45,6 +45,13 @@ pub struct QueueLimits {
     /// `x-max-priority`: the highest message priority the queue orders by
     /// (0: a plain FIFO queue).
     pub max_priority: u8,
+    /// `x-queue-type = quorum`: replicated through a Raft group of its own.
+    pub quorum: bool,
+    /// `x-delivery-limit` (quorum queues): a message returned more often
+    /// than this is dead-lettered (reason `delivery_limit`) or dropped.
+    pub delivery_limit: Option<u32>,
+    /// `x-quorum-initial-group-size`: how many nodes hold a replica.
+    pub initial_group_size: Option<usize>,
 }
 
 fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
@@ -84,22 +91,22 @@ impl QueueLimits {
                 ));
             }
         };
-        // RabbitMQ's queue types. Only classic queues exist here until
-        // quorum queues are built on the cluster: a queue the user believes
-        // replicated must not quietly be a classic one.
-        match string_arg(args, "x-queue-type")?.as_deref() {
-            None | Some("classic") => {}
-            Some(t @ ("quorum" | "stream")) => {
-                return Err(format!(
-                    "invalid arg 'x-queue-type': '{t}' queues are not supported by this broker (classic queues only; quorum queues need a cluster)"
-                ));
+        // RabbitMQ's queue types. Streams do not exist here: a queue the
+        // user believes is a stream must not quietly be something else.
+        let quorum = match string_arg(args, "x-queue-type")?.as_deref() {
+            None | Some("classic") => false,
+            Some("quorum") => true,
+            Some("stream") => {
+                return Err(
+                    "invalid arg 'x-queue-type': 'stream' queues are not supported by this broker (classic and quorum queues only)".into(),
+                );
             }
             Some(other) => {
                 return Err(format!(
-                    "invalid arg 'x-queue-type': '{other}' (expected classic)"
+                    "invalid arg 'x-queue-type': '{other}' (expected classic or quorum)"
                 ));
             }
-        }
+        };
         let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
             dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
@@ -109,7 +116,35 @@ impl QueueLimits {
             overflow,
             expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
             max_priority: 0,
+            quorum,
+            delivery_limit: int_arg(args, "x-delivery-limit")?
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
         };
+        if quorum {
+            // What RabbitMQ's quorum queues refuse, refused the same way.
+            for arg in ["x-max-priority", "x-queue-mode", "x-queue-master-locator"] {
+                if args.inner().contains_key(arg) {
+                    return Err(format!(
+                        "invalid arg '{arg}': not supported by quorum queues"
+                    ));
+                }
+            }
+            if overflow == Overflow::RejectPublishDlx {
+                return Err("invalid arg 'x-overflow': 'reject-publish-dlx' is not supported by quorum queues (drop-head or reject-publish)".into());
+            }
+            if limits.initial_group_size == Some(0) {
+                return Err("invalid arg 'x-quorum-initial-group-size': must be positive".into());
+            }
+        } else {
+            for arg in ["x-delivery-limit", "x-quorum-initial-group-size"] {
+                if args.inner().contains_key(arg) {
+                    return Err(format!(
+                        "invalid arg '{arg}': only quorum queues (x-queue-type = quorum) take it"
+                    ));
+                }
+            }
+        }
         if limits.expires == Some(Duration::ZERO) {
             return Err("invalid arg 'x-expires': must be positive".into());
         }
@@ -205,11 +240,53 @@ mod tests {
     }
 
     #[test]
-    fn quorum_and_stream_queues_are_refused_by_name() {
-        for kind in ["quorum", "stream", "lazy"] {
+    fn stream_and_unknown_queue_types_are_refused_by_name() {
+        for kind in ["stream", "lazy"] {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
             assert!(QueueLimits::parse(&args).unwrap_err().contains(kind));
         }
+    }
+
+    #[test]
+    fn quorum_queues_take_their_arguments_and_refuse_what_rabbitmq_refuses() {
+        let quorum = |extra: &[(&str, AMQPValue)]| {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            for (k, v) in extra {
+                args.insert((*k).into(), v.clone());
+            }
+            QueueLimits::parse(&args)
+        };
+        let l = quorum(&[
+            ("x-delivery-limit", AMQPValue::LongInt(3)),
+            ("x-quorum-initial-group-size", AMQPValue::LongInt(5)),
+        ])
+        .unwrap();
+        assert!(l.quorum);
+        assert_eq!(l.delivery_limit, Some(3));
+        assert_eq!(l.initial_group_size, Some(5));
+        for (arg, value) in [
+            ("x-max-priority", AMQPValue::LongInt(5)),
+            (
+                "x-overflow",
+                AMQPValue::LongString("reject-publish-dlx".into()),
+            ),
+            ("x-quorum-initial-group-size", AMQPValue::LongInt(0)),
+        ] {
+            let e = quorum(&[(arg, value)]).unwrap_err();
+            assert!(e.contains(arg), "{e}");
+        }
+        // A classic queue does not take the quorum-only arguments.
+        let mut args = FieldTable::default();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(3));
+        assert!(
+            QueueLimits::parse(&args)
+                .unwrap_err()
+                .contains("x-delivery-limit")
+        );
     }
 }

@@ -64,6 +64,24 @@ pub enum Dispatch {
         /// The node.
         node: String,
     },
+    /// A quorum queue's enqueue was committed (or failed): a publisher
+    /// confirm it waited for.
+    Replicated {
+        /// The publishing channel.
+        channel: u16,
+        /// Its confirm tag.
+        seq: u64,
+        /// Taken.
+        ok: bool,
+    },
+    /// A quorum queue has a new leader (or is gone): consumers of it
+    /// re-subscribe where it lives now.
+    Moved {
+        /// Its vhost.
+        vhost: String,
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// One consumer of a queue.

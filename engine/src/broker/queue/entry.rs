@@ -25,6 +25,9 @@ pub struct Entry {
     /// Its `priority` property (0 without one); orders it in a queue with
     /// `x-max-priority`.
     pub priority: u8,
+    /// Its id in a quorum queue's replicated log (the index of the entry
+    /// that enqueued it); 0 in a classic queue.
+    pub id: u64,
 }
 
 impl Entry {
@@ -37,6 +40,7 @@ impl Entry {
             stored: None,
             redelivered: false,
             expires_at: None,
+            id: 0,
         }
     }
 

@@ -94,6 +94,8 @@ pub enum DeathReason {
     Expired,
     /// Pushed out by a length limit.
     MaxLength,
+    /// Returned more often than the quorum queue's `x-delivery-limit`.
+    DeliveryLimit,
 }
 
 impl DeathReason {
@@ -103,9 +105,31 @@ impl DeathReason {
             DeathReason::Rejected => "rejected",
             DeathReason::Expired => "expired",
             DeathReason::MaxLength => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
         }
     }
 }
+
+/// What a quorum queue's live queue (on its leader) reports to its
+/// replicated log. Implemented by the queue's Raft replica; the queue
+/// itself knows nothing of Raft.
+pub trait Replicated: Send + Sync {
+    /// Propose `message` for the queue; `reply(taken)` once it is
+    /// committed and in the queue, or refused, or failed.
+    fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>);
+    /// These messages left the queue for good (acked, dead-lettered,
+    /// expired, dropped, purged).
+    fn settled(&self, ids: Vec<u64>);
+    /// These messages were returned (nack/reject with requeue, a consumer
+    /// gone): each one's new delivery count, in the same order.
+    fn returned(&self, ids: &[u64]) -> Vec<u32>;
+    /// Whether this replica leads its group now (a live queue on a node
+    /// that stopped leading must not be published into).
+    fn leads(&self) -> bool;
+}
+
+/// Told whether a replicated enqueue was taken.
+pub type Reply = Box<dyn FnOnce(bool) + Send>;
 
 /// Where a queue sends messages it dead-letters. Set by the broker for
 /// queues with `x-dead-letter-exchange`; called without the queue's lock.
@@ -168,6 +192,9 @@ pub struct Queue {
     /// Above this many ready bytes, persistent messages are kept on disk
     /// only (paged out) and read back when delivered.
     page_over: usize,
+    /// A quorum queue's replicated log (set on the live queue its leader
+    /// serves from): settlements and returns are proposed there.
+    replica: Option<Arc<dyn Replicated>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -226,7 +253,19 @@ impl Queue {
             drained: tokio::sync::Notify::new(),
             dead_letters,
             used: Mutex::new(Instant::now()),
+            replica: None,
         }
+    }
+
+    /// This queue as the live queue of a quorum queue's leader.
+    pub(crate) fn with_replica(mut self, replica: Arc<dyn Replicated>) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// The quorum queue's replicated log, if this is one.
+    pub fn replica(&self) -> Option<&Arc<dyn Replicated>> {
+        self.replica.as_ref()
     }
 
     /// Record a use (consume, cancel, get, redeclare) for `x-expires`.
@@ -290,6 +329,11 @@ impl Queue {
     pub fn forget<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
         if let Some(log) = &self.log {
             log.ack(entries.into_iter().filter_map(|e| e.stored));
+        } else if let Some(r) = &self.replica {
+            let ids: Vec<u64> = entries.into_iter().map(|e| e.id).collect();
+            if !ids.is_empty() {
+                r.settled(ids);
+            }
         }
     }
 
@@ -314,6 +358,7 @@ impl Queue {
                 body_len: r.meta.body_len,
                 redelivered: true,
                 priority: r.meta.priority,
+                id: 0,
                 expires_at: ttl.map(|t| {
                     let left = (r.meta.published_ms + t).saturating_sub(now_ms);
                     now + Duration::from_millis(left)
@@ -347,6 +392,10 @@ impl Queue {
             return;
         }
         let stored: Vec<StoreRef> = dead.iter().filter_map(|(e, _)| e.stored).collect();
+        let replicated: Vec<u64> = match &self.replica {
+            Some(_) => dead.iter().map(|(e, _)| e.id).collect(),
+            None => Vec::new(),
+        };
         if let Some(sink) = &self.dead_letters {
             self.dead_lettered
                 .fetch_add(dead.len() as u64, Ordering::Relaxed);
@@ -356,6 +405,9 @@ impl Queue {
         // leaves this one's (at least once, never lost).
         if let (Some(log), false) = (&self.log, stored.is_empty()) {
             log.ack(stored);
+        }
+        if let (Some(r), false) = (&self.replica, replicated.is_empty()) {
+            r.settled(replicated);
         }
     }
 
@@ -418,6 +470,12 @@ impl Queue {
         let mut entry = Entry::new(message);
         entry.expires_at = ttl.map(|t| Instant::now() + t);
         let mut ticket = 0;
+        if self.replica.is_some() {
+            // A quorum queue's messages arrive through its log
+            // (`push_replicated`); a direct push is a bug.
+            debug_assert!(false, "push into a quorum queue's live queue");
+            return Pushed::default();
+        }
         // Paged out only once it is accepted: a message refused or
         // dead-lettered on its way in must still have its body.
         let mut page_out = false;
@@ -443,6 +501,37 @@ impl Queue {
                 }
             }
         }
+        let accepted = self.admit(entry, ttl, page_out);
+        Pushed { accepted, ticket }
+    }
+
+    /// Add a message a quorum queue's log committed (its id is the log
+    /// index), as [`Queue::push`] adds a published one: limits, TTL from
+    /// when it was published, and a consumer if one has credit. Returns
+    /// whether it was taken (a refused one is settled in the log).
+    pub fn push_replicated(
+        self: &Arc<Self>,
+        id: u64,
+        message: Arc<Message>,
+        published_ms: u64,
+        redelivered: bool,
+    ) -> bool {
+        let own_ttl = message_ttl(&message).ok().flatten();
+        let ttl = match (self.limits.message_ttl, own_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut entry = Entry::new(message);
+        entry.id = id;
+        entry.redelivered = redelivered;
+        entry.expires_at = ttl.map(|t| {
+            let left = (published_ms + t.as_millis() as u64).saturating_sub(now_ms());
+            Instant::now() + Duration::from_millis(left)
+        });
+        self.admit(entry, ttl, false)
+    }
+
+    fn admit(self: &Arc<Self>, mut entry: Entry, ttl: Option<Duration>, page_out: bool) -> bool {
         let mut dead = Vec::new();
         let accepted = {
             let mut st = self.state.lock();
@@ -491,11 +580,13 @@ impl Queue {
                 if let Some(log) = &self.log {
                     log.ack([r]);
                 }
+            } else if let Some(r) = &self.replica {
+                r.settled(vec![entry.id]);
             }
             accepted
         };
         self.bury(dead);
-        Pushed { accepted, ticket }
+        accepted
     }
 
     /// Put deliveries back at the head of the queue, in their original
@@ -513,10 +604,50 @@ impl Queue {
 
     fn return_front(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>, mark: bool) {
         let mut dead = Vec::new();
+        if mark && let Some(r) = &self.replica {
+            return self.return_replicated(r.clone(), entries.collect());
+        }
         {
             let mut st = self.state.lock();
+            // A quorum queue's leader cannot tell a client whether a
+            // delivery that came back reached it: it is flagged.
+            let mark = mark || self.replica.is_some();
             for mut e in entries.rev() {
                 e.redelivered |= mark;
+                self.count_ready(&mut st, &e);
+                st.messages.push_front(e);
+            }
+            self.dispatch_locked(&mut st, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// A quorum queue's returns: counted in its log; a message returned
+    /// more often than `x-delivery-limit` is dead-lettered, the others go
+    /// back with their `x-delivery-count` header.
+    fn return_replicated(self: &Arc<Self>, r: Arc<dyn Replicated>, entries: Vec<Entry>) {
+        let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+        let counts = r.returned(&ids);
+        let mut dead = Vec::new();
+        let mut back = Vec::with_capacity(entries.len());
+        for (mut e, count) in entries.into_iter().zip(counts) {
+            if self
+                .limits
+                .delivery_limit
+                .is_some_and(|limit| count > limit)
+            {
+                dead.push((e, DeathReason::DeliveryLimit));
+                continue;
+            }
+            if let Some(m) = &e.message {
+                e.message = Some(Arc::new(super::dead_letter::with_delivery_count(m, count)));
+            }
+            e.redelivered = true;
+            back.push(e);
+        }
+        {
+            let mut st = self.state.lock();
+            for e in back.into_iter().rev() {
                 self.count_ready(&mut st, &e);
                 st.messages.push_front(e);
             }

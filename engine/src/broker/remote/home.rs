@@ -386,7 +386,10 @@ impl Session {
                     );
                 }
             }
-            Dispatch::Remote { .. } | Dispatch::LinkLost { .. } => {}
+            Dispatch::Remote { .. }
+            | Dispatch::LinkLost { .. }
+            | Dispatch::Replicated { .. }
+            | Dispatch::Moved { .. } => {}
         }
     }
 
@@ -452,6 +455,7 @@ impl Session {
 
 /// Enqueue a forwarded message. Returns whether every queue took it, and
 /// the store ticket its confirm waits for.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     broker: &Broker,
     vhost: &str,
@@ -460,6 +464,7 @@ pub(super) fn forward(
     routing_key: String,
     properties: bytes::Bytes,
     body: bytes::Bytes,
+    reply: &mut dyn FnMut() -> Option<crate::broker::Reply>,
 ) -> (bool, u64) {
     let Some(v) = broker.vhost(vhost) else {
         return (false, 0);
@@ -477,6 +482,10 @@ pub(super) fn forward(
     let (mut ok, mut ticket) = (true, 0);
     for name in queues {
         match v.queue(name) {
+            Ok(q) if q.replica().is_some() => {
+                let r = q.replica().expect("checked");
+                r.enqueue(message.clone(), reply());
+            }
             Ok(q) => {
                 let pushed = q.push(message.clone());
                 ok &= pushed.accepted;

@@ -79,6 +79,13 @@ impl Remote {
         self.inboxes.write().insert(conn, inbox);
     }
 
+    /// Send what `event` makes to every local client connection.
+    pub fn broadcast(&self, event: impl Fn() -> Dispatch) {
+        for inbox in self.inboxes.read().values() {
+            let _ = inbox.send(event());
+        }
+    }
+
     /// A client connection closed.
     pub fn unregister(&self, conn: u64) {
         self.inboxes.write().remove(&conn);
@@ -180,6 +187,41 @@ pub fn forward_frame(vhost: &super::VHost, origin: Origin, seq: u64, f: &super::
     .encode()
 }
 
+/// Where a forwarded publish's answer goes: the hub, the link it came
+/// on, the publishing channel and its confirm tag.
+type AnswerTo = (Option<Arc<Remote>>, Arc<Link>, Origin, u64);
+
+/// A forwarded publish's answer, waiting for its quorum queue commits.
+struct Waiting {
+    remaining: std::sync::atomic::AtomicU32,
+    ok: std::sync::atomic::AtomicBool,
+    ticket: std::sync::atomic::AtomicU64,
+    answer: Mutex<Option<AnswerTo>>,
+}
+
+impl Waiting {
+    fn done(&self, ok: bool) {
+        use std::sync::atomic::Ordering;
+        if !ok {
+            self.ok.store(false, Ordering::Release);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some((Some(remote), link, origin, seq)) = self.answer.lock().take() {
+            remote.to_session(
+                &link,
+                home::Event::Enqueued {
+                    origin,
+                    seq,
+                    ticket: self.ticket.load(Ordering::Acquire),
+                    ok: self.ok.load(Ordering::Acquire),
+                },
+            );
+        }
+    }
+}
+
 impl TrafficSink for Remote {
     fn received(&self, link: &Arc<Link>, frame: Bytes) {
         let traffic = match Traffic::decode(frame) {
@@ -210,6 +252,28 @@ impl TrafficSink for Remote {
                 let Some(broker) = self.broker.upgrade() else {
                     return;
                 };
+                if seq == 0 {
+                    home::forward(
+                        &broker,
+                        &vhost,
+                        &queues,
+                        exchange,
+                        routing_key,
+                        properties,
+                        body,
+                        &mut || None,
+                    );
+                    return;
+                }
+                // The answer waits for the copies proposed to quorum
+                // queues led here too: one token for the frame itself,
+                // one per proposal.
+                let waiting = Arc::new(Waiting {
+                    remaining: std::sync::atomic::AtomicU32::new(1),
+                    ok: std::sync::atomic::AtomicBool::new(true),
+                    ticket: std::sync::atomic::AtomicU64::new(0),
+                    answer: Mutex::new(Some((broker.remote().cloned(), link.clone(), origin, seq))),
+                });
                 let (ok, ticket) = home::forward(
                     &broker,
                     &vhost,
@@ -218,18 +282,18 @@ impl TrafficSink for Remote {
                     routing_key,
                     properties,
                     body,
+                    &mut || {
+                        waiting
+                            .remaining
+                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        let w = waiting.clone();
+                        Some(Box::new(move |ok| w.done(ok)))
+                    },
                 );
-                if seq != 0 {
-                    self.to_session(
-                        link,
-                        home::Event::Enqueued {
-                            origin,
-                            seq,
-                            ticket,
-                            ok,
-                        },
-                    );
-                }
+                waiting
+                    .ticket
+                    .store(ticket, std::sync::atomic::Ordering::Release);
+                waiting.done(ok);
             }
             Traffic::Consume { .. }
             | Traffic::Cancel { .. }

@@ -1,0 +1,476 @@
+//! Quorum queues in the broker: where their replicas are placed, and the
+//! live queue their leader serves them from.
+//!
+//! A quorum queue's messages are kept by its Raft group
+//! ([`crate::cluster::quorum`]). The group's leader serves the queue as a
+//! [`Queue`] of its vhost (its *live queue*), built from the replicated
+//! state when it takes over, fed by each committed enqueue, and reporting
+//! every settlement and return to the log. Every other node sees the queue
+//! as living on the leader's node, as it sees a classic queue of another
+//! node: publishes are forwarded there and consumers made there. When the
+//! leader changes, the new one proposes [`Command::QueueLeader`] through
+//! the definitions log, every node points the queue at it, and consumers
+//! re-subscribe there ([`Dispatch::Moved`]).
+//!
+//! What a new leader cannot know is whether the old one delivered a
+//! message it had not seen settled: it delivers every message enqueued
+//! under an earlier term marked redelivered, so a message is delivered
+//! twice only with the flag.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use amq_protocol::types::FieldTable;
+
+use super::queue::Replicated;
+use super::{Broker, BrokerError, Dispatch, Queue, QueueDecl, QueueLimits, RemoteQueue, VHost};
+use crate::cluster::quorum::{Held, Live, Replica, ReplicaStatus, group_name};
+use crate::cluster::{Applied, Command};
+use crate::store::definitions::QueueDefinition;
+
+/// The default number of replicas (`x-quorum-initial-group-size`).
+pub const DEFAULT_GROUP_SIZE: usize = 3;
+
+/// A quorum queue this node holds a replica of.
+pub(crate) struct QuorumEntry {
+    vhost: String,
+    definition: QueueDefinition,
+    members: Vec<String>,
+    /// Whether this node starts the group (the first leader).
+    bootstrap: bool,
+    replica: Option<Arc<Replica>>,
+    live: Option<Arc<Queue>>,
+    opening: bool,
+}
+
+/// The live queue's side of the state machine's hook: the queue, and the
+/// term this node leads in.
+struct LiveHook(Weak<Queue>, u64);
+
+impl Live for LiveHook {
+    fn enqueued(&self, id: u64, held: &Held) -> bool {
+        // An entry of a later term was enqueued by another leader: this
+        // node stepped down and its live queue is about to go. Serving the
+        // message here too would deliver it twice without the flag.
+        if held.term != self.1 {
+            return true;
+        }
+        let Some(q) = self.0.upgrade() else {
+            return false;
+        };
+        match held.message.message() {
+            Some(m) => q.push_replicated(id, Arc::new(m), held.published_ms, false),
+            None => false,
+        }
+    }
+}
+
+impl Broker {
+    /// Where a new quorum queue declared with `arguments` goes: its first
+    /// leader and its members. `None` for any other queue (or outside a
+    /// cluster, where a quorum queue is refused when declared).
+    pub fn place_quorum(&self, arguments: &FieldTable) -> Option<(String, Vec<String>)> {
+        let limits = QueueLimits::parse(arguments).ok()?;
+        if !limits.quorum {
+            return None;
+        }
+        let node = self.cluster()?;
+        let mut nodes: Vec<String> = node.members().into_iter().map(|m| m.name).collect();
+        nodes.sort();
+        let size = limits
+            .initial_group_size
+            .unwrap_or(DEFAULT_GROUP_SIZE)
+            .min(nodes.len())
+            .max(1);
+        // Spread: the nodes leading (then holding) the fewest quorum
+        // queues come first, this node breaking ties.
+        let catalog = node.catalog();
+        let mut leads: HashMap<&str, usize> = HashMap::new();
+        let mut holds: HashMap<&str, usize> = HashMap::new();
+        for q in catalog.queues.values().filter(|q| !q.members.is_empty()) {
+            *leads.entry(q.node.as_str()).or_default() += 1;
+            for m in &q.members {
+                *holds.entry(m.as_str()).or_default() += 1;
+            }
+        }
+        let me = node.name().to_owned();
+        let load = |n: &String| {
+            (
+                leads.get(n.as_str()).copied().unwrap_or(0),
+                holds.get(n.as_str()).copied().unwrap_or(0),
+                *n != me,
+            )
+        };
+        nodes.sort_by_key(|n| load(n));
+        let leader = nodes.first()?.clone();
+        let mut members: Vec<String> = nodes.into_iter().take(size).collect();
+        members.sort();
+        Some((leader, members))
+    }
+
+    /// Whether `vhost`'s queue `name` is a quorum queue.
+    pub fn is_quorum(&self, vhost: &VHost, name: &str) -> bool {
+        if let Ok(q) = vhost.queue(name) {
+            return q.limits.quorum;
+        }
+        vhost
+            .remote_queue(name)
+            .is_some_and(|r| QueueLimits::parse(&r.definition.arguments).is_ok_and(|l| l.quorum))
+    }
+
+    /// A committed declaration of a quorum queue on `members`, led first
+    /// by `node`.
+    pub(crate) fn apply_declare_quorum(
+        &self,
+        vhost: &VHost,
+        queue: &QueueDefinition,
+        durable: bool,
+        node: &str,
+        members: &[String],
+        me: &str,
+    ) -> Result<Applied, BrokerError> {
+        let name = &queue.name;
+        let limits = QueueLimits::parse(&queue.arguments).map_err(|e| {
+            BrokerError::PreconditionFailed(format!(
+                "{e} for queue '{name}' in vhost '{}'",
+                vhost.name
+            ))
+        })?;
+        for (property, bad) in [("durable", !durable), ("auto_delete", queue.auto_delete)] {
+            if bad {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "invalid property '{property}' for queue '{name}' in vhost '{}': quorum queues are durable and not auto-delete",
+                    vhost.name
+                )));
+            }
+        }
+        if !limits.quorum {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '{}' has members but is not a quorum queue",
+                vhost.name
+            )));
+        }
+        if let Some(r) = vhost.remote_queue(name) {
+            if r.definition.arguments != queue.arguments || r.durable != durable {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg for queue '{name}' in vhost '{}': declared with other arguments than it has",
+                    vhost.name
+                )));
+            }
+            return Ok(Applied::Done);
+        }
+        if vhost.queue(name).is_ok() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "inequivalent arg 'x-queue-type' for queue '{name}' in vhost '{}': it is a classic queue",
+                vhost.name
+            )));
+        }
+        vhost.set_remote(
+            name,
+            Some(RemoteQueue {
+                node: node.to_owned(),
+                durable,
+                definition: queue.clone(),
+            }),
+        );
+        if members.iter().any(|m| m == me) {
+            self.quorum.lock().insert(
+                group_name(&vhost.name, name),
+                QuorumEntry {
+                    vhost: vhost.name.clone(),
+                    definition: queue.clone(),
+                    members: members.to_vec(),
+                    bootstrap: node == me,
+                    replica: None,
+                    live: None,
+                    opening: false,
+                },
+            );
+            self.open_replicas();
+        }
+        Ok(Applied::Done)
+    }
+
+    /// A committed leader change: the queue lives on `node` now.
+    pub(crate) fn apply_queue_leader(&self, vhost: &VHost, name: &str, node: &str, me: &str) {
+        let Some(mut r) = vhost.remote_queue(name) else {
+            return;
+        };
+        r.node = node.to_owned();
+        vhost.set_remote(name, Some(r));
+        if node != me {
+            // The old leader on this node, if it still serves, stops.
+            let group = group_name(&vhost.name, name);
+            let live = self
+                .quorum
+                .lock()
+                .get(&group)
+                .and_then(|e| e.replica.clone())
+                .filter(|r| !r.leads());
+            if let Some(replica) = live {
+                self.stop_serving(&replica);
+            }
+        }
+        self.tell_moved(&vhost.name, name);
+    }
+
+    /// A committed deletion of a quorum queue: its replica and data go.
+    pub(crate) fn apply_delete_quorum(&self, vhost: &VHost, name: &str) -> usize {
+        let entry = self.quorum.lock().remove(&group_name(&vhost.name, name));
+        let mut n = 0;
+        if let Ok(q) = vhost.queue(name) {
+            n = q.len();
+            vhost.queues.write().remove(name);
+            q.cancel_consumers();
+        }
+        vhost.set_remote(name, None);
+        self.remove_bindings_to(vhost, &super::Destination::Queue(name.to_owned()));
+        if let Some(replica) = entry.and_then(|e| e.replica) {
+            replica.machine().set_live(None);
+            tokio::spawn(async move { replica.destroy().await });
+        }
+        self.tell_moved(&vhost.name, name);
+        n
+    }
+
+    /// Tell every local connection that a quorum queue moved (or went):
+    /// its consumers of it re-subscribe where it lives now.
+    fn tell_moved(&self, vhost: &str, name: &str) {
+        if let Some(remote) = self.remote() {
+            remote.broadcast(|| Dispatch::Moved {
+                vhost: vhost.to_owned(),
+                queue: name.to_owned(),
+            });
+        }
+    }
+
+    /// Open the replicas this node should hold and does not yet (the
+    /// cluster node may not be set while the log is replayed at start).
+    pub(crate) fn open_replicas(&self) {
+        let Some(node) = self.cluster().cloned() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut quorum = self.quorum.lock();
+        for (group, e) in quorum.iter_mut() {
+            if e.replica.is_some() || e.opening {
+                continue;
+            }
+            e.opening = true;
+            let members: Vec<crate::cluster::Member> = node
+                .members()
+                .into_iter()
+                .filter(|m| e.members.contains(&m.name))
+                .collect();
+            let (vhost, name, bootstrap) =
+                (e.vhost.clone(), e.definition.name.clone(), e.bootstrap);
+            let dir = node.data_dir().join("quorum").join(dir_name(group));
+            let (node, broker, group) = (node.clone(), self.self_ref.clone(), group.clone());
+            rt.spawn(async move {
+                let opened =
+                    Replica::open(node, &vhost, &name, &members, bootstrap, &dir).await;
+                let Some(broker) = broker.upgrade() else {
+                    return;
+                };
+                match opened {
+                    Ok(replica) => {
+                        let kept = match broker.quorum.lock().get_mut(&group) {
+                            Some(e) => {
+                                e.replica = Some(replica.clone());
+                                true
+                            }
+                            None => false,
+                        };
+                        if kept {
+                            tokio::spawn(watch_leadership(broker.self_ref.clone(), replica));
+                        } else {
+                            // Deleted while it opened.
+                            replica.destroy().await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = %name, vhost = %vhost, "opening a quorum queue's replica: {e}");
+                        if let Some(e) = broker.quorum.lock().get_mut(&group) {
+                            e.opening = false;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// The status of this node's replica of a quorum queue.
+    pub fn quorum_status(&self, vhost: &str, name: &str) -> Option<ReplicaStatus> {
+        let q = self.quorum.lock();
+        q.get(&group_name(vhost, name))?
+            .replica
+            .as_ref()
+            .map(|r| r.status())
+    }
+
+    /// This node's replica of a quorum queue.
+    pub fn replica(&self, vhost: &str, name: &str) -> Option<Arc<Replica>> {
+        self.quorum
+            .lock()
+            .get(&group_name(vhost, name))?
+            .replica
+            .clone()
+    }
+
+    fn serving(&self, replica: &Arc<Replica>) -> bool {
+        self.quorum
+            .lock()
+            .get(&replica.group)
+            .is_some_and(|e| e.live.is_some())
+    }
+
+    /// This node leads the queue's group: build the live queue from the
+    /// replicated state and tell the cluster.
+    async fn start_serving(&self, replica: &Arc<Replica>) {
+        let Some(vhost) = self.vhost(&replica.vhost) else {
+            return;
+        };
+        let Some(definition) = self
+            .quorum
+            .lock()
+            .get(&replica.group)
+            .map(|e| e.definition.clone())
+        else {
+            return;
+        };
+        let Ok(limits) = QueueLimits::parse(&definition.arguments) else {
+            return;
+        };
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let sink = limits
+            .dead_letter_exchange
+            .is_some()
+            .then(|| self.dead_letter_sink(&vhost.name));
+        let queue = Arc::new(
+            Queue::new(
+                QueueDecl {
+                    name: definition.name.clone(),
+                    durable: true,
+                    owner: None,
+                    auto_delete: false,
+                    arguments: definition.arguments.clone(),
+                },
+                limits,
+                flow,
+                sink,
+                None,
+            )
+            .with_replica(replica.clone() as Arc<dyn Replicated>),
+        );
+        let term = replica.raft().metrics().borrow().current_term;
+        let mut counts = HashMap::new();
+        let hook = Arc::new(LiveHook(Arc::downgrade(&queue), term));
+        replica.machine().set_live_with(hook, |held| {
+            for (id, h) in held {
+                let Some(m) = h.message.message() else {
+                    continue;
+                };
+                let m = if h.returns > 0 {
+                    counts.insert(*id, h.returns);
+                    super::dead_letter::with_delivery_count(&m, h.returns)
+                } else {
+                    m
+                };
+                let maybe_delivered = h.term < term || h.returns > 0;
+                queue.push_replicated(*id, Arc::new(m), h.published_ms, maybe_delivered);
+            }
+        });
+        replica.take_counts(counts);
+        {
+            let mut quorum = self.quorum.lock();
+            let Some(e) = quorum.get_mut(&replica.group) else {
+                replica.machine().set_live(None);
+                return;
+            };
+            e.live = Some(queue.clone());
+        }
+        vhost
+            .queues
+            .write()
+            .insert(definition.name.clone(), queue.clone());
+        tracing::info!(queue = %definition.name, vhost = %vhost.name, term, messages = queue.len(), "serving a quorum queue as its leader");
+        let Some(node) = self.cluster().cloned() else {
+            return;
+        };
+        let me = node.name().to_owned();
+        let known = node
+            .catalog()
+            .queue_node(&vhost.name, &definition.name)
+            .map(str::to_owned);
+        if known.as_deref() != Some(me.as_str()) {
+            let command = Command::QueueLeader {
+                vhost: vhost.name.clone(),
+                name: definition.name.clone(),
+                node: me,
+            };
+            if let Err(e) = node.propose(command).await {
+                tracing::warn!(queue = %definition.name, "announcing a quorum queue's new leader: {e}");
+            }
+        } else {
+            self.tell_moved(&vhost.name, &definition.name);
+        }
+    }
+
+    /// This node no longer leads the queue's group: its live queue goes,
+    /// and its consumers re-subscribe at the new leader.
+    fn stop_serving(&self, replica: &Arc<Replica>) {
+        let live = self
+            .quorum
+            .lock()
+            .get_mut(&replica.group)
+            .and_then(|e| e.live.take());
+        let Some(queue) = live else { return };
+        replica.machine().set_live(None);
+        if let Some(vhost) = self.vhost(&replica.vhost) {
+            let mut queues = vhost.queues.write();
+            if queues
+                .get(&replica.queue)
+                .is_some_and(|q| Arc::ptr_eq(q, &queue))
+            {
+                queues.remove(&replica.queue);
+            }
+        }
+        tracing::info!(queue = %replica.queue, vhost = %replica.vhost, "no longer leading a quorum queue");
+        queue.cancel_consumers();
+        self.tell_moved(&replica.vhost, &replica.queue);
+    }
+}
+
+/// Serve the queue while this replica leads its group.
+async fn watch_leadership(broker: Weak<Broker>, replica: Arc<Replica>) {
+    let mut metrics = replica.raft().metrics();
+    loop {
+        let leads = replica.leads();
+        let Some(b) = broker.upgrade() else { return };
+        let serving = b.serving(&replica);
+        if leads && !serving {
+            // Everything committed before this term is applied once a
+            // read is linearizable: the state is complete.
+            if replica.raft().ensure_linearizable().await.is_ok() && replica.leads() {
+                b.start_serving(&replica).await;
+            }
+        } else if !leads && serving {
+            b.stop_serving(&replica);
+        }
+        drop(b);
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A replica's folder name: the group's name may hold any character.
+fn dir_name(group: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(group.as_bytes());
+    h[..12].iter().map(|b| format!("{b:02x}")).collect()
+}

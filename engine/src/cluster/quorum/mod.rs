@@ -1,0 +1,41 @@
+//! Quorum queues' replication: every quorum queue is a Raft group of its
+//! own, on the nodes that hold a replica of it, run by the same consensus
+//! library (openraft) as the cluster's definitions and carried over the
+//! same links (each call names its group).
+//!
+//! Why a group per queue, as RabbitMQ does: each queue has its own leader,
+//! so leaders spread over the nodes and a queue's throughput is not bound
+//! by one node's; a queue's log holds only its own messages, so it is
+//! compacted as soon as its backlog is settled; and a node that holds no
+//! replica of a queue does no work for it.
+//!
+//! * `op`: the log's entries (enqueue, settle, return).
+//! * `machine`: the replicated state (what the queue holds) and its
+//!   snapshots.
+//! * `network`: the group's RPCs over the node's links.
+//! * `replica`: this node's replica: proposals and answers.
+//!
+//! What a quorum queue does with its messages (consumers, prefetch, TTL,
+//! dead-lettering) is the broker's: its leader serves it as a queue whose
+//! changes are proposed here (`broker/quorum.rs`).
+
+pub mod machine;
+pub mod network;
+pub mod op;
+pub mod replica;
+
+pub use machine::{Held, Live, QueueState};
+pub use op::{Op, Outcome, StoredMessage};
+pub use replica::{Replica, ReplicaMember, ReplicaStatus, group_name};
+
+use super::{Member, NodeId};
+
+openraft::declare_raft_types!(
+    /// The Raft types of a quorum queue's log.
+    pub QuorumConfig:
+        D = Op,
+        R = Outcome,
+        NodeId = NodeId,
+        Node = Member,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);

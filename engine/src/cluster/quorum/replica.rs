@@ -1,0 +1,381 @@
+//! One node's replica of a quorum queue: a Raft group of its own (log,
+//! state machine, openraft instance), proposals from the broker's live
+//! queue, and the answers publishers wait for.
+//!
+//! Proposals never block the caller (an AMQP connection's task, a link's
+//! reader): openraft takes a write through an unbounded channel, so
+//! handing it over completes at once and keeps the callers' order, which
+//! is the queue's order. The commit is awaited by one task per replica,
+//! in order, which then answers the publisher.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use openraft::{Config, Raft, ServerState, SnapshotPolicy};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::QuorumConfig;
+use super::machine::QuorumMachine;
+use super::network::GroupNetwork;
+use super::op::{Op, Outcome, StoredMessage};
+use crate::broker::{Replicated, Reply};
+use crate::cluster::log::RaftLog;
+use crate::cluster::{ClusterError, ClusterNode, Member, NodeId, node_id};
+use crate::message::Message;
+
+type Commit = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// One member's line in a quorum queue's status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaMember {
+    /// Node name.
+    pub node: String,
+    /// The last log index the leader knows it holds (on the leader).
+    pub matched: Option<u64>,
+}
+
+/// What `wasmq queues` and the admin API show of a quorum queue's replica.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The leader's node, if known.
+    pub leader: Option<String>,
+    /// Raft term.
+    pub term: u64,
+    /// The members.
+    pub members: Vec<ReplicaMember>,
+    /// This replica's last log index.
+    pub last_log_index: Option<u64>,
+    /// This replica's last applied index.
+    pub last_applied: Option<u64>,
+    /// The index its last snapshot covers (the log before it is gone).
+    pub snapshot_index: Option<u64>,
+    /// Messages this replica holds (ready or out for delivery).
+    pub messages: usize,
+}
+
+/// A replica of one quorum queue on this node.
+pub struct Replica {
+    /// The queue's vhost.
+    pub vhost: String,
+    /// The queue's name.
+    pub queue: String,
+    /// The group's name on the wire.
+    pub group: String,
+    id: NodeId,
+    raft: Raft<QuorumConfig>,
+    machine: QuorumMachine,
+    node: Arc<ClusterNode>,
+    dir: PathBuf,
+    commits: mpsc::UnboundedSender<(Commit, Reply)>,
+    /// Delivery counts as the leader's live queue knows them.
+    counts: Mutex<HashMap<u64, u32>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The group name of `vhost`'s queue `name`.
+pub fn group_name(vhost: &str, name: &str) -> String {
+    format!("{vhost}\u{0}{name}")
+}
+
+/// Poll a future once: for openraft's write calls, which only queue a
+/// message and are ready at once.
+fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+impl Replica {
+    /// Open (or create) this node's replica of `vhost`'s queue `name` in
+    /// `dir`. With `bootstrap`, a new group is started with `members`
+    /// (this node among them), and this node stands for leader first.
+    pub async fn open(
+        node: Arc<ClusterNode>,
+        vhost: &str,
+        name: &str,
+        members: &[Member],
+        bootstrap: bool,
+        dir: &Path,
+    ) -> Result<Arc<Replica>, ClusterError> {
+        let group = group_name(vhost, name);
+        let storage = |reason: String| ClusterError::Storage {
+            dir: dir.display().to_string(),
+            reason,
+        };
+        let log: RaftLog<QuorumConfig> =
+            RaftLog::open(&dir.join("raft.log")).map_err(|e| storage(e.to_string()))?;
+        let machine =
+            QuorumMachine::open(&dir.join("machine")).map_err(|e| storage(e.to_string()))?;
+        let s = node.settings();
+        let config = Config {
+            cluster_name: format!("wasmq-quorum-{name}"),
+            heartbeat_interval: s.heartbeat_ms,
+            election_timeout_min: s.election_timeout_ms,
+            election_timeout_max: s.election_timeout_ms * 2,
+            // The snapshot is the backlog; the log before it goes.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+            max_in_snapshot_log_to_keep: 500,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Settings(e.to_string()))?;
+        let id = node_id(node.name());
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            GroupNetwork {
+                peers: node.peers().clone(),
+                group: group.clone(),
+            },
+            log,
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        node.add_group(group.clone(), raft.clone());
+        if bootstrap
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?
+        {
+            let members: BTreeMap<NodeId, Member> = members
+                .iter()
+                .map(|m| (node_id(&m.name), m.clone()))
+                .collect();
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(queue = %name, "quorum group initialize: {e}");
+            }
+        }
+        let (commits, rx) = mpsc::unbounded_channel();
+        tokio::spawn(answer_commits(rx));
+        Ok(Arc::new(Replica {
+            vhost: vhost.to_owned(),
+            queue: name.to_owned(),
+            group,
+            id,
+            raft,
+            machine,
+            node,
+            dir: dir.to_owned(),
+            commits,
+            counts: Mutex::default(),
+        }))
+    }
+
+    /// The Raft instance (leadership is watched through its metrics).
+    pub fn raft(&self) -> &Raft<QuorumConfig> {
+        &self.raft
+    }
+
+    /// The state machine.
+    pub fn machine(&self) -> &QuorumMachine {
+        &self.machine
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Hand `op` to Raft; if it was taken, a future of whether it was
+    /// committed (and, for an enqueue, taken by the queue).
+    fn propose(&self, op: Op) -> Option<Commit> {
+        match now_or_never(self.raft.client_write_ff(op)) {
+            Some(Ok(rx)) => Some(Box::pin(async move {
+                matches!(
+                    rx.await,
+                    Ok(Ok(r)) if matches!(r.data, Outcome::Enqueued { taken: true, .. } | Outcome::Done)
+                )
+            })),
+            Some(Err(e)) => {
+                tracing::debug!(queue = %self.queue, "quorum proposal refused: {e}");
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Start serving from a live queue: the delivery counts it starts
+    /// with.
+    pub fn take_counts(&self, counts: HashMap<u64, u32>) {
+        *self.counts.lock() = counts;
+    }
+
+    /// The leader's name, if known.
+    pub fn leader(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.name.clone())
+    }
+
+    /// The group's members' names.
+    pub fn members(&self) -> Vec<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let mut names: Vec<String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// What this replica knows of its group.
+    pub fn status(&self) -> ReplicaStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let mut members: Vec<ReplicaMember> = membership
+            .nodes()
+            .map(|(id, n)| ReplicaMember {
+                node: n.name.clone(),
+                matched: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+                    .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
+            })
+            .collect();
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        let (messages, last_applied, _, _) = self.machine.counts();
+        ReplicaStatus {
+            leader: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.name.clone())),
+            term: m.current_term,
+            members,
+            last_log_index: m.last_log_index,
+            last_applied,
+            snapshot_index: m.snapshot.map(|l| l.index),
+            messages,
+        }
+    }
+
+    /// Add the node `member` to the group (RabbitMQ's grow): a learner
+    /// until it has caught up, then a voter.
+    pub async fn add_member(&self, member: Member) -> Result<(), String> {
+        let id = node_id(&member.name);
+        self.raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = self.raft.metrics().borrow().clone();
+        let mut voters: std::collections::BTreeSet<NodeId> =
+            m.membership_config.membership().voter_ids().collect();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Remove the node named `name` from the group (RabbitMQ's shrink).
+    pub async fn remove_member(&self, name: &str) -> Result<(), String> {
+        let id = node_id(name);
+        let m = self.raft.metrics().borrow().clone();
+        let voters: std::collections::BTreeSet<NodeId> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != id)
+            .collect();
+        if voters.is_empty() {
+            return Err("the last member of a quorum queue cannot be removed".into());
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Stop this replica (the node shuts down, or leaves the group).
+    pub async fn shutdown(&self) {
+        self.node.remove_group(&self.group);
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// Stop and delete this replica's data (the queue was deleted).
+    pub async fn destroy(&self) {
+        self.shutdown().await;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "removing a deleted quorum queue's replica: {e}");
+        }
+    }
+}
+
+/// Answer publishers in commit order.
+async fn answer_commits(mut rx: mpsc::UnboundedReceiver<(Commit, Reply)>) {
+    while let Some((commit, reply)) = rx.recv().await {
+        reply(commit.await);
+    }
+}
+
+impl Replicated for Replica {
+    fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>) {
+        let published_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let op = Op::Enqueue {
+            published_ms,
+            message: StoredMessage::of(&message),
+        };
+        let rx = self.propose(op);
+        let Some(reply) = reply else { return };
+        let commit: Commit = rx.unwrap_or_else(|| Box::pin(async { false }));
+        if let Err(mpsc::error::SendError((_, reply))) = self.commits.send((commit, reply)) {
+            reply(false);
+        }
+    }
+
+    fn settled(&self, ids: Vec<u64>) {
+        {
+            let mut counts = self.counts.lock();
+            for id in &ids {
+                counts.remove(id);
+            }
+        }
+        self.propose(Op::Settle { ids });
+    }
+
+    fn returned(&self, ids: &[u64]) -> Vec<u32> {
+        let counts: Vec<u32> = {
+            let mut c = self.counts.lock();
+            ids.iter()
+                .map(|id| {
+                    let n = c.entry(*id).or_insert(0);
+                    *n += 1;
+                    *n
+                })
+                .collect()
+        };
+        self.propose(Op::Return { ids: ids.to_vec() });
+        counts
+    }
+
+    fn leads(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+}
