@@ -81,10 +81,39 @@ enum Command {
         #[command(subcommand)]
         command: DefinitionsCommand,
     },
+    /// Change a quorum queue's members (on the queue's leader's node).
+    Quorum {
+        #[command(subcommand)]
+        command: QuorumCommand,
+    },
     /// See and change a running node's cluster membership.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuorumCommand {
+    /// Add NODE to quorum queue QUEUE's members (RabbitMQ's add_member):
+    /// it catches up from the leader, then votes.
+    AddMember {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Queue.
+        queue: String,
+        /// Node name.
+        node: String,
+    },
+    /// Remove NODE from quorum queue QUEUE's members (RabbitMQ's
+    /// delete_member); its replica is deleted.
+    RemoveMember {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Queue.
+        queue: String,
+        /// Node name.
+        node: String,
     },
 }
 
@@ -283,6 +312,49 @@ fn main() -> anyhow::Result<()> {
                     q.durable,
                     q.node.map(|n| format!("  {n}")).unwrap_or_default()
                 );
+                // A quorum queue: its group as this node's replica sees it.
+                if let Some(r) = q.quorum {
+                    let members: Vec<String> = r
+                        .members
+                        .iter()
+                        .map(|m| match m.matched {
+                            Some(i) => format!("{}@{i}", m.node),
+                            None => m.node.clone(),
+                        })
+                        .collect();
+                    let opt = |i: Option<u64>| i.map_or("-".to_owned(), |i| i.to_string());
+                    println!(
+                        "    quorum: leader {}, term {}, members {}; log {}, applied {}, snapshot {}, holds {}",
+                        r.leader.as_deref().unwrap_or("?"),
+                        r.term,
+                        members.join(" "),
+                        opt(r.last_log_index),
+                        opt(r.last_applied),
+                        opt(r.snapshot_index),
+                        r.messages
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Quorum { command } => {
+            let (admin, queue, node, add) = match command {
+                QuorumCommand::AddMember { admin, queue, node } => (admin, queue, node, true),
+                QuorumCommand::RemoveMember { admin, queue, node } => (admin, queue, node, false),
+            };
+            let path = format!(
+                "/api/queues/{}/{}/members/{}",
+                segment(&admin.vhost),
+                segment(&queue),
+                segment(&node)
+            );
+            let client = admin.client()?;
+            if add {
+                client.post(&path, &serde_json::json!({}))?;
+                println!("{node} added to quorum queue {queue}");
+            } else {
+                client.delete(&path)?;
+                println!("{node} removed from quorum queue {queue}");
             }
             Ok(())
         }

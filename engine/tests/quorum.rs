@@ -155,3 +155,364 @@ async fn a_quorum_queue_keeps_every_confirmed_message_when_its_leader_dies() {
     })
     .await;
 }
+
+/// The quorum queue named `queue` as `node`'s admin API shows it.
+fn view(node: &Node, queue: &str) -> Option<serde_json::Value> {
+    let qs = node.api().get("/api/queues/%2F").ok()?;
+    qs.as_array()?.iter().find(|q| q["name"] == queue).cloned()
+}
+
+fn members(node: &Node, queue: &str) -> Vec<String> {
+    view(node, queue)
+        .and_then(|q| {
+            q["quorum"]["members"].as_array().map(|m| {
+                m.iter()
+                    .filter_map(|m| m["node"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn long(n: i64) -> AMQPValue {
+    AMQPValue::LongLongInt(n)
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// What RabbitMQ's quorum queues refuse is refused; `x-delivery-limit`
+/// dead-letters with reason `delivery_limit` after `x-delivery-count`
+/// counted the returns; `reject-publish` nacks at the limit; a single
+/// active consumer gets everything; members grow and shrink; a killed
+/// member catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_behave_as_rabbitmqs() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, mut c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    let conn = b.connect().await;
+
+    // Refusals, each closing its channel with 406.
+    for (opts, args, what) in [
+        (QueueDeclareOptions::default(), quorum(&[]), "durable"),
+        (
+            QueueDeclareOptions {
+                durable: true,
+                exclusive: true,
+                ..Default::default()
+            },
+            quorum(&[]),
+            "exclusive",
+        ),
+        (
+            durable(),
+            quorum(&[("x-max-priority", long(5))]),
+            "x-max-priority",
+        ),
+    ] {
+        let ch = conn.create_channel().await.unwrap();
+        let e = ch
+            .queue_declare("refused".into(), opts, args)
+            .await
+            .unwrap_err();
+        assert_eq!(reply_code(&e), Some(406), "{what}: {e}");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+
+    // Delivery limit 1 with a dead-letter exchange.
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare("dead".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        "dead".into(),
+        "dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "limited".into(),
+        durable(),
+        quorum(&[
+            ("x-delivery-limit", long(1)),
+            ("x-dead-letter-exchange", text("dlx")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let ok = ch
+        .basic_publish(
+            "".into(),
+            "limited".into(),
+            BasicPublishOptions::default(),
+            b"poison",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ok.is_ack());
+    let mut sub = ch
+        .basic_consume(
+            "limited".into(),
+            "l".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(t, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!first.redelivered);
+    first
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let second = tokio::time::timeout(t, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(second.redelivered);
+    let count = second
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    assert_eq!(count, Some(long(1)), "x-delivery-count on the redelivery");
+    second
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Returned twice: past the limit of 1, dead-lettered.
+    let mut dead = None;
+    for _ in 0..100 {
+        if let Some(m) = ch
+            .basic_get("dead".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            dead = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dead = dead.expect("the message dead-lettered");
+    assert_eq!(dead.delivery.data, b"poison");
+    let reason = dead
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-first-death-reason").cloned());
+    assert_eq!(reason, Some(text("delivery_limit")));
+
+    // reject-publish: the third message is nacked.
+    ch.queue_declare(
+        "bounded".into(),
+        durable(),
+        quorum(&[
+            ("x-max-length", long(2)),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    )
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..3 {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                "bounded".into(),
+                BasicPublishOptions::default(),
+                format!("{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        acks.push(c.is_ack());
+    }
+    assert_eq!(acks, [true, true, false]);
+
+    // A single active consumer.
+    ch.queue_declare(
+        "single".into(),
+        durable(),
+        quorum(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
+    )
+    .await
+    .unwrap();
+    let ch2 = conn.create_channel().await.unwrap();
+    let mut s1 = ch2
+        .basic_consume(
+            "single".into(),
+            "s1".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let ch3 = conn.create_channel().await.unwrap();
+    let mut s2 = ch3
+        .basic_consume(
+            "single".into(),
+            "s2".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "single".into(),
+            BasicPublishOptions::default(),
+            format!("{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for _ in 0..5 {
+        tokio::time::timeout(t, s1.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s2.next())
+            .await
+            .is_err(),
+        "the second consumer waits"
+    );
+
+    // Two members, grown to three on the leader, shrunk back.
+    ch.queue_declare(
+        "pair".into(),
+        durable(),
+        quorum(&[("x-quorum-initial-group-size", long(2))]),
+    )
+    .await
+    .unwrap();
+    let nodes = [&a, &b, &c];
+    eventually("two members and a leader", t, || {
+        nodes.iter().any(|n| {
+            view(n, "pair")
+                .is_some_and(|q| q["quorum"]["leader"].is_string() && members(n, "pair").len() == 2)
+        })
+    })
+    .await;
+    let holder = nodes
+        .iter()
+        .find(|n| members(n, "pair").len() == 2)
+        .unwrap();
+    let leader = view(holder, "pair").unwrap()["quorum"]["leader"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let leader_node = nodes.iter().find(|n| n.name == leader).unwrap();
+    let third = ["a", "b", "c"]
+        .into_iter()
+        .find(|n| !members(holder, "pair").iter().any(|m| m == n))
+        .unwrap();
+    leader_node
+        .api()
+        .post(
+            &format!("/api/queues/%2F/pair/members/{third}"),
+            &serde_json::json!({}),
+        )
+        .unwrap();
+    eventually("three members", t, || {
+        members(leader_node, "pair").len() == 3
+    })
+    .await;
+    let third_node = nodes.iter().find(|n| n.name == third).unwrap();
+    eventually("the new member holds a replica", t, || {
+        view(third_node, "pair").is_some_and(|q| q["quorum"]["last_applied"].is_number())
+    })
+    .await;
+    leader_node
+        .api()
+        .delete(&format!("/api/queues/%2F/pair/members/{third}"))
+        .unwrap();
+    eventually("two members again", t, || {
+        members(leader_node, "pair").len() == 2
+    })
+    .await;
+
+    // A member killed and restarted catches up with what was committed
+    // meanwhile.
+    drop(conn);
+    let before = view(&a, "limited").unwrap()["quorum"]["last_applied"]
+        .as_u64()
+        .unwrap_or(0);
+    c.kill().await;
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        ch.basic_publish(
+            "".into(),
+            "limited".into(),
+            BasicPublishOptions::default(),
+            format!("{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    c.restart().await;
+    eventually(
+        "the restarted member caught up",
+        Duration::from_secs(30),
+        || {
+            view(&c, "limited")
+                .is_some_and(|q| q["quorum"]["last_applied"].as_u64().unwrap_or(0) >= before + 20)
+        },
+    )
+    .await;
+}

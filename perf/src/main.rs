@@ -88,6 +88,10 @@ struct Args {
     /// Bindings per queue (topic/direct keys `k.{queue}.{binding}`).
     #[arg(long, default_value_t = 1)]
     bindings_per_queue: usize,
+    /// Declare quorum queues (`x-queue-type = quorum`, durable): on a
+    /// cluster, replicated queues.
+    #[arg(long)]
+    quorum: bool,
 }
 
 struct Stats {
@@ -146,10 +150,17 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
     for q in 0..args.queues {
         let name = queue_name(q);
         let opts = QueueDeclareOptions {
-            durable: args.persistent,
+            durable: args.persistent || args.quorum,
             ..Default::default()
         };
-        ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
+        let mut queue_args = FieldTable::default();
+        if args.quorum {
+            queue_args.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+        }
+        ch.queue_declare(name.as_str().into(), opts, queue_args)
             .await?;
         for b in 0..args.bindings_per_queue {
             let key = binding_key(&args.exchange_type, q, b);

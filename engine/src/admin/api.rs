@@ -47,6 +47,10 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
             get(queue).delete(delete_queue),
         )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
+        .route(
+            "/api/queues/{vhost}/{name}/members/{node}",
+            post(add_member).delete(remove_member),
+        )
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_in))
         .route("/api/connections", get(connections))
@@ -333,6 +337,32 @@ async fn queue(
     let mut view = queue_view(&v, &q, s.broker.cluster().map(|c| c.name()));
     view.quorum = s.broker.quorum_status(&v.name, &name);
     Ok(Json(view))
+}
+
+/// Add a node to a quorum queue's members (on the queue's leader).
+async fn add_member(
+    State(s): State<AdminState>,
+    Path((v, name, node)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let v = vhost(&s, &v)?;
+    s.broker
+        .add_quorum_member(&v.name, &name, &node)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove a node from a quorum queue's members (on the queue's leader).
+async fn remove_member(
+    State(s): State<AdminState>,
+    Path((v, name, node)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let v = vhost(&s, &v)?;
+    s.broker
+        .remove_quorum_member(&v.name, &name, &node)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn delete_queue(
@@ -706,7 +736,18 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
     if let Some(node) = s.broker.cluster() {
         // Through the log, one change at a time, in the order a single
         // node imports them; the first refusal stops it and names it.
-        for command in crate::broker::definition_commands(&defs, node.name()) {
+        for mut command in crate::broker::definition_commands(&defs, node.name()) {
+            // A quorum queue is placed as a declare through AMQP places it.
+            if let crate::cluster::Command::DeclareQueue {
+                queue,
+                node: leader,
+                members,
+                ..
+            } = &mut command
+                && let Some((l, m)) = s.broker.place_quorum(&queue.arguments)
+            {
+                (*leader, *members) = (l, m);
+            }
             let what = format!("{command:?}");
             applied(node.propose(command).await).map_err(|ApiError(status, reason)| {
                 ApiError::new(status, format!("{reason} (importing {what})"))

@@ -43,6 +43,9 @@ pub(crate) struct QuorumEntry {
     opening: bool,
 }
 
+/// A quorum queue's replica on its leader, the cluster, and its members.
+type QuorumLeader = (Arc<Replica>, Arc<crate::cluster::ClusterNode>, Vec<String>);
+
 /// The live queue's side of the state machine's hook: the queue, and the
 /// term this node leads in.
 struct LiveHook(Weak<Queue>, u64);
@@ -157,6 +160,12 @@ impl Broker {
                     vhost.name
                 )));
             }
+            // Restored from a snapshot: its leader and members as they are
+            // now.
+            if r.node != node {
+                self.apply_queue_leader(vhost, name, node, me);
+            }
+            self.apply_queue_members(vhost, name, members, me);
             return Ok(Applied::Done);
         }
         if vhost.queue(name).is_ok() {
@@ -212,6 +221,158 @@ impl Broker {
             }
         }
         self.tell_moved(&vhost.name, name);
+    }
+
+    /// A committed change of a quorum queue's members: this node opens or
+    /// deletes its replica.
+    pub(crate) fn apply_queue_members(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        members: &[String],
+        me: &str,
+    ) {
+        let Some(r) = vhost.remote_queue(name) else {
+            return;
+        };
+        let group = group_name(&vhost.name, name);
+        let member = members.iter().any(|m| m == me);
+        let removed = {
+            let mut quorum = self.quorum.lock();
+            match (member, quorum.contains_key(&group)) {
+                (true, false) => {
+                    quorum.insert(
+                        group.clone(),
+                        QuorumEntry {
+                            vhost: vhost.name.clone(),
+                            definition: r.definition.clone(),
+                            members: members.to_vec(),
+                            bootstrap: false,
+                            replica: None,
+                            live: None,
+                            opening: false,
+                        },
+                    );
+                    None
+                }
+                (false, true) => quorum.remove(&group),
+                (true, true) => {
+                    if let Some(e) = quorum.get_mut(&group) {
+                        e.members = members.to_vec();
+                    }
+                    None
+                }
+                (false, false) => None,
+            }
+        };
+        if member {
+            self.open_replicas();
+        }
+        if let Some(replica) = removed.and_then(|e| e.replica) {
+            if let Some(q) = vhost.queues.write().remove(name) {
+                q.cancel_consumers();
+            }
+            replica.machine().set_live(None);
+            tokio::spawn(async move { replica.destroy().await });
+            self.tell_moved(&vhost.name, name);
+        }
+    }
+
+    /// Add the node `node` to quorum queue `name`'s members (RabbitMQ's
+    /// `add_member`): run on the queue's leader. The node opens an empty
+    /// replica, catches up as a learner, then votes.
+    pub async fn add_quorum_member(
+        &self,
+        vhost: &str,
+        name: &str,
+        node: &str,
+    ) -> Result<(), BrokerError> {
+        let (replica, cluster, mut members) = self.quorum_leader(vhost, name)?;
+        if members.iter().any(|m| m == node) {
+            return Ok(());
+        }
+        let member = cluster
+            .members()
+            .into_iter()
+            .find(|m| m.name == node)
+            .ok_or_else(|| BrokerError::NotFound {
+                kind: "node",
+                vhost: vhost.to_owned(),
+                name: node.to_owned(),
+            })?;
+        members.push(node.to_owned());
+        members.sort();
+        self.propose_members(&cluster, vhost, name, members).await?;
+        replica
+            .add_member(member)
+            .await
+            .map_err(BrokerError::PreconditionFailed)
+    }
+
+    /// Remove the node `node` from quorum queue `name`'s members
+    /// (RabbitMQ's `delete_member`): run on the queue's leader.
+    pub async fn remove_quorum_member(
+        &self,
+        vhost: &str,
+        name: &str,
+        node: &str,
+    ) -> Result<(), BrokerError> {
+        let (replica, cluster, mut members) = self.quorum_leader(vhost, name)?;
+        if !members.iter().any(|m| m == node) {
+            return Ok(());
+        }
+        replica
+            .remove_member(node)
+            .await
+            .map_err(BrokerError::PreconditionFailed)?;
+        members.retain(|m| m != node);
+        self.propose_members(&cluster, vhost, name, members).await
+    }
+
+    async fn propose_members(
+        &self,
+        cluster: &Arc<crate::cluster::ClusterNode>,
+        vhost: &str,
+        name: &str,
+        members: Vec<String>,
+    ) -> Result<(), BrokerError> {
+        let command = Command::QueueMembers {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            members,
+        };
+        match cluster.propose(command).await {
+            Ok(Applied::Refused { text, .. }) => Err(BrokerError::PreconditionFailed(text)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(BrokerError::PreconditionFailed(e.to_string())),
+        }
+    }
+
+    /// This node's replica of a quorum queue, if it leads, with the
+    /// cluster and the queue's members.
+    fn quorum_leader(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Result<QuorumLeader, BrokerError> {
+        let not_here = || {
+            BrokerError::PreconditionFailed(format!(
+                "no replica of quorum queue '{name}' in vhost '{vhost}' on this node"
+            ))
+        };
+        let cluster = self.cluster().cloned().ok_or_else(not_here)?;
+        let (replica, members) = {
+            let q = self.quorum.lock();
+            let e = q.get(&group_name(vhost, name)).ok_or_else(not_here)?;
+            (e.replica.clone().ok_or_else(not_here)?, e.members.clone())
+        };
+        if !replica.leads() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "this node does not lead quorum queue '{name}' (its leader is {}): ask the leader's node",
+                replica.leader().as_deref().unwrap_or("not known")
+            )));
+        }
+        Ok((replica, cluster, members))
     }
 
     /// A committed deletion of a quorum queue: its replica and data go.
@@ -402,11 +563,10 @@ impl Broker {
             return;
         };
         let me = node.name().to_owned();
-        let known = node
-            .catalog()
-            .queue_node(&vhost.name, &definition.name)
-            .map(str::to_owned);
-        if known.as_deref() != Some(me.as_str()) {
+        let announced = node
+            .queue_record(&vhost.name, &definition.name)
+            .is_some_and(|r| r.served && r.node == me);
+        if !announced {
             let command = Command::QueueLeader {
                 vhost: vhost.name.clone(),
                 name: definition.name.clone(),

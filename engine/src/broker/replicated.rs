@@ -213,6 +213,10 @@ impl Broker {
                 node,
                 ..
             } => self.apply_declare_queue(&vhost, queue, *durable, node, me),
+            Command::QueueMembers { name, members, .. } => {
+                self.apply_queue_members(&vhost, name, members, me);
+                Ok(Applied::Done)
+            }
             Command::QueueLeader { name, node, .. } => {
                 self.apply_queue_leader(&vhost, name, node, me);
                 Ok(Applied::Done)
@@ -360,7 +364,9 @@ impl Broker {
         };
         for vhost in self.vhosts() {
             for (name, _) in vhost.remote_queues() {
-                if !wanted_queue(&vhost.name, &name) {
+                if !wanted_queue(&vhost.name, &name) && self.is_quorum(&vhost, &name) {
+                    self.apply_delete_quorum(&vhost, &name);
+                } else if !wanted_queue(&vhost.name, &name) {
                     vhost.set_remote(&name, None);
                     self.remove_bindings_to(&vhost, &Destination::Queue(name));
                 }

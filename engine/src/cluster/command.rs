@@ -59,6 +59,16 @@ pub enum Command {
         /// The leader's node.
         node: String,
     },
+    /// A quorum queue's members changed (an operator grew or shrank it):
+    /// a node added opens its replica, a node removed deletes its own.
+    QueueMembers {
+        /// Its vhost.
+        vhost: String,
+        /// The queue.
+        name: String,
+        /// The members now.
+        members: Vec<String>,
+    },
     /// `queue.delete`.
     DeleteQueue {
         /// Its vhost.
@@ -142,6 +152,7 @@ impl Command {
             | Command::DeleteExchange { vhost, .. }
             | Command::DeclareQueue { vhost, .. }
             | Command::QueueLeader { vhost, .. }
+            | Command::QueueMembers { vhost, .. }
             | Command::DeleteQueue { vhost, .. }
             | Command::Bind { vhost, .. }
             | Command::Unbind { vhost, .. } => vhost,

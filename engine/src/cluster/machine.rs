@@ -123,6 +123,10 @@ pub struct QueueRecord {
     /// A quorum queue's members.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// A quorum queue's leader has announced itself at least once: the
+    /// queue takes messages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub served: bool,
 }
 
 /// A replicated binding.
@@ -204,13 +208,26 @@ impl Catalog {
                         durable: *durable,
                         node: node.clone(),
                         members: members.clone(),
+                        served: false,
                     });
+            }
+            Command::QueueMembers {
+                vhost,
+                name,
+                members,
+            } => {
+                if let Some(q) = self.queues.get_mut(&key(vhost, name))
+                    && !q.members.is_empty()
+                {
+                    q.members = members.clone();
+                }
             }
             Command::QueueLeader { vhost, name, node } => {
                 if let Some(q) = self.queues.get_mut(&key(vhost, name))
                     && !q.members.is_empty()
                 {
                     q.node = node.clone();
+                    q.served = true;
                 }
             }
             Command::DeleteQueue { vhost, name, .. } => {
@@ -432,6 +449,16 @@ impl StateMachine {
             dir: dir.to_owned(),
             applier,
         })
+    }
+
+    /// A replicated queue's record, as applied so far.
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<QueueRecord> {
+        self.inner
+            .lock()
+            .catalog
+            .queues
+            .get(&key(vhost, name))
+            .cloned()
     }
 
     /// A copy of the definitions as applied so far.

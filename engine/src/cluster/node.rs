@@ -330,6 +330,24 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Raft(e.to_string()))
     }
 
+    /// A replicated queue's record as this node has applied it.
+    pub fn queue_record(&self, vhost: &str, name: &str) -> Option<super::machine::QueueRecord> {
+        self.machine.queue(vhost, name)
+    }
+
+    /// Wait (up to the commit timeout) until quorum queue `name`'s first
+    /// leader has announced itself: a `declare-ok` then means the queue
+    /// takes messages, as RabbitMQ's does once its group has a leader.
+    pub async fn until_served(&self, vhost: &str, name: &str) {
+        let deadline = tokio::time::Instant::now() + self.settings.commit_timeout();
+        while tokio::time::Instant::now() < deadline {
+            if self.machine.queue(vhost, name).is_none_or(|q| q.served) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The definitions as this node has applied them.
     pub fn catalog(&self) -> Catalog {
         self.machine.catalog()

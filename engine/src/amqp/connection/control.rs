@@ -317,6 +317,19 @@ impl Connection {
         committing.held.insert(p.channel, Default::default());
         committing.proposals.spawn(async move {
             let r = node.propose(p.command.clone()).await;
+            if let (
+                Ok(crate::cluster::Applied::Done),
+                crate::cluster::Command::DeclareQueue {
+                    vhost,
+                    queue,
+                    members,
+                    ..
+                },
+            ) = (&r, &p.command)
+                && !members.is_empty()
+            {
+                node.until_served(vhost, &queue.name).await;
+            }
             (p, r)
         });
     }

@@ -52,6 +52,9 @@ pub struct QueueLimits {
     pub delivery_limit: Option<u32>,
     /// `x-quorum-initial-group-size`: how many nodes hold a replica.
     pub initial_group_size: Option<usize>,
+    /// `x-single-active-consumer`: only the oldest consumer gets
+    /// deliveries; the next takes over when it goes.
+    pub single_active: bool,
 }
 
 fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
@@ -120,6 +123,15 @@ impl QueueLimits {
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
+            single_active: match args.inner().get("x-single-active-consumer") {
+                None => false,
+                Some(AMQPValue::Boolean(b)) => *b,
+                Some(other) => {
+                    return Err(format!(
+                        "invalid arg 'x-single-active-consumer': expected a boolean, got {other:?}"
+                    ));
+                }
+            },
         };
         if quorum {
             // What RabbitMQ's quorum queues refuse, refused the same way.

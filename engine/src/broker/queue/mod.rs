@@ -692,7 +692,12 @@ impl Queue {
             if st.messages.is_empty() || st.consumers.is_empty() {
                 return;
             }
-            let n = st.consumers.len();
+            // With a single active consumer, only the oldest is served.
+            let n = if self.limits.single_active {
+                1
+            } else {
+                st.consumers.len()
+            };
             let Some(offset) = (0..n).find(|i| st.consumers[(st.next + i) % n].has_credit()) else {
                 return;
             };
@@ -944,5 +949,133 @@ mod tests {
             vec![DeathReason::Expired, DeathReason::Expired]
         );
         assert_eq!(q.ready_bytes(), 0);
+    }
+
+    fn consumer(
+        tag: &str,
+    ) -> (
+        Arc<Consumer>,
+        tokio::sync::mpsc::UnboundedReceiver<Dispatch>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = Arc::new(Consumer {
+            tag: tag.into(),
+            channel: 1,
+            connection: 1,
+            no_ack: false,
+            exclusive: false,
+            prefetch: 0,
+            unacked: Default::default(),
+            in_flight: Default::default(),
+            channel_credit: Default::default(),
+            sink: tx,
+        });
+        (c, rx)
+    }
+
+    fn delivered(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Dispatch>) -> Vec<Entry> {
+        let mut out = Vec::new();
+        while let Ok(Dispatch::Deliver { entry, .. }) = rx.try_recv() {
+            out.push(entry);
+        }
+        out
+    }
+
+    #[test]
+    fn a_single_active_consumer_gets_everything_until_it_goes() {
+        let q = queue(
+            QueueLimits {
+                single_active: true,
+                ..Default::default()
+            },
+            1 << 30,
+        );
+        let (first, mut first_rx) = consumer("first");
+        let (second, mut second_rx) = consumer("second");
+        q.add_consumer(first).unwrap();
+        q.add_consumer(second).unwrap();
+        for _ in 0..3 {
+            q.push(message(1));
+        }
+        assert_eq!(delivered(&mut first_rx).len(), 3);
+        assert!(delivered(&mut second_rx).is_empty());
+        q.remove_consumer(1, 1, "first");
+        q.push(message(1));
+        assert_eq!(delivered(&mut second_rx).len(), 1);
+    }
+
+    /// What a quorum queue's live queue tells its log.
+    #[derive(Default)]
+    struct Log {
+        settled: parking_lot::Mutex<Vec<u64>>,
+        counts: parking_lot::Mutex<std::collections::HashMap<u64, u32>>,
+    }
+
+    impl Replicated for Log {
+        fn enqueue(&self, _: Arc<Message>, _: Option<Reply>) {}
+        fn settled(&self, ids: Vec<u64>) {
+            self.settled.lock().extend(ids);
+        }
+        fn returned(&self, ids: &[u64]) -> Vec<u32> {
+            let mut c = self.counts.lock();
+            ids.iter()
+                .map(|id| {
+                    let n = c.entry(*id).or_default();
+                    *n += 1;
+                    *n
+                })
+                .collect()
+        }
+        fn leads(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_quorum_queue_counts_returns_and_dead_letters_past_the_delivery_limit() {
+        let log = Arc::new(Log::default());
+        let dead = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink: DeadLetterSink = {
+            let dead = dead.clone();
+            Arc::new(move |_q: &Queue, d: Vec<(Entry, DeathReason)>| {
+                dead.lock().extend(d.into_iter().map(|(e, r)| (e.id, r)))
+            })
+        };
+        let limits = QueueLimits {
+            quorum: true,
+            delivery_limit: Some(2),
+            ..Default::default()
+        };
+        let q = Arc::new(
+            Queue::new(decl(), limits, 1 << 30, Some(sink), None)
+                .with_replica(log.clone() as Arc<dyn Replicated>),
+        );
+        assert!(q.push_replicated(7, message(1), now_ms(), false));
+        let mut e = q.pop().unwrap();
+        assert_eq!(e.id, 7);
+        for count in 1..=2 {
+            q.requeue(std::iter::once(e));
+            e = q.pop().unwrap();
+            assert!(e.redelivered);
+            let headers = e.resident().unwrap().properties.headers().clone().unwrap();
+            assert_eq!(
+                headers.inner().get("x-delivery-count"),
+                Some(&amq_protocol::types::AMQPValue::LongLongInt(count))
+            );
+        }
+        q.requeue(std::iter::once(e));
+        // The third return passed the limit of 2.
+        assert!(q.is_empty());
+        assert_eq!(*dead.lock(), vec![(7, DeathReason::DeliveryLimit)]);
+        assert_eq!(
+            *log.settled.lock(),
+            vec![7],
+            "dead-lettered: settled in the log"
+        );
+        // An acked one is settled too.
+        assert!(q.push_replicated(8, message(1), now_ms(), false));
+        let e = q.pop().unwrap();
+        q.forget([&e]);
+        assert_eq!(*log.settled.lock(), vec![7, 8]);
     }
 }
