@@ -2,14 +2,15 @@
 # Start a three-node cluster on loopback, with the built-in and example
 # plugins: nodes a, b, c with AMQP on 5672/5673/5674, the admin API on
 # 15672/15673/15674 and the node-to-node links on 25672/25673/25674. State
-# lives in target/cluster/<node>; Ctrl-C stops all three (their state is
-# kept, so running it again restarts the same cluster).
+# lives in target/cluster/<node> (or $WASMQ_CLUSTER_DIR/<node>); Ctrl-C
+# stops all three (their state is kept, so running it again restarts the
+# same cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/plugins.sh
 build_example_plugins
 cargo build --release -p wasmq
-root=target/cluster
+root=${WASMQ_CLUSTER_DIR:-target/cluster}
 mkdir -p "$root"
 if [ ! -s "$root/secret" ]; then
     # The shared secret every node must prove it holds.

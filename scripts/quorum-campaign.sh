@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WASMQ_FAULTS="${1:-100}"
-exec cargo test --release -p wasmq --test quorum_faults -- --nocapture
+exec cargo test -p wasmq --test quorum_faults -- --nocapture

@@ -13,9 +13,12 @@
 //! re-subscribe there ([`Dispatch::Moved`]).
 //!
 //! What a new leader cannot know is whether the old one delivered a
-//! message it had not seen settled: it delivers every message enqueued
-//! under an earlier term marked redelivered, so a message is delivered
-//! twice only with the flag.
+//! message it had not seen settled: it delivers every message it inherits
+//! (in the log before it took over) marked redelivered, so a message is
+//! delivered twice only with the flag. This holds for a node that restarts
+//! and keeps its leadership too (openraft restores a leader's committed
+//! vote), which is why the line is drawn at the log index where this live
+//! queue began, not at the term.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -46,23 +49,33 @@ pub(crate) struct QuorumEntry {
 /// A quorum queue's replica on its leader, the cluster, and its members.
 type QuorumLeader = (Arc<Replica>, Arc<crate::cluster::ClusterNode>, Vec<String>);
 
-/// The live queue's side of the state machine's hook: the queue, and the
-/// term this node leads in.
-struct LiveHook(Weak<Queue>, u64);
+/// The live queue's side of the state machine's hook.
+struct LiveHook {
+    queue: Weak<Queue>,
+    /// The term this node leads in.
+    term: u64,
+    /// The first log index proposed by this live queue's leader: an entry
+    /// before it was in the log before the live queue existed.
+    fresh_from: u64,
+}
 
 impl Live for LiveHook {
     fn enqueued(&self, id: u64, held: &Held) -> bool {
         // An entry of a later term was enqueued by another leader: this
         // node stepped down and its live queue is about to go. Serving the
         // message here too would deliver it twice without the flag.
-        if held.term != self.1 {
+        if held.term != self.term {
             return true;
         }
-        let Some(q) = self.0.upgrade() else {
+        let Some(q) = self.queue.upgrade() else {
             return false;
         };
+        // An older entry applied only now (a node that restarted and kept
+        // its leadership applies its committed tail again): this node may
+        // have delivered it before.
+        let maybe_delivered = id < self.fresh_from;
         match held.message.message() {
-            Some(m) => q.push_replicated(id, Arc::new(m), held.published_ms, false),
+            Some(m) => q.push_replicated(id, Arc::new(m), held.published_ms, maybe_delivered),
             None => false,
         }
     }
@@ -350,11 +363,7 @@ impl Broker {
 
     /// This node's replica of a quorum queue, if it leads, with the
     /// cluster and the queue's members.
-    fn quorum_leader(
-        &self,
-        vhost: &str,
-        name: &str,
-    ) -> Result<QuorumLeader, BrokerError> {
+    fn quorum_leader(&self, vhost: &str, name: &str) -> Result<QuorumLeader, BrokerError> {
         let not_here = || {
             BrokerError::PreconditionFailed(format!(
                 "no replica of quorum queue '{name}' in vhost '{vhost}' on this node"
@@ -527,9 +536,16 @@ impl Broker {
             )
             .with_replica(replica.clone() as Arc<dyn Replicated>),
         );
-        let term = replica.raft().metrics().borrow().current_term;
+        let (term, fresh_from) = {
+            let m = replica.raft().metrics().borrow().clone();
+            (m.current_term, m.last_log_index.map_or(0, |i| i + 1))
+        };
         let mut counts = HashMap::new();
-        let hook = Arc::new(LiveHook(Arc::downgrade(&queue), term));
+        let hook = Arc::new(LiveHook {
+            queue: Arc::downgrade(&queue),
+            term,
+            fresh_from,
+        });
         replica.machine().set_live_with(hook, |held| {
             for (id, h) in held {
                 let Some(m) = h.message.message() else {
@@ -541,8 +557,10 @@ impl Broker {
                 } else {
                     m
                 };
-                let maybe_delivered = h.term < term || h.returns > 0;
-                queue.push_replicated(*id, Arc::new(m), h.published_ms, maybe_delivered);
+                // Any message held when a leader takes over may have been
+                // delivered: by another leader, or by this node before it
+                // restarted (openraft lets a restarted leader keep its term).
+                queue.push_replicated(*id, Arc::new(m), h.published_ms, true);
             }
         });
         replica.take_counts(counts);
