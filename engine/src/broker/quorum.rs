@@ -27,7 +27,7 @@ use amq_protocol::types::FieldTable;
 
 use super::queue::Replicated;
 use super::{Broker, BrokerError, Dispatch, Queue, QueueDecl, QueueLimits, RemoteQueue, VHost};
-use crate::cluster::quorum::{Held, Live, Replica, ReplicaStatus, group_name};
+use crate::cluster::quorum::{Held, Live, Replica, ReplicaStatus, entry_index, group_name};
 use crate::cluster::{Applied, Command};
 use crate::store::definitions::QueueDefinition;
 
@@ -73,7 +73,7 @@ impl Live for LiveHook {
         // An older entry applied only now (a node that restarted and kept
         // its leadership applies its committed tail again): this node may
         // have delivered it before.
-        let maybe_delivered = id < self.fresh_from;
+        let maybe_delivered = entry_index(id) < self.fresh_from;
         match held.message.message() {
             Some(m) => q.push_replicated(id, Arc::new(m), held.published_ms, maybe_delivered),
             None => false,

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::QuorumConfig;
-use super::op::{Op, Outcome, StoredMessage};
+use super::op::{Op, Outcome, StoredMessage, message_id};
 use crate::cluster::log::read_optional;
 use crate::cluster::{Member, NodeId};
 
@@ -172,43 +172,33 @@ impl QuorumMachine {
 }
 
 fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
-    match op {
-        Op::Enqueue {
-            published_ms,
-            message,
-        } => {
-            let id = log_id.index;
-            let held = Held {
-                published_ms,
-                term: log_id.leader_id.term,
-                returns: 0,
-                message,
-            };
-            let taken = match &inner.live {
-                Some(live) => live.enqueued(id, &held),
-                None => true,
-            };
-            inner.state.enqueued += 1;
-            inner.state.messages.insert(id, held);
-            Outcome::Enqueued { id, taken }
-        }
-        Op::Settle { ids } => {
-            for id in ids {
-                if inner.state.messages.remove(&id).is_some() {
-                    inner.state.settled += 1;
-                }
-            }
-            Outcome::Done
-        }
-        Op::Return { ids } => {
-            for id in ids {
-                if let Some(h) = inner.state.messages.get_mut(&id) {
-                    h.returns += 1;
-                }
-            }
-            Outcome::Done
+    for id in op.settle {
+        if inner.state.messages.remove(&id).is_some() {
+            inner.state.settled += 1;
         }
     }
+    for id in op.returned {
+        if let Some(h) = inner.state.messages.get_mut(&id) {
+            h.returns += 1;
+        }
+    }
+    let mut taken = Vec::with_capacity(op.enqueue.len());
+    for (position, e) in op.enqueue.into_iter().enumerate() {
+        let id = message_id(log_id.index, position);
+        let held = Held {
+            published_ms: e.published_ms,
+            term: log_id.leader_id.term,
+            returns: 0,
+            message: e.message,
+        };
+        taken.push(match &inner.live {
+            Some(live) => live.enqueued(id, &held),
+            None => true,
+        });
+        inner.state.enqueued += 1;
+        inner.state.messages.insert(id, held);
+    }
+    Outcome { taken }
 }
 
 impl RaftSnapshotBuilder<QuorumConfig> for QuorumMachine {
@@ -260,11 +250,11 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
         for entry in entries {
             inner.last_applied = Some(entry.log_id);
             out.push(match entry.payload {
-                EntryPayload::Blank => Outcome::Done,
+                EntryPayload::Blank => Outcome::default(),
                 EntryPayload::Normal(op) => apply_op(&mut inner, entry.log_id, op),
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Outcome::Done
+                    Outcome::default()
                 }
             });
         }

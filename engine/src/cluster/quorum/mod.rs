@@ -9,7 +9,7 @@
 //! compacted as soon as its backlog is settled; and a node that holds no
 //! replica of a queue does no work for it.
 //!
-//! * `op`: the log's entries (enqueue, settle, return).
+//! * `op`: the log's entries (messages enqueued, settled, returned).
 //! * `machine`: the replicated state (what the queue holds) and its
 //!   snapshots.
 //! * `network`: the group's RPCs over the node's links.
@@ -25,7 +25,7 @@ pub mod op;
 pub mod replica;
 
 pub use machine::{Held, Live, QueueState};
-pub use op::{Op, Outcome, StoredMessage};
+pub use op::{Enqueue, MAX_BATCH, Op, Outcome, StoredMessage, entry_index, message_id};
 pub use replica::{Replica, ReplicaMember, ReplicaStatus, group_name};
 
 use super::{Member, NodeId};

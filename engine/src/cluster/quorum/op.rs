@@ -1,39 +1,63 @@
 //! What a quorum queue's replicated log carries: every change to the
 //! queue's contents, as the leader decided it.
 //!
-//! A message's id is the log index of the entry that enqueued it: the same
-//! on every replica and after any leader change, so a settlement or a
-//! return names it without a second counter to agree on.
+//! A message's id is made of the log index of the entry that enqueued it
+//! and its position there: the same on every replica and after any leader
+//! change, so a settlement or a return names it without a second counter
+//! to agree on.
 
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::command::base64_bytes;
 use crate::message::Message;
 
-/// One change to a quorum queue.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Op {
-    /// A published message joins the queue.
-    Enqueue {
-        /// When it was published (ms since the epoch, the proposer's
-        /// clock): its TTL runs from here on every replica.
-        published_ms: u64,
-        /// The message.
-        message: StoredMessage,
-    },
-    /// These messages left the queue for good: acked, dead-lettered,
+/// Messages per entry at most: a message's id is its entry's log index
+/// shifted left by 16 bits, plus its position in the entry.
+pub const MAX_BATCH: usize = 4096;
+
+/// The id of the message at `position` in the entry at log `index`.
+pub fn message_id(index: u64, position: usize) -> u64 {
+    (index << 16) | position as u64
+}
+
+/// The log index of the entry that enqueued message `id`.
+pub fn entry_index(id: u64) -> u64 {
+    id >> 16
+}
+
+/// One entry of a quorum queue's log: the changes its leader gathered
+/// since the last one was proposed (one entry per round, not per message,
+/// so that a busy queue commits many messages per round trip and sync).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    /// Published messages joining the queue, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enqueue: Vec<Enqueue>,
+    /// Messages that left the queue for good: acked, dead-lettered,
     /// expired, dropped by a limit, purged.
-    Settle {
-        /// Their ids.
-        ids: Vec<u64>,
-    },
-    /// These messages were returned to the queue (a nack or reject with
-    /// requeue, a consumer gone): each one's delivery count goes up.
-    Return {
-        /// Their ids.
-        ids: Vec<u64>,
-    },
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settle: Vec<u64>,
+    /// Messages returned to the queue (a nack or reject with requeue, a
+    /// consumer gone): each one's delivery count goes up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned: Vec<u64>,
+}
+
+impl Op {
+    /// Nothing to propose.
+    pub fn is_empty(&self) -> bool {
+        self.enqueue.is_empty() && self.settle.is_empty() && self.returned.is_empty()
+    }
+}
+
+/// A published message, as an entry carries it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Enqueue {
+    /// When it was published (ms since the epoch, the proposer's clock):
+    /// its TTL runs from here on every replica.
+    pub published_ms: u64,
+    /// The message.
+    pub message: StoredMessage,
 }
 
 /// A message as the log keeps it: what a delivery needs, nothing decoded.
@@ -80,16 +104,9 @@ impl StoredMessage {
 }
 
 /// What applying an [`Op`] did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Outcome {
-    /// The message has this id; `taken` is false when the leader's queue
-    /// refused it (`x-overflow: reject-publish`), which is then settled.
-    Enqueued {
-        /// Its id.
-        id: u64,
-        /// Whether the queue took it.
-        taken: bool,
-    },
-    /// Done.
-    Done,
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// For each message enqueued, whether the leader's queue took it
+    /// (false: refused by `x-overflow: reject-publish`, then settled).
+    pub taken: Vec<bool>,
 }

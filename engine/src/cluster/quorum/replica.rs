@@ -3,10 +3,15 @@
 //! queue, and the answers publishers wait for.
 //!
 //! Proposals never block the caller (an AMQP connection's task, a link's
-//! reader): openraft takes a write through an unbounded channel, so
-//! handing it over completes at once and keeps the callers' order, which
-//! is the queue's order. The commit is awaited by one task per replica,
-//! in order, which then answers the publisher.
+//! reader). What the live queue reports (messages published, settled,
+//! returned) is gathered and proposed as one entry per round: at most
+//! [`IN_FLIGHT`] entries wait for their commit at a time, and whatever
+//! arrives meanwhile goes into the next one, so a busy queue commits many
+//! messages per round trip and per sync (Raft's own group commit), and an
+//! idle one proposes each message at once. openraft takes a write through
+//! an unbounded channel, so handing it over completes at once and keeps
+//! the callers' order, which is the queue's order. The commits are awaited
+//! by one task per replica, in order, which then answers the publishers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -22,13 +27,79 @@ use tokio::sync::mpsc;
 use super::QuorumConfig;
 use super::machine::QuorumMachine;
 use super::network::GroupNetwork;
-use super::op::{Op, Outcome, StoredMessage};
+use super::op::{Enqueue, MAX_BATCH, Op, Outcome, StoredMessage};
 use crate::broker::{Replicated, Reply};
 use crate::cluster::log::RaftLog;
 use crate::cluster::{ClusterError, ClusterNode, Member, NodeId, node_id};
 use crate::message::Message;
 
-type Commit = Pin<Box<dyn Future<Output = bool> + Send>>;
+/// A proposed entry's outcome, once committed and applied (`None`: it was
+/// not, e.g. this node no longer leads).
+type Commit = Pin<Box<dyn Future<Output = Option<Outcome>> + Send>>;
+
+/// Entries proposed and not yet committed, at most.
+pub const IN_FLIGHT: usize = 2;
+
+/// What the live queue reported since the last proposal.
+#[derive(Default)]
+struct Gathered {
+    op: Op,
+    /// One per message in `op.enqueue`.
+    replies: Vec<Option<Reply>>,
+    in_flight: usize,
+}
+
+/// Gathers a replica's changes into entries and proposes them.
+struct Proposer {
+    raft: Raft<QuorumConfig>,
+    queue: String,
+    gathered: Mutex<Gathered>,
+    commits: mpsc::UnboundedSender<(Commit, Vec<Option<Reply>>)>,
+}
+
+impl Proposer {
+    fn add(&self, f: impl FnOnce(&mut Gathered)) {
+        let mut g = self.gathered.lock();
+        f(&mut g);
+        if g.in_flight < IN_FLIGHT || g.op.enqueue.len() >= MAX_BATCH {
+            self.propose(&mut g);
+        }
+    }
+
+    fn propose(&self, g: &mut Gathered) {
+        if g.op.is_empty() {
+            return;
+        }
+        let op = std::mem::take(&mut g.op);
+        let replies = std::mem::take(&mut g.replies);
+        g.in_flight += 1;
+        let commit: Commit = match now_or_never(self.raft.client_write_ff(op)) {
+            Some(Ok(rx)) => Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(r)) => Some(r.data),
+                    _ => None,
+                }
+            }),
+            Some(Err(e)) => {
+                tracing::debug!(queue = %self.queue, "quorum proposal refused: {e}");
+                Box::pin(async { None })
+            }
+            None => Box::pin(async { None }),
+        };
+        if let Err(mpsc::error::SendError((_, replies))) = self.commits.send((commit, replies)) {
+            for reply in replies.into_iter().flatten() {
+                reply(false);
+            }
+        }
+    }
+
+    /// An entry was committed (or failed): propose what gathered meanwhile.
+    fn done(&self) {
+        let mut g = self.gathered.lock();
+        g.in_flight = g.in_flight.saturating_sub(1);
+        self.propose(&mut g);
+    }
+}
 
 /// One member's line in a quorum queue's status.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -71,7 +142,7 @@ pub struct Replica {
     machine: QuorumMachine,
     node: Arc<ClusterNode>,
     dir: PathBuf,
-    commits: mpsc::UnboundedSender<(Commit, Reply)>,
+    proposer: Arc<Proposer>,
     /// Delivery counts as the leader's live queue knows them.
     counts: Mutex<HashMap<u64, u32>>,
 }
@@ -163,7 +234,13 @@ impl Replica {
             }
         }
         let (commits, rx) = mpsc::unbounded_channel();
-        tokio::spawn(answer_commits(rx));
+        let proposer = Arc::new(Proposer {
+            raft: raft.clone(),
+            queue: name.to_owned(),
+            gathered: Mutex::default(),
+            commits,
+        });
+        tokio::spawn(answer_commits(Arc::downgrade(&proposer), rx));
         Ok(Arc::new(Replica {
             vhost: vhost.to_owned(),
             queue: name.to_owned(),
@@ -173,7 +250,7 @@ impl Replica {
             machine,
             node,
             dir: dir.to_owned(),
-            commits,
+            proposer,
             counts: Mutex::default(),
         }))
     }
@@ -191,24 +268,6 @@ impl Replica {
     /// This node's Raft id.
     pub fn id(&self) -> NodeId {
         self.id
-    }
-
-    /// Hand `op` to Raft; if it was taken, a future of whether it was
-    /// committed (and, for an enqueue, taken by the queue).
-    fn propose(&self, op: Op) -> Option<Commit> {
-        match now_or_never(self.raft.client_write_ff(op)) {
-            Some(Ok(rx)) => Some(Box::pin(async move {
-                matches!(
-                    rx.await,
-                    Ok(Ok(r)) if matches!(r.data, Outcome::Enqueued { taken: true, .. } | Outcome::Done)
-                )
-            })),
-            Some(Err(e)) => {
-                tracing::debug!(queue = %self.queue, "quorum proposal refused: {e}");
-                None
-            }
-            None => None,
-        }
     }
 
     /// Start serving from a live queue: the delivery counts it starts
@@ -325,10 +384,25 @@ impl Replica {
     }
 }
 
-/// Answer publishers in commit order.
-async fn answer_commits(mut rx: mpsc::UnboundedReceiver<(Commit, Reply)>) {
-    while let Some((commit, reply)) = rx.recv().await {
-        reply(commit.await);
+/// Answer publishers in commit order, then let the next entry go.
+async fn answer_commits(
+    proposer: std::sync::Weak<Proposer>,
+    mut rx: mpsc::UnboundedReceiver<(Commit, Vec<Option<Reply>>)>,
+) {
+    while let Some((commit, replies)) = rx.recv().await {
+        let outcome = commit.await;
+        for (i, reply) in replies.into_iter().enumerate() {
+            if let Some(reply) = reply {
+                reply(
+                    outcome
+                        .as_ref()
+                        .is_some_and(|o| o.taken.get(i).copied().unwrap_or(false)),
+                );
+            }
+        }
+        if let Some(p) = proposer.upgrade() {
+            p.done();
+        }
     }
 }
 
@@ -337,16 +411,14 @@ impl Replicated for Replica {
         let published_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let op = Op::Enqueue {
+        let e = Enqueue {
             published_ms,
             message: StoredMessage::of(&message),
         };
-        let rx = self.propose(op);
-        let Some(reply) = reply else { return };
-        let commit: Commit = rx.unwrap_or_else(|| Box::pin(async { false }));
-        if let Err(mpsc::error::SendError((_, reply))) = self.commits.send((commit, reply)) {
-            reply(false);
-        }
+        self.proposer.add(|g| {
+            g.op.enqueue.push(e);
+            g.replies.push(reply);
+        });
     }
 
     fn settled(&self, ids: Vec<u64>) {
@@ -356,7 +428,7 @@ impl Replicated for Replica {
                 counts.remove(id);
             }
         }
-        self.propose(Op::Settle { ids });
+        self.proposer.add(|g| g.op.settle.extend(ids));
     }
 
     fn returned(&self, ids: &[u64]) -> Vec<u32> {
@@ -370,7 +442,7 @@ impl Replicated for Replica {
                 })
                 .collect()
         };
-        self.propose(Op::Return { ids: ids.to_vec() });
+        self.proposer.add(|g| g.op.returned.extend_from_slice(ids));
         counts
     }
 
