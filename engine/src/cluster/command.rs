@@ -144,6 +144,46 @@ pub(crate) mod base64_bytes {
     }
 }
 
+/// Bytes as base64 in JSON (the definitions log, snapshots, the admin
+/// API) and as raw bytes in a binary encoding (quorum queues' entries and
+/// RPCs).
+pub(crate) mod bytes_field {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(serde::de::Error::custom)
+        } else {
+            struct Raw;
+            impl<'de> serde::de::Visitor<'de> for Raw {
+                type Value = Vec<u8>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                    Ok(v.to_vec())
+                }
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                    Ok(v)
+                }
+            }
+            d.deserialize_byte_buf(Raw)
+        }
+    }
+}
+
 impl Command {
     /// The vhost it changes (plugins belong to no vhost: "").
     pub fn vhost(&self) -> &str {

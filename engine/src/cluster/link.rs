@@ -11,7 +11,8 @@
 //! **Frames.** `len u32 LE | kind u8 | payload`, at most [`MAX_FRAME`]
 //! bytes. Kind 0 is JSON: a request (`id`, call) or the response to one;
 //! either side may send requests, so one connection serves a pair of nodes
-//! both ways. Kind 1 is message traffic (published messages, deliveries,
+//! both ways. Kind 2 is the same in postcard, for quorum queues' Raft RPCs
+//! and Raft's answers, which carry message bodies. Kind 1 is message traffic (published messages, deliveries,
 //! acks), in a binary encoding the link does not read: it hands each such
 //! frame, in order, to the node's [`TrafficSink`]. JSON would spend more
 //! time on a message body than the rest of the hop together.
@@ -57,9 +58,10 @@ pub const SEND_QUEUE: usize = 256;
 pub const TRAFFIC_HIGH: usize = 8 << 20;
 /// Time a peer has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const PROTOCOL: &str = "wasmq-cluster/2";
+const PROTOCOL: &str = "wasmq-cluster/3";
 const KIND_JSON: u8 = 0;
 const KIND_TRAFFIC: u8 = 1;
+const KIND_BINARY: u8 = 2;
 
 /// What receives the message traffic of every link, in the order each
 /// link carried it.
@@ -162,6 +164,35 @@ enum Frame {
         id: u64,
         answer: Result<Answer, String>,
     },
+}
+
+impl Frame {
+    /// The frame's kind and bytes: a quorum queue's RPCs and the answers
+    /// Raft gives (openraft's own types) in postcard, which carries their
+    /// message bodies as they are; everything else in JSON (the
+    /// definitions log's commands are internally tagged, which postcard
+    /// cannot read back).
+    fn encode(&self) -> Result<(u8, Bytes), String> {
+        let binary = match self {
+            Frame::Request { call, .. } => matches!(
+                call,
+                Call::QuorumAppend { .. } | Call::QuorumVote { .. } | Call::QuorumSnapshot { .. }
+            ),
+            Frame::Response { answer, .. } => matches!(
+                answer,
+                Ok(Answer::AppendEntries(_) | Answer::Vote(_) | Answer::InstallSnapshot(_))
+            ),
+        };
+        if binary {
+            postcard::to_stdvec(self)
+                .map(|b| (KIND_BINARY, Bytes::from(b)))
+                .map_err(|e| e.to_string())
+        } else {
+            serde_json::to_vec(self)
+                .map(|b| (KIND_JSON, Bytes::from(b)))
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -594,8 +625,8 @@ async fn write_loop(
         let mut written = 0;
         for out in batch.drain(..) {
             let (kind, bytes) = match out {
-                Out::Frame(f) => match serde_json::to_vec(&f) {
-                    Ok(b) => (KIND_JSON, Bytes::from(b)),
+                Out::Frame(f) => match f.encode() {
+                    Ok(b) => b,
                     Err(e) => {
                         tracing::error!("cluster frame not serializable: {e}");
                         continue;
@@ -658,7 +689,12 @@ async fn read_loop(r: Reader, handler: Handler, traffic: TrafficSlot, link: Arc<
             }
             continue;
         }
-        let frame: Frame = match serde_json::from_slice(&buf[1..]) {
+        let decoded = if buf[0] == KIND_BINARY {
+            postcard::from_bytes::<Frame>(&buf[1..]).map_err(|e| e.to_string())
+        } else {
+            serde_json::from_slice::<Frame>(&buf[1..]).map_err(|e| e.to_string())
+        };
+        let frame: Frame = match decoded {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(peer = %link.peer, "unreadable cluster frame, closing the link: {e}");
@@ -746,6 +782,69 @@ mod tests {
             Err(LinkError::Remote { reason, .. }) => assert_eq!(reason, "unexpected"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A quorum queue's entries cross the link in postcard and come back
+    /// as they were (postcard reads fields by position: an attribute that
+    /// skips a field when serializing would break this).
+    #[test]
+    fn quorum_rpcs_and_raft_answers_round_trip_in_binary() {
+        use crate::cluster::quorum::{Enqueue, Op, QuorumConfig, StoredMessage};
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+        let op = Op {
+            enqueue: vec![Enqueue {
+                published_ms: 7,
+                message: StoredMessage {
+                    exchange: "x".into(),
+                    routing_key: "k".into(),
+                    properties: vec![1, 2],
+                    body: vec![0, 255, 3],
+                },
+            }],
+            settle: vec![],
+            returned: vec![9],
+        };
+        let rpc = AppendEntriesRequest::<QuorumConfig> {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 4)),
+            entries: vec![Entry {
+                log_id: LogId::new(CommittedLeaderId::new(3, 1), 5),
+                payload: EntryPayload::Normal(op.clone()),
+            }],
+            leader_commit: None,
+        };
+        let frame = Frame::Request {
+            id: 11,
+            call: Call::QuorumAppend {
+                group: "/\0q".into(),
+                rpc,
+            },
+        };
+        let (kind, bytes) = frame.encode().unwrap();
+        assert_eq!(kind, KIND_BINARY);
+        match postcard::from_bytes::<Frame>(&bytes).unwrap() {
+            Frame::Request {
+                id: 11,
+                call: Call::QuorumAppend { group, rpc },
+            } => {
+                assert_eq!(group, "/\0q");
+                assert!(matches!(&rpc.entries[0].payload, EntryPayload::Normal(o) if *o == op));
+            }
+            other => panic!("{other:?}"),
+        }
+        let answer = Frame::Response {
+            id: 11,
+            answer: Ok(Answer::AppendEntries(Ok(AppendEntriesResponse::Success))),
+        };
+        let (kind, bytes) = answer.encode().unwrap();
+        assert_eq!(kind, KIND_BINARY);
+        assert!(matches!(
+            postcard::from_bytes::<Frame>(&bytes).unwrap(),
+            Frame::Response {
+                answer: Ok(Answer::AppendEntries(Ok(AppendEntriesResponse::Success))),
+                ..
+            }
+        ));
     }
 
     #[tokio::test]

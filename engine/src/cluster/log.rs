@@ -11,14 +11,17 @@
 //! holds has grown to several times what is live.
 //!
 //! Record: `len u32 LE | crc32 u32 LE (of the payload) | payload`, the
-//! payload JSON. A record that is cut short or fails its checksum ends the
+//! payload JSON (the definitions log) or postcard (a quorum queue's). A record that is cut short or fails its checksum ends the
 //! file: it can only be the tail of a write the process did not live to
 //! finish (Raft did not count it, since the append was not acknowledged),
 //! and it is cut off with a warning.
 //!
-//! Definition changes are rare next to messages, so the writes happen
-//! inline on Raft's storage task; a sync here costs a change, never a
-//! message.
+//! **Group commit.** An append is written at once and acknowledged to
+//! Raft only once synced, by a flush round that runs off Raft's task (on
+//! tokio's blocking threads): one `fdatasync` covers every append written
+//! before it started, so appends that arrive while a round syncs share the
+//! next one. The vote, a truncation and a purge are synced before they
+//! return.
 
 // openraft's storage traits return its (large) `StorageError` by value;
 // the helpers here return the same so that `?` carries it unchanged.
@@ -43,13 +46,15 @@ use super::{NodeId, TypeConfig};
 
 /// The Raft type configurations a [`RaftLog`] can hold: the cluster's
 /// definitions log and each quorum queue's log share the file format.
-pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: Clone> {}
+pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>, D: Clone> {
+    /// Records are encoded with postcard rather than JSON: a quorum
+    /// queue's entries carry message bodies, which JSON would spend most
+    /// of the write on (base64, then escaping).
+    const BINARY: bool;
+}
 
-impl<C> LogConfig for C
-where
-    C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>, D: Clone>,
-    Entry<C>: Serialize + DeserializeOwned,
-{
+impl LogConfig for TypeConfig {
+    const BINARY: bool = false;
 }
 
 /// Rewrite the file when it is above this size and several times what is
@@ -73,7 +78,7 @@ enum Record<C: LogConfig> {
 
 struct Inner<C: LogConfig> {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     len: u64,
     /// Bytes of the entry records that are live, for compaction.
     live: u64,
@@ -87,18 +92,31 @@ struct Inner<C: LogConfig> {
 /// Raft's replication tasks read through).
 pub struct RaftLog<C: LogConfig = TypeConfig> {
     inner: Arc<Mutex<Inner<C>>>,
+    flush: Arc<Mutex<Flush<C>>>,
+}
+
+/// Appends written and waiting for a sync.
+struct Flush<C: LogConfig> {
+    waiting: Vec<LogFlushed<C>>,
+    /// A flush round is running (it takes what waits when it starts).
+    running: bool,
 }
 
 impl<C: LogConfig> Clone for RaftLog<C> {
     fn clone(&self) -> Self {
         RaftLog {
             inner: self.inner.clone(),
+            flush: self.flush.clone(),
         }
     }
 }
 
 fn encode<C: LogConfig>(record: &Record<C>, out: &mut Vec<u8>) -> u64 {
-    let payload = serde_json::to_vec(record).expect("log records serialize");
+    let payload = if C::BINARY {
+        postcard::to_stdvec(record).expect("log records serialize")
+    } else {
+        serde_json::to_vec(record).expect("log records serialize")
+    };
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -135,7 +153,7 @@ where
         file.read_to_end(&mut bytes)?;
         let mut inner = Inner {
             path: path.to_owned(),
-            file,
+            file: Arc::new(file),
             len: 0,
             live: 0,
             entries: BTreeMap::new(),
@@ -161,6 +179,10 @@ where
         inner.len = at as u64;
         Ok(RaftLog {
             inner: Arc::new(Mutex::new(inner)),
+            flush: Arc::new(Mutex::new(Flush {
+                waiting: Vec::new(),
+                running: false,
+            })),
         })
     }
 
@@ -180,14 +202,25 @@ where
     }
 
     fn append_records(&self, records: Vec<Record<C>>) -> Result<(), StorageError<NodeId>> {
+        self.write_records(records, true)
+    }
+
+    /// Write `records` (and sync them, with `sync`).
+    fn write_records(
+        &self,
+        records: Vec<Record<C>>,
+        sync: bool,
+    ) -> Result<(), StorageError<NodeId>> {
         let mut inner = self.inner.lock();
         let mut buf = Vec::new();
         let mut sizes = Vec::with_capacity(records.len());
         for r in &records {
             sizes.push(encode(r, &mut buf));
         }
-        inner.file.write_all(&buf).map_err(write_err)?;
-        inner.file.sync_data().map_err(write_err)?;
+        (&*inner.file).write_all(&buf).map_err(write_err)?;
+        if sync {
+            inner.file.sync_data().map_err(write_err)?;
+        }
         inner.len += buf.len() as u64;
         // What was written is applied the way opening the file replays it.
         for (r, n) in records.into_iter().zip(sizes) {
@@ -210,7 +243,11 @@ where
     if crc32fast::hash(payload) != crc {
         return None;
     }
-    let record = serde_json::from_slice(payload).ok()?;
+    let record = if C::BINARY {
+        postcard::from_bytes(payload).ok()?
+    } else {
+        serde_json::from_slice(payload).ok()?
+    };
     Some((record, 8 + len))
 }
 
@@ -266,7 +303,7 @@ where
         if let Some(dir) = self.path.parent() {
             sync_dir(dir)?;
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = Arc::new(OpenOptions::new().append(true).open(&self.path)?);
         self.len = buf.len() as u64;
         tracing::debug!(file = %self.path.display(), bytes = self.len, "Raft log compacted");
         Ok(())
@@ -334,7 +371,7 @@ where
         let mut inner = self.inner.lock();
         let mut buf = Vec::new();
         let n = encode::<C>(&Record::Committed(committed), &mut buf);
-        inner.file.write_all(&buf).map_err(write_err)?;
+        (&*inner.file).write_all(&buf).map_err(write_err)?;
         inner.len += n;
         inner.committed = committed;
         Ok(())
@@ -354,16 +391,25 @@ where
         I::IntoIter: OptionalSend,
     {
         let records: Vec<Record<C>> = entries.into_iter().map(Record::Entry).collect();
-        match self.append_records(records) {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
+        if let Err(e) = self.write_records(records, false) {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(e);
+        }
+        let start = {
+            let mut f = self.flush.lock();
+            f.waiting.push(callback);
+            !std::mem::replace(&mut f.running, true)
+        };
+        if start {
+            let log = self.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || log.flush_rounds());
+                }
+                Err(_) => log.flush_rounds(),
             }
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
@@ -372,6 +418,37 @@ where
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.append_records(vec![Record::Purge(log_id)])
+    }
+}
+
+impl<C: LogConfig> RaftLog<C>
+where
+    Entry<C>: Serialize + DeserializeOwned,
+{
+    /// Sync and acknowledge what was written, round after round, until
+    /// nothing waits.
+    fn flush_rounds(&self) {
+        loop {
+            let (batch, file) = {
+                let mut f = self.flush.lock();
+                if f.waiting.is_empty() {
+                    f.running = false;
+                    return;
+                }
+                // Every append in the batch was written before it joined
+                // the batch, so one sync of the file as it is now covers
+                // all of them (a compaction since wrote them again, synced).
+                let batch = std::mem::take(&mut f.waiting);
+                (batch, self.inner.lock().file.clone())
+            };
+            let synced = file.sync_data();
+            for callback in batch {
+                callback.log_io_completed(match &synced {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        }
     }
 }
 

@@ -39,3 +39,7 @@ openraft::declare_raft_types!(
         Node = Member,
         SnapshotData = std::io::Cursor<Vec<u8>>,
 );
+
+impl super::log::LogConfig for QuorumConfig {
+    const BINARY: bool = true;
+}

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::command::base64_bytes;
+use crate::cluster::command::bytes_field;
 use crate::message::Message;
 
 /// Messages per entry at most: a message's id is its entry's log index
@@ -28,18 +28,16 @@ pub fn entry_index(id: u64) -> u64 {
 /// One entry of a quorum queue's log: the changes its leader gathered
 /// since the last one was proposed (one entry per round, not per message,
 /// so that a busy queue commits many messages per round trip and sync).
+// No `skip_serializing_if` here: postcard reads fields by position.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Op {
     /// Published messages joining the queue, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enqueue: Vec<Enqueue>,
     /// Messages that left the queue for good: acked, dead-lettered,
     /// expired, dropped by a limit, purged.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub settle: Vec<u64>,
     /// Messages returned to the queue (a nack or reject with requeue, a
     /// consumer gone): each one's delivery count goes up.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub returned: Vec<u64>,
 }
 
@@ -68,10 +66,10 @@ pub struct StoredMessage {
     /// Its routing key.
     pub routing_key: String,
     /// Its properties, AMQP-encoded.
-    #[serde(with = "base64_bytes")]
+    #[serde(with = "bytes_field")]
     pub properties: Vec<u8>,
     /// Its body.
-    #[serde(with = "base64_bytes")]
+    #[serde(with = "bytes_field")]
     pub body: Vec<u8>,
 }
 

@@ -198,9 +198,11 @@ impl Replica {
             heartbeat_interval: s.heartbeat_ms,
             election_timeout_min: s.election_timeout_ms,
             election_timeout_max: s.election_timeout_ms * 2,
-            // The snapshot is the backlog; the log before it goes.
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
-            max_in_snapshot_log_to_keep: 500,
+            // The snapshot is the backlog; the log before it goes. An
+            // entry holds a round of messages, so a thousand of them is
+            // already many messages.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(1_000),
+            max_in_snapshot_log_to_keep: 100,
             ..Default::default()
         }
         .validate()
