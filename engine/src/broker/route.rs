@@ -198,7 +198,7 @@ impl Broker {
         exchange: Option<&Arc<Exchange>>,
         message: Message,
     ) -> PublishOutcome {
-        self.publish_replying(vhost, exchange, message, &mut || None)
+        self.publish_with(vhost, exchange, message, || None)
     }
 
     /// [`Broker::publish_via`], with `reply` making the answer each quorum
@@ -208,7 +208,20 @@ impl Broker {
         vhost: &VHost,
         exchange: Option<&Arc<Exchange>>,
         message: Message,
-        reply: &mut dyn FnMut() -> Option<Reply>,
+        reply: impl FnMut() -> Option<Reply>,
+    ) -> PublishOutcome {
+        self.publish_with(vhost, exchange, message, reply)
+    }
+
+    /// The publish path, made once per kind of `reply` (no dynamic call for
+    /// a publisher without confirms).
+    #[inline(always)]
+    fn publish_with(
+        &self,
+        vhost: &VHost,
+        exchange: Option<&Arc<Exchange>>,
+        message: Message,
+        mut reply: impl FnMut() -> Option<Reply>,
     ) -> PublishOutcome {
         let message = Arc::new(message);
         let mut ctx = Routing::default();

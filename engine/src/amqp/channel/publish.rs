@@ -102,7 +102,7 @@ impl Channel {
         } else {
             let (sink, channel) = (ctx.dispatch.clone(), self.id);
             ctx.broker
-                .publish_replying(ctx.vhost, x.as_ref(), message, &mut || {
+                .publish_replying(ctx.vhost, x.as_ref(), message, || {
                     let sink = sink.clone();
                     Some(Box::new(move |ok| {
                         let _ = sink.send(Dispatch::Replicated { channel, seq, ok });

@@ -402,7 +402,9 @@ impl Connection {
         let notify = self.cancel_notify;
         let mut detached = false;
         let step = self.dispatch_one(d, notify, &mut detached);
-        self.rehoming |= detached;
+        if detached {
+            self.rehome_later();
+        }
         step
     }
 
@@ -445,6 +447,10 @@ impl Connection {
                 let synced = self.last_synced;
                 self.release_confirms(synced);
             }
+            Dispatch::Rehome => {
+                self.rehome();
+                return Step::Continue;
+            }
             Dispatch::Moved { vhost, queue } => {
                 if ctx.vhost.name == vhost {
                     for ch in channels.values_mut() {
@@ -477,7 +483,8 @@ impl Connection {
 
     /// Try again to subscribe the consumers of quorum queues that wait for
     /// their leader.
-    pub(super) fn rehome(&mut self) -> Step {
+    fn rehome(&mut self) {
+        self.rehoming = false;
         let notify = self.cancel_notify;
         let (mut ctx, channels) = self.ctx();
         let mut still = false;
@@ -485,8 +492,21 @@ impl Connection {
             ch.rehome_detached(&mut ctx, notify);
             still |= ch.detached();
         }
-        self.rehoming = still;
-        Step::Continue
+        if still {
+            self.rehome_later();
+        }
+    }
+
+    /// Have [`Connection::rehome`] run in [`super::REHOME_EVERY`].
+    pub(super) fn rehome_later(&mut self) {
+        if std::mem::replace(&mut self.rehoming, true) {
+            return;
+        }
+        let inbox = self.dispatch_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(super::REHOME_EVERY).await;
+            let _ = inbox.send(Dispatch::Rehome);
+        });
     }
 
     /// Traffic from another node for one of this connection's channels.
@@ -547,7 +567,9 @@ impl Connection {
                     detached = ch.detached();
                     r
                 });
-                self.rehoming |= detached;
+                if detached {
+                    self.rehome_later();
+                }
                 if let Some(Err(e)) = refused {
                     self.channel_error(origin.channel, e);
                 }
@@ -612,7 +634,9 @@ impl Connection {
             self.release_confirms(synced);
             // A quorum queue's consumer that did not reach the leader's
             // node tries again.
-            self.rehoming |= self.channels.values().any(Channel::detached);
+            if self.channels.values().any(Channel::detached) {
+                self.rehome_later();
+            }
         }
         for (channel, node) in unanswered {
             if let Step::Stop(why) = self.answered(channel, None, Channel::node_down(&node)) {

@@ -259,8 +259,9 @@ struct Connection {
     heartbeat: u16,
     cancel_notify: bool,
     /// Some channel has a consumer of a quorum queue waiting to
-    /// re-subscribe (its leader's node was lost, or it moved): tried again
-    /// every [`REHOME_EVERY`].
+    /// re-subscribe (its leader's node was lost, or it moved), and a
+    /// [`Dispatch::Rehome`] will come in [`REHOME_EVERY`] to try again. A
+    /// timer task sends it, so the message loop carries no timer of its own.
     rehoming: bool,
     channels: Map<u16, Channel>,
     dispatch_tx: mpsc::UnboundedSender<Dispatch>,
@@ -330,8 +331,6 @@ impl Connection {
         };
         let mut heartbeat = tokio::time::interval(tick);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut rehome = tokio::time::interval(REHOME_EVERY);
-        rehome.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut liveness = tokio::time::interval(PEER_CHECK);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut synced = self.broker.store().map(|s| s.synced());
@@ -394,7 +393,6 @@ impl Connection {
                         self.committed(done)
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
-                    _ = rehome.tick(), if self.rehoming => self.rehome(),
                     // Not reading (flow control, an alarm, output backed
                     // up), the connection would never see its client's
                     // EOF or reset, and would hold what it took from it

@@ -74,6 +74,9 @@ pub enum Dispatch {
         /// Taken.
         ok: bool,
     },
+    /// Time to try again to subscribe this connection's consumers of
+    /// quorum queues that wait for their leader.
+    Rehome,
     /// A quorum queue has a new leader (or is gone): consumers of it
     /// re-subscribe where it lives now.
     Moved {

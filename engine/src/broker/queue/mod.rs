@@ -531,6 +531,7 @@ impl Queue {
         self.admit(entry, ttl, false)
     }
 
+    #[inline(always)]
     fn admit(self: &Arc<Self>, mut entry: Entry, ttl: Option<Duration>, page_out: bool) -> bool {
         let mut dead = Vec::new();
         let accepted = {
@@ -712,10 +713,14 @@ impl Queue {
                 consumer: consumer.clone(),
                 entry,
             };
-            if let Err(tokio::sync::mpsc::error::SendError(Dispatch::Deliver { entry, .. })) =
-                consumer.sink.send(dispatch)
+            if let Err(tokio::sync::mpsc::error::SendError(Dispatch::Deliver {
+                mut entry, ..
+            })) = consumer.sink.send(dispatch)
             {
                 // The connection is gone; its cleanup will remove the consumer.
+                // A quorum queue flags what comes back (its order among
+                // first deliveries holds only for messages never handed out).
+                entry.redelivered |= self.replica.is_some();
                 self.count_ready(st, &entry);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);

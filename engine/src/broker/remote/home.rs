@@ -121,7 +121,7 @@ impl Session {
             }
             self.release_confirms();
         }
-        self.end();
+        self.end(dispatch);
     }
 
     fn frame(&mut self, t: Traffic) {
@@ -389,6 +389,7 @@ impl Session {
             Dispatch::Remote { .. }
             | Dispatch::LinkLost { .. }
             | Dispatch::Replicated { .. }
+            | Dispatch::Rehome
             | Dispatch::Moved { .. } => {}
         }
     }
@@ -442,10 +443,24 @@ impl Session {
     }
 
     /// The link closed: remove its consumers and requeue what they had out.
-    fn end(mut self) {
+    fn end(mut self, mut dispatch: mpsc::UnboundedReceiver<Dispatch>) {
         if let Some(broker) = self.broker.upgrade() {
             for (_, c) in std::mem::take(&mut self.consumers) {
                 self.remove(&broker, c);
+            }
+        }
+        // Deliveries the queues handed over but the session never sent:
+        // back to their queues (no consumer of this link takes more now).
+        while let Ok(d) = dispatch.try_recv() {
+            if let Dispatch::Deliver {
+                queue,
+                consumer,
+                entry,
+            } = d
+            {
+                consumer.settled();
+                consumer.written();
+                queue.put_back(std::iter::once(entry));
             }
         }
         let out: Vec<u64> = self.unacked.keys().copied().collect();
