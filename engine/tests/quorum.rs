@@ -174,6 +174,41 @@ fn members(node: &Node, queue: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Publish `body` to `queue` on `ch` (in confirm mode) and wait for its
+/// confirm: whether it was an ack.
+async fn confirmed(ch: &lapin::Channel, queue: &str, body: &[u8]) -> bool {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+    .is_ack()
+}
+
+/// A no-ack consumer of `queue` on a channel of its own.
+async fn no_ack_consumer(conn: &lapin::Connection, queue: &str, tag: &str) -> lapin::Consumer {
+    conn.create_channel()
+        .await
+        .unwrap()
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
 fn long(n: i64) -> AMQPValue {
     AMQPValue::LongLongInt(n)
 }
@@ -259,19 +294,7 @@ async fn quorum_queues_behave_as_rabbitmqs() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let ok = ch
-        .basic_publish(
-            "".into(),
-            "limited".into(),
-            BasicPublishOptions::default(),
-            b"poison",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(ok.is_ack());
+    assert!(confirmed(&ch, "limited", b"poison").await);
     let mut sub = ch
         .basic_consume(
             "limited".into(),
@@ -349,19 +372,7 @@ async fn quorum_queues_behave_as_rabbitmqs() {
     .unwrap();
     let mut acks = Vec::new();
     for i in 0..3 {
-        let c = ch
-            .basic_publish(
-                "".into(),
-                "bounded".into(),
-                BasicPublishOptions::default(),
-                format!("{i}").as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        acks.push(c.is_ack());
+        acks.push(confirmed(&ch, "bounded", format!("{i}").as_bytes()).await);
     }
     assert_eq!(acks, [true, true, false]);
 
@@ -373,44 +384,10 @@ async fn quorum_queues_behave_as_rabbitmqs() {
     )
     .await
     .unwrap();
-    let ch2 = conn.create_channel().await.unwrap();
-    let mut s1 = ch2
-        .basic_consume(
-            "single".into(),
-            "s1".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let ch3 = conn.create_channel().await.unwrap();
-    let mut s2 = ch3
-        .basic_consume(
-            "single".into(),
-            "s2".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut s1 = no_ack_consumer(&conn, "single", "s1").await;
+    let mut s2 = no_ack_consumer(&conn, "single", "s2").await;
     for i in 0..5 {
-        ch.basic_publish(
-            "".into(),
-            "single".into(),
-            BasicPublishOptions::default(),
-            format!("{i}").as_bytes(),
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        confirmed(&ch, "single", format!("{i}").as_bytes()).await;
     }
     for _ in 0..5 {
         tokio::time::timeout(t, s1.next())
@@ -493,17 +470,7 @@ async fn quorum_queues_behave_as_rabbitmqs() {
         .await
         .unwrap();
     for i in 0..20 {
-        ch.basic_publish(
-            "".into(),
-            "limited".into(),
-            BasicPublishOptions::default(),
-            format!("{i}").as_bytes(),
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        confirmed(&ch, "limited", format!("{i}").as_bytes()).await;
     }
     c.restart().await;
     eventually(

@@ -285,7 +285,7 @@ impl Broker {
             if let Some(q) = vhost.queues.write().remove(name) {
                 q.cancel_consumers();
             }
-            replica.machine().set_live(None);
+            replica.machine().clear_live();
             tokio::spawn(async move { replica.destroy().await });
             self.tell_moved(&vhost.name, name);
         }
@@ -396,7 +396,7 @@ impl Broker {
         vhost.set_remote(name, None);
         self.remove_bindings_to(vhost, &super::Destination::Queue(name.to_owned()));
         if let Some(replica) = entry.and_then(|e| e.replica) {
-            replica.machine().set_live(None);
+            replica.machine().clear_live();
             tokio::spawn(async move { replica.destroy().await });
         }
         self.tell_moved(&vhost.name, name);
@@ -480,15 +480,6 @@ impl Broker {
             .map(|r| r.status())
     }
 
-    /// This node's replica of a quorum queue.
-    pub fn replica(&self, vhost: &str, name: &str) -> Option<Arc<Replica>> {
-        self.quorum
-            .lock()
-            .get(&group_name(vhost, name))?
-            .replica
-            .clone()
-    }
-
     fn serving(&self, replica: &Arc<Replica>) -> bool {
         self.quorum
             .lock()
@@ -567,7 +558,7 @@ impl Broker {
         {
             let mut quorum = self.quorum.lock();
             let Some(e) = quorum.get_mut(&replica.group) else {
-                replica.machine().set_live(None);
+                replica.machine().clear_live();
                 return;
             };
             e.live = Some(queue.clone());
@@ -607,7 +598,7 @@ impl Broker {
             .get_mut(&replica.group)
             .and_then(|e| e.live.take());
         let Some(queue) = live else { return };
-        replica.machine().set_live(None);
+        replica.machine().clear_live();
         if let Some(vhost) = self.vhost(&replica.vhost) {
             let mut queues = vhost.queues.write();
             if queues

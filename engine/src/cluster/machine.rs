@@ -24,14 +24,13 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
-    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError, StoredMembership,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, Command};
-use super::log::read_optional;
+use super::snapshot::{StoredSnapshot, sm_err};
 use super::{Member, NodeId, TypeConfig};
 use crate::store::definitions::{BindingDefinition, ExchangeDefinition, QueueDefinition};
 
@@ -381,17 +380,6 @@ impl Catalog {
             _ => (Applied::Done, PluginEvent::Nothing),
         }
     }
-
-    /// The node a queue lives on, if it is replicated.
-    pub fn queue_node(&self, vhost: &str, name: &str) -> Option<&str> {
-        self.queues.get(&key(vhost, name)).map(|q| q.node.as_str())
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, Member>,
-    data: Vec<u8>,
 }
 
 struct Inner {
@@ -411,10 +399,6 @@ pub struct StateMachine {
     applier: Option<Arc<dyn Applier>>,
 }
 
-fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
-}
-
 impl StateMachine {
     /// The machine whose snapshot lives in `dir`, applying to `applier`
     /// (none: the catalog alone, for the storage tests). A snapshot found
@@ -424,10 +408,7 @@ impl StateMachine {
         applier: Option<Arc<dyn Applier>>,
     ) -> Result<StateMachine, StorageError<NodeId>> {
         std::fs::create_dir_all(dir).map_err(sm_err)?;
-        let snapshot: Option<StoredSnapshot> = match read_optional(&dir.join("snapshot.json"))? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(sm_err)?),
-            None => None,
-        };
+        let snapshot = StoredSnapshot::load(dir)?;
         let mut inner = Inner {
             last_applied: None,
             membership: StoredMembership::default(),
@@ -436,7 +417,7 @@ impl StateMachine {
             built: 0,
         };
         if let Some(s) = snapshot {
-            inner.catalog = serde_json::from_slice(&s.data).map_err(sm_err)?;
+            inner.catalog = s.state()?;
             inner.last_applied = s.meta.last_log_id;
             inner.membership = s.meta.last_membership.clone();
             if let Some(a) = &applier {
@@ -470,22 +451,6 @@ impl StateMachine {
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.inner.lock().last_applied
     }
-
-    fn save(&self, s: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let path = self.dir.join("snapshot.json");
-        let tmp = self.dir.join("snapshot.json.tmp");
-        let bytes = serde_json::to_vec(s).map_err(sm_err)?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            StorageIOError::write_snapshot(Some(s.meta.signature()), AnyError::new(&e)).into()
-        })
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -493,26 +458,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let stored = {
             let mut inner = self.inner.lock();
             inner.built += 1;
-            let data = serde_json::to_vec(&inner.catalog).map_err(sm_err)?;
-            let last = inner.last_applied;
-            let snapshot_id = match last {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.built),
-                None => format!("--{}", inner.built),
-            };
-            StoredSnapshot {
-                meta: SnapshotMeta {
-                    last_log_id: last,
-                    last_membership: inner.membership.clone(),
-                    snapshot_id,
-                },
-                data,
-            }
+            StoredSnapshot::build(
+                &inner.catalog,
+                inner.last_applied,
+                inner.membership.clone(),
+                inner.built,
+            )?
         };
-        self.save(&stored)?;
-        let snapshot = Snapshot {
-            meta: stored.meta.clone(),
-            snapshot: Box::new(Cursor::new(stored.data.clone())),
-        };
+        stored.save(&self.dir)?;
+        let snapshot = stored.snapshot();
         self.inner.lock().snapshot = Some(stored);
         Ok(snapshot)
     }
@@ -592,18 +546,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let catalog: Catalog = serde_json::from_slice(&data).map_err(|e| {
-            StorageError::from(StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                AnyError::new(&e),
-            ))
-        })?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
-            data,
+            data: snapshot.into_inner(),
         };
-        self.save(&stored)?;
+        let catalog: Catalog = stored.state()?;
+        stored.save(&self.dir)?;
         if let Some(a) = &self.applier {
             a.reset(&catalog);
         }
@@ -618,11 +566,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let inner = self.inner.lock();
-        Ok(inner.snapshot.as_ref().map(|s| Snapshot {
-            meta: s.meta.clone(),
-            snapshot: Box::new(Cursor::new(s.data.clone())),
-        }))
+        Ok(self.inner.lock().snapshot.as_ref().map(|s| s.snapshot()))
     }
 }
 

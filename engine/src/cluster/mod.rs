@@ -17,6 +17,8 @@
 //! * `network`: Raft's RPCs over the links.
 //! * `node`: this node's Raft instance, joining and leaving, proposals.
 //! * `settings`: the `[cluster]` section.
+//! * `snapshot`: a state machine's snapshot file.
+//! * `quorum`: quorum queues' Raft groups.
 //!
 //! With no `[cluster]` section none of this runs, and a broker's message
 //! path is what it is alone.
@@ -29,6 +31,7 @@ pub mod network;
 pub mod node;
 pub mod quorum;
 pub mod settings;
+mod snapshot;
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +63,20 @@ openraft::declare_raft_types!(
         Node = Member,
         SnapshotData = std::io::Cursor<Vec<u8>>,
 );
+
+/// The last log index `id` is known to hold, as node `me` sees it: from
+/// the leader's replication progress, or this node's own log.
+pub(crate) fn matched_index<N: openraft::Node>(
+    m: &openraft::RaftMetrics<NodeId, N>,
+    id: NodeId,
+    me: NodeId,
+) -> Option<u64> {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&id).cloned().flatten())
+        .map(|l| l.index)
+        .or_else(|| (id == me).then_some(m.last_log_index).flatten())
+}
 
 /// The Raft id of the node named `name`: the first 8 bytes of its SHA-256,
 /// read big-endian (never 0, which openraft's tests treat specially).

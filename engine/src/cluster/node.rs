@@ -759,12 +759,7 @@ impl ClusterNode {
                 id: *id,
                 voter: voters.contains(id),
                 leader: m.current_leader == Some(*id),
-                matched_index: m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned().flatten())
-                    .map(|l| l.index)
-                    .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
+                matched_index: super::matched_index(&m, *id, self.id),
             })
             .collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));

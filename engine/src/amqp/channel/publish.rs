@@ -100,10 +100,10 @@ impl Channel {
         let mut outcome = if seq == 0 {
             ctx.broker.publish_via(ctx.vhost, x.as_ref(), message)
         } else {
-            let (sink, channel) = (ctx.dispatch.clone(), self.id);
+            let (sink, channel) = (&ctx.dispatch, self.id);
             ctx.broker
                 .publish_replying(ctx.vhost, x.as_ref(), message, || {
-                    let sink = sink.clone();
+                    let sink = mpsc::UnboundedSender::clone(sink);
                     Some(Box::new(move |ok| {
                         let _ = sink.send(Dispatch::Replicated { channel, seq, ok });
                     }))

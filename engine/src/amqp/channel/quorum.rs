@@ -105,8 +105,8 @@ impl Channel {
         for (tag, sub) in tags {
             if !ctx.vhost.queue_exists(queue) {
                 self.quorum_subs.remove(&tag);
-                let had = self.consumers.remove(&tag).is_some() | self.cancel_remote(ctx, &tag);
-                let _ = had;
+                self.consumers.remove(&tag);
+                self.cancel_remote(ctx, &tag);
                 if notify {
                     self.send(
                         ctx,

@@ -123,9 +123,6 @@ pub trait Replicated: Send + Sync {
     /// These messages were returned (nack/reject with requeue, a consumer
     /// gone): each one's new delivery count, in the same order.
     fn returned(&self, ids: &[u64]) -> Vec<u32>;
-    /// Whether this replica leads its group now (a live queue on a node
-    /// that stopped leading must not be published into).
-    fn leads(&self) -> bool;
 }
 
 /// Told whether a replicated enqueue was taken.
@@ -1030,9 +1027,6 @@ mod tests {
                     *n
                 })
                 .collect()
-        }
-        fn leads(&self) -> bool {
-            true
         }
     }
 

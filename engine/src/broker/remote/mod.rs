@@ -252,28 +252,11 @@ impl TrafficSink for Remote {
                 let Some(broker) = self.broker.upgrade() else {
                     return;
                 };
-                if seq == 0 {
-                    home::forward(
-                        &broker,
-                        &vhost,
-                        &queues,
-                        exchange,
-                        routing_key,
-                        properties,
-                        body,
-                        &mut || None,
-                    );
-                    return;
-                }
-                // The answer waits for the copies proposed to quorum
-                // queues led here too: one token for the frame itself,
-                // one per proposal.
-                let waiting = Arc::new(Waiting {
-                    remaining: std::sync::atomic::AtomicU32::new(1),
-                    ok: std::sync::atomic::AtomicBool::new(true),
-                    ticket: std::sync::atomic::AtomicU64::new(0),
-                    answer: Mutex::new(Some((broker.remote().cloned(), link.clone(), origin, seq))),
-                });
+                // A copy proposed to a quorum queue led here answers once
+                // committed: the frame's answer then waits for those too,
+                // one token for the frame itself and one per proposal. Made
+                // only then, so a classic queue's publish costs nothing more.
+                let mut waiting: Option<Arc<Waiting>> = None;
                 let (ok, ticket) = home::forward(
                     &broker,
                     &vhost,
@@ -283,17 +266,44 @@ impl TrafficSink for Remote {
                     properties,
                     body,
                     &mut || {
-                        waiting
-                            .remaining
+                        if seq == 0 {
+                            return None;
+                        }
+                        let w = waiting.get_or_insert_with(|| {
+                            Arc::new(Waiting {
+                                remaining: std::sync::atomic::AtomicU32::new(1),
+                                ok: std::sync::atomic::AtomicBool::new(true),
+                                ticket: std::sync::atomic::AtomicU64::new(0),
+                                answer: Mutex::new(Some((
+                                    broker.remote().cloned(),
+                                    link.clone(),
+                                    origin,
+                                    seq,
+                                ))),
+                            })
+                        });
+                        w.remaining
                             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                        let w = waiting.clone();
+                        let w = w.clone();
                         Some(Box::new(move |ok| w.done(ok)))
                     },
                 );
-                waiting
-                    .ticket
-                    .store(ticket, std::sync::atomic::Ordering::Release);
-                waiting.done(ok);
+                match waiting {
+                    Some(w) => {
+                        w.ticket.store(ticket, std::sync::atomic::Ordering::Release);
+                        w.done(ok);
+                    }
+                    None if seq != 0 => self.to_session(
+                        link,
+                        home::Event::Enqueued {
+                            origin,
+                            seq,
+                            ticket,
+                            ok,
+                        },
+                    ),
+                    None => {}
+                }
             }
             Traffic::Consume { .. }
             | Traffic::Cancel { .. }

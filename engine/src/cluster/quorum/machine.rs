@@ -20,15 +20,14 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
-    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError,
-    StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError, StoredMembership,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::QuorumConfig;
 use super::op::{Op, Outcome, StoredMessage, message_id};
-use crate::cluster::log::read_optional;
+use crate::cluster::snapshot::{StoredSnapshot, sm_err};
 use crate::cluster::{Member, NodeId};
 
 /// A message the queue holds.
@@ -56,16 +55,6 @@ pub trait Live: Send + Sync {
 pub struct QueueState {
     /// Messages not settled, by id.
     pub messages: BTreeMap<u64, Held>,
-    /// Messages ever enqueued, settled, returned (for status).
-    pub enqueued: u64,
-    /// Settled.
-    pub settled: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, Member>,
-    data: Vec<u8>,
 }
 
 struct Inner {
@@ -83,10 +72,6 @@ pub struct QuorumMachine {
     dir: PathBuf,
 }
 
-fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
-    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
-}
-
 impl QuorumMachine {
     /// The machine whose snapshot lives in `dir` (loaded if there is one).
     pub fn open(dir: &Path) -> Result<QuorumMachine, StorageError<NodeId>> {
@@ -98,9 +83,8 @@ impl QuorumMachine {
             live: None,
             built: 0,
         };
-        if let Some(bytes) = read_optional(&dir.join("snapshot.json"))? {
-            let s: StoredSnapshot = serde_json::from_slice(&bytes).map_err(sm_err)?;
-            inner.state = serde_json::from_slice(&s.data).map_err(sm_err)?;
+        if let Some(s) = StoredSnapshot::load(dir)? {
+            inner.state = s.state()?;
             inner.last_applied = s.meta.last_log_id;
             inner.membership = s.meta.last_membership;
         }
@@ -110,23 +94,9 @@ impl QuorumMachine {
         })
     }
 
-    /// Start (or stop, with `None`) telling a live queue of committed
-    /// messages; returns the messages held now, which the live queue
-    /// starts from. Both happen under one lock, so no message is missed
-    /// or told twice.
-    pub fn set_live(&self, live: Option<Arc<dyn Live>>) -> Vec<(u64, Held)> {
-        let mut inner = self.inner.lock();
-        let held = match live {
-            Some(_) => inner
-                .state
-                .messages
-                .iter()
-                .map(|(id, h)| (*id, h.clone()))
-                .collect(),
-            None => Vec::new(),
-        };
-        inner.live = live;
-        held
+    /// Stop telling a live queue of committed messages.
+    pub fn clear_live(&self) {
+        self.inner.lock().live = None;
     }
 
     /// Start telling `live` of committed messages, after `install` has
@@ -138,44 +108,19 @@ impl QuorumMachine {
         inner.live = Some(live);
     }
 
-    /// Messages held and the last applied index.
-    pub fn counts(&self) -> (usize, Option<u64>, u64, u64) {
+    /// Messages held, and the last index applied.
+    pub fn counts(&self) -> (usize, Option<u64>) {
         let inner = self.inner.lock();
         (
             inner.state.messages.len(),
             inner.last_applied.map(|l| l.index),
-            inner.state.enqueued,
-            inner.state.settled,
         )
-    }
-
-    /// How often message `id` was returned, if it is held.
-    pub fn returns(&self, id: u64) -> Option<u32> {
-        self.inner.lock().state.messages.get(&id).map(|h| h.returns)
-    }
-
-    fn save(&self, s: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let path = self.dir.join("snapshot.json");
-        let tmp = self.dir.join("snapshot.json.tmp");
-        let bytes = serde_json::to_vec(s).map_err(sm_err)?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            StorageIOError::write_snapshot(Some(s.meta.signature()), AnyError::new(&e)).into()
-        })
     }
 }
 
 fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
     for id in op.settle {
-        if inner.state.messages.remove(&id).is_some() {
-            inner.state.settled += 1;
-        }
+        inner.state.messages.remove(&id);
     }
     for id in op.returned {
         if let Some(h) = inner.state.messages.get_mut(&id) {
@@ -195,7 +140,6 @@ fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
             Some(live) => live.enqueued(id, &held),
             None => true,
         });
-        inner.state.enqueued += 1;
         inner.state.messages.insert(id, held);
     }
     Outcome { taken }
@@ -206,26 +150,15 @@ impl RaftSnapshotBuilder<QuorumConfig> for QuorumMachine {
         let stored = {
             let mut inner = self.inner.lock();
             inner.built += 1;
-            let data = serde_json::to_vec(&inner.state).map_err(sm_err)?;
-            let last = inner.last_applied;
-            let snapshot_id = match last {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.built),
-                None => format!("--{}", inner.built),
-            };
-            StoredSnapshot {
-                meta: SnapshotMeta {
-                    last_log_id: last,
-                    last_membership: inner.membership.clone(),
-                    snapshot_id,
-                },
-                data,
-            }
+            StoredSnapshot::build(
+                &inner.state,
+                inner.last_applied,
+                inner.membership.clone(),
+                inner.built,
+            )?
         };
-        self.save(&stored)?;
-        Ok(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        })
+        stored.save(&self.dir)?;
+        Ok(stored.snapshot())
     }
 }
 
@@ -276,17 +209,12 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
         meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let state: QueueState = serde_json::from_slice(&data).map_err(|e| {
-            StorageError::from(StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                AnyError::new(&e),
-            ))
-        })?;
-        self.save(&StoredSnapshot {
+        let stored = StoredSnapshot {
             meta: meta.clone(),
-            data,
-        })?;
+            data: snapshot.into_inner(),
+        };
+        let state: QueueState = stored.state()?;
+        stored.save(&self.dir)?;
         let mut inner = self.inner.lock();
         inner.state = state;
         inner.last_applied = meta.last_log_id;
@@ -297,13 +225,6 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<QuorumConfig>>, StorageError<NodeId>> {
-        let Some(bytes) = read_optional(&self.dir.join("snapshot.json"))? else {
-            return Ok(None);
-        };
-        let s: StoredSnapshot = serde_json::from_slice(&bytes).map_err(sm_err)?;
-        Ok(Some(Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(StoredSnapshot::load(&self.dir)?.map(|s| s.snapshot()))
     }
 }

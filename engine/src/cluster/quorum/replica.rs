@@ -267,15 +267,16 @@ impl Replica {
         &self.machine
     }
 
-    /// This node's Raft id.
-    pub fn id(&self) -> NodeId {
-        self.id
-    }
-
     /// Start serving from a live queue: the delivery counts it starts
     /// with.
     pub fn take_counts(&self, counts: HashMap<u64, u32>) {
         *self.counts.lock() = counts;
+    }
+
+    /// Whether this replica leads its group now.
+    pub fn leads(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
     /// The leader's name, if known.
@@ -288,19 +289,6 @@ impl Replica {
             .map(|n| n.name.clone())
     }
 
-    /// The group's members' names.
-    pub fn members(&self) -> Vec<String> {
-        let m = self.raft.metrics().borrow().clone();
-        let mut names: Vec<String> = m
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(_, n)| n.name.clone())
-            .collect();
-        names.sort();
-        names
-    }
-
     /// What this replica knows of its group.
     pub fn status(&self) -> ReplicaStatus {
         let m = self.raft.metrics().borrow().clone();
@@ -309,16 +297,11 @@ impl Replica {
             .nodes()
             .map(|(id, n)| ReplicaMember {
                 node: n.name.clone(),
-                matched: m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id).cloned().flatten())
-                    .map(|l| l.index)
-                    .or_else(|| (*id == self.id).then_some(m.last_log_index).flatten()),
+                matched: crate::cluster::matched_index(&m, *id, self.id),
             })
             .collect();
         members.sort_by(|a, b| a.node.cmp(&b.node));
-        let (messages, last_applied, _, _) = self.machine.counts();
+        let (messages, last_applied) = self.machine.counts();
         ReplicaStatus {
             leader: m
                 .current_leader
@@ -446,10 +429,5 @@ impl Replicated for Replica {
         };
         self.proposer.add(|g| g.op.returned.extend_from_slice(ids));
         counts
-    }
-
-    fn leads(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 }
