@@ -3,8 +3,8 @@
 //! its ready list (`ready`), which otherwise know nothing of each other's
 //! insides.
 
+use super::clock::Instant;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::message::Message;
 use crate::store::StoreRef;

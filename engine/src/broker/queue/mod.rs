@@ -32,22 +32,25 @@
 //!
 //! The files beside this one: `arguments` (the `x-` arguments read at
 //! declare time), `consumer` (a consumer and its credit), `ready` (the
-//! ready messages, FIFO or by priority) and `entry` (one message in a
-//! queue, in memory or paged out).
+//! ready messages, FIFO or by priority), `entry` (one message in a
+//! queue, in memory or paged out) and `clock` (the time TTLs are read
+//! from, which tests advance instead of sleeping).
 
 mod arguments;
+mod clock;
 mod consumer;
 mod entry;
 mod ready;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 
 pub use arguments::{Overflow, QueueLimits, message_ttl};
+use clock::{Instant, now_ms};
 pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
 pub use entry::Entry;
 use ready::Ready;
@@ -64,12 +67,6 @@ pub struct Pushed {
     /// The store's sync ticket covering it (0: not persisted). A publisher
     /// confirm waits for it.
     pub ticket: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Add `entry` to `queue`'s group, keeping the order entries came in, so
@@ -935,15 +932,22 @@ mod tests {
         assert_eq!(*dead.lock(), vec![DeathReason::MaxLength]);
     }
 
-    #[test]
-    fn ttl_expires_at_the_head() {
+    #[tokio::test(start_paused = true)]
+    async fn ttl_expires_at_the_head() {
         let (q, dead) = collecting(QueueLimits {
             message_ttl: Some(Duration::from_millis(20)),
             ..Default::default()
         });
         q.push(message(1));
+        tokio::time::advance(Duration::from_millis(10)).await;
         q.push(message(1));
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::advance(Duration::from_millis(9)).await;
+        q.expire();
+        assert_eq!(q.len(), 2, "19 ms: nothing is due");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        q.expire();
+        assert_eq!(q.len(), 1, "20 ms: the first is due, the second is not");
+        tokio::time::advance(Duration::from_millis(10)).await;
         q.expire();
         assert_eq!(q.len(), 0);
         assert_eq!(
@@ -951,6 +955,71 @@ mod tests {
             vec![DeathReason::Expired, DeathReason::Expired]
         );
         assert_eq!(q.ready_bytes(), 0);
+    }
+
+    fn expiring(ms: u64) -> Arc<Message> {
+        let properties = amq_protocol::protocol::BasicProperties::default()
+            .with_expiration(ms.to_string().into());
+        Arc::new(Message::new("", "q", properties, vec![0u8; 1]))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shorter_of_queue_and_message_ttl_wins_and_only_the_head_expires() {
+        let (q, dead) = collecting(QueueLimits {
+            message_ttl: Some(Duration::from_millis(100)),
+            ..Default::default()
+        });
+        q.push(expiring(500)); // the queue's 100 ms wins
+        q.push(expiring(10));
+        tokio::time::advance(Duration::from_millis(50)).await;
+        q.expire();
+        assert_eq!(
+            q.len(),
+            2,
+            "the second is past its 10 ms, but RabbitMQ expires at the head only"
+        );
+        tokio::time::advance(Duration::from_millis(50)).await;
+        q.expire();
+        assert_eq!(q.len(), 0, "the head's 100 ms passed, then the one behind");
+        assert_eq!(dead.lock().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_head_is_never_delivered() {
+        let q = queue(
+            QueueLimits {
+                message_ttl: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+            1 << 30,
+        );
+        q.push(message(1));
+        tokio::time::advance(Duration::from_millis(60)).await;
+        q.push(message(2));
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let (c, mut rx) = consumer("c");
+        q.add_consumer(c).unwrap();
+        let got = delivered(&mut rx);
+        assert_eq!(
+            got.len(),
+            1,
+            "the first expired at 100 ms, the second is 40 ms old"
+        );
+        assert_eq!(got[0].body_len, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unused_for_counts_from_the_last_use_and_stops_while_consumed() {
+        let q = queue(QueueLimits::default(), 1 << 30);
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert_eq!(q.unused_for(), Some(Duration::from_millis(700)));
+        q.touch();
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(q.unused_for(), Some(Duration::from_millis(200)));
+        let (c, _rx) = consumer("c");
+        q.add_consumer(c).unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(q.unused_for(), None, "a queue with a consumer is in use");
     }
 
     fn consumer(

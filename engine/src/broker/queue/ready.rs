@@ -11,8 +11,8 @@
 //! plus one branch: with per-level bookkeeping for every queue, a publish
 //! cost 40 more instructions (callgrind, `publish/topic_1000`).
 
+use super::clock::Instant;
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use super::entry::Entry;
 
