@@ -33,14 +33,18 @@
 //! The files beside this one: `arguments` (the `x-` arguments read at
 //! declare time), `consumer` (a consumer and its credit), `ready` (the
 //! ready messages, FIFO or by priority), `entry` (one message in a
-//! queue, in memory or paged out) and `clock` (the time TTLs are read
-//! from, which tests advance instead of sleeping).
+//! queue, in memory or paged out), `clock` (the time TTLs are read
+//! from, which tests advance instead of sleeping), `stored` (a durable
+//! queue's messages recovered from and read back from its log) and
+//! `replicated` (a quorum queue's live queue, reporting to its Raft log).
 
 mod arguments;
 mod clock;
 mod consumer;
 mod entry;
 mod ready;
+mod replicated;
+mod stored;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -54,9 +58,10 @@ use clock::{Instant, now_ms};
 pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
 pub use entry::Entry;
 use ready::Ready;
+pub use replicated::{Replicated, Reply};
 
 use crate::message::Message;
-use crate::store::{QueueLog, RecordMeta, Recovered, StoreError, StoreRef};
+use crate::store::{QueueLog, RecordMeta, StoreError, StoreRef};
 
 /// What [`Queue::push`] did with a message.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,24 +111,6 @@ impl DeathReason {
         }
     }
 }
-
-/// What a quorum queue's live queue (on its leader) reports to its
-/// replicated log. Implemented by the queue's Raft replica; the queue
-/// itself knows nothing of Raft.
-pub trait Replicated: Send + Sync {
-    /// Propose `message` for the queue; `reply(taken)` once it is
-    /// committed and in the queue, or refused, or failed.
-    fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>);
-    /// These messages left the queue for good (acked, dead-lettered,
-    /// expired, dropped, purged).
-    fn settled(&self, ids: Vec<u64>);
-    /// These messages were returned (nack/reject with requeue, a consumer
-    /// gone): each one's new delivery count, in the same order.
-    fn returned(&self, ids: &[u64]) -> Vec<u32>;
-}
-
-/// Told whether a replicated enqueue was taken.
-pub type Reply = Box<dyn FnOnce(bool) + Send>;
 
 /// Where a queue sends messages it dead-letters. Set by the broker for
 /// queues with `x-dead-letter-exchange`; called without the queue's lock.
@@ -251,17 +238,6 @@ impl Queue {
         }
     }
 
-    /// This queue as the live queue of a quorum queue's leader.
-    pub(crate) fn with_replica(mut self, replica: Arc<dyn Replicated>) -> Self {
-        self.replica = Some(replica);
-        self
-    }
-
-    /// The quorum queue's replicated log, if this is one.
-    pub fn replica(&self) -> Option<&Arc<dyn Replicated>> {
-        self.replica.as_ref()
-    }
-
     /// Record a use (consume, cancel, get, redeclare) for `x-expires`.
     pub fn touch(&self) {
         *self.used.lock() = Instant::now();
@@ -287,36 +263,6 @@ impl Queue {
         self.release_bytes(e.footprint());
     }
 
-    /// The message of `entry`, read back from the log if it was paged out.
-    pub fn message(&self, entry: &Entry) -> Result<Arc<Message>, StoreError> {
-        if let Some(m) = &entry.message {
-            return Ok(m.clone());
-        }
-        match (&self.log, entry.stored) {
-            (Some(log), Some(r)) => log.load(r).map(Arc::new),
-            _ => Err(StoreError::Deleted),
-        }
-    }
-
-    /// The queue's log, for durable queues with a store.
-    pub fn log(&self) -> Option<&Arc<QueueLog>> {
-        self.log.as_ref()
-    }
-
-    /// Take the next message for `basic.get`, skipping (and logging) any
-    /// whose stored copy cannot be read back.
-    pub fn pop_readable(&self) -> Option<(Entry, Arc<Message>)> {
-        loop {
-            let entry = self.pop()?;
-            match self.message(&entry) {
-                Ok(m) => return Some((entry, m)),
-                Err(e) => {
-                    tracing::error!(queue = %self.name, "reading a stored message failed; skipped: {e}")
-                }
-            }
-        }
-    }
-
     /// These entries left the queue for good (acked, delivered without
     /// ack, dead-lettered, expired, purged): record it in the log, so they
     /// do not come back at recovery.
@@ -328,46 +274,6 @@ impl Queue {
             if !ids.is_empty() {
                 r.settled(ids);
             }
-        }
-    }
-
-    /// Put recovered messages in the queue (at startup, before any client
-    /// sees it), in log order, marked redelivered: they may have been
-    /// delivered before the restart.
-    pub fn restore(&self, recovered: Vec<Recovered>) {
-        let now = Instant::now();
-        let now_ms = now_ms();
-        let mut st = self.state.lock();
-        for r in recovered {
-            let ttl = match (
-                self.limits.message_ttl.map(|d| d.as_millis() as u64),
-                r.meta.ttl_ms,
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let entry = Entry {
-                message: None,
-                stored: Some(r.stored),
-                body_len: r.meta.body_len,
-                redelivered: true,
-                priority: r.meta.priority,
-                id: 0,
-                expires_at: ttl.map(|t| {
-                    let left = (r.meta.published_ms + t).saturating_sub(now_ms);
-                    now + Duration::from_millis(left)
-                }),
-            };
-            self.enqueued.fetch_add(1, Ordering::Relaxed);
-            self.count_ready(&mut st, &entry);
-            st.messages.push_back(entry);
-        }
-    }
-
-    /// The queue was deleted: remove its log.
-    pub(crate) fn destroy_log(&self) {
-        if let Some(log) = &self.log {
-            log.destroy();
         }
     }
 
@@ -499,32 +405,6 @@ impl Queue {
         Pushed { accepted, ticket }
     }
 
-    /// Add a message a quorum queue's log committed (its id is the log
-    /// index), as [`Queue::push`] adds a published one: limits, TTL from
-    /// when it was published, and a consumer if one has credit. Returns
-    /// whether it was taken (a refused one is settled in the log).
-    pub fn push_replicated(
-        self: &Arc<Self>,
-        id: u64,
-        message: Arc<Message>,
-        published_ms: u64,
-        redelivered: bool,
-    ) -> bool {
-        let own_ttl = message_ttl(&message).ok().flatten();
-        let ttl = match (self.limits.message_ttl, own_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut entry = Entry::new(message);
-        entry.id = id;
-        entry.redelivered = redelivered;
-        entry.expires_at = ttl.map(|t| {
-            let left = (published_ms + t.as_millis() as u64).saturating_sub(now_ms());
-            Instant::now() + Duration::from_millis(left)
-        });
-        self.admit(entry, ttl, false)
-    }
-
     #[inline(always)]
     fn admit(self: &Arc<Self>, mut entry: Entry, ttl: Option<Duration>, page_out: bool) -> bool {
         let mut dead = Vec::new();
@@ -609,40 +489,6 @@ impl Queue {
             let mark = mark || self.replica.is_some();
             for mut e in entries.rev() {
                 e.redelivered |= mark;
-                self.count_ready(&mut st, &e);
-                st.messages.push_front(e);
-            }
-            self.dispatch_locked(&mut st, &mut dead);
-        }
-        self.bury(dead);
-    }
-
-    /// A quorum queue's returns: counted in its log; a message returned
-    /// more often than `x-delivery-limit` is dead-lettered, the others go
-    /// back with their `x-delivery-count` header.
-    fn return_replicated(self: &Arc<Self>, r: Arc<dyn Replicated>, entries: Vec<Entry>) {
-        let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
-        let counts = r.returned(&ids);
-        let mut dead = Vec::new();
-        let mut back = Vec::with_capacity(entries.len());
-        for (mut e, count) in entries.into_iter().zip(counts) {
-            if self
-                .limits
-                .delivery_limit
-                .is_some_and(|limit| count > limit)
-            {
-                dead.push((e, DeathReason::DeliveryLimit));
-                continue;
-            }
-            if let Some(m) = &e.message {
-                e.message = Some(Arc::new(super::dead_letter::with_delivery_count(m, count)));
-            }
-            e.redelivered = true;
-            back.push(e);
-        }
-        {
-            let mut st = self.state.lock();
-            for e in back.into_iter().rev() {
                 self.count_ready(&mut st, &e);
                 st.messages.push_front(e);
             }

@@ -1,0 +1,87 @@
+//! A durable queue's messages in its log: put back at start-up, read back
+//! when paged out, and the log removed with the queue.
+//!
+//! Writing and settling are on the message path (`push`, `forget`, in the
+//! queue itself); what is here runs when a queue is recovered, when a
+//! paged-out message is delivered, and when the queue is deleted.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::clock::{Instant, now_ms};
+use super::{Entry, Queue};
+use crate::message::Message;
+use crate::store::{QueueLog, Recovered, StoreError};
+
+impl Queue {
+    /// The message of `entry`, read back from the log if it was paged out.
+    pub fn message(&self, entry: &Entry) -> Result<Arc<Message>, StoreError> {
+        if let Some(m) = &entry.message {
+            return Ok(m.clone());
+        }
+        match (&self.log, entry.stored) {
+            (Some(log), Some(r)) => log.load(r).map(Arc::new),
+            _ => Err(StoreError::Deleted),
+        }
+    }
+
+    /// The queue's log, for durable queues with a store.
+    pub fn log(&self) -> Option<&Arc<QueueLog>> {
+        self.log.as_ref()
+    }
+
+    /// Take the next message for `basic.get`, skipping (and logging) any
+    /// whose stored copy cannot be read back.
+    pub fn pop_readable(&self) -> Option<(Entry, Arc<Message>)> {
+        loop {
+            let entry = self.pop()?;
+            match self.message(&entry) {
+                Ok(m) => return Some((entry, m)),
+                Err(e) => {
+                    tracing::error!(queue = %self.name, "reading a stored message failed; skipped: {e}")
+                }
+            }
+        }
+    }
+
+    /// Put recovered messages in the queue (at startup, before any client
+    /// sees it), in log order, marked redelivered: they may have been
+    /// delivered before the restart.
+    pub fn restore(&self, recovered: Vec<Recovered>) {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let mut st = self.state.lock();
+        for r in recovered {
+            let ttl = match (
+                self.limits.message_ttl.map(|d| d.as_millis() as u64),
+                r.meta.ttl_ms,
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let entry = Entry {
+                message: None,
+                stored: Some(r.stored),
+                body_len: r.meta.body_len,
+                redelivered: true,
+                priority: r.meta.priority,
+                id: 0,
+                expires_at: ttl.map(|t| {
+                    let left = (r.meta.published_ms + t).saturating_sub(now_ms);
+                    now + Duration::from_millis(left)
+                }),
+            };
+            self.enqueued.fetch_add(1, Ordering::Relaxed);
+            self.count_ready(&mut st, &entry);
+            st.messages.push_back(entry);
+        }
+    }
+
+    /// The queue was deleted: remove its log.
+    pub(crate) fn destroy_log(&self) {
+        if let Some(log) = &self.log {
+            log.destroy();
+        }
+    }
+}
