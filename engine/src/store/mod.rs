@@ -92,6 +92,20 @@ impl Synced {
     }
 }
 
+/// How many versions of each plugin are kept for rollback.
+pub const KEPT_VERSIONS: usize = 5;
+
+/// A plugin version kept in the data folder.
+#[derive(Clone, Debug)]
+pub struct KeptVersion {
+    /// Its content hash.
+    pub hash: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// When it last started serving.
+    pub served: std::time::SystemTime,
+}
+
 /// Store counters (for metrics and benchmarks).
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -385,10 +399,12 @@ impl Store {
     }
 
     /// Keep `bytes`, the serving version `hash` of plugin `name`, as that
-    /// plugin's last good version (replacing the one kept before). A
-    /// durable exchange must come back after a restart even if its plugin
-    /// file was deleted meanwhile (a deleted file keeps serving its last
-    /// version while the broker runs, so it must after a restart too).
+    /// plugin's newest kept version. The last [`KEPT_VERSIONS`] versions
+    /// that served are kept, newest first: a durable exchange must come
+    /// back after a restart even if its plugin file was deleted meanwhile
+    /// (a deleted file keeps serving its last version while the broker
+    /// runs, so it must after a restart too), and an operator can roll
+    /// back to any of them by hash.
     pub fn keep_plugin(&self, name: &str, hash: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let dir = self.dir.join("plugins");
         let io = |path: &Path| {
@@ -397,41 +413,63 @@ impl Store {
         };
         let path = dir.join(format!("{name}.{hash}.wasm"));
         if path.exists() {
-            return Ok(());
+            // Serving again (a rollback): it becomes the newest.
+            File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .map_err(io(&path))?;
+        } else {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let tmp = dir.join(format!("{name}.{hash}.tmp"));
+            std::fs::write(&tmp, bytes)
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            sync_dir(&dir)?;
         }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let tmp = dir.join(format!("{name}.{hash}.tmp"));
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&dir)?;
-        for (other, _) in self.kept_versions(name) {
-            if other != hash {
-                let _ = std::fs::remove_file(dir.join(format!("{name}.{other}.wasm")));
-            }
+        for old in self.kept_versions(name).into_iter().skip(KEPT_VERSIONS) {
+            let _ = std::fs::remove_file(old.path);
         }
         Ok(())
     }
 
-    /// The last good version kept of plugin `name`: its hash and bytes.
+    /// The newest version kept of plugin `name`: its hash and bytes.
     pub fn kept_plugin(&self, name: &str) -> Option<(String, Vec<u8>)> {
-        let (hash, path) = self.kept_versions(name).into_iter().next()?;
-        Some((hash, std::fs::read(path).ok()?))
+        let kept = self.kept_versions(name).into_iter().next()?;
+        Some((kept.hash, std::fs::read(kept.path).ok()?))
     }
 
-    fn kept_versions(&self, name: &str) -> Vec<(String, PathBuf)> {
+    /// The bytes of version `hash` of plugin `name`, if it is kept.
+    pub fn kept_plugin_version(&self, name: &str, hash: &str) -> Option<Vec<u8>> {
+        let kept = self
+            .kept_versions(name)
+            .into_iter()
+            .find(|k| k.hash == hash)?;
+        std::fs::read(kept.path).ok()
+    }
+
+    /// The versions kept of plugin `name`, the one that served last first.
+    pub fn kept_versions(&self, name: &str) -> Vec<KeptVersion> {
         let Ok(entries) = std::fs::read_dir(self.dir.join("plugins")) else {
             return Vec::new();
         };
-        entries
+        let mut kept: Vec<KeptVersion> = entries
             .filter_map(|e| {
-                let path = e.ok()?.path();
+                let e = e.ok()?;
+                let path = e.path();
                 let file = path.file_name()?.to_str()?.to_owned();
                 let (n, hash) = file.strip_suffix(".wasm")?.rsplit_once('.')?;
-                (n == name).then(|| (hash.to_owned(), path))
+                let served = e.metadata().ok()?.modified().ok()?;
+                (n == name).then(|| KeptVersion {
+                    hash: hash.to_owned(),
+                    path,
+                    served,
+                })
             })
-            .collect()
+            .collect();
+        kept.sort_by_key(|k| std::cmp::Reverse(k.served));
+        kept
     }
 
     /// The folder of a queue's log: named by a hash, since queue names may
