@@ -49,6 +49,9 @@
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
+//! * [`author`]: the plugin author's tools behind `wasmq plugin new`,
+//!   `build` and `test`: not part of the broker, they make and check
+//!   plugin crates on an author's machine.
 //!
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
@@ -56,6 +59,7 @@ pub mod access;
 pub mod admin;
 pub mod alarm;
 pub mod amqp;
+pub mod author;
 pub mod broker;
 pub mod cluster;
 pub mod config;

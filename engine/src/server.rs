@@ -65,6 +65,27 @@ fn spawn_expiry_sweep(tracker: &TaskTracker, broker: Arc<Broker>, shutdown: Canc
     });
 }
 
+/// Judge staged canaries on a timer: promote or roll back on the policy.
+/// Judging takes the plugin swap lock and may build instances, so it runs
+/// on a blocking thread.
+fn spawn_candidate_judge(tracker: &TaskTracker, broker: Arc<Broker>, shutdown: CancellationToken) {
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if broker.candidates().all().is_empty() {
+                        continue;
+                    }
+                    let b = broker.clone();
+                    let _ = tokio::task::spawn_blocking(move || b.judge_candidates()).await;
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
 /// The disk alarm: below `limit` free bytes in `dir`, publishers are
 /// blocked before the disk fills (writes would fail and publishes be
 /// nacked).
@@ -235,6 +256,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         spawn_expiry_sweep(&tracker, broker.clone(), shutdown.clone());
+        spawn_candidate_judge(&tracker, broker.clone(), shutdown.clone());
         let admin_addr = if config.admin.enabled {
             let listener = TcpListener::bind(config.admin.listen)
                 .await

@@ -70,9 +70,10 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
         )
         .route("/metrics", get(super::metrics::render))
         .merge(super::cluster::routes())
+        .merge(super::authoring::routes(max_upload))
 }
 
-fn vhost(s: &AdminState, name: &str) -> Result<Arc<VHost>, ApiError> {
+pub(super) fn vhost(s: &AdminState, name: &str) -> Result<Arc<VHost>, ApiError> {
     s.broker
         .vhost(name)
         .ok_or_else(|| ApiError::not_found(format!("vhost '{name}'")))
@@ -768,18 +769,19 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
     Ok(StatusCode::CREATED)
 }
 
+/// A message to publish or trace.
 #[derive(Deserialize)]
-struct PublishBody {
+pub(super) struct PublishBody {
     #[serde(default)]
-    routing_key: String,
+    pub(super) routing_key: String,
     #[serde(default)]
-    payload: String,
+    pub(super) payload: String,
     #[serde(default)]
-    properties: PublishProperties,
+    pub(super) properties: PublishProperties,
 }
 
 #[derive(Deserialize, Default)]
-struct PublishProperties {
+pub(super) struct PublishProperties {
     delivery_mode: Option<u8>,
     content_type: Option<String>,
     message_id: Option<String>,
@@ -787,18 +789,8 @@ struct PublishProperties {
     headers: Value,
 }
 
-/// Publish one message (for testing a route): `{"routed": bool}`.
-async fn publish(
-    State(s): State<AdminState>,
-    Path((v, exchange)): Path<(String, String)>,
-    Json(body): Json<PublishBody>,
-) -> ApiResult<Json<PublishResult>> {
-    let v = vhost(&s, &v)?;
-    let exchange = if exchange == "amq.default" {
-        String::new()
-    } else {
-        exchange
-    };
+/// The message a publish or trace request describes.
+pub(super) fn message_from(exchange: &str, body: PublishBody) -> Result<Message, ApiError> {
     let p = body.properties;
     crate::broker::check_short("routing key", &body.routing_key)?;
     for (what, v) in [
@@ -824,11 +816,27 @@ async fn publish(
         props = props.with_headers(headers);
     }
     let message = Message::new(
-        &exchange,
+        exchange,
         &body.routing_key,
         props,
         bytes::Bytes::from(body.payload.into_bytes()),
     );
+    Ok(message)
+}
+
+/// Publish one message (for testing a route): `{"routed": bool}`.
+async fn publish(
+    State(s): State<AdminState>,
+    Path((v, exchange)): Path<(String, String)>,
+    Json(body): Json<PublishBody>,
+) -> ApiResult<Json<PublishResult>> {
+    let v = vhost(&s, &v)?;
+    let exchange = if exchange == "amq.default" {
+        String::new()
+    } else {
+        exchange
+    };
+    let message = message_from(&exchange, body)?;
     let outcome = s.broker.publish(&v, &exchange, message)?;
     Ok(Json(PublishResult {
         routed: outcome.delivered > 0,
@@ -924,6 +932,7 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
+    let name = p.name.clone();
     PluginView {
         name: p.name,
         state,
@@ -949,6 +958,11 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
         size: version.as_ref().map_or(0, |v| v.size),
         self_tests: version.as_ref().map_or(0, |v| v.self_tests),
         cluster: Vec::new(),
+        candidate: s
+            .broker
+            .candidates()
+            .get(&name)
+            .map(|t| super::authoring::candidate_view(&t)),
     }
 }
 

@@ -21,6 +21,7 @@
 //! runs in a task of its own, so one slow client holds up no other.
 
 mod api;
+mod authoring;
 pub mod client;
 pub mod cluster;
 mod metrics;

@@ -157,6 +157,64 @@ pub struct PluginView {
     /// verdict on them.
     #[serde(default)]
     pub cluster: Vec<ClusterPluginVersion>,
+    /// A candidate version staged beside the serving one.
+    #[serde(default)]
+    pub candidate: Option<CandidateView>,
+}
+
+/// A candidate version on trial (`GET /api/plugins/{name}/candidate`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CandidateView {
+    /// The plugin.
+    pub plugin: String,
+    /// The candidate's content hash.
+    pub hash: String,
+    /// The version serving when it was staged.
+    pub serving_hash: String,
+    /// `shadow` or `canary`, with its sample or percentage.
+    pub mode: crate::broker::candidate::Mode,
+    /// Its bounds.
+    pub policy: crate::broker::candidate::Policy,
+    /// Messages it decided (canary) or was compared on (shadow).
+    pub calls: u64,
+    /// Its faults.
+    pub faults: u64,
+    /// Shadow comparisons that agreed.
+    pub agreements: u64,
+    /// Shadow comparisons that did not.
+    pub disagreements: u64,
+    /// Shadow samples skipped (the shadow thread was behind).
+    pub skipped: u64,
+    /// Its call time percentiles, µs.
+    pub latency_us: Option<LatencyView>,
+    /// Seconds it has run.
+    pub running_secs: u64,
+    /// Why it is being rolled back, if it passed a bound.
+    pub failure: Option<String>,
+    /// The latest disagreements.
+    pub disagreement_samples: Vec<crate::broker::candidate::Disagreement>,
+}
+
+/// A kept version of a plugin (`GET /api/plugins/{name}/versions`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptVersionView {
+    /// Content hash.
+    pub hash: String,
+    /// Whether it serves now.
+    pub serving: bool,
+    /// When it last started serving (seconds since the epoch).
+    pub served_at: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Staged rollouts and their history (`GET /api/rollouts`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RolloutsView {
+    /// Candidates on trial.
+    pub candidates: Vec<CandidateView>,
+    /// The latest transitions, oldest first.
+    pub transitions: Vec<crate::broker::candidate::Transition>,
 }
 
 /// One version of a plugin as the cluster keeps it.

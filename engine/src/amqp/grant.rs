@@ -18,6 +18,9 @@ pub(crate) struct Grant {
     /// Tagged `impersonator` (RabbitMQ's tag): may publish with any
     /// `user-id` property.
     pub impersonator: bool,
+    /// Tagged `administrator` or `monitoring`: a publish carrying
+    /// `x-wasmq-trace` is traced (the admin API shows the trace).
+    pub tracer: bool,
 }
 
 impl Grant {
@@ -48,6 +51,7 @@ mod tests {
     #[test]
     fn a_refusal_names_the_access_the_resource_and_the_user() {
         let g = Grant {
+            tracer: false,
             user: "app".into(),
             vhost: "/".into(),
             permissions: Arc::new(Permissions::Patterns {

@@ -327,6 +327,7 @@ pub(super) async fn handshake(
         user: user.name.clone(),
         grant: Grant {
             impersonator: user.has_tag("impersonator"),
+            tracer: user.has_tag("administrator") || user.has_tag("monitoring"),
             user: user.name.clone(),
             vhost: vhost_name,
             permissions,

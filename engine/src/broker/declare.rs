@@ -50,6 +50,8 @@ impl Broker {
             router: ArcSwap::from_pointee(router),
             memo: ArcSwap::from_pointee(Default::default()),
             transform: ArcSwapOption::new(transform),
+            staged: Default::default(),
+            candidates: Default::default(),
         }))
     }
 
@@ -302,6 +304,7 @@ impl Broker {
         for id in ids {
             if let Some(b) = table.get(*id) {
                 router.unbind(b.id, &b.bind_input);
+                self.unbind_candidate(x, b.id, &b.bind_input);
             }
         }
         x.reset_memo();
@@ -388,6 +391,7 @@ impl Broker {
             encoded_arguments: encoded,
             filter,
             filter_name,
+            filter_candidate: None,
         };
         // Order matters; see the exchange module docs.
         x.bindings.store(Arc::new(table.with(binding)));
@@ -400,6 +404,9 @@ impl Broker {
         if let Err(e) = applied {
             x.bindings.store(table);
             return Err(e.into());
+        }
+        if let Some(b) = x.bindings.load().get(id) {
+            self.bind_candidate(&x, id, &b.bind_input);
         }
         x.reset_memo();
         drop(_control);

@@ -68,6 +68,8 @@ pub struct Binding {
     pub(crate) filter: Option<Arc<FilterPlugin>>,
     /// The filter's plugin name.
     pub filter_name: Option<String>,
+    /// A candidate version of the filter, staged beside it.
+    pub(crate) filter_candidate: Option<(Arc<FilterPlugin>, Arc<super::candidate::Trial>)>,
 }
 
 /// A persistent map: a changed copy shares all but one path with the
@@ -275,6 +277,11 @@ pub struct Exchange {
     pub(crate) router: ArcSwap<RouterPlugin>,
     pub(crate) memo: ArcSwap<Memo>,
     pub(crate) transform: ArcSwapOption<TransformPlugin>,
+    /// Whether a candidate version is staged on this exchange (its router,
+    /// its transform or a binding's filter): the publish path's one check.
+    pub(crate) staged: std::sync::atomic::AtomicBool,
+    /// The router and transform candidates staged here.
+    pub(crate) candidates: ArcSwapOption<super::candidate::ExchangeCandidates>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -371,6 +378,7 @@ mod tests {
             encoded_arguments: Vec::new(),
             bind_input: Vec::new(),
             filter: None,
+            filter_candidate: None,
             filter_name: None,
         }
     }

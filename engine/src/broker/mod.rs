@@ -12,8 +12,11 @@
 //! `connections` (the registry the admin API reads), `replicated` (the
 //! broker as the cluster's state machine), `remote` (messages to and from
 //! queues on other nodes), `rollout` (plugin versions agreed by the
-//! cluster).
+//! cluster), `candidate` (a candidate version shadowed or canaried beside
+//! the serving one, promoted or rolled back), `trace` (a message's way
+//! through its exchanges, step by step).
 
+pub mod candidate;
 mod connections;
 mod dead_letter;
 mod declare;
@@ -27,6 +30,7 @@ pub mod remote;
 mod replicated;
 mod rollout;
 mod route;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -219,6 +223,10 @@ pub struct Broker {
     swap: RwLock<()>,
     /// Serialises swaps with each other.
     swapping: Mutex<()>,
+    /// Staged rollouts: candidate versions beside serving ones.
+    candidates: candidate::Candidates,
+    /// Traces of traced publishes.
+    traces: trace::Traces,
     /// Flow watermark of new queues, in bytes of ready messages.
     queue_flow_bytes: std::sync::atomic::AtomicUsize,
     /// The message store, once attached ([`Broker::recover`]).
@@ -304,6 +312,8 @@ impl Broker {
             vhosts: RwLock::new(Map::default()),
             swap: RwLock::new(()),
             swapping: Mutex::new(()),
+            candidates: Default::default(),
+            traces: Default::default(),
             queue_flow_bytes: DEFAULT_QUEUE_FLOW_BYTES.into(),
             store: std::sync::OnceLock::new(),
             definitions: Mutex::new(()),

@@ -15,11 +15,13 @@ use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
+use super::candidate::{self, By};
 use super::exchange::{Destination, Exchange};
 use super::queue::{Queue, Reply};
+use super::trace::{self, Observer, Step, Steps};
 use super::{Broker, BrokerError, VHost};
 use crate::message::Message;
-use crate::plugin::{PluginFault, TransformDecision};
+use crate::plugin::{PluginFault, TransformDecision, TransformPlugin};
 
 /// A plugin fault the publisher must hear about (it was not dead-lettered).
 #[derive(Clone, Debug, PartialEq)]
@@ -198,7 +200,7 @@ impl Broker {
         exchange: Option<&Arc<Exchange>>,
         message: Message,
     ) -> PublishOutcome {
-        self.publish_with(vhost, exchange, message, || None)
+        self.publish_with(vhost, exchange, message, || None, &mut ())
     }
 
     /// [`Broker::publish_via`], with `reply` making the answer each quorum
@@ -210,18 +212,70 @@ impl Broker {
         message: Message,
         reply: impl FnMut() -> Option<Reply>,
     ) -> PublishOutcome {
-        self.publish_with(vhost, exchange, message, reply)
+        self.publish_with(vhost, exchange, message, reply, &mut ())
+    }
+
+    /// [`Broker::publish_replying`] to an exchange, keeping the message's
+    /// trace (the publish carried [`trace::TRACE_HEADER`] and its user may
+    /// trace).
+    #[cold]
+    pub fn publish_traced(
+        &self,
+        vhost: &VHost,
+        exchange: &Arc<Exchange>,
+        message: Message,
+        reply: impl FnMut() -> Option<Reply>,
+    ) -> PublishOutcome {
+        let started = std::time::Instant::now();
+        let routing_key = message.routing_key.to_string();
+        let mut steps = Steps::default();
+        let mut queues = Vec::new();
+        let outcome = self.publish_with(
+            vhost,
+            Some(exchange),
+            message,
+            reply,
+            &mut (&mut steps, &mut queues),
+        );
+        self.traces.keep(trace::Trace::finish(
+            vhost,
+            exchange,
+            routing_key,
+            steps,
+            queues,
+            &outcome,
+            started,
+        ));
+        outcome
+    }
+
+    /// Route `message` through `exchange` without enqueueing it: the
+    /// queues here it reaches, and the outcome (forwards, faults).
+    pub(crate) fn route_only(
+        &self,
+        vhost: &VHost,
+        exchange: &Arc<Exchange>,
+        message: Message,
+        steps: &mut Steps,
+    ) -> (Vec<String>, PublishOutcome) {
+        let mut ctx = Routing::default();
+        self.route_into(vhost, exchange, Arc::new(message), &mut ctx, steps);
+        ctx.outcome.delivered = ctx.reached();
+        let queues = ctx.deliveries.iter().map(|(q, _)| q.name.clone()).collect();
+        (queues, ctx.outcome)
     }
 
     /// The publish path, made once per kind of `reply` (no dynamic call for
-    /// a publisher without confirms).
+    /// a publisher without confirms) and of observer (none for a publish
+    /// that is not traced).
     #[inline(always)]
-    fn publish_with(
+    fn publish_with<O: Delivering>(
         &self,
         vhost: &VHost,
         exchange: Option<&Arc<Exchange>>,
         message: Message,
         mut reply: impl FnMut() -> Option<Reply>,
+        obs: &mut O,
     ) -> PublishOutcome {
         let message = Arc::new(message);
         let mut ctx = Routing::default();
@@ -229,10 +283,11 @@ impl Broker {
             // The default exchange binds every queue by name; it is not a
             // plugin because its behaviour is fixed by the spec.
             None => ctx.deliver_to(vhost, &message.routing_key, &message),
-            Some(x) => self.route_into(vhost, x, message, &mut ctx),
+            Some(x) => self.route_into(vhost, x, message, &mut ctx, obs.steps()),
         }
         ctx.outcome.delivered = ctx.reached();
         for (q, m) in ctx.deliveries {
+            obs.delivered(&q);
             if let Some(r) = q.replica() {
                 // A quorum queue: the copy is proposed to its log, and
                 // joins the queue when committed.
@@ -254,22 +309,29 @@ impl Broker {
         ctx.outcome
     }
 
-    fn route_into(
+    fn route_into<O: Observer>(
         &self,
         vhost: &VHost,
         x: &Arc<Exchange>,
         message: Arc<Message>,
         ctx: &mut Routing,
+        obs: &mut O,
     ) {
         if ctx.visited.iter().any(|v| Arc::ptr_eq(v, x)) {
             return;
         }
         ctx.visited.push(x.clone());
-        x.count(&x.stats.published);
+        if obs.counts() {
+            x.count(&x.stats.published);
+        }
+        obs.step(|| Step::Exchange {
+            exchange: x.name.clone(),
+            kind: x.kind.clone(),
+        });
 
         let message = match x.transform.load_full() {
             None => message,
-            Some(t) => match t.transform(&message) {
+            Some(t) => match self.transform_step(x, &t, &message, obs) {
                 Ok(TransformDecision::Keep) => message,
                 Ok(TransformDecision::Rewrite {
                     routing_key,
@@ -282,7 +344,9 @@ impl Broker {
                     body.unwrap_or_else(|| message.body.clone()),
                 )),
                 Ok(TransformDecision::Drop) => {
-                    x.count(&x.stats.dropped);
+                    if obs.counts() {
+                        x.count(&x.stats.dropped);
+                    }
                     ctx.outcome.dropped = true;
                     return;
                 }
@@ -291,7 +355,7 @@ impl Broker {
                         ("x-wasmq-dead-letter-reason", reason),
                         ("x-wasmq-dead-letter-exchange", x.name.clone()),
                     ];
-                    if !self.dead_letter(vhost, x, &message, &headers, ctx) {
+                    if !self.dead_letter(vhost, x, &message, &headers, ctx, obs) {
                         tracing::warn!(exchange = %x.name, "transform dead-lettered a message but the exchange has no usable x-dead-letter-exchange; dropped");
                         ctx.outcome.dropped = true;
                     }
@@ -299,7 +363,7 @@ impl Broker {
                 }
                 Err(fault) => {
                     let plugin = t.version().name.clone();
-                    self.on_fault(vhost, x, &plugin, &message, fault, ctx);
+                    self.on_fault(vhost, x, &plugin, &message, fault, ctx, obs);
                     return;
                 }
             },
@@ -307,13 +371,18 @@ impl Broker {
 
         let mut ids = std::mem::take(&mut ctx.ids);
         ids.clear();
-        if let Err(fault) = x.route_ids(&message, &mut ids) {
-            let plugin = x.kind.clone();
-            self.on_fault(vhost, x, &plugin, &message, fault, ctx);
-            ctx.ids = ids;
-            return;
-        }
+        let started = O::ON.then(std::time::Instant::now);
+        let by = match candidate::route(x, &message, &mut ids) {
+            Ok(by) => by,
+            Err(fault) => {
+                let plugin = x.kind.clone();
+                self.on_fault(vhost, x, &plugin, &message, fault, ctx, obs);
+                ctx.ids = ids;
+                return;
+            }
+        };
         let table = x.bindings.load();
+        obs.step(|| trace::route_step(x, by, &ids, &table, trace::since(started)));
         let before = ctx.reached();
         for &id in &ids {
             // An id missing from the table was unbound while this message was
@@ -322,12 +391,23 @@ impl Broker {
                 continue;
             };
             if let Some(filter) = &b.filter {
-                match filter.filter(&message) {
+                let started = O::ON.then(std::time::Instant::now);
+                let (decided, by) = candidate::filter(x, b, filter, &message);
+                if let Ok(passed) = decided {
+                    obs.step(|| {
+                        let v = match (&b.filter_candidate, by) {
+                            (Some((c, _)), By::Candidate) => c.version(),
+                            _ => filter.version(),
+                        };
+                        trace::filter_step(x, b, v, by, passed, trace::since(started))
+                    });
+                }
+                match decided {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(fault) => {
                         let plugin = filter.version().name.clone();
-                        self.on_fault(vhost, x, &plugin, &message, fault, ctx);
+                        self.on_fault(vhost, x, &plugin, &message, fault, ctx, obs);
                         continue;
                     }
                 }
@@ -336,7 +416,7 @@ impl Broker {
                 Destination::Queue(name) => ctx.deliver_to(vhost, name, &message),
                 Destination::Exchange(name) => {
                     if let Ok(dx) = vhost.exchange(name) {
-                        self.route_into(vhost, &dx, message.clone(), ctx);
+                        self.route_into(vhost, &dx, message.clone(), ctx, obs);
                     }
                 }
             }
@@ -347,24 +427,53 @@ impl Broker {
             && let Some(ae) = &x.alternate_exchange
             && let Ok(ae) = vhost.exchange(ae)
         {
-            self.route_into(vhost, &ae, message, ctx);
+            obs.step(|| Step::Alternate {
+                exchange: x.name.clone(),
+                to: ae.name.clone(),
+            });
+            self.route_into(vhost, &ae, message, ctx, obs);
         }
-        if ctx.reached() > before {
+        if !obs.counts() {
+        } else if ctx.reached() > before {
             x.count(&x.stats.routed);
         } else {
             x.count(&x.stats.unroutable);
         }
     }
 
+    /// `x`'s transform decides (the serving version, or a staged candidate).
+    #[inline(always)]
+    fn transform_step<O: Observer>(
+        &self,
+        x: &Exchange,
+        t: &TransformPlugin,
+        message: &Arc<Message>,
+        obs: &mut O,
+    ) -> Result<TransformDecision, PluginFault> {
+        let started = O::ON.then(std::time::Instant::now);
+        let (decided, by) = candidate::transform(x, t, message);
+        obs.step(|| {
+            let v = match by {
+                By::Serving => t.version().clone(),
+                By::Candidate => {
+                    candidate_transform_version(x).unwrap_or_else(|| t.version().clone())
+                }
+            };
+            trace::transform_step(x, &v, by, &decided, message, trace::since(started))
+        });
+        decided
+    }
+
     /// Route a copy of `message` with `headers` to `x`'s dead-letter
     /// exchange. Returns whether it reached a queue.
-    fn dead_letter(
+    fn dead_letter<O: Observer>(
         &self,
         vhost: &VHost,
         x: &Exchange,
         message: &Message,
         headers: &[(&str, String)],
         ctx: &mut Routing,
+        obs: &mut O,
     ) -> bool {
         let Some(dlx) = x
             .dead_letter_exchange
@@ -373,17 +482,29 @@ impl Broker {
         else {
             return false;
         };
+        obs.step(|| Step::DeadLetter {
+            exchange: x.name.clone(),
+            to: dlx.name.clone(),
+            reason: headers.first().map(|(_, v)| v.clone()).unwrap_or_default(),
+        });
         let before = ctx.reached();
-        self.route_into(vhost, &dlx, Arc::new(with_headers(message, headers)), ctx);
+        self.route_into(
+            vhost,
+            &dlx,
+            Arc::new(with_headers(message, headers)),
+            ctx,
+            obs,
+        );
         let reached = ctx.reached() > before;
-        if reached {
+        if reached && obs.counts() {
             x.count(&x.stats.dead_lettered);
             ctx.outcome.dead_lettered += 1;
         }
         reached
     }
 
-    fn on_fault(
+    #[allow(clippy::too_many_arguments)]
+    fn on_fault<O: Observer>(
         &self,
         vhost: &VHost,
         x: &Exchange,
@@ -391,15 +512,23 @@ impl Broker {
         message: &Message,
         fault: PluginFault,
         ctx: &mut Routing,
+        obs: &mut O,
     ) {
-        x.count(&x.stats.faults);
+        if obs.counts() {
+            x.count(&x.stats.faults);
+        }
+        obs.step(|| Step::Fault {
+            exchange: x.name.clone(),
+            plugin: plugin.to_owned(),
+            fault: fault.to_string(),
+        });
         let headers = [
             ("x-wasmq-fault", fault.kind().to_owned()),
             ("x-wasmq-fault-reason", fault.to_string()),
             ("x-wasmq-fault-exchange", x.name.clone()),
             ("x-wasmq-fault-plugin", plugin.to_owned()),
         ];
-        if !self.dead_letter(vhost, x, message, &headers, ctx) {
+        if !self.dead_letter(vhost, x, message, &headers, ctx, obs) {
             ctx.outcome.faults.push(FaultReport {
                 exchange: x.name.clone(),
                 plugin: plugin.to_owned(),
@@ -407,6 +536,42 @@ impl Broker {
             });
         }
     }
+}
+
+/// The observer of a whole publish: the steps of its routing, and the
+/// queues it is delivered to.
+trait Delivering {
+    type Steps: Observer;
+    fn steps(&mut self) -> &mut Self::Steps;
+    fn delivered(&mut self, queue: &Queue);
+}
+
+impl Delivering for () {
+    type Steps = ();
+    #[inline(always)]
+    fn steps(&mut self) -> &mut () {
+        self
+    }
+    #[inline(always)]
+    fn delivered(&mut self, _: &Queue) {}
+}
+
+impl Delivering for (&mut Steps, &mut Vec<String>) {
+    type Steps = Steps;
+    fn steps(&mut self) -> &mut Steps {
+        self.0
+    }
+    fn delivered(&mut self, queue: &Queue) {
+        self.1.push(queue.name.clone());
+    }
+}
+
+/// The version of the transform candidate staged on `x`.
+fn candidate_transform_version(x: &Exchange) -> Option<Arc<crate::plugin::PluginVersion>> {
+    x.candidates
+        .load()
+        .as_ref()
+        .and_then(|c| c.transform.as_ref().map(|(t, _)| t.version().clone()))
 }
 
 #[allow(dead_code)]

@@ -409,7 +409,7 @@ impl FilterPlugin {
 // One per message, matched at once: boxing the big variant would only add
 // an allocation on the publish path.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum TransformDecision {
     /// Route unchanged.
     Keep,

@@ -97,7 +97,15 @@ impl Channel {
         } else {
             0
         };
-        let mut outcome = if seq == 0 {
+        let traced = ctx.grant.tracer
+            && message
+                .properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(crate::broker::trace::TRACE_HEADER));
+        let mut outcome = if let (true, Some(x)) = (traced, &x) {
+            self.publish_traced(ctx, x, message, seq)
+        } else if seq == 0 {
             ctx.broker.publish_via(ctx.vhost, x.as_ref(), message)
         } else {
             let (sink, channel) = (&ctx.dispatch, self.id);
@@ -163,6 +171,27 @@ impl Channel {
             }
         }
         Ok(())
+    }
+
+    /// A publish its user asked to trace: routed and delivered as any
+    /// other, its trace kept for the admin API.
+    #[cold]
+    fn publish_traced(
+        &self,
+        ctx: &mut Ctx<'_>,
+        x: &Arc<crate::broker::Exchange>,
+        message: Message,
+        seq: u64,
+    ) -> crate::broker::PublishOutcome {
+        let (sink, channel) = (&ctx.dispatch, self.id);
+        ctx.broker.publish_traced(ctx.vhost, x, message, || {
+            (seq != 0).then(|| {
+                let sink = mpsc::UnboundedSender::clone(sink);
+                Box::new(move |ok| {
+                    let _ = sink.send(Dispatch::Replicated { channel, seq, ok });
+                }) as crate::broker::Reply
+            })
+        })
     }
 
     pub(super) fn send_confirm(&self, out: &mut Vec<u8>, tag: u64, multiple: bool, ack: bool) {

@@ -1,4 +1,8 @@
 //! The `wasmq` binary: parse flags, set up logging, load the config, run.
+//! The plugin author's subcommands (new, build, shadow, canary, trace...)
+//! are in `author.rs`.
+
+mod author;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,8 +46,13 @@ enum Command {
     Queues(AdminArgs),
     /// List exchanges of a running broker.
     Exchanges(AdminArgs),
-    /// List plugins of a running broker: state, roles, hash, calls, faults.
+    /// List plugins of a running broker: state, roles, hash, calls, faults,
+    /// and a staged candidate's figures.
     Plugins(AdminArgs),
+    /// Show why a message would go where it goes: run it through an
+    /// exchange of a running broker (nothing is enqueued) and print each
+    /// step, the version that decided it, and the final queues.
+    Trace(author::TraceArgs),
     /// Publish one test message through a running broker.
     Publish {
         #[command(flatten)]
@@ -148,8 +157,8 @@ enum ClusterCommand {
 }
 
 /// Where the admin API is and who asks.
-#[derive(clap::Args, Clone)]
-struct AdminArgs {
+#[derive(clap::Args, Clone, Debug)]
+pub struct AdminArgs {
     /// Admin API base URL.
     #[arg(
         long,
@@ -170,7 +179,7 @@ struct AdminArgs {
     password: String,
     /// Virtual host.
     #[arg(long, default_value = "/")]
-    vhost: String,
+    pub vhost: String,
     /// CA certificate (PEM) to verify an `https://` admin API against,
     /// instead of the public web roots.
     #[arg(long, env = "WASMQ_ADMIN_CACERT")]
@@ -178,7 +187,7 @@ struct AdminArgs {
 }
 
 impl AdminArgs {
-    fn client(&self) -> anyhow::Result<AdminClient> {
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
         Ok(match &self.cacert {
             None => AdminClient::new(&self.url, &self.user, &self.password),
             Some(path) => {
@@ -238,6 +247,8 @@ enum PluginCommand {
         /// The .wasm file.
         file: PathBuf,
     },
+    #[command(flatten)]
+    Author(author::AuthorCommand),
     /// Upload a plugin to a running broker: validated there, then written
     /// into its plugin folder and hot-swapped in.
     Upload {
@@ -264,6 +275,10 @@ fn main() -> anyhow::Result<()> {
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => check(&file),
+        Command::Plugin {
+            command: PluginCommand::Author(c),
+        } => author::run(c),
+        Command::Trace(args) => author::trace(args),
         Command::Plugin {
             command:
                 PluginCommand::Upload {
@@ -403,6 +418,9 @@ fn main() -> anyhow::Result<()> {
                 );
                 if let Some(r) = p.rejection {
                     println!("    rejected: {r}");
+                }
+                if let Some(c) = &p.candidate {
+                    author::print_candidate(c);
                 }
                 for v in &p.cluster {
                     let mut line = format!(
@@ -657,7 +675,7 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn check(file: &std::path::Path) -> anyhow::Result<()> {
+pub fn check(file: &std::path::Path) -> anyhow::Result<()> {
     // The code the plugin will run for good: Cranelift's.
     let host = PluginHost::new(Default::default(), None, Compiler::Optimizing)?;
     let v = host.load_file(file)?;

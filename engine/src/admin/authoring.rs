@@ -1,0 +1,293 @@
+//! The plugin author's loop over HTTP: stage a candidate version (shadow
+//! or canary), promote or abort it, roll back to a kept version, and trace
+//! a message through an exchange.
+//!
+//! Every change here is a POST, PUT or DELETE, so it needs the
+//! `administrator` tag (the admin API's rule); reading a candidate, the
+//! kept versions, the rollout history or the traces needs `monitoring`.
+//! The broker does the work (`broker::candidate`, `broker::trace`); this
+//! file turns requests into its calls and its answers into [`super::model`]
+//! types the CLI reads back.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::api::{PublishBody, message_from};
+use super::model::{CandidateView, KeptVersionView, LatencyView, RolloutsView};
+use super::{AdminState, ApiError};
+use crate::broker::candidate::{Mode, Policy, RolloutError, Trial};
+use crate::broker::trace::Trace;
+
+pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
+    Router::new()
+        .route(
+            "/api/plugins/{name}/candidate",
+            get(candidate)
+                .put(stage)
+                .delete(abort)
+                .layer(DefaultBodyLimit::max(max_upload)),
+        )
+        .route("/api/plugins/{name}/candidate/canary", post(to_canary))
+        .route("/api/plugins/{name}/candidate/promote", post(promote))
+        .route("/api/plugins/{name}/rollback", post(rollback))
+        .route("/api/plugins/{name}/versions", get(versions))
+        .route("/api/rollouts", get(rollouts))
+        .route("/api/exchanges/{vhost}/{name}/trace", post(trace))
+        .route("/api/traces", get(traces))
+}
+
+impl From<RolloutError> for ApiError {
+    fn from(e: RolloutError) -> Self {
+        let status = match &e {
+            RolloutError::NotServing(_)
+            | RolloutError::NoCandidate(_)
+            | RolloutError::NotKept { .. } => StatusCode::NOT_FOUND,
+            RolloutError::Clustered => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// A trial as the API shows it.
+pub(super) fn candidate_view(t: &Trial) -> CandidateView {
+    let l = |q| t.latency_us(q);
+    CandidateView {
+        plugin: t.plugin.clone(),
+        hash: t.version.hash.clone(),
+        serving_hash: t.serving_hash.clone(),
+        mode: t.mode,
+        policy: t.policy.clone(),
+        calls: t.calls.load(Ordering::Relaxed),
+        faults: t.faults.load(Ordering::Relaxed),
+        agreements: t.agreed.load(Ordering::Relaxed),
+        disagreements: t.disagreed.load(Ordering::Relaxed),
+        skipped: t.skipped.load(Ordering::Relaxed),
+        latency_us: l(0.5).map(|_| LatencyView {
+            p50: l(0.5),
+            p90: l(0.9),
+            p99: l(0.99),
+        }),
+        running_secs: t.elapsed().as_secs(),
+        failure: t.failure(),
+        disagreement_samples: t.disagreements(),
+    }
+}
+
+async fn candidate(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<CandidateView>, ApiError> {
+    let t = s
+        .broker
+        .candidates()
+        .get(&name)
+        .ok_or_else(|| ApiError::from(RolloutError::NoCandidate(name)))?;
+    Ok(Json(candidate_view(&t)))
+}
+
+/// How to stage: `mode=shadow&sample=10` or `mode=canary&percent=10`, and
+/// a canary's bounds.
+#[derive(Deserialize)]
+struct StageQuery {
+    mode: String,
+    /// Shadow: one message in this many.
+    sample: Option<u32>,
+    /// Canary: the share of routing keys, in percent.
+    percent: Option<f64>,
+    #[serde(flatten)]
+    policy: PolicyQuery,
+}
+
+/// A canary's bounds; any not given keeps its default.
+#[derive(Deserialize, Default)]
+struct PolicyQuery {
+    promote_after_messages: Option<u64>,
+    promote_after_secs: Option<u64>,
+    max_fault_rate: Option<f64>,
+    max_p99_us: Option<u64>,
+    p99_min_calls: Option<u64>,
+}
+
+impl PolicyQuery {
+    fn policy(&self) -> Policy {
+        let d = Policy::default();
+        Policy {
+            promote_after_messages: self
+                .promote_after_messages
+                .unwrap_or(d.promote_after_messages),
+            promote_after_secs: self.promote_after_secs.unwrap_or(d.promote_after_secs),
+            max_fault_rate: self.max_fault_rate.unwrap_or(d.max_fault_rate),
+            max_p99_us: self.max_p99_us.unwrap_or(d.max_p99_us),
+            p99_min_calls: self.p99_min_calls.unwrap_or(d.p99_min_calls),
+        }
+    }
+}
+
+fn mode(q: &StageQuery) -> Result<Mode, ApiError> {
+    match q.mode.as_str() {
+        "shadow" => Ok(Mode::Shadow {
+            every: q.sample.unwrap_or(1),
+        }),
+        "canary" => Ok(Mode::Canary {
+            percent: q
+                .percent
+                .ok_or_else(|| ApiError::bad_request("a canary needs percent"))?,
+        }),
+        other => Err(ApiError::bad_request(format!(
+            "mode '{other}': use shadow or canary"
+        ))),
+    }
+}
+
+/// Stage the uploaded file as the plugin's candidate.
+async fn stage(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<StageQuery>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
+    let mode = mode(&q)?;
+    let policy = q.policy.policy();
+    let broker = s.broker.clone();
+    let trial =
+        tokio::task::spawn_blocking(move || broker.stage_candidate(&name, &body, mode, policy))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
+}
+
+/// Turn the running candidate (a shadow, say) into a canary.
+#[derive(Deserialize)]
+struct CanaryBody {
+    percent: f64,
+    #[serde(flatten)]
+    policy: PolicyQuery,
+}
+
+async fn to_canary(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Json(body): Json<CanaryBody>,
+) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
+    let t = s
+        .broker
+        .candidates()
+        .get(&name)
+        .ok_or_else(|| ApiError::from(RolloutError::NoCandidate(name.clone())))?;
+    let (broker, bytes) = (s.broker.clone(), t.bytes.clone());
+    let mode = Mode::Canary {
+        percent: body.percent,
+    };
+    let policy = body.policy.policy();
+    let trial =
+        tokio::task::spawn_blocking(move || broker.stage_candidate(&name, &bytes, mode, policy))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
+}
+
+async fn promote(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let broker = s.broker.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || broker.promote_candidate(&n))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let hash = s.broker.plugins().get(&name).map(|v| v.hash.clone());
+    Ok(Json(json!({"name": name, "serving": hash})))
+}
+
+async fn abort(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let broker = s.broker.clone();
+    tokio::task::spawn_blocking(move || broker.abort_candidate(&name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+struct RollbackBody {
+    /// A kept version's hash (or a prefix); default the previous one.
+    hash: Option<String>,
+}
+
+async fn rollback(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Option<Json<RollbackBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let hash = body.and_then(|b| b.0.hash);
+    let broker = s.broker.clone();
+    let n = name.clone();
+    let served = tokio::task::spawn_blocking(move || broker.rollback_plugin(&n, hash.as_deref()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(json!({"name": name, "serving": served})))
+}
+
+async fn versions(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<KeptVersionView>>, ApiError> {
+    let serving = s.broker.plugins().get(&name).map(|v| v.hash.clone());
+    let kept = s
+        .broker
+        .store()
+        .map(|st| st.kept_versions(&name))
+        .unwrap_or_default();
+    Ok(Json(
+        kept.into_iter()
+            .map(|k| KeptVersionView {
+                serving: serving.as_deref() == Some(k.hash.as_str()),
+                served_at: k
+                    .served
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                size: std::fs::metadata(&k.path).map_or(0, |m| m.len()),
+                hash: k.hash,
+            })
+            .collect(),
+    ))
+}
+
+async fn rollouts(State(s): State<AdminState>) -> Json<RolloutsView> {
+    let c = s.broker.candidates();
+    Json(RolloutsView {
+        candidates: c.all().iter().map(|t| candidate_view(t)).collect(),
+        transitions: c.history(),
+    })
+}
+
+/// Run a message through an exchange without enqueueing it.
+async fn trace(
+    State(s): State<AdminState>,
+    Path((v, exchange)): Path<(String, String)>,
+    Json(body): Json<PublishBody>,
+) -> Result<Json<Trace>, ApiError> {
+    let vhost = super::api::vhost(&s, &v)?;
+    let x = vhost.exchange(&exchange)?;
+    let message = message_from(&exchange, body)?;
+    let broker = s.broker.clone();
+    let trace = tokio::task::spawn_blocking(move || broker.trace(&vhost, &x, message))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(trace))
+}
+
+/// The traces of publishes that carried `x-wasmq-trace`.
+async fn traces(State(s): State<AdminState>) -> Json<Vec<Trace>> {
+    Json(s.broker.traces().list())
+}

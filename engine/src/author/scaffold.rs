@@ -1,0 +1,227 @@
+//! `wasmq plugin new`: a plugin crate that builds on its own.
+//!
+//! The crate is complete from the first minute: a working stub of the
+//! chosen role with its doc, a native unit test, a self-test vector the
+//! broker checks when it loads the build, a README with the whole loop,
+//! and its own `[workspace]` and release profile, so it builds in any
+//! folder, inside another workspace or not. The templates are compiled
+//! into the binary, so the scaffold matches the broker that made it.
+
+use std::path::{Path, PathBuf};
+
+/// The role a new plugin plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// An exchange type: picks the bindings each message goes to.
+    Router,
+    /// Guards one binding: passes or drops each message.
+    Filter,
+    /// Keeps, rewrites, drops or dead-letters each message before routing.
+    Transform,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Router => "router",
+            Role::Filter => "filter",
+            Role::Transform => "transform",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Role::Router => include_str!("templates/router.rs.tmpl"),
+            Role::Filter => include_str!("templates/filter.rs.tmpl"),
+            Role::Transform => include_str!("templates/transform.rs.tmpl"),
+        }
+    }
+}
+
+/// Where the new crate gets the guest SDK from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sdk {
+    /// A local `guest-sdk` folder (a wasmq checkout).
+    Path(PathBuf),
+    /// A version from the crate registry.
+    Version(String),
+}
+
+impl Sdk {
+    /// The SDK of the checkout this binary was built from, if it is still
+    /// there.
+    pub fn from_build() -> Option<Sdk> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+        let dir = dir.canonicalize().ok()?;
+        dir.join("Cargo.toml").is_file().then_some(Sdk::Path(dir))
+    }
+
+    fn dependency(&self) -> Result<String, ScaffoldError> {
+        Ok(match self {
+            Sdk::Path(p) => {
+                let p = p.canonicalize().map_err(|e| ScaffoldError::Sdk {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
+                if !p.join("Cargo.toml").is_file() {
+                    return Err(ScaffoldError::Sdk {
+                        path: p,
+                        reason: "no Cargo.toml in it".into(),
+                    });
+                }
+                // TOML basic strings escape backslashes and quotes.
+                let escaped = p
+                    .display()
+                    .to_string()
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"");
+                format!("wasmq-sdk = {{ path = \"{escaped}\" }}")
+            }
+            Sdk::Version(v) => format!("wasmq-sdk = \"{v}\""),
+        })
+    }
+}
+
+/// Why a crate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    /// The name cannot be a plugin (file) name and a crate name.
+    #[error(
+        "plugin name '{0}': use lowercase letters, digits and '-' (starting with a letter), at most 64"
+    )]
+    Name(String),
+    /// The folder exists and is not empty.
+    #[error("{0} exists and is not empty; choose another name or folder")]
+    Exists(PathBuf),
+    /// The SDK folder is not usable.
+    #[error("guest SDK at {path}: {reason}")]
+    Sdk {
+        /// The folder given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Writing failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Whether `name` works as a plugin name, a file name and a crate name.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+}
+
+/// `my-router` → `MyRouter`.
+fn type_name(name: &str) -> String {
+    name.split('-')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut c = p.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn fill(template: &str, name: &str, role: Role, sdk: &str) -> String {
+    template
+        .replace("{{name}}", name)
+        .replace("{{crate}}", name)
+        .replace("{{type}}", &type_name(name))
+        .replace("{{role}}", role.as_str())
+        .replace("{{sdk}}", sdk)
+}
+
+/// Write a new plugin crate `name` of `role` into `dir`; returns the files
+/// written.
+pub fn create(
+    dir: &Path,
+    name: &str,
+    role: Role,
+    sdk: &Sdk,
+) -> Result<Vec<PathBuf>, ScaffoldError> {
+    if !valid_name(name) {
+        return Err(ScaffoldError::Name(name.to_owned()));
+    }
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(ScaffoldError::Exists(dir.to_owned()));
+    }
+    let sdk = sdk.dependency()?;
+    let files = [
+        ("Cargo.toml", include_str!("templates/Cargo.toml.tmpl")),
+        (".gitignore", include_str!("templates/gitignore.tmpl")),
+        ("src/lib.rs", role.template()),
+        ("README.md", include_str!("templates/README.md.tmpl")),
+    ];
+    let mut written = Vec::new();
+    for (file, template) in files {
+        let path = dir.join(file);
+        let io = |source| ScaffoldError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&path, fill(template, name, role, &sdk)).map_err(io)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_become_type_names() {
+        assert!(valid_name("geo-router2"));
+        for bad in [
+            "",
+            "Geo",
+            "2geo",
+            "geo_router",
+            "geo-",
+            "a b",
+            &"a".repeat(65),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert_eq!(type_name("geo-router2"), "GeoRouter2");
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        for role in [Role::Router, Role::Filter, Role::Transform] {
+            let at = dir.path().join(role.as_str());
+            let sdk = Sdk::Path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"));
+            let files = create(&at, "my-plugin", role, &sdk).unwrap();
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap();
+                assert!(!text.contains("{{"), "{} keeps a placeholder", f.display());
+            }
+            let lib = std::fs::read_to_string(at.join("src/lib.rs")).unwrap();
+            assert!(lib.contains(&format!("plugin!({} = MyPlugin)", role.as_str())));
+            assert!(matches!(
+                create(&at, "my-plugin", role, &sdk),
+                Err(ScaffoldError::Exists(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,1232 @@
+//! A candidate version of a plugin, tried on live traffic beside the
+//! serving one before it serves everything.
+//!
+//! Dropping a file into the plugin folder swaps a version in for every
+//! message at once. A staged rollout goes slower, in two modes:
+//!
+//! * **Shadow.** The candidate sees one message in `every` (a sample) after
+//!   the serving version decided it; its decision is compared with the
+//!   serving one's and counted, never applied. The comparison runs on a
+//!   thread of its own behind a bounded queue, so a slow or looping
+//!   candidate costs the publish path one `try_send` (a full queue skips
+//!   the sample and counts it).
+//! * **Canary.** The candidate decides for a share of messages chosen by a
+//!   stable hash of the routing key (FNV-1a, the same on every node and
+//!   after a restart), so one key keeps one version, and each message is
+//!   decided entirely by one version. A candidate fault never reaches the
+//!   publisher: that message is decided by the serving version, and the
+//!   fault counts against the candidate.
+//!
+//! A canary is judged as it runs ([`Broker::judge_candidates`], every
+//! quarter second): rolled back when its fault rate or its p99 passes the
+//! [`Policy`]'s bounds, promoted when it has decided enough messages for
+//! long enough without passing them. A fault rate is judged at the fault
+//! itself: the candidate stops deciding at once, before the judge cleans
+//! up. Every transition is logged, counted and kept in a short history.
+//!
+//! The candidate's role handles sit beside the serving ones: an exchange's
+//! router and transform candidates in [`Exchange::candidates`], a filter's
+//! in its [`Binding`]. The publish path pays one relaxed load of
+//! [`Exchange::staged`] per exchange while nothing is staged.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+use super::exchange::{Binding, BindingTable, Destination, Exchange};
+use super::{Broker, BrokerError};
+use crate::latency::Latency;
+use crate::message::Message;
+use crate::plugin::{
+    FilterPlugin, PluginFault, PluginVersion, RouterPlugin, TransformDecision, TransformPlugin,
+};
+
+/// How a candidate takes part.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Mode {
+    /// Decides beside the serving version for one message in `every`;
+    /// compared and counted, never applied.
+    Shadow {
+        /// Sample one message in this many (1: all).
+        every: u32,
+    },
+    /// Decides for this percentage of routing keys.
+    Canary {
+        /// 0 to 100; fractions allowed (0.5: one key in 200).
+        percent: f64,
+    },
+}
+
+/// When a canary is promoted or rolled back on its own.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Promoted after deciding this many messages...
+    pub promote_after_messages: u64,
+    /// ...and running this long, both without passing a bound.
+    pub promote_after_secs: u64,
+    /// Rolled back when faults exceed this share of its calls.
+    pub max_fault_rate: f64,
+    /// Rolled back when its p99 call time passes this (µs; 0: no bound).
+    pub max_p99_us: u64,
+    /// Calls measured before its p99 is judged.
+    pub p99_min_calls: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            promote_after_messages: 10_000,
+            promote_after_secs: 600,
+            max_fault_rate: 0.001,
+            max_p99_us: 1_000,
+            p99_min_calls: 100,
+        }
+    }
+}
+
+/// Which version decided a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum By {
+    /// The serving version.
+    Serving,
+    /// The candidate (a canary's share).
+    Candidate,
+}
+
+/// One message the two versions decided differently (shadow).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Disagreement {
+    /// The exchange deciding.
+    pub exchange: String,
+    /// The message's routing key.
+    pub routing_key: String,
+    /// `router`, `filter` or `transform`.
+    pub role: String,
+    /// What the serving version decided.
+    pub serving: String,
+    /// What the candidate decided.
+    pub candidate: String,
+}
+
+/// Disagreements kept per candidate, newest last.
+const SAMPLES: usize = 20;
+/// Shadow comparisons waiting for the shadow thread; past this, skipped.
+const SHADOW_QUEUE: usize = 1024;
+/// Transitions kept in the history.
+const HISTORY: usize = 100;
+
+/// A comparison for the shadow thread.
+// Queued and taken at once, a sample at a time: boxing the big variant
+// would only add an allocation per sample.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Route {
+        exchange: Arc<Exchange>,
+        candidate: Arc<RouterPlugin>,
+        message: Arc<Message>,
+        serving: Vec<u32>,
+    },
+    Filter {
+        exchange: String,
+        candidate: Arc<FilterPlugin>,
+        message: Arc<Message>,
+        serving: bool,
+    },
+    Transform {
+        exchange: String,
+        candidate: Arc<TransformPlugin>,
+        message: Arc<Message>,
+        serving: TransformDecision,
+    },
+}
+
+/// A candidate version of one plugin and how it is doing.
+pub struct Trial {
+    /// The plugin.
+    pub plugin: String,
+    /// The candidate version.
+    pub version: Arc<PluginVersion>,
+    /// The hash of the version serving when it was staged.
+    pub serving_hash: String,
+    pub(crate) bytes: Arc<[u8]>,
+    /// Its mode.
+    pub mode: Mode,
+    /// Its bounds.
+    pub policy: Policy,
+    started: Instant,
+    /// When it was staged.
+    pub started_at: SystemTime,
+    /// Set when it passed a bound: it decides nothing from then on.
+    stopped: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Messages it decided (canary) or was compared on (shadow).
+    pub calls: AtomicU64,
+    /// Its faults.
+    pub faults: AtomicU64,
+    /// Shadow: comparisons made, agreeing and not.
+    pub agreed: AtomicU64,
+    /// Shadow: comparisons where the decisions differed.
+    pub disagreed: AtomicU64,
+    /// Shadow: samples skipped because the shadow thread was behind.
+    pub skipped: AtomicU64,
+    latency: Latency,
+    samples: Mutex<VecDeque<Disagreement>>,
+    seq: AtomicU64,
+    shadow: Mutex<Option<SyncSender<Job>>>,
+}
+
+impl std::fmt::Debug for Trial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trial")
+            .field("plugin", &self.plugin)
+            .field("version", &self.version.short_hash())
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// FNV-1a, 64 bits: stable across processes, nodes and versions.
+fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Trial {
+    fn new(
+        version: Arc<PluginVersion>,
+        serving_hash: String,
+        bytes: Arc<[u8]>,
+        mode: Mode,
+        policy: Policy,
+    ) -> Arc<Trial> {
+        Arc::new(Trial {
+            plugin: version.name.clone(),
+            version,
+            serving_hash,
+            bytes,
+            mode,
+            policy,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            stopped: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            calls: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            agreed: AtomicU64::new(0),
+            disagreed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            latency: Latency::default(),
+            samples: Mutex::new(VecDeque::new()),
+            seq: AtomicU64::new(0),
+            shadow: Mutex::new(None),
+        })
+    }
+
+    /// Whether a canary decides for `routing_key`.
+    pub fn picks(&self, routing_key: &str) -> bool {
+        match self.mode {
+            Mode::Canary { percent } if !self.stopped.load(Ordering::Relaxed) => {
+                (stable_hash(routing_key.as_bytes()) % 10_000) < (percent * 100.0) as u64
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a shadow compares this message.
+    fn sampled(&self) -> bool {
+        match self.mode {
+            Mode::Shadow { every } if !self.stopped.load(Ordering::Relaxed) => self
+                .seq
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(u64::from(every.max(1))),
+            _ => false,
+        }
+    }
+
+    fn send(&self, job: Job) {
+        let shadow = self.shadow.lock();
+        let Some(tx) = shadow.as_ref() else { return };
+        if let Err(TrySendError::Full(_)) = tx.try_send(job) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count one call of the candidate.
+    fn record(&self, took: Duration, fault: Option<&PluginFault>) {
+        let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        self.latency.record(took);
+        if let Some(f) = fault {
+            let faults = self.faults.fetch_add(1, Ordering::Relaxed) + 1;
+            if matches!(self.mode, Mode::Canary { .. })
+                && faults as f64 > self.policy.max_fault_rate * calls as f64
+            {
+                self.fail(format!(
+                    "fault rate {faults}/{calls} passed {} (last: {f})",
+                    self.policy.max_fault_rate
+                ));
+            }
+        }
+    }
+
+    /// Stop deciding at once; the judge rolls it back.
+    fn fail(&self, reason: String) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let mut failure = self.failure.lock();
+        if failure.is_none() {
+            *failure = Some(reason);
+        }
+    }
+
+    /// Why it failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    fn compared(&self, d: Option<Disagreement>) {
+        match d {
+            None => {
+                self.agreed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(d) => {
+                self.disagreed.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.samples.lock();
+                if s.len() == SAMPLES {
+                    s.pop_front();
+                }
+                s.push_back(d);
+            }
+        }
+    }
+
+    /// The latest disagreements, oldest first.
+    pub fn disagreements(&self) -> Vec<Disagreement> {
+        self.samples.lock().iter().cloned().collect()
+    }
+
+    /// Call-time percentile `q` of the candidate, µs.
+    pub fn latency_us(&self, q: f64) -> Option<u64> {
+        self.latency.snapshot().quantile_us(q)
+    }
+
+    /// How long it has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Start the shadow thread (shadow mode only).
+    fn start_shadow(self: &Arc<Self>) -> std::io::Result<()> {
+        if !matches!(self.mode, Mode::Shadow { .. }) {
+            return Ok(());
+        }
+        let (tx, rx) = sync_channel::<Job>(SHADOW_QUEUE);
+        *self.shadow.lock() = Some(tx);
+        let trial = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("wasmq-shadow".into())
+            .spawn(move || {
+                // Ends when the trial drops its sender (or is gone).
+                while let Ok(job) = rx.recv() {
+                    let Some(t) = trial.upgrade() else { return };
+                    t.run(job);
+                }
+            })?;
+        Ok(())
+    }
+
+    fn stop_shadow(&self) {
+        self.shadow.lock().take();
+    }
+
+    fn run(&self, job: Job) {
+        let started = Instant::now();
+        match job {
+            Job::Route {
+                exchange,
+                candidate,
+                message,
+                mut serving,
+            } => {
+                let mut ids = Vec::new();
+                let r = candidate.route(&message, &*exchange, &mut ids);
+                self.record(started.elapsed(), r.as_ref().err());
+                let table = exchange.bindings.load();
+                let decided = match r {
+                    Ok(()) => {
+                        ids.sort_unstable();
+                        ids.dedup();
+                        serving.sort_unstable();
+                        serving.dedup();
+                        if ids == serving {
+                            return self.compared(None);
+                        }
+                        describe_ids(&table, &ids)
+                    }
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange: exchange.name.clone(),
+                    routing_key: message.routing_key.to_string(),
+                    role: "router".into(),
+                    serving: describe_ids(&table, &serving),
+                    candidate: decided,
+                }));
+            }
+            Job::Filter {
+                exchange,
+                candidate,
+                message,
+                serving,
+            } => {
+                let r = candidate.filter(&message);
+                self.record(started.elapsed(), r.as_ref().err());
+                let word = |pass: bool| if pass { "pass" } else { "drop" }.to_owned();
+                let decided = match r {
+                    Ok(pass) if pass == serving => return self.compared(None),
+                    Ok(pass) => word(pass),
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange,
+                    routing_key: message.routing_key.to_string(),
+                    role: "filter".into(),
+                    serving: word(serving),
+                    candidate: decided,
+                }));
+            }
+            Job::Transform {
+                exchange,
+                candidate,
+                message,
+                serving,
+            } => {
+                let r = candidate.transform(&message);
+                self.record(started.elapsed(), r.as_ref().err());
+                let decided = match r {
+                    Ok(d) if d == serving => return self.compared(None),
+                    Ok(d) => describe_transform(&d),
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange,
+                    routing_key: message.routing_key.to_string(),
+                    role: "transform".into(),
+                    serving: describe_transform(&serving),
+                    candidate: decided,
+                }));
+            }
+        }
+    }
+}
+
+/// Chosen bindings as `queue:orders, exchange:audit`, in id order.
+fn describe_ids(table: &BindingTable, ids: &[u32]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return "(no binding)".into();
+    }
+    ids.iter()
+        .map(|id| match table.get(*id).map(|b| &b.destination) {
+            Some(Destination::Queue(q)) => format!("queue:{q}"),
+            Some(Destination::Exchange(x)) => format!("exchange:{x}"),
+            None => format!("binding {id} (gone)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A transform decision in a word or two.
+pub(crate) fn describe_transform(d: &TransformDecision) -> String {
+    match d {
+        TransformDecision::Keep => "keep".into(),
+        TransformDecision::Drop => "drop".into(),
+        TransformDecision::DeadLetter(reason) => format!("dead_letter ({reason})"),
+        TransformDecision::Rewrite {
+            routing_key,
+            properties,
+            body,
+        } => {
+            let mut parts = Vec::new();
+            if let Some(k) = routing_key {
+                parts.push(format!("routing_key={k}"));
+            }
+            if properties.is_some() {
+                parts.push("properties".into());
+            }
+            if let Some(b) = body {
+                parts.push(format!("body ({} bytes)", b.len()));
+            }
+            format!("rewrite ({})", parts.join(", "))
+        }
+    }
+}
+
+/// The candidates staged on one exchange (its router's and its
+/// transform's; they may be trials of two different plugins).
+#[derive(Clone, Default)]
+pub struct ExchangeCandidates {
+    pub(crate) router: Option<(Arc<RouterPlugin>, Arc<Trial>)>,
+    pub(crate) transform: Option<(Arc<TransformPlugin>, Arc<Trial>)>,
+}
+
+impl ExchangeCandidates {
+    fn is_empty(&self) -> bool {
+        self.router.is_none() && self.transform.is_none()
+    }
+}
+
+/// The routing step with a staged router: the candidate routes a canary's
+/// share, the serving router the rest (and a shadow's sample is queued for
+/// comparison).
+pub(crate) fn route(
+    x: &Arc<Exchange>,
+    message: &Arc<Message>,
+    out: &mut Vec<u32>,
+) -> Result<By, PluginFault> {
+    if !x.staged.load(Ordering::Relaxed) {
+        x.route_ids(message, out)?;
+        return Ok(By::Serving);
+    }
+    route_staged(x, message, out)
+}
+
+#[cold]
+fn route_staged(
+    x: &Arc<Exchange>,
+    message: &Arc<Message>,
+    out: &mut Vec<u32>,
+) -> Result<By, PluginFault> {
+    let staged = x.candidates.load();
+    let Some((candidate, trial)) = staged.as_ref().and_then(|c| c.router.as_ref()) else {
+        x.route_ids(message, out)?;
+        return Ok(By::Serving);
+    };
+    if trial.picks(&message.routing_key) {
+        let start = out.len();
+        let started = Instant::now();
+        let r = candidate.route(message, &**x, out);
+        trial.record(started.elapsed(), r.as_ref().err());
+        if r.is_ok() {
+            return Ok(By::Candidate);
+        }
+        out.truncate(start);
+    }
+    let start = out.len();
+    x.route_ids(message, out)?;
+    if trial.sampled() {
+        trial.send(Job::Route {
+            exchange: x.clone(),
+            candidate: candidate.clone(),
+            message: message.clone(),
+            serving: out[start..].to_vec(),
+        });
+    }
+    Ok(By::Serving)
+}
+
+/// The transform step, with a staged transform as [`route`] does.
+pub(crate) fn transform(
+    x: &Exchange,
+    serving: &TransformPlugin,
+    message: &Arc<Message>,
+) -> (Result<TransformDecision, PluginFault>, By) {
+    if !x.staged.load(Ordering::Relaxed) {
+        return (serving.transform(message), By::Serving);
+    }
+    transform_staged(x, serving, message)
+}
+
+#[cold]
+fn transform_staged(
+    x: &Exchange,
+    serving: &TransformPlugin,
+    message: &Arc<Message>,
+) -> (Result<TransformDecision, PluginFault>, By) {
+    let staged = x.candidates.load();
+    let Some((candidate, trial)) = staged.as_ref().and_then(|c| c.transform.as_ref()) else {
+        return (serving.transform(message), By::Serving);
+    };
+    if trial.picks(&message.routing_key) {
+        let started = Instant::now();
+        let r = candidate.transform(message);
+        trial.record(started.elapsed(), r.as_ref().err());
+        if r.is_ok() {
+            return (r, By::Candidate);
+        }
+    }
+    let decided = serving.transform(message);
+    if let Ok(d) = &decided
+        && trial.sampled()
+    {
+        trial.send(Job::Transform {
+            exchange: x.name.clone(),
+            candidate: candidate.clone(),
+            message: message.clone(),
+            serving: d.clone(),
+        });
+    }
+    (decided, By::Serving)
+}
+
+/// A binding's filter step, with a staged filter as [`route`] does.
+pub(crate) fn filter(
+    exchange: &Exchange,
+    binding: &Binding,
+    serving: &FilterPlugin,
+    message: &Arc<Message>,
+) -> (Result<bool, PluginFault>, By) {
+    match &binding.filter_candidate {
+        None => (serving.filter(message), By::Serving),
+        Some((candidate, trial)) => filter_staged(exchange, serving, candidate, trial, message),
+    }
+}
+
+#[cold]
+fn filter_staged(
+    exchange: &Exchange,
+    serving: &FilterPlugin,
+    candidate: &Arc<FilterPlugin>,
+    trial: &Trial,
+    message: &Arc<Message>,
+) -> (Result<bool, PluginFault>, By) {
+    if trial.picks(&message.routing_key) {
+        let started = Instant::now();
+        let r = candidate.filter(message);
+        trial.record(started.elapsed(), r.as_ref().err());
+        if r.is_ok() {
+            return (r, By::Candidate);
+        }
+    }
+    let decided = serving.filter(message);
+    if let Ok(pass) = decided
+        && trial.sampled()
+    {
+        trial.send(Job::Filter {
+            exchange: exchange.name.clone(),
+            candidate: candidate.clone(),
+            message: message.clone(),
+            serving: pass,
+        });
+    }
+    (decided, By::Serving)
+}
+
+/// How a trial ended, or a version changed by hand.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A shadow started.
+    ShadowStarted,
+    /// A canary started.
+    CanaryStarted,
+    /// The candidate now serves everything.
+    Promoted,
+    /// The candidate passed a bound and was removed.
+    RolledBack,
+    /// An operator removed the candidate.
+    Aborted,
+    /// An operator served a kept version again.
+    Rollback,
+}
+
+impl Event {
+    /// Its name in logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Event::ShadowStarted => "shadow_started",
+            Event::CanaryStarted => "canary_started",
+            Event::Promoted => "promoted",
+            Event::RolledBack => "rolled_back",
+            Event::Aborted => "aborted",
+            Event::Rollback => "rollback",
+        }
+    }
+}
+
+/// One transition of a plugin's versions.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Transition {
+    /// The plugin.
+    pub plugin: String,
+    /// What happened.
+    pub event: Event,
+    /// The version serving before.
+    pub from: String,
+    /// The candidate, or the version served now.
+    pub to: String,
+    /// Why (a bound passed, who asked).
+    pub reason: Option<String>,
+    /// When (seconds since the epoch).
+    pub at: u64,
+}
+
+/// The broker's staged rollouts: one trial per plugin, and the history.
+#[derive(Default)]
+pub struct Candidates {
+    trials: Mutex<std::collections::BTreeMap<String, Arc<Trial>>>,
+    history: Mutex<VecDeque<Transition>>,
+    counts: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+}
+
+impl std::fmt::Debug for Candidates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidates")
+            .field("trials", &self.trials.lock().len())
+            .finish()
+    }
+}
+
+impl Candidates {
+    /// The trial of `plugin`, if one runs.
+    pub fn get(&self, plugin: &str) -> Option<Arc<Trial>> {
+        self.trials.lock().get(plugin).cloned()
+    }
+
+    /// Every running trial.
+    pub fn all(&self) -> Vec<Arc<Trial>> {
+        self.trials.lock().values().cloned().collect()
+    }
+
+    /// The latest transitions, oldest first.
+    pub fn history(&self) -> Vec<Transition> {
+        self.history.lock().iter().cloned().collect()
+    }
+
+    /// Transitions counted per plugin and event.
+    pub fn counts(&self) -> Vec<(String, &'static str, u64)> {
+        self.counts
+            .lock()
+            .iter()
+            .map(|((p, e), n)| (p.clone(), *e, *n))
+            .collect()
+    }
+
+    fn record(&self, plugin: &str, event: Event, from: &str, to: &str, reason: Option<String>) {
+        let short = |h: &str| h[..h.len().min(12)].to_owned();
+        match &reason {
+            Some(r) => tracing::warn!(
+                plugin, event = event.as_str(), from = %short(from), to = %short(to),
+                "plugin rollout: {r}"
+            ),
+            None => tracing::info!(
+                plugin, event = event.as_str(), from = %short(from), to = %short(to),
+                "plugin rollout"
+            ),
+        }
+        *self
+            .counts
+            .lock()
+            .entry((plugin.to_owned(), event.as_str()))
+            .or_default() += 1;
+        let mut h = self.history.lock();
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(Transition {
+            plugin: plugin.to_owned(),
+            event,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            reason,
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+    }
+}
+
+/// Why a rollout step was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// No such plugin is serving.
+    #[error("no plugin '{0}' is serving")]
+    NotServing(String),
+    /// Built-ins are replaced by upload with `override_builtin`.
+    #[error("'{0}' is a built-in exchange type; replace it with an upload (override_builtin)")]
+    Builtin(String),
+    /// The candidate is the serving version.
+    #[error("that file is the version of '{0}' already serving")]
+    SameVersion(String),
+    /// No trial runs.
+    #[error("no candidate of '{0}' is staged")]
+    NoCandidate(String),
+    /// Staged rollouts are per node; a cluster agrees on versions through Raft.
+    #[error(
+        "staged rollouts are not available in a cluster: plugin versions are agreed by every node (use `wasmq cluster activate-plugin` to serve a kept version)"
+    )]
+    Clustered,
+    /// No such kept version.
+    #[error("no kept version of '{plugin}' matches '{hash}'")]
+    NotKept {
+        /// The plugin.
+        plugin: String,
+        /// The hash asked for.
+        hash: String,
+    },
+    /// The file does not load, or an exchange refused it.
+    #[error("{0}")]
+    Refused(String),
+    /// Bad parameters.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<BrokerError> for RolloutError {
+    fn from(e: BrokerError) -> Self {
+        RolloutError::Refused(e.to_string())
+    }
+}
+
+impl Broker {
+    /// The staged rollouts.
+    pub fn candidates(&self) -> &Candidates {
+        &self.candidates
+    }
+
+    /// Stage `bytes` as a candidate of plugin `name` beside its serving
+    /// version. A trial already running for the plugin is aborted first.
+    pub fn stage_candidate(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        mode: Mode,
+        policy: Policy,
+    ) -> Result<Arc<Trial>, RolloutError> {
+        if self.cluster().is_some() {
+            return Err(RolloutError::Clustered);
+        }
+        match mode {
+            Mode::Shadow { every: 0 } => {
+                return Err(RolloutError::Invalid(
+                    "sample: one in 0 is no sample".into(),
+                ));
+            }
+            Mode::Canary { percent } if !(percent > 0.0 && percent <= 100.0) => {
+                return Err(RolloutError::Invalid(format!(
+                    "percent {percent}: give more than 0 and at most 100"
+                )));
+            }
+            _ => {}
+        }
+        let serving = self
+            .registry
+            .get(name)
+            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
+        if serving.builtin {
+            return Err(RolloutError::Builtin(name.to_owned()));
+        }
+        if serving.hash == crate::plugin::content_hash(bytes) {
+            return Err(RolloutError::SameVersion(name.to_owned()));
+        }
+        let version = self
+            .host
+            .load(name, bytes, false)
+            .map_err(|e| RolloutError::Refused(e.to_string()))?;
+        if let Some(old) = self.candidates.get(name) {
+            self.end_trial(
+                &old,
+                Event::Aborted,
+                Some("replaced by a new candidate".into()),
+            );
+        }
+        let trial = Trial::new(version, serving.hash.clone(), bytes.into(), mode, policy);
+        trial
+            .start_shadow()
+            .map_err(|e| RolloutError::Refused(format!("no thread for the shadow: {e}")))?;
+        {
+            let _serial = self.swapping.lock();
+            self.attach_locked(&trial).map_err(RolloutError::Refused)?;
+            self.candidates
+                .trials
+                .lock()
+                .insert(name.to_owned(), trial.clone());
+        }
+        let event = match mode {
+            Mode::Shadow { .. } => Event::ShadowStarted,
+            Mode::Canary { .. } => Event::CanaryStarted,
+        };
+        self.candidates
+            .record(name, event, &serving.hash, &trial.version.hash, None);
+        Ok(trial)
+    }
+
+    /// Build the candidate's handles for every use of its plugin and put
+    /// them beside the serving ones; all or nothing.
+    fn attach_locked(&self, trial: &Arc<Trial>) -> Result<(), String> {
+        let _swap = self.swap.write();
+        let name = trial.plugin.as_str();
+        let version = &trial.version;
+        let mut exchanges = Vec::new();
+        for vhost in self.vhosts() {
+            for x in vhost.exchanges() {
+                exchanges.push(x);
+            }
+        }
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        let _controls: Vec<_> = exchanges.iter().map(|x| x.control.lock()).collect();
+        let mut prepared = Vec::new();
+        for x in &exchanges {
+            let at = |e: &dyn std::fmt::Display| format!("exchange '{}': {e}", x.name);
+            let table = x.bindings.load_full();
+            let mut c = x
+                .candidates
+                .load_full()
+                .map(|c| (*c).clone())
+                .unwrap_or_default();
+            let mut changed = false;
+            if x.kind == name && !Self::is_predeclared(&x.name) {
+                let r =
+                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
+                        .map_err(|e| at(&e))?;
+                c.router = Some((Arc::new(r), trial.clone()));
+                changed = true;
+            }
+            if x.transform_name.as_deref() == Some(name) {
+                let t = TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
+                    .map_err(|e| at(&e))?;
+                c.transform = Some((Arc::new(t), trial.clone()));
+                changed = true;
+            }
+            let mut bindings = None;
+            if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
+                let mut next = (*table).clone();
+                for b in table.iter() {
+                    if b.filter_name.as_deref() == Some(name) {
+                        let f = FilterPlugin::new(
+                            &self.host,
+                            version,
+                            &x.name,
+                            &b.key,
+                            &b.encoded_arguments,
+                        )
+                        .map_err(|e| at(&e))?;
+                        next = next.replaced(Binding {
+                            filter_candidate: Some((Arc::new(f), trial.clone())),
+                            ..(**b).clone()
+                        });
+                    }
+                }
+                bindings = Some(next);
+            }
+            if changed || bindings.is_some() {
+                prepared.push((x.clone(), changed.then_some(c), bindings));
+            }
+        }
+        if prepared.is_empty() {
+            return Err(format!(
+                "no exchange or binding uses plugin '{name}': nothing to try it on"
+            ));
+        }
+        for (x, c, bindings) in prepared {
+            if let Some(b) = bindings {
+                x.bindings.store(Arc::new(b));
+            }
+            if let Some(c) = c {
+                x.candidates.store(Some(Arc::new(c)));
+            }
+            x.staged.store(true, Ordering::Relaxed);
+            x.reset_memo();
+        }
+        Ok(())
+    }
+
+    /// Take `trial`'s handles out of every exchange and binding.
+    fn detach_locked(&self, trial: &Arc<Trial>) {
+        let _swap = self.swap.write();
+        let mine = |t: &Arc<Trial>| Arc::ptr_eq(t, trial);
+        for vhost in self.vhosts() {
+            for x in vhost.exchanges() {
+                let _control = x.control.lock();
+                if let Some(c) = x.candidates.load_full() {
+                    let mut c = (*c).clone();
+                    if c.router.as_ref().is_some_and(|(_, t)| mine(t)) {
+                        c.router = None;
+                    }
+                    if c.transform.as_ref().is_some_and(|(_, t)| mine(t)) {
+                        c.transform = None;
+                    }
+                    x.candidates.store((!c.is_empty()).then(|| Arc::new(c)));
+                }
+                let table = x.bindings.load_full();
+                if table
+                    .iter()
+                    .any(|b| b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)))
+                {
+                    let mut next = (*table).clone();
+                    for b in table.iter() {
+                        if b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)) {
+                            next = next.replaced(Binding {
+                                filter_candidate: None,
+                                ..(**b).clone()
+                            });
+                        }
+                    }
+                    x.bindings.store(Arc::new(next));
+                }
+                let still = x.candidates.load().is_some()
+                    || x.bindings
+                        .load()
+                        .iter()
+                        .any(|b| b.filter_candidate.is_some());
+                x.staged.store(still, Ordering::Relaxed);
+                x.reset_memo();
+            }
+        }
+    }
+
+    /// End `trial`: detach it, and on [`Event::Promoted`] serve it.
+    fn end_trial(&self, trial: &Arc<Trial>, event: Event, reason: Option<String>) {
+        trial.stopped.store(true, Ordering::Relaxed);
+        trial.stop_shadow();
+        {
+            let _serial = self.swapping.lock();
+            let mut trials = self.candidates.trials.lock();
+            if trials
+                .get(&trial.plugin)
+                .is_some_and(|t| Arc::ptr_eq(t, trial))
+            {
+                trials.remove(&trial.plugin);
+            }
+            drop(trials);
+            self.detach_locked(trial);
+        }
+        let serving = self
+            .registry
+            .get(&trial.plugin)
+            .map(|v| v.hash.clone())
+            .unwrap_or_default();
+        self.candidates.record(
+            &trial.plugin,
+            event.clone(),
+            &serving,
+            &trial.version.hash,
+            reason,
+        );
+        if event == Event::Promoted
+            && let Err(e) = self.serve_bytes(&trial.plugin, &trial.bytes)
+        {
+            tracing::error!(plugin = %trial.plugin, "promoting the candidate failed; the serving version stays: {e}");
+        }
+    }
+
+    /// Promote the candidate of `name` now.
+    pub fn promote_candidate(&self, name: &str) -> Result<(), RolloutError> {
+        let trial = self
+            .candidates
+            .get(name)
+            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
+        self.end_trial(&trial, Event::Promoted, None);
+        Ok(())
+    }
+
+    /// Remove the candidate of `name`; the serving version keeps serving.
+    pub fn abort_candidate(&self, name: &str) -> Result<(), RolloutError> {
+        let trial = self
+            .candidates
+            .get(name)
+            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
+        self.end_trial(&trial, Event::Aborted, None);
+        Ok(())
+    }
+
+    /// Serve `bytes` as plugin `name` everywhere at once, and write them
+    /// into the plugin folder so a restart serves them too.
+    fn serve_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        self.install_plugin(name, bytes)?;
+        let path = self.plugin_dir.join(format!("{name}.wasm"));
+        let tmp = self.plugin_dir.join(format!(".{name}.wasm.tmp"));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// Serve a kept version of `name` again at once: `hash` (a prefix is
+    /// enough), or the newest kept version that is not serving.
+    pub fn rollback_plugin(&self, name: &str, hash: Option<&str>) -> Result<String, RolloutError> {
+        if self.cluster().is_some() {
+            return Err(RolloutError::Clustered);
+        }
+        let serving = self
+            .registry
+            .get(name)
+            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
+        let store = self.store().ok_or_else(|| RolloutError::NotKept {
+            plugin: name.to_owned(),
+            hash: hash.unwrap_or("previous").to_owned(),
+        })?;
+        let kept = store.kept_versions(name);
+        let chosen = match hash {
+            Some(h) => kept.into_iter().find(|k| k.hash.starts_with(h)),
+            None => kept.into_iter().find(|k| k.hash != serving.hash),
+        }
+        .ok_or_else(|| RolloutError::NotKept {
+            plugin: name.to_owned(),
+            hash: hash.unwrap_or("previous").to_owned(),
+        })?;
+        let bytes = std::fs::read(&chosen.path).map_err(|e| {
+            RolloutError::Refused(format!("reading {}: {e}", chosen.path.display()))
+        })?;
+        if let Some(t) = self.candidates.get(name) {
+            self.end_trial(&t, Event::Aborted, Some("rollback asked".into()));
+        }
+        self.serve_bytes(name, &bytes)
+            .map_err(RolloutError::Refused)?;
+        self.candidates.record(
+            name,
+            Event::Rollback,
+            &serving.hash,
+            &chosen.hash,
+            Some("asked by an operator".into()),
+        );
+        Ok(chosen.hash)
+    }
+
+    /// Judge every canary: roll back one past a bound, promote one that
+    /// has decided enough for long enough. Called periodically.
+    pub fn judge_candidates(&self) {
+        for trial in self.candidates.all() {
+            if let Some(reason) = trial.failure() {
+                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                continue;
+            }
+            if !matches!(trial.mode, Mode::Canary { .. }) {
+                continue;
+            }
+            let p = &trial.policy;
+            let calls = trial.calls.load(Ordering::Relaxed);
+            if p.max_p99_us > 0
+                && trial.latency.snapshot().count() >= p.p99_min_calls
+                && let Some(p99) = trial.latency_us(0.99)
+                && p99 > p.max_p99_us
+            {
+                let reason = format!("p99 {p99} µs passed {} µs", p.max_p99_us);
+                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                continue;
+            }
+            if calls >= p.promote_after_messages
+                && trial.elapsed() >= Duration::from_secs(p.promote_after_secs)
+            {
+                self.end_trial(&trial, Event::Promoted, None);
+            }
+        }
+    }
+
+    /// A binding was added to `x` (its control lock held): apply it to a
+    /// staged router candidate too. A candidate that refuses a binding the
+    /// serving version took would misroute: it is rolled back.
+    pub(crate) fn bind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
+        if !x.staged.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(c) = x.candidates.load_full()
+            && let Some((router, trial)) = &c.router
+            && let Err(e) = router.bind(id, input)
+        {
+            trial.fail(format!("refused a binding the serving version took: {e}"));
+        }
+    }
+
+    /// A binding was removed from `x`: from a staged router candidate too.
+    pub(crate) fn unbind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
+        if !x.staged.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(c) = x.candidates.load_full()
+            && let Some((router, _)) = &c.router
+        {
+            router.unbind(id, input);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_canary_share_follows_the_key_and_the_percentage() {
+        let host = crate::plugin::PluginHost::new(
+            Default::default(),
+            None,
+            crate::plugin::Compiler::Optimizing,
+        )
+        .unwrap();
+        let (_, bytes) = crate::builtins::BUILTINS[0];
+        let v = host.load("p", bytes, false).unwrap();
+        let trial = |percent| {
+            Trial::new(
+                v.clone(),
+                String::new(),
+                bytes.into(),
+                Mode::Canary { percent },
+                Policy::default(),
+            )
+        };
+        let keys: Vec<String> = (0..10_000).map(|i| format!("key.{i}")).collect();
+        let (ten, fifty) = (trial(10.0), trial(50.0));
+        let share = |t: &Trial| keys.iter().filter(|k| t.picks(k)).count();
+        let (a, b) = (share(&ten), share(&fifty));
+        assert!((800..1200).contains(&a), "10%: {a} of 10k");
+        assert!((4600..5400).contains(&b), "50%: {b} of 10k");
+        // Stable: a key picked at 10% is picked at 50% and again.
+        for k in keys.iter().filter(|k| ten.picks(k)) {
+            assert!(fifty.picks(k) && ten.picks(k));
+        }
+        // FNV-1a's published test vectors.
+        assert_eq!(stable_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(stable_hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn a_fault_rate_past_the_bound_stops_the_canary_at_once() {
+        let host = crate::plugin::PluginHost::new(
+            Default::default(),
+            None,
+            crate::plugin::Compiler::Optimizing,
+        )
+        .unwrap();
+        let (_, bytes) = crate::builtins::BUILTINS[0];
+        let v = host.load("p", bytes, false).unwrap();
+        let t = Trial::new(
+            v,
+            String::new(),
+            bytes.into(),
+            Mode::Canary { percent: 100.0 },
+            Policy {
+                max_fault_rate: 0.1,
+                ..Policy::default()
+            },
+        );
+        for _ in 0..19 {
+            t.record(Duration::from_micros(5), None);
+        }
+        t.record(
+            Duration::from_micros(5),
+            Some(&PluginFault::Trap("x".into())),
+        );
+        assert!(t.failure().is_none(), "1 fault in 20 is under 10%");
+        assert!(t.picks("any"));
+        t.record(
+            Duration::from_micros(5),
+            Some(&PluginFault::Trap("x".into())),
+        );
+        t.record(
+            Duration::from_micros(5),
+            Some(&PluginFault::Trap("x".into())),
+        );
+        assert!(t.failure().unwrap().contains("fault rate 3/22"));
+        assert!(!t.picks("any"), "a failed canary decides nothing");
+    }
+}

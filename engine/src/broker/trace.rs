@@ -1,0 +1,384 @@
+//! Why did this message go there? A message's way through its exchanges,
+//! step by step, as `wasmq trace` and the admin API show it.
+//!
+//! The publish path (`route.rs`) is generic over an [`Observer`]. The
+//! publishes of every client run it with `()`, whose steps are never
+//! built and whose clock is never read, so the compiler removes both; a
+//! trace runs the very same code with a [`Steps`] recorder. A trace is
+//! therefore exactly the decision the broker makes, down to which version
+//! of a plugin (serving or a staged candidate) decided each step.
+//!
+//! A dry trace ([`Broker::trace`]) enqueues nothing and counts nothing. A
+//! message published with the header [`TRACE_HEADER`] by a user allowed to
+//! trace is delivered as usual and its trace is kept in a short history
+//! ([`Broker::traces`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::candidate::By;
+use super::exchange::{BindingTable, Destination, Exchange};
+use super::{Broker, VHost};
+use crate::message::Message;
+use crate::plugin::{PluginFault, PluginVersion, TransformDecision};
+
+/// A publish carrying this header (any value) is traced, if its user may.
+pub const TRACE_HEADER: &str = "x-wasmq-trace";
+
+/// Traces kept from traced publishes.
+const KEPT: usize = 100;
+
+/// One step of a message's way.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// It entered an exchange.
+    Exchange {
+        /// The exchange.
+        exchange: String,
+        /// Its type (router plugin).
+        kind: String,
+    },
+    /// The exchange's transform decided.
+    Transform {
+        /// The exchange.
+        exchange: String,
+        /// The plugin.
+        plugin: String,
+        /// The version that decided (short hash).
+        version: String,
+        /// Whether a staged candidate decided (a canary's share).
+        candidate: bool,
+        /// `keep`, `drop`, `dead_letter (reason)`, `rewrite (...)` or `fault: ...`.
+        outcome: String,
+        /// The routing key routed on after it.
+        routing_key: String,
+        /// Call time, µs.
+        took_us: f64,
+    },
+    /// The exchange's router picked bindings.
+    Route {
+        /// The exchange.
+        exchange: String,
+        /// The router plugin.
+        plugin: String,
+        /// The version that decided (short hash).
+        version: String,
+        /// Whether a staged candidate decided.
+        candidate: bool,
+        /// The bindings chosen.
+        bindings: Vec<TracedBinding>,
+        /// Call time, µs.
+        took_us: f64,
+    },
+    /// A binding's filter decided.
+    Filter {
+        /// The exchange.
+        exchange: String,
+        /// The filter plugin.
+        plugin: String,
+        /// The version that decided (short hash).
+        version: String,
+        /// Whether a staged candidate decided.
+        candidate: bool,
+        /// The binding's destination.
+        destination: String,
+        /// The binding's key.
+        key: String,
+        /// Whether the message passed.
+        passed: bool,
+        /// Call time, µs.
+        took_us: f64,
+    },
+    /// A plugin faulted.
+    Fault {
+        /// The exchange.
+        exchange: String,
+        /// The plugin.
+        plugin: String,
+        /// The fault.
+        fault: String,
+    },
+    /// Nothing was routed: on to the alternate exchange.
+    Alternate {
+        /// The exchange.
+        exchange: String,
+        /// Its `alternate-exchange`.
+        to: String,
+    },
+    /// Dead-lettered (a transform's decision or a fault).
+    DeadLetter {
+        /// The exchange.
+        exchange: String,
+        /// Its `x-dead-letter-exchange`.
+        to: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A binding a router chose.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TracedBinding {
+    /// `queue` or `exchange`.
+    pub destination_type: String,
+    /// Its name.
+    pub destination: String,
+    /// The binding key.
+    pub key: String,
+    /// Its filter plugin, if any.
+    pub filter: Option<String>,
+}
+
+/// A message's whole way.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Trace {
+    /// The virtual host.
+    pub vhost: String,
+    /// The exchange published to.
+    pub exchange: String,
+    /// The routing key published with.
+    pub routing_key: String,
+    /// Whether it was only traced (nothing enqueued).
+    pub dry: bool,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The queues on this node it reached (or would).
+    pub queues: Vec<String>,
+    /// Queues on other nodes it reached, as `node/queue`.
+    pub forwarded: Vec<String>,
+    /// Faults the publisher is told of (not dead-lettered).
+    pub faults: Vec<String>,
+    /// Whole time, µs.
+    pub took_us: f64,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// What the publish path tells at each step.
+pub(crate) trait Observer {
+    /// Whether steps are recorded (and the clock read for them).
+    const ON: bool;
+    /// Record the step `f` builds.
+    fn step(&mut self, f: impl FnOnce() -> Step);
+    /// Whether the exchanges' counters count this publish.
+    fn counts(&self) -> bool {
+        true
+    }
+}
+
+impl Observer for () {
+    const ON: bool = false;
+    #[inline(always)]
+    fn step(&mut self, _: impl FnOnce() -> Step) {}
+}
+
+/// The recorder a trace runs with.
+#[derive(Default)]
+pub(crate) struct Steps {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) dry: bool,
+}
+
+impl Observer for Steps {
+    const ON: bool = true;
+    fn step(&mut self, f: impl FnOnce() -> Step) {
+        self.steps.push(f());
+    }
+    fn counts(&self) -> bool {
+        !self.dry
+    }
+}
+
+/// Time since `t`, µs (0 when not tracing).
+pub(crate) fn since(t: Option<Instant>) -> f64 {
+    t.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e6)
+}
+
+fn short(v: &PluginVersion) -> String {
+    v.short_hash().to_string()
+}
+
+pub(crate) fn transform_step(
+    x: &Exchange,
+    version: &PluginVersion,
+    by: By,
+    decided: &Result<TransformDecision, PluginFault>,
+    message: &Message,
+    took_us: f64,
+) -> Step {
+    let (outcome, routing_key) = match decided {
+        Ok(d) => {
+            let key = match d {
+                TransformDecision::Rewrite {
+                    routing_key: Some(k),
+                    ..
+                } => k.clone(),
+                _ => message.routing_key.to_string(),
+            };
+            (super::candidate::describe_transform(d), key)
+        }
+        Err(f) => (format!("fault: {f}"), message.routing_key.to_string()),
+    };
+    Step::Transform {
+        exchange: x.name.clone(),
+        plugin: version.name.clone(),
+        version: short(version),
+        candidate: by == By::Candidate,
+        outcome,
+        routing_key,
+        took_us,
+    }
+}
+
+pub(crate) fn route_step(
+    x: &Exchange,
+    by: By,
+    ids: &[u32],
+    table: &BindingTable,
+    took_us: f64,
+) -> Step {
+    let version = match by {
+        By::Candidate => x
+            .candidates
+            .load()
+            .as_ref()
+            .and_then(|c| c.router.as_ref().map(|(r, _)| r.version().clone())),
+        By::Serving => None,
+    }
+    .unwrap_or_else(|| x.router.load().version().clone());
+    let mut seen = Vec::new();
+    let bindings = ids
+        .iter()
+        .filter(|id| {
+            let new = !seen.contains(*id);
+            seen.push(**id);
+            new
+        })
+        .filter_map(|id| table.get(*id))
+        .map(|b| {
+            let (t, n) = match &b.destination {
+                Destination::Queue(q) => ("queue", q),
+                Destination::Exchange(e) => ("exchange", e),
+            };
+            TracedBinding {
+                destination_type: t.into(),
+                destination: n.clone(),
+                key: b.key.clone(),
+                filter: b.filter_name.clone(),
+            }
+        })
+        .collect();
+    Step::Route {
+        exchange: x.name.clone(),
+        plugin: x.kind.clone(),
+        version: short(&version),
+        candidate: by == By::Candidate,
+        bindings,
+        took_us,
+    }
+}
+
+pub(crate) fn filter_step(
+    x: &Exchange,
+    binding: &super::Binding,
+    version: &PluginVersion,
+    by: By,
+    passed: bool,
+    took_us: f64,
+) -> Step {
+    Step::Filter {
+        exchange: x.name.clone(),
+        plugin: version.name.clone(),
+        version: short(version),
+        candidate: by == By::Candidate,
+        destination: binding.destination.name().to_owned(),
+        key: binding.key.clone(),
+        passed,
+        took_us,
+    }
+}
+
+/// Traces of traced publishes, newest last.
+#[derive(Debug, Default)]
+pub struct Traces {
+    kept: Mutex<VecDeque<Trace>>,
+}
+
+impl Traces {
+    /// The kept traces, oldest first.
+    pub fn list(&self) -> Vec<Trace> {
+        self.kept.lock().iter().cloned().collect()
+    }
+
+    pub(crate) fn keep(&self, trace: Trace) {
+        let mut k = self.kept.lock();
+        if k.len() == KEPT {
+            k.pop_front();
+        }
+        k.push_back(trace);
+    }
+}
+
+impl Trace {
+    /// The trace of a routing that has run.
+    pub(crate) fn finish(
+        vhost: &VHost,
+        exchange: &Exchange,
+        routing_key: String,
+        steps: Steps,
+        queues: Vec<String>,
+        outcome: &super::PublishOutcome,
+        started: Instant,
+    ) -> Trace {
+        Trace {
+            vhost: vhost.name.clone(),
+            exchange: exchange.name.clone(),
+            routing_key,
+            dry: steps.dry,
+            steps: steps.steps,
+            queues,
+            forwarded: outcome
+                .forwards
+                .iter()
+                .flat_map(|f| f.queues.iter().map(move |q| format!("{}/{q}", f.node)))
+                .collect(),
+            faults: outcome.faults.iter().map(|f| f.to_string()).collect(),
+            took_us: since(Some(started)),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+impl Broker {
+    /// Run `message` through `exchange` as a publish would, enqueueing
+    /// nothing and counting nothing, and tell each step.
+    pub fn trace(&self, vhost: &VHost, exchange: &Arc<Exchange>, message: Message) -> Trace {
+        let started = Instant::now();
+        let routing_key = message.routing_key.to_string();
+        let mut steps = Steps {
+            dry: true,
+            ..Steps::default()
+        };
+        let (queues, outcome) = self.route_only(vhost, exchange, message, &mut steps);
+        Trace::finish(
+            vhost,
+            exchange,
+            routing_key,
+            steps,
+            queues,
+            &outcome,
+            started,
+        )
+    }
+
+    /// The traces of traced publishes.
+    pub fn traces(&self) -> &Traces {
+        &self.traces
+    }
+}
