@@ -94,7 +94,8 @@ async fn candidate(
 }
 
 /// How to stage: `mode=shadow&sample=10` or `mode=canary&percent=10`, and
-/// a canary's bounds.
+/// a canary's bounds. (Not a flattened [`PolicyQuery`]: a query string
+/// read through `serde(flatten)` loses its numbers' types.)
 #[derive(Deserialize)]
 struct StageQuery {
     mode: String,
@@ -102,8 +103,23 @@ struct StageQuery {
     sample: Option<u32>,
     /// Canary: the share of routing keys, in percent.
     percent: Option<f64>,
-    #[serde(flatten)]
-    policy: PolicyQuery,
+    promote_after_messages: Option<u64>,
+    promote_after_secs: Option<u64>,
+    max_fault_rate: Option<f64>,
+    max_p99_us: Option<u64>,
+    p99_min_calls: Option<u64>,
+}
+
+impl StageQuery {
+    fn policy(&self) -> PolicyQuery {
+        PolicyQuery {
+            promote_after_messages: self.promote_after_messages,
+            promote_after_secs: self.promote_after_secs,
+            max_fault_rate: self.max_fault_rate,
+            max_p99_us: self.max_p99_us,
+            p99_min_calls: self.p99_min_calls,
+        }
+    }
 }
 
 /// A canary's bounds; any not given keeps its default.
@@ -155,7 +171,7 @@ async fn stage(
     body: Bytes,
 ) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
     let mode = mode(&q)?;
-    let policy = q.policy.policy();
+    let policy = q.policy().policy();
     let broker = s.broker.clone();
     let trial =
         tokio::task::spawn_blocking(move || broker.stage_candidate(&name, &body, mode, policy))

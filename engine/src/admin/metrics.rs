@@ -298,6 +298,7 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             dropped as f64,
         );
     }
+    candidate_metrics(&mut e, &s);
     let functions = s.broker.host().function_cache_stats();
     e.family(
         "wasmq_plugin_functions_compiled_total",
@@ -353,4 +354,64 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
         )],
         e.out,
     )
+}
+
+/// Staged rollouts: each candidate's comparisons, calls and faults, and
+/// the transitions of every plugin's versions.
+fn candidate_metrics(e: &mut Exposition, s: &AdminState) {
+    let rollouts = s.broker.candidates();
+    let trials = rollouts.all();
+    let counters: [(
+        &str,
+        &str,
+        fn(&crate::broker::candidate::Trial) -> &AtomicU64,
+    ); 5] = [
+        (
+            "wasmq_plugin_candidate_calls_total",
+            "Messages a staged candidate decided (canary) or was compared on (shadow).",
+            |t| &t.calls,
+        ),
+        (
+            "wasmq_plugin_candidate_faults_total",
+            "Faults of a staged candidate.",
+            |t| &t.faults,
+        ),
+        (
+            "wasmq_plugin_candidate_agreements_total",
+            "Shadow comparisons where the candidate decided as the serving version.",
+            |t| &t.agreed,
+        ),
+        (
+            "wasmq_plugin_candidate_disagreements_total",
+            "Shadow comparisons where the candidate decided otherwise.",
+            |t| &t.disagreed,
+        ),
+        (
+            "wasmq_plugin_candidate_skipped_total",
+            "Shadow samples skipped because the comparison thread was behind.",
+            |t| &t.skipped,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        e.family(name, "counter", help);
+        for t in &trials {
+            e.sample(
+                name,
+                &[("plugin", &t.plugin), ("version", t.version.short_hash())],
+                counter(t).load(Ordering::Relaxed) as f64,
+            );
+        }
+    }
+    e.family(
+        "wasmq_plugin_rollout_transitions_total",
+        "counter",
+        "Transitions of a plugin's versions: shadow_started, canary_started, promoted, rolled_back, aborted, rollback.",
+    );
+    for (plugin, event, n) in rollouts.counts() {
+        e.sample(
+            "wasmq_plugin_rollout_transitions_total",
+            &[("plugin", &plugin), ("event", event)],
+            n as f64,
+        );
+    }
 }
