@@ -356,16 +356,15 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// One of a trial's counters.
+type TrialCounter = fn(&crate::broker::candidate::Trial) -> &AtomicU64;
+
 /// Staged rollouts: each candidate's comparisons, calls and faults, and
 /// the transitions of every plugin's versions.
 fn candidate_metrics(e: &mut Exposition, s: &AdminState) {
     let rollouts = s.broker.candidates();
     let trials = rollouts.all();
-    let counters: [(
-        &str,
-        &str,
-        fn(&crate::broker::candidate::Trial) -> &AtomicU64,
-    ); 5] = [
+    let counters: [(&str, &str, TrialCounter); 5] = [
         (
             "wasmq_plugin_candidate_calls_total",
             "Messages a staged candidate decided (canary) or was compared on (shadow).",
