@@ -237,7 +237,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         work,
         &crate_dir,
         "vip",
-        "        if message.routing_key() == \"vip\" {\n            for (id, _) in &self.bindings {\n                out.push(*id);\n            }\n            return;\n        }\n",
+        "        if message.routing_key() == \"vip\" {\n            wasmq_sdk::log::info(\"vip goes everywhere\");\n            for (id, _) in &self.bindings {\n                out.push(*id);\n            }\n            return;\n        }\n",
     );
     let u = url.clone();
     let (t2, v2) = (target.clone(), vip.clone());
@@ -258,6 +258,24 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     .await
     .unwrap();
     assert!(out.contains("shadow, 1 in 1"), "{out}");
+    // Follow the plugin's log while the shadow runs.
+    let mut follower = std::process::Command::new(BIN)
+        .args(["plugin", "logs", "loop-router", "--follow"])
+        .env("WASMQ_ADMIN_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let follower_out = follower.stdout.take().unwrap();
+    let followed = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(follower_out)
+            .lines()
+            .map_while(Result::ok)
+            .take(3)
+            .collect::<Vec<_>>()
+    });
+    // The follower subscribes as its request arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for _ in 0..10 {
         publish(&ch, "orders", &[("tenant", "acme")]).await;
     }
@@ -278,6 +296,22 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     assert!(
         d.candidate.contains("queue:orders") && d.candidate.contains("queue:audit"),
         "{d:?}"
+    );
+    // The candidate's log lines, live, with its name and version.
+    let lines = followed.join().unwrap();
+    let _ = follower.kill();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let candidate_version = format!("loop-router@{}: vip goes everywhere", &c.hash[..12]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("info") && l.contains(&candidate_version)),
+        "{lines:?}"
+    );
+    let metrics = api.get_text("/metrics").unwrap();
+    assert!(
+        metrics.contains("wasmq_plugin_log_lines_total{plugin=\"loop-router\",level=\"info\"} 3"),
+        "{metrics}"
     );
     // Never applied: the serving version decided every message.
     assert_eq!(count(&ch, "orders").await, 10);

@@ -41,6 +41,43 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
         .route("/api/rollouts", get(rollouts))
         .route("/api/exchanges/{vhost}/{name}/trace", post(trace))
         .route("/api/traces", get(traces))
+        .route("/api/plugins/{name}/logs", get(logs))
+}
+
+#[derive(Deserialize, Default)]
+struct LogsQuery {
+    /// Stream lines as they are written (server-sent events).
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A plugin's last log lines, or (`?follow=true`) its lines as they are
+/// written, as server-sent events: one `data:` line of JSON per log line,
+/// and a `missed` event when the follower fell behind.
+async fn logs(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let log = s.broker.host().plugin_log(&name);
+    if !q.follow {
+        return Json(log.recent()).into_response();
+    }
+    let rx = log.follow();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let event = match rx.recv().await {
+            Ok(line) => Event::default().json_data(&*line).ok()?,
+            Err(RecvError::Lagged(n)) => Event::default().event("missed").data(n.to_string()),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), rx))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 impl From<RolloutError> for ApiError {

@@ -183,6 +183,46 @@ impl AdminClient {
         Self::json(&Self::finish(r)?.1)
     }
 
+    /// GET a stream of server-sent events (no timeout: it lasts as long as
+    /// the broker sends), calling `each(event, data)` for every event until
+    /// it returns false or the stream ends.
+    pub fn follow(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&str, &str) -> bool,
+    ) -> Result<(), ClientError> {
+        use std::io::BufRead;
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .header("Accept", "text/event-stream")
+            .config()
+            .timeout_global(None)
+            .build()
+            .call()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if r.status().as_u16() >= 400 {
+            return Self::finish(Ok(r)).map(|_| ());
+        }
+        let reader = std::io::BufReader::new(r.into_body().into_reader());
+        let (mut event, mut data) = (String::from("message"), String::new());
+        for line in reader.lines() {
+            let line = line.map_err(|e| ClientError::Transport(e.to_string()))?;
+            if line.is_empty() {
+                if !data.is_empty() && !each(&event, &data) {
+                    return Ok(());
+                }
+                (event, data) = ("message".into(), String::new());
+            } else if let Some(e) = line.strip_prefix("event:") {
+                event = e.trim().to_owned();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            }
+        }
+        Ok(())
+    }
+
     /// DELETE.
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         let r = self

@@ -298,6 +298,20 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             dropped as f64,
         );
     }
+    e.family(
+        "wasmq_plugin_log_lines_total",
+        "counter",
+        "Lines a plugin logged through wasmq::log (within its budget), per level.",
+    );
+    for (plugin, counts) in s.broker.host().log_lines() {
+        for (level, n) in counts {
+            e.sample(
+                "wasmq_plugin_log_lines_total",
+                &[("plugin", &plugin), ("level", level)],
+                n as f64,
+            );
+        }
+    }
     candidate_metrics(&mut e, &s);
     let functions = s.broker.host().function_cache_stats();
     e.family(

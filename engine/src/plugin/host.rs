@@ -51,7 +51,7 @@ pub struct PluginHost {
     /// Compiled functions, reused by later compiles.
     functions: Arc<FunctionCache>,
     /// Each plugin's log budget, across its instances and versions.
-    logs: super::log::LogBudgets,
+    logs: super::log::PluginLogs,
     /// Bounds how many set-up calls run at once (see [`PluginHost::setup`]).
     setup_slots: Slots,
 }
@@ -245,7 +245,7 @@ impl PluginHost {
                 module,
                 limits: &self.limits,
                 clock: &self.clock,
-                log: self.log_budget(&version.name),
+                log: self.plugin_log(&version.name),
                 deadline_ticks: self.deadline_ticks(),
                 setup_ticks: self.setup_ticks(),
             },
@@ -253,13 +253,19 @@ impl PluginHost {
         )
     }
 
-    pub(crate) fn log_budget(&self, name: &str) -> Arc<super::log::LogBudget> {
+    /// The log of plugin `name` (its budget, counts, last lines, followers).
+    pub fn plugin_log(&self, name: &str) -> Arc<super::log::PluginLog> {
         self.logs.of(name)
     }
 
     /// Log lines dropped per plugin for being over its budget.
     pub fn log_lines_dropped(&self) -> Vec<(String, u64)> {
         self.logs.dropped()
+    }
+
+    /// Lines each plugin logged, per level (for `/metrics`).
+    pub fn log_lines(&self) -> Vec<(String, [(&'static str, u64); 5])> {
+        self.logs.counts()
     }
 
     /// The linker of the engine that compiled `module`.

@@ -13,21 +13,22 @@ use wasmtime::{Caller, Linker, Memory, Module, ResourceLimiter, Store, Trap, Typ
 use super::PluginFault;
 use super::PluginLimits;
 use super::clock::EpochClock;
-use super::log::LogBudget;
+use super::log::PluginLog;
 use super::version::PluginVersion;
 use crate::message::Message;
 
 /// Per-instance host state: what the imports see.
 pub(crate) struct HostState {
-    /// Plugin name, for log lines.
+    /// Plugin name and version (short hash), for log lines.
     plugin: Arc<str>,
+    version: Arc<str>,
     limiter: Limiter,
     memory: Option<Memory>,
     /// The message of the call in progress; set by the caller of a message
     /// call and cleared after it, so `read` outside a call returns -1.
     current: CurrentMessage,
-    /// The plugin's log budget, shared with its other instances.
-    log: Arc<super::log::LogBudget>,
+    /// The plugin's log, shared with its other instances.
+    log: Arc<PluginLog>,
 }
 
 /// A borrowed pointer to the message of the call in progress. Not an
@@ -155,20 +156,13 @@ pub(crate) fn define_imports(linker: &mut Linker<HostState>) -> wasmtime::Result
             if !state.log.admit(len.min(super::log::LINE_BYTES)) {
                 return Ok(());
             }
-            let plugin = state.plugin.clone();
             let data = memory.data(&caller);
             let start = ptr as u32 as usize;
             let bytes = data
                 .get(start..start.saturating_add(len))
                 .ok_or_else(|| wasmtime::format_err!("wasmq::log message outside guest memory"))?;
             let text = super::log::line(bytes);
-            match level {
-                1 => tracing::error!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
-                2 => tracing::warn!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
-                3 => tracing::info!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
-                4 => tracing::debug!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
-                _ => tracing::trace!(target: "wasmq::plugin", plugin = %plugin, "{text}"),
-            }
+            state.log.write(&state.plugin, &state.version, level, text);
             Ok(())
         },
     )?;
@@ -242,7 +236,7 @@ pub(crate) struct InstanceEnv<'a> {
     pub limits: &'a PluginLimits,
     pub clock: &'a Arc<EpochClock>,
     pub linker: &'a Linker<HostState>,
-    pub log: Arc<LogBudget>,
+    pub log: Arc<PluginLog>,
     /// A message call's deadline, and a set-up call's, in clock ticks.
     pub deadline_ticks: u64,
     pub setup_ticks: u64,
@@ -258,6 +252,7 @@ impl Instance {
             module.engine(),
             HostState {
                 plugin: version.name.as_str().into(),
+                version: version.short_hash().into(),
                 limiter: Limiter {
                     max_memory: limits.memory,
                     hit: false,

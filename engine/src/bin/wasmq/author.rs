@@ -13,6 +13,7 @@ use wasmq::admin::model::{CandidateView, KeptVersionView};
 use wasmq::author::scaffold::{Role, Sdk};
 use wasmq::broker::candidate::Mode;
 use wasmq::broker::trace::{Step, Trace};
+use wasmq::plugin::log::LogLine;
 
 use super::AdminArgs;
 
@@ -155,6 +156,17 @@ pub enum AuthorCommand {
         /// The version's hash.
         hash: Option<String>,
     },
+    /// Print a plugin's last log lines (`wasmq_sdk::log`), or follow them
+    /// live.
+    Logs {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Plugin name.
+        name: String,
+        /// Keep printing lines as they are written.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// List the kept versions of a plugin, newest first.
     Versions {
         #[command(flatten)]
@@ -285,6 +297,34 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             println!("{name}: serving {}", v["serving"].as_str().unwrap_or("?"));
             Ok(())
         }
+        AuthorCommand::Logs {
+            admin,
+            name,
+            follow,
+        } => {
+            let client = admin.client()?;
+            let path = format!("/api/plugins/{}/logs", segment(&name));
+            if !follow {
+                let lines: Vec<LogLine> = client.get_as(&path)?;
+                for l in lines {
+                    print_log_line(&l);
+                }
+                return Ok(());
+            }
+            client.follow(&format!("{path}?follow=true"), |event, data| {
+                match event {
+                    "missed" => println!("... {data} lines missed (this follower fell behind)"),
+                    _ => match serde_json::from_str::<LogLine>(data) {
+                        Ok(l) => print_log_line(&l),
+                        Err(_) => println!("{data}"),
+                    },
+                }
+                use std::io::Write;
+                // A closed pipe (`| head`) ends the follow.
+                std::io::stdout().flush().is_ok()
+            })?;
+            Ok(())
+        }
         AuthorCommand::Versions { admin, name } => {
             let kept: Vec<KeptVersionView> = admin
                 .client()?
@@ -302,6 +342,13 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_log_line(l: &LogLine) {
+    println!(
+        "{} {:<5} {}@{}: {}",
+        l.at_ms, l.level, l.plugin, l.version, l.message
+    );
 }
 
 fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
