@@ -300,6 +300,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     // The candidate's log lines, live, with its name and version.
     let lines = followed.join().unwrap();
     let _ = follower.kill();
+    let _ = follower.wait();
     assert_eq!(lines.len(), 3, "{lines:?}");
     let candidate_version = format!("loop-router@{}: vip goes everywhere", &c.hash[..12]);
     assert!(
