@@ -194,7 +194,10 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     ch.exchange_declare(
         "loop".into(),
         ExchangeKind::Custom("loop-router".into()),
-        ExchangeDeclareOptions::default(),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await
@@ -211,13 +214,13 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
             ]),
         ),
     ] {
-        ch.queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.into(), durable, FieldTable::default())
+            .await
+            .unwrap();
         ch.queue_bind(
             queue.into(),
             "loop".into(),
@@ -230,6 +233,43 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     }
     let stable_hash = serving(&api, "loop-router");
 
+    // Capture live traffic and the definitions, to test new builds on.
+    let capture = std::process::Command::new(BIN)
+        .args(["capture", "loop", "--count", "4", "--timeout", "20"])
+        .env("WASMQ_ADMIN_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the capture started", || {
+        api.get("/api/exchanges/%2F/loop/capture").is_ok()
+    })
+    .await;
+    for (key, headers) in [
+        ("orders", &[("tenant", "acme")][..]),
+        ("vip", &[][..]),
+        ("audit", &[][..]),
+        ("orders", &[][..]),
+    ] {
+        publish(&ch, key, headers).await;
+    }
+    let captured = tokio::task::spawn_blocking(move || capture.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(captured.status.success());
+    let msgs = work.join("msgs.jsonl");
+    std::fs::write(&msgs, &captured.stdout).unwrap();
+    assert_eq!(String::from_utf8_lossy(&captured.stdout).lines().count(), 4);
+    let defs = work.join("defs.json");
+    let u = url.clone();
+    let t2 = target.clone();
+    let exported = tokio::task::spawn_blocking(move || wasmq(&u, &t2, &["definitions", "export"]))
+        .await
+        .unwrap();
+    std::fs::write(&defs, exported).unwrap();
+    for q in ["orders", "audit", "tenants"] {
+        count(&ch, q).await;
+    }
+
     // Shadow a version with a planted disagreement: it sends "vip" to
     // every binding, the serving one nowhere.
     let vip = build_variant(
@@ -239,6 +279,61 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         "vip",
         "        if message.routing_key() == \"vip\" {\n            wasmq_sdk::log::info(\"vip goes everywhere\");\n            for (id, _) in &self.bindings {\n                out.push(*id);\n            }\n            return;\n        }\n",
     );
+    // Offline first: the new build against the captured messages, alone
+    // and against the version the broker serves.
+    let u = url.clone();
+    let (t2, v2, d2, m2, p2) = (
+        target.clone(),
+        vip.clone(),
+        defs.clone(),
+        msgs.clone(),
+        plugins.clone(),
+    );
+    let offline = tokio::task::spawn_blocking(move || {
+        let args = |against: Option<&str>| {
+            let mut a = vec![
+                "plugin".to_owned(),
+                "test".into(),
+                v2.to_str().unwrap().into(),
+                "--name".into(),
+                "loop-router".into(),
+                "--exchange-definitions".into(),
+                d2.to_str().unwrap().into(),
+                "--messages".into(),
+                m2.to_str().unwrap().into(),
+                "--plugin-dir".into(),
+                p2.to_str().unwrap().into(),
+            ];
+            if let Some(x) = against {
+                a.extend(["--against".to_owned(), x.to_owned()]);
+            }
+            a
+        };
+        let run = |a: Vec<String>| {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            wasmq(&u, &t2, &a)
+        };
+        (run(args(None)), run(args(Some("serving"))))
+    })
+    .await
+    .unwrap();
+    assert!(
+        offline
+            .0
+            .contains("#1 'orders' to 'loop': queues orders, tenants")
+            && offline
+                .0
+                .contains("#2 'vip' to 'loop': queues audit, orders")
+            && offline.0.contains("4 messages decided by loop-router@"),
+        "{}",
+        offline.0
+    );
+    assert!(
+        offline.1.contains("1 of 4 messages decided differently") && offline.1.contains("#2 'vip'"),
+        "{}",
+        offline.1
+    );
+
     let u = url.clone();
     let (t2, v2) = (target.clone(), vip.clone());
     let out = tokio::task::spawn_blocking(move || {

@@ -24,10 +24,7 @@ use super::model::{
 use super::{AdminState, ApiError, Viewer};
 use crate::broker::{Exchange, Queue, VHost};
 use crate::json::{json_to_table, table_to_json};
-use crate::store::definitions::{
-    BindingDefinition, DEFINITIONS_VERSION, Definitions, ExchangeDefinition, QueueDefinition,
-    VHostDefinitions,
-};
+use crate::store::definitions::Definitions;
 use crate::{Destination, Message};
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
@@ -608,132 +605,11 @@ async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
     })))
 }
 
-#[derive(Deserialize)]
-struct ImportDoc {
-    #[serde(default)]
-    vhosts: Vec<ImportVHost>,
-    #[serde(default)]
-    exchanges: Vec<ImportExchange>,
-    #[serde(default)]
-    queues: Vec<ImportQueue>,
-    #[serde(default)]
-    bindings: Vec<ImportBinding>,
-}
-
-#[derive(Deserialize)]
-struct ImportVHost {
-    name: String,
-}
-
-fn default_vhost() -> String {
-    "/".into()
-}
-
-#[derive(Deserialize)]
-struct ImportExchange {
-    name: String,
-    #[serde(default = "default_vhost")]
-    vhost: String,
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    auto_delete: bool,
-    #[serde(default)]
-    internal: bool,
-    #[serde(default)]
-    arguments: Value,
-}
-
-#[derive(Deserialize)]
-struct ImportQueue {
-    name: String,
-    #[serde(default = "default_vhost")]
-    vhost: String,
-    #[serde(default)]
-    auto_delete: bool,
-    #[serde(default)]
-    arguments: Value,
-}
-
-#[derive(Deserialize)]
-struct ImportBinding {
-    source: String,
-    #[serde(default = "default_vhost")]
-    vhost: String,
-    destination: String,
-    destination_type: String,
-    #[serde(default)]
-    routing_key: String,
-    #[serde(default)]
-    arguments: Value,
-}
-
 /// Import definitions (RabbitMQ's shape): every item is declared durable,
 /// through the same checks as an AMQP declare; the first failure stops the
 /// import and is returned with the item it was about.
 async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCode> {
-    let doc: ImportDoc = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("definitions: {e}")))?;
-    let mut by_vhost: std::collections::BTreeMap<String, VHostDefinitions> = Default::default();
-    fn slot<'a>(
-        by_vhost: &'a mut std::collections::BTreeMap<String, VHostDefinitions>,
-        name: &str,
-    ) -> &'a mut VHostDefinitions {
-        by_vhost
-            .entry(name.to_owned())
-            .or_insert_with(|| VHostDefinitions {
-                name: name.to_owned(),
-                ..Default::default()
-            })
-    }
-    for v in &doc.vhosts {
-        slot(&mut by_vhost, &v.name);
-    }
-    let args = |what: &str, v: &Value| {
-        json_to_table(v).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
-    };
-    for x in doc.exchanges {
-        let arguments = args(&format!("exchange '{}'", x.name), &x.arguments)?;
-        slot(&mut by_vhost, &x.vhost)
-            .exchanges
-            .push(ExchangeDefinition {
-                name: x.name,
-                kind: x.kind,
-                auto_delete: x.auto_delete,
-                internal: x.internal,
-                arguments,
-            });
-    }
-    for q in doc.queues {
-        let arguments = args(&format!("queue '{}'", q.name), &q.arguments)?;
-        slot(&mut by_vhost, &q.vhost).queues.push(QueueDefinition {
-            name: q.name,
-            auto_delete: q.auto_delete,
-            arguments,
-        });
-    }
-    for b in doc.bindings {
-        if b.destination_type != "queue" && b.destination_type != "exchange" {
-            return Err(ApiError::bad_request(format!(
-                "binding '{}' -> '{}': destination_type must be queue or exchange",
-                b.source, b.destination
-            )));
-        }
-        let arguments = args(&format!("binding '{}'", b.source), &b.arguments)?;
-        slot(&mut by_vhost, &b.vhost)
-            .bindings
-            .push(BindingDefinition {
-                source: b.source,
-                destination: b.destination,
-                destination_type: b.destination_type,
-                routing_key: b.routing_key,
-                arguments,
-            });
-    }
-    let defs = Definitions {
-        version: DEFINITIONS_VERSION,
-        vhosts: by_vhost.into_values().collect(),
-    };
+    let defs = Definitions::from_rabbitmq(&body).map_err(ApiError::bad_request)?;
     if let Some(node) = s.broker.cluster() {
         // Through the log, one change at a time, in the order a single
         // node imports them; the first refusal stops it and names it.

@@ -20,9 +20,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::api::{PublishBody, message_from};
-use super::model::{CandidateView, KeptVersionView, LatencyView, RolloutsView};
+use super::model::{CandidateView, CaptureView, KeptVersionView, LatencyView, RolloutsView};
 use super::{AdminState, ApiError};
 use crate::broker::candidate::{Mode, Policy, RolloutError, Trial};
+use crate::broker::capture::{CaptureSpec, Captured};
 use crate::broker::trace::Trace;
 
 pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
@@ -38,10 +39,82 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
         .route("/api/plugins/{name}/candidate/promote", post(promote))
         .route("/api/plugins/{name}/rollback", post(rollback))
         .route("/api/plugins/{name}/versions", get(versions))
+        .route("/api/plugins/{name}/wasm", get(wasm))
         .route("/api/rollouts", get(rollouts))
         .route("/api/exchanges/{vhost}/{name}/trace", post(trace))
         .route("/api/traces", get(traces))
         .route("/api/plugins/{name}/logs", get(logs))
+        .route(
+            "/api/exchanges/{vhost}/{name}/capture",
+            get(capture_status).post(start_capture).delete(stop_capture),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/capture/take",
+            post(take_capture),
+        )
+}
+
+fn capture_view(c: &crate::broker::capture::Capture) -> CaptureView {
+    CaptureView {
+        spec: c.spec.clone(),
+        done: c.done(),
+        kept: c.len(),
+        seen: c.seen.load(Ordering::Relaxed),
+    }
+}
+
+fn exchange_of(
+    s: &AdminState,
+    v: &str,
+    name: &str,
+) -> Result<std::sync::Arc<crate::broker::Exchange>, ApiError> {
+    Ok(super::api::vhost(s, v)?.exchange(name)?)
+}
+
+/// Start capturing what is published to an exchange (administrators only:
+/// a capture holds message bodies).
+async fn start_capture(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+    body: Option<Json<CaptureSpec>>,
+) -> Result<(StatusCode, Json<CaptureView>), ApiError> {
+    let spec = body.map(|b| b.0).unwrap_or_default();
+    if spec.count == 0 {
+        return Err(ApiError::bad_request("count: capture at least one message"));
+    }
+    let c = exchange_of(&s, &v, &name)?.start_capture(spec);
+    tracing::info!(exchange = %name, vhost = %v, count = c.spec.count, sample = c.spec.sample, "capture started");
+    Ok((StatusCode::CREATED, Json(capture_view(&c))))
+}
+
+/// How a capture is doing (counts only: the messages need a POST).
+async fn capture_status(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> Result<Json<CaptureView>, ApiError> {
+    let c = exchange_of(&s, &v, &name)?
+        .capture()
+        .ok_or_else(|| ApiError::not_found(format!("a capture on exchange '{name}'")))?;
+    Ok(Json(capture_view(&c)))
+}
+
+/// The captured messages; the capture ends.
+async fn take_capture(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> Result<Json<Vec<Captured>>, ApiError> {
+    let c = exchange_of(&s, &v, &name)?
+        .stop_capture()
+        .ok_or_else(|| ApiError::not_found(format!("a capture on exchange '{name}'")))?;
+    Ok(Json(c.messages()))
+}
+
+async fn stop_capture(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    exchange_of(&s, &v, &name)?.stop_capture();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize, Default)]
@@ -314,6 +387,46 @@ async fn versions(
             })
             .collect(),
     ))
+}
+
+/// The serving version's `.wasm` (`?hash=` for another kept version), to
+/// test a new build against offline (`wasmq plugin test --against serving`).
+#[derive(Deserialize)]
+struct WasmQuery {
+    hash: Option<String>,
+}
+
+async fn wasm(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<WasmQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let hash = match q.hash {
+        Some(h) => h,
+        None => s
+            .broker
+            .plugins()
+            .get(&name)
+            .filter(|v| !v.builtin)
+            .map(|v| v.hash.clone())
+            .ok_or_else(|| ApiError::from(RolloutError::NotServing(name.clone())))?,
+    };
+    let bytes = s
+        .broker
+        .store()
+        .and_then(|st| st.kept_plugin_version(&name, &hash))
+        .ok_or_else(|| {
+            ApiError::from(RolloutError::NotKept {
+                plugin: name.clone(),
+                hash: hash.clone(),
+            })
+        })?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/wasm")],
+        bytes,
+    )
+        .into_response())
 }
 
 async fn rollouts(State(s): State<AdminState>) -> Json<RolloutsView> {

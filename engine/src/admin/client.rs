@@ -152,6 +152,16 @@ impl AdminClient {
         })
     }
 
+    /// GET raw bytes (a plugin's `.wasm`).
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .call();
+        Ok(Self::finish(r)?.1)
+    }
+
     /// GET a text document (`/metrics`).
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let r = self

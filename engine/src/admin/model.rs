@@ -208,6 +208,19 @@ pub struct KeptVersionView {
     pub size: u64,
 }
 
+/// A capture on an exchange (`GET /api/exchanges/{vhost}/{name}/capture`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaptureView {
+    /// What was asked.
+    pub spec: crate::broker::capture::CaptureSpec,
+    /// It has what it asked for (or hit its byte bound).
+    pub done: bool,
+    /// Messages kept.
+    pub kept: usize,
+    /// Messages published to the exchange since it started.
+    pub seen: u64,
+}
+
 /// Staged rollouts and their history (`GET /api/rollouts`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RolloutsView {

@@ -10,3 +10,4 @@
 
 pub mod build;
 pub mod scaffold;
+pub mod test;

@@ -52,6 +52,8 @@ impl Broker {
             transform: ArcSwapOption::new(transform),
             staged: Default::default(),
             candidates: Default::default(),
+            capturing: Default::default(),
+            capture: Default::default(),
         }))
     }
 

@@ -282,6 +282,11 @@ pub struct Exchange {
     pub(crate) staged: std::sync::atomic::AtomicBool,
     /// The router and transform candidates staged here.
     pub(crate) candidates: ArcSwapOption<super::candidate::ExchangeCandidates>,
+    /// Whether a capture wants the messages published here: the publish
+    /// path's one check.
+    pub(crate) capturing: std::sync::atomic::AtomicBool,
+    /// The capture running or last run here.
+    pub(crate) capture: ArcSwapOption<super::capture::Capture>,
 }
 
 impl std::fmt::Debug for Exchange {

@@ -14,9 +14,11 @@
 //! queues on other nodes), `rollout` (plugin versions agreed by the
 //! cluster), `candidate` (a candidate version shadowed or canaried beside
 //! the serving one, promoted or rolled back), `trace` (a message's way
-//! through its exchanges, step by step).
+//! through its exchanges, step by step), `capture` (messages published to
+//! an exchange, kept to test a plugin version against).
 
 pub mod candidate;
+pub mod capture;
 mod connections;
 mod dead_letter;
 mod declare;

@@ -277,6 +277,11 @@ impl Broker {
         mut reply: impl FnMut() -> Option<Reply>,
         obs: &mut O,
     ) -> PublishOutcome {
+        if let Some(x) = exchange
+            && x.capturing.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            x.offer_capture(&vhost.name, &message);
+        }
         let message = Arc::new(message);
         let mut ctx = Routing::default();
         match exchange {

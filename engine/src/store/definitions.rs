@@ -221,3 +221,135 @@ mod tests {
         );
     }
 }
+
+// RabbitMQ's shape of a definitions document (`/api/definitions`,
+// `rabbitmqctl export_definitions`), as far as wasmq has the same things.
+#[derive(serde::Deserialize)]
+struct ImportDoc {
+    #[serde(default)]
+    vhosts: Vec<ImportVHost>,
+    #[serde(default)]
+    exchanges: Vec<ImportExchange>,
+    #[serde(default)]
+    queues: Vec<ImportQueue>,
+    #[serde(default)]
+    bindings: Vec<ImportBinding>,
+}
+
+#[derive(serde::Deserialize)]
+struct ImportVHost {
+    name: String,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+#[derive(serde::Deserialize)]
+struct ImportExchange {
+    name: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    internal: bool,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+#[derive(serde::Deserialize)]
+struct ImportQueue {
+    name: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+#[derive(serde::Deserialize)]
+struct ImportBinding {
+    source: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    destination: String,
+    destination_type: String,
+    #[serde(default)]
+    routing_key: String,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+impl Definitions {
+    /// Definitions from a document in RabbitMQ's shape (what `GET
+    /// /api/definitions` and `wasmq definitions export` write); every item
+    /// durable. The error names the item.
+    pub fn from_rabbitmq(bytes: &[u8]) -> Result<Definitions, String> {
+        let doc: ImportDoc =
+            serde_json::from_slice(bytes).map_err(|e| format!("definitions: {e}"))?;
+        let mut by_vhost: std::collections::BTreeMap<String, VHostDefinitions> = Default::default();
+        fn slot<'a>(
+            by_vhost: &'a mut std::collections::BTreeMap<String, VHostDefinitions>,
+            name: &str,
+        ) -> &'a mut VHostDefinitions {
+            by_vhost
+                .entry(name.to_owned())
+                .or_insert_with(|| VHostDefinitions {
+                    name: name.to_owned(),
+                    ..Default::default()
+                })
+        }
+        for v in &doc.vhosts {
+            slot(&mut by_vhost, &v.name);
+        }
+        let args = |what: &str, v: &serde_json::Value| {
+            crate::json::json_to_table(v).map_err(|e| format!("{what}: {e}"))
+        };
+        for x in doc.exchanges {
+            let arguments = args(&format!("exchange '{}'", x.name), &x.arguments)?;
+            slot(&mut by_vhost, &x.vhost)
+                .exchanges
+                .push(ExchangeDefinition {
+                    name: x.name,
+                    kind: x.kind,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments,
+                });
+        }
+        for q in doc.queues {
+            let arguments = args(&format!("queue '{}'", q.name), &q.arguments)?;
+            slot(&mut by_vhost, &q.vhost).queues.push(QueueDefinition {
+                name: q.name,
+                auto_delete: q.auto_delete,
+                arguments,
+            });
+        }
+        for b in doc.bindings {
+            if b.destination_type != "queue" && b.destination_type != "exchange" {
+                return Err(format!(
+                    "binding '{}' -> '{}': destination_type must be queue or exchange",
+                    b.source, b.destination
+                ));
+            }
+            let arguments = args(&format!("binding '{}'", b.source), &b.arguments)?;
+            slot(&mut by_vhost, &b.vhost)
+                .bindings
+                .push(BindingDefinition {
+                    source: b.source,
+                    destination: b.destination,
+                    destination_type: b.destination_type,
+                    routing_key: b.routing_key,
+                    arguments,
+                });
+        }
+        Ok(Definitions {
+            version: DEFINITIONS_VERSION,
+            vhosts: by_vhost.into_values().collect(),
+        })
+    }
+}

@@ -103,6 +103,33 @@ pub enum AuthorCommand {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+    /// Run a version offline against captured messages (`wasmq capture`)
+    /// with the exchanges of a definitions export, and print what it
+    /// decided for each; with --against, only where another version
+    /// decides otherwise.
+    Test {
+        /// The version's .wasm.
+        file: PathBuf,
+        /// Definitions (as `wasmq definitions export` writes them): the
+        /// exchanges, their arguments and bindings.
+        #[arg(long)]
+        exchange_definitions: PathBuf,
+        /// Captured messages, one JSON object per line.
+        #[arg(long)]
+        messages: PathBuf,
+        /// The plugin's name (default: the file name without `.wasm`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Other plugins the definitions use (filters, transforms).
+        #[arg(long)]
+        plugin_dir: Option<PathBuf>,
+        /// Another version to compare with: a .wasm file, or `serving` for
+        /// the version a running broker serves (through its admin API).
+        #[arg(long)]
+        against: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Run a candidate beside the serving version on live messages: its
     /// decisions are compared and counted, never applied.
     Shadow {
@@ -176,6 +203,27 @@ pub enum AuthorCommand {
     },
 }
 
+/// `wasmq capture`'s flags.
+#[derive(Args, Debug)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The exchange.
+    exchange: String,
+    /// Messages to capture.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    count: usize,
+    /// Keep one message in K, written `1/K` (or `K`).
+    #[arg(long, default_value = "1/1")]
+    sample: String,
+    /// Bytes to keep at most.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_bytes: usize,
+    /// Give up waiting after this many seconds and print what was kept.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
 /// `wasmq trace`'s flags.
 #[derive(Args, Debug)]
 pub struct TraceArgs {
@@ -232,6 +280,23 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             println!("built plugin '{name}': {}", file.display());
             super::check(&file)
         }
+        AuthorCommand::Test {
+            file,
+            exchange_definitions,
+            messages,
+            name,
+            plugin_dir,
+            against,
+            admin,
+        } => test(
+            &file,
+            &exchange_definitions,
+            &messages,
+            name,
+            plugin_dir.as_deref(),
+            against,
+            &admin,
+        ),
         AuthorCommand::Shadow {
             admin,
             name,
@@ -342,6 +407,121 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn test(
+    file: &Path,
+    definitions: &Path,
+    messages: &Path,
+    name: Option<String>,
+    plugin_dir: Option<&Path>,
+    against: Option<String>,
+    admin: &AdminArgs,
+) -> anyhow::Result<()> {
+    use wasmq::author::test::{Bench, decision, read_messages, steps_of};
+    let name = name.unwrap_or_else(|| wasmq::plugin::plugin_name(file));
+    let defs = wasmq::store::definitions::Definitions::from_rabbitmq(&read(definitions)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", definitions.display()))?;
+    let text = std::fs::read_to_string(messages)
+        .with_context(|| format!("reading {}", messages.display()))?;
+    let msgs = read_messages(&text).map_err(|e| anyhow::anyhow!("{}: {e}", messages.display()))?;
+    let bench = Bench::new(&name, &read(file)?, &defs, plugin_dir)?;
+    let other = match against.as_deref() {
+        None => None,
+        Some("serving") => {
+            let bytes = admin
+                .client()?
+                .get_bytes(&format!("/api/plugins/{}/wasm", segment(&name)))?;
+            Some(Bench::new(&name, &bytes, &defs, plugin_dir)?)
+        }
+        Some(path) => Some(Bench::new(
+            &name,
+            &read(Path::new(path))?,
+            &defs,
+            plugin_dir,
+        )?),
+    };
+    let short = |h: &str| h[..h.len().min(12)].to_owned();
+    let mut differ = 0;
+    for (i, m) in msgs.iter().enumerate() {
+        let at = format!("#{} '{}' to '{}'", i + 1, m.routing_key, m.exchange);
+        let mine = bench.decide(m).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        match &other {
+            None => println!("{at}: {} [{}]", decision(&mine), steps_of(&mine, &name)),
+            Some(o) => {
+                let theirs = o.decide(m).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                if decision(&mine) != decision(&theirs) {
+                    differ += 1;
+                    println!("{at}:");
+                    println!(
+                        "    {} decides {} [{}]",
+                        short(&bench.hash),
+                        decision(&mine),
+                        steps_of(&mine, &name)
+                    );
+                    println!(
+                        "    {} decides {} [{}]",
+                        short(&o.hash),
+                        decision(&theirs),
+                        steps_of(&theirs, &name)
+                    );
+                }
+            }
+        }
+    }
+    match &other {
+        None => println!(
+            "{} messages decided by {name}@{}",
+            msgs.len(),
+            short(&bench.hash)
+        ),
+        Some(o) => println!(
+            "{differ} of {} messages decided differently by {name}@{} and {name}@{}",
+            msgs.len(),
+            short(&bench.hash),
+            short(&o.hash)
+        ),
+    }
+    Ok(())
+}
+
+/// Capture messages published to an exchange; JSON lines on stdout.
+pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+    let sample: u64 = args
+        .sample
+        .strip_prefix("1/")
+        .unwrap_or(&args.sample)
+        .parse()
+        .with_context(|| format!("--sample '{}': use 1/K", args.sample))?;
+    let client = args.admin.client()?;
+    let path = format!(
+        "/api/exchanges/{}/{}/capture",
+        segment(&args.admin.vhost),
+        segment(&args.exchange)
+    );
+    client.post(
+        &path,
+        &serde_json::json!({"count": args.count, "sample": sample, "max_bytes": args.max_bytes}),
+    )?;
+    eprintln!(
+        "capturing up to {} messages (1 in {sample}) published to '{}'...",
+        args.count, args.exchange
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    loop {
+        let v: wasmq::admin::model::CaptureView = client.get_as(&path)?;
+        if v.done || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let kept: Vec<wasmq::broker::capture::Captured> =
+        client.post_as(&format!("{path}/take"), &serde_json::json!({}))?;
+    for m in &kept {
+        println!("{}", serde_json::to_string(m)?);
+    }
+    eprintln!("captured {} messages", kept.len());
+    Ok(())
 }
 
 fn print_log_line(l: &LogLine) {

@@ -53,6 +53,10 @@ enum Command {
     /// exchange of a running broker (nothing is enqueued) and print each
     /// step, the version that decided it, and the final queues.
     Trace(author::TraceArgs),
+    /// Record messages published to an exchange of a running broker, as
+    /// JSON lines on stdout, to test a plugin version against
+    /// (`wasmq plugin test`).
+    Capture(author::CaptureArgs),
     /// Publish one test message through a running broker.
     Publish {
         #[command(flatten)]
@@ -279,6 +283,7 @@ fn main() -> anyhow::Result<()> {
             command: PluginCommand::Author(c),
         } => author::run(c),
         Command::Trace(args) => author::trace(args),
+        Command::Capture(args) => author::capture(args),
         Command::Plugin {
             command:
                 PluginCommand::Upload {
