@@ -1,6 +1,6 @@
 //! A running broker: plugin host, broker core, plugin folder watcher, the
 //! AMQP listener and (with `[tls]`) the AMQPS one, started from a [`Config`] and stopped by signal,
-//! drain, wait. `main.rs` and the integration tests start it the same way.
+//! drain, wait. The `wasmq` binary and the integration tests start it the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -33,7 +33,7 @@ impl Broker {
                 )?))
             }
         };
-        Ok(Arc::new(Exchange {
+        let x = Arc::new(Exchange {
             name: spec.name.clone(),
             kind: spec.kind.clone(),
             durable: spec.durable,
@@ -54,7 +54,10 @@ impl Broker {
             candidates: Default::default(),
             capturing: Default::default(),
             capture: Default::default(),
-        }))
+        });
+        // A plugin on trial tries its candidate on new uses too.
+        self.stage_on_new_exchange(&x);
+        Ok(x)
     }
 
     /// Declare an exchange (RabbitMQ semantics: redeclaring with the same
@@ -384,6 +387,9 @@ impl Broker {
             destination.name(),
             &encoded,
         );
+        let filter_candidate = filter_name
+            .as_deref()
+            .and_then(|name| self.candidate_filter(&x, name, key, &encoded));
         let binding = Binding {
             id,
             bind_input,
@@ -393,7 +399,7 @@ impl Broker {
             encoded_arguments: encoded,
             filter,
             filter_name,
-            filter_candidate: None,
+            filter_candidate,
         };
         // Order matters; see the exchange module docs.
         x.bindings.store(Arc::new(table.with(binding)));

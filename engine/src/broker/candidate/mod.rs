@@ -29,6 +29,11 @@
 //! in its [`Binding`]. The publish path pays one relaxed load of
 //! [`Exchange::staged`] per exchange while nothing is staged.
 
+mod decide;
+mod lifecycle;
+
+pub(crate) use decide::{filter, route, transform};
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,8 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::exchange::{Binding, BindingTable, Destination, Exchange};
-use super::{Broker, BrokerError};
+use super::BrokerError;
+use super::exchange::{BindingTable, Destination, Exchange};
 use crate::latency::Latency;
 use crate::message::Message;
 use crate::plugin::{
@@ -486,142 +491,6 @@ impl ExchangeCandidates {
     }
 }
 
-/// The routing step with a staged router: the candidate routes a canary's
-/// share, the serving router the rest (and a shadow's sample is queued for
-/// comparison).
-pub(crate) fn route(
-    x: &Arc<Exchange>,
-    message: &Arc<Message>,
-    out: &mut Vec<u32>,
-) -> Result<By, PluginFault> {
-    if !x.staged.load(Ordering::Relaxed) {
-        x.route_ids(message, out)?;
-        return Ok(By::Serving);
-    }
-    route_staged(x, message, out)
-}
-
-#[cold]
-fn route_staged(
-    x: &Arc<Exchange>,
-    message: &Arc<Message>,
-    out: &mut Vec<u32>,
-) -> Result<By, PluginFault> {
-    let staged = x.candidates.load();
-    let Some((candidate, trial)) = staged.as_ref().and_then(|c| c.router.as_ref()) else {
-        x.route_ids(message, out)?;
-        return Ok(By::Serving);
-    };
-    if trial.picks(&message.routing_key) {
-        let start = out.len();
-        let started = Instant::now();
-        let r = candidate.route(message, &**x, out);
-        trial.record(started.elapsed(), r.as_ref().err());
-        if r.is_ok() {
-            return Ok(By::Candidate);
-        }
-        out.truncate(start);
-    }
-    let start = out.len();
-    x.route_ids(message, out)?;
-    if trial.sampled() {
-        trial.send(Job::Route {
-            exchange: x.clone(),
-            candidate: candidate.clone(),
-            message: message.clone(),
-            serving: out[start..].to_vec(),
-        });
-    }
-    Ok(By::Serving)
-}
-
-/// The transform step, with a staged transform as [`route`] does.
-pub(crate) fn transform(
-    x: &Exchange,
-    serving: &TransformPlugin,
-    message: &Arc<Message>,
-) -> (Result<TransformDecision, PluginFault>, By) {
-    if !x.staged.load(Ordering::Relaxed) {
-        return (serving.transform(message), By::Serving);
-    }
-    transform_staged(x, serving, message)
-}
-
-#[cold]
-fn transform_staged(
-    x: &Exchange,
-    serving: &TransformPlugin,
-    message: &Arc<Message>,
-) -> (Result<TransformDecision, PluginFault>, By) {
-    let staged = x.candidates.load();
-    let Some((candidate, trial)) = staged.as_ref().and_then(|c| c.transform.as_ref()) else {
-        return (serving.transform(message), By::Serving);
-    };
-    if trial.picks(&message.routing_key) {
-        let started = Instant::now();
-        let r = candidate.transform(message);
-        trial.record(started.elapsed(), r.as_ref().err());
-        if r.is_ok() {
-            return (r, By::Candidate);
-        }
-    }
-    let decided = serving.transform(message);
-    if let Ok(d) = &decided
-        && trial.sampled()
-    {
-        trial.send(Job::Transform {
-            exchange: x.name.clone(),
-            candidate: candidate.clone(),
-            message: message.clone(),
-            serving: d.clone(),
-        });
-    }
-    (decided, By::Serving)
-}
-
-/// A binding's filter step, with a staged filter as [`route`] does.
-pub(crate) fn filter(
-    exchange: &Exchange,
-    binding: &Binding,
-    serving: &FilterPlugin,
-    message: &Arc<Message>,
-) -> (Result<bool, PluginFault>, By) {
-    match &binding.filter_candidate {
-        None => (serving.filter(message), By::Serving),
-        Some((candidate, trial)) => filter_staged(exchange, serving, candidate, trial, message),
-    }
-}
-
-#[cold]
-fn filter_staged(
-    exchange: &Exchange,
-    serving: &FilterPlugin,
-    candidate: &Arc<FilterPlugin>,
-    trial: &Trial,
-    message: &Arc<Message>,
-) -> (Result<bool, PluginFault>, By) {
-    if trial.picks(&message.routing_key) {
-        let started = Instant::now();
-        let r = candidate.filter(message);
-        trial.record(started.elapsed(), r.as_ref().err());
-        if r.is_ok() {
-            return (r, By::Candidate);
-        }
-    }
-    let decided = serving.filter(message);
-    if let Ok(pass) = decided
-        && trial.sampled()
-    {
-        trial.send(Job::Filter {
-            exchange: exchange.name.clone(),
-            candidate: candidate.clone(),
-            message: message.clone(),
-            serving: pass,
-        });
-    }
-    (decided, By::Serving)
-}
-
 /// How a trial ended, or a version changed by hand.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -788,368 +657,6 @@ impl From<BrokerError> for RolloutError {
     }
 }
 
-impl Broker {
-    /// The staged rollouts.
-    pub fn candidates(&self) -> &Candidates {
-        &self.candidates
-    }
-
-    /// Stage `bytes` as a candidate of plugin `name` beside its serving
-    /// version. A trial already running for the plugin is aborted first.
-    pub fn stage_candidate(
-        &self,
-        name: &str,
-        bytes: &[u8],
-        mode: Mode,
-        policy: Policy,
-    ) -> Result<Arc<Trial>, RolloutError> {
-        if self.cluster().is_some() {
-            return Err(RolloutError::Clustered);
-        }
-        match mode {
-            Mode::Shadow { every: 0 } => {
-                return Err(RolloutError::Invalid(
-                    "sample: one in 0 is no sample".into(),
-                ));
-            }
-            Mode::Canary { percent } if !(percent > 0.0 && percent <= 100.0) => {
-                return Err(RolloutError::Invalid(format!(
-                    "percent {percent}: give more than 0 and at most 100"
-                )));
-            }
-            _ => {}
-        }
-        let serving = self
-            .registry
-            .get(name)
-            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
-        if serving.builtin {
-            return Err(RolloutError::Builtin(name.to_owned()));
-        }
-        if serving.hash == crate::plugin::content_hash(bytes) {
-            return Err(RolloutError::SameVersion(name.to_owned()));
-        }
-        let version = self
-            .host
-            .load(name, bytes, false)
-            .map_err(|e| RolloutError::Refused(e.to_string()))?;
-        if let Some(old) = self.candidates.get(name) {
-            self.end_trial(
-                &old,
-                Event::Aborted,
-                Some("replaced by a new candidate".into()),
-            );
-        }
-        let trial = Trial::new(version, serving.hash.clone(), bytes.into(), mode, policy);
-        trial
-            .start_shadow()
-            .map_err(|e| RolloutError::Refused(format!("no thread for the shadow: {e}")))?;
-        {
-            let _serial = self.swapping.lock();
-            self.attach_locked(&trial).map_err(RolloutError::Refused)?;
-            self.candidates
-                .trials
-                .lock()
-                .insert(name.to_owned(), trial.clone());
-        }
-        let event = match mode {
-            Mode::Shadow { .. } => Event::ShadowStarted,
-            Mode::Canary { .. } => Event::CanaryStarted,
-        };
-        self.candidates
-            .record(name, event, &serving.hash, &trial.version.hash, None);
-        Ok(trial)
-    }
-
-    /// Build the candidate's handles for every use of its plugin and put
-    /// them beside the serving ones; all or nothing.
-    fn attach_locked(&self, trial: &Arc<Trial>) -> Result<(), String> {
-        let _swap = self.swap.write();
-        let name = trial.plugin.as_str();
-        let version = &trial.version;
-        let mut exchanges = Vec::new();
-        for vhost in self.vhosts() {
-            for x in vhost.exchanges() {
-                exchanges.push(x);
-            }
-        }
-        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
-        let _controls: Vec<_> = exchanges.iter().map(|x| x.control.lock()).collect();
-        let mut prepared = Vec::new();
-        for x in &exchanges {
-            let at = |e: &dyn std::fmt::Display| format!("exchange '{}': {e}", x.name);
-            let table = x.bindings.load_full();
-            let mut c = x
-                .candidates
-                .load_full()
-                .map(|c| (*c).clone())
-                .unwrap_or_default();
-            let mut changed = false;
-            if x.kind == name && !Self::is_predeclared(&x.name) {
-                let r =
-                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
-                        .map_err(|e| at(&e))?;
-                c.router = Some((Arc::new(r), trial.clone()));
-                changed = true;
-            }
-            if x.transform_name.as_deref() == Some(name) {
-                let t = TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
-                    .map_err(|e| at(&e))?;
-                c.transform = Some((Arc::new(t), trial.clone()));
-                changed = true;
-            }
-            let mut bindings = None;
-            if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
-                let mut next = (*table).clone();
-                for b in table.iter() {
-                    if b.filter_name.as_deref() == Some(name) {
-                        let f = FilterPlugin::new(
-                            &self.host,
-                            version,
-                            &x.name,
-                            &b.key,
-                            &b.encoded_arguments,
-                        )
-                        .map_err(|e| at(&e))?;
-                        next = next.replaced(Binding {
-                            filter_candidate: Some((Arc::new(f), trial.clone())),
-                            ..(**b).clone()
-                        });
-                    }
-                }
-                bindings = Some(next);
-            }
-            if changed || bindings.is_some() {
-                prepared.push((x.clone(), changed.then_some(c), bindings));
-            }
-        }
-        if prepared.is_empty() {
-            return Err(format!(
-                "no exchange or binding uses plugin '{name}': nothing to try it on"
-            ));
-        }
-        for (x, c, bindings) in prepared {
-            if let Some(b) = bindings {
-                x.bindings.store(Arc::new(b));
-            }
-            if let Some(c) = c {
-                x.candidates.store(Some(Arc::new(c)));
-            }
-            x.staged.store(true, Ordering::Relaxed);
-            x.reset_memo();
-        }
-        Ok(())
-    }
-
-    /// Take `trial`'s handles out of every exchange and binding.
-    fn detach_locked(&self, trial: &Arc<Trial>) {
-        let _swap = self.swap.write();
-        let mine = |t: &Arc<Trial>| Arc::ptr_eq(t, trial);
-        for vhost in self.vhosts() {
-            for x in vhost.exchanges() {
-                let _control = x.control.lock();
-                if let Some(c) = x.candidates.load_full() {
-                    let mut c = (*c).clone();
-                    if c.router.as_ref().is_some_and(|(_, t)| mine(t)) {
-                        c.router = None;
-                    }
-                    if c.transform.as_ref().is_some_and(|(_, t)| mine(t)) {
-                        c.transform = None;
-                    }
-                    x.candidates.store((!c.is_empty()).then(|| Arc::new(c)));
-                }
-                let table = x.bindings.load_full();
-                if table
-                    .iter()
-                    .any(|b| b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)))
-                {
-                    let mut next = (*table).clone();
-                    for b in table.iter() {
-                        if b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)) {
-                            next = next.replaced(Binding {
-                                filter_candidate: None,
-                                ..(**b).clone()
-                            });
-                        }
-                    }
-                    x.bindings.store(Arc::new(next));
-                }
-                let still = x.candidates.load().is_some()
-                    || x.bindings
-                        .load()
-                        .iter()
-                        .any(|b| b.filter_candidate.is_some());
-                x.staged.store(still, Ordering::Relaxed);
-                x.reset_memo();
-            }
-        }
-    }
-
-    /// End `trial`: detach it, and on [`Event::Promoted`] serve it.
-    fn end_trial(&self, trial: &Arc<Trial>, event: Event, reason: Option<String>) {
-        trial.stopped.store(true, Ordering::Relaxed);
-        trial.stop_shadow();
-        {
-            let _serial = self.swapping.lock();
-            let mut trials = self.candidates.trials.lock();
-            if trials
-                .get(&trial.plugin)
-                .is_some_and(|t| Arc::ptr_eq(t, trial))
-            {
-                trials.remove(&trial.plugin);
-            }
-            drop(trials);
-            self.detach_locked(trial);
-        }
-        let serving = self
-            .registry
-            .get(&trial.plugin)
-            .map(|v| v.hash.clone())
-            .unwrap_or_default();
-        self.candidates.record(
-            &trial.plugin,
-            event.clone(),
-            &serving,
-            &trial.version.hash,
-            reason,
-        );
-        if event == Event::Promoted
-            && let Err(e) = self.serve_bytes(&trial.plugin, &trial.bytes)
-        {
-            tracing::error!(plugin = %trial.plugin, "promoting the candidate failed; the serving version stays: {e}");
-        }
-    }
-
-    /// Promote the candidate of `name` now.
-    pub fn promote_candidate(&self, name: &str) -> Result<(), RolloutError> {
-        let trial = self
-            .candidates
-            .get(name)
-            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
-        self.end_trial(&trial, Event::Promoted, None);
-        Ok(())
-    }
-
-    /// Remove the candidate of `name`; the serving version keeps serving.
-    pub fn abort_candidate(&self, name: &str) -> Result<(), RolloutError> {
-        let trial = self
-            .candidates
-            .get(name)
-            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
-        self.end_trial(&trial, Event::Aborted, None);
-        Ok(())
-    }
-
-    /// Serve `bytes` as plugin `name` everywhere at once, and write them
-    /// into the plugin folder so a restart serves them too.
-    fn serve_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        self.install_plugin(name, bytes)?;
-        let path = self.plugin_dir.join(format!("{name}.wasm"));
-        let tmp = self.plugin_dir.join(format!(".{name}.wasm.tmp"));
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("writing {}: {e}", path.display()))
-    }
-
-    /// Serve a kept version of `name` again at once: `hash` (a prefix is
-    /// enough), or the newest kept version that is not serving.
-    pub fn rollback_plugin(&self, name: &str, hash: Option<&str>) -> Result<String, RolloutError> {
-        if self.cluster().is_some() {
-            return Err(RolloutError::Clustered);
-        }
-        let serving = self
-            .registry
-            .get(name)
-            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
-        let store = self.store().ok_or_else(|| RolloutError::NotKept {
-            plugin: name.to_owned(),
-            hash: hash.unwrap_or("previous").to_owned(),
-        })?;
-        let kept = store.kept_versions(name);
-        let chosen = match hash {
-            Some(h) => kept.into_iter().find(|k| k.hash.starts_with(h)),
-            None => kept.into_iter().find(|k| k.hash != serving.hash),
-        }
-        .ok_or_else(|| RolloutError::NotKept {
-            plugin: name.to_owned(),
-            hash: hash.unwrap_or("previous").to_owned(),
-        })?;
-        let bytes = std::fs::read(&chosen.path).map_err(|e| {
-            RolloutError::Refused(format!("reading {}: {e}", chosen.path.display()))
-        })?;
-        if let Some(t) = self.candidates.get(name) {
-            self.end_trial(&t, Event::Aborted, Some("rollback asked".into()));
-        }
-        self.serve_bytes(name, &bytes)
-            .map_err(RolloutError::Refused)?;
-        self.candidates.record(
-            name,
-            Event::Rollback,
-            &serving.hash,
-            &chosen.hash,
-            Some("asked by an operator".into()),
-        );
-        Ok(chosen.hash)
-    }
-
-    /// Judge every canary: roll back one past a bound, promote one that
-    /// has decided enough for long enough. Called periodically.
-    pub fn judge_candidates(&self) {
-        for trial in self.candidates.all() {
-            if let Some(reason) = trial.failure() {
-                self.end_trial(&trial, Event::RolledBack, Some(reason));
-                continue;
-            }
-            if !matches!(trial.mode, Mode::Canary { .. }) {
-                continue;
-            }
-            let p = &trial.policy;
-            let calls = trial.calls.load(Ordering::Relaxed);
-            if p.max_p99_us > 0
-                && trial.latency.snapshot().count() >= p.p99_min_calls
-                && let Some(p99) = trial.latency_us(0.99)
-                && p99 > p.max_p99_us
-            {
-                let reason = format!("p99 {p99} µs passed {} µs", p.max_p99_us);
-                self.end_trial(&trial, Event::RolledBack, Some(reason));
-                continue;
-            }
-            if calls >= p.promote_after_messages
-                && trial.elapsed() >= Duration::from_secs(p.promote_after_secs)
-            {
-                self.end_trial(&trial, Event::Promoted, None);
-            }
-        }
-    }
-
-    /// A binding was added to `x` (its control lock held): apply it to a
-    /// staged router candidate too. A candidate that refuses a binding the
-    /// serving version took would misroute: it is rolled back.
-    pub(crate) fn bind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
-        if !x.staged.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Some(c) = x.candidates.load_full()
-            && let Some((router, trial)) = &c.router
-            && let Err(e) = router.bind(id, input)
-        {
-            trial.fail(format!("refused a binding the serving version took: {e}"));
-        }
-    }
-
-    /// A binding was removed from `x`: from a staged router candidate too.
-    pub(crate) fn unbind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
-        if !x.staged.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Some(c) = x.candidates.load_full()
-            && let Some((router, _)) = &c.router
-        {
-            router.unbind(id, input);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1228,5 +735,183 @@ mod tests {
         );
         assert!(t.failure().unwrap().contains("fault rate 3/22"));
         assert!(!t.picks("any"), "a failed canary decides nothing");
+    }
+
+    /// A broker with the built-in topic router serving as plugin "router",
+    /// an exchange "x" of that type with queues bound by `keys`.
+    fn broker_with(
+        keys: &[(&str, &str)],
+    ) -> (Arc<crate::broker::Broker>, Arc<crate::broker::VHost>) {
+        let host = crate::plugin::PluginHost::new(
+            Default::default(),
+            None,
+            crate::plugin::Compiler::Optimizing,
+        )
+        .unwrap();
+        let b = crate::broker::Broker::new(host, "/nonexistent".into()).unwrap();
+        b.install_plugin("router", builtin("topic")).unwrap();
+        let v = b.vhost("/").unwrap();
+        b.declare_exchange(&v, spec("x"), false).unwrap();
+        for (q, key) in keys {
+            b.declare_queue(
+                &v,
+                crate::broker::QueueDecl {
+                    name: (*q).into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            b.bind(
+                &v,
+                "x",
+                Destination::Queue((*q).into()),
+                key,
+                Default::default(),
+            )
+            .unwrap();
+        }
+        (b, v)
+    }
+
+    fn builtin(kind: &str) -> &'static [u8] {
+        crate::builtins::BUILTINS
+            .iter()
+            .find(|(n, _)| *n == kind)
+            .unwrap()
+            .1
+    }
+
+    fn spec(name: &str) -> crate::broker::ExchangeSpec {
+        crate::broker::ExchangeSpec {
+            name: name.into(),
+            kind: "router".into(),
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            arguments: Default::default(),
+        }
+    }
+
+    fn publish(b: &crate::broker::Broker, v: &crate::broker::VHost, x: &str, key: &str) -> usize {
+        b.publish(
+            v,
+            x,
+            Message::new(x, key, Default::default(), b"m".to_vec()),
+        )
+        .unwrap()
+        .delivered
+    }
+
+    #[test]
+    fn a_shadow_is_compared_never_applied_and_reaches_exchanges_declared_during_it() {
+        let (b, v) = broker_with(&[("all", "orders.#")]);
+        // The built-in direct router as the candidate: it takes "orders.#"
+        // literally, so it disagrees on every real order key.
+        let trial = b
+            .stage_candidate(
+                "router",
+                builtin("direct"),
+                Mode::Shadow { every: 1 },
+                Policy::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            publish(&b, &v, "x", "orders.eu"),
+            1,
+            "the serving version decides"
+        );
+        // An exchange declared during the trial is shadowed too.
+        b.declare_exchange(&v, spec("y"), false).unwrap();
+        b.bind(
+            &v,
+            "y",
+            Destination::Queue("all".into()),
+            "orders.#",
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(publish(&b, &v, "y", "orders.us"), 1);
+        assert_eq!(
+            publish(&b, &v, "x", "orders.#"),
+            1,
+            "both route the literal key"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while trial.agreed.load(Ordering::Relaxed) + trial.disagreed.load(Ordering::Relaxed) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the shadow thread compared nothing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(trial.disagreed.load(Ordering::Relaxed), 2);
+        assert_eq!(trial.agreed.load(Ordering::Relaxed), 1);
+        let d = trial.disagreements();
+        assert_eq!((d[0].exchange.as_str(), d[1].exchange.as_str()), ("x", "y"));
+        assert_eq!(
+            (d[0].serving.as_str(), d[0].candidate.as_str()),
+            ("queue:all", "(no binding)")
+        );
+        b.abort_candidate("router").unwrap();
+        assert!(b.candidates().get("router").is_none());
+        let x = b.vhost("/").unwrap().exchange("y").unwrap();
+        assert!(
+            !x.staged.load(Ordering::Relaxed),
+            "nothing staged is left behind"
+        );
+        let events: Vec<Event> = b
+            .candidates()
+            .history()
+            .into_iter()
+            .map(|t| t.event)
+            .collect();
+        assert_eq!(events, [Event::ShadowStarted, Event::Aborted]);
+    }
+
+    #[test]
+    fn a_canary_decides_for_its_keys_and_is_promoted_by_the_judge() {
+        let (b, v) = broker_with(&[("all", "orders.#")]);
+        let serving = b.plugins().get("router").unwrap().hash.clone();
+        b.stage_candidate(
+            "router",
+            builtin("direct"),
+            Mode::Canary { percent: 100.0 },
+            Policy {
+                promote_after_messages: 2,
+                promote_after_secs: 0,
+                ..Policy::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            publish(&b, &v, "x", "orders.eu"),
+            0,
+            "the candidate decides (literally)"
+        );
+        b.judge_candidates();
+        assert_eq!(
+            b.plugins().get("router").unwrap().hash,
+            serving,
+            "one message is not enough"
+        );
+        assert_eq!(publish(&b, &v, "x", "orders.#"), 1);
+        b.judge_candidates();
+        let now = b.plugins().get("router").unwrap().hash.clone();
+        assert_ne!(now, serving, "promoted");
+        assert!(b.candidates().get("router").is_none());
+        assert_eq!(
+            publish(&b, &v, "x", "orders.eu"),
+            0,
+            "the promoted version serves everything"
+        );
+        assert!(matches!(
+            b.stage_candidate(
+                "router",
+                builtin("direct"),
+                Mode::Shadow { every: 1 },
+                Policy::default()
+            ),
+            Err(RolloutError::SameVersion(_))
+        ));
     }
 }

@@ -1,0 +1,448 @@
+//! A trial's life: staged beside the serving version (every use of the
+//! plugin gets a candidate handle, all or nothing), judged, and ended by
+//! promotion, rollback or an operator; and rollback to a kept version.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{Candidates, Event, Mode, Policy, RolloutError, Trial};
+use crate::broker::Broker;
+use crate::broker::exchange::{Binding, Exchange};
+use crate::plugin::{FilterPlugin, RouterPlugin, TransformPlugin};
+
+impl Broker {
+    /// The staged rollouts.
+    pub fn candidates(&self) -> &Candidates {
+        &self.candidates
+    }
+
+    /// Stage `bytes` as a candidate of plugin `name` beside its serving
+    /// version. A trial already running for the plugin is aborted first.
+    pub fn stage_candidate(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        mode: Mode,
+        policy: Policy,
+    ) -> Result<Arc<Trial>, RolloutError> {
+        if self.cluster().is_some() {
+            return Err(RolloutError::Clustered);
+        }
+        match mode {
+            Mode::Shadow { every: 0 } => {
+                return Err(RolloutError::Invalid(
+                    "sample: one in 0 is no sample".into(),
+                ));
+            }
+            Mode::Canary { percent } if !(percent > 0.0 && percent <= 100.0) => {
+                return Err(RolloutError::Invalid(format!(
+                    "percent {percent}: give more than 0 and at most 100"
+                )));
+            }
+            _ => {}
+        }
+        let serving = self
+            .registry
+            .get(name)
+            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
+        if serving.builtin {
+            return Err(RolloutError::Builtin(name.to_owned()));
+        }
+        if serving.hash == crate::plugin::content_hash(bytes) {
+            return Err(RolloutError::SameVersion(name.to_owned()));
+        }
+        let version = self
+            .host
+            .load(name, bytes, false)
+            .map_err(|e| RolloutError::Refused(e.to_string()))?;
+        if let Some(old) = self.candidates.get(name) {
+            self.end_trial(
+                &old,
+                Event::Aborted,
+                Some("replaced by a new candidate".into()),
+            );
+        }
+        let trial = Trial::new(version, serving.hash.clone(), bytes.into(), mode, policy);
+        trial
+            .start_shadow()
+            .map_err(|e| RolloutError::Refused(format!("no thread for the shadow: {e}")))?;
+        {
+            let _serial = self.swapping.lock();
+            self.attach_locked(&trial).map_err(RolloutError::Refused)?;
+            self.candidates
+                .trials
+                .lock()
+                .insert(name.to_owned(), trial.clone());
+        }
+        let event = match mode {
+            Mode::Shadow { .. } => Event::ShadowStarted,
+            Mode::Canary { .. } => Event::CanaryStarted,
+        };
+        self.candidates
+            .record(name, event, &serving.hash, &trial.version.hash, None);
+        Ok(trial)
+    }
+
+    /// Build the candidate's handles for every use of its plugin and put
+    /// them beside the serving ones; all or nothing.
+    fn attach_locked(&self, trial: &Arc<Trial>) -> Result<(), String> {
+        let _swap = self.swap.write();
+        let name = trial.plugin.as_str();
+        let version = &trial.version;
+        let mut exchanges = Vec::new();
+        for vhost in self.vhosts() {
+            for x in vhost.exchanges() {
+                exchanges.push(x);
+            }
+        }
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        let _controls: Vec<_> = exchanges.iter().map(|x| x.control.lock()).collect();
+        let mut prepared = Vec::new();
+        for x in &exchanges {
+            let at = |e: &dyn std::fmt::Display| format!("exchange '{}': {e}", x.name);
+            let table = x.bindings.load_full();
+            let mut c = x
+                .candidates
+                .load_full()
+                .map(|c| (*c).clone())
+                .unwrap_or_default();
+            let mut changed = false;
+            if x.kind == name && !Self::is_predeclared(&x.name) {
+                let r =
+                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
+                        .map_err(|e| at(&e))?;
+                c.router = Some((Arc::new(r), trial.clone()));
+                changed = true;
+            }
+            if x.transform_name.as_deref() == Some(name) {
+                let t = TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
+                    .map_err(|e| at(&e))?;
+                c.transform = Some((Arc::new(t), trial.clone()));
+                changed = true;
+            }
+            let mut bindings = None;
+            if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
+                let mut next = (*table).clone();
+                for b in table.iter() {
+                    if b.filter_name.as_deref() == Some(name) {
+                        let f = FilterPlugin::new(
+                            &self.host,
+                            version,
+                            &x.name,
+                            &b.key,
+                            &b.encoded_arguments,
+                        )
+                        .map_err(|e| at(&e))?;
+                        next = next.replaced(Binding {
+                            filter_candidate: Some((Arc::new(f), trial.clone())),
+                            ..(**b).clone()
+                        });
+                    }
+                }
+                bindings = Some(next);
+            }
+            if changed || bindings.is_some() {
+                prepared.push((x.clone(), changed.then_some(c), bindings));
+            }
+        }
+        if prepared.is_empty() {
+            return Err(format!(
+                "no exchange or binding uses plugin '{name}': nothing to try it on"
+            ));
+        }
+        for (x, c, bindings) in prepared {
+            if let Some(b) = bindings {
+                x.bindings.store(Arc::new(b));
+            }
+            if let Some(c) = c {
+                x.candidates.store(Some(Arc::new(c)));
+            }
+            x.staged.store(true, Ordering::Relaxed);
+            x.reset_memo();
+        }
+        Ok(())
+    }
+
+    /// Take `trial`'s handles out of every exchange and binding.
+    fn detach_locked(&self, trial: &Arc<Trial>) {
+        let _swap = self.swap.write();
+        let mine = |t: &Arc<Trial>| Arc::ptr_eq(t, trial);
+        for vhost in self.vhosts() {
+            for x in vhost.exchanges() {
+                let _control = x.control.lock();
+                if let Some(c) = x.candidates.load_full() {
+                    let mut c = (*c).clone();
+                    if c.router.as_ref().is_some_and(|(_, t)| mine(t)) {
+                        c.router = None;
+                    }
+                    if c.transform.as_ref().is_some_and(|(_, t)| mine(t)) {
+                        c.transform = None;
+                    }
+                    x.candidates.store((!c.is_empty()).then(|| Arc::new(c)));
+                }
+                let table = x.bindings.load_full();
+                if table
+                    .iter()
+                    .any(|b| b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)))
+                {
+                    let mut next = (*table).clone();
+                    for b in table.iter() {
+                        if b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)) {
+                            next = next.replaced(Binding {
+                                filter_candidate: None,
+                                ..(**b).clone()
+                            });
+                        }
+                    }
+                    x.bindings.store(Arc::new(next));
+                }
+                let still = x.candidates.load().is_some()
+                    || x.bindings
+                        .load()
+                        .iter()
+                        .any(|b| b.filter_candidate.is_some());
+                x.staged.store(still, Ordering::Relaxed);
+                x.reset_memo();
+            }
+        }
+    }
+
+    /// End `trial`: detach it, and on [`Event::Promoted`] serve it.
+    fn end_trial(&self, trial: &Arc<Trial>, event: Event, reason: Option<String>) {
+        trial.stopped.store(true, Ordering::Relaxed);
+        trial.stop_shadow();
+        {
+            let _serial = self.swapping.lock();
+            let mut trials = self.candidates.trials.lock();
+            if trials
+                .get(&trial.plugin)
+                .is_some_and(|t| Arc::ptr_eq(t, trial))
+            {
+                trials.remove(&trial.plugin);
+            }
+            drop(trials);
+            self.detach_locked(trial);
+        }
+        let serving = self
+            .registry
+            .get(&trial.plugin)
+            .map(|v| v.hash.clone())
+            .unwrap_or_default();
+        self.candidates.record(
+            &trial.plugin,
+            event.clone(),
+            &serving,
+            &trial.version.hash,
+            reason,
+        );
+        if event == Event::Promoted
+            && let Err(e) = self.serve_bytes(&trial.plugin, &trial.bytes)
+        {
+            tracing::error!(plugin = %trial.plugin, "promoting the candidate failed; the serving version stays: {e}");
+        }
+    }
+
+    /// Promote the candidate of `name` now.
+    pub fn promote_candidate(&self, name: &str) -> Result<(), RolloutError> {
+        let trial = self
+            .candidates
+            .get(name)
+            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
+        self.end_trial(&trial, Event::Promoted, None);
+        Ok(())
+    }
+
+    /// Remove the candidate of `name`; the serving version keeps serving.
+    pub fn abort_candidate(&self, name: &str) -> Result<(), RolloutError> {
+        let trial = self
+            .candidates
+            .get(name)
+            .ok_or_else(|| RolloutError::NoCandidate(name.to_owned()))?;
+        self.end_trial(&trial, Event::Aborted, None);
+        Ok(())
+    }
+
+    /// Serve `bytes` as plugin `name` everywhere at once, and write them
+    /// into the plugin folder so a restart serves them too. A folder that
+    /// cannot be written (read-only, as a Kubernetes ConfigMap is) is
+    /// logged: the version serves until the next restart.
+    fn serve_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        self.install_plugin(name, bytes)?;
+        let path = self.plugin_dir.join(format!("{name}.wasm"));
+        let tmp = self.plugin_dir.join(format!(".{name}.wasm.tmp"));
+        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(
+                plugin = name,
+                "the version serves, but {} could not be written ({e}): a restart serves the folder's file",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Serve a kept version of `name` again at once: `hash` (a prefix is
+    /// enough), or the newest kept version that is not serving.
+    pub fn rollback_plugin(&self, name: &str, hash: Option<&str>) -> Result<String, RolloutError> {
+        if self.cluster().is_some() {
+            return Err(RolloutError::Clustered);
+        }
+        let serving = self
+            .registry
+            .get(name)
+            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
+        let store = self.store().ok_or_else(|| RolloutError::NotKept {
+            plugin: name.to_owned(),
+            hash: hash.unwrap_or("previous").to_owned(),
+        })?;
+        let kept = store.kept_versions(name);
+        let chosen = match hash {
+            Some(h) => kept.into_iter().find(|k| k.hash.starts_with(h)),
+            None => kept.into_iter().find(|k| k.hash != serving.hash),
+        }
+        .ok_or_else(|| RolloutError::NotKept {
+            plugin: name.to_owned(),
+            hash: hash.unwrap_or("previous").to_owned(),
+        })?;
+        let bytes = std::fs::read(&chosen.path).map_err(|e| {
+            RolloutError::Refused(format!("reading {}: {e}", chosen.path.display()))
+        })?;
+        if let Some(t) = self.candidates.get(name) {
+            self.end_trial(&t, Event::Aborted, Some("rollback asked".into()));
+        }
+        self.serve_bytes(name, &bytes)
+            .map_err(RolloutError::Refused)?;
+        self.candidates.record(
+            name,
+            Event::Rollback,
+            &serving.hash,
+            &chosen.hash,
+            Some("asked by an operator".into()),
+        );
+        Ok(chosen.hash)
+    }
+
+    /// Judge every canary: roll back one past a bound, promote one that
+    /// has decided enough for long enough. Called periodically.
+    pub fn judge_candidates(&self) {
+        for trial in self.candidates.all() {
+            if let Some(reason) = trial.failure() {
+                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                continue;
+            }
+            if !matches!(trial.mode, Mode::Canary { .. }) {
+                continue;
+            }
+            let p = &trial.policy;
+            let calls = trial.calls.load(Ordering::Relaxed);
+            if p.max_p99_us > 0
+                && trial.latency.snapshot().count() >= p.p99_min_calls
+                && let Some(p99) = trial.latency_us(0.99)
+                && p99 > p.max_p99_us
+            {
+                let reason = format!("p99 {p99} µs passed {} µs", p.max_p99_us);
+                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                continue;
+            }
+            if calls >= p.promote_after_messages
+                && trial.elapsed() >= Duration::from_secs(p.promote_after_secs)
+            {
+                self.end_trial(&trial, Event::Promoted, None);
+            }
+        }
+    }
+
+    /// A binding was added to `x` (its control lock held): apply it to a
+    /// staged router candidate too. A candidate that refuses a binding the
+    /// serving version took would misroute: it is rolled back.
+    pub(crate) fn bind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
+        if !x.staged.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(c) = x.candidates.load_full()
+            && let Some((router, trial)) = &c.router
+            && let Err(e) = router.bind(id, input)
+        {
+            trial.fail(format!("refused a binding the serving version took: {e}"));
+        }
+    }
+
+    /// A binding was removed from `x`: from a staged router candidate too.
+    pub(crate) fn unbind_candidate(&self, x: &Exchange, id: u32, input: &[u8]) {
+        if !x.staged.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(c) = x.candidates.load_full()
+            && let Some((router, _)) = &c.router
+        {
+            router.unbind(id, input);
+        }
+    }
+
+    /// A new exchange: if its router or transform plugin is on trial, put
+    /// the candidate beside it. A candidate that refuses the exchange the
+    /// serving version took would misroute there: it is rolled back.
+    pub(crate) fn stage_on_new_exchange(&self, x: &Exchange) {
+        let router = (!Self::is_predeclared(&x.name))
+            .then(|| self.candidates.get(&x.kind))
+            .flatten();
+        let transform = x
+            .transform_name
+            .as_deref()
+            .and_then(|t| self.candidates.get(t));
+        if router.is_none() && transform.is_none() {
+            return;
+        }
+        let mut c = super::ExchangeCandidates::default();
+        if let Some(trial) = router {
+            match RouterPlugin::new(
+                &self.host,
+                &trial.version,
+                &x.name,
+                &x.encoded_arguments,
+                &(),
+            ) {
+                Ok(r) => c.router = Some((Arc::new(r), trial)),
+                Err(e) => trial.fail(format!(
+                    "refused exchange '{}' the serving version took: {e}",
+                    x.name
+                )),
+            }
+        }
+        if let Some(trial) = transform {
+            match TransformPlugin::new(&self.host, &trial.version, &x.name, &x.encoded_arguments) {
+                Ok(t) => c.transform = Some((Arc::new(t), trial)),
+                Err(e) => trial.fail(format!(
+                    "refused exchange '{}' the serving version took: {e}",
+                    x.name
+                )),
+            }
+        }
+        if !c.is_empty() {
+            x.candidates.store(Some(Arc::new(c)));
+            x.staged.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A new binding of `x` with filter `name`: the candidate's filter for
+    /// it, if `name` is on trial.
+    pub(crate) fn candidate_filter(
+        &self,
+        x: &Exchange,
+        name: &str,
+        key: &str,
+        encoded_arguments: &[u8],
+    ) -> Option<(Arc<FilterPlugin>, Arc<Trial>)> {
+        let trial = self.candidates.get(name)?;
+        match FilterPlugin::new(&self.host, &trial.version, &x.name, key, encoded_arguments) {
+            Ok(f) => {
+                x.staged.store(true, Ordering::Relaxed);
+                Some((Arc::new(f), trial))
+            }
+            Err(e) => {
+                trial.fail(format!("refused a binding the serving version took: {e}"));
+                None
+            }
+        }
+    }
+}
