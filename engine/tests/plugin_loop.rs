@@ -468,6 +468,15 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         5,
         "the canary's share was delivered"
     );
+    let u = url.clone();
+    let t2 = target.clone();
+    let listed = tokio::task::spawn_blocking(move || wasmq(&u, &t2, &["plugins"]))
+        .await
+        .unwrap();
+    assert!(
+        listed.contains("canary_started at") && listed.contains("rolled_back at"),
+        "{listed}"
+    );
     let metrics = api.get_text("/metrics").unwrap();
     assert!(
         metrics.contains(

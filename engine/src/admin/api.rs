@@ -839,6 +839,17 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
             .candidates()
             .get(&name)
             .map(|t| super::authoring::candidate_view(&t)),
+        transitions: {
+            let mut mine: Vec<_> = s
+                .broker
+                .candidates()
+                .history()
+                .into_iter()
+                .filter(|t| t.plugin == name)
+                .collect();
+            mine.drain(..mine.len().saturating_sub(5));
+            mine
+        },
     }
 }
 

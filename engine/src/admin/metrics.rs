@@ -416,6 +416,18 @@ fn candidate_metrics(e: &mut Exposition, s: &AdminState) {
         }
     }
     e.family(
+        "wasmq_plugin_candidate_call_duration_seconds",
+        "histogram",
+        "Time of one call into a staged candidate (every call is timed).",
+    );
+    for t in &trials {
+        e.histogram(
+            "wasmq_plugin_candidate_call_duration_seconds",
+            &[("plugin", &t.plugin), ("version", t.version.short_hash())],
+            &t.latency_snapshot(),
+        );
+    }
+    e.family(
         "wasmq_plugin_rollout_transitions_total",
         "counter",
         "Transitions of a plugin's versions: shadow_started, canary_started, promoted, rolled_back, aborted, rollback.",

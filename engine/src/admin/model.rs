@@ -160,6 +160,10 @@ pub struct PluginView {
     /// A candidate version staged beside the serving one.
     #[serde(default)]
     pub candidate: Option<CandidateView>,
+    /// The latest transitions of its versions (shadow, canary, promoted,
+    /// rolled back, ...), oldest first.
+    #[serde(default)]
+    pub transitions: Vec<crate::broker::candidate::Transition>,
 }
 
 /// A candidate version on trial (`GET /api/plugins/{name}/candidate`).

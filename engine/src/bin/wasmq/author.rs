@@ -571,6 +571,24 @@ pub fn print_candidate(c: &CandidateView) {
     }
 }
 
+/// A plugin's latest transitions (under `wasmq plugins`).
+pub fn print_transitions(ts: &[wasmq::broker::candidate::Transition]) {
+    let short = |h: &str| h[..h.len().min(12)].to_owned();
+    for t in ts {
+        println!(
+            "    {} at {}: {} -> {}{}",
+            t.event.as_str(),
+            t.at,
+            short(&t.from),
+            short(&t.to),
+            t.reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// Trace a message through an exchange.
 pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
     let mut h = serde_json::Map::new();

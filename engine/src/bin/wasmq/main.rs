@@ -427,6 +427,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(c) = &p.candidate {
                     author::print_candidate(c);
                 }
+                author::print_transitions(&p.transitions);
                 for v in &p.cluster {
                     let mut line = format!(
                         "    cluster version {} from {}{}: ready on {}",

@@ -318,6 +318,11 @@ impl Trial {
         self.samples.lock().iter().cloned().collect()
     }
 
+    /// Its call times.
+    pub fn latency_snapshot(&self) -> crate::latency::LatencySnapshot {
+        self.latency.snapshot()
+    }
+
     /// Call-time percentile `q` of the candidate, µs.
     pub fn latency_us(&self, q: f64) -> Option<u64> {
         self.latency.snapshot().quantile_us(q)
