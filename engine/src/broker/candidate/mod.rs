@@ -17,7 +17,7 @@
 //!   publisher: that message is decided by the serving version, and the
 //!   fault counts against the candidate.
 //!
-//! A canary is judged as it runs ([`Broker::judge_candidates`], every
+//! A canary is judged as it runs (`Broker::judge_candidates`, every
 //! quarter second): rolled back when its fault rate or its p99 passes the
 //! [`Policy`]'s bounds, promoted when it has decided enough messages for
 //! long enough without passing them. A fault rate is judged at the fault
@@ -25,30 +25,34 @@
 //! up. Every transition is logged, counted and kept in a short history.
 //!
 //! The candidate's role handles sit beside the serving ones: an exchange's
-//! router and transform candidates in [`Exchange::candidates`], a filter's
-//! in its [`Binding`]. The publish path pays one relaxed load of
-//! [`Exchange::staged`] per exchange while nothing is staged.
+//! router and transform candidates in its `candidates`, a filter's in its
+//! binding. The publish path pays one relaxed load of the exchange's
+//! `staged` flag per exchange while nothing is staged.
+//!
+//! This file holds the trial and its history; `decide` is the publish
+//! path's side, `shadow` the comparison thread, `lifecycle` how a trial is
+//! staged, judged and ended.
 
 mod decide;
 mod lifecycle;
+mod shadow;
+
+use shadow::Job;
+pub(crate) use shadow::describe_transform;
 
 pub(crate) use decide::{filter, route, transform};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
 use super::BrokerError;
-use super::exchange::{BindingTable, Destination, Exchange};
 use crate::latency::Latency;
-use crate::message::Message;
-use crate::plugin::{
-    FilterPlugin, PluginFault, PluginVersion, RouterPlugin, TransformDecision, TransformPlugin,
-};
+use crate::plugin::{PluginFault, PluginVersion, RouterPlugin, TransformPlugin};
 
 /// How a candidate takes part.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -125,31 +129,6 @@ const SAMPLES: usize = 20;
 const SHADOW_QUEUE: usize = 1024;
 /// Transitions kept in the history.
 const HISTORY: usize = 100;
-
-/// A comparison for the shadow thread.
-// Queued and taken at once, a sample at a time: boxing the big variant
-// would only add an allocation per sample.
-#[allow(clippy::large_enum_variant)]
-enum Job {
-    Route {
-        exchange: Arc<Exchange>,
-        candidate: Arc<RouterPlugin>,
-        message: Arc<Message>,
-        serving: Vec<u32>,
-    },
-    Filter {
-        exchange: String,
-        candidate: Arc<FilterPlugin>,
-        message: Arc<Message>,
-        serving: bool,
-    },
-    Transform {
-        exchange: String,
-        candidate: Arc<TransformPlugin>,
-        message: Arc<Message>,
-        serving: TransformDecision,
-    },
-}
 
 /// A candidate version of one plugin and how it is doing.
 pub struct Trial {
@@ -258,14 +237,6 @@ impl Trial {
         }
     }
 
-    fn send(&self, job: Job) {
-        let shadow = self.shadow.lock();
-        let Some(tx) = shadow.as_ref() else { return };
-        if let Err(TrySendError::Full(_)) = tx.try_send(job) {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Count one call of the candidate.
     fn record(&self, took: Duration, fault: Option<&PluginFault>) {
         let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
@@ -331,154 +302,6 @@ impl Trial {
     /// How long it has run.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
-    }
-
-    /// Start the shadow thread (shadow mode only).
-    fn start_shadow(self: &Arc<Self>) -> std::io::Result<()> {
-        if !matches!(self.mode, Mode::Shadow { .. }) {
-            return Ok(());
-        }
-        let (tx, rx) = sync_channel::<Job>(SHADOW_QUEUE);
-        *self.shadow.lock() = Some(tx);
-        let trial = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("wasmq-shadow".into())
-            .spawn(move || {
-                // Ends when the trial drops its sender (or is gone).
-                while let Ok(job) = rx.recv() {
-                    let Some(t) = trial.upgrade() else { return };
-                    t.run(job);
-                }
-            })?;
-        Ok(())
-    }
-
-    fn stop_shadow(&self) {
-        self.shadow.lock().take();
-    }
-
-    fn run(&self, job: Job) {
-        let started = Instant::now();
-        match job {
-            Job::Route {
-                exchange,
-                candidate,
-                message,
-                mut serving,
-            } => {
-                let mut ids = Vec::new();
-                let r = candidate.route(&message, &*exchange, &mut ids);
-                self.record(started.elapsed(), r.as_ref().err());
-                let table = exchange.bindings.load();
-                let decided = match r {
-                    Ok(()) => {
-                        ids.sort_unstable();
-                        ids.dedup();
-                        serving.sort_unstable();
-                        serving.dedup();
-                        if ids == serving {
-                            return self.compared(None);
-                        }
-                        describe_ids(&table, &ids)
-                    }
-                    Err(f) => format!("fault: {f}"),
-                };
-                self.compared(Some(Disagreement {
-                    exchange: exchange.name.clone(),
-                    routing_key: message.routing_key.to_string(),
-                    role: "router".into(),
-                    serving: describe_ids(&table, &serving),
-                    candidate: decided,
-                }));
-            }
-            Job::Filter {
-                exchange,
-                candidate,
-                message,
-                serving,
-            } => {
-                let r = candidate.filter(&message);
-                self.record(started.elapsed(), r.as_ref().err());
-                let word = |pass: bool| if pass { "pass" } else { "drop" }.to_owned();
-                let decided = match r {
-                    Ok(pass) if pass == serving => return self.compared(None),
-                    Ok(pass) => word(pass),
-                    Err(f) => format!("fault: {f}"),
-                };
-                self.compared(Some(Disagreement {
-                    exchange,
-                    routing_key: message.routing_key.to_string(),
-                    role: "filter".into(),
-                    serving: word(serving),
-                    candidate: decided,
-                }));
-            }
-            Job::Transform {
-                exchange,
-                candidate,
-                message,
-                serving,
-            } => {
-                let r = candidate.transform(&message);
-                self.record(started.elapsed(), r.as_ref().err());
-                let decided = match r {
-                    Ok(d) if d == serving => return self.compared(None),
-                    Ok(d) => describe_transform(&d),
-                    Err(f) => format!("fault: {f}"),
-                };
-                self.compared(Some(Disagreement {
-                    exchange,
-                    routing_key: message.routing_key.to_string(),
-                    role: "transform".into(),
-                    serving: describe_transform(&serving),
-                    candidate: decided,
-                }));
-            }
-        }
-    }
-}
-
-/// Chosen bindings as `queue:orders, exchange:audit`, in id order.
-fn describe_ids(table: &BindingTable, ids: &[u32]) -> String {
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    if ids.is_empty() {
-        return "(no binding)".into();
-    }
-    ids.iter()
-        .map(|id| match table.get(*id).map(|b| &b.destination) {
-            Some(Destination::Queue(q)) => format!("queue:{q}"),
-            Some(Destination::Exchange(x)) => format!("exchange:{x}"),
-            None => format!("binding {id} (gone)"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A transform decision in a word or two.
-pub(crate) fn describe_transform(d: &TransformDecision) -> String {
-    match d {
-        TransformDecision::Keep => "keep".into(),
-        TransformDecision::Drop => "drop".into(),
-        TransformDecision::DeadLetter(reason) => format!("dead_letter ({reason})"),
-        TransformDecision::Rewrite {
-            routing_key,
-            properties,
-            body,
-        } => {
-            let mut parts = Vec::new();
-            if let Some(k) = routing_key {
-                parts.push(format!("routing_key={k}"));
-            }
-            if properties.is_some() {
-                parts.push("properties".into());
-            }
-            if let Some(b) = body {
-                parts.push(format!("body ({} bytes)", b.len()));
-            }
-            format!("rewrite ({})", parts.join(", "))
-        }
     }
 }
 
@@ -665,6 +488,8 @@ impl From<BrokerError> for RolloutError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::exchange::Destination;
+    use crate::message::Message;
 
     #[test]
     fn the_canary_share_follows_the_key_and_the_percentage() {

@@ -1,0 +1,197 @@
+//! The shadow's side thread: sampled messages are compared here, after
+//! the serving version decided them, so a slow or faulting candidate costs
+//! the publish path one queue push. A comparison that differs is kept as a
+//! [`Disagreement`] (the latest few) and counted.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{TrySendError, sync_channel};
+use std::time::Instant;
+
+use super::{Disagreement, Mode, SHADOW_QUEUE, Trial};
+use crate::broker::exchange::{BindingTable, Destination, Exchange};
+use crate::message::Message;
+use crate::plugin::{FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin};
+
+/// A comparison for the shadow thread.
+// Queued and taken at once, a sample at a time: boxing the big variant
+// would only add an allocation per sample.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Job {
+    Route {
+        exchange: Arc<Exchange>,
+        candidate: Arc<RouterPlugin>,
+        message: Arc<Message>,
+        serving: Vec<u32>,
+    },
+    Filter {
+        exchange: String,
+        candidate: Arc<FilterPlugin>,
+        message: Arc<Message>,
+        serving: bool,
+    },
+    Transform {
+        exchange: String,
+        candidate: Arc<TransformPlugin>,
+        message: Arc<Message>,
+        serving: TransformDecision,
+    },
+}
+
+impl Trial {
+    pub(super) fn send(&self, job: Job) {
+        let shadow = self.shadow.lock();
+        let Some(tx) = shadow.as_ref() else { return };
+        if let Err(TrySendError::Full(_)) = tx.try_send(job) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Start the shadow thread (shadow mode only).
+    pub(super) fn start_shadow(self: &Arc<Self>) -> std::io::Result<()> {
+        if !matches!(self.mode, Mode::Shadow { .. }) {
+            return Ok(());
+        }
+        let (tx, rx) = sync_channel::<Job>(SHADOW_QUEUE);
+        *self.shadow.lock() = Some(tx);
+        let trial = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("wasmq-shadow".into())
+            .spawn(move || {
+                // Ends when the trial drops its sender (or is gone).
+                while let Ok(job) = rx.recv() {
+                    let Some(t) = trial.upgrade() else { return };
+                    t.run(job);
+                }
+            })?;
+        Ok(())
+    }
+
+    pub(super) fn stop_shadow(&self) {
+        self.shadow.lock().take();
+    }
+
+    fn run(&self, job: Job) {
+        let started = Instant::now();
+        match job {
+            Job::Route {
+                exchange,
+                candidate,
+                message,
+                mut serving,
+            } => {
+                let mut ids = Vec::new();
+                let r = candidate.route(&message, &*exchange, &mut ids);
+                self.record(started.elapsed(), r.as_ref().err());
+                let table = exchange.bindings.load();
+                let decided = match r {
+                    Ok(()) => {
+                        ids.sort_unstable();
+                        ids.dedup();
+                        serving.sort_unstable();
+                        serving.dedup();
+                        if ids == serving {
+                            return self.compared(None);
+                        }
+                        describe_ids(&table, &ids)
+                    }
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange: exchange.name.clone(),
+                    routing_key: message.routing_key.to_string(),
+                    role: "router".into(),
+                    serving: describe_ids(&table, &serving),
+                    candidate: decided,
+                }));
+            }
+            Job::Filter {
+                exchange,
+                candidate,
+                message,
+                serving,
+            } => {
+                let r = candidate.filter(&message);
+                self.record(started.elapsed(), r.as_ref().err());
+                let word = |pass: bool| if pass { "pass" } else { "drop" }.to_owned();
+                let decided = match r {
+                    Ok(pass) if pass == serving => return self.compared(None),
+                    Ok(pass) => word(pass),
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange,
+                    routing_key: message.routing_key.to_string(),
+                    role: "filter".into(),
+                    serving: word(serving),
+                    candidate: decided,
+                }));
+            }
+            Job::Transform {
+                exchange,
+                candidate,
+                message,
+                serving,
+            } => {
+                let r = candidate.transform(&message);
+                self.record(started.elapsed(), r.as_ref().err());
+                let decided = match r {
+                    Ok(d) if d == serving => return self.compared(None),
+                    Ok(d) => describe_transform(&d),
+                    Err(f) => format!("fault: {f}"),
+                };
+                self.compared(Some(Disagreement {
+                    exchange,
+                    routing_key: message.routing_key.to_string(),
+                    role: "transform".into(),
+                    serving: describe_transform(&serving),
+                    candidate: decided,
+                }));
+            }
+        }
+    }
+}
+
+/// Chosen bindings as `queue:orders, exchange:audit`, in id order.
+fn describe_ids(table: &BindingTable, ids: &[u32]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return "(no binding)".into();
+    }
+    ids.iter()
+        .map(|id| match table.get(*id).map(|b| &b.destination) {
+            Some(Destination::Queue(q)) => format!("queue:{q}"),
+            Some(Destination::Exchange(x)) => format!("exchange:{x}"),
+            None => format!("binding {id} (gone)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A transform decision in a word or two.
+pub(crate) fn describe_transform(d: &TransformDecision) -> String {
+    match d {
+        TransformDecision::Keep => "keep".into(),
+        TransformDecision::Drop => "drop".into(),
+        TransformDecision::DeadLetter(reason) => format!("dead_letter ({reason})"),
+        TransformDecision::Rewrite {
+            routing_key,
+            properties,
+            body,
+        } => {
+            let mut parts = Vec::new();
+            if let Some(k) = routing_key {
+                parts.push(format!("routing_key={k}"));
+            }
+            if properties.is_some() {
+                parts.push("properties".into());
+            }
+            if let Some(b) = body {
+                parts.push(format!("body ({} bytes)", b.len()));
+            }
+            format!("rewrite ({})", parts.join(", "))
+        }
+    }
+}
