@@ -173,7 +173,7 @@ pub(super) fn candidate_view(t: &Trial) -> CandidateView {
         plugin: t.plugin.clone(),
         hash: t.version.hash.clone(),
         serving_hash: t.serving_hash.clone(),
-        mode: t.mode,
+        mode: t.mode.clone(),
         policy: t.policy.clone(),
         calls: t.calls.load(Ordering::Relaxed),
         faults: t.faults.load(Ordering::Relaxed),
@@ -213,6 +213,8 @@ struct StageQuery {
     sample: Option<u32>,
     /// Canary: the share of routing keys, in percent.
     percent: Option<f64>,
+    /// Canary: choose by this header's value instead of the routing key.
+    by_header: Option<String>,
     promote_after_messages: Option<u64>,
     promote_after_secs: Option<u64>,
     max_fault_rate: Option<f64>,
@@ -266,6 +268,7 @@ fn mode(q: &StageQuery) -> Result<Mode, ApiError> {
             percent: q
                 .percent
                 .ok_or_else(|| ApiError::bad_request("a canary needs percent"))?,
+            by_header: q.by_header.clone(),
         }),
         other => Err(ApiError::bad_request(format!(
             "mode '{other}': use shadow or canary"
@@ -294,6 +297,8 @@ async fn stage(
 #[derive(Deserialize)]
 struct CanaryBody {
     percent: f64,
+    #[serde(default)]
+    by_header: Option<String>,
     #[serde(flatten)]
     policy: PolicyQuery,
 }
@@ -311,6 +316,7 @@ async fn to_canary(
     let (broker, bytes) = (s.broker.clone(), t.bytes.clone());
     let mode = Mode::Canary {
         percent: body.percent,
+        by_header: body.by_header,
     };
     let policy = body.policy.policy();
     let trial =

@@ -156,6 +156,10 @@ pub enum AuthorCommand {
         /// Share of routing keys, percent.
         #[arg(long)]
         percent: f64,
+        /// Choose messages by a stable hash of this header's value instead
+        /// of the routing key's.
+        #[arg(long)]
+        by_header: Option<String>,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -319,22 +323,31 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             name,
             file,
             percent,
+            by_header,
             policy,
         } => {
             let client = admin.client()?;
+            let header = by_header.as_deref().map(segment);
             let v = match file {
                 Some(file) => client.put_bytes(
                     &format!(
-                        "/api/plugins/{}/candidate?mode=canary&percent={percent}{}",
+                        "/api/plugins/{}/candidate?mode=canary&percent={percent}{}{}",
                         segment(&name),
+                        header
+                            .map(|h| format!("&by_header={h}"))
+                            .unwrap_or_default(),
                         policy.query()
                     ),
                     &read(&file)?,
                 )?,
-                None => client.post(
-                    &format!("/api/plugins/{}/candidate/canary", segment(&name)),
-                    &policy.json(percent),
-                )?,
+                None => {
+                    let mut body = policy.json(percent);
+                    body["by_header"] = serde_json::json!(by_header);
+                    client.post(
+                        &format!("/api/plugins/{}/candidate/canary", segment(&name)),
+                        &body,
+                    )?
+                }
             };
             print_candidate(&serde_json::from_value(v)?);
             Ok(())
@@ -538,9 +551,16 @@ fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
 /// A candidate in a few lines (also under `wasmq plugins`).
 pub fn print_candidate(c: &CandidateView) {
     let short = |h: &str| h[..h.len().min(12)].to_owned();
-    let mode = match c.mode {
+    let mode = match &c.mode {
         Mode::Shadow { every } => format!("shadow, 1 in {every}"),
-        Mode::Canary { percent } => format!("canary, {percent}% of keys"),
+        Mode::Canary {
+            percent,
+            by_header: None,
+        } => format!("canary, {percent}% of keys"),
+        Mode::Canary {
+            percent,
+            by_header: Some(h),
+        } => format!("canary, {percent}% of '{h}' values"),
     };
     println!(
         "    candidate {} ({mode}) beside {}: {} calls, {} faults, p99 {} µs, {} s",

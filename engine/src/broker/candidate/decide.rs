@@ -38,7 +38,7 @@ fn route_staged(
         x.route_ids(message, out)?;
         return Ok(By::Serving);
     };
-    if trial.picks(&message.routing_key) {
+    if trial.picks(message) {
         let start = out.len();
         let started = Instant::now();
         let r = candidate.route(message, &**x, out);
@@ -83,7 +83,7 @@ fn transform_staged(
     let Some((candidate, trial)) = staged.as_ref().and_then(|c| c.transform.as_ref()) else {
         return (serving.transform(message), By::Serving);
     };
-    if trial.picks(&message.routing_key) {
+    if trial.picks(message) {
         let started = Instant::now();
         let r = candidate.transform(message);
         trial.record(started.elapsed(), r.as_ref().err());
@@ -126,7 +126,7 @@ fn filter_staged(
     trial: &Trial,
     message: &Arc<Message>,
 ) -> (Result<bool, PluginFault>, By) {
-    if trial.picks(&message.routing_key) {
+    if trial.picks(message) {
         let started = Instant::now();
         let r = candidate.filter(message);
         trial.record(started.elapsed(), r.as_ref().err());

@@ -29,13 +29,13 @@ impl Broker {
         if self.cluster().is_some() {
             return Err(RolloutError::Clustered);
         }
-        match mode {
+        match &mode {
             Mode::Shadow { every: 0 } => {
                 return Err(RolloutError::Invalid(
                     "sample: one in 0 is no sample".into(),
                 ));
             }
-            Mode::Canary { percent } if !(percent > 0.0 && percent <= 100.0) => {
+            Mode::Canary { percent, .. } if !(*percent > 0.0 && *percent <= 100.0) => {
                 return Err(RolloutError::Invalid(format!(
                     "percent {percent}: give more than 0 and at most 100"
                 )));
@@ -75,7 +75,7 @@ impl Broker {
                 .lock()
                 .insert(name.to_owned(), trial.clone());
         }
-        let event = match mode {
+        let event = match trial.mode {
             Mode::Shadow { .. } => Event::ShadowStarted,
             Mode::Canary { .. } => Event::CanaryStarted,
         };

@@ -52,10 +52,11 @@ use parking_lot::Mutex;
 
 use super::BrokerError;
 use crate::latency::Latency;
+use crate::message::Message;
 use crate::plugin::{PluginFault, PluginVersion, RouterPlugin, TransformPlugin};
 
 /// How a candidate takes part.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Mode {
     /// Decides beside the serving version for one message in `every`;
@@ -64,10 +65,15 @@ pub enum Mode {
         /// Sample one message in this many (1: all).
         every: u32,
     },
-    /// Decides for this percentage of routing keys.
+    /// Decides for this percentage of routing keys (or of the values of
+    /// a header).
     Canary {
         /// 0 to 100; fractions allowed (0.5: one key in 200).
         percent: f64,
+        /// Choose by this header's value instead of the routing key (a
+        /// message without it hashes as empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by_header: Option<String>,
     },
 }
 
@@ -175,6 +181,21 @@ impl std::fmt::Debug for Trial {
     }
 }
 
+/// A header value's bytes for the canary's hash: strings as themselves,
+/// anything else as its JSON text.
+fn header_bytes(v: &amq_protocol::types::AMQPValue) -> Vec<u8> {
+    use amq_protocol::types::AMQPValue as A;
+    match v {
+        A::LongString(s) => s.as_bytes().to_vec(),
+        A::ShortString(s) => s.as_str().as_bytes().to_vec(),
+        other => {
+            let mut t = amq_protocol::types::FieldTable::default();
+            t.insert("v".into(), other.clone());
+            crate::json::table_to_json(&t)["v"].to_string().into_bytes()
+        }
+    }
+}
+
 /// FNV-1a, 64 bits: stable across processes, nodes and versions.
 fn stable_hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -216,11 +237,25 @@ impl Trial {
         })
     }
 
-    /// Whether a canary decides for `routing_key`.
-    pub fn picks(&self, routing_key: &str) -> bool {
-        match self.mode {
-            Mode::Canary { percent } if !self.stopped.load(Ordering::Relaxed) => {
-                (stable_hash(routing_key.as_bytes()) % 10_000) < (percent * 100.0) as u64
+    /// Whether a canary decides for `m`: by a stable hash of its routing
+    /// key, or of a header's value.
+    pub fn picks(&self, m: &Message) -> bool {
+        match &self.mode {
+            Mode::Canary { percent, by_header } if !self.stopped.load(Ordering::Relaxed) => {
+                let h = match by_header {
+                    None => stable_hash(m.routing_key.as_bytes()),
+                    Some(name) => {
+                        let value = m
+                            .properties
+                            .headers()
+                            .as_ref()
+                            .and_then(|h| h.inner().get(name.as_str()))
+                            .map(header_bytes)
+                            .unwrap_or_default();
+                        stable_hash(&value)
+                    }
+                };
+                (h % 10_000) < (percent * 100.0) as u64
             }
             _ => false,
         }
@@ -489,7 +524,6 @@ impl From<BrokerError> for RolloutError {
 mod tests {
     use super::*;
     use crate::broker::exchange::Destination;
-    use crate::message::Message;
 
     #[test]
     fn the_canary_share_follows_the_key_and_the_percentage() {
@@ -506,11 +540,23 @@ mod tests {
                 v.clone(),
                 String::new(),
                 bytes.into(),
-                Mode::Canary { percent },
+                Mode::Canary {
+                    percent,
+                    by_header: None,
+                },
                 Policy::default(),
             )
         };
-        let keys: Vec<String> = (0..10_000).map(|i| format!("key.{i}")).collect();
+        let keys: Vec<Message> = (0..10_000)
+            .map(|i| {
+                Message::new(
+                    "x",
+                    format!("key.{i}").as_str(),
+                    Default::default(),
+                    Vec::new(),
+                )
+            })
+            .collect();
         let (ten, fifty) = (trial(10.0), trial(50.0));
         let share = |t: &Trial| keys.iter().filter(|k| t.picks(k)).count();
         let (a, b) = (share(&ten), share(&fifty));
@@ -519,6 +565,40 @@ mod tests {
         // Stable: a key picked at 10% is picked at 50% and again.
         for k in keys.iter().filter(|k| ten.picks(k)) {
             assert!(fifty.picks(k) && ten.picks(k));
+        }
+        // By a header: one tenant keeps one version, whatever its keys.
+        let by_tenant = Trial::new(
+            v.clone(),
+            String::new(),
+            bytes.into(),
+            Mode::Canary {
+                percent: 50.0,
+                by_header: Some("tenant".into()),
+            },
+            Policy::default(),
+        );
+        let of = |tenant: &str, key: &str| {
+            let mut h = amq_protocol::types::FieldTable::default();
+            h.insert(
+                "tenant".into(),
+                amq_protocol::types::AMQPValue::LongString(tenant.into()),
+            );
+            Message::new(
+                "x",
+                key,
+                amq_protocol::protocol::BasicProperties::default().with_headers(h),
+                Vec::new(),
+            )
+        };
+        let tenants: Vec<String> = (0..100).map(|i| format!("tenant-{i}")).collect();
+        let picked = tenants
+            .iter()
+            .filter(|t| by_tenant.picks(&of(t, "a")))
+            .count();
+        assert!((30..70).contains(&picked), "{picked} of 100 tenants");
+        for t in &tenants {
+            let first = by_tenant.picks(&of(t, "a"));
+            assert!((0..20).all(|k| by_tenant.picks(&of(t, &format!("k{k}"))) == first));
         }
         // FNV-1a's published test vectors.
         assert_eq!(stable_hash(b""), 0xcbf2_9ce4_8422_2325);
@@ -540,7 +620,10 @@ mod tests {
             v,
             String::new(),
             bytes.into(),
-            Mode::Canary { percent: 100.0 },
+            Mode::Canary {
+                percent: 100.0,
+                by_header: None,
+            },
             Policy {
                 max_fault_rate: 0.1,
                 ..Policy::default()
@@ -554,7 +637,8 @@ mod tests {
             Some(&PluginFault::Trap("x".into())),
         );
         assert!(t.failure().is_none(), "1 fault in 20 is under 10%");
-        assert!(t.picks("any"));
+        let any = Message::new("x", "any", Default::default(), Vec::new());
+        assert!(t.picks(&any));
         t.record(
             Duration::from_micros(5),
             Some(&PluginFault::Trap("x".into())),
@@ -564,7 +648,7 @@ mod tests {
             Some(&PluginFault::Trap("x".into())),
         );
         assert!(t.failure().unwrap().contains("fault rate 3/22"));
-        assert!(!t.picks("any"), "a failed canary decides nothing");
+        assert!(!t.picks(&any), "a failed canary decides nothing");
     }
 
     /// A broker with the built-in topic router serving as plugin "router",
@@ -705,7 +789,10 @@ mod tests {
         b.stage_candidate(
             "router",
             builtin("direct"),
-            Mode::Canary { percent: 100.0 },
+            Mode::Canary {
+                percent: 100.0,
+                by_header: None,
+            },
             Policy {
                 promote_after_messages: 2,
                 promote_after_secs: 0,
