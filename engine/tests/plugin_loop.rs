@@ -358,19 +358,29 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         .args(["plugin", "logs", "loop-router", "--follow"])
         .env("WASMQ_ADMIN_URL", &url)
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let follower_out = follower.stdout.take().unwrap();
-    let followed = std::thread::spawn(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(follower_out)
-            .lines()
-            .map_while(Result::ok)
-            .take(3)
-            .collect::<Vec<_>>()
-    });
-    // The follower subscribes as its request arrives.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (lines_tx, followed) = std::sync::mpsc::channel();
+    for pipe in [
+        Box::new(follower.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(follower.stderr.take().unwrap()),
+    ] {
+        let tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let next_line = || {
+        followed
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line from the follower")
+    };
+    // It says so once the broker has subscribed it.
+    assert!(next_line().starts_with("following the log of 'loop-router'"));
     for _ in 0..10 {
         publish(&ch, "orders", &[("tenant", "acme")]).await;
     }
@@ -393,7 +403,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         "{d:?}"
     );
     // The candidate's log lines, live, with its name and version.
-    let lines = followed.join().unwrap();
+    let lines: Vec<String> = (0..3).map(|_| next_line()).collect();
     let _ = follower.kill();
     let _ = follower.wait();
     assert_eq!(lines.len(), 3, "{lines:?}");

@@ -195,7 +195,8 @@ impl AdminClient {
 
     /// GET a stream of server-sent events (no timeout: it lasts as long as
     /// the broker sends), calling `each(event, data)` for every event until
-    /// it returns false or the stream ends.
+    /// it returns false or the stream ends; first with event `open` once
+    /// the broker has answered (it is subscribed from then on).
     pub fn follow(
         &self,
         path: &str,
@@ -214,6 +215,9 @@ impl AdminClient {
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         if r.status().as_u16() >= 400 {
             return Self::finish(Ok(r)).map(|_| ());
+        }
+        if !each("open", "") {
+            return Ok(());
         }
         let reader = std::io::BufReader::new(r.into_body().into_reader());
         let (mut event, mut data) = (String::from("message"), String::new());

@@ -391,6 +391,7 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             }
             client.follow(&format!("{path}?follow=true"), |event, data| {
                 match event {
+                    "open" => eprintln!("following the log of '{name}' (Ctrl-C to stop)"),
                     "missed" => println!("... {data} lines missed (this follower fell behind)"),
                     _ => match serde_json::from_str::<LogLine>(data) {
                         Ok(l) => print_log_line(&l),
