@@ -45,7 +45,6 @@ pub(crate) use decide::{filter, route, transform};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
@@ -168,7 +167,8 @@ pub struct Trial {
     latency: Latency,
     samples: Mutex<VecDeque<Disagreement>>,
     seq: AtomicU64,
-    shadow: Mutex<Option<SyncSender<Job>>>,
+    /// Samples waiting for the shadow thread (`None`: not taking any).
+    shadow: Mutex<Option<VecDeque<Job>>>,
 }
 
 impl std::fmt::Debug for Trial {

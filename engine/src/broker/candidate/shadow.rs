@@ -2,11 +2,18 @@
 //! the serving version decided them, so a slow or faulting candidate costs
 //! the publish path one queue push. A comparison that differs is kept as a
 //! [`Disagreement`] (the latest few) and counted.
+//!
+//! Two choices keep the serving path's latency where it was (measured in
+//! `docs/performance.md`): the publish path never wakes the thread (it
+//! drains the queue every [`POLL`] instead; a wake-up per sample cost the
+//! sampled messages tens of microseconds on two cores), and on Linux the
+//! thread runs under `SCHED_IDLE`, so it only gets a core nothing else
+//! wants and never preempts a connection.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{TrySendError, sync_channel};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Disagreement, Mode, SHADOW_QUEUE, Trial};
 use crate::broker::exchange::{BindingTable, Destination, Exchange};
@@ -40,11 +47,14 @@ pub(super) enum Job {
 
 impl Trial {
     pub(super) fn send(&self, job: Job) {
-        let shadow = self.shadow.lock();
-        let Some(tx) = shadow.as_ref() else { return };
-        if let Err(TrySendError::Full(_)) = tx.try_send(job) {
+        let mut shadow = self.shadow.lock();
+        let Some(queue) = shadow.as_mut() else { return };
+        if queue.len() >= SHADOW_QUEUE {
+            drop(shadow);
             self.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        queue.push_back(job);
     }
 
     /// Start the shadow thread (shadow mode only).
@@ -52,16 +62,23 @@ impl Trial {
         if !matches!(self.mode, Mode::Shadow { .. }) {
             return Ok(());
         }
-        let (tx, rx) = sync_channel::<Job>(SHADOW_QUEUE);
-        *self.shadow.lock() = Some(tx);
+        *self.shadow.lock() = Some(VecDeque::new());
         let trial = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("wasmq-shadow".into())
             .spawn(move || {
-                // Ends when the trial drops its sender (or is gone).
-                while let Ok(job) = rx.recv() {
+                idle_priority();
+                loop {
+                    std::thread::sleep(POLL);
+                    // Ends when the trial stops taking samples (or is gone).
                     let Some(t) = trial.upgrade() else { return };
-                    t.run(job);
+                    let jobs = match t.shadow.lock().as_mut() {
+                        None => return,
+                        Some(q) => std::mem::take(q),
+                    };
+                    for job in jobs {
+                        t.run(job);
+                    }
                 }
             })?;
         Ok(())
@@ -148,6 +165,28 @@ impl Trial {
                     candidate: decided,
                 }));
             }
+        }
+    }
+}
+
+/// How often the shadow thread takes the samples queued since.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Run the calling thread only when a core would otherwise be idle
+/// (Linux's `SCHED_IDLE`); elsewhere, or if refused, it runs as it is.
+fn idle_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid `sched_param` that outlives the call;
+        // pid 0 names the calling thread, and the call only changes its
+        // scheduling policy.
+        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if r != 0 {
+            tracing::debug!(
+                "the shadow thread keeps its scheduling policy: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
