@@ -831,4 +831,40 @@ mod tests {
             Err(RolloutError::SameVersion(_))
         ));
     }
+
+    #[test]
+    fn a_canary_past_its_p99_bound_is_rolled_back_by_the_judge() {
+        let (b, _v) = broker_with(&[("all", "orders.#")]);
+        let serving = b.plugins().get("router").unwrap().hash.clone();
+        let trial = b
+            .stage_candidate(
+                "router",
+                builtin("direct"),
+                Mode::Canary {
+                    percent: 50.0,
+                    by_header: None,
+                },
+                Policy {
+                    max_p99_us: 1_000,
+                    p99_min_calls: 10,
+                    ..Policy::default()
+                },
+            )
+            .unwrap();
+        for _ in 0..9 {
+            trial.record(Duration::from_millis(5), None);
+        }
+        b.judge_candidates();
+        assert!(
+            b.candidates().get("router").is_some(),
+            "9 calls: not judged yet"
+        );
+        trial.record(Duration::from_millis(5), None);
+        b.judge_candidates();
+        assert!(b.candidates().get("router").is_none());
+        assert_eq!(b.plugins().get("router").unwrap().hash, serving);
+        let last = b.candidates().history().pop().unwrap();
+        assert_eq!(last.event, Event::RolledBack);
+        assert!(last.reason.unwrap().contains("passed 1000 µs"));
+    }
 }
