@@ -8,12 +8,16 @@
 # with one shadowing one message in SAMPLE, and prints each run's latency
 # summary and the shadow's counts.
 #
-#   perf/shadow.sh [ROUNDS] [SAMPLE] [RATE]      (defaults 3, 10, 10000)
+#   perf/shadow.sh [ROUNDS] [SAMPLE] [RATE] [MODE]   (defaults 3, 10, 10000, shadow)
+#
+# MODE canary stages the candidate as a canary for 0.01% of keys instead:
+# the staged publish path without the comparison thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 SAMPLE=${2:-10}
 RATE=${3:-10000}
+MODE=${4:-shadow}
 cargo build --release -q -p wasmq -p wasmq-perf
 BIN=$PWD/target/release/wasmq
 PING=$PWD/target/release/wasmq-ping
@@ -55,8 +59,14 @@ ping() {
 ping 3 >/dev/null # declares the exchange; warms up
 for round in $(seq 1 "$ROUNDS"); do
     echo "round $round, no candidate:        $(ping 10)"
-    "$BIN" plugin shadow shadowed "$candidate" --sample "$SAMPLE" >/dev/null
-    echo "round $round, shadow 1 in $SAMPLE:  $(ping 10)"
+    if [ "$MODE" = canary ]; then
+        "$BIN" plugin canary shadowed "$candidate" --percent 0.01 \
+            --promote-after-messages 1000000000 >/dev/null
+        echo "round $round, canary 0.01%:        $(ping 10)"
+    else
+        "$BIN" plugin shadow shadowed "$candidate" --sample "$SAMPLE" >/dev/null
+        echo "round $round, shadow 1 in $SAMPLE:  $(ping 10)"
+    fi
     "$BIN" plugins | grep -E "compared|candidate" | sed 's/^ */    /'
     "$BIN" plugin abort shadowed >/dev/null
 done
