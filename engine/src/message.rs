@@ -65,6 +65,15 @@ impl Message {
     }
 }
 
+/// Milliseconds since the Unix epoch: when a message was published, a
+/// plugin logged, a trace ran. Wall-clock time, because it is stored or
+/// shown and must mean the same after a restart and on another node.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Encode AMQP basic properties (flags then fields).
 pub fn encode_properties(p: &BasicProperties) -> Vec<u8> {
     let generator = amq_protocol::protocol::basic::gen_properties(p);

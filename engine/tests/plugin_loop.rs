@@ -40,6 +40,19 @@ fn wasmq(url: &str, target: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// [`wasmq`] off the test's async workers (a CLI call waits on the broker
+/// this test also talks to).
+async fn cli(url: &str, target: &Path, args: &[&str]) -> String {
+    let (url, target) = (url.to_owned(), target.to_owned());
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        wasmq(&url, &target, &args)
+    })
+    .await
+    .unwrap()
+}
+
 /// Edit the scaffolded router's `route` and build it; returns a copy of the
 /// built file (each build overwrites the last).
 fn build_variant(
@@ -260,11 +273,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     std::fs::write(&msgs, &captured.stdout).unwrap();
     assert_eq!(String::from_utf8_lossy(&captured.stdout).lines().count(), 4);
     let defs = work.join("defs.json");
-    let u = url.clone();
-    let t2 = target.clone();
-    let exported = tokio::task::spawn_blocking(move || wasmq(&u, &t2, &["definitions", "export"]))
-        .await
-        .unwrap();
+    let exported = cli(&url, &target, &["definitions", "export"]).await;
     std::fs::write(&defs, exported).unwrap();
     for q in ["orders", "audit", "tenants"] {
         count(&ch, q).await;
@@ -281,42 +290,31 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     );
     // Offline first: the new build against the captured messages, alone
     // and against the version the broker serves.
-    let u = url.clone();
-    let (t2, v2, d2, m2, p2) = (
-        target.clone(),
-        vip.clone(),
-        defs.clone(),
-        msgs.clone(),
-        plugins.clone(),
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let (vip_file, defs_file, msgs_file, plugin_dir) =
+        (path(&vip), path(&defs), path(&msgs), path(&plugins));
+    let test = [
+        "plugin",
+        "test",
+        &vip_file,
+        "--name",
+        "loop-router",
+        "--exchange-definitions",
+        &defs_file,
+        "--messages",
+        &msgs_file,
+        "--plugin-dir",
+        &plugin_dir,
+    ];
+    let offline = (
+        cli(&url, &target, &test).await,
+        cli(
+            &url,
+            &target,
+            &[&test[..], &["--against", "serving"]].concat(),
+        )
+        .await,
     );
-    let offline = tokio::task::spawn_blocking(move || {
-        let args = |against: Option<&str>| {
-            let mut a = vec![
-                "plugin".to_owned(),
-                "test".into(),
-                v2.to_str().unwrap().into(),
-                "--name".into(),
-                "loop-router".into(),
-                "--exchange-definitions".into(),
-                d2.to_str().unwrap().into(),
-                "--messages".into(),
-                m2.to_str().unwrap().into(),
-                "--plugin-dir".into(),
-                p2.to_str().unwrap().into(),
-            ];
-            if let Some(x) = against {
-                a.extend(["--against".to_owned(), x.to_owned()]);
-            }
-            a
-        };
-        let run = |a: Vec<String>| {
-            let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            wasmq(&u, &t2, &a)
-        };
-        (run(args(None)), run(args(Some("serving"))))
-    })
-    .await
-    .unwrap();
     assert!(
         offline
             .0
@@ -334,24 +332,13 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         offline.1
     );
 
-    let u = url.clone();
-    let (t2, v2) = (target.clone(), vip.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        wasmq(
-            &u,
-            &t2,
-            &[
-                "plugin",
-                "shadow",
-                "loop-router",
-                v2.to_str().unwrap(),
-                "--sample",
-                "1",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let stage_shadow = ["plugin", "shadow", "loop-router", &vip_file];
+    let out = cli(
+        &url,
+        &target,
+        &[&stage_shadow[..], &["--sample", "1"]].concat(),
+    )
+    .await;
     assert!(out.contains("shadow, 1 in 1"), "{out}");
     // Follow the plugin's log while the shadow runs.
     let mut follower = std::process::Command::new(BIN)
@@ -433,26 +420,17 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         "boom",
         "        if message.routing_key() == \"boom\" {\n            panic!(\"planted fault\");\n        }\n",
     );
-    let u = url.clone();
-    let (t2, b2) = (target.clone(), boom.clone());
-    tokio::task::spawn_blocking(move || {
-        wasmq(
-            &u,
-            &t2,
-            &[
-                "plugin",
-                "canary",
-                "loop-router",
-                b2.to_str().unwrap(),
-                "--percent",
-                "100",
-                "--max-fault-rate",
-                "0.01",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let canary = [
+        "plugin",
+        "canary",
+        "loop-router",
+        &path(&boom),
+        "--percent",
+        "100",
+        "--max-fault-rate",
+        "0.01",
+    ];
+    cli(&url, &target, &canary).await;
     for _ in 0..5 {
         publish(&ch, "orders", &[]).await;
     }
@@ -478,11 +456,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         5,
         "the canary's share was delivered"
     );
-    let u = url.clone();
-    let t2 = target.clone();
-    let listed = tokio::task::spawn_blocking(move || wasmq(&u, &t2, &["plugins"]))
-        .await
-        .unwrap();
+    let listed = cli(&url, &target, &["plugins"]).await;
     assert!(
         listed.contains("canary_started at") && listed.contains("rolled_back at"),
         "{listed}"
@@ -496,21 +470,12 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     );
 
     // Promote the vip version by hand, then roll back to the kept one.
-    let u = url.clone();
-    let (t2, v2) = (target.clone(), vip.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        wasmq(
-            &u,
-            &t2,
-            &["plugin", "shadow", "loop-router", v2.to_str().unwrap()],
-        );
-        let promoted = wasmq(&u, &t2, &["plugin", "promote", "loop-router"]);
-        let versions = wasmq(&u, &t2, &["plugin", "versions", "loop-router"]);
-        let back = wasmq(&u, &t2, &["plugin", "rollback", "loop-router"]);
-        (promoted, versions, back)
-    })
-    .await
-    .unwrap();
+    cli(&url, &target, &stage_shadow).await;
+    let out = (
+        cli(&url, &target, &["plugin", "promote", "loop-router"]).await,
+        cli(&url, &target, &["plugin", "versions", "loop-router"]).await,
+        cli(&url, &target, &["plugin", "rollback", "loop-router"]).await,
+    );
     assert!(!out.0.contains(&stable_hash), "{}", out.0);
     assert!(
         out.1.contains(&stable_hash) && out.1.contains("(serving)"),
@@ -526,16 +491,15 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     );
 
     // Why did an order without a tenant not reach "tenants"?
-    let u = url.clone();
-    let t2 = target.clone();
-    let printed = tokio::task::spawn_blocking(move || {
-        (
-            wasmq(&u, &t2, &["trace", "loop", "--key", "orders"]),
-            wasmq(&u, &t2, &["trace", "loop", "--key", "orders", "--json"]),
+    let printed = (
+        cli(&url, &target, &["trace", "loop", "--key", "orders"]).await,
+        cli(
+            &url,
+            &target,
+            &["trace", "loop", "--key", "orders", "--json"],
         )
-    })
-    .await
-    .unwrap();
+        .await,
+    );
     let trace: Trace = serde_json::from_str(&printed.1).unwrap();
     assert_eq!(trace.queues, ["orders"]);
     let dropped = trace.steps.iter().find_map(|s| match s {

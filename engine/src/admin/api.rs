@@ -948,14 +948,13 @@ async fn upload(
     }
     let broker = s.broker.clone();
     let checked_name = name.clone();
-    let version = tokio::task::spawn_blocking(move || {
+    let version = super::blocking(move || {
         broker
             .host()
             .load(&checked_name, &body, false)
             .map(|v| (v, body))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .await?
     .map_err(|e| ApiError::bad_request(format!("plugin '{name}' rejected: {e}")))?;
     let (version, body) = version;
     if query.override_builtin {
@@ -965,11 +964,10 @@ async fn upload(
             "plugin '{name}' rejected: {reason}"
         )));
     }
-    let dir = s.broker.plugin_dir().to_owned();
+    let broker = s.broker.clone();
     let written = name.clone();
-    tokio::task::spawn_blocking(move || write_atomically(&dir, &written, &body))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    super::blocking(move || broker.write_plugin_file(&written, &body))
+        .await?
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -987,13 +985,4 @@ async fn upload(
             "exports": version.exports,
         })),
     ))
-}
-
-fn write_atomically(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{name}.wasm.upload"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(format!("{name}.wasm")))
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use super::api::{PublishBody, message_from};
 use super::model::{CandidateView, CaptureView, KeptVersionView, LatencyView, RolloutsView};
-use super::{AdminState, ApiError};
+use super::{AdminState, ApiError, blocking};
 use crate::broker::candidate::{Mode, Policy, RolloutError, Trial};
 use crate::broker::capture::{CaptureSpec, Captured};
 use crate::broker::trace::Trace;
@@ -203,9 +203,9 @@ async fn candidate(
     Ok(Json(candidate_view(&t)))
 }
 
-/// How to stage: `mode=shadow&sample=10` or `mode=canary&percent=10`, and
-/// a canary's bounds. (Not a flattened [`PolicyQuery`]: a query string
-/// read through `serde(flatten)` loses its numbers' types.)
+/// How to stage: `mode=shadow&sample=10` or `mode=canary&percent=10`. A
+/// canary's bounds are read from the same query string as a [`Policy`]
+/// (any not given keeps its default).
 #[derive(Deserialize)]
 struct StageQuery {
     mode: String,
@@ -215,48 +215,6 @@ struct StageQuery {
     percent: Option<f64>,
     /// Canary: choose by this header's value instead of the routing key.
     by_header: Option<String>,
-    promote_after_messages: Option<u64>,
-    promote_after_secs: Option<u64>,
-    max_fault_rate: Option<f64>,
-    max_p99_us: Option<u64>,
-    p99_min_calls: Option<u64>,
-}
-
-impl StageQuery {
-    fn policy(&self) -> PolicyQuery {
-        PolicyQuery {
-            promote_after_messages: self.promote_after_messages,
-            promote_after_secs: self.promote_after_secs,
-            max_fault_rate: self.max_fault_rate,
-            max_p99_us: self.max_p99_us,
-            p99_min_calls: self.p99_min_calls,
-        }
-    }
-}
-
-/// A canary's bounds; any not given keeps its default.
-#[derive(Deserialize, Default)]
-struct PolicyQuery {
-    promote_after_messages: Option<u64>,
-    promote_after_secs: Option<u64>,
-    max_fault_rate: Option<f64>,
-    max_p99_us: Option<u64>,
-    p99_min_calls: Option<u64>,
-}
-
-impl PolicyQuery {
-    fn policy(&self) -> Policy {
-        let d = Policy::default();
-        Policy {
-            promote_after_messages: self
-                .promote_after_messages
-                .unwrap_or(d.promote_after_messages),
-            promote_after_secs: self.promote_after_secs.unwrap_or(d.promote_after_secs),
-            max_fault_rate: self.max_fault_rate.unwrap_or(d.max_fault_rate),
-            max_p99_us: self.max_p99_us.unwrap_or(d.max_p99_us),
-            p99_min_calls: self.p99_min_calls.unwrap_or(d.p99_min_calls),
-        }
-    }
 }
 
 fn mode(q: &StageQuery) -> Result<Mode, ApiError> {
@@ -281,15 +239,12 @@ async fn stage(
     State(s): State<AdminState>,
     Path(name): Path<String>,
     Query(q): Query<StageQuery>,
+    Query(policy): Query<Policy>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
     let mode = mode(&q)?;
-    let policy = q.policy().policy();
     let broker = s.broker.clone();
-    let trial =
-        tokio::task::spawn_blocking(move || broker.stage_candidate(&name, &body, mode, policy))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let trial = blocking(move || broker.stage_candidate(&name, &body, mode, policy)).await??;
     Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
 }
 
@@ -300,7 +255,7 @@ struct CanaryBody {
     #[serde(default)]
     by_header: Option<String>,
     #[serde(flatten)]
-    policy: PolicyQuery,
+    policy: Policy,
 }
 
 async fn to_canary(
@@ -318,11 +273,8 @@ async fn to_canary(
         percent: body.percent,
         by_header: body.by_header,
     };
-    let policy = body.policy.policy();
-    let trial =
-        tokio::task::spawn_blocking(move || broker.stage_candidate(&name, &bytes, mode, policy))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let policy = body.policy;
+    let trial = blocking(move || broker.stage_candidate(&name, &bytes, mode, policy)).await??;
     Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
 }
 
@@ -332,9 +284,7 @@ async fn promote(
 ) -> Result<Json<Value>, ApiError> {
     let broker = s.broker.clone();
     let n = name.clone();
-    tokio::task::spawn_blocking(move || broker.promote_candidate(&n))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || broker.promote_candidate(&n)).await??;
     let hash = s.broker.plugins().get(&name).map(|v| v.hash.clone());
     Ok(Json(json!({"name": name, "serving": hash})))
 }
@@ -344,9 +294,7 @@ async fn abort(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let broker = s.broker.clone();
-    tokio::task::spawn_blocking(move || broker.abort_candidate(&name))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || broker.abort_candidate(&name)).await??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -364,9 +312,7 @@ async fn rollback(
     let hash = body.and_then(|b| b.0.hash);
     let broker = s.broker.clone();
     let n = name.clone();
-    let served = tokio::task::spawn_blocking(move || broker.rollback_plugin(&n, hash.as_deref()))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let served = blocking(move || broker.rollback_plugin(&n, hash.as_deref())).await??;
     Ok(Json(json!({"name": name, "serving": served})))
 }
 
@@ -453,9 +399,7 @@ async fn trace(
     let x = vhost.exchange(&exchange)?;
     let message = message_from(&exchange, body)?;
     let broker = s.broker.clone();
-    let trace = tokio::task::spawn_blocking(move || broker.trace(&vhost, &x, message))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let trace = blocking(move || broker.trace(&vhost, &x, message)).await?;
     Ok(Json(trace))
 }
 

@@ -231,6 +231,16 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// Run `f` on tokio's blocking pool: broker work that compiles, builds
+/// instances or writes files, which must not hold up an async worker.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
 /// Who is asking, as the read endpoints need it. RabbitMQ's tags:
 /// `administrator` and `monitoring` see every vhost and connection;
 /// `management` sees only the vhosts it has permissions in, and only its

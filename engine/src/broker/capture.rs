@@ -100,9 +100,7 @@ impl Captured {
             properties_raw: Some(b64.encode(m.encoded_properties())),
             body,
             body_encoding,
-            published_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            published_ms: crate::message::now_ms(),
         }
     }
 

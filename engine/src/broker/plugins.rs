@@ -19,13 +19,42 @@ use std::sync::Arc;
 
 use super::Broker;
 use super::exchange::{Binding, BindingTable, Exchange};
-use crate::plugin::{FilterPlugin, PluginVersion, PluginWatcher, RouterPlugin, TransformPlugin};
+use crate::plugin::{
+    FilterPlugin, PluginError, PluginVersion, PluginWatcher, RouterPlugin, TransformPlugin,
+};
 
-struct Prepared {
-    exchange: Arc<Exchange>,
-    router: Option<RouterPlugin>,
-    transform: Option<TransformPlugin>,
-    bindings: Option<BindingTable>,
+/// A version's role handles for every use of its plugin in one exchange:
+/// built (instances made, bindings replayed) but not stored yet. A swap
+/// stores them as the serving handles; a staged rollout beside them, as
+/// candidates (`candidate/lifecycle.rs`).
+pub(super) struct Handles {
+    /// The exchange's router, if the plugin is its type.
+    pub router: Option<RouterPlugin>,
+    /// The exchange's transform, if the plugin is it.
+    pub transform: Option<TransformPlugin>,
+    /// A filter for each binding the plugin filters, by binding id.
+    pub filters: Vec<(u32, FilterPlugin)>,
+}
+
+impl Handles {
+    /// `table` with each filtered binding rebuilt by `place` around its new
+    /// filter (`None`: the plugin filters no binding here).
+    pub fn bindings(
+        &mut self,
+        table: &BindingTable,
+        place: impl Fn(Binding, Arc<FilterPlugin>) -> Binding,
+    ) -> Option<BindingTable> {
+        if self.filters.is_empty() {
+            return None;
+        }
+        let mut next = table.clone();
+        for (id, filter) in self.filters.drain(..) {
+            if let Some(b) = table.get(id) {
+                next = next.replaced(place((**b).clone(), Arc::new(filter)));
+            }
+        }
+        Some(next)
+    }
 }
 
 impl Broker {
@@ -86,6 +115,18 @@ impl Broker {
                 Err(reason)
             }
         }
+    }
+
+    /// Write `bytes` into the plugin folder as `name.wasm`, synced and
+    /// renamed into place, so the watcher (and a restart) never sees it
+    /// half-written.
+    pub fn write_plugin_file(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.plugin_dir.join(format!(".{name}.wasm.upload"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.plugin_dir.join(format!("{name}.wasm")))
     }
 
     /// Validate `bytes` as plugin `name` and swap it in everywhere it is
@@ -233,17 +274,14 @@ impl Broker {
         self.swap_locked(version)
     }
 
-    /// [`Broker::swap_in`], with `swapping` held by the caller.
-    fn swap_locked(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
-        let _swap = self.swap.write();
-        let name = version.name.as_str();
-        // The predeclared exchanges keep the shipped built-in as their
-        // router; a filter or transform on them is swapped like any other.
-        let router_of = |x: &Exchange| x.kind == name && !Self::is_predeclared(&x.name);
-        let mut users: Vec<(String, Arc<Exchange>)> = Vec::new();
+    /// The exchanges that use plugin `name` (as type, transform or a
+    /// binding's filter), sorted by vhost and name: the order their control
+    /// locks are taken in.
+    pub(super) fn users_of(&self, name: &str) -> Vec<(String, Arc<Exchange>)> {
+        let mut users = Vec::new();
         for vhost in self.vhosts() {
             for x in vhost.exchanges() {
-                let uses = router_of(&x)
+                let uses = Self::routes_with(&x, name)
                     || x.transform_name.as_deref() == Some(name)
                     || x.bindings
                         .load()
@@ -255,70 +293,88 @@ impl Broker {
             }
         }
         users.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
+        users
+    }
+
+    /// Whether `x`'s router is plugin `name`. The predeclared exchanges
+    /// keep the shipped built-in as their router; a filter or transform on
+    /// them is swapped like any other.
+    pub(super) fn routes_with(x: &Exchange, name: &str) -> bool {
+        x.kind == name && !Self::is_predeclared(&x.name)
+    }
+
+    /// Build `version`'s handles for its plugin's uses in `x`, whose
+    /// bindings are `table`.
+    pub(super) fn handles_for(
+        &self,
+        version: &Arc<PluginVersion>,
+        x: &Exchange,
+        table: &BindingTable,
+    ) -> Result<Handles, PluginError> {
+        let name = version.name.as_str();
+        let router = match Self::routes_with(x, name) {
+            true => Some(RouterPlugin::new(
+                &self.host,
+                version,
+                &x.name,
+                &x.encoded_arguments,
+                table,
+            )?),
+            false => None,
+        };
+        let transform = match x.transform_name.as_deref() == Some(name) {
+            true => Some(TransformPlugin::new(
+                &self.host,
+                version,
+                &x.name,
+                &x.encoded_arguments,
+            )?),
+            false => None,
+        };
+        let mut filters = Vec::new();
+        for b in table.iter() {
+            if b.filter_name.as_deref() == Some(name) {
+                let f =
+                    FilterPlugin::new(&self.host, version, &x.name, &b.key, &b.encoded_arguments)?;
+                filters.push((b.id, f));
+            }
+        }
+        Ok(Handles {
+            router,
+            transform,
+            filters,
+        })
+    }
+
+    /// [`Broker::swap_in`], with `swapping` held by the caller.
+    fn swap_locked(&self, version: &Arc<PluginVersion>) -> Result<(), String> {
+        let _swap = self.swap.write();
+        let users = self.users_of(&version.name);
         // Hold every affected exchange's control lock from prepare to commit,
         // so no binding change slips in between.
         let _controls: Vec<_> = users.iter().map(|(_, x)| x.control.lock()).collect();
         let mut prepared = Vec::with_capacity(users.len());
         for (vhost, x) in &users {
-            let at = |e: &dyn std::fmt::Display| {
-                format!("exchange '{}' in vhost '{vhost}': {e}", x.name)
-            };
             let table = x.bindings.load_full();
-            let router = if router_of(x) {
-                Some(
-                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
-                        .map_err(|e| at(&e))?,
-                )
-            } else {
-                None
-            };
-            let transform = if x.transform_name.as_deref() == Some(name) {
-                Some(
-                    TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
-                        .map_err(|e| at(&e))?,
-                )
-            } else {
-                None
-            };
-            let bindings = if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
-                let mut next = (*table).clone();
-                for b in table.iter() {
-                    if b.filter_name.as_deref() == Some(name) {
-                        let filter = FilterPlugin::new(
-                            &self.host,
-                            version,
-                            &x.name,
-                            &b.key,
-                            &b.encoded_arguments,
-                        )
-                        .map_err(|e| at(&e))?;
-                        next = next.replaced(Binding {
-                            filter: Some(Arc::new(filter)),
-                            ..(**b).clone()
-                        });
-                    }
-                }
-                Some(next)
-            } else {
-                None
-            };
-            prepared.push(Prepared {
-                exchange: x.clone(),
-                router,
-                transform,
-                bindings,
-            });
+            let handles = self
+                .handles_for(version, x, &table)
+                .map_err(|e| format!("exchange '{}' in vhost '{vhost}': {e}", x.name))?;
+            prepared.push((x, table, handles));
         }
-        for p in prepared {
-            if let Some(b) = p.bindings {
-                p.exchange.bindings.store(Arc::new(b));
+        for (x, table, mut handles) in prepared {
+            let filtered = handles.bindings(&table, |b, filter| Binding {
+                filter: Some(filter),
+                ..b
+            });
+            if let Some(b) = filtered {
+                x.bindings.store(Arc::new(b));
             }
-            if let Some(t) = p.transform {
-                p.exchange.transform.store(Some(Arc::new(t)));
+            if let Some(t) = handles.transform {
+                x.transform.store(Some(Arc::new(t)));
             }
-            if let Some(r) = p.router {
-                p.exchange.router.store(Arc::new(r));
-                p.exchange.reset_memo();
+            if let Some(r) = handles.router {
+                x.router.store(Arc::new(r));
+                x.reset_memo();
             }
         }
         self.registry.serve(version.clone());

@@ -24,7 +24,7 @@ use super::Broker;
 use crate::cluster::{Catalog, Command};
 
 /// A content hash as logs show it (as `PluginVersion::short_hash` does).
-fn short(hash: &str) -> &str {
+pub(super) fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 

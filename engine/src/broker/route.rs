@@ -226,50 +226,36 @@ impl Broker {
         message: Message,
         reply: impl FnMut() -> Option<Reply>,
     ) -> PublishOutcome {
-        let started = std::time::Instant::now();
-        let routing_key = message.routing_key.to_string();
-        let mut steps = Steps::default();
-        let mut queues = Vec::new();
-        let outcome = self.publish_with(
-            vhost,
-            Some(exchange),
-            message,
-            reply,
-            &mut (&mut steps, &mut queues),
-        );
-        self.traces.keep(trace::Trace::finish(
-            vhost,
-            exchange,
-            routing_key,
-            steps,
-            queues,
-            &outcome,
-            started,
-        ));
+        let mut steps = Steps::new(&message, false);
+        let outcome = self.publish_with(vhost, Some(exchange), message, reply, &mut steps);
+        self.traces
+            .keep(trace::Trace::finish(vhost, exchange, steps, &outcome));
         outcome
     }
 
-    /// Route `message` through `exchange` without enqueueing it: the
-    /// queues here it reaches, and the outcome (forwards, faults).
+    /// Route `message` through `exchange` without enqueueing it; the queues
+    /// here it reaches are told to `steps`.
     pub(crate) fn route_only(
         &self,
         vhost: &VHost,
         exchange: &Arc<Exchange>,
         message: Message,
         steps: &mut Steps,
-    ) -> (Vec<String>, PublishOutcome) {
+    ) -> PublishOutcome {
         let mut ctx = Routing::default();
         self.route_into(vhost, exchange, Arc::new(message), &mut ctx, steps);
         ctx.outcome.delivered = ctx.reached();
-        let queues = ctx.deliveries.iter().map(|(q, _)| q.name.clone()).collect();
-        (queues, ctx.outcome)
+        for (q, _) in &ctx.deliveries {
+            steps.delivered(q);
+        }
+        ctx.outcome
     }
 
     /// The publish path, made once per kind of `reply` (no dynamic call for
     /// a publisher without confirms) and of observer (none for a publish
     /// that is not traced).
     #[inline(always)]
-    fn publish_with<O: Delivering>(
+    fn publish_with<O: Observer>(
         &self,
         vhost: &VHost,
         exchange: Option<&Arc<Exchange>>,
@@ -288,7 +274,7 @@ impl Broker {
             // The default exchange binds every queue by name; it is not a
             // plugin because its behaviour is fixed by the spec.
             None => ctx.deliver_to(vhost, &message.routing_key, &message),
-            Some(x) => self.route_into(vhost, x, message, &mut ctx, obs.steps()),
+            Some(x) => self.route_into(vhost, x, message, &mut ctx, obs),
         }
         ctx.outcome.delivered = ctx.reached();
         for (q, m) in ctx.deliveries {
@@ -540,34 +526,6 @@ impl Broker {
                 fault,
             });
         }
-    }
-}
-
-/// The observer of a whole publish: the steps of its routing, and the
-/// queues it is delivered to.
-trait Delivering {
-    type Steps: Observer;
-    fn steps(&mut self) -> &mut Self::Steps;
-    fn delivered(&mut self, queue: &Queue);
-}
-
-impl Delivering for () {
-    type Steps = ();
-    #[inline(always)]
-    fn steps(&mut self) -> &mut () {
-        self
-    }
-    #[inline(always)]
-    fn delivered(&mut self, _: &Queue) {}
-}
-
-impl Delivering for (&mut Steps, &mut Vec<String>) {
-    type Steps = Steps;
-    fn steps(&mut self) -> &mut Steps {
-        self.0
-    }
-    fn delivered(&mut self, queue: &Queue) {
-        self.1.push(queue.name.clone());
     }
 }
 

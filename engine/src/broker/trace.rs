@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 
 use super::candidate::By;
 use super::exchange::{BindingTable, Destination, Exchange};
+use super::queue::Queue;
 use super::{Broker, VHost};
 use crate::message::Message;
 use crate::plugin::{PluginFault, PluginVersion, TransformDecision};
@@ -168,6 +169,10 @@ pub(crate) trait Observer {
     fn counts(&self) -> bool {
         true
     }
+    /// The message reached `queue` (here; copies to other nodes are in the
+    /// outcome's forwards).
+    #[inline(always)]
+    fn delivered(&mut self, _queue: &Queue) {}
 }
 
 impl Observer for () {
@@ -177,10 +182,26 @@ impl Observer for () {
 }
 
 /// The recorder a trace runs with.
-#[derive(Default)]
 pub(crate) struct Steps {
-    pub(crate) steps: Vec<Step>,
-    pub(crate) dry: bool,
+    routing_key: String,
+    started: Instant,
+    dry: bool,
+    steps: Vec<Step>,
+    queues: Vec<String>,
+}
+
+impl Steps {
+    /// A recorder for `message`'s way; `dry`: nothing is enqueued or
+    /// counted.
+    pub(crate) fn new(message: &Message, dry: bool) -> Steps {
+        Steps {
+            routing_key: message.routing_key.to_string(),
+            started: Instant::now(),
+            dry,
+            steps: Vec::new(),
+            queues: Vec::new(),
+        }
+    }
 }
 
 impl Observer for Steps {
@@ -191,15 +212,14 @@ impl Observer for Steps {
     fn counts(&self) -> bool {
         !self.dry
     }
+    fn delivered(&mut self, queue: &Queue) {
+        self.queues.push(queue.name.clone());
+    }
 }
 
 /// Time since `t`, µs (0 when not tracing).
 pub(crate) fn since(t: Option<Instant>) -> f64 {
     t.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e6)
-}
-
-fn short(v: &PluginVersion) -> String {
-    v.short_hash().to_string()
 }
 
 pub(crate) fn transform_step(
@@ -226,7 +246,7 @@ pub(crate) fn transform_step(
     Step::Transform {
         exchange: x.name.clone(),
         plugin: version.name.clone(),
-        version: short(version),
+        version: version.short_hash().to_owned(),
         candidate: by == By::Candidate,
         outcome,
         routing_key,
@@ -275,7 +295,7 @@ pub(crate) fn route_step(
     Step::Route {
         exchange: x.name.clone(),
         plugin: x.kind.clone(),
-        version: short(&version),
+        version: version.short_hash().to_owned(),
         candidate: by == By::Candidate,
         bindings,
         took_us,
@@ -293,7 +313,7 @@ pub(crate) fn filter_step(
     Step::Filter {
         exchange: x.name.clone(),
         plugin: version.name.clone(),
-        version: short(version),
+        version: version.short_hash().to_owned(),
         candidate: by == By::Candidate,
         destination: binding.destination.name().to_owned(),
         key: binding.key.clone(),
@@ -328,29 +348,24 @@ impl Trace {
     pub(crate) fn finish(
         vhost: &VHost,
         exchange: &Exchange,
-        routing_key: String,
         steps: Steps,
-        queues: Vec<String>,
         outcome: &super::PublishOutcome,
-        started: Instant,
     ) -> Trace {
         Trace {
             vhost: vhost.name.clone(),
             exchange: exchange.name.clone(),
-            routing_key,
+            routing_key: steps.routing_key,
             dry: steps.dry,
             steps: steps.steps,
-            queues,
+            queues: steps.queues,
             forwarded: outcome
                 .forwards
                 .iter()
                 .flat_map(|f| f.queues.iter().map(move |q| format!("{}/{q}", f.node)))
                 .collect(),
             faults: outcome.faults.iter().map(|f| f.to_string()).collect(),
-            took_us: since(Some(started)),
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            took_us: since(Some(steps.started)),
+            at_ms: crate::message::now_ms(),
         }
     }
 }
@@ -359,22 +374,9 @@ impl Broker {
     /// Run `message` through `exchange` as a publish would, enqueueing
     /// nothing and counting nothing, and tell each step.
     pub fn trace(&self, vhost: &VHost, exchange: &Arc<Exchange>, message: Message) -> Trace {
-        let started = Instant::now();
-        let routing_key = message.routing_key.to_string();
-        let mut steps = Steps {
-            dry: true,
-            ..Steps::default()
-        };
-        let (queues, outcome) = self.route_only(vhost, exchange, message, &mut steps);
-        Trace::finish(
-            vhost,
-            exchange,
-            routing_key,
-            steps,
-            queues,
-            &outcome,
-            started,
-        )
+        let mut steps = Steps::new(&message, true);
+        let outcome = self.route_only(vhost, exchange, message, &mut steps);
+        Trace::finish(vhost, exchange, steps, &outcome)
     }
 
     /// The traces of traced publishes.

@@ -90,9 +90,7 @@ impl PluginLog {
             _ => tracing::trace!(target: "wasmq::plugin", plugin, version, "{text}"),
         }
         let line = Arc::new(LogLine {
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            at_ms: crate::message::now_ms(),
             plugin: plugin.to_owned(),
             version: version.to_owned(),
             level: LEVELS[i].to_owned(),

@@ -9,7 +9,8 @@ use std::time::Duration;
 use super::{Candidates, Event, Mode, Policy, RolloutError, Trial};
 use crate::broker::Broker;
 use crate::broker::exchange::{Binding, Exchange};
-use crate::plugin::{FilterPlugin, RouterPlugin, TransformPlugin};
+use crate::broker::plugins::Handles;
+use crate::plugin::FilterPlugin;
 
 impl Broker {
     /// The staged rollouts.
@@ -85,126 +86,91 @@ impl Broker {
     }
 
     /// Build the candidate's handles for every use of its plugin and put
-    /// them beside the serving ones; all or nothing.
+    /// them beside the serving ones; all or nothing, as a swap.
     fn attach_locked(&self, trial: &Arc<Trial>) -> Result<(), String> {
         let _swap = self.swap.write();
-        let name = trial.plugin.as_str();
-        let version = &trial.version;
-        let mut exchanges = Vec::new();
-        for vhost in self.vhosts() {
-            for x in vhost.exchanges() {
-                exchanges.push(x);
-            }
-        }
-        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
-        let _controls: Vec<_> = exchanges.iter().map(|x| x.control.lock()).collect();
-        let mut prepared = Vec::new();
-        for x in &exchanges {
-            let at = |e: &dyn std::fmt::Display| format!("exchange '{}': {e}", x.name);
-            let table = x.bindings.load_full();
-            let mut c = x
-                .candidates
-                .load_full()
-                .map(|c| (*c).clone())
-                .unwrap_or_default();
-            let mut changed = false;
-            if x.kind == name && !Self::is_predeclared(&x.name) {
-                let r =
-                    RouterPlugin::new(&self.host, version, &x.name, &x.encoded_arguments, &*table)
-                        .map_err(|e| at(&e))?;
-                c.router = Some((Arc::new(r), trial.clone()));
-                changed = true;
-            }
-            if x.transform_name.as_deref() == Some(name) {
-                let t = TransformPlugin::new(&self.host, version, &x.name, &x.encoded_arguments)
-                    .map_err(|e| at(&e))?;
-                c.transform = Some((Arc::new(t), trial.clone()));
-                changed = true;
-            }
-            let mut bindings = None;
-            if table.iter().any(|b| b.filter_name.as_deref() == Some(name)) {
-                let mut next = (*table).clone();
-                for b in table.iter() {
-                    if b.filter_name.as_deref() == Some(name) {
-                        let f = FilterPlugin::new(
-                            &self.host,
-                            version,
-                            &x.name,
-                            &b.key,
-                            &b.encoded_arguments,
-                        )
-                        .map_err(|e| at(&e))?;
-                        next = next.replaced(Binding {
-                            filter_candidate: Some((Arc::new(f), trial.clone())),
-                            ..(**b).clone()
-                        });
-                    }
-                }
-                bindings = Some(next);
-            }
-            if changed || bindings.is_some() {
-                prepared.push((x.clone(), changed.then_some(c), bindings));
-            }
-        }
-        if prepared.is_empty() {
+        let users = self.users_of(&trial.plugin);
+        if users.is_empty() {
             return Err(format!(
-                "no exchange or binding uses plugin '{name}': nothing to try it on"
+                "no exchange or binding uses plugin '{}': nothing to try it on",
+                trial.plugin
             ));
         }
-        for (x, c, bindings) in prepared {
-            if let Some(b) = bindings {
+        let _controls: Vec<_> = users.iter().map(|(_, x)| x.control.lock()).collect();
+        let mut prepared = Vec::with_capacity(users.len());
+        for (vhost, x) in &users {
+            let table = x.bindings.load_full();
+            let handles = self
+                .handles_for(&trial.version, x, &table)
+                .map_err(|e| format!("exchange '{}' in vhost '{vhost}': {e}", x.name))?;
+            prepared.push((x, table, handles));
+        }
+        for (x, table, mut handles) in prepared {
+            let filtered = handles.bindings(&table, |b, filter| Binding {
+                filter_candidate: Some((filter, trial.clone())),
+                ..b
+            });
+            if let Some(b) = filtered {
                 x.bindings.store(Arc::new(b));
             }
-            if let Some(c) = c {
-                x.candidates.store(Some(Arc::new(c)));
-            }
-            x.staged.store(true, Ordering::Relaxed);
+            self.place_candidates(x, handles, trial);
             x.reset_memo();
         }
         Ok(())
     }
 
+    /// Put `handles`' router and transform beside `x`'s serving ones, as
+    /// candidates of `trial`, and mark `x` staged.
+    fn place_candidates(&self, x: &Exchange, handles: Handles, trial: &Arc<Trial>) {
+        if handles.router.is_some() || handles.transform.is_some() {
+            let mut c = x
+                .candidates
+                .load_full()
+                .map(|c| (*c).clone())
+                .unwrap_or_default();
+            if let Some(r) = handles.router {
+                c.router = Some((Arc::new(r), trial.clone()));
+            }
+            if let Some(t) = handles.transform {
+                c.transform = Some((Arc::new(t), trial.clone()));
+            }
+            x.candidates.store(Some(Arc::new(c)));
+        }
+        x.staged.store(true, Ordering::Relaxed);
+    }
+
     /// Take `trial`'s handles out of every exchange and binding.
     fn detach_locked(&self, trial: &Arc<Trial>) {
         let _swap = self.swap.write();
-        let mine = |t: &Arc<Trial>| Arc::ptr_eq(t, trial);
-        for vhost in self.vhosts() {
-            for x in vhost.exchanges() {
-                let _control = x.control.lock();
-                if let Some(c) = x.candidates.load_full() {
-                    let mut c = (*c).clone();
-                    if c.router.as_ref().is_some_and(|(_, t)| mine(t)) {
-                        c.router = None;
-                    }
-                    if c.transform.as_ref().is_some_and(|(_, t)| mine(t)) {
-                        c.transform = None;
-                    }
-                    x.candidates.store((!c.is_empty()).then(|| Arc::new(c)));
+        fn of<T>(slot: &Option<(Arc<T>, Arc<Trial>)>, trial: &Arc<Trial>) -> bool {
+            slot.as_ref().is_some_and(|(_, t)| Arc::ptr_eq(t, trial))
+        }
+        // A candidate only ever stands beside a use of its plugin.
+        for (_, x) in self.users_of(&trial.plugin) {
+            let _control = x.control.lock();
+            if let Some(c) = x.candidates.load_full() {
+                let mut c = (*c).clone();
+                if of(&c.router, trial) {
+                    c.router = None;
                 }
-                let table = x.bindings.load_full();
-                if table
-                    .iter()
-                    .any(|b| b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)))
-                {
-                    let mut next = (*table).clone();
-                    for b in table.iter() {
-                        if b.filter_candidate.as_ref().is_some_and(|(_, t)| mine(t)) {
-                            next = next.replaced(Binding {
-                                filter_candidate: None,
-                                ..(**b).clone()
-                            });
-                        }
-                    }
-                    x.bindings.store(Arc::new(next));
+                if of(&c.transform, trial) {
+                    c.transform = None;
                 }
-                let still = x.candidates.load().is_some()
-                    || x.bindings
-                        .load()
-                        .iter()
-                        .any(|b| b.filter_candidate.is_some());
-                x.staged.store(still, Ordering::Relaxed);
-                x.reset_memo();
+                x.candidates.store((!c.is_empty()).then(|| Arc::new(c)));
             }
+            let table = x.bindings.load_full();
+            let mut next = (*table).clone();
+            for b in table.iter().filter(|b| of(&b.filter_candidate, trial)) {
+                next = next.replaced(Binding {
+                    filter_candidate: None,
+                    ..(**b).clone()
+                });
+            }
+            let still =
+                x.candidates.load().is_some() || next.iter().any(|b| b.filter_candidate.is_some());
+            x.bindings.store(Arc::new(next));
+            x.staged.store(still, Ordering::Relaxed);
+            x.reset_memo();
         }
     }
 
@@ -269,13 +235,11 @@ impl Broker {
     /// logged: the version serves until the next restart.
     fn serve_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
         self.install_plugin(name, bytes)?;
-        let path = self.plugin_dir.join(format!("{name}.wasm"));
-        let tmp = self.plugin_dir.join(format!(".{name}.wasm.tmp"));
-        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+        if let Err(e) = self.write_plugin_file(name, bytes) {
             tracing::warn!(
                 plugin = name,
-                "the version serves, but {} could not be written ({e}): a restart serves the folder's file",
-                path.display()
+                "the version serves, but {name}.wasm could not be written into {} ({e}): a restart serves the folder's file",
+                self.plugin_dir.display()
             );
         }
         Ok(())
@@ -383,44 +347,21 @@ impl Broker {
     /// the candidate beside it. A candidate that refuses the exchange the
     /// serving version took would misroute there: it is rolled back.
     pub(crate) fn stage_on_new_exchange(&self, x: &Exchange) {
-        let router = (!Self::is_predeclared(&x.name))
-            .then(|| self.candidates.get(&x.kind))
-            .flatten();
-        let transform = x
-            .transform_name
-            .as_deref()
-            .and_then(|t| self.candidates.get(t));
-        if router.is_none() && transform.is_none() {
-            return;
-        }
-        let mut c = super::ExchangeCandidates::default();
-        if let Some(trial) = router {
-            match RouterPlugin::new(
-                &self.host,
-                &trial.version,
-                &x.name,
-                &x.encoded_arguments,
-                &(),
-            ) {
-                Ok(r) => c.router = Some((Arc::new(r), trial)),
+        let router = Self::routes_with(x, &x.kind).then_some(x.kind.as_str());
+        let mut trials: Vec<Arc<Trial>> = [router, x.transform_name.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.candidates.get(name))
+            .collect();
+        trials.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for trial in trials {
+            match self.handles_for(&trial.version, x, &x.bindings.load()) {
+                Ok(handles) => self.place_candidates(x, handles, &trial),
                 Err(e) => trial.fail(format!(
-                    "refused exchange '{}' the serving version took: {e}",
+                    "refused exchange '{}', which the serving version took: {e}",
                     x.name
                 )),
             }
-        }
-        if let Some(trial) = transform {
-            match TransformPlugin::new(&self.host, &trial.version, &x.name, &x.encoded_arguments) {
-                Ok(t) => c.transform = Some((Arc::new(t), trial)),
-                Err(e) => trial.fail(format!(
-                    "refused exchange '{}' the serving version took: {e}",
-                    x.name
-                )),
-            }
-        }
-        if !c.is_empty() {
-            x.candidates.store(Some(Arc::new(c)));
-            x.staged.store(true, Ordering::Relaxed);
         }
     }
 

@@ -78,7 +78,7 @@ pub enum Mode {
 
 /// When a canary is promoted or rolled back on its own.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Policy {
     /// Promoted after deciding this many messages...
     pub promote_after_messages: u64,
@@ -445,7 +445,7 @@ impl Candidates {
     }
 
     fn record(&self, plugin: &str, event: Event, from: &str, to: &str, reason: Option<String>) {
-        let short = |h: &str| h[..h.len().min(12)].to_owned();
+        use crate::broker::rollout::short;
         match &reason {
             Some(r) => tracing::warn!(
                 plugin, event = event.as_str(), from = %short(from), to = %short(to),
@@ -525,28 +525,31 @@ mod tests {
     use super::*;
     use crate::broker::exchange::Destination;
 
-    #[test]
-    fn the_canary_share_follows_the_key_and_the_percentage() {
-        let host = crate::plugin::PluginHost::new(
+    fn host() -> Arc<crate::plugin::PluginHost> {
+        crate::plugin::PluginHost::new(
             Default::default(),
             None,
             crate::plugin::Compiler::Optimizing,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A trial of a built-in version in `mode`, on no broker.
+    fn trial(mode: Mode, policy: Policy) -> Arc<Trial> {
         let (_, bytes) = crate::builtins::BUILTINS[0];
-        let v = host.load("p", bytes, false).unwrap();
-        let trial = |percent| {
-            Trial::new(
-                v.clone(),
-                String::new(),
-                bytes.into(),
-                Mode::Canary {
-                    percent,
-                    by_header: None,
-                },
-                Policy::default(),
-            )
-        };
+        let v = host().load("p", bytes, false).unwrap();
+        Trial::new(v, String::new(), bytes.into(), mode, policy)
+    }
+
+    fn canary(percent: f64, by_header: Option<&str>) -> Mode {
+        Mode::Canary {
+            percent,
+            by_header: by_header.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_canary_share_follows_the_key_and_the_percentage() {
         let keys: Vec<Message> = (0..10_000)
             .map(|i| {
                 Message::new(
@@ -557,7 +560,10 @@ mod tests {
                 )
             })
             .collect();
-        let (ten, fifty) = (trial(10.0), trial(50.0));
+        let (ten, fifty) = (
+            trial(canary(10.0, None), Policy::default()),
+            trial(canary(50.0, None), Policy::default()),
+        );
         let share = |t: &Trial| keys.iter().filter(|k| t.picks(k)).count();
         let (a, b) = (share(&ten), share(&fifty));
         assert!((800..1200).contains(&a), "10%: {a} of 10k");
@@ -567,16 +573,7 @@ mod tests {
             assert!(fifty.picks(k) && ten.picks(k));
         }
         // By a header: one tenant keeps one version, whatever its keys.
-        let by_tenant = Trial::new(
-            v.clone(),
-            String::new(),
-            bytes.into(),
-            Mode::Canary {
-                percent: 50.0,
-                by_header: Some("tenant".into()),
-            },
-            Policy::default(),
-        );
+        let by_tenant = trial(canary(50.0, Some("tenant")), Policy::default());
         let of = |tenant: &str, key: &str| {
             let mut h = amq_protocol::types::FieldTable::default();
             h.insert(
@@ -608,22 +605,8 @@ mod tests {
 
     #[test]
     fn a_fault_rate_past_the_bound_stops_the_canary_at_once() {
-        let host = crate::plugin::PluginHost::new(
-            Default::default(),
-            None,
-            crate::plugin::Compiler::Optimizing,
-        )
-        .unwrap();
-        let (_, bytes) = crate::builtins::BUILTINS[0];
-        let v = host.load("p", bytes, false).unwrap();
-        let t = Trial::new(
-            v,
-            String::new(),
-            bytes.into(),
-            Mode::Canary {
-                percent: 100.0,
-                by_header: None,
-            },
+        let t = trial(
+            canary(100.0, None),
             Policy {
                 max_fault_rate: 0.1,
                 ..Policy::default()
@@ -656,13 +639,7 @@ mod tests {
     fn broker_with(
         keys: &[(&str, &str)],
     ) -> (Arc<crate::broker::Broker>, Arc<crate::broker::VHost>) {
-        let host = crate::plugin::PluginHost::new(
-            Default::default(),
-            None,
-            crate::plugin::Compiler::Optimizing,
-        )
-        .unwrap();
-        let b = crate::broker::Broker::new(host, "/nonexistent".into()).unwrap();
+        let b = crate::broker::Broker::new(host(), "/nonexistent".into()).unwrap();
         b.install_plugin("router", builtin("topic")).unwrap();
         let v = b.vhost("/").unwrap();
         b.declare_exchange(&v, spec("x"), false).unwrap();
@@ -789,10 +766,7 @@ mod tests {
         b.stage_candidate(
             "router",
             builtin("direct"),
-            Mode::Canary {
-                percent: 100.0,
-                by_header: None,
-            },
+            canary(100.0, None),
             Policy {
                 promote_after_messages: 2,
                 promote_after_secs: 0,
@@ -840,10 +814,7 @@ mod tests {
             .stage_candidate(
                 "router",
                 builtin("direct"),
-                Mode::Canary {
-                    percent: 50.0,
-                    by_header: None,
-                },
+                canary(50.0, None),
                 Policy {
                     max_p99_us: 1_000,
                     p99_min_calls: 10,

@@ -393,11 +393,8 @@ async fn answer_commits(
 
 impl Replicated for Replica {
     fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>) {
-        let published_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let e = Enqueue {
-            published_ms,
+            published_ms: crate::message::now_ms(),
             message: StoredMessage::of(&message),
         };
         self.proposer.add(|g| {
