@@ -46,6 +46,8 @@
 //!   files show and take them.
 //! * [`latency`]: the lock-free latency histogram of plugin calls and store
 //!   syncs, read by the admin API and `/metrics`.
+//! * [`untrusted`]: a peer's strings made safe for a log line, and
+//!   refusals logged once per source and window.
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
@@ -70,6 +72,7 @@ pub mod plugin;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod untrusted;
 
 /// The built-in plugins, built from `plugins/` by `build.rs`.
 pub mod builtins {

@@ -88,7 +88,7 @@ pub enum PropertiesError {
     #[error("{0}")]
     TooDeep(#[from] crate::amqp::field_table::TooDeep),
     /// Truncated, trailing bytes, or a field that does not decode.
-    #[error("SYNTAX_ERROR - content header properties do not decode")]
+    #[error("content header properties do not decode")]
     Malformed,
 }
 

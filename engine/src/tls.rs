@@ -7,9 +7,14 @@
 //! current when it arrives, so a certificate rotated on disk is served to
 //! the next connection while the open ones keep theirs: [`Tls::watch`]
 //! reloads the files when they change. A set of files that does not load
-//! (a key that does not match its certificate, a half-written PEM) is
-//! refused with a warning and the previous certificate keeps serving; the
-//! next change tries again.
+//! (a key that does not match its certificate, a half-written PEM, a file
+//! over [`MAX_PEM_BYTES`], a chain of more than [`MAX_CHAIN`]
+//! certificates) is refused with a warning and the previous certificate
+//! keeps serving; the next change tries again. A set that loads must also
+//! complete a TLS handshake with itself in memory before it serves: a
+//! chain a client would refuse (one too large for a handshake message, a
+//! key that cannot sign what the certificate announces) never replaces
+//! one that works.
 //!
 //! rustls speaks TLS 1.2 and 1.3 only, so nothing older is ever offered.
 //!
@@ -39,6 +44,11 @@ use tokio_rustls::TlsAcceptor;
 /// Quiet time after a change in a watched folder before the files are read:
 /// a certificate and its key are written one after the other.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The largest certificate, key or CA file read.
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+/// The most certificates a served chain may have.
+pub const MAX_CHAIN: usize = 16;
 
 /// The `[tls]` section of the configuration file.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -126,10 +136,19 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::File {
+    use std::io::Read as _;
+    let fail = |what: String| TlsError::File {
         path: path.to_owned(),
-        what: e.to_string(),
-    })
+        what,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(e.to_string()))?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(fail(format!("larger than {MAX_PEM_BYTES} bytes")));
+    }
+    Ok(bytes)
 }
 
 fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -294,6 +313,15 @@ impl Sources {
 
 fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
     let certs = certificates(&settings.cert_file, &source.cert)?;
+    if certs.len() > MAX_CHAIN {
+        return Err(TlsError::File {
+            path: settings.cert_file.clone(),
+            what: format!(
+                "a chain of {} certificates; at most {MAX_CHAIN} are served",
+                certs.len()
+            ),
+        });
+    }
     let key = PrivateKeyDer::from_pem_slice(&source.key).map_err(|e| TlsError::File {
         path: settings.key_file.clone(),
         what: e.to_string(),
@@ -351,12 +379,111 @@ fn build(settings: &TlsSettings, source: Sources) -> Result<Configs, TlsError> {
     };
     let mut admin = builder.with_no_client_auth().with_single_cert(certs, key)?;
     admin.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let admin = Arc::new(admin);
+    self_handshake(admin.clone()).map_err(|e| TlsError::File {
+        path: settings.cert_file.clone(),
+        what: format!("a TLS handshake with this certificate and key fails: {e}"),
+    })?;
     Ok(Configs {
         amqp: Arc::new(amqp),
-        admin: Arc::new(admin),
+        admin,
         cluster,
         source,
     })
+}
+
+/// A client that takes any certificate the server shows but checks that
+/// the server's signatures verify with it: for [`self_handshake`], which
+/// asks whether a client could complete a handshake at all, not whether
+/// it trusts the issuer.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Complete a TLS handshake between `server` and a client in memory.
+fn self_handshake(server: Arc<ServerConfig>) -> Result<(), rustls::Error> {
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("wasmq.self-check")
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut client =
+        rustls::Connection::from(rustls::ClientConnection::new(Arc::new(client), name)?);
+    let mut server = rustls::Connection::from(rustls::ServerConnection::new(server)?);
+    fn pass(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+    ) -> Result<(), rustls::Error> {
+        let io = |e: io::Error| rustls::Error::General(e.to_string());
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).map_err(io)?;
+        }
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).map_err(io)?;
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+    // A full handshake is two round trips; a few more leave room for
+    // session tickets.
+    for _ in 0..8 {
+        pass(&mut client, &mut server)?;
+        pass(&mut server, &mut client)?;
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err(rustls::Error::General(
+        "the handshake did not finish".into(),
+    ))
 }
 
 /// The subject CN of the client's verified certificate, if it sent one.
@@ -386,4 +513,69 @@ pub(crate) async fn within<T>(
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k, cert.pem())
+    }
+
+    fn settings(cert_file: PathBuf, key_file: PathBuf) -> TlsSettings {
+        TlsSettings {
+            cert_file,
+            key_file,
+            ca_file: None,
+            fail_if_no_peer_cert: false,
+            watch: false,
+        }
+    }
+
+    #[test]
+    fn a_chain_no_client_could_take_is_refused_and_the_old_one_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k, pem) = pair(dir.path(), "old.example");
+        let tls = Tls::load(settings(c.clone(), k.clone())).unwrap();
+        let before = tls.current.load().admin.clone();
+        // Over the chain bound.
+        std::fs::write(&c, pem.repeat(MAX_CHAIN + 1)).unwrap();
+        let e = tls.reload().unwrap_err().to_string();
+        assert!(e.contains("chain of 17 certificates"), "{e}");
+        // Within it, but too large for a handshake message (~64 KiB).
+        let big = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["big.example".into()]).unwrap();
+        params.subject_alt_names = (0..12_000)
+            .map(|i| rcgen::SanType::DnsName(format!("n{i}.example").try_into().unwrap()))
+            .collect();
+        let cert = params.self_signed(&big).unwrap();
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, big.serialize_pem()).unwrap();
+        let e = tls.reload().unwrap_err().to_string();
+        assert!(e.contains("handshake"), "{e}");
+        // A file over the size bound is not even read whole.
+        std::fs::write(&c, vec![b'x'; MAX_PEM_BYTES as usize + 1]).unwrap();
+        assert!(
+            tls.reload()
+                .unwrap_err()
+                .to_string()
+                .contains("larger than")
+        );
+        assert!(
+            Arc::ptr_eq(&before, &tls.current.load().admin),
+            "the previous certificate keeps serving"
+        );
+        // A good pair still replaces it.
+        pair(dir.path(), "new.example");
+        assert!(tls.reload().unwrap());
+    }
 }

@@ -90,7 +90,11 @@ fn visible_vhosts(s: &AdminState, viewer: &Viewer) -> Vec<Arc<VHost>> {
 }
 
 /// Vhost `name`, if `viewer` may see it (403 if it exists but may not).
-fn visible_vhost(s: &AdminState, viewer: &Viewer, name: &str) -> Result<Arc<VHost>, ApiError> {
+pub(super) fn visible_vhost(
+    s: &AdminState,
+    viewer: &Viewer,
+    name: &str,
+) -> Result<Arc<VHost>, ApiError> {
     let v = vhost(s, name)?;
     if !viewer.sees(name) {
         return Err(ApiError::new(
@@ -342,6 +346,7 @@ async fn add_member(
     State(s): State<AdminState>,
     Path((v, name, node)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
+    super::cluster::node(&s)?;
     let v = vhost(&s, &v)?;
     s.broker
         .add_quorum_member(&v.name, &name, &node)
@@ -355,6 +360,7 @@ async fn remove_member(
     State(s): State<AdminState>,
     Path((v, name, node)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
+    super::cluster::node(&s)?;
     let v = vhost(&s, &v)?;
     s.broker
         .remove_quorum_member(&v.name, &name, &node)
@@ -610,6 +616,19 @@ async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
 /// import and is returned with the item it was about.
 async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCode> {
     let defs = Definitions::from_rabbitmq(&body).map_err(ApiError::bad_request)?;
+    let refused = |e: crate::broker::DefinitionsError| {
+        // A store that fails is the broker's fault (500); anything else the
+        // document's (400).
+        let status = if e.is_internal() {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, e.to_string())
+    };
+    // The whole document first: one that would be refused anywhere
+    // changes nothing.
+    s.broker.check_definitions(&defs).map_err(refused)?;
     if let Some(node) = s.broker.cluster() {
         // Through the log, one change at a time, in the order a single
         // node imports them; the first refusal stops it and names it.
@@ -632,16 +651,7 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
         }
         return Ok(StatusCode::CREATED);
     }
-    s.broker.import_definitions(&defs).map_err(|e| {
-        // A store that fails is the broker's fault (500); anything else the
-        // document's (400).
-        let status = if e.is_internal() {
-            StatusCode::INTERNAL_SERVER_ERROR
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError::new(status, e.to_string())
-    })?;
+    s.broker.import_definitions(&defs).map_err(refused)?;
     Ok(StatusCode::CREATED)
 }
 
@@ -937,15 +947,7 @@ async fn upload(
     axum::extract::Query(query): axum::extract::Query<UploadQuery>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(ApiError::bad_request(
-            "plugin names are letters, digits, '-' and '_'",
-        ));
-    }
+    super::plugin_name(&name)?;
     let broker = s.broker.clone();
     let checked_name = name.clone();
     let version = super::blocking(move || {

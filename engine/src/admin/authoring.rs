@@ -4,14 +4,16 @@
 //!
 //! Every change here is a POST, PUT or DELETE, so it needs the
 //! `administrator` tag (the admin API's rule); reading a candidate, the
-//! kept versions, the rollout history or the traces needs `monitoring`.
+//! kept versions, the rollout history or a plugin's log needs `monitoring`,
+//! a plugin's bytes `administrator`. Traces and captures belong to a
+//! vhost: a `management` user sees those of its vhosts only.
 //! The broker does the work (`broker::candidate`, `broker::trace`); this
 //! file turns requests into its calls and its answers into [`super::model`]
 //! types the CLI reads back.
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -21,9 +23,9 @@ use serde_json::{Value, json};
 
 use super::api::{PublishBody, message_from};
 use super::model::{CandidateView, CaptureView, KeptVersionView, LatencyView, RolloutsView};
-use super::{AdminState, ApiError, blocking};
+use super::{AdminState, ApiError, Viewer, blocking};
 use crate::broker::candidate::{Mode, Policy, RolloutError, Trial};
-use crate::broker::capture::{CaptureSpec, Captured};
+use crate::broker::capture::CaptureSpec;
 use crate::broker::trace::Trace;
 
 pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
@@ -72,41 +74,98 @@ fn exchange_of(
 }
 
 /// Start capturing what is published to an exchange (administrators only:
-/// a capture holds message bodies).
+/// a capture holds message bodies). The body is a JSON object of
+/// [`CaptureSpec`] fields, or empty for the defaults.
 async fn start_capture(
     State(s): State<AdminState>,
     Path((v, name)): Path<(String, String)>,
-    body: Option<Json<CaptureSpec>>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<CaptureView>), ApiError> {
-    let spec = body.map(|b| b.0).unwrap_or_default();
-    if spec.count == 0 {
-        return Err(ApiError::bad_request("count: capture at least one message"));
-    }
-    let c = exchange_of(&s, &v, &name)?.start_capture(spec);
-    tracing::info!(exchange = %name, vhost = %v, count = c.spec.count, sample = c.spec.sample, "capture started");
+    let spec = capture_spec(&body)?;
+    let c = exchange_of(&s, &v, &name)?.start_capture(&v, spec);
+    tracing::info!(exchange = %crate::untrusted::text(&name), vhost = %crate::untrusted::text(&v), count = c.spec.count, sample = c.spec.sample, "capture started");
     Ok((StatusCode::CREATED, Json(capture_view(&c))))
 }
 
-/// How a capture is doing (counts only: the messages need a POST).
+/// A capture's spec from a request body: an object, or nothing for the
+/// defaults (serde would take an array of the fields too, and `[]` as
+/// every default).
+fn capture_spec(body: &[u8]) -> Result<CaptureSpec, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(CaptureSpec::default());
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("capture: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "capture: the body is a JSON object (count, sample, max_bytes) or empty",
+        ));
+    }
+    let spec: CaptureSpec = serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("capture: {e}")))?;
+    if spec.count == 0 {
+        return Err(ApiError::bad_request("count: capture at least one message"));
+    }
+    if spec.sample == 0 {
+        return Err(ApiError::bad_request(
+            "sample: keep one message in 1 or more",
+        ));
+    }
+    if spec.max_bytes == 0 {
+        return Err(ApiError::bad_request("max_bytes: at least one byte"));
+    }
+    Ok(spec)
+}
+
+/// How a capture is doing (counts only: the messages need a POST), to
+/// whoever may see the vhost.
 async fn capture_status(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path((v, name)): Path<(String, String)>,
 ) -> Result<Json<CaptureView>, ApiError> {
-    let c = exchange_of(&s, &v, &name)?
+    let c = super::api::visible_vhost(&s, &viewer, &v)?
+        .exchange(&name)?
         .capture()
         .ok_or_else(|| ApiError::not_found(format!("a capture on exchange '{name}'")))?;
     Ok(Json(capture_view(&c)))
 }
 
-/// The captured messages; the capture ends.
+/// The captured messages, as one JSON array written as it is made (the
+/// capture holds messages as published; their JSON is made a few at a
+/// time, off the async workers, never all at once); the capture ends.
 async fn take_capture(
     State(s): State<AdminState>,
     Path((v, name)): Path<(String, String)>,
-) -> Result<Json<Vec<Captured>>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let c = exchange_of(&s, &v, &name)?
         .stop_capture()
         .ok_or_else(|| ApiError::not_found(format!("a capture on exchange '{name}'")))?;
-    Ok(Json(c.messages()))
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        for chunk in c.json_chunks(TAKE_CHUNK) {
+            // The client left: stop making JSON for nobody.
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream_of(rx));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+/// JSON bytes a capture's take makes before handing them on.
+const TAKE_CHUNK: usize = 64 << 10;
+
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
 async fn stop_capture(
@@ -125,32 +184,58 @@ struct LogsQuery {
 }
 
 /// A plugin's last log lines, or (`?follow=true`) its lines as they are
-/// written, as server-sent events: one `data:` line of JSON per log line,
-/// and a `missed` event when the follower fell behind.
+/// written, as server-sent events: one `data:` line of JSON per log line.
+/// A follower that falls a whole ring of lines behind has stopped reading:
+/// it gets a `missed` event with the count and is let go. Only a plugin
+/// that is loaded has a log here (404 otherwise: asking creates nothing).
 async fn logs(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
-) -> axum::response::Response {
+) -> Result<axum::response::Response, ApiError> {
+    super::plugin_name(&name)?;
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};
+    viewer.monitoring("plugin logs")?;
+    let known = s.broker.plugins().get(&name).is_some()
+        || s.broker.candidates().get(&name).is_some()
+        || s.broker.host().has_plugin_log(&name);
+    if !known {
+        return Err(ApiError::not_found(format!(
+            "plugin '{}'",
+            crate::untrusted::text(&name)
+        )));
+    }
     let log = s.broker.host().plugin_log(&name);
     if !q.follow {
-        return Json(log.recent()).into_response();
+        return Ok(Json(log.recent()).into_response());
     }
+    let place = s
+        .followers
+        .enter(&viewer.user)
+        .map_err(|why| ApiError::new(StatusCode::TOO_MANY_REQUESTS, why))?;
     let rx = log.follow();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let stream = futures::stream::unfold(Some((rx, place)), |state| async move {
         use tokio::sync::broadcast::error::RecvError;
-        let event = match rx.recv().await {
-            Ok(line) => Event::default().json_data(&*line).ok()?,
-            Err(RecvError::Lagged(n)) => Event::default().event("missed").data(n.to_string()),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok::<_, std::convert::Infallible>(event), rx))
+        let (mut rx, place) = state?;
+        match rx.recv().await {
+            Ok(line) => {
+                let event = Event::default().json_data(&*line).ok()?;
+                Some((Ok::<_, std::convert::Infallible>(event), Some((rx, place))))
+            }
+            // A whole ring behind: it is not reading. Tell it, then let go
+            // (the place goes with the state).
+            Err(RecvError::Lagged(n)) => Some((
+                Ok(Event::default().event("missed").data(n.to_string())),
+                None,
+            )),
+            Err(RecvError::Closed) => None,
+        }
     });
-    Sse::new(stream)
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }
 
 impl From<RolloutError> for ApiError {
@@ -193,8 +278,11 @@ pub(super) fn candidate_view(t: &Trial) -> CandidateView {
 
 async fn candidate(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path(name): Path<String>,
 ) -> Result<Json<CandidateView>, ApiError> {
+    super::plugin_name(&name)?;
+    viewer.monitoring("a plugin's candidate")?;
     let t = s
         .broker
         .candidates()
@@ -242,6 +330,7 @@ async fn stage(
     Query(policy): Query<Policy>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
+    super::plugin_name(&name)?;
     let mode = mode(&q)?;
     let broker = s.broker.clone();
     let trial = blocking(move || broker.stage_candidate(&name, &body, mode, policy)).await??;
@@ -263,6 +352,7 @@ async fn to_canary(
     Path(name): Path<String>,
     Json(body): Json<CanaryBody>,
 ) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
+    super::plugin_name(&name)?;
     let t = s
         .broker
         .candidates()
@@ -282,6 +372,7 @@ async fn promote(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    super::plugin_name(&name)?;
     let broker = s.broker.clone();
     let n = name.clone();
     blocking(move || broker.promote_candidate(&n)).await??;
@@ -293,6 +384,7 @@ async fn abort(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    super::plugin_name(&name)?;
     let broker = s.broker.clone();
     blocking(move || broker.abort_candidate(&name)).await??;
     Ok(StatusCode::NO_CONTENT)
@@ -309,6 +401,7 @@ async fn rollback(
     Path(name): Path<String>,
     body: Option<Json<RollbackBody>>,
 ) -> Result<Json<Value>, ApiError> {
+    super::plugin_name(&name)?;
     let hash = body.and_then(|b| b.0.hash);
     let broker = s.broker.clone();
     let n = name.clone();
@@ -318,8 +411,11 @@ async fn rollback(
 
 async fn versions(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<KeptVersionView>>, ApiError> {
+    super::plugin_name(&name)?;
+    viewer.monitoring("a plugin's versions")?;
     let serving = s.broker.plugins().get(&name).map(|v| v.hash.clone());
     let kept = s
         .broker
@@ -350,9 +446,12 @@ struct WasmQuery {
 
 async fn wasm(
     State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
     Path(name): Path<String>,
     Query(q): Query<WasmQuery>,
 ) -> Result<axum::response::Response, ApiError> {
+    super::plugin_name(&name)?;
+    viewer.administrator("a plugin's bytes")?;
     use axum::response::IntoResponse;
     let hash = match q.hash {
         Some(h) => h,
@@ -381,12 +480,16 @@ async fn wasm(
         .into_response())
 }
 
-async fn rollouts(State(s): State<AdminState>) -> Json<RolloutsView> {
+async fn rollouts(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Result<Json<RolloutsView>, ApiError> {
+    viewer.monitoring("rollouts")?;
     let c = s.broker.candidates();
-    Json(RolloutsView {
+    Ok(Json(RolloutsView {
         candidates: c.all().iter().map(|t| candidate_view(t)).collect(),
         transitions: c.history(),
-    })
+    }))
 }
 
 /// Run a message through an exchange without enqueueing it.
@@ -403,7 +506,13 @@ async fn trace(
     Ok(Json(trace))
 }
 
-/// The traces of publishes that carried `x-wasmq-trace`.
-async fn traces(State(s): State<AdminState>) -> Json<Vec<Trace>> {
-    Json(s.broker.traces().list())
+/// The traces of publishes that carried `x-wasmq-trace`, of the vhosts
+/// the viewer may see.
+async fn traces(
+    State(s): State<AdminState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Json<Vec<Trace>> {
+    let mut all = s.broker.traces().list();
+    all.retain(|t| viewer.sees(&t.vhost));
+    Json(all)
 }

@@ -47,7 +47,7 @@ pub(super) fn routes() -> Router<AdminState> {
         )
 }
 
-fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiError> {
+pub(super) fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiError> {
     s.broker.cluster().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -220,6 +220,56 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
         conns.iter().map(|c| c.channels().len()).sum::<usize>() as f64,
     );
 
+    // The bounds of the surfaces a client may hold open (docs/limits.md).
+    e.family(
+        "wasmq_admin_connections",
+        "gauge",
+        "Open connections to the admin port.",
+    );
+    e.sample("wasmq_admin_connections", &[], s.connections.open() as f64);
+    e.family(
+        "wasmq_admin_connections_refused_total",
+        "counter",
+        "Admin connections closed at once for being past admin.max_connections (or per source).",
+    );
+    e.sample(
+        "wasmq_admin_connections_refused_total",
+        &[],
+        n(&s.connections.refused),
+    );
+    e.family(
+        "wasmq_plugin_log_followers",
+        "gauge",
+        "Clients following a plugin's log.",
+    );
+    e.sample(
+        "wasmq_plugin_log_followers",
+        &[],
+        s.followers.count() as f64,
+    );
+    e.family(
+        "wasmq_traces_kept_bytes",
+        "gauge",
+        "Bytes of kept traces (x-wasmq-trace), as their JSON measures them.",
+    );
+    e.sample(
+        "wasmq_traces_kept_bytes",
+        &[],
+        s.broker.traces().bytes() as f64,
+    );
+    if let Some(node) = s.broker.cluster() {
+        e.family(
+            "wasmq_cluster_handshakes",
+            "gauge",
+            "Connections to the cluster port not yet authenticated.",
+        );
+        e.sample(
+            "wasmq_cluster_handshakes",
+            &[],
+            node.handshakes_in_progress() as f64,
+        );
+    }
+
     let plugins = s.broker.plugins().list();
     let versions: Vec<_> = plugins
         .iter()

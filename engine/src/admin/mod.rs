@@ -24,6 +24,8 @@ mod api;
 mod authoring;
 pub mod client;
 pub mod cluster;
+mod follow;
+pub mod http;
 mod metrics;
 pub mod model;
 
@@ -35,11 +37,9 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::ListenerExt as _;
 use base64::Engine as _;
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
@@ -60,6 +60,11 @@ pub struct AdminConfig {
     pub max_upload_mib: usize,
     /// Serve HTTPS (with the `[tls]` certificate) instead of HTTP.
     pub tls: bool,
+    /// Open connections at most (kept under a quarter of the process's
+    /// descriptor limit); one past it is closed at once.
+    pub max_connections: usize,
+    /// Open connections from one address at most.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for AdminConfig {
@@ -70,6 +75,8 @@ impl Default for AdminConfig {
             metrics_auth: false,
             max_upload_mib: 16,
             tls: false,
+            max_connections: 512,
+            max_connections_per_source: 64,
         }
     }
 }
@@ -82,6 +89,10 @@ pub(crate) struct AdminState {
     started: Instant,
     amqp_addr: SocketAddr,
     metrics_auth: bool,
+    /// The admin port's connections (counted in `/metrics`).
+    connections: Arc<http::Connections>,
+    /// Followers of plugin logs.
+    followers: Arc<follow::Followers>,
 }
 
 /// An error as the API returns it: a status and a JSON body
@@ -139,96 +150,41 @@ pub async fn serve(
     tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
+    let connections = Arc::new(http::Connections::new(
+        config.max_connections,
+        config.max_connections_per_source,
+        http::descriptor_limit(),
+    ));
     let state = AdminState {
         broker,
         users: Arc::new(users),
         started: Instant::now(),
         amqp_addr,
         metrics_auth: config.metrics_auth,
+        connections: connections.clone(),
+        followers: Arc::default(),
     };
+    // The body deadline runs inside authentication: nobody's body is read
+    // before they have logged in.
     let app = api::routes(config.max_upload_mib << 20)
+        .layer(axum::middleware::from_fn(http::body_deadline))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state)
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.clone();
-    let result = match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
-        Some(tls) => {
-            // `tap_io` only to get axum's ConnectInfo<SocketAddr> for a
-            // listener of our own.
-            let listener = TlsListener::start(listener, tls, shutdown).tap_io(|_| {});
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        }
-    };
-    if let Err(e) = result {
-        tracing::error!("admin API stopped: {e}");
-    }
+        .with_state(state);
+    http::serve(listener, app, connections, tls, shutdown).await;
 }
 
-/// Time an HTTPS client has to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Accepted HTTPS connections, handshaken off the accept loop.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    addr: SocketAddr,
-}
-
-impl TlsListener {
-    fn start(listener: TcpListener, tls: Arc<Tls>, shutdown: CancellationToken) -> Self {
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!("admin accept failed: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    () = shutdown.cancelled() => return,
-                };
-                let (acceptor, tx) = (tls.admin_acceptor(), tx.clone());
-                tokio::spawn(async move {
-                    match crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(s) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Err(e) => tracing::info!(%peer, "admin TLS handshake failed: {e}"),
-                    }
-                });
-            }
-        });
-        TlsListener { ready, addr }
+/// 400 unless `name` is a plugin name the API takes (it becomes a file
+/// name: a name too long for one is the request's fault, not the broker's).
+pub(crate) fn plugin_name(name: &str) -> Result<(), ApiError> {
+    if crate::plugin::valid_plugin_name(name) {
+        return Ok(());
     }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(x) => x,
-            // Shut down: the server stops through its graceful shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
-    }
+    Err(ApiError::bad_request(format!(
+        "plugin names are 1 to {} letters, digits, '-' and '_' (got {} bytes: '{}')",
+        crate::plugin::MAX_PLUGIN_NAME,
+        name.len(),
+        crate::untrusted::text(name)
+    )))
 }
 
 /// Run `f` on tokio's blocking pool: broker work that compiles, builds
@@ -244,21 +200,27 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// Who is asking, as the read endpoints need it. RabbitMQ's tags:
 /// `administrator` and `monitoring` see every vhost and connection;
 /// `management` sees only the vhosts it has permissions in, and only its
-/// own connections.
+/// own connections. What is not a vhost's object (plugin files, their
+/// logs, versions and rollouts) needs `monitoring`, and a plugin's bytes
+/// `administrator` (the access table in `docs/configuration.md`).
 #[derive(Clone, Debug)]
 pub(crate) struct Viewer {
     pub user: String,
-    /// Sees everything.
+    /// Sees everything (`administrator` or `monitoring`).
     pub all: bool,
+    /// Tagged `administrator`.
+    pub admin: bool,
     /// The vhosts it may see, when not all.
     vhosts: Vec<String>,
 }
 
 impl Viewer {
     fn of(user: &User) -> Self {
+        let admin = user.has_tag("administrator");
         Viewer {
             user: user.name.clone(),
-            all: user.has_tag("administrator") || user.has_tag("monitoring"),
+            all: admin || user.has_tag("monitoring"),
+            admin,
             vhosts: user.vhost_names(),
         }
     }
@@ -271,6 +233,34 @@ impl Viewer {
     /// Whether it may see a connection of `user`.
     pub fn sees_connection(&self, user: &str) -> bool {
         self.all || self.user == user
+    }
+
+    /// 403 unless it is tagged `monitoring` or `administrator`.
+    pub fn monitoring(&self, what: &str) -> Result<(), ApiError> {
+        if self.all {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user '{}' lacks the monitoring or administrator tag needed to read {what}",
+                self.user
+            ),
+        ))
+    }
+
+    /// 403 unless it is tagged `administrator`.
+    pub fn administrator(&self, what: &str) -> Result<(), ApiError> {
+        if self.admin {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user '{}' lacks the administrator tag needed to read {what}",
+                self.user
+            ),
+        ))
     }
 }
 

@@ -25,7 +25,7 @@ pub const MAX_DEPTH: usize = 64;
 
 /// A field table nested deeper than [`MAX_DEPTH`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("SYNTAX_ERROR - field table nested deeper than {MAX_DEPTH} levels")]
+#[error("field table nested deeper than {MAX_DEPTH} levels")]
 pub struct TooDeep;
 
 fn u32_at(b: &[u8], at: usize) -> Option<usize> {

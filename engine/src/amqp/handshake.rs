@@ -254,7 +254,7 @@ pub(super) async fn handshake(
         (creds.map(|c| c.0).unwrap_or_default(), user)
     };
     let Some(user) = user else {
-        tracing::warn!(%peer, user = %who, "authentication failed");
+        tracing::warn!(%peer, user = %crate::untrusted::text(&who), "authentication failed");
         let text = format!(
             "ACCESS_REFUSED - Login was refused using authentication mechanism {}",
             start_ok.mechanism

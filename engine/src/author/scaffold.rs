@@ -69,15 +69,24 @@ impl Sdk {
                         reason: "no Cargo.toml in it".into(),
                     });
                 }
-                // TOML basic strings escape backslashes and quotes.
-                let escaped = p
-                    .display()
-                    .to_string()
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"");
-                format!("wasmq-sdk = {{ path = \"{escaped}\" }}")
+                let Some(text) = p.to_str() else {
+                    return Err(ScaffoldError::Sdk {
+                        path: p,
+                        reason: "the path is not UTF-8, which Cargo.toml cannot name".into(),
+                    });
+                };
+                // A TOML string, escaped by the TOML writer: a quote or a
+                // newline in the path stays inside it.
+                let quoted = toml::Value::String(text.to_owned()).to_string();
+                format!("wasmq-sdk = {{ path = {quoted} }}")
             }
-            Sdk::Version(v) => format!("wasmq-sdk = \"{v}\""),
+            Sdk::Version(v) => {
+                // Only a version requirement: anything else would be
+                // pasted into the manifest as TOML.
+                let req = semver::VersionReq::parse(v.trim())
+                    .map_err(|e| ScaffoldError::SdkVersion(v.clone(), e.to_string()))?;
+                format!("wasmq-sdk = \"{req}\"")
+            }
         })
     }
 }
@@ -90,6 +99,12 @@ pub enum ScaffoldError {
         "plugin name '{0}': use lowercase letters, digits and '-' (starting with a letter), at most 64"
     )]
     Name(String),
+    /// A name Rust or Cargo keeps for itself.
+    #[error("plugin name '{0}' is reserved: {1}")]
+    Reserved(String, &'static str),
+    /// `--sdk-version` is not a version requirement.
+    #[error("--sdk-version '{0}' is not a version requirement (e.g. 0.1 or ^0.1.2): {1}")]
+    SdkVersion(String, String),
     /// The folder exists and is not empty.
     #[error("{0} exists and is not empty; choose another name or folder")]
     Exists(PathBuf),
@@ -119,6 +134,50 @@ pub fn valid_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.ends_with('-')
+}
+
+/// Words Rust keeps (strict and reserved, every edition): a crate or a
+/// type named after one does not compile.
+const KEYWORDS: &[&str] = &[
+    "abstract", "as", "async", "await", "become", "box", "break", "const", "continue", "crate",
+    "do", "dyn", "else", "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl",
+    "in", "let", "loop", "macro", "match", "mod", "move", "mut", "override", "priv", "pub", "ref",
+    "return", "self", "static", "struct", "super", "trait", "true", "try", "type", "typeof",
+    "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
+];
+
+/// Crate names Rust, Cargo and the new crate itself keep.
+const RESERVED: &[&str] = &[
+    "std",
+    "core",
+    "alloc",
+    "proc-macro",
+    "test",
+    "build",
+    "deps",
+    "examples",
+    "incremental",
+    "wasmq-sdk",
+];
+
+/// Why `name` (already a [`valid_name`]) cannot be a plugin crate, if it
+/// cannot.
+pub fn reserved(name: &str) -> Option<&'static str> {
+    let windows = |n: &str| {
+        matches!(n, "con" | "prn" | "aux" | "nul")
+            || ((n.starts_with("com") || n.starts_with("lpt"))
+                && n.len() == 4
+                && n.as_bytes()[3].is_ascii_digit())
+    };
+    if KEYWORDS.contains(&name) {
+        Some("a Rust keyword")
+    } else if RESERVED.contains(&name) {
+        Some("a crate name Rust or Cargo keeps (or the SDK's own)")
+    } else if windows(name) {
+        Some("a device name on Windows")
+    } else {
+        None
+    }
 }
 
 /// `my-router` → `MyRouter`.
@@ -153,6 +212,9 @@ pub fn create(
 ) -> Result<Vec<PathBuf>, ScaffoldError> {
     if !valid_name(name) {
         return Err(ScaffoldError::Name(name.to_owned()));
+    }
+    if let Some(why) = reserved(name) {
+        return Err(ScaffoldError::Reserved(name.to_owned(), why));
     }
     if dir.exists()
         && std::fs::read_dir(dir)
@@ -203,6 +265,60 @@ mod tests {
             assert!(!valid_name(bad), "{bad}");
         }
         assert_eq!(type_name("geo-router2"), "GeoRouter2");
+        for kept in ["self", "fn", "std", "wasmq-sdk", "test", "con", "com1"] {
+            assert!(reserved(kept).is_some(), "{kept}");
+        }
+        assert!(reserved("selfie").is_none());
+    }
+
+    #[test]
+    fn a_hostile_sdk_version_or_path_stays_a_toml_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let injected = "1\"\n[build-dependencies]\nevil = \"1";
+        assert!(matches!(
+            create(
+                &dir.path().join("a"),
+                "p",
+                Role::Router,
+                &Sdk::Version(injected.into())
+            ),
+            Err(ScaffoldError::SdkVersion(..))
+        ));
+        let files = create(
+            &dir.path().join("b"),
+            "p",
+            Role::Router,
+            &Sdk::Version("^0.1".into()),
+        )
+        .unwrap();
+        let manifest: toml::Table = std::fs::read_to_string(&files[0]).unwrap().parse().unwrap();
+        assert_eq!(manifest["dependencies"]["wasmq-sdk"].as_str(), Some("^0.1"));
+        // A folder whose name has a quote and a newline.
+        let odd = dir.path().join("sdk \"x\"\n[y]");
+        std::fs::create_dir_all(&odd).unwrap();
+        std::fs::write(odd.join("Cargo.toml"), "").unwrap();
+        let files = create(
+            &dir.path().join("c"),
+            "p",
+            Role::Router,
+            &Sdk::Path(odd.clone()),
+        )
+        .unwrap();
+        let manifest: toml::Table = std::fs::read_to_string(&files[0]).unwrap().parse().unwrap();
+        let path = manifest["dependencies"]["wasmq-sdk"]["path"]
+            .as_str()
+            .unwrap();
+        assert_eq!(std::path::Path::new(path), odd.canonicalize().unwrap());
+        assert!(manifest.get("y").is_none(), "nothing injected");
+        assert!(matches!(
+            create(
+                &dir.path().join("d"),
+                "self",
+                Role::Router,
+                &Sdk::Version("0.1".into())
+            ),
+            Err(ScaffoldError::Reserved(..))
+        ));
     }
 
     #[test]

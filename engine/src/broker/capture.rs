@@ -4,9 +4,14 @@
 //! A capture is off unless an administrator asks for one, and bounded:
 //! by a count of messages, by bytes, and by a sample (one message in K).
 //! It records messages as their publishers sent them, before any
-//! transform, one [`Captured`] each: routing key, properties (readable,
-//! and their exact encoding), body. While no capture runs, the publish
-//! path pays one relaxed load of [`super::Exchange::capturing`].
+//! transform: routing key, properties in their wire encoding, body, each
+//! copied out of the buffers it arrived in. What a capture holds is what
+//! it counts against its `max_bytes` (those bytes plus
+//! [`HELD_OVERHEAD`] per message): decoded headers can be many times
+//! their wire size, so they are decoded, and made readable as a
+//! [`Captured`], only when the capture is taken, a few messages at a time
+//! ([`Capture::json_chunks`]). While no capture runs, the publish path
+//! pays one relaxed load of [`super::Exchange::capturing`].
 //!
 //! The same [`Captured`] form is what `wasmq plugin test` reads back
 //! (JSON lines), and a hand-written line with only a routing key, headers
@@ -18,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::ShortString;
 use base64::Engine as _;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::Value;
 
@@ -27,6 +33,55 @@ use crate::message::Message;
 
 /// Most bytes one capture may hold, whatever was asked.
 pub const MAX_CAPTURE_BYTES: usize = 64 << 20;
+/// What a held message costs beyond its bytes (its record and the
+/// allocations' headers), counted against the capture's bytes so that
+/// many empty messages are bounded too.
+pub const HELD_OVERHEAD: usize = 160;
+
+/// A message as a capture holds it: its bytes as they came, copied.
+#[derive(Debug)]
+struct Held {
+    exchange: String,
+    routing_key: String,
+    properties: Bytes,
+    body: Bytes,
+    published_ms: u64,
+}
+
+impl Held {
+    fn of(m: &Message) -> Held {
+        Held {
+            exchange: m.exchange.clone(),
+            routing_key: m.routing_key.clone(),
+            properties: Bytes::copy_from_slice(m.encoded_properties()),
+            body: Bytes::copy_from_slice(&m.body),
+            published_ms: crate::message::now_ms(),
+        }
+    }
+
+    /// What it costs the capture.
+    fn size(m: &Message) -> usize {
+        m.body.len()
+            + m.encoded_properties().len()
+            + m.routing_key.len()
+            + m.exchange.len()
+            + HELD_OVERHEAD
+    }
+
+    fn captured(&self, vhost: &str) -> Captured {
+        let properties = crate::message::decode_properties(&self.properties).unwrap_or_default();
+        let m = Message::new(
+            self.exchange.as_str(),
+            self.routing_key.as_str(),
+            properties,
+            self.body.clone(),
+        )
+        .with_encoded_properties(self.properties.clone());
+        let mut c = Captured::of(vhost, &m);
+        c.published_ms = self.published_ms;
+        c
+    }
+}
 
 /// A message as captured (one JSON line).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -180,20 +235,23 @@ impl Default for CaptureSpec {
 pub struct Capture {
     /// What was asked.
     pub spec: CaptureSpec,
+    /// The exchange's vhost.
+    vhost: String,
     /// Messages published to the exchange since it started.
     pub seen: AtomicU64,
     bytes: AtomicUsize,
     done: AtomicBool,
-    kept: Mutex<Vec<Captured>>,
+    kept: Mutex<Vec<Held>>,
 }
 
 impl Capture {
-    /// A capture of `spec`, bounded by [`MAX_CAPTURE_BYTES`].
-    pub fn new(mut spec: CaptureSpec) -> Arc<Capture> {
+    /// A capture of `spec` in `vhost`, bounded by [`MAX_CAPTURE_BYTES`].
+    pub fn new(vhost: &str, mut spec: CaptureSpec) -> Arc<Capture> {
         spec.max_bytes = spec.max_bytes.min(MAX_CAPTURE_BYTES);
         spec.sample = spec.sample.max(1);
         Arc::new(Capture {
             spec,
+            vhost: vhost.to_owned(),
             seen: AtomicU64::new(0),
             bytes: AtomicUsize::new(0),
             done: AtomicBool::new(false),
@@ -216,18 +274,64 @@ impl Capture {
         self.len() == 0
     }
 
-    /// The messages kept, in order.
+    /// Bytes held, as counted against `max_bytes`.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The messages kept, in order, readable.
     pub fn messages(&self) -> Vec<Captured> {
-        self.kept.lock().clone()
+        self.kept
+            .lock()
+            .iter()
+            .map(|h| h.captured(&self.vhost))
+            .collect()
+    }
+
+    /// Take the kept messages as one JSON array, in pieces of about
+    /// `chunk` bytes: each message is made readable only when its piece is
+    /// made, and let go once it is written.
+    pub fn json_chunks(&self, chunk: usize) -> impl Iterator<Item = Bytes> + use<> {
+        let kept = std::mem::take(&mut *self.kept.lock());
+        let vhost = self.vhost.clone();
+        let mut messages = kept.into_iter();
+        let mut started = false;
+        let mut ended = false;
+        std::iter::from_fn(move || {
+            if ended {
+                return None;
+            }
+            let mut out = Vec::with_capacity(chunk.min(1 << 20));
+            if !started {
+                out.push(b'[');
+            }
+            for held in messages.by_ref() {
+                if started {
+                    out.push(b',');
+                }
+                started = true;
+                serde_json::to_writer(&mut out, &held.captured(&vhost))
+                    .expect("a captured message serializes");
+                if out.len() >= chunk {
+                    return Some(Bytes::from(out));
+                }
+            }
+            if !started {
+                started = true;
+            }
+            out.push(b']');
+            ended = true;
+            Some(Bytes::from(out))
+        })
     }
 
     /// Offer a published message; returns whether the capture is done.
-    fn offer(&self, vhost: &str, m: &Message) -> bool {
+    fn offer(&self, m: &Message) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         if !n.is_multiple_of(self.spec.sample) {
             return false;
         }
-        let size = m.body.len() + m.encoded_properties().len() + m.routing_key.len();
+        let size = Held::size(m);
         let mut kept = self.kept.lock();
         if self.done() {
             return true;
@@ -237,7 +341,7 @@ impl Capture {
             return true;
         }
         self.bytes.fetch_add(size, Ordering::Relaxed);
-        kept.push(Captured::of(vhost, m));
+        kept.push(Held::of(m));
         let done = kept.len() >= self.spec.count;
         if done {
             self.done.store(true, Ordering::Relaxed);
@@ -249,8 +353,8 @@ impl Capture {
 impl Exchange {
     /// Start capturing what is published here (replacing a capture that
     /// ran before).
-    pub fn start_capture(&self, spec: CaptureSpec) -> Arc<Capture> {
-        let c = Capture::new(spec);
+    pub fn start_capture(&self, vhost: &str, spec: CaptureSpec) -> Arc<Capture> {
+        let c = Capture::new(vhost, spec);
         self.capture.store(Some(c.clone()));
         self.capturing.store(c.spec.count > 0, Ordering::Relaxed);
         c
@@ -269,9 +373,9 @@ impl Exchange {
 
     /// A message was published here: keep it if a capture wants it.
     #[cold]
-    pub(crate) fn offer_capture(&self, vhost: &str, m: &Message) {
+    pub(crate) fn offer_capture(&self, m: &Message) {
         if let Some(c) = self.capture.load().as_ref()
-            && c.offer(vhost, m)
+            && c.offer(m)
         {
             self.capturing.store(false, Ordering::Relaxed);
         }
@@ -325,23 +429,77 @@ mod tests {
 
     #[test]
     fn a_capture_keeps_a_sample_up_to_its_count_and_bytes() {
-        let c = Capture::new(CaptureSpec {
-            count: 3,
-            sample: 2,
-            max_bytes: 1 << 20,
-        });
+        let c = Capture::new(
+            "/",
+            CaptureSpec {
+                count: 3,
+                sample: 2,
+                max_bytes: 1 << 20,
+            },
+        );
         let m = message("k", b"body");
-        let done: Vec<bool> = (0..6).map(|_| c.offer("/", &m)).collect();
+        let done: Vec<bool> = (0..6).map(|_| c.offer(&m)).collect();
         assert_eq!(done, [false, false, false, false, true, false]);
         assert_eq!((c.len(), c.seen.load(Ordering::Relaxed)), (3, 6));
-        let small = Capture::new(CaptureSpec {
-            count: 100,
-            sample: 1,
-            max_bytes: 100,
-        });
+        let one = Held::size(&message("k", &[b'x'; 60]));
+        let small = Capture::new(
+            "/",
+            CaptureSpec {
+                count: 100,
+                sample: 1,
+                max_bytes: one + one / 2,
+            },
+        );
         let big = message("k", &[b'x'; 60]);
-        assert!(!small.offer("/", &big));
-        assert!(small.offer("/", &big), "over 100 bytes: done");
+        assert!(!small.offer(&big));
+        assert!(small.offer(&big), "over its bytes: done");
         assert_eq!(small.len(), 1);
+    }
+
+    #[test]
+    fn empty_messages_are_bounded_by_their_overhead() {
+        let c = Capture::new(
+            "/",
+            CaptureSpec {
+                count: usize::MAX,
+                sample: 1,
+                max_bytes: 1 << 20,
+            },
+        );
+        let m = message("", b"");
+        let mut offered = 0;
+        while !c.offer(&m) {
+            offered += 1;
+            assert!(offered < 1 << 20, "never done");
+        }
+        assert!(c.len() <= (1 << 20) / HELD_OVERHEAD, "{}", c.len());
+        assert!(c.bytes() <= 1 << 20);
+    }
+
+    #[test]
+    fn a_capture_is_taken_as_one_json_array_in_pieces() {
+        let c = Capture::new(
+            "v",
+            CaptureSpec {
+                count: 50,
+                sample: 1,
+                max_bytes: 1 << 20,
+            },
+        );
+        for i in 0..50 {
+            c.offer(&message(&format!("k{i}"), &[b'y'; 100]));
+        }
+        let readable = c.messages();
+        let pieces: Vec<Bytes> = c.json_chunks(1024).collect();
+        assert!(pieces.len() > 3, "{} pieces", pieces.len());
+        assert!(pieces.iter().all(|p| p.len() < 1024 + 512));
+        let whole: Vec<u8> = pieces.concat();
+        let back: Vec<Captured> = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(back, readable);
+        assert_eq!(back[7].routing_key, "k7");
+        assert_eq!(back[7].vhost, "v");
+        assert!(c.is_empty(), "taking lets the messages go");
+        let none = Capture::new("v", CaptureSpec::default());
+        assert_eq!(none.json_chunks(10).collect::<Vec<_>>().concat(), b"[]");
     }
 }

@@ -156,7 +156,7 @@ impl Broker {
                 let original = match queue.message(&entry) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::error!(queue = %queue.name, "reading a dead letter back failed: {e}");
+                        tracing::error!(queue = %crate::untrusted::text(&queue.name), "reading a dead letter back failed: {e}");
                         continue;
                     }
                 };
@@ -164,9 +164,11 @@ impl Broker {
                 match broker.publish(&v, dlx, message) {
                     Ok(out) if out.delivered > 0 => broker.forward_unconfirmed(&v, out.forwards),
                     Ok(_) => {
-                        tracing::debug!(queue = %queue.name, dlx, "dead letter routed nowhere; dropped")
+                        tracing::debug!(queue = %crate::untrusted::text(&queue.name), dlx, "dead letter routed nowhere; dropped")
                     }
-                    Err(e) => tracing::warn!(queue = %queue.name, "dead-lettering failed: {e}"),
+                    Err(e) => {
+                        tracing::warn!(queue = %crate::untrusted::text(&queue.name), "dead-lettering failed: {e}")
+                    }
                 }
             }
         })

@@ -6,6 +6,15 @@ use super::*;
 
 impl Broker {
     pub(super) fn build_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
+        let x = self.make_exchange(spec)?;
+        // A plugin on trial tries its candidate on new uses too.
+        self.stage_on_new_exchange(&x);
+        Ok(x)
+    }
+
+    /// An exchange as `spec` says, its plugins instantiated (so they have
+    /// checked its arguments), not yet in any vhost.
+    pub(super) fn make_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
         let _swap = self.swap.read();
         let version = if Self::is_predeclared(&spec.name) {
             self.builtins().get(&spec.kind).cloned()
@@ -55,8 +64,6 @@ impl Broker {
             capturing: Default::default(),
             capture: Default::default(),
         });
-        // A plugin on trial tries its candidate on new uses too.
-        self.stage_on_new_exchange(&x);
         Ok(x)
     }
 

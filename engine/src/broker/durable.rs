@@ -130,9 +130,170 @@ impl Broker {
     /// Declare everything in `defs`, durable, through the same checks as
     /// AMQP declares (so an existing item with other flags is an error, and
     /// an exchange type must name a loaded plugin). Used by the admin API's
-    /// import; the first failure stops it and names the item.
+    /// import. The whole document is [checked](Broker::check_definitions)
+    /// first: one that would fail anywhere changes nothing.
     pub fn import_definitions(&self, defs: &Definitions) -> Result<Recovery, DefinitionsError> {
+        self.check_definitions(defs)?;
         self.apply_definitions(defs, false)
+    }
+
+    /// Check every item of `defs` as its declare or bind would, changing
+    /// nothing: names, flags against what exists, exchange types and
+    /// transforms (the plugins instantiated on their arguments, as a
+    /// declare does), queue arguments (quorum queues only in a cluster),
+    /// binding ends (existing or in `defs`) and filters. The error names
+    /// the first item refused.
+    pub fn check_definitions(&self, defs: &Definitions) -> Result<(), DefinitionsError> {
+        use std::collections::HashSet;
+        let at = |item: String| move |error| DefinitionsError::Item { item, error };
+        for v in &defs.vhosts {
+            let vat = || format!("vhost '{}'", v.name);
+            super::check_short("vhost name", &v.name).map_err(at(vat()))?;
+            let live = self.vhost(&v.name);
+            let new_exchanges: HashSet<&str> =
+                v.exchanges.iter().map(|x| x.name.as_str()).collect();
+            let new_queues: HashSet<&str> = v.queues.iter().map(|q| q.name.as_str()).collect();
+            for x in &v.exchanges {
+                let what = format!(
+                    "exchange '{}' (type '{}') in vhost '{}'",
+                    x.name, x.kind, v.name
+                );
+                self.check_exchange(live.as_deref(), x).map_err(at(what))?;
+            }
+            for q in &v.queues {
+                let what = format!("queue '{}' in vhost '{}'", q.name, v.name);
+                self.check_queue(live.as_deref(), q).map_err(at(what))?;
+            }
+            for b in &v.bindings {
+                let what = format!(
+                    "binding '{}' -> '{}' (key '{}') in vhost '{}'",
+                    b.source, b.destination, b.routing_key, v.name
+                );
+                let exchange_exists = |name: &str| {
+                    new_exchanges.contains(name)
+                        || live.as_ref().is_some_and(|l| l.exchange(name).is_ok())
+                        || (live.is_none() && Self::is_predeclared(name))
+                };
+                let check = || -> Result<(), BrokerError> {
+                    super::check_short("routing key", &b.routing_key)?;
+                    if b.source.is_empty() {
+                        return Err(BrokerError::AccessRefused(
+                            "operation not permitted on the default exchange".into(),
+                        ));
+                    }
+                    if !exchange_exists(&b.source) {
+                        return Err(BrokerError::NotFound {
+                            kind: "exchange",
+                            vhost: v.name.clone(),
+                            name: b.source.clone(),
+                        });
+                    }
+                    let there = if b.destination_type == "exchange" {
+                        exchange_exists(&b.destination)
+                    } else {
+                        new_queues.contains(b.destination.as_str())
+                            || live
+                                .as_ref()
+                                .is_some_and(|l| l.queue_exists(&b.destination))
+                    };
+                    if !there {
+                        return Err(BrokerError::NotFound {
+                            kind: if b.destination_type == "exchange" {
+                                "exchange"
+                            } else {
+                                "queue"
+                            },
+                            vhost: v.name.clone(),
+                            name: b.destination.clone(),
+                        });
+                    }
+                    if let Some(filter) = super::arg_str(&b.arguments, super::ARG_FILTER)?
+                        && self.registry.get(&filter).is_none()
+                    {
+                        return Err(BrokerError::PreconditionFailed(format!(
+                            "unknown filter plugin '{filter}' in {} (plugin folder: {})",
+                            super::ARG_FILTER,
+                            self.plugin_dir.display()
+                        )));
+                    }
+                    Ok(())
+                };
+                check().map_err(at(what))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_exchange(
+        &self,
+        live: Option<&super::VHost>,
+        x: &ExchangeDefinition,
+    ) -> Result<(), BrokerError> {
+        super::check_short("exchange name", &x.name)?;
+        super::check_short("exchange type", &x.kind)?;
+        if let Some(current) = live.and_then(|l| l.exchange(&x.name).ok()) {
+            if current.kind != x.kind
+                || !current.durable
+                || current.auto_delete != x.auto_delete
+                || current.internal != x.internal
+            {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "inequivalent arg 'type' or flags: it exists as type '{}' durable {} auto_delete {} internal {}",
+                    current.kind, current.durable, current.auto_delete, current.internal
+                )));
+            }
+            return Ok(());
+        }
+        if x.name.is_empty() || x.name.starts_with("amq.") {
+            return Err(BrokerError::AccessRefused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                x.name
+            )));
+        }
+        self.make_exchange(&ExchangeSpec {
+            name: x.name.clone(),
+            kind: x.kind.clone(),
+            durable: true,
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: x.arguments.clone(),
+        })
+        .map(drop)
+    }
+
+    fn check_queue(
+        &self,
+        live: Option<&super::VHost>,
+        q: &QueueDefinition,
+    ) -> Result<(), BrokerError> {
+        super::check_short("queue name", &q.name)?;
+        if let Some(current) = live.and_then(|l| l.queue(&q.name).ok()) {
+            if !current.durable
+                || current.auto_delete != q.auto_delete
+                || current.owner.is_some()
+                || current.arguments != q.arguments
+            {
+                return Err(BrokerError::PreconditionFailed(
+                    "inequivalent arg: it exists with other flags or arguments".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if q.name.starts_with("amq.") && !q.name.starts_with("amq.gen-") {
+            return Err(BrokerError::AccessRefused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                q.name
+            )));
+        }
+        let limits = super::QueueLimits::parse(&q.arguments)
+            .map_err(|e| BrokerError::PreconditionFailed(e.to_string()))?;
+        if limits.quorum && self.cluster().is_none() {
+            return Err(BrokerError::PreconditionFailed(
+                "invalid arg 'x-queue-type': quorum queues need a cluster (a [cluster] section)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn recover_definitions(&self, defs: &Definitions) -> Result<Recovery, DefinitionsError> {

@@ -472,7 +472,7 @@ impl Broker {
                     && q.unused_for().is_some_and(|idle| idle >= limit)
                     && self.delete_unused_queue(&v, &q.name)
                 {
-                    tracing::info!(queue = %q.name, vhost = %v.name, "queue deleted after {limit:?} unused (x-expires)");
+                    tracing::info!(queue = %crate::untrusted::text(&q.name), vhost = %crate::untrusted::text(&v.name), "queue deleted after {limit:?} unused (x-expires)");
                 }
             }
         }

@@ -461,7 +461,7 @@ impl Broker {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(queue = %name, vhost = %vhost, "opening a quorum queue's replica: {e}");
+                        tracing::error!(queue = %crate::untrusted::text(&name), vhost = %crate::untrusted::text(&vhost), "opening a quorum queue's replica: {e}");
                         if let Some(e) = broker.quorum.lock().get_mut(&group) {
                             e.opening = false;
                         }
@@ -567,7 +567,7 @@ impl Broker {
             .queues
             .write()
             .insert(definition.name.clone(), queue.clone());
-        tracing::info!(queue = %definition.name, vhost = %vhost.name, term, messages = queue.len(), "serving a quorum queue as its leader");
+        tracing::info!(queue = %crate::untrusted::text(&definition.name), vhost = %crate::untrusted::text(&vhost.name), term, messages = queue.len(), "serving a quorum queue as its leader");
         let Some(node) = self.cluster().cloned() else {
             return;
         };
@@ -582,7 +582,7 @@ impl Broker {
                 node: me,
             };
             if let Err(e) = node.propose(command).await {
-                tracing::warn!(queue = %definition.name, "announcing a quorum queue's new leader: {e}");
+                tracing::warn!(queue = %crate::untrusted::text(&definition.name), "announcing a quorum queue's new leader: {e}");
             }
         } else {
             self.tell_moved(&vhost.name, &definition.name);
@@ -608,7 +608,7 @@ impl Broker {
                 queues.remove(&replica.queue);
             }
         }
-        tracing::info!(queue = %replica.queue, vhost = %replica.vhost, "no longer leading a quorum queue");
+        tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "no longer leading a quorum queue");
         queue.cancel_consumers();
         self.tell_moved(&replica.vhost, &replica.queue);
     }

@@ -266,7 +266,7 @@ impl Broker {
         if let Some(x) = exchange
             && x.capturing.load(std::sync::atomic::Ordering::Relaxed)
         {
-            x.offer_capture(&vhost.name, &message);
+            x.offer_capture(&message);
         }
         let message = Arc::new(message);
         let mut ctx = Routing::default();
@@ -347,7 +347,7 @@ impl Broker {
                         ("x-wasmq-dead-letter-exchange", x.name.clone()),
                     ];
                     if !self.dead_letter(vhost, x, &message, &headers, ctx, obs) {
-                        tracing::warn!(exchange = %x.name, "transform dead-lettered a message but the exchange has no usable x-dead-letter-exchange; dropped");
+                        tracing::warn!(exchange = %crate::untrusted::text(&x.name), "transform dead-lettered a message but the exchange has no usable x-dead-letter-exchange; dropped");
                         ctx.outcome.dropped = true;
                     }
                     return;

@@ -31,6 +31,12 @@ pub const TRACE_HEADER: &str = "x-wasmq-trace";
 
 /// Traces kept from traced publishes.
 const KEPT: usize = 100;
+/// Bytes of traces kept (as their JSON measures them): a publish through
+/// a wide fanout makes a large trace, and 100 of them must not grow the
+/// broker without bound.
+pub const KEPT_BYTES: usize = 4 << 20;
+/// Bindings one route step lists; the rest are counted in its `omitted`.
+pub const TRACED_BINDINGS: usize = 256;
 
 /// One step of a message's way.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,8 +76,11 @@ pub enum Step {
         version: String,
         /// Whether a staged candidate decided.
         candidate: bool,
-        /// The bindings chosen.
+        /// The bindings chosen (at most [`TRACED_BINDINGS`]).
         bindings: Vec<TracedBinding>,
+        /// Bindings chosen beyond those listed.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        omitted: usize,
         /// Call time, µs.
         took_us: f64,
     },
@@ -119,6 +128,10 @@ pub enum Step {
         /// Why.
         reason: String,
     },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A binding a router chose.
@@ -270,15 +283,14 @@ pub(crate) fn route_step(
         By::Serving => None,
     }
     .unwrap_or_else(|| x.router.load().version().clone());
-    let mut seen = Vec::new();
-    let bindings = ids
+    let mut seen = std::collections::HashSet::new();
+    let mut chosen = ids
         .iter()
-        .filter(|id| {
-            let new = !seen.contains(*id);
-            seen.push(**id);
-            new
-        })
-        .filter_map(|id| table.get(*id))
+        .filter(|id| seen.insert(**id))
+        .filter_map(|id| table.get(*id));
+    let bindings: Vec<TracedBinding> = chosen
+        .by_ref()
+        .take(TRACED_BINDINGS)
         .map(|b| {
             let (t, n) = match &b.destination {
                 Destination::Queue(q) => ("queue", q),
@@ -298,6 +310,7 @@ pub(crate) fn route_step(
         version: version.short_hash().to_owned(),
         candidate: by == By::Candidate,
         bindings,
+        omitted: chosen.count(),
         took_us,
     }
 }
@@ -322,24 +335,58 @@ pub(crate) fn filter_step(
     }
 }
 
-/// Traces of traced publishes, newest last.
+/// Traces of traced publishes, newest last: at most [`KEPT`] of them and
+/// [`KEPT_BYTES`] together.
 #[derive(Debug, Default)]
 pub struct Traces {
-    kept: Mutex<VecDeque<Trace>>,
+    kept: Mutex<(VecDeque<(Trace, usize)>, usize)>,
 }
 
 impl Traces {
     /// The kept traces, oldest first.
     pub fn list(&self) -> Vec<Trace> {
-        self.kept.lock().iter().cloned().collect()
+        self.kept.lock().0.iter().map(|(t, _)| t.clone()).collect()
+    }
+
+    /// Bytes the kept traces take, as their JSON measures them.
+    pub fn bytes(&self) -> usize {
+        self.kept.lock().1
     }
 
     pub(crate) fn keep(&self, trace: Trace) {
-        let mut k = self.kept.lock();
-        if k.len() == KEPT {
-            k.pop_front();
+        let size = trace.json_len();
+        if size > KEPT_BYTES {
+            return;
         }
-        k.push_back(trace);
+        let mut k = self.kept.lock();
+        let (traces, bytes) = &mut *k;
+        while traces.len() == KEPT || *bytes + size > KEPT_BYTES {
+            match traces.pop_front() {
+                Some((_, n)) => *bytes -= n,
+                None => break,
+            }
+        }
+        traces.push_back((trace, size));
+        *bytes += size;
+    }
+}
+
+impl Trace {
+    /// The length of its JSON, counted without making it.
+    fn json_len(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Count(0);
+        let _ = serde_json::to_writer(&mut c, self);
+        c.0
     }
 }
 

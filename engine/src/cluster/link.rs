@@ -50,8 +50,16 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
-/// The largest frame (a snapshot chunk, a batch of entries).
+/// The largest frame (a snapshot chunk, a batch of entries), once the
+/// peer has proven it holds the secret.
 pub const MAX_FRAME: usize = 64 << 20;
+/// The largest handshake frame. A hello, a challenge and a proof are a
+/// few hundred bytes; this is what an unauthenticated peer can make a node
+/// buffer (Erlang's distribution handshake has a 2-byte length for the
+/// same reason).
+pub const MAX_HELLO: usize = 4 << 10;
+/// The longest node name a peer may announce.
+pub const MAX_NODE_NAME: usize = 255;
 /// Frames waiting to be written on one link.
 pub const SEND_QUEUE: usize = 256;
 /// Unwritten traffic bytes above which a link is congested.
@@ -253,6 +261,70 @@ pub enum LinkError {
     },
 }
 
+/// Handshakes a node runs at once, from every source together.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Handshakes a node runs at once from one source address.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// The connections to a node's cluster port that have not yet proven they
+/// hold the secret. Each costs at most a [`MAX_HELLO`] buffer (and a TLS
+/// session's) for at most the handshake's timeout, and there are at most
+/// [`MAX_HANDSHAKES`] of them, [`MAX_HANDSHAKES_PER_SOURCE`] from one
+/// address: an unauthenticated peer can take a few hundred KiB of a node,
+/// never its memory or its descriptors.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    by_source: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One admitted handshake; its place is given back when dropped.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    gate: Arc<Handshakes>,
+    source: std::net::IpAddr,
+}
+
+impl Handshakes {
+    /// A place for a handshake from `source`, or why there is none.
+    pub fn enter(self: &Arc<Self>, source: std::net::IpAddr) -> Result<HandshakeSlot, String> {
+        let mut m = self.by_source.lock();
+        let total: usize = m.values().sum();
+        if total >= MAX_HANDSHAKES {
+            return Err(format!(
+                "{MAX_HANDSHAKES} handshakes already in progress on this node"
+            ));
+        }
+        let n = m.entry(source).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return Err(format!(
+                "{MAX_HANDSHAKES_PER_SOURCE} handshakes already in progress from {source}"
+            ));
+        }
+        *n += 1;
+        Ok(HandshakeSlot {
+            gate: self.clone(),
+            source,
+        })
+    }
+
+    /// Handshakes in progress.
+    pub fn in_progress(&self) -> usize {
+        self.by_source.lock().values().sum()
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut m = self.gate.by_source.lock();
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// What handles the calls a peer makes of this node.
 pub type Handler =
     Arc<dyn Fn(Call) -> Pin<Box<dyn Future<Output = Result<Answer, String>> + Send>> + Send + Sync>;
@@ -317,14 +389,16 @@ async fn write_hello<T: Serialize>(w: &mut Writer, v: &T) -> std::io::Result<()>
     w.flush().await
 }
 
-/// One length-prefixed frame (the handshake's are JSON without a kind).
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+/// One length-prefixed frame of at most `max` bytes (the handshake's are
+/// JSON without a kind). The length is checked before anything is
+/// allocated.
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(std::io::Error::other(format!(
-            "frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+            "frame of {len} bytes is over the {max}-byte limit"
         )));
     }
     let mut buf = vec![0u8; len];
@@ -333,7 +407,32 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>>
 }
 
 async fn read_hello<T: for<'a> Deserialize<'a>>(r: &mut Reader) -> std::io::Result<T> {
-    serde_json::from_slice(&read_frame(r).await?).map_err(std::io::Error::other)
+    serde_json::from_slice(&read_frame(r, MAX_HELLO).await?).map_err(std::io::Error::other)
+}
+
+/// Whether `name` may name a node: what a peer announces becomes a key of
+/// the node's links and appears in logs and the admin API.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'))
+}
+
+/// Why a hello (or challenge) is refused, if it is.
+fn refuse_hello(protocol: &str, node: &str) -> Option<String> {
+    use crate::untrusted::text;
+    if protocol != PROTOCOL {
+        return Some(format!("speaks {}, not {PROTOCOL}", text(protocol)));
+    }
+    if !valid_node_name(node) {
+        return Some(format!(
+            "node name '{}' is not a node name (1 to {MAX_NODE_NAME} of letters, digits, '-', '_', '.', ':', '@')",
+            text(node)
+        ));
+    }
+    None
 }
 
 impl Link {
@@ -395,10 +494,10 @@ impl Link {
             .await
             .map_err(|_| unreachable("handshake timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        if c.protocol != PROTOCOL {
+        if let Some(reason) = refuse_hello(&c.protocol, &c.node) {
             return Err(LinkError::Refused {
                 peer: addr.to_owned(),
-                reason: format!("speaks {}, not {PROTOCOL}", c.protocol),
+                reason,
             });
         }
         if !verify(secret, &[b"listener", &mine, &c.nonce], &c.proof) {
@@ -451,8 +550,8 @@ impl Link {
         let mine = nonce();
         let handshake = async {
             let h: Hello = read_hello(&mut r).await?;
-            if h.protocol != PROTOCOL {
-                return Ok(Err(format!("speaks {}, not {PROTOCOL}", h.protocol)));
+            if let Some(reason) = refuse_hello(&h.protocol, &h.node) {
+                return Ok(Err(reason));
             }
             write_hello(
                 &mut w,
@@ -476,7 +575,7 @@ impl Link {
         let peer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| refused("handshake timed out".into()))?
-            .map_err(|e| refused(e.to_string()))?
+            .map_err(|e| refused(crate::untrusted::text(&e.to_string()).to_string()))?
             .map_err(refused)?;
         Ok(Link::start(peer, r, w, handler, traffic))
     }
@@ -665,7 +764,7 @@ async fn read_loop(r: Reader, handler: Handler, traffic: TrafficSlot, link: Arc<
     // buffer, not with two reads of the socket each.
     let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     loop {
-        let buf = match read_frame(&mut r).await {
+        let buf = match read_frame(&mut r, MAX_FRAME).await {
             Ok(b) if !b.is_empty() => b,
             Ok(_) => {
                 tracing::warn!(peer = %link.peer, "empty cluster frame; closing the link");

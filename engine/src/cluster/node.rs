@@ -126,6 +126,8 @@ pub struct ClusterNode {
     runtime: tokio::runtime::Handle,
     /// The quorum queue groups this node holds a replica of, by group.
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
+    /// Connections to the cluster port not yet authenticated.
+    handshakes: Arc<super::link::Handshakes>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -228,6 +230,7 @@ impl ClusterNode {
             stop: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
             groups: Default::default(),
+            handshakes: Arc::default(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
@@ -376,12 +379,19 @@ impl ClusterNode {
         })
     }
 
+    /// Connections to the cluster port still proving they hold the secret.
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshakes.in_progress()
+    }
+
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let handshakes = self.handshakes.clone();
+        let refusals = Arc::new(crate::untrusted::Refusals::default());
         loop {
-            let stream = tokio::select! {
+            let (stream, source) = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = listener.accept() => match r {
-                    Ok((s, _)) => s,
+                    Ok(s) => s,
                     Err(e) => {
                         tracing::warn!("cluster listener: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -389,10 +399,21 @@ impl ClusterNode {
                     }
                 },
             };
-            let node = self.clone();
+            // Before a peer has proven anything it gets a bounded place or
+            // none: the socket is closed at once.
+            let slot = match handshakes.enter(source.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    if let Some(quiet) = refusals.admit(source.ip()) {
+                        tracing::warn!(peer = %source, also_refused = quiet, "cluster connection refused: {why}");
+                    }
+                    drop(stream);
+                    continue;
+                }
+            };
+            let (node, refusals) = (self.clone(), refusals.clone());
             tokio::spawn(async move {
-                let peer = stream.peer_addr().ok();
-                match Link::accept(
+                let accepted = Link::accept(
                     stream,
                     &node.me.name,
                     node.peers.secret(),
@@ -400,13 +421,18 @@ impl ClusterNode {
                     node.peers.traffic().clone(),
                     node.peers.tls(),
                 )
-                .await
-                {
+                .await;
+                drop(slot);
+                match accepted {
                     Ok(link) => {
                         tracing::debug!(peer = %link.peer, "cluster link accepted");
                         node.peers.adopt(&link);
                     }
-                    Err(e) => tracing::warn!(?peer, "cluster connection refused: {e}"),
+                    Err(e) => {
+                        if let Some(quiet) = refusals.admit(source.ip()) {
+                            tracing::warn!(peer = %source, also_refused = quiet, "cluster connection refused: {e}");
+                        }
+                    }
                 }
             });
         }

@@ -134,8 +134,10 @@ impl ClusterSettings {
     /// Check what can be checked without the network or the secret file
     /// (which may exist only where the node runs).
     pub fn check(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.len() > 255 {
-            return Err("[cluster] name: 1 to 255 characters".into());
+        if !super::link::valid_node_name(&self.name) {
+            return Err(
+                "[cluster] name: 1 to 255 of letters, digits, '-', '_', '.', ':' and '@'".into(),
+            );
         }
         match (&self.secret, &self.secret_file) {
             (Some(_), Some(_)) => {

@@ -258,6 +258,11 @@ impl PluginHost {
         self.logs.of(name)
     }
 
+    /// Whether plugin `name` has a log yet (asking does not make one).
+    pub fn has_plugin_log(&self, name: &str) -> bool {
+        self.logs.contains(name)
+    }
+
     /// Log lines dropped per plugin for being over its budget.
     pub fn log_lines_dropped(&self) -> Vec<(String, u64)> {
         self.logs.dropped()
@@ -604,6 +609,21 @@ pub fn binding_input(key: &str, to_exchange: bool, target: &str, args: &[u8]) ->
     v.extend_from_slice(target.as_bytes());
     v.extend_from_slice(args);
     v
+}
+
+/// The longest plugin name the admin API takes: with `.wasm` and a temporary
+/// file's suffix it stays a legal file name (255 bytes) everywhere.
+pub const MAX_PLUGIN_NAME: usize = 200;
+
+/// Whether `name` may name a plugin given through the admin API: 1 to
+/// [`MAX_PLUGIN_NAME`] ASCII letters, digits, `-` and `_` (it becomes a
+/// file name in the plugin folder).
+pub fn valid_plugin_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PLUGIN_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A plugin's name is its file stem: `plugins/topic.wasm` is `topic`.

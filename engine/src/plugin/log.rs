@@ -82,12 +82,14 @@ impl PluginLog {
     pub fn write(&self, plugin: &str, version: &str, level: i32, text: String) {
         let i = (level.clamp(1, 5) - 1) as usize;
         self.lines[i].fetch_add(1, Ordering::Relaxed);
+        // A plugin's newline must not start a line of the broker's log.
+        let shown = crate::untrusted::escaped(&text);
         match i {
-            0 => tracing::error!(target: "wasmq::plugin", plugin, version, "{text}"),
-            1 => tracing::warn!(target: "wasmq::plugin", plugin, version, "{text}"),
-            2 => tracing::info!(target: "wasmq::plugin", plugin, version, "{text}"),
-            3 => tracing::debug!(target: "wasmq::plugin", plugin, version, "{text}"),
-            _ => tracing::trace!(target: "wasmq::plugin", plugin, version, "{text}"),
+            0 => tracing::error!(target: "wasmq::plugin", plugin, version, "{shown}"),
+            1 => tracing::warn!(target: "wasmq::plugin", plugin, version, "{shown}"),
+            2 => tracing::info!(target: "wasmq::plugin", plugin, version, "{shown}"),
+            3 => tracing::debug!(target: "wasmq::plugin", plugin, version, "{shown}"),
+            _ => tracing::trace!(target: "wasmq::plugin", plugin, version, "{shown}"),
         }
         let line = Arc::new(LogLine {
             at_ms: crate::message::now_ms(),
@@ -161,6 +163,11 @@ impl PluginLogs {
         let b = Arc::new(PluginLog::new());
         m.insert(name.into(), b.clone());
         b
+    }
+
+    /// Whether plugin `name` has a log (it was loaded or instantiated).
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.lock().contains_key(name)
     }
 
     /// Lines written per plugin and level, sorted by name (for `/metrics`).

@@ -58,7 +58,8 @@ use std::time::Duration;
 
 pub use function_cache::FunctionCacheStats;
 pub use host::{
-    HostError, PluginHost, PluginVersion, Roles, binding_input, content_hash, plugin_name,
+    HostError, MAX_PLUGIN_NAME, PluginHost, PluginVersion, Roles, binding_input, content_hash,
+    plugin_name, valid_plugin_name,
 };
 pub use registry::{PluginRegistry, PluginState, PluginStatus};
 pub use roles::{

@@ -367,7 +367,7 @@ impl Channel {
             Ok(m) => m,
             Err(e) => {
                 // Left in the log: recovery reports it with file and offset.
-                tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
+                tracing::error!(queue = %crate::untrusted::text(&queue.name), "reading a stored message failed; not delivered: {e}");
                 consumer.settled();
                 return Delivered::Returned;
             }

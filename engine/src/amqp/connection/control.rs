@@ -52,7 +52,7 @@ impl Connection {
     pub(super) fn update_secret(&mut self, u: &connection::UpdateSecret) -> Step {
         let user = &self.grant.user;
         if self.config.users.iter().any(|known| known.name == *user) {
-            tracing::info!(peer = %self.peer, user = %user, reason = %u.reason, "secret updated (password users do not expire)");
+            tracing::info!(peer = %self.peer, user = %user, reason = %crate::untrusted::text(u.reason.as_str()), "secret updated (password users do not expire)");
             encode_method(
                 &mut self.out.buf,
                 0,
@@ -393,7 +393,7 @@ impl Connection {
     }
 
     pub(super) fn connection_error(&mut self, e: AmqpError) -> Step {
-        tracing::info!(peer = %self.peer, code = e.code, "closing connection: {}", e.text);
+        tracing::info!(peer = %self.peer, code = e.code, "closing connection: {}", crate::untrusted::text(&e.text));
         self.close(e.code, &e.text, e.class_id, e.method_id);
         Step::Stop(e.text)
     }

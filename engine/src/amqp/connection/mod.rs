@@ -91,12 +91,12 @@ pub(crate) async fn run(
         Ok(Ok(None)) => return,
         Ok(Err(HandshakeError::Frame(e))) => {
             // A malformed frame before login still gets its reply code.
-            tracing::info!(%peer, "handshake failed: {e}");
+            tracing::info!(%peer, "handshake failed: {}", crate::untrusted::text(&e.to_string()));
             close_with(&mut socket, e.reply_code(), &e.to_string(), 0, 0).await;
             return;
         }
         Ok(Err(e)) => {
-            tracing::debug!(%peer, "handshake failed: {e}");
+            tracing::debug!(%peer, "handshake failed: {}", crate::untrusted::text(&e.to_string()));
             return;
         }
         Err(_) => {
@@ -183,7 +183,7 @@ pub(crate) async fn run(
         }
     };
     conn.cleanup();
-    tracing::info!(%peer, connection = id, "connection closed: {reason}");
+    tracing::info!(%peer, connection = id, "connection closed: {}", crate::untrusted::text(&reason));
 }
 
 /// What the admin API shows of a connection's TLS.

@@ -674,10 +674,11 @@ fn print_trace(t: &Trace) {
                 version,
                 candidate,
                 bindings,
+                omitted,
                 took_us,
                 ..
             } => {
-                let chosen: Vec<String> = bindings
+                let mut chosen: Vec<String> = bindings
                     .iter()
                     .map(|b| {
                         format!(
@@ -692,10 +693,14 @@ fn print_trace(t: &Trace) {
                         )
                     })
                     .collect();
+                let count = chosen.len() + omitted;
+                if *omitted > 0 {
+                    chosen.push(format!("and {omitted} more"));
+                }
                 format!(
                     "router {} chose {}: {} [{took_us:.1} µs]",
                     who(plugin, version, *candidate),
-                    chosen.len(),
+                    count,
                     if chosen.is_empty() {
                         "nothing".to_owned()
                     } else {

@@ -43,6 +43,7 @@ impl Broker {
             }
             _ => {}
         }
+        policy.check().map_err(RolloutError::Invalid)?;
         let serving = self
             .registry
             .get(name)

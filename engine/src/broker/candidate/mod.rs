@@ -104,6 +104,19 @@ impl Default for Policy {
     }
 }
 
+impl Policy {
+    /// Why these bounds cannot judge a canary, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.max_fault_rate) {
+            return Err(format!(
+                "max_fault_rate {}: a share of calls, from 0 to 1",
+                self.max_fault_rate
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Which version decided a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum By {

@@ -396,7 +396,7 @@ impl Queue {
                 }
                 Err(StoreError::Deleted) => {}
                 Err(e) => {
-                    tracing::error!(queue = %self.name, "persisting a message failed; refused: {e}");
+                    tracing::error!(queue = %crate::untrusted::text(&self.name), "persisting a message failed; refused: {e}");
                     return Pushed::default();
                 }
             }

@@ -39,7 +39,7 @@ impl Queue {
             match self.message(&entry) {
                 Ok(m) => return Some((entry, m)),
                 Err(e) => {
-                    tracing::error!(queue = %self.name, "reading a stored message failed; skipped: {e}")
+                    tracing::error!(queue = %crate::untrusted::text(&self.name), "reading a stored message failed; skipped: {e}")
                 }
             }
         }

@@ -327,7 +327,7 @@ impl Session {
                 let message = ours.and_then(|_| match queue.message(&entry) {
                     Ok(m) => Some(m),
                     Err(e) => {
-                        tracing::error!(queue = %queue.name, "reading a stored message failed; not delivered: {e}");
+                        tracing::error!(queue = %crate::untrusted::text(&queue.name), "reading a stored message failed; not delivered: {e}");
                         None
                     }
                 });
