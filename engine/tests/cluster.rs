@@ -369,6 +369,111 @@ async fn a_node_without_the_secret_cannot_join() {
     a.kill().await;
 }
 
+/// Resident memory of a process, bytes (Linux).
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// An unauthenticated peer costs a node a few KiB: a hello that announces
+/// 64 MiB is refused at its length, connections past the handshake bounds
+/// are closed at once, and a client publishing with confirms meanwhile is
+/// not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_cannot_take_a_nodes_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Node::start(root.path(), "a", &[]).await;
+    formed(&[&a]).await;
+    let pid = a.broker.as_ref().unwrap().child.id().unwrap();
+    let before = rss_of(pid);
+    // 50 peers each announce a 64 MiB hello and send 4 MiB of it.
+    let mut floods = Vec::new();
+    for _ in 0..50 {
+        let addr = a.cluster.clone();
+        floods.push(tokio::spawn(async move {
+            let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                return;
+            };
+            let mut frame = (64u32 << 20).to_le_bytes().to_vec();
+            frame.resize(4 << 20, b'x');
+            let _ = s.write_all(&frame).await;
+        }));
+    }
+    // Meanwhile a confirming publisher.
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "calm".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        ch.basic_publish(
+            "".into(),
+            "calm".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    for f in floods {
+        let _ = f.await;
+    }
+    let after = rss_of(pid);
+    assert!(
+        after < before + (32 << 20),
+        "resident memory went from {} to {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    // Peers that say nothing hold a place each, up to the per-source
+    // bound; one more is closed at once.
+    let mut silent = Vec::new();
+    for _ in 0..wasmq::cluster::link::MAX_HANDSHAKES_PER_SOURCE {
+        silent.push(tokio::net::TcpStream::connect(&a.cluster).await.unwrap());
+    }
+    eventually(
+        "the silent peers are in their handshakes",
+        Duration::from_secs(5),
+        || {
+            a.api()
+                .get_text("/metrics")
+                .is_ok_and(|m| m.contains(&format!("wasmq_cluster_handshakes {}", silent.len())))
+        },
+    )
+    .await;
+    let mut one_more = tokio::net::TcpStream::connect(&a.cluster).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(2), one_more.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a handshake past the bound is closed at once"
+    );
+    drop(silent);
+    eventually("the places are given back", Duration::from_secs(10), || {
+        a.api()
+            .get_text("/metrics")
+            .is_ok_and(|m| m.contains("wasmq_cluster_handshakes 0"))
+    })
+    .await;
+    a.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_node_refuses_changes_and_agrees_again_after_healing() {
     let root = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ mod api;
 mod authoring;
 pub mod client;
 pub mod cluster;
-mod follow;
+pub mod follow;
 pub mod http;
 mod metrics;
 pub mod model;

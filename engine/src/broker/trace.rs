@@ -431,3 +431,55 @@ impl Broker {
         &self.traces
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(vhost: &str, bindings: usize) -> Trace {
+        Trace {
+            vhost: vhost.into(),
+            exchange: "fan".into(),
+            routing_key: "k".into(),
+            dry: false,
+            steps: vec![Step::Route {
+                exchange: "fan".into(),
+                plugin: "fanout".into(),
+                version: "abc".into(),
+                candidate: false,
+                bindings: (0..bindings)
+                    .map(|i| TracedBinding {
+                        destination_type: "queue".into(),
+                        destination: format!("queue-number-{i}"),
+                        key: String::new(),
+                        filter: None,
+                    })
+                    .collect(),
+                omitted: 0,
+                took_us: 1.0,
+            }],
+            queues: vec![],
+            forwarded: vec![],
+            faults: vec![],
+            took_us: 1.0,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn kept_traces_are_bounded_by_bytes_as_well_as_count() {
+        let kept = Traces::default();
+        for _ in 0..300 {
+            kept.keep(trace("/", TRACED_BINDINGS));
+        }
+        let one = trace("/", TRACED_BINDINGS).json_len();
+        assert!(kept.bytes() <= KEPT_BYTES, "{}", kept.bytes());
+        assert_eq!(kept.list().len(), (KEPT_BYTES / one).min(KEPT));
+        assert_eq!(kept.bytes(), kept.list().len() * one);
+        for _ in 0..300 {
+            kept.keep(trace("/", 0));
+        }
+        assert_eq!(kept.list().len(), KEPT, "small ones are bounded by count");
+        assert!(kept.list().iter().all(|t| t.json_len() < 1024));
+    }
+}

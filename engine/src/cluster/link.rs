@@ -952,4 +952,92 @@ mod tests {
         assert!(matches!(a, Err(LinkError::Refused { .. })), "{:?}", a.err());
         assert!(b.is_err());
     }
+
+    /// What a peer that has not proven anything can make a node do: read
+    /// a 4-byte length and refuse it, allocating nothing.
+    #[tokio::test]
+    async fn an_oversized_hello_is_refused_at_its_length() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            Link::accept(s, "b", b"secret of the test", echo(), Arc::default(), None).await
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&(64u32 << 20).to_le_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = accepting.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("over the 4096-byte limit"), "{err}");
+        assert!(
+            started.elapsed() < HANDSHAKE_TIMEOUT,
+            "refused before its timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hello_that_forges_log_lines_or_floods_them_is_refused_escaped() {
+        for (node, protocol) in [
+            (
+                "n2\n2026-01-01T00:00:00Z  INFO wasmq::admin: FORGED".to_owned(),
+                PROTOCOL.to_owned(),
+            ),
+            ("x".repeat(MAX_NODE_NAME + 1), PROTOCOL.to_owned()),
+            ("n2".to_owned(), format!("wasmq\n{}", "p".repeat(3000))),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepting = tokio::spawn(async move {
+                let (s, _) = listener.accept().await.unwrap();
+                Link::accept(s, "b", b"secret of the test", echo(), Arc::default(), None).await
+            });
+            let (_r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
+            let hello = Hello {
+                protocol,
+                node,
+                nonce: [7; 32],
+            };
+            write_hello(&mut w, &hello).await.unwrap();
+            let err = accepting.await.unwrap().unwrap_err().to_string();
+            assert!(!err.contains('\n'), "a raw newline reaches the log: {err}");
+            assert!(err.len() < 1024, "{} bytes of refusal", err.len());
+        }
+    }
+
+    #[test]
+    fn handshakes_are_bounded_per_source_and_in_total() {
+        let gate = Arc::new(Handshakes::default());
+        let one: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let mine: Vec<_> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|_| gate.enter(one).unwrap())
+            .collect();
+        assert!(gate.enter(one).is_err());
+        let mut others = Vec::new();
+        let mut i = 0u32;
+        while gate.in_progress() < MAX_HANDSHAKES {
+            i += 1;
+            others.push(
+                gate.enter(std::net::IpAddr::from((0x7f00_0100 + i).to_be_bytes()))
+                    .unwrap(),
+            );
+        }
+        assert!(gate.enter("127.0.0.9".parse().unwrap()).is_err());
+        drop(mine);
+        assert!(gate.enter(one).is_ok());
+        drop(others);
+        assert_eq!(gate.in_progress(), 0);
+        assert!(
+            gate.by_source.lock().is_empty(),
+            "no entry outlives its handshakes"
+        );
+    }
+
+    #[test]
+    fn node_names_are_plain() {
+        for good in ["wasmq-0.wasmq-headless.ns.svc", "rabbit@host", "n_1", "a:1"] {
+            assert!(valid_node_name(good), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "é", &"x".repeat(256)] {
+            assert!(!valid_node_name(bad), "{bad}");
+        }
+    }
 }

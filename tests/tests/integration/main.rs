@@ -15,6 +15,7 @@ mod durability;
 mod examples;
 mod exchanges;
 mod faults;
+mod hostile;
 mod hot_swap;
 mod parity;
 mod protocol;
