@@ -531,6 +531,104 @@ impl Gen {
         out
     }
 
+    /// What a peer sends the cluster port before it has proven anything:
+    /// hellos (4-byte little-endian length, JSON) with the protocol and
+    /// node names drawn from what has broken logs and allocators (a
+    /// newline starting a forged line, names of megabytes announced,
+    /// lengths past every bound), sometimes a proof after them.
+    pub fn cluster_hello(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..self.rng.below(3) + 1 {
+            let protocol = match self.rng.below(4) {
+                0 => "wasmq-cluster/2".to_owned(),
+                1 => self.text(),
+                _ => "wasmq-cluster/3".to_owned(),
+            };
+            let node = match self.rng.below(6) {
+                0 => "n2\n2026-01-01T00:00:00Z  INFO wasmq::admin: FORGED".to_owned(),
+                1 => "x".repeat(self.rng.below(8192)),
+                2 => "\u{1b}[2J\u{202e}".to_owned(),
+                3 => self.text(),
+                _ => format!("node-{}", self.rng.below(100)),
+            };
+            let nonce: Vec<u8> = (0..32).map(|_| self.rng.next_u64() as u8).collect();
+            let body = if self.rng.one_in(4) {
+                serde_json::json!({ "proof": nonce }).to_string().into_bytes()
+            } else {
+                serde_json::json!({ "protocol": protocol, "node": node, "nonce": nonce })
+                    .to_string()
+                    .into_bytes()
+            };
+            let len = match self.rng.below(6) {
+                0 => 64u32 << 20,
+                1 => u32::MAX,
+                _ => body.len() as u32,
+            };
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&body);
+        }
+        out
+    }
+
+    /// An HTTP/1.1 request to the admin port by someone not logged in:
+    /// every path the API has (and some it has not), wrong methods,
+    /// headers long, many or malformed, bodies whose length lies, chunked
+    /// encodings that are not, bad credentials.
+    pub fn http_request(&mut self) -> Vec<u8> {
+        let method = *self.rng.pick(&["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "G\0T", "OPTIONS"]);
+        let name = match self.rng.below(4) {
+            0 => "x".repeat(self.rng.below(6000)),
+            1 => "%2F".to_owned(),
+            2 => "..%2F..%2Fetc".to_owned(),
+            _ => "direct".to_owned(),
+        };
+        let path = match self.rng.below(14) {
+            0 => "/metrics".to_owned(),
+            1 => "/ready".to_owned(),
+            2 => "/api/overview".to_owned(),
+            3 => format!("/api/plugins/{name}/logs?follow=true"),
+            4 => format!("/api/plugins/{name}"),
+            5 => format!("/api/exchanges/%2F/{name}/capture"),
+            6 => "/api/traces".to_owned(),
+            7 => "/api/definitions".to_owned(),
+            8 => format!("/api/queues/%2F/{name}/members/n2"),
+            9 => format!("/api/plugins/{name}/candidate?mode=canary&percent=-1"),
+            10 => "/".repeat(self.rng.below(3000) + 1),
+            11 => "/api/cluster".to_owned(),
+            12 => format!("/api/plugins/{name}/wasm"),
+            _ => String::from_utf8_lossy(self.rng.pick(&self.strings).clone().as_slice()).into_owned(),
+        };
+        let version = *self.rng.pick(&["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9"]);
+        let mut out = format!("{method} {path} {version}\r\nHost: wasmq\r\n").into_bytes();
+        let body: Vec<u8> = match self.rng.below(4) {
+            0 => b"[]".to_vec(),
+            1 => b"{\"count\": 1, \"max_bytes\": 0}".to_vec(),
+            2 => (0..self.rng.below(512)).map(|_| self.rng.next_u64() as u8).collect(),
+            _ => Vec::new(),
+        };
+        for _ in 0..self.rng.below(6) {
+            let header: Vec<u8> = match self.rng.below(8) {
+                0 => format!("Content-Length: {}\r\n", body.len()).into_bytes(),
+                1 => format!("Content-Length: {}\r\n", self.rng.next_u64()).into_bytes(),
+                2 => b"Transfer-Encoding: chunked\r\n".to_vec(),
+                3 => b"Authorization: Basic Z3Vlc3Q6d3Jvbmc=\r\n".to_vec(),
+                4 => format!("Authorization: Basic {}\r\n", "A".repeat(self.rng.below(70_000))).into_bytes(),
+                5 => format!("X-Long: {}\r\n", "v".repeat(self.rng.below(100_000))).into_bytes(),
+                6 => b"Connection: keep-alive\r\n".to_vec(),
+                _ => {
+                    let mut h = b"X-Bytes: ".to_vec();
+                    h.extend((0..self.rng.below(64)).map(|_| self.rng.next_u64() as u8));
+                    h.extend_from_slice(b"\r\n");
+                    h
+                }
+            };
+            out.extend_from_slice(&header);
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        out
+    }
+
     /// Change `bytes` the way a broken or hostile peer would: flip bits,
     /// cut, insert, repeat a range, or overwrite a length with an extreme.
     pub fn mutate(&mut self, bytes: &mut Vec<u8>) {

@@ -36,16 +36,22 @@ pub enum Target {
     Handshake,
     /// A connection to the real broker, after a valid login.
     Connection,
+    /// The cluster port of a real node, by a peer that holds no secret.
+    ClusterHello,
+    /// The admin port of the real broker, before any login.
+    Admin,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 7] = [
         Target::Frames,
         Target::Codecs,
         Target::Traffic,
         Target::Handshake,
         Target::Connection,
+        Target::ClusterHello,
+        Target::Admin,
     ];
 
     /// The target of this name.
@@ -61,12 +67,17 @@ impl Target {
             Target::Traffic => "traffic",
             Target::Handshake => "handshake",
             Target::Connection => "connection",
+            Target::ClusterHello => "cluster-hello",
+            Target::Admin => "admin",
         }
     }
 
     /// Whether its cases need a running broker.
     pub fn needs_broker(self) -> bool {
-        matches!(self, Target::Handshake | Target::Connection)
+        matches!(
+            self,
+            Target::Handshake | Target::Connection | Target::ClusterHello | Target::Admin
+        )
     }
 
     /// The input of case `index` of a run seeded `seed`.
@@ -75,6 +86,8 @@ impl Target {
         let mut input = match self {
             Target::Frames | Target::Connection => g.frames(),
             Target::Handshake => g.handshake(),
+            Target::ClusterHello => g.cluster_hello(),
+            Target::Admin => g.http_request(),
             Target::Traffic => g.traffic(),
             Target::Codecs => match g.rng().below(3) {
                 0 => g.table(4),
@@ -141,8 +154,13 @@ impl fmt::Display for Failure {
 impl Runner {
     /// A runner for `target` (starting a broker if it needs one).
     pub fn new(target: Target) -> anyhow::Result<Self> {
+        let ports = match target {
+            Target::ClusterHello => targets::Ports::Cluster,
+            Target::Admin => targets::Ports::Admin,
+            _ => targets::Ports::Amqp,
+        };
         let broker = if target.needs_broker() {
-            Some(targets::Broker::start()?)
+            Some(targets::Broker::start_with(ports)?)
         } else {
             None
         };
@@ -177,9 +195,22 @@ impl Runner {
                         .entry(code.unwrap_or(0))
                         .or_default() += 1;
                 }),
+            (Target::ClusterHello, Some(b)) => b.cluster_peer(&input),
+            (Target::Admin, Some(b)) => b.admin_request(&input).map(|codes| {
+                let mut o = self.outcomes.lock().unwrap();
+                for c in codes {
+                    *o.entry(c).or_default() += 1;
+                }
+            }),
             _ => unreachable!("a broker target has its broker"),
         };
         outcome.map_err(fail)?;
+        if let Some(b) = &self.broker
+            && self.target == Target::Admin
+            && index % 100 == 99
+        {
+            b.check_admin().map_err(fail)?;
+        }
         // Every so often: the broker still serves, and the cases' queues
         // and messages go, so that a long run measures the broker, not
         // what the cases piled up.

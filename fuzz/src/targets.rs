@@ -106,9 +106,25 @@ pub struct Broker {
     _plugins: tempfile::TempDir,
 }
 
+/// Which of the broker's ports a target feeds besides AMQP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ports {
+    /// AMQP only.
+    Amqp,
+    /// The admin API too.
+    Admin,
+    /// A one-node cluster's node-to-node port too.
+    Cluster,
+}
+
 impl Broker {
     /// Start a broker on 127.0.0.1:0 with its own folders.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Ports::Amqp)
+    }
+
+    /// Start a broker with `ports` open, each on 127.0.0.1:0.
+    pub fn start_with(ports: Ports) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -121,7 +137,13 @@ impl Broker {
             plugin_dir: plugins.path().to_path_buf(),
             ..Default::default()
         };
-        config.admin.enabled = false;
+        config.admin.enabled = ports == Ports::Admin;
+        config.admin.listen = "127.0.0.1:0".parse()?;
+        if ports == Ports::Cluster {
+            config.cluster = Some(toml::from_str(
+                "name = 'fuzz'\nlisten = '127.0.0.1:0'\nsecret = 'a secret the fuzzer never learns'\n",
+            )?);
+        }
         config.plugins.compile_cache = false;
         config.store.disk_free_limit_mib = 0;
         let server = rt.block_on(wasmq::server::Server::start(config))?;
@@ -186,6 +208,114 @@ impl Broker {
             })
         })
         .and_then(|code| self.wait_for_no_connections().map(|()| code))
+    }
+
+    /// Send `input` to the cluster port as an unauthenticated peer, close
+    /// the sending side, and read until the node closes the connection.
+    /// It must close within its handshake's timeout, give its place back,
+    /// and never admit the peer.
+    pub fn cluster_peer(&self, input: &[u8]) -> Result<(), String> {
+        let node = self.server().broker.cluster().expect("a cluster node").clone();
+        let addr = node.addr().to_owned();
+        self.rt.block_on(async move {
+            let s = TcpStream::connect(&addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let (mut r, mut w) = s.into_split();
+            let input = input.to_vec();
+            let writer = tokio::spawn(async move {
+                let _ = w.write_all(&input).await;
+                let _ = w.shutdown().await;
+                w
+            });
+            let mut buf = vec![0u8; 4096];
+            tokio::time::timeout(CLOSE_WITHIN, async {
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await
+            .map_err(|_| format!("hang: the cluster port held the peer {CLOSE_WITHIN:?} after its EOF"))?;
+            let _w = writer.await;
+            for _ in 0..500 {
+                if node.handshakes_in_progress() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if node.handshakes_in_progress() != 0 {
+                return Err("a handshake kept its place 5 s after its peer left".into());
+            }
+            if node.members().len() != 1 {
+                return Err(format!("an unauthenticated peer became a member: {:?}", node.members()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Send `input` to the admin port before any login, close the sending
+    /// side, and read every answer until the broker closes. Returns the
+    /// status codes; a 500 (the broker's own failure) is a failure, and so
+    /// is a connection held past the header deadline after the EOF.
+    pub fn admin_request(&self, input: &[u8]) -> Result<Vec<u16>, String> {
+        let addr = self.server().admin_addr.expect("the admin API");
+        self.rt.block_on(async move {
+            let s = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let (mut r, mut w) = s.into_split();
+            let input = input.to_vec();
+            let writer = tokio::spawn(async move {
+                let _ = w.write_all(&input).await;
+                let _ = w.shutdown().await;
+                w
+            });
+            let mut got = Vec::new();
+            let within = wasmq::admin::http::HEADER_TIMEOUT + Duration::from_secs(2);
+            tokio::time::timeout(within, async {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n.min(1 << 20)]),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| format!("hang: the admin port held the connection {within:?} after its EOF"))?;
+            let _w = writer.await;
+            let text = String::from_utf8_lossy(&got);
+            let codes: Vec<u16> = text
+                .match_indices("HTTP/1.1 ")
+                .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+                .collect();
+            if codes.contains(&500) {
+                return Err(format!("the admin API answered 500: {}", text.chars().take(400).collect::<String>()));
+            }
+            Ok(codes)
+        })
+    }
+
+    /// The admin port still answers, and no connection outlived its case.
+    pub fn check_admin(&self) -> Result<(), String> {
+        let addr = self.server().admin_addr.expect("the admin API");
+        for _ in 0..100 {
+            let metrics = ureq::get(&format!("http://{addr}/metrics"))
+                .call()
+                .map_err(|e| format!("/metrics: {e}"))?
+                .into_body()
+                .read_to_string()
+                .map_err(|e| format!("/metrics: {e}"))?;
+            // The scrape itself is the one open connection.
+            if metrics.lines().any(|l| l == "wasmq_admin_connections 1") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("admin connections stayed open after their clients left".into())
     }
 
     fn wait_for_no_connections(&self) -> Result<(), String> {

@@ -59,3 +59,13 @@ fn connections_after_login() {
         );
     }
 }
+
+#[test]
+fn cluster_port_before_authentication() {
+    assert!(pass(Target::ClusterHello, 6, 5_000, Duration::from_secs(60)) >= 500);
+}
+
+#[test]
+fn admin_port_before_login() {
+    assert!(pass(Target::Admin, 7, 5_000, Duration::from_secs(60)) >= 500);
+}
