@@ -57,8 +57,7 @@ fn needs_escape(c: char) -> bool {
 impl fmt::Display for Text<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write as _;
-        let mut shown = 0;
-        for (i, c) in self.0.char_indices() {
+        for (shown, (i, c)) in self.0.char_indices().enumerate() {
             if shown == self.1 {
                 return write!(f, "…[{} more bytes]", self.0.len() - i);
             }
@@ -69,7 +68,6 @@ impl fmt::Display for Text<'_> {
             } else {
                 f.write_char(c)?;
             }
-            shown += 1;
         }
         Ok(())
     }

@@ -553,7 +553,9 @@ impl Gen {
             };
             let nonce: Vec<u8> = (0..32).map(|_| self.rng.next_u64() as u8).collect();
             let body = if self.rng.one_in(4) {
-                serde_json::json!({ "proof": nonce }).to_string().into_bytes()
+                serde_json::json!({ "proof": nonce })
+                    .to_string()
+                    .into_bytes()
             } else {
                 serde_json::json!({ "protocol": protocol, "node": node, "nonce": nonce })
                     .to_string()
@@ -575,7 +577,9 @@ impl Gen {
     /// headers long, many or malformed, bodies whose length lies, chunked
     /// encodings that are not, bad credentials.
     pub fn http_request(&mut self) -> Vec<u8> {
-        let method = *self.rng.pick(&["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "G\0T", "OPTIONS"]);
+        let method = *self.rng.pick(&[
+            "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "G\0T", "OPTIONS",
+        ]);
         let name = match self.rng.below(4) {
             0 => "x".repeat(self.rng.below(6000)),
             1 => "%2F".to_owned(),
@@ -596,14 +600,19 @@ impl Gen {
             10 => "/".repeat(self.rng.below(3000) + 1),
             11 => "/api/cluster".to_owned(),
             12 => format!("/api/plugins/{name}/wasm"),
-            _ => String::from_utf8_lossy(self.rng.pick(&self.strings).clone().as_slice()).into_owned(),
+            _ => String::from_utf8_lossy(self.rng.pick(&self.strings).clone().as_slice())
+                .into_owned(),
         };
-        let version = *self.rng.pick(&["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9"]);
+        let version = *self
+            .rng
+            .pick(&["HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9"]);
         let mut out = format!("{method} {path} {version}\r\nHost: wasmq\r\n").into_bytes();
         let body: Vec<u8> = match self.rng.below(4) {
             0 => b"[]".to_vec(),
             1 => b"{\"count\": 1, \"max_bytes\": 0}".to_vec(),
-            2 => (0..self.rng.below(512)).map(|_| self.rng.next_u64() as u8).collect(),
+            2 => (0..self.rng.below(512))
+                .map(|_| self.rng.next_u64() as u8)
+                .collect(),
             _ => Vec::new(),
         };
         for _ in 0..self.rng.below(6) {
@@ -612,7 +621,11 @@ impl Gen {
                 1 => format!("Content-Length: {}\r\n", self.rng.next_u64()).into_bytes(),
                 2 => b"Transfer-Encoding: chunked\r\n".to_vec(),
                 3 => b"Authorization: Basic Z3Vlc3Q6d3Jvbmc=\r\n".to_vec(),
-                4 => format!("Authorization: Basic {}\r\n", "A".repeat(self.rng.below(70_000))).into_bytes(),
+                4 => format!(
+                    "Authorization: Basic {}\r\n",
+                    "A".repeat(self.rng.below(70_000))
+                )
+                .into_bytes(),
                 5 => format!("X-Long: {}\r\n", "v".repeat(self.rng.below(100_000))).into_bytes(),
                 6 => b"Connection: keep-alive\r\n".to_vec(),
                 _ => {

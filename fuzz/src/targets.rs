@@ -215,7 +215,12 @@ impl Broker {
     /// It must close within its handshake's timeout, give its place back,
     /// and never admit the peer.
     pub fn cluster_peer(&self, input: &[u8]) -> Result<(), String> {
-        let node = self.server().broker.cluster().expect("a cluster node").clone();
+        let node = self
+            .server()
+            .broker
+            .cluster()
+            .expect("a cluster node")
+            .clone();
         let addr = node.addr().to_owned();
         self.rt.block_on(async move {
             let s = TcpStream::connect(&addr)
@@ -238,7 +243,9 @@ impl Broker {
                 }
             })
             .await
-            .map_err(|_| format!("hang: the cluster port held the peer {CLOSE_WITHIN:?} after its EOF"))?;
+            .map_err(|_| {
+                format!("hang: the cluster port held the peer {CLOSE_WITHIN:?} after its EOF")
+            })?;
             let _w = writer.await;
             for _ in 0..500 {
                 if node.handshakes_in_progress() == 0 {
@@ -250,7 +257,10 @@ impl Broker {
                 return Err("a handshake kept its place 5 s after its peer left".into());
             }
             if node.members().len() != 1 {
-                return Err(format!("an unauthenticated peer became a member: {:?}", node.members()));
+                return Err(format!(
+                    "an unauthenticated peer became a member: {:?}",
+                    node.members()
+                ));
             }
             Ok(())
         })
@@ -285,7 +295,9 @@ impl Broker {
                 }
             })
             .await
-            .map_err(|_| format!("hang: the admin port held the connection {within:?} after its EOF"))?;
+            .map_err(|_| {
+                format!("hang: the admin port held the connection {within:?} after its EOF")
+            })?;
             let _w = writer.await;
             let text = String::from_utf8_lossy(&got);
             let codes: Vec<u16> = text
@@ -293,7 +305,10 @@ impl Broker {
                 .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
                 .collect();
             if codes.contains(&500) {
-                return Err(format!("the admin API answered 500: {}", text.chars().take(400).collect::<String>()));
+                return Err(format!(
+                    "the admin API answered 500: {}",
+                    text.chars().take(400).collect::<String>()
+                ));
             }
             Ok(codes)
         })

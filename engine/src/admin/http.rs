@@ -141,7 +141,7 @@ pub(crate) fn descriptor_limit() -> Option<u64> {
     if l.current < l.maximum {
         l.current = l.maximum;
         // Not allowed to raise it: the soft limit stays what it was.
-        let _ = setrlimit(Resource::Nofile, l.clone());
+        let _ = setrlimit(Resource::Nofile, l);
         l = getrlimit(Resource::Nofile);
     }
     l.current

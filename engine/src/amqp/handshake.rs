@@ -210,7 +210,9 @@ pub(super) async fn handshake(
         // The spec: answer with the header we speak, then close.
         send(socket, PROTOCOL_HEADER).await?;
         let _ = socket.shutdown().await;
-        tracing::info!(%peer, "refused a client with protocol header {:?}", String::from_utf8_lossy(&buf[..8]));
+        if let Some(quiet) = super::REFUSALS.admit(peer.ip()) {
+            tracing::info!(%peer, also_refused = quiet, "refused a client with protocol header {:?}", String::from_utf8_lossy(&buf[..8]));
+        }
         return Ok(None);
     }
     let _ = buf.split_to(8);
@@ -254,7 +256,9 @@ pub(super) async fn handshake(
         (creds.map(|c| c.0).unwrap_or_default(), user)
     };
     let Some(user) = user else {
-        tracing::warn!(%peer, user = %crate::untrusted::text(&who), "authentication failed");
+        if let Some(quiet) = super::REFUSALS.admit(peer.ip()) {
+            tracing::warn!(%peer, user = %crate::untrusted::text(&who), also_refused = quiet, "authentication failed");
+        }
         let text = format!(
             "ACCESS_REFUSED - Login was refused using authentication mechanism {}",
             start_ok.mechanism

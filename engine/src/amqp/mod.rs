@@ -53,6 +53,13 @@ use crate::tls::Tls;
 
 /// Time a client has to finish the TLS handshake (the AMQP handshake then
 /// has its own).
+/// Which clients' refusals (failed logins, TLS handshakes, protocol
+/// headers) may be logged now: one per source address per 10 s, so that a
+/// scanner or a client retrying a wrong password does not fill the log.
+/// Process-wide, as the log is.
+pub(crate) static REFUSALS: std::sync::LazyLock<crate::untrusted::Refusals> =
+    std::sync::LazyLock::new(Default::default);
+
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A queue name whose `queue.declare` panics the connection's handler.
@@ -152,7 +159,9 @@ pub async fn serve(
                             .await
                         }
                         Err(e) => {
-                            tracing::info!(%peer, "TLS handshake failed: {e}");
+                            if let Some(quiet) = REFUSALS.admit(peer.ip()) {
+                                tracing::info!(%peer, also_refused = quiet, "TLS handshake failed: {e}");
+                            }
                         }
                     }
                 });

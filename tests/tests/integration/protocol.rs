@@ -49,10 +49,15 @@ impl Raw {
 
     /// Read until connection.close; returns its reply code.
     async fn close_code(&mut self) -> u16 {
+        self.close().await.0
+    }
+
+    /// The code and text of the broker's connection.close.
+    async fn close(&mut self) -> (u16, String) {
         loop {
             match self.frame().await {
                 Some(Frame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
-                    return c.reply_code;
+                    return (c.reply_code, c.reply_text.to_string());
                 }
                 Some(_) => continue,
                 None => panic!("socket closed without connection.close"),
@@ -585,7 +590,18 @@ async fn a_deeply_nested_field_table_before_login_is_a_syntax_error() {
             .write_all(&raw_frame(1, 0, &payload))
             .await
             .unwrap();
-        assert_eq!(r.close_code().await, 502, "{levels} levels");
+        // The text names the class of error once.
+        assert_eq!(
+            r.close().await,
+            (
+                502,
+                format!(
+                    "SYNTAX_ERROR - field table nested deeper than {} levels",
+                    wasmq::amqp::field_table::MAX_DEPTH
+                )
+            ),
+            "{levels} levels"
+        );
     }
     still_serving(&t).await;
 }

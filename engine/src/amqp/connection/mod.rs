@@ -91,7 +91,9 @@ pub(crate) async fn run(
         Ok(Ok(None)) => return,
         Ok(Err(HandshakeError::Frame(e))) => {
             // A malformed frame before login still gets its reply code.
-            tracing::info!(%peer, "handshake failed: {}", crate::untrusted::text(&e.to_string()));
+            if let Some(quiet) = crate::amqp::REFUSALS.admit(peer.ip()) {
+                tracing::info!(%peer, also_refused = quiet, "handshake failed: {}", crate::untrusted::text(&e.to_string()));
+            }
             close_with(&mut socket, e.reply_code(), &e.to_string(), 0, 0).await;
             return;
         }
@@ -100,7 +102,9 @@ pub(crate) async fn run(
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "handshake timed out");
+            if let Some(quiet) = crate::amqp::REFUSALS.admit(peer.ip()) {
+                tracing::info!(%peer, also_refused = quiet, "handshake timed out");
+            }
             return;
         }
     };
