@@ -121,3 +121,89 @@ async fn cli_subcommands_drive_a_running_broker() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("404"));
     broker.kill().await;
 }
+
+/// A log written to a pipe carries no terminal colour codes, and a
+/// client's chosen name with a newline stays on its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_to_a_pipe_is_plain_text_one_event_a_line() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--plugin-dir")
+        .arg(plugins.path())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut amqp = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(at) = line.find("amqp_addr=") {
+            amqp = Some(
+                line[at + 10..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        seen.push(line);
+        if amqp.is_some() && seen.iter().any(|l| l.contains("admin API listening")) {
+            break;
+        }
+    }
+    // A login whose user name forges a line of its own.
+    let amqp = amqp.expect("the AMQP address is logged");
+    let mut s = tokio::net::TcpStream::connect(&amqp).await.unwrap();
+    s.write_all(b"AMQP\0\0\x09\x01").await.unwrap();
+    let mut start = vec![0u8; 512];
+    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut start).await;
+    let user = "bob\n2026-01-01T00:00:00Z  INFO wasmq: FORGED";
+    let response = format!("\0{user}\0wrong");
+    let mut p = vec![0, 10, 0, 11, 0, 0, 0, 0, 5];
+    p.extend_from_slice(b"PLAIN");
+    p.extend_from_slice(&(response.len() as u32).to_be_bytes());
+    p.extend_from_slice(response.as_bytes());
+    p.extend_from_slice(b"\x05en_US");
+    let mut frame = vec![1, 0, 0];
+    frame.extend_from_slice(&(p.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&p);
+    frame.push(0xCE);
+    s.write_all(&frame).await.unwrap();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), lines.next_line()).await
+    {
+        let done = line.contains("authentication failed");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let all = seen.join("\n");
+    assert!(
+        !all.contains('\u{1b}'),
+        "colour codes in a piped log:\n{all}"
+    );
+    assert!(all.contains("authentication failed"), "{all}");
+    assert!(
+        !seen.iter().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line:\n{all}"
+    );
+    assert!(
+        all.contains("bob\\n2026"),
+        "the name is shown escaped:\n{all}"
+    );
+    child.kill().await.unwrap();
+}

@@ -154,6 +154,22 @@ async fn a_quorum_queue_keeps_every_confirmed_message_when_its_leader_dies() {
         leader_on(survivor, "orders").is_some_and(|l| l != leader)
     })
     .await;
+    // Every survivor answers for the queue itself, and where it lives is
+    // one truth: its `node` is its leader.
+    for i in &others {
+        let n = &nodes[*i];
+        eventually(
+            &format!("{} shows the queue at its leader", n.name),
+            t,
+            || {
+                n.api().get("/api/queues/%2F/orders").is_ok_and(|q| {
+                    q["quorum"]["leader"].as_str().is_some_and(|l| l != leader)
+                        && q["node"] == q["quorum"]["leader"]
+                })
+            },
+        )
+        .await;
+    }
 }
 
 /// The quorum queue named `queue` as `node`'s admin API shows it.

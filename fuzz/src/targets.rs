@@ -256,10 +256,10 @@ impl Broker {
             if node.handshakes_in_progress() != 0 {
                 return Err("a handshake kept its place 5 s after its peer left".into());
             }
-            if node.members().len() != 1 {
+            let members = node.members();
+            if members.iter().any(|m| m.name != "fuzz") {
                 return Err(format!(
-                    "an unauthenticated peer became a member: {:?}",
-                    node.members()
+                    "an unauthenticated peer became a member: {members:?}"
                 ));
             }
             Ok(())

@@ -278,6 +278,38 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
     }
 }
 
+/// A queue of another node, as this node knows it (its counts are that
+/// node's to give: zeros here).
+fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueView {
+    QueueView {
+        name,
+        vhost: v.name.clone(),
+        durable: r.durable,
+        exclusive: false,
+        auto_delete: r.definition.auto_delete,
+        arguments: table_to_json(&r.definition.arguments),
+        messages: 0,
+        messages_ready: 0,
+        messages_unacknowledged: 0,
+        message_bytes_ready: 0,
+        consumers: 0,
+        segments: None,
+        node: Some(r.node),
+        quorum: None,
+        message_stats: QueueMessageStats::default(),
+    }
+}
+
+/// A quorum queue's replication as this node's replica sees it; its leader
+/// is where the queue lives (one truth for `node` and `quorum.leader`).
+fn with_quorum(s: &AdminState, mut view: QueueView) -> QueueView {
+    view.quorum = s.broker.quorum_status(&view.vhost, &view.name);
+    if let Some(leader) = view.quorum.as_ref().and_then(|q| q.leader.clone()) {
+        view.node = Some(leader);
+    }
+    view
+}
+
 fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
     let me = s.broker.cluster().map(|c| c.name());
     let mut out = Vec::new();
@@ -288,26 +320,8 @@ fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
             .remote_queues()
             .into_iter()
             .filter(|(name, _)| !local.contains(name));
-        qs.extend(remote.map(|(name, r)| QueueView {
-            name,
-            vhost: v.name.clone(),
-            durable: r.durable,
-            exclusive: false,
-            auto_delete: r.definition.auto_delete,
-            arguments: table_to_json(&r.definition.arguments),
-            messages: 0,
-            messages_ready: 0,
-            messages_unacknowledged: 0,
-            message_bytes_ready: 0,
-            consumers: 0,
-            segments: None,
-            node: Some(r.node),
-            quorum: None,
-            message_stats: QueueMessageStats::default(),
-        }));
-        for q in &mut qs {
-            q.quorum = s.broker.quorum_status(&v.name, &q.name);
-        }
+        qs.extend(remote.map(|(name, r)| remote_view(v, name, r)));
+        let mut qs: Vec<QueueView> = qs.into_iter().map(|q| with_quorum(s, q)).collect();
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         out.extend(qs);
     }
@@ -335,10 +349,32 @@ async fn queue(
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult<Json<QueueView>> {
     let v = visible_vhost(&s, &viewer, &v)?;
-    let q = v.queue(&name)?;
-    let mut view = queue_view(&v, &q, s.broker.cluster().map(|c| c.name()));
-    view.quorum = s.broker.quorum_status(&v.name, &name);
-    Ok(Json(view))
+    // Any node answers for any queue, as the list does: a queue of another
+    // node (or a quorum queue whose leader is elsewhere, or not yet
+    // elected) is shown as this node knows it.
+    let record = || {
+        s.broker
+            .cluster()
+            .and_then(|c| c.queue_record(&v.name, &name))
+    };
+    let view = match v.queue(&name) {
+        Ok(q) => queue_view(&v, &q, s.broker.cluster().map(|c| c.name())),
+        Err(e) => match (v.remote_queue(&name), record()) {
+            (Some(r), _) => remote_view(&v, name, r),
+            // Known to the cluster, its leader not (yet) announced here.
+            (None, Some(r)) => remote_view(
+                &v,
+                name,
+                crate::broker::RemoteQueue {
+                    node: r.node,
+                    durable: r.durable,
+                    definition: r.queue,
+                },
+            ),
+            (None, None) => return Err(e.into()),
+        },
+    };
+    Ok(Json(with_quorum(&s, view)))
 }
 
 /// Add a node to a quorum queue's members (on the queue's leader).

@@ -608,9 +608,19 @@ fn opt(v: Option<u64>) -> String {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // openraft narrates every membership step at info; its warnings
-        // and errors are what an operator needs.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        // and errors are what an operator needs, except the core's notices
+        // that a stale message was ignored ("vote changed", "membership
+        // changed", "leader has removed target"), which every election
+        // makes once per group: they show with RUST_LOG=openraft=debug.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,openraft=warn,openraft::core::raft_core=error")
+        });
+    // Colour only for a person at a terminal: a log written to a file or a
+    // pipe gets no escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     if json {
         builder.json().init();
     } else {
