@@ -12,10 +12,17 @@
 //! loop) would still fill the log with refusals that are each well formed:
 //! [`Refusals`] lets one refusal per source through per
 //! [`REFUSAL_LOG_EVERY`] and counts the rest into the next line.
+//!
+//! What a peer may hold open before it has proven anything (a handshake
+//! on the cluster port, a connection to the admin port, a log follower)
+//! is counted in [`Places`]: so many in total, so many per source or user,
+//! each given back when its holder drops it.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -116,6 +123,92 @@ impl Refusals {
     }
 }
 
+/// Places held at once: at most so many in total, so many per key (a
+/// source address, a user).
+#[derive(Debug)]
+pub struct Places<K: Eq + Hash> {
+    total: usize,
+    per_key: usize,
+    held: Mutex<HashMap<K, usize>>,
+}
+
+/// Why no place was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// Every place is held.
+    Total(usize),
+    /// The key holds all of its places.
+    Key(usize),
+}
+
+/// One place; given back when dropped.
+#[derive(Debug)]
+pub struct Place<K: Eq + Hash> {
+    places: Arc<Places<K>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Places<K> {
+    /// At most `total` places, `per_key` for one key (at least one each).
+    pub fn new(total: usize, per_key: usize) -> Arc<Self> {
+        let total = total.max(1);
+        Arc::new(Places {
+            total,
+            per_key: per_key.clamp(1, total),
+            held: Mutex::default(),
+        })
+    }
+
+    /// A place for `key`, or which bound is reached.
+    pub fn take(self: &Arc<Self>, key: K) -> Result<Place<K>, Full> {
+        let mut held = self.held.lock();
+        if held.values().sum::<usize>() >= self.total {
+            return Err(Full::Total(self.total));
+        }
+        let n = held.entry(key.clone()).or_default();
+        if *n >= self.per_key {
+            return Err(Full::Key(self.per_key));
+        }
+        *n += 1;
+        Ok(Place {
+            places: self.clone(),
+            key,
+        })
+    }
+
+    /// Places held now.
+    pub fn held(&self) -> usize {
+        self.held.lock().values().sum()
+    }
+
+    /// The bound in total.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The bound per key.
+    pub fn per_key(&self) -> usize {
+        self.per_key
+    }
+
+    /// Keys holding a place now (none is kept for a key that holds none).
+    pub fn keys(&self) -> usize {
+        self.held.lock().len()
+    }
+}
+
+impl<K: Eq + Hash> Drop for Place<K> {
+    fn drop(&mut self) {
+        let mut held = self.places.held.lock();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +253,21 @@ mod tests {
             r.admit(IpAddr::from(i.to_be_bytes()));
         }
         assert!(r.sources.lock().len() <= SOURCES);
+    }
+
+    #[test]
+    fn places_are_bounded_per_key_and_in_total_and_given_back() {
+        let places = Places::new(4, 2);
+        let a1 = places.take("a").unwrap();
+        let _a2 = places.take("a").unwrap();
+        assert_eq!(places.take("a").unwrap_err(), Full::Key(2));
+        let _b1 = places.take("b").unwrap();
+        let _b2 = places.take("b").unwrap();
+        assert_eq!(places.take("c").unwrap_err(), Full::Total(4));
+        assert_eq!(places.keys(), 2, "a refused key keeps no entry");
+        drop(a1);
+        let _c = places.take("c").expect("a place given back is taken again");
+        assert_eq!((places.held(), places.keys()), (4, 3));
+        assert_eq!(Places::<u8>::new(0, 9).per_key(), 1);
     }
 }

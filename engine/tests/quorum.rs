@@ -499,3 +499,132 @@ async fn quorum_queues_behave_as_rabbitmqs() {
     )
     .await;
 }
+
+/// Publish `body` to `queue` and wait up to `within` for its confirm:
+/// `Some(ack)` once answered, `None` if no answer came.
+async fn answered(ch: &lapin::Channel, queue: &str, body: &[u8], within: Duration) -> Option<bool> {
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .ok()?;
+    match tokio::time::timeout(within, confirm).await {
+        Ok(Ok(c)) => Some(c.is_ack()),
+        _ => None,
+    }
+}
+
+/// A leader behind a black hole (its links say nothing and close nothing,
+/// as a paused process or a network that drops packets): a publisher on a
+/// follower has its waiting confirm answered once the link has been silent
+/// past the election timeout, not when the leader comes back, and is
+/// confirmed by the new leader soon after. A follower cut off the same way
+/// answers its own publisher with a nack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_leader_holds_no_confirm_and_a_silent_node_nacks() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    let root = tempfile::tempdir().unwrap();
+    let cuts = Arc::new(Mutex::new(HashSet::new()));
+    let proxies = [
+        Proxy::start("a", cuts.clone()).await,
+        Proxy::start("b", cuts.clone()).await,
+        Proxy::start("c", cuts.clone()).await,
+    ];
+    let a = Node::start_behind(root.path(), "a", &[], Some(&proxies[0]), "").await;
+    let seeds = vec![a.cluster.clone()];
+    let b = Node::start_behind(root.path(), "b", &seeds, Some(&proxies[1]), "").await;
+    let c = Node::start_behind(root.path(), "c", &seeds, Some(&proxies[2]), "").await;
+    formed(&[&a, &b, &c]).await;
+    let all: Vec<&Arc<Proxy>> = proxies.iter().collect();
+    let t = Duration::from_secs(20);
+    let ch = a.connect().await.create_channel().await.unwrap();
+    ch.queue_declare("silent".into(), durable(), quorum(&[]))
+        .await
+        .unwrap();
+    let nodes = [a, b, c];
+    eventually("every node knows the leader", t, || {
+        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "silent")).collect();
+        l[0].is_some() && l.iter().all(|x| *x == l[0])
+    })
+    .await;
+    let leader = leader_on(&nodes[0], "silent").unwrap();
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.name != leader).collect();
+    let (f, g) = (others[0], others[1]);
+    let conn = f.connect().await;
+    let pch = conn.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        assert_eq!(
+            answered(&pch, "silent", format!("before-{i}").as_bytes(), t).await,
+            Some(true)
+        );
+    }
+
+    // The leader goes silent.
+    silence(&all, &[(&leader, &f.name), (&leader, &g.name)], true);
+    let started = std::time::Instant::now();
+    let first = answered(&pch, "silent", b"during", t).await;
+    let answered_after = started.elapsed();
+    assert!(
+        first.is_some(),
+        "no answer in {t:?} while the leader was silent"
+    );
+    let mut acked_after = None;
+    for i in 0..200 {
+        if answered(&pch, "silent", format!("after-{i}").as_bytes(), t).await == Some(true) {
+            acked_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acked_after = acked_after.expect("the new leader confirms");
+    eprintln!(
+        "silent leader {leader}: the waiting publish answered ({first:?}) after {answered_after:?}, \
+         the first confirm from the new leader after {acked_after:?}"
+    );
+    assert!(
+        answered_after < Duration::from_secs(8),
+        "{answered_after:?}"
+    );
+    assert!(acked_after < Duration::from_secs(12), "{acked_after:?}");
+    silence(&all, &[(&leader, &f.name), (&leader, &g.name)], false);
+
+    // Now the publisher's own node goes silent to both others: its
+    // publishes are nacked, not held until the heal.
+    let new_leader = leader_on(g, "silent").unwrap_or_default();
+    eprintln!("new leader: {new_leader}");
+    silence(&all, &[(&f.name, &g.name), (&f.name, &leader)], true);
+    let started = std::time::Instant::now();
+    let mut nacked = None;
+    for i in 0..50 {
+        match answered(&pch, "silent", format!("cut-{i}").as_bytes(), t).await {
+            Some(false) => {
+                nacked = Some(started.elapsed());
+                break;
+            }
+            // Confirmed by a leader the node still thought it could reach
+            // before the silence was noticed: fine, and try again.
+            Some(true) if f.name == new_leader => {
+                nacked = Some(started.elapsed());
+                break;
+            }
+            Some(true) => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => break,
+        }
+    }
+    let nacked = nacked.expect("a node cut off answers its publisher");
+    eprintln!(
+        "publisher's node {} silent: answered after {nacked:?}",
+        f.name
+    );
+    assert!(nacked < Duration::from_secs(8), "{nacked:?}");
+    silence(&all, &[(&f.name, &g.name), (&f.name, &leader)], false);
+}

@@ -223,30 +223,11 @@ impl Broker {
             .clone();
         let addr = node.addr().to_owned();
         self.rt.block_on(async move {
-            let s = TcpStream::connect(&addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let (mut r, mut w) = s.into_split();
-            let input = input.to_vec();
-            let writer = tokio::spawn(async move {
-                let _ = w.write_all(&input).await;
-                let _ = w.shutdown().await;
-                w
-            });
-            let mut buf = vec![0u8; 4096];
-            tokio::time::timeout(CLOSE_WITHIN, async {
-                loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await
-            .map_err(|_| {
-                format!("hang: the cluster port held the peer {CLOSE_WITHIN:?} after its EOF")
-            })?;
-            let _w = writer.await;
+            send_until_closed(&addr, input, CLOSE_WITHIN)
+                .await?
+                .ok_or_else(|| {
+                    format!("hang: the cluster port held the peer {CLOSE_WITHIN:?} after its EOF")
+                })?;
             for _ in 0..500 {
                 if node.handshakes_in_progress() == 0 {
                     break;
@@ -273,32 +254,12 @@ impl Broker {
     pub fn admin_request(&self, input: &[u8]) -> Result<Vec<u16>, String> {
         let addr = self.server().admin_addr.expect("the admin API");
         self.rt.block_on(async move {
-            let s = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let (mut r, mut w) = s.into_split();
-            let input = input.to_vec();
-            let writer = tokio::spawn(async move {
-                let _ = w.write_all(&input).await;
-                let _ = w.shutdown().await;
-                w
-            });
-            let mut got = Vec::new();
             let within = wasmq::admin::http::HEADER_TIMEOUT + Duration::from_secs(2);
-            tokio::time::timeout(within, async {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n.min(1 << 20)]),
-                    }
-                }
-            })
-            .await
-            .map_err(|_| {
-                format!("hang: the admin port held the connection {within:?} after its EOF")
-            })?;
-            let _w = writer.await;
+            let got = send_until_closed(addr, input, within)
+                .await?
+                .ok_or_else(|| {
+                    format!("hang: the admin port held the connection {within:?} after its EOF")
+                })?;
             let text = String::from_utf8_lossy(&got);
             let codes: Vec<u16> = text
                 .match_indices("HTTP/1.1 ")
@@ -383,6 +344,41 @@ impl Drop for Broker {
             self.rt.block_on(s.shutdown(Duration::from_secs(2)));
         }
     }
+}
+
+/// Connect to `addr`, send `input`, close the sending side, and read what
+/// comes back (its first MiB) until the other side closes: `None` if it
+/// has not closed within `within`.
+async fn send_until_closed(
+    addr: impl tokio::net::ToSocketAddrs,
+    input: &[u8],
+    within: Duration,
+) -> Result<Option<Vec<u8>>, String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut r, mut w) = s.into_split();
+    let input = input.to_vec();
+    let writer = tokio::spawn(async move {
+        // The other side may close first: a failed write is fine.
+        let _ = w.write_all(&input).await;
+        let _ = w.shutdown().await;
+        w
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) if got.len() < 1 << 20 => got.extend_from_slice(&buf[..n]),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let _w = writer.await;
+    Ok(read.ok().map(|()| got))
 }
 
 /// Append a frame.

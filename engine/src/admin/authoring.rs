@@ -211,9 +211,7 @@ async fn logs(
     if !q.follow {
         return Ok(Json(log.recent()).into_response());
     }
-    let place = s
-        .followers
-        .enter(&viewer.user)
+    let place = super::follow::follow(&s.followers, &viewer.user)
         .map_err(|why| ApiError::new(StatusCode::TOO_MANY_REQUESTS, why))?;
     let rx = log.follow();
     let stream = futures::stream::unfold(Some((rx, place)), |state| async move {

@@ -10,10 +10,7 @@
 //! ([`super::http::BUFFER_BYTES`]); one that falls a whole ring behind has
 //! stopped reading, and is told how many lines it missed and dropped.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 
 /// Log followers at once, every user together.
 pub const MAX_FOLLOWERS: usize = 64;
@@ -21,57 +18,24 @@ pub const MAX_FOLLOWERS: usize = 64;
 pub const MAX_FOLLOWERS_PER_USER: usize = 4;
 
 /// The followers there are, by user.
-#[derive(Debug, Default)]
-pub(crate) struct Followers {
-    by_user: Mutex<HashMap<String, usize>>,
+pub(crate) type Followers = crate::untrusted::Places<String>;
+
+/// The bounds of the followers.
+pub(crate) fn followers() -> Arc<Followers> {
+    Followers::new(MAX_FOLLOWERS, MAX_FOLLOWERS_PER_USER)
 }
 
-/// One follower's place; given back when its stream is dropped (the
-/// client left, or it was let go).
-#[derive(Debug)]
-pub(crate) struct Following {
-    all: Arc<Followers>,
-    user: String,
-}
-
-impl Followers {
-    /// A place for a follower of `user`, or why there is none.
-    pub(crate) fn enter(self: &Arc<Self>, user: &str) -> Result<Following, String> {
-        let mut m = self.by_user.lock();
-        if m.values().sum::<usize>() >= MAX_FOLLOWERS {
-            return Err(format!(
-                "{MAX_FOLLOWERS} log followers already; try again when one has left"
-            ));
+/// A follower's place for `user`, or why there is none (for a 429).
+pub(crate) fn follow(
+    all: &Arc<Followers>,
+    user: &str,
+) -> Result<crate::untrusted::Place<String>, String> {
+    all.take(user.to_owned()).map_err(|full| match full {
+        crate::untrusted::Full::Total(n) => {
+            format!("{n} log followers already; try again when one has left")
         }
-        let n = m.entry(user.to_owned()).or_default();
-        if *n >= MAX_FOLLOWERS_PER_USER {
-            return Err(format!(
-                "user '{user}' already follows {MAX_FOLLOWERS_PER_USER} logs"
-            ));
-        }
-        *n += 1;
-        Ok(Following {
-            all: self.clone(),
-            user: user.to_owned(),
-        })
-    }
-
-    /// Followers now.
-    pub(crate) fn count(&self) -> usize {
-        self.by_user.lock().values().sum()
-    }
-}
-
-impl Drop for Following {
-    fn drop(&mut self) {
-        let mut m = self.all.by_user.lock();
-        if let Some(n) = m.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.user);
-            }
-        }
-    }
+        crate::untrusted::Full::Key(n) => format!("user '{user}' already follows {n} logs"),
+    })
 }
 
 #[cfg(test)]
@@ -79,23 +43,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn followers_are_bounded_per_user_and_in_total() {
-        let f = Arc::new(Followers::default());
+    fn a_follower_past_a_bound_is_told_which() {
+        let f = followers();
         let mine: Vec<_> = (0..MAX_FOLLOWERS_PER_USER)
-            .map(|_| f.enter("ann").unwrap())
+            .map(|_| follow(&f, "ann").unwrap())
             .collect();
-        assert!(f.enter("ann").unwrap_err().contains("already follows"));
-        let mut others = Vec::new();
-        for i in 0..(MAX_FOLLOWERS - MAX_FOLLOWERS_PER_USER) {
-            others.push(f.enter(&format!("user{i}")).unwrap());
-        }
+        assert!(follow(&f, "ann").unwrap_err().contains("already follows"));
+        let others: Vec<_> = (0..(MAX_FOLLOWERS - MAX_FOLLOWERS_PER_USER))
+            .map(|i| follow(&f, &format!("user{i}")).unwrap())
+            .collect();
         assert!(
-            f.enter("bob")
+            follow(&f, "bob")
                 .unwrap_err()
                 .contains("log followers already")
         );
-        drop(mine);
-        assert_eq!(f.count(), MAX_FOLLOWERS - MAX_FOLLOWERS_PER_USER);
-        assert!(f.enter("bob").is_ok());
+        drop((mine, others));
+        assert_eq!(f.held(), 0);
     }
 }

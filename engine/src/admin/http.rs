@@ -18,7 +18,6 @@
 //! A connection past a bound is closed at once, before anything is read
 //! from it, and counted (`wasmq_admin_connections_refused_total`).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,7 +31,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use futures::StreamExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -59,19 +57,13 @@ const DESCRIPTOR_SHARE: u64 = 4;
 /// The admin port's open connections, by source address.
 #[derive(Debug)]
 pub(crate) struct Connections {
-    max: usize,
-    max_per_source: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Arc<crate::untrusted::Places<IpAddr>>,
     /// Connections closed at once for being past a bound.
     pub refused: AtomicU64,
 }
 
 /// One admitted connection; its place is given back when dropped.
-#[derive(Debug)]
-pub(crate) struct Admitted {
-    gate: Arc<Connections>,
-    source: IpAddr,
-}
+pub(crate) type Admitted = crate::untrusted::Place<IpAddr>;
 
 impl Connections {
     /// Bounds of `max` connections, `max_per_source` from one address;
@@ -81,54 +73,29 @@ impl Connections {
         let max = match descriptors {
             Some(n) => max.min(usize::try_from(n / DESCRIPTOR_SHARE).unwrap_or(usize::MAX)),
             None => max,
-        }
-        .max(1);
+        };
         Connections {
-            max,
-            max_per_source: max_per_source.clamp(1, max),
-            open: Mutex::default(),
+            open: crate::untrusted::Places::new(max, max_per_source),
             refused: AtomicU64::new(0),
         }
     }
 
     /// The cap in force (after the descriptor share).
     pub(crate) fn max(&self) -> usize {
-        self.max
+        self.open.total()
     }
 
     /// Open connections.
     pub(crate) fn open(&self) -> usize {
-        self.open.lock().values().sum()
+        self.open.held()
     }
 
-    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Admitted> {
-        let mut open = self.open.lock();
-        let total: usize = open.values().sum();
-        let from = open.entry(source).or_default();
-        if total >= self.max || *from >= self.max_per_source {
-            if *from == 0 {
-                open.remove(&source);
-            }
+    pub(crate) fn admit(&self, source: IpAddr) -> Option<Admitted> {
+        let admitted = self.open.take(source).ok();
+        if admitted.is_none() {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            return None;
         }
-        *from += 1;
-        Some(Admitted {
-            gate: self.clone(),
-            source,
-        })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut open = self.gate.open.lock();
-        if let Some(n) = open.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.source);
-            }
-        }
+        admitted
     }
 }
 
@@ -265,25 +232,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_are_bounded_in_total_and_per_source() {
-        let gate = Arc::new(Connections::new(4, 2, None));
+    fn refused_connections_are_counted() {
+        let gate = Connections::new(2, 1, None);
         let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
-        let c: IpAddr = "127.0.0.4".parse().unwrap();
-        let a1 = gate.admit(a).unwrap();
-        let _a2 = gate.admit(a).unwrap();
-        assert!(gate.admit(a).is_none(), "a third from one source");
-        let _b1 = gate.admit(b).unwrap();
-        let _b2 = gate.admit(b).unwrap();
-        assert!(gate.admit(c).is_none(), "a fifth in total");
-        assert_eq!(gate.refused.load(Ordering::Relaxed), 2);
-        drop(a1);
-        let _c = gate.admit(c).expect("a place given back is taken again");
-        assert_eq!(
-            gate.open.lock().len(),
-            3,
-            "no entry kept for refused sources"
-        );
+        let _held = gate.admit(a).unwrap();
+        assert!(gate.admit(a).is_none(), "a second from one source");
+        assert_eq!((gate.open(), gate.refused.load(Ordering::Relaxed)), (1, 1));
     }
 
     #[test]
@@ -291,6 +245,6 @@ mod tests {
         assert_eq!(Connections::new(512, 64, Some(1024)).max(), 256);
         assert_eq!(Connections::new(512, 64, Some(1 << 20)).max(), 512);
         let small = Connections::new(512, 64, Some(100));
-        assert_eq!((small.max(), small.max_per_source), (25, 25));
+        assert_eq!((small.max(), small.open.per_key()), (25, 25));
     }
 }

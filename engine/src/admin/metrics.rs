@@ -242,11 +242,7 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
         "gauge",
         "Clients following a plugin's log.",
     );
-    e.sample(
-        "wasmq_plugin_log_followers",
-        &[],
-        s.followers.count() as f64,
-    );
+    e.sample("wasmq_plugin_log_followers", &[], s.followers.held() as f64);
     e.family(
         "wasmq_traces_kept_bytes",
         "gauge",

@@ -162,7 +162,7 @@ pub async fn serve(
         amqp_addr,
         metrics_auth: config.metrics_auth,
         connections: connections.clone(),
-        followers: Arc::default(),
+        followers: follow::followers(),
     };
     // The body deadline runs inside authentication: nobody's body is read
     // before they have logged in.

@@ -34,6 +34,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 pub struct Peers {
     me: String,
     secret: Vec<u8>,
+    liveness: super::link::Liveness,
     tls: Option<Arc<crate::tls::Tls>>,
     handler: OnceLock<Handler>,
     traffic: TrafficSlot,
@@ -42,11 +43,18 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// The registry of node `me`, proving `secret` (over TLS with `tls`).
-    pub fn new(me: String, secret: Vec<u8>, tls: Option<Arc<crate::tls::Tls>>) -> Arc<Peers> {
+    /// The registry of node `me`, proving `secret` (over TLS with `tls`),
+    /// its links telling live peers from silent ones by `liveness`.
+    pub fn new(
+        me: String,
+        secret: Vec<u8>,
+        tls: Option<Arc<crate::tls::Tls>>,
+        liveness: super::link::Liveness,
+    ) -> Arc<Peers> {
         Arc::new(Peers {
             me,
             secret,
+            liveness,
             tls,
             handler: OnceLock::new(),
             traffic: TrafficSlot::default(),
@@ -77,6 +85,11 @@ impl Peers {
     /// TLS for links, if configured.
     pub fn tls(&self) -> Option<&crate::tls::Tls> {
         self.tls.as_deref()
+    }
+
+    /// How links tell live peers from silent ones.
+    pub fn liveness(&self) -> super::link::Liveness {
+        self.liveness
     }
 
     /// The cluster secret.
@@ -143,6 +156,7 @@ impl Peers {
             handler,
             self.traffic.clone(),
             self.tls(),
+            self.liveness,
         )
         .await?;
         *slot = Some(link.clone());

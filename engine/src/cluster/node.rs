@@ -128,6 +128,9 @@ pub struct ClusterNode {
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
     /// Connections to the cluster port not yet authenticated.
     handshakes: Arc<super::link::Handshakes>,
+    /// Peers the message path failed to reach, and when (see
+    /// [`ClusterNode::link_to`]); one entry per member at most.
+    unanswered: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -193,12 +196,12 @@ impl ClusterNode {
             addr,
         };
         let id = node_id(&me.name);
-        let election = settings.election_timeout_ms;
+        let (election_min, election_max) = settings.election_range();
         let config = Config {
             cluster_name: "wasmq".into(),
             heartbeat_interval: settings.heartbeat_ms,
-            election_timeout_min: election,
-            election_timeout_max: election * 2,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
             // A snapshot every 10k changes keeps the log (and a new
             // node's catch-up) bounded.
             snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
@@ -207,7 +210,11 @@ impl ClusterNode {
         }
         .validate()
         .map_err(|e| ClusterError::Settings(e.to_string()))?;
-        let peers = Peers::new(me.name.clone(), secret, tls);
+        let liveness = super::link::Liveness::new(
+            settings.heartbeat(),
+            Duration::from_millis(settings.election_timeout_ms),
+        );
+        let peers = Peers::new(me.name.clone(), secret, tls, liveness);
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -230,7 +237,8 @@ impl ClusterNode {
             stop: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
             groups: Default::default(),
-            handshakes: Arc::default(),
+            handshakes: super::link::handshakes(),
+            unanswered: Default::default(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
@@ -318,6 +326,19 @@ impl ClusterNode {
         if let Some(link) = self.peers.open_link(name) {
             return Ok(link);
         }
+        // The message path waits on this (a publisher's confirm, a
+        // consumer's subscription): a peer that does not answer within the
+        // silence bound is as good as silent, and for that long after, it
+        // is not dialed again from here, so that every publish to it is
+        // refused at once instead of each waiting out a handshake.
+        let bound = self.peers.liveness().silence;
+        if let Some(at) = self.unanswered.lock().get(name)
+            && at.elapsed() < bound
+        {
+            return Err(ClusterError::Raft(format!(
+                "node '{name}' did not answer a moment ago"
+            )));
+        }
         let addr = {
             let m = self.raft.metrics().borrow().clone();
             m.membership_config
@@ -327,10 +348,19 @@ impl ClusterNode {
                 .map(|(_, member)| member.addr.clone())
         };
         let addr = addr.ok_or_else(|| ClusterError::Raft(format!("no member named '{name}'")))?;
-        self.peers
-            .link_to(Some(name), &addr)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))
+        let dialed = tokio::time::timeout(bound, self.peers.link_to(Some(name), &addr)).await;
+        let failed = match dialed {
+            Ok(Ok(link)) => {
+                self.unanswered.lock().remove(name);
+                return Ok(link);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("node '{name}' did not answer within {bound:?}"),
+        };
+        self.unanswered
+            .lock()
+            .insert(name.to_owned(), std::time::Instant::now());
+        Err(ClusterError::Raft(failed))
     }
 
     /// A replicated queue's record as this node has applied it.
@@ -381,7 +411,7 @@ impl ClusterNode {
 
     /// Connections to the cluster port still proving they hold the secret.
     pub fn handshakes_in_progress(&self) -> usize {
-        self.handshakes.in_progress()
+        self.handshakes.held()
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -401,9 +431,17 @@ impl ClusterNode {
             };
             // Before a peer has proven anything it gets a bounded place or
             // none: the socket is closed at once.
-            let slot = match handshakes.enter(source.ip()) {
+            let slot = match handshakes.take(source.ip()) {
                 Ok(slot) => slot,
-                Err(why) => {
+                Err(full) => {
+                    let why = match full {
+                        crate::untrusted::Full::Total(n) => {
+                            format!("{n} handshakes already in progress on this node")
+                        }
+                        crate::untrusted::Full::Key(n) => {
+                            format!("{n} handshakes already in progress from this address")
+                        }
+                    };
                     if let Some(quiet) = refusals.admit(source.ip()) {
                         tracing::warn!(peer = %source, also_refused = quiet, "cluster connection refused: {why}");
                     }
@@ -420,6 +458,7 @@ impl ClusterNode {
                     node.handler(),
                     node.peers.traffic().clone(),
                     node.peers.tls(),
+                    node.peers.liveness(),
                 )
                 .await;
                 drop(slot);

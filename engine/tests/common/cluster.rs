@@ -1,6 +1,8 @@
 //! Helpers for the tests that run clusters of real `wasmq` processes on
 //! loopback: nodes, a TCP proxy in front of a node's link listener that
-//! cuts and heals pairs of nodes, and waiting for what should happen.
+//! cuts pairs of nodes (a reset), silences them (a black hole: nothing is
+//! forwarded and nothing is closed) and heals them, and waiting for what
+//! should happen.
 
 #![allow(dead_code)]
 
@@ -39,6 +41,8 @@ pub struct Proxy {
     pub node: String,
     pub target: Mutex<Option<String>>,
     pub cuts: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Pairs whose bytes this proxy holds back without closing anything.
+    pub silent: Mutex<HashSet<(String, String)>>,
     pub cut_changed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -50,6 +54,7 @@ impl Proxy {
             node: node.to_owned(),
             target: Mutex::new(None),
             cuts,
+            silent: Mutex::default(),
             cut_changed: tokio::sync::watch::channel(0).0,
         });
         let p = proxy.clone();
@@ -65,6 +70,45 @@ impl Proxy {
         let cuts = self.cuts.lock().unwrap();
         cuts.contains(&(from.to_owned(), self.node.clone()))
             || cuts.contains(&(self.node.clone(), from.to_owned()))
+    }
+
+    pub fn is_silent(&self, from: &str) -> bool {
+        let silent = self.silent.lock().unwrap();
+        silent.contains(&(from.to_owned(), self.node.clone()))
+            || silent.contains(&(self.node.clone(), from.to_owned()))
+    }
+
+    /// Wait while the pair with `from` is silenced.
+    async fn heard(&self, from: &str) {
+        let mut changed = self.cut_changed.subscribe();
+        while self.is_silent(from) {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Forward `r` to `w`, holding the bytes back while the pair with
+    /// `from` is silenced (as a network that drops packets would: the
+    /// sender's buffers fill, nothing is closed).
+    async fn pump(
+        &self,
+        from: &str,
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            self.heard(from).await;
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            self.heard(from).await;
+            if w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Something was cut or healed: every relay checks its pair again.
@@ -106,8 +150,11 @@ impl Proxy {
                 }
             }
         };
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            () = self.pump(&from, cr, sw) => {}
+            () = self.pump(&from, sr, cw) => {}
             () = cut => {}
         }
     }
@@ -126,6 +173,25 @@ pub fn cut(proxies: &[&Arc<Proxy>], pairs: &[(&str, &str)], on: bool) {
         }
     }
     for p in proxies {
+        p.changed();
+    }
+}
+
+/// Silence (`on`) or hear again the `pairs` on every proxy: a black hole,
+/// not a cut: connections stay open and say nothing.
+pub fn silence(proxies: &[&Arc<Proxy>], pairs: &[(&str, &str)], on: bool) {
+    for p in proxies {
+        {
+            let mut silent = p.silent.lock().unwrap();
+            for (a, b) in pairs {
+                let pair = ((*a).to_owned(), (*b).to_owned());
+                if on {
+                    silent.insert(pair);
+                } else {
+                    silent.remove(&pair);
+                }
+            }
+        }
         p.changed();
     }
 }

@@ -196,8 +196,8 @@ impl Replica {
         let config = Config {
             cluster_name: format!("wasmq-quorum-{name}"),
             heartbeat_interval: s.heartbeat_ms,
-            election_timeout_min: s.election_timeout_ms,
-            election_timeout_max: s.election_timeout_ms * 2,
+            election_timeout_min: s.election_range().0,
+            election_timeout_max: s.election_range().1,
             // The snapshot is the backlog; the log before it goes. An
             // entry holds a round of messages, so a thousand of them is
             // already many messages.
@@ -242,7 +242,12 @@ impl Replica {
             gathered: Mutex::default(),
             commits,
         });
-        tokio::spawn(answer_commits(Arc::downgrade(&proposer), rx));
+        tokio::spawn(answer_commits(
+            Arc::downgrade(&proposer),
+            rx,
+            raft.clone(),
+            node.peers().liveness().silence,
+        ));
         Ok(Arc::new(Replica {
             vhost: vhost.to_owned(),
             queue: name.to_owned(),
@@ -369,13 +374,24 @@ impl Replica {
     }
 }
 
-/// Answer publishers in commit order, then let the next entry go.
+/// Answer publishers in commit order, then let the next entry go. A
+/// leader that has heard from no majority for `silence` (it is cut off,
+/// or its peers are paused) answers what waits with a nack instead of
+/// holding it until the partition heals: its publishers may publish
+/// again, to the leader the majority elects meanwhile. Such an entry may
+/// still commit should this node keep its leadership after the heal; the
+/// nack promised nothing either way, as AMQP's does not.
 async fn answer_commits(
     proposer: std::sync::Weak<Proposer>,
     mut rx: mpsc::UnboundedReceiver<(Commit, Vec<Option<Reply>>)>,
+    raft: Raft<QuorumConfig>,
+    silence: std::time::Duration,
 ) {
     while let Some((commit, replies)) = rx.recv().await {
-        let outcome = commit.await;
+        let outcome = tokio::select! {
+            outcome = commit => outcome,
+            () = majority_lost(&raft, silence) => None,
+        };
         for (i, reply) in replies.into_iter().enumerate() {
             if let Some(reply) = reply {
                 reply(
@@ -387,6 +403,22 @@ async fn answer_commits(
         }
         if let Some(p) = proposer.upgrade() {
             p.done();
+        }
+    }
+}
+
+/// Resolves once this node leads but has heard from no majority of its
+/// group for `silence`.
+async fn majority_lost(raft: &Raft<QuorumConfig>, silence: std::time::Duration) {
+    let every = (silence / 4).max(std::time::Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let m = raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| ms > silence.as_millis() as u64)
+        {
+            return;
         }
     }
 }
