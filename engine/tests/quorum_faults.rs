@@ -10,6 +10,12 @@
 //! * delivered again without the redelivered flag: 0;
 //! * first deliveries out of a publisher's order (per consumer): 0.
 //!
+//! Faults: kill -9 (and restart), SIGSTOP of the leader, a node cut off
+//! (its links reset), the leader black-holed (its links open and silent),
+//! and the sequence that once left the survivors without an election for
+//! 50 s (the leader killed and restarted, then whichever leads paused
+//! twice).
+//!
 //! `WASMQ_FAULTS` sets the number of faults (the suite runs a few),
 //! `WASMQ_FAULT_SEED` replays a run (the seed is printed). The long
 //! campaign is `scripts/quorum-campaign.sh` (docs/cluster.md).
@@ -367,7 +373,7 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     let mut log = Vec::new();
     for round in 0..faults {
         let pause = Duration::from_millis(1000 + rng.below(2000));
-        match rng.below(3) {
+        match rng.below(5) {
             0 => {
                 let i = rng.below(3) as usize;
                 log.push(format!("{round}: kill -9 {} for {pause:?}", names[i]));
@@ -387,7 +393,7 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
                 tokio::time::sleep(pause).await;
                 signal(&nodes[i], "CONT");
             }
-            _ => {
+            2 => {
                 let i = rng.below(3) as usize;
                 let pairs: Vec<(&str, &str)> = (0..3)
                     .filter(|j| *j != i)
@@ -398,6 +404,47 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
                 cut(&ps, &pairs, true);
                 tokio::time::sleep(pause).await;
                 cut(&ps, &pairs, false);
+            }
+            3 => {
+                // A black hole: the links stay open and carry nothing.
+                let i = leader_of(&nodes, None).unwrap_or(rng.below(3) as usize);
+                let pairs: Vec<(&str, &str)> = (0..3)
+                    .filter(|j| *j != i)
+                    .map(|j| (names[i], names[j]))
+                    .collect();
+                log.push(format!(
+                    "{round}: black-hole leader {} for {pause:?}",
+                    names[i]
+                ));
+                let ps: Vec<&Arc<Proxy>> = proxies.iter().collect();
+                silence(&ps, &pairs, true);
+                tokio::time::sleep(pause).await;
+                silence(&ps, &pairs, false);
+            }
+            _ => {
+                // Once, the survivors of this sequence asked for no votes
+                // for over 50 s: kill the leader, restart it, then pause
+                // whichever node leads, twice.
+                let i = leader_of(&nodes, None).unwrap_or(rng.below(3) as usize);
+                log.push(format!(
+                    "{round}: kill -9 leader {}, restart, then SIGSTOP the leader twice for {pause:?}",
+                    names[i]
+                ));
+                addrs.lock().unwrap()[i] = None;
+                nodes[i].kill().await;
+                tokio::time::sleep(pause).await;
+                nodes[i].restart().await;
+                addrs.lock().unwrap()[i] = Some(nodes[i].amqp.clone());
+                for _ in 0..2 {
+                    eventually("a leader to pause", Duration::from_secs(30), || {
+                        leader_of(&nodes, None).is_some()
+                    })
+                    .await;
+                    let l = leader_of(&nodes, None).unwrap();
+                    signal(&nodes[l], "STOP");
+                    tokio::time::sleep(pause).await;
+                    signal(&nodes[l], "CONT");
+                }
             }
         }
         eprintln!("{}", log.last().unwrap());
