@@ -66,8 +66,6 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
                 .layer(DefaultBodyLimit::max(max_upload)),
         )
         .route("/metrics", get(super::metrics::render))
-        .merge(super::cluster::routes())
-        .merge(super::authoring::routes(max_upload))
 }
 
 pub(super) fn vhost(s: &AdminState, name: &str) -> Result<Arc<VHost>, ApiError> {
@@ -880,11 +878,7 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
         size: version.as_ref().map_or(0, |v| v.size),
         self_tests: version.as_ref().map_or(0, |v| v.self_tests),
         cluster: Vec::new(),
-        candidate: s
-            .broker
-            .candidates()
-            .get(&name)
-            .map(|t| super::authoring::candidate_view(&t)),
+        candidate: s.broker.candidates().get(&name).map(|t| candidate_view(&t)),
         transitions: {
             let mut mine: Vec<_> = s
                 .broker
@@ -1023,4 +1017,29 @@ async fn upload(
             "exports": version.exports,
         })),
     ))
+}
+
+/// A trial as the API shows it.
+pub(super) fn candidate_view(t: &crate::broker::candidate::Trial) -> super::model::CandidateView {
+    let l = |q| t.latency_us(q);
+    super::model::CandidateView {
+        plugin: t.plugin.clone(),
+        hash: t.version.hash.clone(),
+        serving_hash: t.serving_hash.clone(),
+        mode: t.mode.clone(),
+        policy: t.policy.clone(),
+        calls: t.calls.load(Ordering::Relaxed),
+        faults: t.faults.load(Ordering::Relaxed),
+        agreements: t.agreed.load(Ordering::Relaxed),
+        disagreements: t.disagreed.load(Ordering::Relaxed),
+        skipped: t.skipped.load(Ordering::Relaxed),
+        latency_us: l(0.5).map(|_| LatencyView {
+            p50: l(0.5),
+            p90: l(0.9),
+            p99: l(0.99),
+        }),
+        running_secs: t.elapsed().as_secs(),
+        failure: t.failure(),
+        disagreement_samples: t.disagreements(),
+    }
 }

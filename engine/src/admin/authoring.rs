@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::api::{PublishBody, message_from};
-use super::model::{CandidateView, CaptureView, KeptVersionView, LatencyView, RolloutsView};
+use super::model::{CandidateView, CaptureView, KeptVersionView, RolloutsView};
 use super::{AdminState, ApiError, Viewer, blocking};
-use crate::broker::candidate::{Mode, Policy, RolloutError, Trial};
+use crate::broker::candidate::{Mode, Policy, RolloutError};
 use crate::broker::capture::CaptureSpec;
 use crate::broker::trace::Trace;
 
@@ -249,31 +249,6 @@ impl From<RolloutError> for ApiError {
     }
 }
 
-/// A trial as the API shows it.
-pub(super) fn candidate_view(t: &Trial) -> CandidateView {
-    let l = |q| t.latency_us(q);
-    CandidateView {
-        plugin: t.plugin.clone(),
-        hash: t.version.hash.clone(),
-        serving_hash: t.serving_hash.clone(),
-        mode: t.mode.clone(),
-        policy: t.policy.clone(),
-        calls: t.calls.load(Ordering::Relaxed),
-        faults: t.faults.load(Ordering::Relaxed),
-        agreements: t.agreed.load(Ordering::Relaxed),
-        disagreements: t.disagreed.load(Ordering::Relaxed),
-        skipped: t.skipped.load(Ordering::Relaxed),
-        latency_us: l(0.5).map(|_| LatencyView {
-            p50: l(0.5),
-            p90: l(0.9),
-            p99: l(0.99),
-        }),
-        running_secs: t.elapsed().as_secs(),
-        failure: t.failure(),
-        disagreement_samples: t.disagreements(),
-    }
-}
-
 async fn candidate(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
@@ -286,7 +261,7 @@ async fn candidate(
         .candidates()
         .get(&name)
         .ok_or_else(|| ApiError::from(RolloutError::NoCandidate(name)))?;
-    Ok(Json(candidate_view(&t)))
+    Ok(Json(super::api::candidate_view(&t)))
 }
 
 /// How to stage: `mode=shadow&sample=10` or `mode=canary&percent=10`. A
@@ -332,7 +307,10 @@ async fn stage(
     let mode = mode(&q)?;
     let broker = s.broker.clone();
     let trial = blocking(move || broker.stage_candidate(&name, &body, mode, policy)).await??;
-    Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
+    Ok((
+        StatusCode::CREATED,
+        Json(super::api::candidate_view(&trial)),
+    ))
 }
 
 /// Turn the running candidate (a shadow, say) into a canary.
@@ -363,7 +341,10 @@ async fn to_canary(
     };
     let policy = body.policy;
     let trial = blocking(move || broker.stage_candidate(&name, &bytes, mode, policy)).await??;
-    Ok((StatusCode::CREATED, Json(candidate_view(&trial))))
+    Ok((
+        StatusCode::CREATED,
+        Json(super::api::candidate_view(&trial)),
+    ))
 }
 
 async fn promote(
@@ -485,7 +466,11 @@ async fn rollouts(
     viewer.monitoring("rollouts")?;
     let c = s.broker.candidates();
     Ok(Json(RolloutsView {
-        candidates: c.all().iter().map(|t| candidate_view(t)).collect(),
+        candidates: c
+            .all()
+            .iter()
+            .map(|t| super::api::candidate_view(t))
+            .collect(),
         transitions: c.history(),
     }))
 }

@@ -166,7 +166,10 @@ pub async fn serve(
     };
     // The body deadline runs inside authentication: nobody's body is read
     // before they have logged in.
-    let app = api::routes(config.max_upload_mib << 20)
+    let max_upload = config.max_upload_mib << 20;
+    let app = api::routes(max_upload)
+        .merge(cluster::routes())
+        .merge(authoring::routes(max_upload))
         .layer(axum::middleware::from_fn(http::body_deadline))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state);

@@ -484,7 +484,7 @@ impl PluginHost {
                 "transform init",
             )? {
                 let r = i.transform(&probe_msg, |bytes| {
-                    super::roles::parse_decision(bytes).map(|_| ())
+                    super::decision::parse_decision(bytes).map(|_| ())
                 });
                 tolerate(r, "transform")?;
             }

@@ -43,6 +43,7 @@
 
 mod circuit;
 mod clock;
+mod decision;
 mod function_cache;
 mod host;
 mod instance;
@@ -56,15 +57,14 @@ mod watcher;
 
 use std::time::Duration;
 
+pub use decision::TransformDecision;
 pub use function_cache::FunctionCacheStats;
 pub use host::{
     HostError, MAX_PLUGIN_NAME, PluginHost, PluginVersion, Roles, binding_input, content_hash,
     plugin_name, valid_plugin_name,
 };
 pub use registry::{PluginRegistry, PluginState, PluginStatus};
-pub use roles::{
-    BindingSource, BindingVisitor, FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin,
-};
+pub use roles::{BindingSource, BindingVisitor, FilterPlugin, RouterPlugin, TransformPlugin};
 pub use watcher::PluginWatcher;
 
 /// Bounds applied to every plugin instance and call.

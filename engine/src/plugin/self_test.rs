@@ -19,9 +19,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use wasmq_sdk::abi;
 
+use super::decision::{TransformDecision, parse_decision};
 use super::host::{PluginHost, PluginVersion, init_input};
 use super::instance::{CallError, Instance};
-use super::roles::{TransformDecision, parse_decision};
 use super::{PluginFault, binding_input};
 use crate::json::{json_to_table, table_to_json};
 use crate::message::{Message, encode_table_body};
