@@ -503,7 +503,7 @@ async fn quorum_queues_behave_as_rabbitmqs() {
 /// Publish `body` to `queue` and wait up to `within` for its confirm:
 /// `Some(ack)` once answered, `None` if no answer came.
 async fn answered(ch: &lapin::Channel, queue: &str, body: &[u8], within: Duration) -> Option<bool> {
-    let confirm = ch
+    let confirm = match ch
         .basic_publish(
             "".into(),
             queue.into(),
@@ -512,7 +512,13 @@ async fn answered(ch: &lapin::Channel, queue: &str, body: &[u8], within: Duratio
             BasicProperties::default().with_delivery_mode(2),
         )
         .await
-        .ok()?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("publish refused: {e}");
+            return None;
+        }
+    };
     match tokio::time::timeout(within, confirm).await {
         Ok(Ok(c)) => Some(c.is_ack()),
         _ => None,
@@ -578,12 +584,22 @@ async fn a_silent_leader_holds_no_confirm_and_a_silent_node_nacks() {
         "no answer in {t:?} while the leader was silent"
     );
     let mut acked_after = None;
+    let mut pch = pch;
     for i in 0..200 {
-        if answered(&pch, "silent", format!("after-{i}").as_bytes(), t).await == Some(true) {
-            acked_after = Some(started.elapsed());
-            break;
+        match answered(&pch, "silent", format!("after-{i}").as_bytes(), t).await {
+            Some(true) => {
+                acked_after = Some(started.elapsed());
+                break;
+            }
+            Some(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+            // The channel closed: a client opens another.
+            None => {
+                pch = conn.create_channel().await.unwrap();
+                pch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .unwrap();
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let acked_after = acked_after.expect("the new leader confirms");
     eprintln!(

@@ -576,14 +576,15 @@ impl Broker {
             .queue_record(&vhost.name, &definition.name)
             .is_some_and(|r| r.served && r.node == me);
         if !announced {
-            let command = Command::QueueLeader {
-                vhost: vhost.name.clone(),
-                name: definition.name.clone(),
-                node: me,
-            };
-            if let Err(e) = node.propose(command).await {
-                tracing::warn!(queue = %crate::untrusted::text(&definition.name), "announcing a quorum queue's new leader: {e}");
-            }
+            // Off the leadership watcher: the definitions' own leader may
+            // be the node that just went silent, and the announcement must
+            // wait for the next one without holding up a stop_serving.
+            tokio::spawn(announce_leader(
+                node,
+                replica.clone(),
+                vhost.name.clone(),
+                definition.name.clone(),
+            ));
         } else {
             self.tell_moved(&vhost.name, &definition.name);
         }
@@ -611,6 +612,40 @@ impl Broker {
         tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "no longer leading a quorum queue");
         queue.cancel_consumers();
         self.tell_moved(&replica.vhost, &replica.queue);
+    }
+}
+
+/// Tell the cluster this node leads quorum queue `name`, trying again
+/// (every 100 ms, up to every second) until the announcement commits or
+/// this node no longer leads. Until it commits, the other nodes send the
+/// queue's publishes and subscriptions to the old leader, and nack them.
+async fn announce_leader(
+    node: Arc<crate::cluster::ClusterNode>,
+    replica: Arc<Replica>,
+    vhost: String,
+    name: String,
+) {
+    let me = node.name().to_owned();
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        let command = Command::QueueLeader {
+            vhost: vhost.clone(),
+            name: name.clone(),
+            node: me.clone(),
+        };
+        let failed = match node.propose(command).await {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        let done = node
+            .queue_record(&vhost, &name)
+            .is_some_and(|r| r.served && r.node == me);
+        if done || !replica.leads() {
+            return;
+        }
+        tracing::debug!(queue = %crate::untrusted::text(&name), "announcing a quorum queue's new leader failed, trying again: {failed}");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(1));
     }
 }
 
