@@ -11,7 +11,7 @@
 //! their wire size, so they are decoded, and made readable as a
 //! [`Captured`], only when the capture is taken, a few messages at a time
 //! ([`Capture::json_chunks`]). While no capture runs, the publish path
-//! pays one relaxed load of [`super::Exchange::capturing`].
+//! pays one relaxed load of `Exchange::capturing`.
 //!
 //! The same [`Captured`] form is what `wasmq plugin test` reads back
 //! (JSON lines), and a hand-written line with only a routing key, headers
@@ -27,7 +27,6 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use super::exchange::Exchange;
 use crate::json::{json_to_table, table_to_json};
 use crate::message::Message;
 
@@ -326,7 +325,7 @@ impl Capture {
     }
 
     /// Offer a published message; returns whether the capture is done.
-    fn offer(&self, m: &Message) -> bool {
+    pub(super) fn offer(&self, m: &Message) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         if !n.is_multiple_of(self.spec.sample) {
             return false;
@@ -347,38 +346,6 @@ impl Capture {
             self.done.store(true, Ordering::Relaxed);
         }
         done
-    }
-}
-
-impl Exchange {
-    /// Start capturing what is published here (replacing a capture that
-    /// ran before).
-    pub fn start_capture(&self, vhost: &str, spec: CaptureSpec) -> Arc<Capture> {
-        let c = Capture::new(vhost, spec);
-        self.capture.store(Some(c.clone()));
-        self.capturing.store(c.spec.count > 0, Ordering::Relaxed);
-        c
-    }
-
-    /// The capture running or last run here.
-    pub fn capture(&self) -> Option<Arc<Capture>> {
-        self.capture.load_full()
-    }
-
-    /// Stop capturing and forget what was kept.
-    pub fn stop_capture(&self) -> Option<Arc<Capture>> {
-        self.capturing.store(false, Ordering::Relaxed);
-        self.capture.swap(None)
-    }
-
-    /// A message was published here: keep it if a capture wants it.
-    #[cold]
-    pub(crate) fn offer_capture(&self, m: &Message) {
-        if let Some(c) = self.capture.load().as_ref()
-            && c.offer(m)
-        {
-            self.capturing.store(false, Ordering::Relaxed);
-        }
     }
 }
 

@@ -21,6 +21,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
 use super::Map;
+use super::capture::{Capture, CaptureSpec};
 use crate::message::Message;
 use crate::plugin::{
     BindingSource, BindingVisitor, FilterPlugin, PluginFault, RouterPlugin, TransformPlugin,
@@ -367,6 +368,39 @@ impl Exchange {
 
     pub(crate) fn count(&self, counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Capturing what is published here (`broker::capture`).
+impl Exchange {
+    /// Start capturing what is published here (replacing a capture that
+    /// ran before).
+    pub fn start_capture(&self, vhost: &str, spec: CaptureSpec) -> Arc<Capture> {
+        let c = Capture::new(vhost, spec);
+        self.capture.store(Some(c.clone()));
+        self.capturing.store(c.spec.count > 0, Ordering::Relaxed);
+        c
+    }
+
+    /// The capture running or last run here.
+    pub fn capture(&self) -> Option<Arc<Capture>> {
+        self.capture.load_full()
+    }
+
+    /// Stop capturing and forget what was kept.
+    pub fn stop_capture(&self) -> Option<Arc<Capture>> {
+        self.capturing.store(false, Ordering::Relaxed);
+        self.capture.swap(None)
+    }
+
+    /// A message was published here: keep it if a capture wants it.
+    #[cold]
+    pub(crate) fn offer_capture(&self, m: &Message) {
+        if let Some(c) = self.capture.load().as_ref()
+            && c.offer(m)
+        {
+            self.capturing.store(false, Ordering::Relaxed);
+        }
     }
 }
 
