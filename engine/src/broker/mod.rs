@@ -33,6 +33,7 @@ mod replicated;
 mod rollout;
 mod route;
 pub mod trace;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, watch};
 
-use super::wire::{Origin, QueueAnswer, Settlement, Traffic};
 use crate::broker::queue::ConsumeError;
+use crate::broker::traffic::{Origin, QueueAnswer, Settlement, Traffic};
 use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue, group_by_queue};
 use crate::cluster::link::Link;
 use crate::message::{Message, decode_properties};

@@ -25,9 +25,8 @@
 //! (by the connection id the frame carries) or to the link's session.
 
 mod home;
-mod wire;
 
-pub use wire::{Malformed, Origin, QueueAnswer, Settlement, Traffic};
+pub use super::traffic::{Malformed, Origin, QueueAnswer, Settlement, Traffic};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};

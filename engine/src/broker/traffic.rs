@@ -1,4 +1,7 @@
-//! The encoding of message traffic between nodes.
+//! The encoding of message traffic between nodes: what a link's traffic
+//! frames say (forwarded publishes, deliveries, settlements, answers). It
+//! knows no queue and no link: the queue's connection inbox carries it,
+//! `remote` sends and reads it.
 //!
 //! Binary rather than the JSON of the cluster's calls: a message's body and
 //! its properties (already in AMQP's wire encoding) are copied once into the
