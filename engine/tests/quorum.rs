@@ -533,27 +533,14 @@ async fn answered(ch: &lapin::Channel, queue: &str, body: &[u8], within: Duratio
 /// answers its own publisher with a nack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_leader_holds_no_confirm_and_a_silent_node_nacks() {
-    use std::collections::HashSet;
-    use std::sync::{Arc, Mutex};
     let root = tempfile::tempdir().unwrap();
-    let cuts = Arc::new(Mutex::new(HashSet::new()));
-    let proxies = [
-        Proxy::start("a", cuts.clone()).await,
-        Proxy::start("b", cuts.clone()).await,
-        Proxy::start("c", cuts.clone()).await,
-    ];
-    let a = Node::start_behind(root.path(), "a", &[], Some(&proxies[0]), "").await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root.path(), "b", &seeds, Some(&proxies[1]), "").await;
-    let c = Node::start_behind(root.path(), "c", &seeds, Some(&proxies[2]), "").await;
-    formed(&[&a, &b, &c]).await;
-    let all: Vec<&Arc<Proxy>> = proxies.iter().collect();
+    let (proxies, nodes) = three_nodes_behind_proxies(root.path()).await;
+    let all: Vec<&std::sync::Arc<Proxy>> = proxies.iter().collect();
     let t = Duration::from_secs(20);
-    let ch = a.connect().await.create_channel().await.unwrap();
+    let ch = nodes[0].connect().await.create_channel().await.unwrap();
     ch.queue_declare("silent".into(), durable(), quorum(&[]))
         .await
         .unwrap();
-    let nodes = [a, b, c];
     eventually("every node knows the leader", t, || {
         let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "silent")).collect();
         l[0].is_some() && l.iter().all(|x| *x == l[0])

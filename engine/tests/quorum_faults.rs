@@ -307,18 +307,8 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     let mut rng = Rng(seed);
 
     let root = tempfile::tempdir().unwrap();
-    let cuts = Arc::new(Mutex::new(HashSet::new()));
-    let proxies = [
-        Proxy::start("a", cuts.clone()).await,
-        Proxy::start("b", cuts.clone()).await,
-        Proxy::start("c", cuts.clone()).await,
-    ];
-    let a = Node::start_behind(root.path(), "a", &[], Some(&proxies[0]), "").await;
-    let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root.path(), "b", &seeds, Some(&proxies[1]), "").await;
-    let c = Node::start_behind(root.path(), "c", &seeds, Some(&proxies[2]), "").await;
-    formed(&[&a, &b, &c]).await;
-    let mut nodes = vec![a, b, c];
+    let (proxies, nodes) = three_nodes_behind_proxies(root.path()).await;
+    let mut nodes = Vec::from(nodes);
     {
         let conn = nodes[0].connect().await;
         let ch = conn.create_channel().await.unwrap();

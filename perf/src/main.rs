@@ -123,21 +123,25 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
     // Start clean. A delete of something missing closes its channel (404),
     // so each runs on a throwaway channel.
     if !args.keep {
-        conn.create_channel()
-            .await?
+        let throwaway = conn.create_channel().await?;
+        throwaway
             .exchange_delete(
                 args.exchange.as_str().into(),
                 ExchangeDeleteOptions::default(),
             )
             .await
             .ok();
+        // Closed here, not by its drop: a channel lapin is still closing
+        // in the background makes the connection's close below fail.
+        throwaway.close(200, "".into()).await.ok();
         for q in 0..args.queues {
             let name = queue_name(q);
-            conn.create_channel()
-                .await?
+            let throwaway = conn.create_channel().await?;
+            throwaway
                 .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .ok();
+            throwaway.close(200, "".into()).await.ok();
         }
     }
     ch.exchange_declare(

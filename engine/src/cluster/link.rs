@@ -1001,6 +1001,35 @@ mod tests {
         silence: Duration::from_millis(250),
     };
 
+    /// A peer that proves the secret by hand, announcing `features`, and
+    /// then does only what the test does with its halves; the accepted
+    /// link on the node's side.
+    async fn by_hand(node: &str, features: Vec<String>) -> (Reader, Writer, Arc<Link>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let secret = b"the cluster secret, shared";
+            Link::accept(s, "b", secret, echo(), Arc::default(), None, QUICK).await
+        });
+        let (mut r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
+        let mine = [3u8; 32];
+        let hello = Hello {
+            protocol: PROTOCOL.into(),
+            node: node.into(),
+            nonce: mine,
+            features,
+        };
+        write_hello(&mut w, &hello).await.unwrap();
+        let c: Challenge = read_hello(&mut r).await.unwrap();
+        let secret = b"the cluster secret, shared";
+        let proof = Proof {
+            proof: hmac(secret, &[b"dialer", &c.nonce, &mine]),
+        };
+        write_hello(&mut w, &proof).await.unwrap();
+        (r, w, accepting.await.unwrap().unwrap())
+    }
+
     /// An idle link lives on its keep-alives; a peer that proves the
     /// secret and then goes silent without closing (paused, or behind a
     /// network that drops its packets) has its link closed past the
@@ -1017,37 +1046,7 @@ mod tests {
         );
 
         // A peer that does the handshake by hand, then says nothing.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            let secret = b"the cluster secret, shared";
-            Link::accept(s, "b", secret, echo(), Arc::default(), None, QUICK).await
-        });
-        let (mut r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
-        let mine = [3u8; 32];
-        write_hello(
-            &mut w,
-            &Hello {
-                protocol: PROTOCOL.into(),
-                node: "quiet".into(),
-                nonce: mine,
-                features: features(),
-            },
-        )
-        .await
-        .unwrap();
-        let c: Challenge = read_hello(&mut r).await.unwrap();
-        let secret = b"the cluster secret, shared";
-        write_hello(
-            &mut w,
-            &Proof {
-                proof: hmac(secret, &[b"dialer", &c.nonce, &mine]),
-            },
-        )
-        .await
-        .unwrap();
-        let link = accepting.await.unwrap().unwrap();
+        let (r, w, link) = by_hand("quiet", features()).await;
         let started = std::time::Instant::now();
         let call = link
             .call(Call::Leave("x".into()), Duration::from_secs(30))
@@ -1066,37 +1065,7 @@ mod tests {
     /// none and is never closed for silence.
     #[tokio::test]
     async fn a_peer_without_keepalives_is_not_held_to_them() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            let secret = b"the cluster secret, shared";
-            Link::accept(s, "b", secret, echo(), Arc::default(), None, QUICK).await
-        });
-        let (mut r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
-        let mine = [4u8; 32];
-        write_hello(
-            &mut w,
-            &Hello {
-                protocol: PROTOCOL.into(),
-                node: "old".into(),
-                nonce: mine,
-                features: vec![],
-            },
-        )
-        .await
-        .unwrap();
-        let c: Challenge = read_hello(&mut r).await.unwrap();
-        let secret = b"the cluster secret, shared";
-        write_hello(
-            &mut w,
-            &Proof {
-                proof: hmac(secret, &[b"dialer", &c.nonce, &mine]),
-            },
-        )
-        .await
-        .unwrap();
-        let link = accepting.await.unwrap().unwrap();
+        let (mut r, _w, link) = by_hand("old", vec![]).await;
         tokio::time::sleep(QUICK.silence * 3).await;
         assert!(!link.is_closed());
         // And nothing was written to it unasked.
