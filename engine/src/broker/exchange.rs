@@ -404,6 +404,35 @@ impl Exchange {
     }
 }
 
+/// A shadow comparison reads an exchange's bindings through this.
+impl super::candidate::Compared for Exchange {
+    fn exchange_name(&self) -> &str {
+        &self.name
+    }
+
+    fn describe(&self, ids: &[u32]) -> String {
+        describe_ids(&self.bindings.load(), ids)
+    }
+}
+
+/// Chosen bindings as `queue:orders, exchange:audit`, in id order.
+fn describe_ids(table: &BindingTable, ids: &[u32]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return "(no binding)".into();
+    }
+    ids.iter()
+        .map(|id| match table.get(*id).map(|b| &b.destination) {
+            Some(Destination::Queue(q)) => format!("queue:{q}"),
+            Some(Destination::Exchange(x)) => format!("exchange:{x}"),
+            None => format!("binding {id} (gone)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

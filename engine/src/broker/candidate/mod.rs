@@ -38,7 +38,7 @@ mod lifecycle;
 mod shadow;
 
 use shadow::Job;
-pub(crate) use shadow::describe_transform;
+pub(crate) use shadow::{Compared, describe_transform};
 
 pub(crate) use decide::{filter, route, transform};
 

@@ -16,9 +16,19 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{Disagreement, Mode, SHADOW_QUEUE, Trial};
-use crate::broker::exchange::{BindingTable, Destination, Exchange};
 use crate::message::Message;
 use crate::plugin::{FilterPlugin, RouterPlugin, TransformDecision, TransformPlugin};
+
+/// What a router's comparison needs of its exchange: its bindings, as the
+/// router sees them, and words for the ones chosen. The exchange
+/// implements it, so the shadow names no exchange type (and the exchange,
+/// which holds its candidates, is not imported back).
+pub(crate) trait Compared: crate::plugin::BindingSource + Send + Sync {
+    /// The exchange's name.
+    fn exchange_name(&self) -> &str;
+    /// Bindings `ids` as `queue:orders, exchange:audit`, in id order.
+    fn describe(&self, ids: &[u32]) -> String;
+}
 
 /// A comparison for the shadow thread.
 // Queued and taken at once, a sample at a time: boxing the big variant
@@ -26,7 +36,7 @@ use crate::plugin::{FilterPlugin, RouterPlugin, TransformDecision, TransformPlug
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Job {
     Route {
-        exchange: Arc<Exchange>,
+        exchange: Arc<dyn Compared>,
         candidate: Arc<RouterPlugin>,
         message: Arc<Message>,
         serving: Vec<u32>,
@@ -100,7 +110,6 @@ impl Trial {
                 let mut ids = Vec::new();
                 let r = candidate.route(&message, &*exchange, &mut ids);
                 self.record(started.elapsed(), r.as_ref().err());
-                let table = exchange.bindings.load();
                 let decided = match r {
                     Ok(()) => {
                         ids.sort_unstable();
@@ -110,15 +119,15 @@ impl Trial {
                         if ids == serving {
                             return self.compared(None);
                         }
-                        describe_ids(&table, &ids)
+                        exchange.describe(&ids)
                     }
                     Err(f) => format!("fault: {f}"),
                 };
                 self.compared(Some(Disagreement {
-                    exchange: exchange.name.clone(),
+                    exchange: exchange.exchange_name().to_owned(),
                     routing_key: message.routing_key.to_string(),
                     role: "router".into(),
-                    serving: describe_ids(&table, &serving),
+                    serving: exchange.describe(&serving),
                     candidate: decided,
                 }));
             }
@@ -189,24 +198,6 @@ fn idle_priority() {
             );
         }
     }
-}
-
-/// Chosen bindings as `queue:orders, exchange:audit`, in id order.
-fn describe_ids(table: &BindingTable, ids: &[u32]) -> String {
-    let mut ids = ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    if ids.is_empty() {
-        return "(no binding)".into();
-    }
-    ids.iter()
-        .map(|id| match table.get(*id).map(|b| &b.destination) {
-            Some(Destination::Queue(q)) => format!("queue:{q}"),
-            Some(Destination::Exchange(x)) => format!("exchange:{x}"),
-            None => format!("binding {id} (gone)"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// A transform decision in a word or two.
