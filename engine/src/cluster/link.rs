@@ -968,23 +968,9 @@ mod tests {
         dialer_secret: &'static [u8],
         liveness: Liveness,
     ) -> (Result<Arc<Link>, LinkError>, Result<Arc<Link>, LinkError>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepting = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            Link::accept(
-                s,
-                "b",
-                b"the cluster secret, shared",
-                echo(),
-                Arc::default(),
-                None,
-                liveness,
-            )
-            .await
-        });
+        let (addr, accepting) = accepting(liveness).await;
         let dialed = Link::dial(
-            &addr,
+            &addr.to_string(),
             "a",
             dialer_secret,
             echo(),
@@ -1001,17 +987,29 @@ mod tests {
         silence: Duration::from_millis(250),
     };
 
-    /// A peer that proves the secret by hand, announcing `features`, and
-    /// then does only what the test does with its halves; the accepted
-    /// link on the node's side.
-    async fn by_hand(node: &str, features: Vec<String>) -> (Reader, Writer, Arc<Link>) {
+    /// A node "b" accepting one connection on a port of its own, with the
+    /// cluster secret of these tests.
+    async fn accepting(
+        liveness: Liveness,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<Result<Arc<Link>, LinkError>>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepting = tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             let secret = b"the cluster secret, shared";
-            Link::accept(s, "b", secret, echo(), Arc::default(), None, QUICK).await
+            Link::accept(s, "b", secret, echo(), Arc::default(), None, liveness).await
         });
+        (addr, accepting)
+    }
+
+    /// A peer that proves the secret by hand, announcing `features`, and
+    /// then does only what the test does with its halves; the accepted
+    /// link on the node's side.
+    async fn by_hand(node: &str, features: Vec<String>) -> (Reader, Writer, Arc<Link>) {
+        let (addr, accepting) = accepting(QUICK).await;
         let (mut r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
         let mine = [3u8; 32];
         let hello = Hello {
@@ -1169,21 +1167,7 @@ mod tests {
     /// a 4-byte length and refuse it, allocating nothing.
     #[tokio::test]
     async fn an_oversized_hello_is_refused_at_its_length() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            Link::accept(
-                s,
-                "b",
-                b"secret of the test",
-                echo(),
-                Arc::default(),
-                None,
-                Liveness::default(),
-            )
-            .await
-        });
+        let (addr, accepting) = accepting(Liveness::default()).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(&(64u32 << 20).to_le_bytes()).await.unwrap();
         let started = std::time::Instant::now();
@@ -1205,21 +1189,7 @@ mod tests {
             ("x".repeat(MAX_NODE_NAME + 1), PROTOCOL.to_owned()),
             ("n2".to_owned(), format!("wasmq\n{}", "p".repeat(3000))),
         ] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let accepting = tokio::spawn(async move {
-                let (s, _) = listener.accept().await.unwrap();
-                Link::accept(
-                    s,
-                    "b",
-                    b"secret of the test",
-                    echo(),
-                    Arc::default(),
-                    None,
-                    Liveness::default(),
-                )
-                .await
-            });
+            let (addr, accepting) = accepting(Liveness::default()).await;
             let (_r, mut w) = plain(TcpStream::connect(addr).await.unwrap());
             let hello = Hello {
                 protocol,
