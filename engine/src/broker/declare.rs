@@ -4,6 +4,86 @@
 
 use super::*;
 
+/// RabbitMQ's equivalence for a redeclared exchange: type and flags are
+/// part of what it is (406 otherwise). A declare and an import's check
+/// share it.
+pub(super) fn equivalent_exchange(
+    vhost: &str,
+    x: &Exchange,
+    spec: &ExchangeSpec,
+) -> Result<(), BrokerError> {
+    if x.kind != spec.kind
+        || x.durable != spec.durable
+        || x.auto_delete != spec.auto_delete
+        || x.internal != spec.internal
+    {
+        return Err(BrokerError::PreconditionFailed(format!(
+            "inequivalent arg 'type' or flags for exchange '{}' in vhost '{vhost}': received type '{}' durable {} auto_delete {} internal {}, but current is type '{}' durable {} auto_delete {} internal {}",
+            spec.name,
+            spec.kind,
+            spec.durable,
+            spec.auto_delete,
+            spec.internal,
+            x.kind,
+            x.durable,
+            x.auto_delete,
+            x.internal
+        )));
+    }
+    Ok(())
+}
+
+/// RabbitMQ's equivalence for a redeclared queue: its `durable`,
+/// `auto_delete` and `exclusive` flags (in that order in `flags`) and its
+/// arguments are part of what it is (406 otherwise).
+pub(super) fn equivalent_queue(
+    vhost: &str,
+    q: &Queue,
+    flags: [bool; 3],
+    arguments: &FieldTable,
+) -> Result<(), BrokerError> {
+    let name = &q.name;
+    let current = [q.durable, q.auto_delete, q.owner.is_some()];
+    for ((arg, received), current) in ["durable", "auto_delete", "exclusive"]
+        .into_iter()
+        .zip(flags)
+        .zip(current)
+    {
+        if received != current {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "inequivalent arg '{arg}' for queue '{name}' in vhost '{vhost}': received '{received}' but current is '{current}'"
+            )));
+        }
+    }
+    if q.arguments != *arguments {
+        return Err(BrokerError::PreconditionFailed(format!(
+            "inequivalent arg for queue '{name}' in vhost '{vhost}': declared with other arguments than it has"
+        )));
+    }
+    Ok(())
+}
+
+/// `amq.` names are the broker's (403).
+pub(super) fn reserved_exchange(name: &str) -> Result<(), BrokerError> {
+    if name.starts_with("amq.") {
+        return Err(BrokerError::AccessRefused(format!(
+            "exchange name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    Ok(())
+}
+
+/// `amq.` names are the broker's, but for the server-named `amq.gen-*`
+/// (403).
+pub(super) fn reserved_queue(name: &str) -> Result<(), BrokerError> {
+    if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
+        return Err(BrokerError::AccessRefused(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    Ok(())
+}
+
 impl Broker {
     pub(super) fn build_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
         let x = self.make_exchange(spec)?;
@@ -87,36 +167,13 @@ impl Broker {
             if passive {
                 return Ok(x);
             }
-            if x.kind != spec.kind
-                || x.durable != spec.durable
-                || x.auto_delete != spec.auto_delete
-                || x.internal != spec.internal
-            {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "inequivalent arg 'type' or flags for exchange '{}' in vhost '{}': received type '{}' durable {} auto_delete {} internal {}, but current is type '{}' durable {} auto_delete {} internal {}",
-                    spec.name,
-                    vhost.name,
-                    spec.kind,
-                    spec.durable,
-                    spec.auto_delete,
-                    spec.internal,
-                    x.kind,
-                    x.durable,
-                    x.auto_delete,
-                    x.internal
-                )));
-            }
+            equivalent_exchange(&vhost.name, &x, &spec)?;
             return Ok(x);
         }
         if passive {
             return Err(vhost.not_found("exchange", &spec.name));
         }
-        if spec.name.starts_with("amq.") {
-            return Err(BrokerError::AccessRefused(format!(
-                "exchange name '{}' contains reserved prefix 'amq.*'",
-                spec.name
-            )));
-        }
+        reserved_exchange(&spec.name)?;
         let durable = spec.durable;
         let x = self.build_exchange(&spec)?;
         let x = vhost
@@ -176,11 +233,7 @@ impl Broker {
         let name = name.as_str();
         let (durable, owner, auto_delete) = (decl.durable, decl.owner, decl.auto_delete);
         check_short("queue name", name)?;
-        if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
-            return Err(BrokerError::AccessRefused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
-            )));
-        }
+        reserved_queue(name)?;
         let mut queues = vhost.queues.write();
         if let Some(q) = queues.get(name) {
             q.touch();
@@ -190,27 +243,12 @@ impl Broker {
                     vhost.name
                 )));
             }
-            // RabbitMQ's equivalence: the flags a queue was declared with
-            // are part of what it is.
-            let exclusive = owner.is_some();
-            for (arg, received, current) in [
-                ("durable", durable, q.durable),
-                ("auto_delete", auto_delete, q.auto_delete),
-                ("exclusive", exclusive, q.owner.is_some()),
-            ] {
-                if received != current {
-                    return Err(BrokerError::PreconditionFailed(format!(
-                        "inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
-                        vhost.name
-                    )));
-                }
-            }
-            if q.arguments != decl.arguments {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "inequivalent arg for queue '{name}' in vhost '{}': declared with other arguments than it has",
-                    vhost.name
-                )));
-            }
+            equivalent_queue(
+                &vhost.name,
+                q,
+                [durable, auto_delete, owner.is_some()],
+                &decl.arguments,
+            )?;
             return Ok(q.clone());
         }
         let limits = QueueLimits::parse(&decl.arguments).map_err(|e| {

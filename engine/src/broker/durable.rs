@@ -231,34 +231,33 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         super::check_short("exchange name", &x.name)?;
         super::check_short("exchange type", &x.kind)?;
-        if let Some(current) = live.and_then(|l| l.exchange(&x.name).ok()) {
-            if current.kind != x.kind
-                || !current.durable
-                || current.auto_delete != x.auto_delete
-                || current.internal != x.internal
-            {
-                return Err(BrokerError::PreconditionFailed(format!(
-                    "inequivalent arg 'type' or flags: it exists as type '{}' durable {} auto_delete {} internal {}",
-                    current.kind, current.durable, current.auto_delete, current.internal
-                )));
-            }
-            return Ok(());
-        }
-        if x.name.is_empty() || x.name.starts_with("amq.") {
-            return Err(BrokerError::AccessRefused(format!(
-                "exchange name '{}' contains reserved prefix 'amq.*'",
-                x.name
-            )));
-        }
-        self.make_exchange(&ExchangeSpec {
+        let spec = ExchangeSpec {
             name: x.name.clone(),
             kind: x.kind.clone(),
             durable: true,
             auto_delete: x.auto_delete,
             internal: x.internal,
             arguments: x.arguments.clone(),
-        })
-        .map(drop)
+        };
+        if let Some((vhost, current)) = live.and_then(|l| Some((l, l.exchange(&x.name).ok()?))) {
+            return super::declare::equivalent_exchange(&vhost.name, &current, &spec);
+        }
+        // A new vhost gets the predeclared exchanges first, as the import
+        // will make it: naming one is a redeclare of it.
+        if let Some((_, kind)) = super::PREDECLARED.iter().find(|(n, _)| *n == x.name)
+            && x.kind == *kind
+            && !x.auto_delete
+            && !x.internal
+        {
+            return Ok(());
+        }
+        if x.name.is_empty() {
+            return Err(BrokerError::AccessRefused(
+                "operation not permitted on the default exchange".into(),
+            ));
+        }
+        super::declare::reserved_exchange(&x.name)?;
+        self.make_exchange(&spec).map(drop)
     }
 
     fn check_queue(
@@ -267,24 +266,15 @@ impl Broker {
         q: &QueueDefinition,
     ) -> Result<(), BrokerError> {
         super::check_short("queue name", &q.name)?;
-        if let Some(current) = live.and_then(|l| l.queue(&q.name).ok()) {
-            if !current.durable
-                || current.auto_delete != q.auto_delete
-                || current.owner.is_some()
-                || current.arguments != q.arguments
-            {
-                return Err(BrokerError::PreconditionFailed(
-                    "inequivalent arg: it exists with other flags or arguments".into(),
-                ));
-            }
-            return Ok(());
+        if let Some((vhost, current)) = live.and_then(|l| Some((l, l.queue(&q.name).ok()?))) {
+            return super::declare::equivalent_queue(
+                &vhost.name,
+                &current,
+                [true, q.auto_delete, false],
+                &q.arguments,
+            );
         }
-        if q.name.starts_with("amq.") && !q.name.starts_with("amq.gen-") {
-            return Err(BrokerError::AccessRefused(format!(
-                "queue name '{}' contains reserved prefix 'amq.*'",
-                q.name
-            )));
-        }
+        super::declare::reserved_queue(&q.name)?;
         let limits = super::QueueLimits::parse(&q.arguments)
             .map_err(|e| BrokerError::PreconditionFailed(e.to_string()))?;
         if limits.quorum && self.cluster().is_none() {
