@@ -186,6 +186,26 @@ where
         })
     }
 
+    /// What the log holds: its vote, commit index, purge point and
+    /// entries (to carry a log into another store).
+    #[allow(clippy::type_complexity)]
+    pub fn state(
+        &self,
+    ) -> (
+        Option<Vote<NodeId>>,
+        Option<LogId<NodeId>>,
+        Option<LogId<NodeId>>,
+        Vec<Entry<C>>,
+    ) {
+        let inner = self.inner.lock();
+        (
+            inner.vote,
+            inner.committed,
+            inner.purged,
+            inner.entries.values().map(|(e, _)| e.clone()).collect(),
+        )
+    }
+
     /// Entries held (not purged), for status and tests.
     pub fn len(&self) -> usize {
         self.inner.lock().entries.len()

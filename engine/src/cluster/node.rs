@@ -124,6 +124,8 @@ pub struct ClusterNode {
     /// The runtime the node runs on, for work started from other threads
     /// (the plugin folder's watcher).
     runtime: tokio::runtime::Handle,
+    /// The log every quorum queue replica on this node writes to.
+    quorum_log: Arc<super::quorum::wal::Wal>,
     /// The quorum queue groups this node holds a replica of, by group.
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
     /// Connections to the cluster port not yet authenticated.
@@ -172,6 +174,8 @@ impl ClusterNode {
         };
         let log = RaftLog::open(&dir.join("raft.log")).map_err(|e| storage(e.to_string()))?;
         let machine = StateMachine::open(&dir.join("machine"), Some(applier))
+            .map_err(|e| storage(e.to_string()))?;
+        let quorum_log = super::quorum::wal::Wal::open(&dir.join("quorum").join("wal"))
             .map_err(|e| storage(e.to_string()))?;
         let listener = TcpListener::bind(&settings.listen)
             .await
@@ -236,6 +240,7 @@ impl ClusterNode {
             peers: peers.clone(),
             stop: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
+            quorum_log,
             groups: Default::default(),
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
@@ -278,6 +283,11 @@ impl ClusterNode {
     /// The node's links.
     pub fn peers(&self) -> &Arc<Peers> {
         &self.peers
+    }
+
+    /// The log this node's quorum queue replicas share.
+    pub fn quorum_log(&self) -> &Arc<super::quorum::wal::Wal> {
+        &self.quorum_log
     }
 
     /// Serve the calls of quorum queue group `group` with `raft`.

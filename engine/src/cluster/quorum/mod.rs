@@ -23,6 +23,7 @@ pub mod machine;
 pub mod network;
 pub mod op;
 pub mod replica;
+pub mod wal;
 
 pub use machine::{Held, Live, QueueState};
 pub use op::{Enqueue, MAX_BATCH, Op, Outcome, StoredMessage, entry_index, message_id};

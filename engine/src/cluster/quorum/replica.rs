@@ -188,8 +188,20 @@ impl Replica {
             dir: dir.display().to_string(),
             reason,
         };
-        let log: RaftLog<QuorumConfig> =
-            RaftLog::open(&dir.join("raft.log")).map_err(|e| storage(e.to_string()))?;
+        let wal = node.quorum_log();
+        // A replica an older version kept in a log file of its own moves
+        // into the node's shared log (durably) before the file goes.
+        let own = dir.join("raft.log");
+        if own.exists() {
+            let old: RaftLog<QuorumConfig> =
+                RaftLog::open(&own).map_err(|e| storage(e.to_string()))?;
+            let (vote, committed, purged, entries) = old.state();
+            wal.adopt(&group, vote, committed, purged, entries)
+                .map_err(|e| storage(e.to_string()))?;
+            drop(old);
+            std::fs::remove_file(&own).map_err(|e| storage(e.to_string()))?;
+        }
+        let log = wal.group(&group).map_err(|e| storage(e.to_string()))?;
         let machine =
             QuorumMachine::open(&dir.join("machine")).map_err(|e| storage(e.to_string()))?;
         let s = node.settings();
@@ -368,6 +380,9 @@ impl Replica {
     /// Stop and delete this replica's data (the queue was deleted).
     pub async fn destroy(&self) {
         self.shutdown().await;
+        if let Err(e) = self.node.quorum_log().drop_group(&self.group) {
+            tracing::warn!(queue = %crate::untrusted::text(&self.queue), "removing a deleted quorum queue's log: {e}");
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), "removing a deleted quorum queue's replica: {e}");
         }
