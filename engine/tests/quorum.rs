@@ -631,3 +631,93 @@ async fn a_silent_leader_holds_no_confirm_and_a_silent_node_nacks() {
     assert!(nacked < Duration::from_secs(8), "{nacked:?}");
     silence(&all, &[(&f.name, &g.name), (&f.name, &leader)], false);
 }
+
+/// A counter of `node`'s Prometheus metrics.
+fn counter(node: &Node, name: &str) -> f64 {
+    let text = node.api().get_text("/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// Idle quorum queues cost nothing between nodes: groups have no
+/// heartbeats of their own (the links' keep-alives tell a node's peers
+/// it lives), so once the last write's commit has reached the followers,
+/// no group calls another. With a heartbeat per group, 30 queues would
+/// make about 900 calls in these 3 s. The queues still fail over: the
+/// leader of one is killed and the survivors elect another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_quorum_queues_send_nothing_and_still_fail_over() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let ch = a.connect().await.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..30 {
+        ch.queue_declare(format!("idle-{i}").as_str().into(), durable(), quorum(&[]))
+            .await
+            .unwrap();
+        assert!(confirmed(&ch, &format!("idle-{i}"), b"kept").await);
+    }
+    let nodes = [&a, &b, &c];
+    let t = Duration::from_secs(20);
+    eventually("every queue's leader is known everywhere", t, || {
+        (0..30).all(|i| {
+            let q = format!("idle-{i}");
+            let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, &q)).collect();
+            l[0].is_some() && l.iter().all(|x| *x == l[0])
+        })
+    })
+    .await;
+    // Let the last commits and the heartbeat after them settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = |_: ()| -> f64 {
+        nodes
+            .iter()
+            .map(|n| counter(n, "wasmq_cluster_quorum_calls_received_total"))
+            .sum()
+    };
+    let before = calls(());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = calls(()) - before;
+    eprintln!("calls between 30 idle quorum queues' replicas in 3 s: {idle}");
+    assert!(idle <= 6.0, "idle groups made {idle} calls in 3 s");
+
+    // Kill the leader of idle-0; a survivor takes over and confirms.
+    let leader = leader_on(&a, "idle-0").unwrap();
+    let (mut victim, survivors): (Vec<Node>, Vec<Node>) =
+        [a, b, c].into_iter().partition(|n| n.name == leader);
+    let killed = std::time::Instant::now();
+    victim[0].kill().await;
+    let conn = survivors[0].connect().await;
+    let mut pch = conn.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut acked = None;
+    for _ in 0..400 {
+        match answered(&pch, "idle-0", b"after", t).await {
+            Some(true) => {
+                acked = Some(killed.elapsed());
+                break;
+            }
+            Some(false) => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                pch = conn.create_channel().await.unwrap();
+                pch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let acked = acked.expect("a survivor confirms on the idle queue");
+    eprintln!("idle quorum queue: kill to first confirm {acked:?}");
+    let got = pch
+        .basic_get("idle-0".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the message confirmed before the kill");
+    assert_eq!(got.delivery.data, b"kept");
+}

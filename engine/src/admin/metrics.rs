@@ -264,6 +264,35 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             &[],
             node.handshakes_in_progress() as f64,
         );
+        e.family(
+            "wasmq_cluster_quorum_calls_received_total",
+            "counter",
+            "Calls of quorum queue groups this node answered (appends, votes, snapshots); idle groups make none.",
+        );
+        e.sample(
+            "wasmq_cluster_quorum_calls_received_total",
+            &[],
+            node.quorum_calls() as f64,
+        );
+        let wal = node.quorum_log().stats();
+        e.family(
+            "wasmq_quorum_log_bytes",
+            "gauge",
+            "Bytes in the write-ahead log this node's quorum replicas share.",
+        );
+        e.sample("wasmq_quorum_log_bytes", &[], wal.bytes as f64);
+        e.family(
+            "wasmq_quorum_log_live_bytes",
+            "gauge",
+            "Bytes of that log still needed (entries not yet covered by a snapshot).",
+        );
+        e.sample("wasmq_quorum_log_live_bytes", &[], wal.live as f64);
+        e.family(
+            "wasmq_quorum_log_segments",
+            "gauge",
+            "Segment files of that log.",
+        );
+        e.sample("wasmq_quorum_log_segments", &[], wal.segments as f64);
     }
 
     let plugins = s.broker.plugins().list();

@@ -124,6 +124,9 @@ pub struct ClusterNode {
     /// The runtime the node runs on, for work started from other threads
     /// (the plugin folder's watcher).
     runtime: tokio::runtime::Handle,
+    /// Calls of quorum groups this node answered (appends, votes,
+    /// snapshots): what idle groups should not cost.
+    quorum_calls: std::sync::atomic::AtomicU64,
     /// The log every quorum queue replica on this node writes to.
     quorum_log: Arc<super::quorum::wal::Wal>,
     /// The quorum queue groups this node holds a replica of, by group.
@@ -240,6 +243,7 @@ impl ClusterNode {
             peers: peers.clone(),
             stop: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
+            quorum_calls: Default::default(),
             quorum_log,
             groups: Default::default(),
             handshakes: super::link::handshakes(),
@@ -248,6 +252,7 @@ impl ClusterNode {
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
         tokio::spawn(node.clone().join_loop());
+        tokio::spawn(super::quorum::leadership::watch(Arc::downgrade(&node)));
         tracing::info!(node = %node.me.name, id, addr = %node.me.addr, listen = %bound, "cluster node started");
         Ok(node)
     }
@@ -283,6 +288,36 @@ impl ClusterNode {
     /// The node's links.
     pub fn peers(&self) -> &Arc<Peers> {
         &self.peers
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Cancelled when the node stops.
+    pub(crate) fn stopping(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// The quorum groups this node holds a replica of.
+    pub(crate) fn quorum_groups(&self) -> Vec<(String, Raft<QuorumConfig>)> {
+        self.groups
+            .read()
+            .iter()
+            .map(|(g, r)| (g.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Whether the node named `name` is in reach: a link to it is open
+    /// (links close after the election timeout without a word).
+    pub fn reaches(&self, name: &str) -> bool {
+        name == self.me.name || self.peers.open_link(name).is_some()
+    }
+
+    /// Quorum group calls this node has answered.
+    pub fn quorum_calls(&self) -> u64 {
+        self.quorum_calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The log this node's quorum queue replicas share.
@@ -489,6 +524,13 @@ impl ClusterNode {
 
     /// Answer a peer's call.
     async fn handle(self: Arc<Self>, call: Call) -> Result<Answer, String> {
+        if matches!(
+            call,
+            Call::QuorumAppend { .. } | Call::QuorumVote { .. } | Call::QuorumSnapshot { .. }
+        ) {
+            self.quorum_calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(match call {
             Call::AppendEntries(rpc) => Answer::AppendEntries(self.raft.append_entries(rpc).await),
             Call::Vote(rpc) => Answer::Vote(self.raft.vote(rpc).await),

@@ -14,11 +14,15 @@
 //!   snapshots.
 //! * `network`: the group's RPCs over the node's links.
 //! * `replica`: this node's replica: proposals and answers.
+//! * `wal`: the write-ahead log a node's replicas share.
+//! * `leadership`: elections and heartbeats driven by the node's links,
+//!   so that an idle group costs nothing.
 //!
 //! What a quorum queue does with its messages (consumers, prefetch, TTL,
 //! dead-lettering) is the broker's: its leader serves it as a queue whose
 //! changes are proposed here (`broker/quorum.rs`).
 
+pub mod leadership;
 pub mod machine;
 pub mod network;
 pub mod op;

@@ -205,11 +205,22 @@ impl Replica {
         let machine =
             QuorumMachine::open(&dir.join("machine")).map_err(|e| storage(e.to_string()))?;
         let s = node.settings();
+        // Elections and heartbeats come from the node's watch over its
+        // links ([`super::leadership`]), not from a ticker per group. What
+        // openraft still takes from these: the leader lease (a follower
+        // refuses its vote for `election_timeout_max` after it last heard
+        // from the leader) and the time a replication call may take
+        // (`heartbeat_interval`); its idle ticker wakes every 1.5 of it,
+        // to find nothing to do, so it is kept long.
+        let lease = s.election_timeout_ms.max(4);
         let config = Config {
             cluster_name: format!("wasmq-quorum-{name}"),
-            heartbeat_interval: s.heartbeat_ms,
-            election_timeout_min: s.election_range().0,
-            election_timeout_max: s.election_range().1,
+            heartbeat_interval: lease - 2,
+            election_timeout_min: lease - 1,
+            election_timeout_max: lease,
+            enable_tick: false,
+            enable_heartbeat: false,
+            enable_elect: false,
             // The snapshot is the backlog; the log before it goes. An
             // entry holds a round of messages, so a thousand of them is
             // already many messages.
@@ -258,7 +269,7 @@ impl Replica {
             Arc::downgrade(&proposer),
             rx,
             raft.clone(),
-            node.peers().liveness().silence,
+            Arc::downgrade(&node),
         ));
         Ok(Arc::new(Replica {
             vhost: vhost.to_owned(),
@@ -390,8 +401,9 @@ impl Replica {
 }
 
 /// Answer publishers in commit order, then let the next entry go. A
-/// leader that has heard from no majority for `silence` (it is cut off,
-/// or its peers are paused) answers what waits with a nack instead of
+/// leader that cannot reach a majority of its group's nodes (it is cut
+/// off, or its peers are paused: their links closed after the election
+/// timeout without a word) answers what waits with a nack instead of
 /// holding it until the partition heals: its publishers may publish
 /// again, to the leader the majority elects meanwhile. Such an entry may
 /// still commit should this node keep its leadership after the heal; the
@@ -400,12 +412,12 @@ async fn answer_commits(
     proposer: std::sync::Weak<Proposer>,
     mut rx: mpsc::UnboundedReceiver<(Commit, Vec<Option<Reply>>)>,
     raft: Raft<QuorumConfig>,
-    silence: std::time::Duration,
+    node: std::sync::Weak<ClusterNode>,
 ) {
     while let Some((commit, replies)) = rx.recv().await {
         let outcome = tokio::select! {
             outcome = commit => outcome,
-            () = majority_lost(&raft, silence) => None,
+            () = majority_lost(&raft, &node) => None,
         };
         for (i, reply) in replies.into_iter().enumerate() {
             if let Some(reply) = reply {
@@ -422,17 +434,35 @@ async fn answer_commits(
     }
 }
 
-/// Resolves once this node leads but has heard from no majority of its
-/// group for `silence`.
-async fn majority_lost(raft: &Raft<QuorumConfig>, silence: std::time::Duration) {
-    let every = (silence / 4).max(std::time::Duration::from_millis(10));
+/// Resolves once this node leads but no majority of its group's voters
+/// is in reach (the node itself counted). Groups send nothing while idle,
+/// so the node's links are the group's liveness.
+async fn majority_lost(raft: &Raft<QuorumConfig>, node: &std::sync::Weak<ClusterNode>) {
+    let every = match node.upgrade() {
+        Some(n) => (n.peers().liveness().keepalive / 2).max(std::time::Duration::from_millis(10)),
+        None => return std::future::pending().await,
+    };
     loop {
         tokio::time::sleep(every).await;
-        let m = raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader
-            && m.millis_since_quorum_ack
-                .is_some_and(|ms| ms > silence.as_millis() as u64)
-        {
+        let Some(node) = node.upgrade() else {
+            return std::future::pending().await;
+        };
+        let lost = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let names: HashMap<NodeId, &str> = membership
+                .nodes()
+                .map(|(id, n)| (*id, n.name.as_str()))
+                .collect();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let reached = voters
+                .iter()
+                .filter(|v| names.get(v).is_some_and(|n| node.reaches(n)))
+                .count();
+            m.state == ServerState::Leader && reached * 2 <= voters.len()
+        };
+        if lost {
             return;
         }
     }
