@@ -19,42 +19,8 @@ if [ -z "$bin" ]; then
     bin=target/release/wasmq
 fi
 python=${WASMQ_PYTHON:-target/pika-venv/bin/python}
-root=$(mktemp -d)
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$root/secret"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$root"' EXIT
-i=0
-for node in a b c; do
-    mkdir -p "$root/$node"
-    peers=""
-    [ "$node" != a ] && peers='"127.0.0.1:26672"'
-    cat > "$root/$node/wasmq.toml" <<TOML
-listen = "127.0.0.1:$((6672 + i))"
-data_dir = "$root/$node/data"
-plugin_dir = "$root/$node/plugins"
-
-[admin]
-listen = "127.0.0.1:$((16672 + i))"
-
-[cluster]
-name = "$node"
-listen = "127.0.0.1:$((26672 + i))"
-peers = [$peers]
-secret_file = "$root/secret"
-TOML
-    "$bin" serve --config "$root/$node/wasmq.toml" > "$root/$node.log" 2>&1 &
-    pids+=($!)
-    i=$((i + 1))
-    sleep 1
-done
-# Three voters and a leader.
-for _ in $(seq 1 60); do
-    if curl -s -u guest:guest http://127.0.0.1:16672/api/cluster | grep -q '"leader":"'; then
-        voters=$(curl -s -u guest:guest http://127.0.0.1:16672/api/cluster | grep -o '"voter":true' | wc -l)
-        [ "$voters" = 3 ] && break
-    fi
-    sleep 1
-done
+source perf/cluster3.sh
+start_cluster3 "$bin"
 started=$(date +%s.%N)
 "$python" - "$n" <<'PY'
 import sys, pika

@@ -397,6 +397,9 @@ pub struct StateMachine {
     inner: Arc<Mutex<Inner>>,
     dir: PathBuf,
     applier: Option<Arc<dyn Applier>>,
+    /// Woken after every batch of entries is applied, for those waiting
+    /// on what the catalog says.
+    applied: Arc<tokio::sync::Notify>,
 }
 
 impl StateMachine {
@@ -429,7 +432,13 @@ impl StateMachine {
             inner: Arc::new(Mutex::new(inner)),
             dir: dir.to_owned(),
             applier,
+            applied: Arc::default(),
         })
+    }
+
+    /// Woken (`notify_waiters`) after each batch of entries is applied.
+    pub fn applied(&self) -> &tokio::sync::Notify {
+        &self.applied
     }
 
     /// A replicated queue's record, as applied so far.
@@ -528,6 +537,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             out.push(applied);
         }
+        drop(inner);
+        self.applied.notify_waiters();
         Ok(out)
     }
 
@@ -560,6 +571,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
         inner.snapshot = Some(stored);
+        drop(inner);
+        self.applied.notify_waiters();
         Ok(())
     }
 

@@ -300,13 +300,12 @@ impl ClusterNode {
         self.stop.clone()
     }
 
-    /// The quorum groups this node holds a replica of.
-    pub(crate) fn quorum_groups(&self) -> Vec<(String, Raft<QuorumConfig>)> {
-        self.groups
-            .read()
-            .iter()
-            .map(|(g, r)| (g.clone(), r.clone()))
-            .collect()
+    /// Call `f` with each quorum group this node holds a replica of (under
+    /// the registry's read lock: `f` must not wait).
+    pub(crate) fn each_quorum_group(&self, mut f: impl FnMut(&str, &Raft<QuorumConfig>)) {
+        for (g, r) in self.groups.read().iter() {
+            f(g, r);
+        }
     }
 
     /// Whether the node named `name` is in reach: a link to it is open
@@ -418,11 +417,18 @@ impl ClusterNode {
     /// takes messages, as RabbitMQ's does once its group has a leader.
     pub async fn until_served(&self, vhost: &str, name: &str) {
         let deadline = tokio::time::Instant::now() + self.settings.commit_timeout();
-        while tokio::time::Instant::now() < deadline {
+        loop {
+            // Registered before the check, so an apply between the two is
+            // not missed.
+            let applied = self.machine.applied().notified();
+            let mut applied = std::pin::pin!(applied);
+            applied.as_mut().enable();
             if self.machine.queue(vhost, name).is_none_or(|q| q.served) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if tokio::time::timeout_at(deadline, applied).await.is_err() {
+                return;
+            }
         }
     }
 

@@ -15,7 +15,9 @@
 //!
 //! * groups run without openraft's ticker: no heartbeats, no election
 //!   timers; an idle group sends nothing;
-//! * one task per node looks over its groups every keep-alive interval.
+//! * one task per node looks over its groups: every keep-alive interval
+//!   those with something pending, all of them when a node comes or goes
+//!   and every fifth round (a look is a borrow of the group's metrics).
 //!   A follower whose leader's node has no open link (it was reset, or
 //!   went silent, or cannot be dialed) stands for election: the first of
 //!   the group's reachable voters (by node id) at once, the next one
@@ -35,7 +37,7 @@
 //! A leader that cannot reach a majority of its group's nodes nacks what
 //! waits for a commit (see [`crate::cluster::quorum::replica`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -56,19 +58,39 @@ struct Watched {
     /// that follows a burst of writes went out.
     last_index: Option<u64>,
     settled: bool,
+    /// The round that last saw the group (groups gone are forgotten).
+    seen: Option<Instant>,
+    /// Whether a round looked at it yet.
+    looked: bool,
 }
 
-/// Nodes this node can reach now, as the links say; nodes without a link
-/// are dialed in the background (one dial each at a time).
+/// Every this many rounds, every group is looked at (a leader that
+/// wrote since, a leader change seen through a peer).
+const FULL_EVERY: u64 = 5;
+
+impl Watched {
+    /// Whether the group has something pending that the next round must
+    /// look at (a new group has: it was never looked at).
+    fn pending(&self) -> bool {
+        self.leaderless_since.is_some()
+            || (self.last_index.is_some() && !self.settled)
+            || !self.looked
+    }
+}
+
+/// Which nodes this node can reach, as its links say, asked once per
+/// round; nodes without a link are dialed in the background (one dial
+/// each at a time), so that a link exists to every peer a group needs.
 struct Reach {
     node: Weak<ClusterNode>,
     dialing: Arc<Mutex<HashSet<String>>>,
-    known: HashMap<String, bool>,
+    /// This round's answers, by node id.
+    known: HashMap<NodeId, bool>,
 }
 
 impl Reach {
-    fn reachable(&mut self, node: &Arc<ClusterNode>, name: &str) -> bool {
-        if let Some(r) = self.known.get(name) {
+    fn reachable(&mut self, node: &Arc<ClusterNode>, id: NodeId, name: &str) -> bool {
+        if let Some(r) = self.known.get(&id) {
             return *r;
         }
         let open = node.open_link(name).is_some();
@@ -81,7 +103,7 @@ impl Reach {
                 dialing.lock().remove(&name);
             });
         }
-        self.known.insert(name.to_owned(), open);
+        self.known.insert(id, open);
         open
     }
 }
@@ -99,7 +121,8 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
     let mut every = tokio::time::interval(liveness.keepalive);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watched: HashMap<String, Watched> = HashMap::new();
-    let mut reachable_before: HashSet<String> = HashSet::new();
+    let mut reachable_before: HashSet<NodeId> = HashSet::new();
+    let mut round = 0u64;
     let dialing = Arc::new(Mutex::new(HashSet::new()));
     loop {
         tokio::select! {
@@ -114,35 +137,43 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
             dialing: dialing.clone(),
             known: HashMap::new(),
         };
-        let groups = node.quorum_groups();
-        let now = Instant::now();
-        // Which peers came back since the last round: leaders tell them.
-        let mut peers: BTreeSet<String> = BTreeSet::new();
-        for (_, raft) in &groups {
-            let m = raft.metrics();
-            let m = m.borrow();
-            for (id, member) in m.membership_config.membership().nodes() {
-                if *id != me {
-                    peers.insert(member.name.clone());
-                }
+        // The cluster's members: which came back since the last round
+        // (leaders of groups they belong to tell them who leads).
+        let mut reachable_now = HashSet::new();
+        for member in node.members() {
+            let id = crate::cluster::node_id(&member.name);
+            if id != me && reach.reachable(&node, id, &member.name) {
+                reachable_now.insert(id);
             }
         }
-        let reachable_now: HashSet<String> = peers
-            .iter()
-            .filter(|p| reach.reachable(&node, p))
-            .cloned()
+        let returned: HashSet<NodeId> = reachable_now
+            .difference(&reachable_before)
+            .copied()
             .collect();
-        let returned: HashSet<&String> = reachable_now.difference(&reachable_before).collect();
-        watched.retain(|g, _| groups.iter().any(|(name, _)| name == g));
-        for (group, raft) in &groups {
-            let w = watched.entry(group.clone()).or_default();
-            look_after(raft, w, me, now, election, &returned, &mut reach, &node);
-        }
+        let lost = reachable_before.difference(&reachable_now).next().is_some();
         reachable_before = reachable_now;
+        // Every group is looked at when a node came or went, and once in
+        // a while; in between, only those with something pending (an
+        // election, the heartbeat after writes, a group not seen yet).
+        round += 1;
+        let full = lost || !returned.is_empty() || round % FULL_EVERY == 0;
+        let now = Instant::now();
+        node.each_quorum_group(|group, raft| {
+            let w = match watched.get_mut(group) {
+                Some(w) => w,
+                None => watched.entry(group.to_owned()).or_default(),
+            };
+            w.seen = Some(now);
+            if full || w.pending() {
+                look_after(raft, w, me, now, election, &returned, &mut reach, &node);
+            }
+        });
+        watched.retain(|_, w| w.seen == Some(now));
     }
 }
 
-/// One round for one group.
+/// One round for one group: cheap when nothing is to be done (a borrow of
+/// its metrics and a lookup), which is every round of an idle group.
 #[allow(clippy::too_many_arguments)]
 fn look_after(
     raft: &Raft<QuorumConfig>,
@@ -150,42 +181,28 @@ fn look_after(
     me: NodeId,
     now: Instant,
     election: Duration,
-    returned: &HashSet<&String>,
+    returned: &HashSet<NodeId>,
     reach: &mut Reach,
     node: &Arc<ClusterNode>,
 ) {
-    let (state, leader, last_index, voters, names, is_voter) = {
-        let m = raft.metrics();
-        let m = m.borrow();
-        let membership = m.membership_config.membership();
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
-        let names: HashMap<NodeId, String> = membership
-            .nodes()
-            .map(|(id, n)| (*id, n.name.clone()))
-            .collect();
-        (
-            m.state,
-            m.current_leader,
-            m.last_log_index,
-            voters.clone(),
-            names,
-            voters.contains(&me),
-        )
-    };
-    if state == ServerState::Leader {
-        w.leaderless_since = None;
-        if !is_voter {
-            // Removed from its own group: openraft steps such a leader
-            // down on a tick once the change is applied.
-            raft.runtime_config().tick(true);
-            return;
-        }
-        let peer_back = names
+    w.looked = true;
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let is_voter = |id: &NodeId| {
+        m.membership_config
+            .membership()
+            .get_joint_config()
             .iter()
-            .any(|(id, name)| *id != me && returned.contains(name));
-        let quiet = w.last_index == last_index;
-        if last_index != w.last_index {
-            w.last_index = last_index;
+            .any(|c| c.contains(id))
+    };
+    if m.state == ServerState::Leader {
+        w.leaderless_since = None;
+        let membership = m.membership_config.membership();
+        let peer_back =
+            !returned.is_empty() && membership.nodes().any(|(id, _)| returned.contains(id));
+        let quiet = w.last_index == m.last_log_index;
+        if !quiet {
+            w.last_index = m.last_log_index;
             w.settled = false;
         }
         if peer_back || (quiet && !w.settled) {
@@ -198,13 +215,31 @@ fn look_after(
         return;
     }
     w.last_index = None;
-    if !is_voter {
+    // A leader removed from the group (its replica is gone with it) is
+    // no leader, though its node answers.
+    let leader = m.current_leader.filter(|l| *l != me && is_voter(l));
+    if let Some(l) = leader
+        && reach.known.get(&l) == Some(&true)
+    {
+        w.leaderless_since = None;
+        w.stood = None;
         return;
     }
-    let leader_name = leader.filter(|l| *l != me).and_then(|l| names.get(&l));
-    let known = leader_name.is_some();
-    if let Some(name) = leader_name
-        && reach.reachable(node, name)
+    // No leader in reach: the slow path.
+    if !is_voter(&me) {
+        return;
+    }
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let names: HashMap<NodeId, String> = membership
+        .nodes()
+        .map(|(id, n)| (*id, n.name.clone()))
+        .collect();
+    drop(m);
+    if let Some(l) = leader
+        && names
+            .get(&l)
+            .is_some_and(|name| reach.reachable(node, l, name))
     {
         w.leaderless_since = None;
         w.stood = None;
@@ -214,7 +249,7 @@ fn look_after(
     let others: Vec<NodeId> = voters
         .iter()
         .filter(|v| Some(**v) != leader && **v != me)
-        .filter(|v| names.get(v).is_some_and(|n| reach.reachable(node, n)))
+        .filter(|v| names.get(v).is_some_and(|n| reach.reachable(node, **v, n)))
         .copied()
         .collect();
     // A node cut off from most of its group cannot win, and each try
@@ -225,7 +260,11 @@ fn look_after(
     }
     // The survivors stand in turn, by node id.
     let rank = others.iter().filter(|v| **v < me).count() as u32;
-    let wait = if known { Duration::ZERO } else { election } + election * rank;
+    let wait = if leader.is_some() {
+        Duration::ZERO
+    } else {
+        election
+    } + election * rank;
     if now.duration_since(since) < wait {
         return;
     }

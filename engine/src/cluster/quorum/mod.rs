@@ -15,6 +15,7 @@
 //! * `network`: the group's RPCs over the node's links.
 //! * `replica`: this node's replica: proposals and answers.
 //! * `wal`: the write-ahead log a node's replicas share.
+//! * `runtime`: tokio without openraft's idle ticker.
 //! * `leadership`: elections and heartbeats driven by the node's links,
 //!   so that an idle group costs nothing.
 //!
@@ -27,6 +28,7 @@ pub mod machine;
 pub mod network;
 pub mod op;
 pub mod replica;
+pub mod runtime;
 pub mod wal;
 
 pub use machine::{Held, Live, QueueState};
@@ -43,6 +45,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = runtime::QuorumRuntime,
 );
 
 impl super::log::LogConfig for QuorumConfig {

@@ -1,0 +1,48 @@
+# Sourced by the perf scripts: a fresh three-node wasmq cluster on
+# loopback (AMQP 6672-6674, admin 16672-16674, links 26672-26674) from
+# the broker binary given, in a temporary folder removed on exit.
+#
+#   source perf/cluster3.sh; start_cluster3 path/to/wasmq
+#
+# Sets `pids` (the three processes) and `root` (their folder).
+start_cluster3() {
+    local bin=$1 i=0 node peers
+    root=$(mktemp -d)
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$root/secret"
+    pids=()
+    trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$root"' EXIT
+    for node in a b c; do
+        mkdir -p "$root/$node"
+        peers=""
+        [ "$node" != a ] && peers='"127.0.0.1:26672"'
+        cat > "$root/$node/wasmq.toml" <<TOML
+listen = "127.0.0.1:$((6672 + i))"
+data_dir = "$root/$node/data"
+plugin_dir = "$root/$node/plugins"
+
+[admin]
+listen = "127.0.0.1:$((16672 + i))"
+
+[cluster]
+name = "$node"
+listen = "127.0.0.1:$((26672 + i))"
+peers = [$peers]
+secret_file = "$root/secret"
+TOML
+        "$bin" serve --config "$root/$node/wasmq.toml" > "$root/$node.log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+        sleep 1
+    done
+    # Three voters and a leader.
+    local voters
+    for _ in $(seq 1 60); do
+        if curl -s -u guest:guest http://127.0.0.1:16672/api/cluster | grep -q '"leader":"'; then
+            voters=$(curl -s -u guest:guest http://127.0.0.1:16672/api/cluster | grep -o '"voter":true' | wc -l)
+            [ "$voters" = 3 ] && return 0
+        fi
+        sleep 1
+    done
+    echo "the cluster did not form" >&2
+    return 1
+}
