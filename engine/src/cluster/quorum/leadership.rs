@@ -156,7 +156,7 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
         // a while; in between, only those with something pending (an
         // election, the heartbeat after writes, a group not seen yet).
         round += 1;
-        let full = lost || !returned.is_empty() || round % FULL_EVERY == 0;
+        let full = lost || !returned.is_empty() || round.is_multiple_of(FULL_EVERY);
         let now = Instant::now();
         node.each_quorum_group(|group, raft| {
             let w = match watched.get_mut(group) {
