@@ -7,6 +7,7 @@
 # restarted and the next round begins. Usage:
 #   python3 perf/quorum_failover.py ROUNDS
 # (needs pika; ./scripts/test.sh installs it in target/pika-venv).
+# WASMQ_BIN=path restarts nodes with that broker (as scripts/cluster.sh).
 import base64, json, os, subprocess, sys, time, urllib.request
 import pika
 
@@ -63,7 +64,7 @@ for round in range(int(sys.argv[1])):
     results.append(dt)
     print(f"round {round}: leader {l} killed; first confirm through {follower} after {dt*1000:.0f} ms", flush=True)
     conn.close()
-    subprocess.Popen(["target/release/wasmq", "serve", "--config", f"{root}/{l}/wasmq.toml"],
+    subprocess.Popen([os.environ.get("WASMQ_BIN", "target/release/wasmq"), "serve", "--config", f"{root}/{l}/wasmq.toml"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(5)
 print("failover ms:", sorted(int(r * 1000) for r in results))

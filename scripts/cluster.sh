@@ -4,12 +4,14 @@
 # 15672/15673/15674 and the node-to-node links on 25672/25673/25674. State
 # lives in target/cluster/<node> (or $WASMQ_CLUSTER_DIR/<node>); Ctrl-C
 # stops all three (their state is kept, so running it again restarts the
-# same cluster).
+# same cluster). WASMQ_BIN=path runs a broker built elsewhere instead of
+# building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/plugins.sh
 build_example_plugins
-cargo build --release -p wasmq
+bin=${WASMQ_BIN:-target/release/wasmq}
+[ -n "${WASMQ_BIN:-}" ] || cargo build --release -p wasmq
 root=${WASMQ_CLUSTER_DIR:-target/cluster}
 mkdir -p "$root"
 if [ ! -s "$root/secret" ]; then
@@ -37,7 +39,7 @@ listen = "127.0.0.1:$((25672 + i))"
 peers = [$peers]
 secret_file = "$root/secret"
 TOML
-    target/release/wasmq serve --config "$root/$node/wasmq.toml" > >(sed "s/^/[$node] /") 2>&1 &
+    "$bin" serve --config "$root/$node/wasmq.toml" > >(sed "s/^/[$node] /") 2>&1 &
     pids+=($!)
     i=$((i + 1))
     sleep 1
