@@ -100,15 +100,7 @@ impl Broker {
             .max(1);
         // Spread: the nodes leading (then holding) the fewest quorum
         // queues come first, this node breaking ties.
-        let catalog = node.catalog();
-        let mut leads: HashMap<&str, usize> = HashMap::new();
-        let mut holds: HashMap<&str, usize> = HashMap::new();
-        for q in catalog.queues.values().filter(|q| !q.members.is_empty()) {
-            *leads.entry(q.node.as_str()).or_default() += 1;
-            for m in &q.members {
-                *holds.entry(m.as_str()).or_default() += 1;
-            }
-        }
+        let (leads, holds) = node.quorum_load();
         let me = node.name().to_owned();
         let load = |n: &String| {
             (

@@ -17,7 +17,7 @@
 // openraft's storage traits return its (large) `StorageError` by value;
 // the helpers here return the same so that `?` carries it unchanged.
 #![allow(clippy::result_large_err)]
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -454,6 +454,27 @@ impl StateMachine {
     /// A copy of the definitions as applied so far.
     pub fn catalog(&self) -> Catalog {
         self.inner.lock().catalog.clone()
+    }
+
+    /// How many quorum queues each node leads and holds a replica of
+    /// (without copying the catalog: a declare asks this, and a catalog
+    /// of ten thousand queues is not copied per declare).
+    pub fn quorum_load(&self) -> (HashMap<String, usize>, HashMap<String, usize>) {
+        let inner = self.inner.lock();
+        let mut leads: HashMap<String, usize> = HashMap::new();
+        let mut holds: HashMap<String, usize> = HashMap::new();
+        for q in inner
+            .catalog
+            .queues
+            .values()
+            .filter(|q| !q.members.is_empty())
+        {
+            *leads.entry(q.node.clone()).or_default() += 1;
+            for m in &q.members {
+                *holds.entry(m.clone()).or_default() += 1;
+            }
+        }
+        (leads, holds)
     }
 
     /// The last entry applied.

@@ -129,6 +129,8 @@ pub struct ClusterNode {
     quorum_calls: std::sync::atomic::AtomicU64,
     /// The log every quorum queue replica on this node writes to.
     quorum_log: Arc<super::quorum::wal::Wal>,
+    /// Groups added and not yet seen by the leadership watch.
+    new_groups: parking_lot::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicBool>)>>,
     /// The quorum queue groups this node holds a replica of, by group.
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
     /// Connections to the cluster port not yet authenticated.
@@ -245,6 +247,7 @@ impl ClusterNode {
             runtime: tokio::runtime::Handle::current(),
             quorum_calls: Default::default(),
             quorum_log,
+            new_groups: Default::default(),
             groups: Default::default(),
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
@@ -325,8 +328,28 @@ impl ClusterNode {
     }
 
     /// Serve the calls of quorum queue group `group` with `raft`.
-    pub fn add_group(&self, group: String, raft: Raft<QuorumConfig>) {
+    /// `wrote` is set whenever the replica proposes an entry.
+    pub fn add_group(
+        &self,
+        group: String,
+        raft: Raft<QuorumConfig>,
+        wrote: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        self.new_groups.lock().push((group.clone(), wrote));
         self.groups.write().insert(group, raft);
+    }
+
+    /// Groups added since the last call (the leadership watch looks at
+    /// them at once rather than at its next full round).
+    pub(crate) fn take_new_quorum_groups(
+        &self,
+    ) -> Vec<(String, Arc<std::sync::atomic::AtomicBool>)> {
+        std::mem::take(&mut *self.new_groups.lock())
+    }
+
+    /// This node's replica of group `group`, if it holds one.
+    pub(crate) fn quorum_group(&self, group: &str) -> Option<Raft<QuorumConfig>> {
+        self.groups.read().get(group).cloned()
     }
 
     /// Stop serving group `group`.
@@ -430,6 +453,11 @@ impl ClusterNode {
                 return;
             }
         }
+    }
+
+    /// How many quorum queues each node leads, and holds a replica of.
+    pub fn quorum_load(&self) -> (HashMap<String, usize>, HashMap<String, usize>) {
+        self.machine.quorum_load()
     }
 
     /// The definitions as this node has applied them.

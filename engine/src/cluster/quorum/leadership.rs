@@ -16,8 +16,9 @@
 //! * groups run without openraft's ticker: no heartbeats, no election
 //!   timers; an idle group sends nothing;
 //! * one task per node looks over its groups: every keep-alive interval
-//!   those with something pending, all of them when a node comes or goes
-//!   and every fifth round (a look is a borrow of the group's metrics).
+//!   those with something pending (and new ones), all of them when a node
+//!   comes or goes and every 25th round (a look is a borrow of the
+//!   group's metrics).
 //!   A follower whose leader's node has no open link (it was reset, or
 //!   went silent, or cannot be dialed) stands for election: the first of
 //!   the group's reachable voters (by node id) at once, the next one
@@ -38,6 +39,7 @@
 //! waits for a commit (see [`crate::cluster::quorum::replica`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -62,11 +64,15 @@ struct Watched {
     seen: Option<Instant>,
     /// Whether a round looked at it yet.
     looked: bool,
+    /// Set by the replica when it proposes (it leads and writes): the
+    /// next round looks, and sends the heartbeat once writes stop.
+    wrote: Option<Arc<AtomicBool>>,
 }
 
 /// Every this many rounds, every group is looked at (a leader that
-/// wrote since, a leader change seen through a peer).
-const FULL_EVERY: u64 = 5;
+/// wrote since, a leader change seen through a peer): every 5 s at the
+/// default heartbeat.
+const FULL_EVERY: u64 = 25;
 
 impl Watched {
     /// Whether the group has something pending that the next round must
@@ -75,6 +81,10 @@ impl Watched {
         self.leaderless_since.is_some()
             || (self.last_index.is_some() && !self.settled)
             || !self.looked
+            || self
+                .wrote
+                .as_ref()
+                .is_some_and(|w| w.load(Ordering::Relaxed))
     }
 }
 
@@ -158,17 +168,26 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
         round += 1;
         let full = lost || !returned.is_empty() || round.is_multiple_of(FULL_EVERY);
         let now = Instant::now();
-        node.each_quorum_group(|group, raft| {
-            let w = match watched.get_mut(group) {
-                Some(w) => w,
-                None => watched.entry(group.to_owned()).or_default(),
-            };
-            w.seen = Some(now);
-            if full || w.pending() {
+        for (group, wrote) in node.take_new_quorum_groups() {
+            watched.entry(group).or_default().wrote = Some(wrote);
+        }
+        if full {
+            node.each_quorum_group(|group, raft| {
+                let w = match watched.get_mut(group) {
+                    Some(w) => w,
+                    None => watched.entry(group.to_owned()).or_default(),
+                };
+                w.seen = Some(now);
                 look_after(raft, w, me, now, election, &returned, &mut reach, &node);
+            });
+            watched.retain(|_, w| w.seen == Some(now));
+        } else {
+            for (group, w) in watched.iter_mut().filter(|(_, w)| w.pending()) {
+                if let Some(raft) = node.quorum_group(group) {
+                    look_after(&raft, w, me, now, election, &returned, &mut reach, &node);
+                }
             }
-        });
-        watched.retain(|_, w| w.seen == Some(now));
+        }
     }
 }
 
@@ -200,7 +219,11 @@ fn look_after(
         let membership = m.membership_config.membership();
         let peer_back =
             !returned.is_empty() && membership.nodes().any(|(id, _)| returned.contains(id));
-        let quiet = w.last_index == m.last_log_index;
+        let wrote = w
+            .wrote
+            .as_ref()
+            .is_some_and(|f| f.swap(false, Ordering::Relaxed));
+        let quiet = !wrote && w.last_index == m.last_log_index;
         if !quiet {
             w.last_index = m.last_log_index;
             w.settled = false;

@@ -52,6 +52,8 @@ struct Gathered {
 /// Gathers a replica's changes into entries and proposes them.
 struct Proposer {
     raft: Raft<QuorumConfig>,
+    /// Told to the leadership watch: this group wrote.
+    wrote: Arc<std::sync::atomic::AtomicBool>,
     queue: String,
     gathered: Mutex<Gathered>,
     commits: mpsc::UnboundedSender<(Commit, Vec<Option<Reply>>)>,
@@ -70,6 +72,7 @@ impl Proposer {
         if g.op.is_empty() {
             return;
         }
+        self.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
         let op = std::mem::take(&mut g.op);
         let replies = std::mem::take(&mut g.replies);
         g.in_flight += 1;
@@ -243,7 +246,8 @@ impl Replica {
         )
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        node.add_group(group.clone(), raft.clone());
+        let wrote = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        node.add_group(group.clone(), raft.clone(), wrote.clone());
         if bootstrap
             && !raft
                 .is_initialized()
@@ -261,6 +265,7 @@ impl Replica {
         let (commits, rx) = mpsc::unbounded_channel();
         let proposer = Arc::new(Proposer {
             raft: raft.clone(),
+            wrote,
             queue: name.to_owned(),
             gathered: Mutex::default(),
             commits,
