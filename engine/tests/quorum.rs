@@ -640,16 +640,17 @@ fn counter(node: &Node, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
-/// Idle quorum queues cost nothing between nodes: groups have no
-/// heartbeats of their own (the links' keep-alives tell a node's peers
-/// it lives), so once the last write's commit has reached the followers,
-/// no group calls another. With a heartbeat per group, 30 queues would
-/// make about 900 calls in these 3 s. The queues still fail over: the
-/// leader of one is killed and the survivors elect another.
+/// With `quiescent_quorum`, idle quorum queues cost nothing between
+/// nodes: groups have no heartbeats of their own (the links' keep-alives
+/// tell a node's peers it lives), so once the last write's commit has
+/// reached the followers, no group calls another. With a heartbeat per
+/// group, 30 queues would make about 900 calls in these 3 s. The queues
+/// still fail over: the leader of one is killed and the survivors elect
+/// another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_quorum_queues_send_nothing_and_still_fail_over() {
+async fn quiescent_quorum_queues_send_nothing_when_idle_and_still_fail_over() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b, c) = three_nodes(root.path()).await;
+    let (a, b, c) = three_nodes_with(root.path(), |_| "quiescent_quorum = true".into()).await;
     let ch = a.connect().await.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await

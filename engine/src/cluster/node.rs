@@ -255,7 +255,10 @@ impl ClusterNode {
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
         tokio::spawn(node.clone().join_loop());
-        tokio::spawn(super::quorum::leadership::watch(Arc::downgrade(&node)));
+        if node.settings.quiescent_quorum {
+            super::quorum::runtime::set_tickless(true);
+            tokio::spawn(super::quorum::leadership::watch(Arc::downgrade(&node)));
+        }
         tracing::info!(node = %node.me.name, id, addr = %node.me.addr, listen = %bound, "cluster node started");
         Ok(node)
     }

@@ -69,6 +69,13 @@ pub struct ClusterSettings {
     /// Raft heartbeat interval, ms.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// Quorum queue groups without heartbeats or timers of their own,
+    /// elected from the node's view of its links (`docs/cluster.md`,
+    /// "What a quorum queue costs"): idle queues then cost next to
+    /// nothing. Off by default: the fault checker still finds confirmed
+    /// messages undelivered and first deliveries out of order in this mode.
+    #[serde(default)]
+    pub quiescent_quorum: bool,
     /// Raft election timeout, ms: drawn between this and a quarter more
     /// ([`ClusterSettings::election_range`]); a leader gone silent is
     /// replaced after 2.25 to 2.5 times this.

@@ -208,22 +208,27 @@ impl Replica {
         let machine =
             QuorumMachine::open(&dir.join("machine")).map_err(|e| storage(e.to_string()))?;
         let s = node.settings();
-        // Elections and heartbeats come from the node's watch over its
-        // links ([`super::leadership`]), not from a ticker per group. What
-        // openraft still takes from these: the leader lease (a follower
-        // refuses its vote for `election_timeout_max` after it last heard
-        // from the leader) and the time a replication call may take
-        // (`heartbeat_interval`); its idle ticker wakes every 1.5 of it,
-        // to find nothing to do, so it is kept long.
-        let lease = s.election_timeout_ms.max(4);
+        let (heartbeat, election_min, election_max, timers) = if s.quiescent_quorum {
+            // Elections and heartbeats come from the node's watch over its
+            // links ([`super::leadership`]), not from a ticker per group.
+            // What openraft still takes from these: the leader lease (a
+            // follower refuses its vote for `election_timeout_max` after
+            // it last heard from the leader) and the time a replication
+            // call may take (`heartbeat_interval`).
+            let lease = s.election_timeout_ms.max(4);
+            (lease - 2, lease - 1, lease, false)
+        } else {
+            let (min, max) = s.election_range();
+            (s.heartbeat_ms, min, max, true)
+        };
         let config = Config {
             cluster_name: format!("wasmq-quorum-{name}"),
-            heartbeat_interval: lease - 2,
-            election_timeout_min: lease - 1,
-            election_timeout_max: lease,
-            enable_tick: false,
-            enable_heartbeat: false,
-            enable_elect: false,
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
+            enable_tick: timers,
+            enable_heartbeat: timers,
+            enable_elect: timers,
             // The snapshot is the backlog; the log before it goes. An
             // entry holds a round of messages, so a thousand of them is
             // already many messages.
@@ -439,12 +444,20 @@ async fn answer_commits(
     }
 }
 
-/// Resolves once this node leads but no majority of its group's voters
-/// is in reach (the node itself counted). Groups send nothing while idle,
-/// so the node's links are the group's liveness.
+/// Resolves once this node leads but no majority of its group has been
+/// heard from for the election timeout: acknowledgements of the group's
+/// own heartbeats say so, or, when groups are quiescent (they send
+/// nothing while idle), the node's links to the voters' nodes.
 async fn majority_lost(raft: &Raft<QuorumConfig>, node: &std::sync::Weak<ClusterNode>) {
-    let every = match node.upgrade() {
-        Some(n) => (n.peers().liveness().keepalive / 2).max(std::time::Duration::from_millis(10)),
+    let (every, silence, quiescent) = match node.upgrade() {
+        Some(n) => {
+            let live = n.peers().liveness();
+            (
+                (live.keepalive / 2).max(std::time::Duration::from_millis(10)),
+                live.silence,
+                n.settings().quiescent_quorum,
+            )
+        }
         None => return std::future::pending().await,
     };
     loop {
@@ -455,6 +468,15 @@ async fn majority_lost(raft: &Raft<QuorumConfig>, node: &std::sync::Weak<Cluster
         let lost = {
             let m = raft.metrics();
             let m = m.borrow();
+            if !quiescent {
+                if m.state == ServerState::Leader
+                    && m.millis_since_quorum_ack
+                        .is_some_and(|ms| ms > silence.as_millis() as u64)
+                {
+                    return;
+                }
+                continue;
+            }
             let membership = m.membership_config.membership();
             let names: HashMap<NodeId, &str> = membership
                 .nodes()

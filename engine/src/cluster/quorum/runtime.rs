@@ -14,12 +14,24 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use openraft::{AsyncRuntime, OptionalSend, TokioRuntime};
 
-/// tokio's runtime, whose `sleep_until` (openraft's ticker) never ends.
+/// Whether groups run without the ticker ([`set_tickless`]).
+static TICKLESS: AtomicBool = AtomicBool::new(false);
+
+/// Make openraft's ticker sleep for good in every quorum group started
+/// from now on (the node runs quiescent groups, `[cluster]
+/// quiescent_quorum`); otherwise it ticks as openraft's own runtime does.
+pub fn set_tickless(on: bool) {
+    TICKLESS.store(on, Ordering::Relaxed);
+}
+
+/// tokio's runtime, whose `sleep_until` (openraft's ticker) never ends
+/// when the node's groups are tickless.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct QuorumRuntime;
 
@@ -68,8 +80,12 @@ impl AsyncRuntime for QuorumRuntime {
         QuorumSleep::Tokio(Box::pin(tokio::time::sleep(duration)))
     }
 
-    fn sleep_until(_deadline: Self::Instant) -> Self::Sleep {
-        QuorumSleep::Never
+    fn sleep_until(deadline: Self::Instant) -> Self::Sleep {
+        if TICKLESS.load(Ordering::Relaxed) {
+            QuorumSleep::Never
+        } else {
+            QuorumSleep::Tokio(Box::pin(tokio::time::sleep_until(deadline)))
+        }
     }
 
     fn timeout<R, F: Future<Output = R> + OptionalSend>(
@@ -107,8 +123,10 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn sleeps_end_but_the_tickers_does_not() {
+    async fn sleeps_end_but_the_tickers_does_not_when_tickless() {
         QuorumRuntime::sleep(Duration::from_millis(5)).await;
+        QuorumRuntime::sleep_until(tokio::time::Instant::now() + Duration::from_millis(5)).await;
+        set_tickless(true);
         let never =
             QuorumRuntime::sleep_until(tokio::time::Instant::now() + Duration::from_millis(5));
         assert!(
@@ -116,5 +134,6 @@ mod tests {
                 .await
                 .is_err()
         );
+        set_tickless(false);
     }
 }
