@@ -4,9 +4,12 @@
 #
 #   source perf/cluster3.sh; start_cluster3 path/to/wasmq
 #
+# WASMQ_QUIESCENT=1 turns on `[cluster] quiescent_quorum` on every node.
+#
 # Sets `pids` (the three processes) and `root` (their folder).
 start_cluster3() {
-    local bin=$1 i=0 node peers
+    local bin=$1 i=0 node peers quiescent=false
+    [ -n "${WASMQ_QUIESCENT:-}" ] && quiescent=true
     root=$(mktemp -d)
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$root/secret"
     pids=()
@@ -28,6 +31,7 @@ name = "$node"
 listen = "127.0.0.1:$((26672 + i))"
 peers = [$peers]
 secret_file = "$root/secret"
+quiescent_quorum = $quiescent
 TOML
         "$bin" serve --config "$root/$node/wasmq.toml" > "$root/$node.log" 2>&1 &
         pids+=($!)
