@@ -7,32 +7,17 @@
 # WASMQ_QUIESCENT=1 turns on `[cluster] quiescent_quorum` on every node.
 #
 # Sets `pids` (the three processes) and `root` (their folder).
+source scripts/node-config.sh
+
 start_cluster3() {
-    local bin=$1 i=0 node peers quiescent=false
+    local bin=$1 i=0 node quiescent=false
     [ -n "${WASMQ_QUIESCENT:-}" ] && quiescent=true
     root=$(mktemp -d)
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$root/secret"
     pids=()
     trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$root"' EXIT
     for node in a b c; do
-        mkdir -p "$root/$node"
-        peers=""
-        [ "$node" != a ] && peers='"127.0.0.1:26672"'
-        cat > "$root/$node/wasmq.toml" <<TOML
-listen = "127.0.0.1:$((6672 + i))"
-data_dir = "$root/$node/data"
-plugin_dir = "$root/$node/plugins"
-
-[admin]
-listen = "127.0.0.1:$((16672 + i))"
-
-[cluster]
-name = "$node"
-listen = "127.0.0.1:$((26672 + i))"
-peers = [$peers]
-secret_file = "$root/secret"
-quiescent_quorum = $quiescent
-TOML
+        node_config "$root" "$node" "$i" 6672 "$root/$node/plugins" "quiescent_quorum = $quiescent"
         "$bin" serve --config "$root/$node/wasmq.toml" > "$root/$node.log" 2>&1 &
         pids+=($!)
         i=$((i + 1))

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/plugins.sh
+. scripts/node-config.sh
 build_example_plugins
 bin=${WASMQ_BIN:-target/release/wasmq}
 [ -n "${WASMQ_BIN:-}" ] || cargo build --release -p wasmq
@@ -22,23 +23,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait' INT TERM EXIT
 i=0
 for node in a b c; do
-    mkdir -p "$root/$node"
-    peers=""
-    [ "$node" != a ] && peers='"127.0.0.1:25672"'
-    cat > "$root/$node/wasmq.toml" <<TOML
-listen = "127.0.0.1:$((5672 + i))"
-data_dir = "$root/$node/data"
-plugin_dir = "examples/plugins"
-
-[admin]
-listen = "127.0.0.1:$((15672 + i))"
-
-[cluster]
-name = "$node"
-listen = "127.0.0.1:$((25672 + i))"
-peers = [$peers]
-secret_file = "$root/secret"
-TOML
+    node_config "$root" "$node" "$i" 5672 examples/plugins
     "$bin" serve --config "$root/$node/wasmq.toml" > >(sed "s/^/[$node] /") 2>&1 &
     pids+=($!)
     i=$((i + 1))

@@ -20,8 +20,8 @@
 //! Raft only once synced, by a flush round that runs off Raft's task (on
 //! tokio's blocking threads): one `fdatasync` covers every append written
 //! before it started, so appends that arrive while a round syncs share the
-//! next one. The vote, a truncation and a purge are synced before they
-//! return.
+//! next one (`group_commit.rs`, shared with the quorum queues' log). The
+//! vote, a truncation and a purge are synced before they return.
 
 // openraft's storage traits return its (large) `StorageError` by value;
 // the helpers here return the same so that `?` carries it unchanged.
@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::group_commit::GroupCommit;
 use super::{NodeId, TypeConfig};
 
 /// The Raft type configurations a [`RaftLog`] can hold: the cluster's
@@ -92,21 +93,14 @@ struct Inner<C: LogConfig> {
 /// Raft's replication tasks read through).
 pub struct RaftLog<C: LogConfig = TypeConfig> {
     inner: Arc<Mutex<Inner<C>>>,
-    flush: Arc<Mutex<Flush<C>>>,
-}
-
-/// Appends written and waiting for a sync.
-struct Flush<C: LogConfig> {
-    waiting: Vec<LogFlushed<C>>,
-    /// A flush round is running (it takes what waits when it starts).
-    running: bool,
+    commit: Arc<GroupCommit<LogFlushed<C>>>,
 }
 
 impl<C: LogConfig> Clone for RaftLog<C> {
     fn clone(&self) -> Self {
         RaftLog {
             inner: self.inner.clone(),
-            flush: self.flush.clone(),
+            commit: self.commit.clone(),
         }
     }
 }
@@ -179,10 +173,7 @@ where
         inner.len = at as u64;
         Ok(RaftLog {
             inner: Arc::new(Mutex::new(inner)),
-            flush: Arc::new(Mutex::new(Flush {
-                waiting: Vec::new(),
-                running: false,
-            })),
+            commit: Arc::default(),
         })
     }
 
@@ -415,20 +406,12 @@ where
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(e);
         }
-        let start = {
-            let mut f = self.flush.lock();
-            f.waiting.push(callback);
-            !std::mem::replace(&mut f.running, true)
-        };
-        if start {
-            let log = self.clone();
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn_blocking(move || log.flush_rounds());
-                }
-                Err(_) => log.flush_rounds(),
-            }
-        }
+        let inner = self.inner.clone();
+        self.commit.join(
+            callback,
+            move || inner.lock().file.clone(),
+            |callback, synced| callback.log_io_completed(synced),
+        );
         Ok(())
     }
 
@@ -438,37 +421,6 @@ where
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.append_records(vec![Record::Purge(log_id)])
-    }
-}
-
-impl<C: LogConfig> RaftLog<C>
-where
-    Entry<C>: Serialize + DeserializeOwned,
-{
-    /// Sync and acknowledge what was written, round after round, until
-    /// nothing waits.
-    fn flush_rounds(&self) {
-        loop {
-            let (batch, file) = {
-                let mut f = self.flush.lock();
-                if f.waiting.is_empty() {
-                    f.running = false;
-                    return;
-                }
-                // Every append in the batch was written before it joined
-                // the batch, so one sync of the file as it is now covers
-                // all of them (a compaction since wrote them again, synced).
-                let batch = std::mem::take(&mut f.waiting);
-                (batch, self.inner.lock().file.clone())
-            };
-            let synced = file.sync_data();
-            for callback in batch {
-                callback.log_io_completed(match &synced {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                });
-            }
-        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! path is what it is alone.
 
 pub mod command;
+mod group_commit;
 pub mod link;
 pub mod log;
 pub mod machine;

@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QuorumConfig;
 use crate::cluster::NodeId;
+use crate::cluster::group_commit::GroupCommit;
 
 /// Start a new segment when the newest is past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -179,16 +180,10 @@ enum Waiter {
     Signal(tokio::sync::oneshot::Sender<std::io::Result<()>>),
 }
 
-#[derive(Default)]
-struct Flush {
-    waiting: Vec<Waiter>,
-    running: bool,
-}
-
 /// A node's quorum write-ahead log.
 pub struct Wal {
-    inner: Mutex<Inner>,
-    flush: Mutex<Flush>,
+    inner: Arc<Mutex<Inner>>,
+    commit: Arc<GroupCommit<Waiter>>,
     segment_bytes: u64,
 }
 
@@ -521,8 +516,8 @@ impl Wal {
             sync_dir(dir)?;
         }
         Ok(Arc::new(Wal {
-            inner: Mutex::new(inner),
-            flush: Mutex::default(),
+            inner: Arc::new(Mutex::new(inner)),
+            commit: Arc::default(),
             segment_bytes,
         }))
     }
@@ -620,23 +615,19 @@ impl Wal {
         Ok(())
     }
 
-    /// Wait for `waiter`'s turn in the next sync, starting a round if none
-    /// runs.
-    fn sync_later(self: &Arc<Self>, waiter: Waiter) {
-        let start = {
-            let mut f = self.flush.lock();
-            f.waiting.push(waiter);
-            !std::mem::replace(&mut f.running, true)
-        };
-        if start {
-            let wal = self.clone();
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn_blocking(move || wal.flush_rounds());
+    /// Answer `waiter` once a sync covers what was written before.
+    fn sync_later(&self, waiter: Waiter) {
+        let inner = self.inner.clone();
+        self.commit.join(
+            waiter,
+            move || inner.lock().file.clone(),
+            |waiter, synced| match waiter {
+                Waiter::Append(callback) => callback.log_io_completed(synced),
+                Waiter::Signal(tx) => {
+                    let _ = tx.send(synced);
                 }
-                Err(_) => wal.flush_rounds(),
-            }
-        }
+            },
+        );
     }
 
     /// Write `records` and return once they are durable (with whatever
@@ -652,37 +643,6 @@ impl Wal {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(io_err(e)),
             Err(_) => Err(io_err(std::io::Error::other("quorum log sync abandoned"))),
-        }
-    }
-
-    /// Sync and answer what waits, round after round, until nothing does.
-    /// Every waiter in a round was written before it joined, so one sync of
-    /// the newest segment as it is now covers all of them (a new segment
-    /// was started only after the one before it was synced).
-    fn flush_rounds(&self) {
-        loop {
-            let batch = {
-                let mut f = self.flush.lock();
-                if f.waiting.is_empty() {
-                    f.running = false;
-                    return;
-                }
-                std::mem::take(&mut f.waiting)
-            };
-            let file = self.inner.lock().file.clone();
-            let synced = file.sync_data();
-            for waiter in batch {
-                let result = match &synced {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                };
-                match waiter {
-                    Waiter::Append(callback) => callback.log_io_completed(result),
-                    Waiter::Signal(tx) => {
-                        let _ = tx.send(result);
-                    }
-                }
-            }
         }
     }
 }
