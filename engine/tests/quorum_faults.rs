@@ -307,7 +307,18 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     let mut rng = Rng(seed);
 
     let root = tempfile::tempdir().unwrap();
-    let (proxies, nodes) = three_nodes_behind_proxies(root.path()).await;
+    // WASMQ_QUIESCENT=1 checks the opt-in quiescent groups instead.
+    let quiescent = std::env::var_os("WASMQ_QUIESCENT").is_some();
+    eprintln!("quiescent_quorum = {quiescent}");
+    let (proxies, nodes) = three_nodes_behind_proxies_with(
+        root.path(),
+        if quiescent {
+            "quiescent_quorum = true"
+        } else {
+            ""
+        },
+    )
+    .await;
     let mut nodes = Vec::from(nodes);
     {
         let conn = nodes[0].connect().await;

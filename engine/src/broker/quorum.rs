@@ -658,8 +658,13 @@ async fn watch_leadership(broker: Weak<Broker>, replica: Arc<Replica>) {
             b.stop_serving(&replica);
         }
         drop(b);
-        if metrics.changed().await.is_err() {
-            return;
+        // A leader that could not confirm its leadership yet (no majority
+        // answered) tries again: quiescent groups change their metrics
+        // seldom, so a change may be long in coming.
+        let waiting = leads && !serving;
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)), if waiting => {}
         }
     }
 }

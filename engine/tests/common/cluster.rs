@@ -368,16 +368,25 @@ pub async fn three_nodes_with(root: &Path, extra: impl Fn(&str) -> String) -> (N
 /// a, then b and c joining through it, each node's links behind a proxy
 /// of its own (so pairs can be cut or silenced), formed.
 pub async fn three_nodes_behind_proxies(root: &Path) -> ([Arc<Proxy>; 3], [Node; 3]) {
+    three_nodes_behind_proxies_with(root, "").await
+}
+
+/// [`three_nodes_behind_proxies`], each node's `[cluster]` section
+/// extended with `extra`.
+pub async fn three_nodes_behind_proxies_with(
+    root: &Path,
+    extra: &str,
+) -> ([Arc<Proxy>; 3], [Node; 3]) {
     let cuts = Arc::new(Mutex::new(HashSet::new()));
     let proxies = [
         Proxy::start("a", cuts.clone()).await,
         Proxy::start("b", cuts.clone()).await,
         Proxy::start("c", cuts.clone()).await,
     ];
-    let a = Node::start_behind(root, "a", &[], Some(&proxies[0]), "").await;
+    let a = Node::start_behind(root, "a", &[], Some(&proxies[0]), extra).await;
     let seeds = vec![a.cluster.clone()];
-    let b = Node::start_behind(root, "b", &seeds, Some(&proxies[1]), "").await;
-    let c = Node::start_behind(root, "c", &seeds, Some(&proxies[2]), "").await;
+    let b = Node::start_behind(root, "b", &seeds, Some(&proxies[1]), extra).await;
+    let c = Node::start_behind(root, "c", &seeds, Some(&proxies[2]), extra).await;
     formed(&[&a, &b, &c]).await;
     (proxies, [a, b, c])
 }
