@@ -72,8 +72,9 @@ pub struct ClusterSettings {
     /// Quorum queue groups without heartbeats or timers of their own,
     /// elected from the node's view of its links (`docs/cluster.md`,
     /// "What a quorum queue costs"): idle queues then cost next to
-    /// nothing. Off by default: the fault checker still finds confirmed
-    /// messages undelivered and first deliveries out of order in this mode.
+    /// nothing. Off by default: the fault checker found confirmed messages
+    /// undelivered and first deliveries out of order in this mode, and the
+    /// runs since the cause found was fixed are not yet enough.
     #[serde(default)]
     pub quiescent_quorum: bool,
     /// Raft election timeout, ms: drawn between this and a quarter more
