@@ -1,7 +1,10 @@
 # Sourced by the RabbitMQ perf scripts: three RabbitMQ nodes on loopback
 # from Debian's rabbitmq-server (AMQP on 5681-5683, state in
 # /tmp/wasmq-rabbitmq, which the rabbitmq user the server runs as can
-# write), clustered; stopped on exit. Its own service is not used.
+# write), clustered; stopped on exit. Its own service is not used:
+# Debian's package starts it when installed, and it holds port 25672 (the
+# link port of scripts/cluster.sh's first node) and 5672, so stop it first
+# (`service rabbitmq-server stop`).
 #
 #   source perf/rabbitmq3.sh; start_rabbitmq3
 #
