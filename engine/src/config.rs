@@ -35,8 +35,11 @@ pub struct Config {
     pub memory: MemorySection,
     /// Admin HTTP API and metrics.
     pub admin: crate::admin::AdminConfig,
-    /// Users allowed to connect (default: guest/guest from loopback only).
+    /// Users allowed to connect (default: guest/guest from loopback only):
+    /// the initial state of the users the admin API changes at run time.
     pub users: Vec<User>,
+    /// How the config file's users relate to those changed at run time.
+    pub access: AccessSection,
     /// Certificates for AMQPS and the admin API's HTTPS.
     pub tls: Option<crate::tls::TlsSettings>,
     /// Membership of a cluster (absent: this node runs alone).
@@ -88,12 +91,37 @@ impl Default for Config {
             store: StoreSection::default(),
             memory: MemorySection::default(),
             admin: crate::admin::AdminConfig::default(),
-            users: AmqpConfig::default().users,
+            users: vec![User::guest()],
+            access: AccessSection::default(),
             listen_tls: None,
             tls: None,
             cluster: None,
         }
     }
+}
+
+/// `[access]`: users at run time.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// `seed` (default): the `[[users]]` are the initial state, laid down
+    /// at the first start; users, vhosts and permissions are then the
+    /// operator's (admin API, `wasmq users`), kept across restarts, as
+    /// RabbitMQ's. `enforce`: the `[[users]]` are laid over the kept state
+    /// at every start and cannot be changed at run time (a deployment
+    /// whose config file is its source of truth); other users still can.
+    pub config_users: ConfigUsers,
+}
+
+/// `[access] config_users`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigUsers {
+    /// The initial state only.
+    #[default]
+    Seed,
+    /// Authoritative at every start.
+    Enforce,
 }
 
 /// `[store]`: the message store under `data_dir`.

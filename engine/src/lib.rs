@@ -38,8 +38,12 @@
 //! * [`tls`]: certificates for AMQPS, the admin API's HTTPS and node links, reloaded
 //!   when they change on disk, and the client-certificate (`EXTERNAL`)
 //!   login.
-//! * [`access`]: users, their per-vhost configure/write/read permissions
-//!   and the login rules, shared by AMQP, the admin API and the config.
+//! * [`access`]: users, vhosts, their per-vhost configure/write/read
+//!   permissions, limits and policies as changed at run time, the login
+//!   rules and stored passwords, shared by AMQP, the admin API and the
+//!   config.
+//! * [`policy`]: RabbitMQ's policies and operator policies: which applies
+//!   to a queue or exchange, and what it makes of the declare arguments.
 //! * [`alarm`]: the disk and memory alarms that block publishers while a
 //!   resource runs low.
 //! * [`json`]: AMQP field tables as JSON, as the admin API and definitions
@@ -69,6 +73,7 @@ pub mod json;
 pub mod latency;
 pub mod message;
 pub mod plugin;
+pub mod policy;
 pub mod server;
 pub mod store;
 pub mod tls;

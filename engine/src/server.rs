@@ -191,10 +191,31 @@ impl Server {
             // folder's files are offered to it once this node has joined.
             tracing::info!(dir = %config.plugin_dir.display(), "plugin folder will be offered to the cluster");
         }
-        for user in &config.users {
-            for v in user.all_vhosts() {
+        // Users, vhosts and permissions: kept by this node alone (seeded
+        // from the config file), or the cluster's (this node's config
+        // users serve until the cluster's directory arrives).
+        let enforce = config.access.config_users == crate::config::ConfigUsers::Enforce;
+        let config_users = crate::access::Directory::from_config(&config.users, enforce);
+        if config.cluster.is_some() {
+            broker.accounts().replace(config_users.clone());
+            for v in config_users.vhosts.keys() {
                 broker.add_vhost(v)?;
             }
+        } else {
+            if config.store.enabled {
+                std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                    format!("creating data folder {}", config.data_dir.display())
+                })?;
+                broker
+                    .accounts()
+                    .open(config.data_dir.join("access.json"))
+                    .map_err(|e| anyhow::anyhow!("reading the users: {e}"))?;
+            } else {
+                broker.accounts().replace(Default::default());
+            }
+            broker
+                .seed_access(config_users.clone(), enforce)
+                .context("laying down the config file's users")?;
         }
         // Durable state comes back after the plugins (exchanges need their
         // routing plugins) and before the listener opens.
@@ -220,6 +241,7 @@ impl Server {
             broker.set_remote(remote);
             broker.set_cluster(node);
             tokio::spawn(broker.clone().offer_plugin_dir());
+            tokio::spawn(broker.clone().seed_cluster_access(config_users, enforce));
         }
         let watcher = if config.plugins.watch {
             Some(broker.watch_plugins()?)
@@ -247,7 +269,6 @@ impl Server {
         };
         let amqps_addr = amqps.as_ref().map(TcpListener::local_addr).transpose()?;
         let amqp_config = Arc::new(AmqpConfig {
-            users: config.users.clone(),
             heartbeat: config.amqp.heartbeat_secs,
             frame_max: config.amqp.frame_max,
             channel_max: config.amqp.channel_max,
@@ -265,7 +286,6 @@ impl Server {
             tracing::info!(%addr, https = config.admin.tls, "admin API listening");
             tracker.spawn(crate::admin::serve(
                 broker.clone(),
-                config.users.clone(),
                 config.admin.clone(),
                 amqp_addr,
                 listener,

@@ -122,6 +122,131 @@ async fn cli_subcommands_drive_a_running_broker() {
     broker.kill().await;
 }
 
+/// `wasmq vhosts`, `users` and `permissions`, as `rabbitmqctl` is used: a
+/// user made with a password from stdin logs in over AMQP with the
+/// permissions set, and loses them when they are cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_manages_users_vhosts_and_permissions() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let (amqp, admin) = broker.ready().await;
+    let url = format!("http://{admin}");
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let url = u.as_str();
+        let mut add = Command::new(BIN)
+            .args(["users", "add", "svc", "--tags", "monitoring"])
+            .env("WASMQ_ADMIN_URL", url)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        add.stdin.take().unwrap().write_all(b"svc-pw\n").unwrap();
+        let added = add.wait_with_output().unwrap();
+        assert!(added.status.success());
+        vec![
+            cli(
+                url,
+                &["vhosts", "add", "orders", "--description", "orders service"],
+            ),
+            String::from_utf8(added.stdout).unwrap(),
+            cli(
+                url,
+                &[
+                    "permissions",
+                    "set",
+                    "svc",
+                    "^svc\\.",
+                    "^svc\\.",
+                    "^svc\\.",
+                    "--vhost",
+                    "orders",
+                ],
+            ),
+            cli(url, &["users", "list"]),
+            cli(url, &["vhosts", "list"]),
+            cli(url, &["permissions", "list", "--all"]),
+            cli(url, &["vhosts", "set-limit", "orders", "max-queues", "5"]),
+            cli(
+                url,
+                &[
+                    "policies",
+                    "set",
+                    "cap",
+                    "^svc\\.",
+                    r#"{"max-length": 7}"#,
+                    "--vhost",
+                    "orders",
+                    "--priority",
+                    "2",
+                ],
+            ),
+            cli(url, &["policies", "list", "--all"]),
+        ]
+    })
+    .await
+    .unwrap();
+    assert!(out[1].contains("added user svc"), "{}", out[1]);
+    assert!(
+        out[3]
+            .lines()
+            .any(|l| l.starts_with("svc") && l.contains("monitoring")),
+        "{}",
+        out[3]
+    );
+    assert!(
+        out[4]
+            .lines()
+            .any(|l| l.starts_with("orders") && l.contains("orders service")),
+        "{}",
+        out[4]
+    );
+    assert!(
+        out[5]
+            .lines()
+            .any(|l| l.starts_with("orders") && l.contains("svc") && l.contains("^svc\\.")),
+        "{}",
+        out[5]
+    );
+    assert!(out[6].contains("max-queues of orders: 5"), "{}", out[6]);
+    assert!(
+        out[8].lines().any(|l| l.starts_with("orders")
+            && l.contains("cap")
+            && l.contains(r#"{"max-length":7}"#)),
+        "{}",
+        out[8]
+    );
+    let login = format!("amqp://svc:svc-pw@{amqp}/orders");
+    let conn = lapin::Connection::connect(&login, Default::default())
+        .await
+        .expect("svc logs in with the password given on stdin");
+    conn.close(200, "bye".into()).await.unwrap();
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        cli(&u, &["permissions", "clear", "svc", "--vhost", "orders"]);
+    })
+    .await
+    .unwrap();
+    let e = lapin::Connection::connect(&login, Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("530") || e.to_string().contains("NOT_ALLOWED"),
+        "{e}"
+    );
+    // The last administrator cannot be deleted: a non-zero exit, the reason.
+    let bad = Command::new(BIN)
+        .args(["users", "delete", "guest"])
+        .env("WASMQ_ADMIN_URL", &url)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("administrator"));
+    broker.kill().await;
+}
+
 /// A log written to a pipe carries no terminal colour codes, and a
 /// client's chosen name with a newline stays on its line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1164,3 +1164,118 @@ async fn remote_queues_nack_refuse_and_cancel_as_local_ones_do() {
         n.kill().await;
     }
 }
+
+/// Users, vhosts and permissions made on any node are every node's (the
+/// same verdict everywhere for a bad one), a user deleted is closed out on
+/// every node, and a node that was down learns it all when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_and_permissions_are_the_same_on_every_node() {
+    use serde_json::json;
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, mut c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(15);
+    let full = json!({"configure": ".*", "write": ".*", "read": ".*"});
+    b.api().put("/api/vhosts/orders", &json!({})).unwrap();
+    b.api()
+        .put("/api/users/app", &json!({"password": "pw", "tags": ""}))
+        .unwrap();
+    b.api().put("/api/permissions/orders/app", &full).unwrap();
+    let login = |n: &Node, user: &str, password: &str| {
+        let url = format!("amqp://{user}:{password}@{}/orders", n.amqp);
+        async move { lapin::Connection::connect(&url, Default::default()).await }
+    };
+    let mut open = Vec::new();
+    for n in [&a, &b, &c] {
+        eventually(&format!("app's permissions on {}", n.name), t, || {
+            n.api().get("/api/permissions/orders/app").is_ok()
+        })
+        .await;
+        let conn = login(n, "app", "pw")
+            .await
+            .expect("app logs in on every node");
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            format!("orders.{}", n.name).as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        open.push(conn);
+    }
+    // A policy set on one node holds for the queues of every node.
+    c.api()
+        .put(
+            "/api/policies/orders/one",
+            &json!({"pattern": "^orders\\.", "definition": {"max-length": 1}, "apply-to": "queues"}),
+        )
+        .unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("the policy on {}", n.name), t, || {
+            n.api().get("/api/policies/orders/one").is_ok()
+        })
+        .await;
+    }
+    for (n, conn) in [&a, &b, &c].into_iter().zip(&open) {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let q = format!("orders.{}", n.name);
+        for i in 0..3 {
+            ch.basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let view = n.api().get(&format!("/api/queues/orders/{q}")).unwrap();
+        assert_eq!(view["messages_ready"], 1, "{view}");
+        assert_eq!(view["policy"], "one");
+    }
+    // Refused alike wherever it is asked.
+    let status = |r: Result<u16, wasmq::admin::client::ClientError>| match r {
+        Err(wasmq::admin::client::ClientError::Status { status, .. }) => status,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let bad = json!({"configure": "(", "write": "", "read": ""});
+    assert_eq!(
+        status(c.api().put("/api/permissions/orders/app", &bad)),
+        400
+    );
+    assert!(matches!(
+        a.api().delete("/api/users/guest"),
+        Err(wasmq::admin::client::ClientError::Status { status: 409, .. })
+    ));
+
+    c.kill().await;
+    a.api().delete("/api/users/app").unwrap();
+    a.api()
+        .put(
+            "/api/users/ops",
+            &json!({"password": "ops-pw", "tags": "administrator"}),
+        )
+        .unwrap();
+    // The user's connections close on the nodes that are up.
+    eventually("app's connections on a and b closed", t, || {
+        open[..2].iter().all(|conn| !conn.status().connected())
+    })
+    .await;
+    c.restart().await;
+    eventually("c learned of the deletion", t, || {
+        c.api().get("/api/users/ops").is_ok() && c.api().get("/api/users/app").is_err()
+    })
+    .await;
+    let e = login(&c, "app", "pw").await.unwrap_err();
+    assert_eq!(reply_code(&e), Some(403), "{e}");
+    let ops =
+        wasmq::admin::client::AdminClient::new(&format!("http://{}", c.admin), "ops", "ops-pw");
+    assert_eq!(ops.get("/api/whoami").unwrap()["name"], "ops");
+}

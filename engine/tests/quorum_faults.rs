@@ -20,173 +20,19 @@
 //! `WASMQ_FAULT_SEED` replays a run (the seed is printed). The long
 //! campaign is `scripts/quorum-campaign.sh` (docs/cluster.md).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 mod common;
+use common::checker::*;
 use common::cluster::*;
 
 const QUEUE: &str = "checked";
-
-/// xorshift64*: a seeded sequence, so that a run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// What the clients saw.
-#[derive(Default)]
-struct Record {
-    published: HashSet<String>,
-    confirmed: HashSet<String>,
-    /// (consumer, message, redelivered), in the order each consumer got
-    /// them.
-    deliveries: Vec<(usize, String, bool)>,
-}
-
-type Shared = Arc<Mutex<Record>>;
-type Addrs = Arc<Mutex<Vec<Option<String>>>>;
-
-async fn connect(addrs: &Addrs, start: usize) -> Option<(Connection, usize)> {
-    let n = addrs.lock().unwrap().len();
-    for k in 0..n {
-        let i = (start + k) % n;
-        let Some(addr) = addrs.lock().unwrap()[i].clone() else {
-            continue;
-        };
-        let url = format!("amqp://guest:guest@{addr}/%2f");
-        if let Ok(Ok(c)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            Connection::connect(&url, ConnectionProperties::default()),
-        )
-        .await
-        {
-            return Some((c, i));
-        }
-    }
-    None
-}
-
-async fn publisher(id: usize, addrs: Addrs, record: Shared, stop: Arc<AtomicBool>) {
-    let mut seq = 0u64;
-    let mut node = id;
-    while !stop.load(Ordering::Relaxed) {
-        let Some((conn, at)) = connect(&addrs, node).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        node = at;
-        let Ok(ch) = conn.create_channel().await else {
-            continue;
-        };
-        if ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        'batches: while !stop.load(Ordering::Relaxed) {
-            let mut waiting = Vec::new();
-            for _ in 0..10 {
-                let m = format!("p{id}-{seq}");
-                seq += 1;
-                record.lock().unwrap().published.insert(m.clone());
-                let publish = ch.basic_publish(
-                    "".into(),
-                    QUEUE.into(),
-                    BasicPublishOptions::default(),
-                    m.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                );
-                match tokio::time::timeout(Duration::from_secs(3), publish).await {
-                    Ok(Ok(confirm)) => waiting.push((m, confirm)),
-                    _ => break 'batches,
-                }
-            }
-            for (m, confirm) in waiting {
-                match tokio::time::timeout(Duration::from_secs(5), confirm).await {
-                    Ok(Ok(c)) if c.is_ack() => {
-                        record.lock().unwrap().confirmed.insert(m);
-                    }
-                    Ok(Ok(_)) => {}
-                    _ => break 'batches,
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Another node next time.
-        node += 1;
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "".into())).await;
-    }
-}
-
-async fn consumer(id: usize, addrs: Addrs, record: Shared, stop: Arc<AtomicBool>) {
-    let mut node = id + 1;
-    while !stop.load(Ordering::Relaxed) {
-        let Some((conn, at)) = connect(&addrs, node).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        node = at;
-        let Ok(ch) = conn.create_channel().await else {
-            continue;
-        };
-        let _ = ch.basic_qos(10, BasicQosOptions::default()).await;
-        let Ok(mut sub) = ch
-            .basic_consume(
-                QUEUE.into(),
-                format!("c{id}").as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        else {
-            node += 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        while !stop.load(Ordering::Relaxed) {
-            match tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
-                Err(_) => {
-                    if !conn.status().connected() {
-                        break;
-                    }
-                }
-                Ok(Some(Ok(d))) => {
-                    let m = String::from_utf8_lossy(&d.data).into_owned();
-                    record
-                        .lock()
-                        .unwrap()
-                        .deliveries
-                        .push((id, m, d.redelivered));
-                    let _ = d.ack(BasicAckOptions::default()).await;
-                }
-                // The connection or the consumer ended.
-                Ok(_) => break,
-            }
-        }
-        node += 1;
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(0, "".into())).await;
-    }
-}
 
 fn signal(node: &Node, sig: &str) {
     let pid = node
@@ -222,69 +68,6 @@ fn leader_of(nodes: &[Node], stopped: Option<usize>) -> Option<usize> {
         }
     }
     None
-}
-
-/// What the checker found.
-#[derive(Debug, Default)]
-struct Verdict {
-    published: usize,
-    confirmed: usize,
-    delivered: usize,
-    lost: Vec<String>,
-    unknown: Vec<String>,
-    unflagged_duplicates: Vec<String>,
-    out_of_order: Vec<String>,
-}
-
-fn check(r: &Record) -> Verdict {
-    let mut v = Verdict {
-        published: r.published.len(),
-        confirmed: r.confirmed.len(),
-        delivered: r.deliveries.len(),
-        ..Verdict::default()
-    };
-    let delivered: HashSet<&String> = r.deliveries.iter().map(|(_, m, _)| m).collect();
-    v.lost = r
-        .confirmed
-        .iter()
-        .filter(|m| !delivered.contains(m))
-        .cloned()
-        .collect();
-    v.unknown = delivered
-        .iter()
-        .filter(|m| !r.published.contains(**m))
-        .map(|m| (*m).clone())
-        .collect();
-    // Deliveries without the flag, per message: at most one.
-    let mut unflagged: HashMap<&String, usize> = HashMap::new();
-    // Per consumer and publisher: the last sequence number first-delivered.
-    let mut last: HashMap<(usize, String), u64> = HashMap::new();
-    for (c, m, redelivered) in &r.deliveries {
-        if !redelivered {
-            let n = unflagged.entry(m).or_default();
-            *n += 1;
-            if *n == 2 {
-                v.unflagged_duplicates.push(m.clone());
-            }
-        }
-        if *redelivered {
-            continue;
-        }
-        let Some((p, seq)) = m.split_once('-') else {
-            continue;
-        };
-        let seq: u64 = seq.parse().unwrap_or(0);
-        let key = (*c, p.to_owned());
-        if let Some(prev) = last.get(&key)
-            && seq < *prev
-        {
-            v.out_of_order
-                .push(format!("consumer {c}: {m} after {p}-{prev}"));
-        }
-        last.insert(key, seq);
-    }
-    v.lost.sort();
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,6 +137,7 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     for p in 0..2 {
         tasks.push(tokio::spawn(publisher(
             p,
+            QUEUE,
             addrs.clone(),
             record.clone(),
             stop_publishing.clone(),
@@ -363,6 +147,7 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     for c in 0..2 {
         consumers.push(tokio::spawn(consumer(
             c,
+            QUEUE,
             addrs.clone(),
             record.clone(),
             stop_consuming.clone(),
@@ -458,28 +243,7 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     }
 
     // Drain: every confirmed message must arrive.
-    stop_publishing.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let done = {
-            let r = record.lock().unwrap();
-            let delivered: HashSet<&String> = r.deliveries.iter().map(|(_, m, _)| m).collect();
-            r.confirmed.iter().all(|m| delivered.contains(m))
-        };
-        if done {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // A little longer, for duplicates still on their way.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    stop_consuming.store(true, Ordering::Relaxed);
-    for t in consumers {
-        let _ = t.await;
-    }
+    drain(&record, &stop_publishing, tasks, &stop_consuming, consumers).await;
     let verdict = check(&record.lock().unwrap());
     let firsts: BTreeMap<&str, usize> = BTreeMap::from([
         ("published", verdict.published),

@@ -32,7 +32,6 @@ type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
     Router::new()
         .route("/api/overview", get(overview))
-        .route("/api/vhosts", get(vhosts))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
         .route("/api/exchanges/{vhost}/{name}", get(exchange))
@@ -174,15 +173,6 @@ async fn overview(
     }))
 }
 
-async fn vhosts(State(s): State<AdminState>, Extension(viewer): Extension<Viewer>) -> Json<Value> {
-    Json(Value::Array(
-        visible_vhosts(&s, &viewer)
-            .iter()
-            .map(|v| json!({"name": v.name}))
-            .collect(),
-    ))
-}
-
 fn exchange_view(v: &VHost, x: &Exchange) -> ExchangeView {
     let st = &x.stats;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -201,6 +191,7 @@ fn exchange_view(v: &VHost, x: &Exchange) -> ExchangeView {
             router_hash: router.hash.clone(),
             transform: x.transform_name.clone(),
         },
+        policy: x.policy_name(),
         message_stats: ExchangeMessageStats {
             publish_in: n(&st.published),
             routed: n(&st.routed),
@@ -266,6 +257,9 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
         segments: q.log().map(|l| l.segment_count()),
         node: node.map(str::to_owned),
         quorum: None,
+        policy: None,
+        operator_policy: None,
+        effective_policy_definition: json!({}),
         message_stats: QueueMessageStats {
             publish: n(&q.enqueued),
             deliver_get: n(&q.delivered),
@@ -294,18 +288,54 @@ fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueV
         segments: None,
         node: Some(r.node),
         quorum: None,
+        policy: None,
+        operator_policy: None,
+        effective_policy_definition: json!({}),
         message_stats: QueueMessageStats::default(),
     }
 }
 
+/// The policies that apply to a queue: the live queue's own, or for a
+/// queue of another node what the (replicated) policies make of it.
+fn with_policy(s: &AdminState, q: Option<&Queue>, mut view: QueueView) -> QueueView {
+    let applied = match q {
+        Some(q) => q.policy(),
+        None => {
+            let quorum = crate::broker::QueueLimits::parse(
+                &crate::json::json_to_table(&view.arguments).unwrap_or_default(),
+            )
+            .is_ok_and(|l| l.quorum);
+            let target = if quorum {
+                crate::policy::Target::QuorumQueue
+            } else {
+                crate::policy::Target::ClassicQueue
+            };
+            Arc::new(
+                s.broker
+                    .accounts()
+                    .policies_for(&view.vhost, &view.name, target),
+            )
+        }
+    };
+    view.policy = applied.policy.clone();
+    view.operator_policy = applied.operator_policy.clone();
+    view.effective_policy_definition = json!(applied.definition);
+    view
+}
+
 /// A quorum queue's replication as this node's replica sees it; its leader
 /// is where the queue lives (one truth for `node` and `quorum.leader`).
+/// Its policies too.
 fn with_quorum(s: &AdminState, mut view: QueueView) -> QueueView {
     view.quorum = s.broker.quorum_status(&view.vhost, &view.name);
     if let Some(leader) = view.quorum.as_ref().and_then(|q| q.leader.clone()) {
         view.node = Some(leader);
     }
-    view
+    let local = s
+        .broker
+        .vhost(&view.vhost)
+        .and_then(|v| v.queue(&view.name).ok());
+    with_policy(s, local.as_deref(), view)
 }
 
 fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
@@ -609,10 +639,9 @@ async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
     let mut exchanges = Vec::new();
     let mut queues = Vec::new();
     let mut bindings = Vec::new();
-    let vhosts: Vec<Value> = sorted_vhosts(&s)
-        .iter()
-        .map(|v| json!({"name": v.name}))
-        .collect();
+    // Users' hashes and permissions only to administrators, as
+    // RabbitMQ's `GET /api/users` asks.
+    let access = s.broker.accounts().directory().to_rabbitmq();
     for v in &defs.vhosts {
         for x in &v.exchanges {
             exchanges.push(json!({
@@ -635,21 +664,38 @@ async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
             }));
         }
     }
-    Ok(Json(json!({
+    let mut doc = json!({
         "product_name": "wasmq",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "vhosts": vhosts,
+        "vhosts": access["vhosts"],
         "exchanges": exchanges,
         "queues": queues,
         "bindings": bindings,
-    })))
+        "parameters": access["parameters"],
+        "policies": access["policies"],
+        "operator_policies": access["operator_policies"],
+    });
+    if viewer.admin {
+        doc["users"] = access["users"].clone();
+        doc["permissions"] = access["permissions"].clone();
+    }
+    Ok(Json(doc))
 }
 
-/// Import definitions (RabbitMQ's shape): every item is declared durable,
-/// through the same checks as an AMQP declare; the first failure stops the
-/// import and is returned with the item it was about.
+/// Import definitions (RabbitMQ's shape): users (with their hashes),
+/// vhosts and permissions, then every exchange, queue and binding declared
+/// durable through the same checks as an AMQP declare. The whole document
+/// is checked before any of it is applied; a failure names the item.
 async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCode> {
     let defs = Definitions::from_rabbitmq(&body).map_err(ApiError::bad_request)?;
+    let access = crate::access::Directory::from_rabbitmq(&body).map_err(ApiError::bad_request)?;
+    let access = crate::access::AccessChange::Import { directory: access };
+    // A dry run on a copy: the same verdict the change will get.
+    s.broker
+        .accounts()
+        .directory()
+        .apply(&access)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let refused = |e: crate::broker::DefinitionsError| {
         // A store that fails is the broker's fault (500); anything else the
         // document's (400).
@@ -663,6 +709,7 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
     // The whole document first: one that would be refused anywhere
     // changes nothing.
     s.broker.check_definitions(&defs).map_err(refused)?;
+    s.broker.change_access(access).await?;
     if let Some(node) = s.broker.cluster() {
         // Through the log, one change at a time, in the order a single
         // node imports them; the first refusal stops it and names it.

@@ -182,6 +182,16 @@ impl AdminClient {
         Self::json(&Self::finish(r)?.1)
     }
 
+    /// PUT a JSON document; the status (201 created, 204 replaced).
+    pub fn put(&self, path: &str, body: &Value) -> Result<u16, ClientError> {
+        let r = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", &self.authorization)
+            .send_json(body);
+        Ok(Self::finish(r)?.0)
+    }
+
     /// PUT raw bytes (a plugin upload).
     pub fn put_bytes(&self, path: &str, bytes: &[u8]) -> Result<Value, ClientError> {
         let r = self

@@ -62,6 +62,10 @@ pub(super) fn node(s: &AdminState) -> Result<&std::sync::Arc<ClusterNode>, ApiEr
 async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     match s.broker.cluster() {
         Some(node) if !node.ready() => (StatusCode::SERVICE_UNAVAILABLE, "not joined\n"),
+        Some(_) if !s.broker.caught_up() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching up (definitions or quorum queue replicas)\n",
+        ),
         _ => (StatusCode::OK, "ready\n"),
     }
 }

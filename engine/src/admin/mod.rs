@@ -20,6 +20,7 @@
 //! certificate (reloaded like the AMQPS listener's). Each TLS handshake
 //! runs in a task of its own, so one slow client holds up no other.
 
+mod access;
 mod api;
 mod authoring;
 pub mod client;
@@ -28,6 +29,7 @@ pub mod follow;
 pub mod http;
 mod metrics;
 pub mod model;
+mod policies;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +45,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Broker;
-use crate::access::User;
+use crate::access::Login;
 use crate::tls::Tls;
 
 /// `[admin]`: the HTTP listener.
@@ -85,7 +87,6 @@ impl Default for AdminConfig {
 #[derive(Clone)]
 pub(crate) struct AdminState {
     broker: Arc<Broker>,
-    users: Arc<Vec<User>>,
     started: Instant,
     amqp_addr: SocketAddr,
     metrics_auth: bool,
@@ -143,7 +144,6 @@ impl IntoResponse for ApiError {
 /// `tls` is given.
 pub async fn serve(
     broker: Arc<Broker>,
-    users: Vec<User>,
     config: AdminConfig,
     amqp_addr: SocketAddr,
     listener: TcpListener,
@@ -157,7 +157,6 @@ pub async fn serve(
     ));
     let state = AdminState {
         broker,
-        users: Arc::new(users),
         started: Instant::now(),
         amqp_addr,
         metrics_auth: config.metrics_auth,
@@ -168,6 +167,8 @@ pub async fn serve(
     // before they have logged in.
     let max_upload = config.max_upload_mib << 20;
     let app = api::routes(max_upload)
+        .merge(access::routes())
+        .merge(policies::routes())
         .merge(cluster::routes())
         .merge(authoring::routes(max_upload))
         .layer(axum::middleware::from_fn(http::body_deadline))
@@ -218,13 +219,13 @@ pub(crate) struct Viewer {
 }
 
 impl Viewer {
-    fn of(user: &User) -> Self {
+    fn of(user: &Login) -> Self {
         let admin = user.has_tag("administrator");
         Viewer {
             user: user.name.clone(),
             all: admin || user.has_tag("monitoring"),
             admin,
-            vhosts: user.vhost_names(),
+            vhosts: user.vhosts.clone(),
         }
     }
 
@@ -290,7 +291,10 @@ async fn auth(
         .as_deref()
         .and_then(|c| c.split_once(':'))
         .and_then(|(name, password)| {
-            crate::access::authenticate(&state.users, name, password, peer.ip())
+            state
+                .broker
+                .accounts()
+                .authenticate(name, password, peer.ip())
         });
     if let Some(user) = user {
         // RabbitMQ's management tags: administrators may do everything,
@@ -299,7 +303,7 @@ async fn auth(
         if user.has_tag("administrator")
             || (reads && (user.has_tag("monitoring") || user.has_tag("management")))
         {
-            let viewer = Viewer::of(user);
+            let viewer = Viewer::of(&user);
             let mut request = request;
             request.extensions_mut().insert(viewer);
             return next.run(request).await;

@@ -29,6 +29,9 @@ pub struct ExchangeView {
     /// The plugins deciding for it.
     pub plugin: ExchangePlugins,
     /// Counters since it was declared.
+    /// The policy that applies (RabbitMQ's field).
+    #[serde(default)]
+    pub policy: Option<String>,
     pub message_stats: ExchangeMessageStats,
 }
 
@@ -96,6 +99,15 @@ pub struct QueueView {
     /// queue, or no replica on this node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quorum: Option<crate::cluster::quorum::ReplicaStatus>,
+    /// The policy that applies (RabbitMQ's field).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The operator policy that applies.
+    #[serde(default)]
+    pub operator_policy: Option<String>,
+    /// What the two set together (the lower limit of each).
+    #[serde(default)]
+    pub effective_policy_definition: Value,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
 }

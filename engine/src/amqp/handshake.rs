@@ -246,13 +246,13 @@ pub(super) async fn handshake(
     let (who, user) = if start_ok.mechanism.as_str() == "EXTERNAL" {
         let user = cert_user
             .as_deref()
-            .and_then(|name| crate::access::certificate_user(&config.users, name, peer.ip()));
+            .and_then(|name| broker.accounts().certificate_user(name, peer.ip()));
         (cert_user.unwrap_or_default(), user)
     } else {
         let creds = credentials(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
-        let user = creds.as_ref().and_then(|(name, pass)| {
-            crate::access::authenticate(&config.users, name, pass, peer.ip())
-        });
+        let user = creds
+            .as_ref()
+            .and_then(|(name, pass)| broker.accounts().authenticate(name, pass, peer.ip()));
         (creds.map(|c| c.0).unwrap_or_default(), user)
     };
     let Some(user) = user else {
@@ -311,7 +311,7 @@ pub(super) async fn handshake(
     let vhost_name = open.virtual_host.to_string();
     let access = broker
         .vhost(&vhost_name)
-        .zip(user.permissions_in(&vhost_name));
+        .zip(broker.accounts().permissions_in(&user.name, &vhost_name));
     let Some((vhost, permissions)) = access else {
         let text = format!(
             "NOT_ALLOWED - access to vhost '{vhost_name}' refused for user '{}'",
@@ -320,6 +320,10 @@ pub(super) async fn handshake(
         close_with(socket, 530, &text, 10, 40).await;
         return Ok(None);
     };
+    if let Some(text) = over_connection_limit(broker, &user.name, &vhost_name) {
+        close_with(socket, 530, &text, 10, 40).await;
+        return Ok(None);
+    }
     let mut out = Vec::new();
     encode_method(
         &mut out,
@@ -344,6 +348,35 @@ pub(super) async fn handshake(
         client: client_product(&start_ok.client_properties),
         blocked_capability: client_capability(&start_ok.client_properties, "connection.blocked"),
     }))
+}
+
+/// RabbitMQ's refusal (in its words) when the vhost's or the user's
+/// `max-connections` is reached on this node.
+fn over_connection_limit(broker: &Broker, user: &str, vhost: &str) -> Option<String> {
+    let accounts = broker.accounts();
+    let (by_vhost, by_user) = (
+        accounts.vhost_limit(vhost, "max-connections"),
+        accounts.user_limit(user, "max-connections"),
+    );
+    if by_vhost.is_none() && by_user.is_none() {
+        return None;
+    }
+    let open = broker.connections().list();
+    if let Some(n) = by_vhost
+        && open.iter().filter(|c| c.vhost == vhost).count() as u64 >= n
+    {
+        return Some(format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}': connection limit ({n}) is reached"
+        ));
+    }
+    if let Some(n) = by_user
+        && open.iter().filter(|c| c.user == user).count() as u64 >= n
+    {
+        return Some(format!(
+            "NOT_ALLOWED - connection refused for user '{user}': user connection limit ({n}) is reached"
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

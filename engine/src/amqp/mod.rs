@@ -48,7 +48,6 @@ pub(crate) use channel::AmqpError;
 use socket::Socket;
 
 use crate::Broker;
-use crate::access::User;
 use crate::tls::Tls;
 
 /// Time a client has to finish the TLS handshake (the AMQP handshake then
@@ -73,8 +72,6 @@ pub static PANIC_ON_DECLARE: std::sync::OnceLock<String> = std::sync::OnceLock::
 /// Front-end settings.
 #[derive(Clone, Debug)]
 pub struct AmqpConfig {
-    /// Users; by default `guest`/`guest`, loopback only.
-    pub users: Vec<User>,
     /// Heartbeat proposed to clients, seconds (0 disables).
     pub heartbeat: u16,
     /// Largest frame accepted and sent, bytes.
@@ -88,7 +85,6 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            users: vec![User::guest()],
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,

@@ -41,6 +41,8 @@ pub struct ConnectionInfo {
     pub tls: Option<TlsInfo>,
     channels: Mutex<BTreeMap<u16, Arc<ChannelInfo>>>,
     close: CancellationToken,
+    /// Why an operator closed it (told to the client).
+    close_reason: Mutex<Option<String>>,
 }
 
 /// The TLS side of a connection, as the admin API shows it.
@@ -89,6 +91,7 @@ impl ConnectionInfo {
             tls: None,
             channels: Mutex::new(BTreeMap::new()),
             close: CancellationToken::new(),
+            close_reason: Mutex::new(None),
         }
     }
 
@@ -123,6 +126,17 @@ impl ConnectionInfo {
     /// Ask the connection to close (connection.close 320 to the client).
     pub fn close(&self) {
         self.close.cancel();
+    }
+
+    /// Ask the connection to close, telling the client `reason`.
+    pub fn close_because(&self, reason: String) {
+        *self.close_reason.lock() = Some(reason);
+        self.close.cancel();
+    }
+
+    /// Why an operator closed it, if they said.
+    pub fn close_reason(&self) -> Option<String> {
+        self.close_reason.lock().clone()
     }
 
     /// Cancelled when an operator closes the connection.

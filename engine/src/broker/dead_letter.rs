@@ -122,16 +122,12 @@ fn dead_lettered(queue: &Queue, m: &Message, reason: DeathReason) -> Message {
         }
         props = p;
     }
-    let key = queue
-        .limits
+    let limits = queue.limits();
+    let key = limits
         .dead_letter_routing_key
         .clone()
         .unwrap_or_else(|| m.routing_key.clone());
-    let exchange = queue
-        .limits
-        .dead_letter_exchange
-        .clone()
-        .unwrap_or_default();
+    let exchange = limits.dead_letter_exchange.clone().unwrap_or_default();
     Message::new(exchange, key, props, m.body.clone())
 }
 
@@ -143,10 +139,10 @@ impl Broker {
         let broker = self.self_ref.clone();
         let vhost = vhost.to_owned();
         Arc::new(move |queue: &Queue, dead: Vec<(Entry, DeathReason)>| {
-            let (Some(broker), Some(dlx)) = (
-                broker.upgrade(),
-                queue.limits.dead_letter_exchange.as_deref(),
-            ) else {
+            let limits = queue.limits();
+            let (Some(broker), Some(dlx)) =
+                (broker.upgrade(), limits.dead_letter_exchange.as_deref())
+            else {
                 return;
             };
             let Some(v) = broker.vhost(&vhost) else {

@@ -128,7 +128,11 @@ impl Broker {
             durable: spec.durable,
             auto_delete: spec.auto_delete,
             internal: spec.internal,
-            alternate_exchange: arg_str(&spec.arguments, ARG_ALTERNATE_EXCHANGE)?,
+            // Its vhost's policies are laid over once it is in the vhost.
+            alternate_exchange: ArcSwapOption::new(
+                arg_str(&spec.arguments, ARG_ALTERNATE_EXCHANGE)?.map(Arc::new),
+            ),
+            policy: ArcSwap::from_pointee(Default::default()),
             dead_letter_exchange: arg_str(&spec.arguments, ARG_DEAD_LETTER_EXCHANGE)?,
             transform_name,
             arguments: spec.arguments.clone(),
@@ -182,6 +186,7 @@ impl Broker {
             .entry(spec.name)
             .or_insert(x)
             .clone();
+        self.apply_exchange_policy(&vhost.name, &x);
         if durable {
             self.persist(vec![exchange_change(&vhost.name, &x)])?;
         }
@@ -251,6 +256,7 @@ impl Broker {
             )?;
             return Ok(q.clone());
         }
+        self.check_queue_limit(vhost, name, queues.len(), false)?;
         let limits = QueueLimits::parse(&decl.arguments).map_err(|e| {
             BrokerError::PreconditionFailed(format!(
                 "{e} for queue '{name}' in vhost '{}'",
@@ -275,10 +281,8 @@ impl Broker {
         let flow = self
             .queue_flow_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        let sink = limits
-            .dead_letter_exchange
-            .is_some()
-            .then(|| self.dead_letter_sink(&vhost.name));
+        let (applied, limits) = self.with_policies(&vhost.name, name, &decl.arguments, limits);
+        let sink = Some(self.dead_letter_sink(&vhost.name));
         // Exclusive queues die with their connection, so never outlive a
         // restart: only durable shared queues get a log.
         let (log, recovered) = match self.store.get() {
@@ -288,7 +292,7 @@ impl Broker {
             }
             _ => (None, Vec::new()),
         };
-        let q = Arc::new(Queue::new(decl, limits, flow, sink, log));
+        let q = Arc::new(Queue::new(decl, limits, flow, sink, log).with_policy(applied));
         q.restore(recovered);
         queues.insert(name.to_owned(), q.clone());
         drop(queues);
@@ -299,6 +303,32 @@ impl Broker {
             }])?;
         }
         Ok(q)
+    }
+
+    /// 406 when the vhost's `max-queues` is reached and `name` would be a
+    /// new queue, in RabbitMQ's words. `local` of the vhost's queues are on
+    /// this node (`exists`: `name` among them); those of other nodes count
+    /// too. The caller may hold the vhost's queue lock.
+    pub fn check_queue_limit(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        local: usize,
+        exists: bool,
+    ) -> Result<(), BrokerError> {
+        let Some(limit) = self.accounts().vhost_limit(&vhost.name, "max-queues") else {
+            return Ok(());
+        };
+        if exists || vhost.remote_queue(name).is_some() {
+            return Ok(());
+        }
+        if (local + vhost.remote_queues().len()) as u64 >= limit {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "cannot declare queue '{name}': queue limit in vhost '{}' ({limit}) is reached",
+                vhost.name
+            )));
+        }
+        Ok(())
     }
 
     /// Delete a queue and its bindings; its consumers are cancelled. Returns

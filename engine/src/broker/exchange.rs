@@ -262,8 +262,11 @@ pub struct Exchange {
     pub internal: bool,
     /// Declare arguments.
     pub arguments: FieldTable,
-    /// `alternate-exchange`: where unroutable messages go.
-    pub alternate_exchange: Option<String>,
+    /// `alternate-exchange`: where unroutable messages go (the argument's,
+    /// else a policy's).
+    pub alternate_exchange: ArcSwapOption<String>,
+    /// The policy that applies, and what it sets.
+    pub(crate) policy: ArcSwap<crate::policy::Applied>,
     /// `x-dead-letter-exchange`: where messages go that a plugin faulted on
     /// or a transform dead-lettered.
     pub dead_letter_exchange: Option<String>,

@@ -17,6 +17,7 @@
 //! through its exchanges, step by step), `capture` (messages published to
 //! an exchange, kept to test a plugin version against).
 
+mod access;
 pub mod candidate;
 pub mod capture;
 mod connections;
@@ -26,6 +27,7 @@ mod durable;
 mod error;
 mod exchange;
 mod plugins;
+mod policies;
 mod queue;
 mod quorum;
 pub mod remote;
@@ -43,12 +45,15 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
+pub use access::AccessChangeError;
+pub(crate) use access::refused as access_refused;
 pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsInfo};
 pub use durable::{DefinitionsError, Recovery};
 use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
 pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
+pub use queue::integer as queue_integer;
 pub use queue::{
     CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue, group_by_queue,
 };
@@ -177,6 +182,12 @@ impl VHost {
         self.remote.read().get(name).map(|r| r.node.clone())
     }
 
+    /// How many queues live on this node, and whether `name` is one.
+    pub fn queue_count_with(&self, name: &str) -> (usize, bool) {
+        let queues = self.queues.read();
+        (queues.len(), queues.contains_key(name))
+    }
+
     /// The queues on other nodes, by name.
     pub fn remote_queues(&self) -> Vec<(String, RemoteQueue)> {
         self.remote
@@ -240,6 +251,10 @@ pub struct Broker {
     recovering: std::sync::atomic::AtomicBool,
     /// Open AMQP connections.
     connections: Arc<Connections>,
+    /// Users, vhosts and permissions.
+    accounts: crate::access::Accounts,
+    /// It caught up after it started (`Broker::caught_up`).
+    caught_up: std::sync::atomic::AtomicBool,
     /// In a cluster: message traffic to and from other nodes.
     remote: std::sync::OnceLock<Arc<remote::Remote>>,
     /// Resource alarms (disk space low, memory high): while one is raised,
@@ -322,6 +337,8 @@ impl Broker {
             definitions: Mutex::new(()),
             recovering: false.into(),
             connections: Arc::default(),
+            accounts: crate::access::Accounts::default(),
+            caught_up: false.into(),
             remote: std::sync::OnceLock::new(),
             alarms: crate::alarm::Alarms::default(),
             builtins: std::sync::OnceLock::new(),
@@ -392,6 +409,11 @@ impl Broker {
     /// Open AMQP connections.
     pub fn connections(&self) -> &Arc<Connections> {
         &self.connections
+    }
+
+    /// Users, vhosts and permissions.
+    pub fn accounts(&self) -> &crate::access::Accounts {
+        &self.accounts
     }
 
     /// The resource alarms: `Some(reasons)` while publishers are blocked.
@@ -469,7 +491,7 @@ impl Broker {
         for v in self.vhosts() {
             for q in v.queues() {
                 q.expire();
-                if let Some(limit) = q.limits.expires
+                if let Some(limit) = q.limits().expires
                     && q.unused_for().is_some_and(|idle| idle >= limit)
                     && self.delete_unused_queue(&v, &q.name)
                 {

@@ -119,7 +119,7 @@ impl Broker {
     /// Whether `vhost`'s queue `name` is a quorum queue.
     pub fn is_quorum(&self, vhost: &VHost, name: &str) -> bool {
         if let Ok(q) = vhost.queue(name) {
-            return q.limits.quorum;
+            return q.quorum;
         }
         vhost
             .remote_queue(name)
@@ -463,6 +463,31 @@ impl Broker {
         }
     }
 
+    /// Whether this node has caught up since it started: its definitions
+    /// applied, and every quorum queue replica it should hold open,
+    /// following (or being) a leader, with all it holds applied. The next
+    /// node of a rolling restart may go only then (`/ready`). Once caught
+    /// up it stays so: under load a replica's log runs ahead of what it
+    /// applied all the time, which is no reason to leave a Service.
+    pub fn caught_up(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.caught_up.load(Ordering::Relaxed) {
+            return true;
+        }
+        let definitions = self.cluster().is_none_or(|c| c.applied_all());
+        let replicas = self.quorum.lock().values().all(|e| {
+            e.replica.as_ref().is_some_and(|r| {
+                let st = r.status();
+                st.leader.is_some() && st.last_applied >= st.last_log_index
+            })
+        });
+        let now = definitions && replicas;
+        if now {
+            self.caught_up.store(true, Ordering::Relaxed);
+        }
+        now
+    }
+
     /// The status of this node's replica of a quorum queue.
     pub fn quorum_status(&self, vhost: &str, name: &str) -> Option<ReplicaStatus> {
         let q = self.quorum.lock();
@@ -499,10 +524,9 @@ impl Broker {
         let flow = self
             .queue_flow_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        let sink = limits
-            .dead_letter_exchange
-            .is_some()
-            .then(|| self.dead_letter_sink(&vhost.name));
+        let (applied, limits) =
+            self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
+        let sink = Some(self.dead_letter_sink(&vhost.name));
         let queue = Arc::new(
             Queue::new(
                 QueueDecl {
@@ -517,7 +541,8 @@ impl Broker {
                 sink,
                 None,
             )
-            .with_replica(replica.clone() as Arc<dyn Replicated>),
+            .with_replica(replica.clone() as Arc<dyn Replicated>)
+            .with_policy(applied),
         );
         let (term, fresh_from) = {
             let m = replica.raft().metrics().borrow().clone();

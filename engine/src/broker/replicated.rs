@@ -91,6 +91,13 @@ impl Applier for BrokerApplier {
             // Plugins first: the exchanges need their types.
             broker.serve_cluster_plugins(catalog);
             broker.reset_to(catalog, &self.node);
+            broker.reset_access(&catalog.access);
+        }
+    }
+
+    fn access(&self, directory: &crate::access::Directory, effects: Vec<crate::access::Effect>) {
+        if let Some(broker) = self.broker.upgrade() {
+            broker.apply_access(directory, effects);
         }
     }
 
@@ -260,7 +267,8 @@ impl Broker {
                 .map(|()| Applied::Done),
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
-            | Command::ActivatePlugin { .. } => Ok(Applied::Done),
+            | Command::ActivatePlugin { .. }
+            | Command::Access { .. } => Ok(Applied::Done),
         };
         result.unwrap_or_else(refused)
     }

@@ -415,8 +415,8 @@ impl Broker {
         ids.clear();
         ctx.ids = ids;
         if ctx.reached() == before
-            && let Some(ae) = &x.alternate_exchange
-            && let Ok(ae) = vhost.exchange(ae)
+            && let Some(ae) = x.alternate_exchange.load_full()
+            && let Ok(ae) = vhost.exchange(&ae)
         {
             obs.step(|| Step::Alternate {
                 exchange: x.name.clone(),

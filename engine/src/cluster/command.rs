@@ -125,6 +125,11 @@ pub enum Command {
         /// Version.
         hash: String,
     },
+    /// Users, vhosts or permissions changed.
+    Access {
+        /// The change.
+        change: crate::access::AccessChange,
+    },
 }
 
 /// Plugin bytes as base64 in the log's JSON.
@@ -198,7 +203,8 @@ impl Command {
             | Command::Unbind { vhost, .. } => vhost,
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
-            | Command::ActivatePlugin { .. } => "",
+            | Command::ActivatePlugin { .. }
+            | Command::Access { .. } => "",
         }
     }
 

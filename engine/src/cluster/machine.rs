@@ -42,6 +42,9 @@ pub trait Applier: Send + Sync + 'static {
     fn reset(&self, catalog: &Catalog);
     /// A plugin version to validate (and report on) or to serve.
     fn plugin(&self, _event: &PluginEvent) {}
+    /// The users, vhosts and permissions are now `directory`; `effects`
+    /// is what the change that made them asks of the broker.
+    fn access(&self, _directory: &crate::access::Directory, _effects: Vec<crate::access::Effect>) {}
 }
 
 /// What a plugin entry asks of this node.
@@ -149,6 +152,9 @@ pub struct Catalog {
     /// By plugin name.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginRecord>,
+    /// Users, vhosts and permissions.
+    #[serde(default)]
+    pub access: crate::access::Directory,
 }
 
 fn key(vhost: &str, name: &str) -> String {
@@ -248,10 +254,11 @@ impl Catalog {
             Command::Unbind { vhost, binding } => {
                 self.bindings.remove(&binding_key(vhost, binding));
             }
-            // Recorded by `apply_plugin`.
+            // Recorded by `apply_plugin` and `apply_access`.
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
-            | Command::ActivatePlugin { .. } => {}
+            | Command::ActivatePlugin { .. }
+            | Command::Access { .. } => {}
         }
     }
 
@@ -483,6 +490,60 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// Apply a committed access change to the catalog's directory. A vhost
+    /// deleted takes its exchanges and queues with it: they are deleted
+    /// first, as committed deletes of their own would be.
+    fn apply_access(&self, catalog: &mut Catalog, change: &crate::access::AccessChange) -> Applied {
+        let mut directory = catalog.access.clone();
+        let effects = match directory.apply(change) {
+            Ok(effects) => effects,
+            Err(e) => return crate::broker::access_refused(&e),
+        };
+        for effect in &effects {
+            if let crate::access::Effect::DeleteVHost(vhost) = effect {
+                for command in catalog.vhost_deletions(vhost) {
+                    if let Some(a) = &self.applier {
+                        a.apply(&command);
+                    }
+                    catalog.apply(&command);
+                }
+            }
+        }
+        catalog.access = directory;
+        if let Some(a) = &self.applier {
+            a.access(&catalog.access, effects);
+        }
+        Applied::Done
+    }
+}
+
+impl Catalog {
+    /// Deletes of every queue and exchange of `vhost`.
+    fn vhost_deletions(&self, vhost: &str) -> Vec<Command> {
+        let queues =
+            self.queues
+                .values()
+                .filter(|q| q.vhost == vhost)
+                .map(|q| Command::DeleteQueue {
+                    vhost: vhost.to_owned(),
+                    name: q.queue.name.clone(),
+                    if_unused: false,
+                    if_empty: false,
+                });
+        let exchanges = self
+            .exchanges
+            .values()
+            .filter(|x| x.vhost == vhost)
+            .map(|x| Command::DeleteExchange {
+                vhost: vhost.to_owned(),
+                name: x.exchange.name.clone(),
+                if_unused: false,
+            });
+        queues.chain(exchanges).collect()
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let stored = {
@@ -540,6 +601,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         a.plugin(&event);
                     }
                     applied
+                }
+                EntryPayload::Normal(Command::Access { change }) => {
+                    self.apply_access(&mut inner.catalog, &change)
                 }
                 EntryPayload::Normal(command) => {
                     let applied = match &self.applier {

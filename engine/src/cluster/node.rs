@@ -899,6 +899,12 @@ impl ClusterNode {
                 .any(|v| v == self.id)
     }
 
+    /// Whether it has applied every definition change in its log.
+    pub fn applied_all(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.last_applied.map(|l| l.index) >= m.last_log_index
+    }
+
     /// What this node sees of the cluster.
     pub fn status(&self) -> NodeStatus {
         let m = self.raft.metrics().borrow().clone();

@@ -122,21 +122,28 @@ impl Definitions {
 
     /// Replace `path` with these definitions, atomically and durably.
     pub fn save(&self, path: &Path) -> Result<(), StoreError> {
-        let io = |source| StoreError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(self).expect("definitions serialize");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&text).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
+        replace_file(path, &text)
     }
+}
+
+/// Replace `path` with `bytes`, atomically and durably: a temporary file
+/// written and synced, renamed over the old one, the folder synced. A
+/// crash leaves the old file or the new one, never a mix.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 mod table_hex {

@@ -280,6 +280,25 @@ impl Node {
         }
     }
 
+    /// SIGTERM (a graceful stop, as Kubernetes stops a pod), and wait for
+    /// the process to exit.
+    pub async fn stop(&mut self) {
+        if let Some(mut b) = self.broker.take() {
+            let pid = b.child.id().expect("pid");
+            let ok = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -TERM {pid}");
+            b.child.wait().await.expect("reap");
+        }
+    }
+
+    /// `/ready` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.api().get_text("/ready").is_ok()
+    }
+
     pub async fn restart(&mut self) {
         assert!(self.broker.is_none());
         let _ = &self.dir;

@@ -1,6 +1,7 @@
 //! The built `wasmq` binary as a child process, for the tests that need a
 //! real process (kill -9, SIGTERM, the CLI).
 
+pub mod checker;
 pub mod cluster;
 
 use std::path::Path;

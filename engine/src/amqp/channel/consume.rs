@@ -57,7 +57,7 @@ impl Channel {
                         ),
                     ));
                 }
-                if q.limits.quorum {
+                if q.quorum {
                     self.follow(&tag, &q.name, c);
                 }
                 self.consumers.insert(tag, (consumer, q));

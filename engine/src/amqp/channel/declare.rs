@@ -236,6 +236,9 @@ impl Channel {
                     let owner = d.exclusive.then_some(ctx.connection);
                     if owner.is_none() && Self::replicated(ctx) {
                         crate::broker::check_short("queue name", &name)?;
+                        let (local, exists) = ctx.vhost.queue_count_with(&name);
+                        ctx.broker
+                            .check_queue_limit(ctx.vhost, &name, local, exists)?;
                         if name.starts_with("amq.") && !name.starts_with("amq.gen-") {
                             return Err(BrokerError::AccessRefused(format!(
                                 "queue name '{name}' contains reserved prefix 'amq.*'"

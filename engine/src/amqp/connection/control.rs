@@ -51,7 +51,7 @@ impl Connection {
     /// (530).
     pub(super) fn update_secret(&mut self, u: &connection::UpdateSecret) -> Step {
         let user = &self.grant.user;
-        if self.config.users.iter().any(|known| known.name == *user) {
+        if self.broker.accounts().exists(user) {
             tracing::info!(peer = %self.peer, user = %user, reason = %crate::untrusted::text(u.reason.as_str()), "secret updated (password users do not expire)");
             encode_method(
                 &mut self.out.buf,
@@ -174,6 +174,29 @@ impl Connection {
                                 self.channel_max
                             ),
                         ));
+                    }
+                    if let Some(limit) = self
+                        .broker
+                        .accounts()
+                        .user_limit(&self.grant.user, "max-channels")
+                    {
+                        let user = &self.grant.user;
+                        let open: usize = self
+                            .broker
+                            .connections()
+                            .list()
+                            .iter()
+                            .filter(|c| c.user == *user)
+                            .map(|c| c.channels().len())
+                            .sum();
+                        if open as u64 >= limit {
+                            return self.connection_error(AmqpError::new(
+                                530,
+                                format!(
+                                    "NOT_ALLOWED - number of channels opened for user '{user}' has reached the maximum allowed user limit of ({limit})"
+                                ),
+                            ));
+                        }
                     }
                     let credit = Arc::new(ChannelCredit::default());
                     let info = self.registered.info.channel_opened(channel, credit);

@@ -140,7 +140,6 @@ pub(crate) async fn run(
         out: Outbox::new(64 * 1024, WRITE_BATCH),
         frame_max,
         max_message_size: config.max_message_size,
-        config: config.clone(),
         channel_max: session.channel_max,
         heartbeat: session.heartbeat,
         cancel_notify: session.cancel_notify,
@@ -257,8 +256,6 @@ struct Connection {
     out: Outbox<(Arc<Consumer>, Arc<Queue>)>,
     frame_max: u32,
     max_message_size: u64,
-    /// The front end's settings (its users, for `connection.update-secret`).
-    config: Arc<AmqpConfig>,
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
@@ -357,7 +354,8 @@ impl Connection {
                         self.forced_close("broker shutdown").await
                     }
                     () = &mut closed => {
-                        self.forced_close("closed via the admin API").await
+                        let why = self.registered.info.close_reason();
+                        self.forced_close(why.as_deref().unwrap_or("closed via the admin API")).await
                     }
                     // The sender lives in the broker this connection holds, so
                     // `changed` cannot fail.

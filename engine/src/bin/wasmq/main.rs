@@ -2,6 +2,7 @@
 //! The plugin author's subcommands (new, build, shadow, canary, trace...)
 //! are in `author.rs`.
 
+mod access;
 mod author;
 
 use std::path::PathBuf;
@@ -89,7 +90,31 @@ enum Command {
         #[arg(long)]
         requeue: bool,
     },
-    /// Export or import definitions (exchanges, queues, bindings).
+    /// Users of a running broker (rabbitmqctl's add_user, delete_user,
+    /// change_password, set_user_tags, list_users).
+    Users {
+        #[command(subcommand)]
+        command: access::UsersCommand,
+    },
+    /// Vhosts of a running broker (add_vhost, delete_vhost, list_vhosts).
+    Vhosts {
+        #[command(subcommand)]
+        command: access::VhostsCommand,
+    },
+    /// Users' permissions in a vhost (set_permissions, clear_permissions,
+    /// list_permissions).
+    Permissions {
+        #[command(subcommand)]
+        command: access::PermissionsCommand,
+    },
+    /// Policies and operator policies of a vhost (set_policy,
+    /// clear_policy, list_policies, set_operator_policy).
+    Policies {
+        #[command(subcommand)]
+        command: access::PoliciesCommand,
+    },
+    /// Export or import definitions (users, vhosts, permissions,
+    /// exchanges, queues, bindings) in RabbitMQ's format.
     Definitions {
         #[command(subcommand)]
         command: DefinitionsCommand,
@@ -518,6 +543,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { command } => cluster(command),
+        Command::Users { command } => access::users(command),
+        Command::Vhosts { command } => access::vhosts(command),
+        Command::Permissions { command } => access::permissions(command),
+        Command::Policies { command } => access::policies(command),
         Command::Definitions {
             command: DefinitionsCommand::Export { admin, output },
         } => {
@@ -708,4 +737,15 @@ pub fn check(file: &std::path::Path) -> anyhow::Result<()> {
     }
     println!("result:      valid");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of every subcommand (unique argument names, valid
+    /// defaults), which otherwise run only when that subcommand is used.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

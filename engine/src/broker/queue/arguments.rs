@@ -57,11 +57,9 @@ pub struct QueueLimits {
     pub single_active: bool,
 }
 
-fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
-    let Some(v) = args.inner().get(key) else {
-        return Ok(None);
-    };
-    let n = match v {
+/// An integer argument of any of AMQP's integer types.
+pub fn integer(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
         AMQPValue::ShortShortInt(n) => i64::from(*n),
         AMQPValue::ShortShortUInt(n) => i64::from(*n),
         AMQPValue::ShortInt(n) => i64::from(*n),
@@ -69,11 +67,18 @@ fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
         AMQPValue::LongInt(n) => i64::from(*n),
         AMQPValue::LongUInt(n) => i64::from(*n),
         AMQPValue::LongLongInt(n) => *n,
-        other => {
-            return Err(format!(
-                "invalid arg '{key}': expected a non-negative integer, got {other:?}"
-            ));
-        }
+        _ => return None,
+    })
+}
+
+fn int_arg(args: &FieldTable, key: &str) -> Result<Option<u64>, String> {
+    let Some(v) = args.inner().get(key) else {
+        return Ok(None);
+    };
+    let Some(n) = integer(v) else {
+        return Err(format!(
+            "invalid arg '{key}': expected a non-negative integer, got {v:?}"
+        ));
     };
     u64::try_from(n)
         .map(Some)

@@ -53,7 +53,7 @@ use std::time::Duration;
 use amq_protocol::types::FieldTable;
 use parking_lot::Mutex;
 
-pub use arguments::{Overflow, QueueLimits, message_ttl};
+pub use arguments::{Overflow, QueueLimits, integer, message_ttl};
 use clock::{Instant, now_ms};
 pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
 pub use entry::Entry;
@@ -145,8 +145,15 @@ pub struct Queue {
     pub auto_delete: bool,
     /// Declare arguments.
     pub arguments: FieldTable,
-    /// The arguments it acts on.
-    pub limits: QueueLimits,
+    /// The arguments it acts on: its own, with what policies set laid over
+    /// them (replaced when the policies change).
+    limits: arc_swap::ArcSwap<QueueLimits>,
+    /// The policy and operator policy that apply, and what they set.
+    policy: arc_swap::ArcSwap<crate::policy::Applied>,
+    /// A quorum queue's (`x-queue-type`, fixed when declared).
+    pub quorum: bool,
+    /// `x-single-active-consumer` (fixed when declared).
+    single_active: bool,
     state: Mutex<State>,
     /// Messages ever enqueued.
     pub enqueued: AtomicU64,
@@ -223,7 +230,10 @@ impl Queue {
                 messages: Ready::new(limits.max_priority),
                 ..State::default()
             }),
-            limits,
+            quorum: limits.quorum,
+            single_active: limits.single_active,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
+            policy: Default::default(),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
@@ -296,7 +306,11 @@ impl Queue {
             Some(_) => dead.iter().map(|(e, _)| e.id).collect(),
             None => Vec::new(),
         };
-        if let Some(sink) = &self.dead_letters {
+        // Every queue the broker makes has a sink: a dead-letter exchange
+        // may come from a policy after the queue was declared.
+        if let Some(sink) = &self.dead_letters
+            && self.limits.load().dead_letter_exchange.is_some()
+        {
             self.dead_lettered
                 .fetch_add(dead.len() as u64, Ordering::Relaxed);
             sink(self, dead);
@@ -309,6 +323,43 @@ impl Queue {
         if let (Some(r), false) = (&self.replica, replicated.is_empty()) {
             r.settled(replicated);
         }
+    }
+
+    /// Made with `applied` already laid over its arguments.
+    pub(crate) fn with_policy(self, applied: crate::policy::Applied) -> Self {
+        self.policy.store(Arc::new(applied));
+        self
+    }
+
+    /// The arguments it acts on now (its own, with its policies'), as one
+    /// snapshot.
+    pub fn limits(&self) -> arc_swap::Guard<Arc<QueueLimits>> {
+        self.limits.load()
+    }
+
+    /// The policies that apply to it and what they set.
+    pub fn policy(&self) -> Arc<crate::policy::Applied> {
+        self.policy.load_full()
+    }
+
+    /// Policies changed: act on `limits` from now on. A lower length limit
+    /// holds at once for what is waiting (its head is dropped or
+    /// dead-lettered as a publish past it would drop it; RabbitMQ does the
+    /// same); a lower TTL at the next expiry sweep.
+    pub fn set_policy(self: &Arc<Self>, applied: crate::policy::Applied, limits: QueueLimits) {
+        self.policy.store(Arc::new(applied));
+        let limits = Arc::new(limits);
+        self.limits.store(limits.clone());
+        let mut dead = Vec::new();
+        {
+            let mut st = self.state.lock();
+            while !st.messages.is_empty() && Self::over_limit(&limits, &st, 0, 0) {
+                let e = st.messages.pop_front().expect("checked");
+                self.uncount_ready(&mut st, &e);
+                dead.push((e, DeathReason::MaxLength));
+            }
+        }
+        self.bury(dead);
     }
 
     /// Whether the queue is exclusive to a connection.
@@ -348,12 +399,11 @@ impl Queue {
         }
     }
 
-    fn over_limit(&self, st: &State, extra: usize, extra_bytes: usize) -> bool {
-        self.limits
+    fn over_limit(limits: &QueueLimits, st: &State, extra: usize, extra_bytes: usize) -> bool {
+        limits
             .max_length
             .is_some_and(|max| st.messages.len() + extra > max)
-            || self
-                .limits
+            || limits
                 .max_length_bytes
                 .is_some_and(|max| st.body_bytes + extra_bytes > max)
     }
@@ -363,7 +413,7 @@ impl Queue {
     /// (and kept on disk only, when the queue holds many bytes already).
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> Pushed {
         let own_ttl = message_ttl(&message).ok().flatten();
-        let ttl = match (self.limits.message_ttl, own_ttl) {
+        let ttl = match (self.limits.load().message_ttl, own_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -408,15 +458,16 @@ impl Queue {
     #[inline(always)]
     fn admit(self: &Arc<Self>, mut entry: Entry, ttl: Option<Duration>, page_out: bool) -> bool {
         let mut dead = Vec::new();
+        let limits = self.limits.load();
         let accepted = {
             let mut st = self.state.lock();
             self.expire_head(&mut st, &mut dead);
             let size = entry.body_len as usize;
             let mut accepted = true;
-            if self.over_limit(&st, 1, size) {
-                match self.limits.overflow {
+            if Self::over_limit(&limits, &st, 1, size) {
+                match limits.overflow {
                     Overflow::DropHead => {
-                        while !st.messages.is_empty() && self.over_limit(&st, 1, size) {
+                        while !st.messages.is_empty() && Self::over_limit(&limits, &st, 1, size) {
                             let e = st.messages.pop_front().expect("checked");
                             self.uncount_ready(&mut st, &e);
                             dead.push((e, DeathReason::MaxLength));
@@ -435,7 +486,7 @@ impl Queue {
             // A message that alone exceeds the limit, or has a TTL of 0 with
             // nobody to take it, goes no further.
             let zero_ttl = ttl == Some(Duration::ZERO) && st.consumers.is_empty();
-            if accepted && (self.over_limit(&st, 1, size) || zero_ttl) {
+            if accepted && (Self::over_limit(&limits, &st, 1, size) || zero_ttl) {
                 let reason = if zero_ttl {
                     DeathReason::Expired
                 } else {
@@ -519,7 +570,7 @@ impl Queue {
 
     /// Expire messages at the head (the broker's periodic sweep).
     pub fn expire(&self) {
-        if self.limits.message_ttl.is_none() && self.ready_bytes() == 0 {
+        if self.limits.load().message_ttl.is_none() && self.ready_bytes() == 0 {
             return;
         }
         let mut dead = Vec::new();
@@ -534,7 +585,7 @@ impl Queue {
                 return;
             }
             // With a single active consumer, only the oldest is served.
-            let n = if self.limits.single_active {
+            let n = if self.single_active {
                 1
             } else {
                 st.consumers.len()
@@ -731,7 +782,12 @@ mod tests {
             .unwrap();
     }
 
-    fn collecting(limits: QueueLimits) -> (Arc<Queue>, Arc<parking_lot::Mutex<Vec<DeathReason>>>) {
+    /// A queue whose dead letters (it has a dead-letter exchange) are
+    /// collected.
+    fn collecting(
+        mut limits: QueueLimits,
+    ) -> (Arc<Queue>, Arc<parking_lot::Mutex<Vec<DeathReason>>>) {
+        limits.dead_letter_exchange = Some("dlx".into());
         let dead = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let sink: DeadLetterSink = {
             let dead = dead.clone();
@@ -958,6 +1014,7 @@ mod tests {
         let limits = QueueLimits {
             quorum: true,
             delivery_limit: Some(2),
+            dead_letter_exchange: Some("dlx".into()),
             ..Default::default()
         };
         let q = Arc::new(

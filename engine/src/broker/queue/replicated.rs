@@ -57,7 +57,7 @@ impl Queue {
         redelivered: bool,
     ) -> bool {
         let own_ttl = message_ttl(&message).ok().flatten();
-        let ttl = match (self.limits.message_ttl, own_ttl) {
+        let ttl = match (self.limits.load().message_ttl, own_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -79,12 +79,9 @@ impl Queue {
         let counts = r.returned(&ids);
         let mut dead = Vec::new();
         let mut back = Vec::with_capacity(entries.len());
+        let delivery_limit = self.limits.load().delivery_limit;
         for (mut e, count) in entries.into_iter().zip(counts) {
-            if self
-                .limits
-                .delivery_limit
-                .is_some_and(|limit| count > limit)
-            {
+            if delivery_limit.is_some_and(|limit| count > limit) {
                 dead.push((e, DeathReason::DeliveryLimit));
                 continue;
             }

@@ -54,7 +54,7 @@ impl Queue {
         let mut st = self.state.lock();
         for r in recovered {
             let ttl = match (
-                self.limits.message_ttl.map(|d| d.as_millis() as u64),
+                self.limits.load().message_ttl.map(|d| d.as_millis() as u64),
                 r.meta.ttl_ms,
             ) {
                 (Some(a), Some(b)) => Some(a.min(b)),

@@ -15,14 +15,28 @@
 //! is a channel error 403 ACCESS_REFUSED. Passive declares need no
 //! permission.
 //!
-//! Patterns are compiled when the config is read (a bad one names its
-//! line), and a user granted everything skips the matching: the publish
-//! path of the common `vhosts = [...]` user pays one branch.
+//! Users, vhosts and permissions change at run time, as with
+//! `rabbitmqctl add_user` and `set_permissions`: the [`Directory`] is the
+//! data and its changes, [`Accounts`] the live copy every login checks, and
+//! passwords are kept only as RabbitMQ's salted hashes (`password`). The
+//! config file's `[[users]]` are the initial state.
+//!
+//! Patterns are compiled when the directory changes (a bad one is refused
+//! naming its field), and a user granted everything skips the matching:
+//! the publish path of a user with `.*` pays one branch.
+
+mod accounts;
+pub mod directory;
+pub mod password;
+
+pub use accounts::{Accounts, ApplyError, Login};
+pub use directory::{AccessChange, AccessError, Directory, Effect};
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use regex::Regex;
+
 use serde::{Deserialize, Deserializer};
 
 /// A user allowed to connect.
@@ -50,30 +64,6 @@ pub struct User {
     /// `management` (read-only). Without one the user is AMQP-only.
     #[serde(default)]
     pub tags: Vec<String>,
-}
-
-/// The user `name` if `password` is its password and it may connect from
-/// `peer` (AMQP logins and the admin API's basic auth alike).
-pub fn authenticate<'a>(
-    users: &'a [User],
-    name: &str,
-    password: &str,
-    peer: IpAddr,
-) -> Option<&'a User> {
-    users
-        .iter()
-        .find(|u| u.name == name && u.password == password)
-        .filter(|u| u.may_connect_from(peer))
-}
-
-/// The user `name` (a client certificate's CN, already verified against
-/// the configured CA) if it may connect from `peer`. Its password is not
-/// asked: the certificate is the credential.
-pub fn certificate_user<'a>(users: &'a [User], name: &str, peer: IpAddr) -> Option<&'a User> {
-    users
-        .iter()
-        .find(|u| u.name == name)
-        .filter(|u| u.may_connect_from(peer))
 }
 
 fn default_vhosts() -> Vec<String> {
@@ -159,13 +149,27 @@ pub struct VHostPermissions {
 pub struct Pattern(Option<Regex>);
 
 impl Pattern {
-    /// Compile `s` (empty: grants nothing).
+    /// Compile `s` (empty: grants nothing). A pattern is an operator's
+    /// input over the admin API: its compiled size is bounded.
     pub fn new(s: &str) -> Result<Self, regex::Error> {
         if s.is_empty() {
             Ok(Pattern(None))
         } else {
-            Regex::new(s).map(|r| Pattern(Some(r)))
+            regex::RegexBuilder::new(s)
+                .size_limit(1 << 20)
+                .build()
+                .map(|r| Pattern(Some(r)))
         }
+    }
+
+    /// The pattern that grants nothing.
+    pub fn nothing() -> Self {
+        Pattern(None)
+    }
+
+    /// The pattern as written.
+    pub fn source(&self) -> &str {
+        self.0.as_ref().map_or("", Regex::as_str)
     }
 
     fn allows(&self, name: &str) -> bool {
@@ -258,21 +262,35 @@ mod tests {
 
     #[test]
     fn guest_logs_in_from_loopback_only_and_passwords_must_match() {
-        let users = [User::guest(), user("name = \"app\"\npassword = \"pw\"")];
+        let accounts = Accounts::default();
+        accounts
+            .apply(&AccessChange::PutUser {
+                user: directory::UserRecord::with_password("app", "pw", vec![]),
+            })
+            .unwrap();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let who = |name, password, peer| {
-            authenticate(&users, name, password, ip(peer)).map(|u| u.name.as_str())
+            accounts
+                .authenticate(name, password, ip(peer))
+                .map(|u| u.name)
         };
         for local in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
-            assert_eq!(who("guest", "guest", local), Some("guest"), "{local}");
+            assert_eq!(
+                who("guest", "guest", local).as_deref(),
+                Some("guest"),
+                "{local}"
+            );
         }
         for remote in ["192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7"] {
             assert_eq!(who("guest", "guest", remote), None, "{remote}");
-            assert_eq!(who("app", "pw", remote), Some("app"), "{remote}");
+            assert_eq!(who("app", "pw", remote).as_deref(), Some("app"), "{remote}");
         }
         assert_eq!(who("guest", "wrong", "127.0.0.1"), None);
         assert_eq!(who("app", "guest", "127.0.0.1"), None);
         assert_eq!(who("nobody", "guest", "127.0.0.1"), None);
+        // Full permissions are one branch; patterns are compiled once.
+        assert!(accounts.permissions_in("guest", "/").unwrap().is_full());
+        assert!(accounts.permissions_in("app", "/").is_none());
     }
 
     #[test]
