@@ -320,17 +320,8 @@ pub(super) async fn handshake(
         close_with(socket, 530, &text, 10, 40).await;
         return Ok(None);
     };
-    if let Some(text) = over_connection_limit(broker, &user.name, &vhost_name) {
-        close_with(socket, 530, &text, 10, 40).await;
-        return Ok(None);
-    }
-    let mut out = Vec::new();
-    encode_method(
-        &mut out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
-    );
-    send(socket, &out).await?;
+    // connection.open-ok is sent by the caller once the connection is
+    // registered within its limits (`over_connection_limit`).
     Ok(Some(Session {
         user: user.name.clone(),
         grant: Grant {
@@ -351,8 +342,15 @@ pub(super) async fn handshake(
 }
 
 /// RabbitMQ's refusal (in its words) when the vhost's or the user's
-/// `max-connections` is reached on this node.
-fn over_connection_limit(broker: &Broker, user: &str, vhost: &str) -> Option<String> {
+/// `max-connections` is reached on this node by the connections `open`
+/// (counted under the registry's lock, so two logins at once cannot both
+/// take the last place).
+pub(super) fn over_connection_limit(
+    broker: &Broker,
+    user: &str,
+    vhost: &str,
+    open: &mut dyn Iterator<Item = &crate::broker::ConnectionInfo>,
+) -> Option<String> {
     let accounts = broker.accounts();
     let (by_vhost, by_user) = (
         accounts.vhost_limit(vhost, "max-connections"),
@@ -361,16 +359,20 @@ fn over_connection_limit(broker: &Broker, user: &str, vhost: &str) -> Option<Str
     if by_vhost.is_none() && by_user.is_none() {
         return None;
     }
-    let open = broker.connections().list();
+    let (mut in_vhost, mut of_user) = (0u64, 0u64);
+    for c in open {
+        in_vhost += u64::from(c.vhost == vhost);
+        of_user += u64::from(c.user == user);
+    }
     if let Some(n) = by_vhost
-        && open.iter().filter(|c| c.vhost == vhost).count() as u64 >= n
+        && in_vhost >= n
     {
         return Some(format!(
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}': connection limit ({n}) is reached"
         ));
     }
     if let Some(n) = by_user
-        && open.iter().filter(|c| c.user == user).count() as u64 >= n
+        && of_user >= n
     {
         return Some(format!(
             "NOT_ALLOWED - connection refused for user '{user}': user connection limit ({n}) is reached"

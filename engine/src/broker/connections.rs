@@ -173,6 +173,24 @@ impl Connections {
         }
     }
 
+    /// Register a connection unless `refuse`, shown every open one under
+    /// the registry's lock, gives a reason not to.
+    pub fn register_unless(
+        self: &Arc<Self>,
+        info: Arc<ConnectionInfo>,
+        refuse: impl FnOnce(&mut dyn Iterator<Item = &ConnectionInfo>) -> Option<String>,
+    ) -> Result<Registered, String> {
+        let mut open = self.open.lock();
+        if let Some(why) = refuse(&mut open.values().map(|c| &**c)) {
+            return Err(why);
+        }
+        open.insert(info.id, info.clone());
+        Ok(Registered {
+            registry: self.clone(),
+            info,
+        })
+    }
+
     /// Open connections, oldest first.
     pub fn list(&self) -> Vec<Arc<ConnectionInfo>> {
         self.open.lock().values().cloned().collect()

@@ -41,7 +41,7 @@ use super::AmqpConfig;
 use super::channel::{AmqpError, Channel, Ctx, Proposal, ToNode};
 use super::frame::{Frame, decode};
 use super::grant::Grant;
-use super::handshake::{HandshakeError, close_with, handshake};
+use super::handshake::{HandshakeError, close_with, handshake, over_connection_limit};
 use super::outbox::Outbox;
 use super::socket::{Io, Socket};
 use crate::Broker;
@@ -108,10 +108,8 @@ pub(crate) async fn run(
             return;
         }
     };
-    tracing::info!(%peer, connection = id, user = %session.user, vhost = %session.vhost.name, "connection opened");
     let frame_max = session.frame_max;
-    let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
-    let registered = broker.connections().register(Arc::new(
+    let info = Arc::new(
         ConnectionInfo::new(
             id,
             peer,
@@ -122,7 +120,18 @@ pub(crate) async fn run(
             session.client.clone(),
         )
         .with_tls(socket_tls(&socket)),
-    ));
+    );
+    let registered = match broker.connections().register_unless(info, |open| {
+        over_connection_limit(&broker, &session.user, &session.vhost.name, open)
+    }) {
+        Ok(r) => r,
+        Err(why) => {
+            close_with(&mut socket, 530, &why, 10, 40).await;
+            return;
+        }
+    };
+    tracing::info!(%peer, connection = id, user = %session.user, vhost = %session.vhost.name, "connection opened");
+    let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
     let alarm = broker.alarm();
     if let Some(remote) = broker.remote() {
         remote.register(id, dispatch_tx.clone());
@@ -163,6 +172,13 @@ pub(crate) async fn run(
         last_synced: Default::default(),
         hold: false,
     };
+    // The client may use the connection from here on: it is registered
+    // (and counted against its limits).
+    super::frame::encode_method(
+        &mut conn.out.buf,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+    );
     let reason = match contain_panic(conn.run(dispatch_rx, shutdown)).await {
         Ok(reason) => reason,
         Err(why) => {

@@ -123,6 +123,27 @@ struct State {
     next: usize,
     /// Body bytes of ready messages, for `x-max-length-bytes`.
     body_bytes: usize,
+    /// The arguments the queue acts on: its own, with what policies set
+    /// laid over them. Kept under the lock every publish takes anyway, so
+    /// that a policy can change them without the publish path paying for
+    /// a second synchronisation.
+    limits: Arc<QueueLimits>,
+}
+
+/// What a publish checks against, copied out of the limits under the lock.
+#[derive(Clone, Copy)]
+struct Bounds {
+    max_length: Option<usize>,
+    max_length_bytes: Option<usize>,
+}
+
+impl Bounds {
+    fn of(l: &QueueLimits) -> Bounds {
+        Bounds {
+            max_length: l.max_length,
+            max_length_bytes: l.max_length_bytes,
+        }
+    }
 }
 
 /// Why a consumer could not be added.
@@ -145,9 +166,6 @@ pub struct Queue {
     pub auto_delete: bool,
     /// Declare arguments.
     pub arguments: FieldTable,
-    /// The arguments it acts on: its own, with what policies set laid over
-    /// them (replaced when the policies change).
-    limits: arc_swap::ArcSwap<QueueLimits>,
     /// The policy and operator policy that apply, and what they set.
     policy: arc_swap::ArcSwap<crate::policy::Applied>,
     /// A quorum queue's (`x-queue-type`, fixed when declared).
@@ -228,11 +246,11 @@ impl Queue {
             arguments: decl.arguments,
             state: Mutex::new(State {
                 messages: Ready::new(limits.max_priority),
+                limits: Arc::new(limits.clone()),
                 ..State::default()
             }),
             quorum: limits.quorum,
             single_active: limits.single_active,
-            limits: arc_swap::ArcSwap::from_pointee(limits),
             policy: Default::default(),
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -309,7 +327,7 @@ impl Queue {
         // Every queue the broker makes has a sink: a dead-letter exchange
         // may come from a policy after the queue was declared.
         if let Some(sink) = &self.dead_letters
-            && self.limits.load().dead_letter_exchange.is_some()
+            && self.limits().dead_letter_exchange.is_some()
         {
             self.dead_lettered
                 .fetch_add(dead.len() as u64, Ordering::Relaxed);
@@ -333,8 +351,8 @@ impl Queue {
 
     /// The arguments it acts on now (its own, with its policies'), as one
     /// snapshot.
-    pub fn limits(&self) -> arc_swap::Guard<Arc<QueueLimits>> {
-        self.limits.load()
+    pub fn limits(&self) -> Arc<QueueLimits> {
+        self.state.lock().limits.clone()
     }
 
     /// The policies that apply to it and what they set.
@@ -348,12 +366,12 @@ impl Queue {
     /// same); a lower TTL at the next expiry sweep.
     pub fn set_policy(self: &Arc<Self>, applied: crate::policy::Applied, limits: QueueLimits) {
         self.policy.store(Arc::new(applied));
-        let limits = Arc::new(limits);
-        self.limits.store(limits.clone());
+        let bounds = Bounds::of(&limits);
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
-            while !st.messages.is_empty() && Self::over_limit(&limits, &st, 0, 0) {
+            st.limits = Arc::new(limits);
+            while !st.messages.is_empty() && Self::over_limit(bounds, &st, 0, 0) {
                 let e = st.messages.pop_front().expect("checked");
                 self.uncount_ready(&mut st, &e);
                 dead.push((e, DeathReason::MaxLength));
@@ -399,11 +417,11 @@ impl Queue {
         }
     }
 
-    fn over_limit(limits: &QueueLimits, st: &State, extra: usize, extra_bytes: usize) -> bool {
-        limits
+    fn over_limit(bounds: Bounds, st: &State, extra: usize, extra_bytes: usize) -> bool {
+        bounds
             .max_length
             .is_some_and(|max| st.messages.len() + extra > max)
-            || limits
+            || bounds
                 .max_length_bytes
                 .is_some_and(|max| st.body_bytes + extra_bytes > max)
     }
@@ -413,12 +431,7 @@ impl Queue {
     /// (and kept on disk only, when the queue holds many bytes already).
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> Pushed {
         let own_ttl = message_ttl(&message).ok().flatten();
-        let ttl = match (self.limits.load().message_ttl, own_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let mut entry = Entry::new(message);
-        entry.expires_at = ttl.map(|t| Instant::now() + t);
+        let entry = Entry::new(message);
         let mut ticket = 0;
         if self.replica.is_some() {
             // A quorum queue's messages arrive through its log
@@ -429,6 +442,7 @@ impl Queue {
         // Paged out only once it is accepted: a message refused or
         // dead-lettered on its way in must still have its body.
         let mut page_out = false;
+        let mut entry = entry;
         if let Some(log) = &self.log
             && let Some(m) = entry.message.as_ref().filter(|m| m.is_persistent())
         {
@@ -451,23 +465,43 @@ impl Queue {
                 }
             }
         }
-        let accepted = self.admit(entry, ttl, page_out);
+        let accepted = self.admit(entry, own_ttl, None, page_out);
         Pushed { accepted, ticket }
     }
 
+    /// Take `entry` in, under the queue's limits: its TTL is the shorter of
+    /// the queue's and its own (`own_ttl`), counted from `published_ms`
+    /// (a replicated message) or from now.
     #[inline(always)]
-    fn admit(self: &Arc<Self>, mut entry: Entry, ttl: Option<Duration>, page_out: bool) -> bool {
+    fn admit(
+        self: &Arc<Self>,
+        mut entry: Entry,
+        own_ttl: Option<Duration>,
+        published_ms: Option<u64>,
+        page_out: bool,
+    ) -> bool {
         let mut dead = Vec::new();
-        let limits = self.limits.load();
         let accepted = {
             let mut st = self.state.lock();
+            let (bounds, overflow) = (Bounds::of(&st.limits), st.limits.overflow);
+            let ttl = match (st.limits.message_ttl, own_ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            entry.expires_at = ttl.map(|t| match published_ms {
+                None => Instant::now() + t,
+                Some(p) => {
+                    let left = (p + t.as_millis() as u64).saturating_sub(now_ms());
+                    Instant::now() + Duration::from_millis(left)
+                }
+            });
             self.expire_head(&mut st, &mut dead);
             let size = entry.body_len as usize;
             let mut accepted = true;
-            if Self::over_limit(&limits, &st, 1, size) {
-                match limits.overflow {
+            if Self::over_limit(bounds, &st, 1, size) {
+                match overflow {
                     Overflow::DropHead => {
-                        while !st.messages.is_empty() && Self::over_limit(&limits, &st, 1, size) {
+                        while !st.messages.is_empty() && Self::over_limit(bounds, &st, 1, size) {
                             let e = st.messages.pop_front().expect("checked");
                             self.uncount_ready(&mut st, &e);
                             dead.push((e, DeathReason::MaxLength));
@@ -486,7 +520,7 @@ impl Queue {
             // A message that alone exceeds the limit, or has a TTL of 0 with
             // nobody to take it, goes no further.
             let zero_ttl = ttl == Some(Duration::ZERO) && st.consumers.is_empty();
-            if accepted && (Self::over_limit(&limits, &st, 1, size) || zero_ttl) {
+            if accepted && (Self::over_limit(bounds, &st, 1, size) || zero_ttl) {
                 let reason = if zero_ttl {
                     DeathReason::Expired
                 } else {
@@ -570,11 +604,14 @@ impl Queue {
 
     /// Expire messages at the head (the broker's periodic sweep).
     pub fn expire(&self) {
-        if self.limits.load().message_ttl.is_none() && self.ready_bytes() == 0 {
-            return;
-        }
         let mut dead = Vec::new();
-        self.expire_head(&mut self.state.lock(), &mut dead);
+        {
+            let mut st = self.state.lock();
+            if st.limits.message_ttl.is_none() && self.ready_bytes() == 0 {
+                return;
+            }
+            self.expire_head(&mut st, &mut dead);
+        }
         self.bury(dead);
     }
 

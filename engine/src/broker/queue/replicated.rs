@@ -9,9 +9,7 @@
 //! queue and how often each was returned (`x-delivery-limit`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::clock::{Instant, now_ms};
 use super::{DeathReason, Entry, Queue, message_ttl};
 use crate::message::Message;
 
@@ -57,18 +55,10 @@ impl Queue {
         redelivered: bool,
     ) -> bool {
         let own_ttl = message_ttl(&message).ok().flatten();
-        let ttl = match (self.limits.load().message_ttl, own_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         let mut entry = Entry::new(message);
         entry.id = id;
         entry.redelivered = redelivered;
-        entry.expires_at = ttl.map(|t| {
-            let left = (published_ms + t.as_millis() as u64).saturating_sub(now_ms());
-            Instant::now() + Duration::from_millis(left)
-        });
-        self.admit(entry, ttl, false)
+        self.admit(entry, own_ttl, Some(published_ms), false)
     }
 
     /// A quorum queue's returns: counted in its log; a message returned
@@ -79,7 +69,7 @@ impl Queue {
         let counts = r.returned(&ids);
         let mut dead = Vec::new();
         let mut back = Vec::with_capacity(entries.len());
-        let delivery_limit = self.limits.load().delivery_limit;
+        let delivery_limit = self.limits().delivery_limit;
         for (mut e, count) in entries.into_iter().zip(counts) {
             if delivery_limit.is_some_and(|limit| count > limit) {
                 dead.push((e, DeathReason::DeliveryLimit));

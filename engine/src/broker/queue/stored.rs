@@ -52,11 +52,9 @@ impl Queue {
         let now = Instant::now();
         let now_ms = now_ms();
         let mut st = self.state.lock();
+        let queue_ttl = st.limits.message_ttl.map(|d| d.as_millis() as u64);
         for r in recovered {
-            let ttl = match (
-                self.limits.load().message_ttl.map(|d| d.as_millis() as u64),
-                r.meta.ttl_ms,
-            ) {
+            let ttl = match (queue_ttl, r.meta.ttl_ms) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
