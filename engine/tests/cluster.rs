@@ -1278,4 +1278,27 @@ async fn users_vhosts_and_permissions_are_the_same_on_every_node() {
     let ops =
         wasmq::admin::client::AdminClient::new(&format!("http://{}", c.admin), "ops", "ops-pw");
     assert_eq!(ops.get("/api/whoami").unwrap()["name"], "ops");
+
+    // A vhost deleted through one node takes its queues on every node;
+    // made again, it is empty everywhere.
+    a.api().delete("/api/vhosts/orders").unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("vhost orders gone on {}", n.name), t, || {
+            n.api().get("/api/vhosts/orders").is_err() && n.api().get("/api/queues/orders").is_err()
+        })
+        .await;
+    }
+    b.api().put("/api/vhosts/orders", &json!({})).unwrap();
+    b.api().put("/api/permissions/orders/guest", &full).unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("vhost orders empty on {}", n.name), t, || {
+            n.api()
+                .get("/api/queues/orders")
+                .is_ok_and(|qs| qs == serde_json::json!([]))
+                && n.api()
+                    .get("/api/policies/orders")
+                    .is_ok_and(|p| p == serde_json::json!([]))
+        })
+        .await;
+    }
 }
