@@ -82,8 +82,9 @@ pub const QUEUE_KEYS: [&str; 4] = [
     "queue-mode",
 ];
 
-/// Exchange keys.
-pub const EXCHANGE_KEYS: [&str; 1] = ["alternate-exchange"];
+/// Exchange keys: RabbitMQ's, and wasmq's own `transform` (the transform
+/// plugin an exchange runs when its declare named none).
+pub const EXCHANGE_KEYS: [&str; 2] = ["alternate-exchange", "transform"];
 
 /// Why a policy was refused: the field at fault and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +172,15 @@ impl PolicyRecord {
                 }
                 "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange" => {
                     text()?;
+                }
+                "transform" => {
+                    let v = text()?;
+                    if !crate::plugin::valid_plugin_name(v) {
+                        return Err(error(
+                            field,
+                            format!("'{}' is not a plugin name", crate::untrusted::text(v)),
+                        ));
+                    }
                 }
                 "max-priority" => {
                     return Err(error(
@@ -314,6 +324,16 @@ impl Applied {
             }
         }
         out
+    }
+
+    /// An exchange's transform plugin: the argument's, else the policy's.
+    pub fn transform(&self, declared: Option<&str>) -> Option<String> {
+        declared.map(str::to_owned).or_else(|| {
+            self.definition
+                .get("transform")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
     }
 
     /// An exchange's alternate exchange: the argument's, else the

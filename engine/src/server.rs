@@ -224,6 +224,11 @@ impl Server {
             None if config.store.enabled => Some(Self::recover(&config, &broker)?),
             None => None,
         };
+        // What was declared before policies existed (the predeclared
+        // exchanges) takes them too.
+        for v in broker.vhosts() {
+            broker.apply_policies(&v.name);
+        }
         if let Some(settings) = &config.cluster {
             let applier = Arc::new(crate::broker::BrokerApplier::new(&broker, &settings.name));
             let node = crate::cluster::ClusterNode::start(

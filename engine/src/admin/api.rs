@@ -189,7 +189,7 @@ fn exchange_view(v: &VHost, x: &Exchange) -> ExchangeView {
         plugin: ExchangePlugins {
             router: router.name.clone(),
             router_hash: router.hash.clone(),
-            transform: x.transform_name.clone(),
+            transform: x.transform_name(),
         },
         policy: x.policy_name(),
         message_stats: ExchangeMessageStats {

@@ -134,7 +134,7 @@ impl Broker {
             ),
             policy: ArcSwap::from_pointee(Default::default()),
             dead_letter_exchange: arg_str(&spec.arguments, ARG_DEAD_LETTER_EXCHANGE)?,
-            transform_name,
+            transform_name: ArcSwapOption::new(transform_name.map(Arc::new)),
             arguments: spec.arguments.clone(),
             stats: ExchangeStats::default(),
             encoded_arguments: encoded,

@@ -270,8 +270,9 @@ pub struct Exchange {
     /// `x-dead-letter-exchange`: where messages go that a plugin faulted on
     /// or a transform dead-lettered.
     pub dead_letter_exchange: Option<String>,
-    /// `x-wasmq-transform`: the transform plugin's name.
-    pub transform_name: Option<String>,
+    /// The transform plugin's name: `x-wasmq-transform`, else a policy's
+    /// `transform`.
+    pub(crate) transform_name: ArcSwapOption<String>,
     /// Counters.
     pub stats: ExchangeStats,
     pub(crate) encoded_arguments: Vec<u8>,
@@ -291,6 +292,21 @@ pub struct Exchange {
     pub(crate) capturing: std::sync::atomic::AtomicBool,
     /// The capture running or last run here.
     pub(crate) capture: ArcSwapOption<super::capture::Capture>,
+}
+
+impl Exchange {
+    /// The transform plugin's name, if it has one.
+    pub fn transform_name(&self) -> Option<String> {
+        self.transform_name.load().as_deref().cloned()
+    }
+
+    /// Whether its transform is plugin `name`.
+    pub(crate) fn transforms_with(&self, name: &str) -> bool {
+        self.transform_name
+            .load()
+            .as_deref()
+            .is_some_and(|t| t == name)
+    }
 }
 
 impl std::fmt::Debug for Exchange {

@@ -282,7 +282,7 @@ impl Broker {
         for vhost in self.vhosts() {
             for x in vhost.exchanges() {
                 let uses = Self::routes_with(&x, name)
-                    || x.transform_name.as_deref() == Some(name)
+                    || x.transforms_with(name)
                     || x.bindings
                         .load()
                         .iter()
@@ -322,7 +322,7 @@ impl Broker {
             )?),
             false => None,
         };
-        let transform = match x.transform_name.as_deref() == Some(name) {
+        let transform = match x.transforms_with(name) {
             true => Some(TransformPlugin::new(
                 &self.host,
                 version,

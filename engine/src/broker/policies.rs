@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
 
-use super::{Broker, Exchange, QueueLimits};
+use super::{Broker, Exchange, QueueLimits, TransformPlugin};
 use crate::policy::{Applied, Target};
 
 impl Broker {
@@ -61,7 +61,9 @@ impl Broker {
                 changed += 1;
             }
         }
-        tracing::info!(vhost = %crate::untrusted::text(vhost), changed, "policies applied");
+        if changed > 0 {
+            tracing::info!(vhost = %crate::untrusted::text(vhost), changed, "policies applied");
+        }
     }
 
     /// Lay the policies of `vhost` over exchange `x`; whether that changed
@@ -73,22 +75,56 @@ impl Broker {
         if **x.policy.load() == applied {
             return false;
         }
-        let declared = x
-            .arguments
-            .inner()
-            .get(super::ARG_ALTERNATE_EXCHANGE)
-            .and_then(|v| match v {
-                amq_protocol::types::AMQPValue::LongString(s) => Some(s.to_string()),
-                amq_protocol::types::AMQPValue::ShortString(s) => Some(s.to_string()),
-                _ => None,
-            });
+        let declared = super::arg_str(&x.arguments, super::ARG_ALTERNATE_EXCHANGE)
+            .ok()
+            .flatten();
         x.alternate_exchange.store(
             applied
                 .alternate_exchange(declared.as_deref())
                 .map(Arc::new),
         );
+        let transform = applied.transform(
+            super::arg_str(&x.arguments, super::ARG_TRANSFORM)
+                .ok()
+                .flatten()
+                .as_deref(),
+        );
+        if transform != x.transform_name() {
+            self.set_transform(vhost, x, transform);
+        }
         x.policy.store(Arc::new(applied));
         true
+    }
+
+    /// Run transform plugin `name` on `x` from the next message on (none:
+    /// no transform). A plugin that is not loaded, or refuses the
+    /// exchange's arguments, leaves the exchange as it was.
+    fn set_transform(&self, vhost: &str, x: &Arc<Exchange>, name: Option<String>) {
+        // No hot swap or binding change in between.
+        let _swap = self.swap.read();
+        let _control = x.control.lock();
+        let Some(name) = name else {
+            x.transform.store(None);
+            x.transform_name.store(None);
+            return;
+        };
+        let built = self
+            .registry
+            .get(&name)
+            .ok_or_else(|| "no such plugin is loaded".to_owned())
+            .and_then(|v| {
+                TransformPlugin::new(&self.host, &v, &x.name, &x.encoded_arguments)
+                    .map_err(|e| e.to_string())
+            });
+        match built {
+            Ok(t) => {
+                x.transform.store(Some(Arc::new(t)));
+                x.transform_name.store(Some(Arc::new(name)));
+            }
+            Err(e) => {
+                tracing::warn!(vhost = %crate::untrusted::text(vhost), exchange = %crate::untrusted::text(&x.name), plugin = %crate::untrusted::text(&name), "a policy's transform not applied: {e}")
+            }
+        }
     }
 }
 

@@ -268,3 +268,84 @@ async fn bad_policies_are_400_naming_the_field_and_policies_survive_a_restart() 
     let export = admin.get("/api/definitions").unwrap();
     assert_eq!(export["policies"][0]["name"], "keep");
 }
+
+/// wasmq's own policy key: an exchange declared without a transform runs
+/// the one a policy names, from the next message on, and stops when the
+/// policy goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_sets_an_exchanges_transform() {
+    let server = TestServer::start().await;
+    server.install("redact", "redact");
+    let admin = server.admin();
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-redact-fields".into(),
+        AMQPValue::LongString("cvv".into()),
+    );
+    ch.exchange_declare(
+        "payments".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    queue(&ch, "ledger", &[]).await;
+    ch.queue_bind(
+        "ledger".into(),
+        "payments".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let pay = |body: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "payments".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    let take = |ch: lapin::Channel| async move {
+        let m = ch
+            .basic_get(
+                "ledger".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .expect("a message");
+        serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap()
+    };
+    pay(r#"{"cvv":"123"}"#).await;
+    assert_eq!(take(ch.clone()).await["cvv"], "123");
+    let p = json!({"pattern": "^payments$", "apply-to": "exchanges", "definition": {"transform": "redact"}});
+    admin.put("/api/policies/%2F/redact", &p).unwrap();
+    assert_eq!(
+        admin.get("/api/exchanges/%2F/payments").unwrap()["plugin"]["transform"],
+        "redact"
+    );
+    pay(r#"{"cvv":"123"}"#).await;
+    assert_eq!(take(ch.clone()).await["cvv"], "[redacted]");
+    admin.delete("/api/policies/%2F/redact").unwrap();
+    pay(r#"{"cvv":"123"}"#).await;
+    assert_eq!(take(ch.clone()).await["cvv"], "123");
+    let r = reason(admin.put(
+        "/api/policies/%2F/bad",
+        &json!({"pattern": ".*", "definition": {"transform": "no/such"}}),
+    ));
+    assert!(r.starts_with("definition.transform:"), "{r}");
+}

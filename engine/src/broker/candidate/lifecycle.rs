@@ -349,7 +349,8 @@ impl Broker {
     /// serving version took would misroute there: it is rolled back.
     pub(crate) fn stage_on_new_exchange(&self, x: &Exchange) {
         let router = Self::routes_with(x, &x.kind).then_some(x.kind.as_str());
-        let mut trials: Vec<Arc<Trial>> = [router, x.transform_name.as_deref()]
+        let transform = x.transform_name();
+        let mut trials: Vec<Arc<Trial>> = [router, transform.as_deref()]
             .into_iter()
             .flatten()
             .filter_map(|name| self.candidates.get(name))
