@@ -83,8 +83,9 @@ pub const QUEUE_KEYS: [&str; 4] = [
 ];
 
 /// Exchange keys: RabbitMQ's, and wasmq's own `transform` (the transform
-/// plugin an exchange runs when its declare named none).
-pub const EXCHANGE_KEYS: [&str; 2] = ["alternate-exchange", "transform"];
+/// plugin an exchange runs when its declare named none) and `filter` (the
+/// filter plugin its bindings run when their bind named none).
+pub const EXCHANGE_KEYS: [&str; 3] = ["alternate-exchange", "transform", "filter"];
 
 /// Why a policy was refused: the field at fault and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +174,7 @@ impl PolicyRecord {
                 "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange" => {
                     text()?;
                 }
-                "transform" => {
+                "transform" | "filter" => {
                     let v = text()?;
                     if !crate::plugin::valid_plugin_name(v) {
                         return Err(error(
@@ -331,6 +332,17 @@ impl Applied {
         declared.map(str::to_owned).or_else(|| {
             self.definition
                 .get("transform")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+    }
+
+    /// A binding's filter plugin: the binding argument's, else the
+    /// policy's.
+    pub fn filter(&self, declared: Option<&str>) -> Option<String> {
+        declared.map(str::to_owned).or_else(|| {
+            self.definition
+                .get("filter")
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         })

@@ -440,9 +440,18 @@ impl Broker {
         if table.find(&destination, key, &encoded).is_some() {
             return Ok(());
         }
-        let filter_name = arg_str(&arguments, ARG_FILTER)?;
-        let filter = match &filter_name {
-            None => None,
+        let declared_filter = arg_str(&arguments, ARG_FILTER)?;
+        let (filter_name, filter) = match &declared_filter {
+            None => {
+                // A policy's filter, where the client named none: one that
+                // cannot be built leaves the binding unfiltered (the client
+                // did not ask for it), and says why.
+                let name = x.policy.load().filter(None);
+                match name.and_then(|n| self.policy_filter(&n, source, key, &encoded)) {
+                    Some((n, f)) => (Some(n), Some(f)),
+                    None => (None, None),
+                }
+            }
             Some(name) => {
                 let v = self.registry.get(name).ok_or_else(|| {
                     BrokerError::PreconditionFailed(format!(
@@ -450,9 +459,12 @@ impl Broker {
                         self.plugin_dir.display()
                     ))
                 })?;
-                Some(Arc::new(FilterPlugin::new(
-                    &self.host, &v, source, key, &encoded,
-                )?))
+                (
+                    declared_filter.clone(),
+                    Some(Arc::new(FilterPlugin::new(
+                        &self.host, &v, source, key, &encoded,
+                    )?)),
+                )
             }
         };
         let id = table.next_id;

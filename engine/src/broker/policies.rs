@@ -92,8 +92,76 @@ impl Broker {
         if transform != x.transform_name() {
             self.set_transform(vhost, x, transform);
         }
+        self.set_binding_filters(x, applied.filter(None));
         x.policy.store(Arc::new(applied));
         true
+    }
+
+    /// A policy's filter `name` for a binding of exchange `source` with
+    /// `key` and (encoded) arguments: `None`, logged, if it cannot be built.
+    pub(crate) fn policy_filter(
+        &self,
+        name: &str,
+        source: &str,
+        key: &str,
+        encoded: &[u8],
+    ) -> Option<(String, Arc<super::FilterPlugin>)> {
+        let built = self
+            .registry
+            .get(name)
+            .ok_or_else(|| "no such plugin is loaded".to_owned())
+            .and_then(|v| {
+                super::FilterPlugin::new(&self.host, &v, source, key, encoded)
+                    .map_err(|e| e.to_string())
+            });
+        match built {
+            Ok(f) => Some((name.to_owned(), Arc::new(f))),
+            Err(e) => {
+                tracing::warn!(exchange = %crate::untrusted::text(source), plugin = %crate::untrusted::text(name), "a policy's filter not applied to a binding: {e}");
+                None
+            }
+        }
+    }
+
+    /// Give every binding of `x` that named no filter itself the policy's
+    /// filter `name` (none: no filter), from the next message on.
+    fn set_binding_filters(&self, x: &Arc<Exchange>, name: Option<String>) {
+        let _swap = self.swap.read();
+        let _control = x.control.lock();
+        let table = x.bindings.load_full();
+        let mut next = (*table).clone();
+        let mut changed = false;
+        for b in table.iter() {
+            if super::arg_str(&b.arguments, super::ARG_FILTER)
+                .ok()
+                .flatten()
+                .is_some()
+                || b.filter_name == name
+            {
+                continue;
+            }
+            let mut nb = (**b).clone();
+            match name
+                .as_deref()
+                .and_then(|n| self.policy_filter(n, &x.name, &b.key, &b.encoded_arguments))
+            {
+                Some((n, f)) => {
+                    nb.filter_name = Some(n);
+                    nb.filter = Some(f);
+                }
+                None => {
+                    nb.filter_name = None;
+                    nb.filter = None;
+                }
+            }
+            nb.filter_candidate = None;
+            next = next.replaced(nb);
+            changed = true;
+        }
+        if changed {
+            x.bindings.store(Arc::new(next));
+            x.reset_memo();
+        }
     }
 
     /// Run transform plugin `name` on `x` from the next message on (none:

@@ -349,3 +349,83 @@ async fn a_policy_sets_an_exchanges_transform() {
     ));
     assert!(r.starts_with("definition.transform:"), "{r}");
 }
+
+/// wasmq's own policy key: the bindings of an exchange that named no
+/// filter run the one a policy names (with their own arguments), those
+/// bound before and after; a binding the filter refuses stays unfiltered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_sets_the_filter_of_an_exchanges_bindings() {
+    let server = TestServer::start().await;
+    server.install("json-filter", "json-filter");
+    let admin = server.admin();
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.exchange_declare(
+        "orders".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let bind = |q: &'static str, region: Option<&'static str>| {
+        let ch = ch.clone();
+        async move {
+            queue(&ch, q, &[]).await;
+            let mut args = FieldTable::default();
+            if let Some(r) = region {
+                args.insert(
+                    "x-filter-field".into(),
+                    AMQPValue::LongString("region".into()),
+                );
+                args.insert("x-filter-equals".into(), AMQPValue::LongString(r.into()));
+            }
+            ch.queue_bind(
+                q.into(),
+                "orders".into(),
+                "".into(),
+                QueueBindOptions::default(),
+                args,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    bind("eu", Some("eu")).await;
+    bind("all", None).await;
+    let order = |body: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "orders".into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    order(r#"{"region":"us"}"#).await;
+    until_ready(&admin, "eu", 1).await;
+    let p = json!({"pattern": "^orders$", "apply-to": "exchanges", "definition": {"filter": "json-filter"}});
+    admin.put("/api/policies/%2F/only", &p).unwrap();
+    bind("eu-later", Some("eu")).await;
+    order(r#"{"region":"us"}"#).await;
+    order(r#"{"region":"eu"}"#).await;
+    until_ready(&admin, "all", 3).await;
+    assert_eq!(ready(&admin, "eu"), 2, "the us order filtered out");
+    assert_eq!(
+        ready(&admin, "eu-later"),
+        1,
+        "bound after the policy: filtered too"
+    );
+    admin.delete("/api/policies/%2F/only").unwrap();
+    order(r#"{"region":"us"}"#).await;
+    until_ready(&admin, "eu", 3).await;
+    until_ready(&admin, "eu-later", 2).await;
+}
