@@ -32,11 +32,7 @@ pub mod password;
 pub use accounts::{Accounts, ApplyError, Login};
 pub use directory::{AccessChange, AccessError, Directory, Effect};
 
-use std::net::IpAddr;
-use std::sync::Arc;
-
 use regex::Regex;
-
 use serde::{Deserialize, Deserializer};
 
 /// A user allowed to connect.
@@ -82,50 +78,6 @@ impl User {
             loopback_only: true,
             tags: vec!["administrator".into()],
         }
-    }
-
-    /// Whether it may log in from `peer`: anywhere, or only from a loopback
-    /// address (an IPv4 client of a dual-stack listener shows as
-    /// `::ffff:127.0.0.1`, which is loopback too).
-    pub fn may_connect_from(&self, peer: IpAddr) -> bool {
-        !self.loopback_only || peer.to_canonical().is_loopback()
-    }
-
-    /// The vhosts it has any permission in.
-    pub fn vhost_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.vhosts.clone();
-        v.extend(self.permissions.iter().map(|p| p.vhost.clone()));
-        v.sort();
-        v.dedup();
-        v
-    }
-
-    /// The user's permissions in `vhost`, `None` if it may not open it.
-    pub fn permissions_in(&self, vhost: &str) -> Option<Arc<Permissions>> {
-        if let Some(p) = self.permissions.iter().find(|p| p.vhost == vhost) {
-            return Some(Arc::new(Permissions::Patterns {
-                configure: p.configure.clone(),
-                write: p.write.clone(),
-                read: p.read.clone(),
-            }));
-        }
-        self.vhosts
-            .iter()
-            .any(|v| v == vhost)
-            .then(|| Arc::new(Permissions::Full))
-    }
-
-    /// Every vhost the user may open.
-    pub fn all_vhosts(&self) -> impl Iterator<Item = &str> {
-        self.vhosts
-            .iter()
-            .map(String::as_str)
-            .chain(self.permissions.iter().map(|p| p.vhost.as_str()))
-    }
-
-    /// Whether the user has the tag.
-    pub fn has_tag(&self, tag: &str) -> bool {
-        self.tags.iter().any(|t| t == tag)
     }
 }
 
@@ -255,6 +207,7 @@ impl Permissions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn user(toml_text: &str) -> User {
         toml::from_str(toml_text).unwrap()
@@ -307,9 +260,12 @@ mod tests {
             read = ""
             "#,
         );
-        let full = u.permissions_in("/").unwrap();
+        // As the config file's users are laid down at the first start.
+        let accounts = Accounts::default();
+        accounts.replace(Directory::from_config(&[u], false));
+        let full = accounts.permissions_in("app", "/").unwrap();
         assert!(full.is_full() && full.allows(Access::Configure, "anything"));
-        let p = u.permissions_in("orders").unwrap();
+        let p = accounts.permissions_in("app", "orders").unwrap();
         assert!(p.allows(Access::Configure, "orders.eu"));
         assert!(!p.allows(Access::Configure, "billing"));
         assert!(
@@ -317,8 +273,11 @@ mod tests {
             "the default exchange is amq.default"
         );
         assert!(!p.allows(Access::Read, "orders.eu"), "empty grants nothing");
-        assert!(u.permissions_in("billing").is_none());
-        assert_eq!(u.all_vhosts().collect::<Vec<_>>(), ["/", "orders"]);
+        assert!(accounts.permissions_in("app", "billing").is_none());
+        assert_eq!(
+            accounts.directory().vhosts.keys().collect::<Vec<_>>(),
+            ["/", "orders"]
+        );
     }
 
     #[test]
