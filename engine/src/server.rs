@@ -283,6 +283,9 @@ impl Server {
         let tracker = TaskTracker::new();
         spawn_expiry_sweep(&tracker, broker.clone(), shutdown.clone());
         spawn_candidate_judge(&tracker, broker.clone(), shutdown.clone());
+        if broker.cluster().is_some() {
+            tracker.spawn(broker.clone().report_presence(shutdown.clone()));
+        }
         let admin_addr = if config.admin.enabled {
             let listener = TcpListener::bind(config.admin.listen)
                 .await

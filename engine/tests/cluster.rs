@@ -1302,3 +1302,94 @@ async fn users_vhosts_and_permissions_are_the_same_on_every_node() {
         .await;
     }
 }
+
+/// A vhost's and a user's connection limit and a user's channel limit
+/// count the connections of every node, as RabbitMQ's do: a client at the
+/// limit on two nodes is refused on the third. A node that dies takes its
+/// connections out of the count, so its clients can move to a survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_channel_limits_count_every_node() {
+    use serde_json::json;
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(15);
+    let api = b.api();
+    api.put("/api/vhosts/orders", &json!({})).unwrap();
+    api.put("/api/users/app", &json!({"password": "pw", "tags": ""}))
+        .unwrap();
+    api.put(
+        "/api/permissions/orders/app",
+        &json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    )
+    .unwrap();
+    api.put(
+        "/api/vhost-limits/orders/max-connections",
+        &json!({"value": 2}),
+    )
+    .unwrap();
+    api.put("/api/user-limits/app/max-channels", &json!({"value": 3}))
+        .unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("the limits on {}", n.name), t, || {
+            n.api()
+                .get("/api/user-limits/app")
+                .is_ok_and(|v| v.to_string().contains("max-channels"))
+        })
+        .await;
+    }
+    let login = |n: &Node| {
+        let url = format!("amqp://app:pw@{}/orders", n.amqp);
+        async move { lapin::Connection::connect(&url, Default::default()).await }
+    };
+    let on_a = login(&a).await.unwrap();
+    let _a1 = on_a.create_channel().await.unwrap();
+    let _a2 = on_a.create_channel().await.unwrap();
+    let on_b = login(&b).await.unwrap();
+    let _b1 = on_b.create_channel().await.unwrap();
+
+    // a's and b's reports reach c within moments; until then c may let a
+    // third in, which is closed and tried again.
+    let started = Instant::now();
+    let refusal = loop {
+        match login(&c).await {
+            Err(e) => break e.to_string(),
+            Ok(conn) => {
+                let _ = conn.close(200, "retry".into()).await;
+                assert!(
+                    started.elapsed() < t,
+                    "c never counted the connections of a and b"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(
+        refusal.contains(
+            "access to vhost 'orders' refused for user 'app': connection limit (2) is reached"
+        ),
+        "{refusal}"
+    );
+
+    // a dies: its connection and channels no longer count once its link
+    // is gone, and a client of a's gets in on c.
+    drop((_a1, _a2, on_a));
+    a.kill().await;
+    let started = Instant::now();
+    let on_c = loop {
+        match login(&c).await {
+            Ok(conn) => break conn,
+            Err(_) => {
+                assert!(started.elapsed() < t, "a's connection still counted on c");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // b holds one channel of app's three: two more on c, and no third.
+    let _c1 = on_c.create_channel().await.unwrap();
+    let _c2 = on_c.create_channel().await.unwrap();
+    let e = on_c.create_channel().await.unwrap_err().to_string();
+    assert!(
+        e.contains("number of channels opened for user 'app' has reached the maximum allowed user limit of (3)"),
+        "{e}"
+    );
+}

@@ -342,9 +342,10 @@ pub(super) async fn handshake(
 }
 
 /// RabbitMQ's refusal (in its words) when the vhost's or the user's
-/// `max-connections` is reached on this node by the connections `open`
+/// `max-connections` is reached by the connections `open` on this node
 /// (counted under the registry's lock, so two logins at once cannot both
-/// take the last place).
+/// take the last place) and those the other nodes of a cluster last
+/// reported (see [`crate::cluster::presence`]).
 pub(super) fn over_connection_limit(
     broker: &Broker,
     user: &str,
@@ -359,7 +360,11 @@ pub(super) fn over_connection_limit(
     if by_vhost.is_none() && by_user.is_none() {
         return None;
     }
-    let (mut in_vhost, mut of_user) = (0u64, 0u64);
+    use crate::cluster::presence::Count;
+    let (mut in_vhost, mut of_user) = (
+        broker.counted_elsewhere(Count::ConnectionsIn(vhost)),
+        broker.counted_elsewhere(Count::ConnectionsOf(user)),
+    );
     for c in open {
         in_vhost += u64::from(c.vhost == vhost);
         of_user += u64::from(c.user == user);

@@ -55,6 +55,40 @@ pub(crate) fn refused(e: &AccessError) -> Applied {
 }
 
 impl Broker {
+    /// `what` on the other nodes of the cluster, as they last reported it
+    /// (0 on a node alone): what limits counted cluster-wide add to this
+    /// node's own count.
+    pub fn counted_elsewhere(&self, what: crate::cluster::presence::Count<'_>) -> u64 {
+        self.cluster().map_or(0, |c| c.counted_elsewhere(what))
+    }
+
+    /// Report this node's connections to its peers whenever they change
+    /// (after [`SETTLE`]) and every [`REFRESH`], until `stop`.
+    ///
+    /// [`SETTLE`]: crate::cluster::presence::SETTLE
+    /// [`REFRESH`]: crate::cluster::presence::REFRESH
+    pub async fn report_presence(
+        self: std::sync::Arc<Self>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use crate::cluster::presence::{REFRESH, SETTLE};
+        let Some(node) = self.cluster().cloned() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = self.connections().changed() => tokio::time::sleep(SETTLE).await,
+                () = tokio::time::sleep(REFRESH) => {}
+                () = stop.cancelled() => return,
+            }
+            let presence = self.connections().presence(node.name());
+            tokio::select! {
+                () = node.report_presence(&presence) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
     /// Apply an operator's change of users, vhosts or permissions.
     pub async fn change_access(&self, change: AccessChange) -> Result<(), AccessChangeError> {
         let Some(node) = self.cluster() else {

@@ -10,11 +10,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::cluster::presence::Presence;
 
 use super::queue::ChannelCredit;
 
@@ -43,6 +47,9 @@ pub struct ConnectionInfo {
     close: CancellationToken,
     /// Why an operator closed it (told to the client).
     close_reason: Mutex<Option<String>>,
+    /// Told when a channel opens or closes (the registry's, once
+    /// registered).
+    changed: OnceLock<Arc<Notify>>,
 }
 
 /// The TLS side of a connection, as the admin API shows it.
@@ -92,6 +99,7 @@ impl ConnectionInfo {
             channels: Mutex::new(BTreeMap::new()),
             close: CancellationToken::new(),
             close_reason: Mutex::new(None),
+            changed: OnceLock::new(),
         }
     }
 
@@ -110,12 +118,26 @@ impl ConnectionInfo {
             transactional: AtomicBool::new(false),
         });
         self.channels.lock().insert(id, info.clone());
+        self.tell_changed();
         info
     }
 
     /// A channel closed.
     pub fn channel_closed(&self, id: u16) {
-        self.channels.lock().remove(&id);
+        if self.channels.lock().remove(&id).is_some() {
+            self.tell_changed();
+        }
+    }
+
+    /// The number of its open channels.
+    pub fn channel_count(&self) -> usize {
+        self.channels.lock().len()
+    }
+
+    fn tell_changed(&self) {
+        if let Some(changed) = self.changed.get() {
+            changed.notify_one();
+        }
     }
 
     /// Its open channels.
@@ -161,12 +183,17 @@ impl ChannelInfo {
 #[derive(Debug, Default)]
 pub struct Connections {
     open: Mutex<BTreeMap<u64, Arc<ConnectionInfo>>>,
+    /// Told when a connection or a channel opens or closes (what a
+    /// cluster node reports to its peers changed).
+    changed: Arc<Notify>,
 }
 
 impl Connections {
     /// Register a connection; it is removed when the guard drops.
     pub fn register(self: &Arc<Self>, info: Arc<ConnectionInfo>) -> Registered {
+        let _ = info.changed.set(self.changed.clone());
         self.open.lock().insert(info.id, info.clone());
+        self.changed.notify_one();
         Registered {
             registry: self.clone(),
             info,
@@ -184,7 +211,9 @@ impl Connections {
         if let Some(why) = refuse(&mut open.values().map(|c| &**c)) {
             return Err(why);
         }
+        let _ = info.changed.set(self.changed.clone());
         open.insert(info.id, info.clone());
+        self.changed.notify_one();
         Ok(Registered {
             registry: self.clone(),
             info,
@@ -210,6 +239,30 @@ impl Connections {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Resolves when a connection or a channel opened or closed since the
+    /// last time it resolved.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// This node's connections and channels counted by vhost and by user,
+    /// as node `node` reports them to its peers.
+    pub fn presence(&self, node: &str) -> Presence {
+        let mut p = Presence {
+            node: node.to_owned(),
+            ..Presence::default()
+        };
+        for c in self.open.lock().values() {
+            *p.connections_by_vhost.entry(c.vhost.clone()).or_default() += 1;
+            *p.connections_by_user.entry(c.user.clone()).or_default() += 1;
+            let channels = c.channel_count() as u32;
+            if channels > 0 {
+                *p.channels_by_user.entry(c.user.clone()).or_default() += channels;
+            }
+        }
+        p
+    }
 }
 
 /// Keeps a connection listed while it lives.
@@ -223,5 +276,6 @@ pub struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.open.lock().remove(&self.info.id);
+        self.registry.changed.notify_one();
     }
 }

@@ -84,6 +84,9 @@ const KIND_KEEPALIVE: u8 = 3;
 /// The hello's feature that says a node writes keep-alives and closes a
 /// silent link.
 const FEATURE_KEEPALIVE: &str = "keepalive";
+/// The hello's feature that says a node takes [`Call::Presence`] (an older
+/// node would close a link on a call it cannot read).
+pub const FEATURE_PRESENCE: &str = "presence";
 
 /// How a link tells a live peer from a silent one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +196,9 @@ pub enum Call {
         /// The request.
         rpc: InstallSnapshotRequest<super::quorum::QuorumConfig>,
     },
+    /// Who is connected on the calling node (sent only to peers that
+    /// announced [`FEATURE_PRESENCE`]).
+    Presence(super::presence::Presence),
 }
 
 /// The answer to a [`Call`].
@@ -210,6 +216,8 @@ pub enum Answer {
     Proposed(Result<(Applied, u64), String>),
     /// To `Join` and `Leave`.
     Membership(Result<(), String>),
+    /// To `Presence`: noted.
+    Noted,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -275,7 +283,7 @@ struct Challenge {
 }
 
 fn features() -> Vec<String> {
-    vec![FEATURE_KEEPALIVE.to_owned()]
+    vec![FEATURE_KEEPALIVE.to_owned(), FEATURE_PRESENCE.to_owned()]
 }
 
 fn keeps_alive(features: &[String]) -> bool {
@@ -370,6 +378,9 @@ pub struct Link {
     heard_ms: Arc<AtomicU64>,
     /// Keep-alives and the silence bound, if both sides keep alive.
     liveness: Option<Liveness>,
+    /// What the peer announced it does beyond the protocol (the ones this
+    /// node knows).
+    features: Vec<String>,
 }
 
 impl std::fmt::Debug for Link {
@@ -539,8 +550,9 @@ impl Link {
         )
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-        let liveness = keeps_alive(&c.features).then_some(liveness);
-        Ok(Link::start(c.node, r, w, handler, traffic, liveness))
+        Ok(Link::start(
+            c.node, r, w, handler, traffic, liveness, c.features,
+        ))
     }
 
     /// Authenticate a connection a peer opened to this node's listener
@@ -599,31 +611,32 @@ impl Link {
                     h.node
                 )));
             }
-            Ok::<_, std::io::Error>(Ok((h.node, keeps_alive(&h.features))))
+            Ok::<_, std::io::Error>(Ok((h.node, h.features)))
         };
-        let (peer, alive) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        let (peer, features) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| refused("handshake timed out".into()))?
             .map_err(|e| refused(crate::untrusted::text(&e.to_string()).to_string()))?
             .map_err(refused)?;
         Ok(Link::start(
-            peer,
-            r,
-            w,
-            handler,
-            traffic,
-            alive.then_some(liveness),
+            peer, r, w, handler, traffic, liveness, features,
         ))
     }
 
+    /// A link to `peer`, which announced `features` in its hello.
     fn start(
         peer: String,
         r: Reader,
         w: Writer,
         handler: Handler,
         traffic: TrafficSlot,
-        liveness: Option<Liveness>,
+        liveness: Liveness,
+        mut features: Vec<String>,
     ) -> Arc<Link> {
+        let liveness = keeps_alive(&features).then_some(liveness);
+        // Only the features this node knows are kept: a peer's list is
+        // bounded by the hello's size, and the rest mean nothing here.
+        features.retain(|f| self::features().contains(f));
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let (traffic_tx, traffic_rx) = mpsc::unbounded_channel();
         let heard_ms = Arc::new(AtomicU64::new(clock_ms()));
@@ -640,6 +653,7 @@ impl Link {
             shut: Default::default(),
             heard_ms: heard_ms.clone(),
             liveness,
+            features,
         });
         let r: Reader = Box::new(Heard {
             inner: r,
@@ -678,6 +692,11 @@ impl Link {
             }
             notified.await;
         }
+    }
+
+    /// Whether the peer announced `feature` (e.g. [`FEATURE_PRESENCE`]).
+    pub fn peer_has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 
     /// Whether the connection is gone (a new one must be dialed).
@@ -1026,6 +1045,20 @@ mod tests {
         };
         write_hello(&mut w, &proof).await.unwrap();
         (r, w, accepting.await.unwrap().unwrap())
+    }
+
+    /// A link knows what its peer announced: the features this node has,
+    /// none from an older node, and never one it does not know (whatever
+    /// a peer claims).
+    #[tokio::test]
+    async fn a_link_knows_what_its_peer_takes() {
+        let (a, b) = pair_with(b"the cluster secret, shared", QUICK).await;
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a.peer_has(FEATURE_PRESENCE) && b.peer_has(FEATURE_PRESENCE));
+        let (_r, _w, old) = by_hand("old", vec![]).await;
+        assert!(!old.peer_has(FEATURE_PRESENCE));
+        let (_r, _w, odd) = by_hand("odd", vec!["x".repeat(100), FEATURE_PRESENCE.into()]).await;
+        assert!(odd.peer_has(FEATURE_PRESENCE) && !odd.peer_has(&"x".repeat(100)));
     }
 
     /// An idle link lives on its keep-alives; a peer that proves the

@@ -19,6 +19,8 @@
 //! * `settings`: the `[cluster]` section.
 //! * `snapshot`: a state machine's snapshot file.
 //! * `quorum`: quorum queues' Raft groups.
+//! * `presence`: who is connected on the other nodes, for cluster-wide
+//!   connection and channel limits.
 //!
 //! With no `[cluster]` section none of this runs, and a broker's message
 //! path is what it is alone.
@@ -30,6 +32,7 @@ pub mod log;
 pub mod machine;
 pub mod network;
 pub mod node;
+pub mod presence;
 pub mod quorum;
 pub mod settings;
 mod snapshot;

@@ -138,6 +138,8 @@ pub struct ClusterNode {
     /// Peers the message path failed to reach, and when (see
     /// [`ClusterNode::link_to`]); one entry per member at most.
     unanswered: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
+    /// The peers' last reports of who is connected to them.
+    presences: super::presence::Presences,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -251,6 +253,7 @@ impl ClusterNode {
             groups: Default::default(),
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
+            presences: Default::default(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
@@ -433,6 +436,35 @@ impl ClusterNode {
         Err(ClusterError::Raft(failed))
     }
 
+    /// `what`, summed over the other nodes' last reports (see
+    /// [`super::presence`]): the peers this node has no open link to are
+    /// not counted.
+    pub fn counted_elsewhere(&self, what: super::presence::Count<'_>) -> u64 {
+        self.presences
+            .sum(what, |node| self.peers.open_link(node).is_some())
+    }
+
+    /// Send this node's `presence` to every other member that takes it,
+    /// dialing those it has no link to; returns once each has answered or
+    /// given up.
+    pub async fn report_presence(&self, presence: &super::presence::Presence) {
+        use super::link::FEATURE_PRESENCE;
+        use super::presence::REFRESH;
+        let calls = self
+            .members()
+            .into_iter()
+            .filter(|m| m.name != self.me.name)
+            .map(|m| async move {
+                let Ok(link) = self.link_to(&m.name).await else {
+                    return;
+                };
+                if link.peer_has(FEATURE_PRESENCE) {
+                    let _ = link.call(Call::Presence(presence.clone()), REFRESH).await;
+                }
+            });
+        futures::future::join_all(calls).await;
+    }
+
     /// A replicated queue's record as this node has applied it.
     pub fn queue_record(&self, vhost: &str, name: &str) -> Option<super::machine::QueueRecord> {
         self.machine.queue(vhost, name)
@@ -585,6 +617,12 @@ impl ClusterNode {
             Call::QuorumVote { group, rpc } => Answer::Vote(self.group(&group)?.vote(rpc).await),
             Call::QuorumSnapshot { group, rpc } => {
                 Answer::InstallSnapshot(self.group(&group)?.install_snapshot(rpc).await)
+            }
+            Call::Presence(presence) => {
+                if presence.node != self.me.name {
+                    self.presences.record(presence);
+                }
+                Answer::Noted
             }
         })
     }

@@ -181,15 +181,18 @@ impl Connection {
                         .user_limit(&self.grant.user, "max-channels")
                     {
                         let user = &self.grant.user;
-                        let open: usize = self
+                        let here: usize = self
                             .broker
                             .connections()
                             .list()
                             .iter()
                             .filter(|c| c.user == *user)
-                            .map(|c| c.channels().len())
+                            .map(|c| c.channel_count())
                             .sum();
-                        if open as u64 >= limit {
+                        let elsewhere = self
+                            .broker
+                            .counted_elsewhere(crate::cluster::presence::Count::ChannelsOf(user));
+                        if here as u64 + elsewhere >= limit {
                             return self.connection_error(AmqpError::new(
                                 530,
                                 format!(
