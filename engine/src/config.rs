@@ -65,6 +65,11 @@ pub struct AmqpSection {
     /// bytes of ready messages, connections publishing into it stop being
     /// read until it drains to half.
     pub queue_flow_bytes: usize,
+    /// RabbitMQ's `consumer_timeout`: a delivery not acknowledged within
+    /// this many milliseconds closes its channel with 406 and is requeued
+    /// (0: never). A queue's `x-consumer-timeout` or a policy's
+    /// `consumer-timeout` sets its own.
+    pub consumer_timeout_ms: u64,
 }
 
 impl Default for AmqpSection {
@@ -76,6 +81,7 @@ impl Default for AmqpSection {
             channel_max: d.channel_max,
             max_message_size: d.max_message_size,
             queue_flow_bytes: crate::broker::DEFAULT_QUEUE_FLOW_BYTES,
+            consumer_timeout_ms: d.consumer_timeout.map_or(0, |t| t.as_millis() as u64),
         }
     }
 }

@@ -278,6 +278,8 @@ impl Server {
             frame_max: config.amqp.frame_max,
             channel_max: config.amqp.channel_max,
             max_message_size: config.amqp.max_message_size,
+            consumer_timeout: (config.amqp.consumer_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(config.amqp.consumer_timeout_ms)),
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();

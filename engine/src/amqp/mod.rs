@@ -80,6 +80,9 @@ pub struct AmqpConfig {
     pub channel_max: u16,
     /// Largest message body accepted, bytes.
     pub max_message_size: u64,
+    /// How long a delivery may stay unacknowledged before its channel is
+    /// closed (406) and it is requeued, where its queue sets none.
+    pub consumer_timeout: Option<std::time::Duration>,
 }
 
 impl Default for AmqpConfig {
@@ -90,6 +93,8 @@ impl Default for AmqpConfig {
             channel_max: 2047,
             // RabbitMQ 3.x's default.
             max_message_size: 128 << 20,
+            // RabbitMQ's default (`consumer_timeout`, 30 minutes).
+            consumer_timeout: Some(std::time::Duration::from_secs(30 * 60)),
         }
     }
 }

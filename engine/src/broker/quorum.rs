@@ -126,6 +126,18 @@ impl Broker {
             .is_some_and(|r| QueueLimits::parse(&r.definition.arguments).is_ok_and(|l| l.quorum))
     }
 
+    /// The consumer timeout of queue `name` (`x-consumer-timeout` or a
+    /// policy's), here or on another node.
+    pub fn consumer_timeout_of(&self, vhost: &VHost, name: &str) -> Option<std::time::Duration> {
+        if let Ok(q) = vhost.queue(name) {
+            return q.limits().consumer_timeout;
+        }
+        let r = vhost.remote_queue(name)?;
+        let declared = QueueLimits::parse(&r.definition.arguments).ok()?;
+        let (_, limits) = self.with_policies(&vhost.name, name, &r.definition.arguments, declared);
+        limits.consumer_timeout
+    }
+
     /// A committed declaration of a quorum queue on `members`, led first
     /// by `node`.
     pub(crate) fn apply_declare_quorum(

@@ -10,6 +10,7 @@ mod admin;
 mod amqp;
 mod builtins;
 mod clients;
+mod consumer_timeout;
 mod deploy;
 mod durability;
 mod examples;

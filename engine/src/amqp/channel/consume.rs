@@ -34,7 +34,8 @@ impl Channel {
                 }
                 let q = self.queue(ctx, &c.queue, Access::Read)?;
                 let tag = self.consumer_tag(ctx, c)?;
-                let consumer = self.new_consumer(ctx, &tag, c.no_ack, c.exclusive, self.prefetch);
+                let consumer =
+                    self.new_consumer(ctx, &tag, c.no_ack, c.exclusive, self.prefetch, &q);
                 // consume-ok goes out before any delivery to this consumer:
                 // it is written to the buffer before the queue can dispatch.
                 let before = ctx.out.len();
@@ -106,6 +107,8 @@ impl Channel {
                         if g.no_ack {
                             q.forget([&entry]);
                         } else {
+                            let deadline =
+                                ctx.deadline(ctx.consumer_timeout(q.limits().consumer_timeout));
                             self.unacked.push_back((
                                 tag,
                                 Unacked::Local {
@@ -113,6 +116,7 @@ impl Channel {
                                     entry,
                                     consumer: None,
                                 },
+                                deadline,
                             ));
                         }
                     }
@@ -185,10 +189,15 @@ impl Channel {
     }
 
     pub(super) fn check_tag(&self, tag: u64, multiple: bool) -> Result<(), AmqpError> {
-        if (multiple && tag == 0) || self.unacked.binary_search_by_key(&tag, |(t, _)| *t).is_ok() {
+        if (multiple && tag == 0)
+            || self
+                .unacked
+                .binary_search_by_key(&tag, |(t, _, _)| *t)
+                .is_ok()
+        {
             return Ok(());
         }
-        if multiple && self.unacked.front().is_some_and(|(t, _)| *t <= tag) {
+        if multiple && self.unacked.front().is_some_and(|(t, _, _)| *t <= tag) {
             return Ok(());
         }
         Err(Self::unknown_tag(tag))
@@ -203,18 +212,18 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         let settled: Vec<Unacked> = if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
-            if tag != 0 && self.unacked.front().is_none_or(|(t, _)| *t > upto) {
+            if tag != 0 && self.unacked.front().is_none_or(|(t, _, _)| *t > upto) {
                 return Err(Self::unknown_tag(tag));
             }
             let mut v = Vec::new();
-            while self.unacked.front().is_some_and(|(t, _)| *t <= upto) {
+            while self.unacked.front().is_some_and(|(t, _, _)| *t <= upto) {
                 v.push(self.unacked.pop_front().unwrap().1);
             }
             v
         } else {
             let at = self
                 .unacked
-                .binary_search_by_key(&tag, |(t, _)| *t)
+                .binary_search_by_key(&tag, |(t, _, _)| *t)
                 .map_err(|_| Self::unknown_tag(tag))?;
             vec![self.unacked.remove(at).unwrap().1]
         };
@@ -270,11 +279,29 @@ impl Channel {
         Ok(())
     }
 
+    /// The timeout of a delivery of this channel unacknowledged past its
+    /// deadline at `now`, if one is.
+    pub(crate) fn overdue(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        self.unacked
+            .iter()
+            .filter_map(|(_, _, d)| d.as_ref())
+            .find(|d| d.at <= now)
+            .map(|d| d.after)
+    }
+
+    /// The earliest deadline of this channel's unacknowledged deliveries.
+    pub(crate) fn earliest_deadline(&self) -> Option<std::time::Instant> {
+        self.unacked
+            .iter()
+            .filter_map(|(_, _, d)| d.map(|d| d.at))
+            .min()
+    }
+
     /// Requeue every unacked delivery, in order, marked redelivered.
     pub(super) fn requeue_all(&mut self) {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
         let mut remote = Vec::new();
-        for (_, u) in self.unacked.drain(..) {
+        for (_, u, _) in self.unacked.drain(..) {
             match u {
                 Unacked::Local {
                     queue,
@@ -396,6 +423,7 @@ impl Channel {
         if consumer.no_ack {
             queue.forget([&entry]);
         } else {
+            let deadline = ctx.deadline(consumer.timeout);
             self.unacked.push_back((
                 tag,
                 Unacked::Local {
@@ -403,6 +431,7 @@ impl Channel {
                     entry,
                     consumer: Some(consumer),
                 },
+                deadline,
             ));
         }
         Delivered::Written

@@ -79,6 +79,37 @@ pub(crate) struct Ctx<'a> {
     /// The channel waits for another node's answer (a remote
     /// `basic.get`): its later frames are held until it comes.
     pub hold: &'a mut bool,
+    /// The time, read once per batch of frames (deliveries record their
+    /// deadline from it without each reading the clock).
+    pub now: &'a mut Option<std::time::Instant>,
+    /// The earliest deadline of the connection's unacknowledged
+    /// deliveries, as far as it knows (its timer is set to it).
+    pub earliest: &'a mut Option<std::time::Instant>,
+    /// `[amqp] consumer_timeout_ms` (`None`: no limit).
+    pub default_consumer_timeout: Option<std::time::Duration>,
+}
+
+impl Ctx<'_> {
+    /// A consumer's timeout: its queue's (`x-consumer-timeout` or a
+    /// policy's), else the broker's default.
+    pub fn consumer_timeout(
+        &self,
+        queue: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        queue.or(self.default_consumer_timeout)
+    }
+
+    /// The deadline of a delivery made now under `timeout`, noted as the
+    /// connection's earliest if it is.
+    pub fn deadline(&mut self, timeout: Option<std::time::Duration>) -> Option<Deadline> {
+        let after = timeout?;
+        let now = *self.now.get_or_insert_with(std::time::Instant::now);
+        let at = now + after;
+        if self.earliest.is_none_or(|e| at < e) {
+            *self.earliest = Some(at);
+        }
+        Some(Deadline { at, after })
+    }
 }
 
 struct Pending {
@@ -108,6 +139,18 @@ pub(crate) struct RemoteConsumer {
     pub node: String,
     /// Acks not expected.
     pub no_ack: bool,
+    /// Its consumer timeout (see [`crate::broker::Consumer::timeout`]),
+    /// enforced here.
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// When a delivery must be acknowledged by (its consumer timeout).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline {
+    /// The moment.
+    pub at: std::time::Instant,
+    /// The timeout it came from, for the error's text.
+    pub after: std::time::Duration,
 }
 
 /// What a channel asked another node, waiting for the answer.
@@ -179,7 +222,9 @@ pub(crate) struct Channel {
     remote_consumers: Map<String, RemoteConsumer>,
     /// Consumers of quorum queues, attached or waiting for the leader.
     quorum_subs: Map<String, quorum::QuorumSub>,
-    unacked: VecDeque<(u64, Unacked)>,
+    /// Deliveries not settled yet, in tag order, each with the time it
+    /// must be acknowledged by.
+    unacked: VecDeque<(u64, Unacked, Option<Deadline>)>,
     next_tag: u64,
     prefetch: u32,
     credit: Arc<ChannelCredit>,

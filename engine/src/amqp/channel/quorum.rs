@@ -51,6 +51,7 @@ impl Channel {
         no_ack: bool,
         exclusive: bool,
         prefetch: u32,
+        queue: &Queue,
     ) -> Arc<Consumer> {
         Arc::new(Consumer {
             tag: tag.to_owned(),
@@ -63,6 +64,9 @@ impl Channel {
             in_flight: Default::default(),
             channel_credit: self.credit.clone(),
             sink: ctx.dispatch.clone(),
+            timeout: (!no_ack)
+                .then(|| ctx.consumer_timeout(queue.limits().consumer_timeout))
+                .flatten(),
         })
     }
 
@@ -137,7 +141,7 @@ impl Channel {
             self.cancel_remote(ctx, &tag);
             if let Some(q) = local {
                 let consumer =
-                    self.new_consumer(ctx, &tag, sub.no_ack, sub.exclusive, sub.prefetch);
+                    self.new_consumer(ctx, &tag, sub.no_ack, sub.exclusive, sub.prefetch, &q);
                 if q.add_consumer(consumer.clone()).is_ok() {
                     self.consumers.insert(tag, (consumer, q));
                 }
@@ -166,6 +170,13 @@ impl Channel {
                     RemoteConsumer {
                         node,
                         no_ack: sub.no_ack,
+                        timeout: (!sub.no_ack)
+                            .then(|| {
+                                ctx.consumer_timeout(
+                                    ctx.broker.consumer_timeout_of(ctx.vhost, queue),
+                                )
+                            })
+                            .flatten(),
                     },
                 );
             }

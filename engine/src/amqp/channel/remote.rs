@@ -51,6 +51,9 @@ impl Channel {
         if ctx.broker.is_quorum(ctx.vhost, &queue) {
             self.follow(&tag, &queue, c);
         }
+        let timeout = (!c.no_ack)
+            .then(|| ctx.consumer_timeout(ctx.broker.consumer_timeout_of(ctx.vhost, &queue)))
+            .flatten();
         ctx.to_nodes.push(ToNode {
             node: node.clone(),
             frame: Traffic::Consume {
@@ -70,6 +73,7 @@ impl Channel {
             RemoteConsumer {
                 node,
                 no_ack: c.no_ack,
+                timeout,
             },
         );
         Ok(())
@@ -196,12 +200,14 @@ impl Channel {
                 );
                 encode_content(ctx.out, self.id, &properties, &body, ctx.frame_max);
                 if !no_ack && let Some(link) = link {
+                    let deadline = ctx.deadline(ctx.consumer_timeout(None));
                     self.unacked.push_back((
                         tag,
                         Unacked::Remote {
                             link: link.clone(),
                             id,
                         },
+                        deadline,
                     ));
                 }
             }
@@ -317,11 +323,11 @@ impl Channel {
     ) -> bool {
         // A consumer that moved (its quorum queue's leader changed) takes
         // nothing more from the node it left.
-        let Some(no_ack) = self
+        let Some((no_ack, timeout)) = self
             .remote_consumers
             .get(tag)
             .filter(|c| c.node == link.peer)
-            .map(|c| c.no_ack)
+            .map(|c| (c.no_ack, c.timeout))
         else {
             return false;
         };
@@ -341,12 +347,14 @@ impl Channel {
         );
         encode_content(ctx.out, self.id, properties, body, ctx.frame_max);
         if !no_ack {
+            let deadline = ctx.deadline(timeout);
             self.unacked.push_back((
                 delivery_tag,
                 Unacked::Remote {
                     link: link.clone(),
                     id,
                 },
+                deadline,
             ));
         }
         true

@@ -418,6 +418,38 @@ impl Connection {
         );
     }
 
+    /// The consumer timeout: each channel with a delivery unacknowledged
+    /// past its deadline is closed with RabbitMQ's 406 (its deliveries are
+    /// requeued, flagged redelivered, as when any channel closes); then
+    /// the timer is set to the earliest deadline left.
+    pub(super) fn consumer_timeouts(&mut self) {
+        let now = std::time::Instant::now();
+        let overdue: Vec<(u16, Duration)> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.closing)
+            .filter_map(|(id, ch)| ch.overdue(now).map(|t| (*id, t)))
+            .collect();
+        for (id, after) in overdue {
+            tracing::warn!(peer = %self.peer, channel = id, timeout_ms = after.as_millis() as u64, "consumer timeout: closing the channel, its deliveries are requeued");
+            self.channel_error(
+                id,
+                AmqpError::new(
+                    406,
+                    format!(
+                        "PRECONDITION_FAILED - delivery acknowledgement on channel {id} timed out. Timeout value used: {} ms. This timeout value can be configured, see consumers doc guide to learn more",
+                        after.as_millis()
+                    ),
+                ),
+            );
+        }
+        self.earliest = self
+            .channels
+            .values()
+            .filter_map(|ch| ch.earliest_deadline())
+            .min();
+    }
+
     pub(super) fn connection_error(&mut self, e: AmqpError) -> Step {
         tracing::info!(peer = %self.peer, code = e.code, "closing connection: {}", crate::untrusted::text(&e.text));
         self.close(e.code, &e.text, e.class_id, e.method_id);

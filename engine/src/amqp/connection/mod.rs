@@ -171,6 +171,9 @@ pub(crate) async fn run(
         to_nodes: Vec::new(),
         last_synced: Default::default(),
         hold: false,
+        now: None,
+        earliest: None,
+        consumer_timeout: config.consumer_timeout,
     };
     // The client may use the connection from here on: it is registered
     // (and counted against its limits).
@@ -316,6 +319,13 @@ struct Connection {
     last_synced: crate::store::Synced,
     /// A channel just asked another node and waits for its answer.
     hold: bool,
+    /// The time read for this batch of frames (see [`Ctx::now`]).
+    now: Option<std::time::Instant>,
+    /// The earliest deadline of an unacknowledged delivery, as far as is
+    /// known (a delivery acked since may have had it).
+    earliest: Option<std::time::Instant>,
+    /// `[amqp] consumer_timeout_ms`.
+    consumer_timeout: Option<Duration>,
 }
 
 /// A connection's definition changes in flight through the cluster.
@@ -356,7 +366,18 @@ impl Connection {
         // leave the token's waiter list every time.
         let mut shut_down = std::pin::pin!(shutdown.cancelled());
         let mut closed = std::pin::pin!(closed_by_operator.cancelled());
+        // Fires at the earliest deadline of an unacknowledged delivery
+        // (set when it is earlier than the one armed).
+        let mut ack_timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut armed: Option<std::time::Instant> = None;
         loop {
+            self.now = None;
+            if self.earliest != armed {
+                armed = self.earliest;
+                if let Some(at) = armed {
+                    ack_timer.as_mut().reset(at.into());
+                }
+            }
             let blocked = self.congested.first().cloned();
             let pending = self.pending();
             let readable = blocked.is_none() && !self.alarm_blocked && pending < OUT_CAP;
@@ -411,6 +432,10 @@ impl Connection {
                         self.committed(done)
                     }
                     _ = heartbeat.tick() => self.heartbeat_tick(),
+                    () = &mut ack_timer, if armed.is_some() => {
+                        self.consumer_timeouts();
+                        Step::Continue
+                    }
                     // Not reading (flow control, an alarm, output backed
                     // up), the connection would never see its client's
                     // EOF or reset, and would hold what it took from it
@@ -649,6 +674,9 @@ impl Connection {
                 proposal: &mut self.proposal,
                 to_nodes: &mut self.to_nodes,
                 hold: &mut self.hold,
+                now: &mut self.now,
+                earliest: &mut self.earliest,
+                default_consumer_timeout: self.consumer_timeout,
             },
             &mut self.channels,
         )

@@ -55,6 +55,10 @@ pub struct QueueLimits {
     /// `x-single-active-consumer`: only the oldest consumer gets
     /// deliveries; the next takes over when it goes.
     pub single_active: bool,
+    /// `x-consumer-timeout`: a delivery from this queue not acknowledged
+    /// within this long closes its channel (406) and is requeued. Without
+    /// it, `[amqp] consumer_timeout_ms` holds.
+    pub consumer_timeout: Option<Duration>,
 }
 
 /// An integer argument of any of AMQP's integer types.
@@ -128,6 +132,7 @@ impl QueueLimits {
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
+            consumer_timeout: int_arg(args, "x-consumer-timeout")?.map(Duration::from_millis),
             single_active: match args.inner().get("x-single-active-consumer") {
                 None => false,
                 Some(AMQPValue::Boolean(b)) => *b,
@@ -164,6 +169,9 @@ impl QueueLimits {
         }
         if limits.expires == Some(Duration::ZERO) {
             return Err("invalid arg 'x-expires': must be positive".into());
+        }
+        if limits.consumer_timeout == Some(Duration::ZERO) {
+            return Err("invalid arg 'x-consumer-timeout': must be positive".into());
         }
         if let Some(n) = int_arg(args, "x-max-priority")? {
             limits.max_priority = u8::try_from(n).map_err(|_| {

@@ -110,6 +110,11 @@ pub struct Consumer {
     pub channel_credit: Arc<ChannelCredit>,
     /// Where deliveries go (the connection's task).
     pub sink: mpsc::UnboundedSender<Dispatch>,
+    /// How long its deliveries may stay unacknowledged before its channel
+    /// is closed (the queue's `x-consumer-timeout`, else the broker's
+    /// default, read when it subscribed; `None`: no limit, or enforced
+    /// elsewhere: on the consuming node for a consumer from another node).
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Consumer {
@@ -166,6 +171,7 @@ mod tests {
             in_flight: AtomicU32::new(0),
             channel_credit: channel.clone(),
             sink: mpsc::unbounded_channel().0,
+            timeout: None,
         }
     }
 

@@ -979,6 +979,7 @@ mod tests {
             in_flight: Default::default(),
             channel_credit: Default::default(),
             sink: tx,
+            timeout: None,
         });
         (c, rx)
     }

@@ -239,6 +239,8 @@ impl Session {
             in_flight: Default::default(),
             channel_credit: Arc::new(ChannelCredit::default()),
             sink: self.dispatch_tx.clone(),
+            // Enforced by the consuming node, which holds the deliveries.
+            timeout: None,
         });
         if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
             return Err((
