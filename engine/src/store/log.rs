@@ -32,6 +32,14 @@
 //! * **Read back by offset.** A message paged out of memory is read with
 //!   one `pread` at its [`StoreRef`].
 //!
+//! An ack file also records **returns** (a delivery given back to the
+//! queue, in a queue with a delivery limit): the same 8-byte entry with
+//! the offset's top bit set ([`record::RETURNED`]; offsets stay below
+//! 2 GiB). They settle nothing; at recovery each message comes back with
+//! its count, so `x-delivery-limit` holds across a restart. A broker that
+//! does not know them reads them as acks of offsets where no record is,
+//! which settle nothing either.
+//!
 //! A segment is synced before the next one is started, so a torn write is
 //! always in the last segment: recovery truncates it there and warns. A bad
 //! record anywhere else is corruption, reported with its file and offset.
@@ -72,6 +80,17 @@ pub struct Recovered {
     pub stored: StoreRef,
     /// Its size and timing.
     pub meta: RecordMeta,
+    /// How often it was returned to its queue (recorded in queues with a
+    /// delivery limit).
+    pub returns: u32,
+}
+
+/// What an ack file holds: the offsets settled, and how often each
+/// returned one was.
+#[derive(Default)]
+struct Settled {
+    acked: HashSet<u32>,
+    returned: std::collections::HashMap<u32, u32>,
 }
 
 struct Segment {
@@ -176,15 +195,15 @@ fn open_rw(path: &Path) -> Result<File, StoreError> {
 /// lost). The file itself is created without a sync, so a header that
 /// never reached the disk (not our magic) drops its acks the same way; a
 /// header of another format version is an error.
-fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
+fn read_acks(path: &Path) -> Result<(Settled, Option<u64>), StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((HashSet::new(), None)),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Settled::default(), None)),
         Err(e) => return Err(io(path)(e)),
     };
     if bytes.len() < HEADER_LEN as usize {
         // Created but its header never reached the disk: no acks in it.
-        return Ok((HashSet::new(), Some(0)));
+        return Ok((Settled::default(), Some(0)));
     }
     if &bytes[..8] != ACK_MAGIC {
         let w = "bad magic";
@@ -196,14 +215,14 @@ fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
         f.set_len(0).map_err(io(path))?;
         f.write_all_at(&record::file_header(ACK_MAGIC), 0)
             .map_err(io(path))?;
-        return Ok((HashSet::new(), Some(HEADER_LEN)));
+        return Ok((Settled::default(), Some(HEADER_LEN)));
     }
     record::check_header(&bytes, ACK_MAGIC).map_err(|what| StoreError::Corrupt {
         path: path.to_owned(),
         offset: 0,
         what,
     })?;
-    let mut acked = HashSet::new();
+    let mut settled = Settled::default();
     let mut at = HEADER_LEN as usize;
     while at < bytes.len() {
         let entry = bytes.get(at..at + ACK_LEN);
@@ -216,8 +235,15 @@ fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
             continue;
         }
         match entry.and_then(record::decode_ack) {
+            Some(entry) if entry & record::RETURNED != 0 => {
+                *settled
+                    .returned
+                    .entry(entry & !record::RETURNED)
+                    .or_default() += 1;
+                at += ACK_LEN;
+            }
             Some(offset) => {
-                acked.insert(offset);
+                settled.acked.insert(offset);
                 at += ACK_LEN;
             }
             None => {
@@ -233,7 +259,7 @@ fn read_acks(path: &Path) -> Result<(HashSet<u32>, Option<u64>), StoreError> {
             }
         }
     }
-    Ok((acked, Some(at as u64)))
+    Ok((settled, Some(at as u64)))
 }
 
 impl QueueLog {
@@ -265,8 +291,8 @@ impl QueueLog {
         for (i, &id) in ids.iter().enumerate() {
             let last = i + 1 == ids.len();
             let path = seg_path(&dir, id);
-            let (acked, ack_len) = read_acks(&ack_path(&dir, id))?;
-            let (seg, len) = Self::recover_segment(&path, id, last, &acked, &mut recovered)?;
+            let (settled, ack_len) = read_acks(&ack_path(&dir, id))?;
+            let (seg, len) = Self::recover_segment(&path, id, last, &settled, &mut recovered)?;
             let mut seg = seg;
             if let Some(len) = ack_len {
                 let p = ack_path(&dir, id);
@@ -318,7 +344,7 @@ impl QueueLog {
         path: &Path,
         id: u32,
         last: bool,
-        acked: &HashSet<u32>,
+        settled: &Settled,
         out: &mut Vec<Recovered>,
     ) -> Result<(Segment, u64), StoreError> {
         let file = open_rw(path)?;
@@ -379,7 +405,7 @@ impl QueueLog {
             };
             let offset = at as u32;
             seg.messages += 1;
-            if acked.contains(&offset) {
+            if settled.acked.contains(&offset) {
                 seg.acked += 1;
             } else {
                 out.push(Recovered {
@@ -389,6 +415,7 @@ impl QueueLog {
                         len,
                     },
                     meta,
+                    returns: settled.returned.get(&offset).copied().unwrap_or(0),
                 });
             }
             at = record_end;
@@ -589,6 +616,18 @@ impl QueueLog {
     /// purged): they will not come back at recovery. A segment whose
     /// records are all settled is deleted.
     pub fn ack(&self, refs: impl IntoIterator<Item = StoreRef>) {
+        self.settle(refs, false);
+    }
+
+    /// Record that messages were returned to the queue once more (their
+    /// delivery count, for `x-delivery-limit`); like acks, not synced: a
+    /// return lost in a crash counts one delivery fewer.
+    pub fn returned(&self, refs: impl IntoIterator<Item = StoreRef>) {
+        self.settle(refs, true);
+    }
+
+    fn settle(&self, refs: impl IntoIterator<Item = StoreRef>, returns: bool) {
+        let flag = if returns { record::RETURNED } else { 0 };
         // Entries and where each run of them goes are settled under the
         // lock; the writes happen after it is released, so that a write
         // the kernel makes wait never holds up this queue's publishers or
@@ -604,17 +643,19 @@ impl QueueLog {
             while let Some(first) = refs.next() {
                 // One write per run of acks into the same segment.
                 let start = buf.len();
-                record::encode_ack(&mut buf, first.offset);
+                record::encode_ack(&mut buf, first.offset | flag);
                 let mut count = 1;
                 while let Some(r) = refs.next_if(|r| r.segment == first.segment) {
-                    record::encode_ack(&mut buf, r.offset);
+                    record::encode_ack(&mut buf, r.offset | flag);
                     count += 1;
                 }
+                // Returns settle nothing.
+                let settles = if returns { 0 } else { count };
                 match self.reserve_acks(
                     &mut inner,
                     first.segment,
                     (buf.len() - start) as u64,
-                    count,
+                    settles,
                 ) {
                     Ok(Some((file, at))) => {
                         writes.push((file, first.segment, at, start..buf.len()))
@@ -842,6 +883,25 @@ mod tests {
             .iter()
             .map(|r| String::from_utf8(log.load(r.stored).unwrap().body.to_vec()).unwrap())
             .collect()
+    }
+
+    /// Returns are counted per message across a reopen and settle
+    /// nothing: a segment of returned messages is not reclaimed.
+    #[test]
+    fn returns_are_counted_across_reopening_and_settle_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = open(tmp.path(), 1 << 20).unwrap();
+        let refs = append(&log, 0..3);
+        round(&log);
+        log.returned([refs[1]]);
+        log.returned([refs[1], refs[2]]);
+        log.ack([refs[2]]);
+        round(&log);
+        drop(log);
+        let (log, recovered) = open(tmp.path(), 1 << 20).unwrap();
+        assert_eq!(bodies(&log, &recovered), ["message 0", "message 1"]);
+        let returns: Vec<u32> = recovered.iter().map(|r| r.returns).collect();
+        assert_eq!(returns, [0, 2]);
     }
 
     #[test]

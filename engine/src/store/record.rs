@@ -194,7 +194,11 @@ pub fn decode_message(payload: Bytes) -> Result<Message, String> {
     Ok(Message::new(exchange, key, properties, body).with_encoded_properties(raw))
 }
 
-/// An ack entry for the record at `offset`.
+/// The top bit of an ack entry's offset: the entry records a return, not
+/// an ack (see `log`).
+pub const RETURNED: u32 = 1 << 31;
+
+/// An ack entry: `offset` (with [`RETURNED`] for a return) and its CRC.
 pub fn encode_ack(out: &mut Vec<u8>, offset: u32) {
     let b = offset.to_le_bytes();
     out.extend_from_slice(&b);

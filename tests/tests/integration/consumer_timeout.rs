@@ -111,7 +111,10 @@ async fn an_unacknowledged_delivery_past_its_timeout_closes_the_channel_and_is_r
         text.contains("PRECONDITION_FAILED - delivery acknowledgement on channel 2 timed out. Timeout value used: 300 ms"),
         "{text}"
     );
-    assert!(text.contains("soft error: PRECONDITION-FAILED"), "406: {text}");
+    assert!(
+        text.contains("soft error: PRECONDITION-FAILED"),
+        "406: {text}"
+    );
     assert!(
         after >= Duration::from_millis(300),
         "closed early: {after:?}"

@@ -47,8 +47,10 @@ pub struct QueueLimits {
     pub max_priority: u8,
     /// `x-queue-type = quorum`: replicated through a Raft group of its own.
     pub quorum: bool,
-    /// `x-delivery-limit` (quorum queues): a message returned more often
-    /// than this is dead-lettered (reason `delivery_limit`) or dropped.
+    /// `x-delivery-limit`: a message returned more often than this is
+    /// dead-lettered (reason `delivery_limit`) or dropped. Quorum queues
+    /// count returns in their log, classic queues in the entry and (for
+    /// persistent messages) the queue's ack file.
     pub delivery_limit: Option<u32>,
     /// `x-quorum-initial-group-size`: how many nodes hold a replica.
     pub initial_group_size: Option<usize>,
@@ -159,7 +161,7 @@ impl QueueLimits {
                 return Err("invalid arg 'x-quorum-initial-group-size': must be positive".into());
             }
         } else {
-            for arg in ["x-delivery-limit", "x-quorum-initial-group-size"] {
+            for arg in ["x-quorum-initial-group-size"] {
                 if args.inner().contains_key(arg) {
                     return Err(format!(
                         "invalid arg '{arg}': only quorum queues (x-queue-type = quorum) take it"
@@ -305,13 +307,15 @@ mod tests {
             let e = quorum(&[(arg, value)]).unwrap_err();
             assert!(e.contains(arg), "{e}");
         }
-        // A classic queue does not take the quorum-only arguments.
+        // A classic queue takes a delivery limit, not a group size.
         let mut args = FieldTable::default();
         args.insert("x-delivery-limit".into(), AMQPValue::LongInt(3));
+        assert_eq!(QueueLimits::parse(&args).unwrap().delivery_limit, Some(3));
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
         assert!(
             QueueLimits::parse(&args)
                 .unwrap_err()
-                .contains("x-delivery-limit")
+                .contains("x-quorum-initial-group-size")
         );
     }
 }

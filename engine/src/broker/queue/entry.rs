@@ -28,6 +28,11 @@ pub struct Entry {
     /// Its id in a quorum queue's replicated log (the index of the entry
     /// that enqueued it); 0 in a classic queue.
     pub id: u64,
+    /// How often a classic queue got it back from a consumer (nack or
+    /// reject with requeue, a channel or connection closed): its
+    /// `x-delivery-count`, checked against `x-delivery-limit`. A quorum
+    /// queue counts in its log instead.
+    pub returns: u32,
 }
 
 impl Entry {
@@ -41,6 +46,7 @@ impl Entry {
             redelivered: false,
             expires_at: None,
             id: 0,
+            returns: 0,
         }
     }
 

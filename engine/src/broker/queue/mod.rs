@@ -96,7 +96,7 @@ pub enum DeathReason {
     Expired,
     /// Pushed out by a length limit.
     MaxLength,
-    /// Returned more often than the quorum queue's `x-delivery-limit`.
+    /// Returned more often than the queue's `x-delivery-limit`.
     DeliveryLimit,
 }
 
@@ -567,19 +567,41 @@ impl Queue {
         if mark && let Some(r) = &self.replica {
             return self.return_replicated(r.clone(), entries.collect());
         }
+        let (mut counted, mut over) = (Vec::new(), Vec::new());
         {
             let mut st = self.state.lock();
             // A quorum queue's leader cannot tell a client whether a
             // delivery that came back reached it: it is flagged.
-            let mark = mark || self.replica.is_some();
+            let flag = mark || self.replica.is_some();
+            let limit = st.limits.delivery_limit;
             for mut e in entries.rev() {
-                e.redelivered |= mark;
+                e.redelivered |= flag;
+                if mark {
+                    // A delivery the client had: counted, and past the
+                    // limit dead-lettered instead of queued again.
+                    e.returns = e.returns.saturating_add(1);
+                    if limit.is_some_and(|l| e.returns > l) {
+                        over.push((e, DeathReason::DeliveryLimit));
+                        continue;
+                    }
+                    if limit.is_some()
+                        && let Some(r) = e.stored
+                    {
+                        counted.push(r);
+                    }
+                }
                 self.count_ready(&mut st, &e);
                 st.messages.push_front(e);
             }
             self.dispatch_locked(&mut st, &mut dead);
         }
-        self.bury(dead);
+        if let (Some(log), false) = (&self.log, counted.is_empty()) {
+            log.returned(counted);
+        }
+        // Those over the limit leave in the order they were delivered.
+        over.reverse();
+        over.extend(dead);
+        self.bury(over);
     }
 
     /// Dead-letter deliveries a client rejected without requeue.
@@ -1037,6 +1059,50 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    #[test]
+    fn a_classic_queue_counts_returns_and_dead_letters_past_the_delivery_limit() {
+        let dead = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink: DeadLetterSink = {
+            let dead = dead.clone();
+            Arc::new(move |_q: &Queue, d: Vec<(Entry, DeathReason)>| {
+                dead.lock()
+                    .extend(d.into_iter().map(|(e, r)| (e.body_len, e.returns, r)))
+            })
+        };
+        let limits = QueueLimits {
+            delivery_limit: Some(1),
+            dead_letter_exchange: Some("dlx".into()),
+            ..Default::default()
+        };
+        let q = Arc::new(Queue::new(decl(), limits, 1 << 30, Some(sink), None));
+        q.push(message(1));
+        q.push(message(2));
+        let (a, b) = (q.pop().unwrap(), q.pop().unwrap());
+        q.requeue([a, b].into_iter());
+        let a = q.pop().unwrap();
+        assert_eq!(a.returns, 1);
+        let m = q.message(&a).unwrap();
+        let headers = m.properties.headers().clone().unwrap();
+        assert_eq!(
+            headers.inner().get("x-delivery-count"),
+            Some(&amq_protocol::types::AMQPValue::LongLongInt(1))
+        );
+        // Put back undelivered (never reached a client): not counted.
+        q.put_back(std::iter::once(a));
+        let (a, b) = (q.pop().unwrap(), q.pop().unwrap());
+        assert_eq!((a.returns, b.returns), (1, 1));
+        q.requeue([a, b].into_iter());
+        assert!(q.is_empty());
+        assert_eq!(
+            *dead.lock(),
+            vec![
+                (1, 2, DeathReason::DeliveryLimit),
+                (2, 2, DeathReason::DeliveryLimit)
+            ],
+            "in delivery order"
+        );
     }
 
     #[test]

@@ -15,15 +15,21 @@ use crate::message::Message;
 use crate::store::{QueueLog, Recovered, StoreError};
 
 impl Queue {
-    /// The message of `entry`, read back from the log if it was paged out.
+    /// The message of `entry`, read back from the log if it was paged out,
+    /// with its `x-delivery-count` if it was returned before.
     pub fn message(&self, entry: &Entry) -> Result<Arc<Message>, StoreError> {
-        if let Some(m) = &entry.message {
-            return Ok(m.clone());
+        let m = match (&entry.message, &self.log, entry.stored) {
+            (Some(m), _, _) => m.clone(),
+            (None, Some(log), Some(r)) => Arc::new(log.load(r)?),
+            _ => return Err(StoreError::Deleted),
+        };
+        if entry.returns == 0 {
+            return Ok(m);
         }
-        match (&self.log, entry.stored) {
-            (Some(log), Some(r)) => log.load(r).map(Arc::new),
-            _ => Err(StoreError::Deleted),
-        }
+        Ok(Arc::new(crate::broker::dead_letter::with_delivery_count(
+            &m,
+            entry.returns,
+        )))
     }
 
     /// The queue's log, for durable queues with a store.
@@ -65,6 +71,7 @@ impl Queue {
                 redelivered: true,
                 priority: r.meta.priority,
                 id: 0,
+                returns: r.returns,
                 expires_at: ttl.map(|t| {
                     let left = (r.meta.published_ms + t).saturating_sub(now_ms);
                     now + Duration::from_millis(left)
