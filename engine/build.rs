@@ -1,6 +1,6 @@
 //! Builds the built-in exchange types (`plugins/`) to wasm32 from source and
 //! embeds them, so the broker starts with `direct`, `topic`, `fanout` and
-//! `headers` and no manual step.
+//! `headers`, and the `sns-filter` binding filter, with no manual step.
 
 use std::path::PathBuf;
 
@@ -26,6 +26,11 @@ const BUILTINS: &[PluginCrate<'static>] = &[
         package: "wasmq-plugin-headers",
         plugin: "headers",
         dir: "plugins/headers",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-sns-filter",
+        plugin: "sns-filter",
+        dir: "plugins/sns-filter",
     },
 ];
 

@@ -24,4 +24,5 @@ mod parity;
 mod policies;
 mod protocol;
 mod queue_args;
+mod sns_filter;
 mod tls;
