@@ -92,6 +92,15 @@ struct Args {
     /// cluster, replicated queues.
     #[arg(long)]
     quorum: bool,
+    /// Give each message a header `group` of one of this many values, in
+    /// turn (0: none).
+    #[arg(long, default_value_t = 0)]
+    groups: u64,
+    /// Declare the queues with `x-message-group-header = group` (message
+    /// groups; compare with `--groups N` alone, the same messages on plain
+    /// queues).
+    #[arg(long)]
+    grouped: bool,
 }
 
 struct Stats {
@@ -164,6 +173,12 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
                 lapin::types::AMQPValue::LongString("quorum".into()),
             );
         }
+        if args.grouped {
+            queue_args.insert(
+                "x-message-group-header".into(),
+                lapin::types::AMQPValue::LongString("group".into()),
+            );
+        }
         ch.queue_declare(name.as_str().into(), opts, queue_args)
             .await?;
         for b in 0..args.bindings_per_queue {
@@ -225,7 +240,16 @@ async fn produce(
             n += args.producers as u64;
             let payload = body.clone();
             let ch = &ch;
-            let props = props.clone();
+            let props = if args.groups > 0 {
+                let mut h = FieldTable::default();
+                h.insert(
+                    "group".into(),
+                    lapin::types::AMQPValue::LongString(format!("g{}", n % args.groups).into()),
+                );
+                props.clone().with_headers(h)
+            } else {
+                props.clone()
+            };
             let exchange = args.exchange.as_str();
             publishes.push(async move {
                 ch.basic_publish(

@@ -19,6 +19,7 @@ mod exchanges;
 mod faults;
 mod hostile;
 mod hot_swap;
+mod message_groups;
 mod operators;
 mod parity;
 mod policies;

@@ -248,9 +248,10 @@ impl Channel {
             if requeue.is_none() {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
             }
-            // An ack of a message that is in no log needs nothing more (a
-            // quorum queue's messages are all in its replicated log).
-            if requeue.is_some() || entry.stored.is_some() || entry.id != 0 {
+            // An ack of a message that is in no log and holds no group
+            // needs nothing more (a quorum queue's messages are all in its
+            // replicated log).
+            if requeue.is_some() || entry.stored.is_some() || entry.id != 0 || entry.group != 0 {
                 group_by_queue(&mut by_queue, &queue, entry);
             }
             if !touched.iter().any(|q| Arc::ptr_eq(q, &queue)) {

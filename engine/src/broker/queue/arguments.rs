@@ -61,6 +61,10 @@ pub struct QueueLimits {
     /// within this long closes its channel (406) and is requeued. Without
     /// it, `[amqp] consumer_timeout_ms` holds.
     pub consumer_timeout: Option<Duration>,
+    /// `x-message-group-header`: the header naming a message's group;
+    /// while a message of a group is out (delivered, not settled), no
+    /// other message of that group is delivered.
+    pub group_header: Option<String>,
 }
 
 /// An integer argument of any of AMQP's integer types.
@@ -135,6 +139,7 @@ impl QueueLimits {
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
             consumer_timeout: int_arg(args, "x-consumer-timeout")?.map(Duration::from_millis),
+            group_header: string_arg(args, "x-message-group-header")?,
             single_active: match args.inner().get("x-single-active-consumer") {
                 None => false,
                 Some(AMQPValue::Boolean(b)) => *b,
@@ -171,6 +176,16 @@ impl QueueLimits {
         }
         if limits.expires == Some(Duration::ZERO) {
             return Err("invalid arg 'x-expires': must be positive".into());
+        }
+        if let Some(h) = &limits.group_header {
+            if h.is_empty() || h.len() > 255 {
+                return Err(
+                    "invalid arg 'x-message-group-header': a header name of 1 to 255 bytes".into(),
+                );
+            }
+            if args.inner().contains_key("x-max-priority") {
+                return Err("invalid arg 'x-message-group-header': a queue with message groups cannot also have x-max-priority (a group's order is its publish order)".into());
+            }
         }
         if limits.consumer_timeout == Some(Duration::ZERO) {
             return Err("invalid arg 'x-consumer-timeout': must be positive".into());

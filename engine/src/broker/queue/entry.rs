@@ -33,6 +33,8 @@ pub struct Entry {
     /// `x-delivery-count`, checked against `x-delivery-limit`. A quorum
     /// queue counts in its log instead.
     pub returns: u32,
+    /// Its message group in a queue with `x-message-group-header` (0: none).
+    pub group: u32,
 }
 
 impl Entry {
@@ -47,6 +49,7 @@ impl Entry {
             expires_at: None,
             id: 0,
             returns: 0,
+            group: 0,
         }
     }
 

@@ -112,6 +112,37 @@ impl DeathReason {
     }
 }
 
+/// The group of `m` by its `header`: 0 without the header; a string's
+/// hash otherwise (never 0). Two groups whose hashes collide are served as
+/// one: their order holds, they only lose their parallelism.
+pub fn group_hash(m: &Message, header: &str) -> Result<u32, String> {
+    use amq_protocol::types::AMQPValue;
+    use std::hash::{BuildHasher, Hasher};
+    let Some(v) = m
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(header))
+    else {
+        return Ok(0);
+    };
+    let bytes: &[u8] = match v {
+        AMQPValue::LongString(s) => s.as_bytes(),
+        AMQPValue::ShortString(s) => s.as_str().as_bytes(),
+        other => {
+            return Err(format!(
+                "its group header '{}' is not a string ({other:?})",
+                crate::untrusted::text(header)
+            ));
+        }
+    };
+    // A fixed seed: the same group hashes alike in every queue and run.
+    let mut h = foldhash::fast::FixedState::with_seed(0x5157_4d51).build_hasher();
+    h.write(bytes);
+    let g = h.finish();
+    Ok(((g ^ (g >> 32)) as u32).max(1))
+}
+
 /// Where a queue sends messages it dead-letters. Set by the broker for
 /// queues with `x-dead-letter-exchange`; called without the queue's lock.
 pub type DeadLetterSink = Arc<dyn Fn(&Queue, Vec<(Entry, DeathReason)>) + Send + Sync>;
@@ -201,6 +232,9 @@ pub struct Queue {
     /// A quorum queue's replicated log (set on the live queue its leader
     /// serves from): settlements and returns are proposed there.
     replica: Option<Arc<dyn Replicated>>,
+    /// `x-message-group-header` (fixed when declared): the header naming a
+    /// message's group.
+    group_header: Option<String>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -245,7 +279,7 @@ impl Queue {
             auto_delete: decl.auto_delete,
             arguments: decl.arguments,
             state: Mutex::new(State {
-                messages: Ready::new(limits.max_priority),
+                messages: Ready::new(limits.max_priority, limits.group_header.is_some()),
                 limits: Arc::new(limits.clone()),
                 ..State::default()
             }),
@@ -263,6 +297,7 @@ impl Queue {
             dead_letters,
             used: Mutex::new(Instant::now()),
             replica: None,
+            group_header: limits.group_header.clone(),
         }
     }
 
@@ -295,6 +330,15 @@ impl Queue {
     /// ack, dead-lettered, expired, purged): record it in the log, so they
     /// do not come back at recovery.
     pub fn forget<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        if self.group_header.is_some() {
+            let entries: Vec<&Entry> = entries.into_iter().collect();
+            self.release_groups(entries.iter().map(|e| e.group));
+            return self.settle_in_log(entries);
+        }
+        self.settle_in_log(entries);
+    }
+
+    fn settle_in_log<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
         if let Some(log) = &self.log {
             log.ack(entries.into_iter().filter_map(|e| e.stored));
         } else if let Some(r) = &self.replica {
@@ -372,7 +416,7 @@ impl Queue {
             let mut st = self.state.lock();
             st.limits = Arc::new(limits);
             while !st.messages.is_empty() && Self::over_limit(bounds, &st, 0, 0) {
-                let e = st.messages.pop_front().expect("checked");
+                let e = st.messages.pop_oldest().expect("checked");
                 self.uncount_ready(&mut st, &e);
                 dead.push((e, DeathReason::MaxLength));
             }
@@ -426,12 +470,28 @@ impl Queue {
                 .is_some_and(|max| st.body_bytes + extra_bytes > max)
     }
 
+    /// The group of `m` in a queue with message groups (0: none, or no
+    /// groups); `None` refuses it: its group header is not a string.
+    #[inline]
+    pub(crate) fn group_of(&self, m: &Message) -> Option<u32> {
+        let Some(header) = &self.group_header else {
+            return Some(0);
+        };
+        group_hash(m, header).map_err(|why| {
+            tracing::debug!(queue = %crate::untrusted::text(&self.name), "message refused: {why}");
+        }).ok()
+    }
+
     /// Add a message and hand it to a consumer if one has credit. A
     /// persistent message in a queue with a log is written there first
     /// (and kept on disk only, when the queue holds many bytes already).
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> Pushed {
         let own_ttl = message_ttl(&message).ok().flatten();
-        let entry = Entry::new(message);
+        let Some(group) = self.group_of(&message) else {
+            return Pushed::default();
+        };
+        let mut entry = Entry::new(message);
+        entry.group = group;
         let mut ticket = 0;
         if self.replica.is_some() {
             // A quorum queue's messages arrive through its log
@@ -442,7 +502,6 @@ impl Queue {
         // Paged out only once it is accepted: a message refused or
         // dead-lettered on its way in must still have its body.
         let mut page_out = false;
-        let mut entry = entry;
         if let Some(log) = &self.log
             && let Some(m) = entry.message.as_ref().filter(|m| m.is_persistent())
         {
@@ -502,7 +561,7 @@ impl Queue {
                 match overflow {
                     Overflow::DropHead => {
                         while !st.messages.is_empty() && Self::over_limit(bounds, &st, 1, size) {
-                            let e = st.messages.pop_front().expect("checked");
+                            let e = st.messages.pop_oldest().expect("checked");
                             self.uncount_ready(&mut st, &e);
                             dead.push((e, DeathReason::MaxLength));
                         }
@@ -576,6 +635,7 @@ impl Queue {
             let limit = st.limits.delivery_limit;
             for mut e in entries.rev() {
                 e.redelivered |= flag;
+                st.messages.release(e.group);
                 if mark {
                     // A delivery the client had: counted, and past the
                     // limit dead-lettered instead of queued again.
@@ -604,8 +664,21 @@ impl Queue {
         self.bury(over);
     }
 
+    /// The groups of deliveries that were settled may deliver again (a
+    /// queue with message groups; the caller dispatches).
+    fn release_groups(&self, groups: impl Iterator<Item = u32>) {
+        if self.group_header.is_none() {
+            return;
+        }
+        let mut st = self.state.lock();
+        for g in groups {
+            st.messages.release(g);
+        }
+    }
+
     /// Dead-letter deliveries a client rejected without requeue.
     pub fn reject(&self, entries: Vec<Entry>) {
+        self.release_groups(entries.iter().map(|e| e.group));
         self.bury(
             entries
                 .into_iter()
@@ -640,7 +713,7 @@ impl Queue {
     fn dispatch_locked(self: &Arc<Self>, st: &mut State, dead: &mut Dead) {
         loop {
             self.expire_head(st, dead);
-            if st.messages.is_empty() || st.consumers.is_empty() {
+            if !st.messages.deliverable() || st.consumers.is_empty() {
                 return;
             }
             // With a single active consumer, only the oldest is served.
@@ -672,6 +745,7 @@ impl Queue {
                 // first deliveries holds only for messages never handed out).
                 entry.redelivered |= self.replica.is_some();
                 self.count_ready(st, &entry);
+                st.messages.release(entry.group);
                 st.messages.push_front(entry);
                 st.consumers.remove(at);
                 st.next = 0;

@@ -55,8 +55,18 @@ impl Queue {
         redelivered: bool,
     ) -> bool {
         let own_ttl = message_ttl(&message).ok().flatten();
+        // A message the queue refuses (a group header that is not a
+        // string) is settled in the log as refused.
+        let Some(group) = self.group_of(&message) else {
+            self.forget([&Entry {
+                id,
+                ..Entry::new(message)
+            }]);
+            return false;
+        };
         let mut entry = Entry::new(message);
         entry.id = id;
+        entry.group = group;
         entry.redelivered = redelivered;
         self.admit(entry, own_ttl, Some(published_ms), false)
     }
@@ -85,6 +95,9 @@ impl Queue {
         }
         {
             let mut st = self.state.lock();
+            for e in dead.iter().map(|(e, _)| e).chain(&back) {
+                st.messages.release(e.group);
+            }
             for e in back.into_iter().rev() {
                 self.count_ready(&mut st, &e);
                 st.messages.push_front(e);

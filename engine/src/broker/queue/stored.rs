@@ -60,6 +60,16 @@ impl Queue {
         let mut st = self.state.lock();
         let queue_ttl = st.limits.message_ttl.map(|d| d.as_millis() as u64);
         for r in recovered {
+            // A grouped queue reads each message's group back (the record
+            // keeps only its size and timing).
+            let group = match (&self.group_header, &self.log) {
+                (Some(h), Some(log)) => log
+                    .load(r.stored)
+                    .ok()
+                    .and_then(|m| super::group_hash(&m, h).ok())
+                    .unwrap_or(0),
+                _ => 0,
+            };
             let ttl = match (queue_ttl, r.meta.ttl_ms) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -72,6 +82,7 @@ impl Queue {
                 priority: r.meta.priority,
                 id: 0,
                 returns: r.returns,
+                group,
                 expires_at: ttl.map(|t| {
                     let left = (r.meta.published_ms + t).saturating_sub(now_ms);
                     now + Duration::from_millis(left)
