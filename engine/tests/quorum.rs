@@ -722,3 +722,154 @@ async fn quiescent_quorum_queues_send_nothing_when_idle_and_still_fail_over() {
         .expect("the message confirmed before the kill");
     assert_eq!(got.delivery.data, b"kept");
 }
+
+/// Message groups on a quorum queue: while its leader lives, two
+/// consumers never hold two messages of one group and each group arrives
+/// in order; when the leader is killed, the new leader goes on with no
+/// message lost and no group's message delivered before an earlier one
+/// of its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_groups_hold_on_a_quorum_queue_through_its_leaders_death() {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    let nodes = [a, b, c];
+    let conn = nodes[0].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "groups".into(),
+        durable(),
+        quorum(&[("x-message-group-header", text("group"))]),
+    )
+    .await
+    .unwrap();
+    eventually("every node knows the leader", t, || {
+        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "groups")).collect();
+        l[0].is_some() && l.iter().all(|x| *x == l[0])
+    })
+    .await;
+    let leader = leader_on(&nodes[0], "groups").unwrap();
+    let mut nodes: Vec<Node> = nodes.into_iter().collect();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+
+    const GROUPS: u32 = 4;
+    const EACH: u32 = 30;
+    let conn_p = nodes[others[0]].connect().await;
+    let ch_p = conn_p.create_channel().await.unwrap();
+    ch_p.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..EACH {
+        for g in 0..GROUPS {
+            let mut h = FieldTable::default();
+            h.insert("group".into(), text(&format!("g{g}")));
+            let c = ch_p
+                .basic_publish(
+                    "".into(),
+                    "groups".into(),
+                    BasicPublishOptions::default(),
+                    format!("g{g}:{i}").as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(h),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(c.is_ack());
+        }
+    }
+
+    // Two consumers on a follower, each with room for many messages.
+    let conn_c = nodes[others[1]].connect().await;
+    let out: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Per group: the highest number delivered so far, and every number seen.
+    let seen: Arc<Mutex<BTreeMap<String, (i64, HashSet<u32>)>>> = Arc::default();
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..2 {
+        let ch = conn_c.create_channel().await.unwrap();
+        ch.basic_qos(20, BasicQosOptions::default()).await.unwrap();
+        let mut sub = ch
+            .basic_consume(
+                "groups".into(),
+                format!("c{c}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let (out, seen, killed) = (out.clone(), seen.clone(), killed.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let all_seen = seen
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .map(|(_, s)| s.len())
+                    .sum::<usize>();
+                if all_seen == (GROUPS * EACH) as usize {
+                    break;
+                }
+                // The other consumer may be taking the rest: wait a
+                // second at a time (the caller bounds the whole).
+                let Ok(Some(Ok(d))) =
+                    tokio::time::timeout(Duration::from_secs(1), sub.next()).await
+                else {
+                    continue;
+                };
+                let body = String::from_utf8(d.data.clone()).unwrap();
+                let (g, i) = body.split_once(':').unwrap();
+                let i: u32 = i.parse().unwrap();
+                if !killed.load(std::sync::atomic::Ordering::SeqCst) {
+                    assert!(
+                        out.lock().unwrap().insert(g.to_owned()),
+                        "two messages of {g} out at once"
+                    );
+                }
+                {
+                    let mut seen = seen.lock().unwrap();
+                    let (high, all) = seen.entry(g.to_owned()).or_insert((-1, HashSet::new()));
+                    assert!(
+                        i64::from(i) <= *high + 1,
+                        "{body} before {g}:{} was ever delivered",
+                        *high + 1
+                    );
+                    *high = (*high).max(i64::from(i));
+                    all.insert(i);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                out.lock().unwrap().remove(g);
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+            drop(ch);
+        }));
+    }
+    // Half way, the leader dies.
+    eventually("half consumed", t, || {
+        seen.lock()
+            .unwrap()
+            .values()
+            .map(|(_, s)| s.len())
+            .sum::<usize>()
+            >= (GROUPS * EACH / 2) as usize
+    })
+    .await;
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    nodes[li].kill().await;
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("every message consumed after the failover")
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    for g in 0..GROUPS {
+        let (_, all) = &seen[&format!("g{g}")];
+        assert_eq!(all.len(), EACH as usize, "g{g} lost messages");
+    }
+}
