@@ -44,6 +44,8 @@
 //!   config.
 //! * [`policy`]: RabbitMQ's policies and operator policies: which applies
 //!   to a queue or exchange, and what it makes of the declare arguments.
+//! * [`dedup`]: the message ids a deduplicating queue or exchange took
+//!   within its window.
 //! * [`alarm`]: the disk and memory alarms that block publishers while a
 //!   resource runs low.
 //! * [`json`]: AMQP field tables as JSON, as the admin API and definitions
@@ -69,6 +71,7 @@ pub mod author;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod dedup;
 pub mod json;
 pub mod latency;
 pub mod message;

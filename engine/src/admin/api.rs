@@ -260,6 +260,7 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
         policy: None,
         operator_policy: None,
         effective_policy_definition: json!({}),
+        deduplication_ids: q.dedup_ids(),
         message_stats: QueueMessageStats {
             publish: n(&q.enqueued),
             deliver_get: n(&q.delivered),
@@ -291,6 +292,7 @@ fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueV
         policy: None,
         operator_policy: None,
         effective_policy_definition: json!({}),
+        deduplication_ids: None,
         message_stats: QueueMessageStats::default(),
     }
 }

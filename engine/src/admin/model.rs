@@ -108,6 +108,9 @@ pub struct QueueView {
     /// What the two set together (the lower limit of each).
     #[serde(default)]
     pub effective_policy_definition: Value,
+    /// A deduplicating classic queue's ids in its window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deduplication_ids: Option<usize>,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
 }

@@ -96,10 +96,20 @@ impl Broker {
     /// checked its arguments), not yet in any vhost.
     pub(super) fn make_exchange(&self, spec: &ExchangeSpec) -> Result<Arc<Exchange>, BrokerError> {
         let _swap = self.swap.read();
-        let version = if Self::is_predeclared(&spec.name) {
-            self.builtins().get(&spec.kind).cloned()
+        // A deduplicating exchange (the community plugin's type) drops
+        // duplicates in the broker, then routes as `fanout`, as that
+        // plugin's does: its ids are state no plugin instance could share.
+        let (routing, dedup) = if spec.kind == DEDUP_EXCHANGE {
+            let settings = crate::dedup::Settings::of_exchange(&spec.arguments)
+                .map_err(BrokerError::PreconditionFailed)?;
+            ("fanout", Some(settings))
         } else {
-            self.registry.get(&spec.kind)
+            (spec.kind.as_str(), None)
+        };
+        let version = if Self::is_predeclared(&spec.name) || dedup.is_some() {
+            self.builtins().get(routing).cloned()
+        } else {
+            self.registry.get(routing)
         };
         let version = version.ok_or_else(|| BrokerError::UnknownExchangeType {
             kind: spec.kind.clone(),
@@ -146,6 +156,7 @@ impl Broker {
             staged: Default::default(),
             candidates: Default::default(),
             capturing: Default::default(),
+            dedup: dedup.map(|s| parking_lot::Mutex::new(crate::dedup::Cache::new(s))),
             capture: Default::default(),
         });
         Ok(x)

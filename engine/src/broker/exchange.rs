@@ -292,7 +292,13 @@ pub struct Exchange {
     pub(crate) capturing: std::sync::atomic::AtomicBool,
     /// The capture running or last run here.
     pub(crate) capture: ArcSwapOption<super::capture::Capture>,
+    /// An `x-message-deduplication` exchange's ids.
+    pub(crate) dedup: Option<parking_lot::Mutex<crate::dedup::Cache>>,
 }
+
+/// The type of a deduplicating exchange (the community
+/// `rabbitmq-message-deduplication` plugin's name for it).
+pub const DEDUP_EXCHANGE: &str = "x-message-deduplication";
 
 impl Exchange {
     /// The transform plugin's name, if it has one.

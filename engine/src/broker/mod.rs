@@ -51,7 +51,7 @@ pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsI
 pub use durable::{DefinitionsError, Recovery};
 use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
-pub use exchange::{Binding, BindingTable, Destination, Exchange, ExchangeStats};
+pub use exchange::{Binding, BindingTable, DEDUP_EXCHANGE, Destination, Exchange, ExchangeStats};
 pub use queue::Pushed;
 pub use queue::integer as queue_integer;
 pub use queue::{

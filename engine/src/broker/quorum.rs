@@ -440,11 +440,14 @@ impl Broker {
                 .collect();
             let (vhost, name, bootstrap) =
                 (e.vhost.clone(), e.definition.name.clone(), e.bootstrap);
+            let dedup = crate::dedup::Settings::of_queue(&e.definition.arguments)
+                .ok()
+                .flatten();
             let dir = node.data_dir().join("quorum").join(dir_name(group));
             let (node, broker, group) = (node.clone(), self.self_ref.clone(), group.clone());
             rt.spawn(async move {
                 let opened =
-                    Replica::open(node, &vhost, &name, &members, bootstrap, &dir).await;
+                    Replica::open(node, &vhost, &name, &members, bootstrap, &dir, dedup).await;
                 let Some(broker) = broker.upgrade() else {
                     return;
                 };

@@ -319,6 +319,16 @@ impl Broker {
             exchange: x.name.clone(),
             kind: x.kind.clone(),
         });
+        if let Some(ids) = &x.dedup
+            && !take_id(ids, &message)
+        {
+            // A duplicate (or an id it cannot take): confirmed, not routed.
+            if obs.counts() {
+                x.count(&x.stats.dropped);
+            }
+            ctx.outcome.dropped = true;
+            return;
+        }
 
         let message = match x.transform.load_full() {
             None => message,
@@ -527,6 +537,24 @@ impl Broker {
             });
         }
     }
+}
+
+/// Whether a deduplicating exchange routes `m`: it has no id, or one not
+/// taken within its window (the message's own `x-cache-ttl` header, else
+/// the exchange's). An id it cannot read is not routed.
+fn take_id(ids: &parking_lot::Mutex<crate::dedup::Cache>, m: &Message) -> bool {
+    let key = match crate::dedup::key_of(m) {
+        Ok(None) => return true,
+        Ok(Some(k)) => k,
+        Err(why) => {
+            tracing::debug!("message not routed: {why}");
+            return false;
+        }
+    };
+    let now = crate::message::now_ms();
+    let mut c = ids.lock();
+    let expires = c.expiry(now, crate::dedup::ttl_header(m));
+    c.admit(key, now, expires)
 }
 
 /// The version of the transform candidate staged on `x`.

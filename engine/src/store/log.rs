@@ -154,6 +154,11 @@ pub struct QueueLog {
     sync: Arc<Syncer>,
     segment_bytes: u64,
     inner: Mutex<Inner>,
+    /// A deduplicating queue's ids waiting to be written (see `ids`).
+    ids_pending: Mutex<super::ids::IdsPending>,
+    /// Its ids file, written by the sync thread; and the ids read from it
+    /// at start-up, until the queue takes them.
+    ids: Mutex<(super::ids::IdsFile, Vec<(crate::dedup::Key, u64)>)>,
 }
 
 impl std::fmt::Debug for QueueLog {
@@ -322,7 +327,10 @@ impl QueueLog {
                 id
             }
         };
+        let (ids_file, ids) = super::ids::IdsFile::open(&dir)?;
         let log = QueueLog {
+            ids_pending: Mutex::new(super::ids::IdsPending::default()),
+            ids: Mutex::new((ids_file, ids)),
             dir,
             dir_made: AtomicBool::new(dir_made),
             sync,
@@ -500,6 +508,62 @@ impl QueueLog {
     /// written go back to the front of the pending buffer (tried again in a
     /// later round) and the error fails this round's confirms.
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        let ids = self.flush_ids();
+        self.flush_records().and(ids)
+    }
+
+    /// Write and sync the deduplication ids pushed since the last round.
+    fn flush_ids(&self) -> Result<(), StoreError> {
+        let (rewrite, appends) = self.ids_pending.lock().take();
+        if rewrite.is_none() && appends.is_empty() {
+            return Ok(());
+        }
+        if self.inner.lock().deleted {
+            return Ok(());
+        }
+        let written = self
+            .make_dir()
+            .and_then(|()| self.ids.lock().0.write(rewrite.as_deref(), &appends));
+        if written.is_err() {
+            self.ids_pending.lock().restore(rewrite, appends);
+        }
+        written
+    }
+
+    /// Remember a deduplication id until `expires` (ms since the epoch):
+    /// written and synced in the next round, whose ticket is returned (a
+    /// publish's confirm waits for it).
+    pub fn remember(self: &Arc<Self>, key: crate::dedup::Key, expires: u64) -> u64 {
+        self.ids_pending.lock().push(key, expires);
+        self.sync.wrote(self)
+    }
+
+    /// Replace the ids on disk with `live` (they hold more than twice as
+    /// many records), in the next round.
+    pub fn rewrite_ids(self: &Arc<Self>, live: &[(crate::dedup::Key, u64)]) {
+        self.ids_pending.lock().rewrite(live);
+        self.sync.wrote(self);
+    }
+
+    /// Id records on disk or waiting (live or expired).
+    pub fn id_records(&self) -> u64 {
+        self.ids_pending.lock().records()
+    }
+
+    /// The ids read at start-up (once), with their expiries.
+    pub fn recovered_ids(&self) -> Vec<(crate::dedup::Key, u64)> {
+        let ids = std::mem::take(&mut self.ids.lock().1);
+        self.ids_pending.lock().records = ids.len() as u64;
+        ids
+    }
+
+    /// The latest ticket issued by the store: a round that covers it has
+    /// written everything appended before this call.
+    pub fn issued(&self) -> u64 {
+        self.sync.issued.load(Ordering::SeqCst)
+    }
+
+    fn flush_records(&self) -> Result<(), StoreError> {
         let writing = {
             let mut inner = self.inner.lock();
             if inner.deleted || inner.pending.is_empty() {

@@ -24,6 +24,7 @@
 
 pub mod changes;
 pub mod definitions;
+mod ids;
 pub mod log;
 pub mod record;
 

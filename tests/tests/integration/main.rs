@@ -11,6 +11,7 @@ mod amqp;
 mod builtins;
 mod clients;
 mod consumer_timeout;
+mod dedup;
 mod delivery_limit;
 mod deploy;
 mod durability;

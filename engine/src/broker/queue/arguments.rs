@@ -65,6 +65,10 @@ pub struct QueueLimits {
     /// while a message of a group is out (delivered, not settled), no
     /// other message of that group is delivered.
     pub group_header: Option<String>,
+    /// `x-message-deduplication` (with `x-cache-ttl`, `x-cache-size`): a
+    /// message whose `x-deduplication-header` was taken within the window
+    /// is confirmed and not enqueued.
+    pub dedup: Option<crate::dedup::Settings>,
 }
 
 /// An integer argument of any of AMQP's integer types.
@@ -140,6 +144,7 @@ impl QueueLimits {
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
             consumer_timeout: int_arg(args, "x-consumer-timeout")?.map(Duration::from_millis),
             group_header: string_arg(args, "x-message-group-header")?,
+            dedup: crate::dedup::Settings::of_queue(args)?,
             single_active: match args.inner().get("x-single-active-consumer") {
                 None => false,
                 Some(AMQPValue::Boolean(b)) => *b,

@@ -159,6 +159,10 @@ struct State {
     /// that a policy can change them without the publish path paying for
     /// a second synchronisation.
     limits: Arc<QueueLimits>,
+    /// The ids taken within the window (`x-message-deduplication`), under
+    /// the lock a publish takes anyway, so that two publishes of one id at
+    /// once cannot both be taken.
+    dedup: Option<crate::dedup::Cache>,
 }
 
 /// What a publish checks against, copied out of the limits under the lock.
@@ -175,6 +179,16 @@ impl Bounds {
             max_length_bytes: l.max_length_bytes,
         }
     }
+}
+
+/// What a deduplicating queue made of a message's id.
+enum Taken {
+    /// It has none: never deduplicated.
+    NoId,
+    /// New: taken, remembered until the time given.
+    New(crate::dedup::Key, u64),
+    /// Taken within the window already.
+    Duplicate,
 }
 
 /// Why a consumer could not be added.
@@ -235,6 +249,8 @@ pub struct Queue {
     /// `x-message-group-header` (fixed when declared): the header naming a
     /// message's group.
     group_header: Option<String>,
+    /// `x-message-deduplication` (fixed when declared).
+    dedup: bool,
 }
 
 impl std::fmt::Debug for Queue {
@@ -270,6 +286,17 @@ impl Queue {
         dead_letters: Option<DeadLetterSink>,
         log: Option<Arc<QueueLog>>,
     ) -> Self {
+        let dedup = limits.dedup.map(|s| {
+            // A durable queue's ids come back from its ids file.
+            let mut c = crate::dedup::Cache::new(s);
+            if let Some(log) = &log {
+                let now = now_ms();
+                for (k, e) in log.recovered_ids() {
+                    c.restore(k, e, now);
+                }
+            }
+            c
+        });
         Queue {
             log,
             page_over: flow_high / 4,
@@ -280,6 +307,7 @@ impl Queue {
             arguments: decl.arguments,
             state: Mutex::new(State {
                 messages: Ready::new(limits.max_priority, limits.group_header.is_some()),
+                dedup,
                 limits: Arc::new(limits.clone()),
                 ..State::default()
             }),
@@ -298,6 +326,7 @@ impl Queue {
             used: Mutex::new(Instant::now()),
             replica: None,
             group_header: limits.group_header.clone(),
+            dedup: limits.dedup.is_some(),
         }
     }
 
@@ -490,9 +519,30 @@ impl Queue {
         let Some(group) = self.group_of(&message) else {
             return Pushed::default();
         };
+        let mut ticket = 0;
+        let mut taken_id = None;
+        if self.dedup {
+            match self.take_id(&message) {
+                Err(()) => return Pushed::default(),
+                Ok(Taken::Duplicate) => {
+                    // Confirmed once what is already in the store is
+                    // (the first copy among it).
+                    return Pushed {
+                        accepted: true,
+                        ticket: self.log.as_ref().map_or(0, |l| l.issued()),
+                    };
+                }
+                Ok(Taken::New(key, expires)) => {
+                    if let Some(log) = &self.log {
+                        ticket = log.remember(key, expires);
+                    }
+                    taken_id = Some(key);
+                }
+                Ok(Taken::NoId) => {}
+            }
+        }
         let mut entry = Entry::new(message);
         entry.group = group;
-        let mut ticket = 0;
         if self.replica.is_some() {
             // A quorum queue's messages arrive through its log
             // (`push_replicated`); a direct push is a bug.
@@ -525,7 +575,64 @@ impl Queue {
             }
         }
         let accepted = self.admit(entry, own_ttl, None, page_out);
+        if !accepted && let Some(key) = taken_id {
+            // Refused after all (a length limit): it may come again.
+            if let Some(c) = self.state.lock().dedup.as_mut() {
+                c.forget(key);
+            }
+        }
         Pushed { accepted, ticket }
+    }
+
+    /// Check `m`'s deduplication id against the window and take it if it
+    /// is new. `Err` refuses the message (an id that is not a string, or
+    /// is too long).
+    fn take_id(&self, m: &Message) -> Result<Taken, ()> {
+        let key = match crate::dedup::key_of(m) {
+            Ok(Some(k)) => k,
+            Ok(None) => return Ok(Taken::NoId),
+            Err(why) => {
+                tracing::debug!(queue = %crate::untrusted::text(&self.name), "message refused: {why}");
+                return Err(());
+            }
+        };
+        let now = now_ms();
+        let mut st = self.state.lock();
+        let Some(cache) = st.dedup.as_mut() else {
+            return Ok(Taken::NoId);
+        };
+        let expires = cache.expiry(now, None);
+        Ok(if cache.admit(key, now, expires) {
+            Taken::New(key, expires)
+        } else {
+            Taken::Duplicate
+        })
+    }
+
+    fn sweep_ids(&self) {
+        let live = {
+            let mut st = self.state.lock();
+            let Some(cache) = st.dedup.as_mut() else {
+                return;
+            };
+            cache.evict(now_ms());
+            match &self.log {
+                Some(log) if log.id_records() > 2 * cache.len() as u64 + 10_000 => cache.entries(),
+                _ => return,
+            }
+        };
+        if let Some(log) = &self.log {
+            log.rewrite_ids(&live);
+        }
+    }
+
+    /// The ids the queue remembers (a deduplicating queue).
+    pub fn dedup_ids(&self) -> Option<usize> {
+        self.state
+            .lock()
+            .dedup
+            .as_ref()
+            .map(crate::dedup::Cache::len)
     }
 
     /// Take `entry` in, under the queue's limits: its TTL is the shorter of
@@ -697,8 +804,13 @@ impl Queue {
         self.bury(dead);
     }
 
-    /// Expire messages at the head (the broker's periodic sweep).
+    /// Expire messages at the head (the broker's periodic sweep); forget
+    /// the deduplication ids past their window, and rewrite the ids on
+    /// disk when most of them are gone.
     pub fn expire(&self) {
+        if self.dedup {
+            self.sweep_ids();
+        }
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();

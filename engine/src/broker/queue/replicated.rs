@@ -35,6 +35,10 @@ impl Queue {
     /// This queue as the live queue of a quorum queue's leader.
     pub(crate) fn with_replica(mut self, replica: Arc<dyn Replicated>) -> Self {
         self.replica = Some(replica);
+        // Its replicated log deduplicates, the same on every replica (see
+        // `cluster::quorum::machine`); what reaches it is new.
+        self.dedup = false;
+        self.state.get_mut().dedup = None;
         self
     }
 

@@ -10,6 +10,13 @@
 //!
 //! A snapshot is the state as JSON: its size follows the backlog, not the
 //! history, and the log before it is dropped (log compaction).
+//!
+//! A queue with `x-message-deduplication` deduplicates here, as entries
+//! are applied: every replica reads the same ids from the same messages
+//! and measures the window on the publish time the leader wrote into the
+//! entry, not its own clock, so every replica takes and drops the same
+//! messages, and a new leader knows every id its predecessor took. The
+//! ids are part of the snapshot.
 
 // openraft's storage traits return its (large) `StorageError` by value.
 #![allow(clippy::result_large_err)]
@@ -55,6 +62,10 @@ pub trait Live: Send + Sync {
 pub struct QueueState {
     /// Messages not settled, by id.
     pub messages: BTreeMap<u64, Held>,
+    /// A deduplicating queue's ids and when each expires (ms), as of the
+    /// snapshot (the live set is the machine's cache).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<(u64, u64, u64)>,
 }
 
 struct Inner {
@@ -63,6 +74,20 @@ struct Inner {
     state: QueueState,
     live: Option<Arc<dyn Live>>,
     built: u64,
+    /// A deduplicating queue's ids.
+    dedup: Option<crate::dedup::Cache>,
+}
+
+fn cache_of(
+    settings: Option<crate::dedup::Settings>,
+    state: &QueueState,
+) -> Option<crate::dedup::Cache> {
+    let mut c = crate::dedup::Cache::new(settings?);
+    // Expiry is judged against the publish times of later entries.
+    for (a, b, expires) in &state.ids {
+        c.restore((*a, *b), *expires, 0);
+    }
+    Some(c)
 }
 
 /// A replica's state machine. Clones share it.
@@ -73,8 +98,12 @@ pub struct QuorumMachine {
 }
 
 impl QuorumMachine {
-    /// The machine whose snapshot lives in `dir` (loaded if there is one).
-    pub fn open(dir: &Path) -> Result<QuorumMachine, StorageError<NodeId>> {
+    /// The machine whose snapshot lives in `dir` (loaded if there is one),
+    /// deduplicating with `dedup` if the queue does.
+    pub fn open(
+        dir: &Path,
+        dedup: Option<crate::dedup::Settings>,
+    ) -> Result<QuorumMachine, StorageError<NodeId>> {
         std::fs::create_dir_all(dir).map_err(sm_err)?;
         let mut inner = Inner {
             last_applied: None,
@@ -82,12 +111,14 @@ impl QuorumMachine {
             state: QueueState::default(),
             live: None,
             built: 0,
+            dedup: None,
         };
         if let Some(s) = StoredSnapshot::load(dir)? {
             inner.state = s.state()?;
             inner.last_applied = s.meta.last_log_id;
             inner.membership = s.meta.last_membership;
         }
+        inner.dedup = cache_of(dedup, &inner.state);
         Ok(QuorumMachine {
             inner: Arc::new(Mutex::new(inner)),
             dir: dir.to_owned(),
@@ -129,6 +160,24 @@ fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
     }
     let mut taken = Vec::with_capacity(op.enqueue.len());
     for (position, e) in op.enqueue.into_iter().enumerate() {
+        if let Some(cache) = inner.dedup.as_mut() {
+            match dedup_key(&e.message) {
+                Err(()) => {
+                    // Refused (an id that is not a string, or too long).
+                    taken.push(false);
+                    continue;
+                }
+                Ok(Some(key)) => {
+                    let expires = cache.expiry(e.published_ms, None);
+                    if !cache.admit(key, e.published_ms, expires) {
+                        // A duplicate: confirmed, not enqueued.
+                        taken.push(true);
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+            }
+        }
         let id = message_id(log_id.index, position);
         let held = Held {
             published_ms: e.published_ms,
@@ -145,11 +194,29 @@ fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
     Outcome { taken }
 }
 
+/// The deduplication id of a logged message (`Err`: refused).
+fn dedup_key(m: &StoredMessage) -> Result<Option<crate::dedup::Key>, ()> {
+    let raw = bytes::Bytes::copy_from_slice(&m.properties);
+    let Ok(props) = crate::message::decode_properties(&raw) else {
+        return Ok(None);
+    };
+    match props.headers() {
+        None => Ok(None),
+        Some(h) => crate::dedup::key_in(h).map_err(|_| ()),
+    }
+}
+
 impl RaftSnapshotBuilder<QuorumConfig> for QuorumMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<QuorumConfig>, StorageError<NodeId>> {
         let stored = {
             let mut inner = self.inner.lock();
             inner.built += 1;
+            inner.state.ids = inner.dedup.as_ref().map_or_else(Vec::new, |c| {
+                c.entries()
+                    .into_iter()
+                    .map(|((a, b), e)| (a, b, e))
+                    .collect()
+            });
             StoredSnapshot::build(
                 &inner.state,
                 inner.last_applied,
@@ -216,6 +283,8 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
         let state: QueueState = stored.state()?;
         stored.save(&self.dir)?;
         let mut inner = self.inner.lock();
+        let settings = inner.dedup.as_ref().map(crate::dedup::Cache::settings);
+        inner.dedup = cache_of(settings, &state);
         inner.state = state;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();

@@ -185,6 +185,7 @@ impl Replica {
         members: &[Member],
         bootstrap: bool,
         dir: &Path,
+        dedup: Option<crate::dedup::Settings>,
     ) -> Result<Arc<Replica>, ClusterError> {
         let group = group_name(vhost, name);
         let storage = |reason: String| ClusterError::Storage {
@@ -206,7 +207,7 @@ impl Replica {
         }
         let log = wal.group(&group).map_err(|e| storage(e.to_string()))?;
         let machine =
-            QuorumMachine::open(&dir.join("machine")).map_err(|e| storage(e.to_string()))?;
+            QuorumMachine::open(&dir.join("machine"), dedup).map_err(|e| storage(e.to_string()))?;
         let s = node.settings();
         let (heartbeat, election_min, election_max, timers) = if s.quiescent_quorum {
             // Elections and heartbeats come from the node's watch over its
