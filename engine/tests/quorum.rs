@@ -788,7 +788,8 @@ async fn message_groups_hold_on_a_quorum_queue_through_its_leaders_death() {
     let conn_c = nodes[others[1]].connect().await;
     let out: Arc<Mutex<HashSet<String>>> = Arc::default();
     // Per group: the highest number delivered so far, and every number seen.
-    let seen: Arc<Mutex<BTreeMap<String, (i64, HashSet<u32>)>>> = Arc::default();
+    type Seen = BTreeMap<String, (i64, HashSet<u32>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..2 {
