@@ -101,6 +101,13 @@ struct Args {
     /// queues).
     #[arg(long)]
     grouped: bool,
+    /// Give each message a fresh `x-deduplication-header`.
+    #[arg(long)]
+    dedup_ids: bool,
+    /// Declare the queues with `x-message-deduplication` (and give each
+    /// message a fresh id; compare with `--dedup-ids` alone).
+    #[arg(long)]
+    dedup: bool,
 }
 
 struct Stats {
@@ -173,6 +180,12 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
                 lapin::types::AMQPValue::LongString("quorum".into()),
             );
         }
+        if args.dedup {
+            queue_args.insert(
+                "x-message-deduplication".into(),
+                lapin::types::AMQPValue::Boolean(true),
+            );
+        }
         if args.grouped {
             queue_args.insert(
                 "x-message-group-header".into(),
@@ -240,15 +253,23 @@ async fn produce(
             n += args.producers as u64;
             let payload = body.clone();
             let ch = &ch;
-            let props = if args.groups > 0 {
-                let mut h = FieldTable::default();
+            let mut h = FieldTable::default();
+            if args.groups > 0 {
                 h.insert(
                     "group".into(),
                     lapin::types::AMQPValue::LongString(format!("g{}", n % args.groups).into()),
                 );
-                props.clone().with_headers(h)
-            } else {
+            }
+            if args.dedup || args.dedup_ids {
+                h.insert(
+                    "x-deduplication-header".into(),
+                    lapin::types::AMQPValue::LongString(format!("{id}-{n}").into()),
+                );
+            }
+            let props = if h.inner().is_empty() {
                 props.clone()
+            } else {
+                props.clone().with_headers(h)
             };
             let exchange = args.exchange.as_str();
             publishes.push(async move {
