@@ -70,10 +70,7 @@ fn main() {
     }
     let check = started.elapsed();
     let per = |d: Duration| d.as_nanos() as f64 / args.ids as f64;
-    println!(
-        "ids: {} taken, {} duplicates found again",
-        taken, dups
-    );
+    println!("ids: {} taken, {} duplicates found again", taken, dups);
     println!(
         "new id: {:.0} ns (key + check + take); duplicate: {:.0} ns",
         per(fill),
