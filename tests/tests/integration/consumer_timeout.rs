@@ -156,7 +156,7 @@ async fn an_unacknowledged_delivery_past_its_timeout_closes_the_channel_and_is_r
         seen.lock().unwrap()
     );
     assert!(worker.status().connected());
-    drop(conn);
+    conn.close(200, "bye".into()).await.unwrap();
 
     // Kept with the durable queue: after a restart it holds again.
     let server = server.restart().await;

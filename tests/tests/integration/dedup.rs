@@ -105,7 +105,7 @@ async fn a_queue_takes_an_id_once_within_its_window_across_a_restart() {
         )
         .await
     );
-    drop(conn);
+    conn.close(200, "bye".into()).await.unwrap();
 
     // The ids are on disk with the queue.
     let server = server.restart().await;

@@ -145,7 +145,7 @@ async fn a_classic_queue_counts_returns_and_dead_letters_past_its_limit_across_a
     assert!(second.delivery.redelivered);
     assert_eq!(delivery_count(&second), Some(1));
     nack_requeue(&second).await;
-    drop(conn);
+    conn.close(200, "bye".into()).await.unwrap();
 
     // The count is kept with the persistent message.
     let server = server.restart().await;

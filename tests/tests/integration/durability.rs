@@ -175,10 +175,11 @@ async fn acked_messages_stay_gone_and_unacked_ones_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_paged_to_disk_and_segments_are_reclaimed() {
-    // A 64 KiB flow watermark pages persistent messages out after 16 KiB;
+    // A 128 KiB flow watermark pages persistent messages out after 32 KiB
+    // (768 paged entries take ~48 KiB of index, under the watermark);
     // 1 MiB segments make the 3 MiB backlog span several.
     let t = TestServer::start_with(|c| {
-        c.amqp.queue_flow_bytes = 64 << 10;
+        c.amqp.queue_flow_bytes = 128 << 10;
         c.store.segment_mib = 1;
     })
     .await;
@@ -198,7 +199,7 @@ async fn a_backlog_is_paged_to_disk_and_segments_are_reclaimed() {
     let q = t.broker().vhost("/").unwrap().queue("backlog").unwrap();
     assert_eq!(q.len(), n);
     assert!(
-        q.ready_bytes() < 64 << 10,
+        q.ready_bytes() < 128 << 10,
         "paged-out messages are not held in memory: {} bytes ready",
         q.ready_bytes()
     );

@@ -180,7 +180,8 @@ async fn a_returned_message_keeps_its_group_waiting_and_groups_survive_a_restart
     assert!(again.delivery.redelivered);
     assert!(get(ch.clone()).await.is_none());
     b1.delivery.ack(BasicAckOptions::default()).await.unwrap();
-    drop(conn);
+    // Closed, not dropped: the ack is sent before the connection goes.
+    conn.close(200, "bye".into()).await.unwrap();
 
     // a1 was out when the broker stopped: after the restart it is first
     // again, and a2 still comes only after it.

@@ -180,7 +180,7 @@ async fn sns_filter_policies_on_bindings_as_aws_documents_them() {
         assert_eq!(reply_code(&e), Some(406), "{e}");
         assert!(e.to_string().contains(says), "{policy}: {e}");
     }
-    drop(conn);
+    conn.close(200, "bye".into()).await.unwrap();
 
     // The bindings keep their policies across a restart.
     let server = server.restart().await;

@@ -68,3 +68,14 @@ impl Entry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// What a paged-out message costs in memory (`docs/configuration.md`
+    /// says so under `queue_flow_bytes`): a field added here is paid per
+    /// message of every backlog.
+    #[test]
+    fn an_entry_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<super::Entry>(), 64);
+    }
+}
