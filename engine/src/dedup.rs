@@ -180,12 +180,63 @@ pub fn ttl_header(m: &Message) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
+/// Shards of the id map, so that growing it rehashes a sixteenth of the
+/// ids at a time: a single map of a million ids stalled its queue (under
+/// whose lock it grows) for the whole rehash (`docs/performance.md`).
+const SHARDS: usize = 16;
+
+/// Key → expiry, in [`SHARDS`] maps chosen by the key's low bits.
+#[derive(Debug)]
+struct Expiries {
+    shards: Vec<HashMap<Key, u64>>,
+    len: usize,
+}
+
+impl Expiries {
+    fn new() -> Self {
+        Expiries {
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            len: 0,
+        }
+    }
+
+    fn shard(&self, k: &Key) -> usize {
+        (k.0 as usize) % SHARDS
+    }
+
+    fn get(&self, k: &Key) -> Option<&u64> {
+        self.shards[self.shard(k)].get(k)
+    }
+
+    fn insert(&mut self, k: Key, e: u64) {
+        let s = self.shard(&k);
+        if self.shards[s].insert(k, e).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, k: &Key) {
+        let s = self.shard(k);
+        if self.shards[s].remove(k).is_some() {
+            self.len -= 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The ids remembered, with when each is forgotten (ms since the epoch;
 /// `u64::MAX`: never, but for the size bound).
 #[derive(Debug)]
 pub struct Cache {
     settings: Settings,
-    expires: HashMap<Key, u64>,
+    expires: Expiries,
     /// Keys in the order they were taken (a key taken again after it
     /// expired is here twice; the older one is skipped when reached).
     order: VecDeque<Key>,
@@ -196,7 +247,7 @@ impl Cache {
     pub fn new(settings: Settings) -> Self {
         Cache {
             settings,
-            expires: HashMap::new(),
+            expires: Expiries::new(),
             order: VecDeque::new(),
         }
     }
