@@ -41,6 +41,25 @@ fn leader_on(node: &Node, queue: &str) -> Option<String> {
         .and_then(|q| q["quorum"]["leader"].as_str().map(str::to_owned))
 }
 
+/// Wait until every node agrees on `queue`'s leader; the nodes as a
+/// vector, the leader's index, and the other two.
+async fn agreed_leader(
+    nodes: [Node; 3],
+    queue: &str,
+    t: Duration,
+) -> (Vec<Node>, String, usize, Vec<usize>) {
+    eventually("every node knows the leader", t, || {
+        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, queue)).collect();
+        l[0].is_some() && l.iter().all(|x| *x == l[0])
+    })
+    .await;
+    let leader = leader_on(&nodes[0], queue).unwrap();
+    let nodes: Vec<Node> = nodes.into_iter().collect();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    (nodes, leader, li, others)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_keeps_every_confirmed_message_when_its_leader_dies() {
     let root = tempfile::tempdir().unwrap();
@@ -52,15 +71,7 @@ async fn a_quorum_queue_keeps_every_confirmed_message_when_its_leader_dies() {
         .await
         .unwrap();
     let nodes = [a, b, c];
-    eventually("every node knows the leader", t, || {
-        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "orders")).collect();
-        l[0].is_some() && l.iter().all(|x| *x == l[0])
-    })
-    .await;
-    let leader = leader_on(&nodes[0], "orders").unwrap();
-    let mut nodes: Vec<Node> = nodes.into_iter().collect();
-    let li = nodes.iter().position(|n| n.name == leader).unwrap();
-    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let (mut nodes, leader, li, others) = agreed_leader(nodes, "orders", t).await;
 
     // Published through a follower, confirmed once a majority has it.
     const N: u32 = 500;
@@ -745,15 +756,7 @@ async fn message_groups_hold_on_a_quorum_queue_through_its_leaders_death() {
     )
     .await
     .unwrap();
-    eventually("every node knows the leader", t, || {
-        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "groups")).collect();
-        l[0].is_some() && l.iter().all(|x| *x == l[0])
-    })
-    .await;
-    let leader = leader_on(&nodes[0], "groups").unwrap();
-    let mut nodes: Vec<Node> = nodes.into_iter().collect();
-    let li = nodes.iter().position(|n| n.name == leader).unwrap();
-    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let (mut nodes, _, li, others) = agreed_leader(nodes, "groups", t).await;
 
     const GROUPS: u32 = 4;
     const EACH: u32 = 30;
@@ -895,15 +898,7 @@ async fn a_quorum_queue_deduplicates_across_its_leaders_death() {
     .await
     .unwrap();
     drop(conn);
-    eventually("every node knows the leader", t, || {
-        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "payments")).collect();
-        l[0].is_some() && l.iter().all(|x| *x == l[0])
-    })
-    .await;
-    let leader = leader_on(&nodes[0], "payments").unwrap();
-    let mut nodes: Vec<Node> = nodes.into_iter().collect();
-    let li = nodes.iter().position(|n| n.name == leader).unwrap();
-    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let (mut nodes, leader, li, others) = agreed_leader(nodes, "payments", t).await;
 
     let publish_ids = |node: &Node, ids: std::ops::Range<u32>| {
         let url = format!("amqp://guest:guest@{}/%2f", node.amqp);
