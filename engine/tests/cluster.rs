@@ -1393,3 +1393,104 @@ async fn connection_and_channel_limits_count_every_node() {
         "{e}"
     );
 }
+
+/// The consumer timeout holds for a consumer of a queue on another node:
+/// the consuming node closes the channel (406) and the delivery goes back
+/// to the queue's node, flagged redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_on_another_node_times_out_and_its_delivery_goes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, _c) = three_nodes_with(root.path(), |_| {
+        "[amqp]\nconsumer_timeout_ms = 600\n".into()
+    })
+    .await;
+    let t = Duration::from_secs(15);
+    let conn_a = a.connect().await;
+    let ch = conn_a.create_channel().await.unwrap();
+    ch.queue_declare(
+        "work".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        ch.basic_publish(
+            "".into(),
+            "work".into(),
+            BasicPublishOptions::default(),
+            b"job",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .is_ack()
+    );
+    eventually("b knows the queue", t, || {
+        b.api().get("/api/queues/%2F/work").is_ok()
+    })
+    .await;
+
+    let conn_b = b.connect().await;
+    let errors = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut events = Box::pin(conn_b.events_listener());
+    let seen = errors.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event {
+                seen.lock().unwrap().push(e.to_string());
+            }
+        }
+    });
+    let chb = conn_b.create_channel().await.unwrap();
+    chb.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut sub = chb
+        .basic_consume(
+            "work".into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(t, sub.next())
+        .await
+        .expect("a delivery through b")
+        .unwrap()
+        .unwrap();
+    assert!(!d.redelivered);
+    eventually("b closes the channel", t, || {
+        !errors.lock().unwrap().is_empty()
+    })
+    .await;
+    let e = errors.lock().unwrap()[0].clone();
+    assert!(
+        e.contains("delivery acknowledgement on channel 1 timed out. Timeout value used: 600 ms"),
+        "{e}"
+    );
+    assert!(conn_b.status().connected(), "only the channel closes");
+    let back = tokio::time::timeout(t, async {
+        loop {
+            if let Some(m) = ch
+                .basic_get("work".into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the delivery back in its queue on a");
+    assert_eq!(back.delivery.data, b"job");
+    assert!(back.delivery.redelivered);
+}
