@@ -418,6 +418,43 @@ pub async fn declare_passive(
     .await
 }
 
+/// Declare a durable queue with `args` over AMQP.
+pub async fn declare_durable(ch: &lapin::Channel, name: &str, args: FieldTable) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+}
+
+/// Publish on a channel in confirm mode and wait for the confirm: whether
+/// the broker acked it.
+pub async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> bool {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        properties,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+    .is_ack()
+}
+
 /// Declare a plain queue over AMQP.
 pub async fn declare_queue(ch: &lapin::Channel, name: &str) {
     ch.queue_declare(name.into(), Default::default(), Default::default())

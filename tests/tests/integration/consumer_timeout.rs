@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde_json::json;
-use wasmq_tests::{TestServer, get_all, reply_code};
+use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed, reply_code};
 
 /// Every error lapin reports on `conn` (a channel or the connection
 /// closed by the broker), as text.
@@ -36,31 +36,13 @@ async fn declare(ch: &lapin::Channel, name: &str, timeout_ms: Option<i64>) {
     if let Some(ms) = timeout_ms {
         args.insert("x-consumer-timeout".into(), AMQPValue::LongLongInt(ms));
     }
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    declare_durable(ch, name, args).await;
 }
 
 async fn publish(ch: &lapin::Channel, queue: &str, bodies: &[&str]) {
     for b in bodies {
-        ch.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            b.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        assert!(publish_confirmed(ch, "", queue, b.as_bytes(), persistent).await);
     }
 }
 

@@ -7,12 +7,10 @@
 
 use std::time::Duration;
 
-use lapin::options::{
-    BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
-use wasmq_tests::{TestServer, get_all, reply_code};
+use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed, reply_code};
 
 fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
@@ -34,20 +32,10 @@ async fn publish(
     headers: &[(&str, AMQPValue)],
     body: &str,
 ) -> bool {
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        BasicProperties::default()
-            .with_headers(table(headers))
-            .with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap()
-    .is_ack()
+    let props = BasicProperties::default()
+        .with_headers(table(headers))
+        .with_delivery_mode(2);
+    publish_confirmed(ch, exchange, key, body.as_bytes(), props).await
 }
 
 fn bodies(got: Vec<(String, bool)>) -> Vec<String> {
@@ -64,16 +52,7 @@ async fn a_queue_takes_an_id_once_within_its_window_across_a_restart() {
         ("x-message-deduplication", AMQPValue::Boolean(true)),
         ("x-cache-ttl", AMQPValue::LongInt(3000)),
     ]);
-    ch.queue_declare(
-        "payments".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    declare_durable(&ch, "payments", args).await;
     // A duplicate is confirmed (as SQS reports success) and not enqueued;
     // messages without an id are never deduplicated.
     assert!(publish(&ch, "", "payments", &[id("p-1")], "first").await);

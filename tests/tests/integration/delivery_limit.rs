@@ -8,12 +8,12 @@
 
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
-use wasmq_tests::{TestServer, get_all};
+use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed};
 
 fn delivery_count(m: &BasicGetMessage) -> Option<i64> {
     match m
@@ -65,30 +65,12 @@ async fn declare(ch: &lapin::Channel, name: &str, args: &[(&str, AMQPValue)]) {
     for (k, v) in args {
         table.insert((*k).into(), v.clone());
     }
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        table,
-    )
-    .await
-    .unwrap();
+    declare_durable(ch, name, table).await;
 }
 
 async fn publish(ch: &lapin::Channel, queue: &str, body: &str) {
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    assert!(publish_confirmed(ch, "", queue, body.as_bytes(), persistent).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

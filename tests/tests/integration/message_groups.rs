@@ -9,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
-use wasmq_tests::{TestServer, get_all, reply_code};
+use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed, reply_code};
 
 async fn declare(ch: &Channel, name: &str) {
     let mut args = FieldTable::default();
@@ -22,16 +20,7 @@ async fn declare(ch: &Channel, name: &str) {
         "x-message-group-header".into(),
         AMQPValue::LongString("group".into()),
     );
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
+    declare_durable(ch, name, args).await;
 }
 
 fn props(group: Option<AMQPValue>) -> BasicProperties {
@@ -46,18 +35,7 @@ fn props(group: Option<AMQPValue>) -> BasicProperties {
 
 /// Publish `body` in `group`; whether it was confirmed (acked).
 async fn publish(ch: &Channel, queue: &str, group: Option<AMQPValue>, body: &str) -> bool {
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        props(group),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap()
-    .is_ack()
+    publish_confirmed(ch, "", queue, body.as_bytes(), props(group)).await
 }
 
 fn group(g: &str) -> Option<AMQPValue> {

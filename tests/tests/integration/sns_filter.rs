@@ -4,12 +4,10 @@
 //! a bad policy is refused at bind with its reason; the bindings and their
 //! policies survive a restart.
 
-use lapin::options::{
-    BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
-use wasmq_tests::{TestServer, get_all, reply_code};
+use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed, reply_code};
 
 /// The attributes of AWS's example transaction, as AMQP headers.
 fn attributes() -> FieldTable {
@@ -89,19 +87,10 @@ fn binding(policy: &str, scope: &str) -> FieldTable {
 }
 
 async fn publish(ch: &Channel, headers: FieldTable, body: &str) {
-    ch.basic_publish(
-        "transactions".into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        body.as_bytes(),
-        BasicProperties::default()
-            .with_headers(headers)
-            .with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let props = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    assert!(publish_confirmed(ch, "transactions", "", body.as_bytes(), props).await);
 }
 
 /// Publish the example as headers (to the attribute policies) and as a
@@ -134,16 +123,7 @@ async fn sns_filter_policies_on_bindings_as_aws_documents_them() {
     .await
     .unwrap();
     for (queue, policy, scope, _) in POLICIES {
-        ch.queue_declare(
-            (*queue).into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_durable(&ch, queue, FieldTable::default()).await;
         ch.queue_bind(
             (*queue).into(),
             "transactions".into(),
