@@ -269,25 +269,26 @@ impl Cache {
 
     /// When an id taken at `now_ms` is forgotten (under `ttl`, else the
     /// window).
-    pub fn expiry(&self, now_ms: u64, ttl: Option<Duration>) -> u64 {
+    fn expiry(&self, now_ms: u64, ttl: Option<Duration>) -> u64 {
         match ttl.or(self.settings.window) {
             Some(w) => now_ms.saturating_add(w.as_millis() as u64),
             None => u64::MAX,
         }
     }
 
-    /// Take `key` at `now_ms`, remembered until `expires`: `true` if it is
-    /// new (now remembered), `false` if it is a duplicate within the
-    /// window.
-    pub fn admit(&mut self, key: Key, now_ms: u64, expires: u64) -> bool {
+    /// Take `key` at `now_ms`, remembered for `ttl` (else the window):
+    /// when it is new, the time it is forgotten (ms); `None` if it is a
+    /// duplicate within the window.
+    pub fn admit(&mut self, key: Key, now_ms: u64, ttl: Option<Duration>) -> Option<u64> {
         self.evict(now_ms);
         if self.expires.get(&key).is_some_and(|e| *e > now_ms) {
-            return false;
+            return None;
         }
+        let expires = self.expiry(now_ms, ttl);
         self.expires.insert(key, expires);
         self.order.push_back(key);
         self.bound();
-        true
+        Some(expires)
     }
 
     /// An id taken by [`Cache::admit`] whose message was refused after
@@ -368,11 +369,11 @@ mod tests {
     fn an_id_is_a_duplicate_within_its_window_only() {
         let mut c = Cache::new(settings(1000, 10));
         let k = key(b"order-1");
-        assert!(c.admit(k, 0, c.expiry(0, None)));
-        assert!(!c.admit(k, 999, c.expiry(999, None)), "within the window");
-        assert!(c.admit(key(b"order-2"), 500, c.expiry(500, None)));
-        assert!(c.admit(k, 1000, c.expiry(1000, None)), "the window passed");
-        assert!(!c.admit(k, 1500, c.expiry(1500, None)));
+        assert!(c.admit(k, 0, None).is_some());
+        assert!(c.admit(k, 999, None).is_none(), "within the window");
+        assert!(c.admit(key(b"order-2"), 500, None).is_some());
+        assert!(c.admit(k, 1000, None).is_some(), "the window passed");
+        assert!(c.admit(k, 1500, None).is_none());
         // Expired ids leave.
         c.evict(10_000);
         assert!(c.is_empty());
@@ -382,11 +383,11 @@ mod tests {
     fn past_its_bound_the_oldest_id_is_forgotten_first() {
         let mut c = Cache::new(settings(60_000, 3));
         for i in 0..5u8 {
-            assert!(c.admit(key(&[i]), u64::from(i), c.expiry(u64::from(i), None)));
+            assert!(c.admit(key(&[i]), u64::from(i), None).is_some());
         }
         assert_eq!(c.len(), 3);
-        assert!(c.admit(key(&[0]), 10, c.expiry(10, None)), "forgotten");
-        assert!(!c.admit(key(&[4]), 10, c.expiry(10, None)), "kept");
+        assert!(c.admit(key(&[0]), 10, None).is_some(), "forgotten");
+        assert!(c.admit(key(&[4]), 10, None).is_none(), "kept");
         let restored: Vec<Key> = c.entries().into_iter().map(|(k, _)| k).collect();
         assert_eq!(restored, vec![key(&[3]), key(&[4]), key(&[0])]);
     }
@@ -395,14 +396,14 @@ mod tests {
     fn a_refused_message_does_not_hold_its_id_and_restores_skip_the_expired() {
         let mut c = Cache::new(settings(1000, 10));
         let k = key(b"x");
-        assert!(c.admit(k, 0, 1000));
+        assert!(c.admit(k, 0, None).is_some());
         c.forget(k);
-        assert!(c.admit(k, 1, 1001));
+        assert!(c.admit(k, 1, None).is_some());
         let mut d = Cache::new(settings(1000, 10));
         d.restore(key(b"old"), 50, 100);
         d.restore(key(b"live"), 500, 100);
         assert_eq!(d.len(), 1);
-        assert!(!d.admit(key(b"live"), 200, 1200));
+        assert!(d.admit(key(b"live"), 200, None).is_none());
     }
 
     #[test]

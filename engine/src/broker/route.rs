@@ -553,8 +553,7 @@ fn take_id(ids: &parking_lot::Mutex<crate::dedup::Cache>, m: &Message) -> bool {
     };
     let now = crate::message::now_ms();
     let mut c = ids.lock();
-    let expires = c.expiry(now, crate::dedup::ttl_header(m));
-    c.admit(key, now, expires)
+    c.admit(key, now, crate::dedup::ttl_header(m)).is_some()
 }
 
 /// The version of the transform candidate staged on `x`.

@@ -601,11 +601,9 @@ impl Queue {
         let Some(cache) = st.dedup.as_mut() else {
             return Ok(Taken::NoId);
         };
-        let expires = cache.expiry(now, None);
-        Ok(if cache.admit(key, now, expires) {
-            Taken::New(key, expires)
-        } else {
-            Taken::Duplicate
+        Ok(match cache.admit(key, now, None) {
+            Some(expires) => Taken::New(key, expires),
+            None => Taken::Duplicate,
         })
     }
 

@@ -168,8 +168,7 @@ fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
                     continue;
                 }
                 Ok(Some(key)) => {
-                    let expires = cache.expiry(e.published_ms, None);
-                    if !cache.admit(key, e.published_ms, expires) {
+                    if cache.admit(key, e.published_ms, None).is_none() {
                         // A duplicate: confirmed, not enqueued.
                         taken.push(true);
                         continue;
