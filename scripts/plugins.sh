@@ -2,7 +2,7 @@
 # examples/plugins (installing the wasm32 target if it is missing).
 build_example_plugins() {
     rustup target add wasm32-unknown-unknown
-    local examples=(consistent-hash json-filter redact)
+    local examples=(consistent-hash json-filter redact backoff)
     cargo build --profile plugin --target wasm32-unknown-unknown \
         $(printf -- '-p wasmq-example-%s ' "${examples[@]}")
     mkdir -p examples/plugins

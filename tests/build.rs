@@ -28,6 +28,11 @@ fn main() {
                 dir: "examples/redact",
             },
             PluginCrate {
+                package: "wasmq-example-backoff",
+                plugin: "backoff",
+                dir: "examples/backoff",
+            },
+            PluginCrate {
                 package: "wasmq-test-faulty",
                 plugin: "faulty",
                 dir: "tests/plugins/faulty",

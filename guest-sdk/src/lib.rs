@@ -74,8 +74,8 @@ pub mod testing;
 pub use message::Message;
 pub use properties::Properties;
 pub use roles::{
-    Binding, BindingId, Destinations, Exchange, Filter, Outcome, Rewrite, Router, Subscription,
-    Target, Transform,
+    Binding, BindingId, DELAY_HEADER, Destinations, Exchange, Filter, Outcome, Rewrite, Router,
+    Subscription, Target, Transform,
 };
 pub use table::{FieldTable, FieldValue, bytes_eq};
 

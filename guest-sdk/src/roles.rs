@@ -120,6 +120,31 @@ pub enum Outcome {
     DeadLetter(String),
 }
 
+/// The header a delayed exchange (`x-delayed-message`) reads a message's
+/// delay from, in milliseconds.
+pub const DELAY_HEADER: &str = "x-delay";
+
+impl Outcome {
+    /// Hold `message` for `ms` milliseconds before it is routed: a rewrite
+    /// that sets its [`DELAY_HEADER`]. A delayed exchange reads the header
+    /// after its transform, so a transform on an `x-delayed-message`
+    /// exchange decides each message's delay (a retry's back-off, say); on
+    /// another exchange the header takes effect where the message reaches
+    /// a delayed one. `ms` past 2^32 - 1 (49.7 days) is refused by the
+    /// broker; 0 routes at once.
+    pub fn delay(message: &Message<'_>, ms: u64) -> Outcome {
+        let mut properties = message.properties().clone();
+        let mut headers = properties.headers.take().unwrap_or_default();
+        headers.insert(DELAY_HEADER, i64::try_from(ms).unwrap_or(i64::MAX));
+        properties.headers = Some(headers);
+        Outcome::Rewrite(Rewrite {
+            routing_key: None,
+            properties: Some(properties),
+            body: None,
+        })
+    }
+}
+
 /// The parts of a message a transform replaces; `None` keeps the original.
 #[derive(Debug, Default, PartialEq)]
 pub struct Rewrite {

@@ -192,6 +192,10 @@ fn exchange_view(v: &VHost, x: &Exchange) -> ExchangeView {
             transform: x.transform_name(),
         },
         policy: x.policy_name(),
+        messages_delayed: x
+            .delayed
+            .as_ref()
+            .map(|d| v.queue(&d.queue).map_or(0, |q| q.delayed())),
         message_stats: ExchangeMessageStats {
             publish_in: n(&st.published),
             routed: n(&st.routed),
@@ -261,6 +265,7 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
         operator_policy: None,
         effective_policy_definition: json!({}),
         deduplication_ids: q.dedup_ids(),
+        messages_delayed: q.delayed(),
         message_stats: QueueMessageStats {
             publish: n(&q.enqueued),
             deliver_get: n(&q.delivered),
@@ -293,6 +298,7 @@ fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueV
         operator_policy: None,
         effective_policy_definition: json!({}),
         deduplication_ids: None,
+        messages_delayed: 0,
         message_stats: QueueMessageStats::default(),
     }
 }

@@ -28,10 +28,14 @@ pub struct ExchangeView {
     pub arguments: Value,
     /// The plugins deciding for it.
     pub plugin: ExchangePlugins,
-    /// Counters since it was declared.
     /// The policy that applies (RabbitMQ's field).
     #[serde(default)]
     pub policy: Option<String>,
+    /// A delayed exchange's (`x-delayed-message`) messages waiting for
+    /// their `x-delay` on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_delayed: Option<usize>,
+    /// Counters since it was declared.
     pub message_stats: ExchangeMessageStats,
 }
 
@@ -111,6 +115,10 @@ pub struct QueueView {
     /// A deduplicating classic queue's ids in its window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deduplication_ids: Option<usize>,
+    /// Messages not yet due (`x-delivery-delay`, or a delayed exchange's
+    /// scheduled messages): not counted in `messages`.
+    #[serde(default)]
+    pub messages_delayed: usize,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
 }

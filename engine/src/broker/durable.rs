@@ -94,7 +94,14 @@ impl Broker {
                     let transform = super::string_arg(&x.arguments, super::ARG_TRANSFORM)
                         .ok()
                         .flatten();
-                    std::iter::once(x.kind.clone()).chain(transform)
+                    // A delayed exchange routes with its `x-delayed-type`.
+                    let router = match x.kind == super::DELAYED_EXCHANGE {
+                        true => super::string_arg(&x.arguments, super::ARG_DELAYED_TYPE)
+                            .ok()
+                            .flatten(),
+                        false => Some(x.kind.clone()),
+                    };
+                    router.into_iter().chain(transform)
                 });
                 let filters = v.bindings.iter().filter_map(|b| {
                     super::string_arg(&b.arguments, super::ARG_FILTER)

@@ -294,13 +294,52 @@ pub struct Exchange {
     pub(crate) capture: ArcSwapOption<super::capture::Capture>,
     /// An `x-message-deduplication` exchange's ids.
     pub(crate) dedup: Option<parking_lot::Mutex<crate::dedup::Cache>>,
+    /// An `x-delayed-message` exchange's routing type and queue.
+    pub delayed: Option<Delayed>,
+}
+
+/// What makes an exchange a delayed one (`x-delayed-message`).
+#[derive(Clone, Debug)]
+pub struct Delayed {
+    /// `x-delayed-type`: the exchange type (plugin) that routes a message
+    /// when it is due.
+    pub routing: String,
+    /// The queue its scheduled messages wait in.
+    pub queue: String,
 }
 
 /// The type of a deduplicating exchange (the community
 /// `rabbitmq-message-deduplication` plugin's name for it).
 pub const DEDUP_EXCHANGE: &str = "x-message-deduplication";
 
+/// The type of a delayed exchange (RabbitMQ's community
+/// `rabbitmq_delayed_message_exchange` plugin's name for it).
+pub const DELAYED_EXCHANGE: &str = "x-delayed-message";
+
+/// The argument of a delayed exchange naming the type it routes with.
+pub const ARG_DELAYED_TYPE: &str = "x-delayed-type";
+
+/// The queue argument naming the delayed exchange a broker-made queue
+/// holds the scheduled messages of.
+pub const ARG_SCHEDULES: &str = "x-wasmq-delayed-exchange";
+
+/// The name of the queue delayed exchange `exchange`'s messages wait in.
+/// `amq.` names cannot be declared by clients, so it is the broker's.
+pub fn schedule_queue(exchange: &str) -> String {
+    format!("amq.delayed.{exchange}")
+}
+
 impl Exchange {
+    /// The type its router plugin is: its `kind`, but for a delayed
+    /// exchange (`x-delayed-type`) and a deduplicating one (`fanout`).
+    pub fn router_kind(&self) -> &str {
+        match (&self.delayed, &self.dedup) {
+            (Some(d), _) => &d.routing,
+            (None, Some(_)) => "fanout",
+            (None, None) => &self.kind,
+        }
+    }
+
     /// The transform plugin's name, if it has one.
     pub fn transform_name(&self) -> Option<String> {
         self.transform_name.load().as_deref().cloned()

@@ -23,6 +23,7 @@ pub mod capture;
 mod connections;
 mod dead_letter;
 mod declare;
+mod delayed;
 mod durable;
 mod error;
 mod exchange;
@@ -51,7 +52,10 @@ pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsI
 pub use durable::{DefinitionsError, Recovery};
 use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
-pub use exchange::{Binding, BindingTable, DEDUP_EXCHANGE, Destination, Exchange, ExchangeStats};
+pub use exchange::{
+    ARG_DELAYED_TYPE, ARG_SCHEDULES, Binding, BindingTable, DEDUP_EXCHANGE, DELAYED_EXCHANGE,
+    Delayed, Destination, Exchange, ExchangeStats, schedule_queue,
+};
 pub use queue::Pushed;
 pub use queue::integer as queue_integer;
 pub use queue::{

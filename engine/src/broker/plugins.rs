@@ -300,7 +300,7 @@ impl Broker {
     /// keep the shipped built-in as their router; a filter or transform on
     /// them is swapped like any other.
     pub(super) fn routes_with(x: &Exchange, name: &str) -> bool {
-        x.kind == name && !Self::is_predeclared(&x.name)
+        x.router_kind() == name && !Self::is_predeclared(&x.name)
     }
 
     /// Build `version`'s handles for its plugin's uses in `x`, whose

@@ -380,7 +380,11 @@ impl Broker {
                 }
             }
             for q in vhost.queues() {
-                if q.owner.is_none() && !wanted_queue(&vhost.name, &q.name) {
+                // A delayed exchange's queue is made by its exchange on
+                // each node, not by the cluster's log.
+                let scheduled = super::delayed::schedules(&q.arguments)
+                    .is_some_and(|x| wanted_exchange(&vhost.name, x));
+                if q.owner.is_none() && !scheduled && !wanted_queue(&vhost.name, &q.name) {
                     let _ = self.delete_queue(&vhost, &q.name, false, false);
                 }
             }

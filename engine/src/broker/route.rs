@@ -17,7 +17,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use super::candidate::{self, By};
 use super::exchange::{Destination, Exchange};
-use super::queue::{Queue, Reply};
+use super::queue::{Delay, Queue, Reply, delay_of};
 use super::trace::{self, Observer, Step, Steps};
 use super::{Broker, BrokerError, VHost};
 use crate::message::Message;
@@ -103,6 +103,9 @@ struct Routing {
     visited: Vec<Arc<Exchange>>,
     outcome: PublishOutcome,
     ids: Vec<u32>,
+    /// Routing a delayed exchange's message that is due: no delayed
+    /// exchange on its way holds it again.
+    due: bool,
 }
 
 impl Routing {
@@ -260,7 +263,7 @@ impl Broker {
         vhost: &VHost,
         exchange: Option<&Arc<Exchange>>,
         message: Message,
-        mut reply: impl FnMut() -> Option<Reply>,
+        reply: impl FnMut() -> Option<Reply>,
         obs: &mut O,
     ) -> PublishOutcome {
         if let Some(x) = exchange
@@ -276,6 +279,35 @@ impl Broker {
             None => ctx.deliver_to(vhost, &message.routing_key, &message),
             Some(x) => self.route_into(vhost, x, message, &mut ctx, obs),
         }
+        self.deliver_routed(ctx, reply, obs)
+    }
+
+    /// Route a delayed exchange's message that is due: through `x`'s
+    /// router and bindings as they are now (its transform ran when it was
+    /// published), and deliver it.
+    pub(crate) fn publish_due(
+        &self,
+        vhost: &VHost,
+        x: &Arc<Exchange>,
+        message: Arc<Message>,
+    ) -> PublishOutcome {
+        let mut ctx = Routing {
+            due: true,
+            ..Routing::default()
+        };
+        ctx.visited.push(x.clone());
+        self.route_bindings(vhost, x, message, &mut ctx, &mut ());
+        self.deliver_routed(ctx, || None, &mut ())
+    }
+
+    /// Hand a routed message to the queues it reached.
+    #[inline(always)]
+    fn deliver_routed<O: Observer>(
+        &self,
+        mut ctx: Routing,
+        mut reply: impl FnMut() -> Option<Reply>,
+        obs: &mut O,
+    ) -> PublishOutcome {
         ctx.outcome.delivered = ctx.reached();
         for (q, m) in ctx.deliveries {
             obs.delivered(&q);
@@ -369,14 +401,50 @@ impl Broker {
                 }
             },
         };
+        if let Some(d) = &x.delayed
+            && !ctx.due
+        {
+            match delay_of(&message) {
+                Ok(Delay::Ms(_)) => {
+                    // Routed when due, by `publish_due`.
+                    obs.step(|| Step::Delayed {
+                        exchange: x.name.clone(),
+                        queue: d.queue.clone(),
+                    });
+                    ctx.deliver_to(vhost, &d.queue, &message);
+                    return;
+                }
+                Ok(Delay::Now) => {}
+                Err(why) => {
+                    // Refused: nacked to a confirming publisher, returned
+                    // if mandatory.
+                    tracing::debug!(exchange = %crate::untrusted::text(&x.name), "message refused: {why}");
+                    ctx.outcome.rejected += 1;
+                    return;
+                }
+            }
+        }
+        self.route_bindings(vhost, x, message, ctx, obs);
+    }
 
+    /// The routing step: `x`'s router picks bindings, their filters decide,
+    /// the message goes on to their queues and exchanges (or to the
+    /// alternate exchange when none takes it).
+    fn route_bindings<O: Observer>(
+        &self,
+        vhost: &VHost,
+        x: &Arc<Exchange>,
+        message: Arc<Message>,
+        ctx: &mut Routing,
+        obs: &mut O,
+    ) {
         let mut ids = std::mem::take(&mut ctx.ids);
         ids.clear();
         let started = O::ON.then(std::time::Instant::now);
         let by = match candidate::route(x, &message, &mut ids) {
             Ok(by) => by,
             Err(fault) => {
-                let plugin = x.kind.clone();
+                let plugin = x.router_kind().to_owned();
                 self.on_fault(vhost, x, &plugin, &message, fault, ctx, obs);
                 ctx.ids = ids;
                 return;

@@ -119,6 +119,13 @@ pub enum Step {
         /// Its `alternate-exchange`.
         to: String,
     },
+    /// Held by a delayed exchange: it is routed when its `x-delay` is up.
+    Delayed {
+        /// The exchange.
+        exchange: String,
+        /// The queue it waits in.
+        queue: String,
+    },
     /// Dead-lettered (a transform's decision or a fault).
     DeadLetter {
         /// The exchange.
@@ -306,7 +313,7 @@ pub(crate) fn route_step(
         .collect();
     Step::Route {
         exchange: x.name.clone(),
-        plugin: x.kind.clone(),
+        plugin: x.router_kind().to_owned(),
         version: version.short_hash().to_owned(),
         candidate: by == By::Candidate,
         bindings,

@@ -12,6 +12,7 @@ mod builtins;
 mod clients;
 mod consumer_timeout;
 mod dedup;
+mod delayed;
 mod delivery_limit;
 mod deploy;
 mod durability;

@@ -731,6 +731,9 @@ fn print_trace(t: &Trace) {
                 to,
                 reason,
             } => format!("'{exchange}' dead-letters to '{to}': {reason}"),
+            Step::Delayed { exchange, queue } => {
+                format!("'{exchange}' holds it for its x-delay, in '{queue}'")
+            }
         };
         println!("  {:>2}. {line}", i + 1);
     }

@@ -348,7 +348,7 @@ impl Broker {
     /// the candidate beside it. A candidate that refuses the exchange the
     /// serving version took would misroute there: it is rolled back.
     pub(crate) fn stage_on_new_exchange(&self, x: &Exchange) {
-        let router = Self::routes_with(x, &x.kind).then_some(x.kind.as_str());
+        let router = Self::routes_with(x, x.router_kind()).then_some(x.router_kind());
         let transform = x.transform_name();
         let mut trials: Vec<Arc<Trial>> = [router, transform.as_deref()]
             .into_iter()

@@ -69,6 +69,9 @@ pub struct QueueLimits {
     /// message whose `x-deduplication-header` was taken within the window
     /// is confirmed and not enqueued.
     pub dedup: Option<crate::dedup::Settings>,
+    /// `x-delivery-delay` (SQS's queue-level `DelaySeconds`): every message
+    /// entering the queue waits this long before it can be delivered.
+    pub delivery_delay: Option<Duration>,
 }
 
 /// An integer argument of any of AMQP's integer types.
@@ -145,6 +148,7 @@ impl QueueLimits {
             consumer_timeout: int_arg(args, "x-consumer-timeout")?.map(Duration::from_millis),
             group_header: string_arg(args, "x-message-group-header")?,
             dedup: crate::dedup::Settings::of_queue(args)?,
+            delivery_delay: int_arg(args, "x-delivery-delay")?.map(Duration::from_millis),
             single_active: match args.inner().get("x-single-active-consumer") {
                 None => false,
                 Some(AMQPValue::Boolean(b)) => *b,
@@ -191,6 +195,15 @@ impl QueueLimits {
             if args.inner().contains_key("x-max-priority") {
                 return Err("invalid arg 'x-message-group-header': a queue with message groups cannot also have x-max-priority (a group's order is its publish order)".into());
             }
+        }
+        if let Some(d) = limits.delivery_delay
+            && d.as_millis() as u64 > super::MAX_DELAY_MS
+        {
+            return Err(format!(
+                "invalid arg 'x-delivery-delay': {} ms is past the maximum of {} ms",
+                d.as_millis(),
+                super::MAX_DELAY_MS
+            ));
         }
         if limits.consumer_timeout == Some(Duration::ZERO) {
             return Err("invalid arg 'x-consumer-timeout': must be positive".into());

@@ -36,7 +36,9 @@
 //! queue, in memory or paged out), `clock` (the time TTLs are read
 //! from, which tests advance instead of sleeping), `stored` (a durable
 //! queue's messages recovered from and read back from its log) and
-//! `replicated` (a quorum queue's live queue, reporting to its Raft log).
+//! `replicated` (a quorum queue's live queue, reporting to its Raft log)
+//! and `schedule` (messages held until a time: `x-delivery-delay`, and a
+//! delayed exchange's scheduled messages).
 
 mod arguments;
 mod clock;
@@ -44,6 +46,7 @@ mod consumer;
 mod entry;
 mod ready;
 mod replicated;
+mod schedule;
 mod stored;
 
 use std::sync::Arc;
@@ -59,6 +62,7 @@ pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
 pub use entry::Entry;
 use ready::Ready;
 pub use replicated::{Replicated, Reply};
+pub use schedule::{Delay, DueSink, MAX_DELAY_MS, delay_of};
 
 use crate::message::Message;
 use crate::store::{QueueLog, RecordMeta, StoreError, StoreRef};
@@ -163,6 +167,8 @@ struct State {
     /// the lock a publish takes anyway, so that two publishes of one id at
     /// once cannot both be taken.
     dedup: Option<crate::dedup::Cache>,
+    /// Messages not yet due (`schedule`).
+    waiting: schedule::Waiting,
 }
 
 /// What a publish checks against, copied out of the limits under the lock.
@@ -251,6 +257,13 @@ pub struct Queue {
     group_header: Option<String>,
     /// `x-message-deduplication` (fixed when declared).
     dedup: bool,
+    /// Estimated bytes of waiting (not yet due) messages: they count
+    /// towards paging, not towards flow control.
+    waiting_bytes: AtomicUsize,
+    /// Wakes the queue's timer (started with its first waiting message).
+    timer: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    /// A delayed exchange's queue: where due messages go.
+    due_sink: Option<DueSink>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -327,6 +340,9 @@ impl Queue {
             replica: None,
             group_header: limits.group_header.clone(),
             dedup: limits.dedup.is_some(),
+            waiting_bytes: AtomicUsize::new(0),
+            timer: std::sync::OnceLock::new(),
+            due_sink: None,
         }
     }
 
@@ -565,7 +581,7 @@ impl Queue {
                 Ok((stored, t)) => {
                     entry.stored = Some(stored);
                     ticket = t;
-                    page_out = self.ready_bytes() > self.page_over;
+                    page_out = self.ready_bytes() + self.waiting_bytes() > self.page_over;
                 }
                 Err(StoreError::Deleted) => {}
                 Err(e) => {
@@ -659,6 +675,17 @@ impl Queue {
                     Instant::now() + Duration::from_millis(left)
                 }
             });
+            if let Some(due) = self.due_of(&st, entry.message.as_deref(), published_ms)
+                && self.holds(due)
+            {
+                // Not ready until due: no length limit or consumer yet.
+                self.enqueued.fetch_add(1, Ordering::Relaxed);
+                if page_out {
+                    entry.message = None;
+                }
+                self.wait(&mut st, entry, due);
+                return true;
+            }
             self.expire_head(&mut st, &mut dead);
             let size = entry.body_len as usize;
             let mut accepted = true;
@@ -805,10 +832,11 @@ impl Queue {
     /// Expire messages at the head (the broker's periodic sweep); forget
     /// the deduplication ids past their window, and rewrite the ids on
     /// disk when most of them are gone.
-    pub fn expire(&self) {
+    pub fn expire(self: &Arc<Self>) {
         if self.dedup {
             self.sweep_ids();
         }
+        self.arm_waiting();
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
@@ -956,11 +984,16 @@ impl Queue {
     /// Remove every waiting message; returns how many.
     pub fn purge(&self) -> usize {
         let mut st = self.state.lock();
-        let messages = st.messages.take();
+        let mut messages = st.messages.take();
         st.body_bytes = 0;
+        // Those waiting for their time go too, as SQS's purge takes them.
+        let waiting = st.waiting.take();
         drop(st);
         let bytes: usize = messages.iter().map(Entry::footprint).sum();
         self.release_bytes(bytes);
+        let waited: usize = waiting.iter().map(Entry::footprint).sum();
+        self.waiting_bytes.fetch_sub(waited, Ordering::Relaxed);
+        messages.extend(waiting);
         self.forget(&messages);
         messages.len()
     }

@@ -58,22 +58,26 @@ impl Queue {
     /// Put recovered messages in the queue (at startup, before any client
     /// sees it), in log order, marked redelivered: they may have been
     /// delivered before the restart.
-    pub fn restore(&self, recovered: Vec<Recovered>) {
+    pub fn restore(self: &Arc<Self>, recovered: Vec<Recovered>) {
         let now = Instant::now();
         let now_ms = now_ms();
         let mut st = self.state.lock();
         let queue_ttl = st.limits.message_ttl.map(|d| d.as_millis() as u64);
         for r in recovered {
-            // A grouped queue reads each message's group back (the record
-            // keeps only its size and timing).
-            let group = match (&self.group_header, &self.log) {
-                (Some(h), Some(log)) => log
-                    .load(r.stored)
-                    .ok()
-                    .and_then(|m| super::group_hash(&m, h).ok())
-                    .unwrap_or(0),
+            // A grouped queue reads each message's group back, a delayed
+            // exchange's queue its delay (the record keeps only its size
+            // and timing).
+            let loaded = match &self.log {
+                Some(log) if self.group_header.is_some() || self.due_sink.is_some() => {
+                    log.load(r.stored).ok()
+                }
+                _ => None,
+            };
+            let group = match (&self.group_header, &loaded) {
+                (Some(h), Some(m)) => super::group_hash(m, h).unwrap_or(0),
                 _ => 0,
             };
+            let due = self.due_of(&st, loaded.as_ref(), Some(r.meta.published_ms));
             let ttl = match (queue_ttl, r.meta.ttl_ms) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -93,6 +97,10 @@ impl Queue {
                 }),
             };
             self.enqueued.fetch_add(1, Ordering::Relaxed);
+            if let Some(due) = due.filter(|d| self.holds(*d)) {
+                self.wait(&mut st, entry, due);
+                continue;
+            }
             self.count_ready(&mut st, &entry);
             st.messages.push_back(entry);
         }
