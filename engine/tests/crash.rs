@@ -428,3 +428,117 @@ async fn deduplication_ids_survive_kill_9() {
     assert_eq!(left, expected);
     broker.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_survive_kill_9_and_arrive_once_and_not_early() {
+    use lapin::types::AMQPValue;
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await.0;
+    let conn = connect(&addr).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-delayed-type".into(),
+        AMQPValue::LongString("direct".into()),
+    );
+    let durable = || ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "later".into(),
+        lapin::ExchangeKind::Custom("x-delayed-message".into()),
+        durable(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "out".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "out".into(),
+        "later".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // Bodies say when each is due (wall clock), so the checker can tell
+    // an early delivery; every tenth has no delay.
+    let mut pending = Vec::new();
+    for i in 0..300u64 {
+        let delay = if i % 10 == 0 { 0 } else { 1500 + i * 3 };
+        let mut h = FieldTable::default();
+        h.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
+        let body = format!("{i}:{}", wall_ms() + delay);
+        let props = BasicProperties::default()
+            .with_headers(h)
+            .with_delivery_mode(2);
+        pending.push(
+            ch.basic_publish(
+                "later".into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for p in pending {
+        assert!(p.await.unwrap().is_ack());
+    }
+    broker.kill().await;
+
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await.0;
+    let conn = connect(&addr).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut seen = HashSet::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 300 && Instant::now() < until {
+        let Some(m) = ch
+            .basic_get("out".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let body = std::str::from_utf8(&m.delivery.data).unwrap().to_owned();
+        let (i, due) = body.split_once(':').unwrap();
+        let due: u64 = due.parse().unwrap();
+        assert!(wall_ms() >= due, "{body} delivered before its time");
+        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
+    }
+    assert_eq!(seen.len(), 300, "every confirmed message, once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        ch.basic_get("out".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_none()
+    );
+    broker.kill().await;
+}

@@ -972,3 +972,89 @@ async fn a_quorum_queue_deduplicates_across_its_leaders_death() {
     got.sort_unstable();
     assert_eq!(got, (0..30).collect::<Vec<_>>(), "each id enqueued once");
 }
+
+/// A quorum queue's `x-delivery-delay` counts from the publish time its
+/// log replicated: when the leader dies with every message still waiting,
+/// the new leader holds them until the same due times, and each is
+/// delivered once and never early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queues_delayed_messages_wait_out_their_leaders_death() {
+    use std::collections::HashSet;
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    // Longer than a failover takes, so the new leader must hold them.
+    const DELAY: u64 = 8000;
+    const N: u64 = 100;
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    let nodes = [a, b, c];
+    let conn = nodes[0].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "later".into(),
+        durable(),
+        quorum(&[("x-delivery-delay", AMQPValue::LongLongInt(DELAY as i64))]),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let (mut nodes, _, li, others) = agreed_leader(nodes, "later", t).await;
+    let conn_p = nodes[others[0]].connect().await;
+    let ch_p = conn_p.create_channel().await.unwrap();
+    ch_p.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..N {
+        let body = format!("{i}:{}", wall_ms() + DELAY);
+        let c = ch_p
+            .basic_publish(
+                "".into(),
+                "later".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    nodes[li].kill().await;
+
+    let conn_c = nodes[others[1]].connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let mut sub = ch_c
+        .basic_consume(
+            "later".into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < N as usize && std::time::Instant::now() < until {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await
+        else {
+            continue;
+        };
+        let body = String::from_utf8(d.data.clone()).unwrap();
+        let (i, due) = body.split_once(':').unwrap();
+        assert!(
+            wall_ms() >= due.parse::<u64>().unwrap(),
+            "{body} before its time"
+        );
+        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
+    }
+    assert_eq!(seen.len(), N as usize, "every confirmed message");
+}
