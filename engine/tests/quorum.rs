@@ -1044,8 +1044,7 @@ async fn a_quorum_queues_delayed_messages_wait_out_their_leaders_death() {
     let mut seen = HashSet::new();
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while seen.len() < N as usize && std::time::Instant::now() < until {
-        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await
-        else {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await else {
             continue;
         };
         let body = String::from_utf8(d.data.clone()).unwrap();
@@ -1057,4 +1056,135 @@ async fn a_quorum_queues_delayed_messages_wait_out_their_leaders_death() {
         assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
     }
     assert_eq!(seen.len(), N as usize, "every confirmed message");
+}
+
+/// A delayed exchange's schedule in a cluster is a quorum queue the
+/// cluster's log declares with the exchange: when its leader dies with
+/// messages scheduled, the new leader routes each once, at its time,
+/// through the bindings (here to a quorum queue), and deleting the
+/// exchange deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_exchanges_schedule_is_replicated_and_survives_its_leaders_death() {
+    use std::collections::HashSet;
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    const DELAY: u64 = 8000;
+    const N: u64 = 100;
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    let nodes = [a, b, c];
+    let conn = nodes[0].connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-delayed-type".into(), text("direct"));
+    ch.exchange_declare(
+        "later".into(),
+        lapin::ExchangeKind::Custom("x-delayed-message".into()),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_declare("out".into(), durable(), quorum(&[]))
+        .await
+        .unwrap();
+    ch.queue_bind(
+        "out".into(),
+        "later".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let (mut nodes, _, li, others) = agreed_leader(nodes, "amq.delayed.later", t).await;
+    // Published through a node that does not lead the schedule.
+    let conn_p = nodes[others[0]].connect().await;
+    let ch_p = conn_p.create_channel().await.unwrap();
+    ch_p.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..N {
+        let mut h = FieldTable::default();
+        h.insert("x-delay".into(), AMQPValue::LongLongInt(DELAY as i64));
+        let body = format!("{i}:{}", wall_ms() + DELAY);
+        let c = ch_p
+            .basic_publish(
+                "later".into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(h),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    nodes[li].kill().await;
+
+    let conn_c = nodes[others[1]].connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    let mut sub = ch_c
+        .basic_consume(
+            "out".into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < N as usize && std::time::Instant::now() < until {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await else {
+            continue;
+        };
+        let body = String::from_utf8(d.data.clone()).unwrap();
+        let (i, due) = body.split_once(':').unwrap();
+        assert!(
+            wall_ms() >= due.parse::<u64>().unwrap(),
+            "{body} before its time"
+        );
+        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
+    }
+    assert_eq!(seen.len(), N as usize, "every confirmed message");
+
+    // The schedule goes with its exchange, not alone.
+    let other = conn_c.create_channel().await.unwrap();
+    let e = other
+        .queue_delete("amq.delayed.later".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("delayed exchange"), "{e}");
+    // Deleting the exchange deletes it, on every node.
+    ch_c.exchange_delete("later".into(), Default::default())
+        .await
+        .unwrap();
+    for n in others {
+        let node = &nodes[n];
+        eventually("the schedule deleted", t, || {
+            node.api()
+                .get("/api/queues/%2F")
+                .ok()
+                .and_then(|qs| qs.as_array().cloned())
+                .is_some_and(|qs| qs.iter().all(|q| q["name"] != "amq.delayed.later"))
+        })
+        .await;
+    }
 }

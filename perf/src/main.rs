@@ -108,6 +108,11 @@ struct Args {
     /// message a fresh id; compare with `--dedup-ids` alone).
     #[arg(long)]
     dedup: bool,
+    /// Publish through an `x-delayed-message` exchange (routing with
+    /// `--exchange-type`), each message with this `x-delay` in ms; the
+    /// latency printed is then the lateness: time past the delay.
+    #[arg(long, default_value_t = 0)]
+    delay: u64,
 }
 
 struct Stats {
@@ -160,11 +165,24 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
             throwaway.close(200, "".into()).await.ok();
         }
     }
+    let (kind, exchange_args) = if args.delay > 0 {
+        let mut t = FieldTable::default();
+        t.insert(
+            "x-delayed-type".into(),
+            lapin::types::AMQPValue::LongString(args.exchange_type.as_str().into()),
+        );
+        (ExchangeKind::Custom("x-delayed-message".into()), t)
+    } else {
+        (kind, FieldTable::default())
+    };
     ch.exchange_declare(
         args.exchange.as_str().into(),
         kind,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
+        ExchangeDeclareOptions {
+            durable: args.persistent && args.delay > 0,
+            ..Default::default()
+        },
+        exchange_args,
     )
     .await?;
     for q in 0..args.queues {
@@ -260,6 +278,12 @@ async fn produce(
                     lapin::types::AMQPValue::LongString(format!("g{}", n % args.groups).into()),
                 );
             }
+            if args.delay > 0 {
+                h.insert(
+                    "x-delay".into(),
+                    lapin::types::AMQPValue::LongLongInt(args.delay as i64),
+                );
+            }
             if args.dedup || args.dedup_ids {
                 h.insert(
                     "x-deduplication-header".into(),
@@ -351,6 +375,7 @@ async fn consume(
         };
         let sent = u64::from_le_bytes(d.data[..8].try_into()?);
         let micros = (start.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000;
+        let micros = micros.saturating_sub(args.delay * 1000);
         let _ = local.record(micros.max(1));
         let count = stats.received.fetch_add(1, Ordering::Relaxed) + 1;
         if !args.auto_ack {

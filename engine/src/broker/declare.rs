@@ -242,7 +242,7 @@ impl Broker {
         }
         vhost.exchanges.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
-        if let Some(d) = &x.delayed {
+        if let Some(d) = x.delayed.as_ref().filter(|_| !self.schedules_in_cluster()) {
             // Its scheduled messages go with it, as they do in RabbitMQ.
             match self.delete_queue(vhost, &d.queue, false, false) {
                 Ok(_) | Err(BrokerError::NotFound { .. }) => {}

@@ -17,7 +17,7 @@ use super::*;
 use crate::broker::queue::DueSink;
 
 /// The delayed exchange a queue's arguments say it schedules for.
-pub(super) fn schedules(args: &FieldTable) -> Option<&str> {
+pub fn schedules(args: &FieldTable) -> Option<&str> {
     match args.inner().get(ARG_SCHEDULES)? {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),
@@ -60,12 +60,22 @@ impl Broker {
         Ok(Delayed { routing, queue })
     }
 
+    /// Whether a delayed exchange's queue comes from the cluster's log (a
+    /// quorum queue the log declares and deletes with the exchange, see
+    /// `cluster::machine`) rather than from the exchange's declaration.
+    pub(super) fn schedules_in_cluster(&self) -> bool {
+        self.cluster().is_some() || self.replicated.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Declare the queue delayed exchange `x`'s messages wait in (durable
     /// with the exchange); an existing one is kept with what it holds.
     pub(super) fn declare_schedule(&self, vhost: &VHost, x: &Exchange) -> Result<(), BrokerError> {
         let Some(d) = &x.delayed else {
             return Ok(());
         };
+        if self.schedules_in_cluster() {
+            return Ok(());
+        }
         let mut arguments = FieldTable::default();
         arguments.insert(
             ARG_SCHEDULES.into(),

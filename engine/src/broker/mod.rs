@@ -24,6 +24,7 @@ mod connections;
 mod dead_letter;
 mod declare;
 mod delayed;
+pub use delayed::schedules;
 mod durable;
 mod error;
 mod exchange;

@@ -542,23 +542,26 @@ impl Broker {
         let (applied, limits) =
             self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
         let sink = Some(self.dead_letter_sink(&vhost.name));
-        let queue = Arc::new(
-            Queue::new(
-                QueueDecl {
-                    name: definition.name.clone(),
-                    durable: true,
-                    owner: None,
-                    auto_delete: false,
-                    arguments: definition.arguments.clone(),
-                },
-                limits,
-                flow,
-                sink,
-                None,
-            )
-            .with_replica(replica.clone() as Arc<dyn Replicated>)
-            .with_policy(applied),
-        );
+        let mut queue = Queue::new(
+            QueueDecl {
+                name: definition.name.clone(),
+                durable: true,
+                owner: None,
+                auto_delete: false,
+                arguments: definition.arguments.clone(),
+            },
+            limits,
+            flow,
+            sink,
+            None,
+        )
+        .with_replica(replica.clone() as Arc<dyn Replicated>)
+        .with_policy(applied);
+        if let Some(x) = super::delayed::schedules(&definition.arguments) {
+            // A delayed exchange's schedule, kept by its leader.
+            queue = queue.with_due_sink(self.due_sink(&vhost.name, x));
+        }
+        let queue = Arc::new(queue);
         let (term, fresh_from) = {
             let m = replica.raft().metrics().borrow().clone();
             (m.current_term, m.last_log_index.map_or(0, |i| i + 1))

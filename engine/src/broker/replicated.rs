@@ -228,6 +228,12 @@ impl Broker {
                 self.apply_queue_leader(&vhost, name, node, me);
                 Ok(Applied::Done)
             }
+            Command::DeleteQueue { name, .. } if self.holds_schedule(&vhost, name) => {
+                Err(BrokerError::AccessRefused(format!(
+                    "queue '{name}' in vhost '{}' holds a delayed exchange's scheduled messages: it goes when the exchange is deleted",
+                    vhost.name
+                )))
+            }
             Command::DeleteQueue { name, .. } if self.is_quorum(&vhost, name) => Ok(
                 Applied::Removed(self.apply_delete_quorum(&vhost, name) as u32),
             ),
@@ -271,6 +277,19 @@ impl Broker {
             | Command::Access { .. } => Ok(Applied::Done),
         };
         result.unwrap_or_else(refused)
+    }
+
+    /// Whether `vhost`'s queue `name` is the schedule of a delayed exchange
+    /// that still exists (it goes only with the exchange).
+    fn holds_schedule(&self, vhost: &super::VHost, name: &str) -> bool {
+        let arguments = match vhost.queue(name) {
+            Ok(q) => q.arguments.clone(),
+            Err(_) => match vhost.remote_queue(name) {
+                Some(r) => r.definition.arguments,
+                None => return false,
+            },
+        };
+        super::delayed::schedules(&arguments).is_some_and(|x| vhost.exchange(x).is_ok())
     }
 
     fn apply_declare_queue(

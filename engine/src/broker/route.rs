@@ -429,7 +429,10 @@ impl Broker {
 
     /// The routing step: `x`'s router picks bindings, their filters decide,
     /// the message goes on to their queues and exchanges (or to the
-    /// alternate exchange when none takes it).
+    /// alternate exchange when none takes it). Inlined into `route_into`:
+    /// a call of its own cost the publish path 80 instructions (callgrind,
+    /// `publish/topic_1000`).
+    #[inline(always)]
     fn route_bindings<O: Observer>(
         &self,
         vhost: &VHost,

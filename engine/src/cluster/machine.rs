@@ -172,7 +172,86 @@ fn binding_key(vhost: &str, b: &BindingDefinition) -> String {
     )
 }
 
+/// The voting members' names in `membership`.
+fn voter_names(membership: &StoredMembership<NodeId, Member>) -> Vec<String> {
+    let m = membership.membership();
+    let ids: Vec<NodeId> = m.voter_ids().collect();
+    m.nodes()
+        .filter(|(id, _)| ids.contains(id))
+        .map(|(_, member)| member.name.clone())
+        .collect()
+}
+
 impl Catalog {
+    /// What an applied command brings with it, decided from the log alone
+    /// (so every node decides the same): a delayed exchange's scheduled
+    /// messages wait in a quorum queue of its own, declared with the
+    /// exchange on members picked from `voters`, and deleted with it.
+    pub fn follow_ups(&self, command: &Command, voters: &[String]) -> Vec<Command> {
+        use crate::broker::{ARG_SCHEDULES, DELAYED_EXCHANGE, schedule_queue};
+        use amq_protocol::types::{AMQPValue, FieldTable};
+        match command {
+            Command::DeclareExchange {
+                vhost, exchange, ..
+            } if exchange.kind == DELAYED_EXCHANGE => {
+                let name = schedule_queue(&exchange.name);
+                if self.queues.contains_key(&key(vhost, &name)) || voters.is_empty() {
+                    return Vec::new();
+                }
+                let mut nodes = voters.to_vec();
+                nodes.sort();
+                // Spread over the nodes by the exchange's name.
+                let start = name
+                    .bytes()
+                    .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+                    % nodes.len();
+                let size = crate::broker::DEFAULT_GROUP_SIZE.min(nodes.len());
+                let mut members: Vec<String> = (0..size)
+                    .map(|i| nodes[(start + i) % nodes.len()].clone())
+                    .collect();
+                let node = members[0].clone();
+                members.sort();
+                let mut arguments = FieldTable::default();
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                arguments.insert(
+                    ARG_SCHEDULES.into(),
+                    AMQPValue::LongString(exchange.name.as_str().into()),
+                );
+                vec![Command::DeclareQueue {
+                    vhost: vhost.clone(),
+                    queue: QueueDefinition {
+                        name,
+                        auto_delete: false,
+                        arguments,
+                    },
+                    durable: true,
+                    node,
+                    members,
+                }]
+            }
+            Command::DeleteExchange { vhost, name, .. } => {
+                let queue = schedule_queue(name);
+                match self.queues.get(&key(vhost, &queue)) {
+                    Some(q)
+                        if crate::broker::schedules(&q.queue.arguments) == Some(name.as_str()) =>
+                    {
+                        vec![Command::DeleteQueue {
+                            vhost: vhost.clone(),
+                            name: queue,
+                            if_unused: false,
+                            if_empty: false,
+                        }]
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Record a command the broker accepted.
     pub fn apply(&mut self, command: &Command) {
         match command {
@@ -612,6 +691,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     };
                     if !matches!(applied, Applied::Refused { .. }) {
                         inner.catalog.apply(&command);
+                        let voters = voter_names(&inner.membership);
+                        for then in inner.catalog.follow_ups(&command, &voters) {
+                            if let Some(a) = &self.applier
+                                && let Applied::Refused { text, .. } = a.apply(&then)
+                            {
+                                tracing::error!(
+                                    "applying what a definition brings with it: {text}"
+                                );
+                                continue;
+                            }
+                            inner.catalog.apply(&then);
+                        }
                     }
                     applied
                 }
