@@ -305,19 +305,31 @@ impl Broker {
             ))
         })?;
         if limits.quorum {
-            // Quorum queues are made through the cluster's log
-            // (`broker/quorum.rs`); one that reaches here cannot be one.
-            return Err(BrokerError::PreconditionFailed(if owner.is_some() {
-                format!(
-                    "invalid property 'exclusive' for queue '{name}' in vhost '{}': quorum queues cannot be exclusive",
-                    vhost.name
+            // In a cluster, quorum queues are made through the cluster's
+            // log (`broker/quorum.rs`); one that reaches here cannot be
+            // one. On a single node a quorum queue is a one-replica queue
+            // in the node's store, as RabbitMQ makes it there.
+            let why = if owner.is_some() {
+                Some("invalid property 'exclusive'")
+            } else if !durable {
+                Some("invalid property 'non-durable'")
+            } else if auto_delete {
+                Some("invalid property 'auto-delete'")
+            } else if self.cluster().is_some() {
+                Some("invalid arg 'x-queue-type'")
+            } else if self.store.get().is_none() {
+                Some(
+                    "invalid arg 'x-queue-type': quorum queues need a data directory, and this broker has no store",
                 )
             } else {
-                format!(
-                    "invalid arg 'x-queue-type': quorum queues need a cluster (a [cluster] section) for queue '{name}' in vhost '{}'",
+                None
+            };
+            if let Some(why) = why {
+                return Err(BrokerError::PreconditionFailed(format!(
+                    "{why} for queue '{name}' in vhost '{}'",
                     vhost.name
-                )
-            }));
+                )));
+            }
         }
         let flow = self
             .queue_flow_bytes

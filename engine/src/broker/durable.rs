@@ -284,10 +284,9 @@ impl Broker {
         super::declare::reserved_queue(&q.name)?;
         let limits = super::QueueLimits::parse(&q.arguments)
             .map_err(|e| BrokerError::PreconditionFailed(e.to_string()))?;
-        if limits.quorum && self.cluster().is_none() {
+        if limits.quorum && self.cluster().is_none() && self.store.get().is_none() {
             return Err(BrokerError::PreconditionFailed(
-                "invalid arg 'x-queue-type': quorum queues need a cluster (a [cluster] section)"
-                    .into(),
+                "invalid arg 'x-queue-type': quorum queues need a data directory".into(),
             ));
         }
         Ok(())

@@ -27,5 +27,6 @@ mod parity;
 mod policies;
 mod protocol;
 mod queue_args;
+mod single_node_quorum;
 mod sns_filter;
 mod tls;

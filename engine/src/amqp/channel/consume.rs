@@ -58,7 +58,7 @@ impl Channel {
                         ),
                     ));
                 }
-                if q.quorum {
+                if q.quorum && ctx.broker.cluster().is_some() {
                     self.follow(&tag, &q.name, c);
                 }
                 self.consumers.insert(tag, (consumer, q));

@@ -568,8 +568,13 @@ impl Queue {
         // Paged out only once it is accepted: a message refused or
         // dead-lettered on its way in must still have its body.
         let mut page_out = false;
+        // A single node's quorum queue keeps every message on disk, as a
+        // quorum queue's log does whatever the delivery mode.
         if let Some(log) = &self.log
-            && let Some(m) = entry.message.as_ref().filter(|m| m.is_persistent())
+            && let Some(m) = entry
+                .message
+                .as_ref()
+                .filter(|m| self.quorum || m.is_persistent())
         {
             let meta = RecordMeta {
                 published_ms: now_ms(),
@@ -776,7 +781,7 @@ impl Queue {
                         over.push((e, DeathReason::DeliveryLimit));
                         continue;
                     }
-                    if limit.is_some()
+                    if (limit.is_some() || self.quorum)
                         && let Some(r) = e.stored
                     {
                         counted.push(r);

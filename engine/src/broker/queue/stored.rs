@@ -17,8 +17,9 @@ use crate::store::{QueueLog, Recovered, StoreError};
 impl Queue {
     /// The message of `entry`, read back from the log if it was paged out,
     /// with its `x-delivery-count` if it was returned before to a queue
-    /// with a delivery limit (other classic queues deliver a message as it
-    /// was published, as RabbitMQ's do).
+    /// with a delivery limit or a single node's quorum queue (other
+    /// classic queues deliver a message as it was published, as
+    /// RabbitMQ's do).
     pub fn message(&self, entry: &Entry) -> Result<Arc<Message>, StoreError> {
         let m = match (&entry.message, &self.log, entry.stored) {
             (Some(m), _, _) => m.clone(),
@@ -27,7 +28,7 @@ impl Queue {
         };
         // A redelivery only: the limits' lock is not taken on first
         // deliveries.
-        if entry.returns == 0 || self.limits().delivery_limit.is_none() {
+        if entry.returns == 0 || !(self.quorum || self.limits().delivery_limit.is_some()) {
             return Ok(m);
         }
         Ok(Arc::new(crate::broker::dead_letter::with_delivery_count(
