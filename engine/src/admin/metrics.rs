@@ -121,7 +121,7 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
     }
 
     type QueueValue = fn(&crate::broker::Queue) -> f64;
-    let queue_values: [(&str, &str, &str, QueueValue); 9] = [
+    let queue_values: [(&str, &str, &str, QueueValue); 10] = [
         (
             "wasmq_queue_published_total",
             "counter",
@@ -163,6 +163,12 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             "gauge",
             "Deliveries waiting for an ack.",
             |q| q.unacked() as f64,
+        ),
+        (
+            "wasmq_queue_messages_delayed",
+            "gauge",
+            "Messages waiting for their time (x-delivery-delay, or a delayed exchange's schedule).",
+            |q| q.delayed() as f64,
         ),
         (
             "wasmq_queue_messages_ready_bytes",

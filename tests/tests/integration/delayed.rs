@@ -144,6 +144,18 @@ async fn a_delayed_exchange_routes_each_message_when_due_against_the_bindings_of
     let view = server.admin().get("/api/exchanges/%2f/later").unwrap();
     assert_eq!(view["messages_delayed"], 3, "{view}");
     assert_eq!(view["type"], "x-delayed-message", "{view}");
+    let admin = server.admin();
+    let metrics = tokio::task::spawn_blocking(move || admin.get_text("/metrics").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("wasmq_queue_messages_delayed")
+                && l.contains("queue=\"amq.delayed.later\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
 
     // Routed when due, so a binding made meanwhile takes it too.
     declare_durable(&ch, "second", FieldTable::default()).await;
