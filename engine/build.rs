@@ -56,4 +56,43 @@ fn main() {
         src,
     )
     .unwrap();
+    embed_guest_sdk(&workspace);
+}
+
+/// The guest SDK's source, compiled into the binary so that
+/// `wasmq plugin new` can write it beside a new plugin crate wherever the
+/// binary runs (no checkout, no registry).
+fn embed_guest_sdk(workspace: &std::path::Path) {
+    let sdk = workspace.join("guest-sdk");
+    let mut files = vec![sdk.join("README.md")];
+    let mut src: Vec<PathBuf> = std::fs::read_dir(sdk.join("src"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    src.sort();
+    files.extend(src);
+    let mut out = String::from(
+        "/// The guest SDK's files: (path in the crate, text).\npub static GUEST_SDK: &[(&str, &str)] = &[\n",
+    );
+    for f in &files {
+        let rel = f
+            .strip_prefix(&sdk)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace('\\', "/");
+        out.push_str(&format!(
+            "    ({rel:?}, include_str!({:?})),\n",
+            f.display().to_string()
+        ));
+    }
+    out.push_str("];\n");
+    println!("cargo:rerun-if-changed={}", sdk.join("src").display());
+    println!("cargo:rerun-if-changed={}", sdk.join("README.md").display());
+    std::fs::write(
+        PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guest_sdk.rs"),
+        out,
+    )
+    .unwrap();
 }

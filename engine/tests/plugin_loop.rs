@@ -535,3 +535,43 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     assert_eq!(count(&ch, "orders").await, 1);
     broker.kill().await;
 }
+
+/// The binary carries the guest SDK: copied alone to a folder with no
+/// wasmq checkout, it scaffolds a plugin crate (the SDK written into it)
+/// that builds and passes the broker's checks.
+#[test]
+fn a_copied_binary_scaffolds_a_plugin_that_builds_without_a_checkout() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let bin = work.join("bin").join("wasmq");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(BIN, &bin).unwrap();
+    let target = work.join("target");
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin)
+            .args(args)
+            .current_dir(work)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "wasmq {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["plugin", "new", "far-away", "--role", "filter"]);
+    let manifest = std::fs::read_to_string(work.join("far-away/Cargo.toml")).unwrap();
+    assert!(manifest.contains("vendor/wasmq-sdk"), "{manifest}");
+    assert!(!manifest.contains(env!("CARGO_MANIFEST_DIR")), "{manifest}");
+    let out = run(&["plugin", "build", "far-away"]);
+    assert!(
+        out.contains("roles:       filter") && out.contains("self-test:"),
+        "{out}"
+    );
+    let built = target.join("wasmq/far-away.wasm");
+    let out = run(&["plugin", "check", built.to_str().unwrap()]);
+    assert!(out.contains("filter"), "{out}");
+}

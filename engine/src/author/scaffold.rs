@@ -38,26 +38,57 @@ impl Role {
     }
 }
 
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/guest_sdk.rs"));
+}
+
 /// Where the new crate gets the guest SDK from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sdk {
-    /// A local `guest-sdk` folder (a wasmq checkout).
+    /// The SDK this binary was built with, written into the new crate
+    /// (`vendor/wasmq-sdk`): the crate builds wherever it is copied, with
+    /// no wasmq checkout and no registry.
+    Embedded,
+    /// A local `guest-sdk` folder (a wasmq checkout), for SDK development.
     Path(PathBuf),
     /// A version from the crate registry.
     Version(String),
 }
 
-impl Sdk {
-    /// The SDK of the checkout this binary was built from, if it is still
-    /// there.
-    pub fn from_build() -> Option<Sdk> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
-        let dir = dir.canonicalize().ok()?;
-        dir.join("Cargo.toml").is_file().then_some(Sdk::Path(dir))
-    }
+/// Where [`Sdk::Embedded`] writes the SDK, inside the new crate.
+pub const VENDORED_SDK: &str = "vendor/wasmq-sdk";
 
+/// The edition the SDK is written in (the workspace's; a unit test holds
+/// them together).
+const SDK_EDITION: &str = "2024";
+
+/// The vendored SDK's manifest: the workspace's inherited fields written
+/// out, so that it builds outside the workspace.
+fn sdk_manifest() -> String {
+    format!(
+        "# The wasmq guest SDK {version}, written by `wasmq plugin new` of wasmq {version}.\n\
+         # A newer wasmq writes a newer one: `wasmq plugin new` into a scratch folder\n\
+         # and copy its {VENDORED_SDK} over this one.\n\
+         [package]\n\
+         name = \"wasmq-sdk\"\n\
+         description = \"Write wasmq exchange-type, filter and transform plugins in plain Rust\"\n\
+         version = \"{version}\"\n\
+         edition = \"{SDK_EDITION}\"\n\
+         rust-version = \"{rust}\"\n\
+         license = \"{license}\"\n\
+         readme = \"README.md\"\n\
+         publish = false\n\n\
+         [dependencies]\n",
+        version = env!("CARGO_PKG_VERSION"),
+        rust = env!("CARGO_PKG_RUST_VERSION"),
+        license = env!("CARGO_PKG_LICENSE"),
+    )
+}
+
+impl Sdk {
     fn dependency(&self) -> Result<String, ScaffoldError> {
         Ok(match self {
+            Sdk::Embedded => format!("wasmq-sdk = {{ path = \"{VENDORED_SDK}\" }}"),
             Sdk::Path(p) => {
                 let p = p.canonicalize().map_err(|e| ScaffoldError::Sdk {
                     path: p.clone(),
@@ -223,6 +254,7 @@ pub fn create(
     {
         return Err(ScaffoldError::Exists(dir.to_owned()));
     }
+    let sdk_choice = sdk;
     let sdk = sdk.dependency()?;
     let files = [
         ("Cargo.toml", include_str!("templates/Cargo.toml.tmpl")),
@@ -242,6 +274,24 @@ pub fn create(
         }
         std::fs::write(&path, fill(template, name, role, &sdk)).map_err(io)?;
         written.push(path);
+    }
+    if *sdk_choice == Sdk::Embedded {
+        let vendored = dir.join(VENDORED_SDK);
+        let manifest = sdk_manifest();
+        let sdk_files = std::iter::once(("Cargo.toml", manifest.as_str()))
+            .chain(embedded::GUEST_SDK.iter().copied());
+        for (file, text) in sdk_files {
+            let path = vendored.join(file);
+            let io = |source| ScaffoldError::Io {
+                path: path.clone(),
+                source,
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&path, text).map_err(io)?;
+        }
+        written.push(vendored);
     }
     Ok(written)
 }
@@ -319,6 +369,41 @@ mod tests {
             ),
             Err(ScaffoldError::Reserved(..))
         ));
+    }
+
+    #[test]
+    fn the_embedded_sdk_is_written_into_the_crate_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("p");
+        let files = create(&at, "p", Role::Filter, &Sdk::Embedded).unwrap();
+        let manifest: toml::Table = std::fs::read_to_string(&files[0]).unwrap().parse().unwrap();
+        assert_eq!(
+            manifest["dependencies"]["wasmq-sdk"]["path"].as_str(),
+            Some(VENDORED_SDK)
+        );
+        let sdk = at.join(VENDORED_SDK);
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+        for entry in std::fs::read_dir(checkout.join("src")).unwrap() {
+            let f = entry.unwrap().path();
+            let name = f.file_name().unwrap();
+            assert_eq!(
+                std::fs::read_to_string(sdk.join("src").join(name)).unwrap(),
+                std::fs::read_to_string(&f).unwrap(),
+                "{name:?}"
+            );
+        }
+        let vendored: toml::Table = std::fs::read_to_string(sdk.join("Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let workspace: toml::Table = std::fs::read_to_string(checkout.join("../Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let inherited = &workspace["workspace"]["package"];
+        for field in ["version", "edition", "rust-version", "license"] {
+            assert_eq!(vendored["package"][field], inherited[field], "{field}");
+        }
     }
 
     #[test]

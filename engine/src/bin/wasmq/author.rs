@@ -88,8 +88,9 @@ pub enum AuthorCommand {
         /// Folder to create (default: ./NAME).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The guest SDK folder to depend on (default: the checkout this
-        /// binary was built from).
+        /// The guest SDK folder to depend on, for SDK development (default:
+        /// the SDK this binary was built with, written into the new crate
+        /// as vendor/wasmq-sdk, so it builds wherever it is copied).
         #[arg(long, conflicts_with = "sdk_version")]
         sdk: Option<PathBuf>,
         /// Depend on this version of wasmq-sdk from the registry instead.
@@ -264,9 +265,7 @@ pub fn run(command: AuthorCommand) -> anyhow::Result<()> {
             let sdk = match (sdk, sdk_version) {
                 (Some(p), _) => Sdk::Path(p),
                 (None, Some(v)) => Sdk::Version(v),
-                (None, None) => Sdk::from_build().context(
-                    "the guest SDK this binary was built from is gone: pass --sdk PATH (a wasmq checkout's guest-sdk folder) or --sdk-version",
-                )?,
+                (None, None) => Sdk::Embedded,
             };
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let files = wasmq::author::scaffold::create(&dir, &name, role, &sdk)?;
