@@ -332,3 +332,43 @@ async fn a_log_to_a_pipe_is_plain_text_one_event_a_line() {
     );
     child.kill().await.unwrap();
 }
+
+/// A command that cannot reach the broker says so in one line, naming the
+/// address it dialed and how to dial another, with no backtrace even when
+/// `RUST_BACKTRACE=1` is set (as many Rust developers have it).
+#[test]
+fn an_unreachable_broker_is_one_line_naming_the_address() {
+    let dead = "http://127.0.0.1:1";
+    for args in [
+        &["cluster", "status"][..],
+        &["queues"],
+        &["exchanges"],
+        &["plugins"],
+        &["users", "list"],
+        &["vhosts", "list"],
+        &["policies", "list"],
+        &["permissions", "list"],
+        &["definitions", "export"],
+        &["get", "q"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("WASMQ_ADMIN_URL", dead)
+            .arg("--url")
+            .arg(dead)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.lines().count() <= 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(dead) && stderr.contains("WASMQ_ADMIN_URL"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.to_lowercase().contains("backtrace"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -42,6 +42,15 @@ pub fn segment(s: &str) -> String {
 }
 
 impl AdminClient {
+    /// A request that got no answer: what was dialed, and how to dial
+    /// elsewhere (the CLI prints this as its whole error).
+    fn unreachable(&self, e: ureq::Error) -> ClientError {
+        ClientError::Transport(format!(
+            "{} ({e}); is the broker running with its admin API there? Point elsewhere with --url or WASMQ_ADMIN_URL",
+            self.base
+        ))
+    }
+
     /// A client of `base` (e.g. `http://127.0.0.1:15672`) as `user`.
     /// An `https://` base is verified against the public web roots.
     pub fn new(base: &str, user: &str, password: &str) -> Self {
@@ -92,9 +101,10 @@ impl AdminClient {
     }
 
     fn finish(
+        &self,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<(u16, Vec<u8>), ClientError> {
-        let mut r = r.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let mut r = r.map_err(|e| self.unreachable(e))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
@@ -126,7 +136,7 @@ impl AdminClient {
             .get(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .call();
-        Self::json(&Self::finish(r)?.1)
+        Self::json(&self.finish(r)?.1)
     }
 
     /// GET a document as one of the API's response types
@@ -159,7 +169,7 @@ impl AdminClient {
             .get(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .call();
-        Ok(Self::finish(r)?.1)
+        Ok(self.finish(r)?.1)
     }
 
     /// GET a text document (`/metrics`).
@@ -169,7 +179,7 @@ impl AdminClient {
             .get(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .call();
-        Ok(String::from_utf8_lossy(&Self::finish(r)?.1).into_owned())
+        Ok(String::from_utf8_lossy(&self.finish(r)?.1).into_owned())
     }
 
     /// POST a JSON document; the answer's JSON (or null).
@@ -179,7 +189,7 @@ impl AdminClient {
             .post(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .send_json(body);
-        Self::json(&Self::finish(r)?.1)
+        Self::json(&self.finish(r)?.1)
     }
 
     /// PUT a JSON document; the status (201 created, 204 replaced).
@@ -189,7 +199,7 @@ impl AdminClient {
             .put(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .send_json(body);
-        Ok(Self::finish(r)?.0)
+        Ok(self.finish(r)?.0)
     }
 
     /// PUT raw bytes (a plugin upload).
@@ -200,7 +210,7 @@ impl AdminClient {
             .header("Authorization", &self.authorization)
             .header("Content-Type", "application/wasm")
             .send(bytes);
-        Self::json(&Self::finish(r)?.1)
+        Self::json(&self.finish(r)?.1)
     }
 
     /// GET a stream of server-sent events (no timeout: it lasts as long as
@@ -222,9 +232,9 @@ impl AdminClient {
             .timeout_global(None)
             .build()
             .call()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| self.unreachable(e))?;
         if r.status().as_u16() >= 400 {
-            return Self::finish(Ok(r)).map(|_| ());
+            return self.finish(Ok(r)).map(|_| ());
         }
         if !each("open", "") {
             return Ok(());
@@ -254,6 +264,6 @@ impl AdminClient {
             .delete(format!("{}{path}", self.base))
             .header("Authorization", &self.authorization)
             .call();
-        Self::finish(r).map(|_| ())
+        self.finish(r).map(|_| ())
     }
 }

@@ -296,7 +296,21 @@ enum PluginCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+/// A failed command prints one line saying what failed (the error and
+/// its causes), never a backtrace: with `RUST_BACKTRACE=1` set, as many
+/// Rust developers have it, anyhow's own report adds thirty frames to a
+/// refused connection. Backtraces are for panics.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     match cli.command {
