@@ -431,13 +431,8 @@ async fn deduplication_ids_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_messages_survive_kill_9_and_arrive_once_and_not_early() {
+    use common::on_time::{OnTime, body};
     use lapin::types::AMQPValue;
-    let wall_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
     let data = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
     let mut broker = Broker::spawn(data.path(), plugins.path());
@@ -490,7 +485,7 @@ async fn scheduled_messages_survive_kill_9_and_arrive_once_and_not_early() {
         let delay = if i % 10 == 0 { 0 } else { 1500 + i * 3 };
         let mut h = FieldTable::default();
         h.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
-        let body = format!("{i}:{}", wall_ms() + delay);
+        let body = body(i, delay);
         let props = BasicProperties::default()
             .with_headers(h)
             .with_delivery_mode(2);
@@ -515,24 +510,19 @@ async fn scheduled_messages_survive_kill_9_and_arrive_once_and_not_early() {
     let addr = broker.ready().await.0;
     let conn = connect(&addr).await;
     let ch = conn.create_channel().await.unwrap();
-    let mut seen = HashSet::new();
+    let mut seen = OnTime::default();
     let until = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 300 && Instant::now() < until {
-        let Some(m) = ch
+    while seen.count() < 300 && Instant::now() < until {
+        match ch
             .basic_get("out".into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
-        else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let body = std::str::from_utf8(&m.delivery.data).unwrap().to_owned();
-        let (i, due) = body.split_once(':').unwrap();
-        let due: u64 = due.parse().unwrap();
-        assert!(wall_ms() >= due, "{body} delivered before its time");
-        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
+        {
+            Some(m) => seen.delivered(&m.delivery.data),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
-    assert_eq!(seen.len(), 300, "every confirmed message, once");
+    assert_eq!(seen.count(), 300, "every confirmed message, once");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         ch.basic_get("out".into(), BasicGetOptions { no_ack: true })

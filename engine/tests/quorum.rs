@@ -973,22 +973,73 @@ async fn a_quorum_queue_deduplicates_across_its_leaders_death() {
     assert_eq!(got, (0..30).collect::<Vec<_>>(), "each id enqueued once");
 }
 
+/// Publish messages `0..n` through `node`, each due `delay` ms from now
+/// (with an `x-delay` header when `header`), confirmed.
+async fn publish_due(node: &Node, exchange: &str, key: &str, n: u64, delay: u64, header: bool) {
+    let conn = node.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..n {
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if header {
+            let mut h = FieldTable::default();
+            h.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
+            props = props.with_headers(h);
+        }
+        let c = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                common::on_time::body(i, delay).as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+}
+
+/// Consume `queue` through `node` until `n` distinct messages came, each
+/// once and none early (at most a minute).
+async fn consume_on_time(node: &Node, queue: &str, n: usize) {
+    let conn = node.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut sub = ch
+        .basic_consume(
+            queue.into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = common::on_time::OnTime::default();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while got.count() < n && std::time::Instant::now() < until {
+        if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+            got.delivered(&d.data);
+        }
+    }
+    assert_eq!(got.count(), n, "every confirmed message");
+}
+
+/// Longer than a failover takes, so a new leader must hold the messages.
+const DELAY: u64 = 8000;
+
 /// A quorum queue's `x-delivery-delay` counts from the publish time its
 /// log replicated: when the leader dies with every message still waiting,
 /// the new leader holds them until the same due times, and each is
 /// delivered once and never early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queues_delayed_messages_wait_out_their_leaders_death() {
-    use std::collections::HashSet;
-    let wall_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    // Longer than a failover takes, so the new leader must hold them.
-    const DELAY: u64 = 8000;
-    const N: u64 = 100;
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = three_nodes(root.path()).await;
     let t = Duration::from_secs(20);
@@ -1004,76 +1055,18 @@ async fn a_quorum_queues_delayed_messages_wait_out_their_leaders_death() {
     .unwrap();
     drop(conn);
     let (mut nodes, _, li, others) = agreed_leader(nodes, "later", t).await;
-    let conn_p = nodes[others[0]].connect().await;
-    let ch_p = conn_p.create_channel().await.unwrap();
-    ch_p.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for i in 0..N {
-        let body = format!("{i}:{}", wall_ms() + DELAY);
-        let c = ch_p
-            .basic_publish(
-                "".into(),
-                "later".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(c.is_ack());
-    }
+    publish_due(&nodes[others[0]], "", "later", 100, DELAY, false).await;
     nodes[li].kill().await;
-
-    let conn_c = nodes[others[1]].connect().await;
-    let ch_c = conn_c.create_channel().await.unwrap();
-    let mut sub = ch_c
-        .basic_consume(
-            "later".into(),
-            "c".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut seen = HashSet::new();
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while seen.len() < N as usize && std::time::Instant::now() < until {
-        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await else {
-            continue;
-        };
-        let body = String::from_utf8(d.data.clone()).unwrap();
-        let (i, due) = body.split_once(':').unwrap();
-        assert!(
-            wall_ms() >= due.parse::<u64>().unwrap(),
-            "{body} before its time"
-        );
-        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
-    }
-    assert_eq!(seen.len(), N as usize, "every confirmed message");
+    consume_on_time(&nodes[others[1]], "later", 100).await;
 }
 
 /// A delayed exchange's schedule in a cluster is a quorum queue the
 /// cluster's log declares with the exchange: when its leader dies with
 /// messages scheduled, the new leader routes each once, at its time,
-/// through the bindings (here to a quorum queue), and deleting the
-/// exchange deletes it.
+/// through the bindings (here to a quorum queue); the schedule cannot be
+/// deleted alone, and deleting the exchange deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_exchanges_schedule_is_replicated_and_survives_its_leaders_death() {
-    use std::collections::HashSet;
-    let wall_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    const DELAY: u64 = 8000;
-    const N: u64 = 100;
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = three_nodes(root.path()).await;
     let t = Duration::from_secs(20);
@@ -1108,72 +1101,19 @@ async fn a_delayed_exchanges_schedule_is_replicated_and_survives_its_leaders_dea
     drop(conn);
     let (mut nodes, _, li, others) = agreed_leader(nodes, "amq.delayed.later", t).await;
     // Published through a node that does not lead the schedule.
-    let conn_p = nodes[others[0]].connect().await;
-    let ch_p = conn_p.create_channel().await.unwrap();
-    ch_p.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for i in 0..N {
-        let mut h = FieldTable::default();
-        h.insert("x-delay".into(), AMQPValue::LongLongInt(DELAY as i64));
-        let body = format!("{i}:{}", wall_ms() + DELAY);
-        let c = ch_p
-            .basic_publish(
-                "later".into(),
-                "k".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(h),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(c.is_ack());
-    }
+    publish_due(&nodes[others[0]], "later", "k", 100, DELAY, true).await;
     nodes[li].kill().await;
+    consume_on_time(&nodes[others[1]], "out", 100).await;
 
-    let conn_c = nodes[others[1]].connect().await;
-    let ch_c = conn_c.create_channel().await.unwrap();
-    let mut sub = ch_c
-        .basic_consume(
-            "out".into(),
-            "c".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut seen = HashSet::new();
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while seen.len() < N as usize && std::time::Instant::now() < until {
-        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await else {
-            continue;
-        };
-        let body = String::from_utf8(d.data.clone()).unwrap();
-        let (i, due) = body.split_once(':').unwrap();
-        assert!(
-            wall_ms() >= due.parse::<u64>().unwrap(),
-            "{body} before its time"
-        );
-        assert!(seen.insert(i.parse::<u64>().unwrap()), "{body} twice");
-    }
-    assert_eq!(seen.len(), N as usize, "every confirmed message");
-
-    // The schedule goes with its exchange, not alone.
-    let other = conn_c.create_channel().await.unwrap();
+    let conn = nodes[others[1]].connect().await;
+    let other = conn.create_channel().await.unwrap();
     let e = other
         .queue_delete("amq.delayed.later".into(), QueueDeleteOptions::default())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("delayed exchange"), "{e}");
-    // Deleting the exchange deletes it, on every node.
-    ch_c.exchange_delete("later".into(), Default::default())
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete("later".into(), Default::default())
         .await
         .unwrap();
     for n in others {

@@ -3,6 +3,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod on_time;
 
 use std::path::Path;
 use std::process::Stdio;
