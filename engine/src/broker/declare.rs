@@ -170,10 +170,53 @@ impl Broker {
             candidates: Default::default(),
             capturing: Default::default(),
             dedup: dedup.map(|s| parking_lot::Mutex::new(crate::dedup::Cache::new(s))),
+            dedup_log: Default::default(),
             capture: Default::default(),
             delayed,
         });
         Ok(x)
+    }
+
+    /// Give durable deduplicating exchange `x` its ids file (in a log of
+    /// its own in the store, named `amq.dedup.<exchange>` as no client
+    /// queue can be), and take back the ids it holds.
+    pub(super) fn open_dedup_log(&self, vhost: &str, x: &Exchange) -> Result<(), BrokerError> {
+        let (Some(cache), Some(store), true) = (&x.dedup, self.store.get(), x.durable) else {
+            return Ok(());
+        };
+        if x.dedup_log.get().is_some() {
+            return Ok(());
+        }
+        let (log, _) = store.open_queue(vhost, &format!("amq.dedup.{}", x.name))?;
+        let now = crate::message::now_ms();
+        let mut c = cache.lock();
+        for (k, e) in log.recovered_ids() {
+            c.restore(k, e, now);
+        }
+        let _ = x.dedup_log.set(log);
+        Ok(())
+    }
+
+    /// Forget deduplicating exchanges' ids past their window, and rewrite
+    /// a durable one's ids file when most of it is gone (the periodic
+    /// sweep).
+    pub(super) fn sweep_exchange_ids(&self) {
+        for v in self.vhosts() {
+            for x in v.exchanges() {
+                let Some(cache) = &x.dedup else { continue };
+                let live = {
+                    let mut c = cache.lock();
+                    c.evict(crate::message::now_ms());
+                    match x.dedup_log.get() {
+                        Some(log) if log.id_records() > 2 * c.len() as u64 + 10_000 => c.entries(),
+                        _ => continue,
+                    }
+                };
+                if let Some(log) = x.dedup_log.get() {
+                    log.rewrite_ids(&live);
+                }
+            }
+        }
     }
 
     /// Declare an exchange (RabbitMQ semantics: redeclaring with the same
@@ -215,6 +258,7 @@ impl Broker {
         if durable {
             self.persist(vec![exchange_change(&vhost.name, &x)])?;
         }
+        self.open_dedup_log(&vhost.name, &x)?;
         if x.delayed.is_some() {
             self.declare_schedule(vhost, &x)?;
         }
@@ -242,6 +286,9 @@ impl Broker {
         }
         vhost.exchanges.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Exchange(name.to_owned()));
+        if let Some(log) = x.dedup_log.get() {
+            log.destroy();
+        }
         if let Some(d) = x.delayed.as_ref().filter(|_| !self.schedules_in_cluster()) {
             // Its scheduled messages go with it, as they do in RabbitMQ.
             match self.delete_queue(vhost, &d.queue, false, false) {

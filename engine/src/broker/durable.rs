@@ -330,6 +330,8 @@ impl Broker {
                     let built = self
                         .build_exchange(&spec)
                         .map_err(at(format!("recovering durable {}", what())))?;
+                    self.open_dedup_log(&vhost.name, &built)
+                        .map_err(at(format!("recovering durable {}", what())))?;
                     vhost.exchanges.write().insert(x.name.clone(), built);
                 } else {
                     self.declare_exchange(&vhost, spec, false)

@@ -294,6 +294,10 @@ pub struct Exchange {
     pub(crate) capture: ArcSwapOption<super::capture::Capture>,
     /// An `x-message-deduplication` exchange's ids.
     pub(crate) dedup: Option<parking_lot::Mutex<crate::dedup::Cache>>,
+    /// A durable deduplicating exchange's ids on disk (the ids file of a
+    /// message-less log of its own in the store), so that a retry after a
+    /// restart within the window is still caught.
+    pub(crate) dedup_log: std::sync::OnceLock<Arc<crate::store::QueueLog>>,
     /// An `x-delayed-message` exchange's routing type and queue.
     pub delayed: Option<Delayed>,
 }

@@ -493,6 +493,7 @@ impl Broker {
     /// server runs this periodically; queue operations also expire their
     /// head as they go.
     pub fn expire_queues(&self) {
+        self.sweep_exchange_ids();
         for v in self.vhosts() {
             for q in v.queues() {
                 q.expire();

@@ -355,15 +355,29 @@ impl Broker {
             exchange: x.name.clone(),
             kind: x.kind.clone(),
         });
-        if let Some(ids) = &x.dedup
-            && !take_id(ids, &message)
-        {
-            // A duplicate (or an id it cannot take): confirmed, not routed.
-            if obs.counts() {
-                x.count(&x.stats.dropped);
+        if let Some(ids) = &x.dedup {
+            let log = x.dedup_log.get();
+            match take_id(ids, &message) {
+                Taken::NoId => {}
+                Taken::New(key, expires) => {
+                    // Confirmed once the id is on disk with the message.
+                    if let Some(log) = log {
+                        ctx.outcome.ticket = ctx.outcome.ticket.max(log.remember(key, expires));
+                    }
+                }
+                Taken::Duplicate | Taken::Refused => {
+                    // Confirmed (a duplicate once what the store has taken
+                    // is on disk), not routed.
+                    if let Some(log) = log {
+                        ctx.outcome.ticket = ctx.outcome.ticket.max(log.issued());
+                    }
+                    if obs.counts() {
+                        x.count(&x.stats.dropped);
+                    }
+                    ctx.outcome.dropped = true;
+                    return;
+                }
             }
-            ctx.outcome.dropped = true;
-            return;
         }
 
         let message = match x.transform.load_full() {
@@ -613,21 +627,36 @@ impl Broker {
     }
 }
 
+/// What a deduplicating exchange made of a message's id.
+enum Taken {
+    /// It has none: routed.
+    NoId,
+    /// New: routed, remembered until the time given.
+    New(crate::dedup::Key, u64),
+    /// Taken within the window already: not routed.
+    Duplicate,
+    /// Not an id it can take (not a string, too long): not routed.
+    Refused,
+}
+
 /// Whether a deduplicating exchange routes `m`: it has no id, or one not
 /// taken within its window (the message's own `x-cache-ttl` header, else
 /// the exchange's). An id it cannot read is not routed.
-fn take_id(ids: &parking_lot::Mutex<crate::dedup::Cache>, m: &Message) -> bool {
+fn take_id(ids: &parking_lot::Mutex<crate::dedup::Cache>, m: &Message) -> Taken {
     let key = match crate::dedup::key_of(m) {
-        Ok(None) => return true,
+        Ok(None) => return Taken::NoId,
         Ok(Some(k)) => k,
         Err(why) => {
             tracing::debug!("message not routed: {why}");
-            return false;
+            return Taken::Refused;
         }
     };
     let now = crate::message::now_ms();
     let mut c = ids.lock();
-    c.admit(key, now, crate::dedup::ttl_header(m)).is_some()
+    match c.admit(key, now, crate::dedup::ttl_header(m)) {
+        Some(expires) => Taken::New(key, expires),
+        None => Taken::Duplicate,
+    }
 }
 
 /// The version of the transform candidate staged on `x`.

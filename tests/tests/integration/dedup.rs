@@ -176,3 +176,74 @@ async fn a_deduplicating_exchange_drops_duplicates_before_routing() {
     assert_eq!(reply_code(&e), Some(406), "{e}");
     assert!(e.to_string().contains("x-cache-size"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
+    let server = TestServer::start().await;
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.exchange_declare(
+        "events".into(),
+        ExchangeKind::Custom("x-message-deduplication".into()),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        table(&[
+            ("x-cache-size", AMQPValue::LongInt(1000)),
+            ("x-cache-ttl", AMQPValue::LongInt(60_000)),
+        ]),
+    )
+    .await
+    .unwrap();
+    declare_durable(&ch, "a", FieldTable::default()).await;
+    ch.queue_bind(
+        "a".into(),
+        "events".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert!(publish(&ch, "events", "k", &[id("e-1")], "one").await);
+    assert!(publish(&ch, "events", "k", &[id("e-2")], "two").await);
+    assert_eq!(bodies(get_all(&ch, "a").await), ["one", "two"]);
+    conn.close(200, "bye".into()).await.unwrap();
+
+    // The ids taken before the restart are still taken after it.
+    let server = server.restart().await;
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    assert!(publish(&ch, "events", "k", &[id("e-1")], "one again").await);
+    assert!(publish(&ch, "events", "k", &[id("e-3")], "three").await);
+    assert_eq!(bodies(get_all(&ch, "a").await), ["three"]);
+    // Deleting the exchange takes its ids: declared again, it starts empty.
+    ch.exchange_delete("events".into(), Default::default())
+        .await
+        .unwrap();
+    ch.exchange_declare(
+        "events".into(),
+        ExchangeKind::Custom("x-message-deduplication".into()),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        table(&[("x-cache-size", AMQPValue::LongInt(1000))]),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "a".into(),
+        "events".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert!(publish(&ch, "events", "k", &[id("e-1")], "new life").await);
+    assert_eq!(bodies(get_all(&ch, "a").await), ["new life"]);
+}
