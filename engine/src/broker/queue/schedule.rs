@@ -283,56 +283,55 @@ impl Queue {
         }
     }
 
-    /// Move what is due: into the ready messages (and on to consumers), or
-    /// to the due sink. Returns when the next waiting message is due.
+    /// Move what is due, one batch: into the ready messages (and on to
+    /// consumers), or to the due sink. Returns when the next waiting
+    /// message is due (0: more are due now).
     fn promote_due(self: &Arc<Self>) -> Option<u64> {
-        loop {
-            let mut due = Vec::new();
-            let mut dead = Vec::new();
-            let next = {
-                let mut st = self.state.lock();
-                let now = now_ms();
-                while due.len() < BATCH
-                    && let Some(e) = st.waiting.pop_due(now)
-                {
-                    self.waiting_bytes
-                        .fetch_sub(e.footprint(), Ordering::Relaxed);
-                    due.push(e);
+        let mut due = Vec::new();
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.state.lock();
+            let now = now_ms();
+            while due.len() < BATCH
+                && let Some(e) = st.waiting.pop_due(now)
+            {
+                self.waiting_bytes
+                    .fetch_sub(e.footprint(), Ordering::Relaxed);
+                due.push(e);
+            }
+            if self.due_sink.is_none() {
+                for e in due.drain(..) {
+                    self.count_ready(&mut st, &e);
+                    st.messages.push_back(e);
                 }
-                if self.due_sink.is_none() {
-                    for e in due.drain(..) {
-                        self.count_ready(&mut st, &e);
-                        st.messages.push_back(e);
-                    }
-                    self.dispatch_locked(&mut st, &mut dead);
+                self.dispatch_locked(&mut st, &mut dead);
+            }
+            let next = st.waiting.next_due();
+            st.waiting.armed = next.unwrap_or(u64::MAX);
+            next
+        };
+        self.bury(dead);
+        let full = due.len() == BATCH;
+        if let (Some(sink), false) = (&self.due_sink, due.is_empty()) {
+            if !sink(self, &due) {
+                let mut st = self.state.lock();
+                let retry = now_ms() + RETRY_MS;
+                for e in due {
+                    self.waiting_bytes
+                        .fetch_add(e.footprint(), Ordering::Relaxed);
+                    st.waiting.push(retry, e);
                 }
                 let next = st.waiting.next_due();
                 st.waiting.armed = next.unwrap_or(u64::MAX);
-                next
-            };
-            self.bury(dead);
-            let full = due.len() == BATCH;
-            if let (Some(sink), false) = (&self.due_sink, due.is_empty()) {
-                if !sink(self, &due) {
-                    let mut st = self.state.lock();
-                    let retry = now_ms() + RETRY_MS;
-                    for e in due {
-                        self.waiting_bytes
-                            .fetch_add(e.footprint(), Ordering::Relaxed);
-                        st.waiting.push(retry, e);
-                    }
-                    let next = st.waiting.next_due();
-                    st.waiting.armed = next.unwrap_or(u64::MAX);
-                    return next;
-                }
-                self.delivered
-                    .fetch_add(due.len() as u64, Ordering::Relaxed);
-                self.forget(&due);
-            }
-            if !full {
                 return next;
             }
+            self.delivered
+                .fetch_add(due.len() as u64, Ordering::Relaxed);
+            self.forget(&due);
         }
+        // More are due: the timer comes back at once, after letting
+        // the runtime's other tasks run.
+        if full { Some(0) } else { next }
     }
 }
 
@@ -345,6 +344,9 @@ async fn run_timer(queue: Weak<Queue>, wake: Arc<tokio::sync::Notify>) {
             None => return,
         };
         match next {
+            // A burst: one batch at a time, so that routing a million due
+            // messages does not hold a runtime worker for seconds.
+            Some(due) if due <= now_ms() => tokio::task::yield_now().await,
             Some(due) => {
                 let wait = Duration::from_millis(due.saturating_sub(now_ms()));
                 tokio::select! {
