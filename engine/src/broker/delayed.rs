@@ -25,6 +25,30 @@ pub fn schedules(args: &FieldTable) -> Option<&str> {
     }
 }
 
+/// The copy of a scheduled message that is routed when it is due: its
+/// `x-delay` negated, as RabbitMQ's plugin marks a message it delayed
+/// (consumers check for a negative `x-delay`), which also keeps a message
+/// dead-lettered back into a delayed exchange from being held again for
+/// the same delay unless something sets a new one (the `backoff` example).
+fn delayed_copy(m: &Arc<Message>) -> Arc<Message> {
+    use crate::broker::queue::{Delay, delay_of};
+    let Ok(Delay::Ms(ms)) = delay_of(m) else {
+        return m.clone();
+    };
+    let mut headers = m.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        crate::broker::queue::DELAY_HEADER.into(),
+        AMQPValue::LongLongInt(-(ms as i64)),
+    );
+    let props = m.properties.clone().with_headers(headers);
+    Arc::new(Message::new(
+        m.exchange.clone(),
+        m.routing_key.clone(),
+        props,
+        m.body.clone(),
+    ))
+}
+
 impl Broker {
     /// Check a delayed exchange's declaration: an `x-delayed-type` that is
     /// a routing type (not itself delayed), and a name short enough for
@@ -118,7 +142,7 @@ impl Broker {
                         continue;
                     }
                 };
-                let out = broker.publish_due(&v, &x, message);
+                let out = broker.publish_due(&v, &x, delayed_copy(&message));
                 if !out.forwards.is_empty() {
                     broker.forward_unconfirmed(&v, out.forwards);
                 }

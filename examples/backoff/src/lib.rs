@@ -11,8 +11,10 @@
 //!   and its queue dead-lettered it here), else 0.
 //!
 //! Arguments: `x-backoff-base-ms` (default 1000) and `x-backoff-max-ms`
-//! (default 600000, ten minutes). A message that already carries an
-//! `x-delay` keeps it: the publisher decided.
+//! (default 600000, ten minutes). A message that carries a positive
+//! `x-delay` keeps it: its publisher decided. One delayed before carries a
+//! negative one (a delayed exchange negates it when the message is due, as
+//! RabbitMQ's plugin does) and gets a new back-off.
 //!
 //! The retry loop it makes: the work queue has `x-dead-letter-exchange:
 //! retry`; `retry` is `x-delayed-message` with `x-delayed-type: direct`
@@ -84,7 +86,8 @@ impl Transform for Backoff {
     }
 
     fn transform(&mut self, m: &Message<'_>) -> Outcome {
-        if m.headers().get(DELAY_HEADER).is_some() {
+        let own = m.headers().get(DELAY_HEADER).and_then(FieldValue::as_i64);
+        if own.is_some_and(|d| d > 0) {
             return Outcome::Keep;
         }
         Outcome::delay(m, self.delay_after(attempts(m)))
@@ -155,6 +158,18 @@ mod tests {
         assert_eq!(
             b.transform(&Message::new("k").with_headers(headers)),
             Outcome::Keep
+        );
+    }
+
+    #[test]
+    fn a_message_delayed_before_gets_a_new_back_off() {
+        let mut b = backoff(100, 1000);
+        let mut headers = FieldTable::new();
+        headers.insert(DELAY_HEADER, -100i64);
+        headers.insert("x-delivery-count", 1i64);
+        assert_eq!(
+            delay_of(b.transform(&Message::new("k").with_headers(headers))),
+            Some(200)
         );
     }
 

@@ -62,7 +62,7 @@ pub use consumer::{CONSUMER_WINDOW, ChannelCredit, Consumer, Dispatch};
 pub use entry::Entry;
 use ready::Ready;
 pub use replicated::{Replicated, Reply};
-pub use schedule::{Delay, DueSink, MAX_DELAY_MS, delay_of};
+pub use schedule::{DELAY_HEADER, Delay, DueSink, MAX_DELAY_MS, delay_of};
 
 use crate::message::Message;
 use crate::store::{QueueLog, RecordMeta, StoreError, StoreRef};

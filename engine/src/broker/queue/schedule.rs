@@ -152,8 +152,11 @@ impl Waiting {
         });
     }
 
+    /// The earliest message if it is due at `now`: strictly past its due
+    /// millisecond, since both are whole milliseconds of a clock read by
+    /// truncation, and a message must never go out early.
     fn pop_due(&mut self, now: u64) -> Option<Entry> {
-        if self.heap.peek()?.due > now {
+        if self.heap.peek()?.due >= now {
             return None;
         }
         let p = self.heap.pop()?;
@@ -209,7 +212,7 @@ impl Queue {
     /// Whether a message due at `due` waits (a delayed exchange's queue
     /// holds even a due one for its timer: it has no consumers).
     pub(super) fn holds(&self, due: u64) -> bool {
-        self.due_sink.is_some() || due > now_ms()
+        self.due_sink.is_some() || due >= now_ms()
     }
 
     /// Put `entry` among the waiting messages until `due`, and make sure
@@ -346,9 +349,9 @@ async fn run_timer(queue: Weak<Queue>, wake: Arc<tokio::sync::Notify>) {
         match next {
             // A burst: one batch at a time, so that routing a million due
             // messages does not hold a runtime worker for seconds.
-            Some(due) if due <= now_ms() => tokio::task::yield_now().await,
+            Some(due) if due < now_ms() => tokio::task::yield_now().await,
             Some(due) => {
-                let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                let wait = Duration::from_millis((due + 1).saturating_sub(now_ms()));
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = wake.notified() => {}
@@ -432,8 +435,9 @@ mod tests {
         w.push(20, e("x"));
         let key = |e: Entry| e.resident().unwrap().routing_key.clone();
         assert_eq!(w.pop_due(5).map(key), None);
-        assert_eq!(w.pop_due(10).map(key).as_deref(), Some("a"));
-        assert_eq!(w.pop_due(10).map(key).as_deref(), Some("b"));
+        assert_eq!(w.pop_due(10).map(key), None, "due only once past");
+        assert_eq!(w.pop_due(11).map(key).as_deref(), Some("a"));
+        assert_eq!(w.pop_due(11).map(key).as_deref(), Some("b"));
         assert_eq!(w.next_due(), Some(20));
         let rest: Vec<String> = w.take().into_iter().map(key).collect();
         assert_eq!(rest, ["x", "c"]);
