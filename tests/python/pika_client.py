@@ -6,6 +6,7 @@ surprise raises and exits non-zero with the traceback.
 """
 
 import sys
+import time
 
 import pika
 import pika.exceptions
@@ -91,6 +92,33 @@ def main(port: int) -> None:
     assert body == b"committed", body
     method, _, _ = ch.basic_get(q, auto_ack=True)
     assert method is None
+
+    # A delayed exchange, as with RabbitMQ's delayed-message plugin: held
+    # for its x-delay, then routed with the header negated.
+    ch.exchange_declare(
+        "pika.later",
+        exchange_type="x-delayed-message",
+        durable=True,
+        arguments={"x-delayed-type": "direct"},
+    )
+    later = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(later, "pika.later", routing_key="k")
+    sent = time.monotonic()
+    ch.basic_publish(
+        "pika.later", "k", b"later", pika.BasicProperties(headers={"x-delay": 300})
+    )
+    method, _, _ = ch.basic_get(later, auto_ack=True)
+    assert method is None, "delivered before its x-delay"
+    deadline = time.monotonic() + 10
+    while True:
+        method, props, body = ch.basic_get(later, auto_ack=True)
+        if method is not None:
+            break
+        assert time.monotonic() < deadline, "the delayed message never came"
+        time.sleep(0.02)
+    assert body == b"later", body
+    assert time.monotonic() - sent >= 0.3
+    assert props.headers["x-delay"] == -300, props.headers
 
     conn.close()
     print("ok")

@@ -1,8 +1,8 @@
 //! Clients other than lapin: the broker's promise is that the AMQP
 //! clients people already use work unchanged. `tests/python/pika_client.py`
 //! drives RabbitMQ's Python client (pika) through confirms, mandatory
-//! returns, topic routing, nack and redelivery, headers, a channel error and
-//! transactions against a broker started here.
+//! returns, topic routing, nack and redelivery, headers, a channel error,
+//! transactions and a delayed exchange against a broker started here.
 //!
 //! `scripts/test.sh` installs pika in a virtualenv and names its Python in
 //! `WASMQ_PYTHON`; without it the test uses `python3`, which needs pika
