@@ -11,7 +11,8 @@
 //!
 //! What the client gave wins over a policy where RabbitMQ says so: for the
 //! numeric limits (`message-ttl`, `expires`, `max-length`,
-//! `max-length-bytes`, `delivery-limit`, `consumer-timeout`) the lowest of the argument, the
+//! `max-length-bytes`, `delivery-limit`, `consumer-timeout`,
+//! `delivery-delay`) the lowest of the argument, the
 //! policy and the operator policy holds; for the others (`overflow`,
 //! dead-lettering, `alternate-exchange`) the argument, when given, wins.
 //!
@@ -66,13 +67,14 @@ pub const APPLY_TO: [&str; 5] = [
 
 /// Queue keys that are limits: the lowest of argument, policy and
 /// operator policy holds.
-pub const NUMERIC_KEYS: [&str; 6] = [
+pub const NUMERIC_KEYS: [&str; 7] = [
     "message-ttl",
     "expires",
     "max-length",
     "max-length-bytes",
     "delivery-limit",
     "consumer-timeout",
+    "delivery-delay",
 ];
 
 /// Queue keys where a client's argument wins over a policy.

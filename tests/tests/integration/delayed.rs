@@ -460,3 +460,42 @@ async fn rejected_messages_come_back_with_exponential_back_off() {
         rejected = reject(m).await;
     }
 }
+
+/// An operator gives existing queues a delay at run time with a policy's
+/// `delivery-delay`, as SQS's queue `DelaySeconds` is changed in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_sets_a_queues_delivery_delay_at_run_time() {
+    let server = TestServer::start().await;
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    declare_durable(&ch, "jobs.slow", FieldTable::default()).await;
+    assert!(publish(&ch, "", "jobs.slow", None, "before").await);
+    assert_eq!(
+        collect(&ch, "jobs.slow", 1, Duration::from_secs(5)).await,
+        ["before"]
+    );
+    let admin = server.admin();
+    let policy = serde_json::json!({
+        "pattern": "^jobs\\.", "definition": {"delivery-delay": 400}, "apply-to": "queues"
+    });
+    let status = tokio::task::spawn_blocking(move || admin.put("/api/policies/%2F/slow", &policy))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 201);
+    let published = Instant::now();
+    assert!(publish(&ch, "", "jobs.slow", None, "after").await);
+    assert!(
+        get_all(&ch, "jobs.slow").await.is_empty(),
+        "held by the policy"
+    );
+    assert_eq!(
+        collect(&ch, "jobs.slow", 1, Duration::from_secs(10)).await,
+        ["after"]
+    );
+    assert!(
+        published.elapsed() >= Duration::from_millis(400),
+        "never early"
+    );
+}
