@@ -659,6 +659,12 @@ async fn export(State(s): State<AdminState>, Extension(viewer): Extension<Viewer
             }));
         }
         for q in &v.queues {
+            // A delayed exchange's schedule is made by its exchange (and a
+            // RabbitMQ would refuse its `amq.` name): the export holds the
+            // definitions a client declares.
+            if crate::broker::schedules(&q.arguments).is_some() {
+                continue;
+            }
             queues.push(json!({
                 "name": q.name, "vhost": v.name, "durable": true,
                 "auto_delete": q.auto_delete, "arguments": table_to_json(&q.arguments),

@@ -224,6 +224,24 @@ async fn a_delayed_exchange_routes_each_message_when_due_against_the_bindings_of
         .unwrap();
     assert_eq!(view["messages_delayed"], 1, "{view}");
     assert_eq!(view["messages"], 0, "{view}");
+    // The export holds what a client declares: the exchange, not its
+    // schedule (which the exchange makes again on import).
+    let defs = server.admin().get("/api/definitions").unwrap();
+    let names = |kind: &str| -> Vec<String> {
+        defs[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(names("exchanges").contains(&"later".to_owned()), "{defs}");
+    assert!(
+        !names("queues")
+            .iter()
+            .any(|q| q.starts_with("amq.delayed.")),
+        "{defs}"
+    );
 
     // The schedule is the exchange's: its queue goes with it, not alone.
     let other = conn.create_channel().await.unwrap();
