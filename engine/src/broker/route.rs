@@ -429,7 +429,14 @@ impl Broker {
                         exchange: x.name.clone(),
                         queue: d.queue.clone(),
                     });
+                    let before = ctx.reached();
                     ctx.deliver_to(vhost, &d.queue, &message);
+                    if ctx.reached() == before {
+                        // Its schedule is not there (being declared, or
+                        // deleted): refused, never dropped unseen.
+                        tracing::warn!(exchange = %crate::untrusted::text(&x.name), "delayed message refused: the exchange's schedule queue is missing");
+                        ctx.outcome.rejected += 1;
+                    }
                     return;
                 }
                 Ok(Delay::Now) => {}

@@ -279,6 +279,11 @@ impl Queue {
     /// Start the timer for messages recovered before a runtime ran (the
     /// broker's periodic sweep calls it).
     pub(super) fn arm_waiting(self: &Arc<Self>) {
+        // The sweep calls this for every queue: no lock for the many with
+        // a timer already, or nothing waiting.
+        if self.timer.get().is_some() || self.waiting_bytes() == 0 {
+            return;
+        }
         let mut st = self.state.lock();
         if st.waiting.len() > 0 && self.timer.get().is_none() {
             st.waiting.armed = u64::MAX;
