@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test
 # (unit, doc, plugin, example and integration tests, a bounded fuzzing pass,
-# RabbitMQ's Python client pika and amqplib's own test suites; the build
-# scripts compile the Wasm plugins the tests load).
+# RabbitMQ's Python client pika, amqplib's own test suites and the web UI
+# in headless Chromium; the build scripts compile the Wasm plugins the
+# tests load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A one-off build gains nothing from incremental state, which would double
@@ -18,6 +19,11 @@ export WASMQ_PYTHON="$PWD/target/pika-venv/bin/python"
 # from the npm registry.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+fi
+# Debian's Chromium, which tests/tests/integration/ui.rs drives headless
+# through playwright-core (installed with amqplib's suites below).
+if ! command -v chromium >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
 mkdir -p target/amqplib
 cp tests/node/package.json target/amqplib/package.json

@@ -51,6 +51,11 @@ impl AdminClient {
         ))
     }
 
+    /// The base URL it calls (e.g. `http://127.0.0.1:15672`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// A client of `base` (e.g. `http://127.0.0.1:15672`) as `user`.
     /// An `https://` base is verified against the public web roots.
     pub fn new(base: &str, user: &str, password: &str) -> Self {

@@ -30,6 +30,7 @@ pub mod http;
 mod metrics;
 pub mod model;
 mod policies;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,6 +168,7 @@ pub async fn serve(
     // before they have logged in.
     let max_upload = config.max_upload_mib << 20;
     let app = api::routes(max_upload)
+        .merge(ui::routes())
         .merge(access::routes())
         .merge(policies::routes())
         .merge(cluster::routes())
@@ -277,9 +279,12 @@ async fn auth(
 ) -> Response {
     if (request.uri().path() == "/metrics" && !state.metrics_auth)
         || request.uri().path() == "/ready"
+        || ui::is_asset(request.uri().path())
     {
         return next.run(request).await;
     }
+    // The web UI asks with its own login form: no browser dialog for it.
+    let from_ui = request.headers().contains_key("x-requested-with");
     let credentials = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -324,9 +329,11 @@ async fn auth(
         "login failed (HTTP basic auth with an AMQP user)",
     )
     .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        header::HeaderValue::from_static("Basic realm=\"wasmq\""),
-    );
+    if !from_ui {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"wasmq\""),
+        );
+    }
     response
 }

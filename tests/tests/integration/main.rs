@@ -30,3 +30,4 @@ mod queue_args;
 mod single_node_quorum;
 mod sns_filter;
 mod tls;
+mod ui;

@@ -1,0 +1,192 @@
+// The wasmq management UI: plain JavaScript with no dependencies, so the
+// broker embeds and serves it as it is, offline, and it needs no build
+// step to maintain. Every view reads the admin API with the logged-in
+// user's credentials, so it shows exactly what the API lets that user see.
+// The credentials live in this page's memory only (never in local or
+// session storage): a reload asks for them again.
+"use strict";
+
+let auth = null; // "Basic ..." while logged in
+let timer = null;
+const rates = { publish: [], deliver_get: [], ack: [] };
+let last = null;
+
+const $ = (sel) => document.querySelector(sel);
+const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+async function api(path) {
+  const r = await fetch(path, { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" } });
+  if (r.status === 401) { logout("Your session ended: log in again."); throw new Error("401"); }
+  if (!r.ok) throw new Error(`${path}: ${r.status} ${(await r.json().catch(() => ({}))).reason || ""}`);
+  return r.json();
+}
+
+// Each view's filter text, kept across the view's refreshes.
+const filters = {};
+const currentView = () => (location.hash || "#overview").slice(1);
+
+function table(rows, columns, filterable) {
+  const id = "t" + Math.random().toString(36).slice(2);
+  const head = columns.map((c) => `<th>${esc(c[0])}</th>`).join("");
+  const body = rows.map((r) => `<tr>${columns.map((c) => `<td>${c[1](r)}</td>`).join("")}</tr>`).join("");
+  const filter = filterable ? `<input class="filter" placeholder="Filter by name" data-for="${id}" value="${esc(filters[currentView()] || "")}">` : "";
+  return `${filter}<table id="${id}"><thead><tr>${head}</tr></thead><tbody>${body || `<tr><td colspan="${columns.length}">none</td></tr>`}</tbody></table>`;
+}
+
+function wireFilters() {
+  document.querySelectorAll("input.filter").forEach((input) => {
+    const apply = () => {
+      filters[currentView()] = input.value;
+      const needle = input.value.toLowerCase();
+      document.querySelectorAll(`#${input.dataset.for} tbody tr`).forEach((tr) => {
+        tr.hidden = needle !== "" && !tr.textContent.toLowerCase().includes(needle);
+      });
+    };
+    input.addEventListener("input", apply);
+    apply();
+    if (document.activeElement === document.body && input.value) input.focus();
+  });
+}
+
+function chart(canvas) {
+  const ctx = canvas.getContext("2d");
+  const w = (canvas.width = canvas.clientWidth * devicePixelRatio);
+  const h = (canvas.height = canvas.clientHeight * devicePixelRatio);
+  const all = Object.values(rates).flat();
+  const max = Math.max(1, ...all);
+  const colours = { publish: "#2f6fde", deliver_get: "#1a9b5b", ack: "#c77700" };
+  ctx.clearRect(0, 0, w, h);
+  for (const [k, series] of Object.entries(rates)) {
+    ctx.strokeStyle = colours[k];
+    ctx.lineWidth = 2 * devicePixelRatio;
+    ctx.beginPath();
+    series.forEach((v, i) => {
+      const x = (i / 59) * w;
+      const y = h - (v / max) * (h - 8) - 4;
+      i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+  }
+  return max;
+}
+
+const views = {
+  async overview() {
+    const o = await api("/api/overview");
+    const now = Date.now();
+    const stats = o.message_stats || {};
+    if (last) {
+      const secs = Math.max(0.001, (now - last.at) / 1000);
+      for (const k of Object.keys(rates)) {
+        rates[k].push(Math.max(0, ((stats[k] || 0) - (last.stats[k] || 0)) / secs));
+        if (rates[k].length > 60) rates[k].shift();
+      }
+    }
+    last = { at: now, stats };
+    const t = o.object_totals || {};
+    const q = o.queue_totals || {};
+    const alarms = Object.entries(o.alarms || {}).filter(([, on]) => on).map(([k]) => k);
+    const card = (label, v) => `<div class="card">${esc(label)}<b>${esc(v)}</b></div>`;
+    $("#page").innerHTML =
+      `<h1>Overview</h1><p>${esc(o.product_name || "wasmq")} ${esc(o.product_version || "")}, up ${esc(o.uptime_secs)} s</p>` +
+      `<div class="cards">${card("Connections", t.connections ?? 0)}${card("Channels", t.channels ?? 0)}${card("Queues", t.queues ?? 0)}${card("Exchanges", t.exchanges ?? 0)}${card("Consumers", t.consumers ?? 0)}${card("Ready", q.messages_ready ?? 0)}${card("Unacked", q.messages_unacknowledged ?? 0)}${card("Alarms", alarms.length ? alarms.join(", ") : "none")}</div>` +
+      `<h2>Message rates (msg/s)</h2><p class="legend"><span class="published">published</span><span class="delivered">delivered</span><span class="acked">acknowledged</span> <span id="max"></span></p><canvas id="rates"></canvas>`;
+    const max = chart($("#rates"));
+    $("#max").textContent = `(scale up to ${max.toFixed(0)}/s)`;
+  },
+  async queues() {
+    const qs = await api("/api/queues");
+    const type = (q) => (q.arguments && q.arguments["x-queue-type"]) || "classic";
+    $("#page").innerHTML = `<h1>Queues</h1>` + table(qs, [
+      ["Name", (q) => `<code>${esc(q.name)}</code>`],
+      ["Vhost", (q) => esc(q.vhost)],
+      ["Type", (q) => esc(type(q))],
+      ["Ready", (q) => esc(q.messages_ready)],
+      ["Unacked", (q) => esc(q.messages_unacknowledged)],
+      ["Delayed", (q) => esc(q.messages_delayed ?? 0)],
+      ["Consumers", (q) => esc(q.consumers)],
+      ["Policy", (q) => esc(q.policy || "")],
+      ["Node", (q) => esc(q.node || "")],
+    ], true);
+    wireFilters();
+  },
+  async exchanges() {
+    const xs = await api("/api/exchanges");
+    $("#page").innerHTML = `<h1>Exchanges</h1>` + table(xs, [
+      ["Name", (x) => `<code>${esc(x.name || "(default)")}</code>`],
+      ["Vhost", (x) => esc(x.vhost)],
+      ["Type", (x) => esc(x.type)],
+      ["Router", (x) => `${esc(x.plugin.router)} <code>${esc((x.plugin.router_hash || "").slice(0, 12))}</code>`],
+      ["Transform", (x) => esc(x.plugin.transform || "")],
+      ["Published", (x) => esc(x.message_stats.publish_in)],
+      ["Routed", (x) => esc(x.message_stats.routed)],
+      ["Faults", (x) => esc(x.message_stats.plugin_faults)],
+    ], true);
+    wireFilters();
+  },
+  async plugins() {
+    const ps = await api("/api/plugins");
+    $("#page").innerHTML = `<h1>Plugins</h1>` + table(ps, [
+      ["Name", (p) => `<code>${esc(p.name)}</code>`],
+      ["State", (p) => esc(p.state)],
+      ["Roles", (p) => esc(p.roles || "")],
+      ["Hash", (p) => `<code>${esc((p.hash || "").slice(0, 12))}</code>`],
+      ["Calls", (p) => esc(p.calls)],
+      ["Faults", (p) => esc(p.faults)],
+    ], true);
+    wireFilters();
+  },
+  async connections() {
+    const cs = await api("/api/connections");
+    $("#page").innerHTML = `<h1>Connections</h1>` + table(cs, [
+      ["Peer", (c) => esc(c.peer)],
+      ["Client", (c) => esc(c.client || "")],
+      ["User", (c) => esc(c.user)],
+      ["Vhost", (c) => esc(c.vhost)],
+      ["Channels", (c) => esc(c.channels)],
+    ], false);
+  },
+};
+
+async function show() {
+  const view = currentView();
+  document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.getAttribute("href") === "#" + view));
+  clearTimeout(timer);
+  try {
+    await (views[view] || views.overview)();
+  } catch (e) {
+    if (auth) $("#page").innerHTML = `<p class="error">${esc(e.message)}</p>`;
+  }
+  if (auth) timer = setTimeout(show, 2000);
+}
+
+function logout(why) {
+  auth = null;
+  clearTimeout(timer);
+  last = null;
+  for (const k of Object.keys(rates)) rates[k] = [];
+  $("#nav").hidden = $("#logout").hidden = $("#page").hidden = true;
+  $("#who").textContent = "";
+  $("#login").hidden = false;
+  $("#login-error").textContent = why || "";
+}
+
+$("#login").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const form = new FormData(ev.target);
+  const user = form.get("username");
+  const candidate = "Basic " + btoa(unescape(encodeURIComponent(`${user}:${form.get("password")}`)));
+  const r = await fetch("/api/whoami", { headers: { Authorization: candidate, "X-Requested-With": "wasmq-ui" } });
+  if (!r.ok) {
+    $("#login-error").textContent = r.status === 401 ? "Wrong username or password." : `Refused: ${(await r.json().catch(() => ({}))).reason || r.status}`;
+    return;
+  }
+  auth = candidate;
+  ev.target.reset();
+  $("#login").hidden = true;
+  $("#nav").hidden = $("#logout").hidden = $("#page").hidden = false;
+  $("#who").textContent = user;
+  show();
+});
+$("#logout").addEventListener("click", () => logout());
+window.addEventListener("hashchange", () => auth && show());

@@ -1,0 +1,80 @@
+// Drives the web UI in Debian's Chromium (headless, through playwright-core)
+// against a running broker: log in, see the queue, exchange and plugin the
+// Rust test made, and check that no page logs a JavaScript error. Saves a
+// screenshot of each page. Run by tests/tests/integration/ui.rs as
+//   node ui.mjs ADMIN_URL USER PASSWORD QUEUE EXCHANGE SCREENSHOT_DIR
+// and prints "ok", or throws.
+import { createRequire } from "node:module";
+const require = createRequire(process.env.WASMQ_NODE_MODULES + "/");
+const { chromium } = require("playwright-core");
+
+const [url, user, password, queue, exchange, shots] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.WASMQ_CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+const errors = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
+  page.on("console", (m) => m.type() === "error" && errors.push(`console: ${m.text()}`));
+  // A browser's own login dialog would hang the page: there must be none.
+  page.on("dialog", (d) => { errors.push(`dialog: ${d.message()}`); d.dismiss(); });
+
+  await page.goto(url + "/");
+  // A wrong password is refused in the form, without a browser dialog.
+  await page.fill("input[name=username]", user);
+  await page.fill("input[name=password]", "wrong");
+  await page.click("button[type=submit]");
+  await page.waitForSelector("#login-error:has-text('Wrong username or password')");
+  // That refusal is the one failed request the browser may report.
+  errors.splice(0, errors.length, ...errors.filter((e) => !e.includes("status of 401")));
+  // The password is never kept by the page's storage.
+  await page.fill("input[name=username]", user);
+  await page.fill("input[name=password]", password);
+  await page.click("button[type=submit]");
+  await page.waitForSelector("h1:has-text('Overview')");
+  await page.waitForSelector(".card:has-text('Queues')");
+  if (await page.isVisible("form#login")) throw new Error("the login form is still shown");
+  const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }));
+  if (stored.includes(password)) throw new Error("the password is in the page's storage");
+  await page.waitForTimeout(2500); // a second sample for the rate chart
+  await page.screenshot({ path: `${shots}/overview.png` });
+
+  await page.click("a[href='#queues']");
+  await page.waitForSelector(`td:has-text('${queue}')`);
+  const cells = await page.$$eval(`tr:has(td:has-text('${queue}')) td`, (tds) => tds.map((t) => t.textContent));
+  // Name, vhost, type, ready, ...
+  if (cells[2] !== "classic" || cells[3] !== "3") throw new Error(`queue row without its type and 3 ready messages: ${cells}`);
+  await page.screenshot({ path: `${shots}/queues.png` });
+  await page.fill("input.filter", "no-such-queue");
+  if (await page.isVisible(`td:has-text('${queue}')`)) throw new Error("the filter did not hide the queue");
+  // The view refreshes every 2 s; the filter holds across it.
+  await page.waitForTimeout(2500);
+  if (await page.isVisible(`td:has-text('${queue}')`)) throw new Error("a refresh dropped the filter");
+  await page.fill("input.filter", "");
+
+  await page.click("a[href='#exchanges']");
+  const xrow = await page.waitForSelector(`tr:has(td:has-text('${exchange}'))`);
+  if (!(await xrow.textContent()).includes("topic")) throw new Error("the exchange row lacks its type");
+  await page.screenshot({ path: `${shots}/exchanges.png` });
+
+  await page.click("a[href='#plugins']");
+  const prow = await page.waitForSelector("tr:has(td:has-text('topic'))");
+  if (!/[0-9a-f]{12}/.test(await prow.textContent())) throw new Error("the plugin row lacks its hash");
+  await page.screenshot({ path: `${shots}/plugins.png` });
+
+  await page.click("a[href='#connections']");
+  await page.waitForSelector(`td:has-text('${user}')`);
+  await page.screenshot({ path: `${shots}/connections.png` });
+
+  await page.click("#logout");
+  await page.waitForSelector("form#login:visible");
+} finally {
+  await browser.close();
+}
+if (errors.length) throw new Error(errors.join("\n"));
+console.log("ok");

@@ -1,0 +1,73 @@
+//! The web management UI in a real browser: Debian's Chromium, headless,
+//! driven by playwright-core (`tests/node/ui.mjs`) against the real
+//! broker. It logs in (a wrong password first), sees a queue declared over
+//! AMQP with its message count, an exchange with its type, a plugin with
+//! its hash and the connection, logs out, and no page logs a JavaScript
+//! error. Screenshots of each page are kept in `target/ui-screenshots/`.
+//!
+//! `scripts/test.sh` installs Chromium (Debian's package) when missing and
+//! playwright-core (`tests/node/package.json`) under `target/amqplib`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+use lapin::types::FieldTable;
+use wasmq_tests::{TestServer, publish_confirmed};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_shows_the_broker_in_a_real_browser() {
+    let modules = std::env::var("WASMQ_AMQPLIB").unwrap_or_else(|_| {
+        panic!("playwright-core is not installed: run ./scripts/test.sh (it sets WASMQ_AMQPLIB)")
+    });
+    let server = TestServer::start().await;
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.exchange_declare(
+        "ui.orders".into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    wasmq_tests::declare_queue(&ch, "ui.ledger").await;
+    ch.queue_bind(
+        "ui.ledger".into(),
+        "ui.orders".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        assert!(publish_confirmed(&ch, "ui.orders", "o.1", b"x", BasicProperties::default()).await);
+    }
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let admin = server.admin().base().to_owned();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node/ui.mjs");
+    let run = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([&admin, "guest", "guest", "ui.ledger", "ui.orders"])
+        .arg(&shots)
+        .env("WASMQ_NODE_MODULES", format!("{modules}/node_modules"))
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the browser run finishes within 120 s")
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in ["overview", "queues", "exchanges", "plugins", "connections"] {
+        assert!(shots.join(format!("{page}.png")).is_file(), "{page}.png");
+    }
+    drop(conn);
+}
