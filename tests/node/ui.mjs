@@ -60,6 +60,17 @@ try {
   await page.click("a[href='#exchanges']");
   const xrow = await page.waitForSelector(`tr:has(td:has-text('${exchange}'))`);
   if (!(await xrow.textContent()).includes("topic")) throw new Error("the exchange row lacks its type");
+  // A test message's way through the exchange, decided by its plugin.
+  await page.click(`tr:has(td:has-text('${exchange}')) button.trace`);
+  await page.fill("#trace-form input[name=key]", "o.1");
+  await page.fill("#trace-form input[name=body]", "hello");
+  await page.click("#trace-form button[type=submit]");
+  await page.waitForSelector(`#trace-result code:has-text('${queue}')`);
+  const trace = await page.textContent("#trace-result");
+  if (!trace.includes("route")) throw new Error(`the trace lacks the router's step: ${trace}`);
+  // It stays across the table's refresh.
+  await page.waitForTimeout(2500);
+  if (!(await page.isVisible("#trace-result"))) throw new Error("a refresh dropped the trace");
   await page.screenshot({ path: `${shots}/exchanges.png` });
 
   await page.click("a[href='#plugins']");

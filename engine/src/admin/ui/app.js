@@ -14,8 +14,14 @@ let last = null;
 const $ = (sel) => document.querySelector(sel);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 
-async function api(path) {
-  const r = await fetch(path, { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" } });
+async function api(path, body) {
+  const init = { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" } };
+  if (body !== undefined) {
+    init.method = "POST";
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, init);
   if (r.status === 401) { logout("Your session ended: log in again."); throw new Error("401"); }
   if (!r.ok) throw new Error(`${path}: ${r.status} ${(await r.json().catch(() => ({}))).reason || ""}`);
   return r.json();
@@ -70,6 +76,34 @@ function chart(canvas) {
   return max;
 }
 
+// Run a test message through an exchange without enqueueing it, and show
+// each step of its way with the plugin version that decided it.
+function traceForm(vhost, name) {
+  $("#trace").innerHTML =
+    `<h2>Trace a message through <code>${esc(name)}</code></h2>` +
+    `<form id="trace-form"><label>Routing key <input name="key"></label> ` +
+    `<label>Body <input name="body"></label> <button type="submit">Trace</button></form><div id="trace-result"></div>`;
+  $("#trace-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = new FormData(ev.target);
+    const path = `/api/exchanges/${encodeURIComponent(vhost)}/${encodeURIComponent(name)}/trace`;
+    try {
+      const t = await api(path, { routing_key: f.get("key"), payload: f.get("body") });
+      const steps = (t.steps || []).map((st) => {
+        const { step, ...rest } = st;
+        return `<li><b>${esc(step)}</b> <code>${esc(JSON.stringify(rest))}</code></li>`;
+      }).join("");
+      const queues = [...(t.queues || []), ...(t.forwarded || [])];
+      $("#trace-result").innerHTML = `<ol class="steps">${steps}</ol>` +
+        `<p>=> ${queues.length ? "queues: " + queues.map((q) => `<code>${esc(q)}</code>`).join(", ") : "no queue"}` +
+        ` (${esc((t.took_us || 0).toFixed(1))} µs)</p>` +
+        (t.faults || []).map((x) => `<p class="error">${esc(x)}</p>`).join("");
+    } catch (e) {
+      $("#trace-result").innerHTML = `<p class="error">${esc(e.message)}</p>`;
+    }
+  });
+}
+
 const views = {
   async overview() {
     const o = await api("/api/overview");
@@ -112,7 +146,9 @@ const views = {
   },
   async exchanges() {
     const xs = await api("/api/exchanges");
-    $("#page").innerHTML = `<h1>Exchanges</h1>` + table(xs, [
+    // The trace panel is kept across the table's refreshes.
+    if (!$("#xtable")) $("#page").innerHTML = `<h1>Exchanges</h1><div id="xtable"></div><div id="trace"></div>`;
+    $("#xtable").innerHTML = table(xs, [
       ["Name", (x) => `<code>${esc(x.name || "(default)")}</code>`],
       ["Vhost", (x) => esc(x.vhost)],
       ["Type", (x) => esc(x.type)],
@@ -121,8 +157,10 @@ const views = {
       ["Published", (x) => esc(x.message_stats.publish_in)],
       ["Routed", (x) => esc(x.message_stats.routed)],
       ["Faults", (x) => esc(x.message_stats.plugin_faults)],
+      ["", (x) => (x.name ? `<button class="trace" data-vhost="${esc(x.vhost)}" data-name="${esc(x.name)}">Trace</button>` : "")],
     ], true);
     wireFilters();
+    document.querySelectorAll("button.trace").forEach((b) => b.addEventListener("click", () => traceForm(b.dataset.vhost, b.dataset.name)));
   },
   async plugins() {
     const ps = await api("/api/plugins");
