@@ -79,6 +79,24 @@ async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) {
     .unwrap();
 }
 
+/// A delayed exchange `retry` (routing as `direct`) whose `backoff`
+/// transform delays each message `base_ms` × 2^attempts, binding `work`.
+async fn retry_exchange(server: &TestServer, ch: &Channel, base_ms: i32, work: FieldTable) {
+    server.install("backoff", "backoff");
+    delayed_exchange(
+        ch,
+        "retry",
+        "direct",
+        &[
+            ("x-wasmq-transform", text("backoff")),
+            ("x-backoff-base-ms", AMQPValue::LongInt(base_ms)),
+        ],
+    )
+    .await;
+    declare_durable(ch, "work", work).await;
+    bind(ch, "work", "retry", "work").await;
+}
+
 /// Collect `queue`'s messages until there are `n` or `within` passed.
 async fn collect(ch: &Channel, queue: &str, n: usize, within: Duration) -> Vec<String> {
     let until = Instant::now() + within;
@@ -382,22 +400,10 @@ async fn a_queue_with_a_delivery_delay_holds_every_message_that_long() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transform_decides_the_delay_of_a_retry() {
     let server = TestServer::start().await;
-    server.install("backoff", "backoff");
     let conn = server.connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    delayed_exchange(
-        &ch,
-        "retry",
-        "direct",
-        &[
-            ("x-wasmq-transform", text("backoff")),
-            ("x-backoff-base-ms", AMQPValue::LongInt(150)),
-        ],
-    )
-    .await;
-    declare_durable(&ch, "work", FieldTable::default()).await;
-    bind(&ch, "work", "retry", "work").await;
+    retry_exchange(&server, &ch, 150, FieldTable::default()).await;
     // Third attempt: 150 * 2^2 = 600 ms; a first one: 150 ms.
     let third = BasicProperties::default()
         .with_headers(table(&[("x-delivery-count", AMQPValue::LongInt(2))]));
@@ -425,23 +431,11 @@ async fn a_transform_decides_the_delay_of_a_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_messages_come_back_with_exponential_back_off() {
     let server = TestServer::start().await;
-    server.install("backoff", "backoff");
     let conn = server.connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    delayed_exchange(
-        &ch,
-        "retry",
-        "direct",
-        &[
-            ("x-wasmq-transform", text("backoff")),
-            ("x-backoff-base-ms", AMQPValue::LongInt(100)),
-        ],
-    )
-    .await;
-    let args = table(&[("x-dead-letter-exchange", text("retry"))]);
-    declare_durable(&ch, "work", args).await;
-    bind(&ch, "work", "retry", "work").await;
+    let work = table(&[("x-dead-letter-exchange", text("retry"))]);
+    retry_exchange(&server, &ch, 100, work).await;
     assert!(publish(&ch, "", "work", None, "job").await);
     let take = |ch: Channel| async move {
         let until = Instant::now() + Duration::from_secs(10);
