@@ -177,12 +177,9 @@ async fn a_deduplicating_exchange_drops_duplicates_before_routing() {
     assert!(e.to_string().contains("x-cache-size"), "{e}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
-    let server = TestServer::start().await;
-    let conn = server.connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
+/// Declare the durable deduplicating exchange `events` (a window of a
+/// minute) and bind queue `a` to it.
+async fn durable_dedup_exchange(ch: &Channel) {
     ch.exchange_declare(
         "events".into(),
         ExchangeKind::Custom("x-message-deduplication".into()),
@@ -197,7 +194,6 @@ async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
     )
     .await
     .unwrap();
-    declare_durable(&ch, "a", FieldTable::default()).await;
     ch.queue_bind(
         "a".into(),
         "events".into(),
@@ -207,6 +203,16 @@ async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
+    let server = TestServer::start().await;
+    let conn = server.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    declare_durable(&ch, "a", FieldTable::default()).await;
+    durable_dedup_exchange(&ch).await;
     assert!(publish(&ch, "events", "k", &[id("e-1")], "one").await);
     assert!(publish(&ch, "events", "k", &[id("e-2")], "two").await);
     assert_eq!(bodies(get_all(&ch, "a").await), ["one", "two"]);
@@ -224,26 +230,7 @@ async fn a_durable_deduplicating_exchange_keeps_its_ids_across_a_restart() {
     ch.exchange_delete("events".into(), Default::default())
         .await
         .unwrap();
-    ch.exchange_declare(
-        "events".into(),
-        ExchangeKind::Custom("x-message-deduplication".into()),
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        table(&[("x-cache-size", AMQPValue::LongInt(1000))]),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        "a".into(),
-        "events".into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    durable_dedup_exchange(&ch).await;
     assert!(publish(&ch, "events", "k", &[id("e-1")], "new life").await);
     assert_eq!(bodies(get_all(&ch, "a").await), ["new life"]);
 }
