@@ -273,6 +273,49 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
             ack: n(&q.acked),
             dead_lettered: n(&q.dead_lettered),
         },
+        queue_type: queue_type(q).into(),
+        stream: q.stream().map(|s| stream_view(s)),
+    }
+}
+
+fn queue_type(q: &Queue) -> &'static str {
+    if q.stream().is_some() {
+        "stream"
+    } else if q.quorum {
+        "quorum"
+    } else {
+        "classic"
+    }
+}
+
+fn stream_view(s: &crate::broker::stream::Stream) -> crate::admin::model::StreamView {
+    use crate::admin::model::{NamedOffsetView, StreamConsumerView, StreamView};
+    let st = s.stats();
+    StreamView {
+        first_offset: st.first,
+        last_offset: (st.committed > st.first).then(|| st.committed - 1),
+        segments: st.segments,
+        bytes: st.bytes,
+        consumers: s
+            .cursors()
+            .into_iter()
+            .map(|c| StreamConsumerView {
+                consumer_tag: c.tag,
+                channel: c.channel,
+                offset: c.offset,
+                name: c.name,
+            })
+            .collect(),
+        named: s
+            .log()
+            .stored_offsets()
+            .into_iter()
+            .map(|(name, offset)| NamedOffsetView {
+                lag: st.committed.saturating_sub(offset + 1),
+                name,
+                offset,
+            })
+            .collect(),
     }
 }
 
@@ -300,6 +343,13 @@ fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueV
         deduplication_ids: None,
         messages_delayed: 0,
         message_stats: QueueMessageStats::default(),
+        queue_type: match r.definition.arguments.inner().get("x-queue-type") {
+            Some(amq_protocol::types::AMQPValue::LongString(t)) => {
+                String::from_utf8_lossy(t.as_bytes()).into_owned()
+            }
+            _ => "classic".into(),
+        },
+        stream: None,
     }
 }
 

@@ -121,6 +121,54 @@ pub struct QueueView {
     pub messages_delayed: usize,
     /// Counters since it was declared.
     pub message_stats: QueueMessageStats,
+    /// `classic`, `quorum` or `stream` (RabbitMQ's field).
+    #[serde(rename = "type", default)]
+    pub queue_type: String,
+    /// A stream's offsets, segments and readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamView>,
+}
+
+/// A stream queue's log and its consumers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamView {
+    /// The oldest offset kept.
+    pub first_offset: u64,
+    /// The newest offset readable (none: the stream is empty).
+    pub last_offset: Option<u64>,
+    /// Segment files.
+    pub segments: usize,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Consumers reading it, with where each is.
+    pub consumers: Vec<StreamConsumerView>,
+    /// Named consumers' stored offsets (whether reading now or not), with
+    /// their lag: messages after the stored offset.
+    pub named: Vec<NamedOffsetView>,
+}
+
+/// One consumer of a stream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamConsumerView {
+    /// Consumer tag.
+    pub consumer_tag: String,
+    /// Its channel.
+    pub channel: u16,
+    /// The offset it reads next.
+    pub offset: u64,
+    /// Its `x-stream-consumer-name`.
+    pub name: Option<String>,
+}
+
+/// A named consumer's stored offset.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NamedOffsetView {
+    /// The name.
+    pub name: String,
+    /// The last offset it settled.
+    pub offset: u64,
+    /// Messages after it.
+    pub lag: u64,
 }
 
 /// A queue's counters.

@@ -378,6 +378,9 @@ impl Broker {
                 )));
             }
         }
+        if limits.stream {
+            return self.declare_stream(vhost, decl, limits, queues);
+        }
         let flow = self
             .queue_flow_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -406,6 +409,58 @@ impl Broker {
                 queue: queue_definition(&q),
             }])?;
         }
+        Ok(q)
+    }
+
+    /// Make a stream queue: durable, shared, on a node with a store, its
+    /// log opened (or recovered) in the store's `streams` folder.
+    fn declare_stream(
+        &self,
+        vhost: &VHost,
+        decl: QueueDecl,
+        limits: QueueLimits,
+        mut queues: parking_lot::RwLockWriteGuard<'_, super::Map<String, Arc<Queue>>>,
+    ) -> Result<Arc<Queue>, BrokerError> {
+        use super::stream::{Stream, StreamArgs, refusal};
+        let name = decl.name.clone();
+        let refuse =
+            |what: &str| BrokerError::PreconditionFailed(refusal(what, &name, &vhost.name));
+        if decl.owner.is_some() {
+            return Err(refuse("invalid property 'exclusive'"));
+        }
+        if !decl.durable {
+            return Err(refuse("invalid property 'non-durable'"));
+        }
+        if decl.auto_delete {
+            return Err(refuse("invalid property 'auto-delete'"));
+        }
+        if self.cluster().is_some() {
+            return Err(refuse(
+                "invalid arg 'x-queue-type': streams are not replicated yet, so a cluster does not make them",
+            ));
+        }
+        let Some(store) = self.store.get() else {
+            return Err(refuse(
+                "invalid arg 'x-queue-type': streams need a data directory, and this broker has no store",
+            ));
+        };
+        let args = StreamArgs::parse(&decl.arguments).map_err(|e| refuse(&e))?;
+        let log = store.open_stream(&vhost.name, &name, args.segment_bytes)?;
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (applied, limits) = self.with_policies(&vhost.name, &name, &decl.arguments, limits);
+        let q = Queue::new(decl, limits, flow, None, None)
+            .with_policy(applied)
+            .with_stream(Stream::new(log, args));
+        let q = Arc::new(q);
+        Stream::start(&q);
+        queues.insert(name.clone(), q.clone());
+        drop(queues);
+        self.persist(vec![Change::PutQueue {
+            vhost: vhost.name.clone(),
+            queue: queue_definition(&q),
+        }])?;
         Ok(q)
     }
 
@@ -470,7 +525,7 @@ impl Broker {
         q.cancel_consumers();
         q.destroy_log();
         let n = q.purge();
-        if q.log().is_some() {
+        if q.log().is_some() || q.stream().is_some() {
             self.persist(vec![Change::DeleteQueue {
                 vhost: vhost.name.clone(),
                 name: name.to_owned(),

@@ -36,6 +36,7 @@ pub mod remote;
 mod replicated;
 mod rollout;
 mod route;
+pub mod stream;
 pub mod trace;
 pub mod traffic;
 

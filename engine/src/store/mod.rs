@@ -27,6 +27,7 @@ pub mod definitions;
 mod ids;
 pub mod log;
 pub mod record;
+pub mod stream;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -132,11 +133,23 @@ fn remove_files(paths: Vec<PathBuf>) {
     }
 }
 
+/// A log the group commit writes and syncs: a queue's or a stream's.
+pub(crate) trait Flush: Send + Sync + std::fmt::Debug {
+    /// Write what was appended since the last round and sync it.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+impl Flush for QueueLog {
+    fn flush(&self) -> Result<(), StoreError> {
+        QueueLog::flush(self)
+    }
+}
+
 /// What the group-commit thread has to do in its next round.
 #[derive(Debug, Default)]
 struct Inbox {
     /// Logs with records appended since the last round.
-    logs: Vec<Arc<QueueLog>>,
+    logs: Vec<Arc<dyn Flush>>,
     /// Files to delete.
     trash: Vec<PathBuf>,
 }
@@ -173,9 +186,13 @@ impl Syncer {
     /// as it takes the inbox: so the round that takes this log writes this
     /// record (or an earlier round already did) and no round can cover the
     /// ticket without it.
-    pub(crate) fn wrote(&self, log: &Arc<QueueLog>) -> u64 {
+    pub(crate) fn wrote<F: Flush + 'static>(&self, log: &Arc<F>) -> u64 {
         let mut dirty = self.dirty.lock();
-        if !dirty.logs.iter().any(|l| Arc::ptr_eq(l, log)) {
+        if !dirty
+            .logs
+            .iter()
+            .any(|l| std::ptr::addr_eq(Arc::as_ptr(l), Arc::as_ptr(log)))
+        {
             dirty.logs.push(log.clone());
         }
         let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
@@ -500,18 +517,42 @@ impl Store {
         Ok((Arc::new(log), recovered))
     }
 
+    /// The folder of a stream's log.
+    pub fn stream_dir(&self, vhost: &str, queue: &str) -> PathBuf {
+        let q = self.queue_dir(vhost, queue);
+        self.dir
+            .join("streams")
+            .join(q.file_name().expect("a hash"))
+    }
+
+    /// Open (or create) a stream's log, with segments of at most
+    /// `segment_bytes`.
+    pub fn open_stream(
+        &self,
+        vhost: &str,
+        queue: &str,
+        segment_bytes: u64,
+    ) -> Result<Arc<stream::StreamLog>, StoreError> {
+        let dir = self.stream_dir(vhost, queue);
+        let log = stream::StreamLog::open(dir.clone(), self.sync.clone(), segment_bytes)?;
+        self.opened.lock().push(dir);
+        Ok(Arc::new(log))
+    }
+
     /// Delete queue logs that no durable queue opened (left by a queue
     /// deleted while its files could not be removed). Call after recovery.
     pub fn remove_orphans(&self) {
         let opened = self.opened.lock();
-        let Ok(entries) = std::fs::read_dir(self.dir.join("queues")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if !opened.contains(&p) {
-                tracing::info!(dir = %p.display(), "removing the log of a queue that no longer exists");
-                let _ = std::fs::remove_dir_all(&p);
+        for kind in ["queues", "streams"] {
+            let Ok(entries) = std::fs::read_dir(self.dir.join(kind)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if !opened.contains(&p) {
+                    tracing::info!(dir = %p.display(), "removing the log of a queue that no longer exists");
+                    let _ = std::fs::remove_dir_all(&p);
+                }
             }
         }
     }

@@ -29,5 +29,6 @@ mod protocol;
 mod queue_args;
 mod single_node_quorum;
 mod sns_filter;
+mod streams;
 mod tls;
 mod ui;

@@ -33,6 +33,9 @@ impl Channel {
                     return self.consume_remote(ctx, c, node);
                 }
                 let q = self.queue(ctx, &c.queue, Access::Read)?;
+                if q.stream().is_some() {
+                    return self.consume_stream(ctx, c, q);
+                }
                 let tag = self.consumer_tag(ctx, c)?;
                 let consumer =
                     self.new_consumer(ctx, &tag, c.no_ack, c.exclusive, self.prefetch, &q);
@@ -79,6 +82,9 @@ impl Channel {
                     return self.get_remote(ctx, g, node);
                 }
                 let q = self.queue(ctx, &g.queue, Access::Read)?;
+                if q.stream().is_some() {
+                    return Err(Self::get_from_stream(ctx, &q));
+                }
                 match q.pop_readable() {
                     None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
                     Some((entry, m)) => {
@@ -247,6 +253,17 @@ impl Channel {
             }
             if requeue.is_none() {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(s) = queue.stream() {
+                // A stream's ack or nack only gives credit back (and moves
+                // a named consumer's stored offset).
+                if let Some(c) = &consumer {
+                    s.settled(c, entry.id);
+                }
+                if !touched.iter().any(|q| Arc::ptr_eq(q, &queue)) {
+                    touched.push(queue);
+                }
+                continue;
             }
             // An ack of a message that is in no log and holds no group
             // needs nothing more (a quorum queue's messages are all in its

@@ -21,6 +21,7 @@ mod publish;
 mod quorum;
 mod remote;
 mod replicated;
+mod stream;
 
 pub(crate) use error::AmqpError;
 use error::{exchange_arg, server_only, unexpected};

@@ -47,6 +47,8 @@ pub struct QueueLimits {
     pub max_priority: u8,
     /// `x-queue-type = quorum`: replicated through a Raft group of its own.
     pub quorum: bool,
+    /// `x-queue-type = stream`: a replayable log (`broker::stream`).
+    pub stream: bool,
     /// `x-delivery-limit`: a message returned more often than this is
     /// dead-lettered (reason `delivery_limit`) or dropped. Quorum queues
     /// count returns in their log, classic queues in the entry and (for
@@ -116,22 +118,22 @@ impl QueueLimits {
                 ));
             }
         };
-        // RabbitMQ's queue types. Streams do not exist here: a queue the
-        // user believes is a stream must not quietly be something else.
-        let quorum = match string_arg(args, "x-queue-type")?.as_deref() {
-            None | Some("classic") => false,
-            Some("quorum") => true,
-            Some("stream") => {
-                return Err(
-                    "invalid arg 'x-queue-type': 'stream' queues are not supported by this broker (classic and quorum queues only)".into(),
-                );
-            }
+        // RabbitMQ's queue types.
+        let (quorum, stream) = match string_arg(args, "x-queue-type")?.as_deref() {
+            None | Some("classic") => (false, false),
+            Some("quorum") => (true, false),
+            Some("stream") => (false, true),
             Some(other) => {
                 return Err(format!(
-                    "invalid arg 'x-queue-type': '{other}' (expected classic or quorum)"
+                    "invalid arg 'x-queue-type': '{other}' (expected classic, quorum or stream)"
                 ));
             }
         };
+        if stream {
+            // A stream's own arguments (`broker::stream`); the rest of the
+            // queue's are refused there as RabbitMQ refuses them.
+            crate::broker::stream::StreamArgs::parse(args)?;
+        }
         let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
             dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
@@ -142,6 +144,7 @@ impl QueueLimits {
             expires: int_arg(args, "x-expires")?.map(Duration::from_millis),
             max_priority: 0,
             quorum,
+            stream,
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
@@ -300,8 +303,8 @@ mod tests {
     }
 
     #[test]
-    fn stream_and_unknown_queue_types_are_refused_by_name() {
-        for kind in ["stream", "lazy"] {
+    fn unknown_queue_types_are_refused_by_name() {
+        for kind in ["lazy", "Stream"] {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
             assert!(QueueLimits::parse(&args).unwrap_err().contains(kind));

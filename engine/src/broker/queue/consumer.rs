@@ -118,7 +118,7 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    pub(super) fn has_credit(&self) -> bool {
+    pub(crate) fn has_credit(&self) -> bool {
         if self.in_flight.load(Ordering::Relaxed) >= CONSUMER_WINDOW
             || self.channel_credit.paused.load(Ordering::Relaxed)
         {
@@ -132,7 +132,7 @@ impl Consumer {
         own && (limit == 0 || self.channel_credit.unacked.load(Ordering::Relaxed) < limit)
     }
 
-    pub(super) fn take_credit(&self) {
+    pub(crate) fn take_credit(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if !self.no_ack {
             self.unacked.fetch_add(1, Ordering::Relaxed);

@@ -264,6 +264,9 @@ pub struct Queue {
     timer: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
     /// A delayed exchange's queue: where due messages go.
     due_sink: Option<DueSink>,
+    /// A stream queue's log and consumers (`x-queue-type: stream`): then
+    /// nothing else of the queue's state is used.
+    stream: Option<Arc<crate::broker::stream::Stream>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -343,7 +346,19 @@ impl Queue {
             waiting_bytes: AtomicUsize::new(0),
             timer: std::sync::OnceLock::new(),
             due_sink: None,
+            stream: None,
         }
+    }
+
+    /// Made a stream queue over `stream`.
+    pub(crate) fn with_stream(mut self, stream: crate::broker::stream::Stream) -> Self {
+        self.stream = Some(Arc::new(stream));
+        self
+    }
+
+    /// A stream queue's stream.
+    pub fn stream(&self) -> Option<&Arc<crate::broker::stream::Stream>> {
+        self.stream.as_ref()
     }
 
     /// Record a use (consume, cancel, get, redeclare) for `x-expires`.
@@ -375,6 +390,9 @@ impl Queue {
     /// ack, dead-lettered, expired, purged): record it in the log, so they
     /// do not come back at recovery.
     pub fn forget<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        if self.stream.is_some() {
+            return;
+        }
         if self.group_header.is_some() {
             let entries: Vec<&Entry> = entries.into_iter().collect();
             self.release_groups(entries.iter().map(|e| e.group));
@@ -531,6 +549,22 @@ impl Queue {
     /// persistent message in a queue with a log is written there first
     /// (and kept on disk only, when the queue holds many bytes already).
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> Pushed {
+        if let Some(stream) = &self.stream {
+            return match stream.append(&message) {
+                Ok((_, ticket)) => {
+                    self.enqueued.fetch_add(1, Ordering::Relaxed);
+                    Pushed {
+                        accepted: true,
+                        ticket,
+                    }
+                }
+                Err(StoreError::Deleted) => Pushed::default(),
+                Err(e) => {
+                    tracing::error!(queue = %crate::untrusted::text(&self.name), "appending to a stream failed; refused: {e}");
+                    Pushed::default()
+                }
+            };
+        }
         let own_ttl = message_ttl(&message).ok().flatten();
         let Some(group) = self.group_of(&message) else {
             return Pushed::default();
@@ -759,6 +793,10 @@ impl Queue {
     }
 
     fn return_front(self: &Arc<Self>, entries: impl DoubleEndedIterator<Item = Entry>, mark: bool) {
+        if self.stream.is_some() {
+            // A stream takes nothing back: its consumers read on.
+            return;
+        }
         let mut dead = Vec::new();
         if mark && let Some(r) = &self.replica {
             return self.return_replicated(r.clone(), entries.collect());
@@ -815,6 +853,9 @@ impl Queue {
 
     /// Dead-letter deliveries a client rejected without requeue.
     pub fn reject(&self, entries: Vec<Entry>) {
+        if self.stream.is_some() {
+            return;
+        }
         self.release_groups(entries.iter().map(|e| e.group));
         self.bury(
             entries
@@ -826,6 +867,9 @@ impl Queue {
 
     /// Move waiting messages to consumers with credit.
     pub fn dispatch(self: &Arc<Self>) {
+        if let Some(s) = &self.stream {
+            return s.dispatch(self);
+        }
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
@@ -838,6 +882,10 @@ impl Queue {
     /// the deduplication ids past their window, and rewrite the ids on
     /// disk when most of them are gone.
     pub fn expire(self: &Arc<Self>) {
+        if let Some(s) = &self.stream {
+            s.retain(self.limits().max_length_bytes);
+            return;
+        }
         if self.dedup {
             self.sweep_ids();
         }
@@ -901,6 +949,9 @@ impl Queue {
     /// Take the oldest live message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
         self.touch();
+        if self.stream.is_some() {
+            return None;
+        }
         let mut dead = Vec::new();
         let e = {
             let mut st = self.state.lock();
@@ -919,6 +970,14 @@ impl Queue {
     /// Add a consumer and start feeding it.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> Result<(), ConsumeError> {
         self.touch();
+        if let Some(s) = &self.stream {
+            // A consumer without stream arguments reads from `next`.
+            let wants = crate::broker::stream::StreamConsume::parse(&FieldTable::default())
+                .expect("no arguments parse");
+            return s
+                .add(self, consumer, wants)
+                .map_err(|_| ConsumeError::Exclusive);
+        }
         let mut dead = Vec::new();
         {
             let mut st = self.state.lock();
@@ -937,6 +996,9 @@ impl Queue {
     /// Remove a consumer; returns whether the queue now has none.
     pub fn remove_consumer(&self, connection: u64, channel: u16, tag: &str) -> bool {
         self.touch();
+        if let Some(s) = &self.stream {
+            return s.remove(connection, channel, tag);
+        }
         let mut st = self.state.lock();
         st.consumers
             .retain(|c| !(c.connection == connection && c.channel == channel && c.tag == tag));
@@ -946,6 +1008,9 @@ impl Queue {
 
     /// Remove every consumer and tell their connections (queue deleted).
     pub(crate) fn cancel_consumers(&self) {
+        if let Some(s) = &self.stream {
+            return s.cancel_all();
+        }
         let consumers = std::mem::take(&mut self.state.lock().consumers);
         for c in consumers {
             let _ = c.sink.send(Dispatch::Cancel {
@@ -958,6 +1023,9 @@ impl Queue {
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
+        if let Some(s) = &self.stream {
+            return s.len() as usize;
+        }
         self.state.lock().messages.len()
     }
 
@@ -968,16 +1036,29 @@ impl Queue {
 
     /// Consumers attached.
     pub fn consumer_count(&self) -> usize {
+        if let Some(s) = &self.stream {
+            return s.consumers().len();
+        }
         self.state.lock().consumers.len()
     }
 
     /// The consumers attached, in round-robin order.
     pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        if let Some(s) = &self.stream {
+            return s.consumers();
+        }
         self.state.lock().consumers.clone()
     }
 
     /// Deliveries to consumers not acked yet.
     pub fn unacked(&self) -> u64 {
+        if let Some(s) = &self.stream {
+            return s
+                .consumers()
+                .iter()
+                .map(|c| u64::from(c.unacked.load(Ordering::Relaxed)))
+                .sum();
+        }
         self.state
             .lock()
             .consumers
@@ -988,6 +1069,11 @@ impl Queue {
 
     /// Remove every waiting message; returns how many.
     pub fn purge(&self) -> usize {
+        if self.stream.is_some() {
+            // As RabbitMQ: a stream is not purged (retention removes its
+            // old segments).
+            return 0;
+        }
         let mut st = self.state.lock();
         let mut messages = st.messages.take();
         st.body_bytes = 0;

@@ -112,5 +112,8 @@ impl Queue {
         if let Some(log) = &self.log {
             log.destroy();
         }
+        if let Some(s) = &self.stream {
+            s.destroy();
+        }
     }
 }

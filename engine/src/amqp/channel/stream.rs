@@ -1,0 +1,80 @@
+//! Consuming from a stream queue: RabbitMQ's rules for stream consumers
+//! (manual acks, a prefetch, no exclusivity, no `basic.get`) checked with
+//! its reply codes and texts, then a cursor added at the offset the
+//! consumer asked for.
+
+use super::*;
+use crate::broker::stream::StreamConsume;
+
+impl Channel {
+    /// `basic.consume` on the stream queue `q`.
+    pub(super) fn consume_stream(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        c: &basic::Consume,
+        q: Arc<Queue>,
+    ) -> Result<(), AmqpError> {
+        let stream = q.stream().expect("a stream queue").clone();
+        let rs = format!("queue '{}' in vhost '{}'", q.name, ctx.vhost.name);
+        if c.no_ack {
+            return Err(AmqpError::new(
+                540,
+                format!(
+                    "NOT_IMPLEMENTED - automatic acknowledgement not supported by stream queues {rs}"
+                ),
+            ));
+        }
+        if c.exclusive {
+            return Err(AmqpError::new(
+                540,
+                format!("NOT_IMPLEMENTED - exclusive consume not supported by stream queues {rs}"),
+            ));
+        }
+        if self.prefetch == 0 && self.credit.limit.load(Ordering::Relaxed) == 0 {
+            return Err(AmqpError::new(
+                406,
+                format!(
+                    "PRECONDITION_FAILED - consumer prefetch count is not set for stream queues {rs}"
+                ),
+            ));
+        }
+        let wants = StreamConsume::parse(&c.arguments)
+            .map_err(|e| AmqpError::new(406, format!("PRECONDITION_FAILED - {e} for {rs}")))?;
+        let tag = self.consumer_tag(ctx, c)?;
+        let mut consumer = self.new_consumer(ctx, &tag, false, false, self.prefetch, &q);
+        // A stream takes nothing back, so a delivery left unacknowledged
+        // has nothing to requeue: no consumer timeout.
+        if let Some(c) = Arc::get_mut(&mut consumer) {
+            c.timeout = None;
+        }
+        let before = ctx.out.len();
+        if !c.nowait {
+            self.send(
+                ctx,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.as_str().into(),
+                })),
+            );
+        }
+        if let Err(why) = stream.add(&q, consumer.clone(), wants) {
+            ctx.out.truncate(before);
+            return Err(AmqpError::new(
+                406,
+                format!("PRECONDITION_FAILED - {why}: {rs}"),
+            ));
+        }
+        self.consumers.insert(tag, (consumer, q));
+        Ok(())
+    }
+
+    /// `basic.get` on a stream queue, refused as RabbitMQ refuses it.
+    pub(super) fn get_from_stream(ctx: &Ctx<'_>, q: &Queue) -> AmqpError {
+        AmqpError::new(
+            540,
+            format!(
+                "NOT_IMPLEMENTED - basic.get not supported by stream queues queue '{}' in vhost '{}'",
+                q.name, ctx.vhost.name
+            ),
+        )
+    }
+}
