@@ -192,7 +192,20 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
     .unwrap();
 
     let data = tempfile::tempdir().unwrap();
-    let mut broker = Broker::spawn(data.path(), &plugins);
+    // Faults here are planted panics; a call's deadline is not what is
+    // tested, so a thread that a loaded machine preempts for a few
+    // milliseconds must not count as one.
+    let config = data.path().join("wasmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nplugin_dir = {:?}\n[plugins]\ncall_deadline_ms = 1000\n",
+            data.path().join("data"),
+            plugins
+        ),
+    )
+    .unwrap();
+    let mut broker = Broker::spawn_config(&config);
     let (amqp, admin) = broker.ready().await;
     let url = format!("http://{admin}");
     let api = AdminClient::new(&url, "guest", "guest");
