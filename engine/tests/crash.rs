@@ -532,3 +532,226 @@ async fn scheduled_messages_survive_kill_9_and_arrive_once_and_not_early() {
     );
     broker.kill().await;
 }
+
+/// A stream's view of a crash campaign: what was confirmed, and what its
+/// named consumer was handed, by offset.
+#[derive(Default)]
+struct StreamSeen {
+    next_seq: u64,
+    confirmed: BTreeSet<u64>,
+    /// Offsets the named consumer was given.
+    named: BTreeSet<u64>,
+}
+
+fn stream_declare_args() -> FieldTable {
+    use lapin::types::AMQPValue;
+    let mut t = FieldTable::default();
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    // Small segments, so that kills land across segment rolls too.
+    t.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(64 * 1024),
+    );
+    t
+}
+
+fn stream_offset(d: &lapin::message::Delivery) -> u64 {
+    use lapin::types::AMQPValue;
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset"))
+    {
+        Some(AMQPValue::LongLongInt(n)) => *n as u64,
+        other => panic!("a stream delivery without its offset: {other:?}"),
+    }
+}
+
+async fn stream_reader(
+    conn: &Connection,
+    args: &[(&str, lapin::types::AMQPValue)],
+) -> lapin::Result<lapin::Consumer> {
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        "events".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        stream_declare_args(),
+    )
+    .await?;
+    ch.basic_qos(200, BasicQosOptions::default()).await?;
+    let mut t = FieldTable::default();
+    for (k, v) in args {
+        t.insert((*k).into(), v.clone());
+    }
+    ch.basic_consume(
+        "events".into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        t,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_keeps_every_confirmed_message_in_order_through_kill_9() {
+    use lapin::types::AMQPValue;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("stream crash test: seed {seed}");
+    let mut rng = Rng(seed);
+    let data = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    let seen = Mutex::new(StreamSeen::default());
+    let named = || {
+        [
+            (
+                "x-stream-consumer-name",
+                AMQPValue::LongString("checker".into()),
+            ),
+            ("x-stream-offset", AMQPValue::LongString("first".into())),
+        ]
+    };
+    for round in 0..6 {
+        let mut broker = Broker::spawn(data.path(), plugins.path());
+        let kill_after = Duration::from_millis(300 + rng.below(900));
+        let window = [1, 20, 200][rng.below(3) as usize];
+        let traffic = async {
+            let addr = broker.ready().await.0;
+            let conn = connect(&addr).await;
+            let publish = async {
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                ch.queue_declare(
+                    "events".into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    stream_declare_args(),
+                )
+                .await?;
+                loop {
+                    let mut pending = Vec::new();
+                    for _ in 0..window {
+                        let seq = {
+                            let mut s = seen.lock().unwrap();
+                            s.next_seq += 1;
+                            s.next_seq
+                        };
+                        let body = [seq.to_be_bytes().as_slice(), &[0u8; 200]].concat();
+                        let c = ch
+                            .basic_publish(
+                                "".into(),
+                                "events".into(),
+                                BasicPublishOptions::default(),
+                                &body,
+                                BasicProperties::default(),
+                            )
+                            .await?;
+                        pending.push((seq, c));
+                    }
+                    for (seq, c) in pending {
+                        if let Confirmation::Ack(_) = c.await? {
+                            seen.lock().unwrap().confirmed.insert(seq);
+                        }
+                    }
+                }
+                #[allow(unreachable_code)]
+                lapin::Result::Ok(())
+            };
+            let read = async {
+                let mut c = stream_reader(&conn, &named()).await?;
+                while let Some(d) = c.next().await {
+                    let d = d?;
+                    seen.lock().unwrap().named.insert(stream_offset(&d));
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                }
+                lapin::Result::Ok(())
+            };
+            let _ = tokio::join!(publish, read);
+            std::future::pending::<()>().await
+        };
+        let _ = tokio::time::timeout(kill_after, traffic).await;
+        broker.kill().await;
+        eprintln!(
+            "round {round}: killed after {kill_after:?} (window {window}); {} confirmed",
+            seen.lock().unwrap().confirmed.len()
+        );
+    }
+
+    // A clean life: read the whole stream from `first`, and let the named
+    // consumer catch up.
+    let mut broker = Broker::spawn(data.path(), plugins.path());
+    let addr = broker.ready().await.0;
+    let conn = connect(&addr).await;
+    let mut all = stream_reader(
+        &conn,
+        &[("x-stream-offset", AMQPValue::LongString("first".into()))],
+    )
+    .await
+    .unwrap();
+    let mut checker = stream_reader(&conn, &named()).await.unwrap();
+    let mut stream: Vec<(u64, u64)> = Vec::new();
+    let last_offset = loop {
+        let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), all.next()).await else {
+            break stream.last().map(|(o, _)| *o);
+        };
+        let d = d.unwrap();
+        stream.push((
+            stream_offset(&d),
+            u64::from_be_bytes(d.data[..8].try_into().unwrap()),
+        ));
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    };
+    if let Some(last) = last_offset {
+        while seen.lock().unwrap().named.last() != Some(&last) {
+            let d = tokio::time::timeout(Duration::from_secs(10), checker.next())
+                .await
+                .expect("the named consumer catches up")
+                .unwrap()
+                .unwrap();
+            seen.lock().unwrap().named.insert(stream_offset(&d));
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    conn.close(200, "done".into()).await.unwrap();
+    broker.kill().await;
+
+    let s = seen.into_inner().unwrap();
+    eprintln!(
+        "seed {seed}: {} published, {} confirmed, {} in the stream",
+        s.next_seq,
+        s.confirmed.len(),
+        stream.len()
+    );
+    assert!(s.confirmed.len() > 100, "seed {seed}: too little traffic");
+    // Offsets from 0 with no gap; each message once, in publish order.
+    for (i, (offset, _)) in stream.iter().enumerate() {
+        assert_eq!(*offset, i as u64, "seed {seed}: offsets have a gap");
+    }
+    assert!(
+        stream.windows(2).all(|w| w[1].1 > w[0].1),
+        "seed {seed}: a message twice or out of order"
+    );
+    let kept: BTreeSet<u64> = stream.iter().map(|(_, seq)| *seq).collect();
+    let lost: Vec<&u64> = s.confirmed.difference(&kept).collect();
+    assert!(lost.is_empty(), "seed {seed}: confirmed and lost: {lost:?}");
+    // The named consumer was handed every offset at least once: resuming
+    // never skipped what it had not settled.
+    let expected: BTreeSet<u64> = (0..stream.len() as u64).collect();
+    let missed: Vec<&u64> = expected.difference(&s.named).collect();
+    assert!(
+        missed.is_empty(),
+        "seed {seed}: the named consumer missed {missed:?}"
+    );
+}
