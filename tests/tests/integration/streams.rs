@@ -498,3 +498,11 @@ async fn what_rabbitmq_refuses_of_a_stream_is_refused_with_its_codes() {
     let (_c, mut c) = reader(&conn, "s", &[("x-stream-offset", s("first"))]).await;
     assert_eq!(take(&mut c, 1).await, [(0, "m0".to_string())]);
 }
+
+/// pika, the way RabbitMQ's documentation uses streams from Python
+/// (`tests/python/pika_streams.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pika_reads_streams_unchanged() {
+    let server = TestServer::start().await;
+    wasmq_tests::run_pika_script("pika_streams.py", [server.addr().port().to_string()]).await;
+}
