@@ -1,6 +1,8 @@
 //! What the load generator (`wasmq-perf`) and the latency probe
 //! (`wasmq-ping`) share.
 
+pub mod raw;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

@@ -206,15 +206,16 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// The record at `pos` of `file`, with the position after it; `Ok(None)`
-/// at the end of what is there (a short or torn tail). `buf` is reused.
-fn read_record(
-    file: &File,
+/// The next record of a sequential scan at `pos`: its offset, timestamp
+/// and the position after it; `Ok(None)` at the end of what is whole (a
+/// short or torn tail). `buf` is reused.
+fn next_record(
+    scan: &mut impl std::io::Read,
     pos: u64,
     buf: &mut Vec<u8>,
-) -> std::io::Result<Option<(u64, u64, Bytes, u64)>> {
+) -> std::io::Result<Option<(u64, u64, u64)>> {
     let mut head = [0u8; HEADER];
-    if !read_full(file, &mut head, pos)? {
+    if !read_exact_or_end(scan, &mut head)? {
         return Ok(None);
     }
     let (len, crc) = record::record_header(&head);
@@ -223,17 +224,22 @@ fn read_record(
     }
     buf.clear();
     buf.resize(len as usize, 0);
-    if !read_full(file, buf, pos + HEADER as u64)? || !record::crc_ok(buf, crc) {
+    if !read_exact_or_end(scan, buf)? || !record::crc_ok(buf, crc) {
         return Ok(None);
     }
-    let offset = u64_at(buf, 0);
-    let ts = u64_at(buf, 8);
     Ok(Some((
-        offset,
-        ts,
-        Bytes::copy_from_slice(buf),
+        u64_at(buf, 0),
+        u64_at(buf, 8),
         pos + HEADER as u64 + u64::from(len),
     )))
+}
+
+fn read_exact_or_end(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Fill `buf` from `pos`; false if the file ends first.
@@ -382,8 +388,11 @@ impl StreamLog {
             let mut buf = Vec::new();
             let mut entries = Vec::new();
             let mut expected = first;
-            while let Some((offset, ts, _, after)) =
-                read_record(&seg.file, pos, &mut buf).map_err(io(&path))?
+            // Read through once, sequentially, with a large buffer.
+            let mut scan = std::io::BufReader::with_capacity(1 << 20, &*seg.file);
+            std::io::Seek::seek(&mut scan, std::io::SeekFrom::Start(pos)).map_err(io(&path))?;
+            while let Some((offset, ts, after)) =
+                next_record(&mut scan, pos, &mut buf).map_err(io(&path))?
             {
                 if offset != expected {
                     break;
@@ -763,7 +772,9 @@ impl StreamLog {
             segment: first,
             pos,
             next,
-            buf: Vec::new(),
+            window: Bytes::new(),
+            window_at: 0,
+            window_committed: 0,
         };
         // Skip to `offset` (within one index interval).
         while reader.next < offset {
@@ -813,7 +824,9 @@ impl StreamLog {
             segment: first,
             pos,
             next,
-            buf: Vec::new(),
+            window: Bytes::new(),
+            window_at: 0,
+            window_committed: 0,
         };
         loop {
             if reader.next >= committed {
@@ -881,8 +894,17 @@ pub struct Reader {
     pos: u64,
     /// The offset of the record at `pos`.
     next: u64,
-    buf: Vec<u8>,
+    /// The segment's bytes from `window_at`, read ahead: records are
+    /// sliced out of it without a copy or a system call each.
+    window: Bytes,
+    window_at: u64,
+    /// Offsets below this were committed (so whole on disk) when the
+    /// window was read; a record past it is read again.
+    window_committed: u64,
 }
+
+/// Bytes a reader reads ahead at once.
+const READ_AHEAD: usize = 64 * 1024;
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -914,30 +936,96 @@ impl Reader {
         true
     }
 
+    /// The record at `pos` if the window holds all of it and it was
+    /// committed when the window was read: (payload length, CRC).
+    fn in_window(&self) -> Option<(usize, u32)> {
+        if self.next >= self.window_committed || self.pos < self.window_at {
+            return None;
+        }
+        let at = (self.pos - self.window_at) as usize;
+        let head: &[u8; HEADER] = self.window.get(at..at + HEADER)?.try_into().ok()?;
+        let (len, crc) = record::record_header(head);
+        (at + HEADER + len as usize <= self.window.len()).then_some((len as usize, crc))
+    }
+
+    /// Read the segment from `pos`, at least `need` bytes if it has them.
+    fn fill(&mut self, need: usize, committed: u64) -> Result<(), StoreError> {
+        let mut buf = vec![0u8; need.max(READ_AHEAD)];
+        let mut n = 0;
+        while n < buf.len() {
+            match self.file.read_at(&mut buf[n..], self.pos + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: segment_path(&self.log.dir, self.segment),
+                        source: e,
+                    });
+                }
+            }
+        }
+        buf.truncate(n);
+        self.window = Bytes::from(buf);
+        self.window_at = self.pos;
+        self.window_committed = committed;
+        Ok(())
+    }
+
+    /// The next committed record: (offset, timestamp, payload, position
+    /// after it); `None` at the end of what is committed.
     fn raw(&mut self) -> Result<Option<(u64, u64, Bytes, u64)>, StoreError> {
-        if self.next >= self.log.committed() {
+        let committed = self.log.committed();
+        if self.next >= committed {
             return Ok(None);
         }
+        let mut refilled = false;
         loop {
-            let path = || segment_path(&self.log.dir, self.segment);
-            match read_record(&self.file, self.pos, &mut self.buf).map_err(|e| StoreError::Io {
-                path: path(),
-                source: e,
-            })? {
-                Some(r) if r.0 == self.next => return Ok(Some(r)),
-                Some(r) => {
+            if let Some((len, crc)) = self.in_window() {
+                let at = (self.pos - self.window_at) as usize + HEADER;
+                let payload = self.window.slice(at..at + len);
+                let path = || segment_path(&self.log.dir, self.segment);
+                if len <= FIXED || !record::crc_ok(&payload, crc) {
+                    return Err(corrupt(&path(), self.pos, "checksum mismatch"));
+                }
+                let offset = u64_at(&payload, 0);
+                if offset != self.next {
                     return Err(corrupt(
                         &path(),
                         self.pos,
-                        format!("offset {} where {} was expected", r.0, self.next),
+                        format!("offset {offset} where {} was expected", self.next),
                     ));
                 }
-                None => {
-                    if !self.advance_segment() {
-                        return Ok(None);
-                    }
-                }
+                let ts = u64_at(&payload, 8);
+                return Ok(Some((
+                    offset,
+                    ts,
+                    payload,
+                    self.pos + (HEADER + len) as u64,
+                )));
             }
+            if refilled {
+                // Nothing more in this segment: the record is in the next.
+                if !self.advance_segment() {
+                    return Ok(None);
+                }
+                refilled = false;
+                continue;
+            }
+            // A record larger than the read-ahead is read whole.
+            let need = match self
+                .window
+                .get((self.pos.saturating_sub(self.window_at)) as usize..)
+            {
+                Some(rest) if self.pos >= self.window_at && rest.len() >= HEADER => {
+                    let head: &[u8; HEADER] = rest[..HEADER].try_into().expect("8 bytes");
+                    HEADER
+                        + (record::record_header(head).0 as usize).min(record::MAX_RECORD as usize)
+                }
+                _ => 0,
+            };
+            self.fill(need, committed)?;
+            refilled = true;
         }
     }
 
