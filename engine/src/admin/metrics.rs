@@ -193,6 +193,46 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
             }
         }
     }
+    // Streams only: their log's size on disk and its offsets.
+    type StreamValue = fn(&crate::store::stream::StreamStats) -> f64;
+    let stream_values: [(&str, &str, StreamValue); 4] = [
+        (
+            "wasmq_stream_bytes",
+            "Bytes of the stream's segment files.",
+            |s| s.bytes as f64,
+        ),
+        (
+            "wasmq_stream_segments",
+            "Segment files of the stream.",
+            |s| s.segments as f64,
+        ),
+        (
+            "wasmq_stream_first_offset",
+            "The oldest offset the stream keeps.",
+            |s| s.first as f64,
+        ),
+        (
+            "wasmq_stream_committed_offset",
+            "One past the newest offset readers may read.",
+            |s| s.committed as f64,
+        ),
+    ];
+    let mut streams = Vec::new();
+    for v in &vhosts {
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name.cmp(&b.name));
+        for q in qs {
+            if let Some(st) = q.stream() {
+                streams.push((v.name.clone(), q.name.clone(), st.stats()));
+            }
+        }
+    }
+    for (name, help, value) in stream_values {
+        e.family(name, "gauge", help);
+        for (vhost, queue, st) in &streams {
+            e.sample(name, &[("vhost", vhost), ("queue", queue)], value(st));
+        }
+    }
 
     e.family(
         "wasmq_resource_alarm",

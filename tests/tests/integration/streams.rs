@@ -369,6 +369,20 @@ async fn retention_removes_whole_segments_past_the_byte_limit() {
     assert!(first > 0, "old segments removed: {q}");
     assert!(bytes <= 40_000, "{bytes} bytes kept");
     assert_eq!(q["stream"]["last_offset"], 199);
+    // Prometheus sees the same.
+    let metrics = server.admin().get_text("/metrics").unwrap();
+    let sample = |name: &str| -> f64 {
+        let prefix = format!("{name}{{vhost=\"/\",queue=\"bounded\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(sample("wasmq_stream_first_offset"), first as f64);
+    assert_eq!(sample("wasmq_stream_committed_offset"), 200.0);
+    assert_eq!(sample("wasmq_stream_bytes"), bytes as f64);
     // A reader from `first` starts at the oldest kept message, in order.
     let (_c, mut c) = reader(&conn, "bounded", &[("x-stream-offset", s("first"))]).await;
     let got = take(&mut c, (200 - first) as usize).await;
