@@ -185,6 +185,10 @@ pub struct StreamConsume {
     pub match_unfiltered: bool,
     /// `x-stream-consumer-name`: its offset is remembered under this name.
     pub name: Option<String>,
+    /// `x-wasmq-filter`: a filter plugin that decides, message by message,
+    /// what this consumer gets (its other consume arguments are the
+    /// plugin's, as a binding's are).
+    pub plugin: Option<String>,
 }
 
 impl StreamConsume {
@@ -264,11 +268,25 @@ impl StreamConsume {
                 }
             },
         };
+        let plugin = match args.inner().get(super::ARG_FILTER) {
+            None => None,
+            Some(v) => match text(v) {
+                Some(s) if !s.is_empty() => Some(s.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "invalid arg '{}': {} (expected a filter plugin's name)",
+                        super::ARG_FILTER,
+                        show(v)
+                    ));
+                }
+            },
+        };
         Ok(StreamConsume {
             start,
             filter,
             match_unfiltered,
             name,
+            plugin,
         })
     }
 
@@ -296,6 +314,8 @@ struct Cursor {
     consumer: Arc<Consumer>,
     reader: Reader,
     wants: StreamConsume,
+    /// Its `x-wasmq-filter`, instantiated.
+    plugin: Option<Arc<crate::plugin::FilterPlugin>>,
     /// A named consumer's deliveries not yet settled.
     outstanding: BTreeSet<u64>,
     /// Its last delivery.
@@ -420,6 +440,7 @@ impl Stream {
         queue: &Arc<Queue>,
         consumer: Arc<Consumer>,
         wants: StreamConsume,
+        plugin: Option<Arc<crate::plugin::FilterPlugin>>,
     ) -> Result<(), String> {
         if let Some(name) = &wants.name
             && self
@@ -439,6 +460,7 @@ impl Stream {
             consumer,
             reader,
             wants,
+            plugin,
             outstanding: BTreeSet::new(),
             last_delivered: None,
         });
@@ -558,7 +580,27 @@ impl Stream {
                         break;
                     }
                 };
-                let mut entry = Entry::new(Arc::new(record.message));
+                let mut message = Arc::new(record.message);
+                if let Some(plugin) = &c.plugin {
+                    match plugin.filter(&message) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            skipped += 1;
+                            if skipped >= SKIP_BUDGET {
+                                more = true;
+                                break;
+                            }
+                            continue;
+                        }
+                        Err(fault) => {
+                            // Never dropped unseen: delivered, marked, for
+                            // the consumer to decide.
+                            tracing::warn!(queue = %crate::untrusted::text(&queue.name), plugin = %plugin.version().name, offset = record.offset, "a stream consumer's filter faulted; the message is delivered marked: {fault}");
+                            message = Arc::new(with_fault(&message, &fault.to_string()));
+                        }
+                    }
+                }
+                let mut entry = Entry::new(message);
                 entry.id = record.offset;
                 c.consumer.take_credit();
                 let sent = c.consumer.sink.send(Dispatch::Deliver {
@@ -615,6 +657,50 @@ impl Stream {
     pub fn destroy(&self) {
         self.log.destroy();
         self.kick.notify_one();
+    }
+}
+
+/// The header a delivery carries when its consumer's filter plugin
+/// faulted on it.
+pub const FAULT_HEADER: &str = "x-wasmq-filter-fault";
+
+fn with_fault(m: &crate::message::Message, why: &str) -> crate::message::Message {
+    use amq_protocol::types::{LongString, ShortString};
+    let mut headers = m.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(FAULT_HEADER),
+        AMQPValue::LongString(LongString::from(why)),
+    );
+    let props = m.properties.clone().with_headers(headers);
+    crate::message::Message::new(
+        m.exchange.clone(),
+        m.routing_key.clone(),
+        props,
+        m.body.clone(),
+    )
+}
+
+impl super::Broker {
+    /// The filter plugin `name` for a consumer of the stream `queue`, with
+    /// the consumer's arguments as its own (406 when there is no such
+    /// filter).
+    pub fn stream_filter(
+        &self,
+        queue: &str,
+        name: &str,
+        arguments: &FieldTable,
+    ) -> Result<Arc<crate::plugin::FilterPlugin>, super::BrokerError> {
+        let v = self.registry.get(name).ok_or_else(|| {
+            super::BrokerError::PreconditionFailed(format!(
+                "unknown filter plugin '{name}' in {} (plugin folder: {})",
+                super::ARG_FILTER,
+                self.plugin_dir.display()
+            ))
+        })?;
+        let encoded = crate::message::encode_table_body(arguments);
+        Ok(Arc::new(crate::plugin::FilterPlugin::new(
+            &self.host, &v, queue, "", &encoded,
+        )?))
     }
 }
 

@@ -547,3 +547,96 @@ async fn amqplibs_stream_examples_work_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A consumer may name a Wasm filter plugin (`x-wasmq-filter`, its other
+/// consume arguments the plugin's, as on a binding): the broker filters
+/// next to the data and the consumer gets exactly what matches. Here the
+/// built-in `sns-filter` with an SNS filter policy on the headers; then a
+/// filter that faults on some messages: those are delivered marked with
+/// `x-wasmq-filter-fault`, the others as usual, and another consumer of
+/// the stream is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumers_wasm_filter_decides_what_it_gets() {
+    let server = TestServer::start().await;
+    server.install("faulty", "faulty");
+    let conn = server.connect().await;
+    let ch = confirm_channel(&conn).await;
+    declare_stream(&ch, "orders", &[]).await;
+    for i in 0..40 {
+        let mut h = FieldTable::default();
+        h.insert("country".into(), s(if i % 4 == 0 { "NO" } else { "SE" }));
+        h.insert("total".into(), AMQPValue::LongLongInt(i * 10));
+        let body = if i == 8 {
+            "trap".to_string()
+        } else {
+            format!("m{i}")
+        };
+        let props = BasicProperties::default().with_headers(h);
+        assert!(publish_confirmed(&ch, "", "orders", body.as_bytes(), props).await);
+    }
+    let (_a, mut norway) = reader(
+        &conn,
+        "orders",
+        &[
+            ("x-stream-offset", s("first")),
+            ("x-wasmq-filter", s("sns-filter")),
+            (
+                "x-filter-policy",
+                s(r#"{"country": ["NO"], "total": [{"numeric": [">=", 100]}]}"#),
+            ),
+        ],
+    )
+    .await;
+    let got = take(&mut norway, 7).await;
+    assert_eq!(
+        got.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        [12, 16, 20, 24, 28, 32, 36]
+    );
+    quiet(&mut norway).await;
+
+    let (_b, mut faulty) = reader(
+        &conn,
+        "orders",
+        &[
+            ("x-stream-offset", s("first")),
+            ("x-wasmq-filter", s("faulty")),
+        ],
+    )
+    .await;
+    let mut marked = Vec::new();
+    for _ in 0..40 {
+        let d = tokio::time::timeout(Duration::from_secs(10), faulty.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let fault = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-wasmq-filter-fault").cloned());
+        if fault.is_some() {
+            marked.push(offset_of(&d));
+        }
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(marked, [8], "only the message it trapped on is marked");
+    let (_c, mut all) = reader(&conn, "orders", &[("x-stream-offset", s("first"))]).await;
+    assert_eq!(take(&mut all, 40).await.len(), 40);
+
+    // An unknown filter plugin is refused at consume (406).
+    let bad = conn.create_channel().await.unwrap();
+    bad.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut t = FieldTable::default();
+    t.insert("x-wasmq-filter".into(), s("no-such-filter"));
+    let e = bad
+        .basic_consume(
+            "orders".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            t,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&e), Some(406), "{e}");
+}

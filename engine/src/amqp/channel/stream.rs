@@ -40,6 +40,14 @@ impl Channel {
         }
         let wants = StreamConsume::parse(&c.arguments)
             .map_err(|e| AmqpError::new(406, format!("PRECONDITION_FAILED - {e} for {rs}")))?;
+        let plugin = match &wants.plugin {
+            None => None,
+            Some(name) => Some(
+                ctx.broker
+                    .stream_filter(&q.name, name, &c.arguments)
+                    .map_err(AmqpError::from)?,
+            ),
+        };
         let tag = self.consumer_tag(ctx, c)?;
         let mut consumer = self.new_consumer(ctx, &tag, false, false, self.prefetch, &q);
         // A stream takes nothing back, so a delivery left unacknowledged
@@ -56,7 +64,7 @@ impl Channel {
                 })),
             );
         }
-        if let Err(why) = stream.add(&q, consumer.clone(), wants) {
+        if let Err(why) = stream.add(&q, consumer.clone(), wants, plugin) {
             ctx.out.truncate(before);
             return Err(AmqpError::new(
                 406,

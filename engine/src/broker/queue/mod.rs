@@ -975,7 +975,7 @@ impl Queue {
             let wants = crate::broker::stream::StreamConsume::parse(&FieldTable::default())
                 .expect("no arguments parse");
             return s
-                .add(self, consumer, wants)
+                .add(self, consumer, wants, None)
                 .map_err(|_| ConsumeError::Exclusive);
         }
         let mut dead = Vec::new();
