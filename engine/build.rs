@@ -1,6 +1,7 @@
 //! Builds the built-in exchange types (`plugins/`) to wasm32 from source and
 //! embeds them, so the broker starts with `direct`, `topic`, `fanout` and
-//! `headers`, and the `sns-filter` binding filter, with no manual step.
+//! `headers` and `super-stream`, and the `sns-filter` binding filter, with no
+//! manual step.
 
 use std::path::PathBuf;
 
@@ -31,6 +32,11 @@ const BUILTINS: &[PluginCrate<'static>] = &[
         package: "wasmq-plugin-sns-filter",
         plugin: "sns-filter",
         dir: "plugins/sns-filter",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-super-stream",
+        plugin: "super-stream",
+        dir: "plugins/super-stream",
     },
 ];
 

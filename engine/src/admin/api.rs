@@ -253,7 +253,12 @@ fn queue_view(v: &VHost, q: &Queue, node: Option<&str>) -> QueueView {
         exclusive: q.exclusive(),
         auto_delete: q.auto_delete,
         arguments: table_to_json(&q.arguments),
-        messages: ready + unacked,
+        // A stream's deliveries stay in it: its count is its length.
+        messages: if q.stream().is_some() {
+            ready
+        } else {
+            ready + unacked
+        },
         messages_ready: ready,
         messages_unacknowledged: unacked,
         message_bytes_ready: q.ready_bytes(),
@@ -304,6 +309,7 @@ fn stream_view(s: &crate::broker::stream::Stream) -> crate::admin::model::Stream
                 channel: c.channel,
                 offset: c.offset,
                 name: c.name,
+                active: c.active,
             })
             .collect(),
         named: s

@@ -158,6 +158,8 @@ pub struct StreamConsumerView {
     pub offset: u64,
     /// Its `x-stream-consumer-name`.
     pub name: Option<String>,
+    /// Reading (false: waiting behind another consumer of its name).
+    pub active: bool,
 }
 
 /// A named consumer's stored offset.

@@ -246,6 +246,18 @@ impl Broker {
             return Err(vhost.not_found("exchange", &spec.name));
         }
         reserved_exchange(&spec.name)?;
+        let partitions = super::stream::partitions_of(&spec).map_err(|e| {
+            BrokerError::PreconditionFailed(format!(
+                "{e} for exchange '{}' in vhost '{}'",
+                spec.name, vhost.name
+            ))
+        })?;
+        if partitions.is_some() && self.cluster().is_some() {
+            return Err(BrokerError::PreconditionFailed(format!(
+                "exchange '{}' in vhost '{}': super streams are made of streams, which are not replicated yet, so a cluster does not make them",
+                spec.name, vhost.name
+            )));
+        }
         let durable = spec.durable;
         let x = self.build_exchange(&spec)?;
         let x = vhost
@@ -261,6 +273,9 @@ impl Broker {
         self.open_dedup_log(&vhost.name, &x)?;
         if x.delayed.is_some() {
             self.declare_schedule(vhost, &x)?;
+        }
+        if let Some(n) = partitions {
+            self.declare_partitions(vhost, &x, n)?;
         }
         Ok(x)
     }

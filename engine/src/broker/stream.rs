@@ -19,8 +19,11 @@
 //! * `x-stream-consumer-name`: the broker remembers how far the named
 //!   consumer got (every delivery before it acknowledged or rejected) and
 //!   a consumer of the same name resumes there, across reconnects and
-//!   restarts, whatever offset it asks for. RabbitMQ offers this only
-//!   through its stream protocol.
+//!   restarts, whatever offset it asks for. Consumers of one name are a
+//!   single-active group: one reads, the others wait and the next takes
+//!   over where the last settled (a super stream's partitions are
+//!   consumed this way). RabbitMQ offers both only through its stream
+//!   protocol.
 //!
 //! Deliveries are made by whoever gives credit back (an ack, a socket
 //! write) and by a task per stream woken when the group commit makes new
@@ -318,6 +321,8 @@ struct Cursor {
     plugin: Option<Arc<crate::plugin::FilterPlugin>>,
     /// A named consumer's deliveries not yet settled.
     outstanding: BTreeSet<u64>,
+    /// Reading (false: waiting behind another consumer of its name).
+    active: bool,
     /// Its last delivery.
     last_delivered: Option<u64>,
 }
@@ -335,6 +340,8 @@ pub struct CursorView {
     pub offset: u64,
     /// Its name, if it has one.
     pub name: Option<String>,
+    /// Reading, or waiting behind another consumer of its name.
+    pub active: bool,
 }
 
 /// A stream queue's log and its consumers.
@@ -433,8 +440,9 @@ impl Stream {
         })
     }
 
-    /// Add a consumer reading from where `wants` says. Refused (the text
-    /// says why) when a consumer of the same name is reading already.
+    /// Add a consumer reading from where `wants` says; one named like a
+    /// consumer reading already waits until that one goes. The error is a
+    /// read failure's text.
     pub fn add(
         &self,
         queue: &Arc<Queue>,
@@ -442,40 +450,62 @@ impl Stream {
         wants: StreamConsume,
         plugin: Option<Arc<crate::plugin::FilterPlugin>>,
     ) -> Result<(), String> {
-        if let Some(name) = &wants.name
-            && self
-                .cursors
-                .lock()
-                .iter()
-                .any(|c| c.wants.name.as_ref() == Some(name))
-        {
-            return Err(format!(
-                "a consumer named '{}' is already reading this stream",
-                crate::untrusted::text(name)
-            ));
-        }
         let offset = self.start_offset(&wants).map_err(|e| e.to_string())?;
         let reader = self.log.reader_at(offset).map_err(|e| e.to_string())?;
-        self.cursors.lock().push(Cursor {
-            consumer,
-            reader,
-            wants,
-            plugin,
-            outstanding: BTreeSet::new(),
-            last_delivered: None,
-        });
+        {
+            let mut cursors = self.cursors.lock();
+            let active = wants.name.as_ref().is_none_or(|name| {
+                !cursors
+                    .iter()
+                    .any(|c| c.active && c.wants.name.as_ref() == Some(name))
+            });
+            cursors.push(Cursor {
+                consumer,
+                reader,
+                wants,
+                plugin,
+                outstanding: BTreeSet::new(),
+                last_delivered: None,
+                active,
+            });
+        }
         self.dispatch(queue);
         Ok(())
     }
 
-    /// Remove a consumer; returns whether none is left.
+    /// Remove a consumer; returns whether none is left. When it was the
+    /// active one of its name, the next of that name takes over right
+    /// after what the group settled.
     pub fn remove(&self, connection: u64, channel: u16, tag: &str) -> bool {
         let mut cursors = self.cursors.lock();
-        cursors.retain(|c| {
-            !(c.consumer.connection == connection
+        let Some(at) = cursors.iter().position(|c| {
+            c.consumer.connection == connection
                 && c.consumer.channel == channel
-                && c.consumer.tag == tag)
-        });
+                && c.consumer.tag == tag
+        }) else {
+            return cursors.is_empty();
+        };
+        let gone = cursors.remove(at);
+        if let (true, Some(name)) = (gone.active, &gone.wants.name)
+            && let Some(next) = cursors
+                .iter_mut()
+                .find(|c| !c.active && c.wants.name.as_ref() == Some(name))
+        {
+            let from = self
+                .log
+                .stored_offset(name)
+                .map_or(next.reader.offset(), |o| o + 1);
+            match self.log.reader_at(from) {
+                Ok(r) => {
+                    next.reader = r;
+                    next.active = true;
+                    self.kick.notify_one();
+                }
+                Err(e) => {
+                    tracing::error!(consumer = %crate::untrusted::text(&next.consumer.tag), "a waiting stream consumer could not take over: {e}");
+                }
+            }
+        }
         cursors.is_empty()
     }
 
@@ -499,6 +529,7 @@ impl Stream {
                 channel: c.consumer.channel,
                 offset: c.reader.offset(),
                 name: c.wants.name.clone(),
+                active: c.active,
             })
             .collect()
     }
@@ -549,7 +580,7 @@ impl Stream {
             let c = &mut cursors[i];
             let mut gone = false;
             let mut skipped = 0;
-            while c.consumer.has_credit() {
+            while c.active && c.consumer.has_credit() {
                 if c.wants.filter.is_some() {
                     match c.reader.peek_filter() {
                         Ok(Some((_, value))) if !c.wants.wants(value.as_ref()) => {
@@ -657,6 +688,96 @@ impl Stream {
     pub fn destroy(&self) {
         self.log.destroy();
         self.kick.notify_one();
+    }
+}
+
+/// The exchange type that partitions a stream (`plugins/super-stream`).
+pub const SUPER_STREAM: &str = "super-stream";
+
+/// The argument of a `super-stream` exchange that makes the broker
+/// declare its partitions with it.
+pub const PARTITIONS_ARG: &str = "x-super-stream-partitions";
+
+/// The stream arguments a super stream passes on to its partitions.
+const PARTITION_ARGS: &[&str] = &[
+    "x-max-length-bytes",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+];
+
+/// How many partitions `spec` asks the broker to declare (a
+/// `super-stream` exchange with `x-super-stream-partitions`); the error
+/// says what is wrong.
+pub fn partitions_of(spec: &super::ExchangeSpec) -> Result<Option<u32>, String> {
+    let Some(v) = spec.arguments.inner().get(PARTITIONS_ARG) else {
+        return Ok(None);
+    };
+    if spec.kind != SUPER_STREAM {
+        return Err(format!(
+            "invalid arg '{PARTITIONS_ARG}': only a '{SUPER_STREAM}' exchange takes it"
+        ));
+    }
+    if !spec.durable {
+        return Err(format!(
+            "invalid arg '{PARTITIONS_ARG}': a super stream is durable (its partitions are streams)"
+        ));
+    }
+    match integer(v) {
+        Some(n @ 1..=1000) => Ok(Some(n as u32)),
+        _ => Err(format!(
+            "invalid arg '{PARTITIONS_ARG}': {} (expected 1 to 1000)",
+            show(v)
+        )),
+    }
+}
+
+impl super::Broker {
+    /// Declare a super stream's `n` partitions (`{exchange}-0` ...), each
+    /// a stream with the exchange's retention arguments, bound with its
+    /// number as the key and `x-stream-partition-order`. Idempotent: a
+    /// partition that exists is kept as it is.
+    pub(super) fn declare_partitions(
+        &self,
+        vhost: &super::VHost,
+        x: &super::Exchange,
+        n: u32,
+    ) -> Result<(), super::BrokerError> {
+        for i in 0..n {
+            let name = format!("{}-{i}", x.name);
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("stream".into()),
+            );
+            for key in PARTITION_ARGS {
+                if let Some(v) = x.arguments.inner().get(*key) {
+                    arguments.insert((*key).into(), v.clone());
+                }
+            }
+            self.declare_queue(
+                vhost,
+                super::QueueDecl {
+                    name: name.clone(),
+                    durable: true,
+                    owner: None,
+                    auto_delete: false,
+                    arguments,
+                },
+            )?;
+            let mut order = FieldTable::default();
+            order.insert(
+                "x-stream-partition-order".into(),
+                AMQPValue::LongLongInt(i64::from(i)),
+            );
+            self.bind(
+                vhost,
+                &x.name,
+                super::exchange::Destination::Queue(name),
+                &i.to_string(),
+                order,
+            )?;
+        }
+        Ok(())
     }
 }
 

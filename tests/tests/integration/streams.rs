@@ -108,6 +108,20 @@ async fn take(c: &mut lapin::Consumer, n: usize) -> Vec<(i64, String)> {
     out
 }
 
+/// Take `n` deliveries without settling them, as (offset, body).
+async fn take_unacked(c: &mut lapin::Consumer, n: usize) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap();
+        out.push((offset_of(&d), String::from_utf8(d.data.clone()).unwrap()));
+    }
+    out
+}
+
 /// Nothing more arrives within a short while.
 async fn quiet(c: &mut lapin::Consumer) {
     if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), c.next()).await {
@@ -265,27 +279,41 @@ async fn a_named_consumer_resumes_where_it_settled_across_a_restart() {
         ("x-stream-offset", s("first")),
     ];
     let (rch, mut c) = reader(&conn, "audit", &named).await;
-    // A second consumer of the same name at once is refused.
-    let dup = conn.create_channel().await.unwrap();
-    dup.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-    let mut t = FieldTable::default();
-    t.insert("x-stream-consumer-name".into(), s("billing"));
-    let e = dup
-        .basic_consume("audit".into(), "".into(), BasicConsumeOptions::default(), t)
-        .await
-        .unwrap_err();
-    assert_eq!(reply_code(&e), Some(406), "{e}");
+    // A second consumer of the same name waits while the first reads.
+    let (standby_ch, mut standby) = reader(&conn, "audit", &named).await;
     assert_eq!(take(&mut c, 10).await.last().unwrap().0, 9);
+    quiet(&mut standby).await;
+    let q = server.admin().get("/api/queues/%2F/audit").unwrap();
+    let active: Vec<bool> = q["stream"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["active"].as_bool().unwrap())
+        .collect();
+    assert_eq!(active, [true, false]);
+    // The first goes (10 delivered and acked, prefetch 50: 10 more were
+    // sent and never settled); the waiting one takes over right after
+    // what was settled.
+    let unsettled = take_unacked(&mut c, 10).await;
+    assert_eq!(unsettled[0].0, 10);
     rch.close(200, "bye".into()).await.unwrap();
-
-    // The admin API shows the stored offset and the lag behind it.
+    let got = take(&mut standby, 10).await;
+    assert_eq!(
+        got[0],
+        (10, "m10".to_string()),
+        "took over after the last ack"
+    );
+    assert_eq!(got[9].0, 19);
+    standby_ch.close(200, "bye".into()).await.unwrap();
+    // The admin API shows the group's stored offset and its lag.
     let q = server.admin().get("/api/queues/%2F/audit").unwrap();
     assert_eq!(q["type"], "stream");
     assert_eq!(q["stream"]["first_offset"], 0);
     assert_eq!(q["stream"]["last_offset"], 19);
     assert_eq!(q["stream"]["named"][0]["name"], "billing");
-    assert_eq!(q["stream"]["named"][0]["offset"], 9);
-    assert_eq!(q["stream"]["named"][0]["lag"], 10);
+    assert_eq!(q["stream"]["named"][0]["offset"], 19);
+    assert_eq!(q["stream"]["named"][0]["lag"], 0);
+    publish_all(&ch, "audit", &bodies(20..30)).await;
     conn.close(200, "bye".into()).await.unwrap();
 
     let server = server.restart().await;
@@ -294,17 +322,18 @@ async fn a_named_consumer_resumes_where_it_settled_across_a_restart() {
     let got = take(&mut c, 10).await;
     assert_eq!(
         got[0],
-        (10, "m10".to_string()),
+        (20, "m20".to_string()),
         "resumed after its last ack"
     );
-    assert_eq!(got[9].0, 19);
+    assert_eq!(got[9].0, 29);
+    quiet(&mut c).await;
     // Unnamed readers still see the whole stream after the restart.
     let (_d, mut d) = reader(&conn, "audit", &[("x-stream-offset", s("first"))]).await;
-    assert_eq!(take(&mut d, 20).await.len(), 20);
+    assert_eq!(take(&mut d, 30).await.len(), 30);
     // And new offsets continue the old ones.
     let ch = confirm_channel(&conn).await;
-    publish_all(&ch, "audit", &bodies(20..21)).await;
-    assert_eq!(take(&mut d, 1).await, [(20, "m20".to_string())]);
+    publish_all(&ch, "audit", &bodies(30..31)).await;
+    assert_eq!(take(&mut d, 1).await, [(30, "m30".to_string())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,13 +528,11 @@ async fn what_rabbitmq_refuses_of_a_stream_is_refused_with_its_codes() {
         assert!(e.to_string().contains("x-stream-offset"), "{e}");
     }
     // An ack for a delivery that was never made closes the channel (406).
-    let bad = conn.create_channel().await.unwrap();
+    let other = server.connect().await;
+    let code = wasmq_tests::close_code(&other);
+    let bad = other.create_channel().await.unwrap();
     bad.basic_ack(7, BasicAckOptions::default()).await.unwrap();
-    let e = bad
-        .basic_qos(1, BasicQosOptions::default())
-        .await
-        .unwrap_err();
-    assert_eq!(reply_code(&e), Some(406), "{e}");
+    assert_eq!(wasmq_tests::until_close_code(&code).await, Some(406));
     // The stream itself is untouched by all of this.
     let ok = confirm_channel(&conn).await;
     publish_all(&ok, "s", &bodies(0..1)).await;
@@ -639,4 +666,129 @@ async fn a_consumers_wasm_filter_decides_what_it_gets() {
         .await
         .unwrap_err();
     assert_eq!(reply_code(&e), Some(406), "{e}");
+}
+
+/// A super stream in one call: a durable `super-stream` exchange with
+/// `x-super-stream-partitions: 3` makes three streams (`orders-0` ...)
+/// bound as its partitions; every message goes to exactly one, chosen by
+/// its routing key's hash, so one key's messages stay together and in
+/// order; each partition is consumed by one of a named group at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_super_stream_spreads_keys_over_partitions_declared_in_one_call() {
+    use lapin::options::ExchangeDeclareOptions;
+    let server = TestServer::start().await;
+    let conn = server.connect().await;
+    let ch = confirm_channel(&conn).await;
+    let mut args = FieldTable::default();
+    args.insert("x-super-stream-partitions".into(), AMQPValue::LongInt(3));
+    args.insert("x-max-age".into(), s("7D"));
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        "orders".into(),
+        lapin::ExchangeKind::Custom("super-stream".into()),
+        durable,
+        args.clone(),
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        let q = server
+            .admin()
+            .get(&format!("/api/queues/%2F/orders-{i}"))
+            .unwrap();
+        assert_eq!(q["type"], "stream", "{q}");
+        assert_eq!(q["arguments"]["x-max-age"], "7D", "retention passed on");
+    }
+    // 20 customers, 5 orders each, interleaved.
+    for n in 0..5 {
+        for c in 0..20 {
+            let body = format!("customer-{c}:{n}");
+            let key = format!("customer-{c}");
+            assert!(
+                publish_confirmed(
+                    &ch,
+                    "orders",
+                    &key,
+                    body.as_bytes(),
+                    BasicProperties::default()
+                )
+                .await
+            );
+        }
+    }
+    let mut partition_of = std::collections::HashMap::new();
+    let mut total = 0;
+    for i in 0..3 {
+        let group = [
+            ("x-stream-consumer-name", s("shipping")),
+            ("x-stream-offset", s("first")),
+        ];
+        let (_a, mut active) = reader(&conn, &format!("orders-{i}"), &group).await;
+        let (_b, mut waiting) = reader(&conn, &format!("orders-{i}"), &group).await;
+        let q = server
+            .admin()
+            .get(&format!("/api/queues/%2F/orders-{i}"))
+            .unwrap();
+        let n = q["messages"].as_u64().unwrap() as usize;
+        assert!(n > 0, "every partition gets some keys");
+        let got = take(&mut active, n).await;
+        quiet(&mut waiting).await;
+        let mut last_seen = std::collections::HashMap::new();
+        for (_, body) in got {
+            let (customer, seq) = body.split_once(':').unwrap();
+            let seq: u32 = seq.parse().unwrap();
+            assert_eq!(
+                *partition_of.entry(customer.to_string()).or_insert(i),
+                i,
+                "{customer} in one partition"
+            );
+            let before = last_seen.insert(customer.to_string(), seq);
+            assert!(
+                before.is_none_or(|b| b < seq),
+                "{customer}'s orders in order"
+            );
+        }
+        total += n;
+    }
+    assert_eq!(total, 100, "each message in exactly one partition");
+    // Declaring it again is a no-op; bad partition counts are refused.
+    ch.exchange_declare(
+        "orders".into(),
+        lapin::ExchangeKind::Custom("super-stream".into()),
+        durable,
+        args,
+    )
+    .await
+    .unwrap();
+    for (kind, n, durable, says) in [
+        ("super-stream", AMQPValue::LongInt(0), true, "1 to 1000"),
+        ("super-stream", AMQPValue::LongInt(3), false, "durable"),
+        (
+            "direct",
+            AMQPValue::LongInt(3),
+            true,
+            "only a 'super-stream'",
+        ),
+    ] {
+        let bad = conn.create_channel().await.unwrap();
+        let mut a = FieldTable::default();
+        a.insert("x-super-stream-partitions".into(), n);
+        let e = bad
+            .exchange_declare(
+                "bad".into(),
+                lapin::ExchangeKind::Custom(kind.into()),
+                ExchangeDeclareOptions {
+                    durable,
+                    ..Default::default()
+                },
+                a,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(reply_code(&e), Some(406), "{e}");
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
 }
