@@ -59,6 +59,20 @@ impl Message {
         self.encoded.get().map(Bytes::len)
     }
 
+    /// A copy with the header `name` set to `value` (the body shared, the
+    /// properties encoded again when next needed).
+    pub fn with_header(&self, name: &str, value: amq_protocol::types::AMQPValue) -> Message {
+        let mut headers = self.properties.headers().clone().unwrap_or_default();
+        headers.insert(amq_protocol::types::ShortString::from(name), value);
+        let props = self.properties.clone().with_headers(headers);
+        Message::new(
+            self.exchange.clone(),
+            self.routing_key.clone(),
+            props,
+            self.body.clone(),
+        )
+    }
+
     /// Whether the publisher asked for the message to be persisted.
     pub fn is_persistent(&self) -> bool {
         *self.properties.delivery_mode() == Some(2)

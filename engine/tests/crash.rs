@@ -571,11 +571,8 @@ fn stream_offset(d: &lapin::message::Delivery) -> u64 {
     }
 }
 
-async fn stream_reader(
-    conn: &Connection,
-    args: &[(&str, lapin::types::AMQPValue)],
-) -> lapin::Result<lapin::Consumer> {
-    let ch = conn.create_channel().await?;
+/// Declare the campaign's stream (durable, small segments).
+async fn declare_stream(ch: &Channel) -> lapin::Result<()> {
     ch.queue_declare(
         "events".into(),
         QueueDeclareOptions {
@@ -584,7 +581,16 @@ async fn stream_reader(
         },
         stream_declare_args(),
     )
-    .await?;
+    .await
+    .map(drop)
+}
+
+async fn stream_reader(
+    conn: &Connection,
+    args: &[(&str, lapin::types::AMQPValue)],
+) -> lapin::Result<lapin::Consumer> {
+    let ch = conn.create_channel().await?;
+    declare_stream(&ch).await?;
     ch.basic_qos(200, BasicQosOptions::default()).await?;
     let mut t = FieldTable::default();
     for (k, v) in args {
@@ -631,15 +637,7 @@ async fn a_stream_keeps_every_confirmed_message_in_order_through_kill_9() {
             let publish = async {
                 let ch = conn.create_channel().await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
-                ch.queue_declare(
-                    "events".into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    stream_declare_args(),
-                )
-                .await?;
+                declare_stream(&ch).await?;
                 loop {
                     let mut pending = Vec::new();
                     for _ in 0..window {

@@ -512,6 +512,42 @@ pub async fn until_close_code(code: &std::sync::Mutex<Option<u16>>) -> Option<u1
     *code.lock().unwrap()
 }
 
+/// Run the Node.js script `tests/node/NAME` with `args`, with the
+/// packages `scripts/test.sh` installs under `WASMQ_AMQPLIB` (amqplib,
+/// playwright-core) in `WASMQ_NODE_MODULES`, and assert that it prints
+/// "ok" within `timeout`.
+pub async fn run_node_script<I, A>(name: &str, args: I, timeout: Duration)
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    let modules = std::env::var("WASMQ_AMQPLIB").unwrap_or_else(|_| {
+        panic!(
+            "the Node.js packages are not installed: run ./scripts/test.sh (it sets WASMQ_AMQPLIB)"
+        )
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("node")
+        .join(name);
+    let run = tokio::process::Command::new("node")
+        .arg(&script)
+        .args(args)
+        .env("WASMQ_NODE_MODULES", format!("{modules}/node_modules"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not finish within {timeout:?}"))
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok"),
+        "{name} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Run the pika script `tests/python/NAME` with `args` (under
 /// `WASMQ_PYTHON`, which `scripts/test.sh` points at a virtualenv with pika,
 /// or `python3`) and assert that it ends printing "ok" within 60 s.

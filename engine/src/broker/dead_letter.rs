@@ -7,19 +7,7 @@ use super::*;
 /// A copy of `m` carrying a quorum queue's `x-delivery-count` header: how
 /// often it was returned to the queue before this delivery.
 pub(crate) fn with_delivery_count(m: &Message, count: u32) -> Message {
-    use amq_protocol::types::ShortString;
-    let mut headers = m.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from("x-delivery-count"),
-        AMQPValue::LongLongInt(i64::from(count)),
-    );
-    let props = m.properties.clone().with_headers(headers);
-    Message::new(
-        m.exchange.clone(),
-        m.routing_key.clone(),
-        props,
-        m.body.clone(),
-    )
+    m.with_header("x-delivery-count", AMQPValue::LongLongInt(i64::from(count)))
 }
 
 /// A dead-lettered copy of `m`, as RabbitMQ makes it: routed with the

@@ -547,10 +547,10 @@ impl Stream {
         self.kick.notify_one();
     }
 
-    /// A delivery at `offset` to `consumer` was settled (acked, or
+    /// Deliveries at `offsets` to `consumer` were settled (acked, or
     /// rejected: a stream redelivers nothing): a named consumer's stored
     /// offset moves up to just before its oldest unsettled delivery.
-    pub fn settled(&self, consumer: &Arc<Consumer>, offset: u64) {
+    pub fn settled(&self, consumer: &Arc<Consumer>, offsets: &[u64]) {
         let mut cursors = self.cursors.lock();
         let Some(c) = cursors
             .iter_mut()
@@ -561,7 +561,9 @@ impl Stream {
         let Some(name) = &c.wants.name else {
             return;
         };
-        c.outstanding.remove(&offset);
+        for o in offsets {
+            c.outstanding.remove(o);
+        }
         let done = match c.outstanding.first() {
             Some(&oldest) => oldest.checked_sub(1),
             None => c.last_delivered,
@@ -786,18 +788,9 @@ impl super::Broker {
 pub const FAULT_HEADER: &str = "x-wasmq-filter-fault";
 
 fn with_fault(m: &crate::message::Message, why: &str) -> crate::message::Message {
-    use amq_protocol::types::{LongString, ShortString};
-    let mut headers = m.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from(FAULT_HEADER),
-        AMQPValue::LongString(LongString::from(why)),
-    );
-    let props = m.properties.clone().with_headers(headers);
-    crate::message::Message::new(
-        m.exchange.clone(),
-        m.routing_key.clone(),
-        props,
-        m.body.clone(),
+    m.with_header(
+        FAULT_HEADER,
+        AMQPValue::LongString(amq_protocol::types::LongString::from(why)),
     )
 }
 

@@ -177,14 +177,16 @@ fn ack_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("{id:010}.ack"))
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+/// A mapper of an IO error on `path` into the store's error.
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,
     }
 }
 
-fn open_rw(path: &Path) -> Result<File, StoreError> {
+/// Open an existing file for reading and writing.
+pub(super) fn open_rw(path: &Path) -> Result<File, StoreError> {
     OpenOptions::new()
         .read(true)
         .write(true)

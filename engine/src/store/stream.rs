@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::log::{io, open_rw};
 use super::record::{self, RecordMeta};
 use super::{StoreError, Syncer};
 use crate::message::Message;
@@ -58,13 +59,6 @@ const HEADER: usize = 8;
 const FIXED: usize = 16;
 /// One index entry: offset, timestamp, position.
 const INDEX_ENTRY: usize = 24;
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
 
 fn corrupt(path: &Path, offset: u64, what: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
@@ -192,14 +186,6 @@ fn create(path: &Path, magic: &[u8; 8]) -> Result<File, StoreError> {
         .map_err(io(path))?;
     f.write_all(&record::file_header(magic)).map_err(io(path))?;
     Ok(f)
-}
-
-fn open_rw(path: &Path) -> Result<File, StoreError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io(path))
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -482,7 +468,11 @@ impl StreamLog {
         }
         let offset = inner.next;
         let ts = crate::message::now_ms().max(inner.last_ts);
-        let stamped = with_offset(message, offset);
+        // Every delivery from a stream carries its offset.
+        let stamped = message.with_header(
+            "x-stream-offset",
+            amq_protocol::types::AMQPValue::LongLongInt(offset as i64),
+        );
         let meta = RecordMeta {
             published_ms: ts,
             ttl_ms: None,
@@ -741,42 +731,15 @@ impl StreamLog {
     /// is committed).
     pub fn reader_at(self: &Arc<Self>, offset: u64) -> Result<Reader, StoreError> {
         let committed = self.committed();
-        let inner = self.inner.lock();
-        let offset = offset.clamp(inner.segments[0].first, committed);
-        let at = inner.segments.partition_point(|s| s.first <= offset).max(1) - 1;
-        let seg = &inner.segments[at];
-        let (file, index, first, indexed) =
-            (seg.file.clone(), seg.index.clone(), seg.first, seg.indexed);
-        drop(inner);
-        let ipath = index_path(&self.dir, first);
-        // The last index entry at or before `offset`.
-        let (mut lo, mut hi) = (0u64, indexed);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if read_index(&index, mid).map_err(io(&ipath))?.0 <= offset {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let (next, pos) = match lo {
-            0 => (first, record::HEADER_LEN),
-            k => {
-                let e = read_index(&index, k - 1).map_err(io(&ipath))?;
-                (e.0, e.2)
-            }
+        let (seg, offset) = {
+            let inner = self.inner.lock();
+            let offset = offset.clamp(inner.segments[0].first, committed);
+            let at = inner.segments.partition_point(|s| s.first <= offset).max(1) - 1;
+            (SegmentRef::of(&inner.segments[at]), offset)
         };
-        let mut reader = Reader {
-            log: self.clone(),
-            file,
-            segment: first,
-            pos,
-            next,
-            window: Bytes::new(),
-            window_at: 0,
-            window_committed: 0,
-        };
-        // Skip to `offset` (within one index interval).
+        // From the last index entry at or before `offset`, skip the rest
+        // of one index interval.
+        let mut reader = self.indexed_reader(seg, |e| e.0 <= offset)?;
         while reader.next < offset {
             if reader.skip()?.is_none() {
                 break;
@@ -789,7 +752,7 @@ impl StreamLog {
     /// committed end if none is).
     pub fn offset_at_time(self: &Arc<Self>, ts_ms: u64) -> Result<u64, StoreError> {
         let committed = self.committed();
-        let (file, index, first, indexed) = {
+        let seg = {
             let inner = self.inner.lock();
             // The first segment whose newest record is at or after the time.
             let at = inner
@@ -797,37 +760,10 @@ impl StreamLog {
                 .iter()
                 .position(|s| s.last_ts >= ts_ms || s.last_ts == 0)
                 .unwrap_or(inner.segments.len() - 1);
-            let s = &inner.segments[at];
-            (s.file.clone(), s.index.clone(), s.first, s.indexed)
+            SegmentRef::of(&inner.segments[at])
         };
-        let ipath = index_path(&self.dir, first);
-        // The last index entry before the time.
-        let (mut lo, mut hi) = (0u64, indexed);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if read_index(&index, mid).map_err(io(&ipath))?.1 < ts_ms {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        let (next, pos) = match lo {
-            0 => (first, record::HEADER_LEN),
-            k => {
-                let e = read_index(&index, k - 1).map_err(io(&ipath))?;
-                (e.0, e.2)
-            }
-        };
-        let mut reader = Reader {
-            log: self.clone(),
-            file,
-            segment: first,
-            pos,
-            next,
-            window: Bytes::new(),
-            window_at: 0,
-            window_committed: 0,
-        };
+        // From the last index entry before the time, step to it.
+        let mut reader = self.indexed_reader(seg, |e| e.1 < ts_ms)?;
         loop {
             if reader.next >= committed {
                 return Ok(committed);
@@ -840,6 +776,62 @@ impl StreamLog {
                 }
                 None => return Ok(reader.next),
             }
+        }
+    }
+
+    /// A reader at the last index entry of `seg` for which `before` holds
+    /// (entries are ordered, so `before` holds for a prefix of them), or
+    /// at the segment's start: a binary search of the index file.
+    fn indexed_reader(
+        self: &Arc<Self>,
+        seg: SegmentRef,
+        before: impl Fn((u64, u64, u64)) -> bool,
+    ) -> Result<Reader, StoreError> {
+        let ipath = index_path(&self.dir, seg.first);
+        let (mut lo, mut hi) = (0u64, seg.indexed);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if before(read_index(&seg.index, mid).map_err(io(&ipath))?) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let (next, pos) = match lo {
+            0 => (seg.first, record::HEADER_LEN),
+            k => {
+                let e = read_index(&seg.index, k - 1).map_err(io(&ipath))?;
+                (e.0, e.2)
+            }
+        };
+        Ok(Reader {
+            log: self.clone(),
+            file: seg.file,
+            segment: seg.first,
+            pos,
+            next,
+            window: Bytes::new(),
+            window_at: 0,
+            window_committed: 0,
+        })
+    }
+}
+
+/// What a seek needs of a segment, taken out of the log's lock.
+struct SegmentRef {
+    file: Arc<File>,
+    index: Arc<File>,
+    first: u64,
+    indexed: u64,
+}
+
+impl SegmentRef {
+    fn of(s: &Segment) -> SegmentRef {
+        SegmentRef {
+            file: s.file.clone(),
+            index: s.index.clone(),
+            first: s.first,
+            indexed: s.indexed,
         }
     }
 }
@@ -865,24 +857,6 @@ fn read_index(index: &File, i: u64) -> std::io::Result<(u64, u64, u64)> {
         ));
     }
     Ok((u64_at(&e, 0), u64_at(&e, 8), u64_at(&e, 16)))
-}
-
-/// `m` with the `x-stream-offset` header every delivery from a stream
-/// carries.
-fn with_offset(m: &Message, offset: u64) -> Message {
-    use amq_protocol::types::{AMQPValue, ShortString};
-    let mut headers = m.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from("x-stream-offset"),
-        AMQPValue::LongLongInt(offset as i64),
-    );
-    let props = m.properties.clone().with_headers(headers);
-    Message::new(
-        m.exchange.clone(),
-        m.routing_key.clone(),
-        props,
-        m.body.clone(),
-    )
 }
 
 /// A position in a stream, read forward.

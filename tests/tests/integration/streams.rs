@@ -553,26 +553,13 @@ async fn pika_reads_streams_unchanged() {
 /// (`tests/node/streams.mjs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqplibs_stream_examples_work_unchanged() {
-    let modules = std::env::var("WASMQ_AMQPLIB").unwrap_or_else(|_| {
-        panic!("amqplib is not installed: run ./scripts/test.sh (it sets WASMQ_AMQPLIB)")
-    });
     let server = TestServer::start().await;
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node/streams.mjs");
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .arg(format!("amqp://guest:guest@{}", server.addr()))
-        .env("WASMQ_NODE_MODULES", format!("{modules}/node_modules"))
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the script finishes within 60 s")
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ok"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wasmq_tests::run_node_script(
+        "streams.mjs",
+        [format!("amqp://guest:guest@{}", server.addr())],
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 /// A consumer may name a Wasm filter plugin (`x-wasmq-filter`, its other

@@ -18,9 +18,6 @@ use wasmq_tests::{TestServer, publish_confirmed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_shows_the_broker_in_a_real_browser() {
-    let modules = std::env::var("WASMQ_AMQPLIB").unwrap_or_else(|_| {
-        panic!("playwright-core is not installed: run ./scripts/test.sh (it sets WASMQ_AMQPLIB)")
-    });
     let server = TestServer::start().await;
     let conn = server.connect().await;
     let ch = conn.create_channel().await.unwrap();
@@ -49,23 +46,11 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let admin = server.admin().base().to_owned();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node/ui.mjs");
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .args([&admin, "guest", "guest", "ui.ledger", "ui.orders"])
-        .arg(&shots)
-        .env("WASMQ_NODE_MODULES", format!("{modules}/node_modules"))
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the browser run finishes within 120 s")
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("ok"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [&admin, "guest", "guest", "ui.ledger", "ui.orders"]
+        .map(std::ffi::OsString::from)
+        .into_iter()
+        .chain([shots.clone().into_os_string()]);
+    wasmq_tests::run_node_script("ui.mjs", args, Duration::from_secs(120)).await;
     for page in ["overview", "queues", "exchanges", "plugins", "connections"] {
         assert!(shots.join(format!("{page}.png")).is_file(), "{page}.png");
     }

@@ -236,6 +236,7 @@ impl Channel {
         let mut touched: Vec<Arc<Queue>> = Vec::new();
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
         let mut remote = Vec::new();
+        let mut streams: Vec<(Arc<Queue>, Arc<Consumer>, Vec<u64>)> = Vec::new();
         for u in settled {
             let (queue, entry, consumer) = match u {
                 Unacked::Local {
@@ -254,11 +255,14 @@ impl Channel {
             if requeue.is_none() {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(s) = queue.stream() {
+            if queue.stream().is_some() {
                 // A stream's ack or nack only gives credit back (and moves
-                // a named consumer's stored offset).
-                if let Some(c) = &consumer {
-                    s.settled(c, entry.id);
+                // a named consumer's stored offset), once per consumer.
+                if let Some(c) = consumer {
+                    match streams.iter_mut().find(|(_, sc, _)| Arc::ptr_eq(sc, &c)) {
+                        Some((_, _, offsets)) => offsets.push(entry.id),
+                        None => streams.push((queue.clone(), c, vec![entry.id])),
+                    }
                 }
                 if !touched.iter().any(|q| Arc::ptr_eq(q, &queue)) {
                     touched.push(queue);
@@ -276,6 +280,11 @@ impl Channel {
             }
         }
         super::remote::settle_remote(remote, requeue);
+        for (q, c, offsets) in streams {
+            if let Some(s) = q.stream() {
+                s.settled(&c, &offsets);
+            }
+        }
         // Ack (settled in the queue's log, one write per segment), requeue,
         // or (nack/reject without requeue) dead-letter.
         for (q, entries) in by_queue {
