@@ -33,7 +33,9 @@ async fn cli_subcommands_drive_a_running_broker() {
         &defs,
         r#"{"exchanges": [{"name": "events", "vhost": "/", "type": "topic", "durable": true}],
             "queues": [{"name": "orders", "vhost": "/", "durable": true,
-                        "arguments": {"x-max-length": 100}}],
+                        "arguments": {"x-max-length": 100}},
+                       {"name": "history", "vhost": "/", "durable": true,
+                        "arguments": {"x-queue-type": "stream"}}],
             "bindings": [{"source": "events", "vhost": "/", "destination": "orders",
                           "destination_type": "queue", "routing_key": "orders.#"}]}"#,
     )
@@ -66,6 +68,8 @@ async fn cli_subcommands_drive_a_running_broker() {
             cli(url, &["get", "orders"]),
             cli(url, &["get", "orders"]),
             cli(url, &["definitions", "export"]),
+            cli(url, &["publish", "-e", "", "-k", "history", "kept"]),
+            cli(url, &["queues"]),
         ]
     })
     .await
@@ -73,6 +77,13 @@ async fn cli_subcommands_drive_a_running_broker() {
     assert!(out[0].contains("imported"), "{}", out[0]);
     assert!(out[1].contains("routed to 1 queue"), "{}", out[1]);
     assert!(out[2].contains("routed to 0 queue"), "{}", out[2]);
+    // A stream shows its offsets and files.
+    assert!(out[10].contains("routed to 1 queue"), "{}", out[10]);
+    assert!(
+        out[11].contains("stream: offsets 0..0, 1 segments"),
+        "{}",
+        out[11]
+    );
     let orders = out[3]
         .lines()
         .find(|l| l.starts_with("orders"))
@@ -108,7 +119,13 @@ async fn cli_subcommands_drive_a_running_broker() {
     );
     assert!(out[8].contains("queue is empty"), "{}", out[8]);
     let exported: serde_json::Value = serde_json::from_str(&out[9]).unwrap();
-    assert_eq!(exported["queues"][0]["arguments"]["x-max-length"], 100);
+    let orders = exported["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "orders")
+        .expect("orders exported");
+    assert_eq!(orders["arguments"]["x-max-length"], 100);
     assert_eq!(exported["bindings"][0]["routing_key"], "orders.#");
 
     // A refused call exits non-zero with the API's reason.

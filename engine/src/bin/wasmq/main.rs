@@ -371,6 +371,33 @@ fn run() -> anyhow::Result<()> {
                     q.durable,
                     q.node.map(|n| format!("  {n}")).unwrap_or_default()
                 );
+                // A stream: its offsets, files and readers.
+                if let Some(st) = &q.stream {
+                    let last = st.last_offset.map_or("-".to_owned(), |o| o.to_string());
+                    println!(
+                        "    stream: offsets {}..{last}, {} segments, {} bytes",
+                        st.first_offset, st.segments, st.bytes
+                    );
+                    for c in &st.consumers {
+                        println!(
+                            "    consumer {} (channel {}){}: at offset {}{}",
+                            c.consumer_tag,
+                            c.channel,
+                            c.name
+                                .as_ref()
+                                .map(|n| format!(" named {n}"))
+                                .unwrap_or_default(),
+                            c.offset,
+                            if c.active { "" } else { ", waiting" }
+                        );
+                    }
+                    for n in &st.named {
+                        println!(
+                            "    named {}: settled up to {}, lag {}",
+                            n.name, n.offset, n.lag
+                        );
+                    }
+                }
                 // A quorum queue: its group as this node's replica sees it.
                 if let Some(r) = q.quorum {
                     let members: Vec<String> = r
