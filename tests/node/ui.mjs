@@ -50,12 +50,24 @@ try {
   // Name, vhost, type, ready, ...
   if (cells[2] !== "classic" || cells[3] !== "3") throw new Error(`queue row without its type and 3 ready messages: ${cells}`);
   await page.screenshot({ path: `${shots}/queues.png` });
-  await page.fill("input.filter", "no-such-queue");
-  if (await page.isVisible(`td:has-text('${queue}')`)) throw new Error("the filter did not hide the queue");
-  // The view refreshes every 2 s; the filter holds across it.
+  // Paged by the broker: 250 more queues make three pages of 100.
+  await page.waitForSelector("#qpage:has-text('page 1 of 3')");
+  await page.click("#qnext");
+  await page.waitForSelector("#qpage:has-text('page 2 of 3')");
+  await page.click("#qprev");
+  await page.waitForSelector("#qpage:has-text('page 1 of 3')");
+  // Sorted by the broker: ready messages, most first, puts ours on top.
+  await page.click("a.sort[data-key='messages_ready']");
+  await page.waitForSelector(`#qtable tbody tr:first-child td:has-text('${queue}')`);
+  await page.click("a.sort[data-key='name']");
+  // Filtered by the broker; the filter holds across the 2 s refresh.
+  await page.fill("#qfilter", "no-such-queue");
+  await page.waitForSelector(`td:has-text('${queue}')`, { state: "detached" });
+  await page.waitForSelector("#qpage:has-text('(0 of ')");
   await page.waitForTimeout(2500);
   if (await page.isVisible(`td:has-text('${queue}')`)) throw new Error("a refresh dropped the filter");
-  await page.fill("input.filter", "");
+  await page.fill("#qfilter", "");
+  await page.waitForSelector(`td:has-text('${queue}')`);
 
   await page.click("a[href='#exchanges']");
   const xrow = await page.waitForSelector(`tr:has(td:has-text('${exchange}'))`);

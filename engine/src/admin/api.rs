@@ -402,37 +402,183 @@ fn with_quorum(s: &AdminState, mut view: QueueView) -> QueueView {
     with_policy(s, local.as_deref(), view)
 }
 
-fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>]) -> Json<Vec<QueueView>> {
-    let me = s.broker.cluster().map(|c| c.name());
-    let mut out = Vec::new();
+/// A queue as a listing finds it: on this node, or known to be on another.
+enum Listed {
+    Local(Arc<Queue>),
+    Remote(crate::broker::RemoteQueue),
+}
+
+/// The query of a queue listing, as RabbitMQ's management API reads it:
+/// `page` (from 1) and `page_size` (at most 500) ask for one page and a
+/// paged answer; `name` keeps the queues whose name contains it (case
+/// insensitive) or, with `use_regex=true`, matches it; `sort` names a
+/// field (dotted for nested ones, `message_stats.publish`) and
+/// `sort_reverse` turns the order around.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ListQuery {
+    page: Option<usize>,
+    page_size: Option<usize>,
+    name: Option<String>,
+    use_regex: Option<bool>,
+    sort: Option<String>,
+    sort_reverse: Option<bool>,
+}
+
+/// The largest page RabbitMQ serves.
+const MAX_PAGE_SIZE: usize = 500;
+
+/// A listing: every queue, or one page of them.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub(super) enum Listing {
+    All(Vec<QueueView>),
+    Page(super::model::QueuePage),
+}
+
+fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>], q: &ListQuery) -> ApiResult<Json<Listing>> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let matches: Box<dyn Fn(&str) -> bool> = match (&q.name, q.use_regex.unwrap_or(false)) {
+        (None, _) => Box::new(|_| true),
+        (Some(n), false) => {
+            let n = n.to_lowercase();
+            Box::new(move |name: &str| name.to_lowercase().contains(&n))
+        }
+        (Some(n), true) => {
+            let re = regex::RegexBuilder::new(n)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| bad(format!("name: not a regular expression: {e}")))?;
+            Box::new(move |name: &str| re.is_match(name))
+        }
+    };
+    // Names first: a page of 10,000 queues builds only its own views
+    // when sorted by name.
+    let mut total = 0;
+    let mut found: Vec<(Arc<VHost>, String, Listed)> = Vec::new();
     for v in vhosts {
-        let mut qs: Vec<QueueView> = v.queues().iter().map(|q| queue_view(v, q, me)).collect();
-        let local: std::collections::HashSet<String> = qs.iter().map(|q| q.name.clone()).collect();
-        let remote = v
+        let local = v.queues();
+        let names: std::collections::HashSet<&str> =
+            local.iter().map(|q| q.name.as_str()).collect();
+        let remote: Vec<(String, crate::broker::RemoteQueue)> = v
             .remote_queues()
             .into_iter()
-            .filter(|(name, _)| !local.contains(name));
-        qs.extend(remote.map(|(name, r)| remote_view(v, name, r)));
-        let mut qs: Vec<QueueView> = qs.into_iter().map(|q| with_quorum(s, q)).collect();
-        qs.sort_by(|a, b| a.name.cmp(&b.name));
-        out.extend(qs);
+            .filter(|(name, _)| !names.contains(name.as_str()))
+            .collect();
+        total += local.len() + remote.len();
+        for lq in &local {
+            if matches(&lq.name) {
+                found.push((v.clone(), lq.name.clone(), Listed::Local(lq.clone())));
+            }
+        }
+        for (name, r) in remote {
+            if matches(&name) {
+                found.push((v.clone(), name, Listed::Remote(r)));
+            }
+        }
     }
-    Json(out)
+    let me = s.broker.cluster().map(|c| c.name());
+    let view = |(v, name, l): (Arc<VHost>, String, Listed)| {
+        with_quorum(
+            s,
+            match l {
+                Listed::Local(q) => queue_view(&v, &q, me),
+                Listed::Remote(r) => remote_view(&v, name, r),
+            },
+        )
+    };
+    let reverse = q.sort_reverse.unwrap_or(false);
+    let by_name = q.sort.as_deref().is_none_or(|f| f == "name");
+    if by_name {
+        found.sort_by(|a, b| (&a.1, &a.0.name).cmp(&(&b.1, &b.0.name)));
+        if reverse {
+            found.reverse();
+        }
+    }
+    let Some(page) = q.page else {
+        let mut all: Vec<QueueView> = found.into_iter().map(view).collect();
+        if !by_name {
+            sort_views(&mut all, q.sort.as_deref().unwrap_or("name"), reverse);
+        }
+        return Ok(Json(Listing::All(all)));
+    };
+    let size = q.page_size.unwrap_or(100);
+    if page == 0 || size == 0 || size > MAX_PAGE_SIZE {
+        return Err(bad(format!(
+            "page must be 1 or more and page_size 1 to {MAX_PAGE_SIZE}"
+        )));
+    }
+    let filtered = found.len();
+    let page_count = filtered.div_ceil(size);
+    if page > page_count.max(1) {
+        return Err(bad(format!("page out of range: {page} of {page_count}")));
+    }
+    let items: Vec<QueueView> = if by_name {
+        found
+            .into_iter()
+            .skip((page - 1) * size)
+            .take(size)
+            .map(view)
+            .collect()
+    } else {
+        let mut all: Vec<QueueView> = found.into_iter().map(view).collect();
+        sort_views(&mut all, q.sort.as_deref().unwrap_or("name"), reverse);
+        all.into_iter().skip((page - 1) * size).take(size).collect()
+    };
+    Ok(Json(Listing::Page(super::model::QueuePage {
+        filtered_count: filtered,
+        item_count: items.len(),
+        items,
+        page,
+        page_count,
+        page_size: size,
+        total_count: total,
+    })))
+}
+
+/// Sort views by the (dotted) field `path` of their JSON: numbers as
+/// numbers, the rest as text, missing ones first; ties by name.
+fn sort_views(views: &mut [QueueView], path: &str, reverse: bool) {
+    let key = |v: &QueueView| -> (Option<f64>, String, String) {
+        let json = serde_json::to_value(v).unwrap_or(Value::Null);
+        let field = path.split('.').fold(&json, |j, k| &j[k]);
+        let text = match field {
+            Value::String(s) => s.clone(),
+            Value::Null | Value::Number(_) => String::new(),
+            other => other.to_string(),
+        };
+        (field.as_f64(), text, v.name.clone())
+    };
+    let mut keyed: Vec<_> = views.iter().map(|v| (key(v), v.clone())).collect();
+    keyed.sort_by(|a, b| {
+        let (x, y) = (&a.0, &b.0);
+        x.0.partial_cmp(&y.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| x.1.cmp(&y.1))
+            .then_with(|| x.2.cmp(&y.2))
+    });
+    if reverse {
+        keyed.reverse();
+    }
+    for (slot, (_, v)) in views.iter_mut().zip(keyed) {
+        *slot = v;
+    }
 }
 
 async fn queues(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
-) -> Json<Vec<QueueView>> {
-    list_queues(&s, &visible_vhosts(&s, &viewer))
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult<Json<Listing>> {
+    list_queues(&s, &visible_vhosts(&s, &viewer), &q)
 }
 
 async fn queues_in(
     State(s): State<AdminState>,
     Extension(viewer): Extension<Viewer>,
     Path(v): Path<String>,
-) -> ApiResult<Json<Vec<QueueView>>> {
-    Ok(list_queues(&s, &[visible_vhost(&s, &viewer, &v)?]))
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult<Json<Listing>> {
+    list_queues(&s, &[visible_vhost(&s, &viewer, &v)?], &q)
 }
 
 async fn queue(

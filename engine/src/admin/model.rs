@@ -129,6 +129,26 @@ pub struct QueueView {
     pub stream: Option<StreamView>,
 }
 
+/// One page of a queue listing (`GET /api/queues?page=N`), in RabbitMQ's
+/// shape.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct QueuePage {
+    /// Queues that match the filter.
+    pub filtered_count: usize,
+    /// Queues on this page.
+    pub item_count: usize,
+    /// This page's queues.
+    pub items: Vec<QueueView>,
+    /// This page's number (from 1).
+    pub page: usize,
+    /// Pages of matching queues.
+    pub page_count: usize,
+    /// Queues per page.
+    pub page_size: usize,
+    /// Queues visible, matching or not.
+    pub total_count: usize,
+}
+
 /// A stream queue's log and its consumers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StreamView {

@@ -43,6 +43,20 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
     for _ in 0..3 {
         assert!(publish_confirmed(&ch, "ui.orders", "o.1", b"x", BasicProperties::default()).await);
     }
+    // Enough queues for three pages of the queues view.
+    let vhost = server.broker().vhost("/").unwrap();
+    for i in 0..250 {
+        server
+            .broker()
+            .declare_queue(
+                &vhost,
+                wasmq::broker::QueueDecl {
+                    name: format!("ui.page.{i:03}"),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let admin = server.admin().base().to_owned();

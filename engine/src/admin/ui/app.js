@@ -29,6 +29,8 @@ async function api(path, body) {
 
 // Each view's filter text, kept across the view's refreshes.
 const filters = {};
+// The queues view's page and order.
+const qstate = { page: 1, pages: 1, sort: "name", reverse: false };
 const currentView = () => (location.hash || "#overview").slice(1);
 
 function table(rows, columns, filterable) {
@@ -128,21 +130,56 @@ const views = {
     const max = chart($("#rates"));
     $("#max").textContent = `(scale up to ${max.toFixed(0)}/s)`;
   },
+  // Queues are paged, filtered and sorted by the broker (RabbitMQ's
+  // `page`, `name`, `sort` query), so 10,000 of them cost one page.
   async queues() {
-    const qs = await api("/api/queues");
-    const type = (q) => (q.arguments && q.arguments["x-queue-type"]) || "classic";
-    $("#page").innerHTML = `<h1>Queues</h1>` + table(qs, [
-      ["Name", (q) => `<code>${esc(q.name)}</code>`],
-      ["Vhost", (q) => esc(q.vhost)],
-      ["Type", (q) => esc(type(q))],
-      ["Ready", (q) => esc(q.messages_ready)],
-      ["Unacked", (q) => esc(q.messages_unacknowledged)],
-      ["Delayed", (q) => esc(q.messages_delayed ?? 0)],
-      ["Consumers", (q) => esc(q.consumers)],
-      ["Policy", (q) => esc(q.policy || "")],
-      ["Node", (q) => esc(q.node || "")],
-    ], true);
-    wireFilters();
+    if (!$("#qtable")) {
+      $("#page").innerHTML = `<h1>Queues</h1><input class="filter" id="qfilter" placeholder="Filter by name (server-side)" value="${esc(filters.queues || "")}"><div id="qtable"></div><div class="pager"><button id="qprev">Previous</button> <span id="qpage"></span> <button id="qnext">Next</button></div>`;
+      let debounce = null;
+      $("#qfilter").addEventListener("input", (e) => {
+        filters.queues = e.target.value;
+        qstate.page = 1;
+        clearTimeout(debounce);
+        debounce = setTimeout(() => views.queues().catch(() => {}), 250);
+      });
+      $("#qprev").addEventListener("click", () => { if (qstate.page > 1) { qstate.page--; views.queues(); } });
+      $("#qnext").addEventListener("click", () => { if (qstate.page < qstate.pages) { qstate.page++; views.queues(); } });
+    }
+    const params = new URLSearchParams({ page: qstate.page, page_size: 100, sort: qstate.sort, sort_reverse: qstate.reverse });
+    if (filters.queues) params.set("name", filters.queues);
+    let p;
+    try {
+      p = await api("/api/queues?" + params);
+    } catch (e) {
+      // The page went away (queues deleted, a narrower filter): back to the first.
+      if (qstate.page > 1 && e.message.includes("page out of range")) { qstate.page = 1; return views.queues(); }
+      throw e;
+    }
+    qstate.pages = Math.max(p.page_count, 1);
+    const columns = [
+      ["Name", "name", (q) => `<code>${esc(q.name)}</code>`],
+      ["Vhost", "vhost", (q) => esc(q.vhost)],
+      ["Type", "type", (q) => esc(q.type || "classic")],
+      ["Ready", "messages_ready", (q) => esc(q.messages_ready)],
+      ["Unacked", "messages_unacknowledged", (q) => esc(q.messages_unacknowledged)],
+      ["Delayed", "messages_delayed", (q) => esc(q.messages_delayed ?? 0)],
+      ["Consumers", "consumers", (q) => esc(q.consumers)],
+      ["Policy", "policy", (q) => esc(q.policy || "")],
+      ["Node", "node", (q) => esc(q.node || "")],
+    ];
+    const arrow = (key) => (qstate.sort === key ? (qstate.reverse ? " \u25bc" : " \u25b2") : "");
+    const head = columns.map(([title, key]) => `<th><a href="#queues" class="sort" data-key="${key}">${esc(title)}${arrow(key)}</a></th>`).join("");
+    const body = p.items.map((q) => `<tr>${columns.map((c) => `<td>${c[2](q)}</td>`).join("")}</tr>`).join("");
+    $("#qtable").innerHTML = `<table><thead><tr>${head}</tr></thead><tbody>${body || `<tr><td colspan="${columns.length}">none</td></tr>`}</tbody></table>`;
+    $("#qpage").textContent = `page ${p.page} of ${qstate.pages} (${p.filtered_count} of ${p.total_count} queues)`;
+    document.querySelectorAll("a.sort").forEach((a) => a.addEventListener("click", (e) => {
+      e.preventDefault();
+      const key = a.dataset.key;
+      // A new column sorts its largest first for counts, A to Z for names.
+      if (qstate.sort === key) qstate.reverse = !qstate.reverse;
+      else { qstate.sort = key; qstate.reverse = !["name", "vhost", "type", "policy", "node"].includes(key); }
+      views.queues();
+    }));
   },
   async exchanges() {
     const xs = await api("/api/exchanges");
