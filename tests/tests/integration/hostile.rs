@@ -358,7 +358,7 @@ async fn bad_requests_are_refused_whole_and_in_words() {
     }
     let doc = json!({
         "exchanges": [{"name": "imp-x", "vhost": "/", "type": "direct"}],
-        "queues": [{"name": "imp-q", "vhost": "/", "arguments": {"x-queue-type": "stream"}}],
+        "queues": [{"name": "imp-q", "vhost": "/", "arguments": {"x-queue-type": "lazy-ish"}}],
     });
     let long = "p".repeat(300);
     let r = api(t.admin(), move |a| {
@@ -380,7 +380,7 @@ async fn bad_requests_are_refused_whole_and_in_words() {
         )
     })
     .await;
-    assert_eq!(r.0, 400, "the stream queue is refused");
+    assert_eq!(r.0, 400, "the queue of an unknown type is refused");
     assert_eq!(r.1, 404, "and nothing of the import was applied");
     assert_eq!((r.2, r.3), (400, 400));
     assert_eq!(r.4, 404);

@@ -168,8 +168,9 @@ async fn redeclaring_a_queue_with_other_flags_is_406() {
     }
 }
 
-/// `x-queue-type`: `classic` and `quorum` are made; `stream` and unknown
-/// types are refused (406) rather than silently made classic.
+/// `x-queue-type`: `classic`, `quorum` and `stream` are made; unknown
+/// types (names are case-sensitive, as RabbitMQ's) are refused (406)
+/// rather than silently made classic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_types_this_broker_does_not_have_are_refused() {
     let t = TestServer::start().await;
@@ -194,7 +195,7 @@ async fn queue_types_this_broker_does_not_have_are_refused() {
     )
     .await
     .unwrap();
-    for kind in ["stream", "lazy-ish"] {
+    for kind in ["Stream", "lazy-ish"] {
         let ch = conn.create_channel().await.unwrap();
         let e = ch
             .queue_declare(
