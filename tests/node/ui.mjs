@@ -22,7 +22,13 @@ try {
   page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
   page.on("console", (m) => m.type() === "error" && errors.push(`console: ${m.text()}`));
   // A browser's own login dialog would hang the page: there must be none.
-  page.on("dialog", (d) => { errors.push(`dialog: ${d.message()}`); d.dismiss(); });
+  // Only the UI's own confirmations (purge, delete) are expected, and
+  // accepted.
+  page.on("dialog", (d) => {
+    if (d.type() === "confirm") return d.accept();
+    errors.push(`dialog: ${d.message()}`);
+    d.dismiss();
+  });
 
   await page.goto(url + "/");
   // A wrong password is refused in the form, without a browser dialog.
@@ -68,6 +74,27 @@ try {
   if (await page.isVisible(`td:has-text('${queue}')`)) throw new Error("a refresh dropped the filter");
   await page.fill("#qfilter", "");
   await page.waitForSelector(`td:has-text('${queue}')`);
+
+  // The queue's own page: its figures and binding; peek, publish, purge.
+  await page.click(`a:has-text('${queue}')`);
+  await page.waitForSelector("#qdetail .card:has-text('Ready') b:text-is('3')");
+  await page.waitForSelector(`#qdetail td:has-text('${exchange}')`);
+  await page.click("#qget button");
+  await page.waitForSelector("#qgot td:has-text('x')");
+  await page.screenshot({ path: `${shots}/queue.png` });
+  await page.fill("#qpub input[name=payload]", "from the ui");
+  await page.click("#qpub button");
+  await page.waitForSelector("#qpubbed:has-text('Published.')");
+  await page.waitForSelector("#qdetail .card:has-text('Ready') b:text-is('4')");
+  await page.click("#qpurge");
+  await page.waitForSelector("#qdone:has-text('Purged.')");
+  await page.waitForSelector("#qdetail .card:has-text('Ready') b:text-is('0')");
+  // Delete another queue from its page: back to the list, one fewer.
+  await page.goto(url + "/#queue/%2F/ui.page.000");
+  await page.waitForSelector("#qdelete");
+  await page.click("#qdelete");
+  await page.waitForSelector("#qpage");
+  if (await page.isVisible("td:has-text('ui.page.000')")) throw new Error("the deleted queue is still listed");
 
   await page.click("a[href='#exchanges']");
   const xrow = await page.waitForSelector(`tr:has(td:has-text('${exchange}'))`);

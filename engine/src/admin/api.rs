@@ -44,6 +44,10 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
         )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route(
+            "/api/queues/{vhost}/{name}/contents",
+            axum::routing::delete(purge_queue),
+        )
+        .route(
             "/api/queues/{vhost}/{name}/members/{node}",
             post(add_member).delete(remove_member),
         )
@@ -664,6 +668,19 @@ async fn delete_queue(
         return Ok(StatusCode::NO_CONTENT);
     }
     s.broker.delete_queue(&v, &name, false, false)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /api/queues/{vhost}/{name}/contents`: purge, as RabbitMQ's API
+/// does (the queue stays; a stream purges nothing, as over AMQP).
+async fn purge_queue(
+    State(s): State<AdminState>,
+    Path((v, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let v = vhost(&s, &v)?;
+    let q = v.queue(&name)?;
+    let n = q.purge();
+    tracing::info!(queue = %crate::untrusted::text(&name), vhost = %crate::untrusted::text(&v.name), "purged {n} messages through the admin API");
     Ok(StatusCode::NO_CONTENT)
 }
 

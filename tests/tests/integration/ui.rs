@@ -1,9 +1,11 @@
 //! The web management UI in a real browser: Debian's Chromium, headless,
 //! driven by playwright-core (`tests/node/ui.mjs`) against the real
 //! broker. It logs in (a wrong password first), sees a queue declared over
-//! AMQP with its message count, an exchange with its type, a plugin with
-//! its hash and the connection, logs out, and no page logs a JavaScript
-//! error. Screenshots of each page are kept in `target/ui-screenshots/`.
+//! AMQP with its message count, pages, sorts and filters 251 queues
+//! through the broker, opens a queue's page (peeks, publishes, purges,
+//! deletes another), sees an exchange with its type and traces a message,
+//! a plugin with its hash and the connection, logs out, and no page logs a
+//! JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
 //!
 //! `scripts/test.sh` installs Chromium (Debian's package) when missing and
 //! playwright-core (`tests/node/package.json`) under `target/amqplib`.
@@ -65,7 +67,14 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
         .into_iter()
         .chain([shots.clone().into_os_string()]);
     wasmq_tests::run_node_script("ui.mjs", args, Duration::from_secs(120)).await;
-    for page in ["overview", "queues", "exchanges", "plugins", "connections"] {
+    for page in [
+        "overview",
+        "queues",
+        "queue",
+        "exchanges",
+        "plugins",
+        "connections",
+    ] {
         assert!(shots.join(format!("{page}.png")).is_file(), "{page}.png");
     }
     drop(conn);

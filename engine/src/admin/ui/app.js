@@ -12,10 +12,12 @@ const rates = { publish: [], deliver_get: [], ack: [] };
 let last = null;
 
 const $ = (sel) => document.querySelector(sel);
+const card = (label, v) => `<div class="card">${esc(label)}<b>${esc(v)}</b></div>`;
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 
-async function api(path, body) {
+async function api(path, body, method) {
   const init = { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" } };
+  if (method) init.method = method;
   if (body !== undefined) {
     init.method = "POST";
     init.headers["Content-Type"] = "application/json";
@@ -24,7 +26,7 @@ async function api(path, body) {
   const r = await fetch(path, init);
   if (r.status === 401) { logout("Your session ended: log in again."); throw new Error("401"); }
   if (!r.ok) throw new Error(`${path}: ${r.status} ${(await r.json().catch(() => ({}))).reason || ""}`);
-  return r.json();
+  return r.status === 204 ? null : r.json();
 }
 
 // Each view's filter text, kept across the view's refreshes.
@@ -122,7 +124,6 @@ const views = {
     const t = o.object_totals || {};
     const q = o.queue_totals || {};
     const alarms = Object.entries(o.alarms || {}).filter(([, on]) => on).map(([k]) => k);
-    const card = (label, v) => `<div class="card">${esc(label)}<b>${esc(v)}</b></div>`;
     $("#page").innerHTML =
       `<h1>Overview</h1><p>${esc(o.product_name || "wasmq")} ${esc(o.product_version || "")}, up ${esc(o.uptime_secs)} s</p>` +
       `<div class="cards">${card("Connections", t.connections ?? 0)}${card("Channels", t.channels ?? 0)}${card("Queues", t.queues ?? 0)}${card("Exchanges", t.exchanges ?? 0)}${card("Consumers", t.consumers ?? 0)}${card("Ready", q.messages_ready ?? 0)}${card("Unacked", q.messages_unacknowledged ?? 0)}${card("Alarms", alarms.length ? alarms.join(", ") : "none")}</div>` +
@@ -157,7 +158,7 @@ const views = {
     }
     qstate.pages = Math.max(p.page_count, 1);
     const columns = [
-      ["Name", "name", (q) => `<code>${esc(q.name)}</code>`],
+      ["Name", "name", (q) => `<a href="#queue/${encodeURIComponent(q.vhost)}/${encodeURIComponent(q.name)}"><code>${esc(q.name)}</code></a>`],
       ["Vhost", "vhost", (q) => esc(q.vhost)],
       ["Type", "type", (q) => esc(q.type || "classic")],
       ["Ready", "messages_ready", (q) => esc(q.messages_ready)],
@@ -180,6 +181,67 @@ const views = {
       else { qstate.sort = key; qstate.reverse = !["name", "vhost", "type", "policy", "node"].includes(key); }
       views.queues();
     }));
+  },
+  // A queue's own page: its figures, bindings and consumers (refreshed),
+  // and what an operator does to it: get (peek or take), publish, purge
+  // and delete, each through the API, the destructive ones confirmed.
+  async queue(vhost, name) {
+    const key = `${vhost}\u0000${name}`;
+    const path = `/api/queues/${encodeURIComponent(vhost)}/${encodeURIComponent(name)}`;
+    if (!$("#qdetail") || $("#qdetail").dataset.key !== key) {
+      $("#page").innerHTML = `<h1>Queue <code>${esc(name)}</code> <small>in ${esc(vhost)}</small></h1><div id="qdetail"></div>` +
+        `<h2>Get messages</h2><form id="qget"><label>Count <input name="count" type="number" value="1" min="1" max="100"></label> <label><input name="requeue" type="checkbox" checked> put them back (peek)</label> <button>Get</button></form><div id="qgot"></div>` +
+        `<h2>Publish</h2><form id="qpub"><label>Payload <input name="payload" size="40"></label> <button>Publish</button></form><p id="qpubbed"></p>` +
+        `<h2>Actions</h2><button id="qpurge">Purge</button> <button id="qdelete">Delete</button> <p id="qdone"></p>`;
+      $("#qdetail").dataset.key = key;
+      $("#qget").addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const f = e.target;
+        const got = await api(`${path}/get`, { count: Number(f.count.value) || 1, ackmode: f.requeue.checked ? "ack_requeue_true" : "ack_requeue_false" });
+        $("#qgot").innerHTML = table(got, [
+          ["Payload", (m) => `<code>${esc(m.payload)}</code>`],
+          ["Routing key", (m) => esc(m.routing_key)],
+          ["Exchange", (m) => esc(m.exchange || "(default)")],
+          ["Redelivered", (m) => esc(m.redelivered)],
+        ], false);
+      });
+      $("#qpub").addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const r = await api(`/api/exchanges/${encodeURIComponent(vhost)}/amq.default/publish`, { routing_key: name, payload: e.target.payload.value, properties: { delivery_mode: 2 } });
+        $("#qpubbed").textContent = r.routed ? "Published." : "Not routed.";
+      });
+      $("#qpurge").addEventListener("click", async () => {
+        if (!confirm(`Purge every ready message of queue '${name}'?`)) return;
+        await api(`${path}/contents`, undefined, "DELETE");
+        $("#qdone").textContent = "Purged.";
+      });
+      $("#qdelete").addEventListener("click", async () => {
+        if (!confirm(`Delete queue '${name}' and its messages?`)) return;
+        await api(path, undefined, "DELETE");
+        location.hash = "#queues";
+      });
+    }
+    const [q, bindings, consumers] = await Promise.all([
+      api(path),
+      api(`/api/bindings/${encodeURIComponent(vhost)}`),
+      api("/api/consumers"),
+    ]);
+    const st = q.stream;
+    $("#qdetail").innerHTML =
+      `<div class="cards">${card("Type", q.type || "classic")}${card("Ready", q.messages_ready)}${card("Unacked", q.messages_unacknowledged)}${card("Consumers", q.consumers)}${card("Durable", q.durable)}${card("Policy", q.policy || "none")}` +
+      (st ? `${card("Offsets", `${st.first_offset}..${st.last_offset ?? "-"}`)}${card("Segments", st.segments)}` : "") + `</div>` +
+      `<p>Arguments: <code>${esc(JSON.stringify(q.arguments))}</code></p>` +
+      `<h2>Bindings</h2>` + table(bindings.filter((b) => b.destination_type === "queue" && b.destination === name), [
+        ["From", (b) => `<code>${esc(b.source)}</code>`],
+        ["Key", (b) => `<code>${esc(b.routing_key)}</code>`],
+        ["Arguments", (b) => `<code>${esc(JSON.stringify(b.arguments))}</code>`],
+      ], false) +
+      `<h2>Consumers</h2>` + table(consumers.filter((c) => c.queue.name === name && c.queue.vhost === vhost), [
+        ["Tag", (c) => `<code>${esc(c.consumer_tag)}</code>`],
+        ["Channel", (c) => esc(c.channel)],
+        ["Prefetch", (c) => esc(c.prefetch_count)],
+        ["Unacked", (c) => esc(c.messages_unacknowledged)],
+      ], false);
   },
   async exchanges() {
     const xs = await api("/api/exchanges");
@@ -228,7 +290,9 @@ async function show() {
   document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.getAttribute("href") === "#" + view));
   clearTimeout(timer);
   try {
-    await (views[view] || views.overview)();
+    // `#queue/VHOST/NAME`: a view with its arguments.
+    const [base, ...args] = view.split("/");
+    await (views[base] || views.overview)(...args.map(decodeURIComponent));
   } catch (e) {
     if (auth) $("#page").innerHTML = `<p class="error">${esc(e.message)}</p>`;
   }
