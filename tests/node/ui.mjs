@@ -121,6 +121,11 @@ try {
   await page.waitForSelector(`td:has-text('${user}')`);
   await page.screenshot({ path: `${shots}/connections.png` });
 
+  await page.click("a[href='#admin']");
+  await page.waitForSelector(`tr:has(td:has-text('${user}')):has(td:has-text('administrator'))`);
+  await page.waitForSelector("td:has-text('ui-cap')");
+  await page.screenshot({ path: `${shots}/admin.png` });
+
   await page.click("#logout");
   await page.waitForSelector("form#login:visible");
 } finally {

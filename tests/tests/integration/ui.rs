@@ -4,8 +4,8 @@
 //! AMQP with its message count, pages, sorts and filters 251 queues
 //! through the broker, opens a queue's page (peeks, publishes, purges,
 //! deletes another), sees an exchange with its type and traces a message,
-//! a plugin with its hash and the connection, logs out, and no page logs a
-//! JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
+//! a plugin with its hash, the connection, and the users and policies on
+//! the admin page, logs out, and no page logs a JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
 //!
 //! `scripts/test.sh` installs Chromium (Debian's package) when missing and
 //! playwright-core (`tests/node/package.json`) under `target/amqplib`.
@@ -59,6 +59,18 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
             )
             .unwrap();
     }
+    // A policy for the admin page to list.
+    let admin = server.admin();
+    tokio::task::spawn_blocking(move || {
+        admin.put(
+            "/api/policies/%2F/ui-cap",
+            &serde_json::json!({"pattern": "^ui\\.page\\.", "apply-to": "queues",
+                                "definition": {"max-length": 1000}}),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let admin = server.admin().base().to_owned();
@@ -74,6 +86,7 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
         "exchanges",
         "plugins",
         "connections",
+        "admin",
     ] {
         assert!(shots.join(format!("{page}.png")).is_file(), "{page}.png");
     }

@@ -273,6 +273,60 @@ const views = {
     ], true);
     wireFilters();
   },
+  // Users, vhosts, permissions, policies and limits, as the run-time
+  // operations API gives them; a section the user may not read says so.
+  async admin() {
+    const list = (v) => (Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? JSON.stringify(v) : String(v ?? ""));
+    const section = async (title, path, columns) => {
+      try {
+        return `<h2>${esc(title)}</h2>` + table(await api(path), columns, false);
+      } catch (e) {
+        return `<h2>${esc(title)}</h2><p class="error">${esc(e.message)}</p>`;
+      }
+    };
+    const parts = await Promise.all([
+      section("Users", "/api/users", [
+        ["Name", (u) => `<code>${esc(u.name)}</code>`],
+        ["Tags", (u) => esc(list(u.tags))],
+        ["Limits", (u) => `<code>${esc(list(u.limits || {}))}</code>`],
+      ]),
+      section("Virtual hosts", "/api/vhosts", [
+        ["Name", (v) => `<code>${esc(v.name)}</code>`],
+        ["Description", (v) => esc(v.description || "")],
+        ["Messages", (v) => esc(v.messages ?? 0)],
+      ]),
+      section("Permissions", "/api/permissions", [
+        ["User", (p) => esc(p.user)],
+        ["Vhost", (p) => esc(p.vhost)],
+        ["Configure", (p) => `<code>${esc(p.configure)}</code>`],
+        ["Write", (p) => `<code>${esc(p.write)}</code>`],
+        ["Read", (p) => `<code>${esc(p.read)}</code>`],
+      ]),
+      section("Policies", "/api/policies", [
+        ["Name", (p) => `<code>${esc(p.name)}</code>`],
+        ["Vhost", (p) => esc(p.vhost)],
+        ["Pattern", (p) => `<code>${esc(p.pattern)}</code>`],
+        ["Apply to", (p) => esc(p["apply-to"])],
+        ["Priority", (p) => esc(p.priority)],
+        ["Definition", (p) => `<code>${esc(JSON.stringify(p.definition))}</code>`],
+      ]),
+      section("Operator policies", "/api/operator-policies", [
+        ["Name", (p) => `<code>${esc(p.name)}</code>`],
+        ["Vhost", (p) => esc(p.vhost)],
+        ["Pattern", (p) => `<code>${esc(p.pattern)}</code>`],
+        ["Definition", (p) => `<code>${esc(JSON.stringify(p.definition))}</code>`],
+      ]),
+      section("Vhost limits", "/api/vhost-limits", [
+        ["Vhost", (l) => esc(l.vhost)],
+        ["Limits", (l) => `<code>${esc(JSON.stringify(l.value))}</code>`],
+      ]),
+      section("User limits", "/api/user-limits", [
+        ["User", (l) => esc(l.user)],
+        ["Limits", (l) => `<code>${esc(JSON.stringify(l.value))}</code>`],
+      ]),
+    ]);
+    $("#page").innerHTML = `<h1>Admin</h1>` + parts.join("");
+  },
   async connections() {
     const cs = await api("/api/connections");
     $("#page").innerHTML = `<h1>Connections</h1>` + table(cs, [
