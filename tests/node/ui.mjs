@@ -47,6 +47,7 @@ try {
   if (await page.isVisible("form#login")) throw new Error("the login form is still shown");
   const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }));
   if (stored.includes(password)) throw new Error("the password is in the page's storage");
+  await page.waitForSelector("td:has-text('wasmq@localhost')"); // the node, alone
   await page.waitForTimeout(2500); // a second sample for the rate chart
   await page.screenshot({ path: `${shots}/overview.png` });
 

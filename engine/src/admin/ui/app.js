@@ -110,7 +110,9 @@ function traceForm(vhost, name) {
 
 const views = {
   async overview() {
-    const o = await api("/api/overview");
+    const [o, nodes] = await Promise.all([api("/api/overview"), api("/api/nodes")]);
+    // A node alone has no cluster status to ask for.
+    const cluster = nodes.some((n) => n.cluster_addr) ? await api("/api/cluster") : null;
     const now = Date.now();
     const stats = o.message_stats || {};
     if (last) {
@@ -127,6 +129,14 @@ const views = {
     $("#page").innerHTML =
       `<h1>Overview</h1><p>${esc(o.product_name || "wasmq")} ${esc(o.product_version || "")}, up ${esc(o.uptime_secs)} s</p>` +
       `<div class="cards">${card("Connections", t.connections ?? 0)}${card("Channels", t.channels ?? 0)}${card("Queues", t.queues ?? 0)}${card("Exchanges", t.exchanges ?? 0)}${card("Consumers", t.consumers ?? 0)}${card("Ready", q.messages_ready ?? 0)}${card("Unacked", q.messages_unacknowledged ?? 0)}${card("Alarms", alarms.length ? alarms.join(", ") : "none")}</div>` +
+      `<h2>Nodes</h2>` + (cluster ? `<p>Raft: this node <code>${esc(cluster.node)}</code> is ${esc(cluster.state)}, leader <code>${esc(cluster.leader || "none")}</code>, term ${esc(cluster.term)}</p>` : "") +
+      table(nodes, [
+        ["Node", (n) => `<code>${esc(n.name)}</code>`],
+        ["Running", (n) => esc(n.running === null || n.running === undefined ? "unknown" : n.running ? "yes" : "no")],
+        ["Leader", (n) => esc(n.is_leader ? "yes" : "")],
+        ["Voter", (n) => esc(n.voter ? "yes" : "no")],
+        ["Log index", (n) => esc(n.log_index ?? "")],
+      ], false) +
       `<h2>Message rates (msg/s)</h2><p class="legend"><span class="published">published</span><span class="delivered">delivered</span><span class="acked">acknowledged</span> <span id="max"></span></p><canvas id="rates"></canvas>`;
     const max = chart($("#rates"));
     $("#max").textContent = `(scale up to ${max.toFixed(0)}/s)`;
