@@ -8,7 +8,7 @@ import { createRequire } from "node:module";
 const require = createRequire(process.env.WASMQ_NODE_MODULES + "/");
 const { chromium } = require("playwright-core");
 
-const [url, user, password, queue, exchange, shots] = process.argv.slice(2);
+const [url, user, password, queue, exchange, shots, candidate] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.WASMQ_CHROMIUM || "/usr/bin/chromium",
   args: [
@@ -117,6 +117,20 @@ try {
   const prow = await page.waitForSelector("tr:has(td:has-text('topic'))");
   if (!/[0-9a-f]{12}/.test(await prow.textContent())) throw new Error("the plugin row lacks its hash");
   await page.screenshot({ path: `${shots}/plugins.png` });
+  // A plugin's page: stage a canary from a file, see it, abort it.
+  await page.click("a:has-text('ui-filter')");
+  await page.waitForSelector("#nocand");
+  await page.waitForSelector("#pversions td:has-text('yes')");
+  await page.setInputFiles("#pstage input[type=file]", candidate);
+  await page.selectOption("#pstage select[name=mode]", "canary");
+  await page.click("#pstage button");
+  await page.waitForFunction(() => document.querySelector("#pstaged").textContent !== "");
+  const staged = await page.textContent("#pstaged");
+  if (staged !== "Staged.") throw new Error(`staging the canary: ${staged}`);
+  await page.waitForSelector("#pcand .card:has-text('Mode') b:has-text('canary 10%')");
+  await page.screenshot({ path: `${shots}/plugin.png` });
+  await page.click("#pcand button[data-act=abort]");
+  await page.waitForSelector("#nocand");
 
   await page.click("a[href='#connections']");
   await page.waitForSelector(`td:has-text('${user}')`);

@@ -4,8 +4,9 @@
 //! AMQP with its message count, pages, sorts and filters 251 queues
 //! through the broker, opens a queue's page (peeks, publishes, purges,
 //! deletes another), sees an exchange with its type and traces a message,
-//! a plugin with its hash, the connection, and the users and policies on
-//! the admin page, logs out, and no page logs a JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
+//! a plugin with its hash, stages a canary of it from a file and aborts
+//! it on its page, the connection, and the users and policies on the
+//! admin page, logs out, and no page logs a JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
 //!
 //! `scripts/test.sh` installs Chromium (Debian's package) when missing and
 //! playwright-core (`tests/node/package.json`) under `target/amqplib`.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use wasmq_tests::{TestServer, publish_confirmed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,13 +72,49 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
     .await
     .unwrap()
     .unwrap();
+    // A plugin to stage a canary of from the browser: the candidate is the
+    // same filter with one more custom section (another content hash).
+    server.install("ui-filter", "json-filter");
+    let mut candidate = wasmq_tests::plugin_bytes("json-filter");
+    wasm_encoder::Section::append_to(
+        &wasm_encoder::CustomSection {
+            name: "wasmq-ui-test".into(),
+            data: b"candidate".as_slice().into(),
+        },
+        &mut candidate,
+    );
+    let mut filter = FieldTable::default();
+    filter.insert(
+        "x-wasmq-filter".into(),
+        AMQPValue::LongString("ui-filter".into()),
+    );
+    filter.insert(
+        "x-filter-field".into(),
+        AMQPValue::LongString("region".into()),
+    );
+    filter.insert("x-filter-equals".into(), AMQPValue::LongString("eu".into()));
+    ch.queue_bind(
+        "ui.page.001".into(),
+        "ui.orders".into(),
+        "eu.#".into(),
+        QueueBindOptions::default(),
+        filter,
+    )
+    .await
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let candidate_file = work.path().join("ui-filter.wasm");
+    std::fs::write(&candidate_file, candidate).unwrap();
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let admin = server.admin().base().to_owned();
     let args = [&admin, "guest", "guest", "ui.ledger", "ui.orders"]
         .map(std::ffi::OsString::from)
         .into_iter()
-        .chain([shots.clone().into_os_string()]);
+        .chain([
+            shots.clone().into_os_string(),
+            candidate_file.clone().into_os_string(),
+        ]);
     wasmq_tests::run_node_script("ui.mjs", args, Duration::from_secs(120)).await;
     for page in [
         "overview",
@@ -87,6 +124,7 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
         "plugins",
         "connections",
         "admin",
+        "plugin",
     ] {
         assert!(shots.join(format!("{page}.png")).is_file(), "{page}.png");
     }

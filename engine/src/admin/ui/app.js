@@ -18,8 +18,12 @@ const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "
 async function api(path, body, method) {
   const init = { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" } };
   if (method) init.method = method;
-  if (body !== undefined) {
-    init.method = "POST";
+  if (body instanceof Uint8Array) {
+    init.method = method || "PUT";
+    init.headers["Content-Type"] = "application/wasm";
+    init.body = body;
+  } else if (body !== undefined) {
+    init.method = method || "POST";
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
@@ -274,7 +278,7 @@ const views = {
   async plugins() {
     const ps = await api("/api/plugins");
     $("#page").innerHTML = `<h1>Plugins</h1>` + table(ps, [
-      ["Name", (p) => `<code>${esc(p.name)}</code>`],
+      ["Name", (p) => `<a href="#plugin/${encodeURIComponent(p.name)}"><code>${esc(p.name)}</code></a>`],
       ["State", (p) => esc(p.state)],
       ["Roles", (p) => esc(p.roles || "")],
       ["Hash", (p) => `<code>${esc((p.hash || "").slice(0, 12))}</code>`],
@@ -282,6 +286,78 @@ const views = {
       ["Faults", (p) => esc(p.faults)],
     ], true);
     wireFilters();
+  },
+  // A plugin's own page: the serving version's figures, the versions kept
+  // (roll back to one), a candidate on trial with its figures and
+  // controls, staging a new file as a shadow or a canary, and its latest
+  // log lines (refreshed every 2 s).
+  async plugin(name) {
+    const base = `/api/plugins/${encodeURIComponent(name)}`;
+    if (!$("#pdetail") || $("#pdetail").dataset.key !== name) {
+      $("#page").innerHTML = `<div id="pwrap"><h1>Plugin <code>${esc(name)}</code></h1><div id="pdetail"></div>` +
+        `<h2>Candidate</h2><div id="pcand"></div>` +
+        `<form id="pstage"><label>New version <input type="file" name="file" accept=".wasm"></label> <select name="mode"><option value="shadow">shadow</option><option value="canary">canary</option></select> <label>canary share % <input name="percent" type="number" value="10" min="1" max="100"></label> <button>Stage</button></form><p id="pstaged"></p>` +
+        `<h2>Versions kept</h2><div id="pversions"></div><h2>Latest log lines</h2><div id="plogs"></div></div>`;
+      $("#pdetail").dataset.key = name;
+      $("#pstage").addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const f = e.target;
+        if (!f.file.files.length) { $("#pstaged").textContent = "Choose a .wasm file first."; return; }
+        const q = new URLSearchParams({ mode: f.mode.value });
+        if (f.mode.value === "canary") q.set("percent", f.percent.value);
+        try {
+          await api(`${base}/candidate?${q}`, new Uint8Array(await f.file.files[0].arrayBuffer()), "PUT");
+          $("#pstaged").textContent = "Staged.";
+        } catch (err) {
+          $("#pstaged").textContent = err.message;
+        }
+        views.plugin(name);
+      });
+      // Buttons inside refreshed parts: one listener for them all.
+      $("#pwrap").addEventListener("click", async (e) => {
+        const b = e.target.closest("button[data-act]");
+        if (!b) return;
+        const act = b.dataset.act;
+        if (act === "abort" && !confirm(`Abort the candidate of '${name}'?`)) return;
+        if (act === "rollback" && !confirm(`Serve version ${b.dataset.hash.slice(0, 12)} of '${name}' again?`)) return;
+        try {
+          if (act === "abort") await api(`${base}/candidate`, undefined, "DELETE");
+          if (act === "promote") await api(`${base}/candidate/promote`, {});
+          if (act === "canary") await api(`${base}/candidate/canary`, {});
+          if (act === "rollback") await api(`${base}/rollback`, { hash: b.dataset.hash });
+          $("#pstaged").textContent = `Done: ${act}.`;
+        } catch (err) {
+          $("#pstaged").textContent = err.message;
+        }
+        views.plugin(name);
+      });
+    }
+    const [plugins, versions, rollouts, logs] = await Promise.all([
+      api("/api/plugins"),
+      api(`${base}/versions`),
+      api("/api/rollouts"),
+      api(`${base}/logs`),
+    ]);
+    const p = plugins.find((x) => x.name === name) || {};
+    $("#pdetail").innerHTML = `<div class="cards">${card("State", p.state || "unknown")}${card("Roles", p.roles || "")}${card("Hash", (p.hash || "").slice(0, 12))}${card("Calls", p.calls ?? 0)}${card("Faults", p.faults ?? 0)}${card("Code", p.code || "")}</div>`;
+    const c = (rollouts.candidates || []).find((x) => x.plugin === name);
+    $("#pcand").innerHTML = !c ? `<p id="nocand">No candidate on trial.</p>` :
+      `<div class="cards">${card("Mode", c.mode.mode + (c.mode.percent ? ` ${c.mode.percent}%` : ""))}${card("Hash", c.hash.slice(0, 12))}${card("Calls", c.calls)}${card("Faults", c.faults)}${card("Agree / disagree", `${c.agreements} / ${c.disagreements}`)}${card("Running", `${c.running_secs} s`)}</div>` +
+      (c.failure ? `<p class="error">${esc(c.failure)}</p>` : "") +
+      (c.disagreement_samples || []).slice(0, 3).map((d) => `<p>Disagreed on <code>${esc(d.routing_key)}</code>: serving ${esc(d.serving)}, candidate ${esc(d.candidate)}</p>`).join("") +
+      `<button data-act="promote">Promote</button> ${c.mode.mode === "shadow" ? `<button data-act="canary">Make it a canary</button> ` : ""}<button data-act="abort">Abort</button>`;
+    $("#pversions").innerHTML = table(versions, [
+      ["Hash", (v) => `<code>${esc(v.hash.slice(0, 12))}</code>`],
+      ["Serving", (v) => esc(v.serving ? "yes" : "")],
+      ["Last served", (v) => esc(v.served_at ? new Date(v.served_at * 1000).toISOString() : "")],
+      ["Size", (v) => esc(v.size)],
+      ["", (v) => (v.serving ? "" : `<button data-act="rollback" data-hash="${esc(v.hash)}">Roll back to it</button>`)],
+    ], false);
+    $("#plogs").innerHTML = table(logs.slice(-20), [
+      ["Level", (l) => esc(l.level)],
+      ["Version", (l) => `<code>${esc(String(l.version).slice(0, 12))}</code>`],
+      ["Message", (l) => esc(l.message)],
+    ], false);
   },
   // Users, vhosts, permissions, policies and limits, as the run-time
   // operations API gives them; a section the user may not read says so.
