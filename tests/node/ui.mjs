@@ -112,6 +112,16 @@ try {
   await page.waitForTimeout(2500);
   if (!(await page.isVisible("#trace-result"))) throw new Error("a refresh dropped the trace");
   await page.screenshot({ path: `${shots}/exchanges.png` });
+  // The exchange's own page: its router, its bindings with their filters,
+  // and the trace form.
+  await page.click(`a:has-text('${exchange}')`);
+  await page.waitForSelector("#xdetail .card:has-text('Router') b:has-text('topic')");
+  await page.waitForSelector(`#xdetail tr:has(td:has-text('${queue}'))`);
+  await page.waitForSelector("#xdetail td:text-is('ui-filter')");
+  await page.fill("#trace-form input[name=key]", "o.2");
+  await page.click("#trace-form button[type=submit]");
+  await page.waitForSelector(`#trace-result code:has-text('${queue}')`);
+  await page.screenshot({ path: `${shots}/exchange.png` });
 
   await page.click("a[href='#plugins']");
   const prow = await page.waitForSelector("tr:has(td:has-text('topic'))");

@@ -3,7 +3,8 @@
 //! broker. It logs in (a wrong password first), sees a queue declared over
 //! AMQP with its message count, pages, sorts and filters 251 queues
 //! through the broker, opens a queue's page (peeks, publishes, purges,
-//! deletes another), sees an exchange with its type and traces a message,
+//! deletes another), sees an exchange with its type, traces a message and
+//! opens its page (bindings with their filters),
 //! a plugin with its hash, stages a canary of it from a file and aborts
 //! it on its page, the connection, and the users and policies on the
 //! admin page, logs out, and no page logs a JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
@@ -121,6 +122,7 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
         "queues",
         "queue",
         "exchanges",
+        "exchange",
         "plugins",
         "connections",
         "admin",

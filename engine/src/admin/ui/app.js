@@ -262,7 +262,7 @@ const views = {
     // The trace panel is kept across the table's refreshes.
     if (!$("#xtable")) $("#page").innerHTML = `<h1>Exchanges</h1><div id="xtable"></div><div id="trace"></div>`;
     $("#xtable").innerHTML = table(xs, [
-      ["Name", (x) => `<code>${esc(x.name || "(default)")}</code>`],
+      ["Name", (x) => (x.name ? `<a href="#exchange/${encodeURIComponent(x.vhost)}/${encodeURIComponent(x.name)}"><code>${esc(x.name)}</code></a>` : "<code>(default)</code>")],
       ["Vhost", (x) => esc(x.vhost)],
       ["Type", (x) => esc(x.type)],
       ["Router", (x) => `${esc(x.plugin.router)} <code>${esc((x.plugin.router_hash || "").slice(0, 12))}</code>`],
@@ -274,6 +274,33 @@ const views = {
     ], true);
     wireFilters();
     document.querySelectorAll("button.trace").forEach((b) => b.addEventListener("click", () => traceForm(b.dataset.vhost, b.dataset.name)));
+  },
+  // An exchange's own page: the plugins that decide for it (router and
+  // its version, transform), its alternate and dead-letter settings, its
+  // bindings with their filters, its counts, and a test message's trace.
+  async exchange(vhost, name) {
+    const key = `${vhost}\u0000${name}`;
+    if (!$("#xdetail") || $("#xdetail").dataset.key !== key) {
+      $("#page").innerHTML = `<h1>Exchange <code>${esc(name)}</code> <small>in ${esc(vhost)}</small></h1><div id="xdetail"></div><div id="trace"></div>`;
+      $("#xdetail").dataset.key = key;
+      traceForm(vhost, name);
+    }
+    const [x, bindings] = await Promise.all([
+      api(`/api/exchanges/${encodeURIComponent(vhost)}/${encodeURIComponent(name)}`),
+      api(`/api/bindings/${encodeURIComponent(vhost)}`),
+    ]);
+    const args = x.arguments || {};
+    const m = x.message_stats || {};
+    $("#xdetail").innerHTML =
+      `<div class="cards">${card("Type", x.type)}${card("Router", `${x.plugin.router} ${(x.plugin.router_hash || "").slice(0, 12)}`)}${card("Transform", x.plugin.transform || "none")}${card("Alternate", args["alternate-exchange"] || "none")}${card("Durable", x.durable)}${card("Policy", x.policy || "none")}</div>` +
+      `<div class="cards">${card("Published", m.publish_in ?? 0)}${card("Routed", m.routed ?? 0)}${card("Unroutable", m.unroutable ?? 0)}${card("Plugin faults", m.plugin_faults ?? 0)}</div>` +
+      `<p>Arguments: <code>${esc(JSON.stringify(args))}</code></p>` +
+      `<h2>Bindings</h2>` + table(bindings.filter((b) => b.source === name), [
+        ["To", (b) => `${esc(b.destination_type)} <code>${esc(b.destination)}</code>`],
+        ["Key", (b) => `<code>${esc(b.routing_key)}</code>`],
+        ["Filter", (b) => esc((b.arguments || {})["x-wasmq-filter"] || "")],
+        ["Arguments", (b) => `<code>${esc(JSON.stringify(b.arguments))}</code>`],
+      ], false);
   },
   async plugins() {
     const ps = await api("/api/plugins");
