@@ -54,13 +54,16 @@ pub enum Target {
     ClassicQueue,
     /// A quorum queue.
     QuorumQueue,
+    /// A stream.
+    Stream,
 }
 
 /// The kinds of object a policy may apply to.
-pub const APPLY_TO: [&str; 5] = [
+pub const APPLY_TO: [&str; 6] = [
     "queues",
     "classic_queues",
     "quorum_queues",
+    "streams",
     "exchanges",
     "all",
 ];
@@ -77,12 +80,14 @@ pub const NUMERIC_KEYS: [&str; 7] = [
     "delivery-delay",
 ];
 
-/// Queue keys where a client's argument wins over a policy.
-pub const QUEUE_KEYS: [&str; 4] = [
+/// Queue keys where a client's argument wins over a policy (`max-age`:
+/// a stream's retention, as RabbitMQ's policies set it).
+pub const QUEUE_KEYS: [&str; 5] = [
     "overflow",
     "dead-letter-exchange",
     "dead-letter-routing-key",
     "queue-mode",
+    "max-age",
 ];
 
 /// Exchange keys: RabbitMQ's, and wasmq's own `transform` (the transform
@@ -177,6 +182,18 @@ impl PolicyRecord {
                 "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange" => {
                     text()?;
                 }
+                "max-age" => {
+                    let v = text()?;
+                    if crate::broker::stream::parse_age(v).is_none() {
+                        return Err(error(
+                            field,
+                            format!(
+                                "'{}' is not an age (a number and one of Y, M, D, h, m, s, as in 7D)",
+                                crate::untrusted::text(v)
+                            ),
+                        ));
+                    }
+                }
                 "transform" | "filter" => {
                     let v = text()?;
                     if !crate::plugin::valid_plugin_name(v) {
@@ -213,9 +230,13 @@ impl PolicyRecord {
             (self.apply_to.as_str(), target),
             ("all", _)
                 | ("exchanges", Target::Exchange)
-                | ("queues", Target::ClassicQueue | Target::QuorumQueue)
+                | (
+                    "queues",
+                    Target::ClassicQueue | Target::QuorumQueue | Target::Stream
+                )
                 | ("classic_queues", Target::ClassicQueue)
                 | ("quorum_queues", Target::QuorumQueue)
+                | ("streams", Target::Stream)
         )
     }
 }
@@ -460,7 +481,7 @@ mod tests {
         );
         assert_eq!(bad(policy("p", ".*", 0, json!({})), false), "definition");
         let mut p = policy("p", ".*", 0, json!({"max-length": 1}));
-        p.apply_to = "streams".into();
+        p.apply_to = "superstreams".into();
         assert_eq!(bad(p, false), "apply-to");
     }
 }

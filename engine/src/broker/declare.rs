@@ -467,7 +467,7 @@ impl Broker {
         let (applied, limits) = self.with_policies(&vhost.name, &name, &decl.arguments, limits);
         let q = Queue::new(decl, limits, flow, None, None)
             .with_policy(applied)
-            .with_stream(Stream::new(log, args));
+            .with_stream(Stream::new(log));
         let q = Arc::new(q);
         Stream::start(&q);
         queues.insert(name.clone(), q.clone());

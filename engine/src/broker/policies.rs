@@ -23,6 +23,8 @@ impl Broker {
     ) -> (Applied, QueueLimits) {
         let target = if declared.quorum {
             Target::QuorumQueue
+        } else if declared.stream {
+            Target::Stream
         } else {
             Target::ClassicQueue
         };

@@ -348,7 +348,6 @@ pub struct CursorView {
 pub struct Stream {
     log: Arc<StreamLog>,
     cursors: Mutex<Vec<Cursor>>,
-    args: StreamArgs,
     /// Wakes the stream's task: a cursor stopped at its skip budget.
     kick: Arc<tokio::sync::Notify>,
 }
@@ -363,11 +362,10 @@ impl std::fmt::Debug for Stream {
 
 impl Stream {
     /// A stream over `log`.
-    pub fn new(log: Arc<StreamLog>, args: StreamArgs) -> Stream {
+    pub fn new(log: Arc<StreamLog>) -> Stream {
         Stream {
             log,
             cursors: Mutex::new(Vec::new()),
-            args,
             kick: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -666,11 +664,11 @@ impl Stream {
     }
 
     /// Apply retention: remove whole segments past `x-max-length-bytes`
-    /// (`max_bytes`, its own or a policy's) or `x-max-age`.
-    pub fn retain(&self, max_bytes: Option<usize>) -> usize {
+    /// or `x-max-age` (each its own, or a policy's).
+    pub fn retain(&self, max_bytes: Option<usize>, max_age: Option<std::time::Duration>) -> usize {
         self.log.retain(
             max_bytes.map(|b| b as u64),
-            self.args.max_age_ms,
+            max_age.map(|a| a.as_millis() as u64),
             crate::message::now_ms(),
         )
     }

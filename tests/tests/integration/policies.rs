@@ -233,7 +233,7 @@ async fn bad_policies_are_400_naming_the_field_and_policies_survive_a_restart() 
     assert!(r.contains("operator policies cap"), "{r}");
     let r = reason(admin.put(
         "/api/policies/%2F/p",
-        &json!({"pattern": ".*", "definition": {"max-length": 1}, "apply-to": "streams"}),
+        &json!({"pattern": ".*", "definition": {"max-length": 1}, "apply-to": "superstreams"}),
     ));
     assert!(r.starts_with("apply-to:"), "{r}");
     assert!(matches!(

@@ -779,3 +779,57 @@ async fn a_super_stream_spreads_keys_over_partitions_declared_in_one_call() {
         assert!(e.to_string().contains(says), "{says}: {e}");
     }
 }
+
+/// Retention by policy, as RabbitMQ's operators set it: a policy with
+/// `max-age` applying to `streams` removes a stream's old segments; a
+/// `max-age` that is not an age is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_sets_a_streams_max_age() {
+    let server = TestServer::start().await;
+    let admin = server.admin();
+    let (ok, bad) = tokio::task::spawn_blocking(move || {
+        (
+            admin.put(
+                "/api/policies/%2F/short-history",
+                &serde_json::json!({"pattern": "^aged$", "apply-to": "streams",
+                                    "definition": {"max-age": "1s"}}),
+            ),
+            admin.put(
+                "/api/policies/%2F/bad",
+                &serde_json::json!({"pattern": "^x$", "apply-to": "streams",
+                                    "definition": {"max-age": "a second"}}),
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    ok.unwrap();
+    assert!(bad.unwrap_err().to_string().contains("400"));
+    let conn = server.connect().await;
+    let ch = confirm_channel(&conn).await;
+    declare_stream(
+        &ch,
+        "aged",
+        &[(
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(8192),
+        )],
+    )
+    .await;
+    let big: Vec<(String, Option<&str>)> = (0..100)
+        .map(|i| (format!("{i:04}{}", "x".repeat(500)), None))
+        .collect();
+    publish_all(&ch, "aged", &big).await;
+    server.broker().expire_queues();
+    let q = server.admin().get("/api/queues/%2F/aged").unwrap();
+    assert_eq!(q["stream"]["first_offset"], 0, "nothing old yet: {q}");
+    assert_eq!(q["policy"], "short-history");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    server.broker().expire_queues();
+    let q = server.admin().get("/api/queues/%2F/aged").unwrap();
+    assert!(
+        q["stream"]["first_offset"].as_u64().unwrap() > 0,
+        "segments older than the policy's max-age removed: {q}"
+    );
+    assert_eq!(q["stream"]["segments"], 1, "all but the newest");
+}

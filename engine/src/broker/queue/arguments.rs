@@ -49,6 +49,8 @@ pub struct QueueLimits {
     pub quorum: bool,
     /// `x-queue-type = stream`: a replayable log (`broker::stream`).
     pub stream: bool,
+    /// A stream's `x-max-age` (its own, or a policy's `max-age`).
+    pub max_age: Option<Duration>,
     /// `x-delivery-limit`: a message returned more often than this is
     /// dead-lettered (reason `delivery_limit`) or dropped. Quorum queues
     /// count returns in their log, classic queues in the entry and (for
@@ -129,11 +131,14 @@ impl QueueLimits {
                 ));
             }
         };
-        if stream {
-            // A stream's own arguments (`broker::stream`); the rest of the
-            // queue's are refused there as RabbitMQ refuses them.
-            crate::broker::stream::StreamArgs::parse(args)?;
-        }
+        // A stream's own arguments (`broker::stream`); the rest of the
+        // queue's are refused there as RabbitMQ refuses them.
+        let max_age = match stream {
+            true => crate::broker::stream::StreamArgs::parse(args)?
+                .max_age_ms
+                .map(Duration::from_millis),
+            false => None,
+        };
         let mut limits = QueueLimits {
             message_ttl: int_arg(args, "x-message-ttl")?.map(Duration::from_millis),
             dead_letter_exchange: string_arg(args, "x-dead-letter-exchange")?,
@@ -145,6 +150,7 @@ impl QueueLimits {
             max_priority: 0,
             quorum,
             stream,
+            max_age,
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),

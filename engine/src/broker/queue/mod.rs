@@ -883,7 +883,8 @@ impl Queue {
     /// disk when most of them are gone.
     pub fn expire(self: &Arc<Self>) {
         if let Some(s) = &self.stream {
-            s.retain(self.limits().max_length_bytes);
+            let limits = self.limits();
+            s.retain(limits.max_length_bytes, limits.max_age);
             return;
         }
         if self.dedup {
