@@ -493,7 +493,9 @@ fn list_queues(s: &AdminState, vhosts: &[Arc<VHost>], q: &ListQuery) -> ApiResul
     let reverse = q.sort_reverse.unwrap_or(false);
     let by_name = q.sort.as_deref().is_none_or(|f| f == "name");
     if by_name {
-        found.sort_by(|a, b| (&a.1, &a.0.name).cmp(&(&b.1, &b.0.name)));
+        // By vhost (in the order they are listed), then by name.
+        let order = |v: &Arc<VHost>| vhosts.iter().position(|x| Arc::ptr_eq(x, v));
+        found.sort_by(|a, b| (order(&a.0), &a.1).cmp(&(order(&b.0), &b.1)));
         if reverse {
             found.reverse();
         }
