@@ -178,12 +178,11 @@ async fn read(args: &Args, offset: AMQPValue, n: u64) -> anyhow::Result<(Duratio
     let (mut seen, mut first, mut acked) = (0u64, None, 0u64);
     let every = u64::from(args.prefetch / 4).max(1);
     while seen < n {
-        let (kind, payload) = c.raw_frame().await?;
+        let (kind, _) = c.raw_frame().await?;
         // A body frame ends each delivery (bodies fit in one frame here).
         if kind != 3 {
             continue;
         }
-        let _ = payload;
         seen += 1;
         first.get_or_insert_with(|| started.elapsed());
         if seen - acked >= every {
