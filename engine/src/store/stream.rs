@@ -109,6 +109,36 @@ struct Segment {
     index: Arc<File>,
 }
 
+/// Where a segment's appends stood, to undo a round that failed.
+#[derive(Clone, Copy, Debug)]
+struct Position {
+    len: u64,
+    indexed: u64,
+    last_indexed: u64,
+    first_ts: u64,
+    last_ts: u64,
+}
+
+impl Segment {
+    fn position(&self) -> Position {
+        Position {
+            len: self.len,
+            indexed: self.indexed,
+            last_indexed: self.last_indexed,
+            first_ts: self.first_ts,
+            last_ts: self.last_ts,
+        }
+    }
+
+    fn restore(&mut self, at: Position) {
+        self.len = at.len;
+        self.indexed = at.indexed;
+        self.last_indexed = at.last_indexed;
+        self.first_ts = at.first_ts;
+        self.last_ts = at.last_ts;
+    }
+}
+
 /// Records appended, not yet written: the group commit writes them.
 #[derive(Debug, Default)]
 struct Pending {
@@ -514,6 +544,37 @@ impl StreamLog {
         // for its sync), and a reader's view of the segments never sees a
         // record half-placed.
         let mut synced: Vec<Arc<File>> = Vec::new();
+        let segments = inner.segments.len();
+        let active = inner.segments.last().map(Segment::position);
+        if let Err(e) = self.write_round(&mut inner, &pending, &mut synced) {
+            // Undone: the next round writes the same records at the same
+            // places again (appends waited on the lock, so none is newer),
+            // and no offset is skipped or given twice.
+            inner.segments.truncate(segments);
+            if let (Some(seg), Some(at)) = (inner.segments.last_mut(), active) {
+                seg.restore(at);
+            }
+            inner.pending = pending;
+            return Err(e);
+        }
+        drop(inner);
+        for f in &synced {
+            f.sync_data().map_err(io(&self.dir))?;
+        }
+        self.sync.count(pending.bytes.len() as u64);
+        self.committed.store(upto, Ordering::Release);
+        self.commits.notify_one();
+        Ok(())
+    }
+
+    /// Write `pending` into the active segment, rolling to new ones as
+    /// they fill, with their index entries.
+    fn write_round(
+        &self,
+        inner: &mut Inner,
+        pending: &Pending,
+        synced: &mut Vec<Arc<File>>,
+    ) -> Result<(), StoreError> {
         let mut index = Vec::new();
         let n = pending.records.len();
         let mut i = 0;
@@ -524,7 +585,7 @@ impl StreamLog {
             };
             if full {
                 debug_assert!(index.is_empty());
-                self.seal(&mut inner, &mut synced)?;
+                self.seal(inner, synced)?;
                 let first = pending.records[i].0;
                 inner.segments.push(Self::new_segment(&self.dir, first)?);
                 crate::store::sync_dir(&self.dir)?;
@@ -572,13 +633,6 @@ impl StreamLog {
             }
             i = j;
         }
-        drop(inner);
-        for f in &synced {
-            f.sync_data().map_err(io(&self.dir))?;
-        }
-        self.sync.count(pending.bytes.len() as u64);
-        self.committed.store(upto, Ordering::Release);
-        self.commits.notify_one();
         Ok(())
     }
 
@@ -1239,6 +1293,35 @@ mod tests {
         assert_eq!(log.stored_offset("billing"), Some(9));
         assert_eq!(log.stored_offset("audit"), Some(5));
         assert_eq!(log.stored_offset("nobody"), None);
+    }
+
+    #[test]
+    fn a_round_that_fails_to_write_is_written_again_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        append(&log, 0..3);
+        // The active segment's file turns read-only: the next round fails.
+        let path = segment_path(dir.path(), 0);
+        let writable = {
+            let mut inner = log.inner.lock();
+            let seg = inner.segments.last_mut().unwrap();
+            std::mem::replace(&mut seg.file, Arc::new(File::open(&path).unwrap()))
+        };
+        for i in 3..5 {
+            log.append(&msg(i), None).unwrap();
+        }
+        assert!(log.flush().is_err());
+        assert_eq!(
+            log.committed(),
+            3,
+            "nothing of the failed round is readable"
+        );
+        log.inner.lock().segments.last_mut().unwrap().file = writable;
+        log.flush().unwrap();
+        assert_eq!(read_all(&log, 0), [0, 1, 2, 3, 4]);
+        drop(log);
+        let log = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        assert_eq!(read_all(&log, 0), [0, 1, 2, 3, 4], "and so after a reopen");
     }
 
     #[test]
