@@ -37,7 +37,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::queue::{Consumer, Dispatch, Entry, Queue};
+use super::queue::{Consumer, Dispatch, Entry, Queue, integer};
 use crate::store::stream::{Reader, StreamLog, StreamStats};
 
 /// RabbitMQ's name for the queue type, in its refusals.
@@ -128,19 +128,6 @@ fn text(v: &AMQPValue) -> Option<&str> {
     match v {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
         AMQPValue::ShortString(s) => Some(s.as_str()),
-        _ => None,
-    }
-}
-
-fn integer(v: &AMQPValue) -> Option<i64> {
-    match *v {
-        AMQPValue::ShortShortInt(n) => Some(n.into()),
-        AMQPValue::ShortShortUInt(n) => Some(n.into()),
-        AMQPValue::ShortInt(n) => Some(n.into()),
-        AMQPValue::ShortUInt(n) => Some(n.into()),
-        AMQPValue::LongInt(n) => Some(n.into()),
-        AMQPValue::LongUInt(n) => Some(n.into()),
-        AMQPValue::LongLongInt(n) => Some(n),
         _ => None,
     }
 }
