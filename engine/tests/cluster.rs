@@ -885,6 +885,208 @@ async fn plugins_roll_out_to_every_node_or_to_none() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_is_staged_judged_and_promoted_on_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes_with(root.path(), |_| String::new()).await;
+    let t = Duration::from_secs(30);
+    let builtin = |name: &str| {
+        wasmq::builtins::BUILTINS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+    };
+    let (direct, fanout) = (builtin("direct"), builtin("fanout"));
+    let (v1, v2) = (
+        wasmq::plugin::content_hash(direct),
+        wasmq::plugin::content_hash(fanout),
+    );
+    let plugin = |n: &Node| n.api().get("/api/plugins/routed").unwrap();
+    let candidate = |n: &Node| n.api().get("/api/plugins/routed/candidate").ok();
+
+    // v1 routes by key: the direct router's module as a new type.
+    std::fs::write(a.dir.join("plugins").join("routed.wasm"), direct).unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("v1 serves on {}", n.name), t, || {
+            n.api()
+                .get("/api/plugins/routed")
+                .is_ok_and(|p| p["hash"] == v1.as_str())
+        })
+        .await;
+    }
+    let conn_c = c.connect().await;
+    let ch_c = conn_c.create_channel().await.unwrap();
+    ch_c.exchange_declare(
+        "by-key".into(),
+        ExchangeKind::Custom("routed".into()),
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch_c.queue_declare(
+        "keyed".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch_c.queue_bind(
+        "keyed".into(),
+        "by-key".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut keyed = ch_c
+        .basic_consume(
+            "keyed".into(),
+            "t".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let conns = [a.connect().await, b.connect().await];
+    let (ch_a, ch_b) = (
+        conns[0].create_channel().await.unwrap(),
+        conns[1].create_channel().await.unwrap(),
+    );
+    eventually("a and b know the binding", t, || {
+        a.queue_node("keyed").is_some() && b.queue_node("keyed").is_some()
+    })
+    .await;
+    let publish = |ch: &lapin::Channel, key: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "by-key".into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                key.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let mut next = async || -> Vec<u8> {
+        tokio::time::timeout(t, keyed.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap()
+            .data
+    };
+
+    // v2 (fans out, whatever the key) staged through b as a canary for
+    // every key: every node stages it and lets it decide.
+    let staged = b
+        .api()
+        .put_bytes(
+            "/api/plugins/routed/candidate?mode=canary&percent=100&promote_after_messages=1000000",
+            fanout,
+        )
+        .unwrap();
+    assert_eq!(staged["hash"], v2.as_str(), "{staged}");
+    for n in [&a, &b, &c] {
+        eventually(&format!("the canary runs on {}", n.name), t, || {
+            candidate(n).is_some_and(|v| v["hash"] == v2.as_str())
+        })
+        .await;
+    }
+    publish(&ch_a, "other-a").await;
+    assert_eq!(next().await, b"other-a", "a's canary routed it");
+    publish(&ch_b, "other-b").await;
+    assert_eq!(next().await, b"other-b", "b's canary routed it");
+
+    // Aborted through c: v1 decides everywhere again.
+    c.api().delete("/api/plugins/routed/candidate").unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("no canary on {}", n.name), t, || {
+            candidate(n).is_none()
+        })
+        .await;
+    }
+    publish(&ch_a, "other").await;
+    publish(&ch_a, "k").await;
+    assert_eq!(next().await, b"k", "v1 routes by key again");
+    for n in [&a, &b, &c] {
+        assert_eq!(plugin(n)["hash"], v1.as_str(), "v1 serves on {}", n.name);
+    }
+
+    // Staged again through a, promoted by b's judge after three messages
+    // b routed: every node serves v2, as one kept version every node took.
+    a.api()
+        .put_bytes(
+            "/api/plugins/routed/candidate?mode=canary&percent=100&promote_after_messages=3&promote_after_secs=0&max_p99_us=0",
+            fanout,
+        )
+        .unwrap();
+    for n in [&a, &b, &c] {
+        eventually(&format!("the canary runs on {}", n.name), t, || {
+            candidate(n).is_some()
+        })
+        .await;
+    }
+    for key in ["p1", "p2", "p3"] {
+        publish(&ch_b, key).await;
+        next().await;
+    }
+    for n in [&a, &b, &c] {
+        eventually(&format!("v2 promoted on {}", n.name), t, || {
+            let p = plugin(n);
+            p["hash"] == v2.as_str()
+                && p["candidate"].is_null()
+                && p["cluster"].as_array().is_some_and(|vs| {
+                    vs.iter().any(|v| {
+                        v["hash"] == v2.as_str()
+                            && v["active"] == true
+                            && v["ready"].as_array().map(Vec::len) == Some(3)
+                    })
+                })
+        })
+        .await;
+        let promoted = plugin(n)["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| {
+                t["event"] == "promoted"
+                    && t["reason"].as_str().is_some_and(|r| r.contains("node b"))
+            });
+        assert!(promoted, "{} records b's promotion: {}", n.name, plugin(n));
+    }
+    publish(&ch_c, "fanned").await;
+    assert_eq!(next().await, b"fanned", "v2 serves on c");
+
+    // An operator rolls back to v1 through any node.
+    let back = b
+        .api()
+        .post("/api/plugins/routed/rollback", &serde_json::json!({}))
+        .unwrap();
+    assert_eq!(back["serving"], v1.as_str(), "{back}");
+    for n in [&a, &b, &c] {
+        eventually(&format!("v1 serves on {} again", n.name), t, || {
+            plugin(n)["hash"] == v1.as_str()
+        })
+        .await;
+    }
+    // Nothing left to end.
+    let err = a.api().delete("/api/plugins/routed/candidate").unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    drop((conns, ch_c, conn_c));
+    for mut n in [a, b, c] {
+        n.kill().await;
+    }
+}
+
 /// A CA for the node-to-node TLS test, and node certificates it signs
 /// (for 127.0.0.1, good for serving and for presenting as a client).
 struct TestCa(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use super::api::{PublishBody, message_from};
 use super::model::{CandidateView, CaptureView, KeptVersionView, RolloutsView};
 use super::{AdminState, ApiError, Viewer, blocking};
-use crate::broker::candidate::{Mode, Policy, RolloutError};
+use crate::broker::candidate::{Event, Mode, Policy, RolloutError};
 use crate::broker::capture::CaptureSpec;
 use crate::broker::trace::Trace;
 
@@ -243,6 +243,7 @@ impl From<RolloutError> for ApiError {
             | RolloutError::NoCandidate(_)
             | RolloutError::NotKept { .. } => StatusCode::NOT_FOUND,
             RolloutError::Clustered => StatusCode::CONFLICT,
+            RolloutError::NoQuorum(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.to_string())
@@ -305,12 +306,30 @@ async fn stage(
 ) -> Result<(StatusCode, Json<CandidateView>), ApiError> {
     super::plugin_name(&name)?;
     let mode = mode(&q)?;
-    let broker = s.broker.clone();
-    let trial = blocking(move || broker.stage_candidate(&name, &body, mode, policy)).await??;
+    let trial = stage_on(&s, name, body.to_vec(), mode, policy).await?;
     Ok((
         StatusCode::CREATED,
         Json(super::api::candidate_view(&trial)),
     ))
+}
+
+/// Stage a candidate: on this node alone, or on every node through the
+/// cluster's log.
+async fn stage_on(
+    s: &AdminState,
+    name: String,
+    bytes: Vec<u8>,
+    mode: Mode,
+    policy: Policy,
+) -> Result<std::sync::Arc<crate::broker::candidate::Trial>, ApiError> {
+    if s.broker.cluster().is_some() {
+        return Ok(s
+            .broker
+            .stage_candidate_agreed(&name, bytes, mode, policy)
+            .await?);
+    }
+    let broker = s.broker.clone();
+    Ok(blocking(move || broker.stage_candidate(&name, &bytes, mode, policy)).await??)
 }
 
 /// Turn the running candidate (a shadow, say) into a canary.
@@ -334,13 +353,11 @@ async fn to_canary(
         .candidates()
         .get(&name)
         .ok_or_else(|| ApiError::from(RolloutError::NoCandidate(name.clone())))?;
-    let (broker, bytes) = (s.broker.clone(), t.bytes.clone());
     let mode = Mode::Canary {
         percent: body.percent,
         by_header: body.by_header,
     };
-    let policy = body.policy;
-    let trial = blocking(move || broker.stage_candidate(&name, &bytes, mode, policy)).await??;
+    let trial = stage_on(&s, name, t.bytes.to_vec(), mode, body.policy).await?;
     Ok((
         StatusCode::CREATED,
         Json(super::api::candidate_view(&trial)),
@@ -352,9 +369,15 @@ async fn promote(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     super::plugin_name(&name)?;
-    let broker = s.broker.clone();
-    let n = name.clone();
-    blocking(move || broker.promote_candidate(&n)).await??;
+    if s.broker.cluster().is_some() {
+        s.broker
+            .end_candidate_agreed(&name, Event::Promoted)
+            .await?;
+    } else {
+        let broker = s.broker.clone();
+        let n = name.clone();
+        blocking(move || broker.promote_candidate(&n)).await??;
+    }
     let hash = s.broker.plugins().get(&name).map(|v| v.hash.clone());
     Ok(Json(json!({"name": name, "serving": hash})))
 }
@@ -364,8 +387,12 @@ async fn abort(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     super::plugin_name(&name)?;
-    let broker = s.broker.clone();
-    blocking(move || broker.abort_candidate(&name)).await??;
+    if s.broker.cluster().is_some() {
+        s.broker.end_candidate_agreed(&name, Event::Aborted).await?;
+    } else {
+        let broker = s.broker.clone();
+        blocking(move || broker.abort_candidate(&name)).await??;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -382,9 +409,13 @@ async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     super::plugin_name(&name)?;
     let hash = body.and_then(|b| b.0.hash);
-    let broker = s.broker.clone();
-    let n = name.clone();
-    let served = blocking(move || broker.rollback_plugin(&n, hash.as_deref())).await??;
+    let served = if s.broker.cluster().is_some() {
+        s.broker.rollback_agreed(&name, hash.as_deref()).await?
+    } else {
+        let broker = s.broker.clone();
+        let n = name.clone();
+        blocking(move || broker.rollback_plugin(&n, hash.as_deref())).await??
+    };
     Ok(Json(json!({"name": name, "serving": served})))
 }
 

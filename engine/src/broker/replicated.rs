@@ -91,6 +91,7 @@ impl Applier for BrokerApplier {
             // Plugins first: the exchanges need their types.
             broker.serve_cluster_plugins(catalog);
             broker.reset_to(catalog, &self.node);
+            broker.sync_cluster_candidates(catalog, &self.node);
             broker.reset_access(&catalog.access);
         }
     }
@@ -111,8 +112,17 @@ impl Applier for BrokerApplier {
                 broker.validate_staged(name, hash, bytes, &self.node)
             }
             PluginEvent::Activate { name, hash, bytes } => {
+                broker.end_replaced_candidate(name, hash);
                 broker.activate_plugin(name, hash, bytes)
             }
+            PluginEvent::Stage(candidate) => broker.stage_from_log(candidate, &self.node),
+            PluginEvent::End {
+                name,
+                hash,
+                event,
+                reason,
+                promoted,
+            } => broker.end_from_log(name, hash, event, reason.clone(), promoted.as_deref()),
         }
     }
 }
@@ -274,6 +284,8 @@ impl Broker {
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
             | Command::ActivatePlugin { .. }
+            | Command::StageCandidate { .. }
+            | Command::EndCandidate { .. }
             | Command::Access { .. } => Ok(Applied::Done),
         };
         result.unwrap_or_else(refused)

@@ -125,6 +125,39 @@ pub enum Command {
         /// Version.
         hash: String,
     },
+    /// Stage a candidate version of a serving plugin on every node, as a
+    /// shadow or a canary (`broker/candidate/`), in place of the one staged
+    /// before, if any.
+    StageCandidate {
+        /// Plugin name.
+        name: String,
+        /// Content hash of the candidate.
+        hash: String,
+        /// The module.
+        #[serde(with = "base64_bytes")]
+        bytes: Vec<u8>,
+        /// How it takes part.
+        mode: crate::broker::candidate::Mode,
+        /// When it is promoted or rolled back on its own.
+        policy: crate::broker::candidate::Policy,
+        /// The node that asked.
+        from: String,
+    },
+    /// End the staged candidate `hash` on every node: promoted (it serves
+    /// everywhere from this entry on), rolled back by a node's judge, or
+    /// aborted by an operator or by a node that could not stage it.
+    EndCandidate {
+        /// Plugin name.
+        name: String,
+        /// The candidate's hash (a late end of an older one does nothing).
+        hash: String,
+        /// Promoted, rolled back or aborted.
+        event: crate::broker::candidate::Event,
+        /// Why (a bound passed, who asked).
+        reason: Option<String>,
+        /// The node that proposed it.
+        node: String,
+    },
     /// Users, vhosts or permissions changed.
     Access {
         /// The change.
@@ -204,6 +237,8 @@ impl Command {
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
             | Command::ActivatePlugin { .. }
+            | Command::StageCandidate { .. }
+            | Command::EndCandidate { .. }
             | Command::Access { .. } => "",
         }
     }
@@ -215,6 +250,8 @@ impl Command {
             Command::StagePlugin { .. }
                 | Command::PluginVerdict { .. }
                 | Command::ActivatePlugin { .. }
+                | Command::StageCandidate { .. }
+                | Command::EndCandidate { .. }
         )
     }
 }

@@ -70,6 +70,45 @@ pub enum PluginEvent {
         /// The module.
         bytes: Vec<u8>,
     },
+    /// Stage this candidate beside the serving version (every node does,
+    /// at this log index).
+    Stage(CandidateRecord),
+    /// End the candidate `hash` here; `promoted` carries its module when
+    /// it now serves (every node swaps it in at this log index).
+    End {
+        /// Plugin name.
+        name: String,
+        /// The candidate.
+        hash: String,
+        /// Promoted, rolled back or aborted.
+        event: crate::broker::candidate::Event,
+        /// Why.
+        reason: Option<String>,
+        /// The module, when promoted.
+        promoted: Option<Vec<u8>>,
+    },
+}
+
+/// A candidate version staged on every node (`broker/candidate/`): tried
+/// beside the serving version until one node's judge or an operator ends
+/// it through the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRecord {
+    /// Plugin name.
+    pub name: String,
+    /// Content hash.
+    pub hash: String,
+    /// The module.
+    #[serde(with = "super::command::base64_bytes")]
+    pub bytes: Vec<u8>,
+    /// Shadow or canary.
+    pub mode: crate::broker::candidate::Mode,
+    /// Its bounds.
+    pub policy: crate::broker::candidate::Policy,
+    /// The node that asked for it.
+    pub from: String,
+    /// The version serving when it was staged.
+    pub serving: String,
 }
 
 /// Versions kept per plugin (the active one is never dropped).
@@ -98,6 +137,26 @@ pub struct PluginRecord {
     pub active: Option<String>,
     /// Kept versions, oldest first.
     pub versions: Vec<PluginVersionRecord>,
+    /// A candidate on trial beside the active version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<CandidateRecord>,
+}
+
+impl PluginRecord {
+    /// Drop the oldest versions past [`KEPT_VERSIONS`], never the active.
+    fn keep_bounded(&mut self) {
+        while self.versions.len() > KEPT_VERSIONS {
+            let active = self.active.as_deref();
+            let Some(at) = self
+                .versions
+                .iter()
+                .position(|v| active != Some(v.hash.as_str()))
+            else {
+                break;
+            };
+            self.versions.remove(at);
+        }
+    }
 }
 
 /// A replicated exchange.
@@ -337,6 +396,8 @@ impl Catalog {
             Command::StagePlugin { .. }
             | Command::PluginVerdict { .. }
             | Command::ActivatePlugin { .. }
+            | Command::StageCandidate { .. }
+            | Command::EndCandidate { .. }
             | Command::Access { .. } => {}
         }
     }
@@ -368,6 +429,7 @@ impl Catalog {
                     if again {
                         let event = activate(name, v);
                         record.active = Some(hash.clone());
+                        record.candidate = None;
                         return (Applied::Done, event);
                     }
                     return (Applied::Done, PluginEvent::Nothing);
@@ -379,16 +441,7 @@ impl Catalog {
                     ready: Default::default(),
                     refused: Default::default(),
                 });
-                while record.versions.len() > KEPT_VERSIONS {
-                    let Some(at) = record
-                        .versions
-                        .iter()
-                        .position(|v| record.active.as_deref() != Some(v.hash.as_str()))
-                    else {
-                        break;
-                    };
-                    record.versions.remove(at);
-                }
+                record.keep_bounded();
                 (
                     Applied::Done,
                     PluginEvent::Validate {
@@ -429,6 +482,7 @@ impl Catalog {
                 if go {
                     let event = activate(name, v);
                     record.active = Some(hash.clone());
+                    record.candidate = None;
                     return (Applied::Done, event);
                 }
                 (Applied::Done, PluginEvent::Nothing)
@@ -461,7 +515,102 @@ impl Catalog {
                 }
                 let event = activate(name, v);
                 record.active = Some(hash.clone());
+                record.candidate = None;
                 (Applied::Done, event)
+            }
+            Command::StageCandidate {
+                name,
+                hash,
+                bytes,
+                mode,
+                policy,
+                from,
+            } => {
+                let serving = self.plugins.get(name).and_then(|r| r.active.clone());
+                let Some(serving) = serving else {
+                    return (
+                        Applied::Refused {
+                            code: 404,
+                            text: format!(
+                                "NOT_FOUND - the cluster serves no version of plugin '{name}' to try a candidate beside"
+                            ),
+                        },
+                        PluginEvent::Nothing,
+                    );
+                };
+                if serving == *hash {
+                    return (
+                        Applied::Refused {
+                            code: 406,
+                            text: format!(
+                                "PRECONDITION_FAILED - that file is the version of '{name}' already serving"
+                            ),
+                        },
+                        PluginEvent::Nothing,
+                    );
+                }
+                let candidate = CandidateRecord {
+                    name: name.clone(),
+                    hash: hash.clone(),
+                    bytes: bytes.clone(),
+                    mode: mode.clone(),
+                    policy: policy.clone(),
+                    from: from.clone(),
+                    serving,
+                };
+                if let Some(record) = self.plugins.get_mut(name) {
+                    record.candidate = Some(candidate.clone());
+                }
+                (Applied::Done, PluginEvent::Stage(candidate))
+            }
+            Command::EndCandidate {
+                name,
+                hash,
+                event,
+                reason,
+                node: _,
+            } => {
+                let record = self.plugins.get_mut(name);
+                let Some(record) =
+                    record.filter(|r| r.candidate.as_ref().is_some_and(|c| c.hash == *hash))
+                else {
+                    return (
+                        Applied::Refused {
+                            code: 404,
+                            text: format!(
+                                "NOT_FOUND - no candidate {hash} of plugin '{name}' is staged"
+                            ),
+                        },
+                        PluginEvent::Nothing,
+                    );
+                };
+                let candidate = record.candidate.take().expect("matched above");
+                let promoted = (*event == crate::broker::candidate::Event::Promoted).then(|| {
+                    // Every node ran it beside the serving version: it is
+                    // a kept version every voter took.
+                    if !record.versions.iter().any(|v| v.hash == *hash) {
+                        record.versions.push(PluginVersionRecord {
+                            hash: hash.clone(),
+                            bytes: candidate.bytes.clone(),
+                            from: candidate.from.clone(),
+                            ready: voters.iter().cloned().collect(),
+                            refused: Default::default(),
+                        });
+                    }
+                    record.active = Some(hash.clone());
+                    record.keep_bounded();
+                    candidate.bytes
+                });
+                (
+                    Applied::Done,
+                    PluginEvent::End {
+                        name: name.clone(),
+                        hash: hash.clone(),
+                        event: event.clone(),
+                        reason: reason.clone(),
+                        promoted,
+                    },
+                )
             }
             _ => (Applied::Done, PluginEvent::Nothing),
         }
@@ -857,6 +1006,91 @@ mod tests {
             &voters,
         );
         assert_eq!(activated(&event), Some("v1"));
+    }
+
+    fn stage_candidate(hash: &str) -> Command {
+        Command::StageCandidate {
+            name: "p".into(),
+            hash: hash.into(),
+            bytes: hash.as_bytes().to_vec(),
+            mode: crate::broker::candidate::Mode::Canary {
+                percent: 10.0,
+                by_header: None,
+            },
+            policy: Default::default(),
+            from: "b".into(),
+        }
+    }
+
+    fn end_candidate(hash: &str, event: crate::broker::candidate::Event) -> Command {
+        Command::EndCandidate {
+            name: "p".into(),
+            hash: hash.into(),
+            event,
+            reason: None,
+            node: "c".into(),
+        }
+    }
+
+    #[test]
+    fn a_candidate_is_staged_beside_the_active_version_and_ended_once() {
+        use crate::broker::candidate::Event;
+        let voters: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut c = Catalog::default();
+        // Nothing serves yet: nothing to try a candidate beside.
+        let (applied, _) = c.apply_plugin(&stage_candidate("v2"), &voters);
+        assert!(matches!(applied, Applied::Refused { code: 404, .. }));
+        c.apply_plugin(&stage("v1", "a"), &voters);
+        for n in ["a", "b", "c"] {
+            c.apply_plugin(&verdict("v1", n, None), &voters);
+        }
+        // The serving version is no candidate of itself.
+        let (applied, _) = c.apply_plugin(&stage_candidate("v1"), &voters);
+        assert!(matches!(applied, Applied::Refused { code: 406, .. }));
+
+        // Staged on every node; aborted by one; a second end finds none.
+        let (_, event) = c.apply_plugin(&stage_candidate("v2"), &voters);
+        assert!(matches!(&event, PluginEvent::Stage(r) if r.hash == "v2" && r.serving == "v1"));
+        let (_, event) = c.apply_plugin(&end_candidate("v2", Event::Aborted), &voters);
+        assert!(matches!(&event, PluginEvent::End { promoted: None, .. }));
+        let (applied, _) = c.apply_plugin(&end_candidate("v2", Event::Promoted), &voters);
+        assert!(matches!(applied, Applied::Refused { code: 404, .. }));
+        assert_eq!(c.plugins["p"].active.as_deref(), Some("v1"));
+
+        // A newer candidate replaces an older one: a late end of the
+        // older one does nothing.
+        c.apply_plugin(&stage_candidate("v2"), &voters);
+        c.apply_plugin(&stage_candidate("v3"), &voters);
+        let (applied, _) = c.apply_plugin(&end_candidate("v2", Event::RolledBack), &voters);
+        assert!(matches!(applied, Applied::Refused { .. }));
+
+        // Promoted: a kept version every voter took, serving from here.
+        let (_, event) = c.apply_plugin(&end_candidate("v3", Event::Promoted), &voters);
+        assert!(
+            matches!(&event, PluginEvent::End { promoted: Some(b), .. } if b == b"v3"),
+            "{event:?}"
+        );
+        let record = &c.plugins["p"];
+        assert_eq!(record.active.as_deref(), Some("v3"));
+        assert!(record.candidate.is_none());
+        let v3 = record.versions.iter().find(|v| v.hash == "v3").unwrap();
+        assert_eq!(v3.ready.len(), 3);
+
+        // An activation by hand drops a staged candidate.
+        c.apply_plugin(&stage_candidate("v4"), &voters);
+        c.apply_plugin(
+            &Command::ActivatePlugin {
+                name: "p".into(),
+                hash: "v1".into(),
+            },
+            &voters,
+        );
+        assert!(c.plugins["p"].candidate.is_none());
+        // And the catalog, candidate and all, is what a snapshot carries.
+        c.apply_plugin(&stage_candidate("v5"), &voters);
+        let json = serde_json::to_string(&c).unwrap();
+        let back: Catalog = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

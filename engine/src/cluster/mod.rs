@@ -40,7 +40,9 @@ mod snapshot;
 use serde::{Deserialize, Serialize};
 
 pub use command::{Applied, Command};
-pub use machine::{Applier, Catalog, PluginEvent, PluginRecord, PluginVersionRecord};
+pub use machine::{
+    Applier, CandidateRecord, Catalog, PluginEvent, PluginRecord, PluginVersionRecord,
+};
 pub use node::{ClusterError, ClusterNode, NodeStatus};
 pub use settings::ClusterSettings;
 

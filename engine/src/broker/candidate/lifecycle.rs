@@ -30,7 +30,20 @@ impl Broker {
         if self.cluster().is_some() {
             return Err(RolloutError::Clustered);
         }
-        match &mode {
+        let version = self.check_candidate(name, bytes, &mode, &policy)?;
+        self.start_trial(version, bytes, mode, policy)
+    }
+
+    /// What staging `bytes` as `name`'s candidate would be refused for,
+    /// and else the candidate version, compiled.
+    pub(crate) fn check_candidate(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        mode: &Mode,
+        policy: &Policy,
+    ) -> Result<Arc<crate::plugin::PluginVersion>, RolloutError> {
+        match mode {
             Mode::Shadow { every: 0 } => {
                 return Err(RolloutError::Invalid(
                     "sample: one in 0 is no sample".into(),
@@ -54,10 +67,26 @@ impl Broker {
         if serving.hash == crate::plugin::content_hash(bytes) {
             return Err(RolloutError::SameVersion(name.to_owned()));
         }
-        let version = self
-            .host
+        self.host
             .load(name, bytes, false)
-            .map_err(|e| RolloutError::Refused(e.to_string()))?;
+            .map_err(|e| RolloutError::Refused(e.to_string()))
+    }
+
+    /// Put `version` on trial beside the serving version of its plugin
+    /// (in a cluster: as the log applies the stage, on every node).
+    pub(crate) fn start_trial(
+        &self,
+        version: Arc<crate::plugin::PluginVersion>,
+        bytes: &[u8],
+        mode: Mode,
+        policy: Policy,
+    ) -> Result<Arc<Trial>, RolloutError> {
+        let plugin = version.name.clone();
+        let name = plugin.as_str();
+        let serving = self
+            .registry
+            .get(name)
+            .ok_or_else(|| RolloutError::NotServing(name.to_owned()))?;
         if let Some(old) = self.candidates.get(name) {
             self.end_trial(
                 &old,
@@ -176,7 +205,7 @@ impl Broker {
     }
 
     /// End `trial`: detach it, and on [`Event::Promoted`] serve it.
-    fn end_trial(&self, trial: &Arc<Trial>, event: Event, reason: Option<String>) {
+    pub(crate) fn end_trial(&self, trial: &Arc<Trial>, event: Event, reason: Option<String>) {
         trial.stopped.store(true, Ordering::Relaxed);
         trial.stop_shadow();
         {
@@ -203,7 +232,10 @@ impl Broker {
             &trial.version.hash,
             reason,
         );
+        // In a cluster the promotion's log entry activates the version on
+        // every node.
         if event == Event::Promoted
+            && self.cluster().is_none()
             && let Err(e) = self.serve_bytes(&trial.plugin, &trial.bytes)
         {
             tracing::error!(plugin = %trial.plugin, "promoting the candidate failed; the serving version stays: {e}");
@@ -292,7 +324,7 @@ impl Broker {
     pub fn judge_candidates(&self) {
         for trial in self.candidates.all() {
             if let Some(reason) = trial.failure() {
-                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                self.conclude(&trial, Event::RolledBack, Some(reason));
                 continue;
             }
             if !matches!(trial.mode, Mode::Canary { .. }) {
@@ -306,13 +338,14 @@ impl Broker {
                 && p99 > p.max_p99_us
             {
                 let reason = format!("p99 {p99} µs passed {} µs", p.max_p99_us);
-                self.end_trial(&trial, Event::RolledBack, Some(reason));
+                trial.fail(reason.clone());
+                self.conclude(&trial, Event::RolledBack, Some(reason));
                 continue;
             }
             if calls >= p.promote_after_messages
                 && trial.elapsed() >= Duration::from_secs(p.promote_after_secs)
             {
-                self.end_trial(&trial, Event::Promoted, None);
+                self.conclude(&trial, Event::Promoted, None);
             }
         }
     }

@@ -166,6 +166,9 @@ pub struct Trial {
     pub started_at: SystemTime,
     /// Set when it passed a bound: it decides nothing from then on.
     stopped: AtomicBool,
+    /// In a cluster: this node has proposed its end, which every node
+    /// carries out when the log applies it.
+    pub(crate) proposed: AtomicBool,
     failure: Mutex<Option<String>>,
     /// Messages it decided (canary) or was compared on (shadow).
     pub calls: AtomicU64,
@@ -237,6 +240,7 @@ impl Trial {
             started: Instant::now(),
             started_at: SystemTime::now(),
             stopped: AtomicBool::new(false),
+            proposed: AtomicBool::new(false),
             failure: Mutex::new(None),
             calls: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -506,11 +510,13 @@ pub enum RolloutError {
     /// No trial runs.
     #[error("no candidate of '{0}' is staged")]
     NoCandidate(String),
-    /// Staged rollouts are per node; a cluster agrees on versions through Raft.
-    #[error(
-        "staged rollouts are not available in a cluster: plugin versions are agreed by every node (use `wasmq cluster activate-plugin` to serve a kept version)"
-    )]
+    /// In a cluster a rollout step is a log entry: the node-local call was
+    /// used where the agreed one is needed.
+    #[error("in a cluster this step is agreed through the cluster's log")]
     Clustered,
+    /// The cluster could not commit the step.
+    #[error("the cluster did not commit it: {0}")]
+    NoQuorum(String),
     /// No such kept version.
     #[error("no kept version of '{plugin}' matches '{hash}'")]
     NotKept {
