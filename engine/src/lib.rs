@@ -29,10 +29,14 @@
 //!   log of changes), one append-only log per durable queue, and the group commit that publisher confirms
 //!   of persistent messages wait for. Messages of a queue's backlog are
 //!   kept on disk and read back when delivered.
-//! * [`cluster`]: several nodes as one broker: the definitions and plugin
-//!   versions replicated through Raft (openraft), the log on disk,
-//!   authenticated (optionally TLS) node links that also carry messages
-//!   to and from queues on other nodes (`broker::remote`).
+//! * [`cluster`]: consensus and transport for several nodes: the
+//!   definitions and plugin versions replicated through Raft (openraft),
+//!   the log on disk, authenticated (optionally TLS) node links, and each
+//!   quorum queue's Raft group.
+//! * [`nodes`]: several nodes as one broker, the broker's side of the
+//!   cluster: the definitions log applied to this node, messages to and
+//!   from queues on other nodes, quorum queues' live queues, plugin
+//!   versions and rollouts agreed by every node.
 //! * [`admin`]: the HTTP admin API and Prometheus metrics, read off the
 //!   broker's own objects and counters.
 //! * [`tls`]: certificates for AMQPS, the admin API's HTTPS and node links, reloaded
@@ -57,9 +61,10 @@
 //! * [`server`]: wires it together from a [`Config`] and stops it cleanly.
 //! * [`builtins`]: the built-in plugins, compiled from `plugins/` by the
 //!   build script and embedded.
-//! * [`author`]: the plugin author's tools behind `wasmq plugin new`,
-//!   `build` and `test`: not part of the broker, they make and check
-//!   plugin crates on an author's machine.
+//! * [`author`]: the plugin author's tools: behind `wasmq plugin new`,
+//!   `build` and `test` (they make and check plugin crates on an author's
+//!   machine), and, beside the publish path, captures, traces and
+//!   candidate versions tried as shadows or canaries.
 //!
 //! The plugin ABI is specified in `wasmq_sdk::abi` and `docs/plugin-abi.md`.
 
@@ -75,6 +80,7 @@ pub mod dedup;
 pub mod json;
 pub mod latency;
 pub mod message;
+pub mod nodes;
 pub mod plugin;
 pub mod policy;
 pub mod server;

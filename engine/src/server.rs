@@ -241,7 +241,7 @@ impl Server {
             .context("starting the cluster node")?;
             // Messages for queues on other nodes, and consumers here of
             // them, travel over the same links as the cluster's calls.
-            let remote = crate::broker::remote::Remote::new(&broker, node.clone());
+            let remote = crate::nodes::remote::Remote::new(&broker, node.clone());
             node.set_traffic(remote.clone());
             broker.set_remote(remote);
             broker.set_cluster(node);

@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use wasmq::admin::client::AdminClient;
 use wasmq::admin::model::{CandidateView, PluginView, RolloutsView};
-use wasmq::broker::trace::{Step, Trace};
+use wasmq::author::trace::{Step, Trace};
 
 mod common;
 use common::{BIN, Broker};
@@ -453,7 +453,7 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
         rollouts()
             .transitions
             .iter()
-            .any(|t| t.event == wasmq::broker::candidate::Event::RolledBack)
+            .any(|t| t.event == wasmq::author::candidate::Event::RolledBack)
     })
     .await;
     let r = rollouts();

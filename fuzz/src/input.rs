@@ -225,7 +225,7 @@ impl Gen {
     /// A frame of the message traffic between cluster nodes, well formed
     /// (the caller mutates half of them).
     pub fn traffic(&mut self) -> Vec<u8> {
-        use wasmq::broker::remote::{Origin, QueueAnswer, Settlement, Traffic};
+        use wasmq::nodes::remote::{Origin, QueueAnswer, Settlement, Traffic};
         let origin = Origin {
             conn: self.rng.next_u64(),
             channel: self.rng.next_u64() as u16,

@@ -36,7 +36,7 @@ pub fn frames(data: &[u8]) {
 /// `data` as a frame of cluster message traffic: refused or read, never a
 /// panic; what reads must encode back to the same bytes.
 pub fn traffic(data: &[u8]) {
-    use wasmq::broker::remote::Traffic;
+    use wasmq::nodes::remote::Traffic;
     if let Ok(t) = Traffic::decode(bytes::Bytes::copy_from_slice(data)) {
         let again = t.encode();
         assert_eq!(&again[..], data, "traffic frame round trip");

@@ -1302,7 +1302,7 @@ async fn upload(
 }
 
 /// A trial as the API shows it.
-pub(super) fn candidate_view(t: &crate::broker::candidate::Trial) -> super::model::CandidateView {
+pub(super) fn candidate_view(t: &crate::author::candidate::Trial) -> super::model::CandidateView {
     let l = |q| t.latency_us(q);
     super::model::CandidateView {
         plugin: t.plugin.clone(),

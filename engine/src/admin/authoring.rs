@@ -7,7 +7,7 @@
 //! kept versions, the rollout history or a plugin's log needs `monitoring`,
 //! a plugin's bytes `administrator`. Traces and captures belong to a
 //! vhost: a `management` user sees those of its vhosts only.
-//! The broker does the work (`broker::candidate`, `broker::trace`); this
+//! The broker does the work (`author::candidate`, `author::trace`); this
 //! file turns requests into its calls and its answers into [`super::model`]
 //! types the CLI reads back.
 
@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 use super::api::{PublishBody, message_from};
 use super::model::{CandidateView, CaptureView, KeptVersionView, RolloutsView};
 use super::{AdminState, ApiError, Viewer, blocking};
-use crate::broker::candidate::{Event, Mode, Policy, RolloutError};
-use crate::broker::capture::CaptureSpec;
-use crate::broker::trace::Trace;
+use crate::author::candidate::{Event, Mode, Policy, RolloutError};
+use crate::author::capture::CaptureSpec;
+use crate::author::trace::Trace;
 
 pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
     Router::new()
@@ -56,7 +56,7 @@ pub(super) fn routes(max_upload: usize) -> Router<AdminState> {
         )
 }
 
-fn capture_view(c: &crate::broker::capture::Capture) -> CaptureView {
+fn capture_view(c: &crate::author::capture::Capture) -> CaptureView {
     CaptureView {
         spec: c.spec.clone(),
         done: c.done(),
@@ -321,7 +321,7 @@ async fn stage_on(
     bytes: Vec<u8>,
     mode: Mode,
     policy: Policy,
-) -> Result<std::sync::Arc<crate::broker::candidate::Trial>, ApiError> {
+) -> Result<std::sync::Arc<crate::author::candidate::Trial>, ApiError> {
     if s.broker.cluster().is_some() {
         return Ok(s
             .broker

@@ -492,7 +492,7 @@ pub(super) async fn render(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 /// One of a trial's counters.
-type TrialCounter = fn(&crate::broker::candidate::Trial) -> &AtomicU64;
+type TrialCounter = fn(&crate::author::candidate::Trial) -> &AtomicU64;
 
 /// Staged rollouts: each candidate's comparisons, calls and faults, and
 /// the transitions of every plugin's versions.

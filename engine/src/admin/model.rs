@@ -256,7 +256,7 @@ pub struct PluginView {
     /// The latest transitions of its versions (shadow, canary, promoted,
     /// rolled back, ...), oldest first.
     #[serde(default)]
-    pub transitions: Vec<crate::broker::candidate::Transition>,
+    pub transitions: Vec<crate::author::candidate::Transition>,
 }
 
 /// A candidate version on trial (`GET /api/plugins/{name}/candidate`).
@@ -269,9 +269,9 @@ pub struct CandidateView {
     /// The version serving when it was staged.
     pub serving_hash: String,
     /// `shadow` or `canary`, with its sample or percentage.
-    pub mode: crate::broker::candidate::Mode,
+    pub mode: crate::author::candidate::Mode,
     /// Its bounds.
-    pub policy: crate::broker::candidate::Policy,
+    pub policy: crate::author::candidate::Policy,
     /// Messages it decided (canary) or was compared on (shadow).
     pub calls: u64,
     /// Its faults.
@@ -289,7 +289,7 @@ pub struct CandidateView {
     /// Why it is being rolled back, if it passed a bound.
     pub failure: Option<String>,
     /// The latest disagreements.
-    pub disagreement_samples: Vec<crate::broker::candidate::Disagreement>,
+    pub disagreement_samples: Vec<crate::author::candidate::Disagreement>,
 }
 
 /// A kept version of a plugin (`GET /api/plugins/{name}/versions`).
@@ -309,7 +309,7 @@ pub struct KeptVersionView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaptureView {
     /// What was asked.
-    pub spec: crate::broker::capture::CaptureSpec,
+    pub spec: crate::author::capture::CaptureSpec,
     /// It has what it asked for (or hit its byte bound).
     pub done: bool,
     /// Messages kept.
@@ -324,7 +324,7 @@ pub struct RolloutsView {
     /// Candidates on trial.
     pub candidates: Vec<CandidateView>,
     /// The latest transitions, oldest first.
-    pub transitions: Vec<crate::broker::candidate::Transition>,
+    pub transitions: Vec<crate::author::candidate::Transition>,
 }
 
 /// One version of a plugin as the cluster keeps it.

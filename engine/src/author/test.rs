@@ -14,8 +14,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::broker::capture::Captured;
-use crate::broker::trace::{Step, Trace};
+use crate::author::capture::Captured;
+use crate::author::trace::{Step, Trace};
 use crate::broker::{Broker, BrokerError};
 use crate::plugin::{Compiler, PluginHost};
 use crate::store::definitions::Definitions;

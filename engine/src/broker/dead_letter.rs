@@ -123,7 +123,7 @@ impl Broker {
     /// The sink of a queue with a dead-letter exchange: republish each dead
     /// message there, with RabbitMQ's `x-death` bookkeeping. Holds the
     /// broker weakly (queues live inside it).
-    pub(super) fn dead_letter_sink(&self, vhost: &str) -> DeadLetterSink {
+    pub(crate) fn dead_letter_sink(&self, vhost: &str) -> DeadLetterSink {
         let broker = self.self_ref.clone();
         let vhost = vhost.to_owned();
         Arc::new(move |queue: &Queue, dead: Vec<(Entry, DeathReason)>| {

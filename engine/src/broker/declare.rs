@@ -368,7 +368,7 @@ impl Broker {
         })?;
         if limits.quorum {
             // In a cluster, quorum queues are made through the cluster's
-            // log (`broker/quorum.rs`); one that reaches here cannot be
+            // log (`nodes/quorum.rs`); one that reaches here cannot be
             // one. On a single node a quorum queue is a one-replica queue
             // in the node's store, as RabbitMQ makes it there.
             let why = if owner.is_some() {
@@ -549,7 +549,7 @@ impl Broker {
         Ok(n)
     }
 
-    pub(super) fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
+    pub(crate) fn remove_bindings_to(&self, vhost: &VHost, destination: &Destination) {
         for x in vhost.exchanges() {
             let ids = x.bindings.load().ids_to(destination);
             if !ids.is_empty() {

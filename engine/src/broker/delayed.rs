@@ -121,7 +121,7 @@ impl Broker {
     /// The sink of delayed exchange `exchange`'s queue: route each due
     /// message through the exchange's bindings of now. Holds the broker
     /// weakly (queues live inside it).
-    pub(super) fn due_sink(&self, vhost: &str, exchange: &str) -> DueSink {
+    pub(crate) fn due_sink(&self, vhost: &str, exchange: &str) -> DueSink {
         let broker = self.self_ref.clone();
         let (vhost, exchange) = (vhost.to_owned(), exchange.to_owned());
         Arc::new(move |queue: &Arc<Queue>, due: &[Entry]| {

@@ -21,7 +21,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
 use super::Map;
-use super::capture::{Capture, CaptureSpec};
+use crate::author::capture::{Capture, CaptureSpec};
 use crate::message::Message;
 use crate::plugin::{
     BindingSource, BindingVisitor, FilterPlugin, PluginFault, RouterPlugin, TransformPlugin,
@@ -70,7 +70,7 @@ pub struct Binding {
     /// The filter's plugin name.
     pub filter_name: Option<String>,
     /// A candidate version of the filter, staged beside it.
-    pub(crate) filter_candidate: Option<(Arc<FilterPlugin>, Arc<super::candidate::Trial>)>,
+    pub(crate) filter_candidate: Option<(Arc<FilterPlugin>, Arc<crate::author::candidate::Trial>)>,
 }
 
 /// A persistent map: a changed copy shares all but one path with the
@@ -286,12 +286,12 @@ pub struct Exchange {
     /// its transform or a binding's filter): the publish path's one check.
     pub(crate) staged: std::sync::atomic::AtomicBool,
     /// The router and transform candidates staged here.
-    pub(crate) candidates: ArcSwapOption<super::candidate::ExchangeCandidates>,
+    pub(crate) candidates: ArcSwapOption<crate::author::candidate::ExchangeCandidates>,
     /// Whether a capture wants the messages published here: the publish
     /// path's one check.
     pub(crate) capturing: std::sync::atomic::AtomicBool,
     /// The capture running or last run here.
-    pub(crate) capture: ArcSwapOption<super::capture::Capture>,
+    pub(crate) capture: ArcSwapOption<crate::author::capture::Capture>,
     /// An `x-message-deduplication` exchange's ids.
     pub(crate) dedup: Option<parking_lot::Mutex<crate::dedup::Cache>>,
     /// A durable deduplicating exchange's ids on disk (the ids file of a
@@ -439,7 +439,7 @@ impl Exchange {
     }
 }
 
-/// Capturing what is published here (`broker::capture`).
+/// Capturing what is published here (`author::capture`).
 impl Exchange {
     /// Start capturing what is published here (replacing a capture that
     /// ran before).
@@ -473,7 +473,7 @@ impl Exchange {
 }
 
 /// A shadow comparison reads an exchange's bindings through this.
-impl super::candidate::Compared for Exchange {
+impl crate::author::candidate::Compared for Exchange {
     fn exchange_name(&self) -> &str {
         &self.name
     }

@@ -9,17 +9,13 @@
 //! (a queue, its arguments, consumers and ready messages),
 //! `dead_letter` (RabbitMQ's dead-lettering), `durable` (what is saved and
 //! recovered), `plugins` (loading and swapping plugin versions),
-//! `connections` (the registry the admin API reads), `replicated` (the
-//! broker as the cluster's state machine), `remote` (messages to and from
-//! queues on other nodes), `rollout` (plugin versions agreed by the
-//! cluster), `candidate` (a candidate version shadowed or canaried beside
-//! the serving one, promoted or rolled back), `trace` (a message's way
-//! through its exchanges, step by step), `capture` (messages published to
-//! an exchange, kept to test a plugin version against).
+//! `connections` (the registry the admin API reads).
+//!
+//! What makes several nodes one broker is in `crate::nodes`; the plugin
+//! author's tools that run beside the publish path (candidates, captures,
+//! traces) are in `crate::author`.
 
 mod access;
-pub mod candidate;
-pub mod capture;
 mod connections;
 mod dead_letter;
 mod declare;
@@ -27,18 +23,12 @@ mod delayed;
 pub use delayed::schedules;
 mod durable;
 mod error;
-mod exchange;
-mod plugins;
+pub(crate) mod exchange;
+pub(crate) mod plugins;
 mod policies;
 mod queue;
-mod quorum;
-pub mod remote;
-mod replicated;
-mod rollout;
 mod route;
 pub mod stream;
-pub mod trace;
-pub mod traffic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,9 +38,12 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::{Mutex, RwLock};
 
+pub use crate::nodes::quorum::DEFAULT_GROUP_SIZE;
+pub use crate::nodes::{BrokerApplier, definition_commands};
 pub use access::AccessChangeError;
 pub(crate) use access::refused as access_refused;
 pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsInfo};
+pub(crate) use dead_letter::with_delivery_count;
 pub use durable::{DefinitionsError, Recovery};
 use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
@@ -66,8 +59,6 @@ pub use queue::{
 pub use queue::{
     DeadLetterSink, DeathReason, Overflow, QueueDecl, QueueLimits, Replicated, Reply, message_ttl,
 };
-pub use quorum::DEFAULT_GROUP_SIZE;
-pub use replicated::{BrokerApplier, definition_commands};
 pub use route::{FaultReport, Forward, PublishOutcome};
 
 use crate::message::{Message, encode_table_body};
@@ -115,7 +106,7 @@ pub struct VHost {
     /// Name.
     pub name: String,
     exchanges: RwLock<Map<String, Arc<Exchange>>>,
-    queues: RwLock<Map<String, Arc<Queue>>>,
+    pub(crate) queues: RwLock<Map<String, Arc<Queue>>>,
     /// In a cluster: the queues that live on other nodes. Known here so
     /// that bindings to them are the same on every node and a client is
     /// told where a queue is.
@@ -232,23 +223,23 @@ impl VHost {
 /// The broker: plugin host, plugin registry and virtual hosts.
 pub struct Broker {
     /// Itself, weakly: for the dead-letter sinks of queues.
-    self_ref: std::sync::Weak<Broker>,
-    host: Arc<PluginHost>,
-    registry: PluginRegistry,
+    pub(crate) self_ref: std::sync::Weak<Broker>,
+    pub(crate) host: Arc<PluginHost>,
+    pub(crate) registry: PluginRegistry,
     plugin_dir: PathBuf,
     vhosts: RwLock<Map<String, Arc<VHost>>>,
     /// Held for writing while a plugin version is swapped in, for reading
     /// while an exchange or filtered binding picks its version: so nothing
     /// declared during a swap is left on the old version.
-    swap: RwLock<()>,
+    pub(crate) swap: RwLock<()>,
     /// Serialises swaps with each other.
-    swapping: Mutex<()>,
+    pub(crate) swapping: Mutex<()>,
     /// Staged rollouts: candidate versions beside serving ones.
-    candidates: candidate::Candidates,
+    pub(crate) candidates: crate::author::candidate::Candidates,
     /// Traces of traced publishes.
-    traces: trace::Traces,
+    pub(crate) traces: crate::author::trace::Traces,
     /// Flow watermark of new queues, in bytes of ready messages.
-    queue_flow_bytes: std::sync::atomic::AtomicUsize,
+    pub(crate) queue_flow_bytes: std::sync::atomic::AtomicUsize,
     /// The message store, once attached ([`Broker::recover`]).
     store: std::sync::OnceLock<Arc<crate::store::Store>>,
     /// Serialises writes of the durable definitions.
@@ -260,9 +251,9 @@ pub struct Broker {
     /// Users, vhosts and permissions.
     accounts: crate::access::Accounts,
     /// It caught up after it started (`Broker::caught_up`).
-    caught_up: std::sync::atomic::AtomicBool,
+    pub(crate) caught_up: std::sync::atomic::AtomicBool,
     /// In a cluster: message traffic to and from other nodes.
-    remote: std::sync::OnceLock<Arc<remote::Remote>>,
+    pub(crate) remote: std::sync::OnceLock<Arc<crate::nodes::remote::Remote>>,
     /// Resource alarms (disk space low, memory high): while one is raised,
     /// connections that publish are blocked (connection.blocked, and not
     /// read).
@@ -277,11 +268,11 @@ pub struct Broker {
     /// one by one (an admin upload with `override_builtin=true`).
     overrides_allowed: Mutex<Vec<(String, String)>>,
     /// The cluster this node belongs to (`[cluster]`).
-    cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterNode>>,
+    pub(crate) cluster: std::sync::OnceLock<Arc<crate::cluster::ClusterNode>>,
     /// Definitions are replicated by the cluster, not saved locally.
-    replicated: std::sync::atomic::AtomicBool,
+    pub(crate) replicated: std::sync::atomic::AtomicBool,
     /// The quorum queues this node holds a replica of, by group.
-    quorum: Mutex<std::collections::HashMap<String, quorum::QuorumEntry>>,
+    pub(crate) quorum: Mutex<std::collections::HashMap<String, crate::nodes::quorum::QuorumEntry>>,
 }
 
 /// Default flow watermark per queue: ready messages above this many bytes

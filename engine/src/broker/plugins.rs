@@ -26,8 +26,8 @@ use crate::plugin::{
 /// A version's role handles for every use of its plugin in one exchange:
 /// built (instances made, bindings replayed) but not stored yet. A swap
 /// stores them as the serving handles; a staged rollout beside them, as
-/// candidates (`candidate/lifecycle.rs`).
-pub(super) struct Handles {
+/// candidates (`author/candidate/lifecycle.rs`).
+pub(crate) struct Handles {
     /// The exchange's router, if the plugin is its type.
     pub router: Option<RouterPlugin>,
     /// The exchange's transform, if the plugin is it.
@@ -277,7 +277,7 @@ impl Broker {
     /// The exchanges that use plugin `name` (as type, transform or a
     /// binding's filter), sorted by vhost and name: the order their control
     /// locks are taken in.
-    pub(super) fn users_of(&self, name: &str) -> Vec<(String, Arc<Exchange>)> {
+    pub(crate) fn users_of(&self, name: &str) -> Vec<(String, Arc<Exchange>)> {
         let mut users = Vec::new();
         for vhost in self.vhosts() {
             for x in vhost.exchanges() {
@@ -299,13 +299,13 @@ impl Broker {
     /// Whether `x`'s router is plugin `name`. The predeclared exchanges
     /// keep the shipped built-in as their router; a filter or transform on
     /// them is swapped like any other.
-    pub(super) fn routes_with(x: &Exchange, name: &str) -> bool {
+    pub(crate) fn routes_with(x: &Exchange, name: &str) -> bool {
         x.router_kind() == name && !Self::is_predeclared(&x.name)
     }
 
     /// Build `version`'s handles for its plugin's uses in `x`, whose
     /// bindings are `table`.
-    pub(super) fn handles_for(
+    pub(crate) fn handles_for(
         &self,
         version: &Arc<PluginVersion>,
         x: &Exchange,

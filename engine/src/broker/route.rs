@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use super::candidate::{self, By};
 use super::exchange::{Destination, Exchange};
 use super::queue::{Delay, Queue, Reply, delay_of};
-use super::trace::{self, Observer, Step, Steps};
 use super::{Broker, BrokerError, VHost};
+use crate::author::candidate::{self, By};
+use crate::author::trace::{self, Observer, Step, Steps};
 use crate::message::Message;
 use crate::plugin::{PluginFault, TransformDecision, TransformPlugin};
 

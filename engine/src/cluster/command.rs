@@ -126,7 +126,7 @@ pub enum Command {
         hash: String,
     },
     /// Stage a candidate version of a serving plugin on every node, as a
-    /// shadow or a canary (`broker/candidate/`), in place of the one staged
+    /// shadow or a canary (`author/candidate/`), in place of the one staged
     /// before, if any.
     StageCandidate {
         /// Plugin name.
@@ -137,9 +137,9 @@ pub enum Command {
         #[serde(with = "base64_bytes")]
         bytes: Vec<u8>,
         /// How it takes part.
-        mode: crate::broker::candidate::Mode,
+        mode: crate::author::candidate::Mode,
         /// When it is promoted or rolled back on its own.
-        policy: crate::broker::candidate::Policy,
+        policy: crate::author::candidate::Policy,
         /// The node that asked.
         from: String,
     },
@@ -152,7 +152,7 @@ pub enum Command {
         /// The candidate's hash (a late end of an older one does nothing).
         hash: String,
         /// Promoted, rolled back or aborted.
-        event: crate::broker::candidate::Event,
+        event: crate::author::candidate::Event,
         /// Why (a bound passed, who asked).
         reason: Option<String>,
         /// The node that proposed it.

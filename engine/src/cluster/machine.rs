@@ -81,7 +81,7 @@ pub enum PluginEvent {
         /// The candidate.
         hash: String,
         /// Promoted, rolled back or aborted.
-        event: crate::broker::candidate::Event,
+        event: crate::author::candidate::Event,
         /// Why.
         reason: Option<String>,
         /// The module, when promoted.
@@ -89,7 +89,7 @@ pub enum PluginEvent {
     },
 }
 
-/// A candidate version staged on every node (`broker/candidate/`): tried
+/// A candidate version staged on every node (`author/candidate/`): tried
 /// beside the serving version until one node's judge or an operator ends
 /// it through the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,9 +102,9 @@ pub struct CandidateRecord {
     #[serde(with = "super::command::base64_bytes")]
     pub bytes: Vec<u8>,
     /// Shadow or canary.
-    pub mode: crate::broker::candidate::Mode,
+    pub mode: crate::author::candidate::Mode,
     /// Its bounds.
-    pub policy: crate::broker::candidate::Policy,
+    pub policy: crate::author::candidate::Policy,
     /// The node that asked for it.
     pub from: String,
     /// The version serving when it was staged.
@@ -585,7 +585,7 @@ impl Catalog {
                     );
                 };
                 let candidate = record.candidate.take().expect("matched above");
-                let promoted = (*event == crate::broker::candidate::Event::Promoted).then(|| {
+                let promoted = (*event == crate::author::candidate::Event::Promoted).then(|| {
                     // Every node ran it beside the serving version: it is
                     // a kept version every voter took.
                     if !record.versions.iter().any(|v| v.hash == *hash) {
@@ -1013,7 +1013,7 @@ mod tests {
             name: "p".into(),
             hash: hash.into(),
             bytes: hash.as_bytes().to_vec(),
-            mode: crate::broker::candidate::Mode::Canary {
+            mode: crate::author::candidate::Mode::Canary {
                 percent: 10.0,
                 by_header: None,
             },
@@ -1022,7 +1022,7 @@ mod tests {
         }
     }
 
-    fn end_candidate(hash: &str, event: crate::broker::candidate::Event) -> Command {
+    fn end_candidate(hash: &str, event: crate::author::candidate::Event) -> Command {
         Command::EndCandidate {
             name: "p".into(),
             hash: hash.into(),
@@ -1034,7 +1034,7 @@ mod tests {
 
     #[test]
     fn a_candidate_is_staged_beside_the_active_version_and_ended_once() {
-        use crate::broker::candidate::Event;
+        use crate::author::candidate::Event;
         let voters: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let mut c = Catalog::default();
         // Nothing serves yet: nothing to try a candidate beside.

@@ -342,7 +342,7 @@ async fn bad_requests_are_refused_whole_and_in_words() {
     )
     .await
     .unwrap();
-    let n = wasmq::broker::trace::TRACED_BINDINGS + 44;
+    let n = wasmq::author::trace::TRACED_BINDINGS + 44;
     for i in 0..n {
         let q = format!("w{i}");
         wasmq_tests::declare_queue(&ch, &q).await;
@@ -394,7 +394,7 @@ async fn bad_requests_are_refused_whole_and_in_words() {
         .clone();
     assert_eq!(
         route["bindings"].as_array().unwrap().len(),
-        wasmq::broker::trace::TRACED_BINDINGS
+        wasmq::author::trace::TRACED_BINDINGS
     );
     assert_eq!(route["omitted"], 44);
     conn.close(0, "done".into()).await.unwrap();

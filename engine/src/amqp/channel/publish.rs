@@ -102,7 +102,7 @@ impl Channel {
                 .properties
                 .headers()
                 .as_ref()
-                .is_some_and(|h| h.inner().contains_key(crate::broker::trace::TRACE_HEADER));
+                .is_some_and(|h| h.inner().contains_key(crate::author::trace::TRACE_HEADER));
         let mut outcome = if let (true, Some(x)) = (traced, &x) {
             self.publish_traced(ctx, x, message, seq)
         } else if seq == 0 {

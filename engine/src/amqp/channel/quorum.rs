@@ -10,7 +10,7 @@
 //! again, marked redelivered.
 
 use super::*;
-use crate::broker::remote::{Origin, Traffic};
+use crate::nodes::remote::{Origin, Traffic};
 
 /// A consumer of a quorum queue, as the client asked for it.
 #[derive(Clone, Debug)]

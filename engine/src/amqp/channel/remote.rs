@@ -5,8 +5,8 @@
 
 use super::*;
 use crate::broker::Forward;
-use crate::broker::remote::{Origin, QueueAnswer, Settlement, Traffic, forward_frame};
 use crate::cluster::link::Link;
+use crate::nodes::remote::{Origin, QueueAnswer, Settlement, Traffic, forward_frame};
 
 impl Channel {
     /// The node a queue the client names lives on, if it is another one

@@ -15,8 +15,8 @@ use super::{Connection, OUT_CAP, Step};
 use crate::amqp::channel::{AmqpError, Channel, Delivered, Undo};
 use crate::amqp::frame::{Frame, encode_heartbeat, encode_method, short_string};
 use crate::amqp::handshake::encode_close;
-use crate::broker::remote::{Settlement, Traffic};
 use crate::broker::{ChannelCredit, Dispatch};
+use crate::nodes::remote::{Settlement, Traffic};
 
 impl Connection {
     /// Tell a publishing client it is blocked by a resource alarm, or no
@@ -316,7 +316,7 @@ impl Connection {
         &mut self,
         channel: u16,
         link: Option<&Arc<crate::cluster::link::Link>>,
-        outcome: crate::broker::remote::QueueAnswer,
+        outcome: crate::nodes::remote::QueueAnswer,
     ) -> Step {
         let (mut ctx, channels) = self.ctx();
         let result = match channels.get_mut(&channel) {

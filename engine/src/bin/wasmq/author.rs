@@ -10,9 +10,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use wasmq::admin::client::{AdminClient, segment};
 use wasmq::admin::model::{CandidateView, KeptVersionView};
+use wasmq::author::candidate::Mode;
 use wasmq::author::scaffold::{Role, Sdk};
-use wasmq::broker::candidate::Mode;
-use wasmq::broker::trace::{Step, Trace};
+use wasmq::author::trace::{Step, Trace};
 use wasmq::plugin::log::LogLine;
 
 use super::AdminArgs;
@@ -528,7 +528,7 @@ pub fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let kept: Vec<wasmq::broker::capture::Captured> =
+    let kept: Vec<wasmq::author::capture::Captured> =
         client.post_as(&format!("{path}/take"), &serde_json::json!({}))?;
     for m in &kept {
         println!("{}", serde_json::to_string(m)?);
@@ -592,7 +592,7 @@ pub fn print_candidate(c: &CandidateView) {
 }
 
 /// A plugin's latest transitions (under `wasmq plugins`).
-pub fn print_transitions(ts: &[wasmq::broker::candidate::Transition]) {
+pub fn print_transitions(ts: &[wasmq::author::candidate::Transition]) {
     let short = |h: &str| h[..h.len().min(12)].to_owned();
     for t in ts {
         println!(

@@ -57,7 +57,7 @@ pub enum Dispatch {
         link: Arc<crate::cluster::link::Link>,
         /// What it says (boxed: a queue's deliveries share this enum,
         /// and should not be copied at this variant's size).
-        traffic: Box<crate::broker::traffic::Traffic>,
+        traffic: Box<crate::nodes::traffic::Traffic>,
     },
     /// The link to this node closed: what went through it is lost.
     LinkLost {

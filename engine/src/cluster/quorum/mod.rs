@@ -21,7 +21,7 @@
 //!
 //! What a quorum queue does with its messages (consumers, prefetch, TTL,
 //! dead-lettering) is the broker's: its leader serves it as a queue whose
-//! changes are proposed here (`broker/quorum.rs`).
+//! changes are proposed here (`nodes/quorum.rs`).
 
 pub mod leadership;
 pub mod machine;

@@ -26,7 +26,7 @@
 
 mod home;
 
-pub use super::traffic::{Malformed, Origin, QueueAnswer, Settlement, Traffic};
+pub use crate::nodes::traffic::{Malformed, Origin, QueueAnswer, Settlement, Traffic};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -35,7 +35,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
-use super::{Broker, Dispatch};
+use crate::broker::{Broker, Dispatch};
 use crate::cluster::ClusterNode;
 use crate::cluster::link::{Link, TrafficSink};
 
@@ -135,7 +135,11 @@ impl Broker {
 
     /// Send copies routed to other nodes with no confirm to wait for (dead
     /// letters: RabbitMQ's dead-lettering is at most once too).
-    pub(crate) fn forward_unconfirmed(&self, vhost: &super::VHost, forwards: Vec<super::Forward>) {
+    pub(crate) fn forward_unconfirmed(
+        &self,
+        vhost: &crate::broker::VHost,
+        forwards: Vec<crate::broker::Forward>,
+    ) {
         let Some(remote) = self.remote() else {
             return;
         };
@@ -172,7 +176,12 @@ impl Broker {
 }
 
 /// The frame that carries `f` to its node.
-pub fn forward_frame(vhost: &super::VHost, origin: Origin, seq: u64, f: &super::Forward) -> Bytes {
+pub fn forward_frame(
+    vhost: &crate::broker::VHost,
+    origin: Origin,
+    seq: u64,
+    f: &crate::broker::Forward,
+) -> Bytes {
     Traffic::Forward {
         origin,
         seq,

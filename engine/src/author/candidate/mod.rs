@@ -49,7 +49,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::BrokerError;
+use crate::broker::BrokerError;
 use crate::latency::Latency;
 use crate::message::Message;
 use crate::plugin::{PluginFault, PluginVersion, RouterPlugin, TransformPlugin};
@@ -462,7 +462,7 @@ impl Candidates {
     }
 
     fn record(&self, plugin: &str, event: Event, from: &str, to: &str, reason: Option<String>) {
-        use crate::broker::rollout::short;
+        use crate::nodes::plugins::short;
         match &reason {
             Some(r) => tracing::warn!(
                 plugin, event = event.as_str(), from = %short(from), to = %short(to),

@@ -14,11 +14,11 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::queue::ConsumeError;
-use crate::broker::traffic::{Origin, QueueAnswer, Settlement, Traffic};
+use crate::broker::ConsumeError;
 use crate::broker::{Broker, ChannelCredit, Consumer, Dispatch, Entry, Queue, group_by_queue};
 use crate::cluster::link::Link;
 use crate::message::{Message, decode_properties};
+use crate::nodes::traffic::{Origin, QueueAnswer, Settlement, Traffic};
 use crate::store::Synced;
 
 /// Consumers made for other nodes get connection ids from the top of the

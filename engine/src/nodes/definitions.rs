@@ -12,7 +12,7 @@
 
 use std::sync::Weak;
 
-use super::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
+use crate::broker::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
 use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command, PluginEvent};
 use crate::store::definitions::{BindingDefinition, Definitions, QueueDefinition};
 
@@ -154,7 +154,7 @@ impl Broker {
     /// delete, so that every node forgets it in the same order as the
     /// other changes (deleting it here first would let a redeclaration
     /// committed meanwhile be deleted by the late proposal).
-    pub(crate) fn delete_unused_queue(&self, vhost: &super::VHost, name: &str) -> bool {
+    pub(crate) fn delete_unused_queue(&self, vhost: &crate::broker::VHost, name: &str) -> bool {
         let shared = vhost.queue(name).is_ok_and(|q| q.owner.is_none());
         match self.cluster() {
             Some(node) if shared => {
@@ -293,7 +293,7 @@ impl Broker {
 
     /// Whether `vhost`'s queue `name` is the schedule of a delayed exchange
     /// that still exists (it goes only with the exchange).
-    fn holds_schedule(&self, vhost: &super::VHost, name: &str) -> bool {
+    fn holds_schedule(&self, vhost: &crate::broker::VHost, name: &str) -> bool {
         let arguments = match vhost.queue(name) {
             Ok(q) => q.arguments.clone(),
             Err(_) => match vhost.remote_queue(name) {
@@ -301,12 +301,12 @@ impl Broker {
                 None => return false,
             },
         };
-        super::delayed::schedules(&arguments).is_some_and(|x| vhost.exchange(x).is_ok())
+        crate::broker::schedules(&arguments).is_some_and(|x| vhost.exchange(x).is_ok())
     }
 
     fn apply_declare_queue(
         &self,
-        vhost: &super::VHost,
+        vhost: &crate::broker::VHost,
         queue: &QueueDefinition,
         durable: bool,
         node: &str,
@@ -366,7 +366,7 @@ impl Broker {
                     self.declare_queue(vhost, decl)?;
                     return Ok(Applied::Done);
                 }
-                super::QueueLimits::parse(&queue.arguments).map_err(|e| {
+                crate::broker::QueueLimits::parse(&queue.arguments).map_err(|e| {
                     BrokerError::PreconditionFailed(format!(
                         "{e} for queue '{}' in vhost '{}'",
                         queue.name, vhost.name
@@ -413,7 +413,7 @@ impl Broker {
             for q in vhost.queues() {
                 // A delayed exchange's queue is made by its exchange on
                 // each node, not by the cluster's log.
-                let scheduled = super::delayed::schedules(&q.arguments)
+                let scheduled = crate::broker::schedules(&q.arguments)
                     .is_some_and(|x| wanted_exchange(&vhost.name, x));
                 if q.owner.is_none() && !scheduled && !wanted_queue(&vhost.name, &q.name) {
                     let _ = self.delete_queue(&vhost, &q.name, false, false);

@@ -325,7 +325,7 @@ impl Capture {
     }
 
     /// Offer a published message; returns whether the capture is done.
-    pub(super) fn offer(&self, m: &Message) -> bool {
+    pub(crate) fn offer(&self, m: &Message) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         if !n.is_multiple_of(self.spec.sample) {
             return false;

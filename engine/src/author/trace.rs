@@ -19,10 +19,10 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::candidate::By;
-use super::exchange::{BindingTable, Destination, Exchange};
-use super::queue::Queue;
-use super::{Broker, VHost};
+use crate::author::candidate::By;
+use crate::broker::Queue;
+use crate::broker::exchange::{BindingTable, Destination, Exchange};
+use crate::broker::{Broker, VHost};
 use crate::message::Message;
 use crate::plugin::{PluginFault, PluginVersion, TransformDecision};
 
@@ -259,7 +259,7 @@ pub(crate) fn transform_step(
                 } => k.clone(),
                 _ => message.routing_key.to_string(),
             };
-            (super::candidate::describe_transform(d), key)
+            (crate::author::candidate::describe_transform(d), key)
         }
         Err(f) => (format!("fault: {f}"), message.routing_key.to_string()),
     };
@@ -324,7 +324,7 @@ pub(crate) fn route_step(
 
 pub(crate) fn filter_step(
     x: &Exchange,
-    binding: &super::Binding,
+    binding: &crate::broker::Binding,
     version: &PluginVersion,
     by: By,
     passed: bool,
@@ -403,7 +403,7 @@ impl Trace {
         vhost: &VHost,
         exchange: &Exchange,
         steps: Steps,
-        outcome: &super::PublishOutcome,
+        outcome: &crate::broker::PublishOutcome,
     ) -> Trace {
         Trace {
             vhost: vhost.name.clone(),

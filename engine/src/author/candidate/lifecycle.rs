@@ -272,7 +272,7 @@ impl Broker {
             tracing::warn!(
                 plugin = name,
                 "the version serves, but {name}.wasm could not be written into {} ({e}): a restart serves the folder's file",
-                self.plugin_dir.display()
+                self.plugin_dir().display()
             );
         }
         Ok(())

@@ -25,8 +25,10 @@ use std::sync::{Arc, Weak};
 
 use amq_protocol::types::FieldTable;
 
-use super::queue::Replicated;
-use super::{Broker, BrokerError, Dispatch, Queue, QueueDecl, QueueLimits, RemoteQueue, VHost};
+use crate::broker::Replicated;
+use crate::broker::{
+    Broker, BrokerError, Dispatch, Queue, QueueDecl, QueueLimits, RemoteQueue, VHost,
+};
 use crate::cluster::quorum::{Held, Live, Replica, ReplicaStatus, entry_index, group_name};
 use crate::cluster::{Applied, Command};
 use crate::store::definitions::QueueDefinition;
@@ -398,7 +400,7 @@ impl Broker {
             q.cancel_consumers();
         }
         vhost.set_remote(name, None);
-        self.remove_bindings_to(vhost, &super::Destination::Queue(name.to_owned()));
+        self.remove_bindings_to(vhost, &crate::broker::Destination::Queue(name.to_owned()));
         if let Some(replica) = entry.and_then(|e| e.replica) {
             replica.machine().clear_live();
             tokio::spawn(async move { replica.destroy().await });
@@ -557,7 +559,7 @@ impl Broker {
         )
         .with_replica(replica.clone() as Arc<dyn Replicated>)
         .with_policy(applied);
-        if let Some(x) = super::delayed::schedules(&definition.arguments) {
+        if let Some(x) = crate::broker::schedules(&definition.arguments) {
             // A delayed exchange's schedule, kept by its leader.
             queue = queue.with_due_sink(self.due_sink(&vhost.name, x));
         }
@@ -579,7 +581,7 @@ impl Broker {
                 };
                 let m = if h.returns > 0 {
                     counts.insert(*id, h.returns);
-                    super::dead_letter::with_delivery_count(&m, h.returns)
+                    crate::broker::with_delivery_count(&m, h.returns)
                 } else {
                     m
                 };

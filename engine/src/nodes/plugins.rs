@@ -32,8 +32,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use super::Broker;
-use super::candidate::{Event, Mode, Policy, RolloutError, Trial};
+use crate::author::candidate::{Event, Mode, Policy, RolloutError, Trial};
+use crate::broker::Broker;
 use crate::cluster::{Applied, CandidateRecord, Catalog, ClusterNode, Command};
 
 /// The broker's cluster node once it holds one: entries replayed while
@@ -49,7 +49,7 @@ async fn joined(broker: &Weak<Broker>) -> Option<Arc<ClusterNode>> {
 }
 
 /// A content hash as logs show it (as `PluginVersion::short_hash` does).
-pub(super) fn short(hash: &str) -> &str {
+pub(crate) fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
@@ -95,7 +95,7 @@ impl Broker {
         };
         while !node.until_ready(std::time::Duration::from_secs(3600)).await {}
         let catalog = node.catalog();
-        let Ok(entries) = std::fs::read_dir(&self.plugin_dir) else {
+        let Ok(entries) = std::fs::read_dir(self.plugin_dir()) else {
             return;
         };
         for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
@@ -274,7 +274,7 @@ impl Broker {
         reason: Option<String>,
         promoted: Option<&[u8]>,
     ) {
-        if let Some(t) = self.candidates.get(name)
+        if let Some(t) = self.candidates().get(name)
             && t.version.hash == hash
         {
             self.end_trial(&t, event.clone(), reason);
@@ -287,7 +287,7 @@ impl Broker {
     /// Another version of `name` activated: a candidate tried beside the
     /// version it replaced ends (the log has dropped it too).
     pub(crate) fn end_replaced_candidate(&self, name: &str, hash: &str) {
-        if let Some(t) = self.candidates.get(name)
+        if let Some(t) = self.candidates().get(name)
             && t.version.hash != hash
         {
             let reason = format!("version {} activated by the cluster", short(hash));
@@ -359,7 +359,7 @@ impl Broker {
             Ok(Applied::Refused { code: 404, .. }) => Err(RolloutError::NotServing(name.into())),
             Ok(Applied::Refused { text, .. }) => Err(RolloutError::Refused(text)),
             Ok(_) => self
-                .candidates
+                .candidates()
                 .get(name)
                 .filter(|t| t.version.hash == hash)
                 .ok_or_else(|| {
@@ -373,7 +373,7 @@ impl Broker {
     /// Promote or abort `name`'s candidate on every node.
     pub async fn end_candidate_agreed(&self, name: &str, event: Event) -> Result<(), RolloutError> {
         let node = self.node_or_clustered()?;
-        let hash = match self.candidates.get(name) {
+        let hash = match self.candidates().get(name) {
             Some(t) => t.version.hash.clone(),
             None => node
                 .catalog()
