@@ -362,17 +362,28 @@ impl Channel {
 
     /// The node cancelled a consumer (its queue was deleted), or refused
     /// it (`code` is then the reason).
+    ///
+    /// `node` is where the refusal comes from: a consumer that has moved
+    /// to another node since (its quorum queue's leader changed) is a
+    /// newer subscription, which a late word about the old one must not
+    /// end.
     pub(crate) fn remote_refused(
         &mut self,
         ctx: &mut Ctx<'_>,
+        node: &str,
         tag: &str,
         code: u16,
         text: String,
         notify: bool,
     ) -> Result<(), AmqpError> {
-        if self.remote_consumers.remove(tag).is_none() {
+        if self
+            .remote_consumers
+            .get(tag)
+            .is_none_or(|c| c.node != node)
+        {
             return Ok(());
         }
+        self.remote_consumers.remove(tag);
         if code != 403 && self.keeps_following(ctx, tag) {
             // Its quorum queue's leader moved or its node is lost: it
             // re-subscribes when the new leader is known.
@@ -411,17 +422,17 @@ impl Channel {
             .map(|(t, _)| t.clone())
             .collect();
         for tag in lost {
-            let _ = self.remote_refused(ctx, &tag, 0, String::new(), notify);
+            let _ = self.remote_refused(ctx, node, &tag, 0, String::new(), notify);
         }
     }
 
     /// The frame that never reached its node: undo what it promised.
-    pub(crate) fn unreached(&mut self, ctx: &mut Ctx<'_>, undo: &Undo, notify: bool) {
+    pub(crate) fn unreached(&mut self, ctx: &mut Ctx<'_>, node: &str, undo: &Undo, notify: bool) {
         match undo {
             Undo::Nothing => {}
             Undo::Confirm(_, seq) => self.remote_confirmed(*seq, false),
             Undo::Consumer(_, tag) => {
-                let _ = self.remote_refused(ctx, tag, 0, String::new(), notify);
+                let _ = self.remote_refused(ctx, node, tag, 0, String::new(), notify);
             }
             // Answered by the connection, which also releases the channel.
             Undo::Answer(_) => {}

@@ -621,7 +621,7 @@ impl Connection {
             } => {
                 let mut detached = false;
                 let refused = channels.get_mut(&origin.channel).map(|ch| {
-                    let r = ch.remote_refused(&mut ctx, &tag, code, text, notify);
+                    let r = ch.remote_refused(&mut ctx, &link.peer, &tag, code, text, notify);
                     detached = ch.detached();
                     r
                 });
@@ -678,7 +678,7 @@ impl Connection {
                 };
                 let (mut ctx, channels) = self.ctx();
                 if let Some(ch) = channel.and_then(|c| channels.get_mut(&c)) {
-                    ch.unreached(&mut ctx, &t.undo, notify);
+                    ch.unreached(&mut ctx, &t.node, &t.undo, notify);
                 }
             }
             if let Some(l) = link

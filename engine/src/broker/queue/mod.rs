@@ -908,6 +908,12 @@ impl Queue {
             if !st.messages.deliverable() || st.consumers.is_empty() {
                 return;
             }
+            if let Some(r) = &self.replica
+                && !r.leads_surely()
+            {
+                r.confirm_then_dispatch(Arc::downgrade(self));
+                return;
+            }
             // With a single active consumer, only the oldest is served.
             let n = if self.single_active {
                 1

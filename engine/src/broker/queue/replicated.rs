@@ -26,6 +26,16 @@ pub trait Replicated: Send + Sync {
     /// These messages were returned (nack/reject with requeue, a consumer
     /// gone): each one's new delivery count, in the same order.
     fn returned(&self, ids: &[u64]) -> Vec<u32>;
+    /// Whether this leader may hand messages out now: no other leader can
+    /// have been elected since a majority last acknowledged it. A leader
+    /// paused (or cut off) while another took over would otherwise deliver
+    /// what it held, unflagged, after the new leader delivered later
+    /// messages.
+    fn leads_surely(&self) -> bool {
+        true
+    }
+    /// Confirm the leadership with a majority, then dispatch `queue` again.
+    fn confirm_then_dispatch(&self, _queue: std::sync::Weak<Queue>) {}
 }
 
 /// Told whether a replicated enqueue was taken.

@@ -49,8 +49,47 @@ struct Gathered {
     in_flight: usize,
 }
 
+/// How long this leader may deliver without hearing from a majority
+/// again. A follower that acknowledged an entry refuses its vote for the
+/// follower lease (openraft's `election_timeout_max`) after it received
+/// it, so no other leader can be elected within that time of the entry's
+/// sending: a lease counted from when the entry was proposed (before it
+/// was sent), three quarters of the follower's, is safe with room to
+/// spare for the clocks' rates and the scheduler.
+struct Lease {
+    /// Milliseconds since [`epoch`]: deliveries may go until then.
+    until: std::sync::atomic::AtomicU64,
+    /// Its length.
+    ms: u64,
+    /// A confirmation round is under way.
+    confirming: std::sync::atomic::AtomicBool,
+}
+
+/// The process's own clock for leases (monotonic; a paused process finds
+/// its leases run out).
+fn epoch_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+impl Lease {
+    fn holds(&self) -> bool {
+        epoch_ms() < self.until.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A majority acknowledged what was sent after `since`.
+    fn renew(&self, since: u64) {
+        self.until
+            .fetch_max(since + self.ms, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Gathers a replica's changes into entries and proposes them.
 struct Proposer {
+    lease: Arc<Lease>,
     raft: Raft<QuorumConfig>,
     /// Told to the leadership watch: this group wrote.
     wrote: Arc<std::sync::atomic::AtomicBool>,
@@ -76,10 +115,14 @@ impl Proposer {
         let op = std::mem::take(&mut g.op);
         let replies = std::mem::take(&mut g.replies);
         g.in_flight += 1;
+        let (since, lease) = (epoch_ms(), self.lease.clone());
         let commit: Commit = match now_or_never(self.raft.client_write_ff(op)) {
             Some(Ok(rx)) => Box::pin(async move {
                 match rx.await {
-                    Ok(Ok(r)) => Some(r.data),
+                    Ok(Ok(r)) => {
+                        lease.renew(since);
+                        Some(r.data)
+                    }
                     _ => None,
                 }
             }),
@@ -269,7 +312,13 @@ impl Replica {
             }
         }
         let (commits, rx) = mpsc::unbounded_channel();
+        let lease = Arc::new(Lease {
+            until: 0.into(),
+            ms: raft.config().election_timeout_max * 3 / 4,
+            confirming: false.into(),
+        });
         let proposer = Arc::new(Proposer {
+            lease,
             raft: raft.clone(),
             wrote,
             queue: name.to_owned(),
@@ -531,5 +580,40 @@ impl Replicated for Replica {
         };
         self.proposer.add(|g| g.op.returned.extend_from_slice(ids));
         counts
+    }
+
+    fn leads_surely(&self) -> bool {
+        self.proposer.lease.holds()
+    }
+
+    fn confirm_then_dispatch(&self, queue: std::sync::Weak<crate::broker::Queue>) {
+        use std::sync::atomic::Ordering;
+        let lease = self.proposer.lease.clone();
+        if lease.confirming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let raft = self.raft.clone();
+        let wait = std::time::Duration::from_millis(lease.ms.max(10));
+        tokio::spawn(async move {
+            // Until confirmed, or this node no longer leads (its live queue
+            // is about to go), or the live queue is gone.
+            let mut confirmed = false;
+            while queue.strong_count() > 0 {
+                let since = epoch_ms();
+                match tokio::time::timeout(wait, raft.ensure_linearizable()).await {
+                    Ok(Ok(_)) => {
+                        lease.renew(since);
+                        confirmed = true;
+                        break;
+                    }
+                    Ok(Err(e)) if e.forward_to_leader().is_some() => break,
+                    _ => tokio::time::sleep(wait / 4).await,
+                }
+            }
+            lease.confirming.store(false, Ordering::Release);
+            if confirmed && let Some(q) = queue.upgrade() {
+                q.dispatch();
+            }
+        });
     }
 }
