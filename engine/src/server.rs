@@ -230,6 +230,10 @@ impl Server {
             broker.apply_policies(&v.name);
         }
         if let Some(settings) = &config.cluster {
+            // Looked for before the node makes its folder.
+            let standalone = store
+                .as_ref()
+                .and_then(|s| crate::nodes::definitions::Standalone::find(&config.data_dir, s));
             let applier = Arc::new(crate::broker::BrokerApplier::new(&broker, &settings.name));
             let node = crate::cluster::ClusterNode::start(
                 settings.clone(),
@@ -246,7 +250,21 @@ impl Server {
             broker.set_remote(remote);
             broker.set_cluster(node);
             tokio::spawn(broker.clone().offer_plugin_dir());
-            tokio::spawn(broker.clone().seed_cluster_access(config_users, enforce));
+            let seeded = broker.clone().seed_cluster_access(config_users, enforce);
+            match standalone {
+                // The config users first: what the node had alone is laid
+                // over them.
+                Some(found) => {
+                    let b = broker.clone();
+                    tokio::spawn(async move {
+                        seeded.await;
+                        b.adopt_standalone(found).await;
+                    });
+                }
+                None => {
+                    tokio::spawn(seeded);
+                }
+            }
         }
         let watcher = if config.plugins.watch {
             Some(broker.watch_plugins()?)

@@ -1128,3 +1128,124 @@ async fn a_delayed_exchanges_schedule_is_replicated_and_survives_its_leaders_dea
         .await;
     }
 }
+
+/// A single node's quorum queue, with messages, becomes a replicated one:
+/// the node restarted with a `[cluster]` section starts a cluster and
+/// adopts what it had (definitions, users, the queue's messages, in order),
+/// two nodes join, `add-member` grows the queue onto them, and the first
+/// node's death loses none of those messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nodes_quorum_queue_grows_into_a_replicated_one() {
+    let root = tempfile::tempdir().unwrap();
+    let t = Duration::from_secs(30);
+    let a_dir = root.path().join("a");
+    std::fs::create_dir_all(a_dir.join("plugins")).unwrap();
+    {
+        let mut alone = common::Broker::spawn(&a_dir.join("data"), &a_dir.join("plugins"));
+        let (amqp, admin) = alone.ready().await;
+        let api =
+            wasmq::admin::client::AdminClient::new(&format!("http://{admin}"), "guest", "guest");
+        api.put(
+            "/api/users/alice",
+            &serde_json::json!({"password": "s3cret", "tags": "management"}),
+        )
+        .unwrap();
+        let conn = lapin::Connection::connect(
+            &format!("amqp://guest:guest@{amqp}/%2f"),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        ch.queue_declare("orders".into(), durable(), quorum(&[]))
+            .await
+            .unwrap();
+        ch.queue_declare("jobs".into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            assert!(confirmed(&ch, "orders", format!("o{i}").as_bytes()).await);
+        }
+        // One taken before the move: four remain.
+        let first = ch
+            .basic_get("orders".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a message");
+        assert_eq!(first.delivery.data, b"o0");
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        ch.basic_publish(
+            "".into(),
+            "jobs".into(),
+            BasicPublishOptions::default(),
+            b"j0",
+            persistent,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        drop(conn);
+        alone.stop().await;
+    }
+
+    // The same data folder, now as the first node of a cluster.
+    let mut a = Node::start(root.path(), "a", &[]).await;
+    eventually("a adopted the orders queue with its messages", t, || {
+        view(&a, "orders").is_some_and(|q| {
+            q["type"] == "quorum" && q["messages"] == 4 && q["quorum"]["leader"] == "a"
+        })
+    })
+    .await;
+    eventually("the classic queue kept its message", t, || {
+        view(&a, "jobs").is_some_and(|q| q["messages"] == 1)
+    })
+    .await;
+    eventually("alice came along", t, || {
+        a.api().get("/api/users/alice").is_ok()
+    })
+    .await;
+    let b = Node::start(root.path(), "b", std::slice::from_ref(&a.cluster)).await;
+    let c = Node::start(root.path(), "c", std::slice::from_ref(&a.cluster)).await;
+    formed(&[&a, &b, &c]).await;
+    for n in ["b", "c"] {
+        a.api()
+            .post(
+                &format!("/api/queues/%2F/orders/members/{n}"),
+                &serde_json::json!({}),
+            )
+            .unwrap();
+    }
+    eventually("the queue has three members", t, || {
+        members(&a, "orders").len() == 3
+    })
+    .await;
+    eventually("b's replica holds the four messages", t, || {
+        b.api()
+            .get("/api/queues/%2F/orders")
+            .is_ok_and(|q| q["quorum"]["messages"] == 4)
+    })
+    .await;
+
+    // The node that had them alone dies: the others still have them all.
+    a.kill().await;
+    let conn = b.connect().await;
+    let mut got = no_ack_consumer(&conn, "orders", "grown").await;
+    let mut bodies = Vec::new();
+    while bodies.len() < 4 {
+        let d = tokio::time::timeout(t, got.next())
+            .await
+            .expect("the adopted messages, from the new leader")
+            .unwrap()
+            .unwrap();
+        bodies.push(String::from_utf8(d.data).unwrap());
+    }
+    assert_eq!(bodies, ["o1", "o2", "o3", "o4"]);
+    drop(conn);
+    for mut n in [b, c] {
+        n.kill().await;
+    }
+}

@@ -131,6 +131,9 @@ pub struct ClusterNode {
     quorum_log: Arc<super::quorum::wal::Wal>,
     /// Groups added and not yet seen by the leadership watch.
     new_groups: parking_lot::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// This process started a new cluster (rather than joining one or
+    /// being a member already).
+    started_new: std::sync::atomic::AtomicBool,
     /// The quorum queue groups this node holds a replica of, by group.
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
     /// Connections to the cluster port not yet authenticated.
@@ -250,6 +253,7 @@ impl ClusterNode {
             quorum_calls: Default::default(),
             quorum_log,
             new_groups: Default::default(),
+            started_new: false.into(),
             groups: Default::default(),
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
@@ -899,7 +903,11 @@ impl ClusterNode {
             if self.settings.may_bootstrap() && (tries >= 3 || self.seeds().await.is_empty()) {
                 let members = BTreeMap::from([(self.id, self.me.clone())]);
                 match self.raft.initialize(members).await {
-                    Ok(()) => tracing::info!(node = %self.me.name, "started a new cluster"),
+                    Ok(()) => {
+                        self.started_new
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        tracing::info!(node = %self.me.name, "started a new cluster")
+                    }
                     Err(e) => tracing::debug!("initialize: {e}"),
                 }
                 return;
@@ -907,6 +915,12 @@ impl ClusterNode {
             tries += 1;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Whether this process started a new cluster (it was allowed to
+    /// bootstrap and no peer answered), rather than joining one.
+    pub fn started_new_cluster(&self) -> bool {
+        self.started_new.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Wait until this node is a voting member with a known leader.

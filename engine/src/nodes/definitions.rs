@@ -10,7 +10,7 @@
 //! the local definitions log in a cluster: the Raft log and its snapshots
 //! are their durable record, and a restarted node gets them back from it.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use crate::broker::{Broker, BrokerError, Destination, ExchangeSpec, QueueDecl, RemoteQueue};
 use crate::cluster::{Applied, Applier, Catalog, ClusterNode, Command, PluginEvent};
@@ -481,5 +481,120 @@ impl Broker {
                 tracing::error!("restoring the cluster's definitions: {text}");
             }
         }
+    }
+}
+
+/// What a node kept while it ran alone, found when it first starts as a
+/// cluster node: its durable definitions and its users, vhosts,
+/// permissions and policies.
+#[derive(Debug)]
+pub struct Standalone {
+    /// Exchanges, queues and bindings from its store.
+    pub definitions: Definitions,
+    /// Its `access.json`, if it had one.
+    pub access: Option<crate::access::Directory>,
+}
+
+impl Standalone {
+    /// What `data_dir` holds from running alone, if this node has never
+    /// been a cluster member (no `cluster/` folder yet) and it holds
+    /// anything.
+    pub fn find(data_dir: &std::path::Path, store: &crate::store::Store) -> Option<Standalone> {
+        if data_dir.join("cluster").exists() {
+            return None;
+        }
+        let definitions = store.definitions().ok()?;
+        let access = std::fs::read(data_dir.join("access.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::access::Directory>(&b).ok());
+        let empty = definitions
+            .vhosts
+            .iter()
+            .all(|v| v.exchanges.is_empty() && v.queues.is_empty() && v.bindings.is_empty());
+        (!empty).then_some(Standalone {
+            definitions,
+            access,
+        })
+    }
+}
+
+impl Broker {
+    /// This node ran alone before and has just started a new cluster:
+    /// what it had becomes the cluster's, through the log, as an import
+    /// would make it. Its vhosts, users (not the config file's, which every
+    /// node lays down itself), permissions and policies first, then its
+    /// exchanges, queues and bindings; each queue lives on this node, a
+    /// quorum queue as a group of one replica here, which keeps the
+    /// messages it held (`nodes/quorum.rs`) and grows with `wasmq quorum
+    /// add-member` as nodes join. A node that joined an existing cluster
+    /// instead adopts nothing: two histories are not merged by guess.
+    pub async fn adopt_standalone(self: Arc<Self>, found: Standalone) {
+        let Some(node) = self.cluster().cloned() else {
+            return;
+        };
+        while !node.until_ready(std::time::Duration::from_secs(3600)).await {}
+        if !node.started_new_cluster() {
+            tracing::warn!(
+                "this node ran alone before and joined an existing cluster: its definitions are not adopted (export them from a backup of its data folder and import them)"
+            );
+            return;
+        }
+        let me = node.name().to_owned();
+        let mut commands = Vec::new();
+        if let Some(mut directory) = found.access {
+            // The config file's users are every node's own.
+            let config: Vec<String> = directory
+                .users
+                .iter()
+                .filter(|(_, u)| u.from_config)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in &config {
+                directory.users.remove(name);
+                for users in directory.permissions.values_mut() {
+                    users.remove(name);
+                }
+            }
+            commands.push(Command::Access {
+                change: crate::access::AccessChange::Import { directory },
+            });
+        }
+        for mut command in definition_commands(&found.definitions, &me) {
+            if let Command::DeclareQueue { queue, members, .. } = &mut command
+                && crate::broker::QueueLimits::parse(&queue.arguments).is_ok_and(|l| l.quorum)
+            {
+                *members = vec![me.clone()];
+            }
+            commands.push(command);
+        }
+        let mut adopted = 0usize;
+        for command in commands {
+            let what = format!("{command:?}");
+            let mut wait = std::time::Duration::from_millis(100);
+            loop {
+                match node.propose(command.clone()).await {
+                    Ok(Applied::Refused { text, .. }) => {
+                        tracing::error!(
+                            "adopting what this node had alone: refused {}: {text}",
+                            crate::untrusted::text(&what)
+                        );
+                        break;
+                    }
+                    Ok(_) => {
+                        adopted += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!("adopting what this node had alone, trying again: {e}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            changes = adopted,
+            "what this node had alone is now the cluster's"
+        );
     }
 }

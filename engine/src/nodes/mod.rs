@@ -17,7 +17,7 @@
 //! * `plugins`: plugin versions and staged rollouts agreed by every node
 //!   through the log.
 
-pub(crate) mod definitions;
+pub mod definitions;
 pub(crate) mod plugins;
 pub mod quorum;
 pub mod remote;

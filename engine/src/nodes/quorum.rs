@@ -605,6 +605,7 @@ impl Broker {
             .write()
             .insert(definition.name.clone(), queue.clone());
         tracing::info!(queue = %crate::untrusted::text(&definition.name), vhost = %crate::untrusted::text(&vhost.name), term, messages = queue.len(), "serving a quorum queue as its leader");
+        self.adopt_stored(replica);
         let Some(node) = self.cluster().cloned() else {
             return;
         };
@@ -624,6 +625,59 @@ impl Broker {
             ));
         } else {
             self.tell_moved(&vhost.name, &definition.name);
+        }
+    }
+
+    /// Messages this node kept for the queue while it ran alone (a single
+    /// node's quorum queue is a one-replica queue in its store): proposed
+    /// to the group, in their order and with their publish times, each
+    /// acked in the old log once committed, and the old log deleted once
+    /// all are. A message not committed (this node stopped leading) stays
+    /// there and is proposed when it leads again. A crash between a commit
+    /// and its ack being written may enqueue that message twice.
+    fn adopt_stored(&self, replica: &Arc<Replica>) {
+        use std::sync::atomic::Ordering;
+        let Some(store) = self.store() else { return };
+        if !store.queue_dir(&replica.vhost, &replica.queue).exists() {
+            return;
+        }
+        let name = crate::untrusted::text(&replica.queue).to_string();
+        let (log, recovered) = match store.open_queue(&replica.vhost, &replica.queue) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(queue = %name, "opening what this node kept of the queue alone: {e}");
+                return;
+            }
+        };
+        if recovered.is_empty() {
+            log.destroy();
+            return;
+        }
+        tracing::info!(queue = %name, messages = recovered.len(), "replicating the messages this node kept of the queue alone");
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(recovered.len()));
+        let missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for r in recovered {
+            let message = match log.load(r.stored) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(queue = %name, "reading a message this node kept alone: {e}");
+                    missed.store(true, Ordering::Relaxed);
+                    left.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+            };
+            let (log, left, missed, stored) = (log.clone(), left.clone(), missed.clone(), r.stored);
+            let reply: crate::broker::Reply = Box::new(move |taken| {
+                if taken {
+                    log.ack([stored]);
+                } else {
+                    missed.store(true, Ordering::Relaxed);
+                }
+                if left.fetch_sub(1, Ordering::AcqRel) == 1 && !missed.load(Ordering::Relaxed) {
+                    log.destroy();
+                }
+            });
+            replica.enqueue_at(&message, r.meta.published_ms, Some(reply));
         }
     }
 

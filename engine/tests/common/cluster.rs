@@ -283,14 +283,8 @@ impl Node {
     /// SIGTERM (a graceful stop, as Kubernetes stops a pod), and wait for
     /// the process to exit.
     pub async fn stop(&mut self) {
-        if let Some(mut b) = self.broker.take() {
-            let pid = b.child.id().expect("pid");
-            let ok = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "kill -TERM {pid}");
-            b.child.wait().await.expect("reap");
+        if let Some(b) = self.broker.take() {
+            b.stop().await;
         }
     }
 

@@ -113,4 +113,16 @@ impl Broker {
         self.child.start_kill().expect("kill -9");
         self.child.wait().await.expect("reap");
     }
+
+    /// SIGTERM (a graceful stop), and wait for the process to exit.
+    #[allow(dead_code)]
+    pub async fn stop(mut self) {
+        let pid = self.child.id().expect("pid");
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM {pid}");
+        self.child.wait().await.expect("reap");
+    }
 }

@@ -545,16 +545,25 @@ async fn majority_lost(raft: &Raft<QuorumConfig>, node: &std::sync::Weak<Cluster
     }
 }
 
-impl Replicated for Replica {
-    fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>) {
+impl Replica {
+    /// Propose `message`, published at `published_ms` (a message this
+    /// node kept before the queue was replicated keeps its own time, so
+    /// its TTL and delays count from it).
+    pub fn enqueue_at(&self, message: &Message, published_ms: u64, reply: Option<Reply>) {
         let e = Enqueue {
-            published_ms: crate::message::now_ms(),
-            message: StoredMessage::of(&message),
+            published_ms,
+            message: StoredMessage::of(message),
         };
         self.proposer.add(|g| {
             g.op.enqueue.push(e);
             g.replies.push(reply);
         });
+    }
+}
+
+impl Replicated for Replica {
+    fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>) {
+        self.enqueue_at(&message, crate::message::now_ms(), reply);
     }
 
     fn settled(&self, ids: Vec<u64>) {
