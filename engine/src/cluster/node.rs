@@ -428,15 +428,24 @@ impl ClusterNode {
         let dialed = tokio::time::timeout(bound, self.peers.link_to(Some(name), &addr)).await;
         let failed = match dialed {
             Ok(Ok(link)) => {
-                self.unanswered.lock().remove(name);
+                if self.unanswered.lock().remove(name).is_some() {
+                    tracing::info!(node = %name, "node answers the message path again");
+                }
                 return Ok(link);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("node '{name}' did not answer within {bound:?}"),
         };
-        self.unanswered
+        // Said once an outage, not once a message: every publish and
+        // subscription for the node's queues fails the same way meanwhile.
+        let first = self
+            .unanswered
             .lock()
-            .insert(name.to_owned(), std::time::Instant::now());
+            .insert(name.to_owned(), std::time::Instant::now())
+            .is_none();
+        if first {
+            tracing::warn!(node = %name, "node does not answer the message path; traffic for its queues is refused until it does: {failed}");
+        }
         Err(ClusterError::Raft(failed))
     }
 

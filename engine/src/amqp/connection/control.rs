@@ -661,7 +661,8 @@ impl Connection {
             let link = match remote.node().link_to(&t.node).await {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    tracing::warn!(node = %t.node, "cannot reach the node of a queue: {e}");
+                    // The node logs the outage once (`ClusterNode::link_to`).
+                    tracing::debug!(node = %t.node, "cannot reach the node of a queue: {e}");
                     None
                 }
             };

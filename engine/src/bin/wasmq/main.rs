@@ -675,16 +675,22 @@ fn opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
+/// The log filter without `RUST_LOG`.
+const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::raft_core=error,\
+openraft::replication=off,openraft::engine::handler::replication_handler=off,\
+openraft::raft::responder=off";
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // openraft narrates every membership step at info; its warnings
-        // and errors are what an operator needs, except the core's notices
-        // that a stale message was ignored ("vote changed", "membership
-        // changed", "leader has removed target"), which every election
-        // makes once per group: they show with RUST_LOG=openraft=debug.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,openraft=warn,openraft::core::raft_core=error")
-        });
+        // and errors are what an operator needs, except routine notices
+        // that every election or peer outage makes once per group and per
+        // call: the core's stale messages ignored ("vote changed",
+        // "membership changed", "leader has removed target"), replication
+        // calls to a peer that is down and their backoff, and answers to
+        // callers that went away. The node logs a peer's outage once
+        // itself. They show with RUST_LOG=openraft=debug.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     // Colour only for a person at a terminal: a log written to a file or a
     // pipe gets no escape codes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -788,5 +794,20 @@ mod tests {
     fn every_subcommand_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// The default filter parses, directive by directive (a typo would
+    /// otherwise fall back silently to logging everything at `error`).
+    #[test]
+    fn the_default_log_filter_parses() {
+        for directive in super::DEFAULT_LOG.split(',') {
+            assert!(
+                directive
+                    .parse::<tracing_subscriber::filter::Directive>()
+                    .is_ok(),
+                "{directive}"
+            );
+        }
+        tracing_subscriber::EnvFilter::try_new(super::DEFAULT_LOG).unwrap();
     }
 }
