@@ -141,15 +141,57 @@ try {
   await page.screenshot({ path: `${shots}/plugin.png` });
   await page.click("#pcand button[data-act=abort]");
   await page.waitForSelector("#nocand");
+  // Its log is live: lines written after the page opened appear without
+  // a reload (the test writes "live line N" every 300 ms).
+  const newest = async () => Math.max(-1, ...(await page.$$eval("#plogs td", (tds) =>
+    tds.map((t) => /^live line (\d+)$/.exec(t.textContent)).filter(Boolean).map((m) => Number(m[1])))));
+  const seen = await newest();
+  await page.waitForFunction((n) => [...document.querySelectorAll("#plogs td")].some((t) => {
+    const m = /^live line (\d+)$/.exec(t.textContent);
+    return m && Number(m[1]) > n;
+  }), seen, { timeout: 10000 });
 
   await page.click("a[href='#connections']");
   await page.waitForSelector(`td:has-text('${user}')`);
+  await page.waitForSelector("h2:has-text('Channels')");
   await page.screenshot({ path: `${shots}/connections.png` });
+  // Close one (the test opened a spare): one row fewer.
+  const before = await page.$$eval("#connlists table:first-of-type tbody tr", (rs) => rs.length);
+  await page.click("#connlists table:first-of-type tbody tr:last-child button[data-close]");
+  await page.waitForSelector("#conn-msg:has-text('Closed connection')");
+  await page.waitForFunction((n) => document.querySelectorAll("#connlists table:first-of-type tbody tr").length === n - 1, before);
 
   await page.click("a[href='#admin']");
   await page.waitForSelector(`tr:has(td:has-text('${user}')):has(td:has-text('administrator'))`);
   await page.waitForSelector("td:has-text('ui-cap')");
+  // Add a user, give it permissions, add a policy; then delete both.
+  await page.fill("#adduser input[name=uname]", "ui-bob");
+  await page.fill("#adduser input[name=password]", "bob-secret");
+  await page.fill("#adduser input[name=tags]", "management");
+  await page.click("#adduser button");
+  await page.waitForSelector("#admin-msg:has-text('Done: user ui-bob added')");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-bob')):has(td:has-text('management'))");
+  await page.fill("#setperm input[name=user]", "ui-bob");
+  await page.fill("#setperm input[name=read]", "^ui-");
+  await page.click("#setperm button");
+  await page.waitForSelector("#adminlists tr:has(td:has-text('ui-bob')):has(code:has-text('^ui-'))");
+  await page.fill("#addpolicy input[name=pname]", "ui-ttl");
+  await page.fill("#addpolicy input[name=pattern]", "^ui\\.ledger$");
+  await page.fill("#addpolicy input[name=definition]", '{"message-ttl": 60000}');
+  await page.click("#addpolicy button");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-ttl'))");
+  // A definition the API refuses shows the reason and changes nothing.
+  await page.fill("#addpolicy input[name=pname]", "ui-bad");
+  await page.fill("#addpolicy input[name=definition]", '{"max-priority": 5}');
+  await page.click("#addpolicy button");
+  await page.waitForSelector("#admin-msg:has-text('400')");
+  // That refusal is an expected failed request.
+  errors.splice(0, errors.length, ...errors.filter((e) => !e.includes("status of 400")));
   await page.screenshot({ path: `${shots}/admin.png` });
+  await page.click("#adminlists tr:has(code:has-text('ui-ttl')) button[data-del=policy]");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-ttl'))", { state: "detached" });
+  await page.click("#adminlists tr:has(code:has-text('ui-bob')) button[data-del=user]");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-bob'))", { state: "detached" });
 
   await page.click("#logout");
   await page.waitForSelector("form#login:visible");

@@ -6,8 +6,11 @@
 //! deletes another), sees an exchange with its type, traces a message and
 //! opens its page (bindings with their filters),
 //! a plugin with its hash, stages a canary of it from a file and aborts
-//! it on its page, the connection, and the users and policies on the
-//! admin page, logs out, and no page logs a JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
+//! it on its page and sees its log lines arrive live, the connections and
+//! channels (and closes a connection), and on the admin page adds a user,
+//! sets its permissions, adds a policy, sees a refused one's reason and
+//! deletes the policy and the user, logs out, and no page logs a
+//! JavaScript error. Screenshots of each page are kept in `target/ui-screenshots/`.
 //!
 //! `scripts/test.sh` installs Chromium (Debian's package) when missing and
 //! playwright-core (`tests/node/package.json`) under `target/amqplib`.
@@ -116,7 +119,23 @@ async fn the_web_ui_shows_the_broker_in_a_real_browser() {
             shots.clone().into_os_string(),
             candidate_file.clone().into_os_string(),
         ]);
+    // A spare connection for the browser to close.
+    let spare = server.connect().await;
+    // Lines in the plugin's log while the browser watches it (the host's
+    // own log of the plugin, which a guest's `wasmq_sdk::log` writes to).
+    let log = server.broker().host().plugin_log("ui-filter");
+    let writer = tokio::spawn(async move {
+        for n in 0u64.. {
+            log.write("ui-filter", "test", 3, format!("live line {n}"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
     wasmq_tests::run_node_script("ui.mjs", args, Duration::from_secs(120)).await;
+    writer.abort();
+    assert!(
+        !spare.status().connected(),
+        "the browser closed the spare connection"
+    );
     for page in [
         "overview",
         "queues",

@@ -30,7 +30,9 @@ async function api(path, body, method) {
   const r = await fetch(path, init);
   if (r.status === 401) { logout("Your session ended: log in again."); throw new Error("401"); }
   if (!r.ok) throw new Error(`${path}: ${r.status} ${(await r.json().catch(() => ({}))).reason || ""}`);
-  return r.status === 204 ? null : r.json();
+  // A 201 or 204 may have no body.
+  const text = await r.text();
+  return text ? JSON.parse(text) : null;
 }
 
 // Each view's filter text, kept across the view's refreshes.
@@ -110,6 +112,57 @@ function traceForm(vhost, name) {
       $("#trace-result").innerHTML = `<p class="error">${esc(e.message)}</p>`;
     }
   });
+}
+
+// The plugin page's log: its lines, and the live stream that adds to them
+// (server-sent events read through fetch, which sends the credentials an
+// EventSource cannot), ended when the page is left.
+let plogLines = [];
+let follow = null;
+
+function renderLogs() {
+  const el = $("#plogs");
+  if (!el) return;
+  el.innerHTML = table(plogLines.slice(-20).reverse(), [
+    ["Level", (l) => esc(l.level)],
+    ["Version", (l) => `<code>${esc(String(l.version).slice(0, 12))}</code>`],
+    ["Message", (l) => esc(l.message)],
+  ], false);
+}
+
+function stopFollowing() {
+  if (follow) follow.abort();
+  follow = null;
+}
+
+function followLogs(base) {
+  stopFollowing();
+  const ctl = new AbortController();
+  follow = ctl;
+  (async () => {
+    const r = await fetch(`${base}/logs?follow=true`, { headers: { Authorization: auth, "X-Requested-With": "wasmq-ui" }, signal: ctl.signal });
+    if (!r.ok || !r.body) return;
+    const reader = r.body.getReader();
+    const text = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += text.decode(value, { stream: true });
+      let end;
+      while ((end = buf.indexOf("\n\n")) >= 0) {
+        const lines = buf.slice(0, end).split("\n");
+        buf = buf.slice(end + 2);
+        // Named events (`missed`) and keep-alives carry no log line.
+        if (lines.some((l) => l.startsWith("event:"))) continue;
+        const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (!data) continue;
+        plogLines.push(JSON.parse(data));
+        if (plogLines.length > 200) plogLines.shift();
+        renderLogs();
+      }
+    }
+  })().catch(() => {});
 }
 
 const views = {
@@ -324,8 +377,12 @@ const views = {
       $("#page").innerHTML = `<div id="pwrap"><h1>Plugin <code>${esc(name)}</code></h1><div id="pdetail"></div>` +
         `<h2>Candidate</h2><div id="pcand"></div>` +
         `<form id="pstage"><label>New version <input type="file" name="file" accept=".wasm"></label> <select name="mode"><option value="shadow">shadow</option><option value="canary">canary</option></select> <label>canary share % <input name="percent" type="number" value="10" min="1" max="100"></label> <button>Stage</button></form><p id="pstaged"></p>` +
-        `<h2>Versions kept</h2><div id="pversions"></div><h2>Latest log lines</h2><div id="plogs"></div></div>`;
+        `<h2>Versions kept</h2><div id="pversions"></div><div id="pcluster"></div><h2>Log, live</h2><div id="plogs"></div></div>`;
       $("#pdetail").dataset.key = name;
+      // The latest lines, then each new one as the plugin writes it.
+      plogLines = await api(`${base}/logs`).catch(() => []);
+      renderLogs();
+      followLogs(base);
       $("#pstage").addEventListener("submit", async (e) => {
         e.preventDefault();
         const f = e.target;
@@ -359,11 +416,10 @@ const views = {
         views.plugin(name);
       });
     }
-    const [plugins, versions, rollouts, logs] = await Promise.all([
+    const [plugins, versions, rollouts] = await Promise.all([
       api("/api/plugins"),
       api(`${base}/versions`),
       api("/api/rollouts"),
-      api(`${base}/logs`),
     ]);
     const p = plugins.find((x) => x.name === name) || {};
     $("#pdetail").innerHTML = `<div class="cards">${card("State", p.state || "unknown")}${card("Roles", p.roles || "")}${card("Hash", (p.hash || "").slice(0, 12))}${card("Calls", p.calls ?? 0)}${card("Faults", p.faults ?? 0)}${card("Code", p.code || "")}</div>`;
@@ -380,15 +436,70 @@ const views = {
       ["Size", (v) => esc(v.size)],
       ["", (v) => (v.serving ? "" : `<button data-act="rollback" data-hash="${esc(v.hash)}">Roll back to it</button>`)],
     ], false);
-    $("#plogs").innerHTML = table(logs.slice(-20), [
-      ["Level", (l) => esc(l.level)],
-      ["Version", (l) => `<code>${esc(String(l.version).slice(0, 12))}</code>`],
-      ["Message", (l) => esc(l.message)],
+    // In a cluster: the versions every node keeps, who took each and who
+    // refused it (and why).
+    $("#pcluster").innerHTML = !(p.cluster || []).length ? "" : `<h2>In the cluster</h2>` + table(p.cluster, [
+      ["Hash", (v) => `<code>${esc(v.hash.slice(0, 12))}</code>`],
+      ["Active", (v) => esc(v.active ? "yes" : "")],
+      ["From", (v) => esc(v.from)],
+      ["Ready on", (v) => esc((v.ready || []).join(", "))],
+      ["Refused by", (v) => esc(Object.entries(v.refused || {}).map(([n, why]) => `${n}: ${why}`).join("; "))],
     ], false);
   },
   // Users, vhosts, permissions, policies and limits, as the run-time
-  // operations API gives them; a section the user may not read says so.
+  // operations API gives them, with forms to add a user, set a user's
+  // permissions and add a policy, and a delete button on each user and
+  // policy (asked to confirm). The forms are made once; the lists under
+  // them refresh. A section the user may not read says so, and an action
+  // the API refuses shows its reason.
   async admin() {
+    if (!$("#adminlists")) {
+      $("#page").innerHTML = `<div id="adminwrap"><h1>Admin</h1>` +
+        `<form id="adduser" class="inline"><b>Add a user</b> <input name="uname" placeholder="name" required> <input name="password" type="password" placeholder="password"> <input name="tags" placeholder="tags, e.g. management"> <button>Add user</button></form>` +
+        `<form id="setperm" class="inline"><b>Permissions</b> <input name="user" placeholder="user" required> <input name="vhost" value="/" required> <input name="configure" value=".*"> <input name="write" value=".*"> <input name="read" value=".*"> <button>Set permissions</button></form>` +
+        `<form id="addpolicy" class="inline"><b>Add a policy</b> <input name="pname" placeholder="name" required> <input name="vhost" value="/" required> <input name="pattern" placeholder="pattern, e.g. ^orders\\." required> <select name="applyto"><option>queues</option><option>classic_queues</option><option>quorum_queues</option><option>streams</option><option>exchanges</option><option>all</option></select> <input name="priority" type="number" value="0"> <input name="definition" placeholder='{"max-length": 1000}' required> <button>Add policy</button></form>` +
+        `<p id="admin-msg"></p><div id="adminlists"></div></div>`;
+      const act = async (what, call) => {
+        try {
+          await call();
+          $("#admin-msg").textContent = `Done: ${what}.`;
+        } catch (err) {
+          $("#admin-msg").textContent = err.message;
+        }
+        views.admin();
+      };
+      const seg = encodeURIComponent;
+      $("#adduser").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const f = e.target;
+        const body = { tags: f.tags.value };
+        if (f.password.value) body.password = f.password.value;
+        // (A form's own `name` hides a field of that name: hence `uname`.)
+        act(`user ${f.uname.value} added`, () => api(`/api/users/${seg(f.uname.value)}`, body, "PUT")).then(() => f.reset());
+      });
+      $("#setperm").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const f = e.target;
+        act(`permissions of ${f.user.value} set`, () => api(`/api/permissions/${seg(f.vhost.value)}/${seg(f.user.value)}`,
+          { configure: f.configure.value, write: f.write.value, read: f.read.value }, "PUT"));
+      });
+      $("#addpolicy").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const f = e.target;
+        let definition;
+        try { definition = JSON.parse(f.definition.value); } catch (err) { $("#admin-msg").textContent = `definition: ${err.message}`; return; }
+        act(`policy ${f.pname.value} set`, () => api(`/api/policies/${seg(f.vhost.value)}/${seg(f.pname.value)}`,
+          { pattern: f.pattern.value, "apply-to": f.applyto.value, priority: Number(f.priority.value), definition }, "PUT"));
+      });
+      $("#adminwrap").addEventListener("click", (e) => {
+        const b = e.target.closest("button[data-del]");
+        if (!b) return;
+        const { del, name, vhost } = b.dataset;
+        if (!confirm(`Delete ${del} '${name}'?`)) return;
+        if (del === "user") act(`user ${name} deleted`, () => api(`/api/users/${seg(name)}`, undefined, "DELETE"));
+        if (del === "policy") act(`policy ${name} deleted`, () => api(`/api/policies/${seg(vhost)}/${seg(name)}`, undefined, "DELETE"));
+      });
+    }
     const list = (v) => (Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? JSON.stringify(v) : String(v ?? ""));
     const section = async (title, path, columns) => {
       try {
@@ -402,6 +513,7 @@ const views = {
         ["Name", (u) => `<code>${esc(u.name)}</code>`],
         ["Tags", (u) => esc(list(u.tags))],
         ["Limits", (u) => `<code>${esc(list(u.limits || {}))}</code>`],
+        ["", (u) => `<button data-del="user" data-name="${esc(u.name)}">Delete</button>`],
       ]),
       section("Virtual hosts", "/api/vhosts", [
         ["Name", (v) => `<code>${esc(v.name)}</code>`],
@@ -422,6 +534,7 @@ const views = {
         ["Apply to", (p) => esc(p["apply-to"])],
         ["Priority", (p) => esc(p.priority)],
         ["Definition", (p) => `<code>${esc(JSON.stringify(p.definition))}</code>`],
+        ["", (p) => `<button data-del="policy" data-name="${esc(p.name)}" data-vhost="${esc(p.vhost)}">Delete</button>`],
       ]),
       section("Operator policies", "/api/operator-policies", [
         ["Name", (p) => `<code>${esc(p.name)}</code>`],
@@ -438,16 +551,41 @@ const views = {
         ["Limits", (l) => `<code>${esc(JSON.stringify(l.value))}</code>`],
       ]),
     ]);
-    $("#page").innerHTML = `<h1>Admin</h1>` + parts.join("");
+    $("#adminlists").innerHTML = parts.join("");
   },
+  // Connections (each with a close button, asked to confirm) and their
+  // channels.
   async connections() {
-    const cs = await api("/api/connections");
-    $("#page").innerHTML = `<h1>Connections</h1>` + table(cs, [
+    if (!$("#connlists")) {
+      $("#page").innerHTML = `<div id="connwrap"><h1>Connections</h1><p id="conn-msg"></p><div id="connlists"></div></div>`;
+      $("#connwrap").addEventListener("click", async (e) => {
+        const b = e.target.closest("button[data-close]");
+        if (!b || !confirm(`Close connection ${b.dataset.close} (${b.dataset.peer})?`)) return;
+        try {
+          await api(`/api/connections/${encodeURIComponent(b.dataset.close)}`, undefined, "DELETE");
+          $("#conn-msg").textContent = `Closed connection ${b.dataset.close}.`;
+        } catch (err) {
+          $("#conn-msg").textContent = err.message;
+        }
+        views.connections();
+      });
+    }
+    const [cs, chs] = await Promise.all([api("/api/connections"), api("/api/channels")]);
+    $("#connlists").innerHTML = table(cs, [
       ["Peer", (c) => esc(c.peer)],
       ["Client", (c) => esc(c.client || "")],
       ["User", (c) => esc(c.user)],
       ["Vhost", (c) => esc(c.vhost)],
       ["Channels", (c) => esc(c.channels)],
+      ["TLS", (c) => esc(c.ssl ? c.ssl_protocol || "yes" : "")],
+      ["", (c) => `<button data-close="${esc(c.name)}" data-peer="${esc(c.peer)}">Close</button>`],
+    ], false) + `<h2>Channels</h2>` + table(chs, [
+      ["Channel", (c) => esc(c.name)],
+      ["User", (c) => esc(c.user)],
+      ["Vhost", (c) => esc(c.vhost)],
+      ["Confirm", (c) => esc(c.confirm ? "yes" : "")],
+      ["Prefetch", (c) => esc(c.prefetch_count)],
+      ["Unacked", (c) => esc(c.messages_unacknowledged)],
     ], false);
   },
 };
@@ -459,6 +597,7 @@ async function show() {
   try {
     // `#queue/VHOST/NAME`: a view with its arguments.
     const [base, ...args] = view.split("/");
+    if (base !== "plugin" && follow) stopFollowing();
     await (views[base] || views.overview)(...args.map(decodeURIComponent));
   } catch (e) {
     if (auth) $("#page").innerHTML = `<p class="error">${esc(e.message)}</p>`;
@@ -467,6 +606,7 @@ async function show() {
 }
 
 function logout(why) {
+  stopFollowing();
   auth = null;
   clearTimeout(timer);
   last = null;
