@@ -222,11 +222,15 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
                 nodes[i].restart().await;
                 addrs.lock().unwrap()[i] = Some(nodes[i].amqp.clone());
                 for _ in 0..2 {
+                    // The leader as one answer names it (it may change, or
+                    // be unknown for a moment, between two questions).
+                    let mut leader = None;
                     eventually("a leader to pause", Duration::from_secs(30), || {
-                        leader_of(&nodes, None).is_some()
+                        leader = leader_of(&nodes, None);
+                        leader.is_some()
                     })
                     .await;
-                    let l = leader_of(&nodes, None).unwrap();
+                    let l = leader.expect("a leader");
                     signal(&nodes[l], "STOP");
                     tokio::time::sleep(pause).await;
                     signal(&nodes[l], "CONT");
