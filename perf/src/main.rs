@@ -75,7 +75,7 @@ struct Args {
     /// Exchange type: direct, topic, fanout, or a plugin name.
     #[arg(long, default_value = "direct")]
     exchange_type: String,
-    /// Queues (consumers are spread over them).
+    /// Queues (consumers are spread over them, every queue consumed).
     #[arg(long, default_value_t = 1)]
     queues: usize,
     /// Keep existing queues and their messages (default: delete and
@@ -350,21 +350,34 @@ async fn consume(
         ch.basic_qos(args.prefetch, BasicQosOptions::default())
             .await?;
     }
-    let queue = queue_name(id % args.queues);
     let opts = BasicConsumeOptions {
         no_ack: args.auto_ack,
         ..Default::default()
     };
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            format!("perf-{id}").as_str().into(),
-            opts,
-            FieldTable::default(),
-        )
-        .await?;
+    // Every queue has a consumer: consumer `id` takes queues `id`,
+    // `id + consumers`, ... (and with fewer queues than consumers, queue
+    // `id % queues`), on its one channel.
+    let mine: Vec<usize> = if args.queues <= args.consumers {
+        vec![id % args.queues]
+    } else {
+        (id..args.queues).step_by(args.consumers).collect()
+    };
+    let mut subs = Vec::with_capacity(mine.len());
+    for q in mine {
+        subs.push(
+            ch.basic_consume(
+                queue_name(q).as_str().into(),
+                format!("perf-{id}-{q}").as_str().into(),
+                opts,
+                FieldTable::default(),
+            )
+            .await?,
+        );
+    }
+    let mut consumer = futures::stream::select_all(subs);
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut unacked = 0u64;
+    let (mut max_tag, mut acked_to) = (0u64, 0u64);
     loop {
         let next = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await;
         let d = match next {
@@ -380,12 +393,20 @@ async fn consume(
         let count = stats.received.fetch_add(1, Ordering::Relaxed) + 1;
         if !args.auto_ack {
             unacked += 1;
+            // The channel's consumers' deliveries may be taken out of tag
+            // order: a multiple ack names the highest tag seen.
+            max_tag = max_tag.max(d.delivery_tag);
             if unacked >= args.multi_ack {
-                d.acker
-                    .ack(BasicAckOptions {
-                        multiple: args.multi_ack > 1,
-                    })
-                    .await?;
+                if args.multi_ack > 1 {
+                    // A delivery below a tag acked already was acked with it.
+                    if max_tag > acked_to {
+                        ch.basic_ack(max_tag, BasicAckOptions { multiple: true })
+                            .await?;
+                        acked_to = max_tag;
+                    }
+                } else {
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                }
                 unacked = 0;
             }
         }

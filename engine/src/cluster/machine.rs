@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::command::{Applied, Command};
-use super::snapshot::{StoredSnapshot, sm_err};
+use super::snapshot::{Encoding, StoredSnapshot, sm_err};
 use super::{Member, NodeId, TypeConfig};
 use crate::store::definitions::{BindingDefinition, ExchangeDefinition, QueueDefinition};
 
@@ -782,6 +782,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 inner.last_applied,
                 inner.membership.clone(),
                 inner.built,
+                Encoding::Json,
             )?
         };
         stored.save(&self.dir)?;

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QuorumConfig;
 use super::op::{Op, Outcome, StoredMessage, message_id};
-use crate::cluster::snapshot::{StoredSnapshot, sm_err};
+use crate::cluster::snapshot::{Encoding, StoredSnapshot, sm_err};
 use crate::cluster::{Member, NodeId};
 
 /// A message the queue holds.
@@ -63,8 +63,9 @@ pub struct QueueState {
     /// Messages not settled, by id.
     pub messages: BTreeMap<u64, Held>,
     /// A deduplicating queue's ids and when each expires (ms), as of the
-    /// snapshot (the live set is the machine's cache).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// snapshot (the live set is the machine's cache). Always written:
+    /// postcard reads fields by position.
+    #[serde(default)]
     pub ids: Vec<(u64, u64, u64)>,
 }
 
@@ -221,6 +222,7 @@ impl RaftSnapshotBuilder<QuorumConfig> for QuorumMachine {
                 inner.last_applied,
                 inner.membership.clone(),
                 inner.built,
+                Encoding::Binary,
             )?
         };
         stored.save(&self.dir)?;

@@ -363,7 +363,10 @@ impl Replica {
 
     /// Whether this replica leads its group now.
     pub fn leads(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        // Read in place: the metrics hold the membership, too dear to copy
+        // on every check.
+        let m = self.raft.metrics();
+        let m = m.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
