@@ -4,14 +4,15 @@
 #
 #   source perf/cluster3.sh; start_cluster3 path/to/wasmq
 #
-# WASMQ_QUIESCENT=1 turns on `[cluster] quiescent_quorum` on every node.
+# `[cluster] quiescent_quorum` is on (the default); WASMQ_QUIESCENT=0 turns
+# it off on every node (groups on openraft's own heartbeats and timers).
 #
 # Sets `pids` (the three processes) and `root` (their folder).
 source scripts/node-config.sh
 
 start_cluster3() {
-    local bin=$1 i=0 node quiescent=false
-    [ -n "${WASMQ_QUIESCENT:-}" ] && quiescent=true
+    local bin=$1 i=0 node quiescent=true
+    [ "${WASMQ_QUIESCENT:-1}" = 0 ] && quiescent=false
     root=$(mktemp -d)
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$root/secret"
     pids=()

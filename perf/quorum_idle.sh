@@ -8,7 +8,8 @@
 #   perf/quorum_idle.sh [N] [SECONDS]          (defaults: 100 queues, 20 s)
 #
 # WASMQ_BIN=path uses a built broker instead of building the release one;
-# WASMQ_QUIESCENT=1 runs the nodes with `[cluster] quiescent_quorum`.
+# WASMQ_QUIESCENT=0 runs the nodes without `[cluster] quiescent_quorum`
+# (on by default).
 # Needs pika (./scripts/test.sh installs it in target/pika-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

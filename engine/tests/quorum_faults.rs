@@ -16,6 +16,8 @@
 //! 50 s (the leader killed and restarted, then whichever leads paused
 //! twice).
 //!
+//! It runs twice: with quiescent groups (the default; `WASMQ_QUIESCENT=0`
+//! turns the first run's off) and with groups on openraft's own timers.
 //! `WASMQ_FAULTS` sets the number of faults (the suite runs a few),
 //! `WASMQ_FAULT_SEED` replays a run (the seed is printed). The long
 //! campaign is `scripts/quorum-campaign.sh` (docs/cluster.md).
@@ -70,8 +72,22 @@ fn leader_of(nodes: &[Node], stopped: Option<usize>) -> Option<usize> {
     None
 }
 
+/// Quiescent groups (the default), or, with `WASMQ_QUIESCENT=0`, groups on
+/// openraft's own timers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
+    let quiescent = std::env::var("WASMQ_QUIESCENT").map_or(true, |v| v != "0");
+    checker(quiescent).await;
+}
+
+/// Groups on openraft's own heartbeats and election timers
+/// (`quiescent_quorum = false`) keep the same guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_on_openraft_timers_lose_nothing_either() {
+    checker(false).await;
+}
+
+async fn checker(quiescent: bool) {
     let faults: usize = std::env::var("WASMQ_FAULTS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -90,18 +106,10 @@ async fn quorum_queues_lose_no_confirmed_message_through_random_faults() {
     let mut rng = Rng(seed);
 
     let root = tempfile::tempdir().unwrap();
-    // WASMQ_QUIESCENT=1 checks the opt-in quiescent groups instead.
-    let quiescent = std::env::var_os("WASMQ_QUIESCENT").is_some();
     eprintln!("quiescent_quorum = {quiescent}");
-    let (proxies, nodes) = three_nodes_behind_proxies_with(
-        root.path(),
-        if quiescent {
-            "quiescent_quorum = true"
-        } else {
-            ""
-        },
-    )
-    .await;
+    let (proxies, nodes) =
+        three_nodes_behind_proxies_with(root.path(), &format!("quiescent_quorum = {quiescent}"))
+            .await;
     let mut nodes = Vec::from(nodes);
     {
         let conn = nodes[0].connect().await;

@@ -72,10 +72,9 @@ pub struct ClusterSettings {
     /// Quorum queue groups without heartbeats or timers of their own,
     /// elected from the node's view of its links (`docs/cluster.md`,
     /// "What a quorum queue costs"): idle queues then cost next to
-    /// nothing. Off by default: the fault checker found confirmed messages
-    /// undelivered and first deliveries out of order in this mode, and the
-    /// runs since the cause found was fixed are not yet enough.
-    #[serde(default)]
+    /// nothing. On by default; `false` gives every group openraft's own
+    /// heartbeats and election timers.
+    #[serde(default = "default_quiescent")]
     pub quiescent_quorum: bool,
     /// Raft election timeout, ms: drawn between this and a quarter more
     /// ([`ClusterSettings::election_range`]); a leader gone silent is
@@ -98,6 +97,9 @@ fn default_listen() -> String {
 }
 fn default_port() -> u16 {
     DEFAULT_CLUSTER_PORT
+}
+fn default_quiescent() -> bool {
+    true
 }
 fn default_heartbeat() -> u64 {
     200
