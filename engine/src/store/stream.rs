@@ -1088,8 +1088,10 @@ impl Reader {
         let Some((o, _, payload, after)) = self.raw()? else {
             return Ok(None);
         };
-        let path = segment_path(&self.log.dir, self.segment);
-        let r = decode(payload).map_err(|e| corrupt(&path, self.pos, e))?;
+        // The segment's path only for an error: naming it is a format and
+        // an allocation, per record otherwise.
+        let r = decode(payload)
+            .map_err(|e| corrupt(&segment_path(&self.log.dir, self.segment), self.pos, e))?;
         self.pos = after;
         self.next = o + 1;
         Ok(Some(r))
