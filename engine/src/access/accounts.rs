@@ -231,18 +231,7 @@ impl Accounts {
     /// there is loaded, and every change is written there first. A missing
     /// file is an empty, unseeded directory.
     pub fn open(&self, path: PathBuf) -> Result<(), String> {
-        let directory = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Directory>(&bytes).map_err(|e| {
-                format!(
-                    "{}: line {} column {}: {e}",
-                    path.display(),
-                    e.line(),
-                    e.column()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Directory::default(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
+        let directory = Directory::read(&path)?.unwrap_or_default();
         self.replace(directory);
         *self.file.lock() = Some(path);
         Ok(())

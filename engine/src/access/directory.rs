@@ -388,6 +388,27 @@ fn check_permissions(p: &PermissionRecord) -> Result<(), AccessError> {
 }
 
 impl Directory {
+    /// The directory kept in `path` (`access.json`), `None` if there is no
+    /// such file; an unreadable one is an error naming the line.
+    pub fn read(path: &std::path::Path) -> Result<Option<Directory>, String> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice::<Directory>(&bytes)
+                .map(Some)
+                .map_err(|e| {
+                    format!(
+                        "{}: line {} column {}: {e}",
+                        path.display(),
+                        e.line(),
+                        e.column()
+                    )
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+impl Directory {
     /// The directory the config file's users make: each user, the vhosts
     /// it names, full permissions in its `vhosts` and its patterns in
     /// `permissions`.

@@ -504,9 +504,11 @@ impl Standalone {
             return None;
         }
         let definitions = store.definitions().ok()?;
-        let access = std::fs::read(data_dir.join("access.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<crate::access::Directory>(&b).ok());
+        let access =
+            crate::access::Directory::read(&data_dir.join("access.json")).unwrap_or_else(|e| {
+                tracing::error!("this node's users, kept while it ran alone, are not adopted: {e}");
+                None
+            });
         let empty = definitions
             .vhosts
             .iter()

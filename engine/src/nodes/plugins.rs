@@ -298,7 +298,7 @@ impl Broker {
     /// Make the trials here those of `catalog` (a snapshot installed).
     pub(crate) fn sync_cluster_candidates(&self, catalog: &Catalog, me: &str) {
         let staged = |name: &str| catalog.plugins.get(name).and_then(|r| r.candidate.as_ref());
-        for t in self.candidates.all() {
+        for t in self.candidates().all() {
             if staged(&t.plugin).is_none_or(|c| c.hash != t.version.hash) {
                 self.end_trial(&t, Event::Aborted, Some("not staged in the cluster".into()));
             }
@@ -309,7 +309,7 @@ impl Broker {
             .filter_map(|r| r.candidate.as_ref())
         {
             if self
-                .candidates
+                .candidates()
                 .get(&c.name)
                 .is_none_or(|t| t.version.hash != c.hash)
             {
