@@ -16,19 +16,34 @@ use serde_json::json;
 use wasmq_tests::{TestServer, declare_durable, get_all, publish_confirmed, reply_code};
 
 /// Every error lapin reports on `conn` (a channel or the connection
-/// closed by the broker), as text.
-fn errors(conn: &Connection) -> Arc<Mutex<Vec<String>>> {
+/// closed by the broker), as text, while the returned guard lives.
+///
+/// lapin's listeners share one queue (each event goes to one of them), so
+/// a listener left running would take the next close from the one a later
+/// call starts: the guard stops it.
+struct Errors {
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Errors {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn errors(conn: &Connection) -> Errors {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut events = Box::pin(conn.events_listener());
     let into = seen.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(event) = events.next().await {
             if let lapin::Event::Error(e) = event {
                 into.lock().unwrap().push(e.to_string());
             }
         }
     });
-    seen
+    Errors { seen, task }
 }
 
 async fn declare(ch: &lapin::Channel, name: &str, timeout_ms: Option<i64>) {
@@ -71,7 +86,7 @@ async fn hold_one(conn: &Connection, queue: &str) -> (String, Duration) {
     let took = Instant::now();
     let until = took + Duration::from_secs(10);
     loop {
-        if let Some(e) = seen.lock().unwrap().first() {
+        if let Some(e) = seen.seen.lock().unwrap().first() {
             return (e.clone(), took.elapsed());
         }
         assert!(Instant::now() < until, "the channel was never closed");
@@ -133,9 +148,9 @@ async fn an_unacknowledged_delivery_past_its_timeout_closes_the_channel_and_is_r
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        seen.lock().unwrap().is_empty(),
+        seen.seen.lock().unwrap().is_empty(),
         "{:?}",
-        seen.lock().unwrap()
+        seen.seen.lock().unwrap()
     );
     assert!(worker.status().connected());
     conn.close(200, "bye".into()).await.unwrap();
