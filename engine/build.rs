@@ -1,6 +1,6 @@
 //! Builds the built-in exchange types (`plugins/`) to wasm32 from source and
 //! embeds them, so the broker starts with `direct`, `topic`, `fanout` and
-//! `headers` and `super-stream`, and the `sns-filter` binding filter, with no
+//! `headers` and `super-stream`, and the `sns-filter` and `redis-channel` binding filters, with no
 //! manual step.
 
 use std::path::PathBuf;
@@ -32,6 +32,11 @@ const BUILTINS: &[PluginCrate<'static>] = &[
         package: "wasmq-plugin-sns-filter",
         plugin: "sns-filter",
         dir: "plugins/sns-filter",
+    },
+    PluginCrate {
+        package: "wasmq-plugin-redis-channel",
+        plugin: "redis-channel",
+        dir: "plugins/redis-channel",
     },
     PluginCrate {
         package: "wasmq-plugin-super-stream",
