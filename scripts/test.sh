@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 # the disk the build takes (CI machines may have little).
 export CARGO_INCREMENTAL=0
 rustup target add wasm32-unknown-unknown
-# RabbitMQ's Python client, for tests/tests/integration/clients.rs.
+# RabbitMQ's Python client, for tests/tests/integration/clients.rs, and
+# redis-py, for the Redis front end's (tests/tests/integration/redis.rs).
 python3 -m venv target/pika-venv
-target/pika-venv/bin/pip install --quiet --disable-pip-version-check pika==1.4.4
+target/pika-venv/bin/pip install --quiet --disable-pip-version-check pika==1.4.4 redis==5.2.1
 export WASMQ_PYTHON="$PWD/target/pika-venv/bin/python"
-# amqplib's own live-broker test suites, for tests/tests/integration/clients.rs: Node
+# amqplib's own live-broker test suites, for tests/tests/integration/clients.rs,
+# and node-redis, for tests/tests/integration/redis.rs: Node
 # from Debian's packages, the suites (pinned in tests/node/package.json)
 # from the npm registry.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then

@@ -44,6 +44,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsSettings>,
     /// Membership of a cluster (absent: this node runs alone).
     pub cluster: Option<crate::cluster::ClusterSettings>,
+    /// The Redis-protocol (RESP) listener: off unless `listen` is set.
+    pub redis: crate::resp::RedisSection,
 }
 
 /// `[amqp]`: protocol settings.
@@ -102,6 +104,7 @@ impl Default for Config {
             listen_tls: None,
             tls: None,
             cluster: None,
+            redis: Default::default(),
         }
     }
 }
@@ -391,6 +394,11 @@ impl Config {
     fn dependencies(&self) -> Result<(), String> {
         if let Some(c) = &self.cluster {
             c.check()?;
+            if self.redis.listen.is_some() {
+                // Its pushes would need a confirm from queues on other
+                // nodes, which only AMQP connections wait for yet.
+                return Err("[redis] listen is not served by a cluster node yet: run the RESP front end on a single node (docs/redis.md)".into());
+            }
         }
         if self.tls.is_none() {
             if self.listen_tls.is_some() {

@@ -83,6 +83,7 @@ pub mod message;
 pub mod nodes;
 pub mod plugin;
 pub mod policy;
+pub mod resp;
 pub mod server;
 pub mod store;
 pub mod tls;

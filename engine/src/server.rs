@@ -150,6 +150,8 @@ pub struct Server {
     pub amqps_addr: Option<SocketAddr>,
     /// Where the admin API listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the RESP (Redis protocol) front end listens, if it does.
+    pub redis_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Option<Arc<Store>>,
@@ -337,6 +339,25 @@ impl Server {
         if let Some(watermark) = config.memory.watermark_bytes() {
             spawn_memory_alarm(&tracker, broker.clone(), shutdown.clone(), watermark);
         }
+        let redis_addr = match config.redis.listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).await.with_context(|| {
+                    format!("binding the RESP (Redis protocol) listener {addr}")
+                })?;
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, vhost = %config.redis.vhost, "RESP (Redis protocol) listening");
+                tracker.spawn(crate::resp::serve(
+                    broker.clone(),
+                    listener,
+                    config.redis.clone(),
+                    config.amqp.max_message_size as usize,
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
         if let Some(listener) = amqps {
             tracker.spawn(amqp::serve(
                 broker.clone(),
@@ -360,6 +381,7 @@ impl Server {
             amqp_addr,
             amqps_addr,
             admin_addr,
+            redis_addr,
             shutdown,
             tracker,
             store,

@@ -282,6 +282,15 @@ impl TestServer {
         self.server.as_ref().unwrap().amqp_addr
     }
 
+    /// The RESP (Redis protocol) address (`[redis] listen` was configured).
+    pub fn redis_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .as_ref()
+            .unwrap()
+            .redis_addr
+            .expect("[redis] listen configured")
+    }
+
     /// The AMQPS address (a `[tls]` section was configured).
     pub fn amqps_addr(&self) -> std::net::SocketAddr {
         self.server

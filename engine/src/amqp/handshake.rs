@@ -346,7 +346,7 @@ pub(super) async fn handshake(
 /// (counted under the registry's lock, so two logins at once cannot both
 /// take the last place) and those the other nodes of a cluster last
 /// reported (see [`crate::cluster::presence`]).
-pub(super) fn over_connection_limit(
+pub(crate) fn over_connection_limit(
     broker: &Broker,
     user: &str,
     vhost: &str,

@@ -32,13 +32,12 @@ mod connection;
 pub mod field_table;
 pub mod frame;
 mod grant;
-mod handshake;
+pub(crate) mod handshake;
 mod outbox;
 mod socket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -112,7 +111,6 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -127,7 +125,7 @@ pub async fn serve(
             () = shutdown.cancelled() => return Ok(()),
         };
         let _ = stream.set_nodelay(true);
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = crate::broker::connections::next_id();
         let (broker, config, shutdown) = (broker.clone(), config.clone(), shutdown.clone());
         match &tls {
             None => {

@@ -179,6 +179,13 @@ impl ChannelInfo {
     }
 }
 
+/// A new connection id, unique in this process whatever the protocol (it
+/// owns exclusive queues and tells consumers apart).
+pub fn next_id() -> u64 {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Every open connection of the broker.
 #[derive(Debug, Default)]
 pub struct Connections {

@@ -16,7 +16,7 @@
 //! traces) are in `crate::author`.
 
 mod access;
-mod connections;
+pub(crate) mod connections;
 mod dead_letter;
 mod declare;
 mod delayed;

@@ -27,6 +27,7 @@ mod parity;
 mod policies;
 mod protocol;
 mod queue_args;
+mod redis;
 mod single_node_quorum;
 mod sns_filter;
 mod streams;

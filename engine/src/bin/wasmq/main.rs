@@ -258,6 +258,9 @@ struct ServeArgs {
     /// AMQPS listen address (overrides the file; needs its [tls] section).
     #[arg(long, env = "WASMQ_LISTEN_TLS")]
     listen_tls: Option<std::net::SocketAddr>,
+    /// RESP (Redis protocol) listen address (overrides `[redis] listen`).
+    #[arg(long, env = "WASMQ_LISTEN_REDIS")]
+    listen_redis: Option<std::net::SocketAddr>,
     /// Data folder (overrides the file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -723,6 +726,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(l) = args.listen_tls {
         config.listen_tls = Some(l);
+    }
+    if let Some(l) = args.listen_redis {
+        config.redis.listen = Some(l);
     }
     if let Some(cluster) = &mut config.cluster {
         // One ConfigMap for every pod of a StatefulSet: each pod's name and

@@ -1,0 +1,674 @@
+//! Lists as queues: a key names a queue of the listener's vhost.
+//!
+//! * A push publishes each value, persistent, through the default exchange
+//!   to the queue named by the key, declaring it (durable; classic or
+//!   quorum as `[redis] queue_type` says) if it does not exist; its reply
+//!   waits until the messages are as safe as a publisher confirm.
+//! * A pop takes from the queue's head and settles the message in the
+//!   queue's log at once: the client has it, as with Redis. A client that
+//!   must not lose a message it took moves it (`LMOVE` to a processing
+//!   list, Redis's reliable queue), and the move writes it to the second
+//!   queue before it leaves the first.
+//! * A blocking pop with nothing to take subscribes to each of its queues
+//!   as a consumer with a shared credit of one message: the first queue to
+//!   have one sends it, the queues share it out among their consumers in
+//!   turn (AMQP consumers and blocked Redis clients alike), and a blocked
+//!   client costs nothing until then.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::Bytes;
+
+use super::QueueType;
+use super::connection::{Conn, Spec, Then};
+use crate::access::Access;
+use crate::broker::{BrokerError, ChannelCredit, Consumer, Entry, Queue, QueueDecl};
+use crate::message::Message;
+
+pub(super) const SPECS: &[Spec] = &[
+    Spec {
+        name: "lpush",
+        arity: -3,
+        flags: &["write", "denyoom", "fast"],
+        keys: (1, 1, 1),
+        run: push,
+    },
+    Spec {
+        name: "rpush",
+        arity: -3,
+        flags: &["write", "denyoom", "fast"],
+        keys: (1, 1, 1),
+        run: push,
+    },
+    Spec {
+        name: "lpushx",
+        arity: -3,
+        flags: &["write", "denyoom", "fast"],
+        keys: (1, 1, 1),
+        run: pushx,
+    },
+    Spec {
+        name: "rpushx",
+        arity: -3,
+        flags: &["write", "denyoom", "fast"],
+        keys: (1, 1, 1),
+        run: pushx,
+    },
+    Spec {
+        name: "lpop",
+        arity: -2,
+        flags: &["write", "fast"],
+        keys: (1, 1, 1),
+        run: pop,
+    },
+    Spec {
+        name: "rpop",
+        arity: -2,
+        flags: &["write", "fast"],
+        keys: (1, 1, 1),
+        run: pop,
+    },
+    Spec {
+        name: "blpop",
+        arity: -3,
+        flags: &["write", "noscript", "blocking"],
+        keys: (1, -2, 1),
+        run: bpop,
+    },
+    Spec {
+        name: "brpop",
+        arity: -3,
+        flags: &["write", "noscript", "blocking"],
+        keys: (1, -2, 1),
+        run: bpop,
+    },
+    Spec {
+        name: "llen",
+        arity: 2,
+        flags: &["readonly", "fast"],
+        keys: (1, 1, 1),
+        run: llen,
+    },
+    Spec {
+        name: "del",
+        arity: -2,
+        flags: &["write"],
+        keys: (1, -1, 1),
+        run: del,
+    },
+    Spec {
+        name: "lmove",
+        arity: 5,
+        flags: &["write", "denyoom"],
+        keys: (1, 2, 1),
+        run: lmove,
+    },
+    Spec {
+        name: "rpoplpush",
+        arity: 3,
+        flags: &["write", "denyoom"],
+        keys: (1, 2, 1),
+        run: lmove,
+    },
+    Spec {
+        name: "blmove",
+        arity: 6,
+        flags: &["write", "denyoom", "noscript", "blocking"],
+        keys: (1, 2, 1),
+        run: bmove,
+    },
+    Spec {
+        name: "brpoplpush",
+        arity: 4,
+        flags: &["write", "denyoom", "noscript", "blocking"],
+        keys: (1, 2, 1),
+        run: bmove,
+    },
+];
+
+pub(super) fn spec(name: &[u8]) -> Option<&'static Spec> {
+    SPECS
+        .iter()
+        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// A blocking pop waiting for a message.
+pub(crate) struct Blocked {
+    /// Each key's queue and this client's consumer of it.
+    waiting: Vec<(Bytes, Arc<Queue>, Arc<Consumer>)>,
+    /// When it gives up (`None`: never).
+    pub deadline: Option<tokio::time::Instant>,
+    /// Where a taken message goes: to the client, or moved to that key.
+    to: Option<Bytes>,
+}
+
+/// A key as a queue name: keys are bytes, queue names text.
+fn queue_name(c: &mut Conn, key: &[u8]) -> Option<String> {
+    match std::str::from_utf8(key) {
+        Ok(k) if !k.is_empty() && k.len() <= 255 => Some(k.to_owned()),
+        _ => {
+            c.out
+                .error("ERR wasmq: a key names a queue: UTF-8, 1 to 255 bytes");
+            None
+        }
+    }
+}
+
+/// The queue `key` names, if it exists here; an error reply if it is
+/// elsewhere or not a list.
+fn existing(c: &mut Conn, name: &str) -> Result<Option<Arc<Queue>>, ()> {
+    match c.vhost().queue(name) {
+        Ok(q) if q.stream().is_some() => {
+            c.out.error(&format!(
+                "WRONGTYPE wasmq: '{name}' is a stream: read it over AMQP with x-stream-offset"
+            ));
+            Err(())
+        }
+        Ok(q) => Ok(Some(q)),
+        Err(BrokerError::NotFound { .. }) => Ok(None),
+        Err(e) => {
+            c.out.error(&format!("ERR wasmq: {e}"));
+            Err(())
+        }
+    }
+}
+
+/// The queue `key` names, declared if it does not exist.
+fn declared(c: &mut Conn, name: &str) -> Result<Arc<Queue>, ()> {
+    if let Some(q) = existing(c, name)? {
+        return Ok(q);
+    }
+    if !c.allowed(Access::Configure, "queue", name) {
+        return Err(());
+    }
+    let mut arguments = FieldTable::default();
+    if c.shared.settings.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    let vhost = c.vhost();
+    match c.broker.declare_queue(
+        &vhost,
+        QueueDecl {
+            name: name.to_owned(),
+            durable: true,
+            owner: None,
+            auto_delete: false,
+            arguments,
+        },
+    ) {
+        Ok(q) => Ok(q),
+        Err(e) => {
+            c.out.error(&format!("ERR wasmq: {e}"));
+            Err(())
+        }
+    }
+}
+
+fn push(c: &mut Conn, args: &[Bytes]) -> Then {
+    push_to(c, &args[0], &args[1..], true)
+}
+
+fn pushx(c: &mut Conn, args: &[Bytes]) -> Then {
+    push_to(c, &args[0], &args[1..], false)
+}
+
+/// Publish `values` to the queue `key` names (declared if `create`); the
+/// reply, the queue's length, waits for their confirm.
+fn push_to(c: &mut Conn, key: &[u8], values: &[Bytes], create: bool) -> Then {
+    let Some(name) = queue_name(c, key) else {
+        return Then::Done;
+    };
+    if !c.allowed(Access::Write, "queue", &name) {
+        return Then::Done;
+    }
+    let q = if create {
+        match declared(c, &name) {
+            Ok(q) => q,
+            Err(()) => return Then::Done,
+        }
+    } else {
+        match existing(c, &name) {
+            Ok(Some(q)) => q,
+            Ok(None) => {
+                c.out.int(0);
+                return Then::Done;
+            }
+            Err(()) => return Then::Done,
+        }
+    };
+    let (ticket, replicas, seq, ok) = publish(c, &name, values);
+    c.out.int(q.len() as i64 + q.unacked() as i64);
+    Then::Wait {
+        ticket,
+        replicas,
+        seq,
+        ok,
+    }
+}
+
+/// Publish each value to queue `name`: the store ticket to wait for, the
+/// quorum commits to hear of, their tag, and whether every one was taken.
+fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> (u64, u32, u64, bool) {
+    let seq = c.next_seq();
+    c.published = true;
+    let vhost = c.vhost();
+    let (mut ticket, mut replicas, mut ok) = (0, 0, true);
+    for v in values {
+        let props = amq_protocol::protocol::BasicProperties::default().with_delivery_mode(2);
+        let message = Message::new(String::new(), name.to_owned(), props, v.clone());
+        let sink = c.dispatch_tx.clone();
+        let outcome = c.broker.publish_replying(&vhost, None, message, || {
+            let sink = sink.clone();
+            Some(Box::new(move |ok| {
+                let _ = sink.send(crate::broker::Dispatch::Replicated {
+                    channel: 0,
+                    seq,
+                    ok,
+                });
+            }))
+        });
+        ticket = ticket.max(outcome.ticket);
+        replicas += outcome.replicating;
+        // A queue that refuses (`x-overflow: reject-publish`), a fault, or
+        // a queue on another node that this front end cannot reach: the
+        // client hears the push failed.
+        ok &= outcome.delivered > 0
+            && outcome.rejected == 0
+            && outcome.faults.is_empty()
+            && outcome.forwards.is_empty();
+        for q in outcome.congested {
+            if !c.congested.iter().any(|x| Arc::ptr_eq(x, &q)) {
+                c.congested.push(q);
+            }
+        }
+    }
+    (ticket, replicas, seq, ok)
+}
+
+/// Take up to `n` messages off `q`'s head, settled in its log.
+fn take(q: &Arc<Queue>, n: usize) -> Result<Vec<Bytes>, String> {
+    let mut taken = Vec::new();
+    let mut bodies = Vec::new();
+    while taken.len() < n {
+        let Some(entry) = q.pop() else { break };
+        match q.message(&entry) {
+            Ok(m) => bodies.push(m.body.clone()),
+            Err(e) => {
+                // Nothing reaches the client: what was taken goes back.
+                taken.push(entry);
+                q.put_back(taken.into_iter());
+                return Err(format!("ERR wasmq: reading the queue: {e}"));
+            }
+        }
+        taken.push(entry);
+    }
+    settle(q, &taken);
+    Ok(bodies)
+}
+
+/// The client has these: they leave the queue for good.
+fn settle(q: &Queue, taken: &[Entry]) {
+    if taken.is_empty() {
+        return;
+    }
+    q.acked
+        .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    q.forget(taken);
+}
+
+fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
+    let count = match args.get(1) {
+        None => None,
+        Some(n) if args.len() == 2 => match parse_int(n) {
+            Some(n) if n > 0 => Some(n as usize),
+            // Redis 7 answers an empty array (not nil) for a count of 0.
+            Some(0) => Some(0),
+            _ => {
+                c.out.error("ERR value is out of range, must be positive");
+                return Then::Done;
+            }
+        },
+        Some(_) => {
+            c.out.error("ERR syntax error");
+            return Then::Done;
+        }
+    };
+    let Some(name) = queue_name(c, &args[0]) else {
+        return Then::Done;
+    };
+    if !c.allowed(Access::Read, "queue", &name) {
+        return Then::Done;
+    }
+    let q = match existing(c, &name) {
+        Ok(q) => q,
+        Err(()) => return Then::Done,
+    };
+    let bodies = match q {
+        Some(q) => match take(&q, count.unwrap_or(1).min(100_000)) {
+            Ok(b) => b,
+            Err(e) => {
+                c.out.error(&e);
+                return Then::Done;
+            }
+        },
+        None => Vec::new(),
+    };
+    match count {
+        None => match bodies.first() {
+            Some(b) => c.out.bulk(b),
+            None => c.out.null(),
+        },
+        Some(_) if bodies.is_empty() && count != Some(0) => c.out.null_array(),
+        Some(_) => c.out.bulks(bodies.iter().map(|b| &b[..])),
+    }
+    Then::Done
+}
+
+fn llen(c: &mut Conn, args: &[Bytes]) -> Then {
+    let Some(name) = queue_name(c, &args[0]) else {
+        return Then::Done;
+    };
+    match existing(c, &name) {
+        Ok(Some(q)) => c.out.int(q.len() as i64),
+        Ok(None) => c.out.int(0),
+        Err(()) => {}
+    }
+    Then::Done
+}
+
+/// `DEL`: purge each key's queue (it stays declared); the count of keys
+/// that held messages, as Redis counts the keys it removed.
+fn del(c: &mut Conn, args: &[Bytes]) -> Then {
+    let mut removed = 0;
+    for key in args {
+        let Some(name) = queue_name(c, key) else {
+            return Then::Done;
+        };
+        if !c.allowed(Access::Read, "queue", &name) {
+            return Then::Done;
+        }
+        match existing(c, &name) {
+            Ok(Some(q)) => removed += i64::from(q.purge() > 0),
+            Ok(None) => {}
+            Err(()) => return Then::Done,
+        }
+    }
+    c.out.int(removed);
+    Then::Done
+}
+
+/// `LMOVE src dst wherefrom whereto` and `RPOPLPUSH src dst`.
+fn lmove(c: &mut Conn, args: &[Bytes]) -> Then {
+    if args.len() == 4 && !(ends_ok(&args[2]) && ends_ok(&args[3])) {
+        c.out.error("ERR syntax error");
+        return Then::Done;
+    }
+    let (Some(src), Some(_)) = (queue_name(c, &args[0]), queue_name(c, &args[1])) else {
+        return Then::Done;
+    };
+    if !c.allowed(Access::Read, "queue", &src) {
+        return Then::Done;
+    }
+    let q = match existing(c, &src) {
+        Ok(Some(q)) => q,
+        Ok(None) => {
+            c.out.null();
+            return Then::Done;
+        }
+        Err(()) => return Then::Done,
+    };
+    let Some(entry) = q.pop() else {
+        c.out.null();
+        return Then::Done;
+    };
+    move_entry(c, &q, entry, &args[1])
+}
+
+fn ends_ok(end: &[u8]) -> bool {
+    end.eq_ignore_ascii_case(b"LEFT") || end.eq_ignore_ascii_case(b"RIGHT")
+}
+
+/// Publish what `entry` holds to `dst`'s queue, then settle it in `q`: the
+/// reply (the message) waits for the destination's confirm. A message
+/// that cannot be moved goes back where it was.
+fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
+    let body = match q.message(&entry) {
+        Ok(m) => m.body.clone(),
+        Err(e) => {
+            q.put_back(std::iter::once(entry));
+            c.out.error(&format!("ERR wasmq: reading the queue: {e}"));
+            return Then::Done;
+        }
+    };
+    let dst_name = String::from_utf8_lossy(dst).into_owned();
+    let start = c.out.buf.len();
+    let ready = c.allowed(Access::Write, "queue", &dst_name) && declared(c, &dst_name).is_ok();
+    if !ready {
+        q.put_back(std::iter::once(entry));
+        return Then::Done;
+    }
+    debug_assert_eq!(c.out.buf.len(), start);
+    let (ticket, replicas, seq, ok) = publish(c, &dst_name, std::slice::from_ref(&body));
+    if !ok {
+        q.put_back(std::iter::once(entry));
+        c.out
+            .error("ERR wasmq: the destination queue refused the message; it stays in the source");
+        return Then::Done;
+    }
+    // Written to the destination's log before the source's settle is: a
+    // crash between the two leaves it in both, never in neither.
+    settle(q, std::slice::from_ref(&entry));
+    c.out.bulk(&body);
+    Then::Wait {
+        ticket,
+        replicas,
+        seq,
+        ok,
+    }
+}
+
+/// `BLPOP`/`BRPOP key... timeout`.
+fn bpop(c: &mut Conn, args: &[Bytes]) -> Then {
+    let (keys, timeout) = args.split_at(args.len() - 1);
+    block(c, keys, &timeout[0], None)
+}
+
+/// `BLMOVE src dst wherefrom whereto timeout` and `BRPOPLPUSH src dst timeout`.
+fn bmove(c: &mut Conn, args: &[Bytes]) -> Then {
+    if args.len() == 5 && !(ends_ok(&args[2]) && ends_ok(&args[3])) {
+        c.out.error("ERR syntax error");
+        return Then::Done;
+    }
+    if queue_name(c, &args[1]).is_none() {
+        return Then::Done;
+    }
+    block(c, &args[..1], &args[args.len() - 1], Some(args[1].clone()))
+}
+
+/// Take from the first of `keys` with a message, or wait for one up to
+/// `timeout` seconds (0: for ever).
+fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> Then {
+    let timeout = match std::str::from_utf8(timeout)
+        .ok()
+        .and_then(|t| t.parse::<f64>().ok())
+    {
+        Some(t) if t < 0.0 => {
+            c.out.error("ERR timeout is negative");
+            return Then::Done;
+        }
+        Some(t) if t.is_finite() && t < 1e10 => t,
+        _ => {
+            c.out.error("ERR timeout is not a float or out of range");
+            return Then::Done;
+        }
+    };
+    let mut queues = Vec::with_capacity(keys.len());
+    for key in keys {
+        let Some(name) = queue_name(c, key) else {
+            return Then::Done;
+        };
+        if !c.allowed(Access::Read, "queue", &name) {
+            return Then::Done;
+        }
+        // A blocked client waits on a key that has no list yet: the
+        // queue is declared, as a push would.
+        match declared(c, &name) {
+            Ok(q) => queues.push((key.clone(), q)),
+            Err(()) => return Then::Done,
+        }
+    }
+    for (key, q) in &queues {
+        if let Some(entry) = q.pop() {
+            return match to {
+                Some(dst) => move_entry(c, q, entry, &dst),
+                None => {
+                    let key = key.clone();
+                    reply_taken(c, q, entry, &key)
+                }
+            };
+        }
+    }
+    // Nothing to take: subscribe to every queue with one shared message
+    // of credit.
+    let credit = Arc::new(ChannelCredit::default());
+    credit.limit.store(1, std::sync::atomic::Ordering::Relaxed);
+    let mut waiting = Vec::with_capacity(queues.len());
+    for (i, (key, q)) in queues.into_iter().enumerate() {
+        let consumer = Arc::new(Consumer {
+            tag: format!("{BLOCKED_TAG}{i}"),
+            channel: 0,
+            connection: c.id,
+            no_ack: false,
+            exclusive: false,
+            prefetch: 1,
+            unacked: AtomicU32::new(0),
+            in_flight: AtomicU32::new(0),
+            channel_credit: credit.clone(),
+            sink: c.dispatch_tx.clone(),
+            timeout: None,
+        });
+        if q.add_consumer(consumer.clone()).is_err() {
+            c.out.error(&format!(
+                "ERR wasmq: queue '{}' has an exclusive consumer",
+                String::from_utf8_lossy(&key)
+            ));
+            remove_consumers(
+                c.id,
+                &Blocked {
+                    waiting,
+                    deadline: None,
+                    to: None,
+                },
+            );
+            return Then::Done;
+        }
+        waiting.push((key, q, consumer));
+    }
+    Then::Block(Blocked {
+        waiting,
+        deadline: (timeout > 0.0)
+            .then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout)),
+        to,
+    })
+}
+
+/// Tags of a blocked pop's consumers.
+const BLOCKED_TAG: &str = "resp-blocked-";
+
+/// Answer a pop with `[key, message]`.
+fn reply_taken(c: &mut Conn, q: &Arc<Queue>, entry: Entry, key: &[u8]) -> Then {
+    match q.message(&entry) {
+        Ok(m) => {
+            settle(q, std::slice::from_ref(&entry));
+            c.out.array(2);
+            c.out.bulk(key);
+            c.out.bulk(&m.body);
+        }
+        Err(e) => {
+            q.put_back(std::iter::once(entry));
+            c.out.error(&format!("ERR wasmq: reading the queue: {e}"));
+        }
+    }
+    Then::Done
+}
+
+impl Conn {
+    /// A queue sent a blocked pop its message.
+    pub(super) fn deliver_blocked(
+        &mut self,
+        queue: Arc<Queue>,
+        consumer: Arc<Consumer>,
+        entry: Entry,
+    ) {
+        let wanted = self
+            .blocked
+            .as_ref()
+            .and_then(|b| b.waiting.iter().find(|(_, _, c)| Arc::ptr_eq(c, &consumer)))
+            .map(|(k, _, _)| k.clone());
+        consumer.settled();
+        consumer.written();
+        let Some(key) = wanted else {
+            // Too late (it timed out, or another queue was first): back
+            // where it was, as if never sent.
+            queue.put_back(std::iter::once(entry));
+            queue.dispatch();
+            return;
+        };
+        let b = self.blocked.take().expect("found above");
+        remove_consumers(self.id, &b);
+        let start = self.out.buf.len();
+        let then = match b.to {
+            Some(dst) => move_entry(self, &queue, entry, &dst),
+            None => reply_taken(self, &queue, entry, &key),
+        };
+        self.finish(start, then);
+    }
+
+    /// A blocked pop's time ran out: `nil`.
+    pub(super) fn unblock_timed_out(&mut self) {
+        if self.blocked.is_some() {
+            self.unblock();
+            let start = self.out.buf.len();
+            self.out.null_array();
+            self.finish(start, Then::Done);
+        }
+    }
+
+    /// Stop waiting (timeout, reset, the client left).
+    pub(super) fn unblock(&mut self) {
+        if let Some(b) = self.blocked.take() {
+            remove_consumers(self.id, &b);
+        }
+    }
+
+    /// A queue a blocked pop waits on was deleted.
+    pub(super) fn cancelled(&mut self, tag: &str) {
+        let gone = self
+            .blocked
+            .as_ref()
+            .is_some_and(|b| b.waiting.iter().any(|(_, _, c)| c.tag == tag));
+        if gone {
+            self.unblock();
+            let start = self.out.buf.len();
+            self.out
+                .error("ERR wasmq: a queue this command waited on was deleted");
+            self.finish(start, Then::Done);
+        }
+    }
+}
+
+fn remove_consumers(connection: u64, b: &Blocked) {
+    for (_, q, c) in &b.waiting {
+        q.remove_consumer(connection, 0, &c.tag);
+    }
+}
+
+fn parse_int(b: &[u8]) -> Option<i64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
