@@ -642,6 +642,84 @@ impl Gen {
         out
     }
 
+    /// A stream of RESP commands to the Redis front end: half of them log
+    /// in first; well-formed commands of every kind it serves (and some it
+    /// refuses), inline commands, and hostile lengths: multibulks of 2^31
+    /// elements, bulks past the limit, nested arrays, unterminated lines.
+    pub fn resp(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.rng.one_in(2) {
+            resp_command(&mut out, &[b"AUTH", b"guest", b"guest"]);
+        }
+        let keys: [&[u8]; 4] = [b"q", b"fuzz.list", b"", b"news.*"];
+        for _ in 0..self.rng.below(12) + 1 {
+            let key = *self.rng.pick(&keys);
+            let value: Vec<u8> = (0..self.rng.below(300))
+                .map(|_| self.rng.next_u64() as u8)
+                .collect();
+            let count = self.rng.below(5).to_string();
+            let timeout = *self.rng.pick(&["0.01", "0", "-1", "soon", "1e400", "0.05"]);
+            match self.rng.below(22) {
+                0 => resp_command(&mut out, &[b"LPUSH", key, &value, &value]),
+                1 => resp_command(&mut out, &[b"RPUSH", key, &value]),
+                2 => resp_command(&mut out, &[b"RPOP", key, count.as_bytes()]),
+                3 => resp_command(&mut out, &[b"LPOP", key]),
+                4 => resp_command(&mut out, &[b"BRPOP", key, b"q", timeout.as_bytes()]),
+                5 => resp_command(&mut out, &[b"LMOVE", key, b"q", b"RIGHT", b"LEFT"]),
+                6 => resp_command(
+                    &mut out,
+                    &[b"BLMOVE", key, b"q", b"RIGHT", b"UP", timeout.as_bytes()],
+                ),
+                7 => resp_command(&mut out, &[b"SUBSCRIBE", key, &value]),
+                8 => resp_command(&mut out, &[b"PSUBSCRIBE", key]),
+                9 => resp_command(&mut out, &[b"PUBLISH", key, &value]),
+                10 => resp_command(&mut out, &[b"UNSUBSCRIBE"]),
+                11 => resp_command(
+                    &mut out,
+                    &[
+                        b"HELLO",
+                        *self.rng.pick::<&[u8]>(&[b"3", b"2", b"9"]),
+                        b"AUTH",
+                        b"guest",
+                        &value,
+                    ],
+                ),
+                12 => resp_command(&mut out, &[b"CLIENT", b"SETNAME", &value]),
+                13 => resp_command(&mut out, &[b"PUBSUB", b"CHANNELS", key]),
+                14 => resp_command(&mut out, &[b"DEL", key, b"q"]),
+                15 => resp_command(&mut out, &[b"COMMAND", b"INFO", b"lpush", &value]),
+                16 => resp_command(&mut out, &[b"INFO"]),
+                17 => {
+                    // Inline, sometimes with quotes that do not close.
+                    out.extend_from_slice(self.rng.pick::<&[u8]>(&[
+                        b"PING\r\n",
+                        b"LPUSH q \"a b\" 'c'\n",
+                        b"ECHO \"\\x4",
+                        b"  \r\n",
+                    ]));
+                }
+                18 => out.extend_from_slice(self.rng.pick::<&[u8]>(&[
+                    b"*2147483648\r\n",
+                    b"*-1\r\n",
+                    b"*1\r\n$536870913\r\n",
+                    b"*1\r\n$-7\r\n",
+                    b"*1\r\n*1\r\n$1\r\nx\r\n",
+                    b"*1048577\r\n",
+                    b"*3\r\n$1\r\n",
+                ])),
+                19 => out.extend(
+                    std::iter::repeat_n(b"*1\r\n".iter().copied(), self.rng.below(2000)).flatten(),
+                ),
+                20 => out.extend(std::iter::repeat_n(b'a', self.rng.below(70_000))),
+                _ => {
+                    let name = self.text();
+                    resp_command(&mut out, &[name.as_bytes(), key]);
+                }
+            }
+        }
+        out
+    }
+
     /// Change `bytes` the way a broken or hostile peer would: flip bits,
     /// cut, insert, repeat a range, or overwrite a length with an extreme.
     pub fn mutate(&mut self, bytes: &mut Vec<u8>) {
@@ -673,6 +751,16 @@ impl Gen {
                 _ => bytes[at] = *self.rng.pick(&[0u8, 0xCE, 0xFF, b'F', b'A', b'S']),
             }
         }
+    }
+}
+
+/// Append a RESP multibulk command.
+pub fn resp_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
     }
 }
 

@@ -40,11 +40,15 @@ pub enum Target {
     ClusterHello,
     /// The admin port of the real broker, before any login.
     Admin,
+    /// The RESP request parser, fed a stream whole and in two parts.
+    RespParser,
+    /// The Redis front end of the real broker, logged in or not.
+    Resp,
 }
 
 impl Target {
     /// Every target.
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 9] = [
         Target::Frames,
         Target::Codecs,
         Target::Traffic,
@@ -52,6 +56,8 @@ impl Target {
         Target::Connection,
         Target::ClusterHello,
         Target::Admin,
+        Target::RespParser,
+        Target::Resp,
     ];
 
     /// The target of this name.
@@ -69,6 +75,8 @@ impl Target {
             Target::Connection => "connection",
             Target::ClusterHello => "cluster-hello",
             Target::Admin => "admin",
+            Target::RespParser => "resp-parser",
+            Target::Resp => "resp",
         }
     }
 
@@ -76,7 +84,11 @@ impl Target {
     pub fn needs_broker(self) -> bool {
         matches!(
             self,
-            Target::Handshake | Target::Connection | Target::ClusterHello | Target::Admin
+            Target::Handshake
+                | Target::Connection
+                | Target::ClusterHello
+                | Target::Admin
+                | Target::Resp
         )
     }
 
@@ -89,6 +101,7 @@ impl Target {
             Target::ClusterHello => g.cluster_hello(),
             Target::Admin => g.http_request(),
             Target::Traffic => g.traffic(),
+            Target::RespParser | Target::Resp => g.resp(),
             Target::Codecs => match g.rng().below(3) {
                 0 => g.table(4),
                 1 => g.properties(),
@@ -157,6 +170,7 @@ impl Runner {
         let ports = match target {
             Target::ClusterHello => targets::Ports::Cluster,
             Target::Admin => targets::Ports::Admin,
+            Target::Resp => targets::Ports::Redis,
             _ => targets::Ports::Amqp,
         };
         let broker = if target.needs_broker() {
@@ -185,6 +199,8 @@ impl Runner {
             (Target::Frames, _) => caught(|| targets::frames(&input)),
             (Target::Codecs, _) => caught(|| targets::codecs(&input)),
             (Target::Traffic, _) => caught(|| targets::traffic(&input)),
+            (Target::RespParser, _) => caught(|| targets::resp_parser(&input)),
+            (Target::Resp, Some(b)) => b.resp(&input),
             (Target::Handshake | Target::Connection, Some(b)) => b
                 .connection(&input, self.target == Target::Connection)
                 .map(|code| {

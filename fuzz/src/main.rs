@@ -31,7 +31,7 @@ struct Cli {
 enum Cmd {
     /// A campaign: cases until the time or count runs out.
     Run {
-        /// frames, codecs, handshake, connection, or all.
+        /// frames, codecs, traffic, handshake, connection, cluster-hello, admin, resp-parser, resp, or all.
         #[arg(long, default_value = "all")]
         target: String,
         /// Wall-clock budget per target.

@@ -33,6 +33,36 @@ pub fn frames(data: &[u8]) {
     }
 }
 
+/// `data` as RESP requests, parsed whole and again in two parts split
+/// where its first byte says: never a panic, and the same commands (or the
+/// same error) either way, whatever the split.
+pub fn resp_parser(data: &[u8]) {
+    use wasmq::resp::request::Parser;
+    let run = |parts: &[&[u8]]| {
+        let mut p = Parser::new(4096);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for part in parts {
+            buf.extend_from_slice(part);
+            loop {
+                match p.next(&mut buf) {
+                    Ok(Some(c)) => got.push(Ok(c)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        got.push(Err(e));
+                        return got;
+                    }
+                }
+            }
+        }
+        got
+    };
+    let whole = run(&[data]);
+    let at = data.first().map_or(0, |b| *b as usize * data.len() / 256);
+    let split = run(&[&data[..at], &data[at..]]);
+    assert_eq!(whole, split, "split at {at}");
+}
+
 /// `data` as a frame of cluster message traffic: refused or read, never a
 /// panic; what reads must encode back to the same bytes.
 pub fn traffic(data: &[u8]) {
@@ -115,6 +145,8 @@ pub enum Ports {
     Admin,
     /// A one-node cluster's node-to-node port too.
     Cluster,
+    /// The RESP (Redis protocol) listener too.
+    Redis,
 }
 
 impl Broker {
@@ -143,6 +175,9 @@ impl Broker {
             config.cluster = Some(toml::from_str(
                 "name = 'fuzz'\nlisten = '127.0.0.1:0'\nsecret = 'a secret the fuzzer never learns'\n",
             )?);
+        }
+        if ports == Ports::Redis {
+            config.redis.listen = Some("127.0.0.1:0".parse()?);
         }
         config.plugins.compile_cache = false;
         config.store.disk_free_limit_mib = 0;
@@ -208,6 +243,22 @@ impl Broker {
             })
         })
         .and_then(|code| self.wait_for_no_connections().map(|()| code))
+    }
+
+    /// Send `input` to the RESP listener, close the sending side, and read
+    /// until the broker closes the connection: it must within
+    /// [`CLOSE_WITHIN`] of the client's EOF, and leave the registry.
+    pub fn resp(&self, input: &[u8]) -> Result<(), String> {
+        let addr = self.server().redis_addr.expect("the RESP listener is on");
+        let closed = self
+            .rt
+            .block_on(send_until_closed(addr, input, CLOSE_WITHIN))?;
+        if closed.is_none() {
+            return Err(format!(
+                "hang: the RESP connection was still open {CLOSE_WITHIN:?} after the client's EOF"
+            ));
+        }
+        self.wait_for_no_connections()
     }
 
     /// Send `input` to the cluster port as an unauthenticated peer, close

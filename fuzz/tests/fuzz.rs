@@ -69,3 +69,13 @@ fn cluster_port_before_authentication() {
 fn admin_port_before_login() {
     assert!(pass(Target::Admin, 7, 5_000, Duration::from_secs(60)) >= 500);
 }
+
+#[test]
+fn resp_request_parser() {
+    assert!(pass(Target::RespParser, 8, 20_000, Duration::from_secs(60)) >= 1_000);
+}
+
+#[test]
+fn redis_front_end() {
+    assert!(pass(Target::Resp, 9, 3_000, Duration::from_secs(90)) >= 300);
+}

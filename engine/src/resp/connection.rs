@@ -36,9 +36,11 @@ use crate::store::Synced;
 /// Longest bulk before a login.
 pub const UNAUTHENTICATED_BULK: usize = 64 * 1024;
 
-/// Most bytes read ahead while a command blocks (`BRPOP`): enough to see
-/// the client leave, not enough to buffer its pipeline.
-const READ_AHEAD_WHILE_BLOCKED: usize = 64 * 1024;
+/// Most bytes read ahead while a command blocks (`BRPOP`): the socket is
+/// read on so that the client's leaving is seen, and a client that sends
+/// more than this behind a blocked command is closed (Redis's query
+/// buffer limit, smaller).
+const READ_AHEAD_WHILE_BLOCKED: usize = 1 << 20;
 
 /// The Redis version the front end says it is: the commands it serves are
 /// Redis 7.2's (clients pick their command forms from it).
@@ -163,6 +165,12 @@ pub(super) async fn run(
                 }
             }
         }
+        if conn.blocked.is_some() && rbuf.len() >= READ_AHEAD_WHILE_BLOCKED && !closing {
+            conn.unblock();
+            conn.out
+                .error("ERR wasmq: more than 1 MiB sent behind a blocked command");
+            closing = true;
+        }
         if let Some(s) = &synced {
             let now = *s.borrow();
             conn.release(now);
@@ -178,10 +186,7 @@ pub(super) async fn run(
         }
         let congested = conn.congested.first().cloned();
         let alarmed = conn.published && alarm.borrow().is_some();
-        let read = !closing
-            && !alarmed
-            && congested.is_none()
-            && (conn.blocked.is_none() || rbuf.len() < READ_AHEAD_WHILE_BLOCKED);
+        let read = !closing && !alarmed && congested.is_none();
         let deadline = conn.blocked.as_ref().and_then(|b| b.deadline);
         let closed = conn
             .login

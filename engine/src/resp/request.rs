@@ -166,7 +166,9 @@ fn line(buf: &mut BytesMut, max: usize, too_long: &str) -> Result<Option<Bytes>,
             }
             Ok(Some(l))
         }
-        None if buf.len() > max => error(too_long),
+        // Whether the line is too long depends only on its first bytes,
+        // not on how they arrived.
+        None if buf.len() >= max + 2 => error(too_long),
         None => Ok(None),
     }
 }
