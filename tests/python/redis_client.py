@@ -58,6 +58,13 @@ assert r.rpop("jobs", 2) is None
 assert r.rpush("jobs", "d", "e") == 2
 assert r.lpop("jobs") == b"d"
 assert r.lpop("jobs") == b"e"
+# LRANGE peeks in the order a pop takes, leaving the messages there.
+r.rpush("peek", "p1", "p2", "p3")
+assert r.lrange("peek", 0, -1) == [b"p1", b"p2", b"p3"]
+assert r.lrange("peek", -2, 10) == [b"p2", b"p3"]
+assert r.lrange("peek", 5, 9) == []
+assert r.llen("peek") == 3
+assert r.lpop("peek", 3) == [b"p1", b"p2", b"p3"]
 assert r.lpushx("nobody", "x") == 0
 assert r.llen("nobody") == 0
 

@@ -86,6 +86,13 @@ pub(super) const SPECS: &[Spec] = &[
         run: bpop,
     },
     Spec {
+        name: "lrange",
+        arity: 4,
+        flags: &["readonly"],
+        keys: (1, 1, 1),
+        run: lrange,
+    },
+    Spec {
         name: "llen",
         arity: 2,
         flags: &["readonly", "fast"],
@@ -379,6 +386,62 @@ fn llen(c: &mut Conn, args: &[Bytes]) -> Then {
         Ok(None) => c.out.int(0),
         Err(()) => {}
     }
+    Then::Done
+}
+
+/// Most messages one `LRANGE` returns.
+const MAX_RANGE: i64 = 10_000;
+
+/// `LRANGE key start stop`: a peek at the ready messages in the order they
+/// will be taken (index 0 is the next a pop takes; negative indexes count
+/// from the newest, as in Redis), leaving them in the queue.
+fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
+    let (Some(start), Some(stop)) = (parse_int(&args[1]), parse_int(&args[2])) else {
+        c.out.error("ERR value is not an integer or out of range");
+        return Then::Done;
+    };
+    let Some(name) = queue_name(c, &args[0]) else {
+        return Then::Done;
+    };
+    if !c.allowed(Access::Read, "queue", &name) {
+        return Then::Done;
+    }
+    let q = match existing(c, &name) {
+        Ok(Some(q)) => q,
+        Ok(None) => {
+            c.out.array(0);
+            return Then::Done;
+        }
+        Err(()) => return Then::Done,
+    };
+    let len = q.len() as i64;
+    let from = if start < 0 {
+        (len + start).max(0)
+    } else {
+        start
+    };
+    let to = if stop < 0 {
+        len + stop
+    } else {
+        stop.min(len - 1)
+    };
+    if from > to || from >= len {
+        c.out.array(0);
+        return Then::Done;
+    }
+    if to - from + 1 > MAX_RANGE {
+        c.out.error(&format!(
+            "ERR wasmq: LRANGE returns at most {MAX_RANGE} messages of a queue; ask for a smaller range"
+        ));
+        return Then::Done;
+    }
+    // A message taken meanwhile (its log space freed) is left out.
+    let bodies: Vec<Bytes> = q
+        .peek(from as usize, (to - from + 1) as usize)
+        .iter()
+        .filter_map(|e| q.message(e).ok().map(|m| m.body.clone()))
+        .collect();
+    c.out.bulks(bodies.iter().map(|b| &b[..]));
     Then::Done
 }
 

@@ -953,6 +953,15 @@ impl Queue {
         }
     }
 
+    /// Copies of up to `count` ready messages from the `skip`th on, in the
+    /// order they would be delivered, leaving them where they are (a peek).
+    pub fn peek(&self, skip: usize, count: usize) -> Vec<Entry> {
+        if self.stream.is_some() {
+            return Vec::new();
+        }
+        self.state.lock().messages.peek(skip, count)
+    }
+
     /// Take the oldest live message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
         self.touch();

@@ -213,6 +213,32 @@ impl Ready {
         }
     }
 
+    /// Copies of up to `count` ready messages from the `skip`th on, in
+    /// delivery order (a peek; a grouped queue's are sorted for it, which
+    /// costs O(n log n)).
+    pub fn peek(&self, skip: usize, count: usize) -> Vec<Entry> {
+        match self {
+            Ready::Fifo(q) => q.iter().skip(skip).take(count).cloned().collect(),
+            Ready::Levels { levels, .. } => levels
+                .iter()
+                .rev()
+                .flat_map(|l| l.iter())
+                .skip(skip)
+                .take(count)
+                .cloned()
+                .collect(),
+            Ready::Grouped(g) => {
+                let mut all: Vec<&(i64, Entry)> = g.by_group.values().flatten().collect();
+                all.sort_by_key(|(seq, _)| *seq);
+                all.into_iter()
+                    .skip(skip)
+                    .take(count)
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            }
+        }
+    }
+
     /// Take the oldest message to drop it (a length limit): unlike
     /// [`Ready::pop_front`], it holds no group.
     pub fn pop_oldest(&mut self) -> Option<Entry> {
