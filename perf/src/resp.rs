@@ -94,14 +94,9 @@ async fn connect(port: u16, auth: &Option<String>) -> anyhow::Result<TcpStream> 
 fn count_messages(buf: &mut Vec<u8>) -> u64 {
     let mut at = 0;
     let mut n = 0;
-    loop {
-        match skip_reply(&buf[at..]) {
-            Some(used) => {
-                at += used;
-                n += 1;
-            }
-            None => break,
-        }
+    while let Some(used) = skip_reply(&buf[at..]) {
+        at += used;
+        n += 1;
     }
     buf.drain(..at);
     n
