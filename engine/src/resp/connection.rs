@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use super::reply::Out;
 use super::request::{Command, Parser};
 use crate::Broker;
 use crate::access::{Access, Permissions, resource_name};
-use crate::broker::{ConnectionInfo, Dispatch, Queue, Registered, VHost};
+use crate::broker::{ConnectionInfo, Dispatch, Entry, Queue, Registered, VHost};
 use crate::store::Synced;
 
 /// Longest bulk before a login.
@@ -41,6 +41,9 @@ pub const UNAUTHENTICATED_BULK: usize = 64 * 1024;
 /// more than this behind a blocked command is closed (Redis's query
 /// buffer limit, smaller).
 const READ_AHEAD_WHILE_BLOCKED: usize = 1 << 20;
+
+/// What one read takes at most, bytes.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// The Redis version the front end says it is: the commands it serves are
 /// Redis 7.2's (clients pick their command forms from it).
@@ -106,6 +109,8 @@ pub(super) struct Conn {
     /// it stops an AMQP connection that publishes. A client that only
     /// pops drains the broker, and is read on.
     pub published: bool,
+    /// Messages popped and not yet settled in their queues' logs.
+    pub settles: Vec<(Arc<Queue>, Vec<Entry>)>,
     next_seq: u64,
     waits: VecDeque<Waiting>,
     last_synced: Synced,
@@ -134,12 +139,15 @@ pub(super) async fn run(
         subs: Subscriptions::default(),
         congested: Vec::new(),
         published: false,
+        settles: Vec::new(),
         next_seq: 0,
         waits: VecDeque::new(),
         last_synced: Synced::default(),
     };
     let mut parser = Parser::new(UNAUTHENTICATED_BULK);
-    let mut rbuf = BytesMut::with_capacity(4096);
+    // Held only while there is something in it: an idle connection keeps
+    // no buffers (10,000 idle clients are a few KiB each).
+    let mut rbuf = BytesMut::new();
     let mut synced = broker.store().map(|s| s.synced());
     let mut alarm = broker.alarm();
     let mut closing = false;
@@ -171,6 +179,10 @@ pub(super) async fn run(
                 .error("ERR wasmq: more than 1 MiB sent behind a blocked command");
             closing = true;
         }
+        if rbuf.is_empty() && rbuf.capacity() > 0 && !parser.mid_command() {
+            rbuf = BytesMut::new();
+        }
+        conn.flush_settles();
         if let Some(s) = &synced {
             let now = *s.borrow();
             conn.release(now);
@@ -179,7 +191,11 @@ pub(super) async fn run(
             if let Err(e) = socket.write_all(&conn.out.buf).await {
                 break format!("write: {e}");
             }
-            conn.out.buf.clear();
+            if conn.out.buf.capacity() > 64 * 1024 {
+                conn.out.buf = Vec::new();
+            } else {
+                conn.out.buf.clear();
+            }
         }
         if closing && conn.waits.is_empty() {
             break "closed".into();
@@ -193,11 +209,20 @@ pub(super) async fn run(
             .as_ref()
             .map(|l| l._registered.info.closed().clone());
         tokio::select! {
-            r = socket.read_buf(&mut rbuf), if read => match r {
-                Ok(0) => break "client closed".into(),
-                Ok(_) => {}
-                Err(e) => break format!("read: {e}"),
-            },
+            r = socket.readable(), if read => {
+                if let Err(e) = r {
+                    break format!("read: {e}");
+                }
+                if rbuf.capacity() - rbuf.len() < 1024 {
+                    rbuf.reserve(READ_CHUNK);
+                }
+                match socket.try_read_buf(&mut rbuf) {
+                    Ok(0) => break "client closed".into(),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => break format!("read: {e}"),
+                }
+            }
             Some(d) = dispatch_rx.recv() => {
                 conn.dispatch(d);
                 // What else arrived goes out in the same write.
@@ -246,6 +271,7 @@ pub(super) async fn run(
         conn.dispatch(d);
     }
     conn.unsubscribe_all();
+    conn.flush_settles();
 }
 
 impl Conn {
@@ -354,9 +380,20 @@ impl Conn {
 
     /// Run one command, writing its reply.
     fn run(&mut self, cmd: &Command) -> Then {
-        let name = cmd[0].to_ascii_uppercase();
+        // Upper case on the stack: every command name served is short.
+        let mut upper = [0u8; 16];
+        let name = match &cmd[0][..] {
+            n if n.len() <= upper.len() => {
+                upper[..n.len()].copy_from_slice(n);
+                upper[..n.len()].make_ascii_uppercase();
+                &upper[..n.len()]
+            }
+            _ => {
+                self.unknown(cmd);
+                return Then::Done;
+            }
+        };
         let args = &cmd[1..];
-        let name = name.as_slice();
         if self.login.is_none() && !matches!(name, b"AUTH" | b"HELLO" | b"QUIT") {
             self.out.error("NOAUTH Authentication required.");
             return Then::Done;

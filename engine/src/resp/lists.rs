@@ -299,7 +299,7 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> (u64, u32, u64, bool) 
 }
 
 /// Take up to `n` messages off `q`'s head, settled in its log.
-fn take(q: &Arc<Queue>, n: usize) -> Result<Vec<Bytes>, String> {
+fn take(c: &mut Conn, q: &Arc<Queue>, n: usize) -> Result<Vec<Bytes>, String> {
     let mut taken = Vec::new();
     let mut bodies = Vec::new();
     while taken.len() < n {
@@ -315,18 +315,32 @@ fn take(q: &Arc<Queue>, n: usize) -> Result<Vec<Bytes>, String> {
         }
         taken.push(entry);
     }
-    settle(q, &taken);
+    c.settle(q, taken);
     Ok(bodies)
 }
 
-/// The client has these: they leave the queue for good.
-fn settle(q: &Queue, taken: &[Entry]) {
-    if taken.is_empty() {
-        return;
+impl Conn {
+    /// The client has these: they leave the queue for good. Settled in
+    /// the queue's log once the commands read together have run (one
+    /// write for a pipeline of pops, not one each).
+    fn settle(&mut self, q: &Arc<Queue>, taken: Vec<Entry>) {
+        if taken.is_empty() {
+            return;
+        }
+        q.acked
+            .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        match self.settles.iter_mut().find(|(x, _)| Arc::ptr_eq(x, q)) {
+            Some((_, entries)) => entries.extend(taken),
+            None => self.settles.push((q.clone(), taken)),
+        }
     }
-    q.acked
-        .fetch_add(taken.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    q.forget(taken);
+
+    /// Settle what was taken since the last call.
+    pub(super) fn flush_settles(&mut self) {
+        for (q, entries) in self.settles.drain(..) {
+            q.forget(&entries);
+        }
+    }
 }
 
 fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
@@ -357,7 +371,7 @@ fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
         Err(()) => return Then::Done,
     };
     let bodies = match q {
-        Some(q) => match take(&q, count.unwrap_or(1).min(100_000)) {
+        Some(q) => match take(c, &q, count.unwrap_or(1).min(100_000)) {
             Ok(b) => b,
             Err(e) => {
                 c.out.error(&e);
@@ -526,7 +540,7 @@ fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
     }
     // Written to the destination's log before the source's settle is: a
     // crash between the two leaves it in both, never in neither.
-    settle(q, std::slice::from_ref(&entry));
+    c.settle(q, vec![entry]);
     c.out.bulk(&body);
     Then::Wait {
         ticket,
@@ -648,7 +662,7 @@ const BLOCKED_TAG: &str = "resp-blocked-";
 fn reply_taken(c: &mut Conn, q: &Arc<Queue>, entry: Entry, key: &[u8]) -> Then {
     match q.message(&entry) {
         Ok(m) => {
-            settle(q, std::slice::from_ref(&entry));
+            c.settle(q, vec![entry]);
             c.out.array(2);
             c.out.bulk(key);
             c.out.bulk(&m.body);

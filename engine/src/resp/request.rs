@@ -93,11 +93,9 @@ impl Parser {
                         other => return Ok(other),
                     }
                 }
-                let Some(line) = line(buf, MAX_PREFIX_LINE, "invalid multibulk length")? else {
+                let Some(n) = prefix(buf, "invalid multibulk length")? else {
                     return Ok(None);
                 };
-                let n = number(&line[1..])
-                    .ok_or_else(|| ProtocolError("invalid multibulk length".into()))?;
                 if n > MAX_ARGS as i64 {
                     return error("invalid multibulk length");
                 }
@@ -123,13 +121,13 @@ impl Parser {
                         if first != b'$' {
                             return error(format!("expected '$', got '{}'", first as char));
                         }
-                        let Some(line) = line(buf, MAX_PREFIX_LINE, "invalid bulk length")? else {
+                        let Some(n) = prefix(buf, "invalid bulk length")? else {
                             return Ok(None);
                         };
-                        let len = number(&line[1..])
-                            .filter(|n| (0..=self.max_bulk as i64).contains(n))
-                            .ok_or_else(|| ProtocolError("invalid bulk length".into()))?
-                            as usize;
+                        if !(0..=self.max_bulk as i64).contains(&n) {
+                            return error("invalid bulk length");
+                        }
+                        let len = n as usize;
                         p.bulk = Some(len);
                         len
                     }
@@ -142,8 +140,16 @@ impl Parser {
                 if &buf[len..len + 2] != b"\r\n" {
                     return error("bulk not terminated by CRLF");
                 }
-                let arg = buf.split_to(len).freeze();
-                buf.advance(2);
+                // A small argument is copied out, so that the read buffer
+                // stays this connection's alone (no message in a queue
+                // holds it, and it grows without copying); a large one is
+                // handed over where it lies.
+                let arg = if len < ZERO_COPY_FROM {
+                    Bytes::copy_from_slice(&buf[..len])
+                } else {
+                    buf.split_to(len).freeze()
+                };
+                buf.advance(if len < ZERO_COPY_FROM { len + 2 } else { 2 });
                 p.args.push(arg);
                 p.bulk = None;
             }
@@ -153,11 +159,36 @@ impl Parser {
     }
 }
 
+/// Arguments at least this long are not copied out of the read buffer.
+const ZERO_COPY_FROM: usize = 16 * 1024;
+
+/// The number of the `*` or `$` line at the start of `buf`, consuming the
+/// line; `None` until it has arrived; `what` is the error for a line that
+/// is not a number or is too long.
+fn prefix(buf: &mut BytesMut, what: &str) -> Result<Option<i64>, ProtocolError> {
+    let window = &buf[..buf.len().min(MAX_PREFIX_LINE + 2)];
+    let Some(at) = memchr::memchr(b'\n', window) else {
+        return if buf.len() >= MAX_PREFIX_LINE + 2 {
+            error(what)
+        } else {
+            Ok(None)
+        };
+    };
+    let end = if at > 0 && buf[at - 1] == b'\r' {
+        at - 1
+    } else {
+        at
+    };
+    let n = number(&buf[1..end]).ok_or_else(|| ProtocolError(what.into()))?;
+    buf.advance(at + 1);
+    Ok(Some(n))
+}
+
 /// A line ending in `\n` (its `\r` optional), without the line end;
 /// `None` until it has arrived; an error past `max` bytes.
 fn line(buf: &mut BytesMut, max: usize, too_long: &str) -> Result<Option<Bytes>, ProtocolError> {
     let window = &buf[..buf.len().min(max + 2)];
-    match window.iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', window) {
         Some(at) => {
             let mut l = buf.split_to(at + 1).freeze();
             l.truncate(at);
@@ -269,9 +300,24 @@ fn split_words(l: &[u8]) -> Result<Command, ProtocolError> {
     Ok(args)
 }
 
-/// A decimal integer, as RESP writes lengths.
-fn number(digits: &[u8]) -> Option<i64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
+/// A decimal integer, as RESP writes lengths (at most 18 digits: no
+/// overflow, and more than any bound here).
+fn number(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some(if negative { -n } else { n })
 }
 
 #[cfg(test)]
