@@ -394,7 +394,7 @@ impl Config {
     fn dependencies(&self) -> Result<(), String> {
         if let Some(c) = &self.cluster {
             c.check()?;
-            if self.redis.listen.is_some() {
+            if self.redis.listen.is_some() || self.redis.listen_tls.is_some() {
                 // Its pushes would need a confirm from queues on other
                 // nodes, which only AMQP connections wait for yet.
                 return Err("[redis] listen is not served by a cluster node yet: run the RESP front end on a single node (docs/redis.md)".into());
@@ -406,6 +406,11 @@ impl Config {
             }
             if self.admin.tls {
                 return Err("`admin.tls` needs a [tls] section (cert_file, key_file)".into());
+            }
+            if self.redis.listen_tls.is_some() {
+                return Err(
+                    "`redis.listen_tls` needs a [tls] section (cert_file, key_file)".into(),
+                );
             }
         }
         Ok(())

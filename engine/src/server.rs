@@ -152,6 +152,8 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
     /// Where the RESP (Redis protocol) front end listens, if it does.
     pub redis_addr: Option<SocketAddr>,
+    /// Where RESP over TLS listens, if it does.
+    pub redis_tls_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     store: Option<Arc<Store>>,
@@ -339,25 +341,35 @@ impl Server {
         if let Some(watermark) = config.memory.watermark_bytes() {
             spawn_memory_alarm(&tracker, broker.clone(), shutdown.clone(), watermark);
         }
-        let redis_addr = match config.redis.listen {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr).await.with_context(|| {
-                    format!("binding the RESP (Redis protocol) listener {addr}")
-                })?;
-                let addr = listener.local_addr()?;
-                tracing::info!(%addr, vhost = %config.redis.vhost, "RESP (Redis protocol) listening");
-                tracker.spawn(crate::resp::serve(
-                    broker.clone(),
-                    listener,
-                    config.redis.clone(),
-                    config.amqp.max_message_size as usize,
-                    shutdown.clone(),
-                    tracker.clone(),
-                ));
-                Some(addr)
-            }
-            None => None,
-        };
+        let front = Arc::new(crate::resp::Front::new(
+            config.redis.clone(),
+            config.amqp.max_message_size as usize,
+        ));
+        let mut redis_addrs = [None, None];
+        for (i, (addr, tls)) in [
+            (config.redis.listen, None),
+            (config.redis.listen_tls, tls.clone()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(addr) = addr else { continue };
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the RESP (Redis protocol) listener {addr}"))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, tls = tls.is_some(), vhost = %config.redis.vhost, "RESP (Redis protocol) listening");
+            tracker.spawn(crate::resp::serve(
+                broker.clone(),
+                listener,
+                front.clone(),
+                tls,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+            redis_addrs[i] = Some(addr);
+        }
+        let [redis_addr, redis_tls_addr] = redis_addrs;
         if let Some(listener) = amqps {
             tracker.spawn(amqp::serve(
                 broker.clone(),
@@ -382,6 +394,7 @@ impl Server {
             amqps_addr,
             admin_addr,
             redis_addr,
+            redis_tls_addr,
             shutdown,
             tracker,
             store,

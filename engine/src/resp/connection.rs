@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,8 @@ pub(super) enum Then {
 pub(super) struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
+    /// Over TLS: its protocol and the client certificate's CN.
+    tls: Option<crate::broker::TlsInfo>,
     pub broker: Arc<Broker>,
     pub shared: Arc<Shared>,
     pub out: Out,
@@ -116,19 +118,80 @@ pub(super) struct Conn {
     last_synced: Synced,
 }
 
+/// A client's byte stream.
+pub(super) enum Stream {
+    /// Plain TCP: read when readable, so an idle connection holds no
+    /// buffer.
+    Tcp(TcpStream),
+    /// RESP over TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Wait for bytes and append them to `buf`: how many (0 at EOF).
+    /// Cancel-safe: nothing read is lost if the wait is dropped.
+    async fn read(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let reserve = |buf: &mut BytesMut| {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
+            }
+        };
+        match self {
+            Stream::Tcp(s) => loop {
+                s.readable().await?;
+                reserve(buf);
+                match s.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            },
+            Stream::Tls(s) => {
+                reserve(buf);
+                s.read_buf(buf).await
+            }
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// The TLS side, as the admin API shows it.
+    fn tls_info(&self) -> Option<crate::broker::TlsInfo> {
+        match self {
+            Stream::Tcp(_) => None,
+            Stream::Tls(s) => {
+                let conn = s.get_ref().1;
+                Some(crate::broker::TlsInfo {
+                    protocol: crate::tls::protocol_name(conn),
+                    peer_cert_cn: crate::tls::peer_common_name(conn),
+                })
+            }
+        }
+    }
+}
+
 /// Serve one connection until it closes.
 pub(super) async fn run(
     broker: Arc<Broker>,
     shared: Arc<Shared>,
-    mut socket: TcpStream,
+    mut socket: Stream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let id = crate::broker::connections::next_id();
+    let tls = socket.tls_info();
     let (dispatch_tx, mut dispatch_rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         id,
         peer,
+        tls,
         broker: broker.clone(),
         shared: shared.clone(),
         out: Out::default(),
@@ -209,20 +272,11 @@ pub(super) async fn run(
             .as_ref()
             .map(|l| l._registered.info.closed().clone());
         tokio::select! {
-            r = socket.readable(), if read => {
-                if let Err(e) = r {
-                    break format!("read: {e}");
-                }
-                if rbuf.capacity() - rbuf.len() < 1024 {
-                    rbuf.reserve(READ_CHUNK);
-                }
-                match socket.try_read_buf(&mut rbuf) {
-                    Ok(0) => break "client closed".into(),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => break format!("read: {e}"),
-                }
-            }
+            r = socket.read(&mut rbuf), if read => match r {
+                Ok(0) => break "client closed".into(),
+                Ok(_) => {}
+                Err(e) => break format!("read: {e}"),
+            },
             Some(d) = dispatch_rx.recv() => {
                 conn.dispatch(d);
                 // What else arrived goes out in the same write.
@@ -504,15 +558,18 @@ impl Conn {
         };
         // A second login replaces the first.
         self.login = None;
-        let info = Arc::new(ConnectionInfo::new(
-            self.id,
-            self.peer,
-            login.name.clone(),
-            vhost_name.clone(),
-            0,
-            0,
-            "RESP (Redis protocol)".into(),
-        ));
+        let info = Arc::new(
+            ConnectionInfo::new(
+                self.id,
+                self.peer,
+                login.name.clone(),
+                vhost_name.clone(),
+                0,
+                0,
+                "RESP (Redis protocol)".into(),
+            )
+            .with_tls(self.tls.clone()),
+        );
         let broker = self.broker.clone();
         let registered = match broker.connections().register_unless(info, |open| {
             crate::amqp::handshake::over_connection_limit(&broker, &login.name, &vhost_name, open)

@@ -51,6 +51,9 @@ use crate::Broker;
 pub struct RedisSection {
     /// Where RESP listens; absent: no RESP listener.
     pub listen: Option<SocketAddr>,
+    /// Where RESP over TLS listens (`redis-cli --tls`); needs `[tls]`,
+    /// whose certificates it serves, as AMQPS does.
+    pub listen_tls: Option<SocketAddr>,
     /// The vhost whose queues are the lists and whose topic exchange
     /// carries the channels.
     pub vhost: String,
@@ -79,6 +82,7 @@ impl Default for RedisSection {
     fn default() -> Self {
         RedisSection {
             listen: None,
+            listen_tls: None,
             vhost: "/".into(),
             default_user: "guest".into(),
             exchange: "amq.topic".into(),
@@ -104,20 +108,35 @@ pub(crate) struct Subscribed {
     pub patterns: HashMap<Vec<u8>, usize>,
 }
 
-/// Accept RESP connections on `listener` until `shutdown` is cancelled.
+/// What every connection of the RESP listeners shares.
+pub struct Front(Arc<Shared>);
+
+impl Front {
+    /// The front end of `settings`, taking bulks of at most `max_bulk`
+    /// bytes once logged in.
+    pub fn new(settings: RedisSection, max_bulk: usize) -> Front {
+        Front(Arc::new(Shared {
+            settings,
+            max_bulk,
+            subscriptions: Mutex::default(),
+        }))
+    }
+}
+
+/// Time a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accept RESP connections on `listener` until `shutdown` is cancelled;
+/// with `tls`, each is RESP over TLS, its handshake in its own task.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
-    settings: RedisSection,
-    max_bulk: usize,
+    front: Arc<Front>,
+    tls: Option<Arc<crate::tls::Tls>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
-    let shared = Arc::new(Shared {
-        settings,
-        max_bulk,
-        subscriptions: Mutex::default(),
-    });
+    let shared = front.0.clone();
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -131,12 +150,43 @@ pub async fn serve(
             () = shutdown.cancelled() => return Ok(()),
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(connection::run(
-            broker.clone(),
-            shared.clone(),
-            stream,
-            peer,
-            shutdown.clone(),
-        ));
+        let (broker, shared, shutdown) = (broker.clone(), shared.clone(), shutdown.clone());
+        match &tls {
+            None => {
+                tracker.spawn(connection::run(
+                    broker,
+                    shared,
+                    connection::Stream::Tcp(stream),
+                    peer,
+                    shutdown,
+                ));
+            }
+            Some(tls) => {
+                let acceptor = tls.amqp_acceptor();
+                tracker.spawn(async move {
+                    let accepted = tokio::select! {
+                        r = crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(s) => {
+                            connection::run(
+                                broker,
+                                shared,
+                                connection::Stream::Tls(Box::new(s)),
+                                peer,
+                                shutdown,
+                            )
+                            .await
+                        }
+                        Err(e) => {
+                            if let Some(quiet) = crate::amqp::REFUSALS.admit(peer.ip()) {
+                                tracing::info!(%peer, also_refused = quiet, "RESP TLS handshake failed: {e}");
+                            }
+                        }
+                    }
+                });
+            }
+        }
     }
 }

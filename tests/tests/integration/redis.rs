@@ -172,6 +172,33 @@ async fn node_redis_works_unchanged_beside_amqplib() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = wasmq_tests::pki::Ca::new("wasmq test CA");
+    let server = ca.server();
+    let cert = wasmq_tests::pki::write(dir.path(), "server.pem", &server.cert);
+    let key = wasmq_tests::pki::write(dir.path(), "server.key", &server.key);
+    let ca_file = wasmq_tests::pki::write(dir.path(), "ca.pem", &ca.pem());
+    let t = TestServer::start_with(|c| {
+        c.tls = Some(wasmq::tls::TlsSettings {
+            cert_file: cert,
+            key_file: key,
+            ca_file: None,
+            fail_if_no_peer_cert: false,
+            watch: false,
+        });
+        c.redis.listen_tls = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let port = t.server.as_ref().unwrap().redis_tls_addr.unwrap().port();
+    wasmq_tests::run_pika_script(
+        "redis_tls.py",
+        [port.to_string(), ca_file.display().to_string()],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_messages_survive_a_restart_and_are_popped_in_order() {
     let t = start().await;
     let mut r = Resp::logged_in(&t).await;

@@ -261,6 +261,10 @@ struct ServeArgs {
     /// RESP (Redis protocol) listen address (overrides `[redis] listen`).
     #[arg(long, env = "WASMQ_LISTEN_REDIS")]
     listen_redis: Option<std::net::SocketAddr>,
+    /// RESP over TLS listen address (overrides `[redis] listen_tls`; needs
+    /// the file's [tls] section).
+    #[arg(long, env = "WASMQ_LISTEN_REDIS_TLS")]
+    listen_redis_tls: Option<std::net::SocketAddr>,
     /// Data folder (overrides the file).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -729,6 +733,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(l) = args.listen_redis {
         config.redis.listen = Some(l);
+    }
+    if let Some(l) = args.listen_redis_tls {
+        config.redis.listen_tls = Some(l);
     }
     if let Some(cluster) = &mut config.cluster {
         // One ConfigMap for every pod of a StatefulSet: each pod's name and
