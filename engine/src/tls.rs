@@ -515,6 +515,33 @@ pub(crate) async fn within<T>(
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
+/// How long a client has to finish its TLS handshake.
+pub(crate) const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client's TLS handshake on `stream` (AMQPS, RESP over TLS), within
+/// [`CLIENT_HANDSHAKE_TIMEOUT`]; `None` if it failed (logged, at most once
+/// per source address per 10 s) or the broker is shutting down.
+pub(crate) async fn accept_client(
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let accepted = tokio::select! {
+        r = within(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+        () = shutdown.cancelled() => return None,
+    };
+    match accepted {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if let Some(quiet) = crate::amqp::REFUSALS.admit(peer.ip()) {
+                tracing::info!(%peer, also_refused = quiet, "TLS handshake failed: {e}");
+            }
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,16 +49,12 @@ use socket::Socket;
 use crate::Broker;
 use crate::tls::Tls;
 
-/// Time a client has to finish the TLS handshake (the AMQP handshake then
-/// has its own).
 /// Which clients' refusals (failed logins, TLS handshakes, protocol
 /// headers) may be logged now: one per source address per 10 s, so that a
 /// scanner or a client retrying a wrong password does not fill the log.
 /// Process-wide, as the log is.
 pub(crate) static REFUSALS: std::sync::LazyLock<crate::untrusted::Refusals> =
     std::sync::LazyLock::new(Default::default);
-
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A queue name whose `queue.declare` panics the connection's handler.
 /// Only tests set it: a panic in a handler is a bug, so nothing else
@@ -141,27 +137,18 @@ pub async fn serve(
             Some(tls) => {
                 let acceptor = tls.amqp_acceptor();
                 tracker.spawn(async move {
-                    let accepted = tokio::select! {
-                        r = crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
-                        () = shutdown.cancelled() => return,
-                    };
-                    match accepted {
-                        Ok(s) => {
-                            connection::run(
-                                broker,
-                                Socket::Tls(Box::new(s)),
-                                peer,
-                                config,
-                                shutdown,
-                                id,
-                            )
-                            .await
-                        }
-                        Err(e) => {
-                            if let Some(quiet) = REFUSALS.admit(peer.ip()) {
-                                tracing::info!(%peer, also_refused = quiet, "TLS handshake failed: {e}");
-                            }
-                        }
+                    if let Some(s) =
+                        crate::tls::accept_client(acceptor, stream, peer, &shutdown).await
+                    {
+                        connection::run(
+                            broker,
+                            Socket::Tls(Box::new(s)),
+                            peer,
+                            config,
+                            shutdown,
+                            id,
+                        )
+                        .await
                     }
                 });
             }

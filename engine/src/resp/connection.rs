@@ -607,77 +607,60 @@ pub(super) struct Spec {
     pub run: fn(&mut Conn, &[Bytes]) -> Then,
 }
 
+impl Spec {
+    /// A command's table row: name, arity, flags, key positions, runner.
+    pub(super) const fn new(
+        name: &'static str,
+        arity: i64,
+        flags: &'static [&'static str],
+        keys: (i64, i64, i64),
+        run: fn(&mut Conn, &[Bytes]) -> Then,
+    ) -> Spec {
+        Spec {
+            name,
+            arity,
+            flags,
+            keys,
+            run,
+        }
+    }
+}
+
 const CONNECTION: &[Spec] = &[
-    Spec {
-        name: "ping",
-        arity: -1,
-        flags: &["fast"],
-        keys: (0, 0, 0),
-        run: ping,
-    },
-    Spec {
-        name: "echo",
-        arity: 2,
-        flags: &["fast"],
-        keys: (0, 0, 0),
-        run: echo,
-    },
-    Spec {
-        name: "quit",
-        arity: -1,
-        flags: &["fast"],
-        keys: (0, 0, 0),
-        run: quit,
-    },
-    Spec {
-        name: "auth",
-        arity: -2,
-        flags: &["noscript", "loading", "stale", "fast"],
-        keys: (0, 0, 0),
-        run: auth,
-    },
-    Spec {
-        name: "hello",
-        arity: -1,
-        flags: &["noscript", "loading", "stale", "fast"],
-        keys: (0, 0, 0),
-        run: hello,
-    },
-    Spec {
-        name: "select",
-        arity: 2,
-        flags: &["loading", "stale", "fast"],
-        keys: (0, 0, 0),
-        run: select,
-    },
-    Spec {
-        name: "client",
-        arity: -2,
-        flags: &["loading", "stale"],
-        keys: (0, 0, 0),
-        run: client,
-    },
-    Spec {
-        name: "info",
-        arity: -1,
-        flags: &["loading", "stale"],
-        keys: (0, 0, 0),
-        run: info,
-    },
-    Spec {
-        name: "command",
-        arity: -1,
-        flags: &["loading", "stale"],
-        keys: (0, 0, 0),
-        run: command,
-    },
-    Spec {
-        name: "reset",
-        arity: 1,
-        flags: &["noscript", "loading", "stale", "fast"],
-        keys: (0, 0, 0),
-        run: reset,
-    },
+    Spec::new("ping", -1, &["fast"], (0, 0, 0), ping),
+    Spec::new("echo", 2, &["fast"], (0, 0, 0), echo),
+    Spec::new("quit", -1, &["fast"], (0, 0, 0), quit),
+    Spec::new(
+        "auth",
+        -2,
+        &["noscript", "loading", "stale", "fast"],
+        (0, 0, 0),
+        auth,
+    ),
+    Spec::new(
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast"],
+        (0, 0, 0),
+        hello,
+    ),
+    Spec::new(
+        "select",
+        2,
+        &["loading", "stale", "fast"],
+        (0, 0, 0),
+        select,
+    ),
+    Spec::new("client", -2, &["loading", "stale"], (0, 0, 0), client),
+    Spec::new("info", -1, &["loading", "stale"], (0, 0, 0), info),
+    Spec::new("command", -1, &["loading", "stale"], (0, 0, 0), command),
+    Spec::new(
+        "reset",
+        1,
+        &["noscript", "loading", "stale", "fast"],
+        (0, 0, 0),
+        reset,
+    ),
 ];
 
 fn spec(name: &[u8]) -> Option<&'static Spec> {

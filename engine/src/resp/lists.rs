@@ -29,111 +29,57 @@ use crate::broker::{BrokerError, ChannelCredit, Consumer, Entry, Queue, QueueDec
 use crate::message::Message;
 
 pub(super) const SPECS: &[Spec] = &[
-    Spec {
-        name: "lpush",
-        arity: -3,
-        flags: &["write", "denyoom", "fast"],
-        keys: (1, 1, 1),
-        run: push,
-    },
-    Spec {
-        name: "rpush",
-        arity: -3,
-        flags: &["write", "denyoom", "fast"],
-        keys: (1, 1, 1),
-        run: push,
-    },
-    Spec {
-        name: "lpushx",
-        arity: -3,
-        flags: &["write", "denyoom", "fast"],
-        keys: (1, 1, 1),
-        run: pushx,
-    },
-    Spec {
-        name: "rpushx",
-        arity: -3,
-        flags: &["write", "denyoom", "fast"],
-        keys: (1, 1, 1),
-        run: pushx,
-    },
-    Spec {
-        name: "lpop",
-        arity: -2,
-        flags: &["write", "fast"],
-        keys: (1, 1, 1),
-        run: pop,
-    },
-    Spec {
-        name: "rpop",
-        arity: -2,
-        flags: &["write", "fast"],
-        keys: (1, 1, 1),
-        run: pop,
-    },
-    Spec {
-        name: "blpop",
-        arity: -3,
-        flags: &["write", "noscript", "blocking"],
-        keys: (1, -2, 1),
-        run: bpop,
-    },
-    Spec {
-        name: "brpop",
-        arity: -3,
-        flags: &["write", "noscript", "blocking"],
-        keys: (1, -2, 1),
-        run: bpop,
-    },
-    Spec {
-        name: "lrange",
-        arity: 4,
-        flags: &["readonly"],
-        keys: (1, 1, 1),
-        run: lrange,
-    },
-    Spec {
-        name: "llen",
-        arity: 2,
-        flags: &["readonly", "fast"],
-        keys: (1, 1, 1),
-        run: llen,
-    },
-    Spec {
-        name: "del",
-        arity: -2,
-        flags: &["write"],
-        keys: (1, -1, 1),
-        run: del,
-    },
-    Spec {
-        name: "lmove",
-        arity: 5,
-        flags: &["write", "denyoom"],
-        keys: (1, 2, 1),
-        run: lmove,
-    },
-    Spec {
-        name: "rpoplpush",
-        arity: 3,
-        flags: &["write", "denyoom"],
-        keys: (1, 2, 1),
-        run: lmove,
-    },
-    Spec {
-        name: "blmove",
-        arity: 6,
-        flags: &["write", "denyoom", "noscript", "blocking"],
-        keys: (1, 2, 1),
-        run: bmove,
-    },
-    Spec {
-        name: "brpoplpush",
-        arity: 4,
-        flags: &["write", "denyoom", "noscript", "blocking"],
-        keys: (1, 2, 1),
-        run: bmove,
-    },
+    Spec::new("lpush", -3, &["write", "denyoom", "fast"], (1, 1, 1), push),
+    Spec::new("rpush", -3, &["write", "denyoom", "fast"], (1, 1, 1), push),
+    Spec::new(
+        "lpushx",
+        -3,
+        &["write", "denyoom", "fast"],
+        (1, 1, 1),
+        pushx,
+    ),
+    Spec::new(
+        "rpushx",
+        -3,
+        &["write", "denyoom", "fast"],
+        (1, 1, 1),
+        pushx,
+    ),
+    Spec::new("lpop", -2, &["write", "fast"], (1, 1, 1), pop),
+    Spec::new("rpop", -2, &["write", "fast"], (1, 1, 1), pop),
+    Spec::new(
+        "blpop",
+        -3,
+        &["write", "noscript", "blocking"],
+        (1, -2, 1),
+        bpop,
+    ),
+    Spec::new(
+        "brpop",
+        -3,
+        &["write", "noscript", "blocking"],
+        (1, -2, 1),
+        bpop,
+    ),
+    Spec::new("lrange", 4, &["readonly"], (1, 1, 1), lrange),
+    Spec::new("llen", 2, &["readonly", "fast"], (1, 1, 1), llen),
+    Spec::new("del", -2, &["write"], (1, -1, 1), del),
+    Spec::new("lmove", 5, &["write", "denyoom"], (1, 2, 1), lmove),
+    Spec::new("rpoplpush", 3, &["write", "denyoom"], (1, 2, 1), lmove),
+    Spec::new(
+        "blmove",
+        6,
+        &["write", "denyoom", "noscript", "blocking"],
+        (1, 2, 1),
+        bmove,
+    ),
+    Spec::new(
+        "brpoplpush",
+        4,
+        &["write", "denyoom", "noscript", "blocking"],
+        (1, 2, 1),
+        bmove,
+    ),
 ];
 
 pub(super) fn spec(name: &[u8]) -> Option<&'static Spec> {
@@ -181,6 +127,30 @@ fn existing(c: &mut Conn, name: &str) -> Result<Option<Arc<Queue>>, ()> {
             Err(())
         }
     }
+}
+
+/// The queue `name`, if it exists here, for taking from: an exclusive
+/// queue of another connection is refused, as AMQP refuses it (405).
+fn to_take(c: &mut Conn, name: &str) -> Result<Option<Arc<Queue>>, ()> {
+    let q = existing(c, name)?;
+    match &q {
+        Some(q) if !mine(c, q) => Err(()),
+        _ => Ok(q),
+    }
+}
+
+/// Whether this connection may take from `q` (it is not another
+/// connection's exclusive queue); if not, the refusal is the reply.
+fn mine(c: &mut Conn, q: &Queue) -> bool {
+    if q.owner.is_none_or(|o| o == c.id) {
+        return true;
+    }
+    c.out.error(&format!(
+        "ERR wasmq: RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{}' in vhost '{}'",
+        q.name,
+        c.vhost().name
+    ));
+    false
 }
 
 /// The queue `key` names, declared if it does not exist.
@@ -366,7 +336,7 @@ fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
     if !c.allowed(Access::Read, "queue", &name) {
         return Then::Done;
     }
-    let q = match existing(c, &name) {
+    let q = match to_take(c, &name) {
         Ok(q) => q,
         Err(()) => return Then::Done,
     };
@@ -420,7 +390,7 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
     if !c.allowed(Access::Read, "queue", &name) {
         return Then::Done;
     }
-    let q = match existing(c, &name) {
+    let q = match to_take(c, &name) {
         Ok(Some(q)) => q,
         Ok(None) => {
             c.out.array(0);
@@ -470,7 +440,7 @@ fn del(c: &mut Conn, args: &[Bytes]) -> Then {
         if !c.allowed(Access::Read, "queue", &name) {
             return Then::Done;
         }
-        match existing(c, &name) {
+        match to_take(c, &name) {
             Ok(Some(q)) => removed += i64::from(q.purge() > 0),
             Ok(None) => {}
             Err(()) => return Then::Done,
@@ -492,7 +462,7 @@ fn lmove(c: &mut Conn, args: &[Bytes]) -> Then {
     if !c.allowed(Access::Read, "queue", &src) {
         return Then::Done;
     }
-    let q = match existing(c, &src) {
+    let q = match to_take(c, &src) {
         Ok(Some(q)) => q,
         Ok(None) => {
             c.out.null();
@@ -596,8 +566,8 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
         // A blocked client waits on a key that has no list yet: the
         // queue is declared, as a push would.
         match declared(c, &name) {
-            Ok(q) => queues.push((key.clone(), q)),
-            Err(()) => return Then::Done,
+            Ok(q) if mine(c, &q) => queues.push((key.clone(), q)),
+            _ => return Then::Done,
         }
     }
     for (key, q) in &queues {

@@ -123,9 +123,6 @@ impl Front {
     }
 }
 
-/// Time a client has to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Accept RESP connections on `listener` until `shutdown` is cancelled;
 /// with `tls`, each is RESP over TLS, its handshake in its own task.
 pub async fn serve(
@@ -164,26 +161,17 @@ pub async fn serve(
             Some(tls) => {
                 let acceptor = tls.amqp_acceptor();
                 tracker.spawn(async move {
-                    let accepted = tokio::select! {
-                        r = crate::tls::within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
-                        () = shutdown.cancelled() => return,
-                    };
-                    match accepted {
-                        Ok(s) => {
-                            connection::run(
-                                broker,
-                                shared,
-                                connection::Stream::Tls(Box::new(s)),
-                                peer,
-                                shutdown,
-                            )
-                            .await
-                        }
-                        Err(e) => {
-                            if let Some(quiet) = crate::amqp::REFUSALS.admit(peer.ip()) {
-                                tracing::info!(%peer, also_refused = quiet, "RESP TLS handshake failed: {e}");
-                            }
-                        }
+                    if let Some(s) =
+                        crate::tls::accept_client(acceptor, stream, peer, &shutdown).await
+                    {
+                        connection::run(
+                            broker,
+                            shared,
+                            connection::Stream::Tls(Box::new(s)),
+                            peer,
+                            shutdown,
+                        )
+                        .await
                     }
                 });
             }

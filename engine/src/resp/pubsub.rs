@@ -36,48 +36,48 @@ pub(super) const TAG: &str = "resp-sub-";
 pub const SUBSCRIBER_BACKLOG: i64 = 32 << 20;
 
 pub(super) const SPECS: &[Spec] = &[
-    Spec {
-        name: "publish",
-        arity: 3,
-        flags: &["pubsub", "loading", "stale", "fast"],
-        keys: (0, 0, 0),
-        run: publish,
-    },
-    Spec {
-        name: "subscribe",
-        arity: -2,
-        flags: &["pubsub", "noscript", "loading", "stale"],
-        keys: (0, 0, 0),
-        run: subscribe,
-    },
-    Spec {
-        name: "unsubscribe",
-        arity: -1,
-        flags: &["pubsub", "noscript", "loading", "stale"],
-        keys: (0, 0, 0),
-        run: unsubscribe,
-    },
-    Spec {
-        name: "psubscribe",
-        arity: -2,
-        flags: &["pubsub", "noscript", "loading", "stale"],
-        keys: (0, 0, 0),
-        run: psubscribe,
-    },
-    Spec {
-        name: "punsubscribe",
-        arity: -1,
-        flags: &["pubsub", "noscript", "loading", "stale"],
-        keys: (0, 0, 0),
-        run: punsubscribe,
-    },
-    Spec {
-        name: "pubsub",
-        arity: -2,
-        flags: &["pubsub", "loading", "stale"],
-        keys: (0, 0, 0),
-        run: pubsub,
-    },
+    Spec::new(
+        "publish",
+        3,
+        &["pubsub", "loading", "stale", "fast"],
+        (0, 0, 0),
+        publish,
+    ),
+    Spec::new(
+        "subscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        (0, 0, 0),
+        subscribe,
+    ),
+    Spec::new(
+        "unsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        (0, 0, 0),
+        unsubscribe,
+    ),
+    Spec::new(
+        "psubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        (0, 0, 0),
+        psubscribe,
+    ),
+    Spec::new(
+        "punsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        (0, 0, 0),
+        punsubscribe,
+    ),
+    Spec::new(
+        "pubsub",
+        -2,
+        &["pubsub", "loading", "stale"],
+        (0, 0, 0),
+        pubsub,
+    ),
 ];
 
 pub(super) fn spec(name: &[u8]) -> Option<&'static Spec> {

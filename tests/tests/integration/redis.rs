@@ -410,4 +410,23 @@ async fn a_blocked_pop_is_woken_by_an_amqp_publish_and_a_timeout_answers_nil() {
         Reply::Int(1)
     );
     assert_eq!(other.call(&["RPOP", "amqp.fed"]).await, bulk("kept"));
+    // Another connection's exclusive queue is not for taking, as over AMQP.
+    ch.queue_declare(
+        "mine.only".into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    for cmd in [
+        &["RPOP", "mine.only"][..],
+        &["BRPOP", "mine.only", "0"],
+        &["DEL", "mine.only"],
+    ] {
+        let e = error_text(other.call(cmd).await);
+        assert!(e.contains("RESOURCE_LOCKED"), "{cmd:?}: {e}");
+    }
 }
