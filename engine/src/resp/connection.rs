@@ -57,19 +57,26 @@ pub(super) struct Login {
     _registered: Registered,
 }
 
+/// What a push waits for before its reply goes out.
+pub(super) struct Durable {
+    /// The store's sync ticket (0: none).
+    pub ticket: u64,
+    /// Quorum queue commits still to hear of.
+    pub replicas: u32,
+    /// Its tag for those answers.
+    pub seq: u64,
+    /// Every message was taken so far (else the reply is [`NOT_STORED`]).
+    pub ok: bool,
+}
+
+/// The reply to a push whose message did not become safe.
+const NOT_STORED: &str = "ERR wasmq: the message was not stored (a disk write failed or a quorum queue lost its leader); it may not have been taken";
+
 /// A reply that waits for its message's durability, with the replies of
 /// the commands that came after it.
 struct Waiting {
-    /// The store's sync ticket it waits for (0: none).
-    ticket: u64,
-    /// Quorum queue commits still to hear of.
-    replicas: u32,
-    /// Its tag for those answers.
-    seq: u64,
-    /// Still to be answered with `reply` (else with `failed`).
-    ok: bool,
+    on: Durable,
     reply: Vec<u8>,
-    failed: &'static str,
     later: Vec<u8>,
 }
 
@@ -78,12 +85,7 @@ pub(super) enum Then {
     /// Its reply is in the buffer.
     Done,
     /// Its reply waits for durability: a store ticket and commits.
-    Wait {
-        ticket: u64,
-        replicas: u32,
-        seq: u64,
-        ok: bool,
-    },
+    Wait(Durable),
     /// It blocks the connection (a blocking pop with nothing to take).
     Block(Blocked),
     /// Close after the reply.
@@ -115,7 +117,6 @@ pub(super) struct Conn {
     pub settles: Vec<(Arc<Queue>, Vec<Entry>)>,
     next_seq: u64,
     waits: VecDeque<Waiting>,
-    last_synced: Synced,
 }
 
 /// A client's byte stream.
@@ -205,7 +206,6 @@ pub(super) async fn run(
         settles: Vec::new(),
         next_seq: 0,
         waits: VecDeque::new(),
-        last_synced: Synced::default(),
     };
     let mut parser = Parser::new(UNAUTHENTICATED_BULK);
     // Held only while there is something in it: an idle connection keeps
@@ -246,10 +246,13 @@ pub(super) async fn run(
             rbuf = BytesMut::new();
         }
         conn.flush_settles();
-        if let Some(s) = &synced {
-            let now = *s.borrow();
-            conn.release(now);
-        }
+        // Without a store nothing waits for a sync: the default covers
+        // ticket 0 only.
+        conn.release(
+            synced
+                .as_ref()
+                .map_or_else(Synced::default, |s| *s.borrow()),
+        );
         if !conn.out.buf.is_empty() {
             if let Err(e) = socket.write_all(&conn.out.buf).await {
                 break format!("write: {e}");
@@ -342,20 +345,11 @@ impl Conn {
     pub(super) fn finish(&mut self, start: usize, then: Then) -> bool {
         let quit = matches!(then, Then::Quit);
         match then {
-            Then::Wait {
-                ticket,
-                replicas,
-                seq,
-                ok,
-            } => {
+            Then::Wait(on) => {
                 let reply = self.out.buf.split_off(start);
                 self.waits.push_back(Waiting {
-                    ticket,
-                    replicas,
-                    seq,
-                    ok,
+                    on,
                     reply,
-                    failed: "ERR wasmq: the message was not stored (a disk write failed or a quorum queue lost its leader); it may not have been taken",
                     later: Vec::new(),
                 });
             }
@@ -377,12 +371,11 @@ impl Conn {
 
     /// Send the replies whose messages are now as safe as they say.
     fn release(&mut self, synced: Synced) {
-        self.last_synced = synced;
         while let Some(w) = self.waits.front() {
-            if w.replicas > 0 {
+            if w.on.replicas > 0 {
                 break;
             }
-            let on_disk = match w.ticket {
+            let on_disk = match w.on.ticket {
                 0 => true,
                 t => match synced.outcome(t) {
                     Some(on_disk) => on_disk,
@@ -390,23 +383,22 @@ impl Conn {
                 },
             };
             let w = self.waits.pop_front().expect("front");
-            if w.ok && on_disk {
+            if w.on.ok && on_disk {
                 self.out.buf.extend_from_slice(&w.reply);
             } else {
-                self.out.error(w.failed);
+                self.out.error(NOT_STORED);
             }
             self.out.buf.extend_from_slice(&w.later);
         }
     }
 
-    /// A quorum queue answered a push's commit.
+    /// A quorum queue answered a push's commit (the loop then releases
+    /// what no longer waits).
     fn replicated(&mut self, seq: u64, ok: bool) {
-        if let Some(w) = self.waits.iter_mut().find(|w| w.seq == seq) {
-            w.replicas = w.replicas.saturating_sub(1);
-            w.ok &= ok;
+        if let Some(w) = self.waits.iter_mut().find(|w| w.on.seq == seq) {
+            w.on.replicas = w.on.replicas.saturating_sub(1);
+            w.on.ok &= ok;
         }
-        let synced = self.last_synced;
-        self.release(synced);
     }
 
     fn dispatch(&mut self, d: Dispatch) {
@@ -459,10 +451,7 @@ impl Conn {
             ));
             return Then::Done;
         }
-        let Some(spec) = super::lists::spec(name)
-            .or_else(|| super::pubsub::spec(name))
-            .or_else(|| spec(name))
-        else {
+        let Some(spec) = all_specs().find(|s| s.name.as_bytes().eq_ignore_ascii_case(name)) else {
             self.unknown(cmd);
             return Then::Done;
         };
@@ -662,12 +651,6 @@ const CONNECTION: &[Spec] = &[
         reset,
     ),
 ];
-
-fn spec(name: &[u8]) -> Option<&'static Spec> {
-    CONNECTION
-        .iter()
-        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
-}
 
 /// Every command served, for `COMMAND`.
 fn all_specs() -> impl Iterator<Item = &'static Spec> {

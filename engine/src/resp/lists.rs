@@ -23,7 +23,7 @@ use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::Bytes;
 
 use super::QueueType;
-use super::connection::{Conn, Spec, Then};
+use super::connection::{Conn, Durable, Spec, Then};
 use crate::access::Access;
 use crate::broker::{BrokerError, ChannelCredit, Consumer, Entry, Queue, QueueDecl};
 use crate::message::Message;
@@ -81,12 +81,6 @@ pub(super) const SPECS: &[Spec] = &[
         bmove,
     ),
 ];
-
-pub(super) fn spec(name: &[u8]) -> Option<&'static Spec> {
-    SPECS
-        .iter()
-        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
-}
 
 /// A blocking pop waiting for a message.
 pub(crate) struct Blocked {
@@ -151,6 +145,16 @@ fn mine(c: &mut Conn, q: &Queue) -> bool {
         c.vhost().name
     ));
     false
+}
+
+/// The queue `key` names, for taking from: the key checked, the user's
+/// read permission, the queue's exclusivity (`Ok(None)`: no such queue).
+fn readable(c: &mut Conn, key: &[u8]) -> Result<Option<Arc<Queue>>, ()> {
+    let name = queue_name(c, key).ok_or(())?;
+    if !c.allowed(Access::Read, "queue", &name) {
+        return Err(());
+    }
+    to_take(c, &name)
 }
 
 /// The queue `key` names, declared if it does not exist.
@@ -219,19 +223,13 @@ fn push_to(c: &mut Conn, key: &[u8], values: &[Bytes], create: bool) -> Then {
             Err(()) => return Then::Done,
         }
     };
-    let (ticket, replicas, seq, ok) = publish(c, &name, values);
+    let on = publish(c, &name, values);
     c.out.int(q.len() as i64 + q.unacked() as i64);
-    Then::Wait {
-        ticket,
-        replicas,
-        seq,
-        ok,
-    }
+    Then::Wait(on)
 }
 
-/// Publish each value to queue `name`: the store ticket to wait for, the
-/// quorum commits to hear of, their tag, and whether every one was taken.
-fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> (u64, u32, u64, bool) {
+/// Publish each value to queue `name`: what its reply waits for.
+fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> Durable {
     let seq = c.next_seq();
     c.published = true;
     let vhost = c.vhost();
@@ -239,7 +237,8 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> (u64, u32, u64, bool) 
     for v in values {
         let props = amq_protocol::protocol::BasicProperties::default().with_delivery_mode(2);
         let message = Message::new(String::new(), name.to_owned(), props, v.clone());
-        let sink = c.dispatch_tx.clone();
+        let sink = &c.dispatch_tx;
+        // Asked for only by a quorum queue's commit.
         let outcome = c.broker.publish_replying(&vhost, None, message, || {
             let sink = sink.clone();
             Some(Box::new(move |ok| {
@@ -265,7 +264,12 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> (u64, u32, u64, bool) 
             }
         }
     }
-    (ticket, replicas, seq, ok)
+    Durable {
+        ticket,
+        replicas,
+        seq,
+        ok,
+    }
 }
 
 /// Take up to `n` messages off `q`'s head, settled in its log.
@@ -330,15 +334,8 @@ fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
             return Then::Done;
         }
     };
-    let Some(name) = queue_name(c, &args[0]) else {
+    let Ok(q) = readable(c, &args[0]) else {
         return Then::Done;
-    };
-    if !c.allowed(Access::Read, "queue", &name) {
-        return Then::Done;
-    }
-    let q = match to_take(c, &name) {
-        Ok(q) => q,
-        Err(()) => return Then::Done,
     };
     let bodies = match q {
         Some(q) => match take(c, &q, count.unwrap_or(1).min(100_000)) {
@@ -384,13 +381,7 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
         c.out.error("ERR value is not an integer or out of range");
         return Then::Done;
     };
-    let Some(name) = queue_name(c, &args[0]) else {
-        return Then::Done;
-    };
-    if !c.allowed(Access::Read, "queue", &name) {
-        return Then::Done;
-    }
-    let q = match to_take(c, &name) {
+    let q = match readable(c, &args[0]) {
         Ok(Some(q)) => q,
         Ok(None) => {
             c.out.array(0);
@@ -434,13 +425,7 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
 fn del(c: &mut Conn, args: &[Bytes]) -> Then {
     let mut removed = 0;
     for key in args {
-        let Some(name) = queue_name(c, key) else {
-            return Then::Done;
-        };
-        if !c.allowed(Access::Read, "queue", &name) {
-            return Then::Done;
-        }
-        match to_take(c, &name) {
+        match readable(c, key) {
             Ok(Some(q)) => removed += i64::from(q.purge() > 0),
             Ok(None) => {}
             Err(()) => return Then::Done,
@@ -456,13 +441,10 @@ fn lmove(c: &mut Conn, args: &[Bytes]) -> Then {
         c.out.error("ERR syntax error");
         return Then::Done;
     }
-    let (Some(src), Some(_)) = (queue_name(c, &args[0]), queue_name(c, &args[1])) else {
-        return Then::Done;
-    };
-    if !c.allowed(Access::Read, "queue", &src) {
+    if queue_name(c, &args[1]).is_none() {
         return Then::Done;
     }
-    let q = match to_take(c, &src) {
+    let q = match readable(c, &args[0]) {
         Ok(Some(q)) => q,
         Ok(None) => {
             c.out.null();
@@ -494,15 +476,13 @@ fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
         }
     };
     let dst_name = String::from_utf8_lossy(dst).into_owned();
-    let start = c.out.buf.len();
     let ready = c.allowed(Access::Write, "queue", &dst_name) && declared(c, &dst_name).is_ok();
     if !ready {
         q.put_back(std::iter::once(entry));
         return Then::Done;
     }
-    debug_assert_eq!(c.out.buf.len(), start);
-    let (ticket, replicas, seq, ok) = publish(c, &dst_name, std::slice::from_ref(&body));
-    if !ok {
+    let on = publish(c, &dst_name, std::slice::from_ref(&body));
+    if !on.ok {
         q.put_back(std::iter::once(entry));
         c.out
             .error("ERR wasmq: the destination queue refused the message; it stays in the source");
@@ -512,12 +492,7 @@ fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
     // crash between the two leaves it in both, never in neither.
     c.settle(q, vec![entry]);
     c.out.bulk(&body);
-    Then::Wait {
-        ticket,
-        replicas,
-        seq,
-        ok,
-    }
+    Then::Wait(on)
 }
 
 /// `BLPOP`/`BRPOP key... timeout`.
@@ -585,10 +560,13 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
     // of credit.
     let credit = Arc::new(ChannelCredit::default());
     credit.limit.store(1, std::sync::atomic::Ordering::Relaxed);
+    // Tags of this wait alone: a late cancel of an earlier one's consumer
+    // does not end it.
+    let wait = c.next_seq();
     let mut waiting = Vec::with_capacity(queues.len());
     for (i, (key, q)) in queues.into_iter().enumerate() {
         let consumer = Arc::new(Consumer {
-            tag: format!("{BLOCKED_TAG}{i}"),
+            tag: format!("{BLOCKED_TAG}{wait}-{i}"),
             channel: 0,
             connection: c.id,
             no_ack: false,
@@ -605,14 +583,7 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
                 "ERR wasmq: queue '{}' has an exclusive consumer",
                 String::from_utf8_lossy(&key)
             ));
-            remove_consumers(
-                c.id,
-                &Blocked {
-                    waiting,
-                    deadline: None,
-                    to: None,
-                },
-            );
+            remove_consumers(c.id, &waiting);
             return Then::Done;
         }
         waiting.push((key, q, consumer));
@@ -662,13 +633,12 @@ impl Conn {
         consumer.written();
         let Some(key) = wanted else {
             // Too late (it timed out, or another queue was first): back
-            // where it was, as if never sent.
+            // where it was, as if never sent (and on to another consumer).
             queue.put_back(std::iter::once(entry));
-            queue.dispatch();
             return;
         };
         let b = self.blocked.take().expect("found above");
-        remove_consumers(self.id, &b);
+        remove_consumers(self.id, &b.waiting);
         let start = self.out.buf.len();
         let then = match b.to {
             Some(dst) => move_entry(self, &queue, entry, &dst),
@@ -690,7 +660,7 @@ impl Conn {
     /// Stop waiting (timeout, reset, the client left).
     pub(super) fn unblock(&mut self) {
         if let Some(b) = self.blocked.take() {
-            remove_consumers(self.id, &b);
+            remove_consumers(self.id, &b.waiting);
         }
     }
 
@@ -710,8 +680,8 @@ impl Conn {
     }
 }
 
-fn remove_consumers(connection: u64, b: &Blocked) {
-    for (_, q, c) in &b.waiting {
+fn remove_consumers(connection: u64, waiting: &[(Bytes, Arc<Queue>, Arc<Consumer>)]) {
+    for (_, q, c) in waiting {
         q.remove_consumer(connection, 0, &c.tag);
     }
 }

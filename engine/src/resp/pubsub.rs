@@ -80,12 +80,6 @@ pub(super) const SPECS: &[Spec] = &[
     ),
 ];
 
-pub(super) fn spec(name: &[u8]) -> Option<&'static Spec> {
-    SPECS
-        .iter()
-        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
-}
-
 /// What RESP2 lets a subscribed client run.
 pub(super) fn allowed_when_subscribed(name: &[u8]) -> bool {
     matches!(
@@ -124,8 +118,12 @@ impl Subscriptions {
 
 fn publish(c: &mut Conn, args: &[Bytes]) -> Then {
     let exchange = c.shared.settings.exchange.clone();
-    let Some(channel) = channel_name(c, &args[0]) else {
-        return Then::Done;
+    let channel = match routing_key(&args[0]) {
+        Ok(k) => k.to_owned(),
+        Err(e) => {
+            c.out.error(e);
+            return Then::Done;
+        }
     };
     if !c.allowed(Access::Write, "exchange", &exchange) {
         return Then::Done;
@@ -145,16 +143,13 @@ fn publish(c: &mut Conn, args: &[Bytes]) -> Then {
     Then::Done
 }
 
-/// A channel as a routing key: UTF-8 of at most 255 bytes.
-fn channel_name(c: &mut Conn, name: &[u8]) -> Option<String> {
-    match std::str::from_utf8(name) {
-        Ok(n) if n.len() <= 255 => Some(n.to_owned()),
-        _ => {
-            c.out
-                .error("ERR wasmq: a channel is a routing key: UTF-8, at most 255 bytes");
-            None
-        }
-    }
+/// A channel or pattern as a routing key or binding argument: UTF-8 of at
+/// most 255 bytes.
+fn routing_key(name: &[u8]) -> Result<&str, &'static str> {
+    std::str::from_utf8(name)
+        .ok()
+        .filter(|n| n.len() <= 255)
+        .ok_or("ERR wasmq: a channel or pattern is a routing key: UTF-8, at most 255 bytes")
 }
 
 fn subscribe(c: &mut Conn, args: &[Bytes]) -> Then {
@@ -247,11 +242,7 @@ impl Conn {
 
     fn add_subscription(&mut self, pattern: bool, name: &Bytes) -> Result<(), String> {
         let exchange = self.shared.settings.exchange.clone();
-        let text = std::str::from_utf8(name)
-            .ok()
-            .filter(|n| n.len() <= 255)
-            .ok_or("ERR wasmq: a channel or pattern is UTF-8 of at most 255 bytes")?
-            .to_owned();
+        let text = routing_key(name)?.to_owned();
         if let Some(refused) = self.refusal(Access::Read, "exchange", &exchange) {
             return Err(refused);
         }
@@ -284,7 +275,9 @@ impl Conn {
         let exact = !pattern
             && matches!(x.kind.as_str(), "topic" | "direct")
             && !text.split('.').any(|w| w == "*" || w == "#");
-        let (key, mut binding) = if exact {
+        // A headers exchange ignores the key and the filter's `x-`
+        // arguments: the filter alone decides.
+        let (key, binding) = if exact {
             (text.clone(), FieldTable::default())
         } else {
             let mut args = FieldTable::default();
@@ -303,9 +296,6 @@ impl Conn {
             );
             ("#".to_owned(), args)
         };
-        if x.kind == "headers" {
-            binding = FieldTable::default();
-        }
         if let Err(e) = self.broker.bind(
             &vhost,
             &exchange,

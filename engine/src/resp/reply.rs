@@ -28,12 +28,7 @@ impl Out {
     /// `-text`: the text starts with its code (`ERR`, `WRONGTYPE`, ...).
     /// A line end in it would end the reply early: it becomes a space.
     pub fn error(&mut self, text: &str) {
-        self.buf.push(b'-');
-        self.buf.extend(
-            text.bytes()
-                .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-        );
-        self.buf.extend_from_slice(b"\r\n");
+        self.line(b'-', text);
     }
 
     /// `:n`.
@@ -92,6 +87,8 @@ impl Out {
         }
     }
 
+    /// A one-line reply of `kind`; a line end in the text would end it
+    /// early, so it becomes a space.
     fn line(&mut self, kind: u8, text: &str) {
         self.buf.push(kind);
         self.buf.extend(

@@ -223,6 +223,41 @@ async fn pushed_messages_survive_a_restart_and_are_popped_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_mean_redis_channels_on_an_exchange_that_ignores_keys() {
+    // A headers exchange routes on headers alone: the channel is matched
+    // by the binding's filter.
+    let t = TestServer::start_with(|c| {
+        c.redis.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.redis.exchange = "amq.headers".into();
+    })
+    .await;
+    let mut sub = Resp::logged_in(&t).await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "news"]).await,
+        Reply::Array(vec![bulk("subscribe"), bulk("news"), Reply::Int(1)])
+    );
+    let mut r = Resp::logged_in(&t).await;
+    assert_eq!(r.call(&["PUBLISH", "other", "x"]).await, Reply::Int(0));
+    assert_eq!(r.call(&["PUBLISH", "news", "y"]).await, Reply::Int(1));
+    assert_eq!(
+        sub.reply().await,
+        Reply::Array(vec![bulk("message"), bulk("news"), bulk("y")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_store_a_push_is_answered_at_once() {
+    let t = TestServer::start_with(|c| {
+        c.redis.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.store.enabled = false;
+    })
+    .await;
+    let mut r = Resp::logged_in(&t).await;
+    assert_eq!(r.call(&["LPUSH", "mem", "a", "b"]).await, Reply::Int(2));
+    assert_eq!(r.call(&["RPOP", "mem"]).await, bulk("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_an_error_and_a_closed_connection_not_memory() {
     let t = TestServer::start_with(|c| {
         c.redis.listen = Some("127.0.0.1:0".parse().unwrap());
