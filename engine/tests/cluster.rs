@@ -1696,3 +1696,85 @@ async fn a_consumer_on_another_node_times_out_and_its_delivery_goes_back() {
     assert_eq!(back.delivery.data, b"job");
     assert!(back.delivery.redelivered);
 }
+
+/// The web UI's cluster views in a real browser (Debian's Chromium driven
+/// by `tests/node/ui_cluster.mjs`, as `tests/tests/integration/ui.rs`
+/// drives the single node's): the overview on node a lists the three
+/// nodes running, the Raft leader and term, and a quorum queue's page its
+/// three replicas and leader; after c is killed, the overview shows c not
+/// running and the queue led by a survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_shows_the_cluster_and_a_dead_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, mut c) = three_nodes(root.path()).await;
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        "ui.replicated".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let leader_of = |n: &Node| -> Option<String> {
+        let q = n.api().get("/api/queues/%2F/ui.replicated").ok()?;
+        q["quorum"]["leader"].as_str().map(str::to_owned)
+    };
+    eventually("the queue has a leader", Duration::from_secs(20), || {
+        leader_of(&a).is_some()
+    })
+    .await;
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let url = format!("http://{}", a.admin);
+    ui_cluster(&url, &shots, "up", None).await;
+
+    c.kill().await;
+    eventually(
+        "the queue is led by a survivor",
+        Duration::from_secs(20),
+        || leader_of(&a).is_some_and(|l| l != "c") && leader_of(&b).is_some_and(|l| l != "c"),
+    )
+    .await;
+    ui_cluster(&url, &shots, "c-down", Some("c")).await;
+    drop(conn);
+}
+
+/// Run `tests/node/ui_cluster.mjs` against the admin API at `url`, with
+/// the Node.js packages `scripts/test.sh` installs (`WASMQ_AMQPLIB`), and
+/// assert it prints "ok".
+async fn ui_cluster(url: &str, shots: &Path, tag: &str, down: Option<&str>) {
+    let modules = std::env::var("WASMQ_AMQPLIB").unwrap_or_else(|_| {
+        panic!(
+            "the Node.js packages are not installed: run ./scripts/test.sh (it sets WASMQ_AMQPLIB)"
+        )
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node/ui_cluster.mjs");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(&script)
+        .args([url, "guest", "guest", "ui.replicated"])
+        .arg(shots)
+        .arg(tag)
+        .args(down)
+        .env("WASMQ_NODE_MODULES", format!("{modules}/node_modules"))
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("ui_cluster.mjs finishes within 90 s")
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok"),
+        "ui_cluster.mjs ({tag}) failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

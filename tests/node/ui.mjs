@@ -48,6 +48,8 @@ try {
   const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }));
   if (stored.includes(password)) throw new Error("the password is in the page's storage");
   await page.waitForSelector("td:has-text('wasmq@localhost')"); // the node, alone
+  // The four rates RabbitMQ's overview charts, confirmed included.
+  for (const rate of ["published", "delivered", "acked", "confirmed"]) await page.waitForSelector(`.legend .${rate}`);
   await page.waitForTimeout(2500); // a second sample for the rate chart
   await page.screenshot({ path: `${shots}/overview.png` });
 

@@ -167,6 +167,7 @@ async fn overview(
             "deliver_get": delivered,
             "ack": acked,
             "redeliver": redelivered,
+            "confirm": s.broker.connections().confirmed(),
         },
         "store": store,
         "alarms": {

@@ -17,9 +17,10 @@ use crate::cluster::{ClusterNode, NodeStatus};
 pub struct NodeView {
     /// Node name.
     pub name: String,
-    /// Reachable: known for itself, for the leader it hears from, and (on
-    /// the leader) for every member that acknowledged entries; `null`
-    /// where this node cannot tell (ask the leader's admin API).
+    /// Reachable from the answering node: itself, or a peer whose link is
+    /// open (a link closes after an election timeout without a word, so a
+    /// node killed, paused or cut off reads `false` within that bound).
+    /// Always set; an `Option` so older clients' `null` still reads.
     pub running: Option<bool>,
     /// RabbitMQ's node type; every wasmq node keeps its state on disk.
     #[serde(rename = "type")]
@@ -87,18 +88,11 @@ async fn nodes(State(s): State<AdminState>) -> Json<Vec<NodeView>> {
         }]);
     };
     let st = node.status();
-    let me_leads = st.leader.as_deref() == Some(st.node.as_str());
     Json(
         st.members
             .into_iter()
             .map(|m| NodeView {
-                running: if m.name == st.node || m.leader {
-                    Some(true)
-                } else if me_leads {
-                    Some(m.matched_index.is_some())
-                } else {
-                    None
-                },
+                running: Some(node.reaches(&m.name)),
                 name: m.name,
                 kind: "disc".into(),
                 is_leader: m.leader,

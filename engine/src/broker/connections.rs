@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -50,6 +50,9 @@ pub struct ConnectionInfo {
     /// Told when a channel opens or closes (the registry's, once
     /// registered).
     changed: OnceLock<Arc<Notify>>,
+    /// The registry's count of confirms made on channels since closed,
+    /// which a closing channel adds its own to (once registered).
+    confirmed_gone: OnceLock<Arc<AtomicU64>>,
 }
 
 /// The TLS side of a connection, as the admin API shows it.
@@ -72,6 +75,10 @@ pub struct ChannelInfo {
     pub confirm: AtomicBool,
     /// In tx mode.
     pub transactional: AtomicBool,
+    /// Publishes confirmed on it (acked or nacked): its last confirmed
+    /// tag, since confirms go out in tag order. A plain store by the
+    /// channel's own task, read by the admin API for the confirm rate.
+    pub confirmed: AtomicU64,
 }
 
 impl ConnectionInfo {
@@ -100,6 +107,7 @@ impl ConnectionInfo {
             close: CancellationToken::new(),
             close_reason: Mutex::new(None),
             changed: OnceLock::new(),
+            confirmed_gone: OnceLock::new(),
         }
     }
 
@@ -116,6 +124,7 @@ impl ConnectionInfo {
             credit,
             confirm: AtomicBool::new(false),
             transactional: AtomicBool::new(false),
+            confirmed: AtomicU64::new(0),
         });
         self.channels.lock().insert(id, info.clone());
         self.tell_changed();
@@ -124,8 +133,18 @@ impl ConnectionInfo {
 
     /// A channel closed.
     pub fn channel_closed(&self, id: u16) {
-        if self.channels.lock().remove(&id).is_some() {
+        let gone = self.channels.lock().remove(&id);
+        if let Some(info) = gone {
+            self.keep_confirms(&info);
             self.tell_changed();
+        }
+    }
+
+    /// Add a closing channel's confirms to the registry's total, so the
+    /// broker's confirm count never goes back.
+    fn keep_confirms(&self, info: &ChannelInfo) {
+        if let Some(gone) = self.confirmed_gone.get() {
+            gone.fetch_add(info.confirmed.load(Ordering::Relaxed), Ordering::Relaxed);
         }
     }
 
@@ -193,12 +212,15 @@ pub struct Connections {
     /// Told when a connection or a channel opens or closes (what a
     /// cluster node reports to its peers changed).
     changed: Arc<Notify>,
+    /// Confirms made on channels that have closed.
+    confirmed_gone: Arc<AtomicU64>,
 }
 
 impl Connections {
     /// Register a connection; it is removed when the guard drops.
     pub fn register(self: &Arc<Self>, info: Arc<ConnectionInfo>) -> Registered {
         let _ = info.changed.set(self.changed.clone());
+        let _ = info.confirmed_gone.set(self.confirmed_gone.clone());
         self.open.lock().insert(info.id, info.clone());
         self.changed.notify_one();
         Registered {
@@ -219,6 +241,7 @@ impl Connections {
             return Err(why);
         }
         let _ = info.changed.set(self.changed.clone());
+        let _ = info.confirmed_gone.set(self.confirmed_gone.clone());
         open.insert(info.id, info.clone());
         self.changed.notify_one();
         Ok(Registered {
@@ -245,6 +268,24 @@ impl Connections {
     /// Whether no connection is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Publishes confirmed to publishers since the broker started, on
+    /// every channel open or closed (RabbitMQ's `message_stats.confirm`).
+    pub fn confirmed(&self) -> u64 {
+        let live: u64 = self
+            .open
+            .lock()
+            .values()
+            .flat_map(|c| {
+                c.channels
+                    .lock()
+                    .values()
+                    .map(|ch| ch.confirmed.load(Ordering::Relaxed))
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        self.confirmed_gone.load(Ordering::Relaxed) + live
     }
 
     /// Resolves when a connection or a channel opened or closed since the
@@ -282,6 +323,10 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        let channels = std::mem::take(&mut *self.info.channels.lock());
+        for ch in channels.values() {
+            self.info.keep_confirms(ch);
+        }
         self.registry.open.lock().remove(&self.info.id);
         self.registry.changed.notify_one();
     }

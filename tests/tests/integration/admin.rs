@@ -109,6 +109,7 @@ async fn the_api_shows_what_amqp_clients_do() {
     assert_eq!(overview["object_totals"]["connections"], 1);
     assert_eq!(overview["object_totals"]["consumers"], 1);
     assert_eq!(overview["queue_totals"]["messages_ready"], 3);
+    assert_eq!(overview["message_stats"]["confirm"], 3);
     assert_eq!(exchange["type"], "topic");
     assert_eq!(exchange["durable"], true);
     assert_eq!(exchange["plugin"]["router"], "topic");
@@ -146,6 +147,9 @@ async fn the_api_shows_what_amqp_clients_do() {
     );
     assert!(!conn.status().connected());
     assert!(t.until_no_connections().await);
+    // Its confirms still count once it is gone (the rate never goes back).
+    let overview = api(admin.clone(), |a| a.get("/api/overview").unwrap()).await;
+    assert_eq!(overview["message_stats"]["confirm"], 3);
 
     // Unknown objects are 404 with a reason.
     let e = api(admin, |a| a.get("/api/queues/%2F/nope").unwrap_err()).await;

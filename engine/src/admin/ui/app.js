@@ -8,7 +8,7 @@
 
 let auth = null; // "Basic ..." while logged in
 let timer = null;
-const rates = { publish: [], deliver_get: [], ack: [] };
+const rates = { publish: [], deliver_get: [], ack: [], confirm: [] };
 let last = null;
 
 const $ = (sel) => document.querySelector(sel);
@@ -70,7 +70,7 @@ function chart(canvas) {
   const h = (canvas.height = canvas.clientHeight * devicePixelRatio);
   const all = Object.values(rates).flat();
   const max = Math.max(1, ...all);
-  const colours = { publish: "#2f6fde", deliver_get: "#1a9b5b", ack: "#c77700" };
+  const colours = { publish: "#2f6fde", deliver_get: "#1a9b5b", ack: "#c77700", confirm: "#8a3ccf" };
   ctx.clearRect(0, 0, w, h);
   for (const [k, series] of Object.entries(rates)) {
     ctx.strokeStyle = colours[k];
@@ -186,15 +186,15 @@ const views = {
     $("#page").innerHTML =
       `<h1>Overview</h1><p>${esc(o.product_name || "wasmq")} ${esc(o.product_version || "")}, up ${esc(o.uptime_secs)} s</p>` +
       `<div class="cards">${card("Connections", t.connections ?? 0)}${card("Channels", t.channels ?? 0)}${card("Queues", t.queues ?? 0)}${card("Exchanges", t.exchanges ?? 0)}${card("Consumers", t.consumers ?? 0)}${card("Ready", q.messages_ready ?? 0)}${card("Unacked", q.messages_unacknowledged ?? 0)}${card("Alarms", alarms.length ? alarms.join(", ") : "none")}</div>` +
-      `<h2>Nodes</h2>` + (cluster ? `<p>Raft: this node <code>${esc(cluster.node)}</code> is ${esc(cluster.state)}, leader <code>${esc(cluster.leader || "none")}</code>, term ${esc(cluster.term)}</p>` : "") +
-      table(nodes, [
+      `<h2>Nodes</h2>` + (cluster ? `<p id="raft">Raft: this node <code>${esc(cluster.node)}</code> is ${esc(cluster.state)}, leader <code>${esc(cluster.leader || "none")}</code>, term ${esc(cluster.term)}</p>` : "") +
+      `<div id="nodes">` + table(nodes, [
         ["Node", (n) => `<code>${esc(n.name)}</code>`],
         ["Running", (n) => esc(n.running === null || n.running === undefined ? "unknown" : n.running ? "yes" : "no")],
         ["Leader", (n) => esc(n.is_leader ? "yes" : "")],
         ["Voter", (n) => esc(n.voter ? "yes" : "no")],
         ["Log index", (n) => esc(n.log_index ?? "")],
-      ], false) +
-      `<h2>Message rates (msg/s)</h2><p class="legend"><span class="published">published</span><span class="delivered">delivered</span><span class="acked">acknowledged</span> <span id="max"></span></p><canvas id="rates"></canvas>`;
+      ], false) + `</div>` +
+      `<h2>Message rates (msg/s)</h2><p class="legend"><span class="published">published</span><span class="delivered">delivered</span><span class="acked">acknowledged</span><span class="confirmed">confirmed</span> <span id="max"></span></p><canvas id="rates"></canvas>`;
     const max = chart($("#rates"));
     $("#max").textContent = `(scale up to ${max.toFixed(0)}/s)`;
   },
@@ -294,10 +294,17 @@ const views = {
       api("/api/consumers"),
     ]);
     const st = q.stream;
+    // A quorum queue's replication as the answering node's replica sees it.
+    const qu = q.quorum;
     $("#qdetail").innerHTML =
       `<div class="cards">${card("Type", q.type || "classic")}${card("Ready", q.messages_ready)}${card("Unacked", q.messages_unacknowledged)}${card("Consumers", q.consumers)}${card("Durable", q.durable)}${card("Policy", q.policy || "none")}` +
       (st ? `${card("Offsets", `${st.first_offset}..${st.last_offset ?? "-"}`)}${card("Segments", st.segments)}` : "") + `</div>` +
       `<p>Arguments: <code>${esc(JSON.stringify(q.arguments))}</code></p>` +
+      (qu ? `<h2>Replicas</h2><div id="replicas"><p>Leader <code>${esc(qu.leader || "none")}</code>, term ${esc(qu.term)}, log ${esc(qu.last_log_index ?? "-")}, applied ${esc(qu.last_applied ?? "-")}</p>` +
+        table(qu.members, [
+          ["Member", (m) => `<code>${esc(m.node)}</code>${m.node === qu.leader ? " (leader)" : ""}`],
+          ["Matched index", (m) => esc(m.matched ?? "")],
+        ], false) + `</div>` : "") +
       `<h2>Bindings</h2>` + table(bindings.filter((b) => b.destination_type === "queue" && b.destination === name), [
         ["From", (b) => `<code>${esc(b.source)}</code>`],
         ["Key", (b) => `<code>${esc(b.routing_key)}</code>`],

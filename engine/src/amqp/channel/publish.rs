@@ -196,6 +196,7 @@ impl Channel {
 
     pub(super) fn send_confirm(&self, out: &mut Vec<u8>, tag: u64, multiple: bool, ack: bool) {
         encode_confirm(out, self.id, tag, multiple, ack);
+        self.info.confirmed.store(tag, Ordering::Relaxed);
     }
 
     /// Send the confirms the store has synced far enough for: runs of acks
