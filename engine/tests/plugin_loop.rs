@@ -551,9 +551,9 @@ async fn scaffold_build_shadow_canary_rollback_and_trace() {
 
 /// The binary carries the guest SDK: copied alone to a folder with no
 /// wasmq checkout, it scaffolds a plugin crate (the SDK written into it)
-/// that builds and passes the broker's checks.
-#[test]
-fn a_copied_binary_scaffolds_a_plugin_that_builds_without_a_checkout() {
+/// that builds, passes the broker's checks and loads into a broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_binary_scaffolds_a_plugin_that_builds_without_a_checkout() {
     let work = tempfile::tempdir().unwrap();
     let work = work.path();
     let bin = work.join("bin").join("wasmq");
@@ -587,4 +587,24 @@ fn a_copied_binary_scaffolds_a_plugin_that_builds_without_a_checkout() {
     let built = target.join("wasmq/far-away.wasm");
     let out = run(&["plugin", "check", built.to_str().unwrap()]);
     assert!(out.contains("filter"), "{out}");
+
+    // Dropped into a broker's plugin folder, it is loaded and serves.
+    let plugins = work.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(&built, plugins.join("far-away.wasm")).unwrap();
+    let mut broker = Broker::spawn(&work.join("data"), &plugins);
+    let (_, admin) = broker.ready().await;
+    let api = AdminClient::new(&format!("http://{admin}"), "guest", "guest");
+    let loaded = tokio::task::spawn_blocking(move || {
+        let plugins: Vec<PluginView> = api.get_as("/api/plugins").unwrap();
+        plugins.into_iter().find(|p| p.name == "far-away")
+    })
+    .await
+    .unwrap()
+    .expect("the broker lists far-away");
+    assert!(
+        loaded.rejection.is_none() && loaded.roles.as_deref() == Some("filter"),
+        "{loaded:?}"
+    );
+    broker.kill().await;
 }
