@@ -738,6 +738,65 @@ async fn quiescent_quorum_queues_send_nothing_when_idle_and_still_fail_over() {
 /// consumers never hold two messages of one group and each group arrives
 /// in order; when the leader is killed, the new leader goes on with no
 /// message lost and no group's message delivered before an earlier one
+
+/// An idle quorum queue gives its log back: a replica holds its entries
+/// (the messages' bodies among them) until a snapshot covers them, and
+/// openraft's policy waits for 1,000 entries. Once a queue that carried
+/// a few hundred has been drained and stays quiet, every replica
+/// snapshots and purges its log, so the node's shared log holds nothing
+/// live for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_quorum_queue_compacts_its_log_on_every_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes_with(root.path(), |_| "quiescent_quorum = true".into()).await;
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare("compacted".into(), durable(), quorum(&[]))
+        .await
+        .unwrap();
+    let body = vec![b'x'; 1024];
+    for _ in 0..150 {
+        assert!(confirmed(&ch, "compacted", &body).await);
+    }
+    let nodes = [&a, &b, &c];
+    let live = |n: &Node| counter(n, "wasmq_quorum_log_live_bytes");
+    let before: Vec<f64> = nodes.iter().map(|n| live(n)).collect();
+    assert!(
+        before.iter().all(|b| *b > 150.0 * 1024.0),
+        "live log bytes while the messages are queued: {before:?}"
+    );
+    for _ in 0..150 {
+        let got = ch
+            .basic_get("compacted".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        assert!(got.is_some());
+    }
+    let compacted = |n: &Node| {
+        let q = view(n, "compacted").unwrap_or_default();
+        let quorum = &q["quorum"];
+        quorum["snapshot_index"].as_u64().is_some()
+            && quorum["snapshot_index"] == quorum["last_applied"]
+            && live(n) < 1024.0
+    };
+    eventually(
+        "every replica snapshotted and purged its idle log",
+        Duration::from_secs(30),
+        || nodes.iter().all(|n| compacted(n)),
+    )
+    .await;
+    // Still a working queue.
+    assert!(confirmed(&ch, "compacted", b"after").await);
+    let got = ch
+        .basic_get("compacted".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message published after compaction");
+    assert_eq!(got.delivery.data, b"after");
+}
 /// of its group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_groups_hold_on_a_quorum_queue_through_its_leaders_death() {

@@ -14,7 +14,8 @@
 //! (its links reset), the leader black-holed (its links open and silent),
 //! and the sequence that once left the survivors without an election for
 //! 50 s (the leader killed and restarted, then whichever leads paused
-//! twice).
+//! twice). Every third fault comes after a quiet spell, once idle
+//! replicas have compacted their logs.
 //!
 //! It runs twice: with quiescent groups (the default; `WASMQ_QUIESCENT=0`
 //! turns the first run's off) and with groups on openraft's own timers.
@@ -141,14 +142,16 @@ async fn checker(quiescent: bool) {
     let record: Shared = Arc::default();
     let stop_publishing = Arc::new(AtomicBool::new(false));
     let stop_consuming = Arc::new(AtomicBool::new(false));
+    let quiet = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for p in 0..2 {
-        tasks.push(tokio::spawn(publisher(
+        tasks.push(tokio::spawn(publisher_with_quiet(
             p,
             QUEUE,
             addrs.clone(),
             record.clone(),
             stop_publishing.clone(),
+            quiet.clone(),
         )));
     }
     let mut consumers = Vec::new();
@@ -167,6 +170,16 @@ async fn checker(quiescent: bool) {
     let mut log = Vec::new();
     for round in 0..faults {
         let pause = Duration::from_millis(1000 + rng.below(2000));
+        // Every third fault strikes a queue gone quiet: the publishers
+        // hold off and the consumers drain it long enough for idle
+        // replicas to compact their logs (a snapshot and a purge), so
+        // the fault meets logs cut short (a member that comes back
+        // behind catches up by snapshot).
+        let spell = round % 3 == 2;
+        if spell {
+            quiet.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
         match rng.below(5) {
             0 => {
                 let i = rng.below(3) as usize;
@@ -244,6 +257,11 @@ async fn checker(quiescent: bool) {
                     signal(&nodes[l], "CONT");
                 }
             }
+        }
+        if spell {
+            quiet.store(false, std::sync::atomic::Ordering::Relaxed);
+            let last = log.last_mut().unwrap();
+            last.push_str(" (after a quiet spell)");
         }
         eprintln!("{}", log.last().unwrap());
         // Back to normal for a while: a leader, and messages flowing.

@@ -71,6 +71,19 @@ pub async fn publisher(
     record: Shared,
     stop: Arc<AtomicBool>,
 ) {
+    publisher_with_quiet(id, queue, addrs, record, stop, Arc::default()).await;
+}
+
+/// [`publisher`], holding its next batch while `quiet` is set (so that
+/// the queue goes idle between faults).
+pub async fn publisher_with_quiet(
+    id: usize,
+    queue: &'static str,
+    addrs: Addrs,
+    record: Shared,
+    stop: Arc<AtomicBool>,
+    quiet: Arc<AtomicBool>,
+) {
     let mut seq = 0u64;
     let mut node = id;
     while !stop.load(Ordering::Relaxed) {
@@ -90,6 +103,9 @@ pub async fn publisher(
             continue;
         }
         'batches: while !stop.load(Ordering::Relaxed) {
+            while quiet.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let mut waiting = Vec::new();
             for _ in 0..10 {
                 let m = format!("p{id}-{seq}");

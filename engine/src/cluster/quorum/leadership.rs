@@ -67,12 +67,19 @@ struct Watched {
     /// Set by the replica when it proposes (it leads and writes): the
     /// next round looks, and sends the heartbeat once writes stop.
     wrote: Option<Arc<AtomicBool>>,
+    /// The last applied index the previous full round saw: unchanged
+    /// since, the group is idle and its log may be compacted.
+    applied_seen: Option<u64>,
 }
 
 /// Every this many rounds, every group is looked at (a leader that
 /// wrote since, a leader change seen through a peer): every 5 s at the
 /// default heartbeat.
 const FULL_EVERY: u64 = 25;
+
+/// An idle group with at least this many entries applied since its last
+/// snapshot takes one (openraft's policy waits for 1,000).
+const COMPACT_AFTER: u64 = 32;
 
 impl Watched {
     /// Whether the group has something pending that the next round must
@@ -178,6 +185,7 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
                     None => watched.entry(group.to_owned()).or_default(),
                 };
                 w.seen = Some(now);
+                compact_if_idle(raft, w);
                 look_after(raft, w, me, now, election, &returned, &mut reach, &node);
             });
             watched.retain(|_, w| w.seen == Some(now));
@@ -188,6 +196,53 @@ pub(crate) async fn watch(node: Weak<ClusterNode>) {
                 }
             }
         }
+    }
+}
+
+/// Compact the log of a group that has been idle since the previous full
+/// round: a snapshot if enough was applied since the last one, then, once
+/// the snapshot covers everything applied, the log up to it.
+///
+/// A replica holds its log entries in memory until a snapshot covers them
+/// and the log is purged, and openraft's policy snapshots every 1,000
+/// entries and keeps 100 after that: a queue that carried traffic and
+/// then went quiet kept up to 1,100 entries (its messages' bodies among
+/// them) for as long as it stayed quiet. A drained queue's snapshot is a
+/// few bytes, so an idle group gives all of that back. Each replica
+/// compacts its own log, as Raft has it; a leader purges only what every
+/// member has (else a follower that was behind would need the snapshot).
+fn compact_if_idle(raft: &Raft<QuorumConfig>, w: &mut Watched) {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let applied = m.last_applied.map(|l| l.index);
+    let idle = applied.is_some() && w.applied_seen == applied;
+    w.applied_seen = applied;
+    let Some(applied) = applied.filter(|_| idle) else {
+        return;
+    };
+    let snapshot = m.snapshot.map(|l| l.index);
+    let purged = m.purged.map(|l| l.index);
+    let raft = raft.clone();
+    let since_snapshot = snapshot.map_or(applied + 1, |s| applied.saturating_sub(s));
+    if since_snapshot >= COMPACT_AFTER {
+        drop(m);
+        tokio::spawn(async move {
+            let _ = raft.trigger().snapshot().await;
+        });
+        return;
+    }
+    let Some(snapshot) = snapshot.filter(|s| Some(*s) != purged) else {
+        return;
+    };
+    let everyone_has = m.replication.as_ref().is_none_or(|r| {
+        r.values()
+            .all(|matched| matched.is_some_and(|l| l.index >= snapshot))
+    });
+    drop(m);
+    if everyone_has {
+        tokio::spawn(async move {
+            let _ = raft.trigger().purge_log(snapshot).await;
+        });
     }
 }
 
