@@ -734,11 +734,6 @@ async fn quiescent_quorum_queues_send_nothing_when_idle_and_still_fail_over() {
     assert_eq!(got.delivery.data, b"kept");
 }
 
-/// Message groups on a quorum queue: while its leader lives, two
-/// consumers never hold two messages of one group and each group arrives
-/// in order; when the leader is killed, the new leader goes on with no
-/// message lost and no group's message delivered before an earlier one
-
 /// An idle quorum queue gives its log back: a replica holds its entries
 /// (the messages' bodies among them) until a snapshot covers them, and
 /// openraft's policy waits for 1,000 entries. Once a queue that carried
@@ -797,6 +792,11 @@ async fn an_idle_quorum_queue_compacts_its_log_on_every_replica() {
         .expect("the message published after compaction");
     assert_eq!(got.delivery.data, b"after");
 }
+
+/// Message groups on a quorum queue: while its leader lives, two
+/// consumers never hold two messages of one group and each group arrives
+/// in order; when the leader is killed, the new leader goes on with no
+/// message lost and no group's message delivered before an earlier one
 /// of its group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_groups_hold_on_a_quorum_queue_through_its_leaders_death() {
