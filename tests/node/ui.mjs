@@ -133,6 +133,10 @@ try {
   await page.click("a:has-text('ui-filter')");
   await page.waitForSelector("#nocand");
   await page.waitForSelector("#pversions td:has-text('yes')");
+  // Its circuit, p99 and self-tests beside calls and faults.
+  await page.waitForSelector("#pdetail .card:has-text('Circuit') b:has-text('closed')");
+  await page.waitForSelector("#pdetail .card:has-text('p99')");
+  await page.waitForSelector("#pdetail .card:has-text('Self-tests passed')");
   await page.setInputFiles("#pstage input[type=file]", candidate);
   await page.selectOption("#pstage select[name=mode]", "canary");
   await page.click("#pstage button");

@@ -1136,6 +1136,11 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     let name = p.name.clone();
+    // Only a version that serves has a circuit.
+    let circuit = p
+        .hash
+        .as_ref()
+        .map(|_| if p.circuit_open { "open" } else { "closed" }.to_owned());
     PluginView {
         name: p.name,
         state,
@@ -1160,6 +1165,7 @@ fn plugin_view(s: &AdminState, p: crate::plugin::PluginStatus) -> PluginView {
             .unwrap_or_default(),
         size: version.as_ref().map_or(0, |v| v.size),
         self_tests: version.as_ref().map_or(0, |v| v.self_tests),
+        circuit,
         cluster: Vec::new(),
         candidate: s.broker.candidates().get(&name).map(|t| candidate_view(&t)),
         transitions: {

@@ -246,6 +246,10 @@ pub struct PluginView {
     /// Self-test vectors the serving version passed at load.
     #[serde(default)]
     pub self_tests: usize,
+    /// The serving version's circuit: `closed` (called), or `open` after
+    /// repeated faults (skipped until it cools down).
+    #[serde(default)]
+    pub circuit: Option<String>,
     /// In a cluster: the versions the cluster keeps, and each node's
     /// verdict on them.
     #[serde(default)]

@@ -53,6 +53,10 @@ pub struct PluginStatus {
     pub swaps: u64,
     /// Why the latest file was rejected, if it was.
     pub rejection: Option<String>,
+    /// Whether repeated faults across every exchange it serves have
+    /// opened the serving version's own circuit (its calls are skipped,
+    /// each message given the role's defined outcome, until it cools).
+    pub circuit_open: bool,
 }
 
 /// Latency percentiles, µs.
@@ -163,6 +167,7 @@ impl PluginRegistry {
                         }),
                     swaps: e.swaps,
                     rejection: e.rejection.clone(),
+                    circuit_open: v.is_some_and(|v| v.circuit.is_open()),
                 }
             })
             .collect()

@@ -434,6 +434,16 @@ fn faults_in_a_row_across_a_plugins_exchanges_open_its_own_circuit() {
         let out = t.publish(&x, "trap", b"", FieldTable::default());
         assert!(matches!(out.faults[0].fault, PluginFault::Trap(_)), "{i}");
     }
+    // The plugin's status (what the admin API and the UI show) says so.
+    let circuit_open = |name: &str| {
+        t.broker
+            .plugins()
+            .list()
+            .into_iter()
+            .find(|p| p.name == name)
+            .is_some_and(|p| p.circuit_open)
+    };
+    assert!(circuit_open("faulty"));
     t.exchange("fresh", "faulty", FieldTable::default());
     t.queue("q");
     t.bind("fresh", "q", "", FieldTable::default());
@@ -455,4 +465,5 @@ fn faults_in_a_row_across_a_plugins_exchanges_open_its_own_circuit() {
             .delivered,
         1
     );
+    assert!(!circuit_open("faulty"));
 }

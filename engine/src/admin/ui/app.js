@@ -429,7 +429,7 @@ const views = {
       api("/api/rollouts"),
     ]);
     const p = plugins.find((x) => x.name === name) || {};
-    $("#pdetail").innerHTML = `<div class="cards">${card("State", p.state || "unknown")}${card("Roles", p.roles || "")}${card("Hash", (p.hash || "").slice(0, 12))}${card("Calls", p.calls ?? 0)}${card("Faults", p.faults ?? 0)}${card("Code", p.code || "")}</div>`;
+    $("#pdetail").innerHTML = `<div class="cards">${card("State", p.state || "unknown")}${card("Roles", p.roles || "")}${card("Hash", (p.hash || "").slice(0, 12))}${card("Calls", p.calls ?? 0)}${card("Faults", p.faults ?? 0)}${card("p99", p.latency_us && p.latency_us.p99 != null ? `${p.latency_us.p99} µs` : "-")}${card("Circuit", p.circuit || "-")}${card("Self-tests passed", p.self_tests ?? 0)}${card("Code", p.code || "")}</div>`;
     const c = (rollouts.candidates || []).find((x) => x.plugin === name);
     $("#pcand").innerHTML = !c ? `<p id="nocand">No candidate on trial.</p>` :
       `<div class="cards">${card("Mode", c.mode.mode + (c.mode.percent ? ` ${c.mode.percent}%` : ""))}${card("Hash", c.hash.slice(0, 12))}${card("Calls", c.calls)}${card("Faults", c.faults)}${card("Agree / disagree", `${c.agreements} / ${c.disagreements}`)}${card("Running", `${c.running_secs} s`)}</div>` +
