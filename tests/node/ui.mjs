@@ -58,6 +58,13 @@ try {
   const cells = await page.$$eval(`tr:has(td:has-text('${queue}')) td`, (tds) => tds.map((t) => t.textContent));
   // Name, vhost, type, ready, ...
   if (cells[2] !== "classic" || cells[3] !== "3") throw new Error(`queue row without its type and 3 ready messages: ${cells}`);
+  // Total, and the rates once a second refresh gives them (5th to 7th columns).
+  if (cells[5] !== "3") throw new Error(`queue row without its total: ${cells}`);
+  await page.waitForFunction((q) => {
+    const row = [...document.querySelectorAll("tr")].find((tr) => tr.textContent.includes(q));
+    const tds = row ? [...row.querySelectorAll("td")].map((t) => t.textContent) : [];
+    return /^[0-9]+\.[0-9]$/.test(tds[6] || "") && /^[0-9]+\.[0-9]$/.test(tds[7] || "");
+  }, queue, { timeout: 10000 });
   await page.screenshot({ path: `${shots}/queues.png` });
   // Paged by the broker: 250 more queues make three pages of 100.
   await page.waitForSelector("#qpage:has-text('page 1 of 3')");

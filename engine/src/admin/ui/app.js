@@ -39,6 +39,8 @@ async function api(path, body, method) {
 const filters = {};
 // The queues view's page and order.
 const qstate = { page: 1, pages: 1, sort: "name", reverse: false };
+// Each listed queue's counters at the previous refresh, for its rates.
+const qseen = new Map();
 const currentView = () => (location.hash || "#overview").slice(1);
 
 function table(rows, columns, filterable) {
@@ -224,12 +226,36 @@ const views = {
       throw e;
     }
     qstate.pages = Math.max(p.page_count, 1);
+    // Rates from the counters' change since the previous refresh (none on
+    // a queue's first sight).
+    const now = Date.now();
+    const rate = new Map();
+    for (const q of p.items) {
+      const key = `${q.vhost}\u0000${q.name}`;
+      const st = q.message_stats || {};
+      const before = qseen.get(key);
+      if (before) {
+        const secs = Math.max(0.001, (now - before.at) / 1000);
+        rate.set(key, {
+          in: Math.max(0, ((st.publish || 0) - before.publish) / secs),
+          out: Math.max(0, ((st.deliver_get || 0) - before.deliver_get) / secs),
+        });
+      }
+      qseen.set(key, { at: now, publish: st.publish || 0, deliver_get: st.deliver_get || 0 });
+    }
+    const shown = (q, k) => {
+      const r = rate.get(`${q.vhost}\u0000${q.name}`);
+      return r ? r[k].toFixed(1) : "-";
+    };
     const columns = [
       ["Name", "name", (q) => `<a href="#queue/${encodeURIComponent(q.vhost)}/${encodeURIComponent(q.name)}"><code>${esc(q.name)}</code></a>`],
       ["Vhost", "vhost", (q) => esc(q.vhost)],
       ["Type", "type", (q) => esc(q.type || "classic")],
       ["Ready", "messages_ready", (q) => esc(q.messages_ready)],
       ["Unacked", "messages_unacknowledged", (q) => esc(q.messages_unacknowledged)],
+      ["Total", "messages", (q) => esc(q.messages ?? q.messages_ready + q.messages_unacknowledged)],
+      ["In/s", "message_stats.publish", (q) => esc(shown(q, "in"))],
+      ["Out/s", "message_stats.deliver_get", (q) => esc(shown(q, "out"))],
       ["Delayed", "messages_delayed", (q) => esc(q.messages_delayed ?? 0)],
       ["Consumers", "consumers", (q) => esc(q.consumers)],
       ["Policy", "policy", (q) => esc(q.policy || "")],
