@@ -4,31 +4,15 @@
 // screenshot of each page. Run by tests/tests/integration/ui.rs as
 //   node ui.mjs ADMIN_URL USER PASSWORD QUEUE EXCHANGE SCREENSHOT_DIR
 // and prints "ok", or throws.
-import { createRequire } from "node:module";
-const require = createRequire(process.env.WASMQ_NODE_MODULES + "/");
-const { chromium } = require("playwright-core");
+import { launch, watchedPage } from "./browser.mjs";
 
 const [url, user, password, queue, exchange, shots, candidate] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.WASMQ_CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const errors = [];
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
-  page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
-  page.on("console", (m) => m.type() === "error" && errors.push(`console: ${m.text()}`));
-  // A browser's own login dialog would hang the page: there must be none.
   // Only the UI's own confirmations (purge, delete) are expected, and
   // accepted.
-  page.on("dialog", (d) => {
-    if (d.type() === "confirm") return d.accept();
-    errors.push(`dialog: ${d.message()}`);
-    d.dismiss();
-  });
+  const page = await watchedPage(browser, errors, true);
 
   await page.goto(url + "/");
   // A wrong password is refused in the form, without a browser dialog.

@@ -6,24 +6,13 @@
 // the others running. Run by engine/tests/cluster.rs as
 //   node ui_cluster.mjs ADMIN_URL USER PASSWORD QUEUE SCREENSHOT_DIR TAG [DOWN]
 // and prints "ok", or throws.
-import { createRequire } from "node:module";
-const require = createRequire(process.env.WASMQ_NODE_MODULES + "/");
-const { chromium } = require("playwright-core");
+import { launch, watchedPage } from "./browser.mjs";
 
 const [url, user, password, queue, shots, tag, down] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.WASMQ_CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 const errors = [];
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
-  page.on("pageerror", (e) => errors.push(`page error: ${e.message}`));
-  page.on("console", (m) => m.type() === "error" && errors.push(`console: ${m.text()}`));
-  page.on("dialog", (d) => { errors.push(`dialog: ${d.message()}`); d.dismiss(); });
+  const page = await watchedPage(browser, errors, false);
 
   await page.goto(url + "/");
   await page.fill("input[name=username]", user);
