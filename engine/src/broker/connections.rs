@@ -277,12 +277,12 @@ impl Connections {
             .open
             .lock()
             .values()
-            .flat_map(|c| {
-                c.channels
-                    .lock()
+            .map(|c| {
+                let channels = c.channels.lock();
+                channels
                     .values()
                     .map(|ch| ch.confirmed.load(Ordering::Relaxed))
-                    .collect::<Vec<_>>()
+                    .sum::<u64>()
             })
             .sum();
         self.confirmed_gone.load(Ordering::Relaxed) + live
