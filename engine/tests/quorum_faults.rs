@@ -273,7 +273,19 @@ async fn checker(quiescent: bool) {
     }
 
     // Drain: every confirmed message must arrive.
-    drain(&record, &stop_publishing, tasks, &stop_consuming, consumers).await;
+    drain(
+        &record,
+        &stop_publishing,
+        tasks,
+        &stop_consuming,
+        consumers,
+        || {
+            for n in &nodes {
+                eprintln!("stuck, at {}: {:?}", n.name, n.api().get("/api/consumers"));
+            }
+        },
+    )
+    .await;
     let verdict = check(&record.lock().unwrap());
     let firsts: BTreeMap<&str, usize> = BTreeMap::from([
         ("published", verdict.published),

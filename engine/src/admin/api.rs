@@ -614,6 +614,7 @@ async fn queue(
                     node: r.node,
                     durable: r.durable,
                     definition: r.queue,
+                    leader_term: r.leader_term,
                 },
             ),
             (None, None) => return Err(e.into()),

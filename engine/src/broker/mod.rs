@@ -122,6 +122,9 @@ pub struct RemoteQueue {
     pub durable: bool,
     /// How it was declared.
     pub definition: crate::store::definitions::QueueDefinition,
+    /// A quorum queue's: the Raft term its leader announced itself in (as
+    /// the cluster's record of it).
+    pub leader_term: u64,
 }
 
 impl std::fmt::Debug for VHost {

@@ -58,6 +58,12 @@ pub enum Command {
         name: String,
         /// The leader's node.
         node: String,
+        /// The group's Raft term the leader was elected in. An
+        /// announcement committed late (its proposer retried while it
+        /// still led) must not undo a later leader's: one of an older term
+        /// than the record's is ignored.
+        #[serde(default)]
+        term: u64,
     },
     /// A quorum queue's members changed (an operator grew or shrank it):
     /// a node added opens its replica, a node removed deletes its own.

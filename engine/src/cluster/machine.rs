@@ -188,6 +188,14 @@ pub struct QueueRecord {
     /// queue takes messages.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub served: bool,
+    /// The Raft term of the quorum queue's group its leader announced
+    /// itself in.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leader_term: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A replicated binding.
@@ -352,6 +360,7 @@ impl Catalog {
                         node: node.clone(),
                         members: members.clone(),
                         served: false,
+                        leader_term: 0,
                     });
             }
             Command::QueueMembers {
@@ -365,12 +374,19 @@ impl Catalog {
                     q.members = members.clone();
                 }
             }
-            Command::QueueLeader { vhost, name, node } => {
+            Command::QueueLeader {
+                vhost,
+                name,
+                node,
+                term,
+            } => {
                 if let Some(q) = self.queues.get_mut(&key(vhost, name))
                     && !q.members.is_empty()
+                    && *term >= q.leader_term
                 {
                     q.node = node.clone();
                     q.served = true;
+                    q.leader_term = *term;
                 }
             }
             Command::DeleteQueue { vhost, name, .. } => {
@@ -1007,6 +1023,43 @@ mod tests {
             &voters,
         );
         assert_eq!(activated(&event), Some("v1"));
+    }
+
+    #[test]
+    fn a_quorum_queue_leader_announced_late_does_not_undo_a_later_one() {
+        let mut c = Catalog::default();
+        c.apply(&Command::DeclareQueue {
+            vhost: "/".into(),
+            queue: QueueDefinition {
+                name: "q".into(),
+                ..Default::default()
+            },
+            durable: true,
+            node: "a".into(),
+            members: ["a", "b", "c"].map(String::from).to_vec(),
+        });
+        let leader = |node: &str, term: u64| Command::QueueLeader {
+            vhost: "/".into(),
+            name: "q".into(),
+            node: node.into(),
+            term,
+        };
+        c.apply(&leader("a", 3));
+        c.apply(&leader("b", 7));
+        // a's announcement of term 5, retried while it still led and
+        // committed only now.
+        c.apply(&leader("a", 5));
+        let q = &c.queues[&key("/", "q")];
+        assert_eq!((q.node.as_str(), q.leader_term, q.served), ("b", 7, true));
+        // An entry written before announcements carried their term reads
+        // as term 0.
+        let old: Command =
+            serde_json::from_str(r#"{"op":"queue_leader","vhost":"/","name":"q","node":"c"}"#)
+                .unwrap();
+        assert!(
+            matches!(old, Command::QueueLeader { term: 0, .. }),
+            "{old:?}"
+        );
     }
 
     fn stage_candidate(hash: &str) -> Command {

@@ -234,8 +234,10 @@ impl Broker {
                 self.apply_queue_members(&vhost, name, members, me);
                 Ok(Applied::Done)
             }
-            Command::QueueLeader { name, node, .. } => {
-                self.apply_queue_leader(&vhost, name, node, me);
+            Command::QueueLeader {
+                name, node, term, ..
+            } => {
+                self.apply_queue_leader(&vhost, name, node, *term, me);
                 Ok(Applied::Done)
             }
             Command::DeleteQueue { name, .. } if self.holds_schedule(&vhost, name) => {
@@ -378,6 +380,7 @@ impl Broker {
                         node: node.to_owned(),
                         durable,
                         definition: queue.clone(),
+                        leader_term: 0,
                     }),
                 );
                 Ok(Applied::Done)
@@ -479,6 +482,16 @@ impl Broker {
         for c in commands {
             if let Applied::Refused { text, .. } = self.apply_command(&c, me) {
                 tracing::error!("restoring the cluster's definitions: {text}");
+            }
+        }
+        // Each quorum queue's leader as recorded, with its term: what
+        // decides whether a later announcement is stale.
+        for q in catalog.queues.values().filter(|q| !q.members.is_empty()) {
+            if let Some(vhost) = self.vhost(&q.vhost)
+                && let Some(mut r) = vhost.remote_queue(&q.queue.name)
+            {
+                r.leader_term = q.leader_term;
+                vhost.set_remote(&q.queue.name, Some(r));
             }
         }
     }

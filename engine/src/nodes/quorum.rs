@@ -182,7 +182,7 @@ impl Broker {
             // Restored from a snapshot: its leader and members as they are
             // now.
             if r.node != node {
-                self.apply_queue_leader(vhost, name, node, me);
+                self.apply_queue_leader(vhost, name, node, r.leader_term, me);
             }
             self.apply_queue_members(vhost, name, members, me);
             return Ok(Applied::Done);
@@ -199,6 +199,7 @@ impl Broker {
                 node: node.to_owned(),
                 durable,
                 definition: queue.clone(),
+                leader_term: 0,
             }),
         );
         if members.iter().any(|m| m == me) {
@@ -220,11 +221,23 @@ impl Broker {
     }
 
     /// A committed leader change: the queue lives on `node` now.
-    pub(crate) fn apply_queue_leader(&self, vhost: &VHost, name: &str, node: &str, me: &str) {
+    pub(crate) fn apply_queue_leader(
+        &self,
+        vhost: &VHost,
+        name: &str,
+        node: &str,
+        term: u64,
+        me: &str,
+    ) {
         let Some(mut r) = vhost.remote_queue(name) else {
             return;
         };
+        if term < r.leader_term {
+            // A stale announcement (the cluster's record ignores it too).
+            return;
+        }
         r.node = node.to_owned();
+        r.leader_term = term;
         vhost.set_remote(name, Some(r));
         if node != me {
             // The old leader on this node, if it still serves, stops.
@@ -610,9 +623,13 @@ impl Broker {
             return;
         };
         let me = node.name().to_owned();
+        // Announced in this very term (a leader that restarted and kept
+        // its term), or to be announced: a record naming this node from an
+        // earlier term may be about to be overwritten by an announcement
+        // of a term between, still on its way.
         let announced = node
             .queue_record(&vhost.name, &definition.name)
-            .is_some_and(|r| r.served && r.node == me);
+            .is_some_and(|r| r.served && r.node == me && r.leader_term == term);
         if !announced {
             // Off the leadership watcher: the definitions' own leader may
             // be the node that just went silent, and the announcement must
@@ -622,6 +639,7 @@ impl Broker {
                 replica.clone(),
                 vhost.name.clone(),
                 definition.name.clone(),
+                term,
             ));
         } else {
             self.tell_moved(&vhost.name, &definition.name);
@@ -710,11 +728,14 @@ impl Broker {
 /// (every 100 ms, up to every second) until the announcement commits or
 /// this node no longer leads. Until it commits, the other nodes send the
 /// queue's publishes and subscriptions to the old leader, and nack them.
+/// It carries the group's `term`: a retry that commits after a later
+/// leader's announcement is ignored, not taken as the truth.
 async fn announce_leader(
     node: Arc<crate::cluster::ClusterNode>,
     replica: Arc<Replica>,
     vhost: String,
     name: String,
+    term: u64,
 ) {
     let me = node.name().to_owned();
     let mut wait = std::time::Duration::from_millis(100);
@@ -723,6 +744,7 @@ async fn announce_leader(
             vhost: vhost.clone(),
             name: name.clone(),
             node: me.clone(),
+            term,
         };
         let failed = match node.propose(command).await {
             Ok(_) => return,
@@ -730,7 +752,7 @@ async fn announce_leader(
         };
         let done = node
             .queue_record(&vhost, &name)
-            .is_some_and(|r| r.served && r.node == me);
+            .is_some_and(|r| r.leader_term >= term);
         if done || !replica.leads() {
             return;
         }

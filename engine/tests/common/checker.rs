@@ -260,21 +260,24 @@ pub fn check(r: &Record) -> Verdict {
 }
 
 /// Stop the publishers, wait (up to a minute) until every confirmed
-/// message was delivered, then stop the consumers.
+/// message was delivered, then stop the consumers. `stuck` runs first if
+/// some never came, while the consumers are still there to be seen.
 pub async fn drain(
     record: &Shared,
     stop_publishing: &AtomicBool,
     publishers: Vec<tokio::task::JoinHandle<()>>,
     stop_consuming: &AtomicBool,
     consumers: Vec<tokio::task::JoinHandle<()>>,
+    stuck: impl FnOnce(),
 ) {
     stop_publishing.store(true, Ordering::Relaxed);
     for t in publishers {
         let _ = t.await;
     }
     let start = Instant::now();
+    let mut done = false;
     while start.elapsed() < Duration::from_secs(60) {
-        let done = {
+        done = {
             let r = record.lock().unwrap();
             let delivered: HashSet<&String> = r.deliveries.iter().map(|(_, m, _)| m).collect();
             r.confirmed.iter().all(|m| delivered.contains(m))
@@ -283,6 +286,9 @@ pub async fn drain(
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if !done {
+        stuck();
     }
     // A little longer, for duplicates still on their way.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -51,7 +51,12 @@ impl Broker {
             .args(["--admin-listen", "127.0.0.1:0"]);
         args(&mut command);
         let child = command
-            .env("RUST_LOG", "info,openraft=warn")
+            // WASMQ_TEST_RUST_LOG sets the broker's filter, to debug a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("WASMQ_TEST_RUST_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".to_owned()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -75,10 +80,12 @@ impl Broker {
         let mut lines = BufReader::new(stdout).lines();
         let (mut amqp, mut admin) = (None, None);
         // WASMQ_TEST_LOG=1 echoes the broker's log, to debug a test.
+        // Each line is prefixed with the node's name once it is known.
         let echo = std::env::var_os("WASMQ_TEST_LOG").is_some();
+        let mut label = String::new();
         while let Some(line) = lines.next_line().await.expect("read log") {
             if echo {
-                eprintln!("{line}");
+                eprintln!("{label}{line}");
             }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
@@ -91,12 +98,15 @@ impl Broker {
             }
             if v["fields"]["message"] == "cluster node started" {
                 self.cluster_addr = v["fields"]["listen"].as_str().map(str::to_owned);
+                if let Some(n) = v["fields"]["node"].as_str() {
+                    label = format!("[{n}] ");
+                }
             }
             if let (Some(amqp), Some(admin)) = (&amqp, &admin) {
                 tokio::spawn(async move {
                     while let Ok(Some(line)) = lines.next_line().await {
                         if echo {
-                            eprintln!("{line}");
+                            eprintln!("{label}{line}");
                         }
                     }
                 });

@@ -139,6 +139,7 @@ impl Channel {
                 q.remove_consumer(c.connection, c.channel, &c.tag);
             }
             self.cancel_remote(ctx, &tag);
+            tracing::debug!(queue = %crate::untrusted::text(queue), tag = %crate::untrusted::text(&tag), here = local.is_some(), node = ?node, "a quorum queue's consumer follows its leader");
             if let Some(q) = local {
                 let consumer =
                     self.new_consumer(ctx, &tag, sub.no_ack, sub.exclusive, sub.prefetch, &q);

@@ -384,6 +384,7 @@ impl Channel {
             return Ok(());
         }
         self.remote_consumers.remove(tag);
+        tracing::debug!(node, tag = %crate::untrusted::text(tag), code, "a consumer at another node ended");
         if code != 403 && self.keeps_following(ctx, tag) {
             // Its quorum queue's leader moved or its node is lost: it
             // re-subscribes when the new leader is known.

@@ -141,6 +141,7 @@ impl Session {
                 if let Err((code, text)) = self.consume(
                     &broker, origin, &tag, &vhost, &queue, prefetch, no_ack, exclusive,
                 ) {
+                    tracing::debug!(peer = %self.link.peer, tag = %crate::untrusted::text(&tag), code, "another node's consumer refused: {text}");
                     self.link.send_traffic(
                         Traffic::Refused {
                             origin,
@@ -248,6 +249,7 @@ impl Session {
                 format!("ACCESS_REFUSED - queue '{queue}' in vhost '{vhost}' in exclusive use"),
             ));
         }
+        tracing::debug!(peer = %self.link.peer, link = self.link.id, tag = %crate::untrusted::text(tag), queue = %crate::untrusted::text(queue), "a consumer for another node's client");
         self.by_origin.insert((origin, tag.to_owned()), id);
         self.consumers.insert(
             id,
@@ -376,6 +378,7 @@ impl Session {
             }
             Dispatch::Cancel { connection, .. } => {
                 if let Some(c) = self.consumers.remove(&connection) {
+                    tracing::debug!(peer = %self.link.peer, tag = %crate::untrusted::text(&c.consumer.tag), "another node's consumer cancelled by its queue");
                     self.by_origin.remove(&(c.origin, c.consumer.tag.clone()));
                     self.link.send_traffic(
                         Traffic::Refused {
@@ -446,6 +449,7 @@ impl Session {
 
     /// The link closed: remove its consumers and requeue what they had out.
     fn end(mut self, mut dispatch: mpsc::UnboundedReceiver<Dispatch>) {
+        tracing::debug!(peer = %self.link.peer, link = self.link.id, consumers = self.consumers.len(), unacked = self.unacked.len(), "a link's session ended");
         if let Some(broker) = self.broker.upgrade() {
             for (_, c) in std::mem::take(&mut self.consumers) {
                 self.remove(&broker, c);
