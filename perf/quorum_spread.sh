@@ -33,3 +33,7 @@ echo "== one quorum queue"
 run --queues 1
 echo "== $queues quorum queues"
 run --queues "$queues"
+# The same with every leader on node a, which the load goes through: what
+# forwarding to other nodes' leaders costs the spread load.
+echo "== $queues quorum queues, x-queue-leader-locator = client-local"
+run --queues "$queues" --leader-locator client-local

@@ -273,6 +273,11 @@ async fn quorum_queues_behave_as_rabbitmqs() {
             quorum(&[("x-max-priority", long(5))]),
             "x-max-priority",
         ),
+        (
+            durable(),
+            quorum(&[("x-queue-leader-locator", text("min-masters"))]),
+            "x-queue-leader-locator",
+        ),
     ] {
         let ch = conn.create_channel().await.unwrap();
         let e = ch
@@ -282,6 +287,23 @@ async fn quorum_queues_behave_as_rabbitmqs() {
         assert_eq!(reply_code(&e), Some(406), "{what}: {e}");
         assert!(e.to_string().contains(what), "{e}");
     }
+
+    // `client-local`: every queue declared through b is led by b (the
+    // default spreads them: the second would go to a or c).
+    let ch = conn.create_channel().await.unwrap();
+    for i in 0..3 {
+        ch.queue_declare(
+            format!("local-{i}").as_str().into(),
+            durable(),
+            quorum(&[("x-queue-leader-locator", text("client-local"))]),
+        )
+        .await
+        .unwrap();
+    }
+    eventually("b leads the client-local queues", t, || {
+        (0..3).all(|i| leader_on(&a, &format!("local-{i}")).as_deref() == Some("b"))
+    })
+    .await;
 
     // Delivery limit 1 with a dead-letter exchange.
     let ch = conn.create_channel().await.unwrap();

@@ -92,6 +92,10 @@ struct Args {
     /// cluster, replicated queues.
     #[arg(long)]
     quorum: bool,
+    /// With `--quorum`: `x-queue-leader-locator` (`client-local` puts
+    /// every queue's leader on the node this tool connects to).
+    #[arg(long)]
+    leader_locator: Option<String>,
     /// Give each message a header `group` of one of this many values, in
     /// turn (0: none).
     #[arg(long, default_value_t = 0)]
@@ -196,6 +200,12 @@ async fn setup(args: &Args) -> anyhow::Result<()> {
             queue_args.insert(
                 "x-queue-type".into(),
                 lapin::types::AMQPValue::LongString("quorum".into()),
+            );
+        }
+        if let Some(l) = &args.leader_locator {
+            queue_args.insert(
+                "x-queue-leader-locator".into(),
+                lapin::types::AMQPValue::LongString(l.as_str().into()),
             );
         }
         if args.dedup {

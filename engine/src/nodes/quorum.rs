@@ -101,11 +101,13 @@ impl Broker {
             .min(nodes.len())
             .max(1);
         // Spread: the nodes leading (then holding) the fewest quorum
-        // queues come first, this node breaking ties.
+        // queues come first, this node breaking ties; `client-local` puts
+        // this node first whatever it holds.
         let (leads, holds) = node.quorum_load();
         let me = node.name().to_owned();
         let load = |n: &String| {
             (
+                !(limits.client_local && *n == me),
                 leads.get(n.as_str()).copied().unwrap_or(0),
                 holds.get(n.as_str()).copied().unwrap_or(0),
                 *n != me,

@@ -58,6 +58,11 @@ pub struct QueueLimits {
     pub delivery_limit: Option<u32>,
     /// `x-quorum-initial-group-size`: how many nodes hold a replica.
     pub initial_group_size: Option<usize>,
+    /// `x-queue-leader-locator = client-local`: a quorum queue's first
+    /// leader is the node the client declared it on (a member then, as in
+    /// RabbitMQ), not the node leading the fewest (`balanced`, the
+    /// default).
+    pub client_local: bool,
     /// `x-single-active-consumer`: only the oldest consumer gets
     /// deliveries; the next takes over when it goes.
     pub single_active: bool,
@@ -154,6 +159,15 @@ impl QueueLimits {
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
+            client_local: match string_arg(args, "x-queue-leader-locator")?.as_deref() {
+                None | Some("balanced") => false,
+                Some("client-local") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "invalid arg 'x-queue-leader-locator': '{other}' (expected client-local or balanced)"
+                    ));
+                }
+            },
             consumer_timeout: int_arg(args, "x-consumer-timeout")?.map(Duration::from_millis),
             group_header: string_arg(args, "x-message-group-header")?,
             dedup: crate::dedup::Settings::of_queue(args)?,
@@ -338,7 +352,16 @@ mod tests {
         assert!(l.quorum);
         assert_eq!(l.delivery_limit, Some(3));
         assert_eq!(l.initial_group_size, Some(5));
+        assert!(!l.client_local);
+        let locator =
+            |v: &str| quorum(&[("x-queue-leader-locator", AMQPValue::LongString(v.into()))]);
+        assert!(locator("client-local").unwrap().client_local);
+        assert!(!locator("balanced").unwrap().client_local);
         for (arg, value) in [
+            (
+                "x-queue-leader-locator",
+                AMQPValue::LongString("min-masters".into()),
+            ),
             ("x-max-priority", AMQPValue::LongInt(5)),
             (
                 "x-overflow",
