@@ -81,13 +81,16 @@ pub const NUMERIC_KEYS: [&str; 7] = [
 ];
 
 /// Queue keys where a client's argument wins over a policy (`max-age`:
-/// a stream's retention, as RabbitMQ's policies set it).
-pub const QUEUE_KEYS: [&str; 5] = [
+/// a stream's retention, as RabbitMQ's policies set it;
+/// `queue-leader-locator`: where a quorum queue declared from then on is
+/// first led).
+pub const QUEUE_KEYS: [&str; 6] = [
     "overflow",
     "dead-letter-exchange",
     "dead-letter-routing-key",
     "queue-mode",
     "max-age",
+    "queue-leader-locator",
 ];
 
 /// Exchange keys: RabbitMQ's, and wasmq's own `transform` (the transform
@@ -177,6 +180,18 @@ impl PolicyRecord {
                     let v = text()?;
                     if !["default", "lazy"].contains(&v) {
                         return Err(error(field, format!("'{v}' is not default or lazy")));
+                    }
+                }
+                "queue-leader-locator" => {
+                    let v = text()?;
+                    if !["client-local", "balanced"].contains(&v) {
+                        return Err(error(
+                            field,
+                            format!(
+                                "'{}' is not client-local or balanced",
+                                crate::untrusted::text(v)
+                            ),
+                        ));
                     }
                 }
                 "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange" => {
@@ -472,6 +487,21 @@ mod tests {
             bad(policy("p", ".*", 0, json!({"overflow": "drop"})), false),
             "definition.overflow"
         );
+        assert_eq!(
+            bad(
+                policy("p", ".*", 0, json!({"queue-leader-locator": "random"})),
+                false
+            ),
+            "definition.queue-leader-locator"
+        );
+        policy(
+            "p",
+            ".*",
+            0,
+            json!({"queue-leader-locator": "client-local"}),
+        )
+        .check(false)
+        .unwrap();
         assert_eq!(
             bad(
                 policy("p", ".*", 0, json!({"dead-letter-exchange": "x"})),

@@ -304,6 +304,27 @@ async fn quorum_queues_behave_as_rabbitmqs() {
         (0..3).all(|i| leader_on(&a, &format!("local-{i}")).as_deref() == Some("b"))
     })
     .await;
+    // The same from a policy (RabbitMQ's `queue-leader-locator` key), for
+    // queues declared without the argument.
+    a.api()
+        .put(
+            "/api/policies/%2F/local",
+            &serde_json::json!({"pattern": "^pol-", "definition": {"queue-leader-locator": "client-local"}, "apply-to": "quorum_queues"}),
+        )
+        .unwrap();
+    eventually("the policy on b", t, || {
+        b.api().get("/api/policies/%2F/local").is_ok()
+    })
+    .await;
+    for i in 0..3 {
+        ch.queue_declare(format!("pol-{i}").as_str().into(), durable(), quorum(&[]))
+            .await
+            .unwrap();
+    }
+    eventually("b leads the queues its policy places", t, || {
+        (0..3).all(|i| leader_on(&a, &format!("pol-{i}")).as_deref() == Some("b"))
+    })
+    .await;
 
     // Delivery limit 1 with a dead-letter exchange.
     let ch = conn.create_channel().await.unwrap();

@@ -953,12 +953,13 @@ async fn import(State(s): State<AdminState>, body: Bytes) -> ApiResult<StatusCod
         for mut command in crate::broker::definition_commands(&defs, node.name()) {
             // A quorum queue is placed as a declare through AMQP places it.
             if let crate::cluster::Command::DeclareQueue {
+                vhost,
                 queue,
                 node: leader,
                 members,
                 ..
             } = &mut command
-                && let Some((l, m)) = s.broker.place_quorum(&queue.arguments)
+                && let Some((l, m)) = s.broker.place_quorum(vhost, &queue.name, &queue.arguments)
             {
                 (*leader, *members) = (l, m);
             }

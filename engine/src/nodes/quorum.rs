@@ -84,14 +84,22 @@ impl Live for LiveHook {
 }
 
 impl Broker {
-    /// Where a new quorum queue declared with `arguments` goes: its first
-    /// leader and its members. `None` for any other queue (or outside a
-    /// cluster, where a quorum queue is refused when declared).
-    pub fn place_quorum(&self, arguments: &FieldTable) -> Option<(String, Vec<String>)> {
-        let limits = QueueLimits::parse(arguments).ok()?;
-        if !limits.quorum {
+    /// Where a new quorum queue `name` of `vhost` declared with
+    /// `arguments` goes: its first leader and its members (its policies'
+    /// `queue-leader-locator` counting when the arguments name none).
+    /// `None` for any other queue (or outside a cluster, where a quorum
+    /// queue is refused when declared).
+    pub fn place_quorum(
+        &self,
+        vhost: &str,
+        name: &str,
+        arguments: &FieldTable,
+    ) -> Option<(String, Vec<String>)> {
+        let declared = QueueLimits::parse(arguments).ok()?;
+        if !declared.quorum {
             return None;
         }
+        let (_, limits) = self.with_policies(vhost, name, arguments, declared);
         let node = self.cluster()?;
         let mut nodes: Vec<String> = node.members().into_iter().map(|m| m.name).collect();
         nodes.sort();

@@ -181,7 +181,7 @@ impl Channel {
             .cluster()
             .map(|c| c.name().to_owned())
             .unwrap_or_default();
-        let (node, members) = match ctx.broker.place_quorum(&d.arguments) {
+        let (node, members) = match ctx.broker.place_quorum(&ctx.vhost.name, name, &d.arguments) {
             Some((leader, members)) => (leader, members),
             None => (me, Vec::new()),
         };
