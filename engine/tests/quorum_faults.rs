@@ -279,11 +279,7 @@ async fn checker(quiescent: bool) {
         tasks,
         &stop_consuming,
         consumers,
-        || {
-            for n in &nodes {
-                eprintln!("stuck, at {}: {:?}", n.name, n.api().get("/api/consumers"));
-            }
-        },
+        || print_consumers(&nodes),
     )
     .await;
     let verdict = check(&record.lock().unwrap());

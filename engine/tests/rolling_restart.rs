@@ -124,11 +124,7 @@ async fn a_rolling_restart_loses_no_confirmed_message_and_strands_no_consumer() 
         publishers,
         &stop_consuming,
         consumers,
-        || {
-            for n in &nodes {
-                eprintln!("stuck, at {}: {:?}", n.name, n.api().get("/api/consumers"));
-            }
-        },
+        || print_consumers(&nodes),
     )
     .await;
     let verdict = check(&record.lock().unwrap());

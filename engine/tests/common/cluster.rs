@@ -415,3 +415,11 @@ pub async fn known_on(nodes: &[&Node], name: &str, home: &str) {
         .await;
     }
 }
+
+/// Every node's consumers, printed: what a checker shows when a confirmed
+/// message never came.
+pub fn print_consumers(nodes: &[Node]) {
+    for n in nodes {
+        eprintln!("stuck, at {}: {:?}", n.name, n.api().get("/api/consumers"));
+    }
+}
