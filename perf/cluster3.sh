@@ -10,6 +10,18 @@
 # Sets `pids` (the three processes) and `root` (their folder).
 source scripts/node-config.sh
 
+# Sets `bin` and `perf_bin`: WASMQ_BIN and WASMQ_PERF_BIN, or the release
+# builds (built here when either is not given).
+release_bins() {
+    bin=${WASMQ_BIN:-}
+    perf_bin=${WASMQ_PERF_BIN:-}
+    if [ -z "$bin" ] || [ -z "$perf_bin" ]; then
+        cargo build --release -p wasmq -p wasmq-perf
+        bin=${bin:-target/release/wasmq}
+        perf_bin=${perf_bin:-target/release/wasmq-perf}
+    fi
+}
+
 start_cluster3() {
     local bin=$1 i=0 node quiescent=true
     [ "${WASMQ_QUIESCENT:-1}" = 0 ] && quiescent=false

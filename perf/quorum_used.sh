@@ -15,14 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-100}
 secs=${2:-20}
-bin=${WASMQ_BIN:-}
-perf_bin=${WASMQ_PERF_BIN:-}
-if [ -z "$bin" ] || [ -z "$perf_bin" ]; then
-    cargo build --release -p wasmq -p wasmq-perf
-    bin=${bin:-target/release/wasmq}
-    perf_bin=${perf_bin:-target/release/wasmq-perf}
-fi
 source perf/cluster3.sh
+release_bins
 start_cluster3 "$bin"
 sleep 2
 rss() {
