@@ -311,8 +311,36 @@ impl StreamLog {
             })
             .collect();
         firsts.sort_unstable();
+        // The newest segment may be shorter than its header: the process
+        // died as it rolled over to it, before the header reached the
+        // file. It holds nothing (a record goes in only after the header),
+        // so it goes, and the one before is read to its end as the active
+        // one; if it was the only one, it is made again, empty, at the
+        // offset its name gives.
+        let mut remade = None;
+        if let Some(&newest) = firsts.last() {
+            let path = segment_path(&dir, newest);
+            let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+            if len < record::HEADER_LEN {
+                tracing::warn!(segment = %path.display(), "a stream segment without its header (cut off as it was made) is dropped");
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                let ipath = index_path(&dir, newest);
+                if ipath.exists() {
+                    std::fs::remove_file(&ipath).map_err(io(&ipath))?;
+                }
+                firsts.pop();
+                if firsts.is_empty() {
+                    remade = Some(newest);
+                }
+            }
+        }
         let mut segments = Vec::new();
         let mut next = 0;
+        if let Some(first) = remade {
+            segments.push(Self::new_segment(&dir, first)?);
+            crate::store::sync_dir(&dir)?;
+            next = first;
+        }
         for (i, &first) in firsts.iter().enumerate() {
             let last = i + 1 == firsts.len();
             let (seg, end) = Self::open_segment(&dir, first, last)?;
@@ -1179,6 +1207,32 @@ mod tests {
         }
         assert!(read_all(&log, 1000).is_empty());
         assert_eq!(read_all(&log, 5000).len(), 0, "past the end: the end");
+    }
+
+    #[test]
+    fn a_segment_cut_off_before_its_header_is_dropped_on_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open(dir.path(), 16 * 1024);
+            append(&log, 0..300);
+        }
+        // Killed as it rolled over: the next segment's file made, its
+        // header not written.
+        std::fs::File::create(segment_path(dir.path(), 300)).unwrap();
+        let log = open(dir.path(), 16 * 1024);
+        assert_eq!(log.stats().committed, 300);
+        assert_eq!(read_all(&log, 0), (0..300).collect::<Vec<_>>());
+        append(&log, 300..310);
+        assert_eq!(read_all(&log, 295), (295..310).collect::<Vec<_>>());
+
+        // The only segment left (retention dropped the older ones): it is
+        // made again where its name says.
+        let alone = tempfile::tempdir().unwrap();
+        std::fs::File::create(segment_path(alone.path(), 50)).unwrap();
+        let log = open(alone.path(), 16 * 1024);
+        assert_eq!(log.stats().committed, 50);
+        append(&log, 50..55);
+        assert_eq!(read_all(&log, 50), (50..55).collect::<Vec<_>>());
     }
 
     #[test]
