@@ -305,8 +305,18 @@ async fn captures_count_what_they_hold_and_refuse_malformed_specs() {
         .await
         .unwrap();
     }
+    // The publishes are not confirmed: the broker may still be routing
+    // them when the last is sent. Wait (a bounded while) for the capture
+    // to be done.
     let status_view = api(t.admin(), |a| {
-        a.get("/api/exchanges/%2F/cx/capture").unwrap()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = a.get("/api/exchanges/%2F/cx/capture").unwrap();
+            if v["done"] == true || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     })
     .await;
     assert_eq!(status_view["done"], true, "{status_view}");
