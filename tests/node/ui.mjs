@@ -119,6 +119,13 @@ try {
   await page.click("a[href='#plugins']");
   const prow = await page.waitForSelector("tr:has(td:has-text('topic'))");
   if (!/[0-9a-f]{12}/.test(await prow.textContent())) throw new Error("the plugin row lacks its hash");
+  // Upload a file as a new plugin: it serves, with its hash, at once.
+  await page.fill("#pupload input[name=pname]", "ui-uploaded");
+  await page.setInputFiles("#pupload input[type=file]", candidate);
+  await page.click("#pupload button");
+  await page.waitForSelector("#pupload-msg:has-text('Uploaded ui-uploaded, version ')");
+  const urow = await page.waitForSelector("#plist tr:has(code:text-is('ui-uploaded'))");
+  if (!/[0-9a-f]{12}/.test(await urow.textContent())) throw new Error("the uploaded plugin's row lacks its hash");
   await page.screenshot({ path: `${shots}/plugins.png` });
   // A plugin's page: stage a canary from a file, see it, abort it.
   await page.click("a:has-text('ui-filter')");
@@ -184,11 +191,52 @@ try {
   await page.waitForSelector("#admin-msg:has-text('400')");
   // That refusal is an expected failed request.
   errors.splice(0, errors.length, ...errors.filter((e) => !e.includes("status of 400")));
+  // A vhost with a limit, set and cleared; a limit on the new user.
+  await page.fill("#addvhost input[name=vname]", "ui-vh");
+  await page.click("#addvhost button");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-vh'))");
+  await page.selectOption("#setlimit select[name=on]", "vhost");
+  await page.fill("#setlimit input[name=target]", "ui-vh");
+  await page.selectOption("#setlimit select[name=limit]", "max-queues");
+  await page.fill("#setlimit input[name=value]", "7");
+  await page.click("#setlimit button");
+  await page.waitForSelector("#adminlists tr:has(td:has-text('ui-vh')) code:has-text('max-queues=7')");
+  await page.click("#adminlists tr:has(td:has-text('ui-vh')) button[data-del=vhost-limit]");
+  await page.waitForSelector("#admin-msg:has-text('max-queues of ui-vh cleared')");
+  await page.waitForSelector("code:has-text('max-queues=7')", { state: "detached" });
+  await page.selectOption("#setlimit select[name=on]", "user");
+  await page.fill("#setlimit input[name=target]", "ui-bob");
+  await page.selectOption("#setlimit select[name=limit]", "max-connections");
+  await page.fill("#setlimit input[name=value]", "3");
+  await page.click("#setlimit button");
+  await page.waitForSelector("#adminlists tr:has(td:has-text('ui-bob')) code:has-text('max-connections=3')");
   await page.screenshot({ path: `${shots}/admin.png` });
+
+  // The management user sees only its vhost, and the API's refusal of
+  // what only administrators read.
+  await page.click("#logout");
+  await page.waitForSelector("form#login:visible");
+  await page.fill("input[name=username]", "ui-bob");
+  await page.fill("input[name=password]", "bob-secret");
+  await page.click("button[type=submit]");
+  // The page the last user left (Admin), made again for this one.
+  await page.waitForSelector("h1:has-text('Admin')");
+  await page.waitForSelector("#adminlists h2:has-text('Virtual hosts') + table code:text-is('/')");
+  if (await page.isVisible("#adminlists code:text-is('ui-vh')")) throw new Error("a management user sees a vhost it has no permissions in");
+  await page.waitForSelector("#adminlists h2:has-text('User limits') + p.error");
+  errors.splice(0, errors.length, ...errors.filter((e) => !e.includes("status of 403")));
+  await page.click("#logout");
+  await page.waitForSelector("form#login:visible");
+  await page.fill("input[name=username]", user);
+  await page.fill("input[name=password]", password);
+  await page.click("button[type=submit]");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-bob'))");
   await page.click("#adminlists tr:has(code:has-text('ui-ttl')) button[data-del=policy]");
   await page.waitForSelector("#adminlists tr:has(code:has-text('ui-ttl'))", { state: "detached" });
   await page.click("#adminlists tr:has(code:has-text('ui-bob')) button[data-del=user]");
   await page.waitForSelector("#adminlists tr:has(code:has-text('ui-bob'))", { state: "detached" });
+  await page.click("#adminlists tr:has(code:has-text('ui-vh')) button[data-del=vhost]");
+  await page.waitForSelector("#adminlists tr:has(code:has-text('ui-vh'))", { state: "detached" });
 
   await page.click("#logout");
   await page.waitForSelector("form#login:visible");

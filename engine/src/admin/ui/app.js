@@ -388,9 +388,29 @@ const views = {
         ["Arguments", (b) => `<code>${esc(JSON.stringify(b.arguments))}</code>`],
       ], false);
   },
+  // The plugins serving, and a form to upload a new one (or a new version
+  // of one, served at once): the file goes to the plugin folder as if
+  // dropped there, so a cluster agrees on it as on any dropped file.
   async plugins() {
+    if (!$("#plist")) {
+      $("#page").innerHTML = `<div id="pluginswrap"><h1>Plugins</h1>` +
+        `<form id="pupload" class="inline"><b>Upload a plugin</b> <input name="pname" placeholder="name" required> <input type="file" name="file" accept=".wasm"> <button>Upload</button></form><p id="pupload-msg"></p><div id="plist"></div></div>`;
+      $("#pupload").addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const f = e.target;
+        if (!f.file.files.length) { $("#pupload-msg").textContent = "Choose a .wasm file first."; return; }
+        try {
+          const v = await api(`/api/plugins/${encodeURIComponent(f.pname.value)}`, new Uint8Array(await f.file.files[0].arrayBuffer()), "PUT");
+          $("#pupload-msg").textContent = `Uploaded ${v.name}, version ${String(v.hash).slice(0, 12)}.`;
+          f.reset();
+        } catch (err) {
+          $("#pupload-msg").textContent = err.message;
+        }
+        views.plugins();
+      });
+    }
     const ps = await api("/api/plugins");
-    $("#page").innerHTML = `<h1>Plugins</h1>` + table(ps, [
+    $("#plist").innerHTML = table(ps, [
       ["Name", (p) => `<a href="#plugin/${encodeURIComponent(p.name)}"><code>${esc(p.name)}</code></a>`],
       ["State", (p) => esc(p.state)],
       ["Roles", (p) => esc(p.roles || "")],
@@ -491,6 +511,8 @@ const views = {
         `<form id="adduser" class="inline"><b>Add a user</b> <input name="uname" placeholder="name" required> <input name="password" type="password" placeholder="password"> <input name="tags" placeholder="tags, e.g. management"> <button>Add user</button></form>` +
         `<form id="setperm" class="inline"><b>Permissions</b> <input name="user" placeholder="user" required> <input name="vhost" value="/" required> <input name="configure" value=".*"> <input name="write" value=".*"> <input name="read" value=".*"> <button>Set permissions</button></form>` +
         `<form id="addpolicy" class="inline"><b>Add a policy</b> <input name="pname" placeholder="name" required> <input name="vhost" value="/" required> <input name="pattern" placeholder="pattern, e.g. ^orders\\." required> <select name="applyto"><option>queues</option><option>classic_queues</option><option>quorum_queues</option><option>streams</option><option>exchanges</option><option>all</option></select> <input name="priority" type="number" value="0"> <input name="definition" placeholder='{"max-length": 1000}' required> <button>Add policy</button></form>` +
+        `<form id="addvhost" class="inline"><b>Add a vhost</b> <input name="vname" placeholder="name" required> <input name="description" placeholder="description"> <button>Add vhost</button></form>` +
+        `<form id="setlimit" class="inline"><b>Set a limit</b> <select name="on"><option value="vhost">vhost</option><option value="user">user</option></select> <input name="target" placeholder="vhost or user name" required> <select name="limit"><option>max-connections</option><option>max-queues</option><option>max-channels</option></select> <input name="value" type="number" placeholder="value (negative: none)" required> <button>Set limit</button></form>` +
         `<p id="admin-msg"></p><div id="adminlists"></div></div>`;
       const act = async (what, call) => {
         try {
@@ -524,16 +546,37 @@ const views = {
         act(`policy ${f.pname.value} set`, () => api(`/api/policies/${seg(f.vhost.value)}/${seg(f.pname.value)}`,
           { pattern: f.pattern.value, "apply-to": f.applyto.value, priority: Number(f.priority.value), definition }, "PUT"));
       });
+      $("#addvhost").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const f = e.target;
+        act(`vhost ${f.vname.value} added`, () => api(`/api/vhosts/${seg(f.vname.value)}`, { description: f.description.value }, "PUT")).then(() => f.reset());
+      });
+      $("#setlimit").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const f = e.target;
+        const path = f.on.value === "vhost" ? "vhost-limits" : "user-limits";
+        act(`${f.limit.value} of ${f.on.value} ${f.target.value} set`,
+          () => api(`/api/${path}/${seg(f.target.value)}/${seg(f.limit.value)}`, { value: Number(f.value.value) }, "PUT"));
+      });
       $("#adminwrap").addEventListener("click", (e) => {
         const b = e.target.closest("button[data-del]");
         if (!b) return;
         const { del, name, vhost } = b.dataset;
-        if (!confirm(`Delete ${del} '${name}'?`)) return;
+        const what = del.endsWith("-limit") ? `${name} of ${del.replace("-limit", "")} '${b.dataset.target}'` : `${del} '${name}'`;
+        if (!confirm(`${del.endsWith("-limit") ? "Clear" : "Delete"} ${what}?`)) return;
         if (del === "user") act(`user ${name} deleted`, () => api(`/api/users/${seg(name)}`, undefined, "DELETE"));
         if (del === "policy") act(`policy ${name} deleted`, () => api(`/api/policies/${seg(vhost)}/${seg(name)}`, undefined, "DELETE"));
+        if (del === "vhost") act(`vhost ${name} deleted`, () => api(`/api/vhosts/${seg(name)}`, undefined, "DELETE"));
+        if (del === "vhost-limit" || del === "user-limit") {
+          const [target, limit] = [b.dataset.target, name];
+          act(`${limit} of ${target} cleared`, () => api(`/api/${del}s/${seg(target)}/${seg(limit)}`, undefined, "DELETE"));
+        }
       });
     }
     const list = (v) => (Array.isArray(v) ? v.join(", ") : typeof v === "object" && v !== null ? JSON.stringify(v) : String(v ?? ""));
+    // Each limit with a button that clears it.
+    const limits = (kind, target, value) => Object.entries(value || {}).map(([k, v]) =>
+      `<code>${esc(k)}=${esc(v)}</code> <button data-del="${kind}" data-target="${esc(target)}" data-name="${esc(k)}" title="clear">×</button>`).join(" ");
     const section = async (title, path, columns) => {
       try {
         return `<h2>${esc(title)}</h2>` + table(await api(path), columns, false);
@@ -552,6 +595,7 @@ const views = {
         ["Name", (v) => `<code>${esc(v.name)}</code>`],
         ["Description", (v) => esc(v.description || "")],
         ["Messages", (v) => esc(v.messages ?? 0)],
+        ["", (v) => `<button data-del="vhost" data-name="${esc(v.name)}">Delete</button>`],
       ]),
       section("Permissions", "/api/permissions", [
         ["User", (p) => esc(p.user)],
@@ -577,11 +621,11 @@ const views = {
       ]),
       section("Vhost limits", "/api/vhost-limits", [
         ["Vhost", (l) => esc(l.vhost)],
-        ["Limits", (l) => `<code>${esc(JSON.stringify(l.value))}</code>`],
+        ["Limits", (l) => limits("vhost-limit", l.vhost, l.value)],
       ]),
       section("User limits", "/api/user-limits", [
         ["User", (l) => esc(l.user)],
-        ["Limits", (l) => `<code>${esc(JSON.stringify(l.value))}</code>`],
+        ["Limits", (l) => limits("user-limit", l.user, l.value)],
       ]),
     ]);
     $("#adminlists").innerHTML = parts.join("");
@@ -645,6 +689,8 @@ function logout(why) {
   last = null;
   for (const k of Object.keys(rates)) rates[k] = [];
   $("#nav").hidden = $("#logout").hidden = $("#page").hidden = true;
+  // Nothing the last user could see stays in the page for the next.
+  $("#page").innerHTML = "";
   $("#who").textContent = "";
   $("#login").hidden = false;
   $("#login-error").textContent = why || "";
