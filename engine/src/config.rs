@@ -394,11 +394,6 @@ impl Config {
     fn dependencies(&self) -> Result<(), String> {
         if let Some(c) = &self.cluster {
             c.check()?;
-            if self.redis.listen.is_some() || self.redis.listen_tls.is_some() {
-                // Its pushes would need a confirm from queues on other
-                // nodes, which only AMQP connections wait for yet.
-                return Err("[redis] listen is not served by a cluster node yet: run the RESP front end on a single node (docs/redis.md)".into());
-            }
         }
         if self.tls.is_none() {
             if self.listen_tls.is_some() {

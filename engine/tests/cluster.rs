@@ -1778,3 +1778,40 @@ async fn ui_cluster(url: &str, shots: &Path, tag: &str, down: Option<&str>) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Redis front end on a cluster node: a list whose queue lives on
+/// another node is pushed to, popped (one, a count, blocking), moved from
+/// and into, and purged from any node, with redis-py unchanged; what only
+/// the queue's own node can answer says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_clients_use_lists_of_any_node() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let (a, b, c) = three_nodes_with(root.path(), |n| {
+        let i = (n.as_bytes()[0] - b'a') as usize;
+        redis_section(ports[i], "classic")
+    })
+    .await;
+    let out = redis_py(
+        &["across".into(), ports[0].to_string(), ports[1].to_string()],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+    // Both lists were declared through the cluster: known on every node,
+    // each living where its first push came.
+    for n in [&a, &b, &c] {
+        assert_eq!(
+            n.queue_node("rc.across").as_deref(),
+            Some("a"),
+            "on {}",
+            n.name
+        );
+        assert_eq!(
+            n.queue_node("rc.on-b").as_deref(),
+            Some("b"),
+            "on {}",
+            n.name
+        );
+    }
+}

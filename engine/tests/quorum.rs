@@ -1351,3 +1351,104 @@ async fn a_single_nodes_quorum_queue_grows_into_a_replicated_one() {
         n.kill().await;
     }
 }
+
+/// Lists as quorum queues through the Redis front end, with redis-py
+/// unchanged: pushes through one node, the queue's leader killed while a
+/// client of a survivor pushes, and every push the client was answered
+/// for is popped from the other survivor (a push answered with an error
+/// is tried again by the client, so it may come twice, never lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pushes_acknowledged_survive_the_leaders_death() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let (a, b, c) = three_nodes_with(root.path(), |n| {
+        let i = (n.as_bytes()[0] - b'a') as usize;
+        redis_section(ports[i], "quorum")
+    })
+    .await;
+    let key = "rq.jobs";
+    let t = Duration::from_secs(30);
+    let pushed = |out: &str| -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect(out);
+        let list = |k: &str| -> Vec<String> {
+            v[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_owned())
+                .collect()
+        };
+        (list("acked"), list("retried"))
+    };
+    // The first push declares the list through the cluster: a quorum queue
+    // on the three nodes.
+    let args = |port: u16, from: u32, to: u32| -> Vec<String> {
+        vec![
+            "push".into(),
+            port.to_string(),
+            key.into(),
+            from.to_string(),
+            to.to_string(),
+        ]
+    };
+    let (mut acked, mut retried) =
+        pushed(&redis_py(&args(ports[0], 0, 100), Duration::from_secs(90)).await);
+    assert_eq!(acked.len(), 100);
+    let (mut nodes, leader, li, others) = agreed_leader([a, b, c], key, t).await;
+    let (pusher, drainer) = (others[0], others[1]);
+    let port_of = |i: usize| ports[(nodes[i].name.as_bytes()[0] - b'a') as usize];
+    let (push_port, drain_port) = (port_of(pusher), port_of(drainer));
+
+    // A survivor's client pushes while the leader is killed.
+    let during_args = args(push_port, 100, 1500);
+    let during =
+        tokio::spawn(async move { redis_py(&during_args, Duration::from_secs(150)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[li].kill().await;
+    let (more, again) = pushed(&during.await.unwrap());
+    acked.extend(more);
+    retried.extend(again);
+    assert_eq!(acked.len(), 1500, "every push was answered in the end");
+
+    let out = redis_py(
+        &["drain".into(), drain_port.to_string(), key.into()],
+        Duration::from_secs(120),
+    )
+    .await;
+    let drained: Vec<String> = serde_json::from_str(out.trim()).expect(&out);
+    eprintln!(
+        "leader {leader} killed: {} pushes answered, {} tried again, {} popped",
+        acked.len(),
+        retried.len(),
+        drained.len()
+    );
+    // The kill came while the survivor's client pushed through the leader.
+    assert!(!retried.is_empty(), "no push met the leader's death");
+    let mut seen = std::collections::HashMap::new();
+    for m in &drained {
+        *seen.entry(m.clone()).or_insert(0) += 1;
+    }
+    let lost: Vec<&String> = acked.iter().filter(|m| !seen.contains_key(*m)).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged pushes lost when leader {leader} died: {lost:?}"
+    );
+    for (m, n) in &seen {
+        assert!(
+            *n == 1 || retried.contains(m),
+            "{m} popped {n} times, and its push was never tried again"
+        );
+    }
+    // In the order they were pushed, each after the one before it.
+    let firsts: Vec<u32> = drained
+        .iter()
+        .map(|m| m.parse().unwrap())
+        .scan(std::collections::HashSet::new(), |s, m| {
+            Some((s.insert(m), m))
+        })
+        .filter_map(|(first, m)| first.then_some(m))
+        .collect();
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {firsts:?}"
+    );
+}

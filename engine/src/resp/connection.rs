@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::lists::Blocked;
 use super::pubsub::Subscriptions;
+use super::remote::{Again, Held, ToNode};
 use super::reply::Out;
 use super::request::{Command, Parser};
 use crate::Broker;
@@ -67,6 +68,11 @@ pub(super) struct Durable {
     pub seq: u64,
     /// Every message was taken so far (else the reply is [`NOT_STORED`]).
     pub ok: bool,
+    /// Other nodes a copy was forwarded to, each still to answer once.
+    pub nodes: Vec<String>,
+    /// A message taken from a queue of another node for a move: settled
+    /// there once the move's reply goes out (requeued if it failed).
+    pub settle: Option<super::remote::Taken>,
 }
 
 /// The reply to a push whose message did not become safe.
@@ -88,6 +94,13 @@ pub(super) enum Then {
     Wait(Durable),
     /// It blocks the connection (a blocking pop with nothing to take).
     Block(Blocked),
+    /// It runs again once this is done (a definition change committed
+    /// through the cluster, a quorum queue's leader elected); the
+    /// connection reads no further command meanwhile.
+    Again(super::remote::Until),
+    /// It waits for another node's answer (a pop or purge of a queue
+    /// there); the connection reads no further command meanwhile.
+    Hold(Box<Held>),
     /// Close after the reply.
     Quit,
 }
@@ -117,6 +130,14 @@ pub(super) struct Conn {
     pub settles: Vec<(Arc<Queue>, Vec<Entry>)>,
     next_seq: u64,
     waits: VecDeque<Waiting>,
+    /// Frames for other nodes, sent before the connection next waits.
+    pub to_nodes: Vec<ToNode>,
+    /// A command to run again once its wait is over.
+    pub again: Option<Again>,
+    /// A command waiting for another node's answer.
+    pub held: Option<Held>,
+    /// How many times the command running now ran again.
+    pub again_tries: u32,
 }
 
 /// A client's byte stream.
@@ -206,7 +227,16 @@ pub(super) async fn run(
         settles: Vec::new(),
         next_seq: 0,
         waits: VecDeque::new(),
+        to_nodes: Vec::new(),
+        again: None,
+        held: None,
+        again_tries: 0,
     };
+    // Answers and deliveries from queues of other nodes come by this
+    // connection's id.
+    if let Some(remote) = broker.remote() {
+        remote.register(id, conn.dispatch_tx.clone());
+    }
     let mut parser = Parser::new(UNAUTHENTICATED_BULK);
     // Held only while there is something in it: an idle connection keeps
     // no buffers (10,000 idle clients are a few KiB each).
@@ -216,7 +246,7 @@ pub(super) async fn run(
     let mut closing = false;
     let why = loop {
         // Run what has arrived, unless a command blocks the connection.
-        while !closing && conn.blocked.is_none() {
+        while !closing && !conn.paused() {
             let max = if conn.login.is_some() {
                 shared.max_bulk
             } else {
@@ -236,8 +266,10 @@ pub(super) async fn run(
                 }
             }
         }
-        if conn.blocked.is_some() && rbuf.len() >= READ_AHEAD_WHILE_BLOCKED && !closing {
+        if conn.paused() && rbuf.len() >= READ_AHEAD_WHILE_BLOCKED && !closing {
             conn.unblock();
+            conn.again = None;
+            conn.held = None;
             conn.out
                 .error("ERR wasmq: more than 1 MiB sent behind a blocked command");
             closing = true;
@@ -246,6 +278,9 @@ pub(super) async fn run(
             rbuf = BytesMut::new();
         }
         conn.flush_settles();
+        if !conn.to_nodes.is_empty() {
+            conn.send_to_nodes().await;
+        }
         // Without a store nothing waits for a sync: the default covers
         // ticket 0 only.
         conn.release(
@@ -270,6 +305,7 @@ pub(super) async fn run(
         let alarmed = conn.published && alarm.borrow().is_some();
         let read = !closing && !alarmed && congested.is_none();
         let deadline = conn.blocked.as_ref().and_then(|b| b.deadline);
+        let again = conn.again.is_some();
         let closed = conn
             .login
             .as_ref()
@@ -301,6 +337,7 @@ pub(super) async fn run(
                     None => std::future::pending().await,
                 }
             }, if deadline.is_some() => conn.unblock_timed_out(),
+            r = async { (&mut conn.again.as_mut().expect("guarded").until).await }, if again => conn.run_again(r),
             () = async { if let Some(q) = &congested { q.until_drained().await } }, if congested.is_some() => {
                 conn.congested.retain(|q| q.congested());
             }
@@ -323,6 +360,10 @@ pub(super) async fn run(
     };
     tracing::debug!(%peer, connection = id, "RESP connection ended: {why}");
     conn.unblock();
+    conn.held_ended();
+    if let Some(remote) = broker.remote() {
+        remote.unregister(id);
+    }
     dispatch_rx.close();
     while let Ok(d) = dispatch_rx.try_recv() {
         conn.dispatch(d);
@@ -333,10 +374,20 @@ pub(super) async fn run(
 
 impl Conn {
     /// Run one command; returns whether the connection is to close.
-    fn command(&mut self, cmd: Command) -> bool {
+    pub(super) fn command(&mut self, cmd: Command) -> bool {
         let start = self.out.buf.len();
         let then = self.run(&cmd);
+        if let Then::Again(until) = then {
+            self.wait_again(cmd, until);
+            return false;
+        }
         self.finish(start, then)
+    }
+
+    /// Whether a command holds the connection (blocked, waiting to run
+    /// again, or for another node's answer): no further command is read.
+    fn paused(&self) -> bool {
+        self.blocked.is_some() || self.again.is_some() || self.held.is_some()
     }
 
     /// Place the reply written from `start` on: out now, or after the
@@ -354,6 +405,18 @@ impl Conn {
                 });
             }
             Then::Block(b) => self.blocked = Some(b),
+            Then::Hold(h) => self.held = Some(*h),
+            // Only a command read from the client runs again; one run on
+            // an event (a delivery, an answer) that finds its queue between
+            // leaders says so.
+            Then::Again(_) => {
+                self.out.buf.truncate(start);
+                self.out
+                    .error("TRYAGAIN wasmq: a queue is between leaders; try again");
+                if let Some(w) = self.waits.back_mut() {
+                    w.later.extend(self.out.buf.drain(start..));
+                }
+            }
             Then::Done | Then::Quit => {
                 if let Some(w) = self.waits.back_mut() {
                     w.later.extend(self.out.buf.drain(start..));
@@ -382,7 +445,13 @@ impl Conn {
                     None => break,
                 },
             };
+            if !w.on.nodes.is_empty() {
+                break;
+            }
             let w = self.waits.pop_front().expect("front");
+            if let Some(t) = &w.on.settle {
+                t.settle(w.on.ok && on_disk);
+            }
             if w.on.ok && on_disk {
                 self.out.buf.extend_from_slice(&w.reply);
             } else {
@@ -394,7 +463,7 @@ impl Conn {
 
     /// A quorum queue answered a push's commit (the loop then releases
     /// what no longer waits).
-    fn replicated(&mut self, seq: u64, ok: bool) {
+    pub(super) fn replicated(&mut self, seq: u64, ok: bool) {
         if let Some(w) = self.waits.iter_mut().find(|w| w.on.seq == seq) {
             w.on.replicas = w.on.replicas.saturating_sub(1);
             w.on.ok &= ok;
@@ -416,11 +485,10 @@ impl Conn {
             }
             Dispatch::Replicated { seq, ok, .. } => self.replicated(seq, ok),
             Dispatch::Cancel { tag, .. } => self.cancelled(&tag),
-            // Only AMQP connections subscribe to queues of other nodes.
-            Dispatch::Remote { .. }
-            | Dispatch::LinkLost { .. }
-            | Dispatch::Rehome
-            | Dispatch::Moved { .. } => {}
+            Dispatch::Remote { link, traffic } => self.on_traffic(link, *traffic),
+            Dispatch::LinkLost { node } => self.link_lost(&node),
+            Dispatch::Moved { vhost, queue } => self.moved(&vhost, &queue),
+            Dispatch::Rehome => {}
         }
     }
 
@@ -511,6 +579,11 @@ impl Conn {
             login.vhost.name,
             login.user
         ))
+    }
+
+    /// The waits of pushes (for `seq`'s answers).
+    pub(super) fn waits_mut(&mut self) -> impl Iterator<Item = &mut Durable> {
+        self.waits.iter_mut().map(|w| &mut w.on)
     }
 
     pub(super) fn vhost(&self) -> Arc<VHost> {

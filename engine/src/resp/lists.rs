@@ -14,6 +14,10 @@
 //!   have one sends it, the queues share it out among their consumers in
 //!   turn (AMQP consumers and blocked Redis clients alike), and a blocked
 //!   client costs nothing until then.
+//!
+//! On a cluster node a new key's queue is declared through the cluster,
+//! and a queue that lives on another node is reached through the message
+//! traffic between nodes (`remote`).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
@@ -24,9 +28,14 @@ use bytes::Bytes;
 
 use super::QueueType;
 use super::connection::{Conn, Durable, Spec, Then};
+use super::remote::{Form, Held, MAX_REMOTE_POP, Taken, ToNode, Undo, Until};
+use super::request::Command;
 use crate::access::Access;
 use crate::broker::{BrokerError, ChannelCredit, Consumer, Entry, Queue, QueueDecl};
+use crate::cluster::{Applied, Command as Change};
 use crate::message::Message;
+use crate::nodes::remote::Traffic;
+use crate::store::definitions::QueueDefinition;
 
 pub(super) const SPECS: &[Spec] = &[
     Spec::new("lpush", -3, &["write", "denyoom", "fast"], (1, 1, 1), push),
@@ -86,10 +95,56 @@ pub(super) const SPECS: &[Spec] = &[
 pub(crate) struct Blocked {
     /// Each key's queue and this client's consumer of it.
     waiting: Vec<(Bytes, Arc<Queue>, Arc<Consumer>)>,
+    /// Each key whose queue lives on another node: the node and this
+    /// client's consumer tag there.
+    remote: Vec<(Bytes, String, String)>,
     /// When it gives up (`None`: never).
     pub deadline: Option<tokio::time::Instant>,
     /// Where a taken message goes: to the client, or moved to that key.
-    to: Option<Bytes>,
+    pub to: Option<Bytes>,
+    /// The command, to run again when a queue it waits on moves.
+    pub cmd: Command,
+}
+
+impl Blocked {
+    /// The key of the consumer `tag` on `node`, if this waits on it.
+    pub(super) fn remote_key(&self, node: &str, tag: &str) -> Option<Bytes> {
+        self.remote
+            .iter()
+            .find(|(_, n, t)| n == node && t == tag)
+            .map(|(k, _, _)| k.clone())
+    }
+
+    /// Whether it waits on a queue of `node`.
+    pub(super) fn waits_on_node(&self, node: &str) -> bool {
+        self.remote.iter().any(|(_, n, _)| n == node)
+    }
+
+    /// Whether it waits on queue `name`.
+    pub(super) fn waits_on_queue(&self, name: &str) -> bool {
+        self.waiting
+            .iter()
+            .any(|(k, _, _)| &k[..] == name.as_bytes())
+            || self
+                .remote
+                .iter()
+                .any(|(k, _, _)| &k[..] == name.as_bytes())
+    }
+}
+
+/// Where a key's queue is.
+pub(super) enum Found {
+    /// On this node.
+    Here(Arc<Queue>),
+    /// On that node of the cluster.
+    There(String),
+    /// Nowhere.
+    Missing,
+    /// Neither: the error is the reply.
+    Replied,
+    /// Being declared, or its leader being elected: the command runs
+    /// again once this is done.
+    Wait(Until),
 }
 
 /// A key as a queue name: keys are bytes, queue names text.
@@ -104,32 +159,40 @@ fn queue_name(c: &mut Conn, key: &[u8]) -> Option<String> {
     }
 }
 
-/// The queue `key` names, if it exists here; an error reply if it is
-/// elsewhere or not a list.
-fn existing(c: &mut Conn, name: &str) -> Result<Option<Arc<Queue>>, ()> {
-    match c.vhost().queue(name) {
+/// Where the queue `name` is: here, on another node, or nowhere; an
+/// error reply if it is not a list.
+fn find(c: &mut Conn, name: &str) -> Found {
+    let vhost = c.vhost();
+    if let Some(node) = vhost.remote_node(name) {
+        return Found::There(node);
+    }
+    match vhost.queue(name) {
         Ok(q) if q.stream().is_some() => {
             c.out.error(&format!(
                 "WRONGTYPE wasmq: '{name}' is a stream: read it over AMQP with x-stream-offset"
             ));
-            Err(())
+            Found::Replied
         }
-        Ok(q) => Ok(Some(q)),
-        Err(BrokerError::NotFound { .. }) => Ok(None),
+        Ok(q) => Found::Here(q),
+        Err(BrokerError::NotFound { .. }) => {
+            match c.broker.cluster() {
+                // Known to the cluster, not served anywhere yet (a quorum
+                // queue between two leaders).
+                Some(cluster) if cluster.queue_record(&vhost.name, name).is_some() => {
+                    let (cluster, v, n) = (cluster.clone(), vhost.name.clone(), name.to_owned());
+                    Found::Wait(Box::pin(async move {
+                        cluster.until_served(&v, &n).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(())
+                    }))
+                }
+                _ => Found::Missing,
+            }
+        }
         Err(e) => {
             c.out.error(&format!("ERR wasmq: {e}"));
-            Err(())
+            Found::Replied
         }
-    }
-}
-
-/// The queue `name`, if it exists here, for taking from: an exclusive
-/// queue of another connection is refused, as AMQP refuses it (405).
-fn to_take(c: &mut Conn, name: &str) -> Result<Option<Arc<Queue>>, ()> {
-    let q = existing(c, name)?;
-    match &q {
-        Some(q) if !mine(c, q) => Err(()),
-        _ => Ok(q),
     }
 }
 
@@ -148,22 +211,30 @@ fn mine(c: &mut Conn, q: &Queue) -> bool {
 }
 
 /// The queue `key` names, for taking from: the key checked, the user's
-/// read permission, the queue's exclusivity (`Ok(None)`: no such queue).
-fn readable(c: &mut Conn, key: &[u8]) -> Result<Option<Arc<Queue>>, ()> {
-    let name = queue_name(c, key).ok_or(())?;
+/// read permission, the queue's exclusivity (an exclusive queue of another
+/// connection is refused, as AMQP refuses it: 405).
+fn readable(c: &mut Conn, key: &[u8]) -> Found {
+    let Some(name) = queue_name(c, key) else {
+        return Found::Replied;
+    };
     if !c.allowed(Access::Read, "queue", &name) {
-        return Err(());
+        return Found::Replied;
     }
-    to_take(c, &name)
+    match find(c, &name) {
+        Found::Here(q) if !mine(c, &q) => Found::Replied,
+        f => f,
+    }
 }
 
-/// The queue `key` names, declared if it does not exist.
-fn declared(c: &mut Conn, name: &str) -> Result<Arc<Queue>, ()> {
-    if let Some(q) = existing(c, name)? {
-        return Ok(q);
+/// The queue `key` names, declared if it does not exist (on a cluster
+/// node, through the cluster: the command then runs again).
+fn declared(c: &mut Conn, name: &str) -> Found {
+    match find(c, name) {
+        Found::Missing => {}
+        f => return f,
     }
     if !c.allowed(Access::Configure, "queue", name) {
-        return Err(());
+        return Found::Replied;
     }
     let mut arguments = FieldTable::default();
     if c.shared.settings.queue_type == QueueType::Quorum {
@@ -173,6 +244,9 @@ fn declared(c: &mut Conn, name: &str) -> Result<Arc<Queue>, ()> {
         );
     }
     let vhost = c.vhost();
+    if let Some(cluster) = c.broker.cluster().cloned() {
+        return declared_in_cluster(c, cluster, name, arguments);
+    }
     match c.broker.declare_queue(
         &vhost,
         QueueDecl {
@@ -183,12 +257,66 @@ fn declared(c: &mut Conn, name: &str) -> Result<Arc<Queue>, ()> {
             arguments,
         },
     ) {
-        Ok(q) => Ok(q),
+        Ok(q) => Found::Here(q),
         Err(e) => {
             c.out.error(&format!("ERR wasmq: {e}"));
-            Err(())
+            Found::Replied
         }
     }
+}
+
+/// Declare queue `name` through the cluster, as an AMQP declare on this
+/// node would be: it lives here (a quorum queue: on the members placed
+/// for it), and the command runs again once this node has applied it.
+fn declared_in_cluster(
+    c: &mut Conn,
+    cluster: Arc<crate::cluster::ClusterNode>,
+    name: &str,
+    arguments: amq_protocol::types::FieldTable,
+) -> Found {
+    let vhost = c.vhost();
+    let (local, exists) = vhost.queue_count_with(name);
+    let checked = crate::broker::check_short("queue name", name)
+        .and_then(|()| c.broker.check_queue_limit(&vhost, name, local, exists));
+    if let Err(e) = checked {
+        c.out.error(&format!("ERR wasmq: {e}"));
+        return Found::Replied;
+    }
+    if name.starts_with("amq.") {
+        c.out.error(&format!(
+            "ERR wasmq: ACCESS_REFUSED - queue name '{name}' contains reserved prefix 'amq.*'"
+        ));
+        return Found::Replied;
+    }
+    let (node, members) = c
+        .broker
+        .place_quorum(&vhost.name, name, &arguments)
+        .unwrap_or_else(|| (cluster.name().to_owned(), Vec::new()));
+    let quorum = !members.is_empty();
+    let change = Change::DeclareQueue {
+        vhost: vhost.name.clone(),
+        queue: QueueDefinition {
+            name: name.to_owned(),
+            auto_delete: false,
+            arguments,
+        },
+        durable: true,
+        node,
+        members,
+    };
+    let (v, n) = (vhost.name.clone(), name.to_owned());
+    Found::Wait(Box::pin(async move {
+        match cluster.propose(change).await {
+            Ok(Applied::Refused { text, .. }) => Err(format!("ERR wasmq: {text}")),
+            Ok(_) => {
+                if quorum {
+                    cluster.until_served(&v, &n).await;
+                }
+                Ok(())
+            }
+            Err(e) => Err(format!("TRYAGAIN wasmq: declaring the queue: {e}")),
+        }
+    }))
 }
 
 fn push(c: &mut Conn, args: &[Bytes]) -> Then {
@@ -208,23 +336,28 @@ fn push_to(c: &mut Conn, key: &[u8], values: &[Bytes], create: bool) -> Then {
     if !c.allowed(Access::Write, "queue", &name) {
         return Then::Done;
     }
-    let q = if create {
-        match declared(c, &name) {
-            Ok(q) => q,
-            Err(()) => return Then::Done,
-        }
+    let found = if create {
+        declared(c, &name)
     } else {
-        match existing(c, &name) {
-            Ok(Some(q)) => q,
-            Ok(None) => {
-                c.out.int(0);
-                return Then::Done;
-            }
-            Err(()) => return Then::Done,
+        find(c, &name)
+    };
+    let here = match found {
+        Found::Here(q) => Some(q),
+        Found::There(_) => None,
+        Found::Missing => {
+            c.out.int(0);
+            return Then::Done;
         }
+        Found::Replied => return Then::Done,
+        Found::Wait(until) => return Then::Again(until),
     };
     let on = publish(c, &name, values);
-    c.out.int(q.len() as i64 + q.unacked() as i64);
+    // A queue of another node keeps its own length: the reply counts
+    // what this push added.
+    c.out.int(match here {
+        Some(q) => q.len() as i64 + q.unacked() as i64,
+        None => values.len() as i64,
+    });
     Then::Wait(on)
 }
 
@@ -233,7 +366,9 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> Durable {
     let seq = c.next_seq();
     c.published = true;
     let vhost = c.vhost();
+    let origin = c.origin();
     let (mut ticket, mut replicas, mut ok) = (0, 0, true);
+    let mut nodes = Vec::new();
     for v in values {
         let props = amq_protocol::protocol::BasicProperties::default().with_delivery_mode(2);
         let message = Message::new(String::new(), name.to_owned(), props, v.clone());
@@ -251,13 +386,19 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> Durable {
         });
         ticket = ticket.max(outcome.ticket);
         replicas += outcome.replicating;
-        // A queue that refuses (`x-overflow: reject-publish`), a fault, or
-        // a queue on another node that this front end cannot reach: the
-        // client hears the push failed.
-        ok &= outcome.delivered > 0
-            && outcome.rejected == 0
-            && outcome.faults.is_empty()
-            && outcome.forwards.is_empty();
+        // A queue that refuses (`x-overflow: reject-publish`) or a fault:
+        // the client hears the push failed.
+        ok &= outcome.delivered > 0 && outcome.rejected == 0 && outcome.faults.is_empty();
+        // Copies for queues of other nodes: the reply waits for each
+        // node's answer.
+        for f in &outcome.forwards {
+            c.to_nodes.push(ToNode {
+                node: f.node.clone(),
+                frame: crate::nodes::remote::forward_frame(&vhost, origin, seq, f),
+                undo: Undo::Forward(seq),
+            });
+            nodes.push(f.node.clone());
+        }
         for q in outcome.congested {
             if !c.congested.iter().any(|x| Arc::ptr_eq(x, &q)) {
                 c.congested.push(q);
@@ -269,6 +410,8 @@ fn publish(c: &mut Conn, name: &str, values: &[Bytes]) -> Durable {
         replicas,
         seq,
         ok,
+        nodes,
+        settle: None,
     }
 }
 
@@ -334,8 +477,21 @@ fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
             return Then::Done;
         }
     };
-    let Ok(q) = readable(c, &args[0]) else {
-        return Then::Done;
+    let q = match readable(c, &args[0]) {
+        Found::Here(q) => Some(q),
+        Found::Missing => None,
+        Found::There(node) if count != Some(0) => {
+            let n = count.unwrap_or(1).min(MAX_REMOTE_POP);
+            let form = if count.is_some() {
+                Form::Count
+            } else {
+                Form::One
+            };
+            return ask_pops(c, &args[0], node, n, form, None);
+        }
+        Found::There(_) => None,
+        Found::Replied => return Then::Done,
+        Found::Wait(until) => return Then::Again(until),
     };
     let bodies = match q {
         Some(q) => match take(c, &q, count.unwrap_or(1).min(100_000)) {
@@ -358,14 +514,64 @@ fn pop(c: &mut Conn, args: &[Bytes]) -> Then {
     Then::Done
 }
 
+/// Ask `node` for up to `n` messages of the key's queue: the command
+/// holds the connection until every answer is in.
+fn ask_pops(
+    c: &mut Conn,
+    key: &[u8],
+    node: String,
+    n: usize,
+    form: Form,
+    to: Option<Bytes>,
+) -> Then {
+    // The key was checked as a queue name by the caller.
+    let queue = String::from_utf8_lossy(key).into_owned();
+    let vhost = c.vhost().name.clone();
+    for _ in 0..n {
+        c.to_nodes.push(ToNode {
+            node: node.clone(),
+            frame: Traffic::Get {
+                origin: c.origin(),
+                vhost: vhost.clone(),
+                queue: queue.clone(),
+                no_ack: false,
+            }
+            .encode(),
+            undo: Undo::Held,
+        });
+    }
+    Then::Hold(Box::new(Held::Pop {
+        node,
+        form,
+        asked: n,
+        answered: 0,
+        bodies: Vec::new(),
+        taken: Vec::new(),
+        error: None,
+        to,
+    }))
+}
+
 fn llen(c: &mut Conn, args: &[Bytes]) -> Then {
     let Some(name) = queue_name(c, &args[0]) else {
         return Then::Done;
     };
-    match existing(c, &name) {
-        Ok(Some(q)) => c.out.int(q.len() as i64),
-        Ok(None) => c.out.int(0),
-        Err(()) => {}
+    match find(c, &name) {
+        Found::Here(q) => c.out.int(q.len() as i64),
+        Found::Missing => c.out.int(0),
+        Found::There(node) => {
+            // A quorum queue this node holds a replica of: its count (the
+            // replica may trail its leader by the last commits).
+            let vhost = c.vhost();
+            match c.broker.quorum_status(&vhost.name, &name) {
+                Some(s) => c.out.int(s.messages as i64),
+                None => c.out.error(&format!(
+                    "ERR wasmq: LLEN of a classic queue of another node (this one lives on node '{node}') is answered on that node"
+                )),
+            }
+        }
+        Found::Replied => {}
+        Found::Wait(until) => return Then::Again(until),
     }
     Then::Done
 }
@@ -382,12 +588,19 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
         return Then::Done;
     };
     let q = match readable(c, &args[0]) {
-        Ok(Some(q)) => q,
-        Ok(None) => {
+        Found::Here(q) => q,
+        Found::Missing => {
             c.out.array(0);
             return Then::Done;
         }
-        Err(()) => return Then::Done,
+        Found::There(node) => {
+            c.out.error(&format!(
+                "ERR wasmq: LRANGE peeks at a queue on its own node: this one lives on node '{node}'"
+            ));
+            return Then::Done;
+        }
+        Found::Replied => return Then::Done,
+        Found::Wait(until) => return Then::Again(until),
     };
     let len = q.len() as i64;
     let from = if start < 0 {
@@ -423,12 +636,36 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
 /// `DEL`: purge each key's queue (it stays declared); the count of keys
 /// that held messages, as Redis counts the keys it removed.
 fn del(c: &mut Conn, args: &[Bytes]) -> Then {
-    let mut removed = 0;
-    for key in args {
-        match readable(c, key) {
-            Ok(Some(q)) => removed += i64::from(q.purge() > 0),
-            Ok(None) => {}
-            Err(()) => return Then::Done,
+    del_keys(c, args.to_vec(), 0)
+}
+
+/// Purge each of `keys`' queues, `removed` counted so far; a queue of
+/// another node is purged there, the rest after its answer.
+pub(super) fn del_keys(c: &mut Conn, keys: Vec<Bytes>, mut removed: i64) -> Then {
+    let mut keys = keys.into_iter();
+    while let Some(key) = keys.next() {
+        match readable(c, &key) {
+            Found::Here(q) => removed += i64::from(q.purge() > 0),
+            Found::Missing => {}
+            Found::There(node) => {
+                c.to_nodes.push(ToNode {
+                    node: node.clone(),
+                    frame: Traffic::Purge {
+                        origin: c.origin(),
+                        vhost: c.vhost().name.clone(),
+                        queue: String::from_utf8_lossy(&key).into_owned(),
+                    }
+                    .encode(),
+                    undo: Undo::Held,
+                });
+                return Then::Hold(Box::new(Held::Purge {
+                    node,
+                    rest: keys.collect(),
+                    removed,
+                }));
+            }
+            Found::Replied => return Then::Done,
+            Found::Wait(until) => return Then::Again(until),
         }
     }
     c.out.int(removed);
@@ -441,16 +678,20 @@ fn lmove(c: &mut Conn, args: &[Bytes]) -> Then {
         c.out.error("ERR syntax error");
         return Then::Done;
     }
-    if queue_name(c, &args[1]).is_none() {
-        return Then::Done;
+    if let Err(then) = destination(c, &args[1]) {
+        return then;
     }
     let q = match readable(c, &args[0]) {
-        Ok(Some(q)) => q,
-        Ok(None) => {
+        Found::Here(q) => q,
+        Found::Missing => {
             c.out.null();
             return Then::Done;
         }
-        Err(()) => return Then::Done,
+        Found::There(node) => {
+            return ask_pops(c, &args[0], node, 1, Form::Move, Some(args[1].clone()));
+        }
+        Found::Replied => return Then::Done,
+        Found::Wait(until) => return Then::Again(until),
     };
     let Some(entry) = q.pop() else {
         c.out.null();
@@ -459,8 +700,63 @@ fn lmove(c: &mut Conn, args: &[Bytes]) -> Then {
     move_entry(c, &q, entry, &args[1])
 }
 
+/// A move's destination, checked and declared before anything leaves its
+/// source (`Err`: what the command does instead).
+fn destination(c: &mut Conn, dst: &[u8]) -> Result<(), Then> {
+    let Some(name) = queue_name(c, dst) else {
+        return Err(Then::Done);
+    };
+    if !c.allowed(Access::Write, "queue", &name) {
+        return Err(Then::Done);
+    }
+    match declared(c, &name) {
+        Found::Here(_) | Found::There(_) => Ok(()),
+        Found::Wait(until) => Err(Then::Again(until)),
+        Found::Missing | Found::Replied => Err(Then::Done),
+    }
+}
+
 fn ends_ok(end: &[u8]) -> bool {
     end.eq_ignore_ascii_case(b"LEFT") || end.eq_ignore_ascii_case(b"RIGHT")
+}
+
+/// Whether `dst`'s queue exists (here or on another node) and the user
+/// may write to it; if not, the refusal is the reply.
+fn ready_to_move(c: &mut Conn, dst: &str) -> bool {
+    if !c.allowed(Access::Write, "queue", dst) {
+        return false;
+    }
+    match find(c, dst) {
+        Found::Here(_) | Found::There(_) => true,
+        Found::Replied => false,
+        Found::Missing | Found::Wait(_) => {
+            c.out.error(&format!(
+                "TRYAGAIN wasmq: the destination queue '{dst}' is not served right now; nothing was moved"
+            ));
+            false
+        }
+    }
+}
+
+/// Publish `body`, taken from a queue of another node, to `dst`'s queue;
+/// the reply (the message) waits for the destination's confirm, and the
+/// source settles it then (or takes it back).
+pub(super) fn move_body(c: &mut Conn, body: Bytes, dst: &[u8], taken: Taken) -> Then {
+    let dst_name = String::from_utf8_lossy(dst).into_owned();
+    if !ready_to_move(c, &dst_name) {
+        taken.settle(false);
+        return Then::Done;
+    }
+    let mut on = publish(c, &dst_name, std::slice::from_ref(&body));
+    if !on.ok {
+        taken.settle(false);
+        c.out
+            .error("ERR wasmq: the destination queue refused the message; it stays in the source");
+        return Then::Done;
+    }
+    on.settle = Some(taken);
+    c.out.bulk(&body);
+    Then::Wait(on)
 }
 
 /// Publish what `entry` holds to `dst`'s queue, then settle it in `q`: the
@@ -476,8 +772,7 @@ fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
         }
     };
     let dst_name = String::from_utf8_lossy(dst).into_owned();
-    let ready = c.allowed(Access::Write, "queue", &dst_name) && declared(c, &dst_name).is_ok();
-    if !ready {
+    if !ready_to_move(c, &dst_name) {
         q.put_back(std::iter::once(entry));
         return Then::Done;
     }
@@ -498,7 +793,14 @@ fn move_entry(c: &mut Conn, q: &Arc<Queue>, entry: Entry, dst: &[u8]) -> Then {
 /// `BLPOP`/`BRPOP key... timeout`.
 fn bpop(c: &mut Conn, args: &[Bytes]) -> Then {
     let (keys, timeout) = args.split_at(args.len() - 1);
-    block(c, keys, &timeout[0], None)
+    block(c, keys, &timeout[0], None, command(b"BRPOP", args))
+}
+
+/// A command's words, to run it again.
+fn command(name: &'static [u8], args: &[Bytes]) -> Command {
+    std::iter::once(Bytes::from_static(name))
+        .chain(args.iter().cloned())
+        .collect()
 }
 
 /// `BLMOVE src dst wherefrom whereto timeout` and `BRPOPLPUSH src dst timeout`.
@@ -507,15 +809,27 @@ fn bmove(c: &mut Conn, args: &[Bytes]) -> Then {
         c.out.error("ERR syntax error");
         return Then::Done;
     }
-    if queue_name(c, &args[1]).is_none() {
-        return Then::Done;
+    if let Err(then) = destination(c, &args[1]) {
+        return then;
     }
-    block(c, &args[..1], &args[args.len() - 1], Some(args[1].clone()))
+    let name: &'static [u8] = if args.len() == 5 {
+        b"BLMOVE"
+    } else {
+        b"BRPOPLPUSH"
+    };
+    let cmd = command(name, args);
+    block(
+        c,
+        &args[..1],
+        &args[args.len() - 1],
+        Some(args[1].clone()),
+        cmd,
+    )
 }
 
 /// Take from the first of `keys` with a message, or wait for one up to
 /// `timeout` seconds (0: for ever).
-fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> Then {
+fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>, cmd: Command) -> Then {
     let timeout = match std::str::from_utf8(timeout)
         .ok()
         .and_then(|t| t.parse::<f64>().ok())
@@ -531,6 +845,7 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
         }
     };
     let mut queues = Vec::with_capacity(keys.len());
+    let mut elsewhere = Vec::new();
     for key in keys {
         let Some(name) = queue_name(c, key) else {
             return Then::Done;
@@ -541,7 +856,9 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
         // A blocked client waits on a key that has no list yet: the
         // queue is declared, as a push would.
         match declared(c, &name) {
-            Ok(q) if mine(c, &q) => queues.push((key.clone(), q)),
+            Found::Here(q) if mine(c, &q) => queues.push((key.clone(), q)),
+            Found::There(node) => elsewhere.push((key.clone(), name, node)),
+            Found::Wait(until) => return Then::Again(until),
             _ => return Then::Done,
         }
     }
@@ -588,11 +905,35 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>) -> The
         }
         waiting.push((key, q, consumer));
     }
+    // A queue of another node: a consumer there with a prefetch of one.
+    // What it delivers after another queue was first goes back.
+    let mut remote = Vec::with_capacity(elsewhere.len());
+    let vhost = c.vhost().name.clone();
+    for (i, (key, queue, node)) in elsewhere.into_iter().enumerate() {
+        let tag = format!("{BLOCKED_TAG}{wait}-r{i}");
+        c.to_nodes.push(ToNode {
+            node: node.clone(),
+            frame: Traffic::Consume {
+                origin: c.origin(),
+                tag: tag.clone(),
+                vhost: vhost.clone(),
+                queue,
+                prefetch: 1,
+                no_ack: false,
+                exclusive: false,
+            }
+            .encode(),
+            undo: Undo::Blocked,
+        });
+        remote.push((key, node, tag));
+    }
     Then::Block(Blocked {
         waiting,
+        remote,
         deadline: (timeout > 0.0)
             .then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout)),
         to,
+        cmd,
     })
 }
 
@@ -638,7 +979,7 @@ impl Conn {
             return;
         };
         let b = self.blocked.take().expect("found above");
-        remove_consumers(self.id, &b.waiting);
+        self.stop_waiting(&b);
         let start = self.out.buf.len();
         let then = match b.to {
             Some(dst) => move_entry(self, &queue, entry, &dst),
@@ -660,17 +1001,54 @@ impl Conn {
     /// Stop waiting (timeout, reset, the client left).
     pub(super) fn unblock(&mut self) {
         if let Some(b) = self.blocked.take() {
-            remove_consumers(self.id, &b.waiting);
+            self.stop_waiting(&b);
         }
     }
 
-    /// A queue a blocked pop waits on was deleted.
+    /// Remove a blocked pop's consumers, here and on other nodes. A cancel
+    /// goes out at once on an open link, ahead of the settle of what the
+    /// consumer took: the node must not send it the next message first.
+    pub(super) fn stop_waiting(&mut self, b: &Blocked) {
+        remove_consumers(self.id, &b.waiting);
+        let remote = self.broker.remote().cloned();
+        for (_, node, tag) in &b.remote {
+            let frame = Traffic::Cancel {
+                origin: self.origin(),
+                tag: tag.clone(),
+            }
+            .encode();
+            let link = remote.as_ref().and_then(|r| r.node().open_link(node));
+            if !link.is_some_and(|l| l.send_traffic(frame.clone())) {
+                self.to_nodes.push(ToNode {
+                    node: node.clone(),
+                    frame,
+                    undo: Undo::Nothing,
+                });
+            }
+        }
+    }
+
+    /// A queue a blocked pop waits on was deleted, or (in a cluster) its
+    /// leader here stepped down: the pop waits where it lives now.
     pub(super) fn cancelled(&mut self, tag: &str) {
-        let gone = self
+        let key = self
             .blocked
             .as_ref()
-            .is_some_and(|b| b.waiting.iter().any(|(_, _, c)| c.tag == tag));
-        if gone {
+            .and_then(|b| b.waiting.iter().find(|(_, _, c)| c.tag == tag))
+            .map(|(k, _, _)| k.clone());
+        let Some(key) = key else {
+            return;
+        };
+        let vhost = self.vhost();
+        let still = self.broker.cluster().is_some_and(|c| {
+            c.queue_record(&vhost.name, &String::from_utf8_lossy(&key))
+                .is_some()
+        });
+        if still {
+            self.block_again();
+            return;
+        }
+        {
             self.unblock();
             let start = self.out.buf.len();
             self.out

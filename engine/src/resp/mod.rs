@@ -26,10 +26,12 @@
 //! * `connection`: one task per client: login, the connection commands,
 //!   replies held in order until what they report is on disk.
 //! * `lists`, `pubsub`: the two halves of the mapping above.
+//! * `remote`: on a cluster node, lists whose queues live on other nodes.
 
 mod connection;
 mod lists;
 mod pubsub;
+mod remote;
 pub mod reply;
 pub mod request;
 

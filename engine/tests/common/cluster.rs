@@ -423,3 +423,50 @@ pub fn print_consumers(nodes: &[Node]) {
         eprintln!("stuck, at {}: {:?}", n.name, n.api().get("/api/consumers"));
     }
 }
+
+/// A loopback port nothing listens on now, for a listener the test must
+/// know before the node starts (and that stays the same across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `[redis]` on `port`, lists of the queue type given, as a node's extra
+/// configuration.
+pub fn redis_section(port: u16, queue_type: &str) -> String {
+    format!("\n[redis]\nlisten = \"127.0.0.1:{port}\"\nqueue_type = \"{queue_type}\"\n")
+}
+
+/// Run the redis-py script `tests/python/redis_cluster.py` with `args`
+/// (under `WASMQ_PYTHON`, which `scripts/test.sh` points at a virtualenv
+/// with redis-py, or `python3`) within `timeout`; its standard output.
+pub async fn redis_py(args: &[String], timeout: Duration) -> String {
+    let python = std::env::var("WASMQ_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/redis_cluster.py");
+    let run = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| panic!("redis_cluster.py {args:?} did not finish in {timeout:?}"))
+        .unwrap_or_else(|e| panic!("running {python}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !stderr.contains("No module named 'redis'"),
+        "redis-py is not installed for {python}: run ./scripts/test.sh, or pip install redis"
+    );
+    assert!(
+        out.status.success(),
+        "redis_cluster.py {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
