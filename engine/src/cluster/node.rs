@@ -111,6 +111,11 @@ pub struct NodeStatus {
     pub members: Vec<MemberStatus>,
 }
 
+/// How long a call for a quorum group this node does not hold waits for
+/// it to be opened, at most (and a third of the election timeout, the
+/// time a candidate gives a vote: it hears an answer, not a timeout).
+const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// This node in the cluster.
 pub struct ClusterNode {
     settings: ClusterSettings,
@@ -131,6 +136,9 @@ pub struct ClusterNode {
     quorum_log: Arc<super::quorum::wal::Wal>,
     /// Groups added and not yet seen by the leadership watch.
     new_groups: parking_lot::Mutex<Vec<(String, Arc<std::sync::atomic::AtomicBool>)>>,
+    /// Told whenever a group is added: a call for a group this node is
+    /// about to open waits for it (`group_soon`).
+    groups_added: tokio::sync::Notify,
     /// This process started a new cluster (rather than joining one or
     /// being a member already).
     started_new: std::sync::atomic::AtomicBool,
@@ -253,6 +261,7 @@ impl ClusterNode {
             quorum_calls: Default::default(),
             quorum_log,
             new_groups: Default::default(),
+            groups_added: tokio::sync::Notify::new(),
             started_new: false.into(),
             groups: Default::default(),
             handshakes: super::link::handshakes(),
@@ -347,6 +356,7 @@ impl ClusterNode {
     ) {
         self.new_groups.lock().push((group.clone(), wrote));
         self.groups.write().insert(group, raft);
+        self.groups_added.notify_waiters();
     }
 
     /// Groups added since the last call (the leadership watch looks at
@@ -365,6 +375,29 @@ impl ClusterNode {
     /// Stop serving group `group`.
     pub fn remove_group(&self, group: &str) {
         self.groups.write().remove(group);
+    }
+
+    /// [`Self::group`], waiting a moment for a group this node does not
+    /// hold yet. A new queue's placed leader asks for votes as soon as it
+    /// has applied the declaration, which its followers apply a few
+    /// milliseconds apart: without the wait, each new queue's first
+    /// election failed and logged, on every follower that was behind.
+    async fn group_soon(&self, group: &str) -> Result<Raft<QuorumConfig>, String> {
+        let wait = GROUP_WAIT.min(std::time::Duration::from_millis(
+            self.settings.election_timeout_ms / 3,
+        ));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let added = self.groups_added.notified();
+            let mut added = std::pin::pin!(added);
+            added.as_mut().enable();
+            if let Some(raft) = self.groups.read().get(group).cloned() {
+                return Ok(raft);
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return self.group(group);
+            }
+        }
     }
 
     fn group(&self, group: &str) -> Result<Raft<QuorumConfig>, String> {
@@ -625,11 +658,13 @@ impl ClusterNode {
             Call::Join(member) => Answer::Membership(self.admit(member).await),
             Call::Leave(name) => Answer::Membership(self.remove(&name).await),
             Call::QuorumAppend { group, rpc } => {
-                Answer::AppendEntries(self.group(&group)?.append_entries(rpc).await)
+                Answer::AppendEntries(self.group_soon(&group).await?.append_entries(rpc).await)
             }
-            Call::QuorumVote { group, rpc } => Answer::Vote(self.group(&group)?.vote(rpc).await),
+            Call::QuorumVote { group, rpc } => {
+                Answer::Vote(self.group_soon(&group).await?.vote(rpc).await)
+            }
             Call::QuorumSnapshot { group, rpc } => {
-                Answer::InstallSnapshot(self.group(&group)?.install_snapshot(rpc).await)
+                Answer::InstallSnapshot(self.group_soon(&group).await?.install_snapshot(rpc).await)
             }
             Call::Presence(presence) => {
                 if presence.node != self.me.name {
