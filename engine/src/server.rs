@@ -309,6 +309,7 @@ impl Server {
         spawn_candidate_judge(&tracker, broker.clone(), shutdown.clone());
         if broker.cluster().is_some() {
             tracker.spawn(broker.clone().report_presence(shutdown.clone()));
+            tracker.spawn(broker.clone().report_private(shutdown.clone()));
         }
         let admin_addr = if config.admin.enabled {
             let listener = TcpListener::bind(config.admin.listen)

@@ -1815,3 +1815,205 @@ async fn redis_clients_use_lists_of_any_node() {
         );
     }
 }
+
+/// Exclusive queues, which live and die with their connection on its
+/// node, are reached from every node, as in RabbitMQ: a subscriber's
+/// private queue on b hears a confirmed publish made on a; an RPC reply
+/// published on a to the default exchange reaches the reply queue of a
+/// client on c; another node's client is refused it (405); and once b is
+/// killed, a's publisher is confirmed at once (b's bindings went with its
+/// link), never held for a node that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_queues_hear_publishes_made_on_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(10);
+    let conn_a = a.connect().await;
+    let pub_a = conn_a.create_channel().await.unwrap();
+    pub_a
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    pub_a
+        .exchange_declare(
+            "news".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // A subscriber on b: a server-named exclusive queue bound to news.
+    let conn_b = b.connect().await;
+    let sub_b = conn_b.create_channel().await.unwrap();
+    let private = sub_b
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let private = private.name().as_str().to_owned();
+    sub_b
+        .queue_bind(
+            private.as_str().into(),
+            "news".into(),
+            "eu.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut heard = sub_b
+        .basic_consume(
+            private.as_str().into(),
+            "sub".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publish = |ch: &lapin::Channel, x: &'static str, key: String, body: Vec<u8>| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                x.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        }
+    };
+    // a hears of the binding within a report: until then its publishes
+    // route nowhere.
+    let deadline = Instant::now() + t;
+    let first = loop {
+        assert!(
+            Instant::now() < deadline,
+            "a never routed to b's private queue"
+        );
+        publish(&pub_a, "news", "eu.fr".into(), b"first".to_vec()).await;
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(100), heard.next()).await {
+            break d.unwrap();
+        }
+    };
+    assert_eq!(first.data, b"first");
+    for i in 0..100 {
+        let confirm = publish(&pub_a, "news", "eu.de".into(), format!("m{i}").into_bytes()).await;
+        assert!(confirm.is_ack(), "publish {i} nacked");
+    }
+    for i in 0..100 {
+        let d = tokio::time::timeout(t, heard.next())
+            .await
+            .expect("b's subscriber hears every confirmed publish")
+            .unwrap()
+            .unwrap();
+        // Any "first" sent before a knew arrives first, then in order.
+        if d.data == b"first" {
+            continue;
+        }
+        assert_eq!(d.data, format!("m{i}").into_bytes());
+    }
+    // A key b did not bind reaches nothing there.
+    publish(&pub_a, "news", "us.ny".into(), b"no".to_vec()).await;
+    // The admin API's test publish on a reaches b too.
+    let routed = a
+        .api()
+        .post(
+            "/api/exchanges/%2F/news/publish",
+            &serde_json::json!({"routing_key": "eu.it", "payload": "by the api"}),
+        )
+        .unwrap();
+    assert_eq!(routed["routed"], true, "{routed}");
+    let d = tokio::time::timeout(t, heard.next())
+        .await
+        .expect("the admin API's publish reached b")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"by the api", "nothing else came first (not us.ny)");
+
+    // RPC: a client on c waits on its reply queue; the server on a replies
+    // through the default exchange.
+    let conn_c = c.connect().await;
+    let rpc_c = conn_c.create_channel().await.unwrap();
+    let reply_q = rpc_c
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .name()
+        .as_str()
+        .to_owned();
+    let mut replies = rpc_c
+        .basic_consume(
+            reply_q.as_str().into(),
+            "rpc".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    eventually("a knows c's reply queue", t, || {
+        a.queue_node(&reply_q).as_deref() == Some("c")
+    })
+    .await;
+    publish(&pub_a, "", reply_q.clone(), b"the answer".to_vec()).await;
+    let reply = tokio::time::timeout(t, replies.next())
+        .await
+        .expect("the reply reached c")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.data, b"the answer");
+
+    // Another node's client may not take from it.
+    let other = conn_a.create_channel().await.unwrap();
+    let refused = other
+        .basic_get(private.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&refused), Some(405), "{refused}");
+
+    // b dies: its private queue goes with its link, and a's publisher is
+    // confirmed at once instead of waiting for it.
+    b.kill().await;
+    eventually("a forgot b's private queue", t, || {
+        a.queue_node(&private).is_none()
+    })
+    .await;
+    let started = Instant::now();
+    for _ in 0..10 {
+        let confirm = publish(&pub_a, "news", "eu.fr".into(), b"after".to_vec()).await;
+        assert!(confirm.is_ack());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop((conn_b, conn_c));
+}

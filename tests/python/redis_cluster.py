@@ -3,7 +3,8 @@ Run by engine/tests/cluster.rs and engine/tests/quorum.rs:
 
   redis_cluster.py across PORT_A PORT_B
       a list whose queue lives on node a, used from node b: every command
-      that reaches another node's queue. Prints "ok".
+      that reaches another node's queue; then pub/sub between the two
+      nodes. Prints "ok".
   redis_cluster.py push PORT KEY FROM TO
       LPUSH "FROM".."TO-1" one at a time, each tried again on an error
       (for up to 60 s) as a client that must not lose a message does;
@@ -83,6 +84,28 @@ def across(port_a, port_b):
             assert "node 'a'" in str(e), str(e)
     # The connection is still usable.
     assert rb.ping()
+
+    # Pub/sub across nodes: a subscriber on b hears PUBLISH on a (once a
+    # has heard of the subscription: until then PUBLISH counts 0).
+    sub = rb.pubsub()
+    sub.subscribe("rc.news")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    deadline = time.monotonic() + 10
+    while ra.publish("rc.news", "hello") != 1:
+        assert time.monotonic() < deadline, "a never reached b's subscriber"
+        time.sleep(0.05)
+    m = sub.get_message(timeout=5)
+    assert m and m["type"] == "message" and m["data"] == b"hello", m
+    # And a pattern on a hears b.
+    psub = ra.pubsub()
+    psub.psubscribe("rc.*")
+    assert psub.get_message(timeout=5)["type"] == "psubscribe"
+    deadline = time.monotonic() + 10
+    while rb.publish("rc.sports", "goal") != 1:
+        assert time.monotonic() < deadline, "b never reached a's pattern"
+        time.sleep(0.05)
+    m = psub.get_message(timeout=5)
+    assert m and m["type"] == "pmessage" and m["data"] == b"goal", m
     print("ok")
 
 

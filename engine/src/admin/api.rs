@@ -1042,7 +1042,11 @@ async fn publish(
         exchange
     };
     let message = message_from(&exchange, body)?;
-    let outcome = s.broker.publish(&v, &exchange, message)?;
+    let mut outcome = s.broker.publish(&v, &exchange, message)?;
+    // Copies for queues of other nodes go there (with no confirm, as
+    // RabbitMQ's management publish has none).
+    s.broker
+        .forward_unconfirmed(&v, std::mem::take(&mut outcome.forwards));
     Ok(Json(PublishResult {
         routed: outcome.delivered > 0,
         queues: outcome.delivered,

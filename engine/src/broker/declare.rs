@@ -418,6 +418,9 @@ impl Broker {
         q.restore(recovered);
         queues.insert(name.to_owned(), q.clone());
         drop(queues);
+        if q.owner.is_some() {
+            self.private_changed();
+        }
         if q.log().is_some() {
             self.persist(vec![Change::PutQueue {
                 vhost: vhost.name.clone(),
@@ -537,6 +540,9 @@ impl Broker {
         }
         vhost.queues.write().remove(name);
         self.remove_bindings_to(vhost, &Destination::Queue(name.to_owned()));
+        if q.owner.is_some() {
+            self.private_changed();
+        }
         q.cancel_consumers();
         q.destroy_log();
         let n = q.purge();
@@ -563,11 +569,16 @@ impl Broker {
         let table = x.bindings.load_full();
         x.bindings.store(Arc::new(table.without(ids)));
         let router = x.router.load();
+        let mut private = false;
         for id in ids {
             if let Some(b) = table.get(*id) {
                 router.unbind(b.id, &b.bind_input);
                 self.unbind_candidate(x, b.id, &b.bind_input);
+                private |= owned(vhost, &b.destination);
             }
+        }
+        if private {
+            self.private_changed();
         }
         x.reset_memo();
         let gone = x.auto_delete && x.bindings.load().is_empty();
@@ -687,6 +698,11 @@ impl Broker {
         }
         x.reset_memo();
         drop(_control);
+        if let Some(b) = x.bindings.load().get(id)
+            && owned(vhost, &b.destination)
+        {
+            self.private_changed();
+        }
         // RabbitMQ's rule: a binding is durable if both its ends are.
         let durable_destination = |b: &Binding| match &b.destination {
             Destination::Queue(q) => vhost.queue(q).is_ok_and(|q| q.durable && q.owner.is_none()),
@@ -722,4 +738,27 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// Whether `d` is an exclusive queue of this node (its bindings are
+/// reported to the other nodes of a cluster).
+fn owned(vhost: &VHost, d: &Destination) -> bool {
+    matches!(d, Destination::Queue(q) if vhost.queue(q).is_ok_and(|q| q.owner.is_some()))
+}
+
+/// A name for a queue the server names (`amq.gen-...`): unique on this
+/// node, and across a cluster's nodes (time and a counter), where a
+/// node's private queues are known by name on every node.
+pub fn server_name(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        t ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        n & 0xff_ffff
+    )
 }

@@ -44,6 +44,7 @@ pub use access::AccessChangeError;
 pub(crate) use access::refused as access_refused;
 pub use connections::{ChannelInfo, ConnectionInfo, Connections, Registered, TlsInfo};
 pub(crate) use dead_letter::with_delivery_count;
+pub use declare::server_name;
 pub use durable::{DefinitionsError, Recovery};
 use durable::{binding_change, exchange_change, queue_definition};
 pub use error::{BrokerError, check_short};
@@ -276,6 +277,9 @@ pub struct Broker {
     pub(crate) replicated: std::sync::atomic::AtomicBool,
     /// The quorum queues this node holds a replica of, by group.
     pub(crate) quorum: Mutex<std::collections::HashMap<String, crate::nodes::quorum::QuorumEntry>>,
+    /// This node's exclusive queues as its peers know them, and theirs as
+    /// this node serves them (`nodes::private`).
+    pub(crate) private: crate::nodes::private::Private,
 }
 
 /// Default flow watermark per queue: ready messages above this many bytes
@@ -347,6 +351,7 @@ impl Broker {
             cluster: std::sync::OnceLock::new(),
             replicated: false.into(),
             quorum: Mutex::default(),
+            private: Default::default(),
         });
         let mut builtins = Map::default();
         for (name, bytes) in crate::builtins::BUILTINS {

@@ -87,6 +87,8 @@ const FEATURE_KEEPALIVE: &str = "keepalive";
 /// The hello's feature that says a node takes [`Call::Presence`] (an older
 /// node would close a link on a call it cannot read).
 pub const FEATURE_PRESENCE: &str = "presence";
+/// The hello's feature that says a node takes [`Call::Private`].
+pub const FEATURE_PRIVATE: &str = "private-queues";
 
 /// How a link tells a live peer from a silent one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +133,8 @@ pub trait TrafficSink: Send + Sync {
     fn received(&self, link: &Arc<Link>, frame: Bytes);
     /// `link` closed: whatever was in flight on it is lost.
     fn closed(&self, link: &Arc<Link>);
+    /// A peer reported its exclusive queues ([`super::private`]).
+    fn private_queues(&self, _queues: super::private::PrivateQueues) {}
 }
 
 /// Where a node's links deliver traffic, set once the broker is wired up
@@ -199,6 +203,9 @@ pub enum Call {
     /// Who is connected on the calling node (sent only to peers that
     /// announced [`FEATURE_PRESENCE`]).
     Presence(super::presence::Presence),
+    /// The calling node's exclusive queues (sent only to peers that
+    /// announced [`FEATURE_PRIVATE`]).
+    Private(super::private::PrivateQueues),
 }
 
 /// The answer to a [`Call`].
@@ -283,7 +290,11 @@ struct Challenge {
 }
 
 fn features() -> Vec<String> {
-    vec![FEATURE_KEEPALIVE.to_owned(), FEATURE_PRESENCE.to_owned()]
+    vec![
+        FEATURE_KEEPALIVE.to_owned(),
+        FEATURE_PRESENCE.to_owned(),
+        FEATURE_PRIVATE.to_owned(),
+    ]
 }
 
 fn keeps_alive(features: &[String]) -> bool {

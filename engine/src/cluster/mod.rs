@@ -33,6 +33,7 @@ pub mod machine;
 pub mod network;
 pub mod node;
 pub mod presence;
+pub mod private;
 pub mod quorum;
 pub mod settings;
 mod snapshot;

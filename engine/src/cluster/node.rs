@@ -151,6 +151,8 @@ pub struct ClusterNode {
     unanswered: parking_lot::Mutex<HashMap<String, std::time::Instant>>,
     /// The peers' last reports of who is connected to them.
     presences: super::presence::Presences,
+    /// What this node last reported of its exclusive queues, per peer.
+    private_reported: super::private::Reported,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -267,6 +269,7 @@ impl ClusterNode {
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
             presences: Default::default(),
+            private_reported: Default::default(),
         });
         peers.set_handler(node.handler());
         tokio::spawn(node.clone().accept_loop(listener));
@@ -511,6 +514,37 @@ impl ClusterNode {
         futures::future::join_all(calls).await;
     }
 
+    /// The peers due version `generation` of this node's exclusive queues
+    /// ([`super::private`]), with the link to each.
+    pub fn private_due(&self, generation: u64) -> Vec<Arc<super::link::Link>> {
+        use super::link::FEATURE_PRIVATE;
+        self.members()
+            .into_iter()
+            .filter(|m| m.name != self.me.name)
+            .filter_map(|m| self.peers.open_link(&m.name))
+            .filter(|l| {
+                l.peer_has(FEATURE_PRIVATE) && self.private_reported.due(&l.peer, l.id, generation)
+            })
+            .collect()
+    }
+
+    /// Send version `generation` of this node's exclusive queues to the
+    /// peers on `links`; returns once each has answered or given up.
+    pub async fn report_private(
+        &self,
+        links: Vec<Arc<super::link::Link>>,
+        queues: &super::private::PrivateQueues,
+        generation: u64,
+    ) {
+        let calls = links.into_iter().map(|link| async move {
+            let call = Call::Private(queues.clone());
+            if link.call(call, super::private::REFRESH).await.is_ok() {
+                self.private_reported.sent(&link.peer, link.id, generation);
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
     /// A replicated queue's record as this node has applied it.
     pub fn queue_record(&self, vhost: &str, name: &str) -> Option<super::machine::QueueRecord> {
         self.machine.queue(vhost, name)
@@ -665,6 +699,14 @@ impl ClusterNode {
             }
             Call::QuorumSnapshot { group, rpc } => {
                 Answer::InstallSnapshot(self.group_soon(&group).await?.install_snapshot(rpc).await)
+            }
+            Call::Private(queues) => {
+                if queues.node != self.me.name
+                    && let Some(sink) = self.peers.traffic().get()
+                {
+                    sink.private_queues(queues);
+                }
+                Answer::Noted
             }
             Call::Presence(presence) => {
                 if presence.node != self.me.name {

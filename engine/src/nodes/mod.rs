@@ -12,6 +12,9 @@
 //!   forwarded publishes and their confirms, consumers served across a
 //!   link, settlements and requeues ([`remote::Remote`]); `traffic` is the
 //!   frames they travel in.
+//! * `private`: exclusive queues, which live and die with a connection on
+//!   its node, made reachable from every node while their node's link is
+//!   open (reported to peers, not agreed through the log).
 //! * `quorum`: where a quorum queue's replicas are placed, and the live
 //!   queue its leader serves from the group's replicated state.
 //! * `plugins`: plugin versions and staged rollouts agreed by every node
@@ -19,6 +22,7 @@
 
 pub mod definitions;
 pub(crate) mod plugins;
+pub mod private;
 pub mod quorum;
 pub mod remote;
 pub mod traffic;

@@ -137,7 +137,20 @@ fn publish(c: &mut Conn, args: &[Bytes]) -> Then {
     let vhost = c.vhost();
     c.published = true;
     match c.broker.publish(&vhost, &exchange, message) {
-        Ok(outcome) => c.out.int(outcome.delivered as i64),
+        Ok(outcome) => {
+            // Copies for queues of other nodes (subscribers there, or AMQP
+            // queues bound there) go with no confirm, as Redis's PUBLISH
+            // is at most once.
+            let origin = c.origin();
+            for f in &outcome.forwards {
+                c.to_nodes.push(super::remote::ToNode {
+                    node: f.node.clone(),
+                    frame: crate::nodes::remote::forward_frame(&vhost, origin, 0, f),
+                    undo: super::remote::Undo::Nothing,
+                });
+            }
+            c.out.int(outcome.delivered as i64)
+        }
         Err(e) => c.out.error(&format!("ERR wasmq: {e}")),
     }
     Then::Done
@@ -251,7 +264,8 @@ impl Conn {
             .exchange(&exchange)
             .map_err(|e| format!("ERR wasmq: {e} ([redis] exchange)"))?;
         self.subs.made += 1;
-        let queue_name = format!("amq.gen-resp-{}-{}", self.id, self.subs.made);
+        // Unique across a cluster's nodes too: every node knows it by name.
+        let queue_name = crate::broker::server_name("amq.gen-resp");
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-max-length-bytes".into(),

@@ -492,20 +492,6 @@ impl Channel {
     }
 }
 
-pub(super) fn server_name(prefix: &str) -> String {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    format!(
-        "{prefix}-{:x}{:06x}",
-        t ^ (n.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-        n & 0xff_ffff
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

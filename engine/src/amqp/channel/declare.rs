@@ -2,7 +2,6 @@
 //! checks), bind, unbind, purge and delete, each checked against the
 //! user's permissions.
 
-use super::consume::server_name;
 use super::replicated::{Reply, binding};
 use super::*;
 use crate::broker::QueueDecl;
@@ -224,7 +223,7 @@ impl Channel {
                     q
                 } else {
                     let name = if d.queue.as_str().is_empty() {
-                        server_name("amq.gen")
+                        crate::broker::server_name("amq.gen")
                     } else {
                         d.queue.to_string()
                     };

@@ -177,6 +177,10 @@ impl Session {
                 queue,
             } => {
                 let outcome = match broker.vhost(&vhost).map(|v| v.queue(&queue)) {
+                    Some(Ok(q)) if q.owner.is_some() => QueueAnswer::Error {
+                        code: 405,
+                        text: locked(&queue, &vhost),
+                    },
                     Some(Ok(q)) => QueueAnswer::Purged {
                         message_count: q.purge() as u32,
                     },
@@ -221,12 +225,7 @@ impl Session {
             .queue(queue)
             .map_err(|e| (e.reply_code(), e.to_string()))?;
         if q.owner.is_some() {
-            return Err((
-                405,
-                format!(
-                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
-                ),
-            ));
+            return Err((405, locked(queue, vhost)));
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let consumer = Arc::new(Consumer {
@@ -276,6 +275,12 @@ impl Session {
                 return QueueAnswer::Error {
                     code: e.reply_code(),
                     text: e.to_string(),
+                };
+            }
+            Some(Ok(q)) if q.owner.is_some() => {
+                return QueueAnswer::Error {
+                    code: 405,
+                    text: locked(queue, vhost),
                 };
             }
             Some(Ok(q)) => q,
@@ -519,4 +524,12 @@ pub(super) fn forward(
         }
     }
     (ok, ticket)
+}
+
+/// The refusal of another connection's exclusive queue, as RabbitMQ words
+/// it.
+fn locked(queue: &str, vhost: &str) -> String {
+    format!(
+        "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '{vhost}'"
+    )
 }

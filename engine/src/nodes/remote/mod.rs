@@ -323,10 +323,25 @@ impl TrafficSink for Remote {
         }
     }
 
+    fn private_queues(&self, queues: crate::cluster::private::PrivateQueues) {
+        if let Some(broker) = self.broker.upgrade() {
+            broker.apply_private(queues);
+        }
+    }
+
     fn closed(&self, link: &Arc<Link>) {
         // Dropping the sender ends the session, which requeues what it had
         // out for delivery.
         self.sessions.lock().remove(&link.id);
+        // The peer's exclusive queues go with it (unless it is back on
+        // another link already: it reports them there).
+        let back = self
+            .node
+            .open_link(&link.peer)
+            .is_some_and(|l| l.id != link.id);
+        if !back && let Some(broker) = self.broker.upgrade() {
+            broker.drop_private(&link.peer);
+        }
         for inbox in self.inboxes.read().values() {
             let _ = inbox.send(Dispatch::LinkLost {
                 node: link.peer.clone(),
