@@ -54,6 +54,7 @@ pub use exchange::{
 };
 pub use queue::Pushed;
 pub use queue::integer as queue_integer;
+pub use queue::redis_range;
 pub use queue::{
     CONSUMER_WINDOW, ChannelCredit, ConsumeError, Consumer, Dispatch, Entry, Queue, group_by_queue,
 };

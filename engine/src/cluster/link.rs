@@ -89,6 +89,9 @@ const FEATURE_KEEPALIVE: &str = "keepalive";
 pub const FEATURE_PRESENCE: &str = "presence";
 /// The hello's feature that says a node takes [`Call::Private`].
 pub const FEATURE_PRIVATE: &str = "private-queues";
+/// The hello's feature that says a node answers a `Peek` traffic frame
+/// (`nodes::traffic`).
+pub const FEATURE_PEEK: &str = "traffic-peek";
 
 /// How a link tells a live peer from a silent one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,6 +297,7 @@ fn features() -> Vec<String> {
         FEATURE_KEEPALIVE.to_owned(),
         FEATURE_PRESENCE.to_owned(),
         FEATURE_PRIVATE.to_owned(),
+        FEATURE_PEEK.to_owned(),
     ]
 }
 

@@ -147,7 +147,23 @@ pub enum Traffic {
         /// Queue.
         queue: String,
     },
-    /// The answer to a `Get` or a `Purge`.
+    /// A look at a queue of the receiving node without taking anything:
+    /// its length and the ready messages from `start` to `stop` as Redis's
+    /// `LRANGE` counts them (an empty range: the length alone). Sent only
+    /// to a node that announced `traffic-peek` in its hello.
+    Peek {
+        /// The asking connection.
+        origin: Origin,
+        /// Virtual host.
+        vhost: String,
+        /// Queue.
+        queue: String,
+        /// First index (negative: from the end).
+        start: i64,
+        /// Last index (negative: from the end).
+        stop: i64,
+    },
+    /// The answer to a `Get`, a `Purge` or a `Peek`.
     Answer {
         /// The asking channel.
         origin: Origin,
@@ -159,6 +175,13 @@ pub enum Traffic {
 /// What the queue's node answered to a `Get` or a `Purge`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum QueueAnswer {
+    /// What a `Peek` saw.
+    Peeked {
+        /// Ready messages.
+        length: u32,
+        /// The bodies in the range asked for.
+        bodies: Vec<Bytes>,
+    },
     /// Purged: this many messages were removed.
     Purged {
         /// Messages removed.
@@ -202,6 +225,7 @@ const SETTLE: u8 = 7;
 const GET: u8 = 8;
 const ANSWER: u8 = 9;
 const PURGE: u8 = 10;
+const PEEK: u8 = 11;
 
 /// A frame that does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -362,10 +386,32 @@ impl Traffic {
                 put_str(&mut b, vhost);
                 put_str(&mut b, queue);
             }
+            Traffic::Peek {
+                origin,
+                vhost,
+                queue,
+                start,
+                stop,
+            } => {
+                b.put_u8(PEEK);
+                put_origin(&mut b, *origin);
+                put_str(&mut b, vhost);
+                put_str(&mut b, queue);
+                b.put_i64_le(*start);
+                b.put_i64_le(*stop);
+            }
             Traffic::Answer { origin, outcome } => {
                 b.put_u8(ANSWER);
                 put_origin(&mut b, *origin);
                 match outcome {
+                    QueueAnswer::Peeked { length, bodies } => {
+                        b.put_u8(4);
+                        b.put_u32_le(*length);
+                        b.put_u32_le(bodies.len() as u32);
+                        for body in bodies {
+                            put_bytes(&mut b, body);
+                        }
+                    }
                     QueueAnswer::Purged { message_count } => {
                         b.put_u8(3);
                         b.put_u32_le(*message_count);
@@ -495,6 +541,16 @@ impl Traffic {
                     3 => QueueAnswer::Purged {
                         message_count: u32_(f)?,
                     },
+                    4 => QueueAnswer::Peeked {
+                        length: u32_(f)?,
+                        bodies: {
+                            let n = u32_(f)? as usize;
+                            if n > f.len() / 4 {
+                                return Err(Malformed("body count"));
+                            }
+                            (0..n).map(|_| bytes(f)).collect::<Result<_, _>>()?
+                        },
+                    },
                     _ => return Err(Malformed("queue answer")),
                 },
             },
@@ -502,6 +558,13 @@ impl Traffic {
                 origin: origin(f)?,
                 vhost: string(f)?,
                 queue: string(f)?,
+            },
+            PEEK => Traffic::Peek {
+                origin: origin(f)?,
+                vhost: string(f)?,
+                queue: string(f)?,
+                start: u64_(f)? as i64,
+                stop: u64_(f)? as i64,
             },
             _ => return Err(Malformed("kind")),
         };
@@ -643,6 +706,20 @@ mod tests {
             Traffic::Answer {
                 origin,
                 outcome: QueueAnswer::Purged { message_count: 12 },
+            },
+            Traffic::Peek {
+                origin,
+                vhost: "/".into(),
+                queue: "q".into(),
+                start: -3,
+                stop: -1,
+            },
+            Traffic::Answer {
+                origin,
+                outcome: QueueAnswer::Peeked {
+                    length: 5,
+                    bodies: vec![Bytes::from_static(b"a"), Bytes::new()],
+                },
             },
             Traffic::Answer {
                 origin,

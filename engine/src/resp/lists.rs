@@ -560,8 +560,12 @@ fn llen(c: &mut Conn, args: &[Bytes]) -> Then {
         Found::Here(q) => c.out.int(q.len() as i64),
         Found::Missing => c.out.int(0),
         Found::There(node) => {
-            // A quorum queue this node holds a replica of: its count (the
-            // replica may trail its leader by the last commits).
+            if let Some(then) = c.ask_peek(&node, &name, None) {
+                return then;
+            }
+            // A node that cannot be asked. A quorum queue this node holds
+            // a replica of: its count (the replica may trail its leader by
+            // the last commits).
             let vhost = c.vhost();
             match c.broker.quorum_status(&vhost.name, &name) {
                 Some(s) => c.out.int(s.messages as i64),
@@ -577,7 +581,14 @@ fn llen(c: &mut Conn, args: &[Bytes]) -> Then {
 }
 
 /// Most messages one `LRANGE` returns.
-const MAX_RANGE: i64 = 10_000;
+pub(super) const MAX_RANGE: usize = 10_000;
+
+/// The refusal of an `LRANGE` past [`MAX_RANGE`].
+pub(super) fn range_too_long(c: &mut Conn) {
+    c.out.error(&format!(
+        "ERR wasmq: LRANGE returns at most {MAX_RANGE} messages of a queue; ask for a smaller range"
+    ));
+}
 
 /// `LRANGE key start stop`: a peek at the ready messages in the order they
 /// will be taken (index 0 is the next a pop takes; negative indexes count
@@ -594,41 +605,23 @@ fn lrange(c: &mut Conn, args: &[Bytes]) -> Then {
             return Then::Done;
         }
         Found::There(node) => {
+            let name = String::from_utf8_lossy(&args[0]).into_owned();
+            if let Some(then) = c.ask_peek(&node, &name, Some((start, stop))) {
+                return then;
+            }
             c.out.error(&format!(
-                "ERR wasmq: LRANGE peeks at a queue on its own node: this one lives on node '{node}'"
+                "ERR wasmq: LRANGE of a queue of another node needs that node to answer peeks (this one lives on node '{node}', which is older)"
             ));
             return Then::Done;
         }
         Found::Replied => return Then::Done,
         Found::Wait(until) => return Then::Again(until),
     };
-    let len = q.len() as i64;
-    let from = if start < 0 {
-        (len + start).max(0)
-    } else {
-        start
-    };
-    let to = if stop < 0 {
-        len + stop
-    } else {
-        stop.min(len - 1)
-    };
-    if from > to || from >= len {
-        c.out.array(0);
+    if crate::broker::redis_range(q.len(), start, stop).is_some_and(|(_, n)| n > MAX_RANGE) {
+        range_too_long(c);
         return Then::Done;
     }
-    if to - from + 1 > MAX_RANGE {
-        c.out.error(&format!(
-            "ERR wasmq: LRANGE returns at most {MAX_RANGE} messages of a queue; ask for a smaller range"
-        ));
-        return Then::Done;
-    }
-    // A message taken meanwhile (its log space freed) is left out.
-    let bodies: Vec<Bytes> = q
-        .peek(from as usize, (to - from + 1) as usize)
-        .iter()
-        .filter_map(|e| q.message(e).ok().map(|m| m.body.clone()))
-        .collect();
+    let (_, bodies) = q.peek_range(start, stop, MAX_RANGE);
     c.out.bulks(bodies.iter().map(|b| &b[..]));
     Then::Done
 }

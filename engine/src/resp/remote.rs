@@ -95,6 +95,11 @@ pub(crate) enum Held {
         /// A move's destination key.
         to: Option<Bytes>,
     },
+    /// `LLEN` (`range` none) or `LRANGE` asked of `node`.
+    Peek {
+        node: String,
+        range: Option<(i64, i64)>,
+    },
     /// `DEL`: a purge asked of `node`, then the keys after it.
     Purge {
         node: String,
@@ -172,6 +177,41 @@ impl Conn {
         self.again_tries = 0;
     }
 
+    /// Ask `node` for queue `queue`'s length (`range` none) or an `LRANGE`
+    /// of it, if that node answers a peek; `None` if it does not (an older
+    /// node).
+    pub(super) fn ask_peek(
+        &mut self,
+        node: &str,
+        queue: &str,
+        range: Option<(i64, i64)>,
+    ) -> Option<Then> {
+        use crate::cluster::link::FEATURE_PEEK;
+        let remote = self.broker.remote()?;
+        let link = remote.node().open_link(node)?;
+        if !link.peer_has(FEATURE_PEEK) {
+            return None;
+        }
+        // An empty range asks for the length alone.
+        let (start, stop) = range.unwrap_or((1, 0));
+        self.to_nodes.push(ToNode {
+            node: node.to_owned(),
+            frame: Traffic::Peek {
+                origin: self.origin(),
+                vhost: self.vhost().name.clone(),
+                queue: queue.to_owned(),
+                start,
+                stop,
+            }
+            .encode(),
+            undo: Undo::Held,
+        });
+        Some(Then::Hold(Box::new(Held::Peek {
+            node: node.to_owned(),
+            range,
+        })))
+    }
+
     /// Send the frames for other nodes, dialing a node if need be. What
     /// cannot reach its node is undone (its reply says so).
     pub(super) async fn send_to_nodes(&mut self) {
@@ -226,7 +266,11 @@ impl Conn {
     /// The held command's node will not answer: reply with `why`.
     fn held_failed(&mut self, node: &str, why: &str) {
         let asked_there = match &self.held {
-            Some(Held::Pop { node: n, .. } | Held::Purge { node: n, .. }) => n == node,
+            Some(
+                Held::Pop { node: n, .. }
+                | Held::Purge { node: n, .. }
+                | Held::Peek { node: n, .. },
+            ) => n == node,
             None => false,
         };
         if asked_there {
@@ -268,7 +312,8 @@ impl Conn {
             | Traffic::Cancel { .. }
             | Traffic::Settle { .. }
             | Traffic::Get { .. }
-            | Traffic::Purge { .. } => {}
+            | Traffic::Purge { .. }
+            | Traffic::Peek { .. } => {}
         }
     }
 
@@ -291,7 +336,9 @@ impl Conn {
                         bodies.push(body);
                         taken.push(id);
                     }
-                    QueueAnswer::Empty | QueueAnswer::Purged { .. } => {}
+                    QueueAnswer::Empty
+                    | QueueAnswer::Purged { .. }
+                    | QueueAnswer::Peeked { .. } => {}
                     QueueAnswer::Error { text, .. } => {
                         error.get_or_insert(format!("ERR wasmq: {text}"));
                     }
@@ -313,6 +360,32 @@ impl Conn {
                 let then = self.popped(link, form, bodies, taken, error, to);
                 self.finish(start, then);
             }
+            Some(Held::Peek { node, range }) if node == link.peer => {
+                let start = self.out.buf.len();
+                match outcome {
+                    QueueAnswer::Peeked { length, bodies } => match range {
+                        None => self.out.int(i64::from(length)),
+                        Some((from, to)) => {
+                            let asked = crate::broker::redis_range(length as usize, from, to)
+                                .map_or(0, |(_, n)| n);
+                            if asked > super::lists::MAX_RANGE {
+                                super::lists::range_too_long(self);
+                            } else {
+                                self.out.bulks(bodies.iter().map(|b| &b[..]));
+                            }
+                        }
+                    },
+                    QueueAnswer::Error { text, .. } => {
+                        self.out.error(&format!("ERR wasmq: {text}"))
+                    }
+                    QueueAnswer::Empty
+                    | QueueAnswer::Message { .. }
+                    | QueueAnswer::Purged { .. } => self
+                        .out
+                        .error("ERR wasmq: the queue's node answered something else"),
+                }
+                self.finish(start, Then::Done);
+            }
             Some(Held::Purge {
                 node,
                 rest,
@@ -329,7 +402,9 @@ impl Conn {
                         self.out.error(&format!("ERR wasmq: {text}"));
                         self.finish(start, Then::Done);
                     }
-                    QueueAnswer::Empty | QueueAnswer::Message { .. } => {
+                    QueueAnswer::Empty
+                    | QueueAnswer::Message { .. }
+                    | QueueAnswer::Peeked { .. } => {
                         let then = super::lists::del_keys(self, rest, removed);
                         self.finish(start, then);
                     }

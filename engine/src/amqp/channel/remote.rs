@@ -164,8 +164,8 @@ impl Channel {
             }
         };
         match outcome {
-            // Only a purge's answer.
-            QueueAnswer::Purged { .. } => {}
+            // A purge's answer, or a peek's (RESP connections ask those).
+            QueueAnswer::Purged { .. } | QueueAnswer::Peeked { .. } => {}
             QueueAnswer::Empty => {
                 self.send(
                     ctx,

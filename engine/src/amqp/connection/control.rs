@@ -640,7 +640,8 @@ impl Connection {
             | Traffic::Cancel { .. }
             | Traffic::Settle { .. }
             | Traffic::Get { .. }
-            | Traffic::Purge { .. } => {}
+            | Traffic::Purge { .. }
+            | Traffic::Peek { .. } => {}
         }
         Step::Continue
     }

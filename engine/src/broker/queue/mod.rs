@@ -962,6 +962,22 @@ impl Queue {
         self.state.lock().messages.peek(skip, count)
     }
 
+    /// The ready messages' count, and the bodies of those from `start` to
+    /// `stop` as Redis's `LRANGE` counts them (at most `max`), left in the
+    /// queue. A message taken meanwhile is left out.
+    pub fn peek_range(&self, start: i64, stop: i64, max: usize) -> (usize, Vec<bytes::Bytes>) {
+        let len = self.len();
+        let Some((from, n)) = redis_range(len, start, stop) else {
+            return (len, Vec::new());
+        };
+        let bodies = self
+            .peek(from, n.min(max))
+            .iter()
+            .filter_map(|e| self.message(e).ok().map(|m| m.body.clone()))
+            .collect();
+        (len, bodies)
+    }
+
     /// Take the oldest live message (`basic.get`).
     pub fn pop(&self) -> Option<Entry> {
         self.touch();
@@ -1104,6 +1120,24 @@ impl Queue {
         self.forget(&messages);
         messages.len()
     }
+}
+
+/// Where Redis's `LRANGE start stop` falls in a list of `len`: the first
+/// index and how many (negative indexes count from the end), or `None`
+/// for an empty range.
+pub fn redis_range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
+    let len = len as i64;
+    let from = if start < 0 {
+        (len + start).max(0)
+    } else {
+        start
+    };
+    let to = if stop < 0 {
+        len + stop
+    } else {
+        stop.min(len - 1)
+    };
+    (from <= to && from < len).then(|| (from as usize, (to - from + 1) as usize))
 }
 
 #[cfg(test)]

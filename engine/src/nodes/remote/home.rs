@@ -196,6 +196,37 @@ impl Session {
                 self.link
                     .send_traffic(Traffic::Answer { origin, outcome }.encode());
             }
+            Traffic::Peek {
+                origin,
+                vhost,
+                queue,
+                start,
+                stop,
+            } => {
+                let outcome = match broker.vhost(&vhost).map(|v| v.queue(&queue)) {
+                    Some(Ok(q)) if q.owner.is_some() => QueueAnswer::Error {
+                        code: 405,
+                        text: locked(&queue, &vhost),
+                    },
+                    Some(Ok(q)) => {
+                        let (length, bodies) = q.peek_range(start, stop, MAX_PEEK);
+                        QueueAnswer::Peeked {
+                            length: length as u32,
+                            bodies,
+                        }
+                    }
+                    Some(Err(e)) => QueueAnswer::Error {
+                        code: e.reply_code(),
+                        text: e.to_string(),
+                    },
+                    None => QueueAnswer::Error {
+                        code: 404,
+                        text: format!("NOT_FOUND - no vhost '{vhost}'"),
+                    },
+                };
+                self.link
+                    .send_traffic(Traffic::Answer { origin, outcome }.encode());
+            }
             // Forwards are enqueued by the link's reader; answers go to
             // connections.
             Traffic::Forward { .. }
@@ -525,6 +556,9 @@ pub(super) fn forward(
     }
     (ok, ticket)
 }
+
+/// Most messages one peek returns (the asking node bounds its ask too).
+const MAX_PEEK: usize = 10_000;
 
 /// The refusal of another connection's exclusive queue, as RabbitMQ words
 /// it.

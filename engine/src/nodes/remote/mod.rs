@@ -317,7 +317,8 @@ impl TrafficSink for Remote {
             | Traffic::Cancel { .. }
             | Traffic::Settle { .. }
             | Traffic::Get { .. }
-            | Traffic::Purge { .. } => {
+            | Traffic::Purge { .. }
+            | Traffic::Peek { .. } => {
                 self.to_session(link, home::Event::Frame(traffic));
             }
         }
