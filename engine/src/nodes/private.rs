@@ -20,6 +20,14 @@ use crate::broker::{Broker, Destination, RemoteQueue, VHost};
 use crate::cluster::private::{PrivateQueue, PrivateQueues, REFRESH, SETTLE};
 use crate::store::definitions::{BindingDefinition, QueueDefinition};
 
+/// Most exclusive queues and bindings (counted together) a node reports:
+/// a report is one link frame, which must stay well under the link's
+/// 64 MiB bound (a binding takes about 100 bytes).
+pub const MAX_REPORTED: usize = 200_000;
+
+/// When a cut report was last logged (once a minute at most).
+static CUT_LOGGED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
 /// Both directions' state.
 #[derive(Debug, Default)]
 pub struct Private {
@@ -41,9 +49,11 @@ impl Broker {
         }
     }
 
-    /// This node's exclusive queues and their bindings.
+    /// This node's exclusive queues and their bindings, at most
+    /// [`MAX_REPORTED`] of them (queues and bindings counted together).
     fn own_private_queues(&self, node: &str) -> PrivateQueues {
         let mut queues = Vec::new();
+        let mut reported = 0usize;
         for v in self.vhosts() {
             let owned: Vec<String> = v
                 .queues()
@@ -72,10 +82,23 @@ impl Broker {
                 }
             }
             for name in &owned {
+                let bindings = by_queue.remove(name.as_str()).unwrap_or_default();
+                reported += 1 + bindings.len();
+                if reported > MAX_REPORTED {
+                    let mut logged = CUT_LOGGED.lock();
+                    if logged.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                        *logged = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            limit = MAX_REPORTED,
+                            "more exclusive queues and bindings than the other nodes are told of: those past the limit are reached only through this node"
+                        );
+                    }
+                    break;
+                }
                 queues.push(PrivateQueue {
                     vhost: v.name.clone(),
                     name: name.clone(),
-                    bindings: by_queue.remove(name.as_str()).unwrap_or_default(),
+                    bindings,
                 });
             }
         }

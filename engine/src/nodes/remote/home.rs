@@ -210,9 +210,21 @@ impl Session {
                     },
                     Some(Ok(q)) => {
                         let (length, bodies) = q.peek_range(start, stop, MAX_PEEK);
-                        QueueAnswer::Peeked {
-                            length: length as u32,
-                            bodies,
+                        let bytes: usize = bodies.iter().map(|b| b.len()).sum();
+                        if bytes > MAX_PEEK_BYTES {
+                            QueueAnswer::Error {
+                                code: 406,
+                                text: format!(
+                                    "PRECONDITION_FAILED - a peek returns at most {} MiB of messages (these are {} MiB); ask for a smaller range",
+                                    MAX_PEEK_BYTES >> 20,
+                                    bytes >> 20
+                                ),
+                            }
+                        } else {
+                            QueueAnswer::Peeked {
+                                length: length as u32,
+                                bodies,
+                            }
                         }
                     }
                     Some(Err(e)) => QueueAnswer::Error {
@@ -559,6 +571,9 @@ pub(super) fn forward(
 
 /// Most messages one peek returns (the asking node bounds its ask too).
 const MAX_PEEK: usize = 10_000;
+/// Most bytes of messages one peek returns: its answer is one link frame,
+/// well under the link's 64 MiB bound.
+const MAX_PEEK_BYTES: usize = 32 << 20;
 
 /// The refusal of another connection's exclusive queue, as RabbitMQ words
 /// it.
