@@ -176,22 +176,11 @@ impl Session {
                 vhost,
                 queue,
             } => {
-                let outcome = match broker.vhost(&vhost).map(|v| v.queue(&queue)) {
-                    Some(Ok(q)) if q.owner.is_some() => QueueAnswer::Error {
-                        code: 405,
-                        text: locked(&queue, &vhost),
-                    },
-                    Some(Ok(q)) => QueueAnswer::Purged {
+                let outcome = match shared_queue(&broker, &vhost, &queue) {
+                    Ok(q) => QueueAnswer::Purged {
                         message_count: q.purge() as u32,
                     },
-                    Some(Err(e)) => QueueAnswer::Error {
-                        code: e.reply_code(),
-                        text: e.to_string(),
-                    },
-                    None => QueueAnswer::Error {
-                        code: 404,
-                        text: format!("NOT_FOUND - no vhost '{vhost}'"),
-                    },
+                    Err(refused) => refused,
                 };
                 self.link
                     .send_traffic(Traffic::Answer { origin, outcome }.encode());
@@ -203,12 +192,8 @@ impl Session {
                 start,
                 stop,
             } => {
-                let outcome = match broker.vhost(&vhost).map(|v| v.queue(&queue)) {
-                    Some(Ok(q)) if q.owner.is_some() => QueueAnswer::Error {
-                        code: 405,
-                        text: locked(&queue, &vhost),
-                    },
-                    Some(Ok(q)) => {
+                let outcome = match shared_queue(&broker, &vhost, &queue) {
+                    Ok(q) => {
                         let (length, bodies) = q.peek_range(start, stop, MAX_PEEK);
                         let bytes: usize = bodies.iter().map(|b| b.len()).sum();
                         if bytes > MAX_PEEK_BYTES {
@@ -227,14 +212,7 @@ impl Session {
                             }
                         }
                     }
-                    Some(Err(e)) => QueueAnswer::Error {
-                        code: e.reply_code(),
-                        text: e.to_string(),
-                    },
-                    None => QueueAnswer::Error {
-                        code: 404,
-                        text: format!("NOT_FOUND - no vhost '{vhost}'"),
-                    },
+                    Err(refused) => refused,
                 };
                 self.link
                     .send_traffic(Traffic::Answer { origin, outcome }.encode());
@@ -307,26 +285,9 @@ impl Session {
 
     /// `basic.get` for a client of another node.
     fn get(&mut self, broker: &Broker, vhost: &str, queue: &str, no_ack: bool) -> QueueAnswer {
-        let q = match broker.vhost(vhost).map(|v| v.queue(queue)) {
-            None => {
-                return QueueAnswer::Error {
-                    code: 404,
-                    text: format!("NOT_FOUND - no vhost '{vhost}'"),
-                };
-            }
-            Some(Err(e)) => {
-                return QueueAnswer::Error {
-                    code: e.reply_code(),
-                    text: e.to_string(),
-                };
-            }
-            Some(Ok(q)) if q.owner.is_some() => {
-                return QueueAnswer::Error {
-                    code: 405,
-                    text: locked(queue, vhost),
-                };
-            }
-            Some(Ok(q)) => q,
+        let q = match shared_queue(broker, vhost, queue) {
+            Ok(q) => q,
+            Err(refused) => return refused,
         };
         let Some((entry, m)) = q.pop_readable() else {
             return QueueAnswer::Empty;
@@ -574,6 +535,26 @@ const MAX_PEEK: usize = 10_000;
 /// Most bytes of messages one peek returns: its answer is one link frame,
 /// well under the link's 64 MiB bound.
 const MAX_PEEK_BYTES: usize = 32 << 20;
+
+/// Queue `queue` of `vhost` here, for another node's client to read: the
+/// error answer if it is missing or another connection's exclusive queue.
+fn shared_queue(broker: &Broker, vhost: &str, queue: &str) -> Result<Arc<Queue>, QueueAnswer> {
+    match broker.vhost(vhost).map(|v| v.queue(queue)) {
+        None => Err(QueueAnswer::Error {
+            code: 404,
+            text: format!("NOT_FOUND - no vhost '{vhost}'"),
+        }),
+        Some(Err(e)) => Err(QueueAnswer::Error {
+            code: e.reply_code(),
+            text: e.to_string(),
+        }),
+        Some(Ok(q)) if q.owner.is_some() => Err(QueueAnswer::Error {
+            code: 405,
+            text: locked(queue, vhost),
+        }),
+        Some(Ok(q)) => Ok(q),
+    }
+}
 
 /// The refusal of another connection's exclusive queue, as RabbitMQ words
 /// it.
