@@ -163,9 +163,6 @@ fn queue_name(c: &mut Conn, key: &[u8]) -> Option<String> {
 /// error reply if it is not a list.
 fn find(c: &mut Conn, name: &str) -> Found {
     let vhost = c.vhost();
-    if let Some(node) = vhost.remote_node(name) {
-        return Found::There(node);
-    }
     match vhost.queue(name) {
         Ok(q) if q.stream().is_some() => {
             c.out.error(&format!(
@@ -174,6 +171,7 @@ fn find(c: &mut Conn, name: &str) -> Found {
             Found::Replied
         }
         Ok(q) => Found::Here(q),
+        Err(BrokerError::OnOtherNode { node, .. }) => Found::There(node),
         Err(BrokerError::NotFound { .. }) => {
             match c.broker.cluster() {
                 // Known to the cluster, not served anywhere yet (a quorum
