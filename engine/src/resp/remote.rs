@@ -410,7 +410,18 @@ impl Conn {
                     }
                 }
             }
-            other => self.held = other,
+            other => {
+                // Not asked for now (the command it answers gave up): a
+                // message it took goes back to its queue.
+                if let QueueAnswer::Message { id, .. } = outcome {
+                    Taken {
+                        link: link.clone(),
+                        id,
+                    }
+                    .settle(false);
+                }
+                self.held = other;
+            }
         }
     }
 
