@@ -167,7 +167,7 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Syncer {
             dirty: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
@@ -537,6 +537,22 @@ impl Store {
         let log = stream::StreamLog::open(dir.clone(), self.sync.clone(), segment_bytes)?;
         self.opened.lock().push(dir);
         Ok(Arc::new(log))
+    }
+
+    /// Open (or create) the log of a stream replicated by the cluster in
+    /// `dir` (its replica's folder, which goes with the replica): synced
+    /// by this store's group commit, outside the folders the store
+    /// recovers on its own.
+    pub fn open_stream_in(
+        &self,
+        dir: PathBuf,
+        segment_bytes: u64,
+    ) -> Result<Arc<stream::StreamLog>, StoreError> {
+        Ok(Arc::new(stream::StreamLog::open(
+            dir,
+            self.sync.clone(),
+            segment_bytes,
+        )?))
     }
 
     /// Delete queue logs that no durable queue opened (left by a queue

@@ -161,6 +161,20 @@ struct Inner {
     deleted: bool,
 }
 
+/// What [`StreamLog::append_at`] did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placed {
+    /// The log held that offset already.
+    Held,
+    /// Appended; the group commit's ticket.
+    Appended(u64),
+    /// The log ends before that offset: it lacks the records from `next`.
+    Gap {
+        /// The offset the log would give its next record.
+        next: u64,
+    },
+}
+
 /// What a stream holds, for the admin API.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -525,7 +539,107 @@ impl StreamLog {
             return Err(StoreError::Deleted);
         }
         let offset = inner.next;
-        let ts = crate::message::now_ms().max(inner.last_ts);
+        let ts = crate::message::now_ms();
+        Self::push_record(&mut inner, offset, ts, message, filter);
+        drop(inner);
+        let ticket = self.sync.wrote(self);
+        Ok((offset, ticket))
+    }
+
+    /// Place `message` at `offset` with the time `ts_ms` another node gave
+    /// it (a replicated stream: every replica's log holds the same records
+    /// at the same offsets). An offset this log holds already is left as
+    /// it is (a replica applies its log's tail again after a restart); one
+    /// past the next is a gap, for the caller to fill first.
+    pub fn append_at(
+        self: &Arc<Self>,
+        offset: u64,
+        ts_ms: u64,
+        message: &Message,
+        filter: Option<&[u8]>,
+    ) -> Result<Placed, StoreError> {
+        let mut inner = self.inner.lock();
+        if inner.deleted {
+            return Err(StoreError::Deleted);
+        }
+        if offset < inner.next {
+            return Ok(Placed::Held);
+        }
+        if offset > inner.next {
+            return Ok(Placed::Gap { next: inner.next });
+        }
+        Self::push_record(&mut inner, offset, ts_ms, message, filter);
+        drop(inner);
+        Ok(Placed::Appended(self.sync.wrote(self)))
+    }
+
+    /// The offset the next record gets (appended, perhaps not yet on disk).
+    pub fn next_offset(&self) -> u64 {
+        self.inner.lock().next
+    }
+
+    /// Start again, empty, at `offset` (past the end): a replica that fell
+    /// so far behind that what it lacks is gone from every other replica
+    /// (retention removed it) keeps what they keep. Readers go on from
+    /// `offset`.
+    pub fn restart_at(&self, offset: u64) -> Result<(), StoreError> {
+        let gone = {
+            let mut inner = self.inner.lock();
+            if inner.deleted || offset <= inner.next {
+                return Ok(());
+            }
+            let fresh = Self::new_segment(&self.dir, offset)?;
+            crate::store::sync_dir(&self.dir)?;
+            let old = std::mem::replace(&mut inner.segments, vec![fresh]);
+            inner.pending = Pending::default();
+            inner.next = offset;
+            self.committed.store(offset, Ordering::Release);
+            old.iter()
+                .flat_map(|s| {
+                    [
+                        segment_path(&self.dir, s.first),
+                        index_path(&self.dir, s.first),
+                    ]
+                })
+                .collect::<Vec<_>>()
+        };
+        self.sync.discard(gone);
+        self.commits.notify_one();
+        Ok(())
+    }
+
+    /// Committed records from `from` (or the first kept, if later), about
+    /// `max_bytes` of them (at least one if there is one): what another
+    /// replica asks for to fill its gap.
+    pub fn read_from(
+        self: &Arc<Self>,
+        from: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<StreamRecord>, StoreError> {
+        let mut reader = self.reader_at(from)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            let Some(r) = reader.next_record()? else {
+                break;
+            };
+            bytes += r.message.body.len() + r.message.encoded_properties().len() + 64;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Encode one record into the pending buffer.
+    fn push_record(
+        inner: &mut Inner,
+        offset: u64,
+        ts: u64,
+        message: &Message,
+        filter: Option<&[u8]>,
+    ) {
+        // Never decreasing along the stream, whatever the clocks of the
+        // nodes that gave the times: a seek by time is a binary search.
+        let ts = ts.max(inner.last_ts);
         // Every delivery from a stream carries its offset.
         let stamped = message.with_header(
             "x-stream-offset",
@@ -554,9 +668,6 @@ impl StreamLog {
         inner.pending.records.push((offset, ts, start));
         inner.next = offset + 1;
         inner.last_ts = ts;
-        drop(inner);
-        let ticket = self.sync.wrote(self);
-        Ok((offset, ticket))
     }
 
     /// Write the pending records (rolling to a new segment where the
