@@ -333,6 +333,11 @@ fn stream_view(s: &crate::broker::stream::Stream) -> crate::admin::model::Stream
 /// A queue of another node, as this node knows it (its counts are that
 /// node's to give: zeros here).
 fn remote_view(v: &VHost, name: String, r: crate::broker::RemoteQueue) -> QueueView {
+    if let Some(q) = v.stream_replica(&name) {
+        // A replicated stream this node holds a replica of: its log here
+        // is the stream's, whoever leads.
+        return queue_view(v, &q, Some(&r.node));
+    }
     QueueView {
         name,
         vhost: v.name.clone(),

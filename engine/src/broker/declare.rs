@@ -453,8 +453,10 @@ impl Broker {
             return Err(refuse("invalid property 'auto-delete'"));
         }
         if self.cluster().is_some() {
+            // A cluster declares streams through its log, replicated
+            // (`nodes/quorum.rs`): one that reaches here cannot be one.
             return Err(refuse(
-                "invalid arg 'x-queue-type': streams are not replicated yet, so a cluster does not make them",
+                "invalid arg 'x-queue-type': a cluster makes streams only as replicated streams, declared through the cluster",
             ));
         }
         let Some(store) = self.store.get() else {

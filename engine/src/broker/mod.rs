@@ -113,6 +113,11 @@ pub struct VHost {
     /// that bindings to them are the same on every node and a client is
     /// told where a queue is.
     remote: RwLock<Map<String, RemoteQueue>>,
+    /// In a cluster: the replicas of replicated streams this node holds,
+    /// leading or not. Their consumers read here whoever leads; publishes
+    /// go to the leader (in `queues` on its node, a remote queue on the
+    /// others).
+    pub(crate) streams: RwLock<Map<String, Arc<Queue>>>,
 }
 
 /// A queue that lives on another node of the cluster.
@@ -161,6 +166,12 @@ impl VHost {
             },
             None => self.not_found("queue", name),
         })
+    }
+
+    /// This node's replica of the replicated stream `name`, if it holds
+    /// one: read here, whichever node leads it.
+    pub fn stream_replica(&self, name: &str) -> Option<Arc<Queue>> {
+        self.streams.read().get(name).cloned()
     }
 
     /// Whether a queue of that name exists here or on another node.
@@ -471,6 +482,7 @@ impl Broker {
             exchanges: RwLock::new(Map::default()),
             queues: RwLock::new(Map::default()),
             remote: RwLock::new(Map::default()),
+            streams: RwLock::new(Map::default()),
         });
         for (xname, kind) in PREDECLARED {
             let spec = ExchangeSpec {
@@ -496,6 +508,20 @@ impl Broker {
     pub fn expire_queues(&self) {
         self.sweep_exchange_ids();
         for v in self.vhosts() {
+            // Retention on replicated streams this node follows (the
+            // leader's is among its queues).
+            let following: Vec<Arc<Queue>> = {
+                let queues = v.queues.read();
+                v.streams
+                    .read()
+                    .iter()
+                    .filter(|(name, _)| !queues.contains_key(*name))
+                    .map(|(_, q)| q.clone())
+                    .collect()
+            };
+            for q in following {
+                q.expire();
+            }
             for q in v.queues() {
                 q.expire();
                 if let Some(limit) = q.limits().expires

@@ -334,6 +334,8 @@ pub struct CursorView {
 /// A stream queue's log and its consumers.
 pub struct Stream {
     log: Arc<StreamLog>,
+    /// A replicated stream's group: named consumers' offsets go there.
+    replica: Option<Arc<dyn super::Replicated>>,
     cursors: Mutex<Vec<Cursor>>,
     /// Wakes the stream's task: a cursor stopped at its skip budget.
     kick: Arc<tokio::sync::Notify>,
@@ -352,8 +354,18 @@ impl Stream {
     pub fn new(log: Arc<StreamLog>) -> Stream {
         Stream {
             log,
+            replica: None,
             cursors: Mutex::new(Vec::new()),
             kick: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// A replica of a replicated stream over its `log`, whose named
+    /// consumers' offsets are kept by the stream's group.
+    pub fn replicated(log: Arc<StreamLog>, replica: Arc<dyn super::Replicated>) -> Stream {
+        Stream {
+            replica: Some(replica),
+            ..Stream::new(log)
         }
     }
 
@@ -553,8 +565,16 @@ impl Stream {
             Some(&oldest) => oldest.checked_sub(1),
             None => c.last_delivered,
         };
-        if let Some(done) = done {
-            self.log.store_offset(name, done);
+        let Some(done) = done else { return };
+        match &self.replica {
+            Some(r) => {
+                // Here at once (a consumer of the name taking over on this
+                // node resumes from it), and for every replica through the
+                // log.
+                crate::cluster::quorum::stream::store_offset(&self.log, name, done);
+                r.stream_offset(name, done);
+            }
+            None => self.log.store_offset(name, done),
         }
     }
 

@@ -209,6 +209,26 @@ pub enum Call {
     /// The calling node's exclusive queues (sent only to peers that
     /// announced [`FEATURE_PRIVATE`]).
     Private(super::private::PrivateQueues),
+    /// A replicated stream's records from an offset, for a replica that
+    /// lacks them (sent only to the stream's other replicas).
+    StreamRead {
+        /// The group (the stream).
+        group: String,
+        /// The first offset wanted.
+        from: u64,
+        /// About how many bytes of records to send.
+        max_bytes: u64,
+    },
+    /// A named stream consumer's offset, for the stream's leader to put in
+    /// the log (its consumer reads on another replica).
+    StreamOffset {
+        /// The group (the stream).
+        group: String,
+        /// The consumer's name.
+        name: String,
+        /// The last offset it acknowledged.
+        offset: u64,
+    },
 }
 
 /// The answer to a [`Call`].
@@ -228,6 +248,8 @@ pub enum Answer {
     Membership(Result<(), String>),
     /// To `Presence`: noted.
     Noted,
+    /// To `StreamRead`.
+    StreamChunk(Result<super::quorum::stream::StreamChunk, String>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -144,6 +144,9 @@ pub struct ClusterNode {
     started_new: std::sync::atomic::AtomicBool,
     /// The quorum queue groups this node holds a replica of, by group.
     groups: parking_lot::RwLock<HashMap<String, Raft<QuorumConfig>>>,
+    /// The stream logs of the replicated streams among those groups: what
+    /// another replica that fell behind reads from.
+    stream_logs: parking_lot::RwLock<HashMap<String, Arc<crate::store::stream::StreamLog>>>,
     /// Connections to the cluster port not yet authenticated.
     handshakes: Arc<super::link::Handshakes>,
     /// Peers the message path failed to reach, and when (see
@@ -266,6 +269,7 @@ impl ClusterNode {
             groups_added: tokio::sync::Notify::new(),
             started_new: false.into(),
             groups: Default::default(),
+            stream_logs: Default::default(),
             handshakes: super::link::handshakes(),
             unanswered: Default::default(),
             presences: Default::default(),
@@ -378,6 +382,12 @@ impl ClusterNode {
     /// Stop serving group `group`.
     pub fn remove_group(&self, group: &str) {
         self.groups.write().remove(group);
+        self.stream_logs.write().remove(group);
+    }
+
+    /// Group `group` is a replicated stream whose records are in `log`.
+    pub fn add_stream_log(&self, group: String, log: Arc<crate::store::stream::StreamLog>) {
+        self.stream_logs.write().insert(group, log);
     }
 
     /// [`Self::group`], waiting a moment for a group this node does not
@@ -707,6 +717,51 @@ impl ClusterNode {
                     sink.private_queues(queues);
                 }
                 Answer::Noted
+            }
+            Call::StreamRead {
+                group,
+                from,
+                max_bytes,
+            } => {
+                let log = self.stream_logs.read().get(&group).cloned();
+                Answer::StreamChunk(match log {
+                    Some(log) => {
+                        let max = (max_bytes as usize).min(super::quorum::stream::CHUNK_BYTES);
+                        // Reads of the stream's files, off the link's task.
+                        tokio::task::spawn_blocking(move || {
+                            super::quorum::stream::StreamChunk::read(&log, from, max)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                    }
+                    None => Err(format!("no replica of stream group {group:?} here")),
+                })
+            }
+            Call::StreamOffset {
+                group,
+                name,
+                offset,
+            } => {
+                // Proposed as its own entry: a consumer's offset is rare
+                // beside the messages, and losing one only means a resumed
+                // consumer reads a few messages again.
+                let raft = self.group(&group)?;
+                let op = super::quorum::Op {
+                    enqueue: vec![super::quorum::Enqueue::consumer_offset(
+                        &name,
+                        offset,
+                        crate::message::now_ms(),
+                    )],
+                    ..Default::default()
+                };
+                // Answered once committed; refused unless this node leads
+                // (the caller tries the next leader).
+                let rx = raft.client_write_ff(op).await.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(self.settings.commit_timeout(), rx).await {
+                    Ok(Ok(Ok(_))) => Answer::Noted,
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    _ => return Err("a stream consumer's offset was not committed in time".into()),
+                }
             }
             Call::Presence(presence) => {
                 if presence.node != self.me.name {

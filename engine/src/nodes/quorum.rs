@@ -29,7 +29,7 @@ use crate::broker::Replicated;
 use crate::broker::{
     Broker, BrokerError, Dispatch, Queue, QueueDecl, QueueLimits, RemoteQueue, VHost,
 };
-use crate::cluster::quorum::{Held, Live, Replica, ReplicaStatus, entry_index, group_name};
+use crate::cluster::quorum::{Held, Holds, Live, Replica, ReplicaStatus, entry_index, group_name};
 use crate::cluster::{Applied, Command};
 use crate::store::definitions::QueueDefinition;
 
@@ -45,6 +45,10 @@ pub(crate) struct QuorumEntry {
     bootstrap: bool,
     replica: Option<Arc<Replica>>,
     live: Option<Arc<Queue>>,
+    /// A replicated stream's queue on this node: its consumers read this
+    /// replica's log whoever leads; while this node leads it is the live
+    /// queue too.
+    stream: Option<Arc<Queue>>,
     opening: bool,
 }
 
@@ -96,16 +100,24 @@ impl Broker {
         arguments: &FieldTable,
     ) -> Option<(String, Vec<String>)> {
         let declared = QueueLimits::parse(arguments).ok()?;
-        if !declared.quorum {
+        if !declared.quorum && !declared.stream {
             return None;
         }
+        let stream = declared.stream;
         let (_, limits) = self.with_policies(vhost, name, arguments, declared);
         let node = self.cluster()?;
         let mut nodes: Vec<String> = node.members().into_iter().map(|m| m.name).collect();
         nodes.sort();
+        // A stream is on every node unless `x-initial-cluster-size` says
+        // fewer, as RabbitMQ places them: its readers read where they are.
+        let default = if stream {
+            nodes.len()
+        } else {
+            DEFAULT_GROUP_SIZE
+        };
         let size = limits
             .initial_group_size
-            .unwrap_or(DEFAULT_GROUP_SIZE)
+            .unwrap_or(default)
             .min(nodes.len())
             .max(1);
         // Spread: the nodes leading (then holding) the fewest quorum
@@ -138,6 +150,13 @@ impl Broker {
             .is_some_and(|r| QueueLimits::parse(&r.definition.arguments).is_ok_and(|l| l.quorum))
     }
 
+    /// Whether `vhost`'s queue `name` on another node is a stream.
+    pub fn is_stream(&self, vhost: &VHost, name: &str) -> bool {
+        vhost
+            .remote_queue(name)
+            .is_some_and(|r| QueueLimits::parse(&r.definition.arguments).is_ok_and(|l| l.stream))
+    }
+
     /// The consumer timeout of queue `name` (`x-consumer-timeout` or a
     /// policy's), here or on another node.
     pub fn consumer_timeout_of(&self, vhost: &VHost, name: &str) -> Option<std::time::Duration> {
@@ -168,6 +187,18 @@ impl Broker {
                 vhost.name
             ))
         })?;
+        if limits.stream {
+            use crate::broker::stream::{StreamArgs, refusal};
+            let refuse =
+                |what: &str| BrokerError::PreconditionFailed(refusal(what, name, &vhost.name));
+            if !durable {
+                return Err(refuse("invalid property 'non-durable'"));
+            }
+            if queue.auto_delete {
+                return Err(refuse("invalid property 'auto-delete'"));
+            }
+            StreamArgs::parse(&queue.arguments).map_err(|e| refuse(&e))?;
+        }
         for (property, bad) in [("durable", !durable), ("auto_delete", queue.auto_delete)] {
             if bad {
                 return Err(BrokerError::PreconditionFailed(format!(
@@ -176,7 +207,7 @@ impl Broker {
                 )));
             }
         }
-        if !limits.quorum {
+        if !limits.quorum && !limits.stream {
             return Err(BrokerError::PreconditionFailed(format!(
                 "queue '{name}' in vhost '{}' has members but is not a quorum queue",
                 vhost.name
@@ -222,6 +253,7 @@ impl Broker {
                     bootstrap: node == me,
                     replica: None,
                     live: None,
+                    stream: None,
                     opening: false,
                 },
             );
@@ -292,6 +324,7 @@ impl Broker {
                             bootstrap: false,
                             replica: None,
                             live: None,
+                            stream: None,
                             opening: false,
                         },
                     );
@@ -313,6 +346,12 @@ impl Broker {
         if let Some(replica) = removed.and_then(|e| e.replica) {
             if let Some(q) = vhost.queues.write().remove(name) {
                 q.cancel_consumers();
+            }
+            if let Some(q) = vhost.streams.write().remove(name) {
+                q.cancel_consumers();
+                if let Some(s) = q.stream() {
+                    s.destroy();
+                }
             }
             replica.machine().clear_live();
             tokio::spawn(async move { replica.destroy().await });
@@ -422,6 +461,12 @@ impl Broker {
             vhost.queues.write().remove(name);
             q.cancel_consumers();
         }
+        if let Some(q) = vhost.streams.write().remove(name) {
+            q.cancel_consumers();
+            if let Some(s) = q.stream() {
+                s.destroy();
+            }
+        }
         vhost.set_remote(name, None);
         self.remove_bindings_to(vhost, &crate::broker::Destination::Queue(name.to_owned()));
         if let Some(replica) = entry.and_then(|e| e.replica) {
@@ -469,18 +514,33 @@ impl Broker {
                 .ok()
                 .flatten();
             let dir = node.data_dir().join("quorum").join(dir_name(group));
+            // A replicated stream's log is in its replica's folder.
+            let stream = match self.open_replica_stream(&e.definition, &dir) {
+                Ok(log) => log,
+                Err(err) => {
+                    tracing::error!(queue = %crate::untrusted::text(&name), vhost = %crate::untrusted::text(&vhost), "opening a replicated stream's log: {err}");
+                    e.opening = false;
+                    continue;
+                }
+            };
             let (node, broker, group) = (node.clone(), self.self_ref.clone(), group.clone());
             rt.spawn(async move {
+                let holds = match &stream {
+                    Some(log) => Holds::Stream(log.clone()),
+                    None => Holds::Messages { dedup },
+                };
                 let opened =
-                    Replica::open(node, &vhost, &name, &members, bootstrap, &dir, dedup).await;
+                    Replica::open(node, &vhost, &name, &members, bootstrap, &dir, holds).await;
                 let Some(broker) = broker.upgrade() else {
                     return;
                 };
                 match opened {
                     Ok(replica) => {
+                        let reader = stream.and_then(|log| broker.stream_reader(&replica, log));
                         let kept = match broker.quorum.lock().get_mut(&group) {
                             Some(e) => {
                                 e.replica = Some(replica.clone());
+                                e.stream = reader;
                                 true
                             }
                             None => false,
@@ -550,6 +610,14 @@ impl Broker {
         let Some(vhost) = self.vhost(&replica.vhost) else {
             return;
         };
+        let stream = self
+            .quorum
+            .lock()
+            .get(&replica.group)
+            .and_then(|e| e.stream.clone());
+        if let Some(queue) = stream {
+            return self.start_serving_stream(replica, &vhost, queue);
+        }
         let Some(definition) = self
             .quorum
             .lock()
@@ -629,6 +697,31 @@ impl Broker {
             .insert(definition.name.clone(), queue.clone());
         tracing::info!(queue = %crate::untrusted::text(&definition.name), vhost = %crate::untrusted::text(&vhost.name), term, messages = queue.len(), "serving a quorum queue as its leader");
         self.adopt_stored(replica);
+        self.announce(replica, &vhost.name, &definition.name, term);
+    }
+
+    /// This node leads a replicated stream's group: its replica's queue
+    /// takes the stream's publishes (its consumers read on undisturbed).
+    fn start_serving_stream(&self, replica: &Arc<Replica>, vhost: &VHost, queue: Arc<Queue>) {
+        let term = replica.raft().metrics().borrow().current_term;
+        {
+            let mut quorum = self.quorum.lock();
+            let Some(e) = quorum.get_mut(&replica.group) else {
+                return;
+            };
+            e.live = Some(queue.clone());
+        }
+        vhost
+            .queues
+            .write()
+            .insert(queue.name.clone(), queue.clone());
+        tracing::info!(queue = %crate::untrusted::text(&queue.name), vhost = %crate::untrusted::text(&vhost.name), term, "leading a replicated stream");
+        self.announce(replica, &vhost.name, &queue.name, term);
+    }
+
+    /// Tell the cluster this node leads `vhost`'s queue `name` in `term`,
+    /// unless its record says so already.
+    fn announce(&self, replica: &Arc<Replica>, vhost: &str, name: &str, term: u64) {
         let Some(node) = self.cluster().cloned() else {
             return;
         };
@@ -638,7 +731,7 @@ impl Broker {
         // earlier term may be about to be overwritten by an announcement
         // of a term between, still on its way.
         let announced = node
-            .queue_record(&vhost.name, &definition.name)
+            .queue_record(vhost, name)
             .is_some_and(|r| r.served && r.node == me && r.leader_term == term);
         if !announced {
             // Off the leadership watcher: the definitions' own leader may
@@ -647,13 +740,80 @@ impl Broker {
             tokio::spawn(announce_leader(
                 node,
                 replica.clone(),
-                vhost.name.clone(),
-                definition.name.clone(),
+                vhost.to_owned(),
+                name.to_owned(),
                 term,
             ));
         } else {
-            self.tell_moved(&vhost.name, &definition.name);
+            self.tell_moved(vhost, name);
         }
+    }
+
+    /// A replicated stream's log for the replica in `dir` (`None`: the
+    /// queue is not a stream).
+    fn open_replica_stream(
+        &self,
+        definition: &QueueDefinition,
+        dir: &std::path::Path,
+    ) -> Result<Option<Arc<crate::store::stream::StreamLog>>, String> {
+        let limits = QueueLimits::parse(&definition.arguments)?;
+        if !limits.stream {
+            return Ok(None);
+        }
+        let args = crate::broker::stream::StreamArgs::parse(&definition.arguments)?;
+        let store = self
+            .store()
+            .ok_or("streams need a data directory, and this broker has no store")?;
+        store
+            .open_stream_in(dir.join("stream"), args.segment_bytes)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The queue a replicated stream's replica serves its readers from,
+    /// known to the vhost.
+    fn stream_reader(
+        &self,
+        replica: &Arc<Replica>,
+        log: Arc<crate::store::stream::StreamLog>,
+    ) -> Option<Arc<Queue>> {
+        let vhost = self.vhost(&replica.vhost)?;
+        let definition = self
+            .quorum
+            .lock()
+            .get(&replica.group)
+            .map(|e| e.definition.clone())?;
+        let limits = QueueLimits::parse(&definition.arguments).ok()?;
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (applied, limits) =
+            self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
+        let stream =
+            crate::broker::stream::Stream::replicated(log, replica.clone() as Arc<dyn Replicated>);
+        let queue = Queue::new(
+            QueueDecl {
+                name: definition.name.clone(),
+                durable: true,
+                owner: None,
+                auto_delete: false,
+                arguments: definition.arguments.clone(),
+            },
+            limits,
+            flow,
+            None,
+            None,
+        )
+        .with_replica(replica.clone() as Arc<dyn Replicated>)
+        .with_policy(applied)
+        .with_stream(stream);
+        let queue = Arc::new(queue);
+        crate::broker::stream::Stream::start(&queue);
+        vhost
+            .streams
+            .write()
+            .insert(definition.name.clone(), queue.clone());
+        Some(queue)
     }
 
     /// Messages this node kept for the queue while it ran alone (a single
@@ -719,6 +879,22 @@ impl Broker {
             .and_then(|e| e.live.take());
         let Some(queue) = live else { return };
         replica.machine().clear_live();
+        if queue.stream().is_some() {
+            // A stream's readers read on here; its publishes go to the
+            // new leader.
+            if let Some(vhost) = self.vhost(&replica.vhost) {
+                let mut queues = vhost.queues.write();
+                if queues
+                    .get(&replica.queue)
+                    .is_some_and(|q| Arc::ptr_eq(q, &queue))
+                {
+                    queues.remove(&replica.queue);
+                }
+            }
+            tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "no longer leading a replicated stream");
+            self.tell_moved(&replica.vhost, &replica.queue);
+            return;
+        }
         if let Some(vhost) = self.vhost(&replica.vhost) {
             let mut queues = vhost.queues.write();
             if queues

@@ -29,6 +29,9 @@ impl Channel {
                 }
             }
             M::Consume(c) => {
+                if let Some(q) = self.stream_replica(ctx, &c.queue)? {
+                    return self.consume_stream(ctx, c, q);
+                }
                 if let Some(node) = self.remote_home(ctx, &c.queue, Access::Read)? {
                     return self.consume_remote(ctx, c, node);
                 }
@@ -78,6 +81,9 @@ impl Channel {
                 }
             }
             M::Get(g) => {
+                if let Some(q) = self.stream_replica(ctx, &g.queue)? {
+                    return Err(Self::get_from_stream(ctx, &q));
+                }
                 if let Some(node) = self.remote_home(ctx, &g.queue, Access::Read)? {
                     return self.get_remote(ctx, g, node);
                 }

@@ -38,6 +38,18 @@ impl Channel {
         c: &basic::Consume,
         node: String,
     ) -> Result<(), AmqpError> {
+        let queue = self.queue_name(&c.queue)?;
+        if ctx.broker.is_stream(ctx.vhost, &queue) {
+            // Its readers read a replica's log where they are; this node
+            // holds none (`x-initial-cluster-size` placed it elsewhere).
+            return Err(AmqpError::new(
+                540,
+                format!(
+                    "NOT_IMPLEMENTED - this node holds no replica of stream '{queue}' in vhost '{}': consume on a node that does",
+                    ctx.vhost.name
+                ),
+            ));
+        }
         let tag = self.consumer_tag(ctx, c)?;
         if !c.nowait {
             self.send(
@@ -47,7 +59,6 @@ impl Channel {
                 })),
             );
         }
-        let queue = self.queue_name(&c.queue)?;
         if ctx.broker.is_quorum(ctx.vhost, &queue) {
             self.follow(&tag, &queue, c);
         }

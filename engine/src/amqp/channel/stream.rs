@@ -7,6 +7,25 @@ use super::*;
 use crate::broker::stream::StreamConsume;
 
 impl Channel {
+    /// This node's replica of the replicated stream the client names, if
+    /// it holds one (and the user may read it): read here, whichever node
+    /// leads the stream.
+    pub(super) fn stream_replica(
+        &self,
+        ctx: &Ctx<'_>,
+        name: &ShortString,
+    ) -> Result<Option<Arc<Queue>>, AmqpError> {
+        if ctx.broker.cluster().is_none() {
+            return Ok(None);
+        }
+        let name = self.queue_name(name)?;
+        let Some(q) = ctx.vhost.stream_replica(&name) else {
+            return Ok(None);
+        };
+        ctx.grant.check(Access::Read, "queue", &name)?;
+        Ok(Some(q))
+    }
+
     /// `basic.consume` on the stream queue `q`.
     pub(super) fn consume_stream(
         &mut self,

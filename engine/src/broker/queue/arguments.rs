@@ -158,7 +158,15 @@ impl QueueLimits {
             max_age,
             delivery_limit: int_arg(args, "x-delivery-limit")?
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-            initial_group_size: int_arg(args, "x-quorum-initial-group-size")?.map(|n| n as usize),
+            // A stream's replica count is RabbitMQ's `x-initial-cluster-size`.
+            initial_group_size: int_arg(
+                args,
+                match stream {
+                    true => "x-initial-cluster-size",
+                    false => "x-quorum-initial-group-size",
+                },
+            )?
+            .map(|n| n as usize),
             client_local: match string_arg(args, "x-queue-leader-locator")?.as_deref() {
                 None | Some("balanced") => false,
                 Some("client-local") => true,
@@ -196,6 +204,10 @@ impl QueueLimits {
             }
             if limits.initial_group_size == Some(0) {
                 return Err("invalid arg 'x-quorum-initial-group-size': must be positive".into());
+            }
+        } else if stream {
+            if limits.initial_group_size == Some(0) {
+                return Err("invalid arg 'x-initial-cluster-size': must be positive".into());
             }
         } else {
             for arg in ["x-quorum-initial-group-size"] {

@@ -36,6 +36,9 @@ pub trait Replicated: Send + Sync {
     }
     /// Confirm the leadership with a majority, then dispatch `queue` again.
     fn confirm_then_dispatch(&self, _queue: std::sync::Weak<Queue>) {}
+    /// A replicated stream's named consumer `name` acknowledged everything
+    /// up to `offset`: kept in the log, for every replica.
+    fn stream_offset(&self, _name: &str, _offset: u64) {}
 }
 
 /// Told whether a replicated enqueue was taken.

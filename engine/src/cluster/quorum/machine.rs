@@ -11,6 +11,9 @@
 //! A snapshot is the state as JSON: its size follows the backlog, not the
 //! history, and the log before it is dropped (log compaction).
 //!
+//! A replicated stream's machine appends each committed message to the
+//! replica's stream log instead of holding it ([`super::stream`]).
+//!
 //! A queue with `x-message-deduplication` deduplicates here, as entries
 //! are applied: every replica reads the same ids from the same messages
 //! and measures the window on the publish time the leader wrote into the
@@ -34,8 +37,10 @@ use serde::{Deserialize, Serialize};
 
 use super::QuorumConfig;
 use super::op::{Op, Outcome, StoredMessage, message_id};
+use super::stream::{Source, StreamState};
 use crate::cluster::snapshot::{Encoding, StoredSnapshot, sm_err};
 use crate::cluster::{Member, NodeId};
+use crate::store::stream::{Placed, StreamLog};
 
 /// A message the queue holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,7 +74,17 @@ pub struct QueueState {
     pub ids: Vec<(u64, u64, u64)>,
 }
 
+/// A replicated stream's side of the machine.
+struct StreamSide {
+    log: Arc<StreamLog>,
+    /// The offset the next committed message gets: counted from the log's
+    /// entries, so the same on every replica.
+    next: u64,
+    source: Arc<dyn Source>,
+}
+
 struct Inner {
+    stream: Option<StreamSide>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
     state: QueueState,
@@ -100,13 +115,20 @@ pub struct QuorumMachine {
 
 impl QuorumMachine {
     /// The machine whose snapshot lives in `dir` (loaded if there is one),
-    /// deduplicating with `dedup` if the queue does.
+    /// deduplicating with `dedup` if the queue does; a replicated stream's
+    /// appends to `stream`, filling what it lacks from `source`.
     pub fn open(
         dir: &Path,
         dedup: Option<crate::dedup::Settings>,
+        stream: Option<(Arc<StreamLog>, Arc<dyn Source>)>,
     ) -> Result<QuorumMachine, StorageError<NodeId>> {
         std::fs::create_dir_all(dir).map_err(sm_err)?;
         let mut inner = Inner {
+            stream: stream.map(|(log, source)| StreamSide {
+                log,
+                next: 0,
+                source,
+            }),
             last_applied: None,
             membership: StoredMembership::default(),
             state: QueueState::default(),
@@ -115,7 +137,16 @@ impl QuorumMachine {
             dedup: None,
         };
         if let Some(s) = StoredSnapshot::load(dir)? {
-            inner.state = s.state()?;
+            match inner.stream.as_mut() {
+                Some(side) => {
+                    let st: StreamState = s.state()?;
+                    side.next = st.next;
+                    for (name, offset) in &st.offsets {
+                        super::stream::store_offset(&side.log, name, *offset);
+                    }
+                }
+                None => inner.state = s.state()?,
+            }
             inner.last_applied = s.meta.last_log_id;
             inner.membership = s.meta.last_membership;
         }
@@ -143,11 +174,87 @@ impl QuorumMachine {
     /// Messages held, and the last index applied.
     pub fn counts(&self) -> (usize, Option<u64>) {
         let inner = self.inner.lock();
-        (
-            inner.state.messages.len(),
-            inner.last_applied.map(|l| l.index),
-        )
+        let held = match &inner.stream {
+            Some(side) => {
+                let s = side.log.stats();
+                (s.committed - s.first) as usize
+            }
+            None => inner.state.messages.len(),
+        };
+        (held, inner.last_applied.map(|l| l.index))
     }
+
+    /// A replicated stream's log, with the offset the next committed
+    /// message gets.
+    pub fn stream(&self) -> Option<(Arc<StreamLog>, u64)> {
+        let inner = self.inner.lock();
+        inner.stream.as_ref().map(|s| (s.log.clone(), s.next))
+    }
+
+    /// Fill this replica's stream log with what the log's entries gave it
+    /// but it lacks (installed by a snapshot, or lost), from the other
+    /// replicas; errors are logged and the next apply tries again.
+    async fn fill_stream(&self) {
+        let job = {
+            let inner = self.inner.lock();
+            let Some(side) = &inner.stream else { return };
+            if side.log.next_offset() >= side.next {
+                return;
+            }
+            let peers: Vec<String> = inner
+                .membership
+                .membership()
+                .nodes()
+                .map(|(_, n)| n.name.clone())
+                .collect();
+            (side.log.clone(), side.source.clone(), peers, side.next)
+        };
+        let (log, source, peers, target) = job;
+        let from = log.next_offset();
+        match super::stream::fill(&log, &*source, peers, target).await {
+            Ok(()) => tracing::info!(
+                stream = %log.dir().display(),
+                from,
+                to = target,
+                "a stream replica filled the offsets it lacked from another replica"
+            ),
+            Err(e) => tracing::warn!(
+                stream = %log.dir().display(),
+                from,
+                to = target,
+                "a stream replica lacks offsets and could not fill them yet: {e}"
+            ),
+        }
+    }
+}
+
+/// A replicated stream's entry: each message appended at the next offset;
+/// a consumer's offset stored.
+fn apply_stream(side: &mut StreamSide, op: Op) -> Outcome {
+    let mut taken = Vec::with_capacity(op.enqueue.len());
+    for e in op.enqueue {
+        taken.push(true);
+        if let Some((name, offset)) = e.as_consumer_offset() {
+            super::stream::store_offset(&side.log, name, offset);
+            continue;
+        }
+        let offset = side.next;
+        side.next += 1;
+        let Some(m) = e.message.message() else {
+            tracing::error!(offset, "a replicated stream's message does not decode");
+            continue;
+        };
+        let filter = crate::broker::stream::filter_value(&m);
+        match side.log.append_at(offset, e.published_ms, &m, filter) {
+            Ok(Placed::Held | Placed::Appended(_)) => {}
+            // Filled from another replica at the next apply.
+            Ok(Placed::Gap { .. }) | Err(crate::store::StoreError::Deleted) => {}
+            Err(err) => {
+                tracing::error!(offset, stream = %side.log.dir().display(), "appending to a replicated stream failed: {err}");
+            }
+        }
+    }
+    Outcome { taken }
 }
 
 fn apply_op(inner: &mut Inner, log_id: LogId<NodeId>, op: Op) -> Outcome {
@@ -208,9 +315,31 @@ fn dedup_key(m: &StoredMessage) -> Result<Option<crate::dedup::Key>, ()> {
 
 impl RaftSnapshotBuilder<QuorumConfig> for QuorumMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<QuorumConfig>, StorageError<NodeId>> {
+        let log = self.inner.lock().stream.as_ref().map(|s| s.log.clone());
+        if let Some(log) = log {
+            // What the write-ahead log drops once this snapshot exists must
+            // be in the stream log, on disk.
+            crate::store::Flush::flush(&*log).map_err(sm_err)?;
+        }
         let stored = {
             let mut inner = self.inner.lock();
             inner.built += 1;
+            if let Some(side) = &inner.stream {
+                let state = StreamState {
+                    next: side.next,
+                    offsets: side.log.stored_offsets(),
+                };
+                let stored = StoredSnapshot::build(
+                    &state,
+                    inner.last_applied,
+                    inner.membership.clone(),
+                    inner.built,
+                    Encoding::Binary,
+                )?;
+                drop(inner);
+                stored.save(&self.dir)?;
+                return Ok(stored.snapshot());
+            }
             inner.state.ids = inner.dedup.as_ref().map_or_else(Vec::new, |c| {
                 c.entries()
                     .into_iter()
@@ -246,13 +375,18 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
         I: IntoIterator<Item = Entry<QuorumConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.fill_stream().await;
         let mut out = Vec::new();
         let mut inner = self.inner.lock();
+        let inner = &mut *inner;
         for entry in entries {
             inner.last_applied = Some(entry.log_id);
             out.push(match entry.payload {
                 EntryPayload::Blank => Outcome::default(),
-                EntryPayload::Normal(op) => apply_op(&mut inner, entry.log_id, op),
+                EntryPayload::Normal(op) => match inner.stream.as_mut() {
+                    Some(side) => apply_stream(side, op),
+                    None => apply_op(inner, entry.log_id, op),
+                },
                 EntryPayload::Membership(m) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), m);
                     Outcome::default()
@@ -281,6 +415,22 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
             meta: meta.clone(),
             data: snapshot.into_inner(),
         };
+        if self.inner.lock().stream.is_some() {
+            let state: StreamState = stored.state()?;
+            stored.save(&self.dir)?;
+            {
+                let mut inner = self.inner.lock();
+                let side = inner.stream.as_mut().expect("a stream");
+                side.next = state.next;
+                for (name, offset) in &state.offsets {
+                    super::stream::store_offset(&side.log, name, *offset);
+                }
+                inner.last_applied = meta.last_log_id;
+                inner.membership = meta.last_membership.clone();
+            }
+            self.fill_stream().await;
+            return Ok(());
+        }
         let state: QueueState = stored.state()?;
         stored.save(&self.dir)?;
         let mut inner = self.inner.lock();

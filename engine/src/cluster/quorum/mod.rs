@@ -18,6 +18,8 @@
 //! * `runtime`: tokio without openraft's idle ticker.
 //! * `leadership`: elections and heartbeats driven by the node's links,
 //!   so that an idle group costs nothing.
+//! * `stream`: a replicated stream, the same group with a state machine
+//!   that appends to each replica's stream log.
 //!
 //! What a quorum queue does with its messages (consumers, prefetch, TTL,
 //! dead-lettering) is the broker's: its leader serves it as a queue whose
@@ -29,11 +31,12 @@ pub mod network;
 pub mod op;
 pub mod replica;
 pub mod runtime;
+pub mod stream;
 pub mod wal;
 
 pub use machine::{Held, Live, QueueState};
 pub use op::{Enqueue, MAX_BATCH, Op, Outcome, StoredMessage, entry_index, message_id};
-pub use replica::{Replica, ReplicaMember, ReplicaStatus, group_name};
+pub use replica::{Holds, Replica, ReplicaMember, ReplicaStatus, group_name};
 
 use super::{Member, NodeId};
 

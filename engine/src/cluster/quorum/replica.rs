@@ -175,6 +175,18 @@ pub struct ReplicaStatus {
     pub messages: usize,
 }
 
+/// What a group's replicas keep of its log's entries.
+pub enum Holds {
+    /// A quorum queue's messages until they are settled, deduplicated
+    /// with `dedup` if the queue does.
+    Messages {
+        /// The queue's deduplication settings.
+        dedup: Option<crate::dedup::Settings>,
+    },
+    /// A replicated stream's records, appended to this log.
+    Stream(Arc<crate::store::stream::StreamLog>),
+}
+
 /// A replica of one quorum queue on this node.
 pub struct Replica {
     /// The queue's vhost.
@@ -199,6 +211,16 @@ impl std::fmt::Debug for Replica {
             .field("queue", &self.queue)
             .finish_non_exhaustive()
     }
+}
+
+/// The name of the node leading `raft`'s group, if known.
+fn leader_name(raft: &Raft<QuorumConfig>) -> Option<String> {
+    let m = raft.metrics().borrow().clone();
+    let leader = m.current_leader?;
+    m.membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.name.clone())
 }
 
 /// The group name of `vhost`'s queue `name`.
@@ -228,8 +250,12 @@ impl Replica {
         members: &[Member],
         bootstrap: bool,
         dir: &Path,
-        dedup: Option<crate::dedup::Settings>,
+        holds: Holds,
     ) -> Result<Arc<Replica>, ClusterError> {
+        let (dedup, stream) = match holds {
+            Holds::Messages { dedup } => (dedup, None),
+            Holds::Stream(log) => (None, Some(log)),
+        };
         let group = group_name(vhost, name);
         let storage = |reason: String| ClusterError::Storage {
             dir: dir.display().to_string(),
@@ -249,8 +275,18 @@ impl Replica {
             std::fs::remove_file(&own).map_err(|e| storage(e.to_string()))?;
         }
         let log = wal.group(&group).map_err(|e| storage(e.to_string()))?;
-        let machine =
-            QuorumMachine::open(&dir.join("machine"), dedup).map_err(|e| storage(e.to_string()))?;
+        let source = stream.clone().map(|log| {
+            let source: Arc<dyn super::stream::Source> = Arc::new(super::stream::PeerSource {
+                node: Arc::downgrade(&node),
+                group: group.clone(),
+            });
+            (log, source)
+        });
+        let machine = QuorumMachine::open(&dir.join("machine"), dedup, source)
+            .map_err(|e| storage(e.to_string()))?;
+        if let Some(log) = stream {
+            node.add_stream_log(group.clone(), log);
+        }
         let s = node.settings();
         let (heartbeat, election_min, election_max, timers) = if s.quiescent_quorum {
             // Elections and heartbeats come from the node's watch over its
@@ -372,12 +408,7 @@ impl Replica {
 
     /// The leader's name, if known.
     pub fn leader(&self) -> Option<String> {
-        let m = self.raft.metrics().borrow().clone();
-        let leader = m.current_leader?;
-        m.membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.name.clone())
+        leader_name(&self.raft)
     }
 
     /// What this replica knows of its group.
@@ -567,6 +598,57 @@ impl Replica {
 impl Replicated for Replica {
     fn enqueue(&self, message: Arc<Message>, reply: Option<Reply>) {
         self.enqueue_at(&message, crate::message::now_ms(), reply);
+    }
+
+    fn stream_offset(&self, name: &str, offset: u64) {
+        let e = Enqueue::consumer_offset(name, offset, crate::message::now_ms());
+        if self.leads() {
+            self.proposer.add(|g| {
+                g.op.enqueue.push(e);
+                g.replies.push(None);
+            });
+            return;
+        }
+        // A reader on a follower: the leader puts it in the log. Through a
+        // failover, the next leader does (a later offset of the name makes
+        // this one moot, so a few tries are enough).
+        let (raft, node, group, name) = (
+            self.raft.clone(),
+            self.node.clone(),
+            self.group.clone(),
+            name.to_owned(),
+        );
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let leader = leader_name(&raft);
+                if leader.as_deref() == Some(node.name()) {
+                    let op = Op {
+                        enqueue: vec![Enqueue::consumer_offset(
+                            &name,
+                            offset,
+                            crate::message::now_ms(),
+                        )],
+                        ..Default::default()
+                    };
+                    if let Ok(rx) = raft.client_write_ff(op).await
+                        && matches!(rx.await, Ok(Ok(_)))
+                    {
+                        return;
+                    }
+                } else if let Some(link) = leader.and_then(|l| node.peers().open_link(&l)) {
+                    let call = crate::cluster::link::Call::StreamOffset {
+                        group: group.clone(),
+                        name: name.clone(),
+                        offset,
+                    };
+                    let sent = link.call(call, std::time::Duration::from_secs(2)).await;
+                    if matches!(sent, Ok(crate::cluster::link::Answer::Noted)) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        });
     }
 
     fn settled(&self, ids: Vec<u64>) {

@@ -1,0 +1,412 @@
+//! Replicated streams on a three-node cluster of real `wasmq` processes on
+//! loopback: every node holds a replica and serves its readers, a confirm
+//! means a majority has the message, the leader's death loses no
+//! confirmed message and readers read on from their offsets, a named
+//! consumer resumes on another node where it acknowledged, and a replica
+//! that was away fills what it missed from the others.
+
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+
+mod common;
+use common::cluster::*;
+
+fn stream_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    // Small segments: the replicas roll over many times.
+    t.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(64 * 1024),
+    );
+    for (k, v) in extra {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+/// The stream `name` as `node`'s admin API shows it.
+fn view(node: &Node, name: &str) -> Option<serde_json::Value> {
+    let qs = node.api().get("/api/queues/%2F").ok()?;
+    qs.as_array()?.iter().find(|q| q["name"] == name).cloned()
+}
+
+/// The leader of `name` as `node` sees it.
+fn leader_on(node: &Node, name: &str) -> Option<String> {
+    view(node, name).and_then(|q| q["quorum"]["leader"].as_str().map(str::to_owned))
+}
+
+/// The last offset `node`'s replica of `name` holds.
+fn last_offset(node: &Node, name: &str) -> Option<u64> {
+    view(node, name).and_then(|q| q["stream"]["last_offset"].as_u64())
+}
+
+/// Publish `range` to `name` through `ch` (confirms on), each body its
+/// number; every one must be confirmed.
+async fn publish(ch: &lapin::Channel, name: &str, range: std::ops::Range<u64>) {
+    let mut confirms = Vec::new();
+    for i in range.clone() {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                name.into(),
+                BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for (i, c) in range.zip(confirms) {
+        let c = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .unwrap_or_else(|_| panic!("confirm of {i} in time"))
+            .unwrap();
+        assert!(c.is_ack(), "message {i} confirmed");
+    }
+}
+
+/// A consumer of `name` on `conn` from `offset`, named `consumer` if given.
+async fn reader(
+    conn: &lapin::Connection,
+    name: &str,
+    offset: AMQPValue,
+    consumer: Option<&str>,
+) -> (lapin::Channel, lapin::Consumer) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), offset);
+    if let Some(c) = consumer {
+        args.insert(
+            "x-stream-consumer-name".into(),
+            AMQPValue::LongString(c.into()),
+        );
+    }
+    let sub = ch
+        .basic_consume(name.into(), "".into(), BasicConsumeOptions::default(), args)
+        .await
+        .unwrap();
+    (ch, sub)
+}
+
+/// Read the next `n` deliveries: (offset header, body), each acked.
+async fn read(sub: &mut lapin::Consumer, n: usize) -> Vec<(u64, u64)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {} of {n} in time", got.len()))
+            .unwrap()
+            .unwrap();
+        let offset = match d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-stream-offset").cloned())
+        {
+            Some(AMQPValue::LongLongInt(o)) => o as u64,
+            other => panic!("x-stream-offset header: {other:?}"),
+        };
+        let body = std::str::from_utf8(&d.data)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        got.push((offset, body));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    got
+}
+
+/// `n` records from offset `from`, each offset's body its own number.
+fn run(from: u64, n: u64) -> Vec<(u64, u64)> {
+    (from..from + n).map(|i| (i, i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_stream_keeps_every_confirmed_message_when_its_leader_dies() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(20);
+    {
+        let conn = a.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare("events".into(), durable(), stream_args(&[]))
+            .await
+            .unwrap();
+        // RabbitMQ's refusals hold in a cluster too.
+        let e = ch
+            .queue_declare(
+                "temp".into(),
+                QueueDeclareOptions::default(),
+                stream_args(&[]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(reply_code(&e), Some(406), "{e}");
+    }
+    let mut nodes = vec![a, b, c];
+    eventually("every node knows the stream's leader", t, || {
+        let l: Vec<Option<String>> = nodes.iter().map(|n| leader_on(n, "events")).collect();
+        l[0].is_some() && l.iter().all(|x| *x == l[0])
+    })
+    .await;
+    let leader = leader_on(&nodes[0], "events").unwrap();
+    let li = nodes.iter().position(|n| n.name == leader).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+
+    // Published through a follower: forwarded to the leader, confirmed
+    // once a majority has it.
+    const N: u64 = 600;
+    let conn_p = nodes[others[0]].connect().await;
+    let ch_p = conn_p.create_channel().await.unwrap();
+    ch_p.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish(&ch_p, "events", 0..N).await;
+    // Every replica holds every message, in the same place.
+    for n in &nodes {
+        eventually(&format!("{} holds all {N}", n.name), t, || {
+            last_offset(n, "events") == Some(N - 1)
+        })
+        .await;
+    }
+
+    // Readers on every node read their own replica: from the start, on
+    // the leader's node and on a follower's.
+    let conn_l = nodes[li].connect().await;
+    let (_ch_l, mut on_leader) = reader(
+        &conn_l,
+        "events",
+        AMQPValue::LongString("first".into()),
+        None,
+    )
+    .await;
+    assert_eq!(read(&mut on_leader, N as usize).await, run(0, N));
+    let conn_f = nodes[others[1]].connect().await;
+    let (_ch_f, mut on_follower) = reader(
+        &conn_f,
+        "events",
+        AMQPValue::LongString("first".into()),
+        None,
+    )
+    .await;
+    assert_eq!(read(&mut on_follower, N as usize).await, run(0, N));
+    // A named consumer on the same follower acknowledges the first 400.
+    let conn_named = nodes[others[1]].connect().await;
+    let (ch_named, mut named) = reader(
+        &conn_named,
+        "events",
+        AMQPValue::LongString("first".into()),
+        Some("audit"),
+    )
+    .await;
+    assert_eq!(read(&mut named, 400).await, run(0, 400));
+    // Its offset goes through the stream's log to every replica.
+    for n in &nodes {
+        eventually(&format!("{} knows where 'audit' is", n.name), t, || {
+            view(n, "events").is_some_and(|q| {
+                q["stream"]["named"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|o| o["name"] == "audit" && o["offset"] == 399))
+            })
+        })
+        .await;
+    }
+
+    // The leader dies. A survivor leads; publishes through either survivor
+    // are confirmed again, and the follower's readers read on from where
+    // they were, without a gap.
+    nodes[li].kill().await;
+    drop(on_leader);
+    let survivor = &nodes[others[0]];
+    for i in &others {
+        let n = &nodes[*i];
+        eventually(
+            &format!("{} sends the stream's publishes to its new leader", n.name),
+            Duration::from_secs(30),
+            || {
+                view(n, "events").is_some_and(|q| {
+                    q["quorum"]["leader"].as_str().is_some_and(|l| l != leader)
+                        && q["node"] == q["quorum"]["leader"]
+                })
+            },
+        )
+        .await;
+    }
+    const M: u64 = 400;
+    publish(&ch_p, "events", N..N + M).await;
+    assert_eq!(read(&mut on_follower, M as usize).await, run(N, M));
+
+    // The named consumer goes; one of its name on the other survivor
+    // resumes after what it acknowledged, whatever offset it asks for:
+    // the offset travelled through the stream's log.
+    ch_named.close(200, "bye".into()).await.unwrap();
+    let conn_s = survivor.connect().await;
+    let (_ch_s, mut resumed) = reader(
+        &conn_s,
+        "events",
+        AMQPValue::LongString("first".into()),
+        Some("audit"),
+    )
+    .await;
+    assert_eq!(
+        read(&mut resumed, (N + M - 400) as usize).await,
+        run(400, N + M - 400)
+    );
+
+    // Every confirmed message is readable from the start on a survivor,
+    // in order, no gaps.
+    let (_ch_all, mut all) = reader(
+        &conn_s,
+        "events",
+        AMQPValue::LongString("first".into()),
+        None,
+    )
+    .await;
+    assert_eq!(read(&mut all, (N + M) as usize).await, run(0, N + M));
+
+    // The dead node comes back and catches up with what it missed.
+    nodes[li].restart().await;
+    let back = &nodes[li];
+    eventually(
+        "the restarted node holds everything",
+        Duration::from_secs(30),
+        || last_offset(back, "events") == Some(N + M - 1),
+    )
+    .await;
+    let conn_b = back.connect().await;
+    let (_ch_b, mut from_back) = reader(
+        &conn_b,
+        "events",
+        AMQPValue::LongLongInt(N as i64 - 5),
+        None,
+    )
+    .await;
+    assert_eq!(
+        read(&mut from_back, (M + 5) as usize).await,
+        run(N - 5, M + 5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_replica_that_was_away_fills_what_it_missed_from_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, mut c) = three_nodes(root.path()).await;
+    let t = Duration::from_secs(30);
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    // Led by `a` (declared there), so that `c` is a follower.
+    ch.queue_declare(
+        "history".into(),
+        durable(),
+        stream_args(&[(
+            "x-queue-leader-locator",
+            AMQPValue::LongString("client-local".into()),
+        )]),
+    )
+    .await
+    .unwrap();
+    eventually("c holds a replica", t, || {
+        view(&c, "history").is_some_and(|q| q["stream"].is_object())
+    })
+    .await;
+    c.kill().await;
+
+    // Published one at a time while `c` is away: an entry each, more
+    // than the stream's group keeps in its write-ahead log past a
+    // snapshot, so `c` can only catch up from a snapshot and the others'
+    // stream logs.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    const N: u64 = 1_500;
+    for i in 0..N {
+        publish(&ch, "history", i..i + 1).await;
+    }
+    eventually("the leader compacted the group's log", t, || {
+        view(&a, "history").is_some_and(|q| q["quorum"]["snapshot_index"].as_u64().is_some())
+    })
+    .await;
+
+    c.restart().await;
+    eventually("c holds everything again", t, || {
+        last_offset(&c, "history") == Some(N - 1)
+    })
+    .await;
+    let status = view(&c, "history").unwrap();
+    assert!(
+        status["quorum"]["snapshot_index"].as_u64().is_some(),
+        "c caught up through a snapshot: {status}"
+    );
+    let conn_c = c.connect().await;
+    let (_ch_c, mut sub) = reader(
+        &conn_c,
+        "history",
+        AMQPValue::LongString("first".into()),
+        None,
+    )
+    .await;
+    assert_eq!(read(&mut sub, N as usize).await, run(0, N));
+
+    // A stream on fewer nodes than the cluster: a node without a replica
+    // says so to a consumer rather than serving it half.
+    ch.queue_declare(
+        "two".into(),
+        durable(),
+        stream_args(&[("x-initial-cluster-size", AMQPValue::LongLongInt(2))]),
+    )
+    .await
+    .unwrap();
+    let with_members = || {
+        [&a, &b, &c].into_iter().find_map(|n| {
+            let q = view(n, "two")?;
+            let m = q["quorum"]["members"].as_array()?;
+            (m.len() == 2).then(|| {
+                m.iter()
+                    .map(|m| m["node"].as_str().unwrap().to_owned())
+                    .collect::<Vec<String>>()
+            })
+        })
+    };
+    eventually("the small stream has two replicas", t, || {
+        with_members().is_some()
+    })
+    .await;
+    let members = with_members().unwrap();
+    let outside = [&a, &b, &c]
+        .into_iter()
+        .find(|n| !members.contains(&n.name));
+    if let Some(n) = outside {
+        let conn_o = n.connect().await;
+        let ch_o = conn_o.create_channel().await.unwrap();
+        ch_o.basic_qos(10, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let e = ch_o
+            .basic_consume(
+                "two".into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(reply_code(&e), Some(540), "{e}");
+    }
+}
