@@ -701,7 +701,11 @@ impl StreamLog {
             f.sync_data().map_err(io(&self.dir))?;
         }
         self.sync.count(pending.bytes.len() as u64);
-        self.committed.store(upto, Ordering::Release);
+        // Never back: a replicated stream's log is also flushed outside
+        // the group commit (to fill a gap, or before a snapshot), and a
+        // round that wrote earlier records may end after one that wrote
+        // and synced later ones.
+        self.committed.fetch_max(upto, Ordering::AcqRel);
         self.commits.notify_one();
         Ok(())
     }
