@@ -81,6 +81,8 @@ struct StreamSide {
     /// entries, so the same on every replica.
     next: u64,
     source: Arc<dyn Source>,
+    /// A task tries to fill a gap again.
+    refilling: bool,
 }
 
 struct Inner {
@@ -128,6 +130,7 @@ impl QuorumMachine {
                 log,
                 next: 0,
                 source,
+                refilling: false,
             }),
             last_applied: None,
             membership: StoredMembership::default(),
@@ -193,13 +196,51 @@ impl QuorumMachine {
 
     /// Fill this replica's stream log with what the log's entries gave it
     /// but it lacks (installed by a snapshot, or lost), from the other
-    /// replicas; errors are logged and the next apply tries again.
+    /// replicas. On failure (no other replica reachable just now) a task
+    /// tries again every second until the log is whole: a quiet stream
+    /// has no next apply to try it.
     async fn fill_stream(&self) {
+        if self.try_fill().await {
+            return;
+        }
+        {
+            let mut inner = self.inner.lock();
+            let Some(side) = inner.stream.as_mut() else {
+                return;
+            };
+            if std::mem::replace(&mut side.refilling, true) {
+                return;
+            }
+        }
+        let machine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let gone = machine
+                    .inner
+                    .lock()
+                    .stream
+                    .as_ref()
+                    .is_none_or(|s| s.log.is_deleted());
+                if gone || machine.try_fill().await {
+                    break;
+                }
+            }
+            if let Some(side) = machine.inner.lock().stream.as_mut() {
+                side.refilling = false;
+            }
+        });
+    }
+
+    /// One attempt of [`Self::fill_stream`]: whether the log is whole.
+    async fn try_fill(&self) -> bool {
         let job = {
             let inner = self.inner.lock();
-            let Some(side) = &inner.stream else { return };
+            let Some(side) = &inner.stream else {
+                return true;
+            };
             if side.log.next_offset() >= side.next {
-                return;
+                return true;
             }
             let peers: Vec<String> = inner
                 .membership
@@ -212,18 +253,24 @@ impl QuorumMachine {
         let (log, source, peers, target) = job;
         let from = log.next_offset();
         match super::stream::fill(&log, &*source, peers, target).await {
-            Ok(()) => tracing::info!(
-                stream = %log.dir().display(),
-                from,
-                to = target,
-                "a stream replica filled the offsets it lacked from another replica"
-            ),
-            Err(e) => tracing::warn!(
-                stream = %log.dir().display(),
-                from,
-                to = target,
-                "a stream replica lacks offsets and could not fill them yet: {e}"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    stream = %log.dir().display(),
+                    from,
+                    to = target,
+                    "a stream replica filled the offsets it lacked from another replica"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    stream = %log.dir().display(),
+                    from,
+                    to = target,
+                    "a stream replica lacks offsets and could not fill them yet: {e}"
+                );
+                false
+            }
         }
     }
 }
