@@ -33,7 +33,10 @@
 //! * a leader sends one heartbeat when a peer's node becomes reachable
 //!   again (it restarted, or a partition healed: the peer learns who
 //!   leads, or the leader learns it was replaced), and one after its log
-//!   stops growing, which carries the commit index to the followers.
+//!   stops growing, which carries the commit index to the followers; and,
+//!   while its log stays quiet, one each time it is looked at while a
+//!   follower is behind (one that came back before its replica was open
+//!   missed the first).
 //!
 //! A leader that cannot reach a majority of its group's nodes nacks what
 //! waits for a commit (see [`crate::cluster::quorum::replica`]).
@@ -283,7 +286,24 @@ fn look_after(
             w.last_index = m.last_log_index;
             w.settled = false;
         }
-        if peer_back || (quiet && !w.settled) {
+        // A follower behind while the log is quiet (it came back before
+        // its replica was open, and the heartbeat that greeted its node
+        // found no group to answer it): nothing else would send it what
+        // it lacks until the next write.
+        // Only towards nodes that can be reached: a dead one would cost a
+        // call per group every full round.
+        let lagging = quiet
+            && w.settled
+            && m.replication.as_ref().is_some_and(|r| {
+                r.iter().any(|(id, l)| {
+                    *id != me
+                        && l.map(|l| l.index) < m.last_log_index
+                        && membership
+                            .get_node(id)
+                            .is_some_and(|n| reach.reachable(node, *id, &n.name))
+                })
+            });
+        if peer_back || (quiet && !w.settled) || lagging {
             w.settled = true;
             let raft = raft.clone();
             tokio::spawn(async move {
