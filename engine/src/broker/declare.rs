@@ -252,12 +252,6 @@ impl Broker {
                 spec.name, vhost.name
             ))
         })?;
-        if partitions.is_some() && self.cluster().is_some() {
-            return Err(BrokerError::PreconditionFailed(format!(
-                "exchange '{}' in vhost '{}': super streams are made of streams, which are not replicated yet, so a cluster does not make them",
-                spec.name, vhost.name
-            )));
-        }
         let durable = spec.durable;
         let x = self.build_exchange(&spec)?;
         let x = vhost
@@ -274,7 +268,11 @@ impl Broker {
         if x.delayed.is_some() {
             self.declare_schedule(vhost, &x)?;
         }
-        if let Some(n) = partitions {
+        // In a cluster the partitions are replicated streams, declared
+        // with the exchange through the log (its follow-ups).
+        if let Some(n) = partitions
+            && self.cluster().is_none()
+        {
             self.declare_partitions(vhost, &x, n)?;
         }
         Ok(x)

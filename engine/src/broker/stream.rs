@@ -738,11 +738,38 @@ pub fn partitions_of(spec: &super::ExchangeSpec) -> Result<Option<u32>, String> 
     }
 }
 
+/// A super stream's partition `i`: its name, its declare arguments (a
+/// stream with the exchange's `arguments` for retention) and its binding's
+/// arguments (`x-stream-partition-order`); its binding key is `i`.
+pub fn partition(
+    exchange: &str,
+    arguments: &FieldTable,
+    i: u32,
+) -> (String, FieldTable, FieldTable) {
+    let mut declare = FieldTable::default();
+    declare.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    for key in PARTITION_ARGS {
+        if let Some(v) = arguments.inner().get(*key) {
+            declare.insert((*key).into(), v.clone());
+        }
+    }
+    let mut order = FieldTable::default();
+    order.insert(
+        "x-stream-partition-order".into(),
+        AMQPValue::LongLongInt(i64::from(i)),
+    );
+    (format!("{exchange}-{i}"), declare, order)
+}
+
 impl super::Broker {
     /// Declare a super stream's `n` partitions (`{exchange}-0` ...), each
     /// a stream with the exchange's retention arguments, bound with its
     /// number as the key and `x-stream-partition-order`. Idempotent: a
-    /// partition that exists is kept as it is.
+    /// partition that exists is kept as it is. (A cluster declares them
+    /// with the exchange through its log: `cluster::machine`'s follow-ups.)
     pub(super) fn declare_partitions(
         &self,
         vhost: &super::VHost,
@@ -750,17 +777,7 @@ impl super::Broker {
         n: u32,
     ) -> Result<(), super::BrokerError> {
         for i in 0..n {
-            let name = format!("{}-{i}", x.name);
-            let mut arguments = FieldTable::default();
-            arguments.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("stream".into()),
-            );
-            for key in PARTITION_ARGS {
-                if let Some(v) = x.arguments.inner().get(*key) {
-                    arguments.insert((*key).into(), v.clone());
-                }
-            }
+            let (name, arguments, order) = partition(&x.name, &x.arguments, i);
             self.declare_queue(
                 vhost,
                 super::QueueDecl {
@@ -771,11 +788,6 @@ impl super::Broker {
                     arguments,
                 },
             )?;
-            let mut order = FieldTable::default();
-            order.insert(
-                "x-stream-partition-order".into(),
-                AMQPValue::LongLongInt(i64::from(i)),
-            );
             self.bind(
                 vhost,
                 &x.name,

@@ -239,6 +239,70 @@ fn binding_key(vhost: &str, b: &BindingDefinition) -> String {
     )
 }
 
+impl Catalog {
+    /// A super stream's partitions not declared yet: each a replicated
+    /// stream on every voter, their first leaders spread over the voters
+    /// from one picked by the exchange's name, and bound to the exchange.
+    fn partitions(
+        &self,
+        vhost: &str,
+        exchange: &crate::store::definitions::ExchangeDefinition,
+        durable: bool,
+        voters: &[String],
+    ) -> Vec<Command> {
+        let spec = crate::broker::ExchangeSpec {
+            name: exchange.name.clone(),
+            kind: exchange.kind.clone(),
+            durable,
+            auto_delete: exchange.auto_delete,
+            internal: exchange.internal,
+            arguments: exchange.arguments.clone(),
+        };
+        let Ok(Some(n)) = crate::broker::stream::partitions_of(&spec) else {
+            return Vec::new();
+        };
+        if voters.is_empty() {
+            return Vec::new();
+        }
+        let mut nodes = voters.to_vec();
+        nodes.sort();
+        let start = exchange
+            .name
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        let mut out = Vec::new();
+        for i in 0..n {
+            let (name, arguments, order) =
+                crate::broker::stream::partition(&exchange.name, &exchange.arguments, i);
+            if self.queues.contains_key(&key(vhost, &name)) {
+                continue;
+            }
+            out.push(Command::DeclareQueue {
+                vhost: vhost.to_owned(),
+                queue: QueueDefinition {
+                    name: name.clone(),
+                    auto_delete: false,
+                    arguments,
+                },
+                durable: true,
+                node: nodes[(start + i as usize) % nodes.len()].clone(),
+                members: nodes.clone(),
+            });
+            out.push(Command::Bind {
+                vhost: vhost.to_owned(),
+                binding: crate::store::definitions::BindingDefinition {
+                    source: exchange.name.clone(),
+                    destination: name,
+                    destination_type: "queue".into(),
+                    routing_key: i.to_string(),
+                    arguments: order,
+                },
+            });
+        }
+        out
+    }
+}
+
 /// The voting members' names in `membership`.
 fn voter_names(membership: &StoredMembership<NodeId, Member>) -> Vec<String> {
     let m = membership.membership();
@@ -298,6 +362,13 @@ impl Catalog {
                     node,
                     members,
                 }]
+            }
+            Command::DeclareExchange {
+                vhost,
+                exchange,
+                durable,
+            } if exchange.kind == crate::broker::stream::SUPER_STREAM => {
+                self.partitions(vhost, exchange, *durable, voters)
             }
             Command::DeleteExchange { vhost, name, .. } => {
                 let queue = schedule_queue(name);
