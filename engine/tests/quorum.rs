@@ -80,6 +80,12 @@ async fn a_quorum_queue_keeps_every_confirmed_message_when_its_leader_dies() {
     ch_p.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    // Declared again through this follower, as applications declare their
+    // queues at start: placed afresh here, which must move nothing (it
+    // once pointed every node at this follower, which nacked).
+    ch_p.queue_declare("orders".into(), durable(), quorum(&[]))
+        .await
+        .unwrap();
     let mut confirms = Vec::new();
     for i in 0..N {
         confirms.push(

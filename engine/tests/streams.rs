@@ -178,7 +178,13 @@ async fn a_replicated_stream_keeps_every_confirmed_message_when_its_leader_dies(
     ch_p.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    // Declared again on this node, as applications declare what they use
+    // at start: placed afresh here, which must move nothing.
+    ch_p.queue_declare("events".into(), durable(), stream_args(&[]))
+        .await
+        .unwrap();
     publish(&ch_p, "events", 0..N).await;
+    assert_eq!(leader_on(&nodes[others[0]], "events"), Some(leader.clone()));
     // Every replica holds every message, in the same place.
     for n in &nodes {
         eventually(&format!("{} holds all {N}", n.name), t, || {

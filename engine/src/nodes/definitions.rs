@@ -484,14 +484,24 @@ impl Broker {
                 tracing::error!("restoring the cluster's definitions: {text}");
             }
         }
-        // Each quorum queue's leader as recorded, with its term: what
-        // decides whether a later announcement is stale.
+        // Each quorum queue's (and replicated stream's) leader and members
+        // as recorded, with the leader's term: what decides whether a
+        // later announcement is stale. A queue this node knew already is
+        // declared again above, which leaves both as they were.
         for q in catalog.queues.values().filter(|q| !q.members.is_empty()) {
             if let Some(vhost) = self.vhost(&q.vhost)
                 && let Some(mut r) = vhost.remote_queue(&q.queue.name)
             {
-                r.leader_term = q.leader_term;
-                vhost.set_remote(&q.queue.name, Some(r));
+                if r.node != q.node {
+                    r.leader_term = 0;
+                    vhost.set_remote(&q.queue.name, Some(r.clone()));
+                    self.apply_queue_leader(&vhost, &q.queue.name, &q.node, q.leader_term, me);
+                }
+                self.apply_queue_members(&vhost, &q.queue.name, &q.members, me);
+                if let Some(mut r) = vhost.remote_queue(&q.queue.name) {
+                    r.leader_term = q.leader_term;
+                    vhost.set_remote(&q.queue.name, Some(r));
+                }
             }
         }
     }

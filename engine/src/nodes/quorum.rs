@@ -220,12 +220,9 @@ impl Broker {
                     vhost.name
                 )));
             }
-            // Restored from a snapshot: its leader and members as they are
-            // now.
-            if r.node != node {
-                self.apply_queue_leader(vhost, name, node, r.leader_term, me);
-            }
-            self.apply_queue_members(vhost, name, members, me);
+            // Declared again (by a client of any node, placed afresh
+            // there): where it lives and who holds it stay as they are.
+            // A snapshot's restore sets both from the cluster's record.
             return Ok(Applied::Done);
         }
         if vhost.queue(name).is_ok() {
