@@ -203,15 +203,21 @@ impl Channel {
                     let name = self.queue_name(&d.queue)?;
                     if ctx.vhost.remote_node(&name).is_some() {
                         // It exists, on another node, which keeps its
-                        // counts: the answer says it exists.
+                        // counts: the answer says it exists (a replicated
+                        // stream's replica here has them too).
                         self.last_queue = name.clone();
+                        let (messages, consumers) = ctx
+                            .vhost
+                            .stream_replica(&name)
+                            .map(|q| (q.len() as u32, q.consumer_count() as u32))
+                            .unwrap_or((0, 0));
                         if !d.nowait {
                             self.send(
                                 ctx,
                                 AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
                                     queue: name.as_str().into(),
-                                    message_count: 0,
-                                    consumer_count: 0,
+                                    message_count: messages,
+                                    consumer_count: consumers,
                                 })),
                             );
                         }

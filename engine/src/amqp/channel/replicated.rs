@@ -87,9 +87,13 @@ impl Proposal {
                 AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {}))
             }
             Reply::QueueDeclare(name) => {
+                // A replicated stream's counts are its replica's here,
+                // whichever node leads it.
                 let (messages, consumers) = ctx
                     .vhost
                     .queue(name)
+                    .ok()
+                    .or_else(|| ctx.vhost.stream_replica(name))
                     .map(|q| (q.len() as u32, q.consumer_count() as u32))
                     .unwrap_or((0, 0));
                 AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
