@@ -281,15 +281,7 @@ async fn read_stream(node: &Node, count: u64) -> Vec<(u64, String)> {
             .unwrap_or_else(|_| panic!("{}: record {} of {count}", node.name, out.len()))
             .unwrap()
             .unwrap();
-        let offset = match d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-stream-offset").cloned())
-        {
-            Some(AMQPValue::LongLongInt(o)) => o as u64,
-            other => panic!("x-stream-offset: {other:?}"),
-        };
+        let offset = stream_offset(&d);
         out.push((offset, String::from_utf8_lossy(&d.data).into_owned()));
         d.ack(BasicAckOptions::default()).await.unwrap();
     }

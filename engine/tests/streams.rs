@@ -114,15 +114,7 @@ async fn read(sub: &mut lapin::Consumer, n: usize) -> Vec<(u64, u64)> {
             .unwrap_or_else(|_| panic!("delivery {} of {n} in time", got.len()))
             .unwrap()
             .unwrap();
-        let offset = match d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-stream-offset").cloned())
-        {
-            Some(AMQPValue::LongLongInt(o)) => o as u64,
-            other => panic!("x-stream-offset header: {other:?}"),
-        };
+        let offset = stream_offset(&d);
         let body = std::str::from_utf8(&d.data)
             .unwrap()
             .parse::<u64>()

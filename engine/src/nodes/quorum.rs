@@ -623,30 +623,10 @@ impl Broker {
         else {
             return;
         };
-        let Ok(limits) = QueueLimits::parse(&definition.arguments) else {
+        let sink = Some(self.dead_letter_sink(&vhost.name));
+        let Some(mut queue) = self.replicated_queue(&vhost, &definition, replica, sink) else {
             return;
         };
-        let flow = self
-            .queue_flow_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let (applied, limits) =
-            self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
-        let sink = Some(self.dead_letter_sink(&vhost.name));
-        let mut queue = Queue::new(
-            QueueDecl {
-                name: definition.name.clone(),
-                durable: true,
-                owner: None,
-                auto_delete: false,
-                arguments: definition.arguments.clone(),
-            },
-            limits,
-            flow,
-            sink,
-            None,
-        )
-        .with_replica(replica.clone() as Arc<dyn Replicated>)
-        .with_policy(applied);
         if let Some(x) = crate::broker::schedules(&definition.arguments) {
             // A delayed exchange's schedule, kept by its leader.
             queue = queue.with_due_sink(self.due_sink(&vhost.name, x));
@@ -746,6 +726,40 @@ impl Broker {
         }
     }
 
+    /// The queue a replica serves `definition` from: its policies laid
+    /// over it, its changes going to `replica`'s log, its dead letters to
+    /// `sink`.
+    fn replicated_queue(
+        &self,
+        vhost: &VHost,
+        definition: &QueueDefinition,
+        replica: &Arc<Replica>,
+        sink: Option<crate::broker::DeadLetterSink>,
+    ) -> Option<Queue> {
+        let limits = QueueLimits::parse(&definition.arguments).ok()?;
+        let flow = self
+            .queue_flow_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (applied, limits) =
+            self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
+        let queue = Queue::new(
+            QueueDecl {
+                name: definition.name.clone(),
+                durable: true,
+                owner: None,
+                auto_delete: false,
+                arguments: definition.arguments.clone(),
+            },
+            limits,
+            flow,
+            sink,
+            None,
+        )
+        .with_replica(replica.clone() as Arc<dyn Replicated>)
+        .with_policy(applied);
+        Some(queue)
+    }
+
     /// A replicated stream's log for the replica in `dir` (`None`: the
     /// queue is not a stream).
     fn open_replica_stream(
@@ -780,30 +794,11 @@ impl Broker {
             .lock()
             .get(&replica.group)
             .map(|e| e.definition.clone())?;
-        let limits = QueueLimits::parse(&definition.arguments).ok()?;
-        let flow = self
-            .queue_flow_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let (applied, limits) =
-            self.with_policies(&vhost.name, &definition.name, &definition.arguments, limits);
         let stream =
             crate::broker::stream::Stream::replicated(log, replica.clone() as Arc<dyn Replicated>);
-        let queue = Queue::new(
-            QueueDecl {
-                name: definition.name.clone(),
-                durable: true,
-                owner: None,
-                auto_delete: false,
-                arguments: definition.arguments.clone(),
-            },
-            limits,
-            flow,
-            None,
-            None,
-        )
-        .with_replica(replica.clone() as Arc<dyn Replicated>)
-        .with_policy(applied)
-        .with_stream(stream);
+        let queue = self
+            .replicated_queue(&vhost, &definition, replica, None)?
+            .with_stream(stream);
         let queue = Arc::new(queue);
         crate::broker::stream::Stream::start(&queue);
         vhost
@@ -876,22 +871,6 @@ impl Broker {
             .and_then(|e| e.live.take());
         let Some(queue) = live else { return };
         replica.machine().clear_live();
-        if queue.stream().is_some() {
-            // A stream's readers read on here; its publishes go to the
-            // new leader.
-            if let Some(vhost) = self.vhost(&replica.vhost) {
-                let mut queues = vhost.queues.write();
-                if queues
-                    .get(&replica.queue)
-                    .is_some_and(|q| Arc::ptr_eq(q, &queue))
-                {
-                    queues.remove(&replica.queue);
-                }
-            }
-            tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "no longer leading a replicated stream");
-            self.tell_moved(&replica.vhost, &replica.queue);
-            return;
-        }
         if let Some(vhost) = self.vhost(&replica.vhost) {
             let mut queues = vhost.queues.write();
             if queues
@@ -901,8 +880,15 @@ impl Broker {
                 queues.remove(&replica.queue);
             }
         }
-        tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "no longer leading a quorum queue");
-        queue.cancel_consumers();
+        let what = if queue.stream().is_some() {
+            // A stream's readers read on here; only its publishes go to
+            // the new leader.
+            "no longer leading a replicated stream"
+        } else {
+            queue.cancel_consumers();
+            "no longer leading a quorum queue"
+        };
+        tracing::info!(queue = %crate::untrusted::text(&replica.queue), vhost = %crate::untrusted::text(&replica.vhost), "{what}");
         self.tell_moved(&replica.vhost, &replica.queue);
     }
 }

@@ -470,3 +470,16 @@ pub async fn redis_py(args: &[String], timeout: Duration) -> String {
     );
     stdout
 }
+
+/// The `x-stream-offset` a stream's delivery carries.
+pub fn stream_offset(d: &lapin::message::Delivery) -> u64 {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset").cloned())
+    {
+        Some(lapin::types::AMQPValue::LongLongInt(o)) => o as u64,
+        other => panic!("x-stream-offset header: {other:?}"),
+    }
+}
