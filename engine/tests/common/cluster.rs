@@ -426,12 +426,24 @@ pub fn print_consumers(nodes: &[Node]) {
 
 /// A loopback port nothing listens on now, for a listener the test must
 /// know before the node starts (and that stays the same across restarts).
+///
+/// Taken below the kernel's ephemeral range (32768 and up), where every
+/// `127.0.0.1:0` listener of the other nodes and every client's own end
+/// lands: a port asked of the kernel and released could be handed to one
+/// of those before the node binds it. A counter keeps this process's
+/// ports apart; the process id spreads processes.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 500) * 24;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 12_000) as u16;
+        let port = if port >= 32_000 { port - 12_000 } else { port };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `[redis]` on `port`, lists of the queue type given, as a node's extra
