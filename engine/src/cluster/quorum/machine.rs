@@ -85,6 +85,17 @@ struct StreamSide {
     refilling: bool,
 }
 
+impl StreamSide {
+    /// Where a snapshot says the stream is: its next offset and the named
+    /// consumers' offsets (the records are in the replica's log).
+    fn restore(&mut self, state: &StreamState) {
+        self.next = state.next;
+        for (name, offset) in &state.offsets {
+            super::stream::store_offset(&self.log, name, *offset);
+        }
+    }
+}
+
 struct Inner {
     stream: Option<StreamSide>,
     last_applied: Option<LogId<NodeId>>,
@@ -141,13 +152,7 @@ impl QuorumMachine {
         };
         if let Some(s) = StoredSnapshot::load(dir)? {
             match inner.stream.as_mut() {
-                Some(side) => {
-                    let st: StreamState = s.state()?;
-                    side.next = st.next;
-                    for (name, offset) in &st.offsets {
-                        super::stream::store_offset(&side.log, name, *offset);
-                    }
-                }
+                Some(side) => side.restore(&s.state()?),
                 None => inner.state = s.state()?,
             }
             inner.last_applied = s.meta.last_log_id;
@@ -185,13 +190,6 @@ impl QuorumMachine {
             None => inner.state.messages.len(),
         };
         (held, inner.last_applied.map(|l| l.index))
-    }
-
-    /// A replicated stream's log, with the offset the next committed
-    /// message gets.
-    pub fn stream(&self) -> Option<(Arc<StreamLog>, u64)> {
-        let inner = self.inner.lock();
-        inner.stream.as_ref().map(|s| (s.log.clone(), s.next))
     }
 
     /// Fill this replica's stream log with what the log's entries gave it
@@ -467,11 +465,7 @@ impl RaftStateMachine<QuorumConfig> for QuorumMachine {
             stored.save(&self.dir)?;
             {
                 let mut inner = self.inner.lock();
-                let side = inner.stream.as_mut().expect("a stream");
-                side.next = state.next;
-                for (name, offset) in &state.offsets {
-                    super::stream::store_offset(&side.log, name, *offset);
-                }
+                inner.stream.as_mut().expect("a stream").restore(&state);
                 inner.last_applied = meta.last_log_id;
                 inner.membership = meta.last_membership.clone();
             }
