@@ -205,6 +205,7 @@ async fn replicated_streams_lose_no_confirmed_message_through_random_faults() {
             published: published.clone(),
             confirmed: confirmed.clone(),
             deliveries: records.iter().map(|(_, m)| (0, m.clone(), false)).collect(),
+            ..Record::default()
         };
         let verdict = check(&r);
         eprintln!(
@@ -397,6 +398,13 @@ async fn checker(quiescent: bool) {
         }
         for o in verdict.out_of_order.iter().take(5) {
             eprintln!("out of order: {o}");
+            // "consumer C: P-LATE after P-EARLY"
+            let words: Vec<&str> = o.split_whitespace().collect();
+            if let [_, _, late, _, early] = words[..] {
+                for line in timeline(&r, &[late, early]) {
+                    eprintln!("  {line}");
+                }
+            }
         }
     }
     assert!(verdict.confirmed > 0, "nothing was confirmed: {verdict:?}");
@@ -520,7 +528,10 @@ async fn strike(
             let last = log.last_mut().unwrap();
             last.push_str(" (after a quiet spell)");
         }
-        eprintln!("{}", log.last().unwrap());
+        let at = elapsed_ms() as f64 / 1000.0;
+        let last = log.last_mut().unwrap();
+        last.push_str(&format!(", ended at {at:.3}s"));
+        eprintln!("{last}");
         // Back to normal for a while: a leader, and messages flowing.
         eventually("a leader after the fault", Duration::from_secs(30), || {
             leader_of_named(nodes, None, queue).is_some()

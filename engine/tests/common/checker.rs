@@ -39,6 +39,37 @@ pub struct Record {
     /// (consumer, message, redelivered), in the order each consumer got
     /// them.
     pub deliveries: Vec<(usize, String, bool)>,
+    /// What each client did and when (ms since the first note): where it
+    /// connected, each publish's answer, each delivery. Printed for the
+    /// messages a failed check names.
+    pub events: Vec<(u64, String)>,
+}
+
+/// Milliseconds since the checker's first look at the clock: the time
+/// the events and the fault log share.
+pub fn elapsed_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Note `what` in the record's timeline.
+pub fn note(record: &Shared, what: String) {
+    record.lock().unwrap().events.push((elapsed_ms(), what));
+}
+
+/// The timeline's lines that bear on `messages`: those naming one of
+/// them, and every client's connections.
+pub fn timeline(r: &Record, messages: &[&str]) -> Vec<String> {
+    r.events
+        .iter()
+        .filter(|(_, e)| {
+            e.contains(" on node ")
+                || messages
+                    .iter()
+                    .any(|m| e.split_whitespace().any(|w| w == *m))
+        })
+        .map(|(t, e)| format!("{:>7.3}s {e}", *t as f64 / 1000.0))
+        .collect()
 }
 
 pub type Shared = Arc<Mutex<Record>>;
@@ -92,6 +123,7 @@ pub async fn publisher_with_quiet(
             continue;
         };
         node = at;
+        note(&record, format!("p{id} on node {at}"));
         let Ok(ch) = conn.create_channel().await else {
             continue;
         };
@@ -120,16 +152,23 @@ pub async fn publisher_with_quiet(
                 );
                 match tokio::time::timeout(Duration::from_secs(3), publish).await {
                     Ok(Ok(confirm)) => waiting.push((m, confirm)),
-                    _ => break 'batches,
+                    _ => {
+                        note(&record, format!("p{id} publish of {m} failed"));
+                        break 'batches;
+                    }
                 }
             }
             for (m, confirm) in waiting {
                 match tokio::time::timeout(Duration::from_secs(5), confirm).await {
                     Ok(Ok(c)) if c.is_ack() => {
+                        note(&record, format!("p{id} ack {m}"));
                         record.lock().unwrap().confirmed.insert(m);
                     }
-                    Ok(Ok(_)) => {}
-                    _ => break 'batches,
+                    Ok(Ok(_)) => note(&record, format!("p{id} nack {m}")),
+                    _ => {
+                        note(&record, format!("p{id} no confirm for {m}"));
+                        break 'batches;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -171,6 +210,7 @@ pub async fn consumer(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        note(&record, format!("c{id} consuming on node {node}"));
         while !stop.load(Ordering::Relaxed) {
             match tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
                 Err(_) => {
@@ -180,11 +220,13 @@ pub async fn consumer(
                 }
                 Ok(Some(Ok(d))) => {
                     let m = String::from_utf8_lossy(&d.data).into_owned();
-                    record
-                        .lock()
-                        .unwrap()
-                        .deliveries
-                        .push((id, m, d.redelivered));
+                    let flag = if d.redelivered { " (redelivered)" } else { "" };
+                    {
+                        let mut r = record.lock().unwrap();
+                        r.events
+                            .push((elapsed_ms(), format!("c{id} got {m}{flag} via node {node}")));
+                        r.deliveries.push((id, m, d.redelivered));
+                    }
                     let _ = d.ack(BasicAckOptions::default()).await;
                 }
                 // The connection or the consumer ended.
