@@ -932,10 +932,19 @@ async fn announce_leader(
 }
 
 /// Serve the queue while this replica leads its group.
+///
+/// Woken by the group's server metrics (its vote, role and leader), not
+/// its full metrics: those change with every append, commit and apply,
+/// and under load would wake this task several times a round for
+/// nothing. Whether this replica leads is read from the same watch that
+/// woke it: openraft publishes the server metrics before the full ones.
 async fn watch_leadership(broker: Weak<Broker>, replica: Arc<Replica>) {
-    let mut metrics = replica.raft().metrics();
+    let mut server = replica.raft().server_metrics();
     loop {
-        let leads = replica.leads();
+        let leads = {
+            let m = server.borrow_and_update();
+            m.state == openraft::ServerState::Leader && m.current_leader == Some(m.id)
+        };
         let Some(b) = broker.upgrade() else { return };
         let serving = b.serving(&replica);
         if leads && !serving {
@@ -953,7 +962,7 @@ async fn watch_leadership(broker: Weak<Broker>, replica: Arc<Replica>) {
         // seldom, so a change may be long in coming.
         let waiting = leads && !serving;
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
+            changed = server.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if waiting => {}
         }
     }
