@@ -1084,6 +1084,32 @@ mod tests {
         (r, w, accepting.await.unwrap().unwrap())
     }
 
+    /// Two open links to one peer (both nodes dialed at once): whatever
+    /// is sent to it goes over the first adopted while it is open, then
+    /// over the other. A publish on one link and the next on the other
+    /// could be taken in the wrong order, each link's frames being read
+    /// by a task of its own.
+    #[tokio::test]
+    async fn one_link_carries_a_peers_frames_while_it_is_open() {
+        let peers = crate::cluster::network::Peers::new(
+            "a".into(),
+            b"the cluster secret, shared".to_vec(),
+            None,
+            QUICK,
+        );
+        let (_r1, _w1, first) = by_hand("b", features()).await;
+        let (_r2, _w2, second) = by_hand("b", features()).await;
+        assert!(Arc::ptr_eq(&peers.adopt(&first), &first));
+        assert!(
+            Arc::ptr_eq(&peers.adopt(&second), &first),
+            "a second link to b was used beside the open first one"
+        );
+        assert!(Arc::ptr_eq(&peers.open_link("b").unwrap(), &first));
+        first.close();
+        assert!(Arc::ptr_eq(&peers.adopt(&second), &second));
+        assert!(Arc::ptr_eq(&peers.open_link("b").unwrap(), &second));
+    }
+
     /// A link knows what its peer announced: the features this node has,
     /// none from an older node, and never one it does not know (whatever
     /// a peer claims).
@@ -1176,8 +1202,8 @@ mod tests {
                 message: StoredMessage {
                     exchange: "x".into(),
                     routing_key: "k".into(),
-                    properties: vec![1, 2],
-                    body: vec![0, 255, 3],
+                    properties: vec![1, 2].into(),
+                    body: vec![0, 255, 3].into(),
                 },
             }],
             settle: vec![],

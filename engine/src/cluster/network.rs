@@ -102,12 +102,23 @@ impl Peers {
         &self.me
     }
 
-    /// Use a link `link.peer` dialed to this node for calls to it too,
-    /// unless an open one to it exists.
-    pub fn adopt(&self, link: &Arc<Link>) {
+    /// Use `link` (one `link.peer` dialed to this node, or one this node
+    /// dialed) for everything sent to that peer, unless an open one to
+    /// it exists; returns the link that carries it.
+    ///
+    /// Every sender takes the same link while it is open, because the
+    /// peer handles each link's frames on a task of its own: when both
+    /// nodes dial at once (after a partition heals, say) and a publish
+    /// went out on one link and the next on the other, the peer could
+    /// enqueue the second first.
+    pub fn adopt(&self, link: &Arc<Link>) -> Arc<Link> {
         let mut by_name = self.by_name.lock();
-        if by_name.get(&link.peer).is_none_or(|l| l.is_closed()) {
-            by_name.insert(link.peer.clone(), link.clone());
+        match by_name.get(&link.peer) {
+            Some(l) if !l.is_closed() => l.clone(),
+            _ => {
+                by_name.insert(link.peer.clone(), link.clone());
+                link.clone()
+            }
         }
     }
 
@@ -120,9 +131,10 @@ impl Peers {
         {
             return Ok(link.clone());
         }
-        let link = self.link(addr).await?;
-        self.adopt(&link);
-        Ok(link)
+        // A link the peer dialed meanwhile may have been adopted: that
+        // one, then, so that frames to the peer keep to one connection.
+        let dialed = self.link(addr).await?;
+        Ok(self.adopt(&dialed))
     }
 
     /// An open link to `addr`, dialing if there is none.

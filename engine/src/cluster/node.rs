@@ -669,7 +669,7 @@ impl ClusterNode {
                 match accepted {
                     Ok(link) => {
                         tracing::debug!(peer = %link.peer, "cluster link accepted");
-                        node.peers.adopt(&link);
+                        let _ = node.peers.adopt(&link);
                     }
                     Err(e) => {
                         if let Some(quiet) = refusals.admit(source.ip()) {
