@@ -1202,8 +1202,8 @@ mod tests {
                 message: StoredMessage {
                     exchange: "x".into(),
                     routing_key: "k".into(),
-                    properties: vec![1, 2].into(),
-                    body: vec![0, 255, 3].into(),
+                    properties: vec![1, 2],
+                    body: vec![0, 255, 3],
                 },
             }],
             settle: vec![],
