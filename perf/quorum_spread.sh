@@ -18,16 +18,5 @@ source perf/cluster3.sh
 release_bins
 start_cluster3 "$bin"
 sleep 2
-run() {
-    "$perf_bin" --uri amqp://guest:guest@127.0.0.1:6672/%2f --quorum \
-        --size 1024 --confirm 200 --persistent --prefetch 500 --multi-ack 50 \
-        -x 4 -y 4 -z "$secs" "$@" | tail -1
-}
-echo "== one quorum queue"
-run --queues 1
-echo "== $queues quorum queues"
-run --queues "$queues"
-# The same with every leader on node a, which the load goes through: what
-# forwarding to other nodes' leaders costs the spread load.
-echo "== $queues quorum queues, x-queue-leader-locator = client-local"
-run --queues "$queues" --leader-locator client-local
+source perf/spread_load.sh
+spread_load "$perf_bin" amqp://guest:guest@127.0.0.1:6672/%2f "$queues" "$secs"

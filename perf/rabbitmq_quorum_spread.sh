@@ -15,22 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 queues=${1:-100}
 secs=${2:-10}
-perf_bin=${WASMQ_PERF_BIN:-}
-if [ -z "$perf_bin" ]; then
-    cargo build --release -p wasmq-perf --bin wasmq-perf
-    perf_bin=target/release/wasmq-perf
-fi
+perf_bin=${WASMQ_PERF_BIN:-target/release/wasmq-perf}
+[ -n "${WASMQ_PERF_BIN:-}" ] || cargo build --release -p wasmq-perf --bin wasmq-perf
 source perf/rabbitmq3.sh
 start_rabbitmq3
 dpkg-query -W -f 'RabbitMQ ${Version}\n' rabbitmq-server 2>/dev/null || true
-run() {
-    "$perf_bin" --uri amqp://guest:guest@127.0.0.1:5681/%2f --quorum \
-        --size 1024 --confirm 200 --persistent --prefetch 500 --multi-ack 50 \
-        -x 4 -y 4 -z "$secs" "$@" | tail -1
-}
-echo "== one quorum queue"
-run --queues 1
-echo "== $queues quorum queues"
-run --queues "$queues"
-echo "== $queues quorum queues, x-queue-leader-locator = client-local"
-run --queues "$queues" --leader-locator client-local
+source perf/spread_load.sh
+spread_load "$perf_bin" amqp://guest:guest@127.0.0.1:5681/%2f "$queues" "$secs"
