@@ -133,6 +133,20 @@ pub fn encode_table_body(t: &amq_protocol::types::FieldTable) -> Vec<u8> {
     v
 }
 
+/// Decode a field table's body (without its length prefix), as
+/// [`encode_table_body`] wrote it; `None` if it does not decode, or nests
+/// deeper than a client's tables may.
+pub fn decode_table_body(body: &[u8]) -> Option<amq_protocol::types::FieldTable> {
+    crate::amqp::field_table::check_table_body(body).ok()?;
+    let mut framed = Vec::with_capacity(body.len() + 4);
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(body);
+    match amq_protocol::types::parsing::parse_field_table(&framed[..]) {
+        Ok(([], t)) => Some(t),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -395,8 +395,9 @@ async fn a_stream_replica_that_was_away_fills_what_it_missed_from_the_others() {
     .await;
     assert_eq!(read(&mut sub, N as usize).await, run(0, N));
 
-    // A stream on fewer nodes than the cluster: a node without a replica
-    // says so to a consumer rather than serving it half.
+    // A stream on fewer nodes than the cluster: a consumer on a node
+    // without a replica reads the leader's, as RabbitMQ serves one, and a
+    // publisher there reaches the leader too.
     ch.queue_declare(
         "two".into(),
         durable(),
@@ -422,24 +423,41 @@ async fn a_stream_replica_that_was_away_fills_what_it_missed_from_the_others() {
     let members = with_members().unwrap();
     let outside = [&a, &b, &c]
         .into_iter()
-        .find(|n| !members.contains(&n.name));
-    if let Some(n) = outside {
-        let conn_o = n.connect().await;
-        let ch_o = conn_o.create_channel().await.unwrap();
-        ch_o.basic_qos(10, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let e = ch_o
-            .basic_consume(
-                "two".into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(reply_code(&e), Some(540), "{e}");
-    }
+        .find(|n| !members.contains(&n.name))
+        .expect("one node holds no replica of a two-replica stream");
+    publish(&ch, "two", 0..10).await;
+    let conn_o = outside.connect().await;
+    let ch_o = conn_o.create_channel().await.unwrap();
+    ch_o.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish(&ch_o, "two", 10..20).await;
+    let (_rch, mut far) = reader(&conn_o, "two", AMQPValue::LongString("first".into()), None).await;
+    assert_eq!(read(&mut far, 20).await, run(0, 20));
+    // From an offset, and what is published after the consumer started.
+    let (_rch2, mut mid) = reader(&conn_o, "two", AMQPValue::LongLongInt(15), None).await;
+    publish(&ch_o, "two", 20..25).await;
+    assert_eq!(read(&mut mid, 10).await, run(15, 10));
+    assert_eq!(read(&mut far, 5).await, run(20, 5));
+    // RabbitMQ's rules hold there too: a stream consumer needs a prefetch,
+    // and `basic.get` is refused.
+    let ch_n = conn_o.create_channel().await.unwrap();
+    let e = ch_n
+        .basic_consume(
+            "two".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&e), Some(406), "{e}");
+    let ch_g = conn_o.create_channel().await.unwrap();
+    let e = ch_g
+        .basic_get("two".into(), BasicGetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(reply_code(&e), Some(540), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,9 @@ pub enum Traffic {
         no_ack: bool,
         /// Exclusive consumer.
         exclusive: bool,
+        /// Its `basic.consume` arguments, a field table's body in AMQP's
+        /// encoding (a stream consumer's offset, filters and name).
+        arguments: Bytes,
     },
     /// The consumer could not start (or was stopped): the channel closes
     /// with this error, or the client is told its consumer was cancelled.
@@ -305,6 +308,7 @@ impl Traffic {
                 prefetch,
                 no_ack,
                 exclusive,
+                arguments,
             } => {
                 b.put_u8(CONSUME);
                 put_origin(&mut b, *origin);
@@ -314,6 +318,7 @@ impl Traffic {
                 b.put_u32_le(*prefetch);
                 b.put_u8(u8::from(*no_ack));
                 b.put_u8(u8::from(*exclusive));
+                put_bytes(&mut b, arguments);
             }
             Traffic::Refused {
                 origin,
@@ -479,6 +484,7 @@ impl Traffic {
                 prefetch: u32_(f)?,
                 no_ack: bool_(f)?,
                 exclusive: bool_(f)?,
+                arguments: bytes(f)?,
             },
             REFUSED => Traffic::Refused {
                 origin: origin(f)?,
@@ -663,6 +669,7 @@ mod tests {
                 prefetch: 10,
                 no_ack: false,
                 exclusive: true,
+                arguments: Bytes::from_static(b"\x0fx-stream-offsetS\x00\x00\x00\x05first"),
             },
             Traffic::Refused {
                 origin,

@@ -912,6 +912,7 @@ fn block(c: &mut Conn, keys: &[Bytes], timeout: &[u8], to: Option<Bytes>, cmd: C
                 prefetch: 1,
                 no_ack: false,
                 exclusive: false,
+                arguments: bytes::Bytes::new(),
             }
             .encode(),
             undo: Undo::Blocked,

@@ -82,14 +82,14 @@ impl Channel {
             }
             M::Get(g) => {
                 if let Some(q) = self.stream_replica(ctx, &g.queue)? {
-                    return Err(Self::get_from_stream(ctx, &q));
+                    return Err(Self::get_from_stream(ctx, &q.name));
                 }
                 if let Some(node) = self.remote_home(ctx, &g.queue, Access::Read)? {
                     return self.get_remote(ctx, g, node);
                 }
                 let q = self.queue(ctx, &g.queue, Access::Read)?;
                 if q.stream().is_some() {
-                    return Err(Self::get_from_stream(ctx, &q));
+                    return Err(Self::get_from_stream(ctx, &q.name));
                 }
                 match q.pop_readable() {
                     None => self.send(ctx, AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),

@@ -162,6 +162,7 @@ impl Channel {
                         prefetch: sub.prefetch,
                         no_ack: sub.no_ack,
                         exclusive: sub.exclusive,
+                        arguments: bytes::Bytes::new(),
                     }
                     .encode(),
                     undo: Undo::Consumer(self.id, tag.clone()),

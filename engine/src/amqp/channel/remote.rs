@@ -39,16 +39,12 @@ impl Channel {
         node: String,
     ) -> Result<(), AmqpError> {
         let queue = self.queue_name(&c.queue)?;
-        if ctx.broker.is_stream(ctx.vhost, &queue) {
-            // Its readers read a replica's log where they are; this node
-            // holds none (`x-initial-cluster-size` placed it elsewhere).
-            return Err(AmqpError::new(
-                540,
-                format!(
-                    "NOT_IMPLEMENTED - this node holds no replica of stream '{queue}' in vhost '{}': consume on a node that does",
-                    ctx.vhost.name
-                ),
-            ));
+        let stream = ctx.broker.is_stream(ctx.vhost, &queue);
+        if stream {
+            // This node holds no replica (`x-initial-cluster-size` placed
+            // the stream elsewhere): the consumer reads the leader's, its
+            // arguments checked here first, as a local one's are.
+            self.check_stream_consume(ctx, c, &queue)?;
         }
         let tag = self.consumer_tag(ctx, c)?;
         if !c.nowait {
@@ -59,10 +55,11 @@ impl Channel {
                 })),
             );
         }
-        if ctx.broker.is_quorum(ctx.vhost, &queue) {
+        if !stream && ctx.broker.is_quorum(ctx.vhost, &queue) {
             self.follow(&tag, &queue, c);
         }
-        let timeout = (!c.no_ack)
+        // A stream takes nothing back: no consumer timeout.
+        let timeout = (!c.no_ack && !stream)
             .then(|| ctx.consumer_timeout(ctx.broker.consumer_timeout_of(ctx.vhost, &queue)))
             .flatten();
         ctx.to_nodes.push(ToNode {
@@ -75,6 +72,11 @@ impl Channel {
                 prefetch: self.prefetch,
                 no_ack: c.no_ack,
                 exclusive: c.exclusive,
+                arguments: if stream {
+                    crate::message::encode_table_body(&c.arguments).into()
+                } else {
+                    bytes::Bytes::new()
+                },
             }
             .encode(),
             undo: Undo::Consumer(self.id, tag.clone()),
@@ -100,6 +102,9 @@ impl Channel {
         node: String,
     ) -> Result<(), AmqpError> {
         let queue = self.queue_name(&g.queue)?;
+        if ctx.broker.is_stream(ctx.vhost, &queue) {
+            return Err(Self::get_from_stream(ctx, &queue));
+        }
         ctx.to_nodes.push(ToNode {
             node: node.clone(),
             frame: Traffic::Get {

@@ -35,30 +35,7 @@ impl Channel {
     ) -> Result<(), AmqpError> {
         let stream = q.stream().expect("a stream queue").clone();
         let rs = format!("queue '{}' in vhost '{}'", q.name, ctx.vhost.name);
-        if c.no_ack {
-            return Err(AmqpError::new(
-                540,
-                format!(
-                    "NOT_IMPLEMENTED - automatic acknowledgement not supported by stream queues {rs}"
-                ),
-            ));
-        }
-        if c.exclusive {
-            return Err(AmqpError::new(
-                540,
-                format!("NOT_IMPLEMENTED - exclusive consume not supported by stream queues {rs}"),
-            ));
-        }
-        if self.prefetch == 0 && self.credit.limit.load(Ordering::Relaxed) == 0 {
-            return Err(AmqpError::new(
-                406,
-                format!(
-                    "PRECONDITION_FAILED - consumer prefetch count is not set for stream queues {rs}"
-                ),
-            ));
-        }
-        let wants = StreamConsume::parse(&c.arguments)
-            .map_err(|e| AmqpError::new(406, format!("PRECONDITION_FAILED - {e} for {rs}")))?;
+        let wants = self.check_stream_consume(ctx, c, &q.name)?;
         let plugin = match &wants.plugin {
             None => None,
             Some(name) => Some(
@@ -94,13 +71,49 @@ impl Channel {
         Ok(())
     }
 
+    /// RabbitMQ's rules for a stream consumer (manual acks, a prefetch, no
+    /// exclusivity) and its arguments, checked where the client is,
+    /// whichever node's replica it reads.
+    pub(super) fn check_stream_consume(
+        &self,
+        ctx: &Ctx<'_>,
+        c: &basic::Consume,
+        name: &str,
+    ) -> Result<StreamConsume, AmqpError> {
+        let rs = format!("queue '{name}' in vhost '{}'", ctx.vhost.name);
+        if c.no_ack {
+            return Err(AmqpError::new(
+                540,
+                format!(
+                    "NOT_IMPLEMENTED - automatic acknowledgement not supported by stream queues {rs}"
+                ),
+            ));
+        }
+        if c.exclusive {
+            return Err(AmqpError::new(
+                540,
+                format!("NOT_IMPLEMENTED - exclusive consume not supported by stream queues {rs}"),
+            ));
+        }
+        if self.prefetch == 0 && self.credit.limit.load(Ordering::Relaxed) == 0 {
+            return Err(AmqpError::new(
+                406,
+                format!(
+                    "PRECONDITION_FAILED - consumer prefetch count is not set for stream queues {rs}"
+                ),
+            ));
+        }
+        StreamConsume::parse(&c.arguments)
+            .map_err(|e| AmqpError::new(406, format!("PRECONDITION_FAILED - {e} for {rs}")))
+    }
+
     /// `basic.get` on a stream queue, refused as RabbitMQ refuses it.
-    pub(super) fn get_from_stream(ctx: &Ctx<'_>, q: &Queue) -> AmqpError {
+    pub(super) fn get_from_stream(ctx: &Ctx<'_>, name: &str) -> AmqpError {
         AmqpError::new(
             540,
             format!(
-                "NOT_IMPLEMENTED - basic.get not supported by stream queues queue '{}' in vhost '{}'",
-                q.name, ctx.vhost.name
+                "NOT_IMPLEMENTED - basic.get not supported by stream queues queue '{name}' in vhost '{}'",
+                ctx.vhost.name
             ),
         )
     }

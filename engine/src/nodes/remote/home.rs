@@ -137,9 +137,10 @@ impl Session {
                 prefetch,
                 no_ack,
                 exclusive,
+                arguments,
             } => {
                 if let Err((code, text)) = self.consume(
-                    &broker, origin, &tag, &vhost, &queue, prefetch, no_ack, exclusive,
+                    &broker, origin, &tag, &vhost, &queue, prefetch, no_ack, exclusive, &arguments,
                 ) {
                     tracing::debug!(peer = %self.link.peer, tag = %crate::untrusted::text(&tag), code, "another node's consumer refused: {text}");
                     self.link.send_traffic(
@@ -238,13 +239,19 @@ impl Session {
         prefetch: u32,
         no_ack: bool,
         exclusive: bool,
+        arguments: &[u8],
     ) -> Result<(), (u16, String)> {
         let v = broker
             .vhost(vhost)
             .ok_or_else(|| (404, format!("NOT_FOUND - no vhost '{vhost}'")))?;
-        let q = v
-            .queue(queue)
-            .map_err(|e| (e.reply_code(), e.to_string()))?;
+        // A replicated stream is read from this node's replica, whichever
+        // node leads it.
+        let q = match v.stream_replica(queue) {
+            Some(q) => q,
+            None => v
+                .queue(queue)
+                .map_err(|e| (e.reply_code(), e.to_string()))?,
+        };
         if q.owner.is_some() {
             return Err((405, locked(queue, vhost)));
         }
@@ -263,7 +270,31 @@ impl Session {
             // Enforced by the consuming node, which holds the deliveries.
             timeout: None,
         });
-        if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
+        if let Some(stream) = q.stream() {
+            // The consuming node checked RabbitMQ's rules for stream
+            // consumers; the arguments are read again here, where the
+            // cursor starts.
+            let rs = format!("queue '{queue}' in vhost '{vhost}'");
+            let args = crate::message::decode_table_body(arguments).ok_or_else(|| {
+                (
+                    406,
+                    format!("PRECONDITION_FAILED - unreadable consumer arguments for {rs}"),
+                )
+            })?;
+            let wants = crate::broker::stream::StreamConsume::parse(&args)
+                .map_err(|e| (406, format!("PRECONDITION_FAILED - {e} for {rs}")))?;
+            let plugin = match &wants.plugin {
+                None => None,
+                Some(name) => Some(
+                    broker
+                        .stream_filter(queue, name, &args)
+                        .map_err(|e| (e.reply_code(), e.to_string()))?,
+                ),
+            };
+            stream
+                .add(&q, consumer.clone(), wants, plugin)
+                .map_err(|why| (406, format!("PRECONDITION_FAILED - {why}: {rs}")))?;
+        } else if q.add_consumer(consumer.clone()) == Err(ConsumeError::Exclusive) {
             return Err((
                 403,
                 format!("ACCESS_REFUSED - queue '{queue}' in vhost '{vhost}' in exclusive use"),
@@ -410,17 +441,35 @@ impl Session {
 
     fn settle(&mut self, how: Settlement, ids: &[u64]) {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        let mut streams: Vec<(Arc<Queue>, Arc<Consumer>, Vec<u64>)> = Vec::new();
         for id in ids {
             let Some((queue, consumer, entry)) = self.unacked.remove(id) else {
                 continue;
             };
-            if let Some(c) = consumer {
+            if let Some(c) = &consumer {
                 c.settled();
             }
             if how == Settlement::Ack {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
             }
+            if queue.stream().is_some() {
+                // A stream's ack or nack only gives credit back (and moves
+                // a named consumer's stored offset).
+                if let Some(c) = consumer {
+                    match streams.iter_mut().find(|(_, sc, _)| Arc::ptr_eq(sc, &c)) {
+                        Some((_, _, offsets)) => offsets.push(entry.id),
+                        None => streams.push((queue, c, vec![entry.id])),
+                    }
+                }
+                continue;
+            }
             group_by_queue(&mut by_queue, &queue, entry);
+        }
+        for (q, c, offsets) in streams {
+            if let Some(s) = q.stream() {
+                s.settled(&c, &offsets);
+            }
+            q.dispatch();
         }
         for (q, entries) in by_queue {
             match how {
