@@ -259,6 +259,8 @@ impl Gen {
                 prefetch: self.rng.next_u64() as u32,
                 no_ack: self.rng.one_in(2),
                 exclusive: self.rng.one_in(2),
+                // A table's body, as a consume's arguments travel.
+                arguments: self.table(3).split_off(4).into(),
             },
             3 => Traffic::Refused {
                 origin,
