@@ -140,6 +140,7 @@ async fn replicated_streams_lose_no_confirmed_message_through_random_faults() {
         leader_of_named(&nodes, None, STREAM).is_some()
     })
     .await;
+    known_everywhere(&nodes, STREAM).await;
     let addrs: Addrs = Arc::new(Mutex::new(
         nodes.iter().map(|n| Some(n.amqp.clone())).collect(),
     ));
@@ -328,6 +329,7 @@ async fn checker(quiescent: bool) {
         leader_of(&nodes, None).is_some()
     })
     .await;
+    known_everywhere(&nodes, QUEUE).await;
 
     let addrs: Addrs = Arc::new(Mutex::new(
         nodes.iter().map(|n| Some(n.amqp.clone())).collect(),
@@ -389,6 +391,11 @@ async fn checker(quiescent: bool) {
         for n in &nodes {
             eprintln!("{}: {:?}", n.name, n.api().get("/api/queues/%2F"));
         }
+        let r = record.lock().unwrap();
+        let lost: Vec<&str> = verdict.lost.iter().take(3).map(String::as_str).collect();
+        for line in timeline(&r, &lost) {
+            eprintln!("  {line}");
+        }
     }
     {
         let r = record.lock().unwrap();
@@ -422,6 +429,19 @@ async fn checker(quiescent: bool) {
 /// `addrs` follows which nodes are up, `quiet` holds the publishers for a
 /// quiet spell. Returns what was done.
 #[allow(clippy::too_many_arguments)]
+/// Wait until every node has applied the declaration of `name`: the
+/// others apply it a heartbeat or two after the declaring node answers,
+/// and a publish a node cannot route yet is confirmed as unroutable (as
+/// AMQP has it), which the checker would count as lost.
+async fn known_everywhere(nodes: &[Node], name: &str) {
+    eventually(
+        "every node knows the queue",
+        Duration::from_secs(20),
+        || nodes.iter().all(|n| n.queue_node(name).is_some()),
+    )
+    .await;
+}
+
 async fn strike(
     faults: usize,
     rng: &mut Rng,
