@@ -439,6 +439,38 @@ async fn a_stream_replica_that_was_away_fills_what_it_missed_from_the_others() {
     publish(&ch_o, "two", 20..25).await;
     assert_eq!(read(&mut mid, 10).await, run(15, 10));
     assert_eq!(read(&mut far, 5).await, run(20, 5));
+    // A named consumer there: what it acknowledged is stored in the
+    // stream's log, and one of its name resumes after it.
+    let (ch_named, mut named) = reader(
+        &conn_o,
+        "two",
+        AMQPValue::LongString("first".into()),
+        Some("remote-audit"),
+    )
+    .await;
+    assert_eq!(read(&mut named, 12).await, run(0, 12));
+    let holder = [&a, &b, &c]
+        .into_iter()
+        .find(|n| members.contains(&n.name))
+        .unwrap();
+    eventually("the remote consumer's offset is stored", t, || {
+        view(holder, "two").is_some_and(|q| {
+            q["stream"]["named"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|o| o["name"] == "remote-audit" && o["offset"] == 11)
+            })
+        })
+    })
+    .await;
+    ch_named.close(200, "bye".into()).await.unwrap();
+    let (_ch_again, mut again) = reader(
+        &conn_o,
+        "two",
+        AMQPValue::LongString("first".into()),
+        Some("remote-audit"),
+    )
+    .await;
+    assert_eq!(read(&mut again, 13).await, run(12, 13));
     // RabbitMQ's rules hold there too: a stream consumer needs a prefetch,
     // and `basic.get` is refused.
     let ch_n = conn_o.create_channel().await.unwrap();

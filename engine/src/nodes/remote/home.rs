@@ -442,6 +442,7 @@ impl Session {
     fn settle(&mut self, how: Settlement, ids: &[u64]) {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
         let mut streams: Vec<(Arc<Queue>, Arc<Consumer>, Vec<u64>)> = Vec::new();
+        let mut touched_streams: Vec<Arc<Queue>> = Vec::new();
         for id in ids {
             let Some((queue, consumer, entry)) = self.unacked.remove(id) else {
                 continue;
@@ -453,13 +454,19 @@ impl Session {
                 queue.acked.fetch_add(1, Ordering::Relaxed);
             }
             if queue.stream().is_some() {
-                // A stream's ack or nack only gives credit back (and moves
-                // a named consumer's stored offset).
-                if let Some(c) = consumer {
+                // A stream's ack or nack only gives credit back; an ack or
+                // a reject also moves a named consumer's stored offset. A
+                // requeue does not: it is also how the consuming node hands
+                // back what was in flight when the consumer's channel
+                // closed, and those frames can arrive before its cancel.
+                if let Some(c) = consumer.filter(|_| how != Settlement::Requeue) {
                     match streams.iter_mut().find(|(_, sc, _)| Arc::ptr_eq(sc, &c)) {
                         Some((_, _, offsets)) => offsets.push(entry.id),
-                        None => streams.push((queue, c, vec![entry.id])),
+                        None => streams.push((queue.clone(), c, vec![entry.id])),
                     }
+                }
+                if !touched_streams.iter().any(|q| Arc::ptr_eq(q, &queue)) {
+                    touched_streams.push(queue);
                 }
                 continue;
             }
@@ -469,6 +476,8 @@ impl Session {
             if let Some(s) = q.stream() {
                 s.settled(&c, &offsets);
             }
+        }
+        for q in touched_streams {
             q.dispatch();
         }
         for (q, entries) in by_queue {
